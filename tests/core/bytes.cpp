@@ -1,0 +1,40 @@
+#include "devgate/core/bytes.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+TEST_CASE("shared_bytes copies once and shares thereafter", "[core][bytes]") {
+  std::string source = "hello, fleet";
+  const auto a = devgate::shared_bytes::copy_of(std::string_view(source));
+  source[0] = 'J';  // the buffer is a copy: later changes to the source do not show
+  REQUIRE(a.view() == "hello, fleet");
+  REQUIRE(a.use_count() == 1);
+
+  const auto b = a;  // NOLINT(performance-unnecessary-copy-initialization): sharing is the point
+  REQUIRE(b.data() == a.data());
+  REQUIRE(a.use_count() == 2);
+}
+
+TEST_CASE("shared_bytes slices keep the whole buffer alive", "[core][bytes]") {
+  devgate::shared_bytes slice;
+  {
+    const auto whole = devgate::shared_bytes::copy_of(std::string_view("0123456789"));
+    slice = whole.slice(3, 4);
+    REQUIRE(slice.data() == whole.data() + 3);
+  }
+  REQUIRE(slice.view() == "3456");
+  REQUIRE(slice.slice(2, 100).view() == "56");  // clamped to the end
+  REQUIRE(slice.slice(4, 1).empty());           // past the end: empty
+}
+
+TEST_CASE("shared_bytes::build fills a buffer once", "[core][bytes]") {
+  const auto built = devgate::shared_bytes::build(3, [](std::span<std::byte> out) {
+    out[0] = std::byte{'a'};
+    out[1] = std::byte{'b'};
+    out[2] = std::byte{'c'};
+  });
+  REQUIRE(built.view() == "abc");
+  REQUIRE(devgate::shared_bytes::build(0, [](std::span<std::byte>) {}).empty());
+  REQUIRE(devgate::shared_bytes{}.data() == nullptr);
+}

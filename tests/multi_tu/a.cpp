@@ -1,0 +1,7 @@
+// First of two translation units that include everything; see b.cpp.
+#include "devgate/devgate.hpp"
+
+int devgate_multi_tu_a() {
+  const auto bytes = devgate::shared_bytes::copy_of(std::string_view("a"));
+  return static_cast<int>(bytes.size());
+}

@@ -1,0 +1,10 @@
+// Second translation unit: linking it with a.cpp fails if any header defines a non-inline
+// function or variable (multiple definition).
+#include "devgate/devgate.hpp"
+
+int devgate_multi_tu_a();
+
+int main() {
+  const auto bytes = devgate::shared_bytes::copy_of(std::string_view("b"));
+  return devgate_multi_tu_a() + static_cast<int>(bytes.size()) == 2 ? 0 : 1;
+}
