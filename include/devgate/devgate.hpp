@@ -16,4 +16,7 @@
 
 #include "devgate/transport/transport.hpp"  // the transport concept and its vocabulary
 
+#include "devgate/websocket/http.hpp"       // strict bounded HTTP/1.1 request parser, responses
+#include "devgate/websocket/handshake.hpp"  // RFC 6455 opening handshake checks and 101 reply
+
 #include "devgate/detail/crypto.hpp"  // SHA-1, SHA-256, base64 over OpenSSL

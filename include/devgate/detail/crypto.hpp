@@ -5,9 +5,11 @@
 #include <array>        // digests
 #include <cstddef>      // std::byte
 #include <cstdint>      // std::uint8_t
+#include <optional>     // base64_decode result
 #include <span>         // inputs
 #include <string>       // encoded output
 #include <string_view>  // inputs
+#include <vector>       // decoded output
 
 namespace devgate::detail {
 
@@ -60,6 +62,34 @@ inline std::string base64_encode(std::span<const std::uint8_t> data) {
   const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), data.data(),
                                 static_cast<int>(data.size()));
   out.resize(static_cast<std::size_t>(n));
+  return out;
+}
+
+/// Strict standard base64 decode (padding required, no whitespace); nullopt if `text` is not
+/// canonical-alphabet base64. Used to check that a Sec-WebSocket-Key is 16 bytes (RFC 6455 4.2.1).
+inline std::optional<std::vector<std::uint8_t>> base64_decode(std::string_view text) {
+  if (text.size() % 4 != 0) return std::nullopt;
+  std::size_t pad = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    const bool alpha = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                       c == '+' || c == '/';
+    // '=' only as the last one or two characters; EVP_DecodeBlock would skip whitespace, so
+    // anything outside the alphabet is rejected here first.
+    if (c == '=' && i + 2 >= text.size() &&
+        (pad > 0 || i + 1 == text.size() || text[i + 1] == '=')) {
+      ++pad;
+    } else if (!alpha || pad > 0) {
+      return std::nullopt;
+    }
+  }
+  std::vector<std::uint8_t> out(text.size() / 4 * 3);
+  if (text.empty()) return out;
+  const int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(text.data()),
+                                static_cast<int>(text.size()));
+  if (n < 0) return std::nullopt;
+  // EVP_DecodeBlock counts the padding as zero bytes.
+  out.resize(static_cast<std::size_t>(n) - pad);
   return out;
 }
 
