@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 mode=${1:-test}
 build_packages=(g++ cmake ninja-build meson pkg-config ccache git python3
-                libasio-dev libconcurrentqueue-dev libssl-dev)
+                libasio-dev libconcurrentqueue-dev libssl-dev nlohmann-json3-dev)
 test_packages=(catch2 libbenchmark-dev clang libclang-rt-14-dev clang-format
                python3-websockets)
 case "$mode" in

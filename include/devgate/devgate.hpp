@@ -14,9 +14,23 @@
 #include "devgate/core/bytes.hpp"  // shared_bytes: immutable, reference-counted payloads
 #include "devgate/core/error.hpp"  // devgate::errc and its std::error_category
 
-#include "devgate/transport/transport.hpp"  // the transport concept and its vocabulary
+#include "devgate/transport/in_process.hpp"  // in_process_transport: host code plays the devices
+#include "devgate/transport/transport.hpp"   // the transport concept and its vocabulary
 
-#include "devgate/websocket/http.hpp"       // strict bounded HTTP/1.1 request parser, responses
+#include "devgate/pipeline/demand.hpp"    // demand policies (fixed<N>, adaptive)
+#include "devgate/pipeline/fetcher.hpp"   // fetcher: partitions, tickets, bulk pull by demand
+#include "devgate/pipeline/gateway.hpp"   // gateway: a transport feeding a pipeline
+#include "devgate/pipeline/message.hpp"   // message: payload, device id, sequence, timestamps
+#include "devgate/pipeline/metrics.hpp"   // metrics snapshot and Prometheus rendering
+#include "devgate/pipeline/pipeline.hpp"  // pipeline: queue -> fetcher -> workers -> sink
+#include "devgate/pipeline/queue.hpp"     // queue policies (lockfree, locked), overflow policy
+#include "devgate/pipeline/sink.hpp"      // sink concept, callback/fan-out sinks, dispatch context
+#include "devgate/pipeline/worker_pool.hpp"  // worker pool policies (fixed, dynamic)
+
+#include "devgate/websocket/frame.hpp"      // RFC 6455 frame headers, masking, close payloads
 #include "devgate/websocket/handshake.hpp"  // RFC 6455 opening handshake checks and 101 reply
+#include "devgate/websocket/http.hpp"       // strict bounded HTTP/1.1 request parser, responses
+#include "devgate/websocket/reader.hpp"     // inbound frame state machine: checks, reassembly
+#include "devgate/websocket/utf8.hpp"            // incremental UTF-8 validation (RFC 3629)
 
 #include "devgate/detail/crypto.hpp"  // SHA-1, SHA-256, base64 over OpenSSL

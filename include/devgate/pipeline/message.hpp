@@ -1,0 +1,36 @@
+#pragma once
+
+#include <cstdint>  // sequence numbers
+#include <utility>  // std::move
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/transport/transport.hpp"
+
+namespace devgate {
+
+/// One device message as it travels the pipeline. Moving it moves two pointers; the payload and
+/// the device id are shared immutable buffers, so no stage ever copies their bytes.
+struct message {
+  session_id session = 0;  ///< The session it arrived on (0 when host code pushed it directly).
+  shared_bytes device_id;  ///< Who sent it; shared with the session, so no allocation per message.
+  std::uint64_t sequence = 0;              ///< Per-device (per-session) number from the transport.
+  payload_kind kind = payload_kind::text;  ///< Text or binary.
+  shared_bytes payload;                    ///< The message bytes, shared by every stage and sink.
+  clock::time_point received{};            ///< When the transport finished reading it.
+  clock::time_point enqueued{};            ///< When the pipeline accepted it.
+  clock::time_point dispatched{};          ///< When a worker handed it to the sink.
+
+  /// The message a transport delivered, ready to push (timestamps after `received` are set later).
+  static message from(inbound_message&& in) noexcept {
+    message m;
+    m.session = in.session;
+    m.device_id = std::move(in.device_id);
+    m.sequence = in.sequence;
+    m.kind = in.kind;
+    m.payload = std::move(in.payload);
+    m.received = in.received;
+    return m;
+  }
+};
+
+}  // namespace devgate

@@ -1,0 +1,482 @@
+#pragma once
+
+#include <algorithm>           // std::min
+#include <atomic>              // counters and flags
+#include <chrono>              // timestamps, backoff
+#include <condition_variable>  // interruptible retry backoff
+#include <cstddef>             // std::size_t
+#include <cstdint>             // counters
+#include <functional>          // dead-letter and drop handlers (rare paths only)
+#include <memory>              // per-worker statistics
+#include <mutex>               // backoff sleep, stop
+#include <optional>            // stop deadline
+#include <stdexcept>           // std::invalid_argument at set-up
+#include <string>              // Prometheus text
+#include <system_error>        // results
+#include <thread>              // std::this_thread::yield
+#include <type_traits>         // static checks
+#include <utility>             // std::move
+#include <vector>              // handed-back messages
+
+#include "devgate/core/error.hpp"
+#include "devgate/detail/pipeline_eventcount.hpp"
+#include "devgate/pipeline/demand.hpp"
+#include "devgate/pipeline/fetcher.hpp"
+#include "devgate/pipeline/message.hpp"
+#include "devgate/pipeline/metrics.hpp"
+#include "devgate/pipeline/queue.hpp"
+#include "devgate/pipeline/sink.hpp"
+#include "devgate/pipeline/worker_pool.hpp"
+
+namespace devgate {
+
+/// The pipeline's policy types. Derive and override what you need:
+/// `struct my_traits : devgate::pipeline_traits { using pool_type = devgate::fixed_pool; };`
+struct pipeline_traits {
+  /// Where accepted messages wait: `lockfree_queue` (moodycamel) or `locked_queue` (mutex+deque).
+  using queue_type = lockfree_queue;
+  /// How many messages a worker asks for: `adaptive_demand` or `fixed_demand<N>`.
+  using demand_type = adaptive_demand;
+  /// How many workers run: `dynamic_pool` (min..max) or `fixed_pool`.
+  using pool_type = dynamic_pool;
+};
+
+/// The pipeline's runtime knobs, checked at construction (std::invalid_argument on misuse).
+struct pipeline_options {
+  /// Most messages held at once (queued plus being dispatched). Memory is bounded by this times
+  /// the payload size; past it, `overflow` applies.
+  std::size_t capacity = 1u << 16;
+  /// What a push does at capacity: reject, drop the oldest, or block up to `block_timeout`.
+  overflow_policy overflow = overflow_policy::reject;
+  /// Longest a `block` push waits for room (and a `drop_oldest` push waits for an evictable
+  /// message while workers hold every partition) before it is rejected.
+  std::chrono::milliseconds block_timeout{100};
+  /// Partitions (hash of device id). More partitions let more workers run in parallel while
+  /// each device's messages stay in order; each partition costs one queue.
+  std::size_t partitions = 32;
+  /// Worker counts and scaling thresholds.
+  pool_options pool;
+  /// Batch sizes and the latency target of the adaptive demand.
+  demand_options demand;
+  /// Failed sink attempts retried per message before it is dead-lettered.
+  unsigned retry_limit = 3;
+  /// Wait before the first retry; doubles per retry up to `retry_backoff_max`. A retrying
+  /// message holds back the later messages of its partition (that keeps per-device order).
+  std::chrono::microseconds retry_backoff{1000};
+  /// Longest wait between retries.
+  std::chrono::microseconds retry_backoff_max{100000};
+  /// Receives each message that failed `retry_limit + 1` times, with the last error.
+  std::function<void(const message&, std::error_code)> dead_letter;
+  /// Receives each message `drop_oldest` evicted (they are also counted).
+  std::function<void(const message&)> on_dropped;
+};
+
+/// Queue -> fetcher<demand> -> worker pool -> sink, without a transport: host code or a
+/// transport pushes messages, workers dispatch them to the sink.
+template <class Sink, class Traits = pipeline_traits>
+class pipeline {
+  static_assert(sink<Sink>,
+                "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&, "
+                "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
+  static_assert(queue_policy<typename Traits::queue_type>,
+                "devgate::pipeline: Traits::queue_type must be a queue policy such as "
+                "devgate::lockfree_queue or devgate::locked_queue (requirements in queue.hpp)");
+  static_assert(
+      demand_policy<typename Traits::demand_type>,
+      "devgate::pipeline: Traits::demand_type must be a demand policy such as "
+      "devgate::adaptive_demand or devgate::fixed_demand<N> (requirements in demand.hpp)");
+  static_assert(pool_policy<typename Traits::pool_type>,
+                "devgate::pipeline: Traits::pool_type must be devgate::fixed_pool or "
+                "devgate::dynamic_pool (requirements in worker_pool.hpp)");
+
+  using fetcher_type = fetcher<typename Traits::queue_type, typename Traits::demand_type>;
+  using pool_type = worker_pool<typename Traits::pool_type>;
+
+ public:
+  /// A producing thread's private path in (producer tokens for every partition): faster than
+  /// `push(message)` for a thread that pushes often. Use from one thread at a time.
+  using producer = typename fetcher_type::producer;
+
+  /// Checks `options` and builds the pipeline; workers start with `start()`.
+  explicit pipeline(Sink sink, pipeline_options options = {})
+      : options_(checked(std::move(options))),
+        sink_(std::forward<Sink>(sink)),
+        pool_(options_.pool),
+        fetcher_(options_.partitions, pool_.max_workers(), options_.demand) {
+    stats_.reserve(pool_.max_workers());
+    for (std::size_t i = 0; i < pool_.max_workers(); ++i) {
+      stats_.push_back(std::make_unique<worker_stats>());
+    }
+  }
+  pipeline(const pipeline&) = delete;
+  pipeline& operator=(const pipeline&) = delete;
+  /// Stops and drains (every accepted message reaches the sink or the dead-letter handler).
+  ~pipeline() { stop(); }
+
+  /// Lets sinks reply through a transport (the gateway sets this before `start`).
+  void set_reply_channel(const reply_channel* channel) noexcept { channel_ = channel; }
+
+  /// Starts the workers. Messages pushed before `start` wait for them.
+  std::error_code start() {
+    std::lock_guard lock(lifecycle_);
+    if (started_) return errc::already_running;
+    if (stopped_) return errc::closed;
+    started_ = true;
+    pool_.start([this](std::size_t id) { worker_main(id); });
+    return {};
+  }
+
+  /// A new producer for the calling thread.
+  [[nodiscard]] producer make_producer() { return producer(fetcher_); }
+
+  /// Accepts `m` (through the calling thread's implicit producer). Returns `errc::closed` after
+  /// `stop`, `errc::queue_full` when the overflow policy refuses it.
+  std::error_code push(message&& m) {
+    return push_impl(std::move(m), [this](std::uint32_t p, message&& msg) {
+      fetcher_.enqueue(p, std::move(msg));
+    });
+  }
+  /// Accepts `m` through `prod` (see `producer`).
+  std::error_code push(message&& m, producer& prod) {
+    return push_impl(std::move(m), [this, &prod](std::uint32_t p, message&& msg) {
+      fetcher_.enqueue(p, std::move(msg), prod);
+    });
+  }
+
+  /// Stops intake (pushes get `errc::closed`), dispatches every accepted message, joins workers.
+  void stop() { (void)stop_impl(std::nullopt); }
+  /// Like `stop()`, but at `deadline` workers finish the message in hand and stop; whatever is
+  /// left undispatched is returned (in order per device) instead of lost.
+  [[nodiscard]] std::vector<message> stop(clock::time_point deadline) {
+    return stop_impl(deadline);
+  }
+
+  /// Reads every metric.
+  [[nodiscard]] pipeline_metrics metrics() const {
+    pipeline_metrics m;
+    m.enqueued = fetcher_.tickets();
+    for (const auto& s : stats_) {
+      m.dispatched += s->dispatched.load(std::memory_order_relaxed);
+      s->batch_size.add_to(m.batch_size);
+      s->latency.add_to(m.latency_ns);
+    }
+    m.rejected = rejected_.load(std::memory_order_relaxed);
+    m.dropped = dropped_.load(std::memory_order_relaxed);
+    m.retried = retried_.load(std::memory_order_relaxed);
+    m.dead_lettered = dead_lettered_.load(std::memory_order_relaxed);
+    m.handed_back = handed_back_.load(std::memory_order_relaxed);
+    const auto depth = queued_.load(std::memory_order_relaxed);
+    m.queue_depth = depth > 0 ? static_cast<std::uint64_t>(depth) : 0;
+    m.workers_alive = pool_.alive();
+    return m;
+  }
+  /// Appends the metrics in Prometheus text format.
+  void render_prometheus(std::string& out) const { devgate::render_prometheus(metrics(), out); }
+
+  /// The sink (for inspection; it is called concurrently by workers while running).
+  [[nodiscard]] Sink& sink() noexcept { return sink_; }
+  /// The options in force.
+  [[nodiscard]] const pipeline_options& options() const noexcept { return options_; }
+
+ private:
+  // Per-worker counters: one writer each, summed on read, on their own cache lines.
+  struct alignas(64) worker_stats {
+    std::atomic<std::uint64_t> dispatched{0};
+    detail::pipeline_atomic_histogram<batch_histogram> batch_size;
+    detail::pipeline_atomic_histogram<latency_histogram> latency;
+  };
+
+  static pipeline_options checked(pipeline_options o) {
+    if (o.capacity == 0)
+      throw std::invalid_argument("devgate: pipeline_options.capacity must be >= 1");
+    if (o.partitions == 0 || o.partitions > (1u << 20)) {
+      throw std::invalid_argument("devgate: pipeline_options.partitions must be in 1..1048576");
+    }
+    if (o.demand.max_batch == 0 || o.demand.min_batch > o.demand.max_batch) {
+      throw std::invalid_argument("devgate: demand_options needs 1 <= min_batch <= max_batch");
+    }
+    if (o.retry_backoff.count() < 0 || o.retry_backoff_max < o.retry_backoff) {
+      throw std::invalid_argument(
+          "devgate: pipeline_options needs 0 <= retry_backoff <= retry_backoff_max");
+    }
+    return o;
+  }
+
+  // ---- intake ----------------------------------------------------------------------------
+
+  template <class Enqueue>
+  std::error_code push_impl(message&& m, Enqueue&& enqueue) {
+    if (!accepting_.load(std::memory_order_acquire)) return errc::closed;
+    const auto now = clock::now();
+    m.enqueued = now;
+    if (m.received == clock::time_point{}) m.received = now;
+    const auto p = fetcher_.partition_of(m.device_id);
+    if (!try_reserve()) {
+      if (auto ec = overflow(p); ec) return ec;  // on success a unit of capacity is ours
+    }
+    // Pairs with stop(): either stop sees our reservation (and drains it) or we see it closed.
+    if (!accepting_.load(std::memory_order_seq_cst)) {
+      release(1);
+      return errc::closed;
+    }
+    enqueue(p, std::move(m));
+    work_.notify_one();
+    return {};
+  }
+
+  bool try_reserve() noexcept {
+    const auto cap = static_cast<std::int64_t>(options_.capacity);
+    if (queued_.fetch_add(1, std::memory_order_seq_cst) < cap) return true;
+    // Undo without waking blocked producers (no real room appeared), but a drain in progress
+    // may be waiting for this transient unit to go.
+    queued_.fetch_sub(1, std::memory_order_seq_cst);
+    if (!accepting_.load(std::memory_order_seq_cst)) work_.notify_all();
+    return false;
+  }
+
+  // Capacity units leave: wake blocked producers, and workers waiting for a drain to finish.
+  void release(std::int64_t n) noexcept {
+    queued_.fetch_sub(n, std::memory_order_seq_cst);
+    if (options_.overflow == overflow_policy::block) space_.notify_all();
+    if (!accepting_.load(std::memory_order_relaxed)) work_.notify_all();
+  }
+
+  std::error_code overflow(std::uint32_t p) {
+    switch (options_.overflow) {
+      case overflow_policy::reject:
+        break;
+      case overflow_policy::block: {
+        const auto deadline = clock::now() + options_.block_timeout;
+        for (;;) {
+          const auto key = space_.prepare_wait();
+          if (!accepting_.load(std::memory_order_seq_cst)) {
+            space_.cancel_wait();
+            return errc::closed;
+          }
+          if (try_reserve()) {
+            space_.cancel_wait();
+            return {};
+          }
+          if (!space_.wait_until(key, deadline) || clock::now() >= deadline) {
+            if (try_reserve()) return {};
+            break;
+          }
+        }
+        break;
+      }
+      case overflow_policy::drop_oldest: {
+        const auto deadline = clock::now() + options_.block_timeout;
+        do {
+          if (!accepting_.load(std::memory_order_acquire)) return errc::closed;
+          queued_message victim;
+          if (fetcher_.evict_one(p, victim)) {
+            // The victim's unit of capacity passes to the new message.
+            dropped_.fetch_add(1, std::memory_order_relaxed);
+            if (options_.on_dropped) options_.on_dropped(victim.msg);
+            return {};
+          }
+          if (try_reserve()) return {};
+          std::this_thread::yield();  // every partition is being dispatched: room comes soon
+        } while (clock::now() < deadline);
+        break;
+      }
+    }
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    return errc::queue_full;
+  }
+
+  // ---- workers -------------------------------------------------------------------------------
+
+  [[nodiscard]] bool drained() const noexcept {
+    return !accepting_.load(std::memory_order_seq_cst) &&
+           queued_.load(std::memory_order_seq_cst) <= 0;
+  }
+
+  void worker_main(std::size_t id) {
+    typename fetcher_type::batch b(fetcher_.demand(id).max_demand());
+    auto& stats = *stats_[id];
+    dispatch_context ctx;
+    ctx.worker_id = id;
+    ctx.channel = channel_;
+    // Workers start their scans at different partitions so they rarely collide on a claim.
+    std::size_t cursor = id * fetcher_.partitions() / pool_.max_workers();
+    for (;;) {
+      if (abort_.load(std::memory_order_acquire)) break;
+      if (fetcher_.fetch(id, b, cursor) != 0) {
+        cursor = next_cursor(b);
+        if (!dispatch(id, b, ctx, stats)) break;
+        continue;
+      }
+      if (drained()) break;
+      const auto key = work_.prepare_wait();
+      if (fetcher_.fetch(id, b, cursor) != 0) {
+        work_.cancel_wait();
+        cursor = next_cursor(b);
+        if (!dispatch(id, b, ctx, stats)) break;
+        continue;
+      }
+      if (drained() || abort_.load(std::memory_order_acquire)) {
+        work_.cancel_wait();
+        break;
+      }
+      if constexpr (Traits::pool_type::scales) {
+        const bool woke = work_.wait_until(key, clock::now() + options_.pool.idle_before_retire);
+        if (!woke && accepting_.load(std::memory_order_acquire) && pool_.try_retire()) return;
+      } else {
+        work_.wait(key);
+      }
+    }
+    pool_.exited();
+  }
+
+  std::size_t next_cursor(const typename fetcher_type::batch& b) const noexcept {
+    return (b.last_partition() + 1) % fetcher_.partitions();
+  }
+
+  // Dispatches a fetched batch; false when a stop deadline interrupted it.
+  bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
+                worker_stats& stats) {
+    const auto start = clock::now();
+    std::size_t done = 0;
+    std::uint64_t ok = 0;
+    std::chrono::nanoseconds oldest{0};
+    bool aborted = false;
+    for (auto& item : b) {
+      if (abort_.load(std::memory_order_relaxed)) {
+        aborted = true;
+        break;
+      }
+      item.msg.dispatched = clock::now();
+      const auto waited = item.msg.dispatched - item.msg.enqueued;
+      if (waited > oldest) oldest = waited;
+      stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+      ctx.partition = item.partition;
+      const auto outcome = deliver(item.msg, ctx);
+      if (outcome == delivery::aborted) {
+        aborted = true;
+        break;
+      }
+      ok += outcome == delivery::delivered ? 1 : 0;
+      item.msg = message{};  // drop our references to the payload now, not when the slot is reused
+      ++done;
+    }
+    stats.dispatched.store(stats.dispatched.load(std::memory_order_relaxed) + ok,
+                           std::memory_order_relaxed);
+    stats.batch_size.record(b.size());
+    const auto size = b.size();
+    if (aborted) {
+      fetcher_.give_back(b, done);
+    } else {
+      const auto end = clock::now();
+      fetcher_.release(id, b, batch_feedback{b.asked(), size, end - start});
+      pool_.observe(queued_.load(std::memory_order_relaxed) >
+                            static_cast<std::int64_t>(options_.pool.scale_up_backlog) ||
+                        oldest > options_.pool.scale_up_latency,
+                    end);
+    }
+    if (done != 0) release(static_cast<std::int64_t>(done));
+    return !aborted;
+  }
+
+  enum class delivery { delivered, dead_lettered, aborted };
+
+  delivery deliver(const message& m, dispatch_context& ctx) {
+    auto backoff = options_.retry_backoff;
+    for (unsigned attempt = 0;; ++attempt) {
+      ctx.attempt = attempt;
+      const std::error_code ec = sink_.consume(m, ctx);
+      if (!ec) return delivery::delivered;
+      if (attempt >= options_.retry_limit) {
+        dead_lettered_.fetch_add(1, std::memory_order_relaxed);
+        if (options_.dead_letter) options_.dead_letter(m, ec);
+        return delivery::dead_lettered;
+      }
+      retried_.fetch_add(1, std::memory_order_relaxed);
+      {
+        std::unique_lock lock(abort_mutex_);
+        if (abort_cv_.wait_for(lock, backoff, [&] { return abort_.load(); })) {
+          return delivery::aborted;
+        }
+      }
+      backoff = std::min(backoff * 2, options_.retry_backoff_max);
+    }
+  }
+
+  // ---- stop ----------------------------------------------------------------------------------
+
+  std::vector<message> stop_impl(std::optional<clock::time_point> deadline) {
+    std::lock_guard lock(lifecycle_);
+    std::vector<message> left;
+    if (stopped_) return left;
+    stopped_ = true;
+    accepting_.store(false, std::memory_order_seq_cst);
+    space_.notify_all();
+    work_.notify_all();
+    if (!started_) {
+      // Nobody ran: hand back (with a deadline) or dispatch (without) what was pushed.
+      if (deadline) {
+        collect(left);
+        return left;
+      }
+      started_ = true;
+      pool_.start([this](std::size_t id) { worker_main(id); });
+    }
+    if (deadline && !pool_.wait_exited_until(*deadline)) {
+      {
+        std::lock_guard abort_lock(abort_mutex_);
+        abort_.store(true, std::memory_order_seq_cst);
+      }
+      abort_cv_.notify_all();
+      work_.notify_all();
+    }
+    pool_.join_all();
+    collect(left);
+    return left;
+  }
+
+  // Takes what is still held after the workers left; pushes that reserved before the close
+  // are still finishing, so this waits until every unit of capacity is accounted for.
+  void collect(std::vector<message>& out) {
+    for (;;) {
+      const auto before = out.size();
+      fetcher_.drain_into(out);
+      const auto got = static_cast<std::int64_t>(out.size() - before);
+      if (got != 0) {
+        queued_.fetch_sub(got, std::memory_order_seq_cst);
+        handed_back_.fetch_add(static_cast<std::uint64_t>(got), std::memory_order_relaxed);
+      }
+      if (queued_.load(std::memory_order_seq_cst) <= 0) return;
+      std::this_thread::yield();
+    }
+  }
+
+  pipeline_options options_;
+  Sink sink_;
+  pool_type pool_;
+  fetcher_type fetcher_;
+  std::vector<std::unique_ptr<worker_stats>> stats_;
+  const reply_channel* channel_ = nullptr;
+
+  alignas(64) std::atomic<std::int64_t> queued_{0};  // accepted, not yet out (capacity units)
+  alignas(64) std::atomic<bool> accepting_{true};
+  std::atomic<bool> abort_{false};
+  std::atomic<std::uint64_t> rejected_{0};
+  std::atomic<std::uint64_t> dropped_{0};
+  std::atomic<std::uint64_t> retried_{0};
+  std::atomic<std::uint64_t> dead_lettered_{0};
+  std::atomic<std::uint64_t> handed_back_{0};
+
+  detail::pipeline_eventcount work_;   // workers sleep here when no partition has work
+  detail::pipeline_eventcount space_;  // blocked producers sleep here
+  std::mutex abort_mutex_;
+  std::condition_variable abort_cv_;
+  std::mutex lifecycle_;
+  bool started_ = false;
+  bool stopped_ = false;
+};
+
+/// Deduces the sink type: `devgate::pipeline p(devgate::callback_sink(f));`.
+template <class Sink>
+pipeline(Sink, pipeline_options = {}) -> pipeline<Sink>;
+
+}  // namespace devgate

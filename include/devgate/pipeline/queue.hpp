@@ -1,0 +1,119 @@
+#pragma once
+
+#include <concepts>     // queue_policy
+#include <cstddef>      // std::size_t
+#include <cstdint>      // std::uint8_t
+#include <deque>        // locked_queue storage
+#include <mutex>        // locked_queue
+#include <type_traits>  // std::is_default_constructible_v
+#include <utility>      // std::move
+
+#include <concurrentqueue/concurrentqueue.h>
+
+namespace devgate {
+
+/// What `push` does when the pipeline holds `capacity` messages. Nothing is ever lost silently:
+/// each rejected or dropped message is counted (`devgate_rejected_total`, `devgate_dropped_total`).
+enum class overflow_policy : std::uint8_t {
+  /// `push` returns `errc::queue_full` at once; the transport turns it into a reply to the device.
+  reject,
+  /// The oldest queued message of the same partition (else of another partition) is dropped to
+  /// make room; the new message is accepted.
+  drop_oldest,
+  /// `push` waits up to `block_timeout` for room, then rejects like `reject`.
+  block,
+};
+
+/// A queue policy names a multi-producer, multi-consumer FIFO-per-producer container template.
+/// Requirements on `Q::queue<T>` for a movable, default-constructible T:
+/// - a nested `producer_token` constructible from `queue<T>&`, usable by one thread at a time;
+/// - `q.push(T&&)` and `q.push(producer_token&, T&&)`: thread-safe, return false only when
+///   memory runs out;
+/// - `q.pop_bulk(T* out, std::size_t max)`: thread-safe, move-assigns up to `max` items into
+///   `out`, returns how many.
+/// Order between producers is not required: the pipeline orders each partition with tickets.
+template <class Q>
+concept queue_policy = requires(typename Q::template queue<int>& q,
+                                typename Q::template queue<int>::producer_token& token, int* out,
+                                std::size_t max) {
+  typename Q::template queue<int>::producer_token;
+  { q.push(1) } -> std::same_as<bool>;
+  { q.push(token, 1) } -> std::same_as<bool>;
+  { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
+};
+
+/// The default queue: moodycamel::ConcurrentQueue (lock-free), with producer tokens for
+/// producers that push often and bulk dequeue for workers.
+struct lockfree_queue {
+  /// The container for items of type T.
+  template <class T>
+  class queue {
+   public:
+    /// A producer's private sub-queue: the fastest way in, for one thread at a time.
+    class producer_token {
+     public:
+      /// A token bound to `q`.
+      explicit producer_token(queue& q) : token_(q.impl_) {}
+
+     private:
+      friend class queue;
+      moodycamel::ProducerToken token_;
+    };
+
+    /// Enqueues through the calling thread's implicit producer.
+    bool push(T&& item) { return impl_.enqueue(std::move(item)); }
+    /// Enqueues through an explicit producer token.
+    bool push(producer_token& token, T&& item) {
+      return impl_.enqueue(token.token_, std::move(item));
+    }
+    /// Dequeues up to `max` items into `out`.
+    std::size_t pop_bulk(T* out, std::size_t max) { return impl_.try_dequeue_bulk(out, max); }
+
+   private:
+    moodycamel::ConcurrentQueue<T> impl_;
+  };
+};
+
+/// The plain baseline: a mutex around a std::deque. Slower under contention, simple to reason
+/// about, and a reference the benchmarks compare against.
+struct locked_queue {
+  /// The container for items of type T.
+  template <class T>
+  class queue {
+   public:
+    /// No per-producer state: the mutex serialises everything.
+    class producer_token {
+     public:
+      /// A token for `q` (carries nothing).
+      explicit producer_token(queue&) noexcept {}
+    };
+
+    /// Enqueues under the mutex.
+    bool push(T&& item) {
+      std::lock_guard lock(mutex_);
+      items_.push_back(std::move(item));
+      return true;
+    }
+    /// Same as `push(item)`: the token carries nothing.
+    bool push(producer_token&, T&& item) { return push(std::move(item)); }
+    /// Dequeues up to `max` items into `out` under one lock.
+    std::size_t pop_bulk(T* out, std::size_t max) {
+      std::lock_guard lock(mutex_);
+      std::size_t n = 0;
+      while (n < max && !items_.empty()) {
+        out[n++] = std::move(items_.front());
+        items_.pop_front();
+      }
+      return n;
+    }
+
+   private:
+    std::mutex mutex_;
+    std::deque<T> items_;
+  };
+};
+
+static_assert(queue_policy<lockfree_queue>);
+static_assert(queue_policy<locked_queue>);
+
+}  // namespace devgate

@@ -1,0 +1,125 @@
+#pragma once
+
+#include <concepts>      // sink
+#include <cstddef>       // std::size_t
+#include <cstdint>       // partition numbers
+#include <span>          // broadcast recipients
+#include <system_error>  // results
+#include <tuple>         // fanout_sink
+#include <type_traits>   // std::invoke_result_t
+#include <utility>       // std::move
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/core/error.hpp"
+#include "devgate/pipeline/message.hpp"
+#include "devgate/transport/transport.hpp"
+
+namespace devgate {
+
+/// A way back to devices, set by the gateway from its transport (type-erased: it is used per
+/// reply, not per message, so an indirect call costs nothing that matters).
+struct reply_channel {
+  void* target = nullptr;  ///< The transport.
+  /// Sends to one session.
+  std::error_code (*send)(void*, session_id, payload_kind, shared_bytes) = nullptr;
+  /// Sends one payload to many sessions.
+  std::size_t (*broadcast)(void*, std::span<const session_id>, payload_kind,
+                           shared_bytes) = nullptr;
+};
+
+/// What a sink learns about the dispatch besides the message itself.
+struct dispatch_context {
+  std::size_t worker_id = 0;    ///< The stable id of the worker dispatching (0..max_workers-1).
+  std::uint32_t partition = 0;  ///< The partition the message came from (hash of its device id).
+  unsigned attempt = 0;         ///< 0 on the first try, then 1, 2, ... on retries.
+  const reply_channel* channel = nullptr;  ///< Set when a transport is attached.
+
+  /// Sends `bytes` back to the session `m` arrived on (`errc::unknown_session` without one).
+  std::error_code reply(const message& m, shared_bytes bytes,
+                        payload_kind kind = payload_kind::text) const {
+    return send(m.session, kind, std::move(bytes));
+  }
+  /// Sends to any session through the transport.
+  std::error_code send(session_id s, payload_kind kind, shared_bytes bytes) const {
+    if (channel == nullptr || channel->send == nullptr) return errc::unknown_session;
+    return channel->send(channel->target, s, kind, std::move(bytes));
+  }
+  /// Sends one payload to many sessions; returns how many it was queued to.
+  std::size_t broadcast(std::span<const session_id> sessions, payload_kind kind,
+                        shared_bytes bytes) const {
+    if (channel == nullptr || channel->broadcast == nullptr) return 0;
+    return channel->broadcast(channel->target, sessions, kind, std::move(bytes));
+  }
+};
+
+/// Where dispatched messages go. Requirement: `s.consume(m, ctx)` returns an empty error_code on
+/// success or the failure; the pipeline retries failures with backoff, then dead-letters them.
+/// Workers call `consume` concurrently (for different partitions), so a sink must be
+/// thread-safe; messages of one device never reach it concurrently, and arrive in order.
+template <class S>
+concept sink = requires(S& s, const message& m, dispatch_context& ctx) {
+  { s.consume(m, ctx) } -> std::same_as<std::error_code>;
+};
+
+/// A sink that calls `f(message, ctx)`; `f` returns std::error_code, or void for "always succeeds".
+template <class F>
+class callback_sink {
+ public:
+  /// Wraps `f` (stored by value; called concurrently from workers).
+  explicit callback_sink(F f) : f_(std::move(f)) {}
+  /// Calls the callback.
+  std::error_code consume(const message& m, dispatch_context& ctx) {
+    if constexpr (std::is_void_v<std::invoke_result_t<F&, const message&, dispatch_context&>>) {
+      f_(m, ctx);
+      return {};
+    } else {
+      return f_(m, ctx);
+    }
+  }
+
+ private:
+  F f_;
+};
+
+/// Hands each message to every sink in turn. Every sink is called even if one fails; the result
+/// is the first failure, so a retry re-delivers to all of them (at-least-once per sink).
+template <sink... Sinks>
+class fanout_sink {
+ public:
+  /// Takes the sinks by value.
+  explicit fanout_sink(Sinks... sinks) : sinks_(std::move(sinks)...) {}
+  /// Delivers to all sinks.
+  std::error_code consume(const message& m, dispatch_context& ctx) {
+    std::error_code first;
+    std::apply(
+        [&](auto&... s) {
+          (([&] {
+             auto ec = s.consume(m, ctx);
+             if (ec && !first) first = ec;
+           }()),
+           ...);
+        },
+        sinks_);
+    return first;
+  }
+  /// The I-th sink (for inspection in tests and host code).
+  template <std::size_t I>
+  auto& get() noexcept {
+    return std::get<I>(sinks_);
+  }
+
+ private:
+  std::tuple<Sinks...> sinks_;
+};
+
+/// A sink that accepts and ignores every message (benchmarks, tests).
+struct null_sink {
+  /// Always succeeds.
+  std::error_code consume(const message& /*unused*/, dispatch_context& /*unused*/) noexcept {
+    return {};
+  }
+};
+
+static_assert(sink<null_sink>);
+
+}  // namespace devgate

@@ -1,0 +1,244 @@
+// The pipeline as a whole: overflow policies, retries and dead letters, stop semantics, the
+// dynamic pool's scaling, metrics.
+#include "devgate/pipeline/pipeline.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+
+devgate::message make(const devgate::shared_bytes& device, std::uint64_t seq) {
+  devgate::message m;
+  m.device_id = device;
+  m.sequence = seq;
+  return m;
+}
+
+// Records what the sink saw, in order.
+struct recorder {
+  std::mutex mutex;
+  std::vector<std::uint64_t> sequences;
+  std::vector<std::size_t> workers;
+  void add(const devgate::message& m, const devgate::dispatch_context& ctx) {
+    std::lock_guard lock(mutex);
+    sequences.push_back(m.sequence);
+    workers.push_back(ctx.worker_id);
+  }
+};
+
+auto recording_sink(recorder& r) {
+  return devgate::callback_sink(
+      [&r](const devgate::message& m, devgate::dispatch_context& ctx) { r.add(m, ctx); });
+}
+
+// Waits (as a failure bound only) until `done()` holds.
+template <class F>
+bool eventually(F done, std::chrono::seconds limit = 20s) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(1ms);
+  }
+  return true;
+}
+
+struct fixed_traits : devgate::pipeline_traits {
+  using pool_type = devgate::fixed_pool;
+};
+
+const auto device = devgate::shared_bytes::copy_of(std::string_view("fridge"));
+
+}  // namespace
+
+TEST_CASE("reject: a full pipeline refuses with queue_full and counts it", "[pipeline][overflow]") {
+  recorder r;
+  devgate::pipeline_options o;
+  o.capacity = 4;
+  devgate::pipeline p(recording_sink(r), o);  // not started: nothing leaves the queue
+  for (std::uint64_t seq = 1; seq <= 4; ++seq) REQUIRE_FALSE(p.push(make(device, seq)));
+  REQUIRE(p.push(make(device, 5)) == devgate::errc::queue_full);
+  REQUIRE(p.metrics().rejected == 1);
+  REQUIRE(p.metrics().queue_depth == 4);
+  p.stop();  // drains: stop starts workers when start() was never called
+  REQUIRE(r.sequences == std::vector<std::uint64_t>{1, 2, 3, 4});
+  REQUIRE(p.push(make(device, 6)) == devgate::errc::closed);
+  const auto m = p.metrics();
+  REQUIRE(m.enqueued == 4);
+  REQUIRE(m.dispatched == 4);
+  REQUIRE(m.queue_depth == 0);
+}
+
+TEST_CASE("drop_oldest: the oldest queued message makes room and is reported",
+          "[pipeline][overflow]") {
+  recorder r;
+  std::vector<std::uint64_t> dropped;
+  devgate::pipeline_options o;
+  o.capacity = 3;
+  o.overflow = devgate::overflow_policy::drop_oldest;
+  o.on_dropped = [&](const devgate::message& m) { dropped.push_back(m.sequence); };
+  devgate::pipeline p(recording_sink(r), o);
+  for (std::uint64_t seq = 1; seq <= 5; ++seq) REQUIRE_FALSE(p.push(make(device, seq)));
+  REQUIRE(dropped == std::vector<std::uint64_t>{1, 2});
+  REQUIRE(p.metrics().dropped == 2);
+  p.stop();
+  REQUIRE(r.sequences == std::vector<std::uint64_t>{3, 4, 5});
+}
+
+TEST_CASE("block: a push waits for room, then rejects at its timeout", "[pipeline][overflow]") {
+  SECTION("no worker frees room: rejected after the timeout") {
+    recorder r;
+    devgate::pipeline_options o;
+    o.capacity = 2;
+    o.overflow = devgate::overflow_policy::block;
+    o.block_timeout = 20ms;
+    devgate::pipeline p(recording_sink(r), o);
+    REQUIRE_FALSE(p.push(make(device, 1)));
+    REQUIRE_FALSE(p.push(make(device, 2)));
+    REQUIRE(p.push(make(device, 3)) == devgate::errc::queue_full);
+    REQUIRE(p.metrics().rejected == 1);
+  }
+  SECTION("a slow sink frees room: every push eventually succeeds") {
+    std::atomic<int> seen{0};
+    devgate::pipeline_options o;
+    o.capacity = 2;
+    o.overflow = devgate::overflow_policy::block;
+    o.block_timeout = 10s;
+    devgate::pipeline p(
+        devgate::callback_sink([&](const devgate::message&, devgate::dispatch_context&) {
+          std::this_thread::sleep_for(50us);
+          ++seen;
+        }),
+        o);
+    REQUIRE_FALSE(p.start());
+    for (std::uint64_t seq = 1; seq <= 200; ++seq) REQUIRE_FALSE(p.push(make(device, seq)));
+    p.stop();
+    REQUIRE(seen == 200);
+    REQUIRE(p.metrics().rejected == 0);
+  }
+}
+
+TEST_CASE("failures are retried with backoff, then dead-lettered with the error",
+          "[pipeline][sink]") {
+  std::atomic<int> attempts{0};
+  std::vector<std::pair<std::uint64_t, std::error_code>> dead;
+  std::mutex dead_mutex;
+  devgate::pipeline_options o;
+  o.retry_limit = 2;
+  o.retry_backoff = 100us;
+  o.dead_letter = [&](const devgate::message& m, std::error_code ec) {
+    std::lock_guard lock(dead_mutex);
+    dead.emplace_back(m.sequence, ec);
+  };
+  devgate::pipeline p(
+      devgate::callback_sink(
+          [&](const devgate::message& m, devgate::dispatch_context& ctx) -> std::error_code {
+            ++attempts;
+            if (m.sequence == 1 && ctx.attempt < 2) return devgate::errc::backpressure;  // 3rd ok
+            if (m.sequence == 2) return devgate::errc::timeout;  // always fails
+            return {};
+          }),
+      o);
+  REQUIRE_FALSE(p.start());
+  REQUIRE_FALSE(p.push(make(device, 1)));
+  REQUIRE_FALSE(p.push(make(device, 2)));
+  REQUIRE_FALSE(p.push(make(device, 3)));
+  p.stop();
+  REQUIRE(attempts == 3 + 3 + 1);
+  const auto m = p.metrics();
+  REQUIRE(m.dispatched == 2);
+  REQUIRE(m.retried == 4);
+  REQUIRE(m.dead_lettered == 1);
+  REQUIRE(dead.size() == 1);
+  REQUIRE(dead[0].first == 2);
+  REQUIRE(dead[0].second == devgate::errc::timeout);
+}
+
+TEST_CASE("stop with a deadline hands back what it did not dispatch, in order",
+          "[pipeline][lifecycle]") {
+  recorder r;
+  devgate::pipeline_options o;
+  o.pool.workers = 1;
+  o.demand.max_batch = 8;
+  devgate::pipeline<devgate::callback_sink<
+                        std::function<void(const devgate::message&, devgate::dispatch_context&)>>,
+                    fixed_traits>
+      p(devgate::callback_sink<
+            std::function<void(const devgate::message&, devgate::dispatch_context&)>>(
+            [&](const devgate::message& m, devgate::dispatch_context& ctx) {
+              std::this_thread::sleep_for(1ms);
+              r.add(m, ctx);
+            }),
+        o);
+  REQUIRE_FALSE(p.start());
+  constexpr std::uint64_t total = 2000;  // ~2 s of work: far more than the deadline allows
+  for (std::uint64_t seq = 1; seq <= total; ++seq) REQUIRE_FALSE(p.push(make(device, seq)));
+  auto left = p.stop(devgate::clock::now() + 20ms);
+  REQUIRE_FALSE(left.empty());
+  REQUIRE(r.sequences.size() + left.size() == total);
+  // Dispatched messages are a prefix; the handed-back ones continue the sequence.
+  for (std::size_t i = 0; i < r.sequences.size(); ++i) REQUIRE(r.sequences[i] == i + 1);
+  for (std::size_t i = 0; i < left.size(); ++i) {
+    REQUIRE(left[i].sequence == r.sequences.size() + i + 1);
+  }
+  const auto m = p.metrics();
+  REQUIRE(m.handed_back == left.size());
+  REQUIRE(m.queue_depth == 0);
+  REQUIRE(p.push(make(device, total + 1)) == devgate::errc::closed);
+}
+
+TEST_CASE("the dynamic pool scales up under a burst and back down afterwards", "[pipeline][pool]") {
+  std::atomic<std::uint64_t> seen{0};
+  devgate::pipeline_options o;
+  o.pool.min_workers = 1;
+  o.pool.max_workers = 4;
+  o.pool.scale_up_backlog = 50;
+  o.pool.scale_up_after = 2ms;
+  o.pool.idle_before_retire = 100ms;
+  o.capacity = 100000;
+  devgate::pipeline p(
+      devgate::callback_sink([&](const devgate::message&, devgate::dispatch_context&) {
+        std::this_thread::sleep_for(100us);
+        ++seen;
+      }),
+      o);
+  REQUIRE_FALSE(p.start());
+  REQUIRE(p.metrics().workers_alive == 1);
+  std::vector<devgate::shared_bytes> devices;
+  for (int d = 0; d < 64; ++d)
+    devices.push_back(devgate::shared_bytes::copy_of("d" + std::to_string(d)));
+  constexpr std::uint64_t burst = 20000;
+  for (std::uint64_t i = 0; i < burst; ++i)
+    REQUIRE_FALSE(p.push(make(devices[i % 64], i / 64 + 1)));
+  std::uint64_t peak = 0;
+  REQUIRE(eventually([&] {
+    peak = std::max<std::uint64_t>(peak, p.metrics().workers_alive);
+    return peak > 1;
+  }));
+  REQUIRE(eventually([&] { return seen.load() == burst; }, 120s));
+  REQUIRE(eventually([&] { return p.metrics().workers_alive == 1; }));
+  p.stop();
+  REQUIRE(p.metrics().workers_alive == 0);
+  std::string text;
+  p.render_prometheus(text);
+  REQUIRE(text.find("devgate_dispatched_total 20000\n") != std::string::npos);
+}
+
+TEST_CASE("misuse is caught at construction with a clear message", "[pipeline][options]") {
+  devgate::pipeline_options o;
+  o.capacity = 0;
+  REQUIRE_THROWS_WITH(devgate::pipeline(devgate::null_sink{}, o), Catch::Contains("capacity"));
+  o = {};
+  o.pool.min_workers = 0;
+  REQUIRE_THROWS_WITH(devgate::pipeline(devgate::null_sink{}, o), Catch::Contains("min_workers"));
+  devgate::pipeline p(devgate::null_sink{});
+  REQUIRE_FALSE(p.start());
+  REQUIRE(p.start() == devgate::errc::already_running);
+}

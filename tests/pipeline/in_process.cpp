@@ -1,0 +1,185 @@
+// The in-process transport on its own, then driving a gateway end to end.
+#include "devgate/transport/in_process.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "devgate/pipeline/gateway.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+
+devgate::shared_bytes text(std::string_view s) { return devgate::shared_bytes::copy_of(s); }
+
+}  // namespace
+
+TEST_CASE("in_process_transport delivers pushes with sequence numbers and device ids",
+          "[transport][in_process]") {
+  devgate::in_process_transport t;
+  std::vector<devgate::inbound_message> got;
+  std::vector<std::string> opened;
+  std::vector<devgate::close_code> closed;
+  devgate::transport_handlers h;
+  h.on_open = [&](const devgate::session_info& info) { opened.push_back(info.device_id); };
+  h.on_message = [&](devgate::inbound_message&& m) -> std::error_code {
+    got.push_back(std::move(m));
+    return got.size() == 2 ? std::error_code(devgate::errc::queue_full) : std::error_code{};
+  };
+  h.on_close = [&](devgate::session_id, devgate::close_code c) { closed.push_back(c); };
+  t.set_handlers(std::move(h));
+  auto dev = t.connect("lamp");
+  REQUIRE(dev.push("before start") == devgate::errc::closed);
+  REQUIRE_FALSE(t.start());
+  REQUIRE(t.start() == devgate::errc::already_running);
+  REQUIRE_FALSE(dev.push("one"));
+  REQUIRE(dev.push("two") == devgate::errc::queue_full);  // the engine's verdict comes back
+  REQUIRE(opened == std::vector<std::string>{"lamp"});
+  REQUIRE(got.size() == 2);
+  REQUIRE(got[0].sequence == 1);
+  REQUIRE(got[1].sequence == 2);
+  REQUIRE(got[1].device_id.view() == "lamp");
+  REQUIRE(got[0].device_id.data() == got[1].device_id.data());  // shared, not copied
+  REQUIRE(got[1].payload.view() == "two");
+  dev.disconnect();
+  REQUIRE(closed == std::vector<devgate::close_code>{devgate::close_code::normal});
+  REQUIRE(dev.close_status() == devgate::close_code::normal);
+  REQUIRE(dev.push("after") == devgate::errc::closed);
+  REQUIRE(t.send(dev.id(), devgate::payload_kind::text, text("x")) ==
+          devgate::errc::unknown_session);
+  t.stop();
+}
+
+TEST_CASE("in_process_transport honours back-pressure options", "[transport][in_process]") {
+  devgate::backpressure_options bp;
+  bp.max_buffered_bytes = 10;
+  SECTION("close with 1008 or 1013") {
+    bp.on_overflow = GENERATE(devgate::overflow_action::close_policy_violation,
+                              devgate::overflow_action::close_try_again_later);
+    devgate::in_process_transport t(bp);
+    REQUIRE_FALSE(t.start());
+    auto dev = t.connect("slow");
+    REQUIRE_FALSE(t.send(dev.id(), devgate::payload_kind::text, text("123456")));
+    REQUIRE(t.buffered_bytes(dev.id()) == 6);
+    REQUIRE(t.send(dev.id(), devgate::payload_kind::text, text("123456")) ==
+            devgate::errc::backpressure);
+    REQUIRE(dev.close_status() ==
+            (bp.on_overflow == devgate::overflow_action::close_policy_violation
+                 ? devgate::close_code::policy_violation
+                 : devgate::close_code::try_again_later));
+    REQUIRE(t.session_count() == 0);
+    t.stop();
+  }
+  SECTION("drop oldest") {
+    bp.on_overflow = devgate::overflow_action::drop_oldest;
+    devgate::in_process_transport t(bp);
+    REQUIRE_FALSE(t.start());
+    auto dev = t.connect("slow");
+    REQUIRE_FALSE(t.send(dev.id(), devgate::payload_kind::text, text("aaaa")));
+    REQUIRE_FALSE(t.send(dev.id(), devgate::payload_kind::text, text("bbbb")));
+    REQUIRE_FALSE(t.send(dev.id(), devgate::payload_kind::binary, text("cccc")));
+    REQUIRE(t.buffered_bytes(dev.id()) == 8);
+    REQUIRE(dev.dropped() == 1);
+    auto inbox = dev.take_inbox();
+    REQUIRE(inbox.size() == 2);
+    REQUIRE(inbox[0].payload.view() == "bbbb");
+    REQUIRE(inbox[1].kind == devgate::payload_kind::binary);
+    REQUIRE(t.buffered_bytes(dev.id()) == 0);
+    REQUIRE(t.send(dev.id(), devgate::payload_kind::text, text("way too long")) ==
+            devgate::errc::backpressure);
+    t.stop();
+    REQUIRE(dev.close_status() == devgate::close_code::going_away);
+  }
+}
+
+TEST_CASE("broadcast shares one buffer among sessions, from many threads",
+          "[transport][in_process]") {
+  devgate::in_process_transport t;
+  REQUIRE_FALSE(t.start());
+  auto a = t.connect("a");
+  auto b = t.connect("b");
+  const devgate::session_id ids[] = {a.id(), b.id(), 999};
+  const auto payload = text("firmware v2");
+  std::vector<std::thread> threads;
+  std::atomic<std::size_t> total{0};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      for (int k = 0; k < 100; ++k) total += t.broadcast(ids, devgate::payload_kind::text, payload);
+    });
+  }
+  for (auto& th : threads) th.join();
+  REQUIRE(total == 800);
+  const auto inbox = a.take_inbox();
+  REQUIRE(inbox.size() == 400);
+  REQUIRE(inbox[0].payload.data() == payload.data());
+  t.stop();
+}
+
+TEST_CASE("gateway: in-process devices through the pipeline, replies, stop semantics",
+          "[pipeline][gateway]") {
+  devgate::in_process_transport t;
+  std::mutex mutex;
+  std::vector<std::string> seen;
+  devgate::pipeline_options o;
+  o.capacity = 1000;
+  devgate::gateway gw(
+      t, devgate::callback_sink([&](const devgate::message& m, devgate::dispatch_context& ctx) {
+        {
+          std::lock_guard lock(mutex);
+          seen.push_back(std::string(m.device_id.view()) + ":" + std::string(m.payload.view()));
+        }
+        return ctx.reply(m, devgate::shared_bytes::copy_of("ack " + std::to_string(m.sequence)));
+      }),
+      o);
+  REQUIRE_FALSE(gw.start());
+  auto fridge = t.connect("fridge");
+  auto lamp = t.connect("lamp");
+  for (int i = 0; i < 50; ++i) {
+    REQUIRE_FALSE(fridge.push("f" + std::to_string(i)));
+    REQUIRE_FALSE(lamp.push("l" + std::to_string(i)));
+  }
+  gw.stop();  // drains all 100 through the sink, whose replies reach the inboxes, then closes
+  REQUIRE(seen.size() == 100);
+  const auto inbox = fridge.take_inbox();
+  REQUIRE(inbox.size() == 50);
+  for (std::size_t i = 0; i < inbox.size(); ++i) {
+    REQUIRE(inbox[i].payload.view() == "ack " + std::to_string(i + 1));  // in order
+  }
+  REQUIRE(fridge.close_status() == devgate::close_code::going_away);
+  const auto m = gw.metrics();
+  REQUIRE(m.enqueued == 100);
+  REQUIRE(m.dispatched == 100);
+}
+
+TEST_CASE("gateway: a full pipeline answers the device with queue_full, a stopped one with closed",
+          "[pipeline][gateway]") {
+  devgate::in_process_transport t;
+  std::atomic<bool> release{false};
+  devgate::pipeline_options o;
+  o.capacity = 2;
+  o.demand.max_batch = 1;
+  o.pool.max_workers = 1;
+  devgate::gateway gw(
+      t, devgate::callback_sink([&](const devgate::message&, devgate::dispatch_context&) {
+        while (!release.load()) std::this_thread::sleep_for(100us);
+      }),
+      o);
+  REQUIRE_FALSE(gw.start());
+  auto dev = t.connect("d");
+  // The worker holds at most one message; the queue holds two; somewhere by the fourth push the
+  // pipeline is full (capacity counts messages being dispatched too).
+  std::error_code last;
+  for (int i = 0; i < 4 && !last; ++i) last = dev.push("m");
+  REQUIRE(last == devgate::errc::queue_full);
+  REQUIRE(gw.metrics().rejected == 1);
+  release = true;
+  auto left = gw.stop(devgate::clock::now() + 10s);
+  REQUIRE(left.empty());
+  REQUIRE(dev.push("late") == devgate::errc::closed);
+}
