@@ -38,7 +38,8 @@ step() {
 }
 
 format_check() {
-  git ls-files -z '*.hpp' '*.cpp' '*.h' | xargs -0 -r clang-format --dry-run --Werror
+  # single_include/ is generated (and checked against include/ by the next step).
+  git ls-files -z '*.hpp' '*.cpp' '*.h' ':!single_include/' | xargs -0 -r clang-format --dry-run --Werror
 }
 
 # cmake_suite <dir> <cmake args...>: configure, build everything, run CTest.
