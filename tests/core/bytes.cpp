@@ -38,3 +38,17 @@ TEST_CASE("shared_bytes::build fills a buffer once", "[core][bytes]") {
   REQUIRE(devgate::shared_bytes::build(0, [](std::span<std::byte>) {}).empty());
   REQUIRE(devgate::shared_bytes{}.data() == nullptr);
 }
+
+TEST_CASE("a moved-from shared_bytes is empty", "[core][bytes]") {
+  auto a = devgate::shared_bytes::copy_of(std::string_view("payload"));
+  auto b = std::move(a);
+  REQUIRE(b.view() == "payload");
+  REQUIRE(a.empty());  // NOLINT(bugprone-use-after-move): the moved-from state is specified
+  REQUIRE(a.data() == nullptr);
+  REQUIRE(a.use_count() == 0);
+
+  devgate::shared_bytes c;
+  c = std::move(b);
+  REQUIRE(c.view() == "payload");
+  REQUIRE(b.empty());  // NOLINT(bugprone-use-after-move)
+}

@@ -5,7 +5,7 @@
 #include <memory>       // std::shared_ptr, std::make_shared_for_overwrite
 #include <span>         // views
 #include <string_view>  // text views
-#include <utility>      // std::move
+#include <utility>      // std::move, std::exchange
 
 namespace devgate {
 
@@ -18,6 +18,23 @@ class shared_bytes {
  public:
   /// An empty buffer (no allocation).
   shared_bytes() noexcept = default;
+  /// Shares `other`'s buffer.
+  shared_bytes(const shared_bytes& other) noexcept = default;
+  /// Shares `other`'s buffer.
+  shared_bytes& operator=(const shared_bytes& other) noexcept = default;
+  /// Takes `other`'s share; `other` is left empty.
+  shared_bytes(shared_bytes&& other) noexcept
+      : storage_(std::move(other.storage_)),
+        data_(std::exchange(other.data_, nullptr)),
+        size_(std::exchange(other.size_, 0)) {}
+  /// Takes `other`'s share; `other` is left empty.
+  shared_bytes& operator=(shared_bytes&& other) noexcept {
+    storage_ = std::move(other.storage_);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+    return *this;
+  }
+  ~shared_bytes() = default;
 
   /// Copies `data` into a new buffer: the one copy made when bytes enter devgate.
   static shared_bytes copy_of(std::span<const std::byte> data) {
