@@ -3,6 +3,8 @@
 //      threads (no partitions, no ordering, no accounting);
 //  (b) a prototype-style baseline: mutex+deque queue, a fetcher polling at a fixed interval when
 //      empty, one short-lived thread spawned per message of each hard-coded batch of 10.
+// devgate is measured with per-message `push` and with `push_bulk` (the like-for-like rival of
+// the ceiling's bulk enqueue: same batch size on both sides).
 // Run: devgate_bench_pipeline --benchmark_counters_tabular=true
 #include <benchmark/benchmark.h>
 
@@ -12,6 +14,7 @@
 #include <deque>
 #include <iterator>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -137,7 +140,7 @@ struct sampling_sink {
 };
 
 template <class Traits>
-void run_devgate(benchmark::State& state, std::size_t batch) {
+void run_devgate(benchmark::State& state, std::size_t batch, bool bulk = false) {
   const auto workers = static_cast<std::size_t>(state.range(0));
   std::vector<std::int64_t> latency;
   for (auto _ : state) {
@@ -152,8 +155,21 @@ void run_devgate(benchmark::State& state, std::size_t batch) {
     devgate::pipeline<sampling_sink, Traits> p(sampling_sink{&samples, &seen}, o);
     (void)p.start();
     auto producer = p.make_producer();
-    for (std::int64_t i = 0; i < messages_per_iteration; ++i) {
-      if (p.push(make(i), producer)) state.SkipWithError("push failed");
+    if (bulk) {
+      // Batches built exactly as the ceiling builds them.
+      std::vector<devgate::message> out(batch);
+      for (std::int64_t i = 0; i < messages_per_iteration;) {
+        const auto n =
+            std::min<std::int64_t>(static_cast<std::int64_t>(batch), messages_per_iteration - i);
+        for (std::int64_t k = 0; k < n; ++k) out[static_cast<std::size_t>(k)] = make(i + k);
+        const auto r = p.push_bulk(std::span(out.data(), static_cast<std::size_t>(n)), producer);
+        if (r.error) state.SkipWithError("push_bulk failed");
+        i += n;
+      }
+    } else {
+      for (std::int64_t i = 0; i < messages_per_iteration; ++i) {
+        if (p.push(make(i), producer)) state.SkipWithError("push failed");
+      }
     }
     p.stop();
     for (auto& s : samples) latency.insert(latency.end(), s.begin(), s.end());
@@ -178,6 +194,32 @@ BENCHMARK(devgate_fixed_demand)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
+// push_bulk with the ceiling's batch size on both the enqueue and the dequeue side.
+void devgate_bulk_fixed_demand(benchmark::State& state) {
+  switch (state.range(1)) {
+    case 16:
+      return run_devgate<fixed_traits<16>>(state, 16, true);
+    case 64:
+      return run_devgate<fixed_traits<64>>(state, 64, true);
+    default:
+      return run_devgate<fixed_traits<256>>(state, 256, true);
+  }
+}
+BENCHMARK(devgate_bulk_fixed_demand)
+    ->ArgNames({"workers", "batch"})
+    ->ArgsProduct({{1, 2}, {16, 64, 256}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+void devgate_bulk_adaptive_demand(benchmark::State& state) {
+  run_devgate<adaptive_traits>(state, static_cast<std::size_t>(state.range(1)), true);
+}
+BENCHMARK(devgate_bulk_adaptive_demand)
+    ->ArgNames({"workers", "batch"})
+    ->ArgsProduct({{1, 2}, {64}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
 void devgate_adaptive_demand(benchmark::State& state) {
   run_devgate<adaptive_traits>(state, static_cast<std::size_t>(state.range(1)));
 }
@@ -191,6 +233,7 @@ BENCHMARK(devgate_adaptive_demand)
 
 void devgate_paced_latency(benchmark::State& state) {
   const auto rate = static_cast<double>(state.range(0));
+  const bool bulk = state.range(1) != 0;  // push each tick's messages with one push_bulk
   constexpr std::int64_t count = 200'000;
   std::vector<std::int64_t> latency;
   for (auto _ : state) {
@@ -203,6 +246,7 @@ void devgate_paced_latency(benchmark::State& state) {
     devgate::pipeline<sampling_sink, adaptive_traits> p(sampling_sink{&samples, &seen}, o);
     (void)p.start();
     auto producer = p.make_producer();
+    std::vector<devgate::message> out;
     const auto start = devgate::clock::now();
     // Push in ticks of 50 us: every message that is due by the tick is pushed, then sleep.
     for (std::int64_t i = 0; i < count;) {
@@ -210,7 +254,13 @@ void devgate_paced_latency(benchmark::State& state) {
       const auto due = std::min<std::int64_t>(
           count,
           static_cast<std::int64_t>(std::chrono::duration<double>(now - start).count() * rate) + 1);
-      for (; i < due; ++i) (void)p.push(make(i), producer);
+      if (bulk) {
+        out.clear();
+        for (; i < due; ++i) out.push_back(make(i));
+        (void)p.push_bulk(out, producer);
+      } else {
+        for (; i < due; ++i) (void)p.push(make(i), producer);
+      }
       std::this_thread::sleep_until(now + 50us);
     }
     p.stop();
@@ -220,11 +270,8 @@ void devgate_paced_latency(benchmark::State& state) {
   set_latency(state, latency);
 }
 BENCHMARK(devgate_paced_latency)
-    ->ArgName("msgs_per_s")
-    ->Arg(100'000)
-    ->Arg(1'000'000)
-    ->Arg(2'000'000)
-    ->Arg(4'000'000)
+    ->ArgNames({"msgs_per_s", "bulk"})
+    ->ArgsProduct({{100'000, 1'000'000, 2'000'000, 4'000'000}, {0, 1}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(1);

@@ -242,3 +242,172 @@ TEST_CASE("misuse is caught at construction with a clear message", "[pipeline][o
   REQUIRE_FALSE(p.start());
   REQUIRE(p.start() == devgate::errc::already_running);
 }
+
+namespace {
+
+std::vector<devgate::message> batch_of(const devgate::shared_bytes& id, std::uint64_t first,
+                                       std::uint64_t count) {
+  std::vector<devgate::message> v;
+  for (std::uint64_t seq = first; seq < first + count; ++seq) v.push_back(make(id, seq));
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("push_bulk accepts a batch in order and stamps it once", "[pipeline][bulk]") {
+  recorder r;
+  std::mutex stamps_mutex;
+  std::vector<devgate::clock::time_point> enqueued;
+  std::vector<devgate::clock::time_point> received;
+  devgate::pipeline_options o;
+  o.pool.workers = 2;
+  devgate::pipeline<devgate::callback_sink<
+                        std::function<void(const devgate::message&, devgate::dispatch_context&)>>,
+                    fixed_traits>
+      p(devgate::callback_sink<
+            std::function<void(const devgate::message&, devgate::dispatch_context&)>>(
+            [&](const devgate::message& m, devgate::dispatch_context& ctx) {
+              {
+                std::lock_guard lock(stamps_mutex);
+                enqueued.push_back(m.enqueued);
+                received.push_back(m.received);
+              }
+              r.add(m, ctx);
+            }),
+        o);
+  auto producer = p.make_producer();
+  auto batch = batch_of(device, 1, 10);
+  const auto early = devgate::clock::now() - 1h;
+  batch[0].received = early;  // a transport's own reading is kept
+  const auto result = p.push_bulk(batch, producer);
+  REQUIRE(result.accepted == 10);
+  REQUIRE_FALSE(result.error);
+  REQUIRE(batch[3].device_id.use_count() == 0);  // accepted messages were moved from
+  REQUIRE(p.push_bulk(std::span<devgate::message>(), producer).accepted == 0);
+  REQUIRE_FALSE(p.start());
+  p.stop();
+  REQUIRE(r.sequences == std::vector<std::uint64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10});
+  REQUIRE(received[0] == early);
+  for (std::size_t i = 1; i < enqueued.size(); ++i) {
+    REQUIRE(enqueued[i] == enqueued[0]);
+    REQUIRE(received[i] == enqueued[0]);  // unset: stamped with the same single reading
+  }
+  const auto m = p.metrics();
+  REQUIRE(m.enqueued == 10);
+  REQUIRE(m.dispatched == 10);
+}
+
+TEST_CASE("push_bulk keeps each device's order across partitions", "[pipeline][bulk]") {
+  std::mutex mutex;
+  std::vector<std::vector<std::uint64_t>> seen(8);
+  devgate::pipeline_options o;
+  o.partitions = 5;  // not a power of two: the modulo path
+  o.pool.workers = 2;
+  devgate::pipeline<devgate::callback_sink<
+                        std::function<void(const devgate::message&, devgate::dispatch_context&)>>,
+                    fixed_traits>
+      p(devgate::callback_sink<
+            std::function<void(const devgate::message&, devgate::dispatch_context&)>>(
+            [&](const devgate::message& m, devgate::dispatch_context&) {
+              std::lock_guard lock(mutex);
+              seen[m.session].push_back(m.sequence);
+            }),
+        o);
+  REQUIRE_FALSE(p.start());
+  std::vector<devgate::shared_bytes> ids;
+  for (int d = 0; d < 8; ++d)
+    ids.push_back(devgate::shared_bytes::copy_of("d" + std::to_string(d)));
+  auto producer = p.make_producer();
+  constexpr std::uint64_t per_device = 300;
+  std::uint64_t seq = 1;
+  while (seq <= per_device) {
+    // Runs of one device, then interleaved devices, in batches of varying sizes.
+    std::vector<devgate::message> batch;
+    for (std::uint64_t k = 0; k < 3 && seq <= per_device; ++k, ++seq) {
+      for (std::size_t d = 0; d < ids.size(); ++d) {
+        auto m = make(ids[d], seq);
+        m.session = d;
+        batch.push_back(std::move(m));
+      }
+    }
+    const auto result = p.push_bulk(batch, producer);
+    REQUIRE(result.accepted == batch.size());
+  }
+  p.stop();
+  for (const auto& s : seen) {
+    REQUIRE(s.size() == per_device);
+    for (std::size_t i = 0; i < s.size(); ++i) REQUIRE(s[i] == i + 1);
+  }
+}
+
+TEST_CASE("push_bulk at capacity: reject leaves the rest untouched and counts it",
+          "[pipeline][bulk][overflow]") {
+  recorder r;
+  devgate::pipeline_options o;
+  o.capacity = 4;
+  devgate::pipeline p(recording_sink(r), o);  // not started: nothing leaves the queue
+  auto producer = p.make_producer();
+  auto first = batch_of(device, 1, 1);
+  REQUIRE(p.push_bulk(first, producer).accepted == 1);
+  auto batch = batch_of(device, 2, 6);
+  const auto result = p.push_bulk(batch, producer);
+  REQUIRE(result.accepted == 3);
+  REQUIRE(result.error == devgate::errc::queue_full);
+  REQUIRE(batch[3].sequence == 5);
+  REQUIRE(batch[2].device_id.use_count() == 0);  // accepted: moved from
+  REQUIRE(batch[3].device_id.use_count() > 0);   // not accepted: still the caller's
+  REQUIRE(batch[5].device_id.view() == device.view());
+  REQUIRE(p.metrics().rejected == 3);
+  REQUIRE(p.metrics().queue_depth == 4);
+  p.stop();
+  REQUIRE(r.sequences == std::vector<std::uint64_t>{1, 2, 3, 4});
+  auto late = batch_of(device, 9, 2);
+  const auto closed = p.push_bulk(late, producer);
+  REQUIRE(closed.accepted == 0);
+  REQUIRE(closed.error == devgate::errc::closed);
+  REQUIRE(late[0].device_id.use_count() > 0);
+  REQUIRE(p.metrics().rejected == 3);  // closed is not a rejection
+}
+
+TEST_CASE("push_bulk at capacity: drop_oldest and block accept the whole batch",
+          "[pipeline][bulk][overflow]") {
+  SECTION("drop_oldest evicts the oldest queued messages") {
+    recorder r;
+    std::vector<std::uint64_t> dropped;
+    devgate::pipeline_options o;
+    o.capacity = 3;
+    o.overflow = devgate::overflow_policy::drop_oldest;
+    o.on_dropped = [&](const devgate::message& m) { dropped.push_back(m.sequence); };
+    devgate::pipeline p(recording_sink(r), o);
+    auto producer = p.make_producer();
+    auto batch = batch_of(device, 1, 5);
+    const auto result = p.push_bulk(batch, producer);
+    REQUIRE(result.accepted == 5);
+    REQUIRE_FALSE(result.error);
+    REQUIRE(dropped == std::vector<std::uint64_t>{1, 2});
+    p.stop();
+    REQUIRE(r.sequences == std::vector<std::uint64_t>{3, 4, 5});
+  }
+  SECTION("block waits for a slow sink to free room") {
+    std::atomic<int> seen{0};
+    devgate::pipeline_options o;
+    o.capacity = 8;
+    o.overflow = devgate::overflow_policy::block;
+    o.block_timeout = 10s;
+    devgate::pipeline p(
+        devgate::callback_sink([&](const devgate::message&, devgate::dispatch_context&) {
+          std::this_thread::sleep_for(20us);
+          ++seen;
+        }),
+        o);
+    REQUIRE_FALSE(p.start());
+    auto producer = p.make_producer();
+    auto batch = batch_of(device, 1, 300);
+    const auto result = p.push_bulk(batch, producer);
+    REQUIRE(result.accepted == 300);
+    REQUIRE_FALSE(result.error);
+    p.stop();
+    REQUIRE(seen == 300);
+    REQUIRE(p.metrics().rejected == 0);
+  }
+}

@@ -21,6 +21,12 @@ devgate::message make(const devgate::shared_bytes& device, std::uint64_t seq) {
   return m;
 }
 
+std::vector<devgate::message> batch_of_one(const devgate::shared_bytes& device, std::uint64_t seq) {
+  std::vector<devgate::message> v;
+  v.push_back(make(device, seq));
+  return v;
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("queue policies hand back what was pushed, in order per producer",
@@ -152,4 +158,55 @@ TEST_CASE("log2 histogram buckets and Prometheus rendering", "[pipeline][metrics
   REQUIRE(text.find("devgate_dispatch_latency_seconds_bucket{le=\"1.024e-06\"} 0\n") !=
           std::string::npos);
   REQUIRE(text.find("# TYPE devgate_workers_alive gauge") != std::string::npos);
+}
+
+TEMPLATE_TEST_CASE("fetcher enqueue_bulk groups a batch by partition, in order",
+                   "[pipeline][fetcher][bulk]", devgate::lockfree_queue, devgate::locked_queue) {
+  using fetcher = devgate::fetcher<TestType, devgate::fixed_demand<64>>;
+  fetcher f(4, 1, {});
+  std::vector<devgate::shared_bytes> ids;
+  for (int d = 0; d < 6; ++d)
+    ids.push_back(devgate::shared_bytes::copy_of("dev" + std::to_string(d)));
+  typename fetcher::producer token(f);
+  // Single pushes and bulks interleave: the tickets keep one order per partition.
+  std::vector<devgate::message> batch;
+  for (std::uint64_t seq = 1; seq <= 4; ++seq) {
+    for (std::size_t d = 0; d < ids.size(); ++d) {
+      auto m = make(ids[d], seq);
+      m.session = d;
+      batch.push_back(std::move(m));
+    }
+  }
+  for (std::size_t d = 0; d < ids.size(); ++d) {
+    auto m = make(ids[d], 0);  // pushed alone before the batch
+    m.session = d;
+    f.enqueue(f.partition_of(ids[d]), std::move(m), token);
+  }
+  std::size_t distinct = 0;
+  for (std::size_t p = 0; p < f.partitions(); ++p) {
+    for (const auto& id : ids) {
+      if (f.partition_of(id) == p) {
+        ++distinct;
+        break;
+      }
+    }
+  }
+  REQUIRE(f.enqueue_bulk(batch.data(), batch.size(), token) == distinct);
+  auto single = batch_of_one(ids[0], 5);
+  REQUIRE(f.enqueue_bulk(single.data(), 1, token) == 1);
+  REQUIRE(f.tickets() == 6 + 24 + 1);
+  std::vector<std::vector<std::uint64_t>> seen(ids.size());
+  typename fetcher::batch b(64);
+  while (f.fetch(0, b, 0) != 0) {
+    for (auto& item : b) {
+      REQUIRE(item.partition == f.partition_of(item.msg.device_id));
+      seen[item.msg.session].push_back(item.msg.sequence);
+    }
+    f.release(0, b, {});
+  }
+  for (std::size_t d = 0; d < ids.size(); ++d) {
+    std::vector<std::uint64_t> expected{0, 1, 2, 3, 4};
+    if (d == 0) expected.push_back(5);
+    REQUIRE(seen[d] == expected);
+  }
 }

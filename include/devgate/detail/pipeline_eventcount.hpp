@@ -46,8 +46,21 @@ class pipeline_eventcount {
   void notify_one() noexcept { notify(false); }
   /// Wakes every waiter, if any.
   void notify_all() noexcept { notify(true); }
+  /// Like `notify_one`, without the fence, for a caller whose condition change was a seq_cst
+  /// read-modify-write that waiters re-check with seq_cst loads (after `prepare_wait`): the
+  /// single total order of seq_cst operations already pairs the two sides, so either the
+  /// waiter's re-check sees the change or this load sees the waiter. On x86 that RMW is the
+  /// fence, so the hot path saves a second full barrier per notify.
+  void notify_one_after_sc_rmw() noexcept { notify_unfenced(false); }
+  /// `notify_all` under the same contract as `notify_one_after_sc_rmw`.
+  void notify_all_after_sc_rmw() noexcept { notify_unfenced(true); }
 
  private:
+  void notify_unfenced(bool all) noexcept {
+    if (waiters_.load(std::memory_order_seq_cst) == 0) return;
+    wake(all);
+  }
+
   void notify(bool all) noexcept {
     // Pairs with the seq_cst increment in prepare_wait: either the waiter's re-check sees our
     // change, or we see its announcement here.
@@ -59,6 +72,10 @@ class pipeline_eventcount {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (waiters_.load(std::memory_order_relaxed) == 0) return;
 #endif
+    wake(all);
+  }
+
+  void wake(bool all) noexcept {
     {
       std::lock_guard lock(mutex_);
       epoch_.fetch_add(1, std::memory_order_relaxed);

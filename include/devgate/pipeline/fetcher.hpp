@@ -51,6 +51,10 @@ class fetcher {
     [[nodiscard]] std::size_t size() const noexcept { return size_; }
     /// The demand announced for this batch.
     [[nodiscard]] std::size_t asked() const noexcept { return asked_; }
+    /// True when the last `fetch` found a partition whose next ticket was taken but whose
+    /// message was not visible yet (its producer is mid-enqueue): work is coming, so the worker
+    /// must look again rather than sleep.
+    [[nodiscard]] bool in_flight() const noexcept { return in_flight_; }
     /// The last partition claimed (workers resume their scan after it, for fairness).
     [[nodiscard]] std::uint32_t last_partition() const noexcept {
       return claims_.empty() ? 0 : claims_.back();
@@ -62,13 +66,15 @@ class fetcher {
     std::vector<std::uint32_t> claims_;
     std::size_t size_ = 0;
     std::size_t asked_ = 0;
+    bool in_flight_ = false;
   };
 
-  /// A producer's private path into every partition (one per producing thread).
+  /// A producer's private path into every partition (one per producing thread), with the
+  /// scratch space `enqueue_bulk` sorts a batch in (it grows to the largest batch, then stays).
   class producer {
    public:
     /// Tokens for every partition of `f`.
-    explicit producer(fetcher& f) {
+    explicit producer(fetcher& f) : count_(f.partitions_.size(), 0) {
       tokens_.reserve(f.partitions_.size());
       for (auto& p : f.partitions_) tokens_.emplace_back(p->queue);
     }
@@ -76,10 +82,15 @@ class fetcher {
    private:
     friend class fetcher;
     std::vector<typename queue_type::producer_token> tokens_;
+    std::vector<std::uint32_t> count_;    // per partition: messages of this batch (0 between)
+    std::vector<std::uint32_t> touched_;  // partitions this batch uses, first-seen order
+    std::vector<std::uint32_t> part_;     // per message of the batch: its partition
+    std::vector<std::uint32_t> order_;    // message indices grouped by partition
   };
 
   /// `partitions` queues; demand state for `workers` worker slots.
-  fetcher(std::size_t partitions, std::size_t workers, const demand_options& demand) {
+  fetcher(std::size_t partitions, std::size_t workers, const demand_options& demand)
+      : mask_((partitions & (partitions - 1)) == 0 ? partitions - 1 : 0) {
     partitions_.reserve(partitions);
     for (std::size_t i = 0; i < partitions; ++i)
       partitions_.push_back(std::make_unique<partition>());
@@ -91,8 +102,10 @@ class fetcher {
   [[nodiscard]] std::size_t partitions() const noexcept { return partitions_.size(); }
   /// The partition a device's messages go to.
   [[nodiscard]] std::uint32_t partition_of(const shared_bytes& device_id) const noexcept {
-    return static_cast<std::uint32_t>(std::hash<std::string_view>{}(device_id.view()) %
-                                      partitions_.size());
+    const auto h = std::hash<std::string_view>{}(device_id.view());
+    // A power-of-two count (the default 32) takes a mask instead of a 64-bit division.
+    return static_cast<std::uint32_t>(
+        mask_ != 0 || partitions_.size() == 1 ? h & mask_ : h % partitions_.size());
   }
   /// The demand state of worker `id`.
   [[nodiscard]] Demand& demand(std::size_t id) noexcept { return demands_[id]; }
@@ -100,7 +113,9 @@ class fetcher {
   /// Enqueues into partition `p` through the calling thread's implicit producer.
   void enqueue(std::uint32_t p, message&& m) {
     auto& part = *partitions_[p];
-    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_acq_rel), p};
+    // seq_cst: the pipeline's wake-up pairs this RMW with the workers' seq_cst re-check of
+    // `tail` (pipeline_eventcount::notify_one_after_sc_rmw).
+    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     // The ticket is taken: the enqueue must happen or the partition stalls at this gap, so an
     // out-of-memory enqueue is retried rather than abandoned.
     while (!part.queue.push(std::move(q))) std::this_thread::yield();
@@ -108,8 +123,61 @@ class fetcher {
   /// Enqueues into partition `p` through `prod`'s token.
   void enqueue(std::uint32_t p, message&& m, producer& prod) {
     auto& part = *partitions_[p];
-    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_acq_rel), p};
+    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     while (!part.queue.push(prod.tokens_[p], std::move(q))) std::this_thread::yield();
+  }
+
+  /// Enqueues `msgs[0..n)` through `prod`, in order per partition: one ticket range and one bulk
+  /// enqueue per partition the batch touches, instead of one of each per message. Consecutive
+  /// messages of one device (a transport's read) are hashed once. Returns how many partitions
+  /// the batch touched.
+  std::size_t enqueue_bulk(message* msgs, std::size_t n, producer& prod) {
+    if (prod.part_.size() < n) {
+      prod.part_.resize(n);
+      prod.order_.resize(n);
+    }
+    // Pass 1: the partition of each message, and how many each partition gets.
+    const std::byte* last_id = nullptr;
+    std::size_t last_size = 0;
+    std::uint32_t last_p = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto& id = msgs[i].device_id;
+      if (i == 0 || id.data() != last_id || id.size() != last_size) {
+        last_id = id.data();
+        last_size = id.size();
+        last_p = partition_of(id);
+      }
+      prod.part_[i] = last_p;
+      if (prod.count_[last_p]++ == 0) prod.touched_.push_back(last_p);
+    }
+    const std::size_t touched = prod.touched_.size();
+    if (touched == 1) {
+      // One device (or partition): the batch is already grouped.
+      for (std::size_t i = 0; i < n; ++i) prod.order_[i] = static_cast<std::uint32_t>(i);
+      enqueue_group(last_p, msgs, prod.order_.data(), n, prod);
+    } else {
+      // Pass 2: group the indices by partition (a counting sort, stable: order within a
+      // partition is the batch's order), reusing count_ as each group's insertion point.
+      std::uint32_t offset = 0;
+      for (auto p : prod.touched_) {
+        const auto c = prod.count_[p];
+        prod.count_[p] = offset;
+        offset += c;
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        prod.order_[prod.count_[prod.part_[i]]++] = static_cast<std::uint32_t>(i);
+      }
+      // count_[p] is now the end of p's group; groups are laid out in touched_ order.
+      std::uint32_t begin = 0;
+      for (auto p : prod.touched_) {
+        const auto end = prod.count_[p];
+        enqueue_group(p, msgs, prod.order_.data() + begin, end - begin, prod);
+        begin = end;
+      }
+    }
+    for (auto p : prod.touched_) prod.count_[p] = 0;
+    prod.touched_.clear();
+    return touched;
   }
 
   /// Total tickets handed out (every message ever accepted).
@@ -123,6 +191,7 @@ class fetcher {
   /// scanning from `start`. Returns the number fetched; the claims stay held until `release`.
   std::size_t fetch(std::size_t worker, batch& b, std::size_t start) {
     b.size_ = 0;
+    b.in_flight_ = false;
     b.asked_ = demands_[worker].demand();
     const std::size_t n = partitions_.size();
     for (std::size_t i = 0; i < n && b.size_ < b.asked_; ++i) {
@@ -132,6 +201,7 @@ class fetcher {
       const std::size_t got = pull(part, b.items_.data() + b.size_, b.asked_ - b.size_);
       if (got == 0) {
         part.release();
+        b.in_flight_ = true;
         continue;
       }
       b.size_ += got;
@@ -208,8 +278,10 @@ class fetcher {
     std::vector<queued_message> pending;
     queue_type queue;
 
+    // seq_cst: a worker's re-check after announcing it will sleep must be ordered with the
+    // producers' ticket RMW (see enqueue).
     [[nodiscard]] bool has_work() const noexcept {
-      return tail.load(std::memory_order_acquire) != head.load(std::memory_order_relaxed);
+      return tail.load(std::memory_order_seq_cst) != head.load(std::memory_order_relaxed);
     }
     [[nodiscard]] bool try_claim() noexcept {
       return !claimed.load(std::memory_order_relaxed) &&
@@ -270,8 +342,55 @@ class fetcher {
     return k;
   }
 
+  // Reads messages msgs[index[0]], msgs[index[1]], ... as queued_message prvalues with
+  // consecutive tickets, so the bulk enqueue constructs each slot by one move.
+  class staging_iterator {
+   public:
+    staging_iterator(message* msgs, const std::uint32_t* index, std::uint64_t ticket,
+                     std::uint32_t p) noexcept
+        : msgs_(msgs), index_(index), ticket_(ticket), partition_(p) {}
+    queued_message operator*() const noexcept {
+      return queued_message{std::move(msgs_[*index_]), ticket_, partition_};
+    }
+    staging_iterator& operator++() noexcept {
+      ++index_;
+      ++ticket_;
+      return *this;
+    }
+    staging_iterator operator++(int) noexcept {
+      auto before = *this;
+      ++*this;
+      return before;
+    }
+
+   private:
+    message* msgs_;
+    const std::uint32_t* index_;
+    std::uint64_t ticket_;
+    std::uint32_t partition_;
+  };
+
+  // One partition's share of a bulk enqueue: one ticket range, one bulk enqueue.
+  void enqueue_group(std::uint32_t p, message* msgs, const std::uint32_t* index, std::size_t k,
+                     producer& prod) {
+    auto& part = *partitions_[p];
+    auto ticket = part.tail.fetch_add(k, std::memory_order_seq_cst);  // seq_cst: see enqueue
+    if constexpr (bulk_queue<queue_type, queued_message>) {
+      // The tickets are taken: the enqueue must happen (see enqueue), so out of memory retries.
+      while (!part.queue.push_bulk(prod.tokens_[p], staging_iterator(msgs, index, ticket, p), k)) {
+        std::this_thread::yield();
+      }
+    } else {
+      for (std::size_t i = 0; i < k; ++i, ++ticket) {
+        queued_message q{std::move(msgs[index[i]]), ticket, p};
+        while (!part.queue.push(prod.tokens_[p], std::move(q))) std::this_thread::yield();
+      }
+    }
+  }
+
   std::vector<std::unique_ptr<partition>> partitions_;
   std::vector<Demand> demands_;
+  std::size_t mask_;  // partitions - 1 when that is a power of two, else 0 (use %)
 };
 
 }  // namespace devgate

@@ -17,8 +17,12 @@ struct message {
   payload_kind kind = payload_kind::text;  ///< Text or binary.
   shared_bytes payload;                    ///< The message bytes, shared by every stage and sink.
   clock::time_point received{};            ///< When the transport finished reading it.
-  clock::time_point enqueued{};            ///< When the pipeline accepted it.
-  clock::time_point dispatched{};          ///< When a worker handed it to the sink.
+  clock::time_point enqueued{};  ///< When the pipeline accepted it (one reading per push_bulk).
+  /// When a worker started dispatching the batch holding it: one clock reading per batch, so a
+  /// message waiting behind slow sink calls of its batch is stamped early (the adaptive demand
+  /// keeps a batch's dispatch near its latency target). A sink needing the exact time reads the
+  /// clock itself.
+  clock::time_point dispatched{};
 
   /// The message a transport delivered, ready to push (timestamps after `received` are set later).
   static message from(inbound_message&& in) noexcept {

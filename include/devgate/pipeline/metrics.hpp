@@ -54,7 +54,7 @@ using latency_histogram = log2_histogram<21, 10>;
 
 /// A consistent-enough reading of every pipeline metric (counters are read one by one, relaxed).
 struct pipeline_metrics {
-  std::uint64_t enqueued = 0;       ///< Messages accepted by `push`.
+  std::uint64_t enqueued = 0;       ///< Messages accepted by `push` and `push_bulk`.
   std::uint64_t dispatched = 0;     ///< Messages a sink accepted (after any retries).
   std::uint64_t rejected = 0;       ///< Pushes refused with `errc::queue_full` (reject or block).
   std::uint64_t dropped = 0;        ///< Queued messages evicted by `drop_oldest`.
@@ -64,7 +64,8 @@ struct pipeline_metrics {
   std::uint64_t queue_depth = 0;    ///< Messages accepted and not yet dispatched or dropped.
   std::uint64_t workers_alive = 0;  ///< Worker threads running now.
   batch_histogram batch_size;       ///< Messages per fetched batch.
-  latency_histogram latency_ns;     ///< Enqueue-to-dispatch latency, nanoseconds.
+  /// Enqueue-to-dispatch latency in nanoseconds (to the start of the message's batch).
+  latency_histogram latency_ns;
 };
 
 namespace detail {

@@ -10,6 +10,7 @@
 #include <memory>              // per-worker statistics
 #include <mutex>               // backoff sleep, stop
 #include <optional>            // stop deadline
+#include <span>                // push_bulk batches
 #include <stdexcept>           // std::invalid_argument at set-up
 #include <string>              // Prometheus text
 #include <system_error>        // results
@@ -65,10 +66,22 @@ struct pipeline_options {
   std::chrono::microseconds retry_backoff{1000};
   /// Longest wait between retries.
   std::chrono::microseconds retry_backoff_max{100000};
+  /// How long an idle worker keeps looking for work (yielding the CPU between looks) before it
+  /// sleeps. Under steady traffic this keeps workers awake between messages, so producers do
+  /// not pay a futex wake-up (a system call and a context switch) per push; the price is up to
+  /// this much CPU per idle period. 0 sleeps at once (lowest idle CPU, slowest under load).
+  std::chrono::microseconds idle_spin{50};
   /// Receives each message that failed `retry_limit + 1` times, with the last error.
   std::function<void(const message&, std::error_code)> dead_letter;
   /// Receives each message `drop_oldest` evicted (they are also counted).
   std::function<void(const message&)> on_dropped;
+};
+
+/// What `pipeline::push_bulk` did with a batch: its first `accepted` messages were taken (moved
+/// from) in order; the rest were left untouched, for the reason in `error`.
+struct push_bulk_result {
+  std::size_t accepted = 0;  ///< How many messages, from the front of the batch, were accepted.
+  std::error_code error;     ///< Empty when all were; else `errc::queue_full` or `errc::closed`.
 };
 
 /// Queue -> fetcher<demand> -> worker pool -> sink, without a transport: host code or a
@@ -143,6 +156,53 @@ class pipeline {
     });
   }
 
+  /// Accepts a batch through `prod` (a transport that decoded several messages in one read hands
+  /// them over at once): one timestamp, one capacity reservation, and per partition one ticket
+  /// range and one bulk enqueue for the whole batch, instead of one of each per message.
+  ///
+  /// Messages are accepted in order, as a prefix of `batch`: a message is never accepted after
+  /// an earlier one of the batch was refused, so per-device order holds as with `push`. What
+  /// does not fit right away goes through the overflow policy message by message (`block`
+  /// waits, `drop_oldest` evicts); on the first refusal the rest of the batch is left untouched,
+  /// counted in `devgate_rejected_total` (one per message) and reported as `errc::queue_full`.
+  /// After `stop`, nothing is accepted and the result is `errc::closed`.
+  push_bulk_result push_bulk(std::span<message> batch, producer& prod) {
+    const std::size_t n = batch.size();
+    if (n == 0) return {};
+    if (!accepting_.load(std::memory_order_acquire)) return {0, errc::closed};
+    // The batch arrived together: one clock reading stamps all of it.
+    const auto now = clock::now();
+    for (auto& m : batch) {
+      m.enqueued = now;
+      if (m.received == clock::time_point{}) m.received = now;
+    }
+    const std::size_t fit = reserve_up_to(n);
+    if (fit != 0) {
+      // Pairs with stop() exactly as in push_impl.
+      if (!accepting_.load(std::memory_order_seq_cst)) {
+        release(static_cast<std::int64_t>(fit));
+        return {0, errc::closed};
+      }
+      const auto touched = fetcher_.enqueue_bulk(batch.data(), fit, prod);
+      // Work for several partitions can keep several workers busy.
+      if (touched > 1) {
+        work_.notify_all_after_sc_rmw();  // ticket RMWs are seq_cst, as in push_impl
+      } else {
+        work_.notify_one_after_sc_rmw();
+      }
+    }
+    for (std::size_t i = fit; i < n; ++i) {
+      if (auto ec = push(std::move(batch[i]), prod); ec) {
+        // push counted message i; the untouched rest of the batch is refused with it.
+        if (ec == errc::queue_full) {
+          rejected_.fetch_add(static_cast<std::uint64_t>(n - i - 1), std::memory_order_relaxed);
+        }
+        return {i, ec};
+      }
+    }
+    return {n, {}};
+  }
+
   /// Stops intake (pushes get `errc::closed`), dispatches every accepted message, joins workers.
   void stop() { (void)stop_impl(std::nullopt); }
   /// Like `stop()`, but at `deadline` workers finish the message in hand and stop; whatever is
@@ -195,6 +255,9 @@ class pipeline {
     if (o.demand.max_batch == 0 || o.demand.min_batch > o.demand.max_batch) {
       throw std::invalid_argument("devgate: demand_options needs 1 <= min_batch <= max_batch");
     }
+    if (o.idle_spin.count() < 0) {
+      throw std::invalid_argument("devgate: pipeline_options.idle_spin must be >= 0");
+    }
     if (o.retry_backoff.count() < 0 || o.retry_backoff_max < o.retry_backoff) {
       throw std::invalid_argument(
           "devgate: pipeline_options needs 0 <= retry_backoff <= retry_backoff_max");
@@ -220,7 +283,9 @@ class pipeline {
       return errc::closed;
     }
     enqueue(p, std::move(m));
-    work_.notify_one();
+    // The ticket RMW inside enqueue is seq_cst and workers re-check tails with seq_cst loads
+    // (a worker that sees the ticket before the message waits for it instead of sleeping).
+    work_.notify_one_after_sc_rmw();
     return {};
   }
 
@@ -232,6 +297,22 @@ class pipeline {
     queued_.fetch_sub(1, std::memory_order_seq_cst);
     if (!accepting_.load(std::memory_order_seq_cst)) work_.notify_all();
     return false;
+  }
+
+  // Reserves up to `n` units of capacity, as many as are free; returns how many. A CAS rather
+  // than fetch_add(n): a big batch must not transiently over-reserve and make another
+  // producer's push fail while there is room for it.
+  std::size_t reserve_up_to(std::size_t n) noexcept {
+    const auto cap = static_cast<std::int64_t>(options_.capacity);
+    auto cur = queued_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (cur >= cap) return 0;
+      const auto fit = std::min<std::int64_t>(static_cast<std::int64_t>(n), cap - cur);
+      if (queued_.compare_exchange_weak(cur, cur + fit, std::memory_order_seq_cst,
+                                        std::memory_order_relaxed)) {
+        return static_cast<std::size_t>(fit);
+      }
+    }
   }
 
   // Capacity units leave: wake blocked producers, and workers waiting for a drain to finish.
@@ -269,7 +350,11 @@ class pipeline {
         do {
           if (!accepting_.load(std::memory_order_acquire)) return errc::closed;
           queued_message victim;
-          if (fetcher_.evict_one(p, victim)) {
+          const bool evicted = fetcher_.evict_one(p, victim);
+          // Eviction claims partitions; a worker that skipped one while we held it may have gone
+          // to sleep over its remaining work, and nobody else re-fetches after our release.
+          work_.notify_one();
+          if (evicted) {
             // The victim's unit of capacity passes to the new message.
             dropped_.fetch_add(1, std::memory_order_relaxed);
             if (options_.on_dropped) options_.on_dropped(victim.msg);
@@ -302,7 +387,7 @@ class pipeline {
     std::size_t cursor = id * fetcher_.partitions() / pool_.max_workers();
     for (;;) {
       if (abort_.load(std::memory_order_acquire)) break;
-      if (fetcher_.fetch(id, b, cursor) != 0) {
+      if (fetcher_.fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
         continue;
@@ -313,6 +398,13 @@ class pipeline {
         work_.cancel_wait();
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
+        continue;
+      }
+      if (b.in_flight()) {
+        // A ticket is taken but its message is not visible yet: its producer may have checked
+        // for sleepers before our announcement (notify_one_after_sc_rmw), so do not sleep.
+        work_.cancel_wait();
+        std::this_thread::yield();
         continue;
       }
       if (drained() || abort_.load(std::memory_order_acquire)) {
@@ -329,6 +421,25 @@ class pipeline {
     pool_.exited();
   }
 
+  // Looks for work for up to `idle_spin`, yielding between looks (see pipeline_options). True
+  // when `b` was filled. Stops early when the pipeline is stopping, so drains are not delayed.
+  bool spin_for_work(std::size_t id, typename fetcher_type::batch& b, std::size_t cursor) {
+    if (options_.idle_spin.count() <= 0) return false;
+    const auto until = clock::now() + options_.idle_spin;
+    do {
+      std::this_thread::yield();
+      if (!accepting_.load(std::memory_order_relaxed) || abort_.load(std::memory_order_relaxed)) {
+        return false;
+      }
+      // One shared load first: scanning every partition's tail would pull their cache lines away
+      // from producers on every look.
+      if (queued_.load(std::memory_order_relaxed) > 0 && fetcher_.fetch(id, b, cursor) != 0) {
+        return true;
+      }
+    } while (clock::now() < until);
+    return false;
+  }
+
   std::size_t next_cursor(const typename fetcher_type::batch& b) const noexcept {
     return (b.last_partition() + 1) % fetcher_.partitions();
   }
@@ -336,6 +447,8 @@ class pipeline {
   // Dispatches a fetched batch; false when a stop deadline interrupted it.
   bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
                 worker_stats& stats) {
+    // One clock reading per batch: every message of the batch is stamped with the time the
+    // worker started dispatching it (see message::dispatched).
     const auto start = clock::now();
     std::size_t done = 0;
     std::uint64_t ok = 0;
@@ -346,7 +459,7 @@ class pipeline {
         aborted = true;
         break;
       }
-      item.msg.dispatched = clock::now();
+      item.msg.dispatched = start;
       const auto waited = item.msg.dispatched - item.msg.enqueued;
       if (waited > oldest) oldest = waited;
       stats.latency.record(static_cast<std::uint64_t>(waited.count()));

@@ -32,6 +32,9 @@ enum class overflow_policy : std::uint8_t {
 /// - `q.pop_bulk(T* out, std::size_t max)`: thread-safe, move-assigns up to `max` items into
 ///   `out`, returns how many.
 /// Order between producers is not required: the pipeline orders each partition with tickets.
+/// Optional: `q.push_bulk(producer_token&, It first, std::size_t n)` enqueuing `n` items read
+/// through the input iterator `first` (each `*first` a T prvalue, noexcept), in order; the
+/// pipeline's `push_bulk` uses it when present (see `bulk_queue`) and otherwise pushes one by one.
 template <class Q>
 concept queue_policy = requires(typename Q::template queue<int>& q,
                                 typename Q::template queue<int>::producer_token& token, int* out,
@@ -40,6 +43,13 @@ concept queue_policy = requires(typename Q::template queue<int>& q,
   { q.push(1) } -> std::same_as<bool>;
   { q.push(token, 1) } -> std::same_as<bool>;
   { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
+};
+
+/// A queue container with the optional bulk enqueue (one reservation of slots for many items).
+template <class Container, class T>
+concept bulk_queue = requires(Container& q, typename Container::producer_token& token, T* items,
+                              std::size_t n) {
+  { q.push_bulk(token, items, n) } -> std::same_as<bool>;
 };
 
 /// The default queue: moodycamel::ConcurrentQueue (lock-free), with producer tokens for
@@ -65,6 +75,11 @@ struct lockfree_queue {
     /// Enqueues through an explicit producer token.
     bool push(producer_token& token, T&& item) {
       return impl_.enqueue(token.token_, std::move(item));
+    }
+    /// Enqueues `n` items read through `first` with one reservation of slots (all or nothing).
+    template <class It>
+    bool push_bulk(producer_token& token, It first, std::size_t n) {
+      return impl_.enqueue_bulk(token.token_, first, n);
     }
     /// Dequeues up to `max` items into `out`.
     std::size_t pop_bulk(T* out, std::size_t max) { return impl_.try_dequeue_bulk(out, max); }
@@ -96,6 +111,13 @@ struct locked_queue {
     }
     /// Same as `push(item)`: the token carries nothing.
     bool push(producer_token&, T&& item) { return push(std::move(item)); }
+    /// Enqueues `n` items read through `first` under one lock.
+    template <class It>
+    bool push_bulk(producer_token&, It first, std::size_t n) {
+      std::lock_guard lock(mutex_);
+      for (std::size_t i = 0; i < n; ++i, ++first) items_.push_back(*first);
+      return true;
+    }
     /// Dequeues up to `max` items into `out` under one lock.
     std::size_t pop_bulk(T* out, std::size_t max) {
       std::lock_guard lock(mutex_);
@@ -115,5 +137,7 @@ struct locked_queue {
 
 static_assert(queue_policy<lockfree_queue>);
 static_assert(queue_policy<locked_queue>);
+static_assert(bulk_queue<lockfree_queue::queue<int>, int>);
+static_assert(bulk_queue<locked_queue::queue<int>, int>);
 
 }  // namespace devgate
