@@ -31,6 +31,9 @@
 #include "devgate/websocket/handshake.hpp"  // RFC 6455 opening handshake checks and 101 reply
 #include "devgate/websocket/http.hpp"       // strict bounded HTTP/1.1 request parser, responses
 #include "devgate/websocket/reader.hpp"     // inbound frame state machine: checks, reassembly
+#include "devgate/websocket/server.hpp"     // websocket::server: the reference transport (Asio)
+#include "devgate/websocket/server_options.hpp"  // server_options, http_reply, error replies
+#include "devgate/websocket/static_files.hpp"    // static_files(root): a route for plain GETs
 #include "devgate/websocket/utf8.hpp"            // incremental UTF-8 validation (RFC 3629)
 
 #include "devgate/detail/crypto.hpp"  // SHA-1, SHA-256, base64 over OpenSSL

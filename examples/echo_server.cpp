@@ -1,0 +1,66 @@
+// echo_server: the WebSocket transport alone, echoing every text and binary message back on any
+// path. The conformance target for devgate's tests and for anyone checking the implementation
+// with their own client.
+//
+//   echo_server [--port N] [--address A] [--threads N] [--max-message BYTES]
+//
+// Prints "listening on <port>" once ready (useful with --port 0), stops on SIGINT/SIGTERM.
+
+#include <csignal>  // sigwait
+#include <cstdio>   // std::printf
+#include <cstdlib>  // std::strtoull
+#include <cstring>  // std::strcmp
+#include <string>   // arguments
+
+#include "devgate/websocket/server.hpp"
+
+int main(int argc, char** argv) {
+  devgate::websocket::server_options options;
+  options.port = 9001;
+  options.reader.max_message_size = 64u << 20;
+  options.backpressure.max_buffered_bytes = 128u << 20;  // echoes of 16 MiB messages fit
+  for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
+    if (std::strcmp(argv[i], "--port") == 0 && has_value) {
+      options.port = static_cast<std::uint16_t>(std::strtoul(argv[++i], nullptr, 10));
+    } else if (std::strcmp(argv[i], "--address") == 0 && has_value) {
+      options.address = argv[++i];
+    } else if (std::strcmp(argv[i], "--threads") == 0 && has_value) {
+      options.threads = static_cast<unsigned>(std::strtoul(argv[++i], nullptr, 10));
+    } else if (std::strcmp(argv[i], "--max-message") == 0 && has_value) {
+      options.reader.max_message_size = std::strtoull(argv[++i], nullptr, 10);
+    } else {
+      std::fprintf(stderr,
+                   "usage: %s [--port N (default 9001, 0 = any)] [--address A] [--threads N] "
+                   "[--max-message BYTES]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+
+  // Block the stop signals in every thread (workers inherit the mask); main waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  devgate::websocket::server server(options);
+  devgate::transport_handlers handlers;
+  handlers.on_message = [&server](devgate::inbound_message&& m) {
+    return server.send(m.session, m.kind, std::move(m.payload));
+  };
+  server.set_handlers(std::move(handlers));
+  if (const std::error_code ec = server.start()) {
+    std::fprintf(stderr, "echo_server: cannot listen on %s:%u: %s\n", options.address.c_str(),
+                 static_cast<unsigned>(options.port), ec.message().c_str());
+    return 1;
+  }
+  std::printf("listening on %u\n", static_cast<unsigned>(server.local_port()));
+  std::fflush(stdout);
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  server.stop();
+  return 0;
+}

@@ -1,0 +1,1130 @@
+#pragma once
+
+// Internals of devgate::websocket::server: one session per TCP connection, pinned to one worker
+// thread (its io_context), so per-session state needs no locks. Only `buffered_` and `phase_`
+// are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
+
+#include <asio.hpp>
+
+#include <algorithm>     // std::min
+#include <array>         // write batches
+#include <atomic>        // cross-thread counters
+#include <cstddef>       // std::byte, std::size_t
+#include <cstdint>       // compact fields
+#include <cstring>       // memcpy of encoded fragments
+#include <memory>        // std::unique_ptr
+#include <mutex>         // registry shard lock
+#include <optional>      // identify results
+#include <span>          // byte views
+#include <string>        // texts
+#include <string_view>   // reasons
+#include <system_error>  // error codes
+#include <thread>        // worker thread
+
+#include <utility>  // std::move
+#include <vector>   // queues, pools
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/core/error.hpp"
+#include "devgate/transport/transport.hpp"
+#include "devgate/websocket/frame.hpp"
+#include "devgate/websocket/handshake.hpp"
+#include "devgate/websocket/http.hpp"
+#include "devgate/websocket/reader.hpp"
+#include "devgate/websocket/server_options.hpp"
+
+namespace devgate::detail {
+
+class ws_server_session;
+struct ws_server_worker;
+
+/// Fixed-size blocks carved from 8 KiB chunks, so what every idle session keeps (its session
+/// object, its pending read-wait operation) costs its exact size rather than a heap block with
+/// a header and rounding, and long-lived blocks do not interleave with short-lived ones.
+/// Not thread-safe; the memory returns when the pool dies (it keeps its peak size until then).
+class ws_server_block_pool {
+ public:
+  ws_server_block_pool() = default;
+  ws_server_block_pool(const ws_server_block_pool&) = delete;
+  ws_server_block_pool& operator=(const ws_server_block_pool&) = delete;
+
+  void* allocate(std::size_t size) {
+    if (block_ == 0) block_ = (std::max(size, sizeof(node)) + 15) & ~std::size_t{15};
+    if (size > block_) return ::operator new(size);
+    if (!free_) grow();
+    node* n = free_;
+    free_ = n->next;
+    return n;
+  }
+  void deallocate(void* p, std::size_t size) noexcept {
+    if (size > block_) {
+      ::operator delete(p);
+      return;
+    }
+    auto* n = static_cast<node*>(p);
+    n->next = free_;
+    free_ = n;
+  }
+
+ private:
+  struct node {
+    node* next;
+  };
+  void grow() {
+    constexpr std::size_t chunk_bytes = 8192;
+    const std::size_t count = chunk_bytes / block_;
+    chunks_.push_back(std::make_unique<std::byte[]>(count * block_));
+    std::byte* base = chunks_.back().get();
+    for (std::size_t i = 0; i < count; ++i) {
+      auto* n = reinterpret_cast<node*>(base + i * block_);
+      n->next = free_;
+      free_ = n;
+    }
+  }
+  node* free_ = nullptr;
+  std::size_t block_ = 0;
+  std::vector<std::unique_ptr<std::byte[]>> chunks_;
+};
+
+/// The session allocator: a block pool behind a lock, since the last reference to a session
+/// may be dropped on any thread (allocation and release happen once per connection).
+class ws_server_session_pool {
+ public:
+  void* allocate(std::size_t size) {
+    std::lock_guard lock(mutex_);
+    return pool_.allocate(size);
+  }
+  void deallocate(void* p, std::size_t size) noexcept {
+    std::lock_guard lock(mutex_);
+    pool_.deallocate(p, size);
+  }
+
+ private:
+  std::mutex mutex_;
+  ws_server_block_pool pool_;
+};
+
+/// The process-wide session pool. Never destroyed: a session may be released while its
+/// io_context is being destroyed, and a server may itself be a static object.
+inline ws_server_session_pool& ws_server_sessions() {
+  static auto* pool = new ws_server_session_pool;
+  return *pool;
+}
+
+/// Everything the sessions of one server share: options, handlers, counters. Lives in the server.
+struct ws_server_core {
+  websocket::server_options options;
+  transport_handlers handlers;
+  clock::duration tick{};                  // the workers' timer period
+  clock::time_point epoch = clock::now();  // sessions keep 32-bit millisecond stamps from here
+  std::atomic<std::size_t> live{0};        // sessions not yet finished, for stop()
+  std::atomic<bool> stopping{false};
+
+  /// Milliseconds since `epoch`, wrapping after 49 days: compare with `reached`, never with <.
+  [[nodiscard]] std::uint32_t now_ms() const noexcept {
+    return static_cast<std::uint32_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - epoch).count());
+  }
+  /// True when `deadline` is not in the future (valid for spans under 24 days).
+  [[nodiscard]] static bool reached(std::uint32_t now, std::uint32_t deadline) noexcept {
+    return static_cast<std::int32_t>(now - deadline) >= 0;
+  }
+  /// A duration in the sessions' millisecond stamps.
+  [[nodiscard]] static std::uint32_t ms(std::chrono::milliseconds d) noexcept {
+    return static_cast<std::uint32_t>(d.count());
+  }
+};
+
+/// An intrusive reference to a session: 8 bytes in every Asio handler and registry slot, where a
+/// shared_ptr would cost 16 plus a control block and enable_shared_from_this's weak pointer.
+class ws_server_session_ref {
+ public:
+  ws_server_session_ref() noexcept = default;
+  explicit ws_server_session_ref(ws_server_session* s) noexcept;
+  ws_server_session_ref(const ws_server_session_ref& o) noexcept : ws_server_session_ref(o.p_) {}
+  ws_server_session_ref(ws_server_session_ref&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  ws_server_session_ref& operator=(ws_server_session_ref o) noexcept {
+    std::swap(p_, o.p_);
+    return *this;
+  }
+  ~ws_server_session_ref();
+  ws_server_session* operator->() const noexcept { return p_; }
+  ws_server_session& operator*() const noexcept { return *p_; }
+  ws_server_session* get() const noexcept { return p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+
+ private:
+  ws_server_session* p_ = nullptr;
+};
+
+/// One frame (or raw HTTP bytes) waiting to be written: a small inline header and a shared body,
+/// so a unicast payload is never copied and a broadcast frame is shared by every recipient.
+struct ws_server_out_frame {
+  /// What the frame is, for accounting and for the close handshake.
+  enum kind_t : std::uint8_t { data, control, close, raw };
+  shared_bytes body;
+  std::array<std::byte, 10> head{};  // RFC 6455 5.2: a server header is at most 10 bytes
+  std::uint8_t head_len = 0;
+  kind_t kind = data;
+  bool more = false;  // a fragment that is not its message's last (RFC 6455 5.4)
+  [[nodiscard]] std::size_t size() const noexcept { return head_len + body.size(); }
+};
+
+/// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
+/// ping, pong or close waits behind at most one write batch, never behind a whole 16 MiB frame.
+inline constexpr std::size_t ws_server_fragment_size = 64u * 1024u;
+
+/// One outbound data message as frames: one frame inline (the common case, no allocation) or
+/// several fragments.
+struct ws_server_out_message {
+  ws_server_out_frame first;
+  std::vector<ws_server_out_frame> rest;  // further fragments; empty for a single frame
+  std::size_t bytes = 0;                  // wire bytes of all frames (headers included)
+};
+
+/// A message for one session: headers inline, the payload shared by slices (never copied).
+inline ws_server_out_message ws_server_unicast(websocket::opcode op, shared_bytes payload) {
+  ws_server_out_message m;
+  const std::size_t size = payload.size();
+  std::size_t off = 0;
+  do {
+    const std::size_t len = std::min(ws_server_fragment_size, size - off);
+    const bool fin = off + len == size;
+    ws_server_out_frame f;
+    f.head_len = static_cast<std::uint8_t>(
+        websocket::encode_frame_header(std::span<std::byte, 10>(f.head),
+                                       off == 0 ? op : websocket::opcode::continuation, fin, len));
+    f.body = (off == 0 && fin) ? std::move(payload) : payload.slice(off, len);
+    f.more = !fin;
+    m.bytes += f.size();
+    if (off == 0) {
+      m.first = std::move(f);
+    } else {
+      m.rest.push_back(std::move(f));
+    }
+    off += len;
+  } while (off < size);
+  return m;
+}
+
+/// A broadcast payload encoded once: every frame (header and payload) in one shared buffer;
+/// each recipient queues slices of it.
+struct ws_server_encoded {
+  shared_bytes bytes;
+  std::vector<std::size_t> ends;  // end offset of each frame; empty for a single frame
+  /// The frames for one recipient (reference-count increments only).
+  [[nodiscard]] ws_server_out_message message() const {
+    ws_server_out_message m;
+    m.bytes = bytes.size();
+    if (ends.empty()) {
+      m.first.body = bytes;
+      return m;
+    }
+    std::size_t begin = 0;
+    for (std::size_t i = 0; i < ends.size(); ++i) {
+      ws_server_out_frame f;
+      f.body = bytes.slice(begin, ends[i] - begin);
+      f.more = i + 1 < ends.size();
+      begin = ends[i];
+      if (i == 0) {
+        m.first = std::move(f);
+      } else {
+        m.rest.push_back(std::move(f));
+      }
+    }
+    return m;
+  }
+};
+
+/// Encodes a broadcast payload once (fragmented like ws_server_unicast when large).
+inline ws_server_encoded ws_server_encode(websocket::opcode op,
+                                          std::span<const std::byte> payload) {
+  ws_server_encoded out;
+  if (payload.size() <= ws_server_fragment_size) {
+    out.bytes = websocket::encode_frame(op, payload);
+    return out;
+  }
+  const std::size_t count =
+      (payload.size() + ws_server_fragment_size - 1) / ws_server_fragment_size;
+  out.bytes = shared_bytes::build(payload.size() + count * 10, [&](std::span<std::byte> buf) {
+    std::size_t w = 0;
+    for (std::size_t off = 0; off < payload.size(); off += ws_server_fragment_size) {
+      const std::size_t len = std::min(ws_server_fragment_size, payload.size() - off);
+      const bool fin = off + len == payload.size();
+      std::array<std::byte, 10> head{};
+      const std::size_t n = websocket::encode_frame_header(
+          head, off == 0 ? op : websocket::opcode::continuation, fin, len);
+      std::memcpy(buf.data() + w, head.data(), n);
+      std::memcpy(buf.data() + w + n, payload.data() + off, len);
+      w += n + len;
+      out.ends.push_back(w);
+    }
+  });
+  // The buffer was sized for 10-byte headers; a 64 KiB fragment needs only 4.
+  out.bytes = out.bytes.slice(0, out.ends.back());
+  return out;
+}
+
+/// A session's outbound queue, allocated only while something waits to be written (idle sessions
+/// hold a null pointer) and recycled through a per-worker pool.
+struct ws_server_out_queue {
+  static constexpr std::size_t max_batch = 16;              // frames per gather write
+  static constexpr std::size_t batch_bytes = 256u * 1024u;  // stop adding frames past this
+  std::vector<ws_server_out_frame> control;  // FIFO; jumps ahead of data at frame boundaries
+  std::vector<ws_server_out_frame> data;     // FIFO from data_head
+  std::size_t data_head = 0;
+  std::array<ws_server_out_frame, max_batch> inflight;  // the frames of the write in flight
+  std::uint8_t in_begin = 0, in_end = 0;
+  std::size_t offset = 0;    // bytes of inflight[in_begin] already written
+  bool mid_message = false;  // the last data frame handed to a write was not its message's last
+  std::array<asio::const_buffer, 2 * max_batch> bufs;
+
+  [[nodiscard]] bool data_empty() const noexcept { return data_head == data.size(); }
+  [[nodiscard]] bool empty() const noexcept {
+    return control.empty() && data_empty() && in_begin == in_end;
+  }
+  void clear() noexcept {
+    control.clear();
+    data.clear();
+    data_head = 0;
+    for (auto& f : inflight) f = {};
+    in_begin = in_end = 0;
+    offset = 0;
+    mid_message = false;
+  }
+};
+
+/// A view of part of `ws_server_out_queue::bufs`, as the buffer sequence of one gather write.
+struct ws_server_buffer_list {
+  using value_type = asio::const_buffer;
+  using const_iterator = const asio::const_buffer*;
+  const asio::const_buffer* first;
+  const asio::const_buffer* last;
+  [[nodiscard]] const_iterator begin() const noexcept { return first; }
+  [[nodiscard]] const_iterator end() const noexcept { return last; }
+};
+
+/// The allocator Asio uses for a session's read-wait operation (see ws_server_block_pool).
+template <class T>
+struct ws_server_op_allocator {
+  using value_type = T;
+  ws_server_block_pool* pool;
+  explicit ws_server_op_allocator(ws_server_block_pool* p) noexcept : pool(p) {}
+  template <class U>
+  ws_server_op_allocator(const ws_server_op_allocator<U>& o) noexcept : pool(o.pool) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(pool->allocate(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t n) noexcept { pool->deallocate(p, n * sizeof(T)); }
+  template <class U>
+  bool operator==(const ws_server_op_allocator<U>& o) const noexcept {
+    return pool == o.pool;
+  }
+};
+
+/// The socket type: an io_context executor (8 bytes) instead of any_io_executor.
+using ws_server_socket = asio::basic_stream_socket<asio::ip::tcp, asio::io_context::executor_type>;
+
+/// A worker's io_context, which also leads back to its worker: a session finds its worker
+/// through its socket's executor instead of keeping a pointer.
+struct ws_server_context : asio::io_context {
+  explicit ws_server_context(ws_server_worker& w) : asio::io_context(1), worker(&w) {}
+  ws_server_worker* worker;
+};
+
+/// One thread: its io_context, its sessions, its read buffer and its timer tick.
+struct ws_server_worker {
+  static constexpr std::size_t read_buffer_size = 64u * 1024u;
+
+  ws_server_worker(ws_server_core& c, std::uint8_t idx)
+      : core(c),
+        index(idx),
+        ioc(*this),
+        tick_timer(ioc),
+        read_buffer(new std::byte[read_buffer_size]) {}
+
+  ws_server_core& core;
+  std::uint8_t index;
+  ws_server_block_pool wait_ops;  // before ioc: the io_context's destructor frees into it
+  ws_server_context ioc;
+  asio::steady_timer tick_timer;
+  std::thread thread;
+  // Shared by every session of this thread: sessions read into it and keep nothing when idle.
+  std::unique_ptr<std::byte[]> read_buffer;
+  // Registry shard: a slot per session, the slot index inside the session id (so a lookup is an
+  // index, and a session costs 8 bytes here instead of a hash node). Written only by this
+  // worker's thread (under the lock); read by it without the lock and by other threads (send,
+  // broadcast, close, buffered_bytes) under the lock.
+  mutable std::mutex mutex;
+  std::vector<ws_server_session_ref> slots;
+  std::vector<std::uint32_t> free_slots;
+  std::uint32_t generation = 0;  // makes ids unique although slots are reused
+  static constexpr std::uint32_t max_slots = 1u << 24;
+  clock::time_point read_time{};  // when the current read burst arrived (message timestamps)
+  // Pools so that busy sessions do not allocate a reader and a queue per read or write burst.
+  std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
+  std::vector<std::unique_ptr<ws_server_out_queue>> queue_pool;
+  std::vector<ws_server_session_ref> scratch;  // tick and stop snapshots
+
+  [[nodiscard]] std::span<std::byte> buffer() const noexcept {
+    return {read_buffer.get(), read_buffer_size};
+  }
+  [[nodiscard]] bool on_this_thread() noexcept {
+    return ioc.get_executor().running_in_this_thread();
+  }
+  std::unique_ptr<websocket::frame_reader> take_reader() {
+    if (reader_pool.empty()) {
+      return std::make_unique<websocket::frame_reader>(core.options.reader);
+    }
+    auto r = std::move(reader_pool.back());
+    reader_pool.pop_back();
+    return r;
+  }
+  void give_reader(std::unique_ptr<websocket::frame_reader> r) {
+    if (r && r->idle() && !r->finished() && reader_pool.size() < 64)
+      reader_pool.push_back(std::move(r));
+  }
+  std::unique_ptr<ws_server_out_queue> take_queue() {
+    if (queue_pool.empty()) return std::make_unique<ws_server_out_queue>();
+    auto q = std::move(queue_pool.back());
+    queue_pool.pop_back();
+    return q;
+  }
+  void give_queue(std::unique_ptr<ws_server_out_queue> q) {
+    if (!q) return;
+    q->clear();
+    if (queue_pool.size() < 64) queue_pool.push_back(std::move(q));
+  }
+
+  void adopt(ws_server_socket socket);
+  void start_tick();
+  void on_tick();
+  void close_all(close_code code);
+  void abort_all();
+  /// The session with `id` on this worker, or null. Session ids are
+  /// (generation << 32) | (slot << 8) | worker index.
+  [[nodiscard]] ws_server_session_ref find(session_id id) {
+    if (on_this_thread()) return find_locked(id);  // the only writer is this thread: no lock
+    std::lock_guard lock(mutex);
+    return find_locked(id);
+  }
+  [[nodiscard]] ws_server_session_ref find_locked(session_id id) const;
+  void erase(session_id id) {
+    const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
+    std::lock_guard lock(mutex);
+    if (slot < slots.size()) {
+      slots[slot] = {};
+      free_slots.push_back(slot);
+    }
+  }
+  // Snapshot of live sessions (finish() empties slots while callers iterate).
+  void snapshot() {
+    scratch.clear();
+    for (auto& s : slots) {
+      if (s) scratch.push_back(s);
+    }
+  }
+};
+
+/// One WebSocket (or not yet upgraded HTTP) connection.
+class ws_server_session {
+ public:
+  /// Where the connection is in its life. Read by other threads only to refuse sends early.
+  enum class phase_t : std::uint8_t { http, open, closing, draining, done };
+
+  /// A session on `s`, whose executor must belong to a worker's ws_server_context.
+  ws_server_session(ws_server_socket&& s, session_id id) noexcept
+      : socket_(std::move(s)), id_(id) {}
+  ws_server_session(const ws_server_session&) = delete;
+  ~ws_server_session() {
+    if (phase() == phase_t::http) {
+      delete parser_;
+    } else {
+      delete reader_;
+    }
+  }
+  ws_server_session& operator=(const ws_server_session&) = delete;
+
+  [[nodiscard]] session_id id() const noexcept { return id_; }
+  /// The worker this session lives on, found through its socket's io_context (no pointer
+  /// kept: 8 bytes less per connection).
+  [[nodiscard]] ws_server_worker& worker() const noexcept {
+    return *static_cast<ws_server_context&>(
+                const_cast<ws_server_socket&>(socket_).get_executor().context())
+                .worker;
+  }
+  [[nodiscard]] phase_t phase() const noexcept { return phase_.load(std::memory_order_acquire); }
+  [[nodiscard]] std::size_t buffered() const noexcept {
+    return buffered_.load(std::memory_order_relaxed);
+  }
+
+  // ---- called on the session's own thread ------------------------------------------------
+
+  void start() {
+    const std::uint32_t now = core().now_ms();
+    deadline_ = now + core().ms(core().options.handshake_timeout);
+    last_rx_ = now;
+    arm_read();
+  }
+
+  /// Reserves room for `bytes` of data from any thread; false means "over the limit" (the
+  /// caller applies the overflow policy). drop_oldest may pass the limit up to twice its size
+  /// until the worker drops older frames; nothing passes that hard bound.
+  [[nodiscard]] bool reserve(std::size_t bytes) noexcept {
+    const auto& bp = core().options.backpressure;
+    const std::size_t hard = bp.on_overflow == overflow_action::drop_oldest
+                                 ? 2 * bp.max_buffered_bytes
+                                 : bp.max_buffered_bytes;
+    if (bytes > bp.max_buffered_bytes) return false;
+    std::uint32_t cur = buffered_.load(std::memory_order_relaxed);
+    do {
+      if (cur + bytes > hard) return false;
+    } while (!buffered_.compare_exchange_weak(cur, cur + static_cast<std::uint32_t>(bytes),
+                                              std::memory_order_relaxed));
+    return true;
+  }
+  /// Gives back a reservation that will not be queued.
+  void unreserve(std::size_t bytes) noexcept {
+    buffered_.fetch_sub(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+  }
+
+  /// Queues one data message whose bytes were reserved. On the session's thread.
+  void enqueue_data(ws_server_out_message m) {
+    if (phase() != phase_t::open) {
+      unreserve(m.bytes);
+      return;
+    }
+    auto& q = queue();
+    q.data.push_back(std::move(m.first));
+    for (auto& f : m.rest) q.data.push_back(std::move(f));
+    const auto& bp = core().options.backpressure;
+    if (bp.on_overflow == overflow_action::drop_oldest) {
+      // Drop the oldest whole messages no write has started; the newest one always stays.
+      while (buffered() > bp.max_buffered_bytes && !q.mid_message) {
+        std::size_t last = q.data_head;  // the oldest message's last frame
+        while (last < q.data.size() && q.data[last].more) ++last;
+        if (last + 1 >= q.data.size()) break;
+        for (; q.data_head <= last; ++q.data_head) {
+          unreserve(q.data[q.data_head].size());
+          q.data[q.data_head] = {};
+        }
+      }
+    }
+    pump();
+  }
+
+  /// Starts the close handshake (RFC 6455 7.1.2) with `code`; queued data is dropped.
+  void start_close(close_code code, std::string_view reason) {
+    const phase_t p = phase();
+    if (p == phase_t::http) {
+      finish(close_code::abnormal);
+      return;
+    }
+    if (p != phase_t::open) return;
+    close_code_ = code;
+    queue_close(code, reason);
+    set_phase(phase_t::closing);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+    pump();
+  }
+
+  /// Closes the TCP connection now and reports `code` (used by timeouts and stop()).
+  void finish(close_code code) {
+    if (phase() == phase_t::done) return;
+    const bool was_open = opened_;
+    const bool was_http = phase() == phase_t::http;
+    if (close_code_ == close_code::abnormal) close_code_ = code;
+    set_phase(phase_t::done);
+    std::error_code ignored;
+    socket_.shutdown(asio::socket_base::shutdown_both, ignored);
+    socket_.close(ignored);
+    auto& w = worker();
+    if (was_http) {
+      drop_parser();
+    } else if (reader_) {
+      w.give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
+    }
+    if (q_) w.give_queue(std::move(q_));
+    core().live.fetch_sub(1, std::memory_order_release);
+    ws_server_session_ref keep(this);  // the registry's reference goes away below
+    w.erase(id_);
+    if (was_open && core().handlers.on_close) {
+      try {
+        core().handlers.on_close(id_, close_code_);
+      } catch (...) {
+        // Nothing left to tell the peer; the session is gone either way.
+      }
+    }
+  }
+
+  /// Periodic timeouts: handshake, idle ping, pong, close handshake, lingering close.
+  void on_tick(std::uint32_t now) {
+    const auto& o = core().options;
+    switch (phase()) {
+      case phase_t::http:
+        if (core().reached(now, deadline_)) finish(close_code::abnormal);
+        break;
+      case phase_t::open:
+        if (ping_outstanding_) {
+          if (core().reached(now, deadline_)) {
+            finish(close_code::abnormal);  // no pong: the peer is gone
+          }
+        } else if (o.idle_timeout.count() > 0 && now - last_rx_ >= core().ms(o.idle_timeout)) {
+          // RFC 6455 5.5.2: a ping; any bytes from the peer count as the answer.
+          ws_server_out_frame f;
+          f.body = websocket::encode_frame(websocket::opcode::ping, {});
+          f.kind = ws_server_out_frame::control;
+          queue().control.push_back(std::move(f));
+          ping_outstanding_ = true;
+          deadline_ = now + core().ms(o.pong_timeout);
+          pump();
+        }
+        break;
+      case phase_t::closing:
+      case phase_t::draining:
+        if (core().reached(now, deadline_)) finish(close_code_);
+        break;
+      case phase_t::done:
+        break;
+    }
+  }
+
+  // ---- reference count ----------------------------------------------------------------------
+  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void release() noexcept {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    // The last reference may be dropped on any thread (a sender's lookup): the pool is locked.
+    this->~ws_server_session();
+    ws_server_sessions().deallocate(this, sizeof(ws_server_session));
+  }
+
+ private:
+  friend struct ws_server_reader_sink;
+
+  [[nodiscard]] ws_server_core& core() const noexcept { return worker().core; }
+  void set_phase(phase_t p) noexcept { phase_.store(p, std::memory_order_release); }
+
+  void drop_parser() noexcept { delete std::exchange(parser_, nullptr); }
+
+  ws_server_out_queue& queue() {
+    if (!q_) q_ = worker().take_queue();
+    return *q_;
+  }
+
+  void arm_read() {
+    socket_.async_wait(
+        asio::socket_base::wait_read,
+        asio::bind_allocator(ws_server_op_allocator<void>(&worker().wait_ops),
+                             [self = ws_server_session_ref(this)](const std::error_code& ec) {
+                               self->on_readable(ec);
+                             }));
+  }
+
+  void on_readable(const std::error_code& ec) {
+    if (phase() == phase_t::done) return;
+    if (ec) {
+      finish(close_code::abnormal);
+      return;
+    }
+    const std::span<std::byte> buf = worker().buffer();
+    // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
+    for (int round = 0; round < 4; ++round) {
+      std::error_code rec;
+      const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
+      if (rec == asio::error::would_block || rec == asio::error::try_again) break;
+      if (rec) {
+        on_eof();
+        return;
+      }
+      const clock::time_point now = clock::now();
+      worker().read_time = now;
+      last_rx_ = static_cast<std::uint32_t>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(now - core().epoch).count());
+      ping_outstanding_ = false;  // any bytes prove the peer is alive, not only a pong
+      try {
+        process(buf.first(n));
+      } catch (...) {
+        on_handler_exception();
+      }
+      if (phase() == phase_t::done) return;
+      if (n < buf.size()) break;
+    }
+    arm_read();
+  }
+
+  // A handler (route, identify, on_open, on_message) threw: answer 500 before the upgrade,
+  // close with 1011 after it; the worker thread and every other session carry on.
+  void on_handler_exception() {
+    switch (phase()) {
+      case phase_t::http:
+        respond_error(500, "internal error");
+        break;
+      case phase_t::open:
+      case phase_t::closing:
+        delete std::exchange(reader_, nullptr);  // it may have stopped mid-frame
+        close_received_ = true;                  // read no further frames
+        fail(close_code::internal_error);
+        break;
+      case phase_t::draining:
+      case phase_t::done:
+        break;
+    }
+  }
+
+  void on_eof() {
+    // The peer closed its side. During the close handshake that is the expected end.
+    finish(close_code::abnormal);
+  }
+
+  void process(std::span<std::byte> bytes) {
+    switch (phase()) {
+      case phase_t::http:
+        process_http(bytes);
+        break;
+      case phase_t::open:
+      case phase_t::closing:
+        process_frames(bytes);
+        break;
+      case phase_t::draining:
+      case phase_t::done:
+        break;  // lingering close: read and discard until the peer closes
+    }
+  }
+
+  // ---- HTTP phase (RFC 9112, RFC 6455 section 4.2) ----------------------------------------
+  void process_http(std::span<const std::byte> bytes);
+  void handle_request(const websocket::http_request& req);
+  void respond_error(int status, std::string_view body, std::string_view extra = {}) {
+    queue_raw(websocket::http_response(status, body, false, "text/plain; charset=utf-8", extra));
+    linger_after_write();
+  }
+  // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
+  // reach the peer before a close frame that fails the connection right after it).
+  void queue_raw(std::string_view text) { queue_raw(shared_bytes::copy_of(text)); }
+  void queue_raw(shared_bytes bytes) {
+    if (bytes.empty()) return;
+    ws_server_out_frame f;
+    f.body = std::move(bytes);
+    f.kind = ws_server_out_frame::raw;
+    queue().control.push_back(std::move(f));
+    pump();
+  }
+  // After the queued bytes are written: half-close and discard input until EOF, so the peer
+  // reads the whole response instead of a reset (RFC 9112 9.6).
+  void linger_after_write() {
+    shutdown_when_drained_ = true;
+    drop_parser();
+    set_phase(phase_t::draining);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+    pump();
+  }
+
+  // ---- WebSocket phase ----------------------------------------------------------------------
+  void process_frames(std::span<std::byte> bytes);
+  void deliver(payload_kind kind, shared_bytes payload);
+  void on_peer_close(std::uint16_t code, std::string_view reason);
+  void on_ping(std::span<const std::byte> payload) {
+    if (phase() != phase_t::open) return;
+    // RFC 6455 5.5.3: answering only the most recent ping is allowed, so at most one pong waits
+    // (a ping flood from a peer that does not read cannot grow the queue).
+    auto& q = queue();
+    shared_bytes pong = websocket::encode_frame(websocket::opcode::pong, payload);
+    for (auto& f : q.control) {
+      if (f.kind == ws_server_out_frame::control && f.body.size() > 1 &&
+          (static_cast<std::uint8_t>(f.body.data()[0]) & 0x0F) == 0xA) {
+        f.body = std::move(pong);
+        return;
+      }
+    }
+    ws_server_out_frame f;
+    f.body = std::move(pong);
+    f.kind = ws_server_out_frame::control;
+    q.control.push_back(std::move(f));
+    pump();
+  }
+  // RFC 6455 7.1.7: fail the connection: send a close with `code`, do not wait for the reply.
+  void fail(close_code code) {
+    if (phase() == phase_t::open) {
+      close_code_ = code;
+      queue_close(code, {});
+    }
+    shutdown_when_drained_ = true;
+    set_phase(phase_t::closing);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+    pump();
+  }
+  void queue_close(close_code code, std::string_view reason) {
+    auto& q = queue();
+    // RFC 6455 5.5.1: no data frames after a close frame; drop what has not started.
+    for (std::size_t i = q.data_head; i < q.data.size(); ++i) unreserve(q.data[i].size());
+    q.data.clear();
+    q.data_head = 0;
+    ws_server_out_frame f;
+    if (code == close_code::no_status) {
+      f.body = websocket::encode_frame(websocket::opcode::close, {});
+    } else {
+      // RFC 6455 5.5: a control payload is at most 125 bytes, 2 of them the code.
+      if (reason.size() > 123) reason = reason.substr(0, 123);
+      const auto payload = websocket::encode_close_payload(code, reason);
+      f.body = websocket::encode_frame(websocket::opcode::close, payload);
+    }
+    f.kind = ws_server_out_frame::close;
+    q.control.push_back(std::move(f));
+  }
+
+  // ---- write path -------------------------------------------------------------------------
+  void pump();
+  void on_written(const std::error_code& ec, std::size_t n);
+  void on_drained() {
+    if (q_) worker().give_queue(std::move(q_));
+    if (!shutdown_when_drained_ || phase() == phase_t::done) return;
+    shutdown_when_drained_ = false;
+    // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
+    // the peer's FIN so the close frame is not lost to a reset.
+    std::error_code ignored;
+    socket_.shutdown(asio::socket_base::shutdown_send, ignored);
+    set_phase(phase_t::draining);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
+
+  ws_server_socket socket_;
+  session_id id_;
+  shared_bytes device_id_;
+  // One pointer for two lives: the HTTP parser before the upgrade (phase http), then the frame
+  // reader while a frame or message is partial. Both are null when idle.
+  union {
+    websocket::http_request_parser* parser_ = nullptr;
+    websocket::frame_reader* reader_;
+  };
+  std::unique_ptr<ws_server_out_queue> q_;  // only while bytes wait to be written
+  std::uint64_t sequence_ = 0;
+  std::atomic<std::uint32_t> buffered_{0};  // server::start checks that the limits fit
+  std::atomic<std::uint32_t> refs_{0};
+  std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
+  std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
+  std::atomic<phase_t> phase_{phase_t::http};
+  close_code close_code_ = close_code::abnormal;
+  bool opened_ : 1 = false;
+  bool writing_ : 1 = false;
+  bool ping_outstanding_ : 1 = false;
+  bool shutdown_when_drained_ : 1 = false;
+  bool close_received_ : 1 = false;
+};
+
+inline ws_server_session_ref::ws_server_session_ref(ws_server_session* s) noexcept : p_(s) {
+  if (p_) p_->add_ref();
+}
+inline ws_server_session_ref::~ws_server_session_ref() {
+  if (p_) p_->release();
+}
+
+/// Adapts frame_reader callbacks to the session.
+struct ws_server_reader_sink {
+  ws_server_session& s;
+  void on_message(payload_kind kind, shared_bytes payload) { s.deliver(kind, std::move(payload)); }
+  void on_ping(std::span<const std::byte> payload) { s.on_ping(payload); }
+  void on_pong(std::span<const std::byte>) {}
+  void on_close(std::uint16_t code, std::string_view reason) { s.on_peer_close(code, reason); }
+};
+
+// ---- implementation ----------------------------------------------------------------------------
+
+inline void ws_server_session::process_http(std::span<const std::byte> bytes) {
+  if (!parser_) parser_ = new websocket::http_request_parser(core().options.http);
+  using st = websocket::http_request_parser::status;
+  st s = parser_->feed(bytes);
+  // A keep-alive connection may carry pipelined requests; answer them in order.
+  while (phase() == phase_t::http && parser_) {
+    if (s == st::incomplete) return;
+    if (s == st::error) {
+      const int status = parser_->error_status();
+      respond_error(status, websocket::status_reason(status));
+      return;
+    }
+    handle_request(parser_->request());
+    if (phase() != phase_t::http || !parser_) return;
+    parser_->reset();
+    s = parser_->state();
+  }
+}
+
+inline void ws_server_session::handle_request(const websocket::http_request& req) {
+  auto& o = core().options;
+  if (websocket::is_websocket_upgrade(req)) {
+    const auto verdict = websocket::check_upgrade(req);
+    if (verdict.status != 101) {
+      respond_error(verdict.status, verdict.reason, verdict.status == 405 ? "Allow: GET\r\n" : "");
+      return;
+    }
+    std::optional<std::string> device;
+    if (o.identify) {
+      device = o.identify(req);
+    } else {
+      device = std::string(req.target);
+    }
+    if (!device) {
+      respond_error(400, "unknown device");
+      return;
+    }
+    if (core().stopping.load(std::memory_order_acquire)) {
+      respond_error(503, "shutting down");
+      return;
+    }
+    queue_raw(websocket::upgrade_response(req.header("Sec-WebSocket-Key")));
+    device_id_ = shared_bytes::copy_of(*device);
+    // Bytes after the request are the first frames (RFC 6455 4.1 lets a client send at once).
+    const auto left = parser_->leftover();
+    std::vector<std::byte> early(left.begin(), left.end());
+    drop_parser();
+    set_phase(phase_t::open);
+    opened_ = true;
+    deadline_ = 0;
+    if (core().handlers.on_open) {
+      session_info info;
+      info.id = id_;
+      info.device_id = *device;
+      core().handlers.on_open(info);
+    }
+    if (!early.empty() && phase() == phase_t::open) process_frames(early);
+    return;
+  }
+  // A plain request: the route handler (static files for the demo page), keep-alive allowed.
+  if (req.method != "GET" && req.method != "HEAD") {
+    respond_error(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n");
+    return;
+  }
+  websocket::http_reply reply;
+  if (o.route) {
+    reply = o.route(req);
+  } else {
+    reply.status = 404;
+    reply.body = shared_bytes::copy_of(std::string_view("not found"));
+  }
+  const bool keep = req.keep_alive() && !core().stopping.load(std::memory_order_relaxed);
+  std::string head;
+  head.reserve(160 + reply.content_type.size() + reply.extra_headers.size());
+  head.append("HTTP/1.1 ").append(std::to_string(reply.status)).append(" ");
+  head.append(websocket::status_reason(reply.status));
+  head.append("\r\nContent-Type: ").append(reply.content_type);
+  head.append("\r\nContent-Length: ").append(std::to_string(reply.body.size()));
+  head.append(keep ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
+  head.append(reply.extra_headers).append("\r\n");
+  queue_raw(std::string_view(head));
+  if (req.method == "GET") queue_raw(reply.body);
+  if (!keep) {
+    linger_after_write();
+    return;
+  }
+  deadline_ = core().now_ms() + core().ms(o.handshake_timeout);  // keep-alive idle limit
+}
+
+inline void ws_server_session::process_frames(std::span<std::byte> bytes) {
+  if (close_received_) return;
+  if (!reader_) reader_ = worker().take_reader().release();
+  ws_server_reader_sink sink{*this};
+  const auto status = reader_->consume(bytes, sink);
+  if (status != websocket::read_status::ok) {
+    const close_code code = reader_->error();
+    delete std::exchange(reader_, nullptr);  // a reader that failed is not reused
+    if (phase() == phase_t::open) {
+      fail(code);
+    } else {
+      // Already closing: the peer broke the protocol during the handshake; stop waiting.
+      shutdown_when_drained_ = true;
+      pump();
+    }
+    return;
+  }
+  if (reader_ && reader_->idle()) {
+    worker().give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
+  }
+}
+
+inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) {
+  if (phase() != phase_t::open) return;
+  auto& h = core().handlers;
+  if (!h.on_message) return;
+  inbound_message m;
+  m.session = id_;
+  m.device_id = device_id_;
+  m.sequence = ++sequence_;
+  m.kind = kind;
+  m.payload = std::move(payload);
+  m.received = worker().read_time;
+  const std::error_code ec = h.on_message(std::move(m));
+  if (!ec || phase() != phase_t::open) return;
+  // Tell the device why its message was not taken (the device protocol refines this later).
+  auto& o = core().options;
+  const std::string text = o.error_text ? o.error_text(ec) : websocket::default_error_text(ec);
+  auto reply =
+      ws_server_unicast(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
+  if (!reserve(reply.bytes)) return;  // over the limit: the reply is the first thing to go
+  enqueue_data(std::move(reply));
+}
+
+inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_view reason) {
+  (void)reason;
+  close_received_ = true;
+  if (phase() == phase_t::open) {
+    // RFC 6455 5.5.1: answer with a close echoing the status code, then the server closes TCP.
+    const auto c = static_cast<close_code>(code);
+    close_code_ = c;
+    queue_close(c, {});
+    set_phase(phase_t::closing);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
+  // When we started the handshake, the peer's close completes it.
+  shutdown_when_drained_ = true;
+  pump();
+}
+
+inline void ws_server_session::pump() {
+  if (writing_ || phase() == phase_t::done) return;
+  if (!q_) {
+    on_drained();
+    return;
+  }
+  auto& q = *q_;
+  if (q.in_begin == q.in_end) {
+    q.in_begin = q.in_end = 0;
+    q.offset = 0;
+    std::size_t n = 0, bytes = 0;
+    // Control frames first: they never wait behind queued data, only behind a frame that is
+    // already partly written (a batch is always written to its end before the next one).
+    std::size_t c = 0;
+    for (; c < q.control.size() && n < q.max_batch; ++c) {
+      bytes += q.control[c].size();
+      q.inflight[n++] = std::move(q.control[c]);
+    }
+    q.control.erase(q.control.begin(), q.control.begin() + static_cast<std::ptrdiff_t>(c));
+    while (!q.data_empty() && n < q.max_batch && (n == 0 || bytes < q.batch_bytes)) {
+      bytes += q.data[q.data_head].size();
+      q.mid_message = q.data[q.data_head].more;
+      q.inflight[n++] = std::move(q.data[q.data_head++]);
+    }
+    if (q.data_empty()) {
+      q.data.clear();
+      q.data_head = 0;
+    } else if (q.data_head > 64 && q.data_head * 2 > q.data.size()) {
+      q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
+      q.data_head = 0;
+    }
+    q.in_end = static_cast<std::uint8_t>(n);
+    if (n == 0) {
+      on_drained();
+      return;
+    }
+  }
+  std::size_t nb = 0;
+  std::size_t skip = q.offset;
+  for (std::size_t i = q.in_begin; i < q.in_end; ++i) {
+    const auto& f = q.inflight[i];
+    if (skip < f.head_len) {
+      q.bufs[nb++] = asio::const_buffer(f.head.data() + skip, f.head_len - skip);
+      skip = 0;
+    } else {
+      skip -= f.head_len;
+    }
+    if (skip < f.body.size()) {
+      q.bufs[nb++] = asio::const_buffer(f.body.data() + skip, f.body.size() - skip);
+    }
+    skip = 0;
+  }
+  writing_ = true;
+  socket_.async_write_some(
+      ws_server_buffer_list{q.bufs.data(), q.bufs.data() + nb},
+      [self = ws_server_session_ref(this)](const std::error_code& ec, std::size_t n) {
+        self->on_written(ec, n);
+      });
+}
+
+inline void ws_server_session::on_written(const std::error_code& ec, std::size_t n) {
+  writing_ = false;
+  if (phase() == phase_t::done) return;
+  if (ec) {
+    finish(close_code::abnormal);
+    return;
+  }
+  auto& q = *q_;
+  while (n > 0 && q.in_begin < q.in_end) {
+    auto& f = q.inflight[q.in_begin];
+    const std::size_t rest = f.size() - q.offset;
+    if (n < rest) {
+      q.offset += n;
+      break;
+    }
+    n -= rest;
+    if (f.kind == ws_server_out_frame::data) unreserve(f.size());
+    f = {};
+    ++q.in_begin;
+    q.offset = 0;
+  }
+  pump();
+}
+
+// ---- worker ------------------------------------------------------------------------------------
+
+inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const {
+  const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
+  if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return {};
+  return slots[slot];
+}
+
+inline void ws_server_worker::adopt(ws_server_socket socket) {
+  std::error_code ec;
+  socket.non_blocking(true, ec);
+  if (ec) return;
+  socket.set_option(asio::ip::tcp::no_delay(true), ec);
+  std::uint32_t slot = 0;
+  {
+    std::lock_guard lock(mutex);
+    if (free_slots.empty()) {
+      if (slots.size() >= max_slots) return;  // 16 M sessions on one thread: refuse
+      slot = static_cast<std::uint32_t>(slots.size());
+      slots.emplace_back();
+    } else {
+      slot = free_slots.back();
+      free_slots.pop_back();
+    }
+  }
+  // Ids are never reused: the generation changes with every session this worker accepts.
+  const session_id id =
+      (static_cast<session_id>(++generation) << 32) | (static_cast<session_id>(slot) << 8) | index;
+  // From the server's session pool (see ws_server_session::release for the matching free).
+  void* mem = ws_server_sessions().allocate(sizeof(ws_server_session));
+  ws_server_session_ref s(new (mem) ws_server_session(std::move(socket), id));
+  core.live.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard lock(mutex);
+    slots[slot] = s;
+  }
+  s->start();
+}
+
+inline void ws_server_worker::start_tick() {
+  tick_timer.expires_after(core.tick);
+  tick_timer.async_wait([this](const std::error_code& ec) {
+    if (ec) return;
+    on_tick();
+    start_tick();
+  });
+}
+
+inline void ws_server_worker::on_tick() {
+  const std::uint32_t now = core.now_ms();
+  snapshot();
+  for (auto& s : scratch) s->on_tick(now);
+  scratch.clear();
+}
+
+inline void ws_server_worker::close_all(close_code code) {
+  snapshot();
+  for (auto& s : scratch) s->start_close(code, "server stopping");
+  scratch.clear();
+}
+
+inline void ws_server_worker::abort_all() {
+  snapshot();
+  for (auto& s : scratch) s->finish(close_code::going_away);
+  scratch.clear();
+}
+
+}  // namespace devgate::detail

@@ -1,0 +1,335 @@
+#pragma once
+
+#include <asio.hpp>
+
+#include <algorithm>     // std::clamp, std::min
+#include <atomic>        // run state
+#include <chrono>        // stop deadline
+#include <cstddef>       // std::size_t
+#include <cstdint>       // port
+#include <future>        // waiting for workers in stop()
+#include <memory>        // workers
+#include <span>          // broadcast recipients
+#include <stdexcept>     // programmer errors
+#include <string>        // close reasons
+#include <string_view>   // close reasons
+#include <system_error>  // results
+#include <thread>        // workers
+#include <vector>        // workers, broadcast groups
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/core/error.hpp"
+#include "devgate/detail/ws_server_session.hpp"
+#include "devgate/transport/transport.hpp"
+#include "devgate/websocket/frame.hpp"
+#include "devgate/websocket/server_options.hpp"
+
+namespace devgate::websocket {
+
+/// The reference WebSocket transport: an RFC 6455 server on standalone Asio that satisfies
+/// `devgate::transport`.
+///
+/// Each worker thread runs its own io_context; a connection stays on the thread that accepted
+/// it. Idle connections hold no read buffer (the server waits for readability, then reads into
+/// a per-thread buffer) and no write queue; one timer per thread drives every timeout.
+/// `send`, `broadcast`, `close` and `buffered_bytes` may be called from any thread; handlers
+/// run on the worker threads. Do not call `stop()` from a handler.
+class server {
+ public:
+  /// A server with `options`; nothing listens until `start()`.
+  explicit server(server_options options = {}) : core_(std::make_unique<detail::ws_server_core>()) {
+    core_->options = std::move(options);
+  }
+  server(const server&) = delete;
+  server& operator=(const server&) = delete;
+  /// Stops (closing every session with 1001) if still running.
+  ~server() { stop(); }
+
+  /// Sets the engine's callbacks; call before `start()`.
+  void set_handlers(transport_handlers handlers) {
+    if (state_ != state_t::created) {
+      throw std::logic_error("websocket::server::set_handlers must be called before start()");
+    }
+    core_->handlers = std::move(handlers);
+  }
+
+  /// Binds, listens and starts the worker threads. Errors: errc::already_running,
+  /// errc::invalid_argument (bad address or more than 256 threads), or the socket error
+  /// (e.g. address in use).
+  std::error_code start() {
+    if (state_ != state_t::created) return errc::already_running;
+    auto& o = core_->options;
+    unsigned threads = o.threads ? o.threads : std::thread::hardware_concurrency();
+    if (threads == 0) threads = 1;
+    if (threads > 256) return errc::invalid_argument;
+    // Session buffers are counted in 32 bits and timeouts in 32-bit milliseconds.
+    if (o.backpressure.max_buffered_bytes > (1u << 30)) return errc::invalid_argument;
+    constexpr auto max_timeout = std::chrono::hours(24 * 20);
+    for (const auto t : {o.handshake_timeout, o.idle_timeout, o.pong_timeout, o.close_timeout}) {
+      if (t.count() < 0 || t > max_timeout) return errc::invalid_argument;
+    }
+    std::error_code ec;
+    const auto address = asio::ip::make_address(o.address, ec);
+    if (ec) return errc::invalid_argument;
+
+    auto shortest = std::min({o.handshake_timeout, o.pong_timeout, o.close_timeout});
+    if (o.idle_timeout.count() > 0) shortest = std::min(shortest, o.idle_timeout);
+    core_->tick = std::clamp<clock::duration>(shortest / 4, std::chrono::milliseconds(5),
+                                              std::chrono::milliseconds(250));
+
+    for (unsigned i = 0; i < threads; ++i) {
+      workers_.push_back(
+          std::make_unique<detail::ws_server_worker>(*core_, static_cast<std::uint8_t>(i)));
+    }
+    acceptor_ = std::make_unique<asio::ip::tcp::acceptor>(workers_[0]->ioc);
+    const asio::ip::tcp::endpoint endpoint(address, o.port);
+    acceptor_->open(endpoint.protocol(), ec);
+    if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_->bind(endpoint, ec);
+    if (!ec) acceptor_->listen(o.backlog, ec);
+    if (!ec) port_ = acceptor_->local_endpoint(ec).port();
+    if (ec) {
+      acceptor_.reset();
+      workers_.clear();
+      return ec;
+    }
+    state_ = state_t::running;
+    for (auto& w : workers_) {
+      guards_.push_back(asio::make_work_guard(w->ioc));
+      w->start_tick();
+    }
+    accept_next();
+    for (auto& w : workers_) {
+      w->thread = std::thread([&ioc = w->ioc] { ioc.run(); });
+    }
+    return {};
+  }
+
+  /// Closes every session with 1001 (going away), waits for their close handshakes up to
+  /// `close_timeout`, then drops what is left and joins the threads. Idempotent.
+  void stop() {
+    if (state_ != state_t::running) {
+      state_ = state_t::stopped;
+      return;
+    }
+    for (auto& w : workers_) {
+      if (w->on_this_thread()) {
+        throw std::logic_error("websocket::server::stop() called from a transport handler");
+      }
+    }
+    core_->stopping.store(true, std::memory_order_release);
+    run_on_all([this](detail::ws_server_worker& w) {
+      if (w.index == 0) {
+        std::error_code ignored;
+        acceptor_->close(ignored);
+      }
+      w.close_all(close_code::going_away);
+    });
+    const auto deadline =
+        clock::now() + core_->options.close_timeout + std::chrono::milliseconds(200);
+    while (core_->live.load(std::memory_order_acquire) > 0 && clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    run_on_all([](detail::ws_server_worker& w) {
+      w.abort_all();
+      w.tick_timer.cancel();
+    });
+    guards_.clear();
+    for (auto& w : workers_) w->ioc.stop();
+    for (auto& w : workers_) w->thread.join();
+    for (auto& w : workers_) {
+      std::lock_guard lock(w->mutex);
+      w->slots.clear();
+      w->free_slots.clear();
+    }
+    acceptor_.reset();
+    state_ = state_t::stopped;
+  }
+
+  /// Queues one message to one session from any thread. Errors: errc::unknown_session (no such
+  /// open session), errc::closed (it is closing), errc::backpressure (over its buffer limit: the
+  /// session is closed with 1008/1013 unless the policy is drop_oldest).
+  std::error_code send(session_id id, payload_kind kind, shared_bytes payload) {
+    auto s = find(id);
+    if (!s) return errc::unknown_session;
+    if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
+    // Headers inline, payload shared (messages over 64 KiB go as fragments of slices of it).
+    auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
+    if (!s->reserve(m.bytes)) {
+      overflow(s);
+      return errc::backpressure;
+    }
+    auto& w = s->worker();
+    if (w.on_this_thread()) {
+      s->enqueue_data(std::move(m));
+    } else {
+      asio::post(w.ioc,
+                 [s = std::move(s), m = std::move(m)]() mutable { s->enqueue_data(std::move(m)); });
+    }
+    return {};
+  }
+
+  /// Queues one payload to many sessions: the frame is encoded once and every recipient's queue
+  /// shares that buffer (server frames are unmasked, so one buffer serves all); one task per
+  /// worker thread, not per recipient. Returns how many
+  /// sessions it was queued to (unknown, closing and over-limit sessions are skipped).
+  std::size_t broadcast(std::span<const session_id> ids, payload_kind kind, shared_bytes payload) {
+    if (ids.empty() || state_ != state_t::running) return 0;
+    // Encoded once (one buffer, fragmented when over 64 KiB); recipients share it by reference.
+    const auto frame = std::make_shared<const detail::ws_server_encoded>(
+        detail::ws_server_encode(opcode_of(kind), payload.bytes()));
+    std::vector<std::vector<session_id>> by_worker(workers_.size());
+    for (const session_id id : ids) {
+      const std::size_t w = id & 0xFF;
+      if (w < workers_.size()) by_worker[w].push_back(id);
+    }
+    std::size_t queued = 0;
+    for (std::size_t wi = 0; wi < workers_.size(); ++wi) {
+      if (by_worker[wi].empty()) continue;
+      auto& w = *workers_[wi];
+      std::vector<detail::ws_server_session_ref> targets;
+      std::vector<detail::ws_server_session_ref> over;
+      targets.reserve(by_worker[wi].size());
+      {
+        std::lock_guard lock(w.mutex);
+        for (const session_id id : by_worker[wi]) {
+          auto s = w.find_locked(id);
+          if (!s) continue;
+          if (s->phase() != detail::ws_server_session::phase_t::open) continue;
+          if (s->reserve(frame->bytes.size())) {
+            targets.push_back(s);
+          } else {
+            over.push_back(s);
+          }
+        }
+      }
+      for (auto& s : over) overflow(s);
+      queued += targets.size();
+      if (targets.empty()) continue;
+      auto task = [targets = std::move(targets), frame]() mutable {
+        for (auto& s : targets) s->enqueue_data(frame->message());
+      };
+      if (w.on_this_thread()) {
+        task();
+      } else {
+        asio::post(w.ioc, std::move(task));
+      }
+    }
+    return queued;
+  }
+
+  /// Starts the close handshake of one session (from any thread) with `code` and `reason`
+  /// (at most 123 bytes are sent). Messages queued and not yet being written are dropped.
+  void close(session_id id, close_code code, std::string_view reason) {
+    auto s = find(id);
+    if (!s) return;
+    auto& w = s->worker();
+    if (w.on_this_thread()) {
+      s->start_close(code, reason);
+    } else {
+      asio::post(w.ioc,
+                 [s = std::move(s), code, r = std::string(reason)] { s->start_close(code, r); });
+    }
+  }
+
+  /// Bytes queued to one session and not yet written (0 for an unknown session).
+  [[nodiscard]] std::size_t buffered_bytes(session_id id) const {
+    auto s = find(id);
+    return s ? s->buffered() : 0;
+  }
+
+  /// The port the server listens on (useful with `server_options::port = 0`); 0 before start.
+  [[nodiscard]] std::uint16_t local_port() const noexcept { return port_; }
+
+  /// Connections currently alive (upgraded or not).
+  [[nodiscard]] std::size_t connection_count() const noexcept {
+    return core_->live.load(std::memory_order_relaxed);
+  }
+
+  /// The options the server was made with.
+  [[nodiscard]] const server_options& options() const noexcept { return core_->options; }
+
+ private:
+  enum class state_t : std::uint8_t { created, running, stopped };
+
+  static opcode opcode_of(payload_kind kind) noexcept {
+    return kind == payload_kind::text ? opcode::text : opcode::binary;
+  }
+
+  [[nodiscard]] detail::ws_server_session_ref find(session_id id) const {
+    if (state_ != state_t::running) return {};
+    const std::size_t w = id & 0xFF;
+    if (w >= workers_.size()) return {};
+    return workers_[w]->find(id);
+  }
+
+  // The back-pressure policy for a session whose buffer is full (drop_oldest only refuses).
+  void overflow(const detail::ws_server_session_ref& s) {
+    const auto action = core_->options.backpressure.on_overflow;
+    if (action == overflow_action::drop_oldest) return;
+    const close_code code = action == overflow_action::close_policy_violation
+                                ? close_code::policy_violation
+                                : close_code::try_again_later;
+    auto& w = s->worker();
+    if (w.on_this_thread()) {
+      s->start_close(code, "outbound buffer full");
+    } else {
+      asio::post(w.ioc, [s, code] { s->start_close(code, "outbound buffer full"); });
+    }
+  }
+
+  void accept_next() {
+    auto& target = *workers_[next_worker_++ % workers_.size()];
+    acceptor_->async_accept(
+        target.ioc, [this, &target](const std::error_code& ec, detail::ws_server_socket socket) {
+          if (ec == asio::error::operation_aborted || !acceptor_->is_open()) return;
+          if (core_->stopping.load(std::memory_order_acquire)) return;
+          if (!ec) {
+            if (target.on_this_thread()) {
+              target.adopt(std::move(socket));
+            } else {
+              asio::post(target.ioc, [&target, s = std::move(socket)]() mutable {
+                if (target.core.stopping.load(std::memory_order_acquire)) return;
+                target.adopt(std::move(s));
+              });
+            }
+            accept_next();
+            return;
+          }
+          // Out of descriptors or a similar transient failure: pause instead of spinning.
+          retry_timer_ = std::make_unique<asio::steady_timer>(workers_[0]->ioc);
+          retry_timer_->expires_after(std::chrono::milliseconds(50));
+          retry_timer_->async_wait([this](const std::error_code& e) {
+            if (!e && acceptor_->is_open()) accept_next();
+          });
+        });
+  }
+
+  // Runs `fn` on every worker thread and waits until all have run it.
+  template <class Fn>
+  void run_on_all(Fn fn) {
+    std::vector<std::future<void>> done;
+    for (auto& w : workers_) {
+      auto p = std::make_shared<std::promise<void>>();
+      done.push_back(p->get_future());
+      asio::post(w->ioc, [p, fn, &w = *w] {
+        fn(w);
+        p->set_value();
+      });
+    }
+    for (auto& f : done) f.wait();
+  }
+
+  std::unique_ptr<detail::ws_server_core> core_;
+  std::vector<std::unique_ptr<detail::ws_server_worker>> workers_;
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards_;
+  std::unique_ptr<asio::ip::tcp::acceptor> acceptor_;
+  std::unique_ptr<asio::steady_timer> retry_timer_;
+  std::size_t next_worker_ = 0;  // used only on worker 0's thread (the acceptor's)
+  std::uint16_t port_ = 0;
+  std::atomic<state_t> state_{state_t::created};
+};
+
+static_assert(devgate::transport<server>, "websocket::server must satisfy devgate::transport");
+
+}  // namespace devgate::websocket

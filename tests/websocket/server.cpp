@@ -1,0 +1,977 @@
+// Tests of include/devgate/websocket/server.hpp against real peers no one here wrote (Node's
+// `ws`, Debian's python3-websockets) and raw sockets that break the protocol on purpose.
+#include "devgate/websocket/server.hpp"
+
+#include <arpa/inet.h>    // inet_pton
+#include <netinet/in.h>   // sockaddr_in
+#include <netinet/tcp.h>  // TCP_NODELAY
+#include <signal.h>       // kill
+#include <spawn.h>        // posix_spawn for echo_server
+#include <sys/socket.h>   // raw client sockets
+#include <sys/wait.h>     // WEXITSTATUS, waitpid
+#include <unistd.h>       // close, read
+
+#include <catch2/catch.hpp>
+
+#include <atomic>      // counters seen by handlers
+#include <chrono>      // generous failure bounds
+#include <cstdio>      // popen
+#include <cstdlib>     // std::system, getenv
+#include <cstring>     // memcpy
+#include <filesystem>  // peer scripts, static files
+#include <fstream>     // static files
+#include <map>         // close codes by session
+#include <mutex>       // handler state
+#include <optional>    // frames
+#include <random>      // masking keys
+#include <string>      // texts
+#include <thread>      // peers run beside the test
+#include <vector>      // bytes
+
+#include "devgate/websocket/static_files.hpp"
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+namespace ws = devgate::websocket;
+
+namespace {
+
+// ---- where the peers live -------------------------------------------------------------------
+
+fs::path repo_root() {
+  if (const char* env = std::getenv("DEVGATE_SOURCE_DIR")) return env;
+  return fs::path(__FILE__).parent_path().parent_path().parent_path();
+}
+
+fs::path peers_dir() { return repo_root() / "tests" / "websocket" / "peers"; }
+
+// "Installed by the test command": the pinned ws client comes from `npm ci` on first use.
+void ensure_node_ws() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const fs::path peers = repo_root() / "tests" / "peers";
+    if (fs::exists(peers / "node_modules" / "ws" / "package.json")) return;
+    const std::string cmd = "npm ci --no-audit --no-fund --prefix '" + peers.string() + "' >&2";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+  });
+}
+
+// Runs a command with a generous failure bound; returns its exit code.
+int run(const std::string& command) {
+  const std::string cmd = "timeout 300 " + command;
+  const int status = std::system(cmd.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+int run_node(std::uint16_t port, const std::string& scenario, const std::string& args = "") {
+  ensure_node_ws();
+  return run("node '" + (peers_dir() / "node_client.js").string() +
+             "' ws://127.0.0.1:" + std::to_string(port) + "/node " + scenario + " " + args);
+}
+
+int run_python(std::uint16_t port, const std::string& scenario, const std::string& args = "") {
+  return run("/usr/bin/python3 '" + (peers_dir() / "python_client.py").string() +
+             "' ws://127.0.0.1:" + std::to_string(port) + "/python " + scenario + " " + args);
+}
+
+// Polls `pred` until it holds or a generous bound passes (the bound only detects failure).
+template <class Pred>
+bool eventually(Pred pred, std::chrono::milliseconds bound = 20s) {
+  const auto end = std::chrono::steady_clock::now() + bound;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+// ---- an in-process server with an echo handler and a few commands ---------------------------
+
+// Echoes every message; "!close <code> <reason>" closes the session, "!reject" answers with the
+// error reply for errc::queue_full.
+struct echo_fixture {
+  explicit echo_fixture(ws::server_options o = base_options()) : server(std::move(o)) {
+    devgate::transport_handlers h;
+    h.on_open = [this](const devgate::session_info& info) {
+      std::lock_guard lock(mutex);
+      last_open = info.id;
+      ids.push_back(info.id);
+      device_ids.push_back(info.device_id);
+      ++opened;
+    };
+    h.on_close = [this](devgate::session_id id, devgate::close_code code) {
+      std::lock_guard lock(mutex);
+      codes[id] = code;
+      ++closed;
+    };
+    h.on_message = [this](devgate::inbound_message&& m) -> std::error_code {
+      const std::string_view text = m.payload.view();
+      if (m.kind == devgate::payload_kind::text && text.starts_with("!close ")) {
+        const auto sp = text.find(' ', 7);
+        const int code = std::stoi(std::string(text.substr(7, sp - 7)));
+        server.close(m.session, static_cast<devgate::close_code>(code),
+                     sp == std::string_view::npos ? "" : text.substr(sp + 1));
+        return {};
+      }
+      if (m.kind == devgate::payload_kind::text && text == "!reject") {
+        return devgate::errc::queue_full;
+      }
+      if (m.kind == devgate::payload_kind::text && text == "!throw") {
+        throw std::runtime_error("handler failure");
+      }
+      return server.send(m.session, m.kind, std::move(m.payload));
+    };
+    server.set_handlers(std::move(h));
+    REQUIRE_FALSE(server.start());
+    port = server.local_port();
+    REQUIRE(port != 0);
+  }
+
+  // The handlers touch the members below, which die before `server` would.
+  ~echo_fixture() { server.stop(); }
+
+  static ws::server_options base_options() {
+    ws::server_options o;
+    o.address = "127.0.0.1";
+    o.threads = 3;  // several threads even on a 2-core machine: cross-thread paths get exercised
+    o.backpressure.max_buffered_bytes = 64u << 20;
+    o.reader.max_message_size = 32u << 20;
+    return o;
+  }
+
+  std::size_t opened_count() {
+    std::lock_guard lock(mutex);
+    return opened;
+  }
+  std::size_t closed_count() {
+    std::lock_guard lock(mutex);
+    return closed;
+  }
+  std::optional<devgate::close_code> code_of(devgate::session_id id) {
+    std::lock_guard lock(mutex);
+    auto it = codes.find(id);
+    if (it == codes.end()) return std::nullopt;
+    return it->second;
+  }
+
+  ws::server server;
+  std::uint16_t port = 0;
+  std::mutex mutex;
+  std::size_t opened = 0, closed = 0;
+  devgate::session_id last_open = 0;
+  std::vector<devgate::session_id> ids;
+  std::vector<std::string> device_ids;
+  std::map<devgate::session_id, devgate::close_code> codes;
+};
+
+// ---- a raw client that can break the protocol ----------------------------------------------
+
+struct frame {
+  std::uint8_t opcode = 0;
+  bool fin = true;
+  std::vector<std::byte> payload;
+  [[nodiscard]] std::string text() const {
+    return {reinterpret_cast<const char*>(payload.data()), payload.size()};
+  }
+  [[nodiscard]] std::uint16_t close_code() const {
+    if (payload.size() < 2) return 1005;
+    return static_cast<std::uint16_t>((std::to_integer<unsigned>(payload[0]) << 8) |
+                                      std::to_integer<unsigned>(payload[1]));
+  }
+};
+
+class raw_client {
+ public:
+  explicit raw_client(std::uint16_t port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd_ >= 0);
+    timeval tv{20, 0};  // failure bound for every read
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int one = 1;
+    ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    ::inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+    REQUIRE(::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  }
+  raw_client(const raw_client&) = delete;
+  raw_client& operator=(const raw_client&) = delete;
+  ~raw_client() { ::close(fd_); }
+
+  void set_receive_buffer(int bytes) {
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
+  }
+
+  void write(std::string_view bytes) {
+    while (!bytes.empty()) {
+      const ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (n <= 0) return;  // the server may already have closed: reads tell the story
+      bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+  }
+  void write(std::span<const std::byte> bytes) {
+    write(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+  }
+
+  // Reads until the end of the HTTP response head (and whatever body Content-Length says).
+  std::string read_http_response() {
+    std::string head;
+    while (head.find("\r\n\r\n") == std::string::npos) {
+      char c;
+      if (::recv(fd_, &c, 1, 0) != 1) return head;
+      head.push_back(c);
+    }
+    const auto cl = head.find("Content-Length: ");
+    if (cl != std::string::npos) {
+      std::size_t n = std::stoul(head.substr(cl + 16));
+      std::string body(n, '\0');
+      if (n > 0 && !read_exact(body.data(), n)) return head;
+      head += body;
+    }
+    return head;
+  }
+
+  std::string handshake(std::string_view path = "/raw") {
+    write("GET " + std::string(path) +
+          " HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    return read_http_response();
+  }
+
+  // One client frame; `mask` false breaks RFC 6455 5.1 on purpose.
+  void send_frame(std::uint8_t opcode, std::span<const std::byte> payload, bool fin = true,
+                  bool mask = true, std::uint8_t rsv = 0) {
+    std::vector<std::byte> out;
+    out.push_back(std::byte((fin ? 0x80 : 0) | (rsv << 4) | opcode));
+    const std::uint8_t m = mask ? 0x80 : 0;
+    if (payload.size() <= 125) {
+      out.push_back(std::byte(m | payload.size()));
+    } else if (payload.size() <= 0xFFFF) {
+      out.push_back(std::byte(m | 126));
+      out.push_back(std::byte(payload.size() >> 8));
+      out.push_back(std::byte(payload.size() & 0xFF));
+    } else {
+      out.push_back(std::byte(m | 127));
+      for (int i = 7; i >= 0; --i) out.push_back(std::byte((payload.size() >> (8 * i)) & 0xFF));
+    }
+    std::array<std::byte, 4> key{std::byte{0x12}, std::byte{0x34}, std::byte{0x56},
+                                 std::byte{0x78}};
+    if (mask) out.insert(out.end(), key.begin(), key.end());
+    for (std::size_t i = 0; i < payload.size(); ++i) {
+      out.push_back(mask ? payload[i] ^ key[i % 4] : payload[i]);
+    }
+    write(out);
+  }
+  void send_text(std::string_view text, bool fin = true, std::uint8_t opcode = 1) {
+    send_frame(opcode, std::as_bytes(std::span(text.data(), text.size())), fin);
+  }
+
+  // Next server frame, or nullopt on EOF/timeout.
+  std::optional<frame> read_frame() {
+    std::uint8_t h[2];
+    if (!read_exact(h, 2)) return std::nullopt;
+    frame f;
+    f.fin = (h[0] & 0x80) != 0;
+    f.opcode = h[0] & 0x0F;
+    if (h[1] & 0x80) return std::nullopt;  // servers never mask (RFC 6455 5.1)
+    std::uint64_t len = h[1] & 0x7F;
+    if (len >= 126) {
+      std::uint8_t ext[8];
+      const std::size_t n = len == 126 ? 2 : 8;
+      if (!read_exact(ext, n)) return std::nullopt;
+      len = 0;
+      for (std::size_t i = 0; i < n; ++i) len = (len << 8) | ext[i];
+    }
+    f.payload.resize(len);
+    if (len > 0 && !read_exact(f.payload.data(), len)) return std::nullopt;
+    return f;
+  }
+
+  // Reads frames until a close frame; returns its code (0 when the connection ended first).
+  std::uint16_t read_close() {
+    while (auto f = read_frame()) {
+      if (f->opcode == 8) return f->close_code();
+    }
+    return 0;
+  }
+
+  // True when the server ends the TCP connection (EOF or reset) within the read timeout.
+  bool closed_by_server() {
+    char buf[4096];
+    for (;;) {
+      const ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n == 0) return true;
+      if (n < 0) return errno == ECONNRESET;
+    }
+  }
+
+  // Sends a text message and expects it echoed.
+  bool echoes(std::string_view text) {
+    send_text(text);
+    auto f = read_frame();
+    return f && f->opcode == 1 && f->text() == text;
+  }
+
+  bool read_exact(void* out, std::size_t n) {
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+      const ssize_t r = ::recv(fd_, p, n, 0);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<std::size_t>(r);
+    }
+    return true;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+std::vector<std::byte> bytes_of(std::string_view s) {
+  const auto b = std::as_bytes(std::span(s.data(), s.size()));
+  return {b.begin(), b.end()};
+}
+
+// Opens a violating connection, sends `violate`, expects `code`; a witness session opened
+// before keeps being served.
+template <class Violate>
+void expect_close_code(echo_fixture& fx, std::uint16_t code, Violate violate) {
+  raw_client witness(fx.port);
+  REQUIRE(witness.handshake().starts_with("HTTP/1.1 101"));
+  raw_client bad(fx.port);
+  REQUIRE(bad.handshake().starts_with("HTTP/1.1 101"));
+  violate(bad);
+  CHECK(bad.read_close() == code);
+  CHECK(bad.closed_by_server());  // RFC 6455 7.1.1: the server closes the TCP connection
+  CHECK(witness.echoes("still served"));
+}
+
+}  // namespace
+
+// =============================================================================================
+// Real peers
+// =============================================================================================
+
+TEST_CASE("websocket::server satisfies the transport concept", "[websocket][server]") {
+  STATIC_REQUIRE(devgate::transport<ws::server>);
+}
+
+TEST_CASE("node ws: messages of 0 bytes to 16 MiB, text and binary", "[websocket][server][node]") {
+  echo_fixture fx;
+  CHECK(run_node(fx.port, "messages") == 0);
+}
+
+TEST_CASE("node ws: fragmented messages, ping/pong, close paths, error reply",
+          "[websocket][server][node]") {
+  echo_fixture fx;
+  CHECK(run_node(fx.port, "fragmented") == 0);
+  CHECK(run_node(fx.port, "ping") == 0);
+  CHECK(run_node(fx.port, "close-client") == 0);
+  CHECK(run_node(fx.port, "close-server") == 0);
+  CHECK(run_node(fx.port, "error-reply") == 0);
+  REQUIRE(eventually([&] { return fx.closed_count() == fx.opened_count(); }));
+  CHECK(fx.opened_count() == 7);
+}
+
+TEST_CASE("node ws: the server pings idle sessions", "[websocket][server][node]") {
+  auto o = echo_fixture::base_options();
+  o.idle_timeout = 300ms;
+  o.pong_timeout = 5s;
+  echo_fixture fx(o);
+  CHECK(run_node(fx.port, "server-ping") == 0);
+}
+
+TEST_CASE("node ws: 300 concurrent clients", "[websocket][server][node][load]") {
+  echo_fixture fx;
+  CHECK(run_node(fx.port, "concurrent", "300 20") == 0);
+  REQUIRE(eventually([&] { return fx.closed_count() == 300; }));
+  CHECK(fx.opened_count() == 300);
+}
+
+TEST_CASE("node ws: stop() closes sessions with 1001", "[websocket][server][node]") {
+  echo_fixture fx;
+  int exit_code = -1;
+  std::thread peer([&] { exit_code = run_node(fx.port, "await-close", "1001"); });
+  REQUIRE(eventually([&] { return fx.opened_count() == 1; }, 60s));
+  fx.server.stop();
+  peer.join();
+  CHECK(exit_code == 0);
+  CHECK(fx.closed_count() == 1);
+  CHECK(fx.code_of(fx.last_open) == devgate::close_code::going_away);
+}
+
+TEST_CASE("python websockets: messages, fragments, ping, close paths, error reply",
+          "[websocket][server][python]") {
+  echo_fixture fx;
+  CHECK(run_python(fx.port, "messages") == 0);
+  CHECK(run_python(fx.port, "fragmented") == 0);
+  CHECK(run_python(fx.port, "ping") == 0);
+  CHECK(run_python(fx.port, "close-client") == 0);
+  CHECK(run_python(fx.port, "close-server") == 0);
+  CHECK(run_python(fx.port, "error-reply") == 0);
+}
+
+TEST_CASE("python websockets: 200 concurrent clients and stop() with 1001",
+          "[websocket][server][python][load]") {
+  echo_fixture fx;
+  CHECK(run_python(fx.port, "concurrent", "200 10") == 0);
+  REQUIRE(eventually([&] { return fx.closed_count() == 200; }));
+  int exit_code = -1;
+  std::thread peer([&] { exit_code = run_python(fx.port, "await-close", "1001"); });
+  REQUIRE(eventually([&] { return fx.opened_count() == 201; }, 60s));
+  fx.server.stop();
+  peer.join();
+  CHECK(exit_code == 0);
+}
+
+TEST_CASE("examples/echo_server serves node ws", "[websocket][server][echo_server]") {
+  // The build passes the program's path (tests/websocket/CMakeLists.txt, meson.build).
+  const char* env = std::getenv("DEVGATE_ECHO_SERVER");
+  REQUIRE(env != nullptr);
+  const fs::path exe = env;
+  REQUIRE(fs::exists(exe));
+  // Spawned with a pipe on its stdout: it prints the ephemeral port it listens on.
+  int out[2];
+  REQUIRE(::pipe(out) == 0);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+  posix_spawn_file_actions_addclose(&actions, out[0]);
+  const std::string path = exe.string();
+  std::vector<std::string> args{path, "--port", "0", "--threads", "2"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  REQUIRE(::posix_spawn(&pid, path.c_str(), &actions, nullptr, argv.data(), environ) == 0);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(out[1]);
+  std::string first;
+  char c = 0;
+  while (::read(out[0], &c, 1) == 1 && c != '\n') first.push_back(c);
+  ::close(out[0]);
+  REQUIRE(first.starts_with("listening on "));
+  const auto port = static_cast<std::uint16_t>(std::stoul(first.substr(13)));
+  CHECK(run_node(port, "messages") == 0);
+  CHECK(run_python(port, "fragmented") == 0);
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+}
+
+// =============================================================================================
+// Raw-socket protocol violations: one per rule, each with the close code RFC 6455 asks for, and
+// a witness session that must keep being served.
+// =============================================================================================
+
+TEST_CASE("raw: framing violations close with the right code", "[websocket][server][raw]") {
+  auto o = echo_fixture::base_options();
+  o.reader.max_message_size = 1u << 20;
+  echo_fixture fx(o);
+  const auto hello = bytes_of("hello");
+
+  SECTION("unmasked client frame: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(1, hello, true, false); });
+  }
+  SECTION("RSV1 without a negotiated extension: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(1, hello, true, true, 4); });
+  }
+  SECTION("RSV3: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(2, hello, true, true, 1); });
+  }
+  SECTION("reserved data opcode 0x3: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(3, hello); });
+  }
+  SECTION("reserved control opcode 0xB: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(0xB, hello); });
+  }
+  SECTION("ping over 125 bytes: 1002") {
+    const std::vector<std::byte> big(126, std::byte{'p'});
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(9, big); });
+  }
+  SECTION("fragmented ping: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(9, hello, false); });
+  }
+  SECTION("continuation without a start: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(0, hello); });
+  }
+  SECTION("new data frame inside a fragmented message: 1002") {
+    expect_close_code(fx, 1002, [&](raw_client& c) {
+      c.send_text("part", false);
+      c.send_text("again");
+    });
+  }
+  SECTION("invalid UTF-8 text: 1007") {
+    const std::vector<std::byte> bad{std::byte{'a'}, std::byte{0xC3}, std::byte{0x28}};
+    expect_close_code(fx, 1007, [&](raw_client& c) { c.send_frame(1, bad); });
+  }
+  SECTION("invalid UTF-8 across fragments: 1007") {
+    // E2 82 | 28: the first fragment ends inside a 3-byte sequence the second breaks.
+    const std::vector<std::byte> a{std::byte{'x'}, std::byte{0xE2}, std::byte{0x82}};
+    const std::vector<std::byte> b{std::byte{0x28}, std::byte{'y'}};
+    expect_close_code(fx, 1007, [&](raw_client& c) {
+      c.send_frame(1, a, false);
+      c.send_frame(0, b, true);
+    });
+  }
+  SECTION("message over the maximum size: 1009") {
+    const std::vector<std::byte> big((1u << 20) + 1, std::byte{'b'});
+    expect_close_code(fx, 1009, [&](raw_client& c) { c.send_frame(2, big); });
+  }
+  SECTION("fragments adding up over the maximum size: 1009") {
+    const std::vector<std::byte> half((1u << 19) + 1, std::byte{'b'});
+    expect_close_code(fx, 1009, [&](raw_client& c) {
+      c.send_frame(2, half, false);
+      c.send_frame(0, half, true);
+    });
+  }
+  SECTION("close with a 1-byte payload: 1002") {
+    const std::vector<std::byte> one{std::byte{3}};
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(8, one); });
+  }
+  SECTION("close with an invalid code (1005 on the wire): 1002") {
+    const std::vector<std::byte> p{std::byte{0x03}, std::byte{0xED}};
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(8, p); });
+  }
+  SECTION("close with code 999: 1002") {
+    const std::vector<std::byte> p{std::byte{0x03}, std::byte{0xE7}};
+    expect_close_code(fx, 1002, [&](raw_client& c) { c.send_frame(8, p); });
+  }
+  SECTION("close reason that is not UTF-8: 1007") {
+    const std::vector<std::byte> p{std::byte{0x03}, std::byte{0xE8}, std::byte{0xFF}};
+    expect_close_code(fx, 1007, [&](raw_client& c) { c.send_frame(8, p); });
+  }
+  SECTION("a valid close is echoed with its code, then the server closes TCP") {
+    expect_close_code(fx, 4444, [&](raw_client& c) {
+      const std::vector<std::byte> p{std::byte{0x11}, std::byte{0x5C}, std::byte{'o'},
+                                     std::byte{'k'}};
+      c.send_frame(8, p);
+    });
+  }
+  SECTION("a close without a code is answered without a code") {
+    expect_close_code(fx, 1005, [&](raw_client& c) { c.send_frame(8, {}); });
+  }
+  REQUIRE(eventually([&] { return fx.server.connection_count() == 0; }));
+}
+
+TEST_CASE("raw: frames split byte by byte and early frames after the request",
+          "[websocket][server][raw]") {
+  echo_fixture fx;
+  raw_client c(fx.port);
+  // The request and a first frame in one write (RFC 6455 allows sending right after it).
+  c.write(
+      "GET /early HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  c.send_text("early");
+  const std::string response = c.read_http_response();
+  REQUIRE(response.starts_with("HTTP/1.1 101"));
+  // RFC 6455 4.2.2 example: the key above yields this accept value.
+  CHECK(response.find("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=") != std::string::npos);
+  auto f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->text() == "early");
+  // One masked frame delivered one byte per write.
+  const std::array<std::byte, 4> key{std::byte{1}, std::byte{2}, std::byte{3}, std::byte{4}};
+  std::vector<std::byte> frame_bytes{std::byte{0x81}, std::byte{0x83}};
+  frame_bytes.insert(frame_bytes.end(), key.begin(), key.end());
+  const std::string abc = "abc";
+  for (std::size_t i = 0; i < abc.size(); ++i) frame_bytes.push_back(std::byte(abc[i]) ^ key[i]);
+  for (auto b : frame_bytes) {
+    c.write(std::span(&b, 1));
+    std::this_thread::sleep_for(1ms);
+  }
+  f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->text() == "abc");
+  std::lock_guard lock(fx.mutex);
+  CHECK(fx.device_ids.at(0) == "/early");
+}
+
+TEST_CASE("raw: a handler that throws costs only its own session", "[websocket][server][raw]") {
+  auto o = echo_fixture::base_options();
+  o.route = [](const ws::http_request&) -> ws::http_reply { throw std::runtime_error("route"); };
+  echo_fixture fx(o);
+  // on_message throws: that session is closed with 1011, the witness keeps being served.
+  expect_close_code(fx, 1011, [](raw_client& c) { c.send_text("!throw"); });
+  // route throws: 500, and the server still upgrades the next connection.
+  raw_client c(fx.port);
+  c.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(c.read_http_response().starts_with("HTTP/1.1 500"));
+  raw_client d(fx.port);
+  REQUIRE(d.handshake().starts_with("HTTP/1.1 101"));
+  CHECK(d.echoes("fine"));
+}
+
+// =============================================================================================
+// HTTP before the upgrade
+// =============================================================================================
+
+TEST_CASE("raw: HTTP errors before the upgrade", "[websocket][server][raw][http]") {
+  auto o = echo_fixture::base_options();
+  o.handshake_timeout = 300ms;
+  o.identify = [](const ws::http_request& r) -> std::optional<std::string> {
+    if (r.target.starts_with("/forbidden")) return std::nullopt;
+    return std::string(r.target.substr(1));
+  };
+  echo_fixture fx(o);
+  raw_client witness(fx.port);
+  REQUIRE(witness.handshake().starts_with("HTTP/1.1 101"));
+
+  SECTION("oversized headers: 431") {
+    raw_client c(fx.port);
+    c.write("GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(20000, 'a') + "\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 431"));
+    CHECK(c.closed_by_server());
+  }
+  SECTION("oversized request line: 431") {
+    raw_client c(fx.port);
+    c.write("GET /" + std::string(9000, 'a') + " HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 431"));
+  }
+  SECTION("malformed request line: 400") {
+    raw_client c(fx.port);
+    c.write("GARBAGE\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 400"));
+    CHECK(c.closed_by_server());
+  }
+  SECTION("version 8: 426 with Sec-WebSocket-Version: 13") {
+    raw_client c(fx.port);
+    c.write(
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n");
+    const auto r = c.read_http_response();
+    CHECK(r.starts_with("HTTP/1.1 426"));
+    CHECK(r.find("Sec-WebSocket-Version: 13\r\n") != std::string::npos);
+  }
+  SECTION("upgrade with POST: 405") {
+    raw_client c(fx.port);
+    c.write(
+        "POST / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 405"));
+  }
+  SECTION("identify refuses: 400") {
+    raw_client c(fx.port);
+    CHECK(c.handshake("/forbidden/dev").starts_with("HTTP/1.1 400"));
+  }
+  SECTION("identify maps the target to the device id") {
+    raw_client c(fx.port);
+    CHECK(c.handshake("/sensor-7").starts_with("HTTP/1.1 101"));
+    REQUIRE(eventually([&] { return fx.opened_count() == 2; }));
+    std::lock_guard lock(fx.mutex);
+    CHECK(fx.device_ids.back() == "sensor-7");
+  }
+  SECTION("handshake timeout: the server drops a silent connection") {
+    raw_client c(fx.port);
+    c.write("GET / HTTP/1.1\r\n");  // and nothing more
+    CHECK(c.closed_by_server());
+  }
+  SECTION("no route: 404 with keep-alive, then the next request on the same connection") {
+    raw_client c(fx.port);
+    c.write("GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 404"));
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 404"));
+    CHECK(c.handshake().starts_with("HTTP/1.1 101"));
+    CHECK(c.echoes("upgraded after two GETs"));
+  }
+  CHECK(witness.echoes("witness"));
+}
+
+TEST_CASE("static files: content types, index.html, no traversal", "[websocket][server][http]") {
+  const fs::path dir = fs::temp_directory_path() / ("devgate-static-" + std::to_string(::getpid()));
+  fs::create_directories(dir / "www" / "sub");
+  std::ofstream(dir / "www" / "index.html") << "<h1>devgate</h1>";
+  std::ofstream(dir / "www" / "app.js") << "console.log(1)";
+  std::ofstream(dir / "www" / "sub" / "index.html") << "sub";
+  std::ofstream(dir / "secret.txt") << "SECRET";
+  auto o = echo_fixture::base_options();
+  o.route = ws::static_files(dir / "www");
+  echo_fixture fx(o);
+  auto get = [&](std::string_view target, std::string_view method = "GET") {
+    raw_client c(fx.port);
+    c.write(std::string(method) + " " + std::string(target) +
+            " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    return c.read_http_response();
+  };
+  auto r = get("/");
+  CHECK(r.starts_with("HTTP/1.1 200"));
+  CHECK(r.find("Content-Type: text/html; charset=utf-8") != std::string::npos);
+  CHECK(r.ends_with("<h1>devgate</h1>"));
+  r = get("/app.js?v=3");
+  CHECK(r.find("Content-Type: text/javascript") != std::string::npos);
+  CHECK(r.ends_with("console.log(1)"));
+  CHECK(get("/sub/").ends_with("\r\n\r\nsub"));
+  for (const char* evil : {"/../secret.txt", "/%2e%2e/secret.txt", "/sub/..%2f..%2fsecret.txt",
+                           "/sub/%2E%2E/%2E%2E/secret.txt", "/..%5csecret.txt", "//etc/passwd",
+                           "/%00", "/missing.html"}) {
+    r = get(evil);
+    CHECK(r.starts_with("HTTP/1.1 4"));
+    CHECK(r.find("SECRET") == std::string::npos);
+  }
+  r = get("/app.js", "HEAD");
+  CHECK(r.starts_with("HTTP/1.1 200"));
+  CHECK(r.ends_with("\r\n\r\n"));  // no body for HEAD
+  CHECK(get("/", "DELETE").starts_with("HTTP/1.1 405"));
+  fs::remove_all(dir);
+}
+
+// =============================================================================================
+// Timeouts
+// =============================================================================================
+
+TEST_CASE("raw: idle sessions are pinged, and dropped without a pong", "[websocket][server]") {
+  auto o = echo_fixture::base_options();
+  o.idle_timeout = 200ms;
+  o.pong_timeout = 300ms;
+  echo_fixture fx(o);
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  auto f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->opcode == 9);  // a ping
+  // Answering keeps the session alive for another round.
+  c.send_frame(0xA, f->payload);
+  f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->opcode == 9);
+  // Not answering: the server drops the connection and reports 1006.
+  CHECK(c.closed_by_server());
+  REQUIRE(eventually([&] { return fx.closed_count() == 1; }));
+  CHECK(fx.code_of(fx.last_open) == devgate::close_code::abnormal);
+}
+
+TEST_CASE("raw: a close the peer never answers ends after close_timeout", "[websocket][server]") {
+  auto o = echo_fixture::base_options();
+  o.close_timeout = 300ms;
+  echo_fixture fx(o);
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  c.send_text("!close 1000 bye");
+  auto f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->opcode == 8);
+  CHECK(f->close_code() == 1000);
+  CHECK(f->text().substr(2) == "bye");
+  CHECK(c.closed_by_server());  // we never sent our close frame
+  REQUIRE(eventually([&] { return fx.closed_count() == 1; }));
+  CHECK(fx.code_of(fx.last_open) == devgate::close_code::normal);
+}
+
+// =============================================================================================
+// Back-pressure and broadcast
+// =============================================================================================
+
+TEST_CASE("back-pressure: a client that never reads is closed with 1013",
+          "[websocket][server][backpressure]") {
+  auto o = echo_fixture::base_options();
+  o.backpressure.max_buffered_bytes = 256u << 10;
+  o.close_timeout = 300ms;
+  echo_fixture fx(o);
+  raw_client c(fx.port);
+  c.set_receive_buffer(4096);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened_count() == 1; }));
+  const devgate::session_id id = fx.last_open;
+  const auto chunk = devgate::shared_bytes::copy_of(std::string(32u << 10, 'z'));
+  std::error_code ec;
+  std::size_t max_seen = 0;
+  for (int i = 0; i < 100000 && !ec; ++i) {
+    ec = fx.server.send(id, devgate::payload_kind::binary, chunk);
+    max_seen = std::max(max_seen, fx.server.buffered_bytes(id));
+  }
+  CHECK(ec == devgate::errc::backpressure);
+  CHECK(max_seen <= (256u << 10));
+  REQUIRE(eventually([&] { return fx.closed_count() == 1; }));
+  CHECK(fx.code_of(id) == devgate::close_code::try_again_later);
+  CHECK(fx.server.send(id, devgate::payload_kind::binary, chunk) == devgate::errc::unknown_session);
+}
+
+TEST_CASE("back-pressure: drop_oldest keeps memory bounded and the session open",
+          "[websocket][server][backpressure]") {
+  auto o = echo_fixture::base_options();
+  o.backpressure.max_buffered_bytes = 256u << 10;
+  o.backpressure.on_overflow = devgate::overflow_action::drop_oldest;
+  echo_fixture fx(o);
+  raw_client c(fx.port);
+  c.set_receive_buffer(64 << 10);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened_count() == 1; }));
+  const devgate::session_id id = fx.last_open;
+  const auto chunk = devgate::shared_bytes::copy_of(std::string(16u << 10, 'd'));
+  std::size_t max_seen = 0, refused = 0;
+  for (int i = 0; i < 5000; ++i) {
+    if (fx.server.send(id, devgate::payload_kind::binary, chunk)) ++refused;
+    max_seen = std::max(max_seen, fx.server.buffered_bytes(id));
+  }
+  CHECK(max_seen <= 2 * (256u << 10));  // the hard bound while drops catch up
+  REQUIRE(eventually([&] { return fx.server.buffered_bytes(id) <= (256u << 10); }));
+  CHECK(fx.closed_count() == 0);
+  // Still a working session: it reads everything still queued, then its own echo.
+  CHECK(refused < 5000);
+  CHECK(fx.server.send(id, devgate::payload_kind::text,
+                       devgate::shared_bytes::copy_of(std::string_view("last"))) ==
+        std::error_code{});
+  std::optional<frame> f;
+  while ((f = c.read_frame()) && !(f->opcode == 1 && f->text() == "last")) {
+  }
+  CHECK(f.has_value());
+}
+
+TEST_CASE("broadcast: one payload to many sessions on every thread",
+          "[websocket][server][broadcast]") {
+  echo_fixture fx;
+  std::vector<std::unique_ptr<raw_client>> clients;
+  for (int i = 0; i < 60; ++i) {
+    clients.push_back(std::make_unique<raw_client>(fx.port));
+    REQUIRE(clients.back()->handshake().starts_with("HTTP/1.1 101"));
+  }
+  REQUIRE(eventually([&] { return fx.opened_count() == 60; }));
+  std::vector<devgate::session_id> ids;
+  {
+    std::lock_guard lock(fx.mutex);
+    ids = fx.ids;
+  }
+  ids.push_back(0xFFFFFF00);  // unknown sessions are skipped
+  ids.push_back(0x00000007);  // no such worker
+  const auto payload = devgate::shared_bytes::copy_of(std::string_view("to everyone"));
+  CHECK(fx.server.broadcast(ids, devgate::payload_kind::text, payload) == 60);
+  for (auto& c : clients) {
+    auto f = c->read_frame();
+    REQUIRE(f);
+    CHECK(f->text() == "to everyone");
+  }
+  CHECK(fx.server.broadcast({}, devgate::payload_kind::text, payload) == 0);
+}
+
+TEST_CASE("stress: broadcast, send, close and buffered_bytes from several threads at once",
+          "[websocket][server][load]") {
+  echo_fixture fx;
+  constexpr int clients = 40, broadcasts = 500;
+  std::vector<std::unique_ptr<raw_client>> conns;
+  for (int i = 0; i < clients; ++i) {
+    conns.push_back(std::make_unique<raw_client>(fx.port));
+    REQUIRE(conns.back()->handshake().starts_with("HTTP/1.1 101"));
+  }
+  REQUIRE(eventually([&] { return fx.opened_count() == clients; }));
+  std::vector<devgate::session_id> ids;
+  {
+    std::lock_guard lock(fx.mutex);
+    ids = fx.ids;
+  }
+  // Each client reads until it has seen every broadcast (in order) or the server closes it.
+  std::vector<int> seen(clients, 0);
+  std::vector<bool> in_order(clients, true);
+  std::vector<std::thread> readers;
+  for (int i = 0; i < clients; ++i) {
+    readers.emplace_back([&, i] {
+      int last = -1;
+      while (auto f = conns[i]->read_frame()) {
+        if (f->opcode == 8) break;
+        const std::string t = f->text();
+        if (t.starts_with("b ")) {
+          const int n = std::stoi(t.substr(2));
+          if (n <= last) in_order[i] = false;
+          last = n;
+          if (++seen[i] == broadcasts) break;
+        }
+      }
+    });
+  }
+  std::atomic<bool> done{false};
+  std::thread broadcaster([&] {
+    for (int n = 0; n < broadcasts; ++n) {
+      fx.server.broadcast(ids, devgate::payload_kind::text,
+                          devgate::shared_bytes::copy_of("b " + std::to_string(n)));
+    }
+  });
+  std::thread sender([&] {
+    for (int n = 0; !done.load(); ++n) {
+      (void)fx.server.send(ids[n % clients], devgate::payload_kind::text,
+                           devgate::shared_bytes::copy_of(std::string_view("u")));
+      std::this_thread::yield();
+    }
+  });
+  std::thread observer([&] {
+    std::size_t sum = 0;
+    while (!done.load()) {
+      for (auto id : ids) sum += fx.server.buffered_bytes(id);
+    }
+    (void)sum;
+  });
+  // The last four sessions are closed by the server while traffic flows.
+  for (int i = clients - 4; i < clients; ++i)
+    fx.server.close(ids[i], devgate::close_code::normal, "");
+  broadcaster.join();
+  for (auto& r : readers) r.join();
+  done = true;
+  sender.join();
+  observer.join();
+  for (int i = 0; i < clients - 4; ++i) {
+    CHECK(seen[i] == broadcasts);
+    CHECK(in_order[i]);
+  }
+  REQUIRE(eventually([&] { return fx.closed_count() >= 4; }));
+}
+
+TEST_CASE("large messages go out as fragments, and a pong is not stuck behind them",
+          "[websocket][server][raw]") {
+  echo_fixture fx;
+  raw_client c(fx.port);
+  c.set_receive_buffer(16 << 10);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened_count() == 1; }));
+  const devgate::session_id id = fx.last_open;
+  std::string big(16u << 20, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 31 + (i >> 12));
+  REQUIRE_FALSE(fx.server.send(id, devgate::payload_kind::binary,
+                               devgate::shared_bytes::copy_of(std::string_view(big))));
+  REQUIRE(eventually([&] { return fx.server.buffered_bytes(id) > 0; }));
+  c.send_frame(9, bytes_of("are you there"));  // the client has not read anything yet
+  std::string got;
+  bool pong_before_last = false, first = true, ok = true;
+  while (auto f = c.read_frame()) {
+    if (f->opcode == 0xA) {
+      pong_before_last = true;
+      CHECK(f->text() == "are you there");
+      continue;
+    }
+    // RFC 6455 5.4: binary first, then continuations; control frames may come in between.
+    ok = ok && f->opcode == (first ? 2 : 0);
+    first = false;
+    got += f->text();
+    if (f->fin) break;
+  }
+  CHECK(ok);
+  CHECK(pong_before_last);
+  CHECK(got == big);
+}
+
+TEST_CASE("broadcast of a large payload: fragments from one shared buffer",
+          "[websocket][server][broadcast]") {
+  echo_fixture fx;
+  raw_client a(fx.port), b(fx.port);
+  REQUIRE(a.handshake().starts_with("HTTP/1.1 101"));
+  REQUIRE(b.handshake().starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened_count() == 2; }));
+  std::vector<devgate::session_id> ids;
+  {
+    std::lock_guard lock(fx.mutex);
+    ids = fx.ids;
+  }
+  const std::string big((1u << 20) + 17, 'q');
+  CHECK(fx.server.broadcast(ids, devgate::payload_kind::text,
+                            devgate::shared_bytes::copy_of(std::string_view(big))) == 2);
+  for (raw_client* c : {&a, &b}) {
+    std::string got;
+    int frames = 0;
+    while (auto f = c->read_frame()) {
+      ++frames;
+      got += f->text();
+      if (f->fin) break;
+    }
+    CHECK(frames == 17);  // 16 fragments of 64 KiB and a last one of 17 bytes
+    CHECK(got == big);
+  }
+}
