@@ -42,7 +42,7 @@ inline constexpr std::string_view version_string = "0.1.0";
 #include <memory>       // std::shared_ptr, std::make_shared_for_overwrite
 #include <span>         // views
 #include <string_view>  // text views
-#include <utility>      // std::move
+#include <utility>      // std::move, std::exchange
 
 namespace devgate {
 
@@ -55,6 +55,23 @@ class shared_bytes {
  public:
   /// An empty buffer (no allocation).
   shared_bytes() noexcept = default;
+  /// Shares `other`'s buffer.
+  shared_bytes(const shared_bytes& other) noexcept = default;
+  /// Shares `other`'s buffer.
+  shared_bytes& operator=(const shared_bytes& other) noexcept = default;
+  /// Takes `other`'s share; `other` is left empty.
+  shared_bytes(shared_bytes&& other) noexcept
+      : storage_(std::move(other.storage_)),
+        data_(std::exchange(other.data_, nullptr)),
+        size_(std::exchange(other.size_, 0)) {}
+  /// Takes `other`'s share; `other` is left empty.
+  shared_bytes& operator=(shared_bytes&& other) noexcept {
+    storage_ = std::move(other.storage_);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+    return *this;
+  }
+  ~shared_bytes() = default;
 
   /// Copies `data` into a new buffer: the one copy made when bytes enter devgate.
   static shared_bytes copy_of(std::span<const std::byte> data) {
@@ -681,8 +698,12 @@ struct message {
   payload_kind kind = payload_kind::text;  ///< Text or binary.
   shared_bytes payload;                    ///< The message bytes, shared by every stage and sink.
   clock::time_point received{};            ///< When the transport finished reading it.
-  clock::time_point enqueued{};            ///< When the pipeline accepted it.
-  clock::time_point dispatched{};          ///< When a worker handed it to the sink.
+  clock::time_point enqueued{};  ///< When the pipeline accepted it (one reading per push_bulk).
+  /// When a worker started dispatching the batch holding it: one clock reading per batch, so a
+  /// message waiting behind slow sink calls of its batch is stamped early (the adaptive demand
+  /// keeps a batch's dispatch near its latency target). A sink needing the exact time reads the
+  /// clock itself.
+  clock::time_point dispatched{};
 
   /// The message a transport delivered, ready to push (timestamps after `received` are set later).
   static message from(inbound_message&& in) noexcept {
@@ -734,6 +755,9 @@ enum class overflow_policy : std::uint8_t {
 /// - `q.pop_bulk(T* out, std::size_t max)`: thread-safe, move-assigns up to `max` items into
 ///   `out`, returns how many.
 /// Order between producers is not required: the pipeline orders each partition with tickets.
+/// Optional: `q.push_bulk(producer_token&, It first, std::size_t n)` enqueuing `n` items read
+/// through the input iterator `first` (each `*first` a T prvalue, noexcept), in order; the
+/// pipeline's `push_bulk` uses it when present (see `bulk_queue`) and otherwise pushes one by one.
 template <class Q>
 concept queue_policy = requires(typename Q::template queue<int>& q,
                                 typename Q::template queue<int>::producer_token& token, int* out,
@@ -742,6 +766,13 @@ concept queue_policy = requires(typename Q::template queue<int>& q,
   { q.push(1) } -> std::same_as<bool>;
   { q.push(token, 1) } -> std::same_as<bool>;
   { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
+};
+
+/// A queue container with the optional bulk enqueue (one reservation of slots for many items).
+template <class Container, class T>
+concept bulk_queue = requires(Container& q, typename Container::producer_token& token, T* items,
+                              std::size_t n) {
+  { q.push_bulk(token, items, n) } -> std::same_as<bool>;
 };
 
 /// The default queue: moodycamel::ConcurrentQueue (lock-free), with producer tokens for
@@ -767,6 +798,11 @@ struct lockfree_queue {
     /// Enqueues through an explicit producer token.
     bool push(producer_token& token, T&& item) {
       return impl_.enqueue(token.token_, std::move(item));
+    }
+    /// Enqueues `n` items read through `first` with one reservation of slots (all or nothing).
+    template <class It>
+    bool push_bulk(producer_token& token, It first, std::size_t n) {
+      return impl_.enqueue_bulk(token.token_, first, n);
     }
     /// Dequeues up to `max` items into `out`.
     std::size_t pop_bulk(T* out, std::size_t max) { return impl_.try_dequeue_bulk(out, max); }
@@ -798,6 +834,13 @@ struct locked_queue {
     }
     /// Same as `push(item)`: the token carries nothing.
     bool push(producer_token&, T&& item) { return push(std::move(item)); }
+    /// Enqueues `n` items read through `first` under one lock.
+    template <class It>
+    bool push_bulk(producer_token&, It first, std::size_t n) {
+      std::lock_guard lock(mutex_);
+      for (std::size_t i = 0; i < n; ++i, ++first) items_.push_back(*first);
+      return true;
+    }
     /// Dequeues up to `max` items into `out` under one lock.
     std::size_t pop_bulk(T* out, std::size_t max) {
       std::lock_guard lock(mutex_);
@@ -817,6 +860,8 @@ struct locked_queue {
 
 static_assert(queue_policy<lockfree_queue>);
 static_assert(queue_policy<locked_queue>);
+static_assert(bulk_queue<lockfree_queue::queue<int>, int>);
+static_assert(bulk_queue<locked_queue::queue<int>, int>);
 
 }  // namespace devgate
 // ---- end devgate/pipeline/queue.hpp ----
@@ -856,6 +901,10 @@ class fetcher {
     [[nodiscard]] std::size_t size() const noexcept { return size_; }
     /// The demand announced for this batch.
     [[nodiscard]] std::size_t asked() const noexcept { return asked_; }
+    /// True when the last `fetch` found a partition whose next ticket was taken but whose
+    /// message was not visible yet (its producer is mid-enqueue): work is coming, so the worker
+    /// must look again rather than sleep.
+    [[nodiscard]] bool in_flight() const noexcept { return in_flight_; }
     /// The last partition claimed (workers resume their scan after it, for fairness).
     [[nodiscard]] std::uint32_t last_partition() const noexcept {
       return claims_.empty() ? 0 : claims_.back();
@@ -867,13 +916,15 @@ class fetcher {
     std::vector<std::uint32_t> claims_;
     std::size_t size_ = 0;
     std::size_t asked_ = 0;
+    bool in_flight_ = false;
   };
 
-  /// A producer's private path into every partition (one per producing thread).
+  /// A producer's private path into every partition (one per producing thread), with the
+  /// scratch space `enqueue_bulk` sorts a batch in (it grows to the largest batch, then stays).
   class producer {
    public:
     /// Tokens for every partition of `f`.
-    explicit producer(fetcher& f) {
+    explicit producer(fetcher& f) : count_(f.partitions_.size(), 0) {
       tokens_.reserve(f.partitions_.size());
       for (auto& p : f.partitions_) tokens_.emplace_back(p->queue);
     }
@@ -881,10 +932,15 @@ class fetcher {
    private:
     friend class fetcher;
     std::vector<typename queue_type::producer_token> tokens_;
+    std::vector<std::uint32_t> count_;    // per partition: messages of this batch (0 between)
+    std::vector<std::uint32_t> touched_;  // partitions this batch uses, first-seen order
+    std::vector<std::uint32_t> part_;     // per message of the batch: its partition
+    std::vector<std::uint32_t> order_;    // message indices grouped by partition
   };
 
   /// `partitions` queues; demand state for `workers` worker slots.
-  fetcher(std::size_t partitions, std::size_t workers, const demand_options& demand) {
+  fetcher(std::size_t partitions, std::size_t workers, const demand_options& demand)
+      : mask_((partitions & (partitions - 1)) == 0 ? partitions - 1 : 0) {
     partitions_.reserve(partitions);
     for (std::size_t i = 0; i < partitions; ++i)
       partitions_.push_back(std::make_unique<partition>());
@@ -896,8 +952,10 @@ class fetcher {
   [[nodiscard]] std::size_t partitions() const noexcept { return partitions_.size(); }
   /// The partition a device's messages go to.
   [[nodiscard]] std::uint32_t partition_of(const shared_bytes& device_id) const noexcept {
-    return static_cast<std::uint32_t>(std::hash<std::string_view>{}(device_id.view()) %
-                                      partitions_.size());
+    const auto h = std::hash<std::string_view>{}(device_id.view());
+    // A power-of-two count (the default 32) takes a mask instead of a 64-bit division.
+    return static_cast<std::uint32_t>(
+        mask_ != 0 || partitions_.size() == 1 ? h & mask_ : h % partitions_.size());
   }
   /// The demand state of worker `id`.
   [[nodiscard]] Demand& demand(std::size_t id) noexcept { return demands_[id]; }
@@ -905,7 +963,9 @@ class fetcher {
   /// Enqueues into partition `p` through the calling thread's implicit producer.
   void enqueue(std::uint32_t p, message&& m) {
     auto& part = *partitions_[p];
-    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_acq_rel), p};
+    // seq_cst: the pipeline's wake-up pairs this RMW with the workers' seq_cst re-check of
+    // `tail` (pipeline_eventcount::notify_one_after_sc_rmw).
+    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     // The ticket is taken: the enqueue must happen or the partition stalls at this gap, so an
     // out-of-memory enqueue is retried rather than abandoned.
     while (!part.queue.push(std::move(q))) std::this_thread::yield();
@@ -913,8 +973,61 @@ class fetcher {
   /// Enqueues into partition `p` through `prod`'s token.
   void enqueue(std::uint32_t p, message&& m, producer& prod) {
     auto& part = *partitions_[p];
-    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_acq_rel), p};
+    queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     while (!part.queue.push(prod.tokens_[p], std::move(q))) std::this_thread::yield();
+  }
+
+  /// Enqueues `msgs[0..n)` through `prod`, in order per partition: one ticket range and one bulk
+  /// enqueue per partition the batch touches, instead of one of each per message. Consecutive
+  /// messages of one device (a transport's read) are hashed once. Returns how many partitions
+  /// the batch touched.
+  std::size_t enqueue_bulk(message* msgs, std::size_t n, producer& prod) {
+    if (prod.part_.size() < n) {
+      prod.part_.resize(n);
+      prod.order_.resize(n);
+    }
+    // Pass 1: the partition of each message, and how many each partition gets.
+    const std::byte* last_id = nullptr;
+    std::size_t last_size = 0;
+    std::uint32_t last_p = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto& id = msgs[i].device_id;
+      if (i == 0 || id.data() != last_id || id.size() != last_size) {
+        last_id = id.data();
+        last_size = id.size();
+        last_p = partition_of(id);
+      }
+      prod.part_[i] = last_p;
+      if (prod.count_[last_p]++ == 0) prod.touched_.push_back(last_p);
+    }
+    const std::size_t touched = prod.touched_.size();
+    if (touched == 1) {
+      // One device (or partition): the batch is already grouped.
+      for (std::size_t i = 0; i < n; ++i) prod.order_[i] = static_cast<std::uint32_t>(i);
+      enqueue_group(last_p, msgs, prod.order_.data(), n, prod);
+    } else {
+      // Pass 2: group the indices by partition (a counting sort, stable: order within a
+      // partition is the batch's order), reusing count_ as each group's insertion point.
+      std::uint32_t offset = 0;
+      for (auto p : prod.touched_) {
+        const auto c = prod.count_[p];
+        prod.count_[p] = offset;
+        offset += c;
+      }
+      for (std::size_t i = 0; i < n; ++i) {
+        prod.order_[prod.count_[prod.part_[i]]++] = static_cast<std::uint32_t>(i);
+      }
+      // count_[p] is now the end of p's group; groups are laid out in touched_ order.
+      std::uint32_t begin = 0;
+      for (auto p : prod.touched_) {
+        const auto end = prod.count_[p];
+        enqueue_group(p, msgs, prod.order_.data() + begin, end - begin, prod);
+        begin = end;
+      }
+    }
+    for (auto p : prod.touched_) prod.count_[p] = 0;
+    prod.touched_.clear();
+    return touched;
   }
 
   /// Total tickets handed out (every message ever accepted).
@@ -928,6 +1041,7 @@ class fetcher {
   /// scanning from `start`. Returns the number fetched; the claims stay held until `release`.
   std::size_t fetch(std::size_t worker, batch& b, std::size_t start) {
     b.size_ = 0;
+    b.in_flight_ = false;
     b.asked_ = demands_[worker].demand();
     const std::size_t n = partitions_.size();
     for (std::size_t i = 0; i < n && b.size_ < b.asked_; ++i) {
@@ -937,6 +1051,7 @@ class fetcher {
       const std::size_t got = pull(part, b.items_.data() + b.size_, b.asked_ - b.size_);
       if (got == 0) {
         part.release();
+        b.in_flight_ = true;
         continue;
       }
       b.size_ += got;
@@ -1013,8 +1128,10 @@ class fetcher {
     std::vector<queued_message> pending;
     queue_type queue;
 
+    // seq_cst: a worker's re-check after announcing it will sleep must be ordered with the
+    // producers' ticket RMW (see enqueue).
     [[nodiscard]] bool has_work() const noexcept {
-      return tail.load(std::memory_order_acquire) != head.load(std::memory_order_relaxed);
+      return tail.load(std::memory_order_seq_cst) != head.load(std::memory_order_relaxed);
     }
     [[nodiscard]] bool try_claim() noexcept {
       return !claimed.load(std::memory_order_relaxed) &&
@@ -1075,8 +1192,55 @@ class fetcher {
     return k;
   }
 
+  // Reads messages msgs[index[0]], msgs[index[1]], ... as queued_message prvalues with
+  // consecutive tickets, so the bulk enqueue constructs each slot by one move.
+  class staging_iterator {
+   public:
+    staging_iterator(message* msgs, const std::uint32_t* index, std::uint64_t ticket,
+                     std::uint32_t p) noexcept
+        : msgs_(msgs), index_(index), ticket_(ticket), partition_(p) {}
+    queued_message operator*() const noexcept {
+      return queued_message{std::move(msgs_[*index_]), ticket_, partition_};
+    }
+    staging_iterator& operator++() noexcept {
+      ++index_;
+      ++ticket_;
+      return *this;
+    }
+    staging_iterator operator++(int) noexcept {
+      auto before = *this;
+      ++*this;
+      return before;
+    }
+
+   private:
+    message* msgs_;
+    const std::uint32_t* index_;
+    std::uint64_t ticket_;
+    std::uint32_t partition_;
+  };
+
+  // One partition's share of a bulk enqueue: one ticket range, one bulk enqueue.
+  void enqueue_group(std::uint32_t p, message* msgs, const std::uint32_t* index, std::size_t k,
+                     producer& prod) {
+    auto& part = *partitions_[p];
+    auto ticket = part.tail.fetch_add(k, std::memory_order_seq_cst);  // seq_cst: see enqueue
+    if constexpr (bulk_queue<queue_type, queued_message>) {
+      // The tickets are taken: the enqueue must happen (see enqueue), so out of memory retries.
+      while (!part.queue.push_bulk(prod.tokens_[p], staging_iterator(msgs, index, ticket, p), k)) {
+        std::this_thread::yield();
+      }
+    } else {
+      for (std::size_t i = 0; i < k; ++i, ++ticket) {
+        queued_message q{std::move(msgs[index[i]]), ticket, p};
+        while (!part.queue.push(prod.tokens_[p], std::move(q))) std::this_thread::yield();
+      }
+    }
+  }
+
   std::vector<std::unique_ptr<partition>> partitions_;
   std::vector<Demand> demands_;
+  std::size_t mask_;  // partitions - 1 when that is a power of two, else 0 (use %)
 };
 
 }  // namespace devgate
@@ -1104,6 +1268,7 @@ class fetcher {
 #include <memory>              // per-worker statistics
 #include <mutex>               // backoff sleep, stop
 #include <optional>            // stop deadline
+#include <span>                // push_bulk batches
 #include <stdexcept>           // std::invalid_argument at set-up
 #include <string>              // Prometheus text
 #include <system_error>        // results
@@ -1161,8 +1326,21 @@ class pipeline_eventcount {
   void notify_one() noexcept { notify(false); }
   /// Wakes every waiter, if any.
   void notify_all() noexcept { notify(true); }
+  /// Like `notify_one`, without the fence, for a caller whose condition change was a seq_cst
+  /// read-modify-write that waiters re-check with seq_cst loads (after `prepare_wait`): the
+  /// single total order of seq_cst operations already pairs the two sides, so either the
+  /// waiter's re-check sees the change or this load sees the waiter. On x86 that RMW is the
+  /// fence, so the hot path saves a second full barrier per notify.
+  void notify_one_after_sc_rmw() noexcept { notify_unfenced(false); }
+  /// `notify_all` under the same contract as `notify_one_after_sc_rmw`.
+  void notify_all_after_sc_rmw() noexcept { notify_unfenced(true); }
 
  private:
+  void notify_unfenced(bool all) noexcept {
+    if (waiters_.load(std::memory_order_seq_cst) == 0) return;
+    wake(all);
+  }
+
   void notify(bool all) noexcept {
     // Pairs with the seq_cst increment in prepare_wait: either the waiter's re-check sees our
     // change, or we see its announcement here.
@@ -1174,6 +1352,10 @@ class pipeline_eventcount {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (waiters_.load(std::memory_order_relaxed) == 0) return;
 #endif
+    wake(all);
+  }
+
+  void wake(bool all) noexcept {
     {
       std::lock_guard lock(mutex_);
       epoch_.fetch_add(1, std::memory_order_relaxed);
@@ -1250,7 +1432,7 @@ using latency_histogram = log2_histogram<21, 10>;
 
 /// A consistent-enough reading of every pipeline metric (counters are read one by one, relaxed).
 struct pipeline_metrics {
-  std::uint64_t enqueued = 0;       ///< Messages accepted by `push`.
+  std::uint64_t enqueued = 0;       ///< Messages accepted by `push` and `push_bulk`.
   std::uint64_t dispatched = 0;     ///< Messages a sink accepted (after any retries).
   std::uint64_t rejected = 0;       ///< Pushes refused with `errc::queue_full` (reject or block).
   std::uint64_t dropped = 0;        ///< Queued messages evicted by `drop_oldest`.
@@ -1260,7 +1442,8 @@ struct pipeline_metrics {
   std::uint64_t queue_depth = 0;    ///< Messages accepted and not yet dispatched or dropped.
   std::uint64_t workers_alive = 0;  ///< Worker threads running now.
   batch_histogram batch_size;       ///< Messages per fetched batch.
-  latency_histogram latency_ns;     ///< Enqueue-to-dispatch latency, nanoseconds.
+  /// Enqueue-to-dispatch latency in nanoseconds (to the start of the message's batch).
+  latency_histogram latency_ns;
 };
 
 namespace detail {
@@ -1742,10 +1925,22 @@ struct pipeline_options {
   std::chrono::microseconds retry_backoff{1000};
   /// Longest wait between retries.
   std::chrono::microseconds retry_backoff_max{100000};
+  /// How long an idle worker keeps looking for work (yielding the CPU between looks) before it
+  /// sleeps. Under steady traffic this keeps workers awake between messages, so producers do
+  /// not pay a futex wake-up (a system call and a context switch) per push; the price is up to
+  /// this much CPU per idle period. 0 sleeps at once (lowest idle CPU, slowest under load).
+  std::chrono::microseconds idle_spin{50};
   /// Receives each message that failed `retry_limit + 1` times, with the last error.
   std::function<void(const message&, std::error_code)> dead_letter;
   /// Receives each message `drop_oldest` evicted (they are also counted).
   std::function<void(const message&)> on_dropped;
+};
+
+/// What `pipeline::push_bulk` did with a batch: its first `accepted` messages were taken (moved
+/// from) in order; the rest were left untouched, for the reason in `error`.
+struct push_bulk_result {
+  std::size_t accepted = 0;  ///< How many messages, from the front of the batch, were accepted.
+  std::error_code error;     ///< Empty when all were; else `errc::queue_full` or `errc::closed`.
 };
 
 /// Queue -> fetcher<demand> -> worker pool -> sink, without a transport: host code or a
@@ -1820,6 +2015,53 @@ class pipeline {
     });
   }
 
+  /// Accepts a batch through `prod` (a transport that decoded several messages in one read hands
+  /// them over at once): one timestamp, one capacity reservation, and per partition one ticket
+  /// range and one bulk enqueue for the whole batch, instead of one of each per message.
+  ///
+  /// Messages are accepted in order, as a prefix of `batch`: a message is never accepted after
+  /// an earlier one of the batch was refused, so per-device order holds as with `push`. What
+  /// does not fit right away goes through the overflow policy message by message (`block`
+  /// waits, `drop_oldest` evicts); on the first refusal the rest of the batch is left untouched,
+  /// counted in `devgate_rejected_total` (one per message) and reported as `errc::queue_full`.
+  /// After `stop`, nothing is accepted and the result is `errc::closed`.
+  push_bulk_result push_bulk(std::span<message> batch, producer& prod) {
+    const std::size_t n = batch.size();
+    if (n == 0) return {};
+    if (!accepting_.load(std::memory_order_acquire)) return {0, errc::closed};
+    // The batch arrived together: one clock reading stamps all of it.
+    const auto now = clock::now();
+    for (auto& m : batch) {
+      m.enqueued = now;
+      if (m.received == clock::time_point{}) m.received = now;
+    }
+    const std::size_t fit = reserve_up_to(n);
+    if (fit != 0) {
+      // Pairs with stop() exactly as in push_impl.
+      if (!accepting_.load(std::memory_order_seq_cst)) {
+        release(static_cast<std::int64_t>(fit));
+        return {0, errc::closed};
+      }
+      const auto touched = fetcher_.enqueue_bulk(batch.data(), fit, prod);
+      // Work for several partitions can keep several workers busy.
+      if (touched > 1) {
+        work_.notify_all_after_sc_rmw();  // ticket RMWs are seq_cst, as in push_impl
+      } else {
+        work_.notify_one_after_sc_rmw();
+      }
+    }
+    for (std::size_t i = fit; i < n; ++i) {
+      if (auto ec = push(std::move(batch[i]), prod); ec) {
+        // push counted message i; the untouched rest of the batch is refused with it.
+        if (ec == errc::queue_full) {
+          rejected_.fetch_add(static_cast<std::uint64_t>(n - i - 1), std::memory_order_relaxed);
+        }
+        return {i, ec};
+      }
+    }
+    return {n, {}};
+  }
+
   /// Stops intake (pushes get `errc::closed`), dispatches every accepted message, joins workers.
   void stop() { (void)stop_impl(std::nullopt); }
   /// Like `stop()`, but at `deadline` workers finish the message in hand and stop; whatever is
@@ -1872,6 +2114,9 @@ class pipeline {
     if (o.demand.max_batch == 0 || o.demand.min_batch > o.demand.max_batch) {
       throw std::invalid_argument("devgate: demand_options needs 1 <= min_batch <= max_batch");
     }
+    if (o.idle_spin.count() < 0) {
+      throw std::invalid_argument("devgate: pipeline_options.idle_spin must be >= 0");
+    }
     if (o.retry_backoff.count() < 0 || o.retry_backoff_max < o.retry_backoff) {
       throw std::invalid_argument(
           "devgate: pipeline_options needs 0 <= retry_backoff <= retry_backoff_max");
@@ -1897,7 +2142,9 @@ class pipeline {
       return errc::closed;
     }
     enqueue(p, std::move(m));
-    work_.notify_one();
+    // The ticket RMW inside enqueue is seq_cst and workers re-check tails with seq_cst loads
+    // (a worker that sees the ticket before the message waits for it instead of sleeping).
+    work_.notify_one_after_sc_rmw();
     return {};
   }
 
@@ -1909,6 +2156,22 @@ class pipeline {
     queued_.fetch_sub(1, std::memory_order_seq_cst);
     if (!accepting_.load(std::memory_order_seq_cst)) work_.notify_all();
     return false;
+  }
+
+  // Reserves up to `n` units of capacity, as many as are free; returns how many. A CAS rather
+  // than fetch_add(n): a big batch must not transiently over-reserve and make another
+  // producer's push fail while there is room for it.
+  std::size_t reserve_up_to(std::size_t n) noexcept {
+    const auto cap = static_cast<std::int64_t>(options_.capacity);
+    auto cur = queued_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (cur >= cap) return 0;
+      const auto fit = std::min<std::int64_t>(static_cast<std::int64_t>(n), cap - cur);
+      if (queued_.compare_exchange_weak(cur, cur + fit, std::memory_order_seq_cst,
+                                        std::memory_order_relaxed)) {
+        return static_cast<std::size_t>(fit);
+      }
+    }
   }
 
   // Capacity units leave: wake blocked producers, and workers waiting for a drain to finish.
@@ -1946,7 +2209,11 @@ class pipeline {
         do {
           if (!accepting_.load(std::memory_order_acquire)) return errc::closed;
           queued_message victim;
-          if (fetcher_.evict_one(p, victim)) {
+          const bool evicted = fetcher_.evict_one(p, victim);
+          // Eviction claims partitions; a worker that skipped one while we held it may have gone
+          // to sleep over its remaining work, and nobody else re-fetches after our release.
+          work_.notify_one();
+          if (evicted) {
             // The victim's unit of capacity passes to the new message.
             dropped_.fetch_add(1, std::memory_order_relaxed);
             if (options_.on_dropped) options_.on_dropped(victim.msg);
@@ -1979,7 +2246,7 @@ class pipeline {
     std::size_t cursor = id * fetcher_.partitions() / pool_.max_workers();
     for (;;) {
       if (abort_.load(std::memory_order_acquire)) break;
-      if (fetcher_.fetch(id, b, cursor) != 0) {
+      if (fetcher_.fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
         continue;
@@ -1990,6 +2257,13 @@ class pipeline {
         work_.cancel_wait();
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
+        continue;
+      }
+      if (b.in_flight()) {
+        // A ticket is taken but its message is not visible yet: its producer may have checked
+        // for sleepers before our announcement (notify_one_after_sc_rmw), so do not sleep.
+        work_.cancel_wait();
+        std::this_thread::yield();
         continue;
       }
       if (drained() || abort_.load(std::memory_order_acquire)) {
@@ -2006,6 +2280,25 @@ class pipeline {
     pool_.exited();
   }
 
+  // Looks for work for up to `idle_spin`, yielding between looks (see pipeline_options). True
+  // when `b` was filled. Stops early when the pipeline is stopping, so drains are not delayed.
+  bool spin_for_work(std::size_t id, typename fetcher_type::batch& b, std::size_t cursor) {
+    if (options_.idle_spin.count() <= 0) return false;
+    const auto until = clock::now() + options_.idle_spin;
+    do {
+      std::this_thread::yield();
+      if (!accepting_.load(std::memory_order_relaxed) || abort_.load(std::memory_order_relaxed)) {
+        return false;
+      }
+      // One shared load first: scanning every partition's tail would pull their cache lines away
+      // from producers on every look.
+      if (queued_.load(std::memory_order_relaxed) > 0 && fetcher_.fetch(id, b, cursor) != 0) {
+        return true;
+      }
+    } while (clock::now() < until);
+    return false;
+  }
+
   std::size_t next_cursor(const typename fetcher_type::batch& b) const noexcept {
     return (b.last_partition() + 1) % fetcher_.partitions();
   }
@@ -2013,6 +2306,8 @@ class pipeline {
   // Dispatches a fetched batch; false when a stop deadline interrupted it.
   bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
                 worker_stats& stats) {
+    // One clock reading per batch: every message of the batch is stamped with the time the
+    // worker started dispatching it (see message::dispatched).
     const auto start = clock::now();
     std::size_t done = 0;
     std::uint64_t ok = 0;
@@ -2023,7 +2318,7 @@ class pipeline {
         aborted = true;
         break;
       }
-      item.msg.dispatched = clock::now();
+      item.msg.dispatched = start;
       const auto waited = item.msg.dispatched - item.msg.enqueued;
       if (waited > oldest) oldest = waited;
       stats.latency.record(static_cast<std::uint64_t>(waited.count()));
@@ -3641,5 +3936,1705 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 
 }  // namespace devgate::websocket
 // ---- end devgate/websocket/reader.hpp ----
+
+// ---- begin devgate/websocket/server.hpp ----
+
+#include <asio.hpp>
+
+#include <algorithm>     // std::clamp, std::min
+#include <atomic>        // run state
+#include <chrono>        // stop deadline
+#include <cstddef>       // std::size_t
+#include <cstdint>       // port
+#include <future>        // waiting for workers in stop()
+#include <memory>        // workers
+#include <span>          // broadcast recipients
+#include <stdexcept>     // programmer errors
+#include <string>        // close reasons
+#include <string_view>   // close reasons
+#include <system_error>  // results
+#include <thread>        // workers
+#include <vector>        // workers, broadcast groups
+
+
+// ---- begin devgate/detail/ws_server_session.hpp ----
+
+// Internals of devgate::websocket::server: one session per TCP connection, pinned to one worker
+// thread (its io_context), so per-session state needs no locks. Only `buffered_` and `phase_`
+// are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
+
+#include <asio.hpp>
+
+#include <algorithm>     // std::min
+#include <array>         // write batches
+#include <atomic>        // cross-thread counters
+#include <cstddef>       // std::byte, std::size_t
+#include <cstdint>       // compact fields
+#include <cstring>       // memcpy of encoded fragments
+#include <memory>        // std::unique_ptr
+#include <mutex>         // registry shard lock
+#include <optional>      // identify results
+#include <span>          // byte views
+#include <string>        // texts
+#include <string_view>   // reasons
+#include <system_error>  // error codes
+#include <thread>        // worker thread
+
+#include <utility>  // std::move
+#include <vector>   // queues, pools
+
+
+// ---- begin devgate/websocket/server_options.hpp ----
+
+#include <chrono>        // timeouts
+#include <cstdint>       // port
+#include <functional>    // callbacks
+#include <optional>      // identify result
+#include <string>        // address, texts
+#include <system_error>  // error replies
+
+
+namespace devgate::websocket {
+
+/// The answer to a plain (non-upgrade) HTTP GET or HEAD, produced by `server_options::route`.
+struct http_reply {
+  int status = 200;                                        ///< HTTP status code.
+  std::string content_type = "text/plain; charset=utf-8";  ///< Content-Type value.
+  shared_bytes body;                                       ///< Body, shared (never copied).
+  /// Extra header lines, each ending in CRLF (e.g. "Cache-Control: no-cache\r\n").
+  std::string extra_headers;
+};
+
+/// The text frame a device receives when `on_message` refuses its message:
+/// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device protocol will
+/// define the real format later; until then this is the documented placeholder.
+inline std::string default_error_text(const std::error_code& ec) {
+  std::string name = "error";
+  if (ec.category() == devgate::error_category()) {
+    switch (static_cast<errc>(ec.value())) {
+      case errc::queue_full:
+        name = "queue_full";
+        break;
+      case errc::closed:
+        name = "closed";
+        break;
+      case errc::timeout:
+        name = "timeout";
+        break;
+      case errc::unknown_session:
+        name = "unknown_session";
+        break;
+      case errc::backpressure:
+        name = "backpressure";
+        break;
+      case errc::invalid_argument:
+        name = "invalid_argument";
+        break;
+      case errc::message_too_big:
+        name = "message_too_big";
+        break;
+      case errc::protocol_error:
+        name = "protocol_error";
+        break;
+      case errc::already_running:
+        name = "already_running";
+        break;
+    }
+  }
+  std::string out = R"({"type":"error","code":")" + name + R"(","message":")";
+  for (const char c : ec.message()) {
+    if (c == '"' || c == '\\') out.push_back('\\');
+    if (static_cast<unsigned char>(c) >= 0x20) out.push_back(c);
+  }
+  out += "\"}";
+  return out;
+}
+
+/// Settings of `websocket::server`. Every knob has a default that suits a device gateway.
+/// Timeouts are checked by one timer per worker thread that ticks at a quarter of the shortest
+/// timeout (between 5 ms and 250 ms), so they fire up to one tick late; each must be at most
+/// 20 days (start() refuses more).
+struct server_options {
+  /// Address to listen on: "0.0.0.0" (all IPv4), "::" (all IPv6) or one interface's address.
+  std::string address = "0.0.0.0";
+  /// TCP port; 0 picks a free ephemeral port, read back with `server::local_port()`.
+  std::uint16_t port = 0;
+  /// Worker threads, each with its own io_context; sessions stay on the thread that accepted
+  /// them, so per-session state needs no lock. 0 means std::thread::hardware_concurrency().
+  /// At most 256 (the worker index lives in the low byte of every session id).
+  unsigned threads = 0;
+  /// listen() backlog: connections the kernel queues before accept.
+  int backlog = 1024;
+  /// Limits of the HTTP request before the upgrade (431 past them, 400 when malformed).
+  http_limits http{};
+  /// Limits of incoming WebSocket messages (1009 past max_message_size).
+  reader_limits reader{};
+  /// Time a connection may take to complete its HTTP request (and, on keep-alive connections,
+  /// to send the next one); then the server closes it.
+  std::chrono::milliseconds handshake_timeout{5000};
+  /// Silence after which the server pings a session (0 disables idle pings). Any byte from the
+  /// peer resets it, so busy sessions are never pinged.
+  std::chrono::milliseconds idle_timeout{30000};
+  /// Time to wait for any byte (normally the pong) after an idle ping before dropping the TCP
+  /// connection and reporting 1006.
+  std::chrono::milliseconds pong_timeout{10000};
+  /// Time the close handshake may take (waiting for the peer's close frame, then its FIN)
+  /// before the server drops the TCP connection.
+  std::chrono::milliseconds close_timeout{5000};
+  /// Per-session outbound limit and what happens past it. Queued bytes count the frames' bytes
+  /// (header and payload) not yet written to the socket; a message larger than the limit is
+  /// always refused with errc::backpressure. With drop_oldest, the oldest queued messages that
+  /// no write has started are dropped (the newest stays); control frames are never dropped, and
+  /// a session never holds more than twice the limit while drops catch up with senders on other
+  /// threads. At most 1 GiB (sessions count their bytes in 32 bits; start() refuses more).
+  backpressure_options backpressure{};
+  /// Answers plain GET/HEAD requests (see `static_files`); unset means 404 for every path.
+  /// Runs on a worker thread; keep it quick.
+  std::function<http_reply(const http_request&)> route;
+  /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
+  /// Unset: every path is accepted and the device id is the request target.
+  std::function<std::optional<std::string>(const http_request&)> identify;
+  /// The text sent back (as a text frame) when `on_message` returns an error;
+  /// unset means `default_error_text`.
+  std::function<std::string(const std::error_code&)> error_text;
+};
+
+}  // namespace devgate::websocket
+// ---- end devgate/websocket/server_options.hpp ----
+
+namespace devgate::detail {
+
+class ws_server_session;
+struct ws_server_worker;
+
+/// Fixed-size blocks carved from 8 KiB chunks, so what every idle session keeps (its session
+/// object, its pending read-wait operation) costs its exact size rather than a heap block with
+/// a header and rounding, and long-lived blocks do not interleave with short-lived ones.
+/// Not thread-safe; the memory returns when the pool dies (it keeps its peak size until then).
+class ws_server_block_pool {
+ public:
+  ws_server_block_pool() = default;
+  ws_server_block_pool(const ws_server_block_pool&) = delete;
+  ws_server_block_pool& operator=(const ws_server_block_pool&) = delete;
+
+  void* allocate(std::size_t size) {
+    if (block_ == 0) block_ = (std::max(size, sizeof(node)) + 15) & ~std::size_t{15};
+    if (size > block_) return ::operator new(size);
+    if (!free_) grow();
+    node* n = free_;
+    free_ = n->next;
+    return n;
+  }
+  void deallocate(void* p, std::size_t size) noexcept {
+    if (size > block_) {
+      ::operator delete(p);
+      return;
+    }
+    auto* n = static_cast<node*>(p);
+    n->next = free_;
+    free_ = n;
+  }
+
+ private:
+  struct node {
+    node* next;
+  };
+  void grow() {
+    constexpr std::size_t chunk_bytes = 8192;
+    const std::size_t count = chunk_bytes / block_;
+    chunks_.push_back(std::make_unique<std::byte[]>(count * block_));
+    std::byte* base = chunks_.back().get();
+    for (std::size_t i = 0; i < count; ++i) {
+      auto* n = reinterpret_cast<node*>(base + i * block_);
+      n->next = free_;
+      free_ = n;
+    }
+  }
+  node* free_ = nullptr;
+  std::size_t block_ = 0;
+  std::vector<std::unique_ptr<std::byte[]>> chunks_;
+};
+
+/// The session allocator: a block pool behind a lock, since the last reference to a session
+/// may be dropped on any thread (allocation and release happen once per connection).
+class ws_server_session_pool {
+ public:
+  void* allocate(std::size_t size) {
+    std::lock_guard lock(mutex_);
+    return pool_.allocate(size);
+  }
+  void deallocate(void* p, std::size_t size) noexcept {
+    std::lock_guard lock(mutex_);
+    pool_.deallocate(p, size);
+  }
+
+ private:
+  std::mutex mutex_;
+  ws_server_block_pool pool_;
+};
+
+/// The process-wide session pool. Never destroyed: a session may be released while its
+/// io_context is being destroyed, and a server may itself be a static object.
+inline ws_server_session_pool& ws_server_sessions() {
+  static auto* pool = new ws_server_session_pool;
+  return *pool;
+}
+
+/// Everything the sessions of one server share: options, handlers, counters. Lives in the server.
+struct ws_server_core {
+  websocket::server_options options;
+  transport_handlers handlers;
+  clock::duration tick{};                  // the workers' timer period
+  clock::time_point epoch = clock::now();  // sessions keep 32-bit millisecond stamps from here
+  std::atomic<std::size_t> live{0};        // sessions not yet finished, for stop()
+  std::atomic<bool> stopping{false};
+
+  /// Milliseconds since `epoch`, wrapping after 49 days: compare with `reached`, never with <.
+  [[nodiscard]] std::uint32_t now_ms() const noexcept {
+    return static_cast<std::uint32_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - epoch).count());
+  }
+  /// True when `deadline` is not in the future (valid for spans under 24 days).
+  [[nodiscard]] static bool reached(std::uint32_t now, std::uint32_t deadline) noexcept {
+    return static_cast<std::int32_t>(now - deadline) >= 0;
+  }
+  /// A duration in the sessions' millisecond stamps.
+  [[nodiscard]] static std::uint32_t ms(std::chrono::milliseconds d) noexcept {
+    return static_cast<std::uint32_t>(d.count());
+  }
+};
+
+/// An intrusive reference to a session: 8 bytes in every Asio handler and registry slot, where a
+/// shared_ptr would cost 16 plus a control block and enable_shared_from_this's weak pointer.
+class ws_server_session_ref {
+ public:
+  ws_server_session_ref() noexcept = default;
+  explicit ws_server_session_ref(ws_server_session* s) noexcept;
+  ws_server_session_ref(const ws_server_session_ref& o) noexcept : ws_server_session_ref(o.p_) {}
+  ws_server_session_ref(ws_server_session_ref&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  ws_server_session_ref& operator=(ws_server_session_ref o) noexcept {
+    std::swap(p_, o.p_);
+    return *this;
+  }
+  ~ws_server_session_ref();
+  ws_server_session* operator->() const noexcept { return p_; }
+  ws_server_session& operator*() const noexcept { return *p_; }
+  ws_server_session* get() const noexcept { return p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+
+ private:
+  ws_server_session* p_ = nullptr;
+};
+
+/// One frame (or raw HTTP bytes) waiting to be written: a small inline header and a shared body,
+/// so a unicast payload is never copied and a broadcast frame is shared by every recipient.
+struct ws_server_out_frame {
+  /// What the frame is, for accounting and for the close handshake.
+  enum kind_t : std::uint8_t { data, control, close, raw };
+  shared_bytes body;
+  std::array<std::byte, 10> head{};  // RFC 6455 5.2: a server header is at most 10 bytes
+  std::uint8_t head_len = 0;
+  kind_t kind = data;
+  bool more = false;  // a fragment that is not its message's last (RFC 6455 5.4)
+  [[nodiscard]] std::size_t size() const noexcept { return head_len + body.size(); }
+};
+
+/// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
+/// ping, pong or close waits behind at most one write batch, never behind a whole 16 MiB frame.
+inline constexpr std::size_t ws_server_fragment_size = 64u * 1024u;
+
+/// One outbound data message as frames: one frame inline (the common case, no allocation) or
+/// several fragments.
+struct ws_server_out_message {
+  ws_server_out_frame first;
+  std::vector<ws_server_out_frame> rest;  // further fragments; empty for a single frame
+  std::size_t bytes = 0;                  // wire bytes of all frames (headers included)
+};
+
+/// A message for one session: headers inline, the payload shared by slices (never copied).
+inline ws_server_out_message ws_server_unicast(websocket::opcode op, shared_bytes payload) {
+  ws_server_out_message m;
+  const std::size_t size = payload.size();
+  std::size_t off = 0;
+  do {
+    const std::size_t len = std::min(ws_server_fragment_size, size - off);
+    const bool fin = off + len == size;
+    ws_server_out_frame f;
+    f.head_len = static_cast<std::uint8_t>(
+        websocket::encode_frame_header(std::span<std::byte, 10>(f.head),
+                                       off == 0 ? op : websocket::opcode::continuation, fin, len));
+    f.body = (off == 0 && fin) ? std::move(payload) : payload.slice(off, len);
+    f.more = !fin;
+    m.bytes += f.size();
+    if (off == 0) {
+      m.first = std::move(f);
+    } else {
+      m.rest.push_back(std::move(f));
+    }
+    off += len;
+  } while (off < size);
+  return m;
+}
+
+/// A broadcast payload encoded once: every frame (header and payload) in one shared buffer;
+/// each recipient queues slices of it.
+struct ws_server_encoded {
+  shared_bytes bytes;
+  std::vector<std::size_t> ends;  // end offset of each frame; empty for a single frame
+  /// The frames for one recipient (reference-count increments only).
+  [[nodiscard]] ws_server_out_message message() const {
+    ws_server_out_message m;
+    m.bytes = bytes.size();
+    if (ends.empty()) {
+      m.first.body = bytes;
+      return m;
+    }
+    std::size_t begin = 0;
+    for (std::size_t i = 0; i < ends.size(); ++i) {
+      ws_server_out_frame f;
+      f.body = bytes.slice(begin, ends[i] - begin);
+      f.more = i + 1 < ends.size();
+      begin = ends[i];
+      if (i == 0) {
+        m.first = std::move(f);
+      } else {
+        m.rest.push_back(std::move(f));
+      }
+    }
+    return m;
+  }
+};
+
+/// Encodes a broadcast payload once (fragmented like ws_server_unicast when large).
+inline ws_server_encoded ws_server_encode(websocket::opcode op,
+                                          std::span<const std::byte> payload) {
+  ws_server_encoded out;
+  if (payload.size() <= ws_server_fragment_size) {
+    out.bytes = websocket::encode_frame(op, payload);
+    return out;
+  }
+  const std::size_t count =
+      (payload.size() + ws_server_fragment_size - 1) / ws_server_fragment_size;
+  out.bytes = shared_bytes::build(payload.size() + count * 10, [&](std::span<std::byte> buf) {
+    std::size_t w = 0;
+    for (std::size_t off = 0; off < payload.size(); off += ws_server_fragment_size) {
+      const std::size_t len = std::min(ws_server_fragment_size, payload.size() - off);
+      const bool fin = off + len == payload.size();
+      std::array<std::byte, 10> head{};
+      const std::size_t n = websocket::encode_frame_header(
+          head, off == 0 ? op : websocket::opcode::continuation, fin, len);
+      std::memcpy(buf.data() + w, head.data(), n);
+      std::memcpy(buf.data() + w + n, payload.data() + off, len);
+      w += n + len;
+      out.ends.push_back(w);
+    }
+  });
+  // The buffer was sized for 10-byte headers; a 64 KiB fragment needs only 4.
+  out.bytes = out.bytes.slice(0, out.ends.back());
+  return out;
+}
+
+/// A session's outbound queue, allocated only while something waits to be written (idle sessions
+/// hold a null pointer) and recycled through a per-worker pool.
+struct ws_server_out_queue {
+  static constexpr std::size_t max_batch = 16;              // frames per gather write
+  static constexpr std::size_t batch_bytes = 256u * 1024u;  // stop adding frames past this
+  std::vector<ws_server_out_frame> control;  // FIFO; jumps ahead of data at frame boundaries
+  std::vector<ws_server_out_frame> data;     // FIFO from data_head
+  std::size_t data_head = 0;
+  std::array<ws_server_out_frame, max_batch> inflight;  // the frames of the write in flight
+  std::uint8_t in_begin = 0, in_end = 0;
+  std::size_t offset = 0;    // bytes of inflight[in_begin] already written
+  bool mid_message = false;  // the last data frame handed to a write was not its message's last
+  std::array<asio::const_buffer, 2 * max_batch> bufs;
+
+  [[nodiscard]] bool data_empty() const noexcept { return data_head == data.size(); }
+  [[nodiscard]] bool empty() const noexcept {
+    return control.empty() && data_empty() && in_begin == in_end;
+  }
+  void clear() noexcept {
+    control.clear();
+    data.clear();
+    data_head = 0;
+    for (auto& f : inflight) f = {};
+    in_begin = in_end = 0;
+    offset = 0;
+    mid_message = false;
+  }
+};
+
+/// A view of part of `ws_server_out_queue::bufs`, as the buffer sequence of one gather write.
+struct ws_server_buffer_list {
+  using value_type = asio::const_buffer;
+  using const_iterator = const asio::const_buffer*;
+  const asio::const_buffer* first;
+  const asio::const_buffer* last;
+  [[nodiscard]] const_iterator begin() const noexcept { return first; }
+  [[nodiscard]] const_iterator end() const noexcept { return last; }
+};
+
+/// The allocator Asio uses for a session's read-wait operation (see ws_server_block_pool).
+template <class T>
+struct ws_server_op_allocator {
+  using value_type = T;
+  ws_server_block_pool* pool;
+  explicit ws_server_op_allocator(ws_server_block_pool* p) noexcept : pool(p) {}
+  template <class U>
+  ws_server_op_allocator(const ws_server_op_allocator<U>& o) noexcept : pool(o.pool) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(pool->allocate(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t n) noexcept { pool->deallocate(p, n * sizeof(T)); }
+  template <class U>
+  bool operator==(const ws_server_op_allocator<U>& o) const noexcept {
+    return pool == o.pool;
+  }
+};
+
+/// The socket type: an io_context executor (8 bytes) instead of any_io_executor.
+using ws_server_socket = asio::basic_stream_socket<asio::ip::tcp, asio::io_context::executor_type>;
+
+/// A worker's io_context, which also leads back to its worker: a session finds its worker
+/// through its socket's executor instead of keeping a pointer.
+struct ws_server_context : asio::io_context {
+  explicit ws_server_context(ws_server_worker& w) : asio::io_context(1), worker(&w) {}
+  ws_server_worker* worker;
+};
+
+/// One thread: its io_context, its sessions, its read buffer and its timer tick.
+struct ws_server_worker {
+  static constexpr std::size_t read_buffer_size = 64u * 1024u;
+
+  ws_server_worker(ws_server_core& c, std::uint8_t idx)
+      : core(c),
+        index(idx),
+        ioc(*this),
+        tick_timer(ioc),
+        read_buffer(new std::byte[read_buffer_size]) {}
+
+  ws_server_core& core;
+  std::uint8_t index;
+  ws_server_block_pool wait_ops;  // before ioc: the io_context's destructor frees into it
+  ws_server_context ioc;
+  asio::steady_timer tick_timer;
+  std::thread thread;
+  // Shared by every session of this thread: sessions read into it and keep nothing when idle.
+  std::unique_ptr<std::byte[]> read_buffer;
+  // Registry shard: a slot per session, the slot index inside the session id (so a lookup is an
+  // index, and a session costs 8 bytes here instead of a hash node). Written only by this
+  // worker's thread (under the lock); read by it without the lock and by other threads (send,
+  // broadcast, close, buffered_bytes) under the lock.
+  mutable std::mutex mutex;
+  std::vector<ws_server_session_ref> slots;
+  std::vector<std::uint32_t> free_slots;
+  std::uint32_t generation = 0;  // makes ids unique although slots are reused
+  static constexpr std::uint32_t max_slots = 1u << 24;
+  clock::time_point read_time{};  // when the current read burst arrived (message timestamps)
+  // Pools so that busy sessions do not allocate a reader and a queue per read or write burst.
+  std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
+  std::vector<std::unique_ptr<ws_server_out_queue>> queue_pool;
+  std::vector<ws_server_session_ref> scratch;  // tick and stop snapshots
+
+  [[nodiscard]] std::span<std::byte> buffer() const noexcept {
+    return {read_buffer.get(), read_buffer_size};
+  }
+  [[nodiscard]] bool on_this_thread() noexcept {
+    return ioc.get_executor().running_in_this_thread();
+  }
+  std::unique_ptr<websocket::frame_reader> take_reader() {
+    if (reader_pool.empty()) {
+      return std::make_unique<websocket::frame_reader>(core.options.reader);
+    }
+    auto r = std::move(reader_pool.back());
+    reader_pool.pop_back();
+    return r;
+  }
+  void give_reader(std::unique_ptr<websocket::frame_reader> r) {
+    if (r && r->idle() && !r->finished() && reader_pool.size() < 64)
+      reader_pool.push_back(std::move(r));
+  }
+  std::unique_ptr<ws_server_out_queue> take_queue() {
+    if (queue_pool.empty()) return std::make_unique<ws_server_out_queue>();
+    auto q = std::move(queue_pool.back());
+    queue_pool.pop_back();
+    return q;
+  }
+  void give_queue(std::unique_ptr<ws_server_out_queue> q) {
+    if (!q) return;
+    q->clear();
+    if (queue_pool.size() < 64) queue_pool.push_back(std::move(q));
+  }
+
+  void adopt(ws_server_socket socket);
+  void start_tick();
+  void on_tick();
+  void close_all(close_code code);
+  void abort_all();
+  /// The session with `id` on this worker, or null. Session ids are
+  /// (generation << 32) | (slot << 8) | worker index.
+  [[nodiscard]] ws_server_session_ref find(session_id id) {
+    if (on_this_thread()) return find_locked(id);  // the only writer is this thread: no lock
+    std::lock_guard lock(mutex);
+    return find_locked(id);
+  }
+  [[nodiscard]] ws_server_session_ref find_locked(session_id id) const;
+  void erase(session_id id) {
+    const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
+    std::lock_guard lock(mutex);
+    if (slot < slots.size()) {
+      slots[slot] = {};
+      free_slots.push_back(slot);
+    }
+  }
+  // Snapshot of live sessions (finish() empties slots while callers iterate).
+  void snapshot() {
+    scratch.clear();
+    for (auto& s : slots) {
+      if (s) scratch.push_back(s);
+    }
+  }
+};
+
+/// One WebSocket (or not yet upgraded HTTP) connection.
+class ws_server_session {
+ public:
+  /// Where the connection is in its life. Read by other threads only to refuse sends early.
+  enum class phase_t : std::uint8_t { http, open, closing, draining, done };
+
+  /// A session on `s`, whose executor must belong to a worker's ws_server_context.
+  ws_server_session(ws_server_socket&& s, session_id id) noexcept
+      : socket_(std::move(s)), id_(id) {}
+  ws_server_session(const ws_server_session&) = delete;
+  ~ws_server_session() {
+    if (phase() == phase_t::http) {
+      delete parser_;
+    } else {
+      delete reader_;
+    }
+  }
+  ws_server_session& operator=(const ws_server_session&) = delete;
+
+  [[nodiscard]] session_id id() const noexcept { return id_; }
+  /// The worker this session lives on, found through its socket's io_context (no pointer
+  /// kept: 8 bytes less per connection).
+  [[nodiscard]] ws_server_worker& worker() const noexcept {
+    return *static_cast<ws_server_context&>(
+                const_cast<ws_server_socket&>(socket_).get_executor().context())
+                .worker;
+  }
+  [[nodiscard]] phase_t phase() const noexcept { return phase_.load(std::memory_order_acquire); }
+  [[nodiscard]] std::size_t buffered() const noexcept {
+    return buffered_.load(std::memory_order_relaxed);
+  }
+
+  // ---- called on the session's own thread ------------------------------------------------
+
+  void start() {
+    const std::uint32_t now = core().now_ms();
+    deadline_ = now + core().ms(core().options.handshake_timeout);
+    last_rx_ = now;
+    arm_read();
+  }
+
+  /// Reserves room for `bytes` of data from any thread; false means "over the limit" (the
+  /// caller applies the overflow policy). drop_oldest may pass the limit up to twice its size
+  /// until the worker drops older frames; nothing passes that hard bound.
+  [[nodiscard]] bool reserve(std::size_t bytes) noexcept {
+    const auto& bp = core().options.backpressure;
+    const std::size_t hard = bp.on_overflow == overflow_action::drop_oldest
+                                 ? 2 * bp.max_buffered_bytes
+                                 : bp.max_buffered_bytes;
+    if (bytes > bp.max_buffered_bytes) return false;
+    std::uint32_t cur = buffered_.load(std::memory_order_relaxed);
+    do {
+      if (cur + bytes > hard) return false;
+    } while (!buffered_.compare_exchange_weak(cur, cur + static_cast<std::uint32_t>(bytes),
+                                              std::memory_order_relaxed));
+    return true;
+  }
+  /// Gives back a reservation that will not be queued.
+  void unreserve(std::size_t bytes) noexcept {
+    buffered_.fetch_sub(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+  }
+
+  /// Queues one data message whose bytes were reserved. On the session's thread.
+  void enqueue_data(ws_server_out_message m) {
+    if (phase() != phase_t::open) {
+      unreserve(m.bytes);
+      return;
+    }
+    auto& q = queue();
+    q.data.push_back(std::move(m.first));
+    for (auto& f : m.rest) q.data.push_back(std::move(f));
+    const auto& bp = core().options.backpressure;
+    if (bp.on_overflow == overflow_action::drop_oldest) {
+      // Drop the oldest whole messages no write has started; the newest one always stays.
+      while (buffered() > bp.max_buffered_bytes && !q.mid_message) {
+        std::size_t last = q.data_head;  // the oldest message's last frame
+        while (last < q.data.size() && q.data[last].more) ++last;
+        if (last + 1 >= q.data.size()) break;
+        for (; q.data_head <= last; ++q.data_head) {
+          unreserve(q.data[q.data_head].size());
+          q.data[q.data_head] = {};
+        }
+      }
+    }
+    pump();
+  }
+
+  /// Starts the close handshake (RFC 6455 7.1.2) with `code`; queued data is dropped.
+  void start_close(close_code code, std::string_view reason) {
+    const phase_t p = phase();
+    if (p == phase_t::http) {
+      finish(close_code::abnormal);
+      return;
+    }
+    if (p != phase_t::open) return;
+    close_code_ = code;
+    queue_close(code, reason);
+    set_phase(phase_t::closing);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+    pump();
+  }
+
+  /// Closes the TCP connection now and reports `code` (used by timeouts and stop()).
+  void finish(close_code code) {
+    if (phase() == phase_t::done) return;
+    const bool was_open = opened_;
+    const bool was_http = phase() == phase_t::http;
+    if (close_code_ == close_code::abnormal) close_code_ = code;
+    set_phase(phase_t::done);
+    std::error_code ignored;
+    socket_.shutdown(asio::socket_base::shutdown_both, ignored);
+    socket_.close(ignored);
+    auto& w = worker();
+    if (was_http) {
+      drop_parser();
+    } else if (reader_) {
+      w.give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
+    }
+    if (q_) w.give_queue(std::move(q_));
+    core().live.fetch_sub(1, std::memory_order_release);
+    ws_server_session_ref keep(this);  // the registry's reference goes away below
+    w.erase(id_);
+    if (was_open && core().handlers.on_close) {
+      try {
+        core().handlers.on_close(id_, close_code_);
+      } catch (...) {
+        // Nothing left to tell the peer; the session is gone either way.
+      }
+    }
+  }
+
+  /// Periodic timeouts: handshake, idle ping, pong, close handshake, lingering close.
+  void on_tick(std::uint32_t now) {
+    const auto& o = core().options;
+    switch (phase()) {
+      case phase_t::http:
+        if (core().reached(now, deadline_)) finish(close_code::abnormal);
+        break;
+      case phase_t::open:
+        if (ping_outstanding_) {
+          if (core().reached(now, deadline_)) {
+            finish(close_code::abnormal);  // no pong: the peer is gone
+          }
+        } else if (o.idle_timeout.count() > 0 && now - last_rx_ >= core().ms(o.idle_timeout)) {
+          // RFC 6455 5.5.2: a ping; any bytes from the peer count as the answer.
+          ws_server_out_frame f;
+          f.body = websocket::encode_frame(websocket::opcode::ping, {});
+          f.kind = ws_server_out_frame::control;
+          queue().control.push_back(std::move(f));
+          ping_outstanding_ = true;
+          deadline_ = now + core().ms(o.pong_timeout);
+          pump();
+        }
+        break;
+      case phase_t::closing:
+      case phase_t::draining:
+        if (core().reached(now, deadline_)) finish(close_code_);
+        break;
+      case phase_t::done:
+        break;
+    }
+  }
+
+  // ---- reference count ----------------------------------------------------------------------
+  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void release() noexcept {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    // The last reference may be dropped on any thread (a sender's lookup): the pool is locked.
+    this->~ws_server_session();
+    ws_server_sessions().deallocate(this, sizeof(ws_server_session));
+  }
+
+ private:
+  friend struct ws_server_reader_sink;
+
+  [[nodiscard]] ws_server_core& core() const noexcept { return worker().core; }
+  void set_phase(phase_t p) noexcept { phase_.store(p, std::memory_order_release); }
+
+  void drop_parser() noexcept { delete std::exchange(parser_, nullptr); }
+
+  ws_server_out_queue& queue() {
+    if (!q_) q_ = worker().take_queue();
+    return *q_;
+  }
+
+  void arm_read() {
+    socket_.async_wait(
+        asio::socket_base::wait_read,
+        asio::bind_allocator(ws_server_op_allocator<void>(&worker().wait_ops),
+                             [self = ws_server_session_ref(this)](const std::error_code& ec) {
+                               self->on_readable(ec);
+                             }));
+  }
+
+  void on_readable(const std::error_code& ec) {
+    if (phase() == phase_t::done) return;
+    if (ec) {
+      finish(close_code::abnormal);
+      return;
+    }
+    const std::span<std::byte> buf = worker().buffer();
+    // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
+    for (int round = 0; round < 4; ++round) {
+      std::error_code rec;
+      const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
+      if (rec == asio::error::would_block || rec == asio::error::try_again) break;
+      if (rec) {
+        on_eof();
+        return;
+      }
+      const clock::time_point now = clock::now();
+      worker().read_time = now;
+      last_rx_ = static_cast<std::uint32_t>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(now - core().epoch).count());
+      ping_outstanding_ = false;  // any bytes prove the peer is alive, not only a pong
+      try {
+        process(buf.first(n));
+      } catch (...) {
+        on_handler_exception();
+      }
+      if (phase() == phase_t::done) return;
+      if (n < buf.size()) break;
+    }
+    arm_read();
+  }
+
+  // A handler (route, identify, on_open, on_message) threw: answer 500 before the upgrade,
+  // close with 1011 after it; the worker thread and every other session carry on.
+  void on_handler_exception() {
+    switch (phase()) {
+      case phase_t::http:
+        respond_error(500, "internal error");
+        break;
+      case phase_t::open:
+      case phase_t::closing:
+        delete std::exchange(reader_, nullptr);  // it may have stopped mid-frame
+        close_received_ = true;                  // read no further frames
+        fail(close_code::internal_error);
+        break;
+      case phase_t::draining:
+      case phase_t::done:
+        break;
+    }
+  }
+
+  void on_eof() {
+    // The peer closed its side. During the close handshake that is the expected end.
+    finish(close_code::abnormal);
+  }
+
+  void process(std::span<std::byte> bytes) {
+    switch (phase()) {
+      case phase_t::http:
+        process_http(bytes);
+        break;
+      case phase_t::open:
+      case phase_t::closing:
+        process_frames(bytes);
+        break;
+      case phase_t::draining:
+      case phase_t::done:
+        break;  // lingering close: read and discard until the peer closes
+    }
+  }
+
+  // ---- HTTP phase (RFC 9112, RFC 6455 section 4.2) ----------------------------------------
+  void process_http(std::span<const std::byte> bytes);
+  void handle_request(const websocket::http_request& req);
+  void respond_error(int status, std::string_view body, std::string_view extra = {}) {
+    queue_raw(websocket::http_response(status, body, false, "text/plain; charset=utf-8", extra));
+    linger_after_write();
+  }
+  // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
+  // reach the peer before a close frame that fails the connection right after it).
+  void queue_raw(std::string_view text) { queue_raw(shared_bytes::copy_of(text)); }
+  void queue_raw(shared_bytes bytes) {
+    if (bytes.empty()) return;
+    ws_server_out_frame f;
+    f.body = std::move(bytes);
+    f.kind = ws_server_out_frame::raw;
+    queue().control.push_back(std::move(f));
+    pump();
+  }
+  // After the queued bytes are written: half-close and discard input until EOF, so the peer
+  // reads the whole response instead of a reset (RFC 9112 9.6).
+  void linger_after_write() {
+    shutdown_when_drained_ = true;
+    drop_parser();
+    set_phase(phase_t::draining);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+    pump();
+  }
+
+  // ---- WebSocket phase ----------------------------------------------------------------------
+  void process_frames(std::span<std::byte> bytes);
+  void deliver(payload_kind kind, shared_bytes payload);
+  void on_peer_close(std::uint16_t code, std::string_view reason);
+  void on_ping(std::span<const std::byte> payload) {
+    if (phase() != phase_t::open) return;
+    // RFC 6455 5.5.3: answering only the most recent ping is allowed, so at most one pong waits
+    // (a ping flood from a peer that does not read cannot grow the queue).
+    auto& q = queue();
+    shared_bytes pong = websocket::encode_frame(websocket::opcode::pong, payload);
+    for (auto& f : q.control) {
+      if (f.kind == ws_server_out_frame::control && f.body.size() > 1 &&
+          (static_cast<std::uint8_t>(f.body.data()[0]) & 0x0F) == 0xA) {
+        f.body = std::move(pong);
+        return;
+      }
+    }
+    ws_server_out_frame f;
+    f.body = std::move(pong);
+    f.kind = ws_server_out_frame::control;
+    q.control.push_back(std::move(f));
+    pump();
+  }
+  // RFC 6455 7.1.7: fail the connection: send a close with `code`, do not wait for the reply.
+  void fail(close_code code) {
+    if (phase() == phase_t::open) {
+      close_code_ = code;
+      queue_close(code, {});
+    }
+    shutdown_when_drained_ = true;
+    set_phase(phase_t::closing);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+    pump();
+  }
+  void queue_close(close_code code, std::string_view reason) {
+    auto& q = queue();
+    // RFC 6455 5.5.1: no data frames after a close frame; drop what has not started.
+    for (std::size_t i = q.data_head; i < q.data.size(); ++i) unreserve(q.data[i].size());
+    q.data.clear();
+    q.data_head = 0;
+    ws_server_out_frame f;
+    if (code == close_code::no_status) {
+      f.body = websocket::encode_frame(websocket::opcode::close, {});
+    } else {
+      // RFC 6455 5.5: a control payload is at most 125 bytes, 2 of them the code.
+      if (reason.size() > 123) reason = reason.substr(0, 123);
+      const auto payload = websocket::encode_close_payload(code, reason);
+      f.body = websocket::encode_frame(websocket::opcode::close, payload);
+    }
+    f.kind = ws_server_out_frame::close;
+    q.control.push_back(std::move(f));
+  }
+
+  // ---- write path -------------------------------------------------------------------------
+  void pump();
+  void on_written(const std::error_code& ec, std::size_t n);
+  void on_drained() {
+    if (q_) worker().give_queue(std::move(q_));
+    if (!shutdown_when_drained_ || phase() == phase_t::done) return;
+    shutdown_when_drained_ = false;
+    // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
+    // the peer's FIN so the close frame is not lost to a reset.
+    std::error_code ignored;
+    socket_.shutdown(asio::socket_base::shutdown_send, ignored);
+    set_phase(phase_t::draining);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
+
+  ws_server_socket socket_;
+  session_id id_;
+  shared_bytes device_id_;
+  // One pointer for two lives: the HTTP parser before the upgrade (phase http), then the frame
+  // reader while a frame or message is partial. Both are null when idle.
+  union {
+    websocket::http_request_parser* parser_ = nullptr;
+    websocket::frame_reader* reader_;
+  };
+  std::unique_ptr<ws_server_out_queue> q_;  // only while bytes wait to be written
+  std::uint64_t sequence_ = 0;
+  std::atomic<std::uint32_t> buffered_{0};  // server::start checks that the limits fit
+  std::atomic<std::uint32_t> refs_{0};
+  std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
+  std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
+  std::atomic<phase_t> phase_{phase_t::http};
+  close_code close_code_ = close_code::abnormal;
+  bool opened_ : 1 = false;
+  bool writing_ : 1 = false;
+  bool ping_outstanding_ : 1 = false;
+  bool shutdown_when_drained_ : 1 = false;
+  bool close_received_ : 1 = false;
+};
+
+inline ws_server_session_ref::ws_server_session_ref(ws_server_session* s) noexcept : p_(s) {
+  if (p_) p_->add_ref();
+}
+inline ws_server_session_ref::~ws_server_session_ref() {
+  if (p_) p_->release();
+}
+
+/// Adapts frame_reader callbacks to the session.
+struct ws_server_reader_sink {
+  ws_server_session& s;
+  void on_message(payload_kind kind, shared_bytes payload) { s.deliver(kind, std::move(payload)); }
+  void on_ping(std::span<const std::byte> payload) { s.on_ping(payload); }
+  void on_pong(std::span<const std::byte>) {}
+  void on_close(std::uint16_t code, std::string_view reason) { s.on_peer_close(code, reason); }
+};
+
+// ---- implementation ----------------------------------------------------------------------------
+
+inline void ws_server_session::process_http(std::span<const std::byte> bytes) {
+  if (!parser_) parser_ = new websocket::http_request_parser(core().options.http);
+  using st = websocket::http_request_parser::status;
+  st s = parser_->feed(bytes);
+  // A keep-alive connection may carry pipelined requests; answer them in order.
+  while (phase() == phase_t::http && parser_) {
+    if (s == st::incomplete) return;
+    if (s == st::error) {
+      const int status = parser_->error_status();
+      respond_error(status, websocket::status_reason(status));
+      return;
+    }
+    handle_request(parser_->request());
+    if (phase() != phase_t::http || !parser_) return;
+    parser_->reset();
+    s = parser_->state();
+  }
+}
+
+inline void ws_server_session::handle_request(const websocket::http_request& req) {
+  auto& o = core().options;
+  if (websocket::is_websocket_upgrade(req)) {
+    const auto verdict = websocket::check_upgrade(req);
+    if (verdict.status != 101) {
+      respond_error(verdict.status, verdict.reason, verdict.status == 405 ? "Allow: GET\r\n" : "");
+      return;
+    }
+    std::optional<std::string> device;
+    if (o.identify) {
+      device = o.identify(req);
+    } else {
+      device = std::string(req.target);
+    }
+    if (!device) {
+      respond_error(400, "unknown device");
+      return;
+    }
+    if (core().stopping.load(std::memory_order_acquire)) {
+      respond_error(503, "shutting down");
+      return;
+    }
+    queue_raw(websocket::upgrade_response(req.header("Sec-WebSocket-Key")));
+    device_id_ = shared_bytes::copy_of(*device);
+    // Bytes after the request are the first frames (RFC 6455 4.1 lets a client send at once).
+    const auto left = parser_->leftover();
+    std::vector<std::byte> early(left.begin(), left.end());
+    drop_parser();
+    set_phase(phase_t::open);
+    opened_ = true;
+    deadline_ = 0;
+    if (core().handlers.on_open) {
+      session_info info;
+      info.id = id_;
+      info.device_id = *device;
+      core().handlers.on_open(info);
+    }
+    if (!early.empty() && phase() == phase_t::open) process_frames(early);
+    return;
+  }
+  // A plain request: the route handler (static files for the demo page), keep-alive allowed.
+  if (req.method != "GET" && req.method != "HEAD") {
+    respond_error(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n");
+    return;
+  }
+  websocket::http_reply reply;
+  if (o.route) {
+    reply = o.route(req);
+  } else {
+    reply.status = 404;
+    reply.body = shared_bytes::copy_of(std::string_view("not found"));
+  }
+  const bool keep = req.keep_alive() && !core().stopping.load(std::memory_order_relaxed);
+  std::string head;
+  head.reserve(160 + reply.content_type.size() + reply.extra_headers.size());
+  head.append("HTTP/1.1 ").append(std::to_string(reply.status)).append(" ");
+  head.append(websocket::status_reason(reply.status));
+  head.append("\r\nContent-Type: ").append(reply.content_type);
+  head.append("\r\nContent-Length: ").append(std::to_string(reply.body.size()));
+  head.append(keep ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
+  head.append(reply.extra_headers).append("\r\n");
+  queue_raw(std::string_view(head));
+  if (req.method == "GET") queue_raw(reply.body);
+  if (!keep) {
+    linger_after_write();
+    return;
+  }
+  deadline_ = core().now_ms() + core().ms(o.handshake_timeout);  // keep-alive idle limit
+}
+
+inline void ws_server_session::process_frames(std::span<std::byte> bytes) {
+  if (close_received_) return;
+  if (!reader_) reader_ = worker().take_reader().release();
+  ws_server_reader_sink sink{*this};
+  const auto status = reader_->consume(bytes, sink);
+  if (status != websocket::read_status::ok) {
+    const close_code code = reader_->error();
+    delete std::exchange(reader_, nullptr);  // a reader that failed is not reused
+    if (phase() == phase_t::open) {
+      fail(code);
+    } else {
+      // Already closing: the peer broke the protocol during the handshake; stop waiting.
+      shutdown_when_drained_ = true;
+      pump();
+    }
+    return;
+  }
+  if (reader_ && reader_->idle()) {
+    worker().give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
+  }
+}
+
+inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) {
+  if (phase() != phase_t::open) return;
+  auto& h = core().handlers;
+  if (!h.on_message) return;
+  inbound_message m;
+  m.session = id_;
+  m.device_id = device_id_;
+  m.sequence = ++sequence_;
+  m.kind = kind;
+  m.payload = std::move(payload);
+  m.received = worker().read_time;
+  const std::error_code ec = h.on_message(std::move(m));
+  if (!ec || phase() != phase_t::open) return;
+  // Tell the device why its message was not taken (the device protocol refines this later).
+  auto& o = core().options;
+  const std::string text = o.error_text ? o.error_text(ec) : websocket::default_error_text(ec);
+  auto reply =
+      ws_server_unicast(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
+  if (!reserve(reply.bytes)) return;  // over the limit: the reply is the first thing to go
+  enqueue_data(std::move(reply));
+}
+
+inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_view reason) {
+  (void)reason;
+  close_received_ = true;
+  if (phase() == phase_t::open) {
+    // RFC 6455 5.5.1: answer with a close echoing the status code, then the server closes TCP.
+    const auto c = static_cast<close_code>(code);
+    close_code_ = c;
+    queue_close(c, {});
+    set_phase(phase_t::closing);
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
+  // When we started the handshake, the peer's close completes it.
+  shutdown_when_drained_ = true;
+  pump();
+}
+
+inline void ws_server_session::pump() {
+  if (writing_ || phase() == phase_t::done) return;
+  if (!q_) {
+    on_drained();
+    return;
+  }
+  auto& q = *q_;
+  if (q.in_begin == q.in_end) {
+    q.in_begin = q.in_end = 0;
+    q.offset = 0;
+    std::size_t n = 0, bytes = 0;
+    // Control frames first: they never wait behind queued data, only behind a frame that is
+    // already partly written (a batch is always written to its end before the next one).
+    std::size_t c = 0;
+    for (; c < q.control.size() && n < q.max_batch; ++c) {
+      bytes += q.control[c].size();
+      q.inflight[n++] = std::move(q.control[c]);
+    }
+    q.control.erase(q.control.begin(), q.control.begin() + static_cast<std::ptrdiff_t>(c));
+    while (!q.data_empty() && n < q.max_batch && (n == 0 || bytes < q.batch_bytes)) {
+      bytes += q.data[q.data_head].size();
+      q.mid_message = q.data[q.data_head].more;
+      q.inflight[n++] = std::move(q.data[q.data_head++]);
+    }
+    if (q.data_empty()) {
+      q.data.clear();
+      q.data_head = 0;
+    } else if (q.data_head > 64 && q.data_head * 2 > q.data.size()) {
+      q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
+      q.data_head = 0;
+    }
+    q.in_end = static_cast<std::uint8_t>(n);
+    if (n == 0) {
+      on_drained();
+      return;
+    }
+  }
+  std::size_t nb = 0;
+  std::size_t skip = q.offset;
+  for (std::size_t i = q.in_begin; i < q.in_end; ++i) {
+    const auto& f = q.inflight[i];
+    if (skip < f.head_len) {
+      q.bufs[nb++] = asio::const_buffer(f.head.data() + skip, f.head_len - skip);
+      skip = 0;
+    } else {
+      skip -= f.head_len;
+    }
+    if (skip < f.body.size()) {
+      q.bufs[nb++] = asio::const_buffer(f.body.data() + skip, f.body.size() - skip);
+    }
+    skip = 0;
+  }
+  writing_ = true;
+  socket_.async_write_some(
+      ws_server_buffer_list{q.bufs.data(), q.bufs.data() + nb},
+      [self = ws_server_session_ref(this)](const std::error_code& ec, std::size_t n) {
+        self->on_written(ec, n);
+      });
+}
+
+inline void ws_server_session::on_written(const std::error_code& ec, std::size_t n) {
+  writing_ = false;
+  if (phase() == phase_t::done) return;
+  if (ec) {
+    finish(close_code::abnormal);
+    return;
+  }
+  auto& q = *q_;
+  while (n > 0 && q.in_begin < q.in_end) {
+    auto& f = q.inflight[q.in_begin];
+    const std::size_t rest = f.size() - q.offset;
+    if (n < rest) {
+      q.offset += n;
+      break;
+    }
+    n -= rest;
+    if (f.kind == ws_server_out_frame::data) unreserve(f.size());
+    f = {};
+    ++q.in_begin;
+    q.offset = 0;
+  }
+  pump();
+}
+
+// ---- worker ------------------------------------------------------------------------------------
+
+inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const {
+  const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
+  if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return {};
+  return slots[slot];
+}
+
+inline void ws_server_worker::adopt(ws_server_socket socket) {
+  std::error_code ec;
+  socket.non_blocking(true, ec);
+  if (ec) return;
+  socket.set_option(asio::ip::tcp::no_delay(true), ec);
+  std::uint32_t slot = 0;
+  {
+    std::lock_guard lock(mutex);
+    if (free_slots.empty()) {
+      if (slots.size() >= max_slots) return;  // 16 M sessions on one thread: refuse
+      slot = static_cast<std::uint32_t>(slots.size());
+      slots.emplace_back();
+    } else {
+      slot = free_slots.back();
+      free_slots.pop_back();
+    }
+  }
+  // Ids are never reused: the generation changes with every session this worker accepts.
+  const session_id id =
+      (static_cast<session_id>(++generation) << 32) | (static_cast<session_id>(slot) << 8) | index;
+  // From the server's session pool (see ws_server_session::release for the matching free).
+  void* mem = ws_server_sessions().allocate(sizeof(ws_server_session));
+  ws_server_session_ref s(new (mem) ws_server_session(std::move(socket), id));
+  core.live.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard lock(mutex);
+    slots[slot] = s;
+  }
+  s->start();
+}
+
+inline void ws_server_worker::start_tick() {
+  tick_timer.expires_after(core.tick);
+  tick_timer.async_wait([this](const std::error_code& ec) {
+    if (ec) return;
+    on_tick();
+    start_tick();
+  });
+}
+
+inline void ws_server_worker::on_tick() {
+  const std::uint32_t now = core.now_ms();
+  snapshot();
+  for (auto& s : scratch) s->on_tick(now);
+  scratch.clear();
+}
+
+inline void ws_server_worker::close_all(close_code code) {
+  snapshot();
+  for (auto& s : scratch) s->start_close(code, "server stopping");
+  scratch.clear();
+}
+
+inline void ws_server_worker::abort_all() {
+  snapshot();
+  for (auto& s : scratch) s->finish(close_code::going_away);
+  scratch.clear();
+}
+
+}  // namespace devgate::detail
+// ---- end devgate/detail/ws_server_session.hpp ----
+
+namespace devgate::websocket {
+
+/// The reference WebSocket transport: an RFC 6455 server on standalone Asio that satisfies
+/// `devgate::transport`.
+///
+/// Each worker thread runs its own io_context; a connection stays on the thread that accepted
+/// it. Idle connections hold no read buffer (the server waits for readability, then reads into
+/// a per-thread buffer) and no write queue; one timer per thread drives every timeout.
+/// `send`, `broadcast`, `close` and `buffered_bytes` may be called from any thread; handlers
+/// run on the worker threads. Do not call `stop()` from a handler.
+class server {
+ public:
+  /// A server with `options`; nothing listens until `start()`.
+  explicit server(server_options options = {}) : core_(std::make_unique<detail::ws_server_core>()) {
+    core_->options = std::move(options);
+  }
+  server(const server&) = delete;
+  server& operator=(const server&) = delete;
+  /// Stops (closing every session with 1001) if still running.
+  ~server() { stop(); }
+
+  /// Sets the engine's callbacks; call before `start()`.
+  void set_handlers(transport_handlers handlers) {
+    if (state_ != state_t::created) {
+      throw std::logic_error("websocket::server::set_handlers must be called before start()");
+    }
+    core_->handlers = std::move(handlers);
+  }
+
+  /// Binds, listens and starts the worker threads. Errors: errc::already_running,
+  /// errc::invalid_argument (bad address or more than 256 threads), or the socket error
+  /// (e.g. address in use).
+  std::error_code start() {
+    if (state_ != state_t::created) return errc::already_running;
+    auto& o = core_->options;
+    unsigned threads = o.threads ? o.threads : std::thread::hardware_concurrency();
+    if (threads == 0) threads = 1;
+    if (threads > 256) return errc::invalid_argument;
+    // Session buffers are counted in 32 bits and timeouts in 32-bit milliseconds.
+    if (o.backpressure.max_buffered_bytes > (1u << 30)) return errc::invalid_argument;
+    constexpr auto max_timeout = std::chrono::hours(24 * 20);
+    for (const auto t : {o.handshake_timeout, o.idle_timeout, o.pong_timeout, o.close_timeout}) {
+      if (t.count() < 0 || t > max_timeout) return errc::invalid_argument;
+    }
+    std::error_code ec;
+    const auto address = asio::ip::make_address(o.address, ec);
+    if (ec) return errc::invalid_argument;
+
+    auto shortest = std::min({o.handshake_timeout, o.pong_timeout, o.close_timeout});
+    if (o.idle_timeout.count() > 0) shortest = std::min(shortest, o.idle_timeout);
+    core_->tick = std::clamp<clock::duration>(shortest / 4, std::chrono::milliseconds(5),
+                                              std::chrono::milliseconds(250));
+
+    for (unsigned i = 0; i < threads; ++i) {
+      workers_.push_back(
+          std::make_unique<detail::ws_server_worker>(*core_, static_cast<std::uint8_t>(i)));
+    }
+    acceptor_ = std::make_unique<asio::ip::tcp::acceptor>(workers_[0]->ioc);
+    const asio::ip::tcp::endpoint endpoint(address, o.port);
+    acceptor_->open(endpoint.protocol(), ec);
+    if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_->bind(endpoint, ec);
+    if (!ec) acceptor_->listen(o.backlog, ec);
+    if (!ec) port_ = acceptor_->local_endpoint(ec).port();
+    if (ec) {
+      acceptor_.reset();
+      workers_.clear();
+      return ec;
+    }
+    state_ = state_t::running;
+    for (auto& w : workers_) {
+      guards_.push_back(asio::make_work_guard(w->ioc));
+      w->start_tick();
+    }
+    accept_next();
+    for (auto& w : workers_) {
+      w->thread = std::thread([&ioc = w->ioc] { ioc.run(); });
+    }
+    return {};
+  }
+
+  /// Closes every session with 1001 (going away), waits for their close handshakes up to
+  /// `close_timeout`, then drops what is left and joins the threads. Idempotent.
+  void stop() {
+    if (state_ != state_t::running) {
+      state_ = state_t::stopped;
+      return;
+    }
+    for (auto& w : workers_) {
+      if (w->on_this_thread()) {
+        throw std::logic_error("websocket::server::stop() called from a transport handler");
+      }
+    }
+    core_->stopping.store(true, std::memory_order_release);
+    run_on_all([this](detail::ws_server_worker& w) {
+      if (w.index == 0) {
+        std::error_code ignored;
+        acceptor_->close(ignored);
+      }
+      w.close_all(close_code::going_away);
+    });
+    const auto deadline =
+        clock::now() + core_->options.close_timeout + std::chrono::milliseconds(200);
+    while (core_->live.load(std::memory_order_acquire) > 0 && clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    run_on_all([](detail::ws_server_worker& w) {
+      w.abort_all();
+      w.tick_timer.cancel();
+    });
+    guards_.clear();
+    for (auto& w : workers_) w->ioc.stop();
+    for (auto& w : workers_) w->thread.join();
+    for (auto& w : workers_) {
+      std::lock_guard lock(w->mutex);
+      w->slots.clear();
+      w->free_slots.clear();
+    }
+    acceptor_.reset();
+    state_ = state_t::stopped;
+  }
+
+  /// Queues one message to one session from any thread. Errors: errc::unknown_session (no such
+  /// open session), errc::closed (it is closing), errc::backpressure (over its buffer limit: the
+  /// session is closed with 1008/1013 unless the policy is drop_oldest).
+  std::error_code send(session_id id, payload_kind kind, shared_bytes payload) {
+    auto s = find(id);
+    if (!s) return errc::unknown_session;
+    if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
+    // Headers inline, payload shared (messages over 64 KiB go as fragments of slices of it).
+    auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
+    if (!s->reserve(m.bytes)) {
+      overflow(s);
+      return errc::backpressure;
+    }
+    auto& w = s->worker();
+    if (w.on_this_thread()) {
+      s->enqueue_data(std::move(m));
+    } else {
+      asio::post(w.ioc,
+                 [s = std::move(s), m = std::move(m)]() mutable { s->enqueue_data(std::move(m)); });
+    }
+    return {};
+  }
+
+  /// Queues one payload to many sessions: the frame is encoded once and every recipient's queue
+  /// shares that buffer (server frames are unmasked, so one buffer serves all); one task per
+  /// worker thread, not per recipient. Returns how many
+  /// sessions it was queued to (unknown, closing and over-limit sessions are skipped).
+  std::size_t broadcast(std::span<const session_id> ids, payload_kind kind, shared_bytes payload) {
+    if (ids.empty() || state_ != state_t::running) return 0;
+    // Encoded once (one buffer, fragmented when over 64 KiB); recipients share it by reference.
+    const auto frame = std::make_shared<const detail::ws_server_encoded>(
+        detail::ws_server_encode(opcode_of(kind), payload.bytes()));
+    std::vector<std::vector<session_id>> by_worker(workers_.size());
+    for (const session_id id : ids) {
+      const std::size_t w = id & 0xFF;
+      if (w < workers_.size()) by_worker[w].push_back(id);
+    }
+    std::size_t queued = 0;
+    for (std::size_t wi = 0; wi < workers_.size(); ++wi) {
+      if (by_worker[wi].empty()) continue;
+      auto& w = *workers_[wi];
+      std::vector<detail::ws_server_session_ref> targets;
+      std::vector<detail::ws_server_session_ref> over;
+      targets.reserve(by_worker[wi].size());
+      {
+        std::lock_guard lock(w.mutex);
+        for (const session_id id : by_worker[wi]) {
+          auto s = w.find_locked(id);
+          if (!s) continue;
+          if (s->phase() != detail::ws_server_session::phase_t::open) continue;
+          if (s->reserve(frame->bytes.size())) {
+            targets.push_back(s);
+          } else {
+            over.push_back(s);
+          }
+        }
+      }
+      for (auto& s : over) overflow(s);
+      queued += targets.size();
+      if (targets.empty()) continue;
+      auto task = [targets = std::move(targets), frame]() mutable {
+        for (auto& s : targets) s->enqueue_data(frame->message());
+      };
+      if (w.on_this_thread()) {
+        task();
+      } else {
+        asio::post(w.ioc, std::move(task));
+      }
+    }
+    return queued;
+  }
+
+  /// Starts the close handshake of one session (from any thread) with `code` and `reason`
+  /// (at most 123 bytes are sent). Messages queued and not yet being written are dropped.
+  void close(session_id id, close_code code, std::string_view reason) {
+    auto s = find(id);
+    if (!s) return;
+    auto& w = s->worker();
+    if (w.on_this_thread()) {
+      s->start_close(code, reason);
+    } else {
+      asio::post(w.ioc,
+                 [s = std::move(s), code, r = std::string(reason)] { s->start_close(code, r); });
+    }
+  }
+
+  /// Bytes queued to one session and not yet written (0 for an unknown session).
+  [[nodiscard]] std::size_t buffered_bytes(session_id id) const {
+    auto s = find(id);
+    return s ? s->buffered() : 0;
+  }
+
+  /// The port the server listens on (useful with `server_options::port = 0`); 0 before start.
+  [[nodiscard]] std::uint16_t local_port() const noexcept { return port_; }
+
+  /// Connections currently alive (upgraded or not).
+  [[nodiscard]] std::size_t connection_count() const noexcept {
+    return core_->live.load(std::memory_order_relaxed);
+  }
+
+  /// The options the server was made with.
+  [[nodiscard]] const server_options& options() const noexcept { return core_->options; }
+
+ private:
+  enum class state_t : std::uint8_t { created, running, stopped };
+
+  static opcode opcode_of(payload_kind kind) noexcept {
+    return kind == payload_kind::text ? opcode::text : opcode::binary;
+  }
+
+  [[nodiscard]] detail::ws_server_session_ref find(session_id id) const {
+    if (state_ != state_t::running) return {};
+    const std::size_t w = id & 0xFF;
+    if (w >= workers_.size()) return {};
+    return workers_[w]->find(id);
+  }
+
+  // The back-pressure policy for a session whose buffer is full (drop_oldest only refuses).
+  void overflow(const detail::ws_server_session_ref& s) {
+    const auto action = core_->options.backpressure.on_overflow;
+    if (action == overflow_action::drop_oldest) return;
+    const close_code code = action == overflow_action::close_policy_violation
+                                ? close_code::policy_violation
+                                : close_code::try_again_later;
+    auto& w = s->worker();
+    if (w.on_this_thread()) {
+      s->start_close(code, "outbound buffer full");
+    } else {
+      asio::post(w.ioc, [s, code] { s->start_close(code, "outbound buffer full"); });
+    }
+  }
+
+  void accept_next() {
+    auto& target = *workers_[next_worker_++ % workers_.size()];
+    acceptor_->async_accept(
+        target.ioc, [this, &target](const std::error_code& ec, detail::ws_server_socket socket) {
+          if (ec == asio::error::operation_aborted || !acceptor_->is_open()) return;
+          if (core_->stopping.load(std::memory_order_acquire)) return;
+          if (!ec) {
+            if (target.on_this_thread()) {
+              target.adopt(std::move(socket));
+            } else {
+              asio::post(target.ioc, [&target, s = std::move(socket)]() mutable {
+                if (target.core.stopping.load(std::memory_order_acquire)) return;
+                target.adopt(std::move(s));
+              });
+            }
+            accept_next();
+            return;
+          }
+          // Out of descriptors or a similar transient failure: pause instead of spinning.
+          retry_timer_ = std::make_unique<asio::steady_timer>(workers_[0]->ioc);
+          retry_timer_->expires_after(std::chrono::milliseconds(50));
+          retry_timer_->async_wait([this](const std::error_code& e) {
+            if (!e && acceptor_->is_open()) accept_next();
+          });
+        });
+  }
+
+  // Runs `fn` on every worker thread and waits until all have run it.
+  template <class Fn>
+  void run_on_all(Fn fn) {
+    std::vector<std::future<void>> done;
+    for (auto& w : workers_) {
+      auto p = std::make_shared<std::promise<void>>();
+      done.push_back(p->get_future());
+      asio::post(w->ioc, [p, fn, &w = *w] {
+        fn(w);
+        p->set_value();
+      });
+    }
+    for (auto& f : done) f.wait();
+  }
+
+  std::unique_ptr<detail::ws_server_core> core_;
+  std::vector<std::unique_ptr<detail::ws_server_worker>> workers_;
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards_;
+  std::unique_ptr<asio::ip::tcp::acceptor> acceptor_;
+  std::unique_ptr<asio::steady_timer> retry_timer_;
+  std::size_t next_worker_ = 0;  // used only on worker 0's thread (the acceptor's)
+  std::uint16_t port_ = 0;
+  std::atomic<state_t> state_{state_t::created};
+};
+
+static_assert(devgate::transport<server>, "websocket::server must satisfy devgate::transport");
+
+}  // namespace devgate::websocket
+// ---- end devgate/websocket/server.hpp ----
+
+// ---- begin devgate/websocket/static_files.hpp ----
+
+#include <cstddef>       // std::size_t
+#include <filesystem>    // the document root
+#include <fstream>       // reading files
+#include <functional>    // the route callback
+#include <optional>      // decoding results
+#include <string>        // paths
+#include <string_view>   // extensions, targets
+#include <system_error>  // filesystem errors
+
+
+namespace devgate::websocket {
+
+/// The Content-Type for a file name, by extension (application/octet-stream when unknown).
+[[nodiscard]] inline std::string_view content_type_for(std::string_view filename) noexcept {
+  const std::size_t dot = filename.rfind('.');
+  if (dot == std::string_view::npos) return "application/octet-stream";
+  std::string_view ext = filename.substr(dot + 1);
+  struct entry {
+    std::string_view ext, type;
+  };
+  static constexpr entry types[] = {
+      {"html", "text/html; charset=utf-8"},
+      {"htm", "text/html; charset=utf-8"},
+      {"js", "text/javascript; charset=utf-8"},
+      {"mjs", "text/javascript; charset=utf-8"},
+      {"css", "text/css; charset=utf-8"},
+      {"json", "application/json"},
+      {"map", "application/json"},
+      {"txt", "text/plain; charset=utf-8"},
+      {"svg", "image/svg+xml"},
+      {"png", "image/png"},
+      {"jpg", "image/jpeg"},
+      {"jpeg", "image/jpeg"},
+      {"gif", "image/gif"},
+      {"ico", "image/x-icon"},
+      {"webp", "image/webp"},
+      {"wasm", "application/wasm"},
+      {"woff2", "font/woff2"},
+  };
+  for (const entry& e : types) {
+    if (detail_http::iequals(ext, e.ext)) return e.type;
+  }
+  return "application/octet-stream";
+}
+
+/// Decodes the path of a request target for file lookup: drops the query, percent-decodes, and
+/// refuses (std::nullopt) anything that could leave the document root: a "." or ".." segment
+/// (also when percent-encoded), a backslash, a NUL, an empty segment, or a bad escape.
+[[nodiscard]] inline std::optional<std::string> static_file_path(std::string_view target) {
+  if (const std::size_t q = target.find('?'); q != std::string_view::npos) {
+    target = target.substr(0, q);
+  }
+  if (target.empty() || target.front() != '/') return std::nullopt;
+  std::string path;
+  path.reserve(target.size());
+  for (std::size_t i = 0; i < target.size(); ++i) {
+    char c = target[i];
+    if (c == '%') {
+      auto hex = [](char h) -> int {
+        if (h >= '0' && h <= '9') return h - '0';
+        if (h >= 'a' && h <= 'f') return h - 'a' + 10;
+        if (h >= 'A' && h <= 'F') return h - 'A' + 10;
+        return -1;
+      };
+      if (i + 2 >= target.size()) return std::nullopt;
+      const int hi = hex(target[i + 1]), lo = hex(target[i + 2]);
+      if (hi < 0 || lo < 0) return std::nullopt;
+      c = static_cast<char>(hi * 16 + lo);
+      i += 2;
+    }
+    if (c == '\0' || c == '\\') return std::nullopt;
+    path.push_back(c);
+  }
+  // Check every segment after decoding, so "%2e%2e" is caught like "..".
+  std::size_t start = 1;
+  while (start <= path.size()) {
+    std::size_t end = path.find('/', start);
+    if (end == std::string::npos) end = path.size();
+    const std::string_view seg(path.data() + start, end - start);
+    if (seg == "." || seg == "..") return std::nullopt;
+    if (seg.empty() && end != path.size()) return std::nullopt;  // "//": no empty segments
+    start = end + 1;
+  }
+  if (path.back() == '/') path += "index.html";
+  return path;
+}
+
+/// A `server_options::route` that serves the files under `root` (GET and HEAD): index.html for
+/// directories, content types by extension, 404 for anything missing or outside the root.
+/// Files are read on each request (meant for a demo page, not a CDN).
+[[nodiscard]] inline std::function<http_reply(const http_request&)> static_files(
+    std::filesystem::path root) {
+  return [root = std::move(root)](const http_request& req) {
+    http_reply reply;
+    auto not_found = [&reply] {
+      reply.status = 404;
+      reply.content_type = "text/plain; charset=utf-8";
+      reply.body = shared_bytes::copy_of(std::string_view("not found\n"));
+      return reply;
+    };
+    const auto rel = static_file_path(req.target);
+    if (!rel) return not_found();
+    std::filesystem::path file = root / std::filesystem::path(rel->substr(1));
+    std::error_code ec;
+    if (std::filesystem::is_directory(file, ec)) file /= "index.html";
+    if (!std::filesystem::is_regular_file(file, ec)) return not_found();
+    const auto size = std::filesystem::file_size(file, ec);
+    if (ec) return not_found();
+    std::ifstream in(file, std::ios::binary);
+    if (!in) return not_found();
+    bool ok = true;
+    reply.body = shared_bytes::build(static_cast<std::size_t>(size), [&](std::span<std::byte> out) {
+      ok = static_cast<bool>(
+          in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size())));
+    });
+    if (!ok) return not_found();
+    reply.content_type = std::string(content_type_for(file.filename().string()));
+    reply.extra_headers = "X-Content-Type-Options: nosniff\r\n";
+    return reply;
+  };
+}
+
+}  // namespace devgate::websocket
+// ---- end devgate/websocket/static_files.hpp ----
 
 // ---- end devgate/devgate.hpp ----
