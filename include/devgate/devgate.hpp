@@ -36,4 +36,13 @@
 #include "devgate/websocket/static_files.hpp"    // static_files(root): a route for plain GETs
 #include "devgate/websocket/utf8.hpp"            // incremental UTF-8 validation (RFC 3629)
 
+#include "devgate/store/memory_state_store.hpp"  // memory_state_store: the default state store
+#include "devgate/store/state_store.hpp"  // state_store concept: per-device state across connections
+
+#include "devgate/device/device_id.hpp"  // device ids and /ws/<id> identification (400 otherwise)
+#include "devgate/device/hub.hpp"        // device::hub: sessions, resume, pub/sub, firmware rollout
+#include "devgate/device/protocol.hpp"   // the device wire protocol v1 (docs/PROTOCOL.md)
+#include "devgate/device/pubsub.hpp"     // topics shared by devices and host callbacks
+#include "devgate/firmware/rollout.hpp"  // firmware image (held once, pre-chunked), transfer slots
+
 #include "devgate/detail/crypto.hpp"  // SHA-1, SHA-256, base64 over OpenSSL

@@ -17,12 +17,21 @@
 
 namespace devgate::websocket {
 
+/// Which end of the connection a reader serves. RFC 6455 5.1: a server must fail a connection
+/// on an unmasked frame, and a client must fail one on a masked frame.
+enum class reader_role : std::uint8_t {
+  server,  ///< Frames must be masked (the default: devgate's server).
+  client,  ///< Frames must be unmasked (devgate's C++ device client).
+};
+
 /// Limits the frame reader enforces.
 struct reader_limits {
   /// Largest message (all fragments together) accepted; larger ones fail with 1009 as soon as
   /// a frame header announces them, before any of the payload is buffered. Also bounds what a
   /// single connection can make the server hold in memory.
   std::size_t max_message_size = 16u << 20;
+  /// Server (masked frames required) or client (unmasked frames required).
+  reader_role role = reader_role::server;
 };
 
 /// Result of `frame_reader::consume`.
@@ -172,7 +181,7 @@ requires frame_handler<Handler> read_status frame_reader::consume(std::span<std:
     } else {
       const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, n));
       const bool whole_frame = !partial_ && take == remaining_;
-      apply_mask({p, take}, key_, mask_pos_);  // RFC 6455 5.3
+      if (limits_.role == reader_role::server) apply_mask({p, take}, key_, mask_pos_);  // 5.3
       mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3);
       remaining_ -= take;
       partial_ = remaining_ != 0;
@@ -192,8 +201,8 @@ read_status frame_reader::begin_frame(const frame_header& fh, Handler& handler) 
   if (fh.rsv != 0) return fail(close_code::protocol_error);
   // 5.2: reserved opcodes fail the connection.
   if (!is_known_opcode(fh.op)) return fail(close_code::protocol_error);
-  // 5.1: a server MUST close on an unmasked client frame.
-  if (!fh.masked) return fail(close_code::protocol_error);
+  // 5.1: a server MUST close on an unmasked client frame, a client on a masked server frame.
+  if (fh.masked != (limits_.role == reader_role::server)) return fail(close_code::protocol_error);
   // 5.2: the most significant bit of the 64-bit length MUST be 0.
   if (fh.payload_length >> 63) return fail(close_code::protocol_error);
   if (is_control(fh.op)) {

@@ -1,0 +1,73 @@
+#pragma once
+
+#include <concepts>  // std::same_as
+#include <cstdint>   // counters, offsets
+#include <string>    // device ids, versions
+
+namespace devgate::store {
+
+/// Where a device's firmware transfer stands (the rollout's per-device status).
+enum class transfer_status : std::uint8_t {
+  none,          ///< No rollout concerns this device.
+  pending,       ///< Waiting for its turn (or for the device to connect).
+  transferring,  ///< Chunks are flowing; `offset` bytes acknowledged so far.
+  verified,      ///< The device received every byte and confirmed the SHA-256.
+  failed,        ///< The device reported a failure (see `reason`).
+  skipped,       ///< The device already reported the rollout's version.
+};
+
+/// The name used on the wire and in logs for `s`.
+[[nodiscard]] constexpr const char* to_string(transfer_status s) noexcept {
+  switch (s) {
+    case transfer_status::none:
+      return "none";
+    case transfer_status::pending:
+      return "pending";
+    case transfer_status::transferring:
+      return "transferring";
+    case transfer_status::verified:
+      return "verified";
+    case transfer_status::failed:
+      return "failed";
+    case transfer_status::skipped:
+      return "skipped";
+  }
+  return "none";
+}
+
+/// A device's firmware transfer as last recorded.
+struct transfer_state {
+  std::uint32_t rollout = 0;                       ///< Rollout id (0: none).
+  std::string version;                             ///< The version being rolled out.
+  transfer_status status = transfer_status::none;  ///< Where it stands.
+  std::uint64_t offset = 0;  ///< Bytes the device acknowledged (resume point).
+  std::string reason;        ///< Why it failed (status failed only).
+};
+
+/// Everything devgate remembers about a device across connections.
+struct device_state {
+  std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
+  std::int64_t last_seen_ms = 0;    ///< Unix time (ms) of its last activity; 0 = never seen.
+  std::string firmware_version;     ///< The version it reported or was last verified with.
+  transfer_state transfer;          ///< Its part in the current firmware rollout.
+};
+
+/// What the device hub requires of a state store. Every operation is per field, so that a
+/// store backed by Redis (HINCRBY, HSET) or a file can implement each one atomically without
+/// a read-modify-write of the whole record; all must be safe to call from any thread.
+/// - `load(id)`: the device's state (a default `device_state` for an unknown device).
+/// - `add_messages_sent(id, n)`: adds `n`, returns the new total.
+/// - `touch(id, unix_ms)`: records activity.
+/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
+/// The hub never holds one of its own locks while calling the store.
+template <class S>
+concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
+                               const std::string& version, const transfer_state& t) {
+  { s.load(id) } -> std::same_as<device_state>;
+  { s.add_messages_sent(id, n) } -> std::same_as<std::uint64_t>;
+  s.touch(id, ms);
+  s.set_firmware_version(id, version);
+  s.set_transfer(id, t);
+};
+
+}  // namespace devgate::store

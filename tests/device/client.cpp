@@ -1,0 +1,314 @@
+// End to end: the C++ device client against websocket::server + device::hub.
+#include "devgate/client/device_client.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <asio.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "devgate/device/device_id.hpp"
+#include "devgate/device/hub.hpp"
+#include "devgate/websocket/server.hpp"
+
+namespace dev = devgate::device;
+using devgate::client::device_client;
+using devgate::client::device_client_options;
+using json = nlohmann::json;
+
+namespace {
+
+template <class Pred>
+bool eventually(Pred p, std::chrono::seconds limit = std::chrono::seconds(120)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (p()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return p();
+}
+
+// A server + hub on loopback, and an io_context thread for clients.
+struct rig {
+  devgate::websocket::server ws;
+  dev::hub<devgate::websocket::server> hub;
+  asio::io_context ioc;
+  asio::executor_work_guard<asio::io_context::executor_type> guard{asio::make_work_guard(ioc)};
+  std::thread io;
+
+  static devgate::websocket::server_options ws_options() {
+    devgate::websocket::server_options o;
+    o.address = "127.0.0.1";
+    o.threads = 2;
+    o.identify = dev::identify_device;
+    return o;
+  }
+  explicit rig(dev::hub_options o = {}) : ws(ws_options()), hub(ws, {}, std::move(o)) {
+    REQUIRE_FALSE(hub.start());
+    io = std::thread([this] { ioc.run(); });
+  }
+  ~rig() { finish(); }
+  // Stops the hub and the client thread (before any client is destroyed).
+  void finish() {
+    if (!io.joinable()) return;
+    hub.stop();
+    guard.reset();
+    ioc.stop();
+    io.join();
+  }
+  device_client_options opts(std::string id, std::string version = "") const {
+    device_client_options o;
+    o.port = ws.local_port();
+    o.device_id = std::move(id);
+    o.firmware_version = std::move(version);
+    return o;
+  }
+};
+
+// Declared after the clients: stops the client thread before they are destroyed.
+struct stop_first {
+  rig& r;
+  ~stop_first() { r.finish(); }
+};
+
+std::vector<std::byte> make_image(std::size_t n) {
+  std::vector<std::byte> v(n);
+  std::uint32_t x = 2463534242u;
+  for (auto& b : v) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    b = static_cast<std::byte>(x);
+  }
+  return v;
+}
+
+std::string http_get(std::uint16_t port, const std::string& target) {
+  asio::io_context ctx;
+  asio::ip::tcp::socket s(ctx);
+  s.connect({asio::ip::make_address("127.0.0.1"), port});
+  const std::string req = "GET " + target +
+                          " HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n";
+  asio::write(s, asio::buffer(req));
+  asio::streambuf buf;
+  std::error_code ec;
+  asio::read_until(s, buf, "\r\n", ec);
+  std::string line;
+  std::istream is(&buf);
+  std::getline(is, line);
+  return line;
+}
+
+}  // namespace
+
+TEST_CASE("e2e: ids are checked before the upgrade (400), valid ids upgrade (101)") {
+  rig r;
+  CHECK(http_get(r.ws.local_port(), "/ws/bad%20id").starts_with("HTTP/1.1 400"));
+  CHECK(http_get(r.ws.local_port(), "/ws/" + std::string(129, 'a')).starts_with("HTTP/1.1 400"));
+  CHECK(http_get(r.ws.local_port(), "/other/x").starts_with("HTTP/1.1 400"));
+  CHECK(http_get(r.ws.local_port(), "/ws/ok-id_1.2").starts_with("HTTP/1.1 101"));
+}
+
+TEST_CASE("e2e: reconnect keeps state; offline messages arrive once and in order; takeover") {
+  rig r;
+  device_client c(r.ioc, r.opts("tab1"));
+  std::mutex mu;
+  std::vector<std::uint64_t> seqs;
+  std::vector<json> welcomes, texts;
+  std::atomic<int> closed{0};
+  std::atomic<std::uint16_t> close_code{0};
+  c.on_deliver = [&](std::uint64_t seq, const json& j) {
+    std::lock_guard lock(mu);
+    // Catch assertions only on the test thread: record and compare there.
+    seqs.push_back(j["data"]["n"] == seq ? seq : 0);
+  };
+  c.on_welcome = [&](const json& j) {
+    std::lock_guard lock(mu);
+    welcomes.push_back(j);
+  };
+  c.on_text = [&](const json& j) {
+    std::lock_guard lock(mu);
+    texts.push_back(j);
+  };
+  c.on_closed = [&](std::uint16_t code) {
+    close_code = code;
+    ++closed;
+  };
+  c.connect();
+  REQUIRE(eventually([&] { return c.connected(); }));
+  for (int i = 1; i <= 4; ++i) c.send({{"i", i}}, i);
+  REQUIRE(eventually([&] { return r.hub.device_state("tab1").messages_sent == 4; }));
+  r.hub.send_to("tab1", {{"n", 1}});
+  REQUIRE(eventually([&] { return c.last_seq() == 1; }));
+  c.close();
+  REQUIRE(eventually([&] { return closed.load() == 1; }));
+  CHECK(close_code.load() == 1000);
+  for (int n = 2; n <= 6; ++n) r.hub.send_to("tab1", {{"n", n}});
+  c.connect();
+  REQUIRE(eventually([&] { return c.last_seq() == 6; }));
+  {
+    std::lock_guard lock(mu);
+    CHECK(seqs == std::vector<std::uint64_t>{1, 2, 3, 4, 5, 6});
+    REQUIRE(welcomes.size() == 2);
+    CHECK(welcomes[1]["state"]["messages_sent"] == 4);
+    CHECK(welcomes[1]["replay"] == 5);
+  }
+  CHECK(c.duplicates() == 0);
+
+  // A second tab with the same id takes over; the first is closed with 4000.
+  device_client c2(r.ioc, r.opts("tab1"));
+  stop_first stop_io{r};
+  c2.connect();
+  REQUIRE(eventually([&] { return closed.load() == 2; }));
+  CHECK(close_code.load() == 4000);
+  REQUIRE(eventually([&] { return c2.connected(); }));
+  // Bad input over the wire gets its documented error.
+  c2.send_text("{oops");
+  c2.send_json({{"type", "ack"}, {"seq", 99}});
+  std::atomic<int> errors{0};
+  std::vector<std::string> codes;
+  c2.on_text = [&](const json& j) {
+    if (j["type"] == "error") {
+      std::lock_guard lock(mu);
+      codes.push_back(j["code"]);
+      ++errors;
+    }
+  };
+  c2.send_text("{oops");
+  c2.send_json({{"type", "ack"}, {"seq", 99}});
+  c2.send_json({{"type", "whatever"}});
+  REQUIRE(eventually([&] { return errors.load() >= 3; }));
+  {
+    std::lock_guard lock(mu);
+    CHECK(std::find(codes.begin(), codes.end(), "bad_json") != codes.end());
+    CHECK(std::find(codes.begin(), codes.end(), "bad_ack") != codes.end());
+    CHECK(std::find(codes.begin(), codes.end(), "unknown_type") != codes.end());
+  }
+  c2.close();
+  REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
+}
+
+TEST_CASE("e2e: firmware reaches hundreds of devices, verified, with connections killed") {
+  const int devices =
+      std::getenv("DEVGATE_E2E_DEVICES") ? std::atoi(std::getenv("DEVGATE_E2E_DEVICES")) : 300;
+  constexpr std::size_t limit = 16;
+  dev::hub_options o;
+  o.chunk_size = 8192;
+  o.window = 4;
+  o.max_concurrent_transfers = limit;
+  rig r(o);
+  const auto image = make_image(200'000);
+  const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+
+  std::vector<std::unique_ptr<device_client>> clients;
+  stop_first stop_io{r};
+  std::atomic<int> verified_cb{0};
+  std::atomic<int> reconnects{0};
+  for (int i = 0; i < devices; ++i) {
+    auto c = std::make_unique<device_client>(r.ioc, r.opts("dev" + std::to_string(i), "1.0"));
+    c->on_firmware = [&](const std::string& v, bool ok, const std::string&) {
+      if (ok && v == "2.0") ++verified_cb;
+    };
+    // Every client reconnects after it drops (killed below).
+    c->on_closed = [&, p = c.get()](std::uint16_t code) {
+      if (code == 1006) {
+        ++reconnects;
+        p->connect();
+      }
+    };
+    clients.push_back(std::move(c));
+  }
+  // Two thirds online at publish, the rest connect afterwards.
+  for (int i = 0; i < devices * 2 / 3; ++i) clients[i]->connect();
+  REQUIRE(
+      eventually([&] { return r.hub.connected() == static_cast<std::size_t>(devices * 2 / 3); }));
+  const auto start = std::chrono::steady_clock::now();
+  r.hub.publish_firmware("2.0", image);
+  for (int i = devices * 2 / 3; i < devices; ++i) clients[i]->connect();
+  // Kill connections mid-transfer: every 10th device, once it has received some chunks.
+  std::vector<bool> killed(devices, false);
+  int kills = 0;
+  const bool all_verified = eventually(
+      [&] {
+        for (int i = 0; i < devices; i += 10) {
+          if (!killed[i] && clients[i]->chunks_received() >= 3 &&
+              clients[i]->firmware_verified() == 0) {
+            killed[i] = true;
+            ++kills;
+            clients[i]->abort();
+          }
+        }
+        CHECK(r.hub.slots().active() <= limit);
+        return r.hub.rollout().verified == static_cast<std::size_t>(devices);
+      },
+      std::chrono::seconds(300));
+  {
+    const auto t = r.hub.rollout();
+    INFO("verified " << t.verified << " pending " << t.pending << " transferring " << t.transferring
+                     << " failed " << t.failed << " active " << r.hub.slots().active()
+                     << " waiting " << r.hub.slots().waiting() << " connected "
+                     << r.hub.connected());
+    REQUIRE(all_verified);
+  }
+  const auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const auto tot = r.hub.rollout();
+  CHECK(tot.failed == 0);
+  CHECK(tot.peak_transferring <= limit);
+  CHECK(tot.peak_transferring >= 2);
+  CHECK(kills > 0);
+  REQUIRE(eventually([&] { return verified_cb.load() == devices; }));
+  for (auto& c : clients) CHECK(c->last_image_sha256() == sha);
+  // Held once: the hub's image is the only owner of the buffer once transfers are done.
+  auto img = r.hub.current_image();
+  REQUIRE(img);
+  CHECK(img->memory_bytes() < image.size() + 64 * 25 + 1);
+  WARN("rollout of " << image.size() << " bytes to " << devices << " devices (limit " << limit
+                     << ", " << kills << " killed mid-transfer, " << reconnects.load()
+                     << " reconnects): " << secs << " s");
+  for (auto& c : clients) c->close();
+  REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
+}
+
+namespace {
+struct collect {
+  std::vector<std::string> texts;
+  void on_message(devgate::payload_kind, devgate::shared_bytes b) { texts.emplace_back(b.view()); }
+  void on_ping(std::span<const std::byte>) {}
+  void on_pong(std::span<const std::byte>) {}
+  void on_close(std::uint16_t, std::string_view) {}
+};
+}  // namespace
+
+TEST_CASE("frame_reader client role: unmasked frames accepted, masked ones fail with 1002") {
+  using namespace devgate::websocket;
+  reader_limits limits;
+  limits.role = reader_role::client;
+  const std::string_view text = "hello";
+  const auto payload = std::as_bytes(std::span(text.data(), text.size()));
+  {
+    frame_reader r(limits);
+    collect c;
+    auto f = encode_frame(opcode::text, payload);
+    std::vector<std::byte> wire(f.bytes().begin(), f.bytes().end());
+    CHECK(r.consume(wire, c) == read_status::ok);
+    REQUIRE(c.texts.size() == 1);
+    CHECK(c.texts[0] == "hello");
+  }
+  {
+    frame_reader r(limits);
+    collect c;
+    auto wire = encode_client_frame(opcode::text, true, payload,
+                                    {std::byte{1}, std::byte{2}, std::byte{3}, std::byte{4}});
+    CHECK(r.consume(wire, c) == read_status::error);
+    CHECK(r.error() == devgate::close_code::protocol_error);
+  }
+  STATIC_REQUIRE(sizeof(frame_reader) <= 64);
+}

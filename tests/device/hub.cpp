@@ -1,0 +1,519 @@
+// Device hub logic over the in-process transport: sessions, state, resume, pub/sub, errors,
+// firmware rollout. (End-to-end over WebSocket with the C++ client: client.cpp.)
+#include "devgate/device/hub.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "devgate/device/device_id.hpp"
+#include "devgate/device/protocol.hpp"
+#include "devgate/transport/in_process.hpp"
+
+using devgate::in_process_transport;
+using devgate::shared_bytes;
+using json = nlohmann::json;
+namespace dev = devgate::device;
+
+namespace {
+
+using hub_t = dev::hub<in_process_transport>;
+
+// A scripted device on the in-process transport.
+struct fake_device {
+  in_process_transport::session s;
+  std::vector<json> texts;
+  std::vector<shared_bytes> binaries;
+
+  std::error_code send(const json& j) const { return s.push(j.dump()); }
+  // Moves everything received so far into texts/binaries; returns the new texts.
+  std::vector<json> poll() {
+    std::vector<json> fresh;
+    for (auto& o : s.take_inbox()) {
+      if (o.kind == devgate::payload_kind::text) {
+        fresh.push_back(json::parse(o.payload.view()));
+        texts.push_back(fresh.back());
+      } else {
+        binaries.push_back(o.payload);
+      }
+    }
+    return fresh;
+  }
+  // The first new text of `type` (polls once).
+  std::optional<json> next(const std::string& type) {
+    for (auto& j : poll()) {
+      if (j.value("type", "") == type) return j;
+    }
+    return std::nullopt;
+  }
+};
+
+fake_device connect(in_process_transport& t, const std::string& id, std::uint64_t last_seq = 0,
+                    const std::string& version = "") {
+  fake_device d{t.connect(id), {}, {}};
+  json hello{{"type", "hello"}, {"protocol", 1}, {"last_seq", last_seq}};
+  if (!version.empty()) hello["firmware_version"] = version;
+  REQUIRE_FALSE(d.send(hello));
+  return d;
+}
+
+template <class Pred>
+bool eventually(Pred p, std::chrono::seconds limit = std::chrono::seconds(20)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (p()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return p();
+}
+
+std::vector<std::byte> make_image(std::size_t n) {
+  std::vector<std::byte> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>((i * 131 + 7) & 0xFF);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("device ids: 1..128 of [A-Za-z0-9._-], only under /ws/") {
+  CHECK(dev::is_valid_device_id("fridge-01.kitchen_A"));
+  CHECK(dev::is_valid_device_id(std::string(128, 'a')));
+  CHECK_FALSE(dev::is_valid_device_id(std::string(129, 'a')));
+  CHECK_FALSE(dev::is_valid_device_id(""));
+  CHECK_FALSE(dev::is_valid_device_id("a/b"));
+  CHECK_FALSE(dev::is_valid_device_id("a b"));
+  CHECK_FALSE(dev::is_valid_device_id("caf\xc3\xa9"));
+  CHECK(dev::device_id_from_target("/ws/marco") == std::optional<std::string>("marco"));
+  CHECK(dev::device_id_from_target("/ws/marco?x=1") == std::optional<std::string>("marco"));
+  CHECK_FALSE(dev::device_id_from_target("/marco"));
+  CHECK_FALSE(dev::device_id_from_target("/ws/"));
+  CHECK_FALSE(dev::device_id_from_target("/ws/a/b"));
+  CHECK_FALSE(dev::device_id_from_target("/ws/%41"));
+}
+
+TEST_CASE("chunk header round-trips and rejects malformed chunks") {
+  std::array<std::byte, 20> buf{};
+  dev::chunk_header h{7, 0x01020304, 4, true};
+  dev::encode_chunk_header(std::span<std::byte, 16>(buf.data(), 16), h);
+  auto back = dev::decode_chunk_header(buf);
+  REQUIRE(back);
+  CHECK(back->rollout == 7);
+  CHECK(back->offset == 0x01020304);
+  CHECK(back->length == 4);
+  CHECK(back->last);
+  CHECK(static_cast<int>(buf[8]) == 1);  // big-endian
+  CHECK_FALSE(dev::decode_chunk_header(std::span<const std::byte>(buf).first(19)));
+  buf[0] = std::byte{2};
+  CHECK_FALSE(dev::decode_chunk_header(buf));
+}
+
+TEST_CASE("firmware image: held once, chunks are slices of one buffer") {
+  const auto bytes = make_image(100'000);
+  devgate::firmware::image img(3, "2.0", bytes, 16384);
+  CHECK(img.chunk_count() == 7);
+  CHECK(img.memory_bytes() == 100'000 + 7 * dev::chunk_header_size);
+  CHECK(img.sha256() == devgate::detail::hex_encode(devgate::detail::sha256(bytes)));
+  const auto c0 = img.chunk_at(0);
+  const auto c6 = img.chunk_at(6 * 16384);
+  CHECK(img.buffer_use_count() == 3);
+  auto h = dev::decode_chunk_header(c6.bytes());
+  REQUIRE(h);
+  CHECK(h->offset == 6 * 16384);
+  CHECK(h->length == 100'000 - 6 * 16384);
+  CHECK(h->last);
+  CHECK(std::memcmp(c6.data() + 16, bytes.data() + 6 * 16384, h->length) == 0);
+  CHECK(c0.data() + (16384 + 16) * 6 == c6.data());
+  CHECK_THROWS_AS(devgate::firmware::image(1, "x", std::span<const std::byte>{}, 10),
+                  std::invalid_argument);
+}
+
+TEST_CASE("transfer slots: never more than the limit; freed slots go in arrival order") {
+  devgate::firmware::transfer_slots slots(2);
+  CHECK(slots.acquire("a"));
+  CHECK(slots.acquire("b"));
+  CHECK_FALSE(slots.acquire("c"));
+  CHECK_FALSE(slots.acquire("d"));
+  CHECK(slots.acquire("a"));  // already active
+  CHECK(slots.active() == 2);
+  CHECK(slots.release("d") == std::nullopt);  // leaves the queue
+  CHECK(slots.release("a") == std::optional<std::string>("c"));
+  CHECK(slots.release("b") == std::nullopt);
+  CHECK(slots.peak() == 2);
+}
+
+TEST_CASE("welcome carries state; reconnect keeps messages sent") {
+  in_process_transport t;
+  hub_t hub(t);
+  REQUIRE_FALSE(hub.start());
+  {
+    auto d = connect(t, "marco");
+    auto w = d.next("welcome");
+    REQUIRE(w);
+    CHECK((*w)["device"] == "marco");
+    CHECK((*w)["protocol"] == 1);
+    CHECK((*w)["state"]["messages_sent"] == 0);
+    for (int i = 1; i <= 3; ++i)
+      REQUIRE_FALSE(d.send({{"type", "send"}, {"id", i}, {"data", "x"}}));
+    auto sent = d.poll();
+    REQUIRE(sent.size() == 3);
+    CHECK(sent[2]["type"] == "sent");
+    CHECK(sent[2]["id"] == 3);
+    CHECK(sent[2]["messages_sent"] == 3);
+    d.s.disconnect();
+  }
+  CHECK(hub.connected() == 0);
+  auto d = connect(t, "marco");
+  auto w = d.next("welcome");
+  REQUIRE(w);
+  CHECK((*w)["state"]["messages_sent"] == 3);
+  CHECK((*w)["state"]["last_seen_ms"].get<std::int64_t>() > 0);
+  CHECK(hub.device_state("marco").messages_sent == 3);
+  hub.stop();
+}
+
+TEST_CASE("messages sent while a device was offline arrive once and in order") {
+  in_process_transport t;
+  hub_t hub(t);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "fridge");
+  REQUIRE(d.next("welcome"));
+  CHECK(hub.send_to("fridge", {{"n", 1}}) == 1);
+  CHECK(hub.publish("device/fridge", {{"n", 2}}) == 1);
+  auto got = d.poll();
+  REQUIRE(got.size() == 2);
+  CHECK(got[0]["type"] == "deliver");
+  CHECK(got[0]["seq"] == 1);
+  CHECK(got[1]["seq"] == 2);
+  CHECK(got[1]["topic"] == "device/fridge");
+  // The device received 1 and 2 but acknowledged only 1, then dropped.
+  REQUIRE_FALSE(d.send({{"type", "ack"}, {"seq", 1}}));
+  d.s.disconnect();
+  for (int n = 3; n <= 5; ++n) hub.send_to("fridge", {{"n", n}});
+  // It comes back saying it received up to 2: only 3, 4, 5 are sent, in order.
+  auto again = connect(t, "fridge", 2);
+  auto msgs = again.poll();
+  REQUIRE(msgs.size() == 4);
+  CHECK(msgs[0]["type"] == "welcome");
+  CHECK(msgs[0]["last_seq"] == 5);
+  CHECK(msgs[0]["replay"] == 3);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(msgs[1 + i]["seq"] == 3 + i);
+    CHECK(msgs[1 + i]["data"]["n"] == 3 + i);
+  }
+  // Resuming from what it acknowledged (1) instead would also resend 2: the device dedups.
+  REQUIRE_FALSE(again.send({{"type", "ack"}, {"seq", 5}}));
+  again.s.disconnect();
+  auto third = connect(t, "fridge", 5);
+  auto w = third.poll();
+  REQUIRE(w.size() == 1);
+  CHECK(w[0]["replay"] == 0);
+  hub.stop();
+}
+
+TEST_CASE("replay buffer is bounded; overflow is counted and reported") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_replay_messages = 4;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  for (int n = 1; n <= 10; ++n) hub.send_to("offline", {{"n", n}});
+  CHECK(hub.stats().replay_dropped == 6);
+  auto d = connect(t, "offline");
+  auto msgs = d.poll();
+  REQUIRE(msgs.size() == 5);
+  CHECK(msgs[0]["replay_dropped"] == 6);
+  CHECK(msgs[0]["replay"] == 4);
+  CHECK(msgs[1]["seq"] == 7);
+  CHECK(msgs[4]["seq"] == 10);
+  hub.stop();
+}
+
+TEST_CASE("a second connection with the same id takes over; the old one is closed with 4000") {
+  in_process_transport t;
+  hub_t hub(t);
+  REQUIRE_FALSE(hub.start());
+  auto first = connect(t, "tab");
+  auto second = connect(t, "tab");
+  CHECK(first.s.close_status() == dev::close_replaced);
+  CHECK_FALSE(second.s.close_status());
+  CHECK(hub.connected() == 1);
+  CHECK(hub.stats().takeovers == 1);
+  REQUIRE(second.next("welcome"));
+  hub.send_to("tab", {{"x", 1}});
+  CHECK(second.poll().size() == 1);
+  CHECK(first.poll().size() <= 1);  // its welcome at most
+  hub.stop();
+}
+
+TEST_CASE("bad input is answered as documented and touches no other device") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_message_bytes = 1024;
+  o.max_errors = 100;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  auto other = connect(t, "other");
+  REQUIRE(other.next("welcome"));
+  hub.send_to("other", {{"keep", true}});
+
+  auto d = fake_device{t.connect("bad"), {}, {}};
+  auto expect = [&](const std::string& text, const std::string& code) {
+    REQUIRE_FALSE(d.s.push(text));
+    auto e = d.next("error");
+    INFO(text);
+    REQUIRE(e);
+    CHECK((*e)["code"] == code);
+    CHECK_FALSE((*e)["message"].get<std::string>().empty());
+  };
+  expect(R"({"type":"send","data":1})", "hello_required");
+  expect("{not json", "bad_json");
+  expect(std::string(40, '[') + std::string(40, ']'), "bad_json");
+  expect("[1,2]", "bad_message");
+  expect(R"({"type":"hello"})", "bad_message");
+  expect(R"({"type":"nope"})", "unknown_type");
+  expect(std::string(2000, ' '), "too_big");
+  REQUIRE_FALSE(d.send({{"type", "hello"}, {"protocol", 1}}));
+  REQUIRE(d.next("welcome"));
+  expect(R"({"type":"hello","protocol":1})", "duplicate_hello");
+  expect(R"({"type":"send"})", "bad_message");
+  expect(R"({"type":"ack","seq":1})", "bad_ack");  // nothing was sent to it
+  expect(R"({"type":"ack","seq":-1})", "bad_message");
+  expect(R"({"type":"subscribe","topic":"device/other"})", "bad_topic");
+  expect(R"({"type":"fw_ack","rollout":1,"offset":0})", "unknown_rollout");
+  expect(R"({"type":"fw_result","rollout":1,"ok":true})", "unknown_rollout");
+  expect(R"({"type":"fw_result","rollout":1})", "bad_message");
+  expect(R"({"type":"hello","last_seq":"x"})", "duplicate_hello");
+  CHECK_FALSE(d.s.close_status());
+  // The other device is untouched: its sequenced message is still there, unacknowledged.
+  auto msgs = other.poll();
+  REQUIRE(msgs.size() == 1);
+  CHECK(msgs[0]["seq"] == 1);
+  CHECK(hub.device_state("other").messages_sent == 0);
+
+  // Unsupported version: error, then close 4001.
+  auto v2 = fake_device{t.connect("v2"), {}, {}};
+  REQUIRE_FALSE(v2.send({{"type", "hello"}, {"protocol", 2}}));
+  CHECK(v2.s.close_status() == dev::close_unsupported_version);
+  hub.stop();
+}
+
+TEST_CASE("too many bad messages close the session with 4002") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_errors = 3;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  auto d = fake_device{t.connect("noisy"), {}, {}};
+  for (int i = 0; i < 3; ++i) REQUIRE_FALSE(d.s.push("garbage"));
+  CHECK_FALSE(d.s.close_status());
+  (void)d.s.push("garbage");
+  CHECK(d.s.close_status() == dev::close_too_many_errors);
+  hub.stop();
+}
+
+TEST_CASE("invalid device ids are refused by the hub on transports that do not check") {
+  in_process_transport t;
+  hub_t hub(t);
+  REQUIRE_FALSE(hub.start());
+  auto d = t.connect("no spaces");
+  CHECK(d.close_status() == devgate::close_code::policy_violation);
+  hub.stop();
+}
+
+TEST_CASE("pub/sub: server log per dispatched message, fleet frames shared, host callbacks") {
+  in_process_transport t;
+  hub_t hub(t);
+  REQUIRE_FALSE(hub.start());
+  std::atomic<int> logged{0};
+  std::mutex mu;
+  std::vector<json> log;
+  auto tok = hub.subscribe("server", [&](std::string_view topic, const shared_bytes& p) {
+    std::lock_guard lock(mu);
+    if (topic != "server") return;  // checked below: the count would stay short
+    log.push_back(json::parse(p.view()));
+    ++logged;
+  });
+  auto a = connect(t, "a");
+  auto b = connect(t, "b");
+  a.poll();
+  b.poll();
+  REQUIRE_FALSE(b.send({{"type", "subscribe"}, {"topic", "server"}}));
+  REQUIRE(b.next("subscribed"));
+  for (int i = 0; i < 5; ++i) REQUIRE_FALSE(a.send({{"type", "send"}, {"data", {{"i", i}}}}));
+  REQUIRE(eventually([&] { return logged.load() == 5; }));
+  {
+    std::lock_guard lock(mu);
+    for (int i = 0; i < 5; ++i) {
+      CHECK(log[i]["type"] == "event");
+      CHECK(log[i]["topic"] == "server");
+      CHECK(log[i]["data"]["device"] == "a");
+      CHECK(log[i]["data"]["seq"] == i + 1);  // in order, numbered per device
+      CHECK(log[i]["data"].contains("worker"));
+      CHECK(log[i]["data"]["time_ms"].get<std::int64_t>() > 0);
+    }
+  }
+  REQUIRE(eventually([&] {
+    b.poll();
+    return b.texts.size() >= 7;
+  }));
+  hub.unsubscribe(tok);
+
+  // Fleet: one buffer shared by every recipient.
+  CHECK(hub.publish("fleet", {{"note", "hello all"}}) == 2);
+  auto ia = a.s.take_inbox();
+  auto ib = b.s.take_inbox();
+  REQUIRE(ia.size() == 1);
+  REQUIRE_FALSE(ib.empty());
+  CHECK(ia[0].payload.data() == ib.back().payload.data());
+  CHECK(json::parse(ia[0].payload.view())["data"]["note"] == "hello all");
+
+  // Stats topic.
+  REQUIRE_FALSE(a.send({{"type", "subscribe"}, {"topic", "stats"}}));
+  // The dispatched counter moves after the sink (and its log line) returns.
+  REQUIRE(eventually([&] { return hub.stats().dispatched == 5; }));
+  CHECK(hub.publish_stats() == 1);
+  auto st = a.poll();
+  REQUIRE(st.size() == 2);
+  CHECK(st[1]["data"]["connected"] == 2);
+  CHECK(st[1]["data"]["dispatched"] == 5);
+  hub.stop();
+}
+
+namespace {
+// Plays a device's side of a firmware transfer: acks every chunk, then reports the hash.
+struct fw_player {
+  fake_device& d;
+  std::vector<std::byte> image;
+  std::uint64_t rollout = 0;
+  std::uint64_t got = 0;
+  bool done = false;
+  std::string status;
+
+  void step() {
+    auto texts = d.poll();
+    for (auto& j : texts) {
+      if (j["type"] == "firmware") {
+        rollout = j["rollout"];
+        image.resize(j["size"]);
+        got = j["offset"];
+      } else if (j["type"] == "fw_status") {
+        status = j["status"];
+      }
+    }
+    for (auto& b : d.binaries) {
+      auto h = dev::decode_chunk_header(b.bytes());
+      REQUIRE(h);
+      if (h->rollout != rollout || h->offset != got) continue;
+      std::memcpy(image.data() + h->offset, b.data() + 16, h->length);
+      got += h->length;
+      REQUIRE_FALSE(d.send({{"type", "fw_ack"}, {"rollout", rollout}, {"offset", got}}));
+      if (got == image.size() && !done) {
+        done = true;
+        auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+        REQUIRE_FALSE(
+            d.send({{"type", "fw_result"}, {"rollout", rollout}, {"ok", true}, {"sha256", sha}}));
+      }
+    }
+    d.binaries.clear();
+  }
+};
+}  // namespace
+
+TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verified, skips") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.chunk_size = 1000;
+  o.window = 3;
+  o.max_concurrent_transfers = 2;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  std::vector<fake_device> devs;
+  for (int i = 0; i < 6; ++i) devs.push_back(connect(t, "d" + std::to_string(i), 0, "1.0"));
+  auto current = connect(t, "current", 0, "2.0");
+  hub.send_to("late", {{"hi", 1}});  // known but offline
+  for (auto& d : devs) d.poll();
+
+  const auto image = make_image(10'500);
+  const auto rollout = hub.publish_firmware("2.0", image);
+  CHECK(rollout == 1);
+  auto tot = hub.rollout();
+  CHECK(tot.transferring == 2);
+  CHECK(tot.pending == 5);  // 4 connected + "late"
+  CHECK(tot.skipped == 1);
+  CHECK(current.next("firmware_available"));
+
+  std::vector<fw_player> players;
+  for (auto& d : devs) players.push_back(fw_player{d, {}, 0, 0, false, {}});
+  // One transferring device drops after its first window, then comes back and resumes.
+  for (auto& p : players) p.step();
+  std::size_t drop = players.size();
+  for (std::size_t i = 0; i < players.size(); ++i) {
+    if (players[i].got == 3000) drop = i;
+  }
+  REQUIRE(drop < players.size());
+  const std::string drop_id = "d" + std::to_string(drop);
+  devs[drop].s.disconnect();
+  CHECK(hub.device_transfer(drop_id)->offset == 3000);
+  CHECK(hub.device_transfer(drop_id)->status == devgate::store::transfer_status::pending);
+  for (int round = 0; round < 200 && hub.rollout().verified < 5; ++round) {
+    for (std::size_t i = 0; i < players.size(); ++i) {
+      if (i != drop) players[i].step();
+    }
+    CHECK(hub.slots().active() <= 2);
+  }
+  CHECK(hub.rollout().verified == 5);
+  auto partial = std::move(players[drop].image);
+  devs[drop] = connect(t, drop_id, 0, "1.0");
+  fw_player p0{devs[drop], std::move(partial), 0, 0, false, {}};
+  p0.d.poll();
+  auto start = std::find_if(p0.d.texts.begin(), p0.d.texts.end(),
+                            [](const json& j) { return j["type"] == "firmware"; });
+  REQUIRE(start != p0.d.texts.end());
+  CHECK((*start)["offset"] == 3000);  // resumes from its last acknowledged offset
+  p0.rollout = (*start)["rollout"];
+  p0.got = 3000;
+  p0.d.texts.clear();
+  for (int round = 0; round < 50 && !p0.done; ++round) p0.step();
+  CHECK(p0.done);
+  // The device offline at publish gets it when it connects.
+  auto late = connect(t, "late", 0, "1.0");
+  fw_player pl{late, {}, 0, 0, false, {}};
+  for (int round = 0; round < 50 && !pl.done; ++round) pl.step();
+  CHECK(pl.done);
+  pl.step();
+  CHECK(pl.status == "verified");
+  tot = hub.rollout();
+  CHECK(tot.verified == 7);
+  CHECK(tot.skipped == 1);
+  CHECK(tot.failed == 0);
+  CHECK(tot.peak_transferring == 2);
+  CHECK(hub.device_state("d3").firmware_version == "2.0");
+  CHECK(hub.device_state("d3").transfer.status == devgate::store::transfer_status::verified);
+  // A corrupt image is reported failed with a reason.
+  hub.publish_firmware("3.0", make_image(10));
+  std::vector<fake_device*> started;
+  for (auto& d : devs) {
+    if (d.next("firmware")) started.push_back(&d);
+  }
+  REQUIRE(started.size() == 2);  // the limit again
+  auto& bad_sha = *started[0];
+  REQUIRE_FALSE(bad_sha.send({{"type", "fw_ack"}, {"rollout", 2}, {"offset", 10}}));
+  REQUIRE_FALSE(bad_sha.send(
+      {{"type", "fw_result"}, {"rollout", 2}, {"ok", true}, {"sha256", std::string(64, '0')}}));
+  auto s = bad_sha.next("fw_status");
+  REQUIRE(s);
+  CHECK((*s)["status"] == "failed");
+  CHECK((*s)["reason"] == "sha256 mismatch");
+  CHECK(hub.rollout().failed == 1);
+  // bad_fw_ack: beyond what was sent.
+  REQUIRE_FALSE(started[1]->send({{"type", "fw_ack"}, {"rollout", 2}, {"offset", 11}}));
+  auto e = started[1]->next("error");
+  REQUIRE(e);
+  CHECK((*e)["code"] == "bad_fw_ack");
+  hub.stop();
+}
