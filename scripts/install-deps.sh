@@ -3,18 +3,20 @@
 # is missing; does nothing when everything is present. Run as root (apt-get).
 #   scripts/install-deps.sh build   compilers, build tools and the libraries devgate uses
 #   scripts/install-deps.sh test    build + sanitizer runtimes, fuzzing, test peers (default)
+#   scripts/install-deps.sh bench   test + the benchmark peers (Boost.Beast, websocketpp) and perf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-test}
 build_packages=(g++ cmake ninja-build meson pkg-config ccache git python3
-                libasio-dev libconcurrentqueue-dev libssl-dev nlohmann-json3-dev)
+                libasio-dev libconcurrentqueue-dev libssl-dev nlohmann-json3-dev libcli11-dev)
 test_packages=(catch2 libbenchmark-dev clang libclang-rt-14-dev clang-format
-               python3-websockets)
+               python3-websockets chromium fonts-liberation)
 case "$mode" in
   build) wanted=("${build_packages[@]}") ;;
   test) wanted=("${build_packages[@]}" "${test_packages[@]}") ;;
-  *) echo "usage: $0 [build|test]" >&2; exit 2 ;;
+  bench) wanted=("${build_packages[@]}" "${test_packages[@]}" libboost-dev libwebsocketpp-dev linux-perf) ;;
+  *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
 esac
 
 missing=()
@@ -24,7 +26,7 @@ for package in "${wanted[@]}"; do
   fi
 done
 # Node.js and npm run the pinned `ws` test peer; any Node >= 18 will do (Debian's or another).
-if [ "$mode" = test ] && ! { command -v node && command -v npm; } >/dev/null 2>&1; then
+if [ "$mode" != build ] && ! { command -v node && command -v npm; } >/dev/null 2>&1; then
   missing+=(nodejs npm)
 fi
 
@@ -40,7 +42,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # npm test peers, pinned by tests/peers/package-lock.json; reinstalled only when the lock changes.
-if [ "$mode" = test ] && [ -f tests/peers/package-lock.json ]; then
+if [ "$mode" != build ] && [ -f tests/peers/package-lock.json ]; then
   stamp=tests/peers/node_modules/.devgate-lock
   if ! cmp -s tests/peers/package-lock.json "$stamp" 2>/dev/null; then
     echo "install-deps: npm ci in tests/peers"
