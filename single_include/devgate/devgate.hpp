@@ -3608,12 +3608,21 @@ class utf8_validator {
 
 namespace devgate::websocket {
 
+/// Which end of the connection a reader serves. RFC 6455 5.1: a server must fail a connection
+/// on an unmasked frame, and a client must fail one on a masked frame.
+enum class reader_role : std::uint8_t {
+  server,  ///< Frames must be masked (the default: devgate's server).
+  client,  ///< Frames must be unmasked (devgate's C++ device client).
+};
+
 /// Limits the frame reader enforces.
 struct reader_limits {
   /// Largest message (all fragments together) accepted; larger ones fail with 1009 as soon as
   /// a frame header announces them, before any of the payload is buffered. Also bounds what a
   /// single connection can make the server hold in memory.
   std::size_t max_message_size = 16u << 20;
+  /// Server (masked frames required) or client (unmasked frames required).
+  reader_role role = reader_role::server;
 };
 
 /// Result of `frame_reader::consume`.
@@ -3763,7 +3772,7 @@ requires frame_handler<Handler> read_status frame_reader::consume(std::span<std:
     } else {
       const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, n));
       const bool whole_frame = !partial_ && take == remaining_;
-      apply_mask({p, take}, key_, mask_pos_);  // RFC 6455 5.3
+      if (limits_.role == reader_role::server) apply_mask({p, take}, key_, mask_pos_);  // 5.3
       mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3);
       remaining_ -= take;
       partial_ = remaining_ != 0;
@@ -3783,8 +3792,8 @@ read_status frame_reader::begin_frame(const frame_header& fh, Handler& handler) 
   if (fh.rsv != 0) return fail(close_code::protocol_error);
   // 5.2: reserved opcodes fail the connection.
   if (!is_known_opcode(fh.op)) return fail(close_code::protocol_error);
-  // 5.1: a server MUST close on an unmasked client frame.
-  if (!fh.masked) return fail(close_code::protocol_error);
+  // 5.1: a server MUST close on an unmasked client frame, a client on a masked server frame.
+  if (fh.masked != (limits_.role == reader_role::server)) return fail(close_code::protocol_error);
   // 5.2: the most significant bit of the 64-bit length MUST be 0.
   if (fh.payload_length >> 63) return fail(close_code::protocol_error);
   if (is_control(fh.op)) {
@@ -5636,5 +5645,1800 @@ namespace devgate::websocket {
 
 }  // namespace devgate::websocket
 // ---- end devgate/websocket/static_files.hpp ----
+
+
+// ---- begin devgate/store/memory_state_store.hpp ----
+
+#include <array>          // shards
+#include <cstddef>        // std::size_t
+#include <cstdint>        // counters
+#include <functional>     // std::hash
+#include <memory>         // shards live on the heap so the store can move into the hub
+#include <mutex>          // per-shard lock
+#include <string>         // device ids
+#include <unordered_map>  // device table
+
+
+// ---- begin devgate/store/state_store.hpp ----
+
+#include <concepts>  // std::same_as
+#include <cstdint>   // counters, offsets
+#include <string>    // device ids, versions
+
+namespace devgate::store {
+
+/// Where a device's firmware transfer stands (the rollout's per-device status).
+enum class transfer_status : std::uint8_t {
+  none,          ///< No rollout concerns this device.
+  pending,       ///< Waiting for its turn (or for the device to connect).
+  transferring,  ///< Chunks are flowing; `offset` bytes acknowledged so far.
+  verified,      ///< The device received every byte and confirmed the SHA-256.
+  failed,        ///< The device reported a failure (see `reason`).
+  skipped,       ///< The device already reported the rollout's version.
+};
+
+/// The name used on the wire and in logs for `s`.
+[[nodiscard]] constexpr const char* to_string(transfer_status s) noexcept {
+  switch (s) {
+    case transfer_status::none:
+      return "none";
+    case transfer_status::pending:
+      return "pending";
+    case transfer_status::transferring:
+      return "transferring";
+    case transfer_status::verified:
+      return "verified";
+    case transfer_status::failed:
+      return "failed";
+    case transfer_status::skipped:
+      return "skipped";
+  }
+  return "none";
+}
+
+/// A device's firmware transfer as last recorded.
+struct transfer_state {
+  std::uint32_t rollout = 0;                       ///< Rollout id (0: none).
+  std::string version;                             ///< The version being rolled out.
+  transfer_status status = transfer_status::none;  ///< Where it stands.
+  std::uint64_t offset = 0;  ///< Bytes the device acknowledged (resume point).
+  std::string reason;        ///< Why it failed (status failed only).
+};
+
+/// Everything devgate remembers about a device across connections.
+struct device_state {
+  std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
+  std::int64_t last_seen_ms = 0;    ///< Unix time (ms) of its last activity; 0 = never seen.
+  std::string firmware_version;     ///< The version it reported or was last verified with.
+  transfer_state transfer;          ///< Its part in the current firmware rollout.
+};
+
+/// What the device hub requires of a state store. Every operation is per field, so that a
+/// store backed by Redis (HINCRBY, HSET) or a file can implement each one atomically without
+/// a read-modify-write of the whole record; all must be safe to call from any thread.
+/// - `load(id)`: the device's state (a default `device_state` for an unknown device).
+/// - `add_messages_sent(id, n)`: adds `n`, returns the new total.
+/// - `touch(id, unix_ms)`: records activity.
+/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
+/// The hub never holds one of its own locks while calling the store.
+template <class S>
+concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
+                               const std::string& version, const transfer_state& t) {
+  { s.load(id) } -> std::same_as<device_state>;
+  { s.add_messages_sent(id, n) } -> std::same_as<std::uint64_t>;
+  s.touch(id, ms);
+  s.set_firmware_version(id, version);
+  s.set_transfer(id, t);
+};
+
+}  // namespace devgate::store
+// ---- end devgate/store/state_store.hpp ----
+
+namespace devgate::store {
+
+/// The default state store: device states in memory, in 16 independently locked shards so that
+/// devices on different transport threads rarely contend. Lost when the process exits.
+class memory_state_store {
+ public:
+  /// The device's state, or a default one if it was never stored.
+  [[nodiscard]] device_state load(const std::string& id) const {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    auto it = s.states.find(id);
+    return it == s.states.end() ? device_state{} : it->second;
+  }
+  /// Adds `n` to the device's message count; returns the new total.
+  std::uint64_t add_messages_sent(const std::string& id, std::uint64_t n) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    return s.states[id].messages_sent += n;
+  }
+  /// Records activity at `unix_ms`.
+  void touch(const std::string& id, std::int64_t unix_ms) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].last_seen_ms = unix_ms;
+  }
+  /// Records the firmware version the device runs.
+  void set_firmware_version(const std::string& id, const std::string& version) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].firmware_version = version;
+  }
+  /// Records the device's firmware transfer.
+  void set_transfer(const std::string& id, const transfer_state& t) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].transfer = t;
+  }
+  /// Devices stored.
+  [[nodiscard]] std::size_t size() const {
+    std::size_t n = 0;
+    for (const auto& s : *shards_) {
+      std::lock_guard lock(s.mutex);
+      n += s.states.size();
+    }
+    return n;
+  }
+
+ private:
+  struct shard_t {
+    mutable std::mutex mutex;
+    std::unordered_map<std::string, device_state> states;
+  };
+  shard_t& shard(const std::string& id) const {
+    return (*shards_)[std::hash<std::string>{}(id) % shards_->size()];
+  }
+  std::unique_ptr<std::array<shard_t, 16>> shards_ = std::make_unique<std::array<shard_t, 16>>();
+};
+
+static_assert(state_store<memory_state_store>,
+              "memory_state_store must satisfy devgate::store::state_store");
+
+}  // namespace devgate::store
+// ---- end devgate/store/memory_state_store.hpp ----
+
+
+// ---- begin devgate/device/device_id.hpp ----
+
+#include <cstddef>      // std::size_t
+#include <optional>     // identify result
+#include <string>       // device ids
+#include <string_view>  // request targets
+
+
+namespace devgate::device {
+
+/// Longest device id accepted.
+inline constexpr std::size_t max_device_id_length = 128;
+
+/// The URL path prefix under which devices connect: `/ws/<device_id>`.
+inline constexpr std::string_view device_path_prefix = "/ws/";
+
+/// True when `id` is 1 to 128 characters of [A-Za-z0-9._-] (safe in URLs, logs and file names).
+[[nodiscard]] constexpr bool is_valid_device_id(std::string_view id) noexcept {
+  if (id.empty() || id.size() > max_device_id_length) return false;
+  for (const char c : id) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+/// The device id in a request target `/ws/<device_id>` (a query string is ignored), or
+/// std::nullopt when the path is not of that form or the id is invalid.
+[[nodiscard]] inline std::optional<std::string> device_id_from_target(std::string_view target) {
+  if (const auto q = target.find('?'); q != std::string_view::npos) target = target.substr(0, q);
+  if (!target.starts_with(device_path_prefix)) return std::nullopt;
+  const auto id = target.substr(device_path_prefix.size());
+  if (!is_valid_device_id(id)) return std::nullopt;
+  return std::string(id);
+}
+
+/// `websocket::server_options::identify` for devices: upgrades at `/ws/<device_id>` only;
+/// anything else is refused with 400 before the upgrade.
+[[nodiscard]] inline std::optional<std::string> identify_device(
+    const websocket::http_request& request) {
+  return device_id_from_target(request.target);
+}
+
+}  // namespace devgate::device
+// ---- end devgate/device/device_id.hpp ----
+
+// ---- begin devgate/device/hub.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>      // std::min
+#include <atomic>         // counters
+#include <chrono>         // wall-clock times for devices
+#include <cstddef>        // std::size_t
+#include <cstdint>        // sequence numbers
+#include <deque>          // outboxes, replay buffers
+#include <memory>         // device records, images
+#include <mutex>          // per-device lock
+#include <optional>       // lookups
+#include <shared_mutex>   // device and session tables
+#include <span>           // firmware bytes
+#include <string>         // ids, topics
+#include <string_view>    // ids, topics
+#include <system_error>   // results
+#include <unordered_map>  // device and session tables
+#include <utility>        // std::move
+#include <vector>         // snapshots
+
+
+// ---- begin devgate/device/protocol.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <array>        // chunk headers
+#include <cstddef>      // std::byte, std::size_t
+#include <cstdint>      // wire integers
+#include <optional>     // decode results
+#include <span>         // chunk bytes
+#include <string>       // JSON text
+#include <string_view>  // names
+
+
+/// The devgate device protocol, version 1 (docs/PROTOCOL.md is the specification): JSON text
+/// control messages in both directions and binary firmware chunks from server to device.
+namespace devgate::device {
+
+/// The protocol version a device announces in `hello`; the server speaks only this one.
+inline constexpr int protocol_version = 1;
+
+/// Application close codes (RFC 6455 7.4.2 reserves 4000-4999 for applications).
+inline constexpr close_code close_replaced = static_cast<close_code>(4000);
+/// The device asked for a protocol version the server does not speak.
+inline constexpr close_code close_unsupported_version = static_cast<close_code>(4001);
+/// The device sent too many bad messages in one session (see hub_options::max_errors).
+inline constexpr close_code close_too_many_errors = static_cast<close_code>(4002);
+
+/// The `code` of an `error` message: what the device did wrong or why a request failed.
+enum class error : std::uint8_t {
+  bad_json,             ///< The text is not JSON (or nests deeper than the limit).
+  bad_message,          ///< JSON, but not an object with the fields its type needs.
+  unknown_type,         ///< `type` names no device message.
+  hello_required,       ///< Something other than `hello` came first.
+  duplicate_hello,      ///< A second `hello` in one session.
+  unsupported_version,  ///< `hello.protocol` is not 1 (the session is then closed with 4001).
+  bad_resume,           ///< `hello.last_seq` is beyond what the server ever sent.
+  bad_ack,              ///< `ack.seq` is beyond the last sent or below one already acknowledged.
+  bad_topic,            ///< The topic is malformed or not one a device may subscribe to.
+  too_big,              ///< The message is over the hub's size limit.
+  queue_full,           ///< The pipeline is at capacity; the message was not accepted.
+  closed,               ///< The gateway is stopping; the message was not accepted.
+  bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
+  unknown_rollout,      ///< `fw_ack`/`fw_result` names a rollout this device is not in.
+};
+
+/// The wire name of `e`.
+[[nodiscard]] constexpr std::string_view to_string(error e) noexcept {
+  switch (e) {
+    case error::bad_json:
+      return "bad_json";
+    case error::bad_message:
+      return "bad_message";
+    case error::unknown_type:
+      return "unknown_type";
+    case error::hello_required:
+      return "hello_required";
+    case error::duplicate_hello:
+      return "duplicate_hello";
+    case error::unsupported_version:
+      return "unsupported_version";
+    case error::bad_resume:
+      return "bad_resume";
+    case error::bad_ack:
+      return "bad_ack";
+    case error::bad_topic:
+      return "bad_topic";
+    case error::too_big:
+      return "too_big";
+    case error::queue_full:
+      return "queue_full";
+    case error::closed:
+      return "closed";
+    case error::bad_fw_ack:
+      return "bad_fw_ack";
+    case error::unknown_rollout:
+      return "unknown_rollout";
+  }
+  return "bad_message";
+}
+
+/// A sentence telling the device's developer what to do about `e`.
+[[nodiscard]] constexpr std::string_view describe(error e) noexcept {
+  switch (e) {
+    case error::bad_json:
+      return "the message is not valid JSON (or nests deeper than 32 levels)";
+    case error::bad_message:
+      return "the message must be a JSON object with the fields its type requires";
+    case error::unknown_type:
+      return "unknown message type; see docs/PROTOCOL.md for the device messages";
+    case error::hello_required:
+      return "send hello first: {\"type\":\"hello\",\"protocol\":1}";
+    case error::duplicate_hello:
+      return "hello was already received in this session";
+    case error::unsupported_version:
+      return "this server speaks protocol 1 only";
+    case error::bad_resume:
+      return "last_seq is beyond the last sequence number sent; everything unacknowledged is "
+             "sent again";
+    case error::bad_ack:
+      return "ack.seq must be between the last acknowledged and the last received sequence";
+    case error::bad_topic:
+      return "devices may subscribe to server, stats and fleet only";
+    case error::too_big:
+      return "the message is over the size limit; send smaller messages";
+    case error::queue_full:
+      return "the gateway is at capacity; the message was not accepted, retry later";
+    case error::closed:
+      return "the gateway is stopping; reconnect later";
+    case error::bad_fw_ack:
+      return "fw_ack.offset must be a chunk boundary (or the image size) between the last "
+             "acknowledged offset and the bytes sent";
+    case error::unknown_rollout:
+      return "no firmware transfer with that rollout id is in progress for this device";
+  }
+  return "";
+}
+
+/// The topics devgate itself defines.
+namespace topics {
+/// Every dispatched message (device, sequence, worker, times): the server log.
+inline constexpr std::string_view server = "server";
+/// Gateway figures published by `hub::publish_stats`.
+inline constexpr std::string_view stats = "stats";
+/// Every connected device is on it; messages are shared frames, not sequenced.
+inline constexpr std::string_view fleet = "fleet";
+/// Prefix of the per-device topics `device/<id>`: sequenced, kept and resumed.
+inline constexpr std::string_view device_prefix = "device/";
+}  // namespace topics
+
+// ---- binary firmware chunks ---------------------------------------------------------------
+//
+//   0       1       2               4                               8
+//   +-------+-------+---------------+-------------------------------+
+//   | type  | hlen  | flags         | rollout id (u32)              |
+//   +-------+-------+---------------+-------------------------------+
+//   | offset (u32)                  | length (u32)                  |
+//   +-------------------------------+-------------------------------+
+//   | data (length bytes) ...
+//   All integers big-endian (DataView's default); type = 1; hlen = 16; flags bit 0 = last chunk.
+
+/// Bytes before the data of a firmware chunk.
+inline constexpr std::size_t chunk_header_size = 16;
+/// The `type` byte of a firmware chunk.
+inline constexpr std::uint8_t chunk_type_firmware = 1;
+/// Largest image a chunk header can address.
+inline constexpr std::uint64_t max_firmware_size = 0xFFFFFFFFu;
+
+/// The fields of a firmware chunk header.
+struct chunk_header {
+  std::uint32_t rollout = 0;  ///< Which rollout (image) the chunk belongs to.
+  std::uint32_t offset = 0;   ///< Where the data goes in the image.
+  std::uint32_t length = 0;   ///< Data bytes after the header.
+  bool last = false;          ///< The image's final chunk.
+};
+
+namespace detail_protocol {
+inline void put32(std::byte* p, std::uint32_t v) noexcept {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (24 - 8 * i));
+}
+inline std::uint32_t get32(const std::byte* p) noexcept {
+  std::uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v = (v << 8) | static_cast<std::uint8_t>(p[i]);
+  return v;
+}
+}  // namespace detail_protocol
+
+/// Writes `h` in the wire layout above.
+inline void encode_chunk_header(std::span<std::byte, chunk_header_size> out,
+                                const chunk_header& h) noexcept {
+  out[0] = static_cast<std::byte>(chunk_type_firmware);
+  out[1] = static_cast<std::byte>(chunk_header_size);
+  out[2] = std::byte{0};
+  out[3] = static_cast<std::byte>(h.last ? 1 : 0);
+  detail_protocol::put32(out.data() + 4, h.rollout);
+  detail_protocol::put32(out.data() + 8, h.offset);
+  detail_protocol::put32(out.data() + 12, h.length);
+}
+
+/// Reads a chunk header; std::nullopt unless `in` is a whole, well-formed firmware chunk.
+[[nodiscard]] inline std::optional<chunk_header> decode_chunk_header(
+    std::span<const std::byte> in) noexcept {
+  if (in.size() < chunk_header_size) return std::nullopt;
+  if (static_cast<std::uint8_t>(in[0]) != chunk_type_firmware) return std::nullopt;
+  const auto hlen = static_cast<std::uint8_t>(in[1]);
+  if (hlen < chunk_header_size || hlen > in.size()) return std::nullopt;
+  chunk_header h;
+  h.last = (static_cast<std::uint8_t>(in[3]) & 1) != 0;
+  h.rollout = detail_protocol::get32(in.data() + 4);
+  h.offset = detail_protocol::get32(in.data() + 8);
+  h.length = detail_protocol::get32(in.data() + 12);
+  if (h.length != in.size() - hlen) return std::nullopt;
+  return h;
+}
+
+// ---- JSON ---------------------------------------------------------------------------------
+
+/// Deepest nesting accepted in a device message (keeps re-serialising bounded).
+inline constexpr int max_json_depth = 32;
+
+/// Parses a device's text message: std::nullopt for malformed JSON or nesting deeper than
+/// `max_json_depth` (checked before parsing). Never throws.
+[[nodiscard]] inline std::optional<nlohmann::json> parse_json(std::string_view text) {
+  int depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_json_depth) return std::nullopt;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return std::nullopt;
+  return j;
+}
+
+/// `j[key]` as an unsigned integer, or std::nullopt if absent or not a non-negative integer.
+[[nodiscard]] inline std::optional<std::uint64_t> get_uint(const nlohmann::json& j,
+                                                           std::string_view key) {
+  const auto it = j.find(key);
+  if (it == j.end() || !it->is_number_integer()) return std::nullopt;
+  if (it->is_number_unsigned()) return it->get<std::uint64_t>();
+  const auto v = it->get<std::int64_t>();
+  if (v < 0) return std::nullopt;
+  return static_cast<std::uint64_t>(v);
+}
+
+/// `j[key]` as a string, or std::nullopt if absent or not a string.
+[[nodiscard]] inline std::optional<std::string> get_string(const nlohmann::json& j,
+                                                           std::string_view key) {
+  const auto it = j.find(key);
+  if (it == j.end() || !it->is_string()) return std::nullopt;
+  return it->get<std::string>();
+}
+
+/// JSON text as a shared payload (the one copy made of an outgoing control message).
+[[nodiscard]] inline shared_bytes to_payload(const nlohmann::json& j) {
+  return shared_bytes::copy_of(
+      std::string_view(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
+}
+
+/// An `error` message: `{"type":"error","code":..,"message":..,"ref":..}` (`ref`: the type of
+/// the offending message when known).
+[[nodiscard]] inline shared_bytes make_error(error e, std::string_view ref = {}) {
+  nlohmann::json j{{"type", "error"}, {"code", to_string(e)}, {"message", describe(e)}};
+  if (!ref.empty()) j["ref"] = ref;
+  return to_payload(j);
+}
+
+/// Builds `{"type":"<type>","seq":<seq>,"topic":"<topic>","data":<data_json>}` (seq omitted
+/// when 0) around `data_json`, which is already JSON text: one allocation, no re-parse.
+[[nodiscard]] inline shared_bytes make_envelope(std::string_view type, std::uint64_t seq,
+                                                std::string_view topic,
+                                                std::string_view data_json) {
+  std::string out;
+  out.reserve(48 + topic.size() + data_json.size());
+  out.append(R"({"type":")").append(type).append("\"");
+  if (seq != 0) out.append(R"(,"seq":)").append(std::to_string(seq));
+  // Topics are validated ([A-Za-z0-9._/-]) before they get here: no escaping needed.
+  out.append(R"(,"topic":")").append(topic).append(R"(","data":)");
+  out.append(data_json).append("}");
+  return shared_bytes::copy_of(std::string_view(out));
+}
+
+/// True when `topic` is 1 to 200 characters of [A-Za-z0-9._/-].
+[[nodiscard]] constexpr bool is_valid_topic(std::string_view topic) noexcept {
+  if (topic.empty() || topic.size() > 200) return false;
+  for (const char c : topic) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-' || c == '/';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+}  // namespace devgate::device
+// ---- end devgate/device/protocol.hpp ----
+
+// ---- begin devgate/device/pubsub.hpp ----
+
+#include <algorithm>      // std::find, std::erase
+#include <atomic>         // subscription tokens
+#include <cstddef>        // std::size_t
+#include <cstdint>        // tokens
+#include <functional>     // host subscribers
+#include <memory>         // copy-on-write topic entries
+#include <mutex>          // writers
+#include <shared_mutex>   // readers (publish) share the table
+#include <span>           // recipients
+#include <string>         // topic names
+#include <string_view>    // topic names
+#include <unordered_map>  // topic table, per-session topics
+#include <utility>        // std::move
+#include <vector>         // recipients
+
+
+namespace devgate::device {
+
+/// Topics with two kinds of subscriber: sessions (devices, reached through the transport) and
+/// host callbacks. Subscribe, unsubscribe and publish from any thread. A publish encodes
+/// nothing itself: the caller hands it one payload, which every subscriber shares.
+///
+/// Subscriber lists are copy-on-write: publish takes a shared lock just long enough to copy
+/// one shared_ptr, then sends with no lock held.
+class pubsub {
+ public:
+  /// A host subscriber: receives the topic and the payload (the JSON text devices receive).
+  using callback = std::function<void(std::string_view topic, const shared_bytes& payload)>;
+  /// Identifies a host subscription (for `unsubscribe`).
+  using token = std::uint64_t;
+
+  /// Sets the way to devices (the hub sets it to its transport before any publish).
+  void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
+
+  /// Subscribes session `s` to `topic`; false if it already was.
+  bool subscribe(std::string_view topic, session_id s) {
+    std::unique_lock lock(mutex_);
+    auto& e = entries_[std::string(topic)];
+    auto next = e ? std::make_shared<entry>(*e) : std::make_shared<entry>();
+    if (std::find(next->sessions.begin(), next->sessions.end(), s) != next->sessions.end()) {
+      return false;
+    }
+    next->sessions.push_back(s);
+    e = std::move(next);
+    by_session_[s].emplace_back(topic);
+    return true;
+  }
+  /// Unsubscribes session `s` from `topic`; false if it was not subscribed.
+  bool unsubscribe(std::string_view topic, session_id s) {
+    std::unique_lock lock(mutex_);
+    if (!remove_locked(std::string(topic), s)) return false;
+    if (auto it = by_session_.find(s); it != by_session_.end()) {
+      std::erase(it->second, std::string(topic));
+      if (it->second.empty()) by_session_.erase(it);
+    }
+    return true;
+  }
+  /// Removes every subscription of session `s` (when it closes).
+  void unsubscribe_all(session_id s) {
+    std::unique_lock lock(mutex_);
+    auto it = by_session_.find(s);
+    if (it == by_session_.end()) return;
+    for (const auto& t : it->second) remove_locked(t, s);
+    by_session_.erase(it);
+  }
+  /// Subscribes a host callback to `topic` (it runs on the publishing thread, with no lock
+  /// held; keep it quick). Returns the token for `unsubscribe`.
+  token subscribe(std::string_view topic, callback cb) {
+    const token t = next_token_.fetch_add(1, std::memory_order_relaxed) + 1;
+    std::unique_lock lock(mutex_);
+    auto& e = entries_[std::string(topic)];
+    auto next = e ? std::make_shared<entry>(*e) : std::make_shared<entry>();
+    next->callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
+    e = std::move(next);
+    return t;
+  }
+  /// Removes a host subscription. A publish already running may still call it once.
+  void unsubscribe(token t) {
+    std::unique_lock lock(mutex_);
+    for (auto& [name, e] : entries_) {
+      if (!e) continue;
+      for (std::size_t i = 0; i < e->callbacks.size(); ++i) {
+        if (e->callbacks[i].first != t) continue;
+        auto next = std::make_shared<entry>(*e);
+        next->callbacks.erase(next->callbacks.begin() + static_cast<std::ptrdiff_t>(i));
+        e = std::move(next);
+        return;
+      }
+    }
+  }
+
+  /// True when `topic` has any subscriber (lets publishers skip building a payload).
+  [[nodiscard]] bool has_subscribers(std::string_view topic) const {
+    const auto e = find(topic);
+    return e && (!e->sessions.empty() || !e->callbacks.empty());
+  }
+  /// The sessions subscribed to `topic` now.
+  [[nodiscard]] std::vector<session_id> sessions(std::string_view topic) const {
+    const auto e = find(topic);
+    return e ? e->sessions : std::vector<session_id>{};
+  }
+
+  /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`. Returns how
+  /// many sessions took it plus how many callbacks ran.
+  std::size_t publish(std::string_view topic, const shared_bytes& payload,
+                      payload_kind kind = payload_kind::text) const {
+    const auto e = find(topic);
+    if (!e) return 0;
+    std::size_t n = 0;
+    if (!e->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
+      n += channel_->broadcast(channel_->target, std::span<const session_id>(e->sessions), kind,
+                               payload);
+    }
+    for (const auto& [t, cb] : e->callbacks) {
+      (*cb)(topic, payload);
+      ++n;
+    }
+    return n;
+  }
+
+ private:
+  struct entry {
+    std::vector<session_id> sessions;
+    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
+  };
+
+  std::shared_ptr<const entry> find(std::string_view topic) const {
+    std::shared_lock lock(mutex_);
+    const auto it = entries_.find(std::string(topic));
+    return it == entries_.end() ? nullptr : it->second;
+  }
+  bool remove_locked(const std::string& topic, session_id s) {
+    auto it = entries_.find(topic);
+    if (it == entries_.end() || !it->second) return false;
+    const auto& cur = it->second->sessions;
+    const auto pos = std::find(cur.begin(), cur.end(), s);
+    if (pos == cur.end()) return false;
+    auto next = std::make_shared<entry>(*it->second);
+    next->sessions.erase(next->sessions.begin() + (pos - cur.begin()));
+    it->second = std::move(next);
+    return true;
+  }
+
+  const reply_channel* channel_ = nullptr;
+  std::atomic<token> next_token_{0};
+  mutable std::shared_mutex mutex_;
+  std::unordered_map<std::string, std::shared_ptr<const entry>> entries_;
+  std::unordered_map<session_id, std::vector<std::string>> by_session_;
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/pubsub.hpp ----
+
+// ---- begin devgate/firmware/rollout.hpp ----
+
+#include <algorithm>      // std::find, std::min
+#include <cstddef>        // std::size_t
+#include <cstdint>        // rollout ids, offsets
+#include <cstring>        // std::memcpy
+#include <deque>          // waiting devices
+#include <memory>         // images are shared
+#include <mutex>          // slots
+#include <optional>       // next device
+#include <span>           // image bytes
+#include <stdexcept>      // set-up errors
+#include <string>         // versions, device ids
+#include <unordered_set>  // active devices
+#include <vector>         // started devices
+
+
+namespace devgate::firmware {
+
+/// A firmware image held once in memory, already cut into wire chunks: one buffer holds every
+/// chunk's 16-byte header followed by its data, so sending a chunk to any number of devices is
+/// a `slice` of that buffer (no copy per device, no header built per send).
+class image {
+ public:
+  /// Cuts `bytes` (copied once) into chunks of `chunk_size` for rollout `rollout`.
+  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over 4 GiB.
+  image(std::uint32_t rollout, std::string version, std::span<const std::byte> bytes,
+        std::size_t chunk_size)
+      : rollout_(rollout), version_(std::move(version)), size_(bytes.size()), chunk_(chunk_size) {
+    if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
+    if (chunk_size == 0) throw std::invalid_argument("firmware image: chunk_size must be > 0");
+    if (bytes.size() > device::max_firmware_size) {
+      throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
+    }
+    sha256_ = detail::hex_encode(detail::sha256(bytes));
+    chunks_ = (size_ + chunk_ - 1) / chunk_;
+    const std::size_t total = size_ + chunks_ * device::chunk_header_size;
+    framed_ = shared_bytes::build(total, [&](std::span<std::byte> out) {
+      std::byte* p = out.data();
+      for (std::size_t i = 0; i < chunks_; ++i) {
+        const std::size_t off = i * chunk_;
+        const std::size_t len = std::min(chunk_, size_ - off);
+        device::chunk_header h;
+        h.rollout = rollout_;
+        h.offset = static_cast<std::uint32_t>(off);
+        h.length = static_cast<std::uint32_t>(len);
+        h.last = i + 1 == chunks_;
+        device::encode_chunk_header(std::span<std::byte, device::chunk_header_size>(p, 16), h);
+        std::memcpy(p + device::chunk_header_size, bytes.data() + off, len);
+        p += device::chunk_header_size + len;
+      }
+    });
+  }
+
+  /// The rollout this image belongs to.
+  [[nodiscard]] std::uint32_t rollout() const noexcept { return rollout_; }
+  /// The version string devices report once they run it.
+  [[nodiscard]] const std::string& version() const noexcept { return version_; }
+  /// Image size in bytes (without chunk headers).
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  /// Lower-case hex SHA-256 of the image.
+  [[nodiscard]] const std::string& sha256() const noexcept { return sha256_; }
+  /// Data bytes per chunk (the last chunk may be shorter).
+  [[nodiscard]] std::size_t chunk_size() const noexcept { return chunk_; }
+  /// Number of chunks.
+  [[nodiscard]] std::size_t chunk_count() const noexcept { return chunks_; }
+  /// The chunk starting at image offset `offset` (a multiple of chunk_size), header included,
+  /// as a slice of the one buffer.
+  [[nodiscard]] shared_bytes chunk_at(std::size_t offset) const noexcept {
+    const std::size_t i = offset / chunk_;
+    const std::size_t len = std::min(chunk_, size_ - i * chunk_);
+    return framed_.slice(i * (chunk_ + device::chunk_header_size), device::chunk_header_size + len);
+  }
+  /// Bytes held for this image (data plus chunk headers), whatever the fleet size.
+  [[nodiscard]] std::size_t memory_bytes() const noexcept { return framed_.size(); }
+  /// How many holders share the buffer (the image plus chunks in flight; for tests).
+  [[nodiscard]] long buffer_use_count() const noexcept { return framed_.use_count(); }
+
+ private:
+  std::uint32_t rollout_;
+  std::string version_;
+  std::size_t size_;
+  std::size_t chunk_;
+  std::size_t chunks_ = 0;
+  std::string sha256_;
+  shared_bytes framed_;
+};
+
+/// At most N devices transferring at once; the rest wait in arrival order. Thread-safe; the
+/// peak is kept so tests and operators can check the limit held.
+class transfer_slots {
+ public:
+  /// A limit of `max_active` transfers (at least 1).
+  explicit transfer_slots(std::size_t max_active) : max_(max_active == 0 ? 1 : max_active) {}
+
+  /// Takes a slot for `device` (true: start now) or queues it (false). A device already
+  /// active or queued keeps its place (returns whether it is active).
+  bool acquire(const std::string& device) {
+    std::lock_guard lock(mutex_);
+    if (active_.count(device) != 0) return true;
+    if (std::find(waiting_.begin(), waiting_.end(), device) != waiting_.end()) return false;
+    if (active_.size() < max_) {
+      active_.insert(device);
+      peak_ = std::max(peak_, active_.size());
+      return true;
+    }
+    waiting_.push_back(device);
+    return false;
+  }
+  /// Frees `device`'s slot (or takes it off the queue) and hands the slot to the next waiting
+  /// device, which is returned (the caller starts it). Nothing if no slot was freed.
+  std::optional<std::string> release(const std::string& device) {
+    std::lock_guard lock(mutex_);
+    if (active_.erase(device) == 0) {
+      if (auto it = std::find(waiting_.begin(), waiting_.end(), device); it != waiting_.end()) {
+        waiting_.erase(it);
+      }
+      return std::nullopt;
+    }
+    if (waiting_.empty()) return std::nullopt;
+    std::string next = std::move(waiting_.front());
+    waiting_.pop_front();
+    active_.insert(next);
+    peak_ = std::max(peak_, active_.size());
+    return next;
+  }
+  /// Forgets everything (a new rollout); the peak is kept.
+  void clear() {
+    std::lock_guard lock(mutex_);
+    active_.clear();
+    waiting_.clear();
+  }
+  /// Transfers running now.
+  [[nodiscard]] std::size_t active() const {
+    std::lock_guard lock(mutex_);
+    return active_.size();
+  }
+  /// Devices waiting for a slot.
+  [[nodiscard]] std::size_t waiting() const {
+    std::lock_guard lock(mutex_);
+    return waiting_.size();
+  }
+  /// The most transfers ever running at once.
+  [[nodiscard]] std::size_t peak() const {
+    std::lock_guard lock(mutex_);
+    return peak_;
+  }
+  /// The limit.
+  [[nodiscard]] std::size_t limit() const noexcept { return max_; }
+
+ private:
+  const std::size_t max_;
+  mutable std::mutex mutex_;
+  std::unordered_set<std::string> active_;
+  std::deque<std::string> waiting_;
+  std::size_t peak_ = 0;
+};
+
+/// Fleet totals of a rollout.
+struct rollout_totals {
+  std::uint32_t rollout = 0;          ///< Current rollout id (0: none published).
+  std::string version;                ///< Its version.
+  std::size_t size = 0;               ///< Image bytes.
+  std::size_t pending = 0;            ///< Devices waiting (connected or not).
+  std::size_t transferring = 0;       ///< Devices receiving chunks now.
+  std::size_t verified = 0;           ///< Devices that confirmed the SHA-256.
+  std::size_t failed = 0;             ///< Devices that reported a failure.
+  std::size_t skipped = 0;            ///< Devices already on the version.
+  std::uint64_t bytes_acked = 0;      ///< Sum of acknowledged bytes over the fleet.
+  std::size_t peak_transferring = 0;  ///< Most devices ever transferring at once.
+};
+
+}  // namespace devgate::firmware
+// ---- end devgate/firmware/rollout.hpp ----
+
+namespace devgate::device {
+
+/// The device hub's knobs. Each bounds a resource per device or per fleet.
+struct hub_options {
+  /// The pipeline that dispatches device messages (capacity, workers, overflow...).
+  pipeline_options pipeline;
+  /// Sequenced messages kept per device until acknowledged (offline devices included). Past
+  /// it (or past `max_replay_bytes`) the oldest is dropped and counted; the device sees the
+  /// gap in sequence numbers and the count in its next welcome (`replay_dropped`). The newest
+  /// message is always kept.
+  std::size_t max_replay_messages = 256;
+  /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
+  std::size_t max_replay_bytes = 1u << 20;
+  /// Largest text message a device may send (error `too_big` past it). The WebSocket layer's
+  /// own limit (reader_limits::max_message_size, close 1009) applies first.
+  std::size_t max_message_bytes = 64u << 10;
+  /// Bad messages tolerated per session; one more closes it with 4002.
+  unsigned max_errors = 16;
+  /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.
+  std::size_t chunk_size = 16u << 10;
+  /// Unacknowledged chunks in flight per device (window * chunk_size bytes of buffering).
+  std::size_t window = 8;
+  /// At most this many devices receive firmware at once; the rest wait their turn.
+  std::size_t max_concurrent_transfers = 16;
+};
+
+/// Gateway figures (also what `publish_stats` sends on the stats topic).
+struct hub_stats {
+  std::size_t connected = 0;          ///< Sessions open now.
+  std::size_t devices = 0;            ///< Devices seen since start.
+  std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
+  std::uint64_t dispatched = 0;       ///< Device messages dispatched.
+  std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
+  std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
+  std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
+  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices.
+  std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
+  firmware::rollout_totals rollout;   ///< Current firmware rollout.
+};
+
+/// The pipeline sink of a hub: the user's sink, then (on success) one line on the server topic
+/// per dispatched message, encoded once for every subscriber.
+template <class Sink>
+class hub_sink {
+ public:
+  /// Wraps `user`; `bus` receives the server log.
+  hub_sink(Sink user, pubsub* bus) : user_(std::move(user)), bus_(bus) {}
+  /// Dispatches to the user's sink, then logs.
+  std::error_code consume(const message& m, dispatch_context& ctx) {
+    auto ec = user_.consume(m, ctx);
+    if (!ec && bus_->has_subscribers(topics::server)) {
+      const auto now = clock::now();
+      const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+      nlohmann::json data{
+          {"device", m.device_id.view()},
+          {"seq", m.sequence},
+          {"worker", ctx.worker_id},
+          {"partition", ctx.partition},
+          {"time_ms", wall},
+          {"latency_us",
+           std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count()}};
+      bus_->publish(topics::server, make_envelope("event", 0, topics::server, data.dump()));
+    }
+    return ec;
+  }
+  /// The user's sink.
+  Sink& user() noexcept { return user_; }
+
+ private:
+  Sink user_;
+  pubsub* bus_;
+};
+
+/// The device gateway: a transport, a pipeline, a state store, pub/sub and firmware rollouts,
+/// speaking the device protocol (docs/PROTOCOL.md) with every session.
+///
+///     devgate::websocket::server ws(opts);               // opts.identify = identify_device
+///     devgate::device::hub hub(ws, my_sink);
+///     hub.start();
+///     hub.publish_firmware("2.0.0", image_bytes);
+///
+/// Threads: transport threads run the protocol; pipeline workers run the sink; any thread may
+/// publish, send or roll out firmware. No hub lock is held while calling the transport or the
+/// store; each device's outgoing messages leave in order through its outbox.
+template <class Transport, class Sink = null_sink, class Store = store::memory_state_store,
+          class Traits = pipeline_traits>
+class hub {
+  static_assert(devgate::transport<Transport>,
+                "device::hub: Transport must satisfy devgate::transport (transport/transport.hpp)");
+  static_assert(devgate::sink<Sink>,
+                "device::hub: Sink needs `std::error_code consume(const devgate::message&, "
+                "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
+  static_assert(store::state_store<Store>,
+                "device::hub: Store must satisfy devgate::store::state_store (load, "
+                "add_messages_sent, touch, set_firmware_version, set_transfer)");
+
+ public:
+  /// Composes the hub over `transport` (referenced: it must outlive the hub).
+  explicit hub(Transport& transport, Sink sink = Sink{}, hub_options options = {},
+               Store store = Store{})
+      : transport_(transport),
+        options_(std::move(options)),
+        store_(std::move(store)),
+        slots_(options_.max_concurrent_transfers),
+        pipeline_(hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
+    if (options_.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
+    if (options_.chunk_size == 0) {
+      throw std::invalid_argument("hub_options::chunk_size must be >= 1");
+    }
+    channel_.target = &transport_;
+    channel_.send = [](void* t, session_id id, payload_kind kind, shared_bytes bytes) {
+      return static_cast<Transport*>(t)->send(id, kind, std::move(bytes));
+    };
+    channel_.broadcast = [](void* t, std::span<const session_id> ids, payload_kind kind,
+                            shared_bytes bytes) {
+      return static_cast<Transport*>(t)->broadcast(ids, kind, std::move(bytes));
+    };
+    pipeline_.set_reply_channel(&channel_);
+    bus_.set_channel(&channel_);
+  }
+  hub(const hub&) = delete;
+  hub& operator=(const hub&) = delete;
+  /// Stops if still running.
+  ~hub() { stop(); }
+
+  /// Installs the transport handlers, starts the pipeline, then the transport.
+  std::error_code start() {
+    transport_handlers h;
+    h.on_open = [this](const session_info& info) { on_open(info); };
+    h.on_message = [this](inbound_message&& in) { return on_message(std::move(in)); };
+    h.on_close = [this](session_id s, close_code c) { on_close(s, c); };
+    transport_.set_handlers(std::move(h));
+    if (auto ec = pipeline_.start(); ec) return ec;
+    started_ = true;
+    return transport_.start();
+  }
+  /// Stops intake, drains the pipeline, then stops the transport (sessions close with 1001).
+  void stop() {
+    pipeline_.stop();
+    if (started_) {
+      started_ = false;
+      transport_.stop();
+    }
+  }
+
+  // ---- pub/sub ------------------------------------------------------------------------
+
+  /// Publishes `data` on `topic` from any thread. `device/<id>`: a sequenced message to that
+  /// device, kept until acknowledged (returns 1). Any other topic: one shared frame
+  /// `{"type":"event","topic":..,"data":..}` to every subscriber (returns how many).
+  std::size_t publish(std::string_view topic, const nlohmann::json& data) {
+    if (!is_valid_topic(topic)) return 0;
+    if (topic.starts_with(topics::device_prefix)) {
+      return send_to(topic.substr(topics::device_prefix.size()), data) != 0 ? 1 : 0;
+    }
+    return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
+  }
+  /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
+  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id.
+  std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
+    if (!is_valid_device_id(device_id)) return 0;
+    auto rec = get_or_create(std::string(device_id));
+    const std::string text = data.dump();
+    std::uint64_t seq = 0;
+    {
+      std::lock_guard lock(rec->m);
+      seq = rec->next_seq++;
+      auto frame = make_envelope("deliver", seq, rec->topic, text);
+      rec->replay_bytes += frame.size();
+      rec->replay.emplace_back(seq, frame);
+      while (rec->replay.size() > 1 && (rec->replay.size() > options_.max_replay_messages ||
+                                        rec->replay_bytes > options_.max_replay_bytes)) {
+        rec->replay_bytes -= rec->replay.front().second.size();
+        rec->replay.pop_front();
+        ++rec->replay_dropped;
+        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (rec->session != 0 && rec->hello) {
+        rec->outbox.push_back({rec->session, payload_kind::text, std::move(frame)});
+      }
+    }
+    drain(*rec);
+    return seq;
+  }
+  /// Subscribes a host callback to `topic` (e.g. the server log for a dashboard).
+  pubsub::token subscribe(std::string_view topic, pubsub::callback cb) {
+    return bus_.subscribe(topic, std::move(cb));
+  }
+  /// Removes a host subscription.
+  void unsubscribe(pubsub::token t) { bus_.unsubscribe(t); }
+  /// The topic registry.
+  [[nodiscard]] pubsub& bus() noexcept { return bus_; }
+
+  // ---- firmware -----------------------------------------------------------------------
+
+  /// Rolls `bytes` out as `version` to every device: announces it on the fleet topic, then
+  /// transfers it (at most max_concurrent_transfers at once). Devices offline now get it when
+  /// they connect; devices reporting `version` are skipped. The image is copied once and
+  /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
+  /// empty version or image.
+  std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
+    if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
+    const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
+    auto img =
+        std::make_shared<const firmware::image>(id, std::move(version), bytes, options_.chunk_size);
+    {
+      std::lock_guard lock(fw_mutex_);
+      current_ = img;
+    }
+    slots_.clear();
+    std::vector<std::shared_ptr<device_rec>> online;
+    for (auto& rec : snapshot_devices()) {
+      bool want = false;
+      store::transfer_state t;
+      {
+        std::lock_guard lock(rec->m);
+        join_rollout_locked(*rec, img);
+        want = rec->fw_status == store::transfer_status::pending && rec->session != 0 && rec->hello;
+        t = transfer_locked(*rec);
+      }
+      store_.set_transfer(rec->id, t);
+      if (want) online.push_back(std::move(rec));
+    }
+    nlohmann::json announce{{"type", "firmware_available"}, {"rollout", id},
+                            {"version", img->version()},    {"size", img->size()},
+                            {"sha256", img->sha256()},      {"chunk_size", img->chunk_size()}};
+    bus_.publish(topics::fleet, to_payload(announce));
+    for (auto& rec : online) {
+      if (slots_.acquire(rec->id) && !start_transfer(*rec)) start_next(slots_.release(rec->id));
+    }
+    return id;
+  }
+  /// Fleet totals of the current rollout.
+  [[nodiscard]] firmware::rollout_totals rollout() const {
+    firmware::rollout_totals out;
+    auto img = current_image();
+    if (!img) return out;
+    out.rollout = img->rollout();
+    out.version = img->version();
+    out.size = img->size();
+    for (const auto& rec : snapshot_devices()) {
+      std::lock_guard lock(rec->m);
+      if (rec->fw != img) continue;
+      switch (rec->fw_status) {
+        case store::transfer_status::pending:
+          ++out.pending;
+          break;
+        case store::transfer_status::transferring:
+          ++out.transferring;
+          break;
+        case store::transfer_status::verified:
+          ++out.verified;
+          break;
+        case store::transfer_status::failed:
+          ++out.failed;
+          break;
+        case store::transfer_status::skipped:
+          ++out.skipped;
+          break;
+        case store::transfer_status::none:
+          break;
+      }
+      out.bytes_acked += rec->fw_acked;
+    }
+    out.peak_transferring = slots_.peak();
+    return out;
+  }
+  /// One device's part in the current rollout (std::nullopt for a device never seen).
+  [[nodiscard]] std::optional<store::transfer_state> device_transfer(std::string_view id) const {
+    auto rec = find_device(id);
+    if (!rec) return std::nullopt;
+    std::lock_guard lock(rec->m);
+    return transfer_locked(*rec);
+  }
+  /// The transfer slots (limit, active, waiting, peak).
+  [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return slots_; }
+  /// The image being rolled out (nullptr before the first publish_firmware).
+  [[nodiscard]] std::shared_ptr<const firmware::image> current_image() const {
+    std::lock_guard lock(fw_mutex_);
+    return current_;
+  }
+
+  // ---- state and figures --------------------------------------------------------------
+
+  /// A device's stored state.
+  [[nodiscard]] store::device_state device_state(const std::string& id) const {
+    return store_.load(id);
+  }
+  /// The state store.
+  [[nodiscard]] Store& state_store() noexcept { return store_; }
+  /// Sessions open now.
+  [[nodiscard]] std::size_t connected() const {
+    std::shared_lock lock(sessions_mutex_);
+    return sessions_.size();
+  }
+  /// Current figures.
+  [[nodiscard]] hub_stats stats() const {
+    hub_stats s;
+    s.connected = connected();
+    {
+      std::shared_lock lock(devices_mutex_);
+      s.devices = devices_.size();
+    }
+    const auto m = pipeline_.metrics();
+    s.enqueued = m.enqueued;
+    s.dispatched = m.dispatched;
+    s.queue_depth = m.queue_depth;
+    s.workers_alive = m.workers_alive;
+    s.replay_dropped = replay_dropped_.load(std::memory_order_relaxed);
+    s.protocol_errors = errors_.load(std::memory_order_relaxed);
+    s.takeovers = takeovers_.load(std::memory_order_relaxed);
+    s.rollout = rollout();
+    return s;
+  }
+  /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
+  /// `msgs_per_s` computed from the previous call. Returns the recipients.
+  std::size_t publish_stats() {
+    const auto s = stats();
+    double rate = 0;
+    {
+      std::lock_guard lock(rate_mutex_);
+      const auto now = clock::now();
+      if (last_rate_time_ != clock::time_point{}) {
+        const double secs = std::chrono::duration<double>(now - last_rate_time_).count();
+        if (secs > 0) rate = static_cast<double>(s.dispatched - last_dispatched_) / secs;
+      }
+      last_rate_time_ = now;
+      last_dispatched_ = s.dispatched;
+    }
+    nlohmann::json data{{"connected", s.connected},
+                        {"devices", s.devices},
+                        {"queue_depth", s.queue_depth},
+                        {"workers_alive", s.workers_alive},
+                        {"dispatched", s.dispatched},
+                        {"msgs_per_s", rate},
+                        {"replay_dropped", s.replay_dropped},
+                        {"rollout",
+                         {{"rollout", s.rollout.rollout},
+                          {"version", s.rollout.version},
+                          {"size", s.rollout.size},
+                          {"pending", s.rollout.pending},
+                          {"transferring", s.rollout.transferring},
+                          {"verified", s.rollout.verified},
+                          {"failed", s.rollout.failed},
+                          {"skipped", s.rollout.skipped},
+                          {"bytes_acked", s.rollout.bytes_acked}}}};
+    return bus_.publish(topics::stats, make_envelope("event", 0, topics::stats, data.dump()));
+  }
+  /// The pipeline (metrics, Prometheus text).
+  [[nodiscard]] pipeline<hub_sink<Sink>, Traits>& engine() noexcept { return pipeline_; }
+  /// The options in force.
+  [[nodiscard]] const hub_options& options() const noexcept { return options_; }
+
+ private:
+  struct out_item {
+    session_id session;
+    payload_kind kind;
+    shared_bytes bytes;
+  };
+
+  // Everything the hub knows about one device; every field below `m` is guarded by it.
+  struct device_rec {
+    device_rec(std::string device, std::uint64_t sent, std::string version)
+        : id(std::move(device)),
+          topic(std::string(topics::device_prefix) + id),
+          messages_sent(sent),
+          reported_version(std::move(version)) {}
+    const std::string id;
+    const std::string topic;
+    mutable std::mutex m;
+    session_id session = 0;  // the live session (0: offline)
+    bool hello = false;
+    unsigned errors = 0;
+    std::uint64_t messages_sent;
+    std::string reported_version;
+    // Sequenced delivery: seq numbers next_seq-1 and below were assigned; acked and below
+    // were acknowledged; replay holds the rest (bounded).
+    std::uint64_t next_seq = 1;
+    std::uint64_t acked = 0;
+    std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
+    std::size_t replay_bytes = 0;
+    std::uint64_t replay_dropped = 0;  // since the last welcome
+    // Outgoing messages in order; one thread at a time drains them with no lock held.
+    std::deque<out_item> outbox;
+    bool draining = false;
+    // Firmware.
+    std::shared_ptr<const firmware::image> fw;
+    store::transfer_status fw_status = store::transfer_status::none;
+    std::uint64_t fw_acked = 0;
+    std::uint64_t fw_sent = 0;
+    std::string fw_reason;
+  };
+  using rec_ptr = std::shared_ptr<device_rec>;
+
+  static std::int64_t unix_ms() {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+
+  // ---- tables ---------------------------------------------------------------------------
+
+  rec_ptr find_device(std::string_view id) const {
+    std::shared_lock lock(devices_mutex_);
+    auto it = devices_.find(std::string(id));
+    return it == devices_.end() ? nullptr : it->second;
+  }
+  rec_ptr get_or_create(const std::string& id) {
+    if (auto rec = find_device(id)) return rec;
+    const auto st = store_.load(id);  // no hub lock held while calling the store
+    auto fresh = std::make_shared<device_rec>(id, st.messages_sent, st.firmware_version);
+    std::unique_lock lock(devices_mutex_);
+    auto [it, inserted] = devices_.emplace(id, fresh);
+    return it->second;
+  }
+  std::vector<rec_ptr> snapshot_devices() const {
+    std::shared_lock lock(devices_mutex_);
+    std::vector<rec_ptr> out;
+    out.reserve(devices_.size());
+    for (const auto& [id, rec] : devices_) out.push_back(rec);
+    return out;
+  }
+  rec_ptr find_session(session_id s) const {
+    std::shared_lock lock(sessions_mutex_);
+    auto it = sessions_.find(s);
+    return it == sessions_.end() ? nullptr : it->second;
+  }
+
+  // ---- outbox -----------------------------------------------------------------------------
+
+  // Sends the device's queued messages in order. Whoever finds the outbox idle drains it,
+  // including what other threads add meanwhile; the transport is called with no lock held.
+  void drain(device_rec& rec) {
+    std::unique_lock lock(rec.m);
+    if (rec.draining) return;
+    rec.draining = true;
+    while (!rec.outbox.empty()) {
+      std::deque<out_item> batch;
+      batch.swap(rec.outbox);
+      lock.unlock();
+      for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
+      lock.lock();
+    }
+    rec.draining = false;
+  }
+  void reply(device_rec& rec, session_id s, shared_bytes payload) {
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session != s) return;
+      rec.outbox.push_back({s, payload_kind::text, std::move(payload)});
+    }
+    drain(rec);
+  }
+  void reply_error(device_rec& rec, session_id s, error e, std::string_view ref,
+                   bool counts = true) {
+    bool close_now = false;
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session != s) return;
+      rec.outbox.push_back({s, payload_kind::text, make_error(e, ref)});
+      if (counts && ++rec.errors > options_.max_errors) close_now = true;
+    }
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    drain(rec);
+    if (close_now) transport_.close(s, close_too_many_errors, "too many bad messages");
+  }
+
+  // ---- transport handlers ---------------------------------------------------------------
+
+  void on_open(const session_info& info) {
+    if (!is_valid_device_id(info.device_id)) {
+      // Transports other than the WebSocket server (which answers 400) may not validate ids.
+      transport_.close(info.id, close_code::policy_violation, "invalid device id");
+      return;
+    }
+    auto rec = get_or_create(info.device_id);
+    session_id old = 0;
+    bool release = false;
+    {
+      std::lock_guard lock(rec->m);
+      old = rec->session;
+      rec->session = info.id;
+      rec->hello = false;
+      rec->errors = 0;
+      std::erase_if(rec->outbox, [&](const out_item& o) { return o.session == old; });
+      if (rec->fw_status == store::transfer_status::transferring) {
+        rec->fw_status = store::transfer_status::pending;
+        release = true;
+      }
+    }
+    {
+      std::unique_lock lock(sessions_mutex_);
+      sessions_[info.id] = rec;
+    }
+    if (old != 0) {
+      takeovers_.fetch_add(1, std::memory_order_relaxed);
+      bus_.unsubscribe_all(old);
+      transport_.close(old, close_replaced, "replaced by a newer session for this device");
+    }
+    if (release) start_next(slots_.release(rec->id));
+  }
+
+  void on_close(session_id s, close_code /*code*/) {
+    rec_ptr rec;
+    {
+      std::unique_lock lock(sessions_mutex_);
+      auto it = sessions_.find(s);
+      if (it == sessions_.end()) return;
+      rec = std::move(it->second);
+      sessions_.erase(it);
+    }
+    bus_.unsubscribe_all(s);
+    bool release = false;
+    bool was_current = false;
+    {
+      std::lock_guard lock(rec->m);
+      if (rec->session == s) {
+        was_current = true;
+        rec->session = 0;
+        rec->hello = false;
+        std::erase_if(rec->outbox, [&](const out_item& o) { return o.session == s; });
+        if (rec->fw_status == store::transfer_status::transferring) {
+          rec->fw_status = store::transfer_status::pending;  // resumes from fw_acked
+        }
+        release = true;  // frees its slot, or takes it off the queue
+      }
+    }
+    if (!was_current) return;
+    store_.touch(rec->id, unix_ms());
+    if (release) start_next(slots_.release(rec->id));
+  }
+
+  std::error_code on_message(inbound_message&& in) {
+    auto rec = find_session(in.session);
+    if (!rec) return errc::unknown_session;
+    const session_id s = in.session;
+    bool hello = false;
+    {
+      std::lock_guard lock(rec->m);
+      if (rec->session != s) return {};  // replaced: the old session's messages are ignored
+      hello = rec->hello;
+    }
+    if (in.kind == payload_kind::binary) {
+      if (!hello) {
+        reply_error(*rec, s, error::hello_required, "binary");
+        return {};
+      }
+      if (in.payload.size() > options_.max_message_bytes) {
+        reply_error(*rec, s, error::too_big, "binary");
+        return {};
+      }
+      push_message(*rec, s, in, in.payload, payload_kind::binary, std::nullopt);
+      return {};
+    }
+    if (in.payload.size() > options_.max_message_bytes) {
+      reply_error(*rec, s, error::too_big, {});
+      return {};
+    }
+    auto parsed = parse_json(in.payload.view());
+    if (!parsed) {
+      reply_error(*rec, s, error::bad_json, {});
+      return {};
+    }
+    const nlohmann::json& j = *parsed;
+    const auto type = j.is_object() ? get_string(j, "type") : std::nullopt;
+    if (!type) {
+      reply_error(*rec, s, error::bad_message, {});
+      return {};
+    }
+    if (*type == "hello") {
+      if (hello) {
+        reply_error(*rec, s, error::duplicate_hello, *type);
+      } else {
+        on_hello(rec, s, j);
+      }
+      return {};
+    }
+    static constexpr std::string_view known[] = {"send",        "ack",    "subscribe",
+                                                 "unsubscribe", "fw_ack", "fw_result"};
+    if (std::find(std::begin(known), std::end(known), *type) == std::end(known)) {
+      reply_error(*rec, s, error::unknown_type, *type);
+      return {};
+    }
+    if (!hello) {
+      reply_error(*rec, s, error::hello_required, *type);
+      return {};
+    }
+    if (*type == "send") {
+      on_send(*rec, s, in, j);
+    } else if (*type == "ack") {
+      on_ack(*rec, s, j);
+    } else if (*type == "subscribe" || *type == "unsubscribe") {
+      on_subscribe(*rec, s, j, *type == "subscribe");
+    } else if (*type == "fw_ack") {
+      on_fw_ack(*rec, s, j);
+    } else {
+      on_fw_result(*rec, s, j);
+    }
+    return {};
+  }
+
+  // ---- device messages ------------------------------------------------------------------
+
+  void on_hello(const rec_ptr& rec, session_id s, const nlohmann::json& j) {
+    const auto proto = get_uint(j, "protocol");
+    const bool has_last = j.contains("last_seq");
+    const auto last = get_uint(j, "last_seq");
+    const bool has_version = j.contains("firmware_version");
+    const auto version = get_string(j, "firmware_version");
+    if (!proto || (has_last && !last) || (has_version && !version)) {
+      reply_error(*rec, s, error::bad_message, "hello");
+      return;
+    }
+    if (*proto != static_cast<std::uint64_t>(protocol_version)) {
+      reply_error(*rec, s, error::unsupported_version, "hello");
+      transport_.close(s, close_unsupported_version, "unsupported protocol version; speak 1");
+      return;
+    }
+    if (version) store_.set_firmware_version(rec->id, *version);
+    auto st = store_.load(rec->id);
+    const std::uint64_t last_seq = last.value_or(0);
+    {
+      std::lock_guard lock(rec->m);
+      if (rec->session != s) return;
+      if (version) rec->reported_version = *version;
+      const bool bad_resume = last_seq >= rec->next_seq;
+      if (!bad_resume) {
+        while (!rec->replay.empty() && rec->replay.front().first <= last_seq) {
+          rec->replay_bytes -= rec->replay.front().second.size();
+          rec->replay.pop_front();
+        }
+        rec->acked = std::max(rec->acked, last_seq);
+      }
+      const auto t = transfer_locked(*rec);
+      nlohmann::json welcome{{"type", "welcome"},
+                             {"protocol", protocol_version},
+                             {"device", rec->id},
+                             {"session", s},
+                             {"last_seq", rec->next_seq - 1},
+                             {"replay", rec->replay.size()},
+                             {"replay_dropped", rec->replay_dropped},
+                             {"state",
+                              {{"messages_sent", rec->messages_sent},
+                               {"last_seen_ms", st.last_seen_ms},
+                               {"firmware_version", rec->reported_version},
+                               {"firmware",
+                                {{"rollout", t.rollout},
+                                 {"version", t.version},
+                                 {"status", store::to_string(t.status)},
+                                 {"offset", t.offset},
+                                 {"reason", t.reason}}}}}};
+      rec->replay_dropped = 0;
+      rec->outbox.push_back({s, payload_kind::text, to_payload(welcome)});
+      if (bad_resume)
+        rec->outbox.push_back({s, payload_kind::text, make_error(error::bad_resume, "hello")});
+      for (const auto& [seq, frame] : rec->replay) {
+        rec->outbox.push_back({s, payload_kind::text, frame});
+      }
+      rec->hello = true;
+    }
+    drain(*rec);
+    bus_.subscribe(topics::fleet, s);
+    store_.touch(rec->id, unix_ms());
+    // Firmware: join the current rollout (offline at publish, or reconnecting mid-transfer).
+    auto img = current_image();
+    if (!img) return;
+    bool want = false;
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec->m);
+      if (rec->session != s) return;
+      join_rollout_locked(*rec, img);
+      want = rec->fw_status == store::transfer_status::pending;
+      t = transfer_locked(*rec);
+    }
+    store_.set_transfer(rec->id, t);
+    if (want && slots_.acquire(rec->id) && !start_transfer(*rec)) {
+      start_next(slots_.release(rec->id));
+    }
+  }
+
+  void on_send(device_rec& rec, session_id s, const inbound_message& in, const nlohmann::json& j) {
+    const auto it = j.find("data");
+    const bool has_id = j.contains("id");
+    const auto ref = get_uint(j, "id");
+    if (it == j.end() || (has_id && !ref)) {
+      reply_error(rec, s, error::bad_message, "send");
+      return;
+    }
+    shared_bytes payload =
+        it->is_string() ? shared_bytes::copy_of(std::string_view(it->get_ref<const std::string&>()))
+                        : shared_bytes::copy_of(std::string_view(it->dump()));
+    push_message(rec, s, in, std::move(payload), payload_kind::text, ref);
+  }
+
+  // Pushes a device message into the pipeline, numbered with the device's lifetime count.
+  void push_message(device_rec& rec, session_id s, const inbound_message& in, shared_bytes payload,
+                    payload_kind kind, std::optional<std::uint64_t> ref) {
+    std::uint64_t number = 0;
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session != s) return;
+      number = ++rec.messages_sent;
+    }
+    message m;
+    m.session = s;
+    m.device_id = in.device_id;
+    m.sequence = number;
+    m.kind = kind;
+    m.payload = std::move(payload);
+    m.received = in.received;
+    const auto ec = pipeline_.push(std::move(m));
+    if (ec) {
+      {
+        std::lock_guard lock(rec.m);
+        if (rec.messages_sent == number) --rec.messages_sent;
+      }
+      reply_error(rec, s, ec == errc::queue_full ? error::queue_full : error::closed,
+                  kind == payload_kind::binary ? "binary" : "send", false);
+      return;
+    }
+    store_.add_messages_sent(rec.id, 1);
+    if (ref) {
+      nlohmann::json sent{{"type", "sent"}, {"id", *ref}, {"messages_sent", number}};
+      reply(rec, s, to_payload(sent));
+    }
+  }
+
+  void on_ack(device_rec& rec, session_id s, const nlohmann::json& j) {
+    const auto seq = get_uint(j, "seq");
+    if (!seq) {
+      reply_error(rec, s, error::bad_message, "ack");
+      return;
+    }
+    bool bad = false;
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session != s) return;
+      if (*seq >= rec.next_seq || *seq < rec.acked) {
+        bad = true;
+      } else {
+        rec.acked = *seq;
+        while (!rec.replay.empty() && rec.replay.front().first <= *seq) {
+          rec.replay_bytes -= rec.replay.front().second.size();
+          rec.replay.pop_front();
+        }
+      }
+    }
+    if (bad) reply_error(rec, s, error::bad_ack, "ack");
+  }
+
+  void on_subscribe(device_rec& rec, session_id s, const nlohmann::json& j, bool sub) {
+    const auto topic = get_string(j, "topic");
+    const char* type = sub ? "subscribe" : "unsubscribe";
+    if (!topic) {
+      reply_error(rec, s, error::bad_message, type);
+      return;
+    }
+    if (*topic != topics::server && *topic != topics::stats && *topic != topics::fleet) {
+      reply_error(rec, s, error::bad_topic, type);
+      return;
+    }
+    if (sub) {
+      bus_.subscribe(*topic, s);
+    } else {
+      bus_.unsubscribe(*topic, s);
+    }
+    nlohmann::json ok{{"type", sub ? "subscribed" : "unsubscribed"}, {"topic", *topic}};
+    reply(rec, s, to_payload(ok));
+  }
+
+  // ---- firmware -------------------------------------------------------------------------
+
+  // Puts the device into `img`'s rollout (once per rollout).
+  void join_rollout_locked(device_rec& rec, const std::shared_ptr<const firmware::image>& img) {
+    if (rec.fw != img) {
+      rec.fw = img;
+      rec.fw_acked = 0;
+      rec.fw_sent = 0;
+      rec.fw_reason.clear();
+      rec.fw_status = store::transfer_status::pending;
+    }
+    if (rec.fw_status == store::transfer_status::pending &&
+        rec.reported_version == img->version()) {
+      rec.fw_status = store::transfer_status::skipped;
+    }
+  }
+  static store::transfer_state transfer_locked(const device_rec& rec) {
+    store::transfer_state t;
+    if (!rec.fw) return t;
+    t.rollout = rec.fw->rollout();
+    t.version = rec.fw->version();
+    t.status = rec.fw_status;
+    t.offset = rec.fw_acked;
+    t.reason = rec.fw_reason;
+    return t;
+  }
+  // Queues chunks until `window` are unacknowledged (caller holds rec.m).
+  void fill_window_locked(device_rec& rec) {
+    const auto& img = *rec.fw;
+    const std::uint64_t window = options_.window * img.chunk_size();
+    while (rec.fw_sent < img.size() && rec.fw_sent - rec.fw_acked < window) {
+      rec.outbox.push_back({rec.session, payload_kind::binary, img.chunk_at(rec.fw_sent)});
+      rec.fw_sent += std::min<std::uint64_t>(img.chunk_size(), img.size() - rec.fw_sent);
+    }
+  }
+  // Starts (or resumes) the device's transfer; false if it cannot start now (offline).
+  bool start_transfer(device_rec& rec) {
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session == 0 || !rec.hello || !rec.fw ||
+          rec.fw_status != store::transfer_status::pending) {
+        return false;
+      }
+      rec.fw_status = store::transfer_status::transferring;
+      rec.fw_sent = rec.fw_acked;
+      const auto& img = *rec.fw;
+      nlohmann::json start{{"type", "firmware"},          {"rollout", img.rollout()},
+                           {"version", img.version()},    {"size", img.size()},
+                           {"sha256", img.sha256()},      {"chunk_size", img.chunk_size()},
+                           {"chunks", img.chunk_count()}, {"offset", rec.fw_acked},
+                           {"window", options_.window}};
+      rec.outbox.push_back({rec.session, payload_kind::text, to_payload(start)});
+      fill_window_locked(rec);
+      t = transfer_locked(rec);
+    }
+    drain(rec);
+    store_.set_transfer(rec.id, t);
+    return true;
+  }
+  // Gives a freed slot to the next waiting device that can start.
+  void start_next(std::optional<std::string> next) {
+    while (next) {
+      auto rec = find_device(*next);
+      if (rec && start_transfer(*rec)) return;
+      next = slots_.release(*next);
+    }
+  }
+
+  void on_fw_ack(device_rec& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    const auto offset = get_uint(j, "offset");
+    if (!rollout || !offset) {
+      reply_error(rec, s, error::bad_message, "fw_ack");
+      return;
+    }
+    std::optional<error> bad;
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session != s) return;
+      if (!rec.fw || rec.fw->rollout() != *rollout ||
+          rec.fw_status != store::transfer_status::transferring) {
+        bad = error::unknown_rollout;
+      } else if (*offset < rec.fw_acked || *offset > rec.fw_sent ||
+                 (*offset % rec.fw->chunk_size() != 0 && *offset != rec.fw->size())) {
+        bad = error::bad_fw_ack;
+      } else {
+        rec.fw_acked = *offset;
+        fill_window_locked(rec);
+        t = transfer_locked(rec);
+      }
+    }
+    if (bad) {
+      // A late ack of a superseded rollout is a benign race, not counted toward max_errors.
+      reply_error(rec, s, *bad, "fw_ack", *bad != error::unknown_rollout);
+      return;
+    }
+    drain(rec);
+    store_.set_transfer(rec.id, t);
+  }
+
+  void on_fw_result(device_rec& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    const auto ok = j.find("ok");
+    if (!rollout || ok == j.end() || !ok->is_boolean()) {
+      reply_error(rec, s, error::bad_message, "fw_result");
+      return;
+    }
+    const auto sha = get_string(j, "sha256");
+    const auto reason = get_string(j, "reason");
+    bool unknown = false;
+    bool verified = false;
+    store::transfer_state t;
+    std::string version;
+    {
+      std::lock_guard lock(rec.m);
+      if (rec.session != s) return;
+      if (!rec.fw || rec.fw->rollout() != *rollout ||
+          rec.fw_status != store::transfer_status::transferring) {
+        unknown = true;
+      } else {
+        const auto& img = *rec.fw;
+        if (!ok->get<bool>()) {
+          rec.fw_reason = reason.value_or("device reported a failure");
+        } else if (rec.fw_acked != img.size()) {
+          rec.fw_reason = "result before every byte was acknowledged";
+        } else if (!sha || *sha != img.sha256()) {
+          rec.fw_reason = "sha256 mismatch";
+        } else {
+          verified = true;
+          rec.reported_version = img.version();
+          version = img.version();
+        }
+        rec.fw_status =
+            verified ? store::transfer_status::verified : store::transfer_status::failed;
+        t = transfer_locked(rec);
+        nlohmann::json status{{"type", "fw_status"},
+                              {"rollout", img.rollout()},
+                              {"status", store::to_string(rec.fw_status)},
+                              {"reason", rec.fw_reason}};
+        rec.outbox.push_back({s, payload_kind::text, to_payload(status)});
+      }
+    }
+    if (unknown) {
+      reply_error(rec, s, error::unknown_rollout, "fw_result", false);
+      return;
+    }
+    drain(rec);
+    store_.set_transfer(rec.id, t);
+    if (verified) store_.set_firmware_version(rec.id, version);
+    start_next(slots_.release(rec.id));
+  }
+
+  Transport& transport_;
+  hub_options options_;
+  Store store_;
+  reply_channel channel_;
+  pubsub bus_;
+  firmware::transfer_slots slots_;
+  mutable std::shared_mutex devices_mutex_;
+  std::unordered_map<std::string, rec_ptr> devices_;
+  mutable std::shared_mutex sessions_mutex_;
+  std::unordered_map<session_id, rec_ptr> sessions_;
+  mutable std::mutex fw_mutex_;
+  std::shared_ptr<const firmware::image> current_;
+  std::atomic<std::uint32_t> next_rollout_{0};
+  std::atomic<std::uint64_t> replay_dropped_{0};
+  std::atomic<std::uint64_t> errors_{0};
+  std::atomic<std::uint64_t> takeovers_{0};
+  std::mutex rate_mutex_;
+  clock::time_point last_rate_time_{};
+  std::uint64_t last_dispatched_ = 0;
+  bool started_ = false;
+  pipeline<hub_sink<Sink>, Traits> pipeline_;  // last: stopped and destroyed first
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/hub.hpp ----
 
 // ---- end devgate/devgate.hpp ----
