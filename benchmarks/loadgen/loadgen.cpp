@@ -1,0 +1,868 @@
+// devgate_loadgen: the load generator of the side-by-side benchmarks (benchmarks/README.md).
+//
+// One thread, one epoll set, every connection non-blocking and edge-triggered. Each connection is
+// bound to its own loopback source address 127.0.0.X (X = 1..254, IP_BIND_ADDRESS_NO_PORT) so
+// that 19,000 connections to one port never run out of ephemeral ports. It speaks the bench
+// protocol over WebSocket (its own masked-frame encoder and unmasked-frame parser, independent of
+// devgate's codecs so that a codec bug cannot hide in both ends) or over the raw length-prefixed
+// framing of benchmarks/peers/raw_tcp_server.cpp.
+//
+// Scenarios (--scenario): echo, ingest, broadcast, idle. Output: one JSON line per result on
+// stdout. Server cost comes from /proc/<server-pid>/stat (utime + stime) and /proc/<pid>/status.
+//
+//   devgate_loadgen --port P --server-pid PID --server NAME [--proto ws|raw] --scenario S
+//                   [--connections C] [--window W] [--size BYTES] [--seconds S] [--warmup S]
+//                   [--reps R] [--idle N] [--idle-step N] [--concurrency K]
+
+#include <arpa/inet.h>     // htonl
+#include <netinet/in.h>    // sockaddr_in, IP_BIND_ADDRESS_NO_PORT
+#include <netinet/tcp.h>   // TCP_NODELAY
+#include <sys/epoll.h>     // the event loop
+#include <sys/resource.h>  // RLIMIT_NOFILE, getrusage
+#include <sys/socket.h>    // sockets
+#include <unistd.h>        // close, read, sysconf
+
+#include <algorithm>  // std::sort, std::min
+#include <cerrno>     // EAGAIN, EINPROGRESS
+#include <cstdint>    // fixed-width integers
+#include <cstdio>     // std::printf
+#include <cstdlib>    // std::strtod
+#include <cstring>    // std::memcpy, std::strcmp
+#include <ctime>      // clock_gettime
+#include <fstream>    // /proc files
+#include <sstream>    // /proc parsing, JSON
+#include <string>     // options, JSON
+#include <vector>     // connections, samples
+
+namespace {
+
+// CLOCK_MONOTONIC in nanoseconds: the same clock in every process on the machine, so the ingest
+// server can compute device-to-sink latency from the time the device wrote into the payload.
+std::uint64_t now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+struct options {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 0;
+  bool raw = false;  // raw length-prefixed framing instead of WebSocket
+  std::string scenario = "echo";
+  std::string server = "unknown";
+  int server_pid = 0;
+  unsigned connections = 100;
+  unsigned window = 16;
+  std::size_t size = 64;
+  double seconds = 5;
+  double warmup = 1;
+  unsigned reps = 5;
+  unsigned idle = 19000;
+  unsigned idle_step = 1000;
+  unsigned concurrency = 128;  // connections being set up at once
+};
+
+// ---- /proc readings of the server ----------------------------------------------------------
+double proc_cpu_seconds(int pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto paren = all.rfind(')');
+  if (paren == std::string::npos) return 0;
+  std::istringstream in(all.substr(paren + 2));
+  std::string field;
+  double utime = 0;
+  double stime = 0;
+  // After "(comm) " comes field 3 (state); utime and stime are fields 14 and 15.
+  for (int i = 3; i <= 15 && in >> field; ++i) {
+    if (i == 14) utime = std::strtod(field.c_str(), nullptr);
+    if (i == 15) stime = std::strtod(field.c_str(), nullptr);
+  }
+  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+long proc_status_kb(int pid, const char* key) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  const std::size_t n = std::strlen(key);
+  while (std::getline(f, line)) {
+    if (line.compare(0, n, key) == 0) return std::strtol(line.c_str() + n, nullptr, 10);
+  }
+  return 0;
+}
+
+// System-wide kernel memory: TCP buffer pages from /proc/net/sockstat, Slab from /proc/meminfo.
+long sockstat_tcp_mem_pages() {
+  std::ifstream f("/proc/net/sockstat");
+  std::string word;
+  bool tcp = false;
+  while (f >> word) {
+    if (word == "TCP:") tcp = true;
+    if (tcp && word == "mem") {
+      long v = 0;
+      f >> v;
+      return v;
+    }
+  }
+  return 0;
+}
+long meminfo_kb(const char* key) {
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  const std::size_t n = std::strlen(key);
+  while (std::getline(f, line)) {
+    if (line.compare(0, n, key) == 0) return std::strtol(line.c_str() + n, nullptr, 10);
+  }
+  return 0;
+}
+
+double self_cpu_seconds() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+// ---- connections ---------------------------------------------------------------------------
+enum class phase : std::uint8_t { connecting, handshaking, open, closed };
+
+struct connection {
+  int fd = -1;
+  phase state = phase::closed;
+  std::string handshake;  // HTTP response bytes until the blank line
+  std::vector<char> out;  // bytes not yet written
+  std::size_t out_off = 0;
+  // Frame parser (server frames are unmasked; raw frames have a 4-byte header).
+  unsigned char hdr[14] = {};
+  unsigned hdr_have = 0;
+  unsigned hdr_need = 0;
+  std::uint64_t payload_left = 0;
+  bool in_payload = false;
+  bool frame_fin = false;
+  unsigned char frame_op = 0;
+  unsigned char msg_op = 0;  // opcode of the data message being assembled
+  std::uint64_t msg_size = 0;
+  unsigned char first[8] = {};  // first 8 bytes of the data message (the send timestamp)
+  std::string control;          // payload of a control frame (ping, close) or a text reply
+  bool keep_text = false;       // keep the whole text message (stats replies)
+  std::string text;
+  unsigned in_flight = 0;
+  unsigned round = 0;  // broadcast: last round this connection received
+};
+
+constexpr unsigned char mask_key[4] = {0x37, 0xfa, 0x21, 0x3d};
+
+class loadgen {
+ public:
+  explicit loadgen(options o) : o_(std::move(o)) {
+    ep_ = epoll_create1(EPOLL_CLOEXEC);
+    rbuf_.resize(1u << 18);
+    conns_.reserve(std::max<std::size_t>(o_.idle, o_.connections) + 2);  // no reallocation
+    // Pre-masked payload template: only the 8 timestamp bytes are masked per message.
+    payload_.assign(o_.size < 8 ? 8 : o_.size, 'x');
+    masked_payload_ = payload_;
+    for (std::size_t i = 0; i < masked_payload_.size(); ++i) {
+      masked_payload_[i] = static_cast<char>(masked_payload_[i] ^ mask_key[i % 4]);
+    }
+  }
+
+  int run() {
+    if (o_.scenario == "echo" || o_.scenario == "ingest") return run_echo();
+    if (o_.scenario == "broadcast") return run_broadcast();
+    if (o_.scenario == "idle") return run_idle();
+    std::fprintf(stderr, "loadgen: unknown scenario %s\n", o_.scenario.c_str());
+    return 2;
+  }
+
+ private:
+  // ---- set-up ----
+  bool start_connection() {
+    const auto index = static_cast<unsigned>(conns_.size());
+    conns_.emplace_back();
+    connection& c = conns_.back();
+    c.fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c.fd < 0) {
+      note_error("socket", errno);
+      ++failed_open_;  // the slot stays, closed, so open_until() counts it as done
+      return false;
+    }
+    int one = 1;
+    setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    // The port is picked at connect() for the full 4-tuple, not at bind() for the address alone.
+    setsockopt(c.fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    sockaddr_in src{};
+    src.sin_family = AF_INET;
+    src.sin_addr.s_addr = htonl((127u << 24) | (1u + index % 254u));
+    if (bind(c.fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) {
+      note_error("bind", errno);
+      close_conn(c);
+      ++failed_open_;
+      return false;
+    }
+    sockaddr_in dst{};
+    dst.sin_family = AF_INET;
+    dst.sin_port = htons(o_.port);
+    inet_pton(AF_INET, o_.host.c_str(), &dst.sin_addr);
+    if (connect(c.fd, reinterpret_cast<sockaddr*>(&dst), sizeof dst) != 0 && errno != EINPROGRESS) {
+      note_error("connect", errno);
+      close_conn(c);
+      ++failed_open_;
+      return false;
+    }
+    c.state = phase::connecting;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u32 = index;
+    epoll_ctl(ep_, EPOLL_CTL_ADD, c.fd, &ev);
+    ++pending_;
+    return true;
+  }
+
+  // Opens connections until `target` exist, at most `concurrency` in set-up at once; returns
+  // when all are open or failed, or after `timeout_s`.
+  bool open_until(std::size_t target, double timeout_s) {
+    const std::uint64_t deadline = now_ns() + static_cast<std::uint64_t>(timeout_s * 1e9);
+    while (now_ns() < deadline) {
+      while (conns_.size() < target && pending_ < o_.concurrency) {
+        if (!start_connection()) break;
+      }
+      if (open_ + failed_open_ >= target || (conns_.size() < target && pending_ == 0)) break;
+      poll(2);
+    }
+    return open_ >= target;
+  }
+
+  void close_conn(connection& c) {
+    if (c.fd >= 0) ::close(c.fd);
+    if (c.state == phase::connecting || c.state == phase::handshaking) {
+      --pending_;
+      ++failed_open_;
+    }
+    if (c.state == phase::open) --open_;
+    c.fd = -1;
+    c.state = phase::closed;
+  }
+
+  // ---- event loop ----
+  void poll(int timeout_ms) {
+    epoll_event events[512];
+    const int n = epoll_wait(ep_, events, 512, timeout_ms);
+    for (int i = 0; i < n; ++i) {
+      connection& c = conns_[events[i].data.u32];
+      if (c.state == phase::closed) continue;
+      if (c.state == phase::connecting && (events[i].events & (EPOLLOUT | EPOLLERR))) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err != 0) {
+          note_error("connect", err);
+          close_conn(c);
+          continue;
+        }
+        c.state = phase::handshaking;
+        if (!o_.raw) {
+          const std::string req = "GET /d" + std::to_string(events[i].data.u32) +
+                                  " HTTP/1.1\r\nHost: " + o_.host +
+                                  "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                  "Sec-WebSocket-Version: 13\r\n\r\n";
+          c.out.insert(c.out.end(), req.begin(), req.end());
+        } else {
+          c.hdr_need = 4;  // the raw server greets with an empty frame
+        }
+      }
+      if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) on_readable(c);
+      if (c.state != phase::closed) flush(c);
+    }
+  }
+
+  void flush(connection& c) {
+    while (c.out_off < c.out.size()) {
+      const ssize_t n =
+          ::send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EAGAIN) return;
+        note_error("send", errno);
+        close_conn(c);
+        return;
+      }
+      c.out_off += static_cast<std::size_t>(n);
+    }
+    c.out.clear();
+    c.out_off = 0;
+  }
+
+  void on_readable(connection& c) {
+    for (;;) {
+      const ssize_t n = ::recv(c.fd, rbuf_.data(), rbuf_.size(), 0);
+      if (n == 0) {
+        close_conn(c);
+        return;
+      }
+      if (n < 0) {
+        if (errno != EAGAIN) {
+          note_error("recv", errno);
+          close_conn(c);
+        }
+        return;
+      }
+      const char* p = rbuf_.data();
+      std::size_t left = static_cast<std::size_t>(n);
+      if (c.state == phase::handshaking && !o_.raw) {
+        // Accumulate the HTTP response; anything after the blank line is frames.
+        const std::size_t before = c.handshake.size();
+        c.handshake.append(p, left);
+        const auto end = c.handshake.find("\r\n\r\n");
+        if (end == std::string::npos) {
+          if (c.handshake.size() > 8192) close_conn(c);
+          continue;
+        }
+        if (c.handshake.compare(0, 12, "HTTP/1.1 101") != 0) {
+          note_error("handshake (no 101)", 0);
+          close_conn(c);
+          return;
+        }
+        const std::size_t used = end + 4 - before;
+        p += used;
+        left -= used;
+        std::string().swap(c.handshake);
+        became_open(c);
+      }
+      parse(c, p, left);
+      if (c.state == phase::closed) return;
+    }
+  }
+
+  void became_open(connection& c) {
+    c.state = phase::open;
+    --pending_;
+    ++open_;
+    c.hdr_have = 0;
+    c.hdr_need = o_.raw ? 4 : 2;
+  }
+
+  // Streams frames out of `p`: never buffers payloads, only the first 8 bytes of each data
+  // message and the payloads of control frames.
+  void parse(connection& c, const char* p, std::size_t n) {
+    while (n > 0 && c.state != phase::closed) {
+      if (!c.in_payload) {
+        while (c.hdr_have < c.hdr_need && n > 0) {
+          c.hdr[c.hdr_have++] = static_cast<unsigned char>(*p++);
+          --n;
+          if (!o_.raw && c.hdr_have == 2) {
+            const unsigned len7 = c.hdr[1] & 0x7f;
+            c.hdr_need = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((c.hdr[1] & 0x80) ? 4 : 0);
+          }
+        }
+        if (c.hdr_have < c.hdr_need) return;
+        begin_frame(c);
+        if (c.state == phase::closed) return;
+        if (!c.in_payload) continue;  // the raw server's greeting
+        if (c.payload_left == 0) {
+          end_frame(c);
+          continue;
+        }
+      }
+      const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(c.payload_left, n));
+      if (c.frame_op >= 8 || c.keep_text) {
+        c.control.append(p, take);
+      }
+      if (c.frame_op < 8) {
+        for (std::size_t i = 0; i < take && c.msg_size + i < 8; ++i) {
+          c.first[c.msg_size + i] = static_cast<unsigned char>(p[i]);
+        }
+        c.msg_size += take;
+      }
+      c.payload_left -= take;
+      p += take;
+      n -= take;
+      if (c.payload_left == 0) end_frame(c);
+    }
+  }
+
+  void begin_frame(connection& c) {
+    c.in_payload = true;
+    if (o_.raw) {
+      std::uint32_t h = 0;
+      std::memcpy(&h, c.hdr, 4);  // little-endian hosts only (x86-64, arm64)
+      c.frame_fin = true;
+      c.frame_op = (h & 0x80000000u) ? 1 : 2;
+      c.payload_left = h & 0x7fffffffu;
+      if (c.state == phase::handshaking) {
+        became_open(c);
+        c.in_payload = false;
+        return;
+      }
+    } else {
+      c.frame_fin = (c.hdr[0] & 0x80) != 0;
+      c.frame_op = c.hdr[0] & 0x0f;
+      const unsigned len7 = c.hdr[1] & 0x7f;
+      if (len7 < 126) {
+        c.payload_left = len7;
+      } else if (len7 == 126) {
+        c.payload_left = (std::uint64_t{c.hdr[2]} << 8) | c.hdr[3];
+      } else {
+        c.payload_left = 0;
+        for (int i = 0; i < 8; ++i) c.payload_left = (c.payload_left << 8) | c.hdr[2 + i];
+      }
+    }
+    if (c.frame_op == 1 || c.frame_op == 2) {  // first frame of a data message
+      c.msg_op = c.frame_op;
+      c.msg_size = 0;
+      c.keep_text = c.frame_op == 1;
+      c.control.clear();
+    } else if (c.frame_op >= 8) {
+      c.keep_text = false;
+      c.control.clear();
+    }
+  }
+
+  void end_frame(connection& c) {
+    c.in_payload = false;
+    c.hdr_have = 0;
+    c.hdr_need = o_.raw ? 4 : 2;
+    if (c.frame_op == 9) {  // RFC 6455 5.5.2: answer a ping with a pong carrying its payload
+      send_frame(c, 0xA, c.control.data(), c.control.size());
+      return;
+    }
+    if (c.frame_op == 8) {
+      close_conn(c);
+      return;
+    }
+    if (c.frame_op == 0xA) return;
+    if (!c.frame_fin) return;
+    std::uint64_t ts = 0;
+    if (c.msg_size >= 8) std::memcpy(&ts, c.first, 8);
+    if (c.msg_op == 1) {
+      c.text = std::move(c.control);
+      c.control.clear();
+      c.keep_text = false;
+    }
+    on_message(c, c.msg_op, c.msg_size, ts);
+  }
+
+  // ---- sending ----
+  void send_frame(connection& c, unsigned op, const char* data, std::size_t n) {
+    if (o_.raw) {
+      std::uint32_t h = static_cast<std::uint32_t>(n) | (op == 1 ? 0x80000000u : 0u);
+      const char* hp = reinterpret_cast<const char*>(&h);
+      c.out.insert(c.out.end(), hp, hp + 4);
+      c.out.insert(c.out.end(), data, data + n);
+      return;
+    }
+    char h[14];
+    std::size_t hn = 0;
+    h[hn++] = static_cast<char>(0x80 | op);
+    if (n < 126) {
+      h[hn++] = static_cast<char>(0x80 | n);
+    } else if (n < 65536) {
+      h[hn++] = static_cast<char>(0x80 | 126);
+      h[hn++] = static_cast<char>(n >> 8);
+      h[hn++] = static_cast<char>(n & 0xff);
+    } else {
+      h[hn++] = static_cast<char>(0x80 | 127);
+      for (int i = 7; i >= 0; --i) h[hn++] = static_cast<char>((n >> (8 * i)) & 0xff);
+    }
+    std::memcpy(h + hn, mask_key, 4);
+    hn += 4;
+    c.out.insert(c.out.end(), h, h + hn);
+    const std::size_t at = c.out.size();
+    c.out.insert(c.out.end(), data, data + n);
+    for (std::size_t i = 0; i < n; ++i)
+      c.out[at + i] = static_cast<char>(c.out[at + i] ^ mask_key[i % 4]);
+  }
+
+  // One binary bench message: the send time in the first 8 bytes, then filler.
+  void send_stamped(connection& c) {
+    const std::uint64_t ts = now_ns();
+    const std::size_t n = payload_.size();
+    if (o_.raw) {
+      const auto h = static_cast<std::uint32_t>(n);
+      const char* hp = reinterpret_cast<const char*>(&h);
+      c.out.insert(c.out.end(), hp, hp + 4);
+      const std::size_t at = c.out.size();
+      c.out.insert(c.out.end(), payload_.begin(), payload_.end());
+      std::memcpy(c.out.data() + at, &ts, 8);
+    } else {
+      char h[8];
+      std::size_t hn = 0;
+      h[hn++] = static_cast<char>(0x82);
+      if (n < 126) {
+        h[hn++] = static_cast<char>(0x80 | n);
+      } else {
+        h[hn++] = static_cast<char>(0x80 | 126);
+        h[hn++] = static_cast<char>(n >> 8);
+        h[hn++] = static_cast<char>(n & 0xff);
+      }
+      c.out.insert(c.out.end(), h, h + hn);
+      c.out.insert(c.out.end(), reinterpret_cast<const char*>(mask_key),
+                   reinterpret_cast<const char*>(mask_key) + 4);
+      const std::size_t at = c.out.size();
+      c.out.insert(c.out.end(), masked_payload_.begin(), masked_payload_.end());
+      unsigned char t[8];
+      std::memcpy(t, &ts, 8);
+      for (std::size_t i = 0; i < 8; ++i) c.out[at + i] = static_cast<char>(t[i] ^ mask_key[i % 4]);
+    }
+    ++c.in_flight;
+  }
+
+  void send_text(connection& c, const std::string& s) {
+    send_frame(c, 1, s.data(), s.size());
+    flush(c);
+  }
+
+  // ---- scenario callbacks ----
+  void on_message(connection& c, unsigned op, std::uint64_t size, std::uint64_t ts) {
+    if (mode_ == mode_t::echo) {
+      if (op == 1) {
+        if (&c == control_) {
+          last_text_ = c.text;
+          ++texts_;
+        } else if (c.in_flight > 0) {
+          // An error reply (e.g. queue_full): that message was refused, not echoed.
+          --c.in_flight;
+          ++refused_;
+          if (sending_) send_stamped(c);
+        }
+        return;
+      }
+      if (c.in_flight > 0) --c.in_flight;
+      const std::uint64_t t = now_ns();
+      if (measuring_) {
+        ++received_;
+        const std::uint64_t lat = t - ts;
+        latencies_.push_back(static_cast<std::uint32_t>(std::min<std::uint64_t>(lat, 0xffffffffu)));
+      }
+      if (sending_) {
+        send_stamped(c);
+      }
+    } else if (mode_ == mode_t::broadcast) {
+      if (size == o_.size && c.round != round_) {
+        c.round = round_;
+        ++round_received_;
+        round_last_ = now_ns();
+      }
+    }
+  }
+
+  // ---- output ----
+  struct json {
+    std::ostringstream s;
+    bool first = true;
+    json& kv(const char* k, const std::string& v) {
+      s << (first ? "{" : ",") << '"' << k << "\":\"" << v << '"';
+      first = false;
+      return *this;
+    }
+    json& kv(const char* k, double v) {
+      s << (first ? "{" : ",") << '"' << k << "\":" << v;
+      first = false;
+      return *this;
+    }
+    json& raw(const char* k, const std::string& v) {
+      s << (first ? "{" : ",") << '"' << k << "\":" << v;
+      first = false;
+      return *this;
+    }
+    void print() {
+      s << "}\n";
+      std::fputs(s.str().c_str(), stdout);
+      std::fflush(stdout);
+    }
+  };
+
+  json header(const char* scenario) {
+    json j;
+    j.s.precision(6);
+    j.kv("scenario", scenario).kv("server", o_.server).kv("proto", o_.raw ? "raw" : "ws");
+    return j;
+  }
+
+  static double pct(std::vector<std::uint32_t>& v, double p) {
+    if (v.empty()) return 0;
+    const auto k = static_cast<std::size_t>(p * static_cast<double>(v.size() - 1));
+    return v[k] / 1000.0;
+  }
+
+  // ---- scenarios ----
+  int run_echo() {
+    const bool ingest = o_.scenario == "ingest";
+    mode_ = mode_t::echo;
+    // One more connection controls the ingest server (stats); it sends no load.
+    const std::size_t total = o_.connections + (ingest ? 1 : 0);
+    if (!open_until(total, 60)) {
+      fail("could not open all connections");
+      return 1;
+    }
+    connection* control = ingest ? &conns_.back() : nullptr;
+    control_ = control;
+    sending_ = true;
+    for (std::size_t i = 0; i < o_.connections; ++i) {
+      for (unsigned w = 0; w < o_.window; ++w) send_stamped(conns_[i]);
+      flush(conns_[i]);
+    }
+    const std::uint64_t t_begin = now_ns() + static_cast<std::uint64_t>(o_.warmup * 1e9);
+    const std::uint64_t t_end = t_begin + static_cast<std::uint64_t>(o_.seconds * 1e9);
+    double cpu0 = 0;
+    double gen0 = 0;
+    std::uint64_t m0 = 0;
+    std::uint64_t m1 = 0;
+    double cpu1 = 0;
+    double gen1 = 0;
+    std::string stats;
+    for (;;) {
+      poll(1);
+      const std::uint64_t t = now_ns();
+      if (!measuring_ && sending_ && t >= t_begin) {
+        if (control != nullptr) {
+          // Discard the sink's histogram up to now (warm-up).
+          send_text(*control, "stats");
+        }
+        measuring_ = true;
+        m0 = t;
+        cpu0 = proc_cpu_seconds(o_.server_pid);
+        gen0 = self_cpu_seconds();
+      }
+      if (measuring_ && t >= t_end) {
+        measuring_ = false;
+        sending_ = false;
+        m1 = t;
+        cpu1 = proc_cpu_seconds(o_.server_pid);
+        gen1 = self_cpu_seconds();
+      }
+      if (!sending_ && !measuring_ && m1 != 0) break;
+      if (open_ < o_.connections) {
+        fail("connections closed during the run");
+        return 1;
+      }
+    }
+    // Drain what is in flight (bounded), then ask the ingest sink for its histogram.
+    const std::uint64_t drain_deadline = now_ns() + 10'000'000'000ull;
+    auto in_flight = [&] {
+      std::uint64_t n = 0;
+      for (std::size_t i = 0; i < o_.connections; ++i) n += conns_[i].in_flight;
+      return n;
+    };
+    while (in_flight() > 0 && now_ns() < drain_deadline) poll(5);
+    if (control != nullptr) {
+      // The warm-up "stats" reply may still be on its way: wait for it first.
+      while (texts_ < 1 && now_ns() < drain_deadline) poll(5);
+      send_text(*control, "stats");
+      while (texts_ < 2 && now_ns() < drain_deadline) poll(5);
+      stats = texts_ >= 2 ? last_text_ : std::string("null");
+    }
+    const double secs = static_cast<double>(m1 - m0) / 1e9;
+    const double cpu = cpu1 - cpu0;
+    std::sort(latencies_.begin(), latencies_.end());
+    auto j = header(ingest ? "ingest" : "echo");
+    j.kv("C", o_.connections).kv("W", o_.window).kv("size", static_cast<double>(o_.size));
+    j.kv("msgs", static_cast<double>(received_)).kv("seconds", secs);
+    j.kv("msgs_per_s", static_cast<double>(received_) / secs);
+    j.kv("p50_us", pct(latencies_, 0.5)).kv("p99_us", pct(latencies_, 0.99));
+    j.kv("p999_us", pct(latencies_, 0.999));
+    j.kv("server_cpu_s", cpu);
+    j.kv("msgs_per_cpu_s", cpu > 0 ? static_cast<double>(received_) / cpu : 0);
+    j.kv("gen_cpu_s", gen1 - gen0);
+    j.kv("server_rss_kb", static_cast<double>(proc_status_kb(o_.server_pid, "VmRSS:")));
+    j.kv("errors", static_cast<double>(errors_)).kv("refused", static_cast<double>(refused_));
+    if (ingest) j.raw("sink", stats.empty() ? "null" : stats);
+    j.print();
+    return 0;
+  }
+
+  int run_broadcast() {
+    mode_ = mode_t::broadcast;
+    if (!open_until(o_.connections + 1, 60)) {
+      fail("could not open all connections");
+      return 1;
+    }
+    connection& control = conns_.back();
+    wait_ms(300);
+    const long rss_before = proc_status_kb(o_.server_pid, "VmRSS:");
+    const double cpu0 = proc_cpu_seconds(o_.server_pid);
+    const double gen0 = self_cpu_seconds();
+    std::vector<std::uint32_t> times;  // ns per round (fits: rounds time out at 30 s)
+    const std::string command = "broadcast " + std::to_string(o_.size);
+    for (unsigned r = 0; r < o_.reps; ++r) {
+      round_ = r + 1;
+      round_received_ = 0;
+      const std::uint64_t t0 = now_ns();
+      send_text(control, command);
+      const std::uint64_t deadline = t0 + 30'000'000'000ull;
+      while (round_received_ < o_.connections && now_ns() < deadline) poll(1);
+      if (round_received_ < o_.connections) {
+        fail("broadcast round timed out: " + std::to_string(round_received_) + " of " +
+             std::to_string(o_.connections));
+        return 1;
+      }
+      times.push_back(static_cast<std::uint32_t>(round_last_ - t0));
+      wait_ms(50);
+    }
+    const double cpu = proc_cpu_seconds(o_.server_pid) - cpu0;
+    const double gen = self_cpu_seconds() - gen0;
+    const long hwm = proc_status_kb(o_.server_pid, "VmHWM:");
+    std::sort(times.begin(), times.end());
+    const double median_s = times[times.size() / 2] / 1e9;
+    const double deliveries = static_cast<double>(o_.connections) * o_.reps;
+    auto j = header("broadcast");
+    j.kv("C", o_.connections).kv("size", static_cast<double>(o_.size)).kv("reps", o_.reps);
+    j.kv("median_s", median_s).kv("min_s", times.front() / 1e9).kv("max_s", times.back() / 1e9);
+    j.kv("deliveries_per_s", o_.connections / median_s);
+    j.kv("mb_per_s",
+         static_cast<double>(o_.connections) * static_cast<double>(o_.size) / median_s / 1e6);
+    j.kv("server_cpu_s", cpu).kv("deliveries_per_cpu_s", cpu > 0 ? deliveries / cpu : 0);
+    j.kv("gen_cpu_s", gen);
+    j.kv("rss_before_kb", static_cast<double>(rss_before))
+        .kv("peak_rss_kb", static_cast<double>(hwm));
+    j.kv("rss_growth_kb", static_cast<double>(hwm - rss_before));
+    j.kv("errors", static_cast<double>(errors_));
+    j.print();
+    return 0;
+  }
+
+  int run_idle() {
+    mode_ = mode_t::idle;
+    const unsigned step = std::min(o_.idle_step, o_.idle);
+    if (!open_until(step, 60)) {
+      fail("could not open the first " + std::to_string(step) + " connections");
+      return 1;
+    }
+    wait_ms(500);
+    const long rss1 = proc_status_kb(o_.server_pid, "VmRSS:");
+    const long sock1 = sockstat_tcp_mem_pages();
+    const long slab1 = meminfo_kb("Slab:");
+    const double cpu1 = proc_cpu_seconds(o_.server_pid);
+    const double gen1 = self_cpu_seconds();
+    const std::uint64_t t1 = now_ns();
+    open_until(o_.idle, 120);
+    const std::uint64_t t2 = now_ns();
+    const double cpu2 = proc_cpu_seconds(o_.server_pid);
+    const double gen2 = self_cpu_seconds();
+    wait_ms(500);
+    const std::size_t reached = open_;
+    const long rss2 = proc_status_kb(o_.server_pid, "VmRSS:");
+    const long sock2 = sockstat_tcp_mem_pages();
+    const long slab2 = meminfo_kb("Slab:");
+    const double added = static_cast<double>(reached) - step;
+    const double secs = static_cast<double>(t2 - t1) / 1e9;
+    auto j = header("idle");
+    j.kv("target", o_.idle).kv("reached", static_cast<double>(reached)).kv("step", step);
+    j.kv("handshakes", added).kv("seconds", secs).kv("handshakes_per_s", added / secs);
+    j.kv("server_cpu_s", cpu2 - cpu1);
+    j.kv("handshakes_per_cpu_s", cpu2 > cpu1 ? added / (cpu2 - cpu1) : 0);
+    j.kv("gen_cpu_s", gen2 - gen1);
+    j.kv("rss_at_step_kb", static_cast<double>(rss1)).kv("rss_kb", static_cast<double>(rss2));
+    j.kv("rss_bytes_per_conn", added > 0 ? (rss2 - rss1) * 1024.0 / added : 0);
+    j.kv("kernel_tcp_mem_bytes_per_conn",
+         added > 0 ? static_cast<double>(sock2 - sock1) *
+                         static_cast<double>(sysconf(_SC_PAGESIZE)) / added
+                   : 0);
+    j.kv("kernel_slab_bytes_per_conn_both_ends", added > 0 ? (slab2 - slab1) * 1024.0 / added : 0);
+    j.kv("errors", static_cast<double>(errors_));
+    j.print();
+    return 0;
+  }
+
+  // Counts a failure and keeps the first one's description for the JSON line.
+  void note_error(const char* where, int err) {
+    if (errors_++ == 0) {
+      first_error_ = std::string(where) + (err != 0 ? std::string(": ") + std::strerror(err) : "");
+    }
+  }
+
+  void wait_ms(int ms) {
+    const std::uint64_t until = now_ns() + static_cast<std::uint64_t>(ms) * 1000000u;
+    while (now_ns() < until) poll(5);
+  }
+
+  void fail(const std::string& why) {
+    auto j = header(o_.scenario.c_str());
+    j.kv("error", why)
+        .kv("open", static_cast<double>(open_))
+        .kv("errors", static_cast<double>(errors_))
+        .kv("first_error", first_error_);
+    j.print();
+  }
+
+  enum class mode_t : std::uint8_t { idle, echo, broadcast };
+
+  options o_;
+  int ep_ = -1;
+  std::vector<connection> conns_;
+  std::vector<char> rbuf_;
+  std::string payload_;
+  std::string masked_payload_;
+  std::size_t pending_ = 0;
+  std::size_t open_ = 0;
+  std::size_t failed_open_ = 0;
+  std::uint64_t errors_ = 0;
+  std::string first_error_;
+  mode_t mode_ = mode_t::idle;
+  bool sending_ = false;
+  bool measuring_ = false;
+  std::uint64_t received_ = 0;
+  std::vector<std::uint32_t> latencies_;
+  std::string last_text_;
+  std::uint64_t texts_ = 0;
+  std::uint64_t refused_ = 0;
+  connection* control_ = nullptr;
+  unsigned round_ = 0;
+  unsigned round_received_ = 0;
+  std::uint64_t round_last_ = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i];
+    const char* v = argv[i + 1];
+    if (k == "--host") {
+      o.host = v;
+    } else if (k == "--port") {
+      o.port = static_cast<std::uint16_t>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--proto") {
+      o.raw = std::strcmp(v, "raw") == 0;
+    } else if (k == "--scenario") {
+      o.scenario = v;
+    } else if (k == "--server") {
+      o.server = v;
+    } else if (k == "--server-pid") {
+      o.server_pid = std::atoi(v);
+    } else if (k == "--connections") {
+      o.connections = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--window") {
+      o.window = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--size") {
+      o.size = std::strtoull(v, nullptr, 10);
+    } else if (k == "--seconds") {
+      o.seconds = std::strtod(v, nullptr);
+    } else if (k == "--warmup") {
+      o.warmup = std::strtod(v, nullptr);
+    } else if (k == "--reps") {
+      o.reps = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--idle") {
+      o.idle = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--idle-step") {
+      o.idle_step = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--concurrency") {
+      o.concurrency = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else {
+      std::fprintf(stderr,
+                   "loadgen: unknown option %s (see the comment at the top of loadgen.cpp)\n",
+                   k.c_str());
+      return 2;
+    }
+  }
+  if (o.port == 0 || o.server_pid <= 0) {
+    std::fprintf(stderr, "loadgen: --port and --server-pid are required\n");
+    return 2;
+  }
+  // Connections need descriptors: take the hard limit (20,000 here).
+  rlimit rl{};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  rl.rlim_cur = rl.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &rl);
+  return loadgen(o).run();
+}
