@@ -117,6 +117,56 @@ TEST_CASE("fetcher gives a partition to one worker at a time", "[pipeline][fetch
   REQUIRE(rest[0].sequence == 10);
 }
 
+TEST_CASE("fetcher holds one partition at a time, leaving the others to other workers",
+          "[pipeline][fetcher]") {
+  using fetcher = devgate::fetcher<devgate::locked_queue, devgate::fixed_demand<8>>;
+  fetcher f(2, 2, {});
+  // Two devices in the two partitions, 3 messages each: one demand of 8 could take both.
+  std::vector<devgate::shared_bytes> ids;
+  for (int k = 0; ids.size() < 2; ++k) {
+    auto id = devgate::shared_bytes::copy_of("dev" + std::to_string(k));
+    if (ids.empty() || f.partition_of(id) != f.partition_of(ids[0])) ids.push_back(id);
+  }
+  for (std::uint64_t seq = 1; seq <= 3; ++seq) {
+    for (const auto& id : ids) f.enqueue(f.partition_of(id), make(id, seq));
+  }
+  const auto first_p = f.partition_of(ids[0]);
+  fetcher::batch first(8);
+  fetcher::batch second(8);
+  REQUIRE(f.fetch(0, first, first_p) == 3);  // only its first partition's share
+  REQUIRE(first.taken() == 3);
+  REQUIRE(first.begin()->partition == first_p);
+  REQUIRE(f.fetch(1, second, first_p + 1) == 3);  // the other partition is still free
+  REQUIRE(second.begin()->partition != first_p);
+  REQUIRE(f.fetch_next(first) == 0);  // worker 1 holds the rest: worker 0's batch ends
+  REQUIRE(first.taken() == 3);
+  f.release(0, first, {});
+  REQUIRE(f.fetch(0, first, first_p) == 0);  // partition 1 is still worker 1's
+  f.release(0, first, {});
+  // One batch visits both partitions in turn when nobody else holds them.
+  for (const auto& id : ids) f.enqueue(f.partition_of(id), make(id, 4));
+  REQUIRE(f.fetch_next(second) == 1);  // released its partition, took the other one's share
+  REQUIRE(second.begin()->partition == first_p);
+  REQUIRE(second.begin()->msg.sequence == 4);
+  REQUIRE(second.taken() == 4);
+  REQUIRE(f.fetch_next(second) == 0);  // every partition looked at once
+  f.release(1, second, {});
+  REQUIRE(f.fetch(0, first, first_p + 1) == 1);  // its own partition's message 4 was left
+  REQUIRE(first.begin()->msg.sequence == 4);
+  REQUIRE(first.begin()->partition != first_p);
+  f.release(0, first, {});
+  REQUIRE_FALSE(f.has_work(0));
+  REQUIRE_FALSE(f.has_work(1));
+  // A lone worker (spread = false) takes every share in one pass and holds both claims.
+  for (const auto& id : ids) f.enqueue(f.partition_of(id), make(id, 5));
+  REQUIRE(f.fetch(0, first, 0, false) == 2);
+  REQUIRE(f.fetch(1, second, 0) == 0);
+  REQUIRE(f.fetch_next(first) == 0);  // the pass is over: releases both
+  f.release(0, first, {});
+  REQUIRE_FALSE(f.has_work(0));
+  REQUIRE_FALSE(f.has_work(1));
+}
+
 TEST_CASE("callback and fan-out sinks", "[pipeline][sink]") {
   int a = 0;
   int b = 0;

@@ -42,6 +42,11 @@ class pipeline_eventcount {
     }
     waiters_.fetch_sub(1, std::memory_order_seq_cst);
   }
+  /// A hint, no ordering: true if someone was announced as waiting. For callers that wake
+  /// sleepers as an optimisation (to spread work), not for correctness.
+  [[nodiscard]] bool has_waiters() const noexcept {
+    return waiters_.load(std::memory_order_relaxed) != 0;
+  }
   /// Wakes one waiter, if any (call after making the condition true).
   void notify_one() noexcept { notify(false); }
   /// Wakes every waiter, if any.

@@ -32,23 +32,35 @@ struct queued_message {
 /// ticket counter producers take from (so arrival order across producer threads is fixed even
 /// though the lock-free queue is FIFO only per producer), and a claim flag: a partition is
 /// fetched and dispatched by at most one worker at a time, so per-device order survives any
-/// number of workers coming and going.
+/// number of workers coming and going. Where other workers exist, a worker holds one claim at
+/// a time: its batch visits the partitions one after another (see `batch`), so other workers
+/// dispatch other devices meanwhile.
 template <queue_policy Queue, demand_policy Demand>
 class fetcher {
   using queue_type = typename Queue::template queue<queued_message>;
 
  public:
-  /// What a worker holds between `fetch` and `release`: the batch and the partitions it claimed.
+  /// What a worker holds between `fetch` and `release`: the demand it announced, the messages
+  /// taken so far, and the claims on the partitions it took them from. When other workers could
+  /// take partitions this one has not reached (`fetch(..., spread = true)`), a batch is served
+  /// one partition at a time: `fetch` claims the first partition with work and takes its share
+  /// (up to the whole demand); after it is dispatched, `fetch_next` releases that partition and
+  /// takes the next one's share. So a worker never holds a partition while it dispatches another
+  /// one's messages, and different devices run in parallel on different workers. A lone worker
+  /// (`spread = false`) takes every share in one pass and holds all those claims until
+  /// `release`: nobody else could use them, and one run over many small shares is cheaper.
   class batch {
    public:
     /// A batch buffer for demands up to `max_demand`.
-    explicit batch(std::size_t max_demand) : items_(max_demand) { claims_.reserve(16); }
-    /// The messages fetched, in dispatch order per partition.
-    [[nodiscard]] queued_message* begin() noexcept { return items_.data(); }
-    /// End of the fetched messages.
-    [[nodiscard]] queued_message* end() noexcept { return items_.data() + size_; }
-    /// How many messages were fetched.
-    [[nodiscard]] std::size_t size() const noexcept { return size_; }
+    explicit batch(std::size_t max_demand) : items_(max_demand) { held_.reserve(16); }
+    /// The messages of the current share, in dispatch order per partition.
+    [[nodiscard]] queued_message* begin() noexcept { return items_.data() + share_; }
+    /// End of the current share.
+    [[nodiscard]] queued_message* end() noexcept { return items_.data() + taken_; }
+    /// How many messages the current share holds.
+    [[nodiscard]] std::size_t size() const noexcept { return taken_ - share_; }
+    /// How many messages the batch has taken so far, over every share.
+    [[nodiscard]] std::size_t taken() const noexcept { return taken_; }
     /// The demand announced for this batch.
     [[nodiscard]] std::size_t asked() const noexcept { return asked_; }
     /// True when the last `fetch` found a partition whose next ticket was taken but whose
@@ -56,16 +68,19 @@ class fetcher {
     /// must look again rather than sleep.
     [[nodiscard]] bool in_flight() const noexcept { return in_flight_; }
     /// The last partition claimed (workers resume their scan after it, for fairness).
-    [[nodiscard]] std::uint32_t last_partition() const noexcept {
-      return claims_.empty() ? 0 : claims_.back();
-    }
+    [[nodiscard]] std::uint32_t last_partition() const noexcept { return last_; }
 
    private:
     friend class fetcher;
-    std::vector<queued_message> items_;
-    std::vector<std::uint32_t> claims_;
-    std::size_t size_ = 0;
+    std::vector<queued_message> items_;  // every share of the batch, one after another
+    std::vector<std::uint32_t> held_;    // partitions claimed and not released yet
+    std::size_t share_ = 0;              // where the current share begins in items_
+    std::size_t taken_ = 0;
     std::size_t asked_ = 0;
+    std::size_t start_ = 0;    // where this batch's scan began
+    std::size_t scanned_ = 0;  // partitions this batch's scan has looked at
+    std::uint32_t last_ = 0;
+    bool spread_ = true;
     bool in_flight_ = false;
   };
 
@@ -187,40 +202,48 @@ class fetcher {
     return n;
   }
 
-  /// Fills `b` with up to `demand(worker).demand()` in-order messages from partitions it claims,
-  /// scanning from `start`. Returns the number fetched; the claims stay held until `release`.
-  std::size_t fetch(std::size_t worker, batch& b, std::size_t start) {
-    b.size_ = 0;
+  /// Starts a batch of up to `demand(worker).demand()` messages, scanning the partitions from
+  /// `start`, and takes its first share (see `batch`; `spread`: other workers could take the
+  /// partitions this one does not reach). Returns the share's size (0: nothing claimable). Its
+  /// claims stay held until `fetch_next`, `release` or `give_back`.
+  std::size_t fetch(std::size_t worker, batch& b, std::size_t start, bool spread = true) {
+    b.share_ = 0;
+    b.taken_ = 0;
     b.in_flight_ = false;
     b.asked_ = demands_[worker].demand();
-    const std::size_t n = partitions_.size();
-    for (std::size_t i = 0; i < n && b.size_ < b.asked_; ++i) {
-      const auto index = static_cast<std::uint32_t>((start + i) % n);
-      auto& part = *partitions_[index];
-      if (!part.has_work() || !part.try_claim()) continue;
-      const std::size_t got = pull(part, b.items_.data() + b.size_, b.asked_ - b.size_);
-      if (got == 0) {
-        part.release();
-        b.in_flight_ = true;
-        continue;
-      }
-      b.size_ += got;
-      b.claims_.push_back(index);
-    }
-    return b.size_;
+    b.start_ = start;
+    b.scanned_ = 0;
+    b.spread_ = spread;
+    return claim_next(b);
   }
 
-  /// Releases the claims of `b` and lets the worker's demand policy learn from the batch.
+  /// The current share was dispatched: releases its partition and goes on with the batch's scan,
+  /// claiming the next partition with ready work for what is left of the demand. Returns the size
+  /// of the new share (0: the demand is met or the scan went round every partition). It costs no
+  /// extra claim: the scan claims each partition at most once per batch either way.
+  std::size_t fetch_next(batch& b) {
+    release_held(b);
+    return claim_next(b);
+  }
+
+  /// True when partition `index` has messages nobody has fetched yet (a hint: no ordering).
+  [[nodiscard]] bool has_work(std::uint32_t index) const noexcept {
+    const auto& part = *partitions_[index];
+    return part.tail.load(std::memory_order_relaxed) != part.head.load(std::memory_order_relaxed);
+  }
+
+  /// Ends the batch: releases the claims still held and lets the worker's demand policy learn
+  /// from the whole batch.
   void release(std::size_t worker, batch& b, const batch_feedback& feedback) {
-    for (auto index : b.claims_) partitions_[index]->release();
-    b.claims_.clear();
+    release_held(b);
     demands_[worker].record(feedback);
   }
 
-  /// Releases the claims of `b`, first putting messages [from, size) back at the front of their
-  /// partitions (a stop deadline interrupted the batch).
+  /// Ends the batch early (a stop deadline interrupted it): puts its messages [from, taken)
+  /// back at the front of their partitions (all still claimed: earlier shares were dispatched
+  /// whole), then releases the claims.
   void give_back(batch& b, std::size_t from) {
-    for (std::size_t i = from; i < b.size_; ++i) {
+    for (std::size_t i = from; i < b.taken_; ++i) {
       auto& item = b.items_[i];
       auto& part = *partitions_[item.partition];
       // Rewind the partition so these come out first again (we still hold its claim).
@@ -229,9 +252,8 @@ class fetcher {
       }
       hold(part, std::move(item));
     }
-    for (auto index : b.claims_) partitions_[index]->release();
-    b.claims_.clear();
-    b.size_ = 0;
+    release_held(b);
+    b.share_ = b.taken_ = from;
   }
 
   /// Removes the oldest ready message of partition `preferred` (else of any partition it can
@@ -289,6 +311,34 @@ class fetcher {
     }
     void release() noexcept { claimed.store(false, std::memory_order_release); }
   };
+
+  // Continues `b`'s scan: claims the next partition with ready work and pulls its share of what
+  // is left of the demand into `b` (a lone worker goes on to every partition in this one pass).
+  std::size_t claim_next(batch& b) {
+    b.share_ = b.taken_;
+    const std::size_t n = partitions_.size();
+    while (b.scanned_ < n && b.taken_ < b.asked_) {
+      const auto index = static_cast<std::uint32_t>((b.start_ + b.scanned_++) % n);
+      auto& part = *partitions_[index];
+      if (!part.has_work() || !part.try_claim()) continue;
+      const std::size_t got = pull(part, b.items_.data() + b.taken_, b.asked_ - b.taken_);
+      if (got == 0) {
+        part.release();
+        b.in_flight_ = true;
+        continue;
+      }
+      b.taken_ += got;
+      b.held_.push_back(index);
+      b.last_ = index;
+      if (b.spread_) break;
+    }
+    return b.taken_ - b.share_;
+  }
+
+  void release_held(batch& b) noexcept {
+    for (auto index : b.held_) partitions_[index]->release();
+    b.held_.clear();
+  }
 
   static bool by_ticket(const queued_message& a, const queued_message& b) noexcept {
     return a.ticket < b.ticket;

@@ -387,14 +387,14 @@ class pipeline {
     std::size_t cursor = id * fetcher_.partitions() / pool_.max_workers();
     for (;;) {
       if (abort_.load(std::memory_order_acquire)) break;
-      if (fetcher_.fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
+      if (fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
         continue;
       }
       if (drained()) break;
       const auto key = work_.prepare_wait();
-      if (fetcher_.fetch(id, b, cursor) != 0) {
+      if (fetch(id, b, cursor) != 0) {
         work_.cancel_wait();
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
@@ -433,18 +433,28 @@ class pipeline {
       }
       // One shared load first: scanning every partition's tail would pull their cache lines away
       // from producers on every look.
-      if (queued_.load(std::memory_order_relaxed) > 0 && fetcher_.fetch(id, b, cursor) != 0) {
+      if (queued_.load(std::memory_order_relaxed) > 0 && fetch(id, b, cursor) != 0) {
         return true;
       }
     } while (clock::now() < until);
     return false;
   }
 
+  // Starts a batch. With other workers around, it is served one partition at a time so they can
+  // take the partitions this worker has not reached (see fetcher::batch); a lone worker takes
+  // every share in one pass. A fixed pool counts its configured workers (they may still be
+  // starting), a dynamic pool those alive now (one it adds later sees the next batch spread).
+  std::size_t fetch(std::size_t id, typename fetcher_type::batch& b, std::size_t cursor) {
+    const std::size_t workers = Traits::pool_type::scales ? pool_.alive() : pool_.max_workers();
+    return fetcher_.fetch(id, b, cursor, workers > 1);
+  }
+
   std::size_t next_cursor(const typename fetcher_type::batch& b) const noexcept {
     return (b.last_partition() + 1) % fetcher_.partitions();
   }
 
-  // Dispatches a fetched batch; false when a stop deadline interrupted it.
+  // Dispatches a fetched batch, one partition's share at a time (see fetcher::batch); false when
+  // a stop deadline interrupted it.
   bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
                 worker_stats& stats) {
     // One clock reading per batch: every message of the batch is stamped with the time the
@@ -454,34 +464,42 @@ class pipeline {
     std::uint64_t ok = 0;
     std::chrono::nanoseconds oldest{0};
     bool aborted = false;
-    for (auto& item : b) {
-      if (abort_.load(std::memory_order_relaxed)) {
-        aborted = true;
-        break;
+    do {
+      for (auto& item : b) {
+        if (abort_.load(std::memory_order_relaxed)) {
+          aborted = true;
+          break;
+        }
+        item.msg.dispatched = start;
+        const auto waited = item.msg.dispatched - item.msg.enqueued;
+        if (waited > oldest) oldest = waited;
+        stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+        ctx.partition = item.partition;
+        const auto outcome = deliver(item.msg, ctx);
+        if (outcome == delivery::aborted) {
+          aborted = true;
+          break;
+        }
+        ok += outcome == delivery::delivered ? 1 : 0;
+        // Drop our references to the payload now, not when the slot is reused.
+        item.msg = message{};
+        ++done;
       }
-      item.msg.dispatched = start;
-      const auto waited = item.msg.dispatched - item.msg.enqueued;
-      if (waited > oldest) oldest = waited;
-      stats.latency.record(static_cast<std::uint64_t>(waited.count()));
-      ctx.partition = item.partition;
-      const auto outcome = deliver(item.msg, ctx);
-      if (outcome == delivery::aborted) {
-        aborted = true;
-        break;
-      }
-      ok += outcome == delivery::delivered ? 1 : 0;
-      item.msg = message{};  // drop our references to the payload now, not when the slot is reused
-      ++done;
-    }
+      if (aborted) break;
+      // Work left in the partition just dispatched is free for another worker now; a sleeper
+      // (it found every partition claimed) would not look again until the next push.
+      const auto held = b.last_partition();
+      fetcher_.fetch_next(b);
+      if (work_.has_waiters() && fetcher_.has_work(held)) work_.notify_one();
+    } while (b.size() != 0);
     stats.dispatched.store(stats.dispatched.load(std::memory_order_relaxed) + ok,
                            std::memory_order_relaxed);
-    stats.batch_size.record(b.size());
-    const auto size = b.size();
+    stats.batch_size.record(b.taken());
     if (aborted) {
-      fetcher_.give_back(b, done);
+      fetcher_.give_back(b, done);  // what was not dispatched is still claimed
     } else {
       const auto end = clock::now();
-      fetcher_.release(id, b, batch_feedback{b.asked(), size, end - start});
+      fetcher_.release(id, b, batch_feedback{b.asked(), b.taken(), end - start});
       pool_.observe(queued_.load(std::memory_order_relaxed) >
                             static_cast<std::int64_t>(options_.pool.scale_up_backlog) ||
                         oldest > options_.pool.scale_up_latency,
