@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole devgate test suite: the README's test command, and what CI runs (.ci/run).
-# Installs missing packages, then: formatting, single-header freshness, the suite built plain
-# (GCC), under ASan+UBSan (Clang) and under TSan (GCC, against the single header), the meson
-# build, the consumer projects, and the fuzzers. Prints "steps: N passed, M failed" last and
+# Installs missing packages, then: formatting, single-header freshness, doc comments on every
+# public name, the suite built plain (GCC), under ASan+UBSan (Clang) and under TSan (GCC,
+# against the single header), the meson build, the consumer projects, and the fuzzers. Prints "steps: N passed, M failed" last and
 # exits non-zero if any step failed. FUZZ_SECONDS (default 60) bounds each fuzzer's run.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -96,6 +96,7 @@ mkdir -p "$build"
 total_start=$SECONDS
 step "format (clang-format --dry-run --Werror)" format_check
 step "single header is up to date" scripts/amalgamate.py --check
+step "every public name has a /// comment" scripts/check_doc_comments.py
 step "plain: GCC, -Werror, tests + examples + benchmarks" cmake_suite "$build/plain" \
   -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE= -DCMAKE_CXX_FLAGS="-O2 -g" \
   -DDEVGATE_BUILD_BENCHMARKS=ON

@@ -7,7 +7,12 @@
 ///   transport/  what a transport must provide (concept) and the in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio
-///   detail/     internals (OpenSSL wrappers, parsers); not part of the API
+///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
+///   store/      per-device state across connections: the concept and the in-memory store
+///   firmware/   firmware images held once and cut into chunks; transfer slots
+///   client/     a C++ device client on Asio (not included here:
+///               #include <devgate/client/device_client.hpp>)
+///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
 
 #include "devgate/version.hpp"  // version numbers
 

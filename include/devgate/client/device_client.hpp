@@ -31,7 +31,7 @@ namespace devgate::client {
 
 /// Where and who a device client connects as.
 struct device_client_options {
-  std::string host = "127.0.0.1";  ///< Server address (numeric or a name to resolve).
+  std::string host = "127.0.0.1";  ///< Server IP address (numeric: names are not resolved).
   std::uint16_t port = 0;          ///< Server port.
   std::string device_id;           ///< The device id (path /ws/<device_id>).
   std::string firmware_version;    ///< Reported in hello; replaced when an update verifies.
@@ -46,8 +46,9 @@ struct device_client_options {
 /// firmware download with SHA-256 verification (partial images kept across reconnects).
 ///
 /// Everything runs on the given io_context; the public functions may be called from any
-/// thread (they post). Callbacks run on the io_context's thread. Destroy the client only once
-/// the io_context no longer runs its handlers (stopped, or closed and drained).
+/// thread (they post). Set the callbacks before `connect()`; they run on the io_context's
+/// thread. Destroy the client only once the io_context no longer runs its handlers (stopped,
+/// or closed and drained).
 class device_client {
  public:
   /// A client that will connect with `options` on `ioc`.
@@ -66,8 +67,9 @@ class device_client {
   std::function<void(const nlohmann::json&)> on_text;
   /// A firmware transfer ended: `ok` when the server confirmed it verified.
   std::function<void(const std::string& version, bool ok, const std::string& reason)> on_firmware;
-  /// The connection ended: the server's close code, 1006 when it dropped without one, or
-  /// 0 when the connection or handshake failed.
+  /// The connection ended: the server's close code, the code this client failed it with
+  /// (1002, 1007, 1009), 1006 when it dropped without one, or 0 when the connection or
+  /// handshake failed.
   std::function<void(std::uint16_t code)> on_closed;
 
   /// Connects (or reconnects) and sends hello with the last sequence number received.

@@ -9,7 +9,7 @@ namespace devgate {
 enum class errc {
   queue_full = 1,    ///< The queue is at capacity and the overflow policy rejected the message.
   closed,            ///< The gateway or session no longer accepts work (stopping or stopped).
-  timeout,           ///< A bounded wait (blocking push, stop deadline, close handshake) ran out.
+  timeout,           ///< A bounded wait ran out (for sinks; a timed-out push reports queue_full).
   unknown_session,   ///< No live session has that id.
   backpressure,      ///< The session's outbound buffer is over its limit.
   invalid_argument,  ///< A caller passed a value outside what the API accepts.

@@ -13,6 +13,7 @@
 #include <optional>       // lookups
 #include <shared_mutex>   // device and session tables
 #include <span>           // firmware bytes
+#include <stdexcept>      // std::invalid_argument for bad options
 #include <string>         // ids, topics
 #include <string_view>    // ids, topics
 #include <system_error>   // results
@@ -46,8 +47,8 @@ struct hub_options {
   std::size_t max_replay_messages = 256;
   /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
   std::size_t max_replay_bytes = 1u << 20;
-  /// Largest text message a device may send (error `too_big` past it). The WebSocket layer's
-  /// own limit (reader_limits::max_message_size, close 1009) applies first.
+  /// Largest message (text or binary) a device may send (error `too_big` past it). The
+  /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
   /// Bad messages tolerated per session; one more closes it with 4002.
   unsigned max_errors = 16;
@@ -68,7 +69,7 @@ struct hub_stats {
   std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
   std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
   std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
-  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices.
+  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices (bad_resume excepted).
   std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
   firmware::rollout_totals rollout;   ///< Current firmware rollout.
 };
@@ -234,7 +235,7 @@ class hub {
   /// transfers it (at most max_concurrent_transfers at once). Devices offline now get it when
   /// they connect; devices reporting `version` are skipped. The image is copied once and
   /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
-  /// empty version or image.
+  /// empty version, an empty image or one over `max_firmware_size`.
   std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
     const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;

@@ -20,7 +20,9 @@ namespace devgate::device {
 /// The protocol version a device announces in `hello`; the server speaks only this one.
 inline constexpr int protocol_version = 1;
 
-/// Application close codes (RFC 6455 7.4.2 reserves 4000-4999 for applications).
+// Application close codes: RFC 6455 7.4.2 reserves 4000-4999 for applications.
+
+/// A newer session with the same device id took over; the device must not reconnect on its own.
 inline constexpr close_code close_replaced = static_cast<close_code>(4000);
 /// The device asked for a protocol version the server does not speak.
 inline constexpr close_code close_unsupported_version = static_cast<close_code>(4001);
@@ -32,13 +34,13 @@ enum class error : std::uint8_t {
   bad_json,             ///< The text is not JSON (or nests deeper than the limit).
   bad_message,          ///< JSON, but not an object with the fields its type needs.
   unknown_type,         ///< `type` names no device message.
-  hello_required,       ///< Something other than `hello` came first.
+  hello_required,       ///< A device message or binary frame came before `hello`.
   duplicate_hello,      ///< A second `hello` in one session.
   unsupported_version,  ///< `hello.protocol` is not 1 (the session is then closed with 4001).
   bad_resume,           ///< `hello.last_seq` is beyond what the server ever sent.
   bad_ack,              ///< `ack.seq` is beyond the last sent or below one already acknowledged.
-  bad_topic,            ///< The topic is malformed or not one a device may subscribe to.
-  too_big,              ///< The message is over the hub's size limit.
+  bad_topic,            ///< (Un)subscribing to a topic other than server, stats and fleet.
+  too_big,              ///< The message is over `hub_options::max_message_bytes`.
   queue_full,           ///< The pipeline is at capacity; the message was not accepted.
   closed,               ///< The gateway is stopping; the message was not accepted.
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.

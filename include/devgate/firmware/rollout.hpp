@@ -26,7 +26,8 @@ namespace devgate::firmware {
 class image {
  public:
   /// Cuts `bytes` (copied once) into chunks of `chunk_size` for rollout `rollout`.
-  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over 4 GiB.
+  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over
+  /// `device::max_firmware_size` (4 GiB - 1).
   image(std::uint32_t rollout, std::string version, std::span<const std::byte> bytes,
         std::size_t chunk_size)
       : rollout_(rollout), version_(std::move(version)), size_(bytes.size()), chunk_(chunk_size) {

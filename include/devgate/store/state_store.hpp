@@ -12,7 +12,7 @@ enum class transfer_status : std::uint8_t {
   pending,       ///< Waiting for its turn (or for the device to connect).
   transferring,  ///< Chunks are flowing; `offset` bytes acknowledged so far.
   verified,      ///< The device received every byte and confirmed the SHA-256.
-  failed,        ///< The device reported a failure (see `reason`).
+  failed,        ///< The device reported a failure, or its result failed the check (`reason`).
   skipped,       ///< The device already reported the rollout's version.
 };
 

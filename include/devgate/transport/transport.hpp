@@ -27,7 +27,7 @@ enum class payload_kind : std::uint8_t { text, binary };
 /// transport uses so that close reasons mean the same thing whatever carries them.
 enum class close_code : std::uint16_t {
   normal = 1000,            ///< Orderly close.
-  going_away = 1001,        ///< Server shutting down, or a newer session took over.
+  going_away = 1001,        ///< The server is shutting down (or the peer is going away).
   protocol_error = 1002,    ///< The peer broke the protocol.
   unsupported_data = 1003,  ///< A kind of data the endpoint does not accept.
   no_status = 1005,         ///< A close frame without a status (never sent on the wire).
@@ -57,7 +57,7 @@ struct backpressure_options {
 /// A session that opened: its id and the device identity the transport established.
 struct session_info {
   session_id id = 0;      ///< The session's id.
-  std::string device_id;  ///< Who the device says it is (for WebSocket: from the request path).
+  std::string device_id;  ///< Who the device is (WebSocket: `server_options::identify`'s answer).
 };
 
 /// One message a device sent, handed by the transport to the engine.

@@ -54,8 +54,8 @@ class server {
   }
 
   /// Binds, listens and starts the worker threads. Errors: errc::already_running,
-  /// errc::invalid_argument (bad address or more than 256 threads), or the socket error
-  /// (e.g. address in use).
+  /// errc::invalid_argument (bad address, more than 256 threads, a negative timeout or one over
+  /// 20 days, max_buffered_bytes over 1 GiB), or the socket error (e.g. address in use).
   std::error_code start() {
     if (state_ != state_t::created) return errc::already_running;
     auto& o = core_->options;

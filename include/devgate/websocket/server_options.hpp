@@ -25,8 +25,9 @@ struct http_reply {
 };
 
 /// The text frame a device receives when `on_message` refuses its message:
-/// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device protocol will
-/// define the real format later; until then this is the documented placeholder.
+/// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device hub answers
+/// protocol errors itself (`device::make_error`, docs/PROTOCOL.md section 8) and returns an
+/// error here only for a session it does not know (`errc::unknown_session`).
 inline std::string default_error_text(const std::error_code& ec) {
   std::string name = "error";
   if (ec.category() == devgate::error_category()) {
