@@ -12,7 +12,12 @@
 ///   transport/  what a transport must provide (concept) and the in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio
-///   detail/     internals (OpenSSL wrappers, parsers); not part of the API
+///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
+///   store/      per-device state across connections: the concept and the in-memory store
+///   firmware/   firmware images held once and cut into chunks; transfer slots
+///   client/     a C++ device client on Asio (not included here:
+///               #include <devgate/client/device_client.hpp>)
+///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
 
 
 // ---- begin devgate/version.hpp ----
@@ -149,7 +154,7 @@ namespace devgate {
 enum class errc {
   queue_full = 1,    ///< The queue is at capacity and the overflow policy rejected the message.
   closed,            ///< The gateway or session no longer accepts work (stopping or stopped).
-  timeout,           ///< A bounded wait (blocking push, stop deadline, close handshake) ran out.
+  timeout,           ///< A bounded wait ran out (for sinks; a timed-out push reports queue_full).
   unknown_session,   ///< No live session has that id.
   backpressure,      ///< The session's outbound buffer is over its limit.
   invalid_argument,  ///< A caller passed a value outside what the API accepts.
@@ -259,7 +264,7 @@ enum class payload_kind : std::uint8_t { text, binary };
 /// transport uses so that close reasons mean the same thing whatever carries them.
 enum class close_code : std::uint16_t {
   normal = 1000,            ///< Orderly close.
-  going_away = 1001,        ///< Server shutting down, or a newer session took over.
+  going_away = 1001,        ///< The server is shutting down (or the peer is going away).
   protocol_error = 1002,    ///< The peer broke the protocol.
   unsupported_data = 1003,  ///< A kind of data the endpoint does not accept.
   no_status = 1005,         ///< A close frame without a status (never sent on the wire).
@@ -289,7 +294,7 @@ struct backpressure_options {
 /// A session that opened: its id and the device identity the transport established.
 struct session_info {
   session_id id = 0;      ///< The session's id.
-  std::string device_id;  ///< Who the device says it is (for WebSocket: from the request path).
+  std::string device_id;  ///< Who the device is (WebSocket: `server_options::identify`'s answer).
 };
 
 /// One message a device sent, handed by the transport to the engine.
@@ -882,23 +887,35 @@ struct queued_message {
 /// ticket counter producers take from (so arrival order across producer threads is fixed even
 /// though the lock-free queue is FIFO only per producer), and a claim flag: a partition is
 /// fetched and dispatched by at most one worker at a time, so per-device order survives any
-/// number of workers coming and going.
+/// number of workers coming and going. Where other workers exist, a worker holds one claim at
+/// a time: its batch visits the partitions one after another (see `batch`), so other workers
+/// dispatch other devices meanwhile.
 template <queue_policy Queue, demand_policy Demand>
 class fetcher {
   using queue_type = typename Queue::template queue<queued_message>;
 
  public:
-  /// What a worker holds between `fetch` and `release`: the batch and the partitions it claimed.
+  /// What a worker holds between `fetch` and `release`: the demand it announced, the messages
+  /// taken so far, and the claims on the partitions it took them from. When other workers could
+  /// take partitions this one has not reached (`fetch(..., spread = true)`), a batch is served
+  /// one partition at a time: `fetch` claims the first partition with work and takes its share
+  /// (up to the whole demand); after it is dispatched, `fetch_next` releases that partition and
+  /// takes the next one's share. So a worker never holds a partition while it dispatches another
+  /// one's messages, and different devices run in parallel on different workers. A lone worker
+  /// (`spread = false`) takes every share in one pass and holds all those claims until
+  /// `release`: nobody else could use them, and one run over many small shares is cheaper.
   class batch {
    public:
     /// A batch buffer for demands up to `max_demand`.
-    explicit batch(std::size_t max_demand) : items_(max_demand) { claims_.reserve(16); }
-    /// The messages fetched, in dispatch order per partition.
-    [[nodiscard]] queued_message* begin() noexcept { return items_.data(); }
-    /// End of the fetched messages.
-    [[nodiscard]] queued_message* end() noexcept { return items_.data() + size_; }
-    /// How many messages were fetched.
-    [[nodiscard]] std::size_t size() const noexcept { return size_; }
+    explicit batch(std::size_t max_demand) : items_(max_demand) { held_.reserve(16); }
+    /// The messages of the current share, in dispatch order per partition.
+    [[nodiscard]] queued_message* begin() noexcept { return items_.data() + share_; }
+    /// End of the current share.
+    [[nodiscard]] queued_message* end() noexcept { return items_.data() + taken_; }
+    /// How many messages the current share holds.
+    [[nodiscard]] std::size_t size() const noexcept { return taken_ - share_; }
+    /// How many messages the batch has taken so far, over every share.
+    [[nodiscard]] std::size_t taken() const noexcept { return taken_; }
     /// The demand announced for this batch.
     [[nodiscard]] std::size_t asked() const noexcept { return asked_; }
     /// True when the last `fetch` found a partition whose next ticket was taken but whose
@@ -906,16 +923,19 @@ class fetcher {
     /// must look again rather than sleep.
     [[nodiscard]] bool in_flight() const noexcept { return in_flight_; }
     /// The last partition claimed (workers resume their scan after it, for fairness).
-    [[nodiscard]] std::uint32_t last_partition() const noexcept {
-      return claims_.empty() ? 0 : claims_.back();
-    }
+    [[nodiscard]] std::uint32_t last_partition() const noexcept { return last_; }
 
    private:
     friend class fetcher;
-    std::vector<queued_message> items_;
-    std::vector<std::uint32_t> claims_;
-    std::size_t size_ = 0;
+    std::vector<queued_message> items_;  // every share of the batch, one after another
+    std::vector<std::uint32_t> held_;    // partitions claimed and not released yet
+    std::size_t share_ = 0;              // where the current share begins in items_
+    std::size_t taken_ = 0;
     std::size_t asked_ = 0;
+    std::size_t start_ = 0;    // where this batch's scan began
+    std::size_t scanned_ = 0;  // partitions this batch's scan has looked at
+    std::uint32_t last_ = 0;
+    bool spread_ = true;
     bool in_flight_ = false;
   };
 
@@ -1037,40 +1057,48 @@ class fetcher {
     return n;
   }
 
-  /// Fills `b` with up to `demand(worker).demand()` in-order messages from partitions it claims,
-  /// scanning from `start`. Returns the number fetched; the claims stay held until `release`.
-  std::size_t fetch(std::size_t worker, batch& b, std::size_t start) {
-    b.size_ = 0;
+  /// Starts a batch of up to `demand(worker).demand()` messages, scanning the partitions from
+  /// `start`, and takes its first share (see `batch`; `spread`: other workers could take the
+  /// partitions this one does not reach). Returns the share's size (0: nothing claimable). Its
+  /// claims stay held until `fetch_next`, `release` or `give_back`.
+  std::size_t fetch(std::size_t worker, batch& b, std::size_t start, bool spread = true) {
+    b.share_ = 0;
+    b.taken_ = 0;
     b.in_flight_ = false;
     b.asked_ = demands_[worker].demand();
-    const std::size_t n = partitions_.size();
-    for (std::size_t i = 0; i < n && b.size_ < b.asked_; ++i) {
-      const auto index = static_cast<std::uint32_t>((start + i) % n);
-      auto& part = *partitions_[index];
-      if (!part.has_work() || !part.try_claim()) continue;
-      const std::size_t got = pull(part, b.items_.data() + b.size_, b.asked_ - b.size_);
-      if (got == 0) {
-        part.release();
-        b.in_flight_ = true;
-        continue;
-      }
-      b.size_ += got;
-      b.claims_.push_back(index);
-    }
-    return b.size_;
+    b.start_ = start;
+    b.scanned_ = 0;
+    b.spread_ = spread;
+    return claim_next(b);
   }
 
-  /// Releases the claims of `b` and lets the worker's demand policy learn from the batch.
+  /// The current share was dispatched: releases its partition and goes on with the batch's scan,
+  /// claiming the next partition with ready work for what is left of the demand. Returns the size
+  /// of the new share (0: the demand is met or the scan went round every partition). It costs no
+  /// extra claim: the scan claims each partition at most once per batch either way.
+  std::size_t fetch_next(batch& b) {
+    release_held(b);
+    return claim_next(b);
+  }
+
+  /// True when partition `index` has messages nobody has fetched yet (a hint: no ordering).
+  [[nodiscard]] bool has_work(std::uint32_t index) const noexcept {
+    const auto& part = *partitions_[index];
+    return part.tail.load(std::memory_order_relaxed) != part.head.load(std::memory_order_relaxed);
+  }
+
+  /// Ends the batch: releases the claims still held and lets the worker's demand policy learn
+  /// from the whole batch.
   void release(std::size_t worker, batch& b, const batch_feedback& feedback) {
-    for (auto index : b.claims_) partitions_[index]->release();
-    b.claims_.clear();
+    release_held(b);
     demands_[worker].record(feedback);
   }
 
-  /// Releases the claims of `b`, first putting messages [from, size) back at the front of their
-  /// partitions (a stop deadline interrupted the batch).
+  /// Ends the batch early (a stop deadline interrupted it): puts its messages [from, taken)
+  /// back at the front of their partitions (all still claimed: earlier shares were dispatched
+  /// whole), then releases the claims.
   void give_back(batch& b, std::size_t from) {
-    for (std::size_t i = from; i < b.size_; ++i) {
+    for (std::size_t i = from; i < b.taken_; ++i) {
       auto& item = b.items_[i];
       auto& part = *partitions_[item.partition];
       // Rewind the partition so these come out first again (we still hold its claim).
@@ -1079,9 +1107,8 @@ class fetcher {
       }
       hold(part, std::move(item));
     }
-    for (auto index : b.claims_) partitions_[index]->release();
-    b.claims_.clear();
-    b.size_ = 0;
+    release_held(b);
+    b.share_ = b.taken_ = from;
   }
 
   /// Removes the oldest ready message of partition `preferred` (else of any partition it can
@@ -1139,6 +1166,34 @@ class fetcher {
     }
     void release() noexcept { claimed.store(false, std::memory_order_release); }
   };
+
+  // Continues `b`'s scan: claims the next partition with ready work and pulls its share of what
+  // is left of the demand into `b` (a lone worker goes on to every partition in this one pass).
+  std::size_t claim_next(batch& b) {
+    b.share_ = b.taken_;
+    const std::size_t n = partitions_.size();
+    while (b.scanned_ < n && b.taken_ < b.asked_) {
+      const auto index = static_cast<std::uint32_t>((b.start_ + b.scanned_++) % n);
+      auto& part = *partitions_[index];
+      if (!part.has_work() || !part.try_claim()) continue;
+      const std::size_t got = pull(part, b.items_.data() + b.taken_, b.asked_ - b.taken_);
+      if (got == 0) {
+        part.release();
+        b.in_flight_ = true;
+        continue;
+      }
+      b.taken_ += got;
+      b.held_.push_back(index);
+      b.last_ = index;
+      if (b.spread_) break;
+    }
+    return b.taken_ - b.share_;
+  }
+
+  void release_held(batch& b) noexcept {
+    for (auto index : b.held_) partitions_[index]->release();
+    b.held_.clear();
+  }
 
   static bool by_ticket(const queued_message& a, const queued_message& b) noexcept {
     return a.ticket < b.ticket;
@@ -1321,6 +1376,11 @@ class pipeline_eventcount {
       cv_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != key; });
     }
     waiters_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  /// A hint, no ordering: true if someone was announced as waiting. For callers that wake
+  /// sleepers as an optimisation (to spread work), not for correctness.
+  [[nodiscard]] bool has_waiters() const noexcept {
+    return waiters_.load(std::memory_order_relaxed) != 0;
   }
   /// Wakes one waiter, if any (call after making the condition true).
   void notify_one() noexcept { notify(false); }
@@ -2246,14 +2306,14 @@ class pipeline {
     std::size_t cursor = id * fetcher_.partitions() / pool_.max_workers();
     for (;;) {
       if (abort_.load(std::memory_order_acquire)) break;
-      if (fetcher_.fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
+      if (fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
         continue;
       }
       if (drained()) break;
       const auto key = work_.prepare_wait();
-      if (fetcher_.fetch(id, b, cursor) != 0) {
+      if (fetch(id, b, cursor) != 0) {
         work_.cancel_wait();
         cursor = next_cursor(b);
         if (!dispatch(id, b, ctx, stats)) break;
@@ -2292,18 +2352,28 @@ class pipeline {
       }
       // One shared load first: scanning every partition's tail would pull their cache lines away
       // from producers on every look.
-      if (queued_.load(std::memory_order_relaxed) > 0 && fetcher_.fetch(id, b, cursor) != 0) {
+      if (queued_.load(std::memory_order_relaxed) > 0 && fetch(id, b, cursor) != 0) {
         return true;
       }
     } while (clock::now() < until);
     return false;
   }
 
+  // Starts a batch. With other workers around, it is served one partition at a time so they can
+  // take the partitions this worker has not reached (see fetcher::batch); a lone worker takes
+  // every share in one pass. A fixed pool counts its configured workers (they may still be
+  // starting), a dynamic pool those alive now (one it adds later sees the next batch spread).
+  std::size_t fetch(std::size_t id, typename fetcher_type::batch& b, std::size_t cursor) {
+    const std::size_t workers = Traits::pool_type::scales ? pool_.alive() : pool_.max_workers();
+    return fetcher_.fetch(id, b, cursor, workers > 1);
+  }
+
   std::size_t next_cursor(const typename fetcher_type::batch& b) const noexcept {
     return (b.last_partition() + 1) % fetcher_.partitions();
   }
 
-  // Dispatches a fetched batch; false when a stop deadline interrupted it.
+  // Dispatches a fetched batch, one partition's share at a time (see fetcher::batch); false when
+  // a stop deadline interrupted it.
   bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
                 worker_stats& stats) {
     // One clock reading per batch: every message of the batch is stamped with the time the
@@ -2313,34 +2383,42 @@ class pipeline {
     std::uint64_t ok = 0;
     std::chrono::nanoseconds oldest{0};
     bool aborted = false;
-    for (auto& item : b) {
-      if (abort_.load(std::memory_order_relaxed)) {
-        aborted = true;
-        break;
+    do {
+      for (auto& item : b) {
+        if (abort_.load(std::memory_order_relaxed)) {
+          aborted = true;
+          break;
+        }
+        item.msg.dispatched = start;
+        const auto waited = item.msg.dispatched - item.msg.enqueued;
+        if (waited > oldest) oldest = waited;
+        stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+        ctx.partition = item.partition;
+        const auto outcome = deliver(item.msg, ctx);
+        if (outcome == delivery::aborted) {
+          aborted = true;
+          break;
+        }
+        ok += outcome == delivery::delivered ? 1 : 0;
+        // Drop our references to the payload now, not when the slot is reused.
+        item.msg = message{};
+        ++done;
       }
-      item.msg.dispatched = start;
-      const auto waited = item.msg.dispatched - item.msg.enqueued;
-      if (waited > oldest) oldest = waited;
-      stats.latency.record(static_cast<std::uint64_t>(waited.count()));
-      ctx.partition = item.partition;
-      const auto outcome = deliver(item.msg, ctx);
-      if (outcome == delivery::aborted) {
-        aborted = true;
-        break;
-      }
-      ok += outcome == delivery::delivered ? 1 : 0;
-      item.msg = message{};  // drop our references to the payload now, not when the slot is reused
-      ++done;
-    }
+      if (aborted) break;
+      // Work left in the partition just dispatched is free for another worker now; a sleeper
+      // (it found every partition claimed) would not look again until the next push.
+      const auto held = b.last_partition();
+      fetcher_.fetch_next(b);
+      if (work_.has_waiters() && fetcher_.has_work(held)) work_.notify_one();
+    } while (b.size() != 0);
     stats.dispatched.store(stats.dispatched.load(std::memory_order_relaxed) + ok,
                            std::memory_order_relaxed);
-    stats.batch_size.record(b.size());
-    const auto size = b.size();
+    stats.batch_size.record(b.taken());
     if (aborted) {
-      fetcher_.give_back(b, done);
+      fetcher_.give_back(b, done);  // what was not dispatched is still claimed
     } else {
       const auto end = clock::now();
-      fetcher_.release(id, b, batch_feedback{b.asked(), size, end - start});
+      fetcher_.release(id, b, batch_feedback{b.asked(), b.taken(), end - start});
       pool_.observe(queued_.load(std::memory_order_relaxed) >
                             static_cast<std::int64_t>(options_.pool.scale_up_backlog) ||
                         oldest > options_.pool.scale_up_latency,
@@ -4015,8 +4093,9 @@ struct http_reply {
 };
 
 /// The text frame a device receives when `on_message` refuses its message:
-/// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device protocol will
-/// define the real format later; until then this is the documented placeholder.
+/// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device hub answers
+/// protocol errors itself (`device::make_error`, docs/PROTOCOL.md section 8) and returns an
+/// error here only for a session it does not know (`errc::unknown_session`).
 inline std::string default_error_text(const std::error_code& ec) {
   std::string name = "error";
   if (ec.category() == devgate::error_category()) {
@@ -5238,8 +5317,8 @@ class server {
   }
 
   /// Binds, listens and starts the worker threads. Errors: errc::already_running,
-  /// errc::invalid_argument (bad address or more than 256 threads), or the socket error
-  /// (e.g. address in use).
+  /// errc::invalid_argument (bad address, more than 256 threads, a negative timeout or one over
+  /// 20 days, max_buffered_bytes over 1 GiB), or the socket error (e.g. address in use).
   std::error_code start() {
     if (state_ != state_t::created) return errc::already_running;
     auto& o = core_->options;
@@ -5673,7 +5752,7 @@ enum class transfer_status : std::uint8_t {
   pending,       ///< Waiting for its turn (or for the device to connect).
   transferring,  ///< Chunks are flowing; `offset` bytes acknowledged so far.
   verified,      ///< The device received every byte and confirmed the SHA-256.
-  failed,        ///< The device reported a failure (see `reason`).
+  failed,        ///< The device reported a failure, or its result failed the check (`reason`).
   skipped,       ///< The device already reported the rollout's version.
 };
 
@@ -5861,6 +5940,7 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <optional>       // lookups
 #include <shared_mutex>   // device and session tables
 #include <span>           // firmware bytes
+#include <stdexcept>      // std::invalid_argument for bad options
 #include <string>         // ids, topics
 #include <string_view>    // ids, topics
 #include <system_error>   // results
@@ -5889,7 +5969,9 @@ namespace devgate::device {
 /// The protocol version a device announces in `hello`; the server speaks only this one.
 inline constexpr int protocol_version = 1;
 
-/// Application close codes (RFC 6455 7.4.2 reserves 4000-4999 for applications).
+// Application close codes: RFC 6455 7.4.2 reserves 4000-4999 for applications.
+
+/// A newer session with the same device id took over; the device must not reconnect on its own.
 inline constexpr close_code close_replaced = static_cast<close_code>(4000);
 /// The device asked for a protocol version the server does not speak.
 inline constexpr close_code close_unsupported_version = static_cast<close_code>(4001);
@@ -5901,13 +5983,13 @@ enum class error : std::uint8_t {
   bad_json,             ///< The text is not JSON (or nests deeper than the limit).
   bad_message,          ///< JSON, but not an object with the fields its type needs.
   unknown_type,         ///< `type` names no device message.
-  hello_required,       ///< Something other than `hello` came first.
+  hello_required,       ///< A device message or binary frame came before `hello`.
   duplicate_hello,      ///< A second `hello` in one session.
   unsupported_version,  ///< `hello.protocol` is not 1 (the session is then closed with 4001).
   bad_resume,           ///< `hello.last_seq` is beyond what the server ever sent.
   bad_ack,              ///< `ack.seq` is beyond the last sent or below one already acknowledged.
-  bad_topic,            ///< The topic is malformed or not one a device may subscribe to.
-  too_big,              ///< The message is over the hub's size limit.
+  bad_topic,            ///< (Un)subscribing to a topic other than server, stats and fleet.
+  too_big,              ///< The message is over `hub_options::max_message_bytes`.
   queue_full,           ///< The pipeline is at capacity; the message was not accepted.
   closed,               ///< The gateway is stopping; the message was not accepted.
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
@@ -6338,7 +6420,8 @@ namespace devgate::firmware {
 class image {
  public:
   /// Cuts `bytes` (copied once) into chunks of `chunk_size` for rollout `rollout`.
-  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over 4 GiB.
+  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over
+  /// `device::max_firmware_size` (4 GiB - 1).
   image(std::uint32_t rollout, std::string version, std::span<const std::byte> bytes,
         std::size_t chunk_size)
       : rollout_(rollout), version_(std::move(version)), size_(bytes.size()), chunk_(chunk_size) {
@@ -6501,8 +6584,8 @@ struct hub_options {
   std::size_t max_replay_messages = 256;
   /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
   std::size_t max_replay_bytes = 1u << 20;
-  /// Largest text message a device may send (error `too_big` past it). The WebSocket layer's
-  /// own limit (reader_limits::max_message_size, close 1009) applies first.
+  /// Largest message (text or binary) a device may send (error `too_big` past it). The
+  /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
   /// Bad messages tolerated per session; one more closes it with 4002.
   unsigned max_errors = 16;
@@ -6523,7 +6606,7 @@ struct hub_stats {
   std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
   std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
   std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
-  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices.
+  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices (bad_resume excepted).
   std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
   firmware::rollout_totals rollout;   ///< Current firmware rollout.
 };
@@ -6689,7 +6772,7 @@ class hub {
   /// transfers it (at most max_concurrent_transfers at once). Devices offline now get it when
   /// they connect; devices reporting `version` are skipped. The image is copied once and
   /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
-  /// empty version or image.
+  /// empty version, an empty image or one over `max_firmware_size`.
   std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
     const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
