@@ -150,6 +150,18 @@ class server {
   /// open session), errc::closed (it is closing), errc::backpressure (over its buffer limit: the
   /// session is closed with 1008/1013 unless the policy is drop_oldest).
   std::error_code send(session_id id, payload_kind kind, shared_bytes payload) {
+    // A reply from inside that session's on_message: no lookup, reference or thread check.
+    if (const auto cur = detail::ws_server_current;
+        cur.core == core_.get() && cur.session->id() == id) {
+      if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
+      auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
+      if (!cur.session->reserve(m.bytes)) {
+        overflow(detail::ws_server_session_ref(cur.session));
+        return errc::backpressure;
+      }
+      cur.session->enqueue_data(std::move(m));
+      return {};
+    }
     auto s = find(id);
     if (!s) return errc::unknown_session;
     if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
