@@ -4444,7 +4444,9 @@ struct ws_server_out_queue {
     control.clear();
     data.clear();
     data_head = 0;
-    for (auto& f : inflight) f = {};
+    // Frames outside [in_begin, in_end) are already empty (on_written resets each one written);
+    // the queue is recycled after every drained write, so do not touch all max_batch slots.
+    for (std::size_t i = in_begin; i < in_end; ++i) inflight[i] = {};
     in_begin = in_end = 0;
     offset = 0;
     mid_message = false;
@@ -4580,6 +4582,15 @@ struct ws_server_worker {
     }
   }
 };
+
+/// The session whose on_message handler runs on this thread (null outside one), so that a reply
+/// from inside the handler (`server::send` to that session) skips the lookup, the reference
+/// count and the thread check.
+struct ws_server_delivering {
+  const ws_server_core* core = nullptr;
+  ws_server_session* session = nullptr;
+};
+inline thread_local ws_server_delivering ws_server_current{};
 
 /// One WebSocket (or not yet upgraded HTTP) connection.
 class ws_server_session {
@@ -4782,12 +4793,16 @@ class ws_server_session {
       return;
     }
     const std::span<std::byte> buf = worker().buffer();
+    // Frames queued while the batch is parsed (replies from on_message) go out in one gather
+    // write after it, not the first alone and the rest after that write completes.
+    reading_ = true;
     // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
     for (int round = 0; round < 4; ++round) {
       std::error_code rec;
       const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
       if (rec == asio::error::would_block || rec == asio::error::try_again) break;
       if (rec) {
+        reading_ = false;
         on_eof();
         return;
       }
@@ -4801,9 +4816,15 @@ class ws_server_session {
       } catch (...) {
         on_handler_exception();
       }
-      if (phase() == phase_t::done) return;
+      if (phase() == phase_t::done) {
+        reading_ = false;
+        return;
+      }
       if (n < buf.size()) break;
     }
+    reading_ = false;
+    pump();
+    if (phase() == phase_t::done) return;
     arm_read();
   }
 
@@ -4961,6 +4982,7 @@ class ws_server_session {
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;
   bool writing_ : 1 = false;
+  bool reading_ : 1 = false;  // parsing a read batch: pump() waits for its end (one write)
   bool ping_outstanding_ : 1 = false;
   bool shutdown_when_drained_ : 1 = false;
   bool close_received_ : 1 = false;
@@ -5106,6 +5128,11 @@ inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) 
   m.kind = kind;
   m.payload = std::move(payload);
   m.received = worker().read_time;
+  // Restored on exit, exceptions included (a handler may deliver to another server's session).
+  struct current_guard {
+    ws_server_delivering prev;
+    ~current_guard() { ws_server_current = prev; }
+  } guard{std::exchange(ws_server_current, ws_server_delivering{&core(), this})};
   const std::error_code ec = h.on_message(std::move(m));
   if (!ec || phase() != phase_t::open) return;
   // Tell the device why its message was not taken (the device protocol refines this later).
@@ -5134,7 +5161,7 @@ inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_vie
 }
 
 inline void ws_server_session::pump() {
-  if (writing_ || phase() == phase_t::done) return;
+  if (writing_ || reading_ || phase() == phase_t::done) return;
   if (!q_) {
     on_drained();
     return;
@@ -5413,6 +5440,18 @@ class server {
   /// open session), errc::closed (it is closing), errc::backpressure (over its buffer limit: the
   /// session is closed with 1008/1013 unless the policy is drop_oldest).
   std::error_code send(session_id id, payload_kind kind, shared_bytes payload) {
+    // A reply from inside that session's on_message: no lookup, reference or thread check.
+    if (const auto cur = detail::ws_server_current;
+        cur.core == core_.get() && cur.session->id() == id) {
+      if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
+      auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
+      if (!cur.session->reserve(m.bytes)) {
+        overflow(detail::ws_server_session_ref(cur.session));
+        return errc::backpressure;
+      }
+      cur.session->enqueue_data(std::move(m));
+      return {};
+    }
     auto s = find(id);
     if (!s) return errc::unknown_session;
     if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
