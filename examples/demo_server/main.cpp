@@ -232,19 +232,7 @@ std::string render_metrics(demo_hub& hub) {
   hub.engine().render_prometheus(out);
   const auto s = hub.stats();
   auto gauge = [&out](const char* name, const char* help, const char* type, auto value) {
-    out += "# HELP devgate_";
-    out += name;
-    out += ' ';
-    out += help;
-    out += "\n# TYPE devgate_";
-    out += name;
-    out += ' ';
-    out += type;
-    out += "\ndevgate_";
-    out += name;
-    out += ' ';
-    out += std::to_string(value);
-    out += '\n';
+    devgate::append_prometheus_metric(out, name, type, help, static_cast<std::uint64_t>(value));
   };
   gauge("connected_devices", "Device sessions open now.", "gauge", s.connected);
   gauge("devices_known", "Devices seen since start.", "gauge", s.devices);
