@@ -1534,8 +1534,9 @@ struct pipeline_atomic_histogram<log2_histogram<Buckets, Shift>> {
   }
 };
 
-inline void pipeline_append_metric(std::string& out, const char* name, const char* type,
-                                   const char* help, std::uint64_t value) {
+/// Appends the "# HELP" and "# TYPE" lines of metric `devgate_<name>`.
+inline void pipeline_append_header(std::string& out, const char* name, const char* type,
+                                   const char* help) {
   out += "# HELP devgate_";
   out += name;
   out += ' ';
@@ -1544,23 +1545,13 @@ inline void pipeline_append_metric(std::string& out, const char* name, const cha
   out += name;
   out += ' ';
   out += type;
-  out += "\ndevgate_";
-  out += name;
-  out += ' ';
-  out += std::to_string(value);
   out += '\n';
 }
 
 template <std::size_t Buckets, unsigned Shift>
 void pipeline_append_histogram(std::string& out, const char* name, const char* help,
                                const log2_histogram<Buckets, Shift>& h, double scale) {
-  out += "# HELP devgate_";
-  out += name;
-  out += ' ';
-  out += help;
-  out += "\n# TYPE devgate_";
-  out += name;
-  out += " histogram\n";
+  pipeline_append_header(out, name, "histogram", help);
   char number[64];
   std::uint64_t cumulative = 0;
   for (std::size_t i = 0; i < Buckets; ++i) {
@@ -1592,30 +1583,43 @@ void pipeline_append_histogram(std::string& out, const char* name, const char* h
 
 }  // namespace detail
 
+/// Appends one counter or gauge named `devgate_<name>` in Prometheus text format (HELP, TYPE and
+/// the value), for embedders that add their own figures beside the pipeline's.
+inline void append_prometheus_metric(std::string& out, const char* name, const char* type,
+                                     const char* help, std::uint64_t value) {
+  detail::pipeline_append_header(out, name, type, help);
+  out += "devgate_";
+  out += name;
+  out += ' ';
+  out += std::to_string(value);
+  out += '\n';
+}
+
 /// Appends `m` to `out` in the Prometheus text exposition format (version 0.0.4); every name
 /// starts with `devgate_`, latencies are in seconds as Prometheus expects.
 inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
-  using detail::pipeline_append_metric;
-  pipeline_append_metric(out, "enqueued_total", "counter", "Messages accepted into the pipeline.",
-                         m.enqueued);
-  pipeline_append_metric(out, "dispatched_total", "counter",
-                         "Messages a sink accepted, after any retries.", m.dispatched);
-  pipeline_append_metric(out, "rejected_total", "counter",
-                         "Pushes refused because the queue was full.", m.rejected);
-  pipeline_append_metric(out, "dropped_total", "counter",
-                         "Queued messages evicted by the drop-oldest overflow policy.", m.dropped);
-  pipeline_append_metric(out, "retried_total", "counter",
-                         "Sink attempts that failed and were retried.", m.retried);
-  pipeline_append_metric(out, "dead_lettered_total", "counter",
-                         "Messages handed to the dead-letter handler after the retry limit.",
-                         m.dead_lettered);
-  pipeline_append_metric(out, "handed_back_total", "counter",
-                         "Messages returned undispatched by a stop with a deadline.",
-                         m.handed_back);
-  pipeline_append_metric(out, "queue_depth", "gauge",
-                         "Messages accepted and not yet dispatched, dropped or handed back.",
-                         m.queue_depth);
-  pipeline_append_metric(out, "workers_alive", "gauge", "Worker threads running.", m.workers_alive);
+  append_prometheus_metric(out, "enqueued_total", "counter", "Messages accepted into the pipeline.",
+                           m.enqueued);
+  append_prometheus_metric(out, "dispatched_total", "counter",
+                           "Messages a sink accepted, after any retries.", m.dispatched);
+  append_prometheus_metric(out, "rejected_total", "counter",
+                           "Pushes refused because the queue was full.", m.rejected);
+  append_prometheus_metric(out, "dropped_total", "counter",
+                           "Queued messages evicted by the drop-oldest overflow policy.",
+                           m.dropped);
+  append_prometheus_metric(out, "retried_total", "counter",
+                           "Sink attempts that failed and were retried.", m.retried);
+  append_prometheus_metric(out, "dead_lettered_total", "counter",
+                           "Messages handed to the dead-letter handler after the retry limit.",
+                           m.dead_lettered);
+  append_prometheus_metric(out, "handed_back_total", "counter",
+                           "Messages returned undispatched by a stop with a deadline.",
+                           m.handed_back);
+  append_prometheus_metric(out, "queue_depth", "gauge",
+                           "Messages accepted and not yet dispatched, dropped or handed back.",
+                           m.queue_depth);
+  append_prometheus_metric(out, "workers_alive", "gauge", "Worker threads running.",
+                           m.workers_alive);
   detail::pipeline_append_histogram(out, "batch_size", "Messages per fetched batch.", m.batch_size,
                                     1.0);
   detail::pipeline_append_histogram(out, "dispatch_latency_seconds", "Enqueue-to-dispatch latency.",
