@@ -10,8 +10,7 @@
 ///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   firmware images held once and cut into chunks; transfer slots
-///   client/     a C++ device client on Asio (not included here:
-///               #include <devgate/client/device_client.hpp>)
+///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
 ///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
 
 #include "devgate/version.hpp"  // version numbers
@@ -49,5 +48,7 @@
 #include "devgate/device/protocol.hpp"   // the device wire protocol v1 (docs/PROTOCOL.md)
 #include "devgate/device/pubsub.hpp"     // topics shared by devices and host callbacks
 #include "devgate/firmware/rollout.hpp"  // firmware image (held once, pre-chunked), transfer slots
+
+#include "devgate/client/device_client.hpp"  // device_client: a device speaking protocol v1
 
 #include "devgate/detail/crypto.hpp"  // SHA-1, SHA-256, base64 over OpenSSL
