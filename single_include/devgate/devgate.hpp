@@ -4317,146 +4317,87 @@ class ws_server_session_ref {
   ws_server_session* p_ = nullptr;
 };
 
-/// One frame (or raw HTTP bytes) waiting to be written: a small inline header and a shared body,
-/// so a unicast payload is never copied and a broadcast frame is shared by every recipient.
+/// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
+/// ping, pong or close waits behind at most one write, never behind a whole 16 MiB frame.
+inline constexpr std::size_t ws_server_fragment_size = 64u * 1024u;
+
+/// Bytes of the unmasked header of a server frame with `len` payload bytes (RFC 6455 5.2).
+[[nodiscard]] constexpr std::size_t ws_server_header_size(std::size_t len) noexcept {
+  return len <= 125 ? 2 : len <= 0xFFFF ? 4 : 10;
+}
+
+/// Wire bytes of a data message of `len` payload bytes sent as ws_server_fragment_size
+/// fragments (at least one frame: an empty message is a 2-byte frame).
+[[nodiscard]] constexpr std::size_t ws_server_wire_size(std::size_t len) noexcept {
+  constexpr std::size_t f = ws_server_fragment_size;
+  const std::size_t full = len / f;
+  const std::size_t last = len % f;
+  std::size_t total = len + full * ws_server_header_size(f);
+  if (last > 0 || full == 0) total += ws_server_header_size(last);
+  return total;
+}
+
+/// Something waiting to be written, in one of two forms:
+/// - a whole data message (`lazy`): its payload, shared and never copied (a broadcast's
+///   recipients all point at one buffer), cut into frames of at most ws_server_fragment_size
+///   whose headers are encoded while it is written, so a message is one queue entry whatever its
+///   size;
+/// - literal bytes, `head` then `body`: control frames, HTTP responses, and the one frame of a
+///   data message that a full socket buffer cut in the middle.
 struct ws_server_out_frame {
   /// What the frame is, for accounting and for the close handshake.
   enum kind_t : std::uint8_t { data, control, close, raw };
   shared_bytes body;
-  std::array<std::byte, 10> head{};  // RFC 6455 5.2: a server header is at most 10 bytes
+  std::array<std::byte, 10> head{};  // literal only; RFC 6455 5.2: at most 10 bytes
   std::uint8_t head_len = 0;
   kind_t kind = data;
-  bool more = false;  // a fragment that is not its message's last (RFC 6455 5.4)
-  [[nodiscard]] std::size_t size() const noexcept { return head_len + body.size(); }
+  websocket::opcode op = websocket::opcode::binary;  // lazy: the opcode of its next frame
+  bool lazy = false;
+  bool more = false;  // literal: a fragment that is not its message's last (RFC 6455 5.4)
+  /// Bytes it puts on the wire (for a lazy message, what is left of it).
+  [[nodiscard]] std::size_t size() const noexcept {
+    return lazy ? ws_server_wire_size(body.size()) : head_len + body.size();
+  }
 };
 
-/// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
-/// ping, pong or close waits behind at most one write batch, never behind a whole 16 MiB frame.
-inline constexpr std::size_t ws_server_fragment_size = 64u * 1024u;
-
-/// One outbound data message as frames: one frame inline (the common case, no allocation) or
-/// several fragments.
-struct ws_server_out_message {
-  ws_server_out_frame first;
-  std::vector<ws_server_out_frame> rest;  // further fragments; empty for a single frame
-  std::size_t bytes = 0;                  // wire bytes of all frames (headers included)
-};
-
-/// A message for one session: headers inline, the payload shared by slices (never copied).
-inline ws_server_out_message ws_server_unicast(websocket::opcode op, shared_bytes payload) {
-  ws_server_out_message m;
-  const std::size_t size = payload.size();
-  std::size_t off = 0;
-  do {
-    const std::size_t len = std::min(ws_server_fragment_size, size - off);
-    const bool fin = off + len == size;
-    ws_server_out_frame f;
-    f.head_len = static_cast<std::uint8_t>(
-        websocket::encode_frame_header(std::span<std::byte, 10>(f.head),
-                                       off == 0 ? op : websocket::opcode::continuation, fin, len));
-    f.body = (off == 0 && fin) ? std::move(payload) : payload.slice(off, len);
-    f.more = !fin;
-    m.bytes += f.size();
-    if (off == 0) {
-      m.first = std::move(f);
-    } else {
-      m.rest.push_back(std::move(f));
-    }
-    off += len;
-  } while (off < size);
+/// A data message for the queue: the payload shared, headers encoded while it is written.
+inline ws_server_out_frame ws_server_message(websocket::opcode op, shared_bytes payload) noexcept {
+  ws_server_out_frame m;
+  m.body = std::move(payload);
+  m.op = op;
+  m.lazy = true;
   return m;
 }
 
-/// A broadcast payload encoded once: every frame (header and payload) in one shared buffer;
-/// each recipient queues slices of it.
-struct ws_server_encoded {
-  shared_bytes bytes;
-  std::vector<std::size_t> ends;  // end offset of each frame; empty for a single frame
-  /// The frames for one recipient (reference-count increments only).
-  [[nodiscard]] ws_server_out_message message() const {
-    ws_server_out_message m;
-    m.bytes = bytes.size();
-    if (ends.empty()) {
-      m.first.body = bytes;
-      return m;
-    }
-    std::size_t begin = 0;
-    for (std::size_t i = 0; i < ends.size(); ++i) {
-      ws_server_out_frame f;
-      f.body = bytes.slice(begin, ends[i] - begin);
-      f.more = i + 1 < ends.size();
-      begin = ends[i];
-      if (i == 0) {
-        m.first = std::move(f);
-      } else {
-        m.rest.push_back(std::move(f));
-      }
-    }
-    return m;
-  }
-};
-
-/// Encodes a broadcast payload once (fragmented like ws_server_unicast when large).
-inline ws_server_encoded ws_server_encode(websocket::opcode op,
-                                          std::span<const std::byte> payload) {
-  ws_server_encoded out;
-  if (payload.size() <= ws_server_fragment_size) {
-    out.bytes = websocket::encode_frame(op, payload);
-    return out;
-  }
-  const std::size_t count =
-      (payload.size() + ws_server_fragment_size - 1) / ws_server_fragment_size;
-  out.bytes = shared_bytes::build(payload.size() + count * 10, [&](std::span<std::byte> buf) {
-    std::size_t w = 0;
-    for (std::size_t off = 0; off < payload.size(); off += ws_server_fragment_size) {
-      const std::size_t len = std::min(ws_server_fragment_size, payload.size() - off);
-      const bool fin = off + len == payload.size();
-      std::array<std::byte, 10> head{};
-      const std::size_t n = websocket::encode_frame_header(
-          head, off == 0 ? op : websocket::opcode::continuation, fin, len);
-      std::memcpy(buf.data() + w, head.data(), n);
-      std::memcpy(buf.data() + w + n, payload.data() + off, len);
-      w += n + len;
-      out.ends.push_back(w);
-    }
-  });
-  // The buffer was sized for 10-byte headers; a 64 KiB fragment needs only 4.
-  out.bytes = out.bytes.slice(0, out.ends.back());
-  return out;
-}
-
 /// A session's outbound queue, allocated only while something waits to be written (idle sessions
-/// hold a null pointer) and recycled through a per-worker pool.
+/// hold a null pointer) and recycled through a per-worker pool. Writes are synchronous and
+/// non-blocking (see ws_server_session::pump), so nothing is "in flight": a frame is either
+/// queued, written, or the one `partial` frame a full socket buffer cut in the middle.
 struct ws_server_out_queue {
-  static constexpr std::size_t max_batch = 16;              // frames per gather write
-  static constexpr std::size_t batch_bytes = 256u * 1024u;  // stop adding frames past this
   std::vector<ws_server_out_frame> control;  // FIFO; jumps ahead of data at frame boundaries
   std::vector<ws_server_out_frame> data;     // FIFO from data_head
   std::size_t data_head = 0;
-  std::array<ws_server_out_frame, max_batch> inflight;  // the frames of the write in flight
-  std::uint8_t in_begin = 0, in_end = 0;
-  std::size_t offset = 0;    // bytes of inflight[in_begin] already written
-  bool mid_message = false;  // the last data frame handed to a write was not its message's last
-  std::array<asio::const_buffer, 2 * max_batch> bufs;
+  ws_server_out_frame partial;  // written up to `offset`; goes first in the next write
+  std::size_t offset = 0;
+  bool has_partial = false;
+  bool mid_message = false;  // the last data frame a write started was not its message's last
 
   [[nodiscard]] bool data_empty() const noexcept { return data_head == data.size(); }
   [[nodiscard]] bool empty() const noexcept {
-    return control.empty() && data_empty() && in_begin == in_end;
+    return control.empty() && data_empty() && !has_partial;
   }
   void clear() noexcept {
     control.clear();
     data.clear();
     data_head = 0;
-    // Frames outside [in_begin, in_end) are already empty (on_written resets each one written);
-    // the queue is recycled after every drained write, so do not touch all max_batch slots.
-    for (std::size_t i = in_begin; i < in_end; ++i) inflight[i] = {};
-    in_begin = in_end = 0;
+    partial = {};
     offset = 0;
+    has_partial = false;
     mid_message = false;
   }
 };
 
-/// A view of part of `ws_server_out_queue::bufs`, as the buffer sequence of one gather write.
+/// A view of part of a worker's iovec array, as the buffer sequence of one gather write.
 struct ws_server_buffer_list {
   using value_type = asio::const_buffer;
   using const_iterator = const asio::const_buffer*;
@@ -4464,6 +4405,81 @@ struct ws_server_buffer_list {
   const asio::const_buffer* last;
   [[nodiscard]] const_iterator begin() const noexcept { return first; }
   [[nodiscard]] const_iterator end() const noexcept { return last; }
+};
+
+/// One gather write being assembled on a worker thread: small pieces (frame headers, small
+/// payloads) are copied into one contiguous scratch run, so a burst of 64-byte replies is one
+/// iovec instead of two per frame; large payloads are referenced where they are (never copied).
+/// The write is synchronous, so the scratch is free again when the write returns.
+struct ws_server_gather {
+  static constexpr std::size_t max_iov = 64;                // Asio's limit per gather write
+  static constexpr std::size_t scratch_size = 16u * 1024u;  // copied bytes per write
+  static constexpr std::size_t copy_limit = 512;            // larger pieces are referenced
+  static constexpr std::size_t max_bytes = 256u * 1024u;    // stop adding frames past this
+
+  std::array<asio::const_buffer, max_iov> iov;
+  std::unique_ptr<std::byte[]> scratch{new std::byte[scratch_size]};
+  std::size_t count = 0;  // iovecs used
+  std::size_t used = 0;   // scratch bytes used
+  std::size_t bytes = 0;  // total bytes in the write
+  bool run_open = false;  // iov[count - 1] is the scratch run and may grow
+
+  void reset() noexcept { count = used = bytes = 0, run_open = false; }
+  /// Adds one frame from byte `skip` (a lazy message: as many of its frames as fit); false when
+  /// not all of it fits, so that the caller adds nothing after it.
+  bool add(const ws_server_out_frame& f, std::size_t skip) noexcept {
+    if (f.lazy) return add_message(f);
+    if (count + 2 > max_iov || (bytes > 0 && bytes + f.size() - skip > max_bytes)) return false;
+    if (skip < f.head_len) {
+      piece(f.head.data() + skip, f.head_len - skip);
+      skip = 0;
+    } else {
+      skip -= f.head_len;
+    }
+    if (skip < f.body.size()) piece(f.body.data() + skip, f.body.size() - skip);
+    return true;
+  }
+  [[nodiscard]] ws_server_buffer_list buffers() const noexcept {
+    return {iov.data(), iov.data() + count};
+  }
+
+ private:
+  bool add_message(const ws_server_out_frame& m) noexcept {
+    const std::size_t total = m.body.size();
+    std::size_t off = 0;
+    websocket::opcode op = m.op;
+    do {
+      const std::size_t len = std::min(ws_server_fragment_size, total - off);
+      const bool fin = off + len == total;
+      // The header is encoded here, so it must land in the scratch run.
+      if (count + 2 > max_iov || used + 10 > scratch_size ||
+          (bytes > 0 && bytes + ws_server_header_size(len) + len > max_bytes)) {
+        return false;
+      }
+      std::array<std::byte, 10> head;
+      piece(head.data(), websocket::encode_frame_header(head, op, fin, len));
+      if (len > 0) piece(m.body.data() + off, len);
+      off += len;
+      op = websocket::opcode::continuation;
+    } while (off < total);
+    return true;
+  }
+  void piece(const std::byte* p, std::size_t n) noexcept {
+    bytes += n;
+    if (n <= copy_limit && used + n <= scratch_size) {
+      std::memcpy(scratch.get() + used, p, n);
+      if (run_open) {
+        iov[count - 1] = asio::const_buffer(iov[count - 1].data(), iov[count - 1].size() + n);
+      } else {
+        iov[count++] = asio::const_buffer(scratch.get() + used, n);
+        run_open = true;
+      }
+      used += n;
+      return;
+    }
+    iov[count++] = asio::const_buffer(p, n);
+    run_open = false;
+  }
 };
 
 /// The allocator Asio uses for a session's read-wait operation (see ws_server_block_pool).
@@ -4525,6 +4541,7 @@ struct ws_server_worker {
   std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
   std::vector<std::unique_ptr<ws_server_out_queue>> queue_pool;
   std::vector<ws_server_session_ref> scratch;  // tick and stop snapshots
+  ws_server_gather gather;                     // the write being assembled (pump)
 
   [[nodiscard]] std::span<std::byte> buffer() const noexcept {
     return {read_buffer.get(), read_buffer_size};
@@ -4658,25 +4675,20 @@ class ws_server_session {
   }
 
   /// Queues one data message whose bytes were reserved. On the session's thread.
-  void enqueue_data(ws_server_out_message m) {
+  void enqueue_data(ws_server_out_frame m) {
     if (phase() != phase_t::open) {
-      unreserve(m.bytes);
+      unreserve(m.size());
       return;
     }
     auto& q = queue();
-    q.data.push_back(std::move(m.first));
-    for (auto& f : m.rest) q.data.push_back(std::move(f));
+    q.data.push_back(std::move(m));
     const auto& bp = core().options.backpressure;
     if (bp.on_overflow == overflow_action::drop_oldest) {
       // Drop the oldest whole messages no write has started; the newest one always stays.
-      while (buffered() > bp.max_buffered_bytes && !q.mid_message) {
-        std::size_t last = q.data_head;  // the oldest message's last frame
-        while (last < q.data.size() && q.data[last].more) ++last;
-        if (last + 1 >= q.data.size()) break;
-        for (; q.data_head <= last; ++q.data_head) {
-          unreserve(q.data[q.data_head].size());
-          q.data[q.data_head] = {};
-        }
+      while (buffered() > bp.max_buffered_bytes && !q.mid_message &&
+             q.data_head + 1 < q.data.size()) {
+        unreserve(q.data[q.data_head].size());
+        q.data[q.data_head++] = {};
       }
     }
     pump();
@@ -4953,7 +4965,8 @@ class ws_server_session {
 
   // ---- write path -------------------------------------------------------------------------
   void pump();
-  void on_written(const std::error_code& ec, std::size_t n);
+  void consume(ws_server_out_queue& q, std::size_t n);
+  void wait_writable();
   void on_drained() {
     if (q_) worker().give_queue(std::move(q_));
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
@@ -5142,8 +5155,8 @@ inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) 
   auto& o = core().options;
   const std::string text = o.error_text ? o.error_text(ec) : websocket::default_error_text(ec);
   auto reply =
-      ws_server_unicast(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
-  if (!reserve(reply.bytes)) return;  // over the limit: the reply is the first thing to go
+      ws_server_message(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
+  if (!reserve(reply.size())) return;  // over the limit: the reply is the first thing to go
   enqueue_data(std::move(reply));
 }
 
@@ -5163,88 +5176,132 @@ inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_vie
   pump();
 }
 
+// Writes are synchronous and non-blocking: one gather write (sendmsg) of what is queued, straight
+// from the session's thread; only when the socket buffer is full does the session wait for
+// writability. No write operation is allocated or completed through the io_context per write.
 inline void ws_server_session::pump() {
   if (writing_ || reading_ || phase() == phase_t::done) return;
-  if (!q_) {
-    on_drained();
-    return;
-  }
-  auto& q = *q_;
-  if (q.in_begin == q.in_end) {
-    q.in_begin = q.in_end = 0;
-    q.offset = 0;
-    std::size_t n = 0, bytes = 0;
-    // Control frames first: they never wait behind queued data, only behind a frame that is
-    // already partly written (a batch is always written to its end before the next one).
-    std::size_t c = 0;
-    for (; c < q.control.size() && n < q.max_batch; ++c) {
-      bytes += q.control[c].size();
-      q.inflight[n++] = std::move(q.control[c]);
-    }
-    q.control.erase(q.control.begin(), q.control.begin() + static_cast<std::ptrdiff_t>(c));
-    while (!q.data_empty() && n < q.max_batch && (n == 0 || bytes < q.batch_bytes)) {
-      bytes += q.data[q.data_head].size();
-      q.mid_message = q.data[q.data_head].more;
-      q.inflight[n++] = std::move(q.data[q.data_head++]);
-    }
-    if (q.data_empty()) {
-      q.data.clear();
-      q.data_head = 0;
-    } else if (q.data_head > 64 && q.data_head * 2 > q.data.size()) {
-      q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
-      q.data_head = 0;
-    }
-    q.in_end = static_cast<std::uint8_t>(n);
-    if (n == 0) {
+  auto& g = worker().gather;
+  // A few writes per turn (up to 1 MiB), then let the other sessions of this thread run.
+  for (int round = 0; round < 4; ++round) {
+    if (!q_ || q_->empty()) {
       on_drained();
       return;
     }
-  }
-  std::size_t nb = 0;
-  std::size_t skip = q.offset;
-  for (std::size_t i = q.in_begin; i < q.in_end; ++i) {
-    const auto& f = q.inflight[i];
-    if (skip < f.head_len) {
-      q.bufs[nb++] = asio::const_buffer(f.head.data() + skip, f.head_len - skip);
-      skip = 0;
-    } else {
-      skip -= f.head_len;
+    auto& q = *q_;
+    // Order on the wire: the frame a full buffer cut, control frames, then data frames.
+    g.reset();
+    bool fits = !q.has_partial || g.add(q.partial, q.offset);
+    for (std::size_t i = 0; fits && i < q.control.size(); ++i) fits = g.add(q.control[i], 0);
+    for (std::size_t i = q.data_head; fits && i < q.data.size(); ++i) fits = g.add(q.data[i], 0);
+    std::error_code ec;
+    const std::size_t n = socket_.write_some(g.buffers(), ec);
+    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      finish(close_code::abnormal);
+      return;
     }
-    if (skip < f.body.size()) {
-      q.bufs[nb++] = asio::const_buffer(f.body.data() + skip, f.body.size() - skip);
+    const std::size_t written = ec ? 0 : n;
+    consume(q, written);
+    if (written < g.bytes) {
+      wait_writable();
+      return;
     }
-    skip = 0;
   }
-  writing_ = true;
-  socket_.async_write_some(
-      ws_server_buffer_list{q.bufs.data(), q.bufs.data() + nb},
-      [self = ws_server_session_ref(this)](const std::error_code& ec, std::size_t n) {
-        self->on_written(ec, n);
-      });
-}
-
-inline void ws_server_session::on_written(const std::error_code& ec, std::size_t n) {
-  writing_ = false;
-  if (phase() == phase_t::done) return;
-  if (ec) {
-    finish(close_code::abnormal);
+  if (!q_ || q_->empty()) {
+    on_drained();
     return;
   }
-  auto& q = *q_;
-  while (n > 0 && q.in_begin < q.in_end) {
-    auto& f = q.inflight[q.in_begin];
-    const std::size_t rest = f.size() - q.offset;
-    if (n < rest) {
-      q.offset += n;
-      break;
-    }
-    n -= rest;
+  writing_ = true;
+  asio::post(socket_.get_executor(), [self = ws_server_session_ref(this)] {
+    self->writing_ = false;
+    self->pump();
+  });
+}
+
+inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
+  // Frames leave the queue in the order pump() wrote them; the one cut short becomes `partial`.
+  auto done = [&](ws_server_out_frame& f) {
     if (f.kind == ws_server_out_frame::data) unreserve(f.size());
     f = {};
-    ++q.in_begin;
+  };
+  if (q.has_partial) {
+    const std::size_t rest = q.partial.size() - q.offset;
+    if (n < rest) {
+      q.offset += n;
+      return;
+    }
+    n -= rest;
+    done(q.partial);
+    q.has_partial = false;
     q.offset = 0;
   }
-  pump();
+  std::size_t c = 0;
+  for (; c < q.control.size() && n > 0; ++c) {
+    auto& f = q.control[c];
+    if (n < f.size()) {
+      q.partial = std::move(f);
+      q.offset = n;
+      q.has_partial = true;
+      n = 0;
+    } else {
+      n -= f.size();
+      done(f);
+    }
+  }
+  q.control.erase(q.control.begin(), q.control.begin() + static_cast<std::ptrdiff_t>(c));
+  // Data entries are lazy messages: walk their frames as pump() encoded them.
+  while (!q.data_empty() && n > 0) {
+    auto& m = q.data[q.data_head];
+    const std::size_t left = m.body.size();
+    const std::size_t len = std::min(ws_server_fragment_size, left);
+    const bool fin = len == left;
+    const std::size_t frame = ws_server_header_size(len) + len;
+    q.mid_message = !fin;
+    if (n < frame) {
+      // Cut in the middle: this frame becomes literal bytes, the message keeps the rest.
+      auto& p = q.partial;
+      p.head_len =
+          static_cast<std::uint8_t>(websocket::encode_frame_header(p.head, m.op, fin, len));
+      p.body = fin ? std::move(m.body) : m.body.slice(0, len);
+      p.kind = ws_server_out_frame::data;
+      p.lazy = false;
+      p.more = !fin;
+      q.offset = n;
+      q.has_partial = true;
+      n = 0;
+    } else {
+      n -= frame;
+      unreserve(frame);
+    }
+    if (fin) {
+      m = {};
+      ++q.data_head;
+    } else {
+      m.body = m.body.slice(len, left - len);
+      m.op = websocket::opcode::continuation;
+    }
+  }
+  if (q.data_empty()) {
+    q.data.clear();
+    q.data_head = 0;
+  } else if (q.data_head > 64 && q.data_head * 2 > q.data.size()) {
+    q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
+    q.data_head = 0;
+  }
+}
+
+inline void ws_server_session::wait_writable() {
+  writing_ = true;
+  socket_.async_wait(asio::socket_base::wait_write,
+                     [self = ws_server_session_ref(this)](const std::error_code& ec) {
+                       self->writing_ = false;
+                       if (self->phase() == phase_t::done) return;
+                       if (ec) {
+                         self->finish(close_code::abnormal);
+                         return;
+                       }
+                       self->pump();
+                     });
 }
 
 // ---- worker ------------------------------------------------------------------------------------
@@ -5447,8 +5504,8 @@ class server {
     if (const auto cur = detail::ws_server_current;
         cur.core == core_.get() && cur.session->id() == id) {
       if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-      auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
-      if (!cur.session->reserve(m.bytes)) {
+      auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
+      if (!cur.session->reserve(m.size())) {
         overflow(detail::ws_server_session_ref(cur.session));
         return errc::backpressure;
       }
@@ -5458,9 +5515,10 @@ class server {
     auto s = find(id);
     if (!s) return errc::unknown_session;
     if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-    // Headers inline, payload shared (messages over 64 KiB go as fragments of slices of it).
-    auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
-    if (!s->reserve(m.bytes)) {
+    // The payload is shared, never copied; headers are encoded as it is written (messages over
+    // 64 KiB go as fragments).
+    auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
+    if (!s->reserve(m.size())) {
       overflow(s);
       return errc::backpressure;
     }
@@ -5474,15 +5532,14 @@ class server {
     return {};
   }
 
-  /// Queues one payload to many sessions: the frame is encoded once and every recipient's queue
-  /// shares that buffer (server frames are unmasked, so one buffer serves all); one task per
-  /// worker thread, not per recipient. Returns how many
+  /// Queues one payload to many sessions: every recipient's queue shares the one payload buffer
+  /// (server frames are unmasked, so the same bytes serve all; headers are encoded as each
+  /// session writes); one task per worker thread, not per recipient. Returns how many
   /// sessions it was queued to (unknown, closing and over-limit sessions are skipped).
   std::size_t broadcast(std::span<const session_id> ids, payload_kind kind, shared_bytes payload) {
     if (ids.empty() || state_ != state_t::running) return 0;
-    // Encoded once (one buffer, fragmented when over 64 KiB); recipients share it by reference.
-    const auto frame = std::make_shared<const detail::ws_server_encoded>(
-        detail::ws_server_encode(opcode_of(kind), payload.bytes()));
+    const websocket::opcode op = opcode_of(kind);
+    const std::size_t wire = detail::ws_server_wire_size(payload.size());
     std::vector<std::vector<session_id>> by_worker(workers_.size());
     for (const session_id id : ids) {
       const std::size_t w = id & 0xFF;
@@ -5501,7 +5558,7 @@ class server {
           auto s = w.find_locked(id);
           if (!s) continue;
           if (s->phase() != detail::ws_server_session::phase_t::open) continue;
-          if (s->reserve(frame->bytes.size())) {
+          if (s->reserve(wire)) {
             targets.push_back(s);
           } else {
             over.push_back(s);
@@ -5511,8 +5568,8 @@ class server {
       for (auto& s : over) overflow(s);
       queued += targets.size();
       if (targets.empty()) continue;
-      auto task = [targets = std::move(targets), frame]() mutable {
-        for (auto& s : targets) s->enqueue_data(frame->message());
+      auto task = [targets = std::move(targets), op, payload]() mutable {
+        for (auto& s : targets) s->enqueue_data(detail::ws_server_message(op, payload));
       };
       if (w.on_this_thread()) {
         task();

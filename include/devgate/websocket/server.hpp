@@ -154,8 +154,8 @@ class server {
     if (const auto cur = detail::ws_server_current;
         cur.core == core_.get() && cur.session->id() == id) {
       if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-      auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
-      if (!cur.session->reserve(m.bytes)) {
+      auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
+      if (!cur.session->reserve(m.size())) {
         overflow(detail::ws_server_session_ref(cur.session));
         return errc::backpressure;
       }
@@ -165,9 +165,10 @@ class server {
     auto s = find(id);
     if (!s) return errc::unknown_session;
     if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-    // Headers inline, payload shared (messages over 64 KiB go as fragments of slices of it).
-    auto m = detail::ws_server_unicast(opcode_of(kind), std::move(payload));
-    if (!s->reserve(m.bytes)) {
+    // The payload is shared, never copied; headers are encoded as it is written (messages over
+    // 64 KiB go as fragments).
+    auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
+    if (!s->reserve(m.size())) {
       overflow(s);
       return errc::backpressure;
     }
@@ -181,15 +182,14 @@ class server {
     return {};
   }
 
-  /// Queues one payload to many sessions: the frame is encoded once and every recipient's queue
-  /// shares that buffer (server frames are unmasked, so one buffer serves all); one task per
-  /// worker thread, not per recipient. Returns how many
+  /// Queues one payload to many sessions: every recipient's queue shares the one payload buffer
+  /// (server frames are unmasked, so the same bytes serve all; headers are encoded as each
+  /// session writes); one task per worker thread, not per recipient. Returns how many
   /// sessions it was queued to (unknown, closing and over-limit sessions are skipped).
   std::size_t broadcast(std::span<const session_id> ids, payload_kind kind, shared_bytes payload) {
     if (ids.empty() || state_ != state_t::running) return 0;
-    // Encoded once (one buffer, fragmented when over 64 KiB); recipients share it by reference.
-    const auto frame = std::make_shared<const detail::ws_server_encoded>(
-        detail::ws_server_encode(opcode_of(kind), payload.bytes()));
+    const websocket::opcode op = opcode_of(kind);
+    const std::size_t wire = detail::ws_server_wire_size(payload.size());
     std::vector<std::vector<session_id>> by_worker(workers_.size());
     for (const session_id id : ids) {
       const std::size_t w = id & 0xFF;
@@ -208,7 +208,7 @@ class server {
           auto s = w.find_locked(id);
           if (!s) continue;
           if (s->phase() != detail::ws_server_session::phase_t::open) continue;
-          if (s->reserve(frame->bytes.size())) {
+          if (s->reserve(wire)) {
             targets.push_back(s);
           } else {
             over.push_back(s);
@@ -218,8 +218,8 @@ class server {
       for (auto& s : over) overflow(s);
       queued += targets.size();
       if (targets.empty()) continue;
-      auto task = [targets = std::move(targets), frame]() mutable {
-        for (auto& s : targets) s->enqueue_data(frame->message());
+      auto task = [targets = std::move(targets), op, payload]() mutable {
+        for (auto& s : targets) s->enqueue_data(detail::ws_server_message(op, payload));
       };
       if (w.on_this_thread()) {
         task();
