@@ -1060,8 +1060,10 @@ inline void ws_server_session::pump() {
 
 inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
   // Frames leave the queue in the order pump() wrote them; the one cut short becomes `partial`.
+  // The data bytes written are given back to `buffered_` once, not per frame.
+  std::size_t released = 0;
   auto done = [&](ws_server_out_frame& f) {
-    if (f.kind == ws_server_out_frame::data) unreserve(f.size());
+    if (f.kind == ws_server_out_frame::data) released += f.size();
     f = {};
   };
   if (q.has_partial) {
@@ -1111,7 +1113,7 @@ inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
       n = 0;
     } else {
       n -= frame;
-      unreserve(frame);
+      released += frame;
     }
     if (fin) {
       m = {};
@@ -1128,6 +1130,7 @@ inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
     q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
     q.data_head = 0;
   }
+  if (released > 0) unreserve(released);
 }
 
 inline void ws_server_session::wait_writable() {
