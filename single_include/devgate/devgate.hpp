@@ -4030,6 +4030,9 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 // ---- begin devgate/websocket/server.hpp ----
 
 #include <asio.hpp>
+#if defined(__linux__)
+#include <netinet/tcp.h>  // TCP_DEFER_ACCEPT
+#endif
 
 #include <algorithm>     // std::clamp, std::min
 #include <atomic>        // run state
@@ -4054,10 +4057,15 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 // are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
 
 #include <asio.hpp>
+#if !defined(_WIN32)
+#include <sys/socket.h>  // recv, sendmsg, MSG_DONTWAIT
+#include <sys/uio.h>     // iovec
+#endif
 
 #include <algorithm>     // std::min
 #include <array>         // write batches
 #include <atomic>        // cross-thread counters
+#include <cerrno>        // errno of recv and sendmsg
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
 #include <cstring>       // memcpy of encoded fragments
@@ -4156,6 +4164,11 @@ struct server_options {
   unsigned threads = 0;
   /// listen() backlog: connections the kernel queues before accept.
   int backlog = 1024;
+  /// Accept a connection only once its first bytes (the HTTP request) have arrived (Linux
+  /// TCP_DEFER_ACCEPT, 1 s; ignored elsewhere): the session reads the request at once instead of
+  /// waiting for it, and a connection that sends nothing costs the server nothing for that
+  /// second (the kernel then hands it over anyway, and `handshake_timeout` applies).
+  bool defer_accept = true;
   /// Limits of the HTTP request before the upgrade (431 past them, 400 when malformed).
   http_limits http{};
   /// Limits of incoming WebSocket messages (1009 past max_message_size).
@@ -4501,6 +4514,65 @@ struct ws_server_op_allocator {
 /// The socket type: an io_context executor (8 bytes) instead of any_io_executor.
 using ws_server_socket = asio::basic_stream_socket<asio::ip::tcp, asio::io_context::executor_type>;
 
+// Reads and writes that never wait, without switching each socket to non-blocking mode (an
+// ioctl per connection): MSG_DONTWAIT per call where the platform has it, Asio's non-blocking
+// mode elsewhere (set in ws_server_worker::adopt).
+#if defined(MSG_DONTWAIT) && defined(MSG_NOSIGNAL)
+#define DEVGATE_WS_DONTWAIT 1
+#else
+#define DEVGATE_WS_DONTWAIT 0
+#endif
+
+/// Reads what has arrived into `buf`; would_block when nothing has, eof when the peer closed.
+inline std::size_t ws_server_read_now(ws_server_socket& s, std::span<std::byte> buf,
+                                      std::error_code& ec) {
+#if DEVGATE_WS_DONTWAIT
+  for (;;) {
+    const ssize_t r = ::recv(s.native_handle(), buf.data(), buf.size(), MSG_DONTWAIT);
+    if (r > 0) {
+      ec = {};
+      return static_cast<std::size_t>(r);
+    }
+    if (r == 0) {
+      ec = asio::error::eof;
+      return 0;
+    }
+    if (errno == EINTR) continue;
+    ec = std::error_code(errno, asio::error::get_system_category());
+    return 0;
+  }
+#else
+  return s.read_some(asio::buffer(buf.data(), buf.size()), ec);
+#endif
+}
+
+/// Writes as much of `g` as the socket buffer takes, in one gather write; would_block when full.
+inline std::size_t ws_server_write_now(ws_server_socket& s, const ws_server_gather& g,
+                                       std::error_code& ec) {
+#if DEVGATE_WS_DONTWAIT
+  std::array<iovec, ws_server_gather::max_iov> iov;
+  for (std::size_t i = 0; i < g.count; ++i) {
+    iov[i].iov_base = const_cast<void*>(g.iov[i].data());
+    iov[i].iov_len = g.iov[i].size();
+  }
+  msghdr msg{};
+  msg.msg_iov = iov.data();
+  msg.msg_iovlen = g.count;
+  for (;;) {
+    const ssize_t r = ::sendmsg(s.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (r >= 0) {
+      ec = {};
+      return static_cast<std::size_t>(r);
+    }
+    if (errno == EINTR) continue;
+    ec = std::error_code(errno, asio::error::get_system_category());
+    return 0;
+  }
+#else
+  return s.write_some(g.buffers(), ec);
+#endif
+}
+
 /// A worker's io_context, which also leads back to its worker: a session finds its worker
 /// through its socket's executor instead of keeping a pointer.
 struct ws_server_context : asio::io_context {
@@ -4650,7 +4722,9 @@ class ws_server_session {
     const std::uint32_t now = core().now_ms();
     deadline_ = now + core().ms(core().options.handshake_timeout);
     last_rx_ = now;
-    arm_read();
+    // Read at once: the request is usually there already (always with defer_accept), which
+    // saves a readiness wait and its epoll_ctl; when it is not, this arms the wait.
+    on_readable({});
   }
 
   /// Reserves room for `bytes` of data from any thread; false means "over the limit" (the
@@ -4814,7 +4888,7 @@ class ws_server_session {
     // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
     for (int round = 0; round < 4; ++round) {
       std::error_code rec;
-      const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
+      const std::size_t n = ws_server_read_now(socket_, buf, rec);
       if (rec == asio::error::would_block || rec == asio::error::try_again) break;
       if (rec) {
         reading_ = false;
@@ -5195,7 +5269,7 @@ inline void ws_server_session::pump() {
     for (std::size_t i = 0; fits && i < q.control.size(); ++i) fits = g.add(q.control[i], 0);
     for (std::size_t i = q.data_head; fits && i < q.data.size(); ++i) fits = g.add(q.data[i], 0);
     std::error_code ec;
-    const std::size_t n = socket_.write_some(g.buffers(), ec);
+    const std::size_t n = ws_server_write_now(socket_, g, ec);
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       finish(close_code::abnormal);
       return;
@@ -5220,8 +5294,10 @@ inline void ws_server_session::pump() {
 
 inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
   // Frames leave the queue in the order pump() wrote them; the one cut short becomes `partial`.
+  // The data bytes written are given back to `buffered_` once, not per frame.
+  std::size_t released = 0;
   auto done = [&](ws_server_out_frame& f) {
-    if (f.kind == ws_server_out_frame::data) unreserve(f.size());
+    if (f.kind == ws_server_out_frame::data) released += f.size();
     f = {};
   };
   if (q.has_partial) {
@@ -5271,7 +5347,7 @@ inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
       n = 0;
     } else {
       n -= frame;
-      unreserve(frame);
+      released += frame;
     }
     if (fin) {
       m = {};
@@ -5288,6 +5364,7 @@ inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
     q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
     q.data_head = 0;
   }
+  if (released > 0) unreserve(released);
 }
 
 inline void ws_server_session::wait_writable() {
@@ -5314,9 +5391,13 @@ inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const 
 
 inline void ws_server_worker::adopt(ws_server_socket socket) {
   std::error_code ec;
+#if !DEVGATE_WS_DONTWAIT
   socket.non_blocking(true, ec);
   if (ec) return;
-  socket.set_option(asio::ip::tcp::no_delay(true), ec);
+#endif
+#if !defined(__linux__)
+  socket.set_option(asio::ip::tcp::no_delay(true), ec);  // Linux: inherited from the listener
+#endif
   std::uint32_t slot = 0;
   {
     std::lock_guard lock(mutex);
@@ -5436,7 +5517,13 @@ class server {
     acceptor_->open(endpoint.protocol(), ec);
     if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) acceptor_->bind(endpoint, ec);
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux (one setsockopt saved per
+    // connection); elsewhere adopt() sets it on each.
+    if (!ec) acceptor_->set_option(asio::ip::tcp::no_delay(true), ec);
     if (!ec) acceptor_->listen(o.backlog, ec);
+#if defined(TCP_DEFER_ACCEPT)
+    if (!ec && o.defer_accept) acceptor_->set_option(defer_accept_option{1}, ec);
+#endif
     if (!ec) port_ = acceptor_->local_endpoint(ec).port();
     if (ec) {
       acceptor_.reset();
@@ -5639,6 +5726,29 @@ class server {
       asio::post(w.ioc, [s, code] { s->start_close(code, "outbound buffer full"); });
     }
   }
+
+#if defined(TCP_DEFER_ACCEPT)
+  // TCP_DEFER_ACCEPT (seconds) as an Asio SettableSocketOption.
+  struct defer_accept_option {
+    int seconds;
+    template <class Protocol>
+    [[nodiscard]] int level(const Protocol&) const noexcept {
+      return IPPROTO_TCP;
+    }
+    template <class Protocol>
+    [[nodiscard]] int name(const Protocol&) const noexcept {
+      return TCP_DEFER_ACCEPT;
+    }
+    template <class Protocol>
+    [[nodiscard]] const int* data(const Protocol&) const noexcept {
+      return &seconds;
+    }
+    template <class Protocol>
+    [[nodiscard]] std::size_t size(const Protocol&) const noexcept {
+      return sizeof seconds;
+    }
+  };
+#endif
 
   void accept_next() {
     auto& target = *workers_[next_worker_++ % workers_.size()];

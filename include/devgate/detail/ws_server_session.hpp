@@ -5,10 +5,15 @@
 // are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
 
 #include <asio.hpp>
+#if !defined(_WIN32)
+#include <sys/socket.h>  // recv, sendmsg, MSG_DONTWAIT
+#include <sys/uio.h>     // iovec
+#endif
 
 #include <algorithm>     // std::min
 #include <array>         // write batches
 #include <atomic>        // cross-thread counters
+#include <cerrno>        // errno of recv and sendmsg
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
 #include <cstring>       // memcpy of encoded fragments
@@ -341,6 +346,65 @@ struct ws_server_op_allocator {
 /// The socket type: an io_context executor (8 bytes) instead of any_io_executor.
 using ws_server_socket = asio::basic_stream_socket<asio::ip::tcp, asio::io_context::executor_type>;
 
+// Reads and writes that never wait, without switching each socket to non-blocking mode (an
+// ioctl per connection): MSG_DONTWAIT per call where the platform has it, Asio's non-blocking
+// mode elsewhere (set in ws_server_worker::adopt).
+#if defined(MSG_DONTWAIT) && defined(MSG_NOSIGNAL)
+#define DEVGATE_WS_DONTWAIT 1
+#else
+#define DEVGATE_WS_DONTWAIT 0
+#endif
+
+/// Reads what has arrived into `buf`; would_block when nothing has, eof when the peer closed.
+inline std::size_t ws_server_read_now(ws_server_socket& s, std::span<std::byte> buf,
+                                      std::error_code& ec) {
+#if DEVGATE_WS_DONTWAIT
+  for (;;) {
+    const ssize_t r = ::recv(s.native_handle(), buf.data(), buf.size(), MSG_DONTWAIT);
+    if (r > 0) {
+      ec = {};
+      return static_cast<std::size_t>(r);
+    }
+    if (r == 0) {
+      ec = asio::error::eof;
+      return 0;
+    }
+    if (errno == EINTR) continue;
+    ec = std::error_code(errno, asio::error::get_system_category());
+    return 0;
+  }
+#else
+  return s.read_some(asio::buffer(buf.data(), buf.size()), ec);
+#endif
+}
+
+/// Writes as much of `g` as the socket buffer takes, in one gather write; would_block when full.
+inline std::size_t ws_server_write_now(ws_server_socket& s, const ws_server_gather& g,
+                                       std::error_code& ec) {
+#if DEVGATE_WS_DONTWAIT
+  std::array<iovec, ws_server_gather::max_iov> iov;
+  for (std::size_t i = 0; i < g.count; ++i) {
+    iov[i].iov_base = const_cast<void*>(g.iov[i].data());
+    iov[i].iov_len = g.iov[i].size();
+  }
+  msghdr msg{};
+  msg.msg_iov = iov.data();
+  msg.msg_iovlen = g.count;
+  for (;;) {
+    const ssize_t r = ::sendmsg(s.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (r >= 0) {
+      ec = {};
+      return static_cast<std::size_t>(r);
+    }
+    if (errno == EINTR) continue;
+    ec = std::error_code(errno, asio::error::get_system_category());
+    return 0;
+  }
+#else
+  return s.write_some(g.buffers(), ec);
+#endif
+}
+
 /// A worker's io_context, which also leads back to its worker: a session finds its worker
 /// through its socket's executor instead of keeping a pointer.
 struct ws_server_context : asio::io_context {
@@ -490,7 +554,9 @@ class ws_server_session {
     const std::uint32_t now = core().now_ms();
     deadline_ = now + core().ms(core().options.handshake_timeout);
     last_rx_ = now;
-    arm_read();
+    // Read at once: the request is usually there already (always with defer_accept), which
+    // saves a readiness wait and its epoll_ctl; when it is not, this arms the wait.
+    on_readable({});
   }
 
   /// Reserves room for `bytes` of data from any thread; false means "over the limit" (the
@@ -654,7 +720,7 @@ class ws_server_session {
     // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
     for (int round = 0; round < 4; ++round) {
       std::error_code rec;
-      const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
+      const std::size_t n = ws_server_read_now(socket_, buf, rec);
       if (rec == asio::error::would_block || rec == asio::error::try_again) break;
       if (rec) {
         reading_ = false;
@@ -1035,7 +1101,7 @@ inline void ws_server_session::pump() {
     for (std::size_t i = 0; fits && i < q.control.size(); ++i) fits = g.add(q.control[i], 0);
     for (std::size_t i = q.data_head; fits && i < q.data.size(); ++i) fits = g.add(q.data[i], 0);
     std::error_code ec;
-    const std::size_t n = socket_.write_some(g.buffers(), ec);
+    const std::size_t n = ws_server_write_now(socket_, g, ec);
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       finish(close_code::abnormal);
       return;
@@ -1157,9 +1223,13 @@ inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const 
 
 inline void ws_server_worker::adopt(ws_server_socket socket) {
   std::error_code ec;
+#if !DEVGATE_WS_DONTWAIT
   socket.non_blocking(true, ec);
   if (ec) return;
-  socket.set_option(asio::ip::tcp::no_delay(true), ec);
+#endif
+#if !defined(__linux__)
+  socket.set_option(asio::ip::tcp::no_delay(true), ec);  // Linux: inherited from the listener
+#endif
   std::uint32_t slot = 0;
   {
     std::lock_guard lock(mutex);

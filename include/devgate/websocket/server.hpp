@@ -1,6 +1,9 @@
 #pragma once
 
 #include <asio.hpp>
+#if defined(__linux__)
+#include <netinet/tcp.h>  // TCP_DEFER_ACCEPT
+#endif
 
 #include <algorithm>     // std::clamp, std::min
 #include <atomic>        // run state
@@ -86,7 +89,13 @@ class server {
     acceptor_->open(endpoint.protocol(), ec);
     if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) acceptor_->bind(endpoint, ec);
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux (one setsockopt saved per
+    // connection); elsewhere adopt() sets it on each.
+    if (!ec) acceptor_->set_option(asio::ip::tcp::no_delay(true), ec);
     if (!ec) acceptor_->listen(o.backlog, ec);
+#if defined(TCP_DEFER_ACCEPT)
+    if (!ec && o.defer_accept) acceptor_->set_option(defer_accept_option{1}, ec);
+#endif
     if (!ec) port_ = acceptor_->local_endpoint(ec).port();
     if (ec) {
       acceptor_.reset();
@@ -289,6 +298,29 @@ class server {
       asio::post(w.ioc, [s, code] { s->start_close(code, "outbound buffer full"); });
     }
   }
+
+#if defined(TCP_DEFER_ACCEPT)
+  // TCP_DEFER_ACCEPT (seconds) as an Asio SettableSocketOption.
+  struct defer_accept_option {
+    int seconds;
+    template <class Protocol>
+    [[nodiscard]] int level(const Protocol&) const noexcept {
+      return IPPROTO_TCP;
+    }
+    template <class Protocol>
+    [[nodiscard]] int name(const Protocol&) const noexcept {
+      return TCP_DEFER_ACCEPT;
+    }
+    template <class Protocol>
+    [[nodiscard]] const int* data(const Protocol&) const noexcept {
+      return &seconds;
+    }
+    template <class Protocol>
+    [[nodiscard]] std::size_t size(const Protocol&) const noexcept {
+      return sizeof seconds;
+    }
+  };
+#endif
 
   void accept_next() {
     auto& target = *workers_[next_worker_++ % workers_.size()];

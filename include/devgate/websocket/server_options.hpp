@@ -85,6 +85,11 @@ struct server_options {
   unsigned threads = 0;
   /// listen() backlog: connections the kernel queues before accept.
   int backlog = 1024;
+  /// Accept a connection only once its first bytes (the HTTP request) have arrived (Linux
+  /// TCP_DEFER_ACCEPT, 1 s; ignored elsewhere): the session reads the request at once instead of
+  /// waiting for it, and a connection that sends nothing costs the server nothing for that
+  /// second (the kernel then hands it over anyway, and `handshake_timeout` applies).
+  bool defer_accept = true;
   /// Limits of the HTTP request before the upgrade (431 past them, 400 when malformed).
   http_limits http{};
   /// Limits of incoming WebSocket messages (1009 past max_message_size).
