@@ -668,6 +668,14 @@ TEST_CASE("raw: HTTP errors before the upgrade", "[websocket][server][raw][http]
     c.write("GET / HTTP/1.1\r\n");  // and nothing more
     CHECK(c.closed_by_server());
   }
+  SECTION("a connection that sends nothing is handed over late (defer_accept), then dropped") {
+    const std::size_t opened = fx.opened_count();
+    raw_client c(fx.port);
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK(c.closed_by_server());
+    CHECK(std::chrono::steady_clock::now() - t0 >= 300ms);  // never before handshake_timeout
+    CHECK(fx.opened_count() == opened);
+  }
   SECTION("no route: 404 with keep-alive, then the next request on the same connection") {
     raw_client c(fx.port);
     c.write("GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n");
