@@ -4428,7 +4428,7 @@ struct ws_server_gather {
   static constexpr std::size_t max_iov = 64;                // Asio's limit per gather write
   static constexpr std::size_t scratch_size = 16u * 1024u;  // copied bytes per write
   static constexpr std::size_t copy_limit = 512;            // larger pieces are referenced
-  static constexpr std::size_t max_bytes = 256u * 1024u;    // stop adding frames past this
+  static constexpr std::size_t max_bytes = 2048u * 1024u;   // stop adding frames past this
 
   std::array<asio::const_buffer, max_iov> iov;
   std::unique_ptr<std::byte[]> scratch{new std::byte[scratch_size]};
@@ -5256,7 +5256,7 @@ inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_vie
 inline void ws_server_session::pump() {
   if (writing_ || reading_ || phase() == phase_t::done) return;
   auto& g = worker().gather;
-  // A few writes per turn (up to 1 MiB), then let the other sessions of this thread run.
+  // A few writes per turn (up to 8 MiB), then let the other sessions of this thread run.
   for (int round = 0; round < 4; ++round) {
     if (!q_ || q_->empty()) {
       on_drained();
