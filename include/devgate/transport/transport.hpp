@@ -88,8 +88,8 @@ struct transport_handlers {
 ///   `stop()` closes every session with 1001 and returns when no handler runs any more.
 /// - `send(s, kind, bytes)` queues one message to one session from any thread; returns
 ///   `errc::unknown_session` or `errc::backpressure` rather than blocking.
-/// - `broadcast(sessions, kind, bytes)` queues one payload to many sessions, encoding it once
-///   and sharing that buffer; returns how many sessions it was queued to.
+/// - `broadcast(sessions, kind, bytes)` queues one payload to many sessions, sharing that one
+///   buffer (never a copy per recipient); returns how many sessions it was queued to.
 /// - `close(s, code, reason)` starts closing one session.
 /// - `buffered_bytes(s)` reports the bytes queued to one session and not yet written.
 template <class T>
