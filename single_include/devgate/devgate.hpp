@@ -4441,7 +4441,7 @@ struct ws_server_gather {
   /// Adds one frame from byte `skip` (a lazy message: as many of its frames as fit); false when
   /// not all of it fits, so that the caller adds nothing after it.
   bool add(const ws_server_out_frame& f, std::size_t skip) noexcept {
-    if (f.lazy) return add_message(f);
+    if (f.lazy) return add_message(f.op, f.body.bytes());
     if (count + 2 > max_iov || (bytes > 0 && bytes + f.size() - skip > max_bytes)) return false;
     if (skip < f.head_len) {
       piece(f.head.data() + skip, f.head_len - skip);
@@ -4455,12 +4455,11 @@ struct ws_server_gather {
   [[nodiscard]] ws_server_buffer_list buffers() const noexcept {
     return {iov.data(), iov.data() + count};
   }
-
- private:
-  bool add_message(const ws_server_out_frame& m) noexcept {
-    const std::size_t total = m.body.size();
+  /// Adds a data message (`op` for its first frame) as frames of at most
+  /// ws_server_fragment_size; false when not all of it fits.
+  bool add_message(websocket::opcode op, std::span<const std::byte> body) noexcept {
+    const std::size_t total = body.size();
     std::size_t off = 0;
-    websocket::opcode op = m.op;
     do {
       const std::size_t len = std::min(ws_server_fragment_size, total - off);
       const bool fin = off + len == total;
@@ -4471,12 +4470,14 @@ struct ws_server_gather {
       }
       std::array<std::byte, 10> head;
       piece(head.data(), websocket::encode_frame_header(head, op, fin, len));
-      if (len > 0) piece(m.body.data() + off, len);
+      if (len > 0) piece(body.data() + off, len);
       off += len;
       op = websocket::opcode::continuation;
     } while (off < total);
     return true;
   }
+
+ private:
   void piece(const std::byte* p, std::size_t n) noexcept {
     bytes += n;
     if (n <= copy_limit && used + n <= scratch_size) {
@@ -4658,6 +4659,9 @@ struct ws_server_worker {
     return find_locked(id);
   }
   [[nodiscard]] ws_server_session_ref find_locked(session_id id) const;
+  /// The session with `id`, without a reference; only on this worker's thread (the registry's
+  /// only writer), and only until control leaves the caller.
+  [[nodiscard]] ws_server_session* peek_local(session_id id) const noexcept;
   void erase(session_id id) {
     const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
     std::lock_guard lock(mutex);
@@ -4766,6 +4770,41 @@ class ws_server_session {
       }
     }
     pump();
+  }
+
+  /// Sends one data message whose `wire` bytes were reserved, sharing `payload` (a broadcast):
+  /// when nothing else waits to be written it goes straight to the socket, with no queue and no
+  /// reference taken; only what the socket does not take is queued. On the session's thread.
+  void send_shared(websocket::opcode op, const shared_bytes& payload, std::size_t wire) {
+    if (phase() != phase_t::open) {
+      unreserve(wire);
+      return;
+    }
+    if (q_ || writing_ || reading_) {
+      enqueue_data(ws_server_message(op, payload));
+      return;
+    }
+    auto& g = worker().gather;
+    g.reset();
+    if (!g.add_message(op, payload.bytes())) {  // larger than one write: the queue cuts it
+      enqueue_data(ws_server_message(op, payload));
+      return;
+    }
+    std::error_code ec;
+    const std::size_t n = ws_server_write_now(socket_, g, ec);
+    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      unreserve(wire);
+      finish(close_code::abnormal);
+      return;
+    }
+    if (!ec && n == g.bytes) {
+      unreserve(wire);
+      return;
+    }
+    auto& q = queue();
+    q.data.push_back(ws_server_message(op, payload));
+    consume(q, ec ? 0 : n);
+    wait_writable();
   }
 
   /// Starts the close handshake (RFC 6455 7.1.2) with `code`; queued data is dropped.
@@ -5389,6 +5428,12 @@ inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const 
   return slots[slot];
 }
 
+inline ws_server_session* ws_server_worker::peek_local(session_id id) const noexcept {
+  const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
+  if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return nullptr;
+  return slots[slot].get();
+}
+
 inline void ws_server_worker::adopt(ws_server_socket socket) {
   std::error_code ec;
 #if !DEVGATE_WS_DONTWAIT
@@ -5636,6 +5681,21 @@ class server {
     for (std::size_t wi = 0; wi < workers_.size(); ++wi) {
       if (by_worker[wi].empty()) continue;
       auto& w = *workers_[wi];
+      if (w.on_this_thread()) {
+        // This thread is the only one that changes this worker's registry: no lock, no
+        // references, and a recipient with nothing queued is written to at once.
+        for (const session_id id : by_worker[wi]) {
+          detail::ws_server_session* s = w.peek_local(id);
+          if (!s || s->phase() != detail::ws_server_session::phase_t::open) continue;
+          if (!s->reserve(wire)) {
+            overflow(detail::ws_server_session_ref(s));
+            continue;
+          }
+          ++queued;
+          s->send_shared(op, payload, wire);
+        }
+        continue;
+      }
       std::vector<detail::ws_server_session_ref> targets;
       std::vector<detail::ws_server_session_ref> over;
       targets.reserve(by_worker[wi].size());
@@ -5646,23 +5706,18 @@ class server {
           if (!s) continue;
           if (s->phase() != detail::ws_server_session::phase_t::open) continue;
           if (s->reserve(wire)) {
-            targets.push_back(s);
+            targets.push_back(std::move(s));
           } else {
-            over.push_back(s);
+            over.push_back(std::move(s));
           }
         }
       }
       for (auto& s : over) overflow(s);
       queued += targets.size();
       if (targets.empty()) continue;
-      auto task = [targets = std::move(targets), op, payload]() mutable {
-        for (auto& s : targets) s->enqueue_data(detail::ws_server_message(op, payload));
-      };
-      if (w.on_this_thread()) {
-        task();
-      } else {
-        asio::post(w.ioc, std::move(task));
-      }
+      asio::post(w.ioc, [targets = std::move(targets), op, payload, wire] {
+        for (const auto& s : targets) s->send_shared(op, payload, wire);
+      });
     }
     return queued;
   }

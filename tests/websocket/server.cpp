@@ -113,6 +113,18 @@ struct echo_fixture {
                      sp == std::string_view::npos ? "" : text.substr(sp + 1));
         return {};
       }
+      if (m.kind == devgate::payload_kind::text && text.starts_with("!broadcast ")) {
+        // From a worker thread: recipients on this thread take the direct path, the others a
+        // posted task.
+        const std::size_t n = std::stoul(std::string(text.substr(11)));
+        std::vector<devgate::session_id> all;
+        {
+          std::lock_guard lock(mutex);
+          all = ids;
+        }
+        server.broadcast(all, devgate::payload_kind::binary, pattern(n));
+        return {};
+      }
       if (m.kind == devgate::payload_kind::text && text == "!reject") {
         return devgate::errc::queue_full;
       }
@@ -129,6 +141,13 @@ struct echo_fixture {
 
   // The handlers touch the members below, which die before `server` would.
   ~echo_fixture() { server.stop(); }
+
+  // n bytes of a position-dependent pattern (so a misplaced slice shows).
+  static devgate::shared_bytes pattern(std::size_t n) {
+    return devgate::shared_bytes::build(n, [](std::span<std::byte> b) {
+      for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<std::byte>(i * 7 + (i >> 16));
+    });
+  }
 
   static ws::server_options base_options() {
     ws::server_options o;
@@ -982,4 +1001,53 @@ TEST_CASE("broadcast of a large payload: fragments from one shared buffer",
     CHECK(frames == 17);  // 16 fragments of 64 KiB and a last one of 17 bytes
     CHECK(got == big);
   }
+}
+
+TEST_CASE("broadcast from a handler: direct writes, then partial writes to full sockets",
+          "[websocket][server][broadcast]") {
+  echo_fixture fx;  // 3 worker threads: some recipients share the sender's thread, some do not
+  constexpr int n = 6, rounds = 8;
+  std::vector<std::unique_ptr<raw_client>> clients;
+  for (int i = 0; i < n; ++i) {
+    clients.push_back(std::make_unique<raw_client>(fx.port));
+    clients.back()->set_receive_buffer(256 << 10);
+    REQUIRE(clients.back()->handshake().starts_with("HTTP/1.1 101"));
+  }
+  REQUIRE(eventually([&] { return fx.opened_count() == n; }));
+  // 8 MiB to every client before any of them reads: the first writes go straight to the
+  // sockets, later ones find them full and queue the rest.
+  const std::size_t size = (1u << 20) + 17;
+  const auto want = echo_fixture::pattern(size);
+  for (int r = 0; r < rounds; ++r) clients[0]->send_text("!broadcast " + std::to_string(size));
+  clients[0]->send_text("!broadcast 64");
+  for (std::size_t i = 0; i < clients.size(); ++i) {
+    auto& c = clients[i];
+    INFO("client " << i);
+    for (int r = 0; r < rounds; ++r) {
+      std::string got;
+      int frames = 0;
+      bool ok = true;
+      while (auto f = c->read_frame()) {
+        ok = ok && f->opcode == (frames == 0 ? 2 : 0);
+        ++frames;
+        got += f->text();
+        if (f->fin) break;
+      }
+      CHECK(ok);
+      CHECK(frames == 17);
+      CHECK(got == std::string(want.view()));
+    }
+    auto small = c->read_frame();  // the last broadcast, after all the large ones
+    REQUIRE(small);
+    CHECK(small->opcode == 2);
+    CHECK(small->text() == std::string(echo_fixture::pattern(64).view()));
+  }
+  // Everything was written: no session holds queued bytes any more.
+  CHECK(eventually([&] {
+    std::lock_guard lock(fx.mutex);
+    for (const auto id : fx.ids) {
+      if (fx.server.buffered_bytes(id) != 0) return false;
+    }
+    return true;
+  }));
 }

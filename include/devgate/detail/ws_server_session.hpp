@@ -273,7 +273,7 @@ struct ws_server_gather {
   /// Adds one frame from byte `skip` (a lazy message: as many of its frames as fit); false when
   /// not all of it fits, so that the caller adds nothing after it.
   bool add(const ws_server_out_frame& f, std::size_t skip) noexcept {
-    if (f.lazy) return add_message(f);
+    if (f.lazy) return add_message(f.op, f.body.bytes());
     if (count + 2 > max_iov || (bytes > 0 && bytes + f.size() - skip > max_bytes)) return false;
     if (skip < f.head_len) {
       piece(f.head.data() + skip, f.head_len - skip);
@@ -287,12 +287,11 @@ struct ws_server_gather {
   [[nodiscard]] ws_server_buffer_list buffers() const noexcept {
     return {iov.data(), iov.data() + count};
   }
-
- private:
-  bool add_message(const ws_server_out_frame& m) noexcept {
-    const std::size_t total = m.body.size();
+  /// Adds a data message (`op` for its first frame) as frames of at most
+  /// ws_server_fragment_size; false when not all of it fits.
+  bool add_message(websocket::opcode op, std::span<const std::byte> body) noexcept {
+    const std::size_t total = body.size();
     std::size_t off = 0;
-    websocket::opcode op = m.op;
     do {
       const std::size_t len = std::min(ws_server_fragment_size, total - off);
       const bool fin = off + len == total;
@@ -303,12 +302,14 @@ struct ws_server_gather {
       }
       std::array<std::byte, 10> head;
       piece(head.data(), websocket::encode_frame_header(head, op, fin, len));
-      if (len > 0) piece(m.body.data() + off, len);
+      if (len > 0) piece(body.data() + off, len);
       off += len;
       op = websocket::opcode::continuation;
     } while (off < total);
     return true;
   }
+
+ private:
   void piece(const std::byte* p, std::size_t n) noexcept {
     bytes += n;
     if (n <= copy_limit && used + n <= scratch_size) {
@@ -490,6 +491,9 @@ struct ws_server_worker {
     return find_locked(id);
   }
   [[nodiscard]] ws_server_session_ref find_locked(session_id id) const;
+  /// The session with `id`, without a reference; only on this worker's thread (the registry's
+  /// only writer), and only until control leaves the caller.
+  [[nodiscard]] ws_server_session* peek_local(session_id id) const noexcept;
   void erase(session_id id) {
     const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
     std::lock_guard lock(mutex);
@@ -598,6 +602,41 @@ class ws_server_session {
       }
     }
     pump();
+  }
+
+  /// Sends one data message whose `wire` bytes were reserved, sharing `payload` (a broadcast):
+  /// when nothing else waits to be written it goes straight to the socket, with no queue and no
+  /// reference taken; only what the socket does not take is queued. On the session's thread.
+  void send_shared(websocket::opcode op, const shared_bytes& payload, std::size_t wire) {
+    if (phase() != phase_t::open) {
+      unreserve(wire);
+      return;
+    }
+    if (q_ || writing_ || reading_) {
+      enqueue_data(ws_server_message(op, payload));
+      return;
+    }
+    auto& g = worker().gather;
+    g.reset();
+    if (!g.add_message(op, payload.bytes())) {  // larger than one write: the queue cuts it
+      enqueue_data(ws_server_message(op, payload));
+      return;
+    }
+    std::error_code ec;
+    const std::size_t n = ws_server_write_now(socket_, g, ec);
+    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      unreserve(wire);
+      finish(close_code::abnormal);
+      return;
+    }
+    if (!ec && n == g.bytes) {
+      unreserve(wire);
+      return;
+    }
+    auto& q = queue();
+    q.data.push_back(ws_server_message(op, payload));
+    consume(q, ec ? 0 : n);
+    wait_writable();
   }
 
   /// Starts the close handshake (RFC 6455 7.1.2) with `code`; queued data is dropped.
@@ -1219,6 +1258,12 @@ inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const 
   const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
   if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return {};
   return slots[slot];
+}
+
+inline ws_server_session* ws_server_worker::peek_local(session_id id) const noexcept {
+  const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
+  if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return nullptr;
+  return slots[slot].get();
 }
 
 inline void ws_server_worker::adopt(ws_server_socket socket) {

@@ -208,6 +208,21 @@ class server {
     for (std::size_t wi = 0; wi < workers_.size(); ++wi) {
       if (by_worker[wi].empty()) continue;
       auto& w = *workers_[wi];
+      if (w.on_this_thread()) {
+        // This thread is the only one that changes this worker's registry: no lock, no
+        // references, and a recipient with nothing queued is written to at once.
+        for (const session_id id : by_worker[wi]) {
+          detail::ws_server_session* s = w.peek_local(id);
+          if (!s || s->phase() != detail::ws_server_session::phase_t::open) continue;
+          if (!s->reserve(wire)) {
+            overflow(detail::ws_server_session_ref(s));
+            continue;
+          }
+          ++queued;
+          s->send_shared(op, payload, wire);
+        }
+        continue;
+      }
       std::vector<detail::ws_server_session_ref> targets;
       std::vector<detail::ws_server_session_ref> over;
       targets.reserve(by_worker[wi].size());
@@ -218,23 +233,18 @@ class server {
           if (!s) continue;
           if (s->phase() != detail::ws_server_session::phase_t::open) continue;
           if (s->reserve(wire)) {
-            targets.push_back(s);
+            targets.push_back(std::move(s));
           } else {
-            over.push_back(s);
+            over.push_back(std::move(s));
           }
         }
       }
       for (auto& s : over) overflow(s);
       queued += targets.size();
       if (targets.empty()) continue;
-      auto task = [targets = std::move(targets), op, payload]() mutable {
-        for (auto& s : targets) s->enqueue_data(detail::ws_server_message(op, payload));
-      };
-      if (w.on_this_thread()) {
-        task();
-      } else {
-        asio::post(w.ioc, std::move(task));
-      }
+      asio::post(w.ioc, [targets = std::move(targets), op, payload, wire] {
+        for (const auto& s : targets) s->send_shared(op, payload, wire);
+      });
     }
     return queued;
   }
