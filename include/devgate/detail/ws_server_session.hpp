@@ -601,7 +601,19 @@ class ws_server_session {
         q.data[q.data_head++] = {};
       }
     }
-    pump();
+    flush_soon();
+  }
+
+  /// Writes the queue once the handlers already posted to this thread have run, so a burst of
+  /// sends from other threads (each a posted task) goes out in one write, not one write each.
+  /// Inside a read batch or a write in progress, their end writes it anyway.
+  void flush_soon() {
+    if (reading_ || writing_ || phase() == phase_t::done) return;
+    writing_ = true;
+    asio::post(socket_.get_executor(), [self = ws_server_session_ref(this)] {
+      self->writing_ = false;
+      self->pump();
+    });
   }
 
   /// Sends one data message whose `wire` bytes were reserved, sharing `payload` (a broadcast):
