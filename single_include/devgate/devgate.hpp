@@ -4057,15 +4057,10 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 // are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
 
 #include <asio.hpp>
-#if !defined(_WIN32)
-#include <sys/socket.h>  // recv, sendmsg, MSG_DONTWAIT
-#include <sys/uio.h>     // iovec
-#endif
 
 #include <algorithm>     // std::min
 #include <array>         // write batches
 #include <atomic>        // cross-thread counters
-#include <cerrno>        // errno of recv and sendmsg
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
 #include <cstring>       // memcpy of encoded fragments
@@ -4410,7 +4405,7 @@ struct ws_server_out_queue {
   }
 };
 
-/// A view of part of a worker's iovec array, as the buffer sequence of one gather write.
+/// A view of part of ws_server_gather::iov, as the buffer sequence of one gather write.
 struct ws_server_buffer_list {
   using value_type = asio::const_buffer;
   using const_iterator = const asio::const_buffer*;
@@ -4514,65 +4509,6 @@ struct ws_server_op_allocator {
 
 /// The socket type: an io_context executor (8 bytes) instead of any_io_executor.
 using ws_server_socket = asio::basic_stream_socket<asio::ip::tcp, asio::io_context::executor_type>;
-
-// Reads and writes that never wait, without switching each socket to non-blocking mode (an
-// ioctl per connection): MSG_DONTWAIT per call where the platform has it, Asio's non-blocking
-// mode elsewhere (set in ws_server_worker::adopt).
-#if defined(MSG_DONTWAIT) && defined(MSG_NOSIGNAL)
-#define DEVGATE_WS_DONTWAIT 1
-#else
-#define DEVGATE_WS_DONTWAIT 0
-#endif
-
-/// Reads what has arrived into `buf`; would_block when nothing has, eof when the peer closed.
-inline std::size_t ws_server_read_now(ws_server_socket& s, std::span<std::byte> buf,
-                                      std::error_code& ec) {
-#if DEVGATE_WS_DONTWAIT
-  for (;;) {
-    const ssize_t r = ::recv(s.native_handle(), buf.data(), buf.size(), MSG_DONTWAIT);
-    if (r > 0) {
-      ec = {};
-      return static_cast<std::size_t>(r);
-    }
-    if (r == 0) {
-      ec = asio::error::eof;
-      return 0;
-    }
-    if (errno == EINTR) continue;
-    ec = std::error_code(errno, asio::error::get_system_category());
-    return 0;
-  }
-#else
-  return s.read_some(asio::buffer(buf.data(), buf.size()), ec);
-#endif
-}
-
-/// Writes as much of `g` as the socket buffer takes, in one gather write; would_block when full.
-inline std::size_t ws_server_write_now(ws_server_socket& s, const ws_server_gather& g,
-                                       std::error_code& ec) {
-#if DEVGATE_WS_DONTWAIT
-  std::array<iovec, ws_server_gather::max_iov> iov;
-  for (std::size_t i = 0; i < g.count; ++i) {
-    iov[i].iov_base = const_cast<void*>(g.iov[i].data());
-    iov[i].iov_len = g.iov[i].size();
-  }
-  msghdr msg{};
-  msg.msg_iov = iov.data();
-  msg.msg_iovlen = g.count;
-  for (;;) {
-    const ssize_t r = ::sendmsg(s.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (r >= 0) {
-      ec = {};
-      return static_cast<std::size_t>(r);
-    }
-    if (errno == EINTR) continue;
-    ec = std::error_code(errno, asio::error::get_system_category());
-    return 0;
-  }
-#else
-  return s.write_some(g.buffers(), ec);
-#endif
-}
 
 /// A worker's io_context, which also leads back to its worker: a session finds its worker
 /// through its socket's executor instead of keeping a pointer.
@@ -4802,20 +4738,15 @@ class ws_server_session {
       enqueue_data(ws_server_message(op, payload));
       return;
     }
-    std::error_code ec;
-    const std::size_t n = ws_server_write_now(socket_, g, ec);
-    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
-      unreserve(wire);
-      finish(close_code::abnormal);
-      return;
-    }
-    if (!ec && n == g.bytes) {
+    const auto n = write(g);
+    if (!n) return;
+    if (*n == g.bytes) {
       unreserve(wire);
       return;
     }
     auto& q = queue();
     q.data.push_back(ws_server_message(op, payload));
-    consume(q, ec ? 0 : n);
+    consume(q, *n);
     wait_writable();
   }
 
@@ -4939,7 +4870,7 @@ class ws_server_session {
     // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
     for (int round = 0; round < 4; ++round) {
       std::error_code rec;
-      const std::size_t n = ws_server_read_now(socket_, buf, rec);
+      const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
       if (rec == asio::error::would_block || rec == asio::error::try_again) break;
       if (rec) {
         reading_ = false;
@@ -5090,6 +5021,9 @@ class ws_server_session {
 
   // ---- write path -------------------------------------------------------------------------
   void pump();
+  /// One gather write of `g`: the bytes the socket took (0 when its buffer is full), or nullopt
+  /// when the write failed and the session was closed.
+  std::optional<std::size_t> write(const ws_server_gather& g);
   void consume(ws_server_out_queue& q, std::size_t n);
   void wait_writable();
   void on_drained() {
@@ -5319,15 +5253,10 @@ inline void ws_server_session::pump() {
     bool fits = !q.has_partial || g.add(q.partial, q.offset);
     for (std::size_t i = 0; fits && i < q.control.size(); ++i) fits = g.add(q.control[i], 0);
     for (std::size_t i = q.data_head; fits && i < q.data.size(); ++i) fits = g.add(q.data[i], 0);
-    std::error_code ec;
-    const std::size_t n = ws_server_write_now(socket_, g, ec);
-    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
-      finish(close_code::abnormal);
-      return;
-    }
-    const std::size_t written = ec ? 0 : n;
-    consume(q, written);
-    if (written < g.bytes) {
+    const auto n = write(g);
+    if (!n) return;
+    consume(q, *n);
+    if (*n < g.bytes) {
       wait_writable();
       return;
     }
@@ -5336,11 +5265,16 @@ inline void ws_server_session::pump() {
     on_drained();
     return;
   }
-  writing_ = true;
-  asio::post(socket_.get_executor(), [self = ws_server_session_ref(this)] {
-    self->writing_ = false;
-    self->pump();
-  });
+  flush_soon();
+}
+
+inline std::optional<std::size_t> ws_server_session::write(const ws_server_gather& g) {
+  std::error_code ec;
+  const std::size_t n = socket_.write_some(g.buffers(), ec);  // non-blocking: never waits
+  if (!ec) return n;
+  if (ec == asio::error::would_block || ec == asio::error::try_again) return 0;
+  finish(close_code::abnormal);
+  return std::nullopt;
 }
 
 inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
@@ -5448,10 +5382,8 @@ inline ws_server_session* ws_server_worker::peek_local(session_id id) const noex
 
 inline void ws_server_worker::adopt(ws_server_socket socket) {
   std::error_code ec;
-#if !DEVGATE_WS_DONTWAIT
-  socket.non_blocking(true, ec);
+  socket.non_blocking(true, ec);  // reads and writes are synchronous and must never wait
   if (ec) return;
-#endif
 #if !defined(__linux__)
   socket.set_option(asio::ip::tcp::no_delay(true), ec);  // Linux: inherited from the listener
 #endif
