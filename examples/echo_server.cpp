@@ -6,12 +6,12 @@
 //
 // Prints "listening on <port>" once ready (useful with --port 0), stops on SIGINT/SIGTERM.
 
-#include <csignal>  // sigwait
 #include <cstdio>   // std::printf
 #include <cstdlib>  // std::strtoull
 #include <cstring>  // std::strcmp
 #include <string>   // arguments
 
+#include "devgate/core/stop_signals.hpp"
 #include "devgate/websocket/server.hpp"
 
 int main(int argc, char** argv) {
@@ -38,12 +38,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  // Block the stop signals in every thread (workers inherit the mask); main waits for them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  devgate::stop_signals stop;  // caught from here on; main() waits for them below
 
   devgate::websocket::server server(options);
   devgate::transport_handlers handlers;
@@ -59,8 +54,7 @@ int main(int argc, char** argv) {
   std::printf("listening on %u\n", static_cast<unsigned>(server.local_port()));
   std::fflush(stdout);
 
-  int signal = 0;
-  sigwait(&stop_signals, &signal);
+  stop.wait();
   server.stop();
   return 0;
 }

@@ -13,8 +13,7 @@
 //
 // Prints "listening on <port>" once ready; stops on SIGINT/SIGTERM.
 
-#include <csignal>  // sigwait
-#include <ctime>    // clock_gettime
+#include <ctime>  // clock_gettime
 
 #include <algorithm>    // std::find
 #include <array>        // histogram buckets
@@ -29,6 +28,7 @@
 #include <string_view>  // commands
 #include <vector>       // session registry
 
+#include "devgate/core/stop_signals.hpp"
 #include "devgate/pipeline/gateway.hpp"
 #include "devgate/websocket/server.hpp"
 
@@ -165,11 +165,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  devgate::stop_signals stop;  // caught from here on; main() waits for them below
 
   devgate::websocket::server server(options);
   session_registry sessions;
@@ -178,10 +174,6 @@ int main(int argc, char** argv) {
   auto listening = [&] {
     std::printf("listening on %u\n", static_cast<unsigned>(server.local_port()));
     std::fflush(stdout);
-  };
-  auto wait_for_signal = [&] {
-    int signal = 0;
-    sigwait(&stop_signals, &signal);
   };
 
   if (!pipeline_mode) {
@@ -206,7 +198,7 @@ int main(int argc, char** argv) {
       return 1;
     }
     listening();
-    wait_for_signal();
+    stop.wait();
     server.stop();
     return 0;
   }
@@ -238,7 +230,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   listening();
-  wait_for_signal();
+  stop.wait();
   gateway.stop();
   return 0;
 }

@@ -16,7 +16,6 @@
 #include <atomic>              // the hub pointer the routes read
 #include <chrono>              // control loop period, simulated work
 #include <condition_variable>  // control thread wake-ups
-#include <csignal>             // sigwait
 #include <cstddef>             // std::byte
 #include <cstdint>             // sizes, counters
 #include <cstdio>              // std::printf
@@ -356,12 +355,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  // Block the stop signals in every thread (workers inherit the mask); main waits for them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  devgate::stop_signals stop;  // caught from here on; main() waits for them below
 
   std::unique_ptr<devgate_demo::file_state_store> loaded;
   try {
@@ -426,8 +420,7 @@ int main(int argc, char** argv) {
   std::printf("listening on %u; Ctrl-C stops\n", static_cast<unsigned>(port));
   std::fflush(stdout);
 
-  int signal = 0;
-  sigwait(&stop_signals, &signal);
+  stop.wait();
   std::printf("stopping: draining the pipeline, closing sessions (1001)...\n");
   std::fflush(stdout);
   rc.stopping = true;

@@ -15,8 +15,9 @@
 
 #include "devgate/version.hpp"  // version numbers
 
-#include "devgate/core/bytes.hpp"  // shared_bytes: immutable, reference-counted payloads
-#include "devgate/core/error.hpp"  // devgate::errc and its std::error_category
+#include "devgate/core/bytes.hpp"         // shared_bytes: immutable, reference-counted payloads
+#include "devgate/core/error.hpp"         // devgate::errc and its std::error_category
+#include "devgate/core/stop_signals.hpp"  // stop_signals: wait for SIGINT/SIGTERM in main()
 
 #include "devgate/transport/in_process.hpp"  // in_process_transport: host code plays the devices
 #include "devgate/transport/transport.hpp"   // the transport concept and its vocabulary
