@@ -3,8 +3,23 @@
 // Internals of devgate::websocket::server: one session per TCP connection, pinned to one worker
 // thread (its io_context), so per-session state needs no locks. Only `buffered_` and `phase_`
 // are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
+//
+// Session sockets are not Asio sockets: each worker registers them once, edge-triggered, in an
+// epoll set of its own, and waits on that set through Asio (one readiness wait per batch of
+// ready sockets, not one wait and one epoll_ctl per read). Reads and writes are plain
+// non-blocking recv and sendmsg on the session's thread. This is Linux-only (epoll, accept4).
 
 #include <asio.hpp>
+
+#if !defined(__linux__)
+#error "devgate::websocket::server needs Linux (epoll); the rest of devgate does not"
+#endif
+#include <sys/epoll.h>   // the worker's readiness set
+#include <sys/socket.h>  // recv, sendmsg, shutdown
+#include <sys/uio.h>     // iovec
+#include <unistd.h>      // close
+
+#include <cerrno>  // EAGAIN and friends
 
 #include <algorithm>     // std::min
 #include <array>         // write batches
@@ -237,27 +252,17 @@ struct ws_server_out_queue {
   }
 };
 
-/// A view of part of ws_server_gather::iov, as the buffer sequence of one gather write.
-struct ws_server_buffer_list {
-  using value_type = asio::const_buffer;
-  using const_iterator = const asio::const_buffer*;
-  const asio::const_buffer* first;
-  const asio::const_buffer* last;
-  [[nodiscard]] const_iterator begin() const noexcept { return first; }
-  [[nodiscard]] const_iterator end() const noexcept { return last; }
-};
-
 /// One gather write being assembled on a worker thread: small pieces (frame headers, small
 /// payloads) are copied into one contiguous scratch run, so a burst of 64-byte replies is one
 /// iovec instead of two per frame; large payloads are referenced where they are (never copied).
 /// The write is synchronous, so the scratch is free again when the write returns.
 struct ws_server_gather {
-  static constexpr std::size_t max_iov = 64;                // Asio's limit per gather write
+  static constexpr std::size_t max_iov = 64;                // iovecs per sendmsg
   static constexpr std::size_t scratch_size = 16u * 1024u;  // copied bytes per write
   static constexpr std::size_t copy_limit = 512;            // larger pieces are referenced
   static constexpr std::size_t max_bytes = 2048u * 1024u;   // stop adding frames past this
 
-  std::array<asio::const_buffer, max_iov> iov;
+  std::array<::iovec, max_iov> iov;
   std::unique_ptr<std::byte[]> scratch{new std::byte[scratch_size]};
   std::size_t count = 0;  // iovecs used
   std::size_t used = 0;   // scratch bytes used
@@ -278,9 +283,6 @@ struct ws_server_gather {
     }
     if (skip < f.body.size()) piece(f.body.data() + skip, f.body.size() - skip);
     return true;
-  }
-  [[nodiscard]] ws_server_buffer_list buffers() const noexcept {
-    return {iov.data(), iov.data() + count};
   }
   /// Adds a data message (`op` for its first frame) as frames of at most
   /// ws_server_fragment_size; false when not all of it fits.
@@ -310,61 +312,70 @@ struct ws_server_gather {
     if (n <= copy_limit && used + n <= scratch_size) {
       std::memcpy(scratch.get() + used, p, n);
       if (run_open) {
-        iov[count - 1] = asio::const_buffer(iov[count - 1].data(), iov[count - 1].size() + n);
+        iov[count - 1].iov_len += n;
       } else {
-        iov[count++] = asio::const_buffer(scratch.get() + used, n);
+        iov[count++] = {scratch.get() + used, n};
         run_open = true;
       }
       used += n;
       return;
     }
-    iov[count++] = asio::const_buffer(p, n);
+    iov[count++] = {const_cast<std::byte*>(p), n};  // iovec is not const-correct; only read
     run_open = false;
   }
 };
 
-/// The allocator Asio uses for a session's read-wait operation (see ws_server_block_pool).
-template <class T>
-struct ws_server_op_allocator {
-  using value_type = T;
-  ws_server_block_pool* pool;
-  explicit ws_server_op_allocator(ws_server_block_pool* p) noexcept : pool(p) {}
-  template <class U>
-  ws_server_op_allocator(const ws_server_op_allocator<U>& o) noexcept : pool(o.pool) {}
-  T* allocate(std::size_t n) { return static_cast<T*>(pool->allocate(n * sizeof(T))); }
-  void deallocate(T* p, std::size_t n) noexcept { pool->deallocate(p, n * sizeof(T)); }
-  template <class U>
-  bool operator==(const ws_server_op_allocator<U>& o) const noexcept {
-    return pool == o.pool;
+/// An accepted socket not yet adopted by a worker: closed if nobody adopts it (a task posted
+/// to a worker that stops first).
+class ws_server_fd {
+ public:
+  explicit ws_server_fd(int fd) noexcept : fd_(fd) {}
+  ws_server_fd(ws_server_fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  ws_server_fd(const ws_server_fd&) = delete;
+  ws_server_fd& operator=(const ws_server_fd&) = delete;
+  ws_server_fd& operator=(ws_server_fd&&) = delete;
+  ~ws_server_fd() {
+    if (fd_ >= 0) ::close(fd_);
   }
+  /// The descriptor, now the caller's to close.
+  [[nodiscard]] int release() noexcept { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
 };
 
-/// The socket type: an io_context executor (8 bytes) instead of any_io_executor.
-using ws_server_socket = asio::basic_stream_socket<asio::ip::tcp, asio::io_context::executor_type>;
-
-/// A worker's io_context, which also leads back to its worker: a session finds its worker
-/// through its socket's executor instead of keeping a pointer.
-struct ws_server_context : asio::io_context {
-  explicit ws_server_context(ws_server_worker& w) : asio::io_context(1), worker(&w) {}
-  ws_server_worker* worker;
-};
-
-/// One thread: its io_context, its sessions, its read buffer and its timer tick.
+/// One thread: its io_context, its epoll set of session sockets, its sessions, its read buffer
+/// and its timer tick.
 struct ws_server_worker {
   static constexpr std::size_t read_buffer_size = 64u * 1024u;
+  static constexpr int max_events = 256;  // ready sockets taken per epoll_wait
 
   ws_server_worker(ws_server_core& c, std::uint8_t idx)
       : core(c),
         index(idx),
-        ioc(*this),
         tick_timer(ioc),
-        read_buffer(new std::byte[read_buffer_size]) {}
+        ready(ioc),
+        read_buffer(new std::byte[read_buffer_size]) {
+    const int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) {
+      epoll_error = std::error_code(errno, std::system_category());
+      return;
+    }
+    ready.assign(fd, epoll_error);
+    if (epoll_error) ::close(fd);
+  }
 
   ws_server_core& core;
   std::uint8_t index;
-  ws_server_block_pool wait_ops;  // before ioc: the io_context's destructor frees into it
-  ws_server_context ioc;
+  asio::io_context ioc{1};
   asio::steady_timer tick_timer;
+  // The epoll set of this worker's session sockets, waited on through ioc (see poll()).
+  asio::posix::stream_descriptor ready;
+  std::error_code epoll_error;  // epoll_create1 failed: server::start reports it
+  std::array<::epoll_event, max_events> events{};
+  // Sessions finished during an event batch stay alive until the batch ends: later events in
+  // it may still point at them.
+  std::vector<ws_server_session_ref> retired;
   std::thread thread;
   // Shared by every session of this thread: sessions read into it and keep nothing when idle.
   std::unique_ptr<std::byte[]> read_buffer;
@@ -414,7 +425,12 @@ struct ws_server_worker {
     if (queue_pool.size() < 64) queue_pool.push_back(std::move(q));
   }
 
-  void adopt(ws_server_socket socket);
+  void adopt(int fd);
+  /// Registers `s`'s socket once, edge-triggered, for input, output and peer half-close.
+  [[nodiscard]] bool watch(ws_server_session& s) noexcept;
+  /// Waits (through ioc) until a session socket is ready, handles every ready one, repeats.
+  void poll();
+  void on_ready();
   void start_tick();
   void on_tick();
   void close_all(close_code code);
@@ -462,9 +478,9 @@ class ws_server_session {
   /// Where the connection is in its life. Read by other threads only to refuse sends early.
   enum class phase_t : std::uint8_t { http, open, closing, draining, done };
 
-  /// A session on `s`, whose executor must belong to a worker's ws_server_context.
-  ws_server_session(ws_server_socket&& s, session_id id) noexcept
-      : socket_(std::move(s)), id_(id) {}
+  /// A session on the connected non-blocking socket `fd` (now the session's), living on `w`.
+  ws_server_session(int fd, ws_server_worker& w, session_id id) noexcept
+      : worker_(&w), id_(id), fd_(fd) {}
   ws_server_session(const ws_server_session&) = delete;
   ~ws_server_session() {
     if (phase() == phase_t::http) {
@@ -476,13 +492,10 @@ class ws_server_session {
   ws_server_session& operator=(const ws_server_session&) = delete;
 
   [[nodiscard]] session_id id() const noexcept { return id_; }
-  /// The worker this session lives on, found through its socket's io_context (no pointer
-  /// kept: 8 bytes less per connection).
-  [[nodiscard]] ws_server_worker& worker() const noexcept {
-    return *static_cast<ws_server_context&>(
-                const_cast<ws_server_socket&>(socket_).get_executor().context())
-                .worker;
-  }
+  /// The socket, or -1 once finished.
+  [[nodiscard]] int fd() const noexcept { return fd_; }
+  /// The worker this session lives on.
+  [[nodiscard]] ws_server_worker& worker() const noexcept { return *worker_; }
   [[nodiscard]] phase_t phase() const noexcept { return phase_.load(std::memory_order_acquire); }
   [[nodiscard]] std::size_t buffered() const noexcept {
     return buffered_.load(std::memory_order_relaxed);
@@ -494,9 +507,20 @@ class ws_server_session {
     const std::uint32_t now = core().now_ms();
     deadline_ = now + core().ms(core().options.handshake_timeout);
     last_rx_ = now;
-    // Read at once: the request is usually there already (always with defer_accept), which
-    // saves a readiness wait and its epoll_ctl; when it is not, this arms the wait.
-    on_readable({});
+    // Read at once: the request is usually there already (always with defer_accept). The
+    // worker registers the socket after this, and registration reports what arrived meanwhile.
+    on_readable();
+  }
+
+  /// What epoll reported for this socket (edge-triggered: the state changed).
+  void on_event(std::uint32_t events) {
+    if (phase() == phase_t::done) return;
+    if ((events & (EPOLLOUT | EPOLLERR)) && wait_out_) {
+      wait_out_ = false;
+      writing_ = false;
+      pump();
+    }
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) on_readable();
   }
 
   /// Reserves room for `bytes` of data from any thread; false means "over the limit" (the
@@ -546,7 +570,7 @@ class ws_server_session {
   void flush_soon() {
     if (reading_ || writing_ || phase() == phase_t::done) return;
     writing_ = true;
-    asio::post(socket_.get_executor(), [self = ws_server_session_ref(this)] {
+    asio::post(worker().ioc, [self = ws_server_session_ref(this)] {
       self->writing_ = false;
       self->pump();
     });
@@ -604,9 +628,10 @@ class ws_server_session {
     const bool was_http = phase() == phase_t::http;
     if (close_code_ == close_code::abnormal) close_code_ = code;
     set_phase(phase_t::done);
-    std::error_code ignored;
-    socket_.shutdown(asio::socket_base::shutdown_both, ignored);
-    socket_.close(ignored);
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);  // also leaves the worker's epoll set
+    fd_ = -1;
+    wait_out_ = false;
     auto& w = worker();
     if (was_http) {
       drop_parser();
@@ -615,7 +640,9 @@ class ws_server_session {
     }
     if (q_) w.give_queue(std::move(q_));
     core().live.fetch_sub(1, std::memory_order_release);
-    ws_server_session_ref keep(this);  // the registry's reference goes away below
+    // The registry's reference goes away below; events already taken from epoll in this batch
+    // may still name this session, so it lives until the batch ends.
+    w.retired.emplace_back(this);
     w.erase(id_);
     if (was_open && core().handlers.on_close) {
       try {
@@ -680,35 +707,26 @@ class ws_server_session {
     return *q_;
   }
 
-  void arm_read() {
-    socket_.async_wait(
-        asio::socket_base::wait_read,
-        asio::bind_allocator(ws_server_op_allocator<void>(&worker().wait_ops),
-                             [self = ws_server_session_ref(this)](const std::error_code& ec) {
-                               self->on_readable(ec);
-                             }));
-  }
-
-  void on_readable(const std::error_code& ec) {
+  // Reads until the socket is drained (a short read: edge-triggered readiness reports only new
+  // input after that), at most 4 buffers per turn so that one busy peer cannot starve the
+  // others; a socket with more to read is continued by a posted task.
+  void on_readable() {
     if (phase() == phase_t::done) return;
-    if (ec) {
-      finish(close_code::abnormal);
-      return;
-    }
     const std::span<std::byte> buf = worker().buffer();
     // Frames queued while the batch is parsed (replies from on_message) go out in one gather
     // write after it, not the first alone and the rest after that write completes.
     reading_ = true;
-    // A few reads per wake-up, then back to the reactor so one busy peer cannot starve others.
+    bool more = false;
     for (int round = 0; round < 4; ++round) {
-      std::error_code rec;
-      const std::size_t n = socket_.read_some(asio::buffer(buf.data(), buf.size()), rec);
-      if (rec == asio::error::would_block || rec == asio::error::try_again) break;
-      if (rec) {
+      const ::ssize_t got = ::recv(fd_, buf.data(), buf.size(), 0);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      if (got <= 0) {  // the peer's FIN, or a reset
         reading_ = false;
         on_eof();
         return;
       }
+      const auto n = static_cast<std::size_t>(got);
       const clock::time_point now = clock::now();
       worker().read_time = now;
       last_rx_ = static_cast<std::uint32_t>(
@@ -724,11 +742,13 @@ class ws_server_session {
         return;
       }
       if (n < buf.size()) break;
+      more = round == 3;
     }
     reading_ = false;
     pump();
-    if (phase() == phase_t::done) return;
-    arm_read();
+    if (more && phase() != phase_t::done) {
+      asio::post(worker().ioc, [self = ws_server_session_ref(this)] { self->on_readable(); });
+    }
   }
 
   // A handler (route, identify, on_open, on_message) threw: answer 500 before the upgrade,
@@ -864,13 +884,12 @@ class ws_server_session {
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
     // the peer's FIN so the close frame is not lost to a reset.
-    std::error_code ignored;
-    socket_.shutdown(asio::socket_base::shutdown_send, ignored);
+    ::shutdown(fd_, SHUT_WR);
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
 
-  ws_server_socket socket_;
+  ws_server_worker* worker_;
   session_id id_;
   shared_bytes device_id_;
   // One pointer for two lives: the HTTP parser before the upgrade (phase http), then the frame
@@ -885,11 +904,13 @@ class ws_server_session {
   std::atomic<std::uint32_t> refs_{0};
   std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
+  int fd_;                      // -1 once finished
   std::atomic<phase_t> phase_{phase_t::http};
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;
-  bool writing_ : 1 = false;
-  bool reading_ : 1 = false;  // parsing a read batch: pump() waits for its end (one write)
+  bool writing_ : 1 = false;   // a write waits (wait_out_) or a flush is posted: pump() waits
+  bool wait_out_ : 1 = false;  // waiting for an EPOLLOUT edge: the socket buffer was full
+  bool reading_ : 1 = false;   // parsing a read batch: pump() waits for its end (one write)
   bool ping_outstanding_ : 1 = false;
   bool shutdown_when_drained_ : 1 = false;
   bool close_received_ : 1 = false;
@@ -1101,12 +1122,17 @@ inline void ws_server_session::pump() {
 }
 
 inline std::optional<std::size_t> ws_server_session::write(const ws_server_gather& g) {
-  std::error_code ec;
-  const std::size_t n = socket_.write_some(g.buffers(), ec);  // non-blocking: never waits
-  if (!ec) return n;
-  if (ec == asio::error::would_block || ec == asio::error::try_again) return 0;
-  finish(close_code::abnormal);
-  return std::nullopt;
+  ::msghdr m{};
+  m.msg_iov = const_cast<::iovec*>(g.iov.data());
+  m.msg_iovlen = g.count;
+  for (;;) {
+    const ::ssize_t n = ::sendmsg(fd_, &m, MSG_NOSIGNAL);  // non-blocking: never waits
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    finish(close_code::abnormal);
+    return std::nullopt;
+  }
 }
 
 inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
@@ -1184,18 +1210,11 @@ inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
   if (released > 0) unreserve(released);
 }
 
+// The socket took less than offered, so its buffer is full and the kernel will report the
+// space freed by the peer's acknowledgements as an EPOLLOUT edge (on_event).
 inline void ws_server_session::wait_writable() {
   writing_ = true;
-  socket_.async_wait(asio::socket_base::wait_write,
-                     [self = ws_server_session_ref(this)](const std::error_code& ec) {
-                       self->writing_ = false;
-                       if (self->phase() == phase_t::done) return;
-                       if (ec) {
-                         self->finish(close_code::abnormal);
-                         return;
-                       }
-                       self->pump();
-                     });
+  wait_out_ = true;
 }
 
 // ---- worker ------------------------------------------------------------------------------------
@@ -1212,13 +1231,9 @@ inline ws_server_session* ws_server_worker::peek_local(session_id id) const noex
   return slots[slot].get();
 }
 
-inline void ws_server_worker::adopt(ws_server_socket socket) {
-  std::error_code ec;
-  socket.non_blocking(true, ec);  // reads and writes are synchronous and must never wait
-  if (ec) return;
-#if !defined(__linux__)
-  socket.set_option(asio::ip::tcp::no_delay(true), ec);  // Linux: inherited from the listener
-#endif
+inline void ws_server_worker::adopt(int fd) {
+  // `fd` is non-blocking (accept4) and has TCP_NODELAY (inherited from the listener).
+  ws_server_fd owned(fd);
   std::uint32_t slot = 0;
   {
     std::lock_guard lock(mutex);
@@ -1236,13 +1251,49 @@ inline void ws_server_worker::adopt(ws_server_socket socket) {
       (static_cast<session_id>(++generation) << 32) | (static_cast<session_id>(slot) << 8) | index;
   // From the server's session pool (see ws_server_session::release for the matching free).
   void* mem = ws_server_sessions().allocate(sizeof(ws_server_session));
-  ws_server_session_ref s(new (mem) ws_server_session(std::move(socket), id));
+  ws_server_session_ref s(new (mem) ws_server_session(owned.release(), *this, id));
   core.live.fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard lock(mutex);
     slots[slot] = s;
   }
   s->start();
+  // Registered after the first read, so a request that was already there (defer_accept) is
+  // not reported again; registration reports whatever arrived since.
+  if (s->phase() != ws_server_session::phase_t::done && !watch(*s)) {
+    s->finish(close_code::abnormal);
+  }
+  retired.clear();
+}
+
+inline bool ws_server_worker::watch(ws_server_session& s) noexcept {
+  ::epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+  ev.data.ptr = &s;
+  return ::epoll_ctl(ready.native_handle(), EPOLL_CTL_ADD, s.fd(), &ev) == 0;
+}
+
+inline void ws_server_worker::poll() {
+  ready.async_wait(asio::posix::stream_descriptor::wait_read, [this](const std::error_code& ec) {
+    if (ec) return;  // the descriptor was closed: the worker is stopping
+    on_ready();
+    poll();
+  });
+}
+
+inline void ws_server_worker::on_ready() {
+  // Each epoll_wait takes up to max_events ready sockets; a full batch is followed by another
+  // at once, then the posted tasks and timers get their turn (poll() waits again, and the wait
+  // completes at once when sockets are still ready).
+  for (int round = 0; round < 2; ++round) {
+    const int n = ::epoll_wait(ready.native_handle(), events.data(), max_events, 0);
+    for (int i = 0; i < n; ++i) {
+      static_cast<ws_server_session*>(events[static_cast<std::size_t>(i)].data.ptr)
+          ->on_event(events[static_cast<std::size_t>(i)].events);
+    }
+    retired.clear();
+    if (n < max_events) break;
+  }
 }
 
 inline void ws_server_worker::start_tick() {
@@ -1259,6 +1310,7 @@ inline void ws_server_worker::on_tick() {
   snapshot();
   for (auto& s : scratch) s->on_tick(now);
   scratch.clear();
+  retired.clear();
 }
 
 inline void ws_server_worker::close_all(close_code code) {
@@ -1271,6 +1323,7 @@ inline void ws_server_worker::abort_all() {
   snapshot();
   for (auto& s : scratch) s->finish(close_code::going_away);
   scratch.clear();
+  retired.clear();
 }
 
 }  // namespace devgate::detail

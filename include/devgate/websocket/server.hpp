@@ -1,12 +1,12 @@
 #pragma once
 
-#include <asio.hpp>
-#if defined(__linux__)
 #include <netinet/tcp.h>  // TCP_DEFER_ACCEPT
-#endif
+#include <sys/socket.h>   // accept4
+#include <asio.hpp>
 
 #include <algorithm>     // std::clamp, std::min
 #include <atomic>        // run state
+#include <cerrno>        // accept4 errors
 #include <chrono>        // stop deadline
 #include <cstddef>       // std::size_t
 #include <cstdint>       // port
@@ -29,12 +29,12 @@
 
 namespace devgate::websocket {
 
-/// The reference WebSocket transport: an RFC 6455 server on standalone Asio that satisfies
-/// `devgate::transport`.
+/// The reference WebSocket transport: an RFC 6455 server on standalone Asio and Linux epoll that
+/// satisfies `devgate::transport`.
 ///
-/// Each worker thread runs its own io_context; a connection stays on the thread that accepted
-/// it. Idle connections hold no read buffer (the server waits for readability, then reads into
-/// a per-thread buffer) and no write queue; one timer per thread drives every timeout.
+/// Each worker thread runs its own io_context and epoll set; a connection stays on the thread it
+/// was given. Idle connections hold no read buffer (a ready socket is read into a per-thread
+/// buffer) and no write queue; one timer per thread drives every timeout.
 /// `send`, `broadcast`, `close` and `buffered_bytes` may be called from any thread; handlers
 /// run on the worker threads. Do not call `stop()` from a handler.
 class server {
@@ -83,6 +83,10 @@ class server {
     for (unsigned i = 0; i < threads; ++i) {
       workers_.push_back(
           std::make_unique<detail::ws_server_worker>(*core_, static_cast<std::uint8_t>(i)));
+      if (const auto err = workers_.back()->epoll_error) {
+        workers_.clear();
+        return err;
+      }
     }
     acceptor_ = std::make_unique<asio::ip::tcp::acceptor>(workers_[0]->ioc);
     const asio::ip::tcp::endpoint endpoint(address, o.port);
@@ -90,12 +94,11 @@ class server {
     if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) acceptor_->bind(endpoint, ec);
     // Accepted sockets inherit TCP_NODELAY from the listener on Linux (one setsockopt saved per
-    // connection); elsewhere adopt() sets it on each.
+    // connection).
     if (!ec) acceptor_->set_option(asio::ip::tcp::no_delay(true), ec);
     if (!ec) acceptor_->listen(o.backlog, ec);
-#if defined(TCP_DEFER_ACCEPT)
+    if (!ec) acceptor_->non_blocking(true, ec);  // accept4 until EAGAIN
     if (!ec && o.defer_accept) acceptor_->set_option(defer_accept_option{1}, ec);
-#endif
     if (!ec) port_ = acceptor_->local_endpoint(ec).port();
     if (ec) {
       acceptor_.reset();
@@ -106,6 +109,7 @@ class server {
     for (auto& w : workers_) {
       guards_.push_back(asio::make_work_guard(w->ioc));
       w->start_tick();
+      w->poll();
     }
     accept_next();
     for (auto& w : workers_) {
@@ -142,6 +146,8 @@ class server {
     run_on_all([](detail::ws_server_worker& w) {
       w.abort_all();
       w.tick_timer.cancel();
+      std::error_code ignored;
+      w.ready.cancel(ignored);
     });
     guards_.clear();
     for (auto& w : workers_) w->ioc.stop();
@@ -309,7 +315,6 @@ class server {
     }
   }
 
-#if defined(TCP_DEFER_ACCEPT)
   // TCP_DEFER_ACCEPT (seconds) as an Asio SettableSocketOption.
   struct defer_accept_option {
     int seconds;
@@ -330,33 +335,48 @@ class server {
       return sizeof seconds;
     }
   };
-#endif
 
+  // Waits until the listener has connections, takes them with accept4 (non-blocking sockets:
+  // no per-connection ioctl) and hands them to the workers in turn. Runs on worker 0's thread.
   void accept_next() {
-    auto& target = *workers_[next_worker_++ % workers_.size()];
-    acceptor_->async_accept(
-        target.ioc, [this, &target](const std::error_code& ec, detail::ws_server_socket socket) {
-          if (ec == asio::error::operation_aborted || !acceptor_->is_open()) return;
-          if (core_->stopping.load(std::memory_order_acquire)) return;
-          if (!ec) {
-            if (target.on_this_thread()) {
-              target.adopt(std::move(socket));
-            } else {
-              asio::post(target.ioc, [&target, s = std::move(socket)]() mutable {
-                if (target.core.stopping.load(std::memory_order_acquire)) return;
-                target.adopt(std::move(s));
-              });
-            }
-            accept_next();
-            return;
-          }
-          // Out of descriptors or a similar transient failure: pause instead of spinning.
-          retry_timer_ = std::make_unique<asio::steady_timer>(workers_[0]->ioc);
-          retry_timer_->expires_after(std::chrono::milliseconds(50));
-          retry_timer_->async_wait([this](const std::error_code& e) {
-            if (!e && acceptor_->is_open()) accept_next();
-          });
+    acceptor_->async_wait(asio::ip::tcp::acceptor::wait_read, [this](const std::error_code& ec) {
+      if (ec || !acceptor_->is_open()) return;
+      if (core_->stopping.load(std::memory_order_acquire)) return;
+      // A bounded batch, then the wait again (which completes at once if more are waiting), so
+      // a connection storm does not starve worker 0's own sessions.
+      for (int i = 0; i < 64; ++i) {
+        const int fd =
+            ::accept4(acceptor_->native_handle(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+          hand_over(fd);
+          continue;
+        }
+        const int err = errno;
+        if (err == EAGAIN || err == EWOULDBLOCK) break;
+        // The peer gave up before we took it, or a signal: try the next one.
+        if (err == ECONNABORTED || err == EINTR || err == EPROTO) continue;
+        // Out of descriptors or memory: pause instead of spinning on a full backlog.
+        retry_timer_ = std::make_unique<asio::steady_timer>(workers_[0]->ioc);
+        retry_timer_->expires_after(std::chrono::milliseconds(50));
+        retry_timer_->async_wait([this](const std::error_code& e) {
+          if (!e && acceptor_->is_open()) accept_next();
         });
+        return;
+      }
+      accept_next();
+    });
+  }
+
+  void hand_over(int fd) {
+    auto& target = *workers_[next_worker_++ % workers_.size()];
+    if (target.on_this_thread()) {
+      target.adopt(fd);
+      return;
+    }
+    asio::post(target.ioc, [&target, owned = detail::ws_server_fd(fd)]() mutable {
+      if (target.core.stopping.load(std::memory_order_acquire)) return;  // `owned` closes it
+      target.adopt(owned.release());
+    });
   }
 
   // Runs `fn` on every worker thread and waits until all have run it.

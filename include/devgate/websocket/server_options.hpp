@@ -86,7 +86,7 @@ struct server_options {
   /// listen() backlog: connections the kernel queues before accept.
   int backlog = 1024;
   /// Accept a connection only once its first bytes (the HTTP request) have arrived (Linux
-  /// TCP_DEFER_ACCEPT, 1 s; ignored elsewhere): the session reads the request at once instead of
+  /// TCP_DEFER_ACCEPT, 1 s): the session reads the request at once instead of
   /// waiting for it, and a connection that sends nothing costs the server nothing for that
   /// second (the kernel then hands it over anyway, and `handshake_timeout` applies).
   bool defer_accept = true;
