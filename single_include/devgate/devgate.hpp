@@ -4214,7 +4214,7 @@ struct server_options {
   /// listen() backlog: connections the kernel queues before accept.
   int backlog = 1024;
   /// Accept a connection only once its first bytes (the HTTP request) have arrived (Linux
-  /// TCP_DEFER_ACCEPT, 1 s; ignored elsewhere): the session reads the request at once instead of
+  /// TCP_DEFER_ACCEPT, 1 s): the session reads the request at once instead of
   /// waiting for it, and a connection that sends nothing costs the server nothing for that
   /// second (the kernel then hands it over anyway, and `handshake_timeout` applies).
   bool defer_accept = true;
@@ -4378,6 +4378,10 @@ class ws_server_session_ref {
  private:
   ws_server_session* p_ = nullptr;
 };
+
+/// Reservation credit a session takes on its own thread beyond what it needs (see
+/// ws_server_session::reserve_local).
+inline constexpr std::size_t ws_server_credit = 4096;
 
 /// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
 /// ping, pong or close waits behind at most one write, never behind a whole 16 MiB frame.
@@ -4734,16 +4738,26 @@ class ws_server_session {
   /// caller applies the overflow policy). drop_oldest may pass the limit up to twice its size
   /// until the worker drops older frames; nothing passes that hard bound.
   [[nodiscard]] bool reserve(std::size_t bytes) noexcept {
-    const auto& bp = core().options.backpressure;
-    const std::size_t hard = bp.on_overflow == overflow_action::drop_oldest
-                                 ? 2 * bp.max_buffered_bytes
-                                 : bp.max_buffered_bytes;
-    if (bytes > bp.max_buffered_bytes) return false;
-    std::uint32_t cur = buffered_.load(std::memory_order_relaxed);
-    do {
-      if (cur + bytes > hard) return false;
-    } while (!buffered_.compare_exchange_weak(cur, cur + static_cast<std::uint32_t>(bytes),
-                                              std::memory_order_relaxed));
+    if (bytes > core().options.backpressure.max_buffered_bytes) return false;
+    return add_reserved(bytes);
+  }
+  /// reserve() on the session's own thread (replies from its handler): taken from the credit
+  /// the session holds when that suffices, otherwise from the shared counter together with
+  /// ws_server_credit more, so a burst of replies costs one atomic operation, not one each. The
+  /// credit is given back when the queue drains; until then it counts against the limit too.
+  [[nodiscard]] bool reserve_local(std::size_t bytes) noexcept {
+    if (credit_ >= bytes) {
+      credit_ -= static_cast<std::uint32_t>(bytes);
+      return true;
+    }
+    if (bytes > core().options.backpressure.max_buffered_bytes) return false;
+    const std::size_t need = bytes - credit_;
+    if (add_reserved(need + ws_server_credit)) {
+      credit_ = ws_server_credit;
+      return true;
+    }
+    if (!add_reserved(need)) return false;  // near the limit: exactly what is needed
+    credit_ = 0;
     return true;
   }
   /// Gives back a reservation that will not be queued.
@@ -4754,7 +4768,7 @@ class ws_server_session {
   /// Queues one data message whose bytes were reserved. On the session's thread.
   void enqueue_data(ws_server_out_frame m) {
     if (phase() != phase_t::open) {
-      unreserve(m.size());
+      unreserve(m.size() + std::exchange(credit_, 0));
       return;
     }
     auto& q = queue();
@@ -4762,9 +4776,9 @@ class ws_server_session {
     const auto& bp = core().options.backpressure;
     if (bp.on_overflow == overflow_action::drop_oldest) {
       // Drop the oldest whole messages no write has started; the newest one always stays.
-      while (buffered() > bp.max_buffered_bytes && !q.mid_message &&
+      while (buffered() - credit_ > bp.max_buffered_bytes && !q.mid_message &&
              q.data_head + 1 < q.data.size()) {
-        unreserve(q.data[q.data_head].size());
+        give_back(q.data[q.data_head].size());
         q.data[q.data_head++] = {};
       }
     }
@@ -4908,6 +4922,30 @@ class ws_server_session {
   void set_phase(phase_t p) noexcept { phase_.store(p, std::memory_order_release); }
 
   void drop_parser() noexcept { delete std::exchange(parser_, nullptr); }
+
+  // The hard bound of reservations: drop_oldest may pass the limit up to twice its size until
+  // the worker drops older messages.
+  [[nodiscard]] bool add_reserved(std::size_t bytes) noexcept {
+    const auto& bp = core().options.backpressure;
+    const std::size_t hard = bp.on_overflow == overflow_action::drop_oldest
+                                 ? 2 * bp.max_buffered_bytes
+                                 : bp.max_buffered_bytes;
+    std::uint32_t cur = buffered_.load(std::memory_order_relaxed);
+    do {
+      if (cur + bytes > hard) return false;
+    } while (!buffered_.compare_exchange_weak(cur, cur + static_cast<std::uint32_t>(bytes),
+                                              std::memory_order_relaxed));
+    return true;
+  }
+  // Bytes no longer queued, on the session's thread: kept as credit (up to 2 x ws_server_credit)
+  // while the queue is in use; on_drained() gives all of it back.
+  void give_back(std::size_t bytes) noexcept {
+    credit_ += static_cast<std::uint32_t>(bytes);
+    if (credit_ > 2 * ws_server_credit) {
+      unreserve(credit_ - ws_server_credit);
+      credit_ = ws_server_credit;
+    }
+  }
 
   ws_server_out_queue& queue() {
     if (!q_) q_ = worker().take_queue();
@@ -5087,6 +5125,7 @@ class ws_server_session {
   void wait_writable();
   void on_drained() {
     if (q_) worker().give_queue(std::move(q_));
+    if (credit_ > 0) unreserve(std::exchange(credit_, 0));  // idle: buffered() is 0
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
@@ -5108,6 +5147,7 @@ class ws_server_session {
   std::unique_ptr<ws_server_out_queue> q_;  // only while bytes wait to be written
   std::uint64_t sequence_ = 0;
   std::atomic<std::uint32_t> buffered_{0};  // server::start checks that the limits fit
+  std::uint32_t credit_ = 0;                // part of buffered_ reserved but unused (own thread)
   std::atomic<std::uint32_t> refs_{0};
   std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
@@ -5275,7 +5315,7 @@ inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) 
   const std::string text = o.error_text ? o.error_text(ec) : websocket::default_error_text(ec);
   auto reply =
       ws_server_message(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
-  if (!reserve(reply.size())) return;  // over the limit: the reply is the first thing to go
+  if (!reserve_local(reply.size())) return;  // over the limit: the reply is the first to go
   enqueue_data(std::move(reply));
 }
 
@@ -5414,7 +5454,7 @@ inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
     q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
     q.data_head = 0;
   }
-  if (released > 0) unreserve(released);
+  if (released > 0) give_back(released);
 }
 
 // The socket took less than offered, so its buffer is full and the kernel will report the
@@ -5679,7 +5719,7 @@ class server {
         cur.core == core_.get() && cur.session->id() == id) {
       if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
       auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
-      if (!cur.session->reserve(m.size())) {
+      if (!cur.session->reserve_local(m.size())) {
         overflow(detail::ws_server_session_ref(cur.session));
         return errc::backpressure;
       }

@@ -815,6 +815,45 @@ TEST_CASE("back-pressure: a client that never reads is closed with 1013",
   CHECK(fx.server.send(id, devgate::payload_kind::binary, chunk) == devgate::errc::unknown_session);
 }
 
+TEST_CASE("back-pressure: replies from a handler meet the limit exactly, then return to 0",
+          "[websocket][server][backpressure]") {
+  auto o = echo_fixture::base_options();
+  o.backpressure.max_buffered_bytes = 1000;
+  o.close_timeout = 300ms;
+  echo_fixture fx(o);
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened_count() == 1; }));
+  const devgate::session_id id = fx.last_open;
+  // n masked 60-byte binary frames in one write: one read batch, whose 62-byte echoes are all
+  // reserved and queued before the batch's one write.
+  auto burst = [&](int n) {
+    const std::array<std::byte, 4> key{std::byte{9}, std::byte{8}, std::byte{7}, std::byte{6}};
+    std::vector<std::byte> out;
+    for (int i = 0; i < n; ++i) {
+      out.push_back(std::byte{0x82});
+      out.push_back(std::byte{0x80 | 60});
+      out.insert(out.end(), key.begin(), key.end());
+      for (std::size_t j = 0; j < 60; ++j) {
+        out.push_back(std::byte(static_cast<unsigned char>('a' + i % 26)) ^ key[j % 4]);
+      }
+    }
+    c.write(out);
+  };
+  burst(16);  // 16 x 62 = 992 bytes of replies: within the limit
+  for (int i = 0; i < 16; ++i) {
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->opcode == 2);
+    CHECK(f->text() == std::string(60, static_cast<char>('a' + i % 26)));
+  }
+  CHECK(eventually([&] { return fx.server.buffered_bytes(id) == 0; }));
+  CHECK(fx.closed_count() == 0);
+  burst(17);  // 17 x 62 = 1054 bytes: the 17th reply is over the limit
+  REQUIRE(eventually([&] { return fx.closed_count() == 1; }));
+  CHECK(fx.code_of(id) == devgate::close_code::try_again_later);
+}
+
 TEST_CASE("back-pressure: drop_oldest keeps memory bounded and the session open",
           "[websocket][server][backpressure]") {
   auto o = echo_fixture::base_options();

@@ -170,7 +170,7 @@ class server {
         cur.core == core_.get() && cur.session->id() == id) {
       if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
       auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
-      if (!cur.session->reserve(m.size())) {
+      if (!cur.session->reserve_local(m.size())) {
         overflow(detail::ws_server_session_ref(cur.session));
         return errc::backpressure;
       }
