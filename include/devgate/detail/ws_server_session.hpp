@@ -398,6 +398,8 @@ struct ws_server_worker {
   std::vector<std::unique_ptr<ws_server_out_queue>> queue_pool;
   std::vector<ws_server_session_ref> scratch;  // tick and stop snapshots
   ws_server_gather gather;                     // the write being assembled (pump)
+  inbound_message delivering;                  // reused by ws_server_session::deliver
+  bool delivering_busy = false;                // a handler is running with `delivering`
 
   [[nodiscard]] std::span<std::byte> buffer() const noexcept {
     return {read_buffer.get(), read_buffer_size};
@@ -1089,19 +1091,32 @@ inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) 
   if (phase() != phase_t::open) return;
   auto& h = core().handlers;
   if (!h.on_message) return;
-  inbound_message m;
+  // The worker's reusable message: its device id is assigned only when the sender changes (or
+  // the last handler took it), not shared and released again for every message of a batch.
+  auto& w = worker();
+  std::optional<inbound_message> nested;  // only if a handler's call leads back here
+  inbound_message& m = w.delivering_busy ? nested.emplace() : w.delivering;
+  if (m.device_id.data() != device_id_.data() || m.device_id.size() != device_id_.size()) {
+    m.device_id = device_id_;
+  }
   m.session = id_;
-  m.device_id = device_id_;
   m.sequence = ++sequence_;
   m.kind = kind;
   m.payload = std::move(payload);
-  m.received = worker().read_time;
+  m.received = w.read_time;
   // Restored on exit, exceptions included (a handler may deliver to another server's session).
   struct current_guard {
     ws_server_delivering prev;
-    ~current_guard() { ws_server_current = prev; }
-  } guard{std::exchange(ws_server_current, ws_server_delivering{&core(), this})};
+    ws_server_worker& w;
+    bool busy;
+    ~current_guard() {
+      ws_server_current = prev;
+      w.delivering_busy = busy;
+    }
+  } guard{std::exchange(ws_server_current, ws_server_delivering{&core(), this}), w,
+          std::exchange(w.delivering_busy, true)};
   const std::error_code ec = h.on_message(std::move(m));
+  m.payload = {};  // what the handler did not take goes now, not with the next message
   if (!ec || phase() != phase_t::open) return;
   // Tell the device why its message was not taken (the device protocol refines this later).
   auto& o = core().options;
