@@ -159,7 +159,8 @@ meta = {
   "boost": sh("dpkg-query -W -f='\${Version}' libboost-dev 2>/dev/null") or "none",
   "websocketpp": sh("dpkg-query -W -f='\${Version}' libwebsocketpp-dev 2>/dev/null") or "none",
   "node": sh("node --version") or "none", "ws": "$ws_version",
-  "command": "benchmarks/run.sh" + (" --quick" if "$mode" == "quick" else ""),
+  "command": ("BENCH_REPS=$reps " if "${BENCH_REPS:-}" else "") + "benchmarks/run.sh"
+             + (" --quick" if "$mode" == "quick" else ""),
 }
 json.dump(meta, open(sys.argv[1], "w"))
 EOF
