@@ -6,7 +6,7 @@
 ///   core/       vocabulary types: shared immutable bytes, error codes
 ///   transport/  what a transport must provide (concept) and the in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
-///   websocket/  the reference transport: RFC 6455 server on standalone Asio
+///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
 ///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   firmware images held once and cut into chunks; transfer slots
@@ -36,10 +36,12 @@
 #include "devgate/websocket/handshake.hpp"  // RFC 6455 opening handshake checks and 101 reply
 #include "devgate/websocket/http.hpp"       // strict bounded HTTP/1.1 request parser, responses
 #include "devgate/websocket/reader.hpp"     // inbound frame state machine: checks, reassembly
-#include "devgate/websocket/server.hpp"     // websocket::server: the reference transport (Asio)
 #include "devgate/websocket/server_options.hpp"  // server_options, http_reply, error replies
 #include "devgate/websocket/static_files.hpp"    // static_files(root): a route for plain GETs
 #include "devgate/websocket/utf8.hpp"            // incremental UTF-8 validation (RFC 3629)
+#if defined(__linux__)
+#include "devgate/websocket/server.hpp"  // websocket::server: the reference transport (Linux)
+#endif
 
 #include "devgate/store/memory_state_store.hpp"  // memory_state_store: the default state store
 #include "devgate/store/state_store.hpp"  // state_store concept: per-device state across connections

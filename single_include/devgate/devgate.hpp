@@ -11,7 +11,7 @@
 ///   core/       vocabulary types: shared immutable bytes, error codes
 ///   transport/  what a transport must provide (concept) and the in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
-///   websocket/  the reference transport: RFC 6455 server on standalone Asio
+///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
 ///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   firmware images held once and cut into chunks; transfer slots
@@ -4191,71 +4191,6 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 }  // namespace devgate::websocket
 // ---- end devgate/websocket/reader.hpp ----
 
-// ---- begin devgate/websocket/server.hpp ----
-
-#include <netinet/tcp.h>  // TCP_DEFER_ACCEPT
-#include <sys/socket.h>   // accept4
-#include <asio.hpp>
-
-#include <algorithm>     // std::clamp, std::min
-#include <atomic>        // run state
-#include <cerrno>        // accept4 errors
-#include <chrono>        // stop deadline
-#include <cstddef>       // std::size_t
-#include <cstdint>       // port
-#include <future>        // waiting for workers in stop()
-#include <memory>        // workers
-#include <span>          // broadcast recipients
-#include <stdexcept>     // programmer errors
-#include <string>        // close reasons
-#include <string_view>   // close reasons
-#include <system_error>  // results
-#include <thread>        // workers
-#include <vector>        // workers, broadcast groups
-
-
-// ---- begin devgate/detail/ws_server_session.hpp ----
-
-// Internals of devgate::websocket::server: one session per TCP connection, pinned to one worker
-// thread (its io_context), so per-session state needs no locks. Only `buffered_` and `phase_`
-// are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
-//
-// Session sockets are not Asio sockets: each worker registers them once, edge-triggered, in an
-// epoll set of its own, and waits on that set through Asio (one readiness wait per batch of
-// ready sockets, not one wait and one epoll_ctl per read). Reads and writes are plain
-// non-blocking recv and sendmsg on the session's thread. This is Linux-only (epoll, accept4).
-
-#include <asio.hpp>
-
-#if !defined(__linux__)
-#error "devgate::websocket::server needs Linux (epoll); the rest of devgate does not"
-#endif
-#include <sys/epoll.h>   // the worker's readiness set
-#include <sys/socket.h>  // recv, sendmsg, shutdown
-#include <sys/uio.h>     // iovec
-#include <unistd.h>      // close
-
-#include <cerrno>  // EAGAIN and friends
-
-#include <algorithm>     // std::min
-#include <array>         // write batches
-#include <atomic>        // cross-thread counters
-#include <cstddef>       // std::byte, std::size_t
-#include <cstdint>       // compact fields
-#include <cstring>       // memcpy of encoded fragments
-#include <memory>        // std::unique_ptr
-#include <mutex>         // registry shard lock
-#include <optional>      // identify results
-#include <span>          // byte views
-#include <string>        // texts
-#include <string_view>   // reasons
-#include <system_error>  // error codes
-#include <thread>        // worker thread
-
-#include <utility>  // std::move
-#include <vector>   // queues, pools
-
-
 // ---- begin devgate/websocket/server_options.hpp ----
 
 #include <chrono>        // timeouts
@@ -4379,6 +4314,199 @@ struct server_options {
 
 }  // namespace devgate::websocket
 // ---- end devgate/websocket/server_options.hpp ----
+
+// ---- begin devgate/websocket/static_files.hpp ----
+
+#include <cstddef>       // std::size_t
+#include <filesystem>    // the document root
+#include <fstream>       // reading files
+#include <functional>    // the route callback
+#include <optional>      // decoding results
+#include <string>        // paths
+#include <string_view>   // extensions, targets
+#include <system_error>  // filesystem errors
+
+
+namespace devgate::websocket {
+
+/// The Content-Type for a file name, by extension (application/octet-stream when unknown).
+[[nodiscard]] inline std::string_view content_type_for(std::string_view filename) noexcept {
+  const std::size_t dot = filename.rfind('.');
+  if (dot == std::string_view::npos) return "application/octet-stream";
+  std::string_view ext = filename.substr(dot + 1);
+  struct entry {
+    std::string_view ext, type;
+  };
+  static constexpr entry types[] = {
+      {"html", "text/html; charset=utf-8"},
+      {"htm", "text/html; charset=utf-8"},
+      {"js", "text/javascript; charset=utf-8"},
+      {"mjs", "text/javascript; charset=utf-8"},
+      {"css", "text/css; charset=utf-8"},
+      {"json", "application/json"},
+      {"map", "application/json"},
+      {"txt", "text/plain; charset=utf-8"},
+      {"svg", "image/svg+xml"},
+      {"png", "image/png"},
+      {"jpg", "image/jpeg"},
+      {"jpeg", "image/jpeg"},
+      {"gif", "image/gif"},
+      {"ico", "image/x-icon"},
+      {"webp", "image/webp"},
+      {"wasm", "application/wasm"},
+      {"woff2", "font/woff2"},
+  };
+  for (const entry& e : types) {
+    if (detail_http::iequals(ext, e.ext)) return e.type;
+  }
+  return "application/octet-stream";
+}
+
+/// Decodes the path of a request target for file lookup: drops the query, percent-decodes, and
+/// refuses (std::nullopt) anything that could leave the document root: a "." or ".." segment
+/// (also when percent-encoded), a backslash, a NUL, an empty segment, or a bad escape.
+[[nodiscard]] inline std::optional<std::string> static_file_path(std::string_view target) {
+  if (const std::size_t q = target.find('?'); q != std::string_view::npos) {
+    target = target.substr(0, q);
+  }
+  if (target.empty() || target.front() != '/') return std::nullopt;
+  std::string path;
+  path.reserve(target.size());
+  for (std::size_t i = 0; i < target.size(); ++i) {
+    char c = target[i];
+    if (c == '%') {
+      auto hex = [](char h) -> int {
+        if (h >= '0' && h <= '9') return h - '0';
+        if (h >= 'a' && h <= 'f') return h - 'a' + 10;
+        if (h >= 'A' && h <= 'F') return h - 'A' + 10;
+        return -1;
+      };
+      if (i + 2 >= target.size()) return std::nullopt;
+      const int hi = hex(target[i + 1]), lo = hex(target[i + 2]);
+      if (hi < 0 || lo < 0) return std::nullopt;
+      c = static_cast<char>(hi * 16 + lo);
+      i += 2;
+    }
+    if (c == '\0' || c == '\\') return std::nullopt;
+    path.push_back(c);
+  }
+  // Check every segment after decoding, so "%2e%2e" is caught like "..".
+  std::size_t start = 1;
+  while (start <= path.size()) {
+    std::size_t end = path.find('/', start);
+    if (end == std::string::npos) end = path.size();
+    const std::string_view seg(path.data() + start, end - start);
+    if (seg == "." || seg == "..") return std::nullopt;
+    if (seg.empty() && end != path.size()) return std::nullopt;  // "//": no empty segments
+    start = end + 1;
+  }
+  if (path.back() == '/') path += "index.html";
+  return path;
+}
+
+/// A `server_options::route` that serves the files under `root` (GET and HEAD): index.html for
+/// directories, content types by extension, 404 for anything missing or outside the root.
+/// Files are read on each request (meant for a demo page, not a CDN).
+[[nodiscard]] inline std::function<http_reply(const http_request&)> static_files(
+    std::filesystem::path root) {
+  return [root = std::move(root)](const http_request& req) {
+    http_reply reply;
+    auto not_found = [&reply] {
+      reply.status = 404;
+      reply.content_type = "text/plain; charset=utf-8";
+      reply.body = shared_bytes::copy_of(std::string_view("not found\n"));
+      return reply;
+    };
+    const auto rel = static_file_path(req.target);
+    if (!rel) return not_found();
+    std::filesystem::path file = root / std::filesystem::path(rel->substr(1));
+    std::error_code ec;
+    if (std::filesystem::is_directory(file, ec)) file /= "index.html";
+    if (!std::filesystem::is_regular_file(file, ec)) return not_found();
+    const auto size = std::filesystem::file_size(file, ec);
+    if (ec) return not_found();
+    std::ifstream in(file, std::ios::binary);
+    if (!in) return not_found();
+    bool ok = true;
+    reply.body = shared_bytes::build(static_cast<std::size_t>(size), [&](std::span<std::byte> out) {
+      ok = static_cast<bool>(
+          in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size())));
+    });
+    if (!ok) return not_found();
+    reply.content_type = std::string(content_type_for(file.filename().string()));
+    reply.extra_headers = "X-Content-Type-Options: nosniff\r\n";
+    return reply;
+  };
+}
+
+}  // namespace devgate::websocket
+// ---- end devgate/websocket/static_files.hpp ----
+#if defined(__linux__)
+
+// ---- begin devgate/websocket/server.hpp ----
+
+#include <netinet/tcp.h>  // TCP_DEFER_ACCEPT
+#include <sys/socket.h>   // accept4
+#include <asio.hpp>
+
+#include <algorithm>     // std::clamp, std::min
+#include <atomic>        // run state
+#include <cerrno>        // accept4 errors
+#include <chrono>        // stop deadline
+#include <cstddef>       // std::size_t
+#include <cstdint>       // port
+#include <future>        // waiting for workers in stop()
+#include <memory>        // workers
+#include <span>          // broadcast recipients
+#include <stdexcept>     // programmer errors
+#include <string>        // close reasons
+#include <string_view>   // close reasons
+#include <system_error>  // results
+#include <thread>        // workers
+#include <vector>        // workers, broadcast groups
+
+
+// ---- begin devgate/detail/ws_server_session.hpp ----
+
+// Internals of devgate::websocket::server: one session per TCP connection, pinned to one worker
+// thread (its io_context), so per-session state needs no locks. Only `buffered_` and `phase_`
+// are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
+//
+// Session sockets are not Asio sockets: each worker registers them once, edge-triggered, in an
+// epoll set of its own, and waits on that set through Asio (one readiness wait per batch of
+// ready sockets, not one wait and one epoll_ctl per read). Reads and writes are plain
+// non-blocking recv and sendmsg on the session's thread. This is Linux-only (epoll, accept4).
+
+#include <asio.hpp>
+
+#if !defined(__linux__)
+#error "devgate::websocket::server needs Linux (epoll); the rest of devgate does not"
+#endif
+#include <sys/epoll.h>   // the worker's readiness set
+#include <sys/socket.h>  // recv, sendmsg, shutdown
+#include <sys/uio.h>     // iovec
+#include <unistd.h>      // close
+
+#include <cerrno>  // EAGAIN and friends
+
+#include <algorithm>     // std::min
+#include <array>         // write batches
+#include <atomic>        // cross-thread counters
+#include <cstddef>       // std::byte, std::size_t
+#include <cstdint>       // compact fields
+#include <cstring>       // memcpy of encoded fragments
+#include <memory>        // std::unique_ptr
+#include <mutex>         // registry shard lock
+#include <optional>      // identify results
+#include <span>          // byte views
+#include <string>        // texts
+#include <string_view>   // reasons
+#include <system_error>  // error codes
+#include <thread>        // worker thread
+
+#include <utility>  // std::move
+#include <vector>   // queues, pools
+
 
 namespace devgate::detail {
 
@@ -6097,133 +6225,7 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 
 }  // namespace devgate::websocket
 // ---- end devgate/websocket/server.hpp ----
-
-// ---- begin devgate/websocket/static_files.hpp ----
-
-#include <cstddef>       // std::size_t
-#include <filesystem>    // the document root
-#include <fstream>       // reading files
-#include <functional>    // the route callback
-#include <optional>      // decoding results
-#include <string>        // paths
-#include <string_view>   // extensions, targets
-#include <system_error>  // filesystem errors
-
-
-namespace devgate::websocket {
-
-/// The Content-Type for a file name, by extension (application/octet-stream when unknown).
-[[nodiscard]] inline std::string_view content_type_for(std::string_view filename) noexcept {
-  const std::size_t dot = filename.rfind('.');
-  if (dot == std::string_view::npos) return "application/octet-stream";
-  std::string_view ext = filename.substr(dot + 1);
-  struct entry {
-    std::string_view ext, type;
-  };
-  static constexpr entry types[] = {
-      {"html", "text/html; charset=utf-8"},
-      {"htm", "text/html; charset=utf-8"},
-      {"js", "text/javascript; charset=utf-8"},
-      {"mjs", "text/javascript; charset=utf-8"},
-      {"css", "text/css; charset=utf-8"},
-      {"json", "application/json"},
-      {"map", "application/json"},
-      {"txt", "text/plain; charset=utf-8"},
-      {"svg", "image/svg+xml"},
-      {"png", "image/png"},
-      {"jpg", "image/jpeg"},
-      {"jpeg", "image/jpeg"},
-      {"gif", "image/gif"},
-      {"ico", "image/x-icon"},
-      {"webp", "image/webp"},
-      {"wasm", "application/wasm"},
-      {"woff2", "font/woff2"},
-  };
-  for (const entry& e : types) {
-    if (detail_http::iequals(ext, e.ext)) return e.type;
-  }
-  return "application/octet-stream";
-}
-
-/// Decodes the path of a request target for file lookup: drops the query, percent-decodes, and
-/// refuses (std::nullopt) anything that could leave the document root: a "." or ".." segment
-/// (also when percent-encoded), a backslash, a NUL, an empty segment, or a bad escape.
-[[nodiscard]] inline std::optional<std::string> static_file_path(std::string_view target) {
-  if (const std::size_t q = target.find('?'); q != std::string_view::npos) {
-    target = target.substr(0, q);
-  }
-  if (target.empty() || target.front() != '/') return std::nullopt;
-  std::string path;
-  path.reserve(target.size());
-  for (std::size_t i = 0; i < target.size(); ++i) {
-    char c = target[i];
-    if (c == '%') {
-      auto hex = [](char h) -> int {
-        if (h >= '0' && h <= '9') return h - '0';
-        if (h >= 'a' && h <= 'f') return h - 'a' + 10;
-        if (h >= 'A' && h <= 'F') return h - 'A' + 10;
-        return -1;
-      };
-      if (i + 2 >= target.size()) return std::nullopt;
-      const int hi = hex(target[i + 1]), lo = hex(target[i + 2]);
-      if (hi < 0 || lo < 0) return std::nullopt;
-      c = static_cast<char>(hi * 16 + lo);
-      i += 2;
-    }
-    if (c == '\0' || c == '\\') return std::nullopt;
-    path.push_back(c);
-  }
-  // Check every segment after decoding, so "%2e%2e" is caught like "..".
-  std::size_t start = 1;
-  while (start <= path.size()) {
-    std::size_t end = path.find('/', start);
-    if (end == std::string::npos) end = path.size();
-    const std::string_view seg(path.data() + start, end - start);
-    if (seg == "." || seg == "..") return std::nullopt;
-    if (seg.empty() && end != path.size()) return std::nullopt;  // "//": no empty segments
-    start = end + 1;
-  }
-  if (path.back() == '/') path += "index.html";
-  return path;
-}
-
-/// A `server_options::route` that serves the files under `root` (GET and HEAD): index.html for
-/// directories, content types by extension, 404 for anything missing or outside the root.
-/// Files are read on each request (meant for a demo page, not a CDN).
-[[nodiscard]] inline std::function<http_reply(const http_request&)> static_files(
-    std::filesystem::path root) {
-  return [root = std::move(root)](const http_request& req) {
-    http_reply reply;
-    auto not_found = [&reply] {
-      reply.status = 404;
-      reply.content_type = "text/plain; charset=utf-8";
-      reply.body = shared_bytes::copy_of(std::string_view("not found\n"));
-      return reply;
-    };
-    const auto rel = static_file_path(req.target);
-    if (!rel) return not_found();
-    std::filesystem::path file = root / std::filesystem::path(rel->substr(1));
-    std::error_code ec;
-    if (std::filesystem::is_directory(file, ec)) file /= "index.html";
-    if (!std::filesystem::is_regular_file(file, ec)) return not_found();
-    const auto size = std::filesystem::file_size(file, ec);
-    if (ec) return not_found();
-    std::ifstream in(file, std::ios::binary);
-    if (!in) return not_found();
-    bool ok = true;
-    reply.body = shared_bytes::build(static_cast<std::size_t>(size), [&](std::span<std::byte> out) {
-      ok = static_cast<bool>(
-          in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size())));
-    });
-    if (!ok) return not_found();
-    reply.content_type = std::string(content_type_for(file.filename().string()));
-    reply.extra_headers = "X-Content-Type-Options: nosniff\r\n";
-    return reply;
-  };
-}
-
-}  // namespace devgate::websocket
-// ---- end devgate/websocket/static_files.hpp ----
+#endif
 
 
 // ---- begin devgate/store/memory_state_store.hpp ----
