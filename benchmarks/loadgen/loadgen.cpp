@@ -34,16 +34,11 @@
 #include <string>     // options, JSON
 #include <vector>     // connections, samples
 
+#include "stamp.hpp"  // now_ns: the clock of the latency stamps
+
 namespace {
 
-// CLOCK_MONOTONIC in nanoseconds: the same clock in every process on the machine, so the ingest
-// server can compute device-to-sink latency from the time the device wrote into the payload.
-std::uint64_t now_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u +
-         static_cast<std::uint64_t>(ts.tv_nsec);
-}
+using devgate_bench::now_ns;
 
 struct options {
   std::string host = "127.0.0.1";

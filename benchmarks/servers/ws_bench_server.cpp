@@ -32,14 +32,11 @@
 #include "devgate/pipeline/gateway.hpp"
 #include "devgate/websocket/server.hpp"
 
+#include "../loadgen/stamp.hpp"  // now_ns: the clock of the latency stamps
+
 namespace {
 
-std::uint64_t now_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u +
-         static_cast<std::uint64_t>(ts.tv_nsec);
-}
+using devgate_bench::now_ns;
 
 // Log-linear histogram of nanoseconds (32 sub-buckets per power of two: about 3% resolution),
 // written concurrently by the pipeline's workers with relaxed atomic increments.
