@@ -1815,6 +1815,21 @@ struct reply_channel {
   /// Sends one payload to many sessions.
   std::size_t (*broadcast)(void*, std::span<const session_id>, payload_kind,
                            shared_bytes) = nullptr;
+
+  /// The channel to `t` (referenced: it must outlive the channel's users), whatever its type.
+  template <class Transport>
+  [[nodiscard]] static reply_channel to(Transport& t) noexcept {
+    reply_channel c;
+    c.target = &t;
+    c.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
+      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
+    };
+    c.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
+                     shared_bytes bytes) {
+      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
+    };
+    return c;
+  }
 };
 
 /// What a sink learns about the dispatch besides the message itself.
@@ -2719,14 +2734,7 @@ class gateway {
   /// Wires `t` (referenced: it must outlive the gateway) to a pipeline dispatching to `s`.
   gateway(Transport& t, Sink s, pipeline_options options = {})
       : transport_(t), pipeline_(std::move(s), std::move(options)) {
-    channel_.target = &transport_;
-    channel_.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
-      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
-    };
-    channel_.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
-                            shared_bytes bytes) {
-      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
-    };
+    channel_ = reply_channel::to(transport_);
     pipeline_.set_reply_channel(&channel_);
   }
   gateway(const gateway&) = delete;
@@ -7184,14 +7192,7 @@ class hub {
     if (options_.chunk_size == 0) {
       throw std::invalid_argument("hub_options::chunk_size must be >= 1");
     }
-    channel_.target = &transport_;
-    channel_.send = [](void* t, session_id id, payload_kind kind, shared_bytes bytes) {
-      return static_cast<Transport*>(t)->send(id, kind, std::move(bytes));
-    };
-    channel_.broadcast = [](void* t, std::span<const session_id> ids, payload_kind kind,
-                            shared_bytes bytes) {
-      return static_cast<Transport*>(t)->broadcast(ids, kind, std::move(bytes));
-    };
+    channel_ = reply_channel::to(transport_);
     pipeline_.set_reply_channel(&channel_);
     bus_.set_channel(&channel_);
   }

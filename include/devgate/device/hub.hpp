@@ -145,14 +145,7 @@ class hub {
     if (options_.chunk_size == 0) {
       throw std::invalid_argument("hub_options::chunk_size must be >= 1");
     }
-    channel_.target = &transport_;
-    channel_.send = [](void* t, session_id id, payload_kind kind, shared_bytes bytes) {
-      return static_cast<Transport*>(t)->send(id, kind, std::move(bytes));
-    };
-    channel_.broadcast = [](void* t, std::span<const session_id> ids, payload_kind kind,
-                            shared_bytes bytes) {
-      return static_cast<Transport*>(t)->broadcast(ids, kind, std::move(bytes));
-    };
+    channel_ = reply_channel::to(transport_);
     pipeline_.set_reply_channel(&channel_);
     bus_.set_channel(&channel_);
   }

@@ -32,14 +32,7 @@ class gateway {
   /// Wires `t` (referenced: it must outlive the gateway) to a pipeline dispatching to `s`.
   gateway(Transport& t, Sink s, pipeline_options options = {})
       : transport_(t), pipeline_(std::move(s), std::move(options)) {
-    channel_.target = &transport_;
-    channel_.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
-      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
-    };
-    channel_.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
-                            shared_bytes bytes) {
-      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
-    };
+    channel_ = reply_channel::to(transport_);
     pipeline_.set_reply_channel(&channel_);
   }
   gateway(const gateway&) = delete;

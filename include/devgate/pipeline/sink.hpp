@@ -25,6 +25,21 @@ struct reply_channel {
   /// Sends one payload to many sessions.
   std::size_t (*broadcast)(void*, std::span<const session_id>, payload_kind,
                            shared_bytes) = nullptr;
+
+  /// The channel to `t` (referenced: it must outlive the channel's users), whatever its type.
+  template <class Transport>
+  [[nodiscard]] static reply_channel to(Transport& t) noexcept {
+    reply_channel c;
+    c.target = &t;
+    c.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
+      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
+    };
+    c.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
+                     shared_bytes bytes) {
+      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
+    };
+    return c;
+  }
 };
 
 /// What a sink learns about the dispatch besides the message itself.
