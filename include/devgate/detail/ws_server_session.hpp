@@ -54,8 +54,8 @@ class ws_server_session;
 struct ws_server_worker;
 
 /// Fixed-size blocks carved from 8 KiB chunks, so what every idle session keeps (its session
-/// object, its pending read-wait operation) costs its exact size rather than a heap block with
-/// a header and rounding, and long-lived blocks do not interleave with short-lived ones.
+/// object) costs its exact size rather than a heap block with a header and rounding, and
+/// long-lived blocks do not interleave with short-lived ones.
 /// Not thread-safe; the memory returns when the pool dies (it keeps its peak size until then).
 class ws_server_block_pool {
  public:
