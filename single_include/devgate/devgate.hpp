@@ -5786,7 +5786,6 @@ inline void ws_server_worker::adopt(int fd) {
   if (s->phase() != ws_server_session::phase_t::done && !watch(*s)) {
     s->finish(close_code::abnormal);
   }
-  retired.clear();
 }
 
 inline bool ws_server_worker::watch(ws_server_session& s) noexcept {
