@@ -19,8 +19,9 @@
 #include "devgate/core/error.hpp"         // devgate::errc and its std::error_category
 #include "devgate/core/stop_signals.hpp"  // stop_signals: wait for SIGINT/SIGTERM in main()
 
-#include "devgate/transport/in_process.hpp"  // in_process_transport: host code plays the devices
-#include "devgate/transport/transport.hpp"   // the transport concept and its vocabulary
+#include "devgate/transport/in_process.hpp"     // in_process_transport: host code plays the devices
+#include "devgate/transport/reply_channel.hpp"  // reply_channel: the type-erased way back to sessions
+#include "devgate/transport/transport.hpp"      // the transport concept and its vocabulary
 
 #include "devgate/pipeline/demand.hpp"    // demand policies (fixed<N>, adaptive)
 #include "devgate/pipeline/fetcher.hpp"   // fetcher: partitions, tickets, bulk pull by demand

@@ -16,7 +16,7 @@
 #include <vector>         // recipients
 
 #include "devgate/core/bytes.hpp"
-#include "devgate/pipeline/sink.hpp"  // reply_channel: the type-erased way to the transport
+#include "devgate/transport/reply_channel.hpp"  // the type-erased way to the transport
 #include "devgate/transport/transport.hpp"
 
 namespace devgate::device {
