@@ -112,40 +112,6 @@ TEST_CASE("chunk header round-trips and rejects malformed chunks") {
   CHECK_FALSE(dev::decode_chunk_header(buf));
 }
 
-TEST_CASE("firmware image: held once, chunks are slices of one buffer") {
-  const auto bytes = make_image(100'000);
-  devgate::firmware::image img(3, "2.0", bytes, 16384);
-  CHECK(img.chunk_count() == 7);
-  CHECK(img.memory_bytes() == 100'000 + 7 * dev::chunk_header_size);
-  CHECK(img.sha256() == devgate::detail::hex_encode(devgate::detail::sha256(bytes)));
-  const auto c0 = img.chunk_at(0);
-  const auto c6 = img.chunk_at(6 * 16384);
-  CHECK(img.buffer_use_count() == 3);
-  auto h = dev::decode_chunk_header(c6.bytes());
-  REQUIRE(h);
-  CHECK(h->offset == 6 * 16384);
-  CHECK(h->length == 100'000 - 6 * 16384);
-  CHECK(h->last);
-  CHECK(std::memcmp(c6.data() + 16, bytes.data() + 6 * 16384, h->length) == 0);
-  CHECK(c0.data() + (16384 + 16) * 6 == c6.data());
-  CHECK_THROWS_AS(devgate::firmware::image(1, "x", std::span<const std::byte>{}, 10),
-                  std::invalid_argument);
-}
-
-TEST_CASE("transfer slots: never more than the limit; freed slots go in arrival order") {
-  devgate::firmware::transfer_slots slots(2);
-  CHECK(slots.acquire("a"));
-  CHECK(slots.acquire("b"));
-  CHECK_FALSE(slots.acquire("c"));
-  CHECK_FALSE(slots.acquire("d"));
-  CHECK(slots.acquire("a"));  // already active
-  CHECK(slots.active() == 2);
-  CHECK(slots.release("d") == std::nullopt);  // leaves the queue
-  CHECK(slots.release("a") == std::optional<std::string>("c"));
-  CHECK(slots.release("b") == std::nullopt);
-  CHECK(slots.peak() == 2);
-}
-
 TEST_CASE("welcome carries state; reconnect keeps messages sent") {
   in_process_transport t;
   hub_t hub(t);
