@@ -6947,8 +6947,9 @@ struct outbound {
 };
 
 /// What the hub keeps in memory about one device: one slice per part of the hub, all guarded by
-/// `mutex`. Each part takes the mutex itself, for as short as it can, never holds it while
-/// calling the transport, the store or another part, and never holds two devices' at once.
+/// `mutex`. Each part takes the mutex itself, for as short as it can, and never holds it while
+/// calling the transport, the store or a method of another part that locks (the functions named
+/// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
   device_record(std::string device, std::uint64_t sent, std::string version)
@@ -7269,7 +7270,7 @@ class pubsub {
   /// Identifies a host subscription (for `unsubscribe`).
   using token = std::uint64_t;
 
-  /// Sets the way to devices (the hub sets it to its transport before any publish).
+  /// Sets the way to devices (the hub sets its gateway's channel before any publish).
   void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
 
   /// Subscribes session `s` to `topic`; false if it already was.

@@ -24,8 +24,9 @@ struct outbound {
 };
 
 /// What the hub keeps in memory about one device: one slice per part of the hub, all guarded by
-/// `mutex`. Each part takes the mutex itself, for as short as it can, never holds it while
-/// calling the transport, the store or another part, and never holds two devices' at once.
+/// `mutex`. Each part takes the mutex itself, for as short as it can, and never holds it while
+/// calling the transport, the store or a method of another part that locks (the functions named
+/// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
   device_record(std::string device, std::uint64_t sent, std::string version)
