@@ -4,12 +4,14 @@
 ///
 /// The folders are the architecture (see docs/ARCHITECTURE.md):
 ///   core/       vocabulary types: shared immutable bytes, error codes
-///   transport/  what a transport must provide (concept) and the in-process transport
-///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
+///   transport/  what a transport must provide (concept), the way back to it, in-process transport
+///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
+///               with a transport (the one composition root)
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
-///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
+///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
+///               (docs/PROTOCOL.md), pub/sub
 ///   store/      per-device state across connections: the concept and the in-memory store
-///   firmware/   firmware images held once and cut into chunks; transfer slots
+///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
 ///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
 
@@ -19,8 +21,9 @@
 #include "devgate/core/error.hpp"         // devgate::errc and its std::error_category
 #include "devgate/core/stop_signals.hpp"  // stop_signals: wait for SIGINT/SIGTERM in main()
 
-#include "devgate/transport/in_process.hpp"  // in_process_transport: host code plays the devices
-#include "devgate/transport/transport.hpp"   // the transport concept and its vocabulary
+#include "devgate/transport/in_process.hpp"     // in_process_transport: host code plays the devices
+#include "devgate/transport/reply_channel.hpp"  // reply_channel: the type-erased way back to sessions
+#include "devgate/transport/transport.hpp"      // the transport concept and its vocabulary
 
 #include "devgate/pipeline/demand.hpp"    // demand policies (fixed<N>, adaptive)
 #include "devgate/pipeline/fetcher.hpp"   // fetcher: partitions, tickets, bulk pull by demand
@@ -46,11 +49,20 @@
 #include "devgate/store/memory_state_store.hpp"  // memory_state_store: the default state store
 #include "devgate/store/state_store.hpp"  // state_store concept: per-device state across connections
 
+#include "devgate/device/delivery.hpp"  // delivery: sequence numbers, replay buffer, ordered outbox
 #include "devgate/device/device_id.hpp"  // device ids and /ws/<id> identification (400 otherwise)
-#include "devgate/device/hub.hpp"        // device::hub: sessions, resume, pub/sub, firmware rollout
-#include "devgate/device/protocol.hpp"   // the device wire protocol v1 (docs/PROTOCOL.md)
-#include "devgate/device/pubsub.hpp"     // topics shared by devices and host callbacks
-#include "devgate/firmware/rollout.hpp"  // firmware image (held once, pre-chunked), transfer slots
+#include "devgate/device/dispatch.hpp"  // protocol_dispatch: parse, check and route device messages
+#include "devgate/device/hub.hpp"       // device::hub: the parts composed on a gateway
+#include "devgate/device/hub_options.hpp"  // hub_options and hub_stats
+#include "devgate/device/hub_sink.hpp"     // hub_sink: the user's sink, then the server log
+#include "devgate/device/protocol.hpp"     // the device wire protocol v1 (docs/PROTOCOL.md)
+#include "devgate/device/pubsub.hpp"       // topics shared by devices and host callbacks
+#include "devgate/device/record.hpp"       // device_record: what the hub keeps per device
+#include "devgate/device/registry.hpp"     // registry: device records, live sessions, takeover
+
+#include "devgate/firmware/image.hpp"    // firmware image: held once, cut into wire chunks
+#include "devgate/firmware/rollout.hpp"  // rollout_engine: per-device transfer state machine
+#include "devgate/firmware/slots.hpp"    // transfer_slots: at most N transfers at once
 
 #include "devgate/client/device_client.hpp"  // device_client: a device speaking protocol v1
 

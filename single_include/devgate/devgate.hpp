@@ -9,12 +9,14 @@
 ///
 /// The folders are the architecture (see docs/ARCHITECTURE.md):
 ///   core/       vocabulary types: shared immutable bytes, error codes
-///   transport/  what a transport must provide (concept) and the in-process transport
-///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
+///   transport/  what a transport must provide (concept), the way back to it, in-process transport
+///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
+///               with a transport (the one composition root)
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
-///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
+///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
+///               (docs/PROTOCOL.md), pub/sub
 ///   store/      per-device state across connections: the concept and the in-memory store
-///   firmware/   firmware images held once and cut into chunks; transfer slots
+///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
 ///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
 
@@ -739,6 +741,46 @@ static_assert(transport<in_process_transport>,
 
 }  // namespace devgate
 // ---- end devgate/transport/in_process.hpp ----
+
+// ---- begin devgate/transport/reply_channel.hpp ----
+
+#include <cstddef>       // std::size_t
+#include <span>          // broadcast recipients
+#include <system_error>  // results
+#include <utility>       // std::move
+
+
+namespace devgate {
+
+/// The way back to a transport's sessions, whatever the transport's type: what sinks reply
+/// through (`dispatch_context`) and what topics publish through (`device::pubsub`). Type-erased,
+/// since it is used per reply, not per message, so an indirect call costs nothing that matters.
+struct reply_channel {
+  void* target = nullptr;  ///< The transport.
+  /// Sends to one session.
+  std::error_code (*send)(void*, session_id, payload_kind, shared_bytes) = nullptr;
+  /// Sends one payload to many sessions.
+  std::size_t (*broadcast)(void*, std::span<const session_id>, payload_kind,
+                           shared_bytes) = nullptr;
+
+  /// The channel to `t` (referenced: it must outlive the channel's users), whatever its type.
+  template <class Transport>
+  [[nodiscard]] static reply_channel to(Transport& t) noexcept {
+    reply_channel c;
+    c.target = &t;
+    c.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
+      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
+    };
+    c.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
+                     shared_bytes bytes) {
+      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
+    };
+    return c;
+  }
+};
+
+}  // namespace devgate
+// ---- end devgate/transport/reply_channel.hpp ----
 
 
 // ---- begin devgate/pipeline/demand.hpp ----
@@ -1466,138 +1508,21 @@ class fetcher {
 
 // ---- begin devgate/pipeline/gateway.hpp ----
 
+#include <atomic>        // gateway instance numbers
+#include <concepts>      // std::copy_constructible
 #include <cstddef>       // std::size_t
-#include <span>          // broadcast recipients
+#include <cstdint>       // gateway instance numbers
+#include <functional>    // session hooks
+#include <memory>        // per-thread lanes
+#include <mutex>         // the lane list
+#include <span>          // batches
 #include <string>        // Prometheus text
 #include <system_error>  // results
+#include <thread>        // std::thread::id
+#include <type_traits>   // std::is_invocable_r_v
 #include <utility>       // std::move
-#include <vector>        // handed-back messages
+#include <vector>        // handed-back messages, staging
 
-
-// ---- begin devgate/pipeline/pipeline.hpp ----
-
-#include <algorithm>           // std::min
-#include <atomic>              // counters and flags
-#include <chrono>              // timestamps, backoff
-#include <condition_variable>  // interruptible retry backoff
-#include <cstddef>             // std::size_t
-#include <cstdint>             // counters
-#include <functional>          // dead-letter and drop handlers (rare paths only)
-#include <memory>              // per-worker statistics
-#include <mutex>               // backoff sleep, stop
-#include <optional>            // stop deadline
-#include <span>                // push_bulk batches
-#include <stdexcept>           // std::invalid_argument at set-up
-#include <string>              // Prometheus text
-#include <system_error>        // results
-#include <thread>              // std::this_thread::yield
-#include <type_traits>         // static checks
-#include <utility>             // std::move
-#include <vector>              // handed-back messages
-
-
-// ---- begin devgate/detail/pipeline_eventcount.hpp ----
-
-#include <atomic>              // the waiter count and epoch
-#include <chrono>              // deadlines
-#include <condition_variable>  // the sleep itself
-#include <cstdint>             // epochs
-#include <mutex>               // pairs with the condition variable
-
-namespace devgate::detail {
-
-/// An eventcount: a notifier pays one fence and one load when nobody sleeps, and only takes the
-/// mutex (and a futex wake) when a waiter exists. A waiter announces itself, re-checks its
-/// condition, then sleeps until the epoch moves; a notify between the announce and the sleep moves
-/// the epoch, so no wake-up is lost and there is no polling interval.
-class pipeline_eventcount {
- public:
-  /// Step 1 of waiting: announce; the caller then re-checks its condition.
-  [[nodiscard]] std::uint64_t prepare_wait() noexcept {
-    waiters_.fetch_add(1, std::memory_order_seq_cst);
-    return epoch_.load(std::memory_order_seq_cst);
-  }
-  /// The condition became true after `prepare_wait`: do not sleep.
-  void cancel_wait() noexcept { waiters_.fetch_sub(1, std::memory_order_seq_cst); }
-  /// Step 2: sleep until notified after `prepare_wait` returned `key`, or until `deadline`.
-  /// Returns false on timeout.
-  template <class TimePoint>
-  bool wait_until(std::uint64_t key, TimePoint deadline) {
-    bool notified;
-    {
-      std::unique_lock lock(mutex_);
-      notified = cv_.wait_until(lock, deadline,
-                                [&] { return epoch_.load(std::memory_order_relaxed) != key; });
-    }
-    waiters_.fetch_sub(1, std::memory_order_seq_cst);
-    return notified;
-  }
-  /// Step 2 without a deadline.
-  void wait(std::uint64_t key) {
-    {
-      std::unique_lock lock(mutex_);
-      cv_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != key; });
-    }
-    waiters_.fetch_sub(1, std::memory_order_seq_cst);
-  }
-  /// A hint, no ordering: true if someone was announced as waiting. For callers that wake
-  /// sleepers as an optimisation (to spread work), not for correctness.
-  [[nodiscard]] bool has_waiters() const noexcept {
-    return waiters_.load(std::memory_order_relaxed) != 0;
-  }
-  /// Wakes one waiter, if any (call after making the condition true).
-  void notify_one() noexcept { notify(false); }
-  /// Wakes every waiter, if any.
-  void notify_all() noexcept { notify(true); }
-  /// Like `notify_one`, without the fence, for a caller whose condition change was a seq_cst
-  /// read-modify-write that waiters re-check with seq_cst loads (after `prepare_wait`): the
-  /// single total order of seq_cst operations already pairs the two sides, so either the
-  /// waiter's re-check sees the change or this load sees the waiter. On x86 that RMW is the
-  /// fence, so the hot path saves a second full barrier per notify.
-  void notify_one_after_sc_rmw() noexcept { notify_unfenced(false); }
-  /// `notify_all` under the same contract as `notify_one_after_sc_rmw`.
-  void notify_all_after_sc_rmw() noexcept { notify_unfenced(true); }
-
- private:
-  void notify_unfenced(bool all) noexcept {
-    if (waiters_.load(std::memory_order_seq_cst) == 0) return;
-    wake(all);
-  }
-
-  void notify(bool all) noexcept {
-    // Pairs with the seq_cst increment in prepare_wait: either the waiter's re-check sees our
-    // change, or we see its announcement here.
-#if defined(__SANITIZE_THREAD__)
-    // TSan does not model fences (and GCC refuses them under -fsanitize=thread): an RMW on the
-    // waiter count gives the same ordering, at the price of a locked instruction.
-    if (waiters_.fetch_add(0, std::memory_order_seq_cst) == 0) return;
-#else
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (waiters_.load(std::memory_order_relaxed) == 0) return;
-#endif
-    wake(all);
-  }
-
-  void wake(bool all) noexcept {
-    {
-      std::lock_guard lock(mutex_);
-      epoch_.fetch_add(1, std::memory_order_relaxed);
-    }
-    if (all) {
-      cv_.notify_all();
-    } else {
-      cv_.notify_one();
-    }
-  }
-
-  std::atomic<std::uint32_t> waiters_{0};
-  std::atomic<std::uint64_t> epoch_{0};
-  std::mutex mutex_;
-  std::condition_variable cv_;
-};
-
-}  // namespace devgate::detail
-// ---- end devgate/detail/pipeline_eventcount.hpp ----
 
 // ---- begin devgate/pipeline/metrics.hpp ----
 
@@ -1792,6 +1717,131 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 }  // namespace devgate
 // ---- end devgate/pipeline/metrics.hpp ----
 
+// ---- begin devgate/pipeline/pipeline.hpp ----
+
+#include <algorithm>           // std::min
+#include <atomic>              // counters and flags
+#include <chrono>              // timestamps, backoff
+#include <condition_variable>  // interruptible retry backoff
+#include <cstddef>             // std::size_t
+#include <cstdint>             // counters
+#include <functional>          // dead-letter and drop handlers (rare paths only)
+#include <memory>              // per-worker statistics
+#include <mutex>               // backoff sleep, stop
+#include <optional>            // stop deadline
+#include <span>                // push_bulk batches
+#include <stdexcept>           // std::invalid_argument at set-up
+#include <string>              // Prometheus text
+#include <system_error>        // results
+#include <thread>              // std::this_thread::yield
+#include <type_traits>         // static checks
+#include <utility>             // std::move
+#include <vector>              // handed-back messages
+
+
+// ---- begin devgate/detail/pipeline_eventcount.hpp ----
+
+#include <atomic>              // the waiter count and epoch
+#include <chrono>              // deadlines
+#include <condition_variable>  // the sleep itself
+#include <cstdint>             // epochs
+#include <mutex>               // pairs with the condition variable
+
+namespace devgate::detail {
+
+/// An eventcount: a notifier pays one fence and one load when nobody sleeps, and only takes the
+/// mutex (and a futex wake) when a waiter exists. A waiter announces itself, re-checks its
+/// condition, then sleeps until the epoch moves; a notify between the announce and the sleep moves
+/// the epoch, so no wake-up is lost and there is no polling interval.
+class pipeline_eventcount {
+ public:
+  /// Step 1 of waiting: announce; the caller then re-checks its condition.
+  [[nodiscard]] std::uint64_t prepare_wait() noexcept {
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+    return epoch_.load(std::memory_order_seq_cst);
+  }
+  /// The condition became true after `prepare_wait`: do not sleep.
+  void cancel_wait() noexcept { waiters_.fetch_sub(1, std::memory_order_seq_cst); }
+  /// Step 2: sleep until notified after `prepare_wait` returned `key`, or until `deadline`.
+  /// Returns false on timeout.
+  template <class TimePoint>
+  bool wait_until(std::uint64_t key, TimePoint deadline) {
+    bool notified;
+    {
+      std::unique_lock lock(mutex_);
+      notified = cv_.wait_until(lock, deadline,
+                                [&] { return epoch_.load(std::memory_order_relaxed) != key; });
+    }
+    waiters_.fetch_sub(1, std::memory_order_seq_cst);
+    return notified;
+  }
+  /// Step 2 without a deadline.
+  void wait(std::uint64_t key) {
+    {
+      std::unique_lock lock(mutex_);
+      cv_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != key; });
+    }
+    waiters_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  /// A hint, no ordering: true if someone was announced as waiting. For callers that wake
+  /// sleepers as an optimisation (to spread work), not for correctness.
+  [[nodiscard]] bool has_waiters() const noexcept {
+    return waiters_.load(std::memory_order_relaxed) != 0;
+  }
+  /// Wakes one waiter, if any (call after making the condition true).
+  void notify_one() noexcept { notify(false); }
+  /// Wakes every waiter, if any.
+  void notify_all() noexcept { notify(true); }
+  /// Like `notify_one`, without the fence, for a caller whose condition change was a seq_cst
+  /// read-modify-write that waiters re-check with seq_cst loads (after `prepare_wait`): the
+  /// single total order of seq_cst operations already pairs the two sides, so either the
+  /// waiter's re-check sees the change or this load sees the waiter. On x86 that RMW is the
+  /// fence, so the hot path saves a second full barrier per notify.
+  void notify_one_after_sc_rmw() noexcept { notify_unfenced(false); }
+  /// `notify_all` under the same contract as `notify_one_after_sc_rmw`.
+  void notify_all_after_sc_rmw() noexcept { notify_unfenced(true); }
+
+ private:
+  void notify_unfenced(bool all) noexcept {
+    if (waiters_.load(std::memory_order_seq_cst) == 0) return;
+    wake(all);
+  }
+
+  void notify(bool all) noexcept {
+    // Pairs with the seq_cst increment in prepare_wait: either the waiter's re-check sees our
+    // change, or we see its announcement here.
+#if defined(__SANITIZE_THREAD__)
+    // TSan does not model fences (and GCC refuses them under -fsanitize=thread): an RMW on the
+    // waiter count gives the same ordering, at the price of a locked instruction.
+    if (waiters_.fetch_add(0, std::memory_order_seq_cst) == 0) return;
+#else
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (waiters_.load(std::memory_order_relaxed) == 0) return;
+#endif
+    wake(all);
+  }
+
+  void wake(bool all) noexcept {
+    {
+      std::lock_guard lock(mutex_);
+      epoch_.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (all) {
+      cv_.notify_all();
+    } else {
+      cv_.notify_one();
+    }
+  }
+
+  std::atomic<std::uint32_t> waiters_{0};
+  std::atomic<std::uint64_t> epoch_{0};
+  std::mutex mutex_;
+  std::condition_variable cv_;
+};
+
+}  // namespace devgate::detail
+// ---- end devgate/detail/pipeline_eventcount.hpp ----
+
 // ---- begin devgate/pipeline/sink.hpp ----
 
 #include <concepts>      // sink
@@ -1805,32 +1855,6 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 
 
 namespace devgate {
-
-/// A way back to devices, set by the gateway from its transport (type-erased: it is used per
-/// reply, not per message, so an indirect call costs nothing that matters).
-struct reply_channel {
-  void* target = nullptr;  ///< The transport.
-  /// Sends to one session.
-  std::error_code (*send)(void*, session_id, payload_kind, shared_bytes) = nullptr;
-  /// Sends one payload to many sessions.
-  std::size_t (*broadcast)(void*, std::span<const session_id>, payload_kind,
-                           shared_bytes) = nullptr;
-
-  /// The channel to `t` (referenced: it must outlive the channel's users), whatever its type.
-  template <class Transport>
-  [[nodiscard]] static reply_channel to(Transport& t) noexcept {
-    reply_channel c;
-    c.target = &t;
-    c.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
-      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
-    };
-    c.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
-                     shared_bytes bytes) {
-      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
-    };
-    return c;
-  }
-};
 
 /// What a sink learns about the dispatch besides the message itself.
 struct dispatch_context {
@@ -2716,14 +2740,43 @@ pipeline(Sink, pipeline_options = {}) -> pipeline<Sink>;
 
 namespace devgate {
 
-/// A transport feeding a pipeline: every device message the transport delivers is pushed into
-/// the pipeline, and the push's error (`errc::queue_full`, `errc::closed`) goes back to the
-/// device. Sinks reply through the transport via `dispatch_context::reply`.
+/// What an intake did with a batch of messages that a transport decoded together: the first
+/// `accepted` were taken, in order; each of the others is refused with `error`, which the
+/// transport reports to its device as it reports a refused message.
+struct batch_result {
+  std::size_t accepted = 0;  ///< How many messages, from the front of the batch, were taken.
+  std::error_code error;     ///< Why the rest were refused (e.g. `errc::queue_full`, `closed`).
+};
+
+/// A gateway's intake: `batch_result intake(std::span<inbound_message>)`, called on transport
+/// threads. It may move from the messages it takes and leaves the refused ones as they were.
+template <class F>
+concept intake_handler = std::copy_constructible<F> &&
+    std::is_invocable_r_v<batch_result, F&, std::span<inbound_message>>;
+
+/// What a gateway's owner runs when the transport's sessions open and close (both optional;
+/// they run on transport threads, like the intake).
+struct session_hooks {
+  /// A session opened (before any of its messages reaches the intake).
+  std::function<void(const session_info&)> on_open;
+  /// A session closed, with the code that closed it.
+  std::function<void(session_id, close_code)> on_close;
+};
+
+/// The composition root: a transport feeding a pipeline. By default every batch of device
+/// messages the transport delivers is pushed into the pipeline, and a push's error
+/// (`errc::queue_full`, `errc::closed`) goes back to the device; a richer layer (the device
+/// hub) starts it with its own intake and session hooks instead, and pushes what its intake
+/// accepts with `push`. Sinks reply through the transport via `dispatch_context::reply`.
 ///
 ///     devgate::in_process_transport transport;
 ///     devgate::gateway gw(transport, devgate::callback_sink([](const devgate::message& m,
 ///                                                              devgate::dispatch_context&) {}));
 ///     gw.start();
+///
+/// Lifecycle, for every layer built on it: `start` installs the transport handlers, starts the
+/// workers, then the transport; `stop` closes intake, drains the pipeline through the sinks
+/// (which may still reply), then stops the transport.
 template <class Transport, class Sink, class Traits = pipeline_traits>
 class gateway {
   static_assert(devgate::transport<Transport>,
@@ -2731,6 +2784,9 @@ class gateway {
                 "transport/transport.hpp for what it must provide)");
 
  public:
+  /// The pipeline the gateway feeds.
+  using pipeline_type = pipeline<Sink, Traits>;
+
   /// Wires `t` (referenced: it must outlive the gateway) to a pipeline dispatching to `s`.
   gateway(Transport& t, Sink s, pipeline_options options = {})
       : transport_(t), pipeline_(std::move(s), std::move(options)) {
@@ -2742,11 +2798,22 @@ class gateway {
   /// Stops (draining) if still running.
   ~gateway() { stop(); }
 
-  /// Installs the transport handlers, starts the workers, then the transport.
+  /// Starts with the default intake: what the transport delivers is pushed into the pipeline.
   std::error_code start() {
+    return start([this](std::span<inbound_message> batch) { return push_inbound(batch); });
+  }
+  /// Starts with `intake` taking what the transport delivers and `hooks` told of sessions
+  /// opening and closing: installs the transport handlers, starts the workers, then the
+  /// transport.
+  template <intake_handler Intake>
+  std::error_code start(Intake intake, session_hooks hooks = {}) {
     transport_handlers handlers;
-    handlers.on_message = [this](inbound_message&& in) {
-      return pipeline_.push(message::from(std::move(in)));
+    handlers.on_open = std::move(hooks.on_open);
+    handlers.on_close = std::move(hooks.on_close);
+    // The transport hands over one message per call: a batch of one.
+    handlers.on_message = [intake = std::move(intake)](inbound_message&& in) mutable {
+      const batch_result r = intake(std::span<inbound_message>(&in, 1));
+      return r.accepted == 1 ? std::error_code{} : r.error;
     };
     transport_.set_handlers(std::move(handlers));
     if (auto ec = pipeline_.start(); ec) return ec;
@@ -2769,16 +2836,94 @@ class gateway {
 
   /// Pushes a message directly (host code, tests), as if a transport had delivered it.
   std::error_code push(message&& m) { return pipeline_.push(std::move(m)); }
+  /// Pushes a batch with `pipeline::push_bulk`, in order, through the calling thread's own
+  /// producer (made on the thread's first batch, kept until the gateway goes: meant for the
+  /// few long-lived threads of a transport and its intake). A prefix is taken (moved from).
+  batch_result push(std::span<message> batch) {
+    const auto r = pipeline_.push_bulk(batch, lane().producer);
+    return {r.accepted, r.error};
+  }
+
   /// The metrics of the pipeline.
   [[nodiscard]] pipeline_metrics metrics() const { return pipeline_.metrics(); }
   /// Appends the metrics in Prometheus text format.
   void render_prometheus(std::string& out) const { pipeline_.render_prometheus(out); }
   /// The pipeline.
-  [[nodiscard]] pipeline<Sink, Traits>& engine() noexcept { return pipeline_; }
+  [[nodiscard]] pipeline_type& engine() noexcept { return pipeline_; }
+  /// The pipeline (metrics).
+  [[nodiscard]] const pipeline_type& engine() const noexcept { return pipeline_; }
   /// The transport.
   [[nodiscard]] Transport& get_transport() noexcept { return transport_; }
+  /// The way back to the transport's sessions (what sinks reply through).
+  [[nodiscard]] const reply_channel& channel() const noexcept { return channel_; }
 
  private:
+  // What one thread needs to push batches: its producer, and a reusable batch of messages.
+  struct thread_lane {
+    explicit thread_lane(pipeline_type& p) : producer(p.make_producer()) {}
+    std::thread::id thread = std::this_thread::get_id();
+    typename pipeline_type::producer producer;
+    std::vector<message> staging;
+    bool busy = false;  // a push of this lane's staging is under way on this thread
+  };
+
+  // The default intake: the batch becomes messages, pushed in one push_bulk. The refused rest
+  // is handed back as it came, for the transport to answer.
+  batch_result push_inbound(std::span<inbound_message> batch) {
+    thread_lane& l = lane();
+    if (l.busy) return push_inbound_one_by_one(batch);  // a handler of the push pushed again
+    l.busy = true;
+    auto& staged = l.staging;
+    for (auto& in : batch) staged.push_back(message::from(std::move(in)));
+    const auto r = pipeline_.push_bulk(std::span<message>(staged), l.producer);
+    for (std::size_t i = r.accepted; i < batch.size(); ++i) give_back(staged[i], batch[i]);
+    staged.clear();
+    l.busy = false;
+    return {r.accepted, r.error};
+  }
+  batch_result push_inbound_one_by_one(std::span<inbound_message> batch) {
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      auto m = message::from(std::move(batch[i]));
+      if (auto ec = pipeline_.push(std::move(m)); ec) {
+        give_back(m, batch[i]);
+        return {i, ec};
+      }
+    }
+    return {batch.size(), {}};
+  }
+  static void give_back(message& m, inbound_message& in) noexcept {
+    in.device_id = std::move(m.device_id);
+    in.payload = std::move(m.payload);
+  }
+
+  // The calling thread's lane: one lookup under the lock per thread and gateway, then a
+  // thread-local hit for as long as the thread keeps pushing into the same gateway.
+  thread_lane& lane() {
+    struct last_used {
+      std::uint64_t gateway = 0;
+      thread_lane* lane = nullptr;
+    };
+    thread_local last_used cache;
+    if (cache.gateway == instance_) return *cache.lane;
+    std::lock_guard lock(lanes_mutex_);
+    const auto me = std::this_thread::get_id();
+    thread_lane* found = nullptr;
+    for (auto& l : lanes_) {
+      // A thread id comes back only after its thread ended, so its lane is free again.
+      if (l->thread == me) found = l.get();
+    }
+    if (found == nullptr)
+      found = lanes_.emplace_back(std::make_unique<thread_lane>(pipeline_)).get();
+    cache = {instance_, found};
+    return *found;
+  }
+  // Numbers gateways for the thread-local lane cache: a number is never given twice, so a
+  // cache entry left by a gateway that is gone never matches a new one.
+  static std::uint64_t next_instance() noexcept {
+    static std::atomic<std::uint64_t> count{0};
+    return count.fetch_add(1, std::memory_order_relaxed) + 1;
+  }
+
   void stop_transport() {
     if (started_) {
       started_ = false;
@@ -2788,7 +2933,11 @@ class gateway {
 
   Transport& transport_;
   reply_channel channel_;
-  pipeline<Sink, Traits> pipeline_;
+  const std::uint64_t instance_ = next_instance();
+  pipeline_type pipeline_;
+  std::mutex lanes_mutex_;
+  // After the pipeline: producers go before the queues they were made for.
+  std::vector<std::unique_ptr<thread_lane>> lanes_;
   bool started_ = false;
 };
 
@@ -6387,75 +6536,16 @@ static_assert(state_store<memory_state_store>,
 // ---- end devgate/store/memory_state_store.hpp ----
 
 
-// ---- begin devgate/device/device_id.hpp ----
+// ---- begin devgate/device/delivery.hpp ----
 
+#include <algorithm>    // std::max
+#include <atomic>       // drop count
 #include <cstddef>      // std::size_t
-#include <optional>     // identify result
-#include <string>       // device ids
-#include <string_view>  // request targets
-
-
-namespace devgate::device {
-
-/// Longest device id accepted.
-inline constexpr std::size_t max_device_id_length = 128;
-
-/// The URL path prefix under which devices connect: `/ws/<device_id>`.
-inline constexpr std::string_view device_path_prefix = "/ws/";
-
-/// True when `id` is 1 to 128 characters of [A-Za-z0-9._-] (safe in URLs, logs and file names).
-[[nodiscard]] constexpr bool is_valid_device_id(std::string_view id) noexcept {
-  if (id.empty() || id.size() > max_device_id_length) return false;
-  for (const char c : id) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '.' || c == '_' || c == '-';
-    if (!ok) return false;
-  }
-  return true;
-}
-
-/// The device id in a request target `/ws/<device_id>` (a query string is ignored), or
-/// std::nullopt when the path is not of that form or the id is invalid.
-[[nodiscard]] inline std::optional<std::string> device_id_from_target(std::string_view target) {
-  if (const auto q = target.find('?'); q != std::string_view::npos) target = target.substr(0, q);
-  if (!target.starts_with(device_path_prefix)) return std::nullopt;
-  const auto id = target.substr(device_path_prefix.size());
-  if (!is_valid_device_id(id)) return std::nullopt;
-  return std::string(id);
-}
-
-/// `websocket::server_options::identify` for devices: upgrades at `/ws/<device_id>` only;
-/// anything else is refused with 400 before the upgrade.
-[[nodiscard]] inline std::optional<std::string> identify_device(
-    const websocket::http_request& request) {
-  return device_id_from_target(request.target);
-}
-
-}  // namespace devgate::device
-// ---- end devgate/device/device_id.hpp ----
-
-// ---- begin devgate/device/hub.hpp ----
-
-#include <nlohmann/json.hpp>
-
-#include <algorithm>      // std::min
-#include <atomic>         // counters
-#include <chrono>         // wall-clock times for devices
-#include <cstddef>        // std::size_t
-#include <cstdint>        // sequence numbers
-#include <deque>          // outboxes, replay buffers
-#include <memory>         // device records, images
-#include <mutex>          // per-device lock
-#include <optional>       // lookups
-#include <shared_mutex>   // device and session tables
-#include <span>           // firmware bytes
-#include <stdexcept>      // std::invalid_argument for bad options
-#include <string>         // ids, topics
-#include <string_view>    // ids, topics
-#include <system_error>   // results
-#include <unordered_map>  // device and session tables
-#include <utility>        // std::move
-#include <vector>         // snapshots
+#include <cstdint>      // sequence numbers
+#include <deque>        // outbox batches
+#include <mutex>        // the device's mutex
+#include <string_view>  // message data
+#include <utility>      // std::move
 
 
 // ---- begin devgate/device/protocol.hpp ----
@@ -6749,6 +6839,404 @@ inline constexpr int max_json_depth = 32;
 }  // namespace devgate::device
 // ---- end devgate/device/protocol.hpp ----
 
+// ---- begin devgate/device/record.hpp ----
+
+#include <cstddef>  // std::size_t
+#include <cstdint>  // sequence numbers, offsets
+#include <deque>    // outbox, replay buffer
+#include <memory>   // the image a transfer streams
+#include <mutex>    // the device's mutex
+#include <string>   // id, topic, versions
+#include <utility>  // std::move, std::pair
+
+
+// ---- begin devgate/firmware/image.hpp ----
+
+#include <algorithm>  // std::min
+#include <cstddef>    // std::size_t
+#include <cstdint>    // rollout ids
+#include <cstring>    // std::memcpy
+#include <span>       // image bytes
+#include <stdexcept>  // set-up errors
+#include <string>     // versions
+#include <utility>    // std::move
+
+
+namespace devgate::firmware {
+
+/// A firmware image held once in memory, already cut into wire chunks: one buffer holds every
+/// chunk's 16-byte header followed by its data, so sending a chunk to any number of devices is
+/// a `slice` of that buffer (no copy per device, no header built per send).
+class image {
+ public:
+  /// Cuts `bytes` (copied once) into chunks of `chunk_size` for rollout `rollout`.
+  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over
+  /// `device::max_firmware_size` (4 GiB - 1).
+  image(std::uint32_t rollout, std::string version, std::span<const std::byte> bytes,
+        std::size_t chunk_size)
+      : rollout_(rollout), version_(std::move(version)), size_(bytes.size()), chunk_(chunk_size) {
+    if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
+    if (chunk_size == 0) throw std::invalid_argument("firmware image: chunk_size must be > 0");
+    if (bytes.size() > device::max_firmware_size) {
+      throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
+    }
+    sha256_ = detail::hex_encode(detail::sha256(bytes));
+    chunks_ = (size_ + chunk_ - 1) / chunk_;
+    const std::size_t total = size_ + chunks_ * device::chunk_header_size;
+    framed_ = shared_bytes::build(total, [&](std::span<std::byte> out) {
+      std::byte* p = out.data();
+      for (std::size_t i = 0; i < chunks_; ++i) {
+        const std::size_t off = i * chunk_;
+        const std::size_t len = std::min(chunk_, size_ - off);
+        device::chunk_header h;
+        h.rollout = rollout_;
+        h.offset = static_cast<std::uint32_t>(off);
+        h.length = static_cast<std::uint32_t>(len);
+        h.last = i + 1 == chunks_;
+        device::encode_chunk_header(std::span<std::byte, device::chunk_header_size>(p, 16), h);
+        std::memcpy(p + device::chunk_header_size, bytes.data() + off, len);
+        p += device::chunk_header_size + len;
+      }
+    });
+  }
+
+  /// The rollout this image belongs to.
+  [[nodiscard]] std::uint32_t rollout() const noexcept { return rollout_; }
+  /// The version string devices report once they run it.
+  [[nodiscard]] const std::string& version() const noexcept { return version_; }
+  /// Image size in bytes (without chunk headers).
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  /// Lower-case hex SHA-256 of the image.
+  [[nodiscard]] const std::string& sha256() const noexcept { return sha256_; }
+  /// Data bytes per chunk (the last chunk may be shorter).
+  [[nodiscard]] std::size_t chunk_size() const noexcept { return chunk_; }
+  /// Number of chunks.
+  [[nodiscard]] std::size_t chunk_count() const noexcept { return chunks_; }
+  /// The chunk starting at image offset `offset` (a multiple of chunk_size), header included,
+  /// as a slice of the one buffer.
+  [[nodiscard]] shared_bytes chunk_at(std::size_t offset) const noexcept {
+    const std::size_t i = offset / chunk_;
+    const std::size_t len = std::min(chunk_, size_ - i * chunk_);
+    return framed_.slice(i * (chunk_ + device::chunk_header_size), device::chunk_header_size + len);
+  }
+  /// Bytes held for this image (data plus chunk headers), whatever the fleet size.
+  [[nodiscard]] std::size_t memory_bytes() const noexcept { return framed_.size(); }
+  /// How many holders share the buffer (the image plus chunks in flight; for tests).
+  [[nodiscard]] long buffer_use_count() const noexcept { return framed_.use_count(); }
+
+ private:
+  std::uint32_t rollout_;
+  std::string version_;
+  std::size_t size_;
+  std::size_t chunk_;
+  std::size_t chunks_ = 0;
+  std::string sha256_;
+  shared_bytes framed_;
+};
+
+}  // namespace devgate::firmware
+// ---- end devgate/firmware/image.hpp ----
+
+namespace devgate::device {
+
+/// One message queued to a device's session, kept in the order it was produced.
+struct outbound {
+  session_id session = 0;                  ///< The session it is for.
+  payload_kind kind = payload_kind::text;  ///< Text or binary.
+  shared_bytes bytes;                      ///< The payload (often shared with other devices).
+};
+
+/// What the hub keeps in memory about one device: one slice per part of the hub, all guarded by
+/// `mutex`. Each part takes the mutex itself, for as short as it can, and never holds it while
+/// calling the transport, the store or a method of another part that locks (the functions named
+/// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
+struct device_record {
+  /// A record for `device`, with the figures the state store kept across restarts.
+  device_record(std::string device, std::uint64_t sent, std::string version)
+      : id(std::move(device)),
+        topic(std::string(topics::device_prefix) + id),
+        messages_sent(sent),
+        firmware_version(std::move(version)) {}
+
+  const std::string id;      ///< The device id.
+  const std::string topic;   ///< Its sequenced topic, `device/<id>`.
+  mutable std::mutex mutex;  ///< Guards every field below.
+
+  /// The live session (written by the registry; `hello` by delivery's resume, `errors` by
+  /// protocol dispatch).
+  struct session_part {
+    session_id id = 0;    ///< The live session (0: offline).
+    bool hello = false;   ///< It said hello: deliveries and firmware go to it.
+    unsigned errors = 0;  ///< Bad messages in this session so far.
+  };
+  session_part session;  ///< The live session.
+
+  /// Device messages the pipeline accepted over the device's lifetime (protocol dispatch).
+  std::uint64_t messages_sent;
+  /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
+  std::string firmware_version;
+
+  /// Sequenced delivery and the outbox (written by `device::delivery`).
+  struct delivery_part {
+    /// The next sequence number; `next_seq - 1` and below were assigned.
+    std::uint64_t next_seq = 1;
+    std::uint64_t acked = 0;  ///< The highest sequence number the device acknowledged.
+    /// Assigned, not yet acknowledged: (sequence number, `deliver` frame), bounded.
+    std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
+    std::size_t replay_bytes = 0;      ///< Bytes in `replay`.
+    std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
+    std::deque<outbound> outbox;       ///< Queued to the session, in order.
+    bool draining = false;             ///< A thread is sending the outbox (with no lock held).
+  };
+  delivery_part delivery;  ///< Sequenced delivery and the outbox.
+
+  /// Its part in the current firmware rollout (written by `firmware::rollout_engine`).
+  struct transfer_part {
+    std::shared_ptr<const firmware::image> image;  ///< The rollout's image (nullptr: none).
+    store::transfer_status status = store::transfer_status::none;  ///< Where it stands.
+    session_id session = 0;   ///< The session chunks stream to while transferring.
+    std::uint64_t acked = 0;  ///< Bytes the device acknowledged (the resume point).
+    std::uint64_t sent = 0;   ///< Bytes queued to it in this session.
+    std::string reason;       ///< Why it failed.
+  };
+  transfer_part transfer;  ///< Its part in the current rollout.
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/record.hpp ----
+
+namespace devgate::device {
+
+/// Delivery to devices: per-device sequence numbers, the replay buffer that keeps sequenced
+/// messages until the device acknowledges them (offline devices included), and each device's
+/// outbox, through which everything sent to the device leaves in the order it was queued.
+///
+/// Locking: each method takes the device's mutex (`device_record::mutex`) itself and calls the
+/// transport only after releasing it; `queue_locked` is for a caller that holds the mutex and
+/// queues as part of a change of its own (the messages leave with the next `flush`).
+template <class Transport>
+class delivery {
+ public:
+  /// What `ack` made of an acknowledgement.
+  enum class ack_result : std::uint8_t {
+    acknowledged,  ///< Everything up to the sequence number is forgotten.
+    out_of_range,  ///< Beyond the last sequence number sent, or below one already acknowledged.
+    not_live,      ///< The session is no longer the device's (ignored).
+  };
+  /// What `resume` found, for the welcome.
+  struct resume_info {
+    std::uint64_t last_seq = 0;        ///< The last sequence number assigned to the device.
+    std::size_t replay = 0;            ///< Kept messages about to be sent again.
+    std::uint64_t replay_dropped = 0;  ///< Messages dropped from the buffer since last time.
+    bool bad_resume = false;           ///< The device's `last_seq` was beyond anything sent.
+  };
+
+  /// Delivery through `transport` (referenced), keeping at most `max_replay_messages` and
+  /// `max_replay_bytes` of sequenced messages per device (the newest is always kept).
+  delivery(Transport& transport, std::size_t max_replay_messages, std::size_t max_replay_bytes)
+      : transport_(transport),
+        max_replay_messages_(max_replay_messages),
+        max_replay_bytes_(max_replay_bytes) {}
+
+  /// Gives `data_json` (JSON text) the device's next sequence number and keeps its `deliver`
+  /// frame until acknowledged; past the limits the oldest kept message is dropped and counted.
+  /// Sent at once if the device's session said hello. Returns the sequence number.
+  std::uint64_t deliver(device_record& rec, std::string_view data_json) {
+    std::uint64_t seq = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      auto& d = rec.delivery;
+      seq = d.next_seq++;
+      auto frame = make_envelope("deliver", seq, rec.topic, data_json);
+      d.replay_bytes += frame.size();
+      d.replay.emplace_back(seq, frame);
+      while (d.replay.size() > 1 &&
+             (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
+        d.replay_bytes -= d.replay.front().second.size();
+        d.replay.pop_front();
+        ++d.replay_dropped;
+        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (rec.session.id != 0 && rec.session.hello) {
+        queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
+      }
+    }
+    flush(rec);
+    return seq;
+  }
+
+  /// Resumes delivery to session `s` after its hello: forgets what `last_seq` acknowledges,
+  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent, then every
+  /// kept message in order, and makes the session live (later deliveries go straight to it);
+  /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
+  /// it runs with the device's mutex held, so it may read and set the record's fields but must
+  /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
+  template <class Welcome>
+  bool resume(device_record& rec, session_id s, std::uint64_t last_seq, Welcome&& welcome) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return false;
+      auto& d = rec.delivery;
+      resume_info info;
+      info.bad_resume = last_seq >= d.next_seq;
+      if (!info.bad_resume) {
+        forget_through(d, last_seq);
+        d.acked = std::max(d.acked, last_seq);
+      }
+      info.last_seq = d.next_seq - 1;
+      info.replay = d.replay.size();
+      info.replay_dropped = d.replay_dropped;
+      d.replay_dropped = 0;
+      shared_bytes w = welcome(rec, static_cast<const resume_info&>(info));
+      queue_locked(rec, s, payload_kind::text, std::move(w));
+      if (info.bad_resume) {
+        queue_locked(rec, s, payload_kind::text, make_error(error::bad_resume, "hello"));
+      }
+      for (const auto& [seq, frame] : d.replay) queue_locked(rec, s, payload_kind::text, frame);
+      rec.session.hello = true;
+    }
+    flush(rec);
+    return true;
+  }
+
+  /// Session `s` acknowledges every sequenced message up to `seq`.
+  ack_result ack(device_record& rec, session_id s, std::uint64_t seq) {
+    std::lock_guard lock(rec.mutex);
+    if (rec.session.id != s) return ack_result::not_live;
+    auto& d = rec.delivery;
+    if (seq >= d.next_seq || seq < d.acked) return ack_result::out_of_range;
+    d.acked = seq;
+    forget_through(d, seq);
+    return ack_result::acknowledged;
+  }
+
+  /// Queues `bytes` to session `s` if it is still the device's session, then sends. False if
+  /// it is not (nothing is queued).
+  bool post(device_record& rec, session_id s, payload_kind kind, shared_bytes bytes) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return false;
+      queue_locked(rec, s, kind, std::move(bytes));
+    }
+    flush(rec);
+    return true;
+  }
+  /// Queues `bytes` to session `s`; the caller holds the device's mutex and calls `flush`
+  /// after releasing it.
+  static void queue_locked(device_record& rec, session_id s, payload_kind kind,
+                           shared_bytes bytes) {
+    rec.delivery.outbox.push_back({s, kind, std::move(bytes)});
+  }
+  /// Sends the device's queued messages in order. Whoever finds the outbox idle sends it,
+  /// including what other threads queue meanwhile; the transport is called with no lock held.
+  void flush(device_record& rec) {
+    std::unique_lock lock(rec.mutex);
+    auto& d = rec.delivery;
+    if (d.draining) return;
+    d.draining = true;
+    while (!d.outbox.empty()) {
+      std::deque<outbound> batch;
+      batch.swap(d.outbox);
+      lock.unlock();
+      for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
+      lock.lock();
+    }
+    d.draining = false;
+  }
+  /// Drops what is queued for session `s` and not yet sent (it closed or was replaced).
+  void forget(device_record& rec, session_id s) {
+    std::lock_guard lock(rec.mutex);
+    std::erase_if(rec.delivery.outbox, [s](const outbound& o) { return o.session == s; });
+  }
+
+  /// Sequenced messages dropped by replay overflow since start, over every device.
+  [[nodiscard]] std::uint64_t replay_dropped() const noexcept {
+    return replay_dropped_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  static void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
+    while (!d.replay.empty() && d.replay.front().first <= seq) {
+      d.replay_bytes -= d.replay.front().second.size();
+      d.replay.pop_front();
+    }
+  }
+
+  Transport& transport_;
+  const std::size_t max_replay_messages_;
+  const std::size_t max_replay_bytes_;
+  std::atomic<std::uint64_t> replay_dropped_{0};
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/delivery.hpp ----
+
+// ---- begin devgate/device/device_id.hpp ----
+
+#include <cstddef>      // std::size_t
+#include <optional>     // identify result
+#include <string>       // device ids
+#include <string_view>  // request targets
+
+
+namespace devgate::device {
+
+/// Longest device id accepted.
+inline constexpr std::size_t max_device_id_length = 128;
+
+/// The URL path prefix under which devices connect: `/ws/<device_id>`.
+inline constexpr std::string_view device_path_prefix = "/ws/";
+
+/// True when `id` is 1 to 128 characters of [A-Za-z0-9._-] (safe in URLs, logs and file names).
+[[nodiscard]] constexpr bool is_valid_device_id(std::string_view id) noexcept {
+  if (id.empty() || id.size() > max_device_id_length) return false;
+  for (const char c : id) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+/// The device id in a request target `/ws/<device_id>` (a query string is ignored), or
+/// std::nullopt when the path is not of that form or the id is invalid.
+[[nodiscard]] inline std::optional<std::string> device_id_from_target(std::string_view target) {
+  if (const auto q = target.find('?'); q != std::string_view::npos) target = target.substr(0, q);
+  if (!target.starts_with(device_path_prefix)) return std::nullopt;
+  const auto id = target.substr(device_path_prefix.size());
+  if (!is_valid_device_id(id)) return std::nullopt;
+  return std::string(id);
+}
+
+/// `websocket::server_options::identify` for devices: upgrades at `/ws/<device_id>` only;
+/// anything else is refused with 400 before the upgrade.
+[[nodiscard]] inline std::optional<std::string> identify_device(
+    const websocket::http_request& request) {
+  return device_id_from_target(request.target);
+}
+
+}  // namespace devgate::device
+// ---- end devgate/device/device_id.hpp ----
+
+// ---- begin devgate/device/dispatch.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>     // std::find
+#include <atomic>        // error count
+#include <chrono>        // last-seen times
+#include <cstddef>       // std::size_t
+#include <cstdint>       // sequence numbers
+#include <iterator>      // std::begin, std::end
+#include <optional>      // message fields
+#include <span>          // batches
+#include <string>        // device ids
+#include <string_view>   // message types
+#include <system_error>  // results
+#include <utility>       // std::move
+#include <vector>        // runs of device messages
+
+
 // ---- begin devgate/device/pubsub.hpp ----
 
 #include <algorithm>      // std::find, std::erase
@@ -6782,7 +7270,7 @@ class pubsub {
   /// Identifies a host subscription (for `unsubscribe`).
   using token = std::uint64_t;
 
-  /// Sets the way to devices (the hub sets it to its transport before any publish).
+  /// Sets the way to devices (the hub sets its gateway's channel before any publish).
   void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
 
   /// Subscribes session `s` to `topic`; false if it already was.
@@ -6904,94 +7392,157 @@ class pubsub {
 }  // namespace devgate::device
 // ---- end devgate/device/pubsub.hpp ----
 
-// ---- begin devgate/firmware/rollout.hpp ----
+// ---- begin devgate/device/registry.hpp ----
 
-#include <algorithm>      // std::find, std::min
+#include <atomic>         // takeover count
 #include <cstddef>        // std::size_t
-#include <cstdint>        // rollout ids, offsets
-#include <cstring>        // std::memcpy
-#include <deque>          // waiting devices
-#include <memory>         // images are shared
-#include <mutex>          // slots
-#include <optional>       // next device
-#include <span>           // image bytes
-#include <stdexcept>      // set-up errors
-#include <string>         // versions, device ids
-#include <unordered_set>  // active devices
-#include <vector>         // started devices
+#include <cstdint>        // counters
+#include <memory>         // records are shared
+#include <mutex>          // the device's mutex
+#include <shared_mutex>   // device and session tables
+#include <string>         // device ids
+#include <string_view>    // lookups
+#include <unordered_map>  // device and session tables
+#include <utility>        // std::move
+#include <vector>         // snapshots
 
 
-namespace devgate::firmware {
+namespace devgate::device {
 
-/// A firmware image held once in memory, already cut into wire chunks: one buffer holds every
-/// chunk's 16-byte header followed by its data, so sending a chunk to any number of devices is
-/// a `slice` of that buffer (no copy per device, no header built per send).
-class image {
+/// The devices the hub knows and their live sessions: one record per device id, at most one
+/// live session per device (a newer one takes over).
+///
+/// Locking: the device table and the session table each sit under a shared mutex, taken only
+/// inside these methods; `attach` and `detach` also take the device's own mutex. No other lock
+/// is held meanwhile, and the registry calls nothing outside itself but the `load` function of
+/// `get_or_create`, with no lock held.
+class registry {
  public:
-  /// Cuts `bytes` (copied once) into chunks of `chunk_size` for rollout `rollout`.
-  /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over
-  /// `device::max_firmware_size` (4 GiB - 1).
-  image(std::uint32_t rollout, std::string version, std::span<const std::byte> bytes,
-        std::size_t chunk_size)
-      : rollout_(rollout), version_(std::move(version)), size_(bytes.size()), chunk_(chunk_size) {
-    if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
-    if (chunk_size == 0) throw std::invalid_argument("firmware image: chunk_size must be > 0");
-    if (bytes.size() > device::max_firmware_size) {
-      throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
-    }
-    sha256_ = detail::hex_encode(detail::sha256(bytes));
-    chunks_ = (size_ + chunk_ - 1) / chunk_;
-    const std::size_t total = size_ + chunks_ * device::chunk_header_size;
-    framed_ = shared_bytes::build(total, [&](std::span<std::byte> out) {
-      std::byte* p = out.data();
-      for (std::size_t i = 0; i < chunks_; ++i) {
-        const std::size_t off = i * chunk_;
-        const std::size_t len = std::min(chunk_, size_ - off);
-        device::chunk_header h;
-        h.rollout = rollout_;
-        h.offset = static_cast<std::uint32_t>(off);
-        h.length = static_cast<std::uint32_t>(len);
-        h.last = i + 1 == chunks_;
-        device::encode_chunk_header(std::span<std::byte, device::chunk_header_size>(p, 16), h);
-        std::memcpy(p + device::chunk_header_size, bytes.data() + off, len);
-        p += device::chunk_header_size + len;
-      }
-    });
+  /// A device's record, shared with whoever is working on it.
+  using record_ptr = std::shared_ptr<device_record>;
+
+  /// The record of `id` (nullptr: never seen).
+  [[nodiscard]] record_ptr find(std::string_view id) const {
+    std::shared_lock lock(devices_mutex_);
+    auto it = devices_.find(std::string(id));
+    return it == devices_.end() ? nullptr : it->second;
+  }
+  /// The record of `id`, made the first time from `load()` (a `store::device_state`).
+  template <class Load>
+  record_ptr get_or_create(const std::string& id, Load&& load) {
+    if (auto rec = find(id)) return rec;
+    const store::device_state st = load();
+    auto fresh = std::make_shared<device_record>(id, st.messages_sent, st.firmware_version);
+    std::unique_lock lock(devices_mutex_);
+    auto [it, inserted] = devices_.emplace(id, std::move(fresh));
+    return it->second;  // another thread's record if it got there first
+  }
+  /// Every record now (for fleet-wide work: a rollout, totals).
+  [[nodiscard]] std::vector<record_ptr> snapshot() const {
+    std::shared_lock lock(devices_mutex_);
+    std::vector<record_ptr> out;
+    out.reserve(devices_.size());
+    for (const auto& [id, rec] : devices_) out.push_back(rec);
+    return out;
+  }
+  /// Devices seen since start.
+  [[nodiscard]] std::size_t devices() const {
+    std::shared_lock lock(devices_mutex_);
+    return devices_.size();
   }
 
-  /// The rollout this image belongs to.
-  [[nodiscard]] std::uint32_t rollout() const noexcept { return rollout_; }
-  /// The version string devices report once they run it.
-  [[nodiscard]] const std::string& version() const noexcept { return version_; }
-  /// Image size in bytes (without chunk headers).
-  [[nodiscard]] std::size_t size() const noexcept { return size_; }
-  /// Lower-case hex SHA-256 of the image.
-  [[nodiscard]] const std::string& sha256() const noexcept { return sha256_; }
-  /// Data bytes per chunk (the last chunk may be shorter).
-  [[nodiscard]] std::size_t chunk_size() const noexcept { return chunk_; }
-  /// Number of chunks.
-  [[nodiscard]] std::size_t chunk_count() const noexcept { return chunks_; }
-  /// The chunk starting at image offset `offset` (a multiple of chunk_size), header included,
-  /// as a slice of the one buffer.
-  [[nodiscard]] shared_bytes chunk_at(std::size_t offset) const noexcept {
-    const std::size_t i = offset / chunk_;
-    const std::size_t len = std::min(chunk_, size_ - i * chunk_);
-    return framed_.slice(i * (chunk_ + device::chunk_header_size), device::chunk_header_size + len);
+  /// Makes `s` the device's live session, before hello and with no errors counted. Returns the
+  /// session it replaces (0: none), which the caller closes: a takeover.
+  session_id attach(const record_ptr& rec, session_id s) {
+    session_id old = 0;
+    {
+      std::lock_guard lock(rec->mutex);
+      old = rec->session.id;
+      rec->session = {s, false, 0};
+    }
+    {
+      std::unique_lock lock(sessions_mutex_);
+      sessions_[s] = rec;
+    }
+    if (old != 0) takeovers_.fetch_add(1, std::memory_order_relaxed);
+    return old;
   }
-  /// Bytes held for this image (data plus chunk headers), whatever the fleet size.
-  [[nodiscard]] std::size_t memory_bytes() const noexcept { return framed_.size(); }
-  /// How many holders share the buffer (the image plus chunks in flight; for tests).
-  [[nodiscard]] long buffer_use_count() const noexcept { return framed_.use_count(); }
+  /// The device session `s` belongs to (nullptr: unknown or closed). A session that was
+  /// replaced still names its device until it closes; the record's `session.id` says which
+  /// session is live.
+  [[nodiscard]] record_ptr find_session(session_id s) const {
+    std::shared_lock lock(sessions_mutex_);
+    auto it = sessions_.find(s);
+    return it == sessions_.end() ? nullptr : it->second;
+  }
+  /// Forgets session `s`. Returns its device if `s` was its live session (the device is now
+  /// offline), nullptr otherwise (unknown, or already replaced).
+  record_ptr detach(session_id s) {
+    record_ptr rec;
+    {
+      std::unique_lock lock(sessions_mutex_);
+      auto it = sessions_.find(s);
+      if (it == sessions_.end()) return nullptr;
+      rec = std::move(it->second);
+      sessions_.erase(it);
+    }
+    std::lock_guard lock(rec->mutex);
+    if (rec->session.id != s) return nullptr;
+    rec->session = {};
+    return rec;
+  }
+  /// Sessions open now (a replaced session counts until it closes).
+  [[nodiscard]] std::size_t connected() const {
+    std::shared_lock lock(sessions_mutex_);
+    return sessions_.size();
+  }
+  /// Sessions replaced by a newer one since start.
+  [[nodiscard]] std::uint64_t takeovers() const noexcept {
+    return takeovers_.load(std::memory_order_relaxed);
+  }
 
  private:
-  std::uint32_t rollout_;
-  std::string version_;
-  std::size_t size_;
-  std::size_t chunk_;
-  std::size_t chunks_ = 0;
-  std::string sha256_;
-  shared_bytes framed_;
+  mutable std::shared_mutex devices_mutex_;
+  std::unordered_map<std::string, record_ptr> devices_;
+  mutable std::shared_mutex sessions_mutex_;
+  std::unordered_map<session_id, record_ptr> sessions_;
+  std::atomic<std::uint64_t> takeovers_{0};
 };
+
+}  // namespace devgate::device
+// ---- end devgate/device/registry.hpp ----
+
+// ---- begin devgate/firmware/rollout.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>    // std::min
+#include <atomic>       // rollout ids
+#include <cstddef>      // std::size_t, std::byte
+#include <cstdint>      // rollout ids, offsets
+#include <memory>       // the current image
+#include <mutex>        // the current image, the device's mutex
+#include <optional>     // lookups, errors
+#include <span>         // image bytes
+#include <stdexcept>    // set-up errors
+#include <string>       // versions, reasons
+#include <string_view>  // device ids
+#include <utility>      // std::move
+#include <vector>       // devices to start
+
+
+// ---- begin devgate/firmware/slots.hpp ----
+
+#include <algorithm>      // std::find, std::max
+#include <cstddef>        // std::size_t
+#include <deque>          // waiting devices
+#include <mutex>          // slots
+#include <optional>       // next device
+#include <string>         // device ids
+#include <unordered_set>  // active devices
+#include <utility>        // std::move
+
+namespace devgate::firmware {
 
 /// At most N devices transferring at once; the rest wait in arrival order. Thread-safe; the
 /// peak is kept so tests and operators can check the limit held.
@@ -7063,6 +7614,11 @@ class transfer_slots {
   std::size_t peak_ = 0;
 };
 
+}  // namespace devgate::firmware
+// ---- end devgate/firmware/slots.hpp ----
+
+namespace devgate::firmware {
+
 /// Fleet totals of a rollout.
 struct rollout_totals {
   std::uint32_t rollout = 0;          ///< Current rollout id (0: none published).
@@ -7077,8 +7633,787 @@ struct rollout_totals {
   std::size_t peak_transferring = 0;  ///< Most devices ever transferring at once.
 };
 
+/// The rollout engine's knobs (`device::hub_options` carries the same three).
+struct rollout_options {
+  /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.
+  std::size_t chunk_size = 16u << 10;
+  /// Unacknowledged chunks in flight per device (window * chunk_size bytes of buffering).
+  std::size_t window = 8;
+  /// At most this many devices receive firmware at once; the rest wait their turn.
+  std::size_t max_concurrent_transfers = 16;
+};
+
+/// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
+/// machine, kept in its record (`device_record::transfer`) and mirrored to the store:
+///
+///     none ──publish/join──▶ pending ──slot + live session──▶ transferring ──fw_result──▶
+///     verified | failed;   pending ──reports the version──▶ skipped;
+///     transferring ──session closed or replaced──▶ pending (resumes from its acked offset)
+///
+/// At most `max_concurrent_transfers` devices transfer at once (`transfer_slots`); a freed slot
+/// goes to the next waiting device that can start. A transfer sends the start message, then a
+/// window of chunks (slices of the one image buffer), one more per acknowledged chunk.
+///
+/// Locking: each method takes the device's mutex itself and never two devices' at once; the
+/// slots and the current image have locks of their own, taken with no device's mutex held;
+/// the store and the transport (through `delivery::flush`) are called with no lock held.
+template <class Transport, class Store>
+class rollout_engine {
+ public:
+  /// An engine over the hub's devices, their outboxes and the state store (all referenced).
+  /// Throws std::invalid_argument for a window or chunk size of 0.
+  rollout_engine(device::registry& devices, device::delivery<Transport>& out, Store& store,
+                 rollout_options options)
+      : devices_(devices),
+        out_(out),
+        store_(store),
+        options_(checked(options)),
+        slots_(options_.max_concurrent_transfers) {}
+  rollout_engine(const rollout_engine&) = delete;
+  rollout_engine& operator=(const rollout_engine&) = delete;
+
+  /// Starts rollout of `bytes` as `version` (copied once into a new image): every known device
+  /// joins it, `announce(const image&)` runs (the hub tells the fleet), then devices online now
+  /// start while slots last. Returns the rollout id. Throws std::invalid_argument for an empty
+  /// version or image, or an image over `device::max_firmware_size`.
+  template <class Announce>
+  std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
+                        Announce&& announce) {
+    if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
+    const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
+    auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
+    {
+      std::lock_guard lock(current_mutex_);
+      current_ = img;
+    }
+    slots_.clear();
+    std::vector<device::registry::record_ptr> online;
+    for (auto& rec : devices_.snapshot()) {
+      bool want = false;
+      store::transfer_state t;
+      {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img);
+        want = rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
+               rec->session.hello;
+        t = state_locked(*rec);
+      }
+      store_.set_transfer(rec->id, t);
+      if (want) online.push_back(std::move(rec));
+    }
+    announce(static_cast<const image&>(*img));
+    for (auto& rec : online) {
+      if (slots_.acquire(rec->id) && !start(*rec)) start_next(slots_.release(rec->id));
+    }
+    return id;
+  }
+
+  /// Session `s` of the device said hello: the device joins the current rollout (once per
+  /// rollout; skipped if it runs the version) and starts or resumes when a slot is free.
+  void join(device::device_record& rec, session_id s) {
+    auto img = current();
+    if (!img) return;
+    bool want = false;
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return;
+      join_locked(rec, img);
+      if (rec.transfer.status == store::transfer_status::transferring &&
+          rec.transfer.session != s) {
+        rec.transfer.status = store::transfer_status::pending;  // its session is gone
+      }
+      want = rec.transfer.status == store::transfer_status::pending;
+      t = state_locked(rec);
+    }
+    store_.set_transfer(rec.id, t);
+    if (want && slots_.acquire(rec.id) && !start(rec)) start_next(slots_.release(rec.id));
+  }
+  /// The device's session `old` was replaced by a newer one: a transfer streaming to it goes
+  /// back to pending (to resume from its acknowledged offset) and its slot goes to the next
+  /// waiting device. A place in the queue is kept.
+  void on_replaced(device::device_record& rec, session_id old) {
+    bool release = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.transfer.status == store::transfer_status::transferring &&
+          rec.transfer.session == old) {
+        rec.transfer.status = store::transfer_status::pending;
+        release = true;
+      }
+    }
+    if (release) start_next(slots_.release(rec.id));
+  }
+  /// The device went offline (its live session closed): a transfer goes back to pending, and
+  /// its slot, or its place in the queue, is given up. Nothing if a newer session has taken
+  /// the device meanwhile.
+  void on_offline(device::device_record& rec) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != 0) return;
+      if (rec.transfer.status == store::transfer_status::transferring) {
+        rec.transfer.status = store::transfer_status::pending;  // resumes from `acked`
+      }
+    }
+    start_next(slots_.release(rec.id));
+  }
+
+  /// Session `s` acknowledged the image up to `offset` of rollout `rollout`: more chunks go
+  /// out. Returns the error to answer with: `unknown_rollout` (no such transfer running for
+  /// the device) or `bad_fw_ack` (beyond what was sent, misaligned or backwards).
+  std::optional<device::error> on_ack(device::device_record& rec, session_id s,
+                                      std::uint64_t rollout, std::uint64_t offset) {
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return std::nullopt;
+      auto& tr = rec.transfer;
+      if (!running(rec, rollout)) return device::error::unknown_rollout;
+      if (offset < tr.acked || offset > tr.sent ||
+          (offset % tr.image->chunk_size() != 0 && offset != tr.image->size())) {
+        return device::error::bad_fw_ack;
+      }
+      tr.acked = offset;
+      fill_window_locked(rec);
+      t = state_locked(rec);
+    }
+    out_.flush(rec);
+    store_.set_transfer(rec.id, t);
+    return std::nullopt;
+  }
+  /// Session `s` reported the result of rollout `rollout` (`sha256` and `reason` as sent): the
+  /// transfer ends verified (every byte acknowledged and the hash matches) or failed with a
+  /// reason, the device is told (`fw_status`), and its slot goes to the next waiting device.
+  /// Returns `unknown_rollout` when no such transfer is running for the device.
+  std::optional<device::error> on_result(device::device_record& rec, session_id s,
+                                         std::uint64_t rollout, bool ok,
+                                         const std::optional<std::string>& sha256,
+                                         const std::optional<std::string>& reason) {
+    bool verified = false;
+    store::transfer_state t;
+    std::string version;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return std::nullopt;
+      if (!running(rec, rollout)) return device::error::unknown_rollout;
+      auto& tr = rec.transfer;
+      const auto& img = *tr.image;
+      if (!ok) {
+        tr.reason = reason.value_or("device reported a failure");
+      } else if (tr.acked != img.size()) {
+        tr.reason = "result before every byte was acknowledged";
+      } else if (!sha256 || *sha256 != img.sha256()) {
+        tr.reason = "sha256 mismatch";
+      } else {
+        verified = true;
+        rec.firmware_version = img.version();
+        version = img.version();
+      }
+      tr.status = verified ? store::transfer_status::verified : store::transfer_status::failed;
+      t = state_locked(rec);
+      nlohmann::json status{{"type", "fw_status"},
+                            {"rollout", img.rollout()},
+                            {"status", store::to_string(tr.status)},
+                            {"reason", tr.reason}};
+      device::delivery<Transport>::queue_locked(rec, s, payload_kind::text,
+                                                device::to_payload(status));
+    }
+    out_.flush(rec);
+    store_.set_transfer(rec.id, t);
+    if (verified) store_.set_firmware_version(rec.id, version);
+    start_next(slots_.release(rec.id));
+    return std::nullopt;
+  }
+
+  /// Fleet totals of the current rollout.
+  [[nodiscard]] rollout_totals totals() const {
+    rollout_totals out;
+    auto img = current();
+    if (!img) return out;
+    out.rollout = img->rollout();
+    out.version = img->version();
+    out.size = img->size();
+    for (const auto& rec : devices_.snapshot()) {
+      std::lock_guard lock(rec->mutex);
+      if (rec->transfer.image != img) continue;
+      switch (rec->transfer.status) {
+        case store::transfer_status::pending:
+          ++out.pending;
+          break;
+        case store::transfer_status::transferring:
+          ++out.transferring;
+          break;
+        case store::transfer_status::verified:
+          ++out.verified;
+          break;
+        case store::transfer_status::failed:
+          ++out.failed;
+          break;
+        case store::transfer_status::skipped:
+          ++out.skipped;
+          break;
+        case store::transfer_status::none:
+          break;
+      }
+      out.bytes_acked += rec->transfer.acked;
+    }
+    out.peak_transferring = slots_.peak();
+    return out;
+  }
+  /// One device's part in the current rollout (std::nullopt for a device never seen).
+  [[nodiscard]] std::optional<store::transfer_state> transfer_of(std::string_view id) const {
+    auto rec = devices_.find(id);
+    if (!rec) return std::nullopt;
+    std::lock_guard lock(rec->mutex);
+    return state_locked(*rec);
+  }
+  /// The device's part as the store records it; the caller holds the device's mutex.
+  [[nodiscard]] static store::transfer_state state_locked(const device::device_record& rec) {
+    store::transfer_state t;
+    const auto& tr = rec.transfer;
+    if (!tr.image) return t;
+    t.rollout = tr.image->rollout();
+    t.version = tr.image->version();
+    t.status = tr.status;
+    t.offset = tr.acked;
+    t.reason = tr.reason;
+    return t;
+  }
+  /// The transfer slots (limit, active, waiting, peak).
+  [[nodiscard]] const transfer_slots& slots() const noexcept { return slots_; }
+  /// The image being rolled out (nullptr before the first publish).
+  [[nodiscard]] std::shared_ptr<const image> current() const {
+    std::lock_guard lock(current_mutex_);
+    return current_;
+  }
+  /// The options in force.
+  [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
+
+ private:
+  static rollout_options checked(rollout_options o) {
+    if (o.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
+    if (o.chunk_size == 0) throw std::invalid_argument("hub_options::chunk_size must be >= 1");
+    return o;
+  }
+
+  // Whether the device is transferring rollout `rollout` (caller holds its mutex).
+  static bool running(const device::device_record& rec, std::uint64_t rollout) {
+    const auto& tr = rec.transfer;
+    return tr.image && tr.image->rollout() == rollout &&
+           tr.status == store::transfer_status::transferring;
+  }
+  // Puts the device into `img`'s rollout (once per rollout; caller holds its mutex).
+  static void join_locked(device::device_record& rec, const std::shared_ptr<const image>& img) {
+    auto& tr = rec.transfer;
+    if (tr.image != img) {
+      tr.image = img;
+      tr.acked = 0;
+      tr.sent = 0;
+      tr.reason.clear();
+      tr.status = store::transfer_status::pending;
+    }
+    if (tr.status == store::transfer_status::pending && rec.firmware_version == img->version()) {
+      tr.status = store::transfer_status::skipped;
+    }
+  }
+  // Queues chunks until `window` are unacknowledged (caller holds the device's mutex).
+  void fill_window_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    const auto& img = *tr.image;
+    const std::uint64_t window = options_.window * img.chunk_size();
+    while (tr.sent < img.size() && tr.sent - tr.acked < window) {
+      device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::binary,
+                                                img.chunk_at(tr.sent));
+      tr.sent += std::min<std::uint64_t>(img.chunk_size(), img.size() - tr.sent);
+    }
+  }
+  // Starts (or resumes) the device's transfer; false if it cannot start now (offline, or not
+  // pending any more).
+  bool start(device::device_record& rec) {
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec.mutex);
+      auto& tr = rec.transfer;
+      if (rec.session.id == 0 || !rec.session.hello || !tr.image ||
+          tr.status != store::transfer_status::pending) {
+        return false;
+      }
+      tr.status = store::transfer_status::transferring;
+      tr.session = rec.session.id;
+      tr.sent = tr.acked;
+      const auto& img = *tr.image;
+      nlohmann::json start{{"type", "firmware"},          {"rollout", img.rollout()},
+                           {"version", img.version()},    {"size", img.size()},
+                           {"sha256", img.sha256()},      {"chunk_size", img.chunk_size()},
+                           {"chunks", img.chunk_count()}, {"offset", tr.acked},
+                           {"window", options_.window}};
+      device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
+                                                device::to_payload(start));
+      fill_window_locked(rec);
+      t = state_locked(rec);
+    }
+    out_.flush(rec);
+    store_.set_transfer(rec.id, t);
+    return true;
+  }
+  // Gives a freed slot to the next waiting device that can start.
+  void start_next(std::optional<std::string> next) {
+    while (next) {
+      auto rec = devices_.find(*next);
+      if (rec && start(*rec)) return;
+      next = slots_.release(*next);
+    }
+  }
+
+  device::registry& devices_;
+  device::delivery<Transport>& out_;
+  Store& store_;
+  const rollout_options options_;
+  transfer_slots slots_;
+  mutable std::mutex current_mutex_;
+  std::shared_ptr<const image> current_;
+  std::atomic<std::uint32_t> next_rollout_{0};
+};
+
 }  // namespace devgate::firmware
 // ---- end devgate/firmware/rollout.hpp ----
+
+namespace devgate::device {
+
+/// The hub's side of every session: sessions opening and closing, and each message a device
+/// sends, parsed as protocol v1 (docs/PROTOCOL.md), checked, and routed to the part that handles
+/// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack` and `fw_result` to the
+/// rollout engine, `send` and binary messages into the gateway's pipeline. Anything wrong is
+/// answered with an `error` message; too many close the session with 4002.
+///
+/// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
+/// parts, or itself to count errors and messages) and never holds it while calling the
+/// transport, the store, the gateway or another part.
+template <class Transport, class Store, class Gateway>
+class protocol_dispatch {
+ public:
+  /// Dispatch over the hub's parts (all referenced: they outlive it). `max_message_bytes` and
+  /// `max_errors` are the hub's options of those names.
+  protocol_dispatch(Transport& transport, Gateway& gateway, registry& devices,
+                    delivery<Transport>& out, firmware::rollout_engine<Transport, Store>& rollout,
+                    pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors)
+      : transport_(transport),
+        gateway_(gateway),
+        devices_(devices),
+        out_(out),
+        rollout_(rollout),
+        bus_(bus),
+        store_(store),
+        max_message_bytes_(max_message_bytes),
+        max_errors_(max_errors) {}
+  protocol_dispatch(const protocol_dispatch&) = delete;
+  protocol_dispatch& operator=(const protocol_dispatch&) = delete;
+
+  /// A session opened: it becomes its device's live session; an older one is closed with 4000.
+  void open(const session_info& info) {
+    if (!is_valid_device_id(info.device_id)) {
+      // Transports other than the WebSocket server (which answers 400) may not validate ids.
+      transport_.close(info.id, close_code::policy_violation, "invalid device id");
+      return;
+    }
+    auto rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+    const session_id old = devices_.attach(rec, info.id);
+    if (old == 0) return;
+    out_.forget(*rec, old);
+    bus_.unsubscribe_all(old);
+    transport_.close(old, close_replaced, "replaced by a newer session for this device");
+    rollout_.on_replaced(*rec, old);
+  }
+  /// A session closed: its subscriptions end, and if it was its device's live session the
+  /// device goes offline (deliveries are kept for its return, its transfer pauses).
+  void close(session_id s, close_code /*code*/) {
+    bus_.unsubscribe_all(s);
+    auto rec = devices_.detach(s);
+    if (!rec) return;
+    out_.forget(*rec, s);
+    store_.touch(rec->id, unix_ms());
+    rollout_.on_offline(*rec);
+  }
+
+  /// The hub's intake: every message of `batch` (one session's, as transports deliver them) is
+  /// handled in order; runs of device messages go into the pipeline together. Protocol errors
+  /// are answered here, so every message is taken, except from a session the hub does not
+  /// know (`errc::unknown_session`).
+  batch_result intake(std::span<inbound_message> batch) {
+    auto& shared = thread_run();
+    if (shared.busy) {  // re-entered from a handler this thread called: a run of its own
+      run local;
+      return intake(batch, local);
+    }
+    return intake(batch, shared);
+  }
+
+  /// Error replies sent (bad_resume excepted).
+  [[nodiscard]] std::uint64_t protocol_errors() const noexcept {
+    return errors_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  // Consecutive device messages of one device, pushed together, with what to answer each.
+  struct run {
+    std::vector<message> messages;
+    std::vector<std::optional<std::uint64_t>> refs;  // the `send` id to confirm, per message
+    bool busy = false;
+  };
+  // Marks a run in use, and leaves it empty and free however the intake ends.
+  struct run_guard {
+    explicit run_guard(run& r) : r_(r) { r_.busy = true; }
+    run_guard(const run_guard&) = delete;
+    run_guard& operator=(const run_guard&) = delete;
+    ~run_guard() {
+      r_.messages.clear();
+      r_.refs.clear();
+      r_.busy = false;
+    }
+    run& r_;
+  };
+  // The calling thread's run: empty between intakes, so every hub of this type shares it.
+  static run& thread_run() {
+    thread_local run r;
+    return r;
+  }
+
+  batch_result intake(std::span<inbound_message> batch, run& r) {
+    run_guard guard(r);
+    registry::record_ptr rec;  // the device of `current`, looked up once per batch
+    session_id current = 0;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      inbound_message& in = batch[i];
+      if (!rec || current != in.session) {
+        if (rec) push_run(*rec, r);
+        rec = devices_.find_session(in.session);
+        if (!rec) return {i, errc::unknown_session};
+        current = in.session;
+      }
+      handle(*rec, in, r);
+    }
+    if (rec) push_run(*rec, r);
+    return {batch.size(), {}};
+  }
+
+  void handle(device_record& rec, inbound_message& in, run& r) {
+    const session_id s = in.session;
+    bool hello = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
+      hello = rec.session.hello;
+    }
+    if (in.kind == payload_kind::binary) {
+      if (!hello) {
+        push_run(rec, r);
+        reply_error(rec, s, error::hello_required, "binary");
+      } else if (in.payload.size() > max_message_bytes_) {
+        push_run(rec, r);
+        reply_error(rec, s, error::too_big, "binary");
+      } else {
+        stage(rec, in, std::move(in.payload), payload_kind::binary, std::nullopt, r);
+      }
+      return;
+    }
+    if (in.payload.size() > max_message_bytes_) {
+      push_run(rec, r);
+      reply_error(rec, s, error::too_big, {});
+      return;
+    }
+    auto parsed = parse_json(in.payload.view());
+    if (!parsed) {
+      push_run(rec, r);
+      reply_error(rec, s, error::bad_json, {});
+      return;
+    }
+    const nlohmann::json& j = *parsed;
+    const auto type = j.is_object() ? get_string(j, "type") : std::nullopt;
+    if (type && *type == "send" && hello) {
+      on_send(rec, in, j, r);
+      return;
+    }
+    push_run(rec, r);  // whatever comes next is answered after the device messages before it
+    if (!type) {
+      reply_error(rec, s, error::bad_message, {});
+      return;
+    }
+    if (*type == "hello") {
+      if (hello) {
+        reply_error(rec, s, error::duplicate_hello, *type);
+      } else {
+        on_hello(rec, s, j);
+      }
+      return;
+    }
+    static constexpr std::string_view known[] = {"send",        "ack",    "subscribe",
+                                                 "unsubscribe", "fw_ack", "fw_result"};
+    if (std::find(std::begin(known), std::end(known), *type) == std::end(known)) {
+      reply_error(rec, s, error::unknown_type, *type);
+      return;
+    }
+    if (!hello) {
+      reply_error(rec, s, error::hello_required, *type);
+      return;
+    }
+    if (*type == "ack") {
+      on_ack(rec, s, j);
+    } else if (*type == "subscribe" || *type == "unsubscribe") {
+      on_subscribe(rec, s, j, *type == "subscribe");
+    } else if (*type == "fw_ack") {
+      on_fw_ack(rec, s, j);
+    } else {
+      on_fw_result(rec, s, j);
+    }
+  }
+
+  // ---- device messages ------------------------------------------------------------------
+
+  void on_hello(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto proto = get_uint(j, "protocol");
+    const bool has_last = j.contains("last_seq");
+    const auto last = get_uint(j, "last_seq");
+    const bool has_version = j.contains("firmware_version");
+    const auto version = get_string(j, "firmware_version");
+    if (!proto || (has_last && !last) || (has_version && !version)) {
+      reply_error(rec, s, error::bad_message, "hello");
+      return;
+    }
+    if (*proto != static_cast<std::uint64_t>(protocol_version)) {
+      reply_error(rec, s, error::unsupported_version, "hello");
+      transport_.close(s, close_unsupported_version, "unsupported protocol version; speak 1");
+      return;
+    }
+    if (version) store_.set_firmware_version(rec.id, *version);
+    const auto st = store_.load(rec.id);
+    const bool live =
+        out_.resume(rec, s, last.value_or(0), [&](device_record& r, const auto& info) {
+          if (version) r.firmware_version = *version;
+          return welcome(r, s, info, st.last_seen_ms);
+        });
+    if (!live) return;
+    bus_.subscribe(topics::fleet, s);
+    store_.touch(rec.id, unix_ms());
+    // Firmware: join the current rollout (offline at publish, or reconnecting mid-transfer).
+    rollout_.join(rec, s);
+  }
+  // The welcome: the device's state and what delivery is about to send again.
+  template <class Info>
+  static shared_bytes welcome(const device_record& rec, session_id s, const Info& info,
+                              std::int64_t last_seen_ms) {
+    const auto t = firmware::rollout_engine<Transport, Store>::state_locked(rec);
+    nlohmann::json w{{"type", "welcome"},
+                     {"protocol", protocol_version},
+                     {"device", rec.id},
+                     {"session", s},
+                     {"last_seq", info.last_seq},
+                     {"replay", info.replay},
+                     {"replay_dropped", info.replay_dropped},
+                     {"state",
+                      {{"messages_sent", rec.messages_sent},
+                       {"last_seen_ms", last_seen_ms},
+                       {"firmware_version", rec.firmware_version},
+                       {"firmware",
+                        {{"rollout", t.rollout},
+                         {"version", t.version},
+                         {"status", store::to_string(t.status)},
+                         {"offset", t.offset},
+                         {"reason", t.reason}}}}}};
+    return to_payload(w);
+  }
+
+  void on_send(device_record& rec, inbound_message& in, const nlohmann::json& j, run& r) {
+    const auto it = j.find("data");
+    const bool has_id = j.contains("id");
+    const auto ref = get_uint(j, "id");
+    if (it == j.end() || (has_id && !ref)) {
+      push_run(rec, r);
+      reply_error(rec, in.session, error::bad_message, "send");
+      return;
+    }
+    shared_bytes payload =
+        it->is_string() ? shared_bytes::copy_of(std::string_view(it->get_ref<const std::string&>()))
+                        : shared_bytes::copy_of(std::string_view(it->dump()));
+    stage(rec, in, std::move(payload), payload_kind::text, ref, r);
+  }
+
+  void on_ack(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto seq = get_uint(j, "seq");
+    if (!seq) {
+      reply_error(rec, s, error::bad_message, "ack");
+      return;
+    }
+    if (out_.ack(rec, s, *seq) == delivery<Transport>::ack_result::out_of_range) {
+      reply_error(rec, s, error::bad_ack, "ack");
+    }
+  }
+
+  void on_subscribe(device_record& rec, session_id s, const nlohmann::json& j, bool sub) {
+    const auto topic = get_string(j, "topic");
+    const char* type = sub ? "subscribe" : "unsubscribe";
+    if (!topic) {
+      reply_error(rec, s, error::bad_message, type);
+      return;
+    }
+    if (*topic != topics::server && *topic != topics::stats && *topic != topics::fleet) {
+      reply_error(rec, s, error::bad_topic, type);
+      return;
+    }
+    if (sub) {
+      bus_.subscribe(*topic, s);
+    } else {
+      bus_.unsubscribe(*topic, s);
+    }
+    nlohmann::json ok{{"type", sub ? "subscribed" : "unsubscribed"}, {"topic", *topic}};
+    out_.post(rec, s, payload_kind::text, to_payload(ok));
+  }
+
+  void on_fw_ack(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    const auto offset = get_uint(j, "offset");
+    if (!rollout || !offset) {
+      reply_error(rec, s, error::bad_message, "fw_ack");
+      return;
+    }
+    if (const auto e = rollout_.on_ack(rec, s, *rollout, *offset)) {
+      // A late ack of a superseded rollout is a benign race, not counted toward max_errors.
+      reply_error(rec, s, *e, "fw_ack", *e != error::unknown_rollout);
+    }
+  }
+
+  void on_fw_result(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    const auto ok = j.find("ok");
+    if (!rollout || ok == j.end() || !ok->is_boolean()) {
+      reply_error(rec, s, error::bad_message, "fw_result");
+      return;
+    }
+    const auto sha = get_string(j, "sha256");
+    const auto reason = get_string(j, "reason");
+    if (rollout_.on_result(rec, s, *rollout, ok->get<bool>(), sha, reason)) {
+      reply_error(rec, s, error::unknown_rollout, "fw_result", false);
+    }
+  }
+
+  // ---- into the pipeline ----------------------------------------------------------------
+
+  // Numbers a device message with the device's lifetime count and adds it to the run.
+  void stage(device_record& rec, inbound_message& in, shared_bytes payload, payload_kind kind,
+             std::optional<std::uint64_t> ref, run& r) {
+    std::uint64_t number = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != in.session) return;
+      number = ++rec.messages_sent;
+    }
+    message m;
+    m.session = in.session;
+    m.device_id = std::move(in.device_id);
+    m.sequence = number;
+    m.kind = kind;
+    m.payload = std::move(payload);
+    m.received = in.received;
+    r.messages.push_back(std::move(m));
+    r.refs.push_back(ref);
+  }
+  // Pushes the run into the pipeline, then answers each message: `sent` for an accepted one
+  // that asked, `queue_full` or `closed` for each refused one (whose number is given back).
+  void push_run(device_record& rec, run& r) {
+    const std::size_t n = r.messages.size();
+    if (n == 0) return;
+    const auto result = gateway_.push(std::span<message>(r.messages));
+    const std::size_t accepted = result.accepted;
+    const session_id s = r.messages.front().session;
+    if (accepted != 0) store_.add_messages_sent(rec.id, accepted);
+    const auto refusal = result.error == errc::queue_full ? error::queue_full : error::closed;
+    std::size_t refused = 0;
+    bool queued = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (accepted < n && rec.messages_sent == r.messages.back().sequence) {
+        rec.messages_sent = r.messages[accepted].sequence - 1;
+      }
+      if (rec.session.id == s) {
+        for (std::size_t i = 0; i < n; ++i) {
+          if (i >= accepted) {
+            const char* ref = r.messages[i].kind == payload_kind::binary ? "binary" : "send";
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(refusal, ref));
+            ++refused;
+          } else if (r.refs[i]) {
+            nlohmann::json sent{
+                {"type", "sent"}, {"id", *r.refs[i]}, {"messages_sent", r.messages[i].sequence}};
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text, to_payload(sent));
+            queued = true;
+          }
+        }
+      }
+    }
+    r.messages.clear();
+    r.refs.clear();
+    if (refused != 0) errors_.fetch_add(refused, std::memory_order_relaxed);
+    if (queued || refused != 0) out_.flush(rec);
+  }
+
+  // ---- answers --------------------------------------------------------------------------
+
+  void reply_error(device_record& rec, session_id s, error e, std::string_view ref,
+                   bool counts = true) {
+    bool close_now = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return;
+      delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(e, ref));
+      if (counts && ++rec.session.errors > max_errors_) close_now = true;
+    }
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    out_.flush(rec);
+    if (close_now) transport_.close(s, close_too_many_errors, "too many bad messages");
+  }
+
+  static std::int64_t unix_ms() {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+
+  Transport& transport_;
+  Gateway& gateway_;
+  registry& devices_;
+  delivery<Transport>& out_;
+  firmware::rollout_engine<Transport, Store>& rollout_;
+  pubsub& bus_;
+  Store& store_;
+  const std::size_t max_message_bytes_;
+  const unsigned max_errors_;
+  std::atomic<std::uint64_t> errors_{0};
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/dispatch.hpp ----
+
+// ---- begin devgate/device/hub.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>        // stats rate
+#include <cstddef>       // std::size_t, std::byte
+#include <cstdint>       // sequence numbers, rollout ids
+#include <memory>        // images
+#include <mutex>         // stats rate
+#include <optional>      // lookups
+#include <span>          // firmware bytes, batches
+#include <string>        // ids, topics
+#include <string_view>   // ids, topics
+#include <system_error>  // results
+#include <utility>       // std::move
+#include <vector>        // handed-back messages
+
+
+// ---- begin devgate/device/hub_options.hpp ----
+
+#include <cstddef>  // std::size_t
+#include <cstdint>  // counters
+
 
 namespace devgate::device {
 
@@ -7120,6 +8455,20 @@ struct hub_stats {
   firmware::rollout_totals rollout;   ///< Current firmware rollout.
 };
 
+}  // namespace devgate::device
+// ---- end devgate/device/hub_options.hpp ----
+
+// ---- begin devgate/device/hub_sink.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>        // dispatch times
+#include <system_error>  // results
+#include <utility>       // std::move
+
+
+namespace devgate::device {
+
 /// The pipeline sink of a hub: the user's sink, then (on success) one line on the server topic
 /// per dispatched message, encoded once for every subscriber.
 template <class Sink>
@@ -7155,8 +8504,14 @@ class hub_sink {
   pubsub* bus_;
 };
 
-/// The device gateway: a transport, a pipeline, a state store, pub/sub and firmware rollouts,
-/// speaking the device protocol (docs/PROTOCOL.md) with every session.
+}  // namespace devgate::device
+// ---- end devgate/device/hub_sink.hpp ----
+
+namespace devgate::device {
+
+/// The device gateway: a `gateway` (transport and pipeline) whose intake speaks the device
+/// protocol (docs/PROTOCOL.md) with every session, composed with a device registry, delivery,
+/// pub/sub, a state store and a firmware rollout engine.
 ///
 ///     devgate::websocket::server ws(opts);               // opts.identify = identify_device
 ///     devgate::device::hub hub(ws, my_sink);
@@ -7179,45 +8534,42 @@ class hub {
                 "add_messages_sent, touch, set_firmware_version, set_transfer)");
 
  public:
-  /// Composes the hub over `transport` (referenced: it must outlive the hub).
+  /// The gateway the hub is built on: its transport feeding a pipeline of the hub's sink.
+  using gateway_type = gateway<Transport, hub_sink<Sink>, Traits>;
+
+  /// Composes the hub over `transport` (referenced: it must outlive the hub). Throws
+  /// std::invalid_argument for options out of range.
   explicit hub(Transport& transport, Sink sink = Sink{}, hub_options options = {},
                Store store = Store{})
-      : transport_(transport),
-        options_(std::move(options)),
+      : options_(std::move(options)),
         store_(std::move(store)),
-        slots_(options_.max_concurrent_transfers),
-        pipeline_(hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
-    if (options_.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
-    if (options_.chunk_size == 0) {
-      throw std::invalid_argument("hub_options::chunk_size must be >= 1");
-    }
-    channel_ = reply_channel::to(transport_);
-    pipeline_.set_reply_channel(&channel_);
-    bus_.set_channel(&channel_);
+        delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
+        rollout_(devices_, delivery_, store_,
+                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers}),
+        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, store_,
+                  options_.max_message_bytes, options_.max_errors),
+        gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
+    bus_.set_channel(&gateway_.channel());
   }
   hub(const hub&) = delete;
   hub& operator=(const hub&) = delete;
   /// Stops if still running.
   ~hub() { stop(); }
 
-  /// Installs the transport handlers, starts the pipeline, then the transport.
+  /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
   std::error_code start() {
-    transport_handlers h;
-    h.on_open = [this](const session_info& info) { on_open(info); };
-    h.on_message = [this](inbound_message&& in) { return on_message(std::move(in)); };
-    h.on_close = [this](session_id s, close_code c) { on_close(s, c); };
-    transport_.set_handlers(std::move(h));
-    if (auto ec = pipeline_.start(); ec) return ec;
-    started_ = true;
-    return transport_.start();
+    session_hooks hooks;
+    hooks.on_open = [this](const session_info& info) { dispatch_.open(info); };
+    hooks.on_close = [this](session_id s, close_code c) { dispatch_.close(s, c); };
+    return gateway_.start(
+        [this](std::span<inbound_message> batch) { return dispatch_.intake(batch); },
+        std::move(hooks));
   }
   /// Stops intake, drains the pipeline, then stops the transport (sessions close with 1001).
-  void stop() {
-    pipeline_.stop();
-    if (started_) {
-      started_ = false;
-      transport_.stop();
-    }
+  void stop() { gateway_.stop(); }
+  /// Like `stop()`, but returns the device messages not dispatched by `deadline`.
+  [[nodiscard]] std::vector<message> stop(clock::time_point deadline) {
+    return gateway_.stop(deadline);
   }
 
   // ---- pub/sub ------------------------------------------------------------------------
@@ -7236,28 +8588,9 @@ class hub {
   /// until it acknowledges). Returns the sequence number, 0 for an invalid device id.
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
-    auto rec = get_or_create(std::string(device_id));
-    const std::string text = data.dump();
-    std::uint64_t seq = 0;
-    {
-      std::lock_guard lock(rec->m);
-      seq = rec->next_seq++;
-      auto frame = make_envelope("deliver", seq, rec->topic, text);
-      rec->replay_bytes += frame.size();
-      rec->replay.emplace_back(seq, frame);
-      while (rec->replay.size() > 1 && (rec->replay.size() > options_.max_replay_messages ||
-                                        rec->replay_bytes > options_.max_replay_bytes)) {
-        rec->replay_bytes -= rec->replay.front().second.size();
-        rec->replay.pop_front();
-        ++rec->replay_dropped;
-        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
-      }
-      if (rec->session != 0 && rec->hello) {
-        rec->outbox.push_back({rec->session, payload_kind::text, std::move(frame)});
-      }
-    }
-    drain(*rec);
-    return seq;
+    const std::string id(device_id);
+    auto rec = devices_.get_or_create(id, [&] { return store_.load(id); });
+    return delivery_.deliver(*rec, data.dump());
   }
   /// Subscribes a host callback to `topic` (e.g. the server log for a dashboard).
   pubsub::token subscribe(std::string_view topic, pubsub::callback cb) {
@@ -7276,85 +8609,24 @@ class hub {
   /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
   /// empty version, an empty image or one over `max_firmware_size`.
   std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
-    if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
-    const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
-    auto img =
-        std::make_shared<const firmware::image>(id, std::move(version), bytes, options_.chunk_size);
-    {
-      std::lock_guard lock(fw_mutex_);
-      current_ = img;
-    }
-    slots_.clear();
-    std::vector<std::shared_ptr<device_rec>> online;
-    for (auto& rec : snapshot_devices()) {
-      bool want = false;
-      store::transfer_state t;
-      {
-        std::lock_guard lock(rec->m);
-        join_rollout_locked(*rec, img);
-        want = rec->fw_status == store::transfer_status::pending && rec->session != 0 && rec->hello;
-        t = transfer_locked(*rec);
-      }
-      store_.set_transfer(rec->id, t);
-      if (want) online.push_back(std::move(rec));
-    }
-    nlohmann::json announce{{"type", "firmware_available"}, {"rollout", id},
-                            {"version", img->version()},    {"size", img->size()},
-                            {"sha256", img->sha256()},      {"chunk_size", img->chunk_size()}};
-    bus_.publish(topics::fleet, to_payload(announce));
-    for (auto& rec : online) {
-      if (slots_.acquire(rec->id) && !start_transfer(*rec)) start_next(slots_.release(rec->id));
-    }
-    return id;
+    return rollout_.publish(std::move(version), bytes, [this](const firmware::image& img) {
+      nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
+                              {"version", img.version()},     {"size", img.size()},
+                              {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
+      bus_.publish(topics::fleet, to_payload(announce));
+    });
   }
   /// Fleet totals of the current rollout.
-  [[nodiscard]] firmware::rollout_totals rollout() const {
-    firmware::rollout_totals out;
-    auto img = current_image();
-    if (!img) return out;
-    out.rollout = img->rollout();
-    out.version = img->version();
-    out.size = img->size();
-    for (const auto& rec : snapshot_devices()) {
-      std::lock_guard lock(rec->m);
-      if (rec->fw != img) continue;
-      switch (rec->fw_status) {
-        case store::transfer_status::pending:
-          ++out.pending;
-          break;
-        case store::transfer_status::transferring:
-          ++out.transferring;
-          break;
-        case store::transfer_status::verified:
-          ++out.verified;
-          break;
-        case store::transfer_status::failed:
-          ++out.failed;
-          break;
-        case store::transfer_status::skipped:
-          ++out.skipped;
-          break;
-        case store::transfer_status::none:
-          break;
-      }
-      out.bytes_acked += rec->fw_acked;
-    }
-    out.peak_transferring = slots_.peak();
-    return out;
-  }
+  [[nodiscard]] firmware::rollout_totals rollout() const { return rollout_.totals(); }
   /// One device's part in the current rollout (std::nullopt for a device never seen).
   [[nodiscard]] std::optional<store::transfer_state> device_transfer(std::string_view id) const {
-    auto rec = find_device(id);
-    if (!rec) return std::nullopt;
-    std::lock_guard lock(rec->m);
-    return transfer_locked(*rec);
+    return rollout_.transfer_of(id);
   }
   /// The transfer slots (limit, active, waiting, peak).
-  [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return slots_; }
+  [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return rollout_.slots(); }
   /// The image being rolled out (nullptr before the first publish_firmware).
   [[nodiscard]] std::shared_ptr<const firmware::image> current_image() const {
-    std::lock_guard lock(fw_mutex_);
-    return current_;
+    return rollout_.current();
   }
 
   // ---- state and figures --------------------------------------------------------------
@@ -7366,27 +8638,21 @@ class hub {
   /// The state store.
   [[nodiscard]] Store& state_store() noexcept { return store_; }
   /// Sessions open now.
-  [[nodiscard]] std::size_t connected() const {
-    std::shared_lock lock(sessions_mutex_);
-    return sessions_.size();
-  }
+  [[nodiscard]] std::size_t connected() const { return devices_.connected(); }
   /// Current figures.
   [[nodiscard]] hub_stats stats() const {
     hub_stats s;
-    s.connected = connected();
-    {
-      std::shared_lock lock(devices_mutex_);
-      s.devices = devices_.size();
-    }
-    const auto m = pipeline_.metrics();
+    s.connected = devices_.connected();
+    s.devices = devices_.devices();
+    const auto m = gateway_.metrics();
     s.enqueued = m.enqueued;
     s.dispatched = m.dispatched;
     s.queue_depth = m.queue_depth;
     s.workers_alive = m.workers_alive;
-    s.replay_dropped = replay_dropped_.load(std::memory_order_relaxed);
-    s.protocol_errors = errors_.load(std::memory_order_relaxed);
-    s.takeovers = takeovers_.load(std::memory_order_relaxed);
-    s.rollout = rollout();
+    s.replay_dropped = delivery_.replay_dropped();
+    s.protocol_errors = dispatch_.protocol_errors();
+    s.takeovers = devices_.takeovers();
+    s.rollout = rollout_.totals();
     return s;
   }
   /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
@@ -7424,607 +8690,31 @@ class hub {
     return bus_.publish(topics::stats, make_envelope("event", 0, topics::stats, data.dump()));
   }
   /// The pipeline (metrics, Prometheus text).
-  [[nodiscard]] pipeline<hub_sink<Sink>, Traits>& engine() noexcept { return pipeline_; }
+  [[nodiscard]] typename gateway_type::pipeline_type& engine() noexcept {
+    return gateway_.engine();
+  }
+  /// The gateway the hub is built on (transport, pipeline, lifecycle).
+  [[nodiscard]] gateway_type& get_gateway() noexcept { return gateway_; }
   /// The options in force.
   [[nodiscard]] const hub_options& options() const noexcept { return options_; }
 
  private:
-  struct out_item {
-    session_id session;
-    payload_kind kind;
-    shared_bytes bytes;
-  };
-
-  // Everything the hub knows about one device; every field below `m` is guarded by it.
-  struct device_rec {
-    device_rec(std::string device, std::uint64_t sent, std::string version)
-        : id(std::move(device)),
-          topic(std::string(topics::device_prefix) + id),
-          messages_sent(sent),
-          reported_version(std::move(version)) {}
-    const std::string id;
-    const std::string topic;
-    mutable std::mutex m;
-    session_id session = 0;  // the live session (0: offline)
-    bool hello = false;
-    unsigned errors = 0;
-    std::uint64_t messages_sent;
-    std::string reported_version;
-    // Sequenced delivery: seq numbers next_seq-1 and below were assigned; acked and below
-    // were acknowledged; replay holds the rest (bounded).
-    std::uint64_t next_seq = 1;
-    std::uint64_t acked = 0;
-    std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
-    std::size_t replay_bytes = 0;
-    std::uint64_t replay_dropped = 0;  // since the last welcome
-    // Outgoing messages in order; one thread at a time drains them with no lock held.
-    std::deque<out_item> outbox;
-    bool draining = false;
-    // Firmware.
-    std::shared_ptr<const firmware::image> fw;
-    store::transfer_status fw_status = store::transfer_status::none;
-    std::uint64_t fw_acked = 0;
-    std::uint64_t fw_sent = 0;
-    std::string fw_reason;
-  };
-  using rec_ptr = std::shared_ptr<device_rec>;
-
-  static std::int64_t unix_ms() {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-               std::chrono::system_clock::now().time_since_epoch())
-        .count();
-  }
-
-  // ---- tables ---------------------------------------------------------------------------
-
-  rec_ptr find_device(std::string_view id) const {
-    std::shared_lock lock(devices_mutex_);
-    auto it = devices_.find(std::string(id));
-    return it == devices_.end() ? nullptr : it->second;
-  }
-  rec_ptr get_or_create(const std::string& id) {
-    if (auto rec = find_device(id)) return rec;
-    const auto st = store_.load(id);  // no hub lock held while calling the store
-    auto fresh = std::make_shared<device_rec>(id, st.messages_sent, st.firmware_version);
-    std::unique_lock lock(devices_mutex_);
-    auto [it, inserted] = devices_.emplace(id, fresh);
-    return it->second;
-  }
-  std::vector<rec_ptr> snapshot_devices() const {
-    std::shared_lock lock(devices_mutex_);
-    std::vector<rec_ptr> out;
-    out.reserve(devices_.size());
-    for (const auto& [id, rec] : devices_) out.push_back(rec);
-    return out;
-  }
-  rec_ptr find_session(session_id s) const {
-    std::shared_lock lock(sessions_mutex_);
-    auto it = sessions_.find(s);
-    return it == sessions_.end() ? nullptr : it->second;
-  }
-
-  // ---- outbox -----------------------------------------------------------------------------
-
-  // Sends the device's queued messages in order. Whoever finds the outbox idle drains it,
-  // including what other threads add meanwhile; the transport is called with no lock held.
-  void drain(device_rec& rec) {
-    std::unique_lock lock(rec.m);
-    if (rec.draining) return;
-    rec.draining = true;
-    while (!rec.outbox.empty()) {
-      std::deque<out_item> batch;
-      batch.swap(rec.outbox);
-      lock.unlock();
-      for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
-      lock.lock();
-    }
-    rec.draining = false;
-  }
-  void reply(device_rec& rec, session_id s, shared_bytes payload) {
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session != s) return;
-      rec.outbox.push_back({s, payload_kind::text, std::move(payload)});
-    }
-    drain(rec);
-  }
-  void reply_error(device_rec& rec, session_id s, error e, std::string_view ref,
-                   bool counts = true) {
-    bool close_now = false;
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session != s) return;
-      rec.outbox.push_back({s, payload_kind::text, make_error(e, ref)});
-      if (counts && ++rec.errors > options_.max_errors) close_now = true;
-    }
-    errors_.fetch_add(1, std::memory_order_relaxed);
-    drain(rec);
-    if (close_now) transport_.close(s, close_too_many_errors, "too many bad messages");
-  }
-
-  // ---- transport handlers ---------------------------------------------------------------
-
-  void on_open(const session_info& info) {
-    if (!is_valid_device_id(info.device_id)) {
-      // Transports other than the WebSocket server (which answers 400) may not validate ids.
-      transport_.close(info.id, close_code::policy_violation, "invalid device id");
-      return;
-    }
-    auto rec = get_or_create(info.device_id);
-    session_id old = 0;
-    bool release = false;
-    {
-      std::lock_guard lock(rec->m);
-      old = rec->session;
-      rec->session = info.id;
-      rec->hello = false;
-      rec->errors = 0;
-      std::erase_if(rec->outbox, [&](const out_item& o) { return o.session == old; });
-      if (rec->fw_status == store::transfer_status::transferring) {
-        rec->fw_status = store::transfer_status::pending;
-        release = true;
-      }
-    }
-    {
-      std::unique_lock lock(sessions_mutex_);
-      sessions_[info.id] = rec;
-    }
-    if (old != 0) {
-      takeovers_.fetch_add(1, std::memory_order_relaxed);
-      bus_.unsubscribe_all(old);
-      transport_.close(old, close_replaced, "replaced by a newer session for this device");
-    }
-    if (release) start_next(slots_.release(rec->id));
-  }
-
-  void on_close(session_id s, close_code /*code*/) {
-    rec_ptr rec;
-    {
-      std::unique_lock lock(sessions_mutex_);
-      auto it = sessions_.find(s);
-      if (it == sessions_.end()) return;
-      rec = std::move(it->second);
-      sessions_.erase(it);
-    }
-    bus_.unsubscribe_all(s);
-    bool release = false;
-    bool was_current = false;
-    {
-      std::lock_guard lock(rec->m);
-      if (rec->session == s) {
-        was_current = true;
-        rec->session = 0;
-        rec->hello = false;
-        std::erase_if(rec->outbox, [&](const out_item& o) { return o.session == s; });
-        if (rec->fw_status == store::transfer_status::transferring) {
-          rec->fw_status = store::transfer_status::pending;  // resumes from fw_acked
-        }
-        release = true;  // frees its slot, or takes it off the queue
-      }
-    }
-    if (!was_current) return;
-    store_.touch(rec->id, unix_ms());
-    if (release) start_next(slots_.release(rec->id));
-  }
-
-  std::error_code on_message(inbound_message&& in) {
-    auto rec = find_session(in.session);
-    if (!rec) return errc::unknown_session;
-    const session_id s = in.session;
-    bool hello = false;
-    {
-      std::lock_guard lock(rec->m);
-      if (rec->session != s) return {};  // replaced: the old session's messages are ignored
-      hello = rec->hello;
-    }
-    if (in.kind == payload_kind::binary) {
-      if (!hello) {
-        reply_error(*rec, s, error::hello_required, "binary");
-        return {};
-      }
-      if (in.payload.size() > options_.max_message_bytes) {
-        reply_error(*rec, s, error::too_big, "binary");
-        return {};
-      }
-      push_message(*rec, s, in, in.payload, payload_kind::binary, std::nullopt);
-      return {};
-    }
-    if (in.payload.size() > options_.max_message_bytes) {
-      reply_error(*rec, s, error::too_big, {});
-      return {};
-    }
-    auto parsed = parse_json(in.payload.view());
-    if (!parsed) {
-      reply_error(*rec, s, error::bad_json, {});
-      return {};
-    }
-    const nlohmann::json& j = *parsed;
-    const auto type = j.is_object() ? get_string(j, "type") : std::nullopt;
-    if (!type) {
-      reply_error(*rec, s, error::bad_message, {});
-      return {};
-    }
-    if (*type == "hello") {
-      if (hello) {
-        reply_error(*rec, s, error::duplicate_hello, *type);
-      } else {
-        on_hello(rec, s, j);
-      }
-      return {};
-    }
-    static constexpr std::string_view known[] = {"send",        "ack",    "subscribe",
-                                                 "unsubscribe", "fw_ack", "fw_result"};
-    if (std::find(std::begin(known), std::end(known), *type) == std::end(known)) {
-      reply_error(*rec, s, error::unknown_type, *type);
-      return {};
-    }
-    if (!hello) {
-      reply_error(*rec, s, error::hello_required, *type);
-      return {};
-    }
-    if (*type == "send") {
-      on_send(*rec, s, in, j);
-    } else if (*type == "ack") {
-      on_ack(*rec, s, j);
-    } else if (*type == "subscribe" || *type == "unsubscribe") {
-      on_subscribe(*rec, s, j, *type == "subscribe");
-    } else if (*type == "fw_ack") {
-      on_fw_ack(*rec, s, j);
-    } else {
-      on_fw_result(*rec, s, j);
-    }
-    return {};
-  }
-
-  // ---- device messages ------------------------------------------------------------------
-
-  void on_hello(const rec_ptr& rec, session_id s, const nlohmann::json& j) {
-    const auto proto = get_uint(j, "protocol");
-    const bool has_last = j.contains("last_seq");
-    const auto last = get_uint(j, "last_seq");
-    const bool has_version = j.contains("firmware_version");
-    const auto version = get_string(j, "firmware_version");
-    if (!proto || (has_last && !last) || (has_version && !version)) {
-      reply_error(*rec, s, error::bad_message, "hello");
-      return;
-    }
-    if (*proto != static_cast<std::uint64_t>(protocol_version)) {
-      reply_error(*rec, s, error::unsupported_version, "hello");
-      transport_.close(s, close_unsupported_version, "unsupported protocol version; speak 1");
-      return;
-    }
-    if (version) store_.set_firmware_version(rec->id, *version);
-    auto st = store_.load(rec->id);
-    const std::uint64_t last_seq = last.value_or(0);
-    {
-      std::lock_guard lock(rec->m);
-      if (rec->session != s) return;
-      if (version) rec->reported_version = *version;
-      const bool bad_resume = last_seq >= rec->next_seq;
-      if (!bad_resume) {
-        while (!rec->replay.empty() && rec->replay.front().first <= last_seq) {
-          rec->replay_bytes -= rec->replay.front().second.size();
-          rec->replay.pop_front();
-        }
-        rec->acked = std::max(rec->acked, last_seq);
-      }
-      const auto t = transfer_locked(*rec);
-      nlohmann::json welcome{{"type", "welcome"},
-                             {"protocol", protocol_version},
-                             {"device", rec->id},
-                             {"session", s},
-                             {"last_seq", rec->next_seq - 1},
-                             {"replay", rec->replay.size()},
-                             {"replay_dropped", rec->replay_dropped},
-                             {"state",
-                              {{"messages_sent", rec->messages_sent},
-                               {"last_seen_ms", st.last_seen_ms},
-                               {"firmware_version", rec->reported_version},
-                               {"firmware",
-                                {{"rollout", t.rollout},
-                                 {"version", t.version},
-                                 {"status", store::to_string(t.status)},
-                                 {"offset", t.offset},
-                                 {"reason", t.reason}}}}}};
-      rec->replay_dropped = 0;
-      rec->outbox.push_back({s, payload_kind::text, to_payload(welcome)});
-      if (bad_resume)
-        rec->outbox.push_back({s, payload_kind::text, make_error(error::bad_resume, "hello")});
-      for (const auto& [seq, frame] : rec->replay) {
-        rec->outbox.push_back({s, payload_kind::text, frame});
-      }
-      rec->hello = true;
-    }
-    drain(*rec);
-    bus_.subscribe(topics::fleet, s);
-    store_.touch(rec->id, unix_ms());
-    // Firmware: join the current rollout (offline at publish, or reconnecting mid-transfer).
-    auto img = current_image();
-    if (!img) return;
-    bool want = false;
-    store::transfer_state t;
-    {
-      std::lock_guard lock(rec->m);
-      if (rec->session != s) return;
-      join_rollout_locked(*rec, img);
-      want = rec->fw_status == store::transfer_status::pending;
-      t = transfer_locked(*rec);
-    }
-    store_.set_transfer(rec->id, t);
-    if (want && slots_.acquire(rec->id) && !start_transfer(*rec)) {
-      start_next(slots_.release(rec->id));
-    }
-  }
-
-  void on_send(device_rec& rec, session_id s, const inbound_message& in, const nlohmann::json& j) {
-    const auto it = j.find("data");
-    const bool has_id = j.contains("id");
-    const auto ref = get_uint(j, "id");
-    if (it == j.end() || (has_id && !ref)) {
-      reply_error(rec, s, error::bad_message, "send");
-      return;
-    }
-    shared_bytes payload =
-        it->is_string() ? shared_bytes::copy_of(std::string_view(it->get_ref<const std::string&>()))
-                        : shared_bytes::copy_of(std::string_view(it->dump()));
-    push_message(rec, s, in, std::move(payload), payload_kind::text, ref);
-  }
-
-  // Pushes a device message into the pipeline, numbered with the device's lifetime count.
-  void push_message(device_rec& rec, session_id s, const inbound_message& in, shared_bytes payload,
-                    payload_kind kind, std::optional<std::uint64_t> ref) {
-    std::uint64_t number = 0;
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session != s) return;
-      number = ++rec.messages_sent;
-    }
-    message m;
-    m.session = s;
-    m.device_id = in.device_id;
-    m.sequence = number;
-    m.kind = kind;
-    m.payload = std::move(payload);
-    m.received = in.received;
-    const auto ec = pipeline_.push(std::move(m));
-    if (ec) {
-      {
-        std::lock_guard lock(rec.m);
-        if (rec.messages_sent == number) --rec.messages_sent;
-      }
-      reply_error(rec, s, ec == errc::queue_full ? error::queue_full : error::closed,
-                  kind == payload_kind::binary ? "binary" : "send", false);
-      return;
-    }
-    store_.add_messages_sent(rec.id, 1);
-    if (ref) {
-      nlohmann::json sent{{"type", "sent"}, {"id", *ref}, {"messages_sent", number}};
-      reply(rec, s, to_payload(sent));
-    }
-  }
-
-  void on_ack(device_rec& rec, session_id s, const nlohmann::json& j) {
-    const auto seq = get_uint(j, "seq");
-    if (!seq) {
-      reply_error(rec, s, error::bad_message, "ack");
-      return;
-    }
-    bool bad = false;
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session != s) return;
-      if (*seq >= rec.next_seq || *seq < rec.acked) {
-        bad = true;
-      } else {
-        rec.acked = *seq;
-        while (!rec.replay.empty() && rec.replay.front().first <= *seq) {
-          rec.replay_bytes -= rec.replay.front().second.size();
-          rec.replay.pop_front();
-        }
-      }
-    }
-    if (bad) reply_error(rec, s, error::bad_ack, "ack");
-  }
-
-  void on_subscribe(device_rec& rec, session_id s, const nlohmann::json& j, bool sub) {
-    const auto topic = get_string(j, "topic");
-    const char* type = sub ? "subscribe" : "unsubscribe";
-    if (!topic) {
-      reply_error(rec, s, error::bad_message, type);
-      return;
-    }
-    if (*topic != topics::server && *topic != topics::stats && *topic != topics::fleet) {
-      reply_error(rec, s, error::bad_topic, type);
-      return;
-    }
-    if (sub) {
-      bus_.subscribe(*topic, s);
-    } else {
-      bus_.unsubscribe(*topic, s);
-    }
-    nlohmann::json ok{{"type", sub ? "subscribed" : "unsubscribed"}, {"topic", *topic}};
-    reply(rec, s, to_payload(ok));
-  }
-
-  // ---- firmware -------------------------------------------------------------------------
-
-  // Puts the device into `img`'s rollout (once per rollout).
-  void join_rollout_locked(device_rec& rec, const std::shared_ptr<const firmware::image>& img) {
-    if (rec.fw != img) {
-      rec.fw = img;
-      rec.fw_acked = 0;
-      rec.fw_sent = 0;
-      rec.fw_reason.clear();
-      rec.fw_status = store::transfer_status::pending;
-    }
-    if (rec.fw_status == store::transfer_status::pending &&
-        rec.reported_version == img->version()) {
-      rec.fw_status = store::transfer_status::skipped;
-    }
-  }
-  static store::transfer_state transfer_locked(const device_rec& rec) {
-    store::transfer_state t;
-    if (!rec.fw) return t;
-    t.rollout = rec.fw->rollout();
-    t.version = rec.fw->version();
-    t.status = rec.fw_status;
-    t.offset = rec.fw_acked;
-    t.reason = rec.fw_reason;
-    return t;
-  }
-  // Queues chunks until `window` are unacknowledged (caller holds rec.m).
-  void fill_window_locked(device_rec& rec) {
-    const auto& img = *rec.fw;
-    const std::uint64_t window = options_.window * img.chunk_size();
-    while (rec.fw_sent < img.size() && rec.fw_sent - rec.fw_acked < window) {
-      rec.outbox.push_back({rec.session, payload_kind::binary, img.chunk_at(rec.fw_sent)});
-      rec.fw_sent += std::min<std::uint64_t>(img.chunk_size(), img.size() - rec.fw_sent);
-    }
-  }
-  // Starts (or resumes) the device's transfer; false if it cannot start now (offline).
-  bool start_transfer(device_rec& rec) {
-    store::transfer_state t;
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session == 0 || !rec.hello || !rec.fw ||
-          rec.fw_status != store::transfer_status::pending) {
-        return false;
-      }
-      rec.fw_status = store::transfer_status::transferring;
-      rec.fw_sent = rec.fw_acked;
-      const auto& img = *rec.fw;
-      nlohmann::json start{{"type", "firmware"},          {"rollout", img.rollout()},
-                           {"version", img.version()},    {"size", img.size()},
-                           {"sha256", img.sha256()},      {"chunk_size", img.chunk_size()},
-                           {"chunks", img.chunk_count()}, {"offset", rec.fw_acked},
-                           {"window", options_.window}};
-      rec.outbox.push_back({rec.session, payload_kind::text, to_payload(start)});
-      fill_window_locked(rec);
-      t = transfer_locked(rec);
-    }
-    drain(rec);
-    store_.set_transfer(rec.id, t);
-    return true;
-  }
-  // Gives a freed slot to the next waiting device that can start.
-  void start_next(std::optional<std::string> next) {
-    while (next) {
-      auto rec = find_device(*next);
-      if (rec && start_transfer(*rec)) return;
-      next = slots_.release(*next);
-    }
-  }
-
-  void on_fw_ack(device_rec& rec, session_id s, const nlohmann::json& j) {
-    const auto rollout = get_uint(j, "rollout");
-    const auto offset = get_uint(j, "offset");
-    if (!rollout || !offset) {
-      reply_error(rec, s, error::bad_message, "fw_ack");
-      return;
-    }
-    std::optional<error> bad;
-    store::transfer_state t;
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session != s) return;
-      if (!rec.fw || rec.fw->rollout() != *rollout ||
-          rec.fw_status != store::transfer_status::transferring) {
-        bad = error::unknown_rollout;
-      } else if (*offset < rec.fw_acked || *offset > rec.fw_sent ||
-                 (*offset % rec.fw->chunk_size() != 0 && *offset != rec.fw->size())) {
-        bad = error::bad_fw_ack;
-      } else {
-        rec.fw_acked = *offset;
-        fill_window_locked(rec);
-        t = transfer_locked(rec);
-      }
-    }
-    if (bad) {
-      // A late ack of a superseded rollout is a benign race, not counted toward max_errors.
-      reply_error(rec, s, *bad, "fw_ack", *bad != error::unknown_rollout);
-      return;
-    }
-    drain(rec);
-    store_.set_transfer(rec.id, t);
-  }
-
-  void on_fw_result(device_rec& rec, session_id s, const nlohmann::json& j) {
-    const auto rollout = get_uint(j, "rollout");
-    const auto ok = j.find("ok");
-    if (!rollout || ok == j.end() || !ok->is_boolean()) {
-      reply_error(rec, s, error::bad_message, "fw_result");
-      return;
-    }
-    const auto sha = get_string(j, "sha256");
-    const auto reason = get_string(j, "reason");
-    bool unknown = false;
-    bool verified = false;
-    store::transfer_state t;
-    std::string version;
-    {
-      std::lock_guard lock(rec.m);
-      if (rec.session != s) return;
-      if (!rec.fw || rec.fw->rollout() != *rollout ||
-          rec.fw_status != store::transfer_status::transferring) {
-        unknown = true;
-      } else {
-        const auto& img = *rec.fw;
-        if (!ok->get<bool>()) {
-          rec.fw_reason = reason.value_or("device reported a failure");
-        } else if (rec.fw_acked != img.size()) {
-          rec.fw_reason = "result before every byte was acknowledged";
-        } else if (!sha || *sha != img.sha256()) {
-          rec.fw_reason = "sha256 mismatch";
-        } else {
-          verified = true;
-          rec.reported_version = img.version();
-          version = img.version();
-        }
-        rec.fw_status =
-            verified ? store::transfer_status::verified : store::transfer_status::failed;
-        t = transfer_locked(rec);
-        nlohmann::json status{{"type", "fw_status"},
-                              {"rollout", img.rollout()},
-                              {"status", store::to_string(rec.fw_status)},
-                              {"reason", rec.fw_reason}};
-        rec.outbox.push_back({s, payload_kind::text, to_payload(status)});
-      }
-    }
-    if (unknown) {
-      reply_error(rec, s, error::unknown_rollout, "fw_result", false);
-      return;
-    }
-    drain(rec);
-    store_.set_transfer(rec.id, t);
-    if (verified) store_.set_firmware_version(rec.id, version);
-    start_next(slots_.release(rec.id));
-  }
-
-  Transport& transport_;
   hub_options options_;
   Store store_;
-  reply_channel channel_;
   pubsub bus_;
-  firmware::transfer_slots slots_;
-  mutable std::shared_mutex devices_mutex_;
-  std::unordered_map<std::string, rec_ptr> devices_;
-  mutable std::shared_mutex sessions_mutex_;
-  std::unordered_map<session_id, rec_ptr> sessions_;
-  mutable std::mutex fw_mutex_;
-  std::shared_ptr<const firmware::image> current_;
-  std::atomic<std::uint32_t> next_rollout_{0};
-  std::atomic<std::uint64_t> replay_dropped_{0};
-  std::atomic<std::uint64_t> errors_{0};
-  std::atomic<std::uint64_t> takeovers_{0};
+  registry devices_;
+  delivery<Transport> delivery_;
+  firmware::rollout_engine<Transport, Store> rollout_;
+  protocol_dispatch<Transport, Store, gateway_type> dispatch_;
   std::mutex rate_mutex_;
   clock::time_point last_rate_time_{};
   std::uint64_t last_dispatched_ = 0;
-  bool started_ = false;
-  pipeline<hub_sink<Sink>, Traits> pipeline_;  // last: stopped and destroyed first
+  gateway_type gateway_;  // last: stopped and destroyed first
 };
 
 }  // namespace devgate::device
 // ---- end devgate/device/hub.hpp ----
+
 
 
 // ---- begin devgate/client/device_client.hpp ----

@@ -6,13 +6,19 @@
 
 #include <chrono>
 #include <cstddef>
+#include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "devgate/device/device_id.hpp"
+#include "devgate/device/dispatch.hpp"
 #include "devgate/device/protocol.hpp"
+#include "devgate/pipeline/gateway.hpp"
+#include "devgate/store/memory_state_store.hpp"
 #include "devgate/transport/in_process.hpp"
 
 using devgate::in_process_transport;
@@ -110,40 +116,6 @@ TEST_CASE("chunk header round-trips and rejects malformed chunks") {
   CHECK_FALSE(dev::decode_chunk_header(std::span<const std::byte>(buf).first(19)));
   buf[0] = std::byte{2};
   CHECK_FALSE(dev::decode_chunk_header(buf));
-}
-
-TEST_CASE("firmware image: held once, chunks are slices of one buffer") {
-  const auto bytes = make_image(100'000);
-  devgate::firmware::image img(3, "2.0", bytes, 16384);
-  CHECK(img.chunk_count() == 7);
-  CHECK(img.memory_bytes() == 100'000 + 7 * dev::chunk_header_size);
-  CHECK(img.sha256() == devgate::detail::hex_encode(devgate::detail::sha256(bytes)));
-  const auto c0 = img.chunk_at(0);
-  const auto c6 = img.chunk_at(6 * 16384);
-  CHECK(img.buffer_use_count() == 3);
-  auto h = dev::decode_chunk_header(c6.bytes());
-  REQUIRE(h);
-  CHECK(h->offset == 6 * 16384);
-  CHECK(h->length == 100'000 - 6 * 16384);
-  CHECK(h->last);
-  CHECK(std::memcmp(c6.data() + 16, bytes.data() + 6 * 16384, h->length) == 0);
-  CHECK(c0.data() + (16384 + 16) * 6 == c6.data());
-  CHECK_THROWS_AS(devgate::firmware::image(1, "x", std::span<const std::byte>{}, 10),
-                  std::invalid_argument);
-}
-
-TEST_CASE("transfer slots: never more than the limit; freed slots go in arrival order") {
-  devgate::firmware::transfer_slots slots(2);
-  CHECK(slots.acquire("a"));
-  CHECK(slots.acquire("b"));
-  CHECK_FALSE(slots.acquire("c"));
-  CHECK_FALSE(slots.acquire("d"));
-  CHECK(slots.acquire("a"));  // already active
-  CHECK(slots.active() == 2);
-  CHECK(slots.release("d") == std::nullopt);  // leaves the queue
-  CHECK(slots.release("a") == std::optional<std::string>("c"));
-  CHECK(slots.release("b") == std::nullopt);
-  CHECK(slots.peak() == 2);
 }
 
 TEST_CASE("welcome carries state; reconnect keeps messages sent") {
@@ -323,6 +295,131 @@ TEST_CASE("invalid device ids are refused by the hub on transports that do not c
   auto d = t.connect("no spaces");
   CHECK(d.close_status() == devgate::close_code::policy_violation);
   hub.stop();
+}
+
+TEST_CASE("stop(deadline) drains through the gateway and hands back nothing left") {
+  in_process_transport t;
+  hub_t hub(t);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "drain");
+  for (int i = 0; i < 3; ++i) REQUIRE_FALSE(d.send({{"type", "send"}, {"data", i}}));
+  const auto left = hub.stop(devgate::clock::now() + std::chrono::seconds(10));
+  CHECK(left.empty());
+  CHECK(hub.stats().dispatched == 3);
+  CHECK(d.s.close_status() == devgate::close_code::going_away);
+}
+
+namespace {
+// A transport that keeps what it is asked to send, for driving the hub's parts directly.
+struct recording_transport {
+  std::mutex mutex;
+  std::vector<std::pair<devgate::session_id, shared_bytes>> out;
+
+  void set_handlers(devgate::transport_handlers) {}
+  std::error_code start() { return {}; }
+  void stop() {}
+  std::error_code send(devgate::session_id s, devgate::payload_kind, shared_bytes b) {
+    std::lock_guard lock(mutex);
+    out.emplace_back(s, std::move(b));
+    return {};
+  }
+  std::size_t broadcast(std::span<const devgate::session_id> ss, devgate::payload_kind,
+                        shared_bytes) {
+    return ss.size();
+  }
+  void close(devgate::session_id, devgate::close_code, std::string_view) {}
+  std::size_t buffered_bytes(devgate::session_id) const { return 0; }
+  // The texts sent to `s` so far, parsed, in order.
+  std::vector<json> texts(devgate::session_id s) {
+    std::lock_guard lock(mutex);
+    std::vector<json> r;
+    for (const auto& [to, b] : out) {
+      if (to == s) r.push_back(json::parse(b.view()));
+    }
+    out.clear();
+    return r;
+  }
+};
+
+devgate::inbound_message inbound(devgate::session_id s, const std::string& text,
+                                 devgate::payload_kind kind = devgate::payload_kind::text) {
+  devgate::inbound_message in;
+  in.session = s;
+  in.device_id = shared_bytes::copy_of(std::string_view("batch"));
+  in.kind = kind;
+  in.payload = shared_bytes::copy_of(std::string_view(text));
+  return in;
+}
+}  // namespace
+
+TEST_CASE("protocol dispatch: a batch is answered in order, its device messages pushed together") {
+  using store_t = devgate::store::memory_state_store;
+  recording_transport t;
+  store_t store;
+  dev::pubsub bus;
+  dev::registry devices;
+  dev::delivery<recording_transport> out(t, 256, 1u << 20);
+  devgate::firmware::rollout_engine<recording_transport, store_t> rollout(devices, out, store, {});
+  std::mutex mutex;
+  std::vector<std::string> sunk;
+  auto sink = devgate::callback_sink([&](const devgate::message& m, devgate::dispatch_context&) {
+    std::lock_guard lock(mutex);
+    sunk.push_back(std::to_string(m.sequence) + ":" + std::string(m.payload.view()));
+  });
+  devgate::gateway gw(t, sink);
+  dev::protocol_dispatch<recording_transport, store_t, decltype(gw)> dispatch(
+      t, gw, devices, out, rollout, bus, store, 1024, 16);
+  REQUIRE_FALSE(gw.start());
+  dispatch.open({7, "batch"});
+  std::vector<devgate::inbound_message> batch;
+  batch.push_back(inbound(7, R"({"type":"hello","protocol":1})"));
+  batch.push_back(inbound(7, R"({"type":"send","id":1,"data":"a"})"));
+  batch.push_back(inbound(7, R"({"type":"send","data":"b"})"));
+  batch.push_back(inbound(7, "c", devgate::payload_kind::binary));
+  batch.push_back(inbound(7, R"({"type":"subscribe","topic":"stats"})"));
+  batch.push_back(inbound(7, R"({"type":"send","id":2,"data":"d"})"));
+  batch.push_back(inbound(7, R"({"type":"send","id":3})"));
+  auto r = dispatch.intake(batch);
+  CHECK(r.accepted == batch.size());
+  CHECK_FALSE(r.error);
+  auto replies = t.texts(7);
+  REQUIRE(replies.size() == 5);
+  CHECK(replies[0]["type"] == "welcome");
+  CHECK(replies[1]["type"] == "sent");
+  CHECK(replies[1]["id"] == 1);
+  CHECK(replies[1]["messages_sent"] == 1);
+  CHECK(replies[2]["type"] == "subscribed");  // after the sends before it, before those after
+  CHECK(replies[3]["type"] == "sent");
+  CHECK(replies[3]["id"] == 2);
+  CHECK(replies[3]["messages_sent"] == 4);
+  CHECK(replies[4]["code"] == "bad_message");
+  CHECK(store.load("batch").messages_sent == 4);
+  CHECK(dispatch.protocol_errors() == 1);
+
+  // A session the hub does not know: the whole batch is refused.
+  std::vector<devgate::inbound_message> stranger;
+  stranger.push_back(inbound(8, R"({"type":"hello","protocol":1})"));
+  r = dispatch.intake(stranger);
+  CHECK(r.accepted == 0);
+  CHECK(r.error == devgate::errc::unknown_session);
+
+  // Once the pipeline is closed, each device message is answered `closed`, and not counted.
+  gw.stop();
+  batch.clear();
+  batch.push_back(inbound(7, R"({"type":"send","id":4,"data":"e"})"));
+  batch.push_back(inbound(7, "f", devgate::payload_kind::binary));
+  r = dispatch.intake(batch);
+  CHECK(r.accepted == 2);
+  replies = t.texts(7);
+  REQUIRE(replies.size() == 2);
+  CHECK(replies[0]["code"] == "closed");
+  CHECK(replies[0]["ref"] == "send");
+  CHECK(replies[1]["code"] == "closed");
+  CHECK(replies[1]["ref"] == "binary");
+  CHECK(store.load("batch").messages_sent == 4);
+  CHECK(devices.find("batch")->messages_sent == 4);
+  std::lock_guard lock(mutex);
+  CHECK(sunk == std::vector<std::string>{"1:a", "2:b", "3:c", "4:d"});
 }
 
 TEST_CASE("pub/sub: server log per dispatched message, fleet frames shared, host callbacks") {

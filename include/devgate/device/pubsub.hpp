@@ -16,7 +16,7 @@
 #include <vector>         // recipients
 
 #include "devgate/core/bytes.hpp"
-#include "devgate/pipeline/sink.hpp"  // reply_channel: the type-erased way to the transport
+#include "devgate/transport/reply_channel.hpp"  // the type-erased way to the transport
 #include "devgate/transport/transport.hpp"
 
 namespace devgate::device {
@@ -34,7 +34,7 @@ class pubsub {
   /// Identifies a host subscription (for `unsubscribe`).
   using token = std::uint64_t;
 
-  /// Sets the way to devices (the hub sets it to its transport before any publish).
+  /// Sets the way to devices (the hub sets its gateway's channel before any publish).
   void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
 
   /// Subscribes session `s` to `topic`; false if it already was.

@@ -1,27 +1,66 @@
 #pragma once
 
+#include <atomic>        // gateway instance numbers
+#include <concepts>      // std::copy_constructible
 #include <cstddef>       // std::size_t
-#include <span>          // broadcast recipients
+#include <cstdint>       // gateway instance numbers
+#include <functional>    // session hooks
+#include <memory>        // per-thread lanes
+#include <mutex>         // the lane list
+#include <span>          // batches
 #include <string>        // Prometheus text
 #include <system_error>  // results
+#include <thread>        // std::thread::id
+#include <type_traits>   // std::is_invocable_r_v
 #include <utility>       // std::move
-#include <vector>        // handed-back messages
+#include <vector>        // handed-back messages, staging
 
 #include "devgate/pipeline/message.hpp"
+#include "devgate/pipeline/metrics.hpp"
 #include "devgate/pipeline/pipeline.hpp"
 #include "devgate/pipeline/sink.hpp"
+#include "devgate/transport/reply_channel.hpp"
 #include "devgate/transport/transport.hpp"
 
 namespace devgate {
 
-/// A transport feeding a pipeline: every device message the transport delivers is pushed into
-/// the pipeline, and the push's error (`errc::queue_full`, `errc::closed`) goes back to the
-/// device. Sinks reply through the transport via `dispatch_context::reply`.
+/// What an intake did with a batch of messages that a transport decoded together: the first
+/// `accepted` were taken, in order; each of the others is refused with `error`, which the
+/// transport reports to its device as it reports a refused message.
+struct batch_result {
+  std::size_t accepted = 0;  ///< How many messages, from the front of the batch, were taken.
+  std::error_code error;     ///< Why the rest were refused (e.g. `errc::queue_full`, `closed`).
+};
+
+/// A gateway's intake: `batch_result intake(std::span<inbound_message>)`, called on transport
+/// threads. It may move from the messages it takes and leaves the refused ones as they were.
+template <class F>
+concept intake_handler = std::copy_constructible<F> &&
+    std::is_invocable_r_v<batch_result, F&, std::span<inbound_message>>;
+
+/// What a gateway's owner runs when the transport's sessions open and close (both optional;
+/// they run on transport threads, like the intake).
+struct session_hooks {
+  /// A session opened (before any of its messages reaches the intake).
+  std::function<void(const session_info&)> on_open;
+  /// A session closed, with the code that closed it.
+  std::function<void(session_id, close_code)> on_close;
+};
+
+/// The composition root: a transport feeding a pipeline. By default every batch of device
+/// messages the transport delivers is pushed into the pipeline, and a push's error
+/// (`errc::queue_full`, `errc::closed`) goes back to the device; a richer layer (the device
+/// hub) starts it with its own intake and session hooks instead, and pushes what its intake
+/// accepts with `push`. Sinks reply through the transport via `dispatch_context::reply`.
 ///
 ///     devgate::in_process_transport transport;
 ///     devgate::gateway gw(transport, devgate::callback_sink([](const devgate::message& m,
 ///                                                              devgate::dispatch_context&) {}));
 ///     gw.start();
+///
+/// Lifecycle, for every layer built on it: `start` installs the transport handlers, starts the
+/// workers, then the transport; `stop` closes intake, drains the pipeline through the sinks
+/// (which may still reply), then stops the transport.
 template <class Transport, class Sink, class Traits = pipeline_traits>
 class gateway {
   static_assert(devgate::transport<Transport>,
@@ -29,6 +68,9 @@ class gateway {
                 "transport/transport.hpp for what it must provide)");
 
  public:
+  /// The pipeline the gateway feeds.
+  using pipeline_type = pipeline<Sink, Traits>;
+
   /// Wires `t` (referenced: it must outlive the gateway) to a pipeline dispatching to `s`.
   gateway(Transport& t, Sink s, pipeline_options options = {})
       : transport_(t), pipeline_(std::move(s), std::move(options)) {
@@ -40,11 +82,22 @@ class gateway {
   /// Stops (draining) if still running.
   ~gateway() { stop(); }
 
-  /// Installs the transport handlers, starts the workers, then the transport.
+  /// Starts with the default intake: what the transport delivers is pushed into the pipeline.
   std::error_code start() {
+    return start([this](std::span<inbound_message> batch) { return push_inbound(batch); });
+  }
+  /// Starts with `intake` taking what the transport delivers and `hooks` told of sessions
+  /// opening and closing: installs the transport handlers, starts the workers, then the
+  /// transport.
+  template <intake_handler Intake>
+  std::error_code start(Intake intake, session_hooks hooks = {}) {
     transport_handlers handlers;
-    handlers.on_message = [this](inbound_message&& in) {
-      return pipeline_.push(message::from(std::move(in)));
+    handlers.on_open = std::move(hooks.on_open);
+    handlers.on_close = std::move(hooks.on_close);
+    // The transport hands over one message per call: a batch of one.
+    handlers.on_message = [intake = std::move(intake)](inbound_message&& in) mutable {
+      const batch_result r = intake(std::span<inbound_message>(&in, 1));
+      return r.accepted == 1 ? std::error_code{} : r.error;
     };
     transport_.set_handlers(std::move(handlers));
     if (auto ec = pipeline_.start(); ec) return ec;
@@ -67,16 +120,94 @@ class gateway {
 
   /// Pushes a message directly (host code, tests), as if a transport had delivered it.
   std::error_code push(message&& m) { return pipeline_.push(std::move(m)); }
+  /// Pushes a batch with `pipeline::push_bulk`, in order, through the calling thread's own
+  /// producer (made on the thread's first batch, kept until the gateway goes: meant for the
+  /// few long-lived threads of a transport and its intake). A prefix is taken (moved from).
+  batch_result push(std::span<message> batch) {
+    const auto r = pipeline_.push_bulk(batch, lane().producer);
+    return {r.accepted, r.error};
+  }
+
   /// The metrics of the pipeline.
   [[nodiscard]] pipeline_metrics metrics() const { return pipeline_.metrics(); }
   /// Appends the metrics in Prometheus text format.
   void render_prometheus(std::string& out) const { pipeline_.render_prometheus(out); }
   /// The pipeline.
-  [[nodiscard]] pipeline<Sink, Traits>& engine() noexcept { return pipeline_; }
+  [[nodiscard]] pipeline_type& engine() noexcept { return pipeline_; }
+  /// The pipeline (metrics).
+  [[nodiscard]] const pipeline_type& engine() const noexcept { return pipeline_; }
   /// The transport.
   [[nodiscard]] Transport& get_transport() noexcept { return transport_; }
+  /// The way back to the transport's sessions (what sinks reply through).
+  [[nodiscard]] const reply_channel& channel() const noexcept { return channel_; }
 
  private:
+  // What one thread needs to push batches: its producer, and a reusable batch of messages.
+  struct thread_lane {
+    explicit thread_lane(pipeline_type& p) : producer(p.make_producer()) {}
+    std::thread::id thread = std::this_thread::get_id();
+    typename pipeline_type::producer producer;
+    std::vector<message> staging;
+    bool busy = false;  // a push of this lane's staging is under way on this thread
+  };
+
+  // The default intake: the batch becomes messages, pushed in one push_bulk. The refused rest
+  // is handed back as it came, for the transport to answer.
+  batch_result push_inbound(std::span<inbound_message> batch) {
+    thread_lane& l = lane();
+    if (l.busy) return push_inbound_one_by_one(batch);  // a handler of the push pushed again
+    l.busy = true;
+    auto& staged = l.staging;
+    for (auto& in : batch) staged.push_back(message::from(std::move(in)));
+    const auto r = pipeline_.push_bulk(std::span<message>(staged), l.producer);
+    for (std::size_t i = r.accepted; i < batch.size(); ++i) give_back(staged[i], batch[i]);
+    staged.clear();
+    l.busy = false;
+    return {r.accepted, r.error};
+  }
+  batch_result push_inbound_one_by_one(std::span<inbound_message> batch) {
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      auto m = message::from(std::move(batch[i]));
+      if (auto ec = pipeline_.push(std::move(m)); ec) {
+        give_back(m, batch[i]);
+        return {i, ec};
+      }
+    }
+    return {batch.size(), {}};
+  }
+  static void give_back(message& m, inbound_message& in) noexcept {
+    in.device_id = std::move(m.device_id);
+    in.payload = std::move(m.payload);
+  }
+
+  // The calling thread's lane: one lookup under the lock per thread and gateway, then a
+  // thread-local hit for as long as the thread keeps pushing into the same gateway.
+  thread_lane& lane() {
+    struct last_used {
+      std::uint64_t gateway = 0;
+      thread_lane* lane = nullptr;
+    };
+    thread_local last_used cache;
+    if (cache.gateway == instance_) return *cache.lane;
+    std::lock_guard lock(lanes_mutex_);
+    const auto me = std::this_thread::get_id();
+    thread_lane* found = nullptr;
+    for (auto& l : lanes_) {
+      // A thread id comes back only after its thread ended, so its lane is free again.
+      if (l->thread == me) found = l.get();
+    }
+    if (found == nullptr)
+      found = lanes_.emplace_back(std::make_unique<thread_lane>(pipeline_)).get();
+    cache = {instance_, found};
+    return *found;
+  }
+  // Numbers gateways for the thread-local lane cache: a number is never given twice, so a
+  // cache entry left by a gateway that is gone never matches a new one.
+  static std::uint64_t next_instance() noexcept {
+    static std::atomic<std::uint64_t> count{0};
+    return count.fetch_add(1, std::memory_order_relaxed) + 1;
+  }
+
   void stop_transport() {
     if (started_) {
       started_ = false;
@@ -86,7 +217,11 @@ class gateway {
 
   Transport& transport_;
   reply_channel channel_;
-  pipeline<Sink, Traits> pipeline_;
+  const std::uint64_t instance_ = next_instance();
+  pipeline_type pipeline_;
+  std::mutex lanes_mutex_;
+  // After the pipeline: producers go before the queues they were made for.
+  std::vector<std::unique_ptr<thread_lane>> lanes_;
   bool started_ = false;
 };
 

@@ -12,35 +12,10 @@
 #include "devgate/core/bytes.hpp"
 #include "devgate/core/error.hpp"
 #include "devgate/pipeline/message.hpp"
+#include "devgate/transport/reply_channel.hpp"  // dispatch_context replies through it
 #include "devgate/transport/transport.hpp"
 
 namespace devgate {
-
-/// A way back to devices, set by the gateway from its transport (type-erased: it is used per
-/// reply, not per message, so an indirect call costs nothing that matters).
-struct reply_channel {
-  void* target = nullptr;  ///< The transport.
-  /// Sends to one session.
-  std::error_code (*send)(void*, session_id, payload_kind, shared_bytes) = nullptr;
-  /// Sends one payload to many sessions.
-  std::size_t (*broadcast)(void*, std::span<const session_id>, payload_kind,
-                           shared_bytes) = nullptr;
-
-  /// The channel to `t` (referenced: it must outlive the channel's users), whatever its type.
-  template <class Transport>
-  [[nodiscard]] static reply_channel to(Transport& t) noexcept {
-    reply_channel c;
-    c.target = &t;
-    c.send = [](void* target, session_id id, payload_kind kind, shared_bytes bytes) {
-      return static_cast<Transport*>(target)->send(id, kind, std::move(bytes));
-    };
-    c.broadcast = [](void* target, std::span<const session_id> ids, payload_kind kind,
-                     shared_bytes bytes) {
-      return static_cast<Transport*>(target)->broadcast(ids, kind, std::move(bytes));
-    };
-    return c;
-  }
-};
 
 /// What a sink learns about the dispatch besides the message itself.
 struct dispatch_context {

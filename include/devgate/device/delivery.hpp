@@ -1,0 +1,180 @@
+#pragma once
+
+#include <algorithm>    // std::max
+#include <atomic>       // drop count
+#include <cstddef>      // std::size_t
+#include <cstdint>      // sequence numbers
+#include <deque>        // outbox batches
+#include <mutex>        // the device's mutex
+#include <string_view>  // message data
+#include <utility>      // std::move
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/device/protocol.hpp"  // deliver envelopes, the bad_resume error
+#include "devgate/device/record.hpp"
+#include "devgate/transport/transport.hpp"
+
+namespace devgate::device {
+
+/// Delivery to devices: per-device sequence numbers, the replay buffer that keeps sequenced
+/// messages until the device acknowledges them (offline devices included), and each device's
+/// outbox, through which everything sent to the device leaves in the order it was queued.
+///
+/// Locking: each method takes the device's mutex (`device_record::mutex`) itself and calls the
+/// transport only after releasing it; `queue_locked` is for a caller that holds the mutex and
+/// queues as part of a change of its own (the messages leave with the next `flush`).
+template <class Transport>
+class delivery {
+ public:
+  /// What `ack` made of an acknowledgement.
+  enum class ack_result : std::uint8_t {
+    acknowledged,  ///< Everything up to the sequence number is forgotten.
+    out_of_range,  ///< Beyond the last sequence number sent, or below one already acknowledged.
+    not_live,      ///< The session is no longer the device's (ignored).
+  };
+  /// What `resume` found, for the welcome.
+  struct resume_info {
+    std::uint64_t last_seq = 0;        ///< The last sequence number assigned to the device.
+    std::size_t replay = 0;            ///< Kept messages about to be sent again.
+    std::uint64_t replay_dropped = 0;  ///< Messages dropped from the buffer since last time.
+    bool bad_resume = false;           ///< The device's `last_seq` was beyond anything sent.
+  };
+
+  /// Delivery through `transport` (referenced), keeping at most `max_replay_messages` and
+  /// `max_replay_bytes` of sequenced messages per device (the newest is always kept).
+  delivery(Transport& transport, std::size_t max_replay_messages, std::size_t max_replay_bytes)
+      : transport_(transport),
+        max_replay_messages_(max_replay_messages),
+        max_replay_bytes_(max_replay_bytes) {}
+
+  /// Gives `data_json` (JSON text) the device's next sequence number and keeps its `deliver`
+  /// frame until acknowledged; past the limits the oldest kept message is dropped and counted.
+  /// Sent at once if the device's session said hello. Returns the sequence number.
+  std::uint64_t deliver(device_record& rec, std::string_view data_json) {
+    std::uint64_t seq = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      auto& d = rec.delivery;
+      seq = d.next_seq++;
+      auto frame = make_envelope("deliver", seq, rec.topic, data_json);
+      d.replay_bytes += frame.size();
+      d.replay.emplace_back(seq, frame);
+      while (d.replay.size() > 1 &&
+             (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
+        d.replay_bytes -= d.replay.front().second.size();
+        d.replay.pop_front();
+        ++d.replay_dropped;
+        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (rec.session.id != 0 && rec.session.hello) {
+        queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
+      }
+    }
+    flush(rec);
+    return seq;
+  }
+
+  /// Resumes delivery to session `s` after its hello: forgets what `last_seq` acknowledges,
+  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent, then every
+  /// kept message in order, and makes the session live (later deliveries go straight to it);
+  /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
+  /// it runs with the device's mutex held, so it may read and set the record's fields but must
+  /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
+  template <class Welcome>
+  bool resume(device_record& rec, session_id s, std::uint64_t last_seq, Welcome&& welcome) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return false;
+      auto& d = rec.delivery;
+      resume_info info;
+      info.bad_resume = last_seq >= d.next_seq;
+      if (!info.bad_resume) {
+        forget_through(d, last_seq);
+        d.acked = std::max(d.acked, last_seq);
+      }
+      info.last_seq = d.next_seq - 1;
+      info.replay = d.replay.size();
+      info.replay_dropped = d.replay_dropped;
+      d.replay_dropped = 0;
+      shared_bytes w = welcome(rec, static_cast<const resume_info&>(info));
+      queue_locked(rec, s, payload_kind::text, std::move(w));
+      if (info.bad_resume) {
+        queue_locked(rec, s, payload_kind::text, make_error(error::bad_resume, "hello"));
+      }
+      for (const auto& [seq, frame] : d.replay) queue_locked(rec, s, payload_kind::text, frame);
+      rec.session.hello = true;
+    }
+    flush(rec);
+    return true;
+  }
+
+  /// Session `s` acknowledges every sequenced message up to `seq`.
+  ack_result ack(device_record& rec, session_id s, std::uint64_t seq) {
+    std::lock_guard lock(rec.mutex);
+    if (rec.session.id != s) return ack_result::not_live;
+    auto& d = rec.delivery;
+    if (seq >= d.next_seq || seq < d.acked) return ack_result::out_of_range;
+    d.acked = seq;
+    forget_through(d, seq);
+    return ack_result::acknowledged;
+  }
+
+  /// Queues `bytes` to session `s` if it is still the device's session, then sends. False if
+  /// it is not (nothing is queued).
+  bool post(device_record& rec, session_id s, payload_kind kind, shared_bytes bytes) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return false;
+      queue_locked(rec, s, kind, std::move(bytes));
+    }
+    flush(rec);
+    return true;
+  }
+  /// Queues `bytes` to session `s`; the caller holds the device's mutex and calls `flush`
+  /// after releasing it.
+  static void queue_locked(device_record& rec, session_id s, payload_kind kind,
+                           shared_bytes bytes) {
+    rec.delivery.outbox.push_back({s, kind, std::move(bytes)});
+  }
+  /// Sends the device's queued messages in order. Whoever finds the outbox idle sends it,
+  /// including what other threads queue meanwhile; the transport is called with no lock held.
+  void flush(device_record& rec) {
+    std::unique_lock lock(rec.mutex);
+    auto& d = rec.delivery;
+    if (d.draining) return;
+    d.draining = true;
+    while (!d.outbox.empty()) {
+      std::deque<outbound> batch;
+      batch.swap(d.outbox);
+      lock.unlock();
+      for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
+      lock.lock();
+    }
+    d.draining = false;
+  }
+  /// Drops what is queued for session `s` and not yet sent (it closed or was replaced).
+  void forget(device_record& rec, session_id s) {
+    std::lock_guard lock(rec.mutex);
+    std::erase_if(rec.delivery.outbox, [s](const outbound& o) { return o.session == s; });
+  }
+
+  /// Sequenced messages dropped by replay overflow since start, over every device.
+  [[nodiscard]] std::uint64_t replay_dropped() const noexcept {
+    return replay_dropped_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  static void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
+    while (!d.replay.empty() && d.replay.front().first <= seq) {
+      d.replay_bytes -= d.replay.front().second.size();
+      d.replay.pop_front();
+    }
+  }
+
+  Transport& transport_;
+  const std::size_t max_replay_messages_;
+  const std::size_t max_replay_bytes_;
+  std::atomic<std::uint64_t> replay_dropped_{0};
+};
+
+}  // namespace devgate::device

@@ -1,0 +1,442 @@
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>     // std::find
+#include <atomic>        // error count
+#include <chrono>        // last-seen times
+#include <cstddef>       // std::size_t
+#include <cstdint>       // sequence numbers
+#include <iterator>      // std::begin, std::end
+#include <optional>      // message fields
+#include <span>          // batches
+#include <string>        // device ids
+#include <string_view>   // message types
+#include <system_error>  // results
+#include <utility>       // std::move
+#include <vector>        // runs of device messages
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/core/error.hpp"
+#include "devgate/device/delivery.hpp"
+#include "devgate/device/device_id.hpp"
+#include "devgate/device/protocol.hpp"
+#include "devgate/device/pubsub.hpp"
+#include "devgate/device/record.hpp"
+#include "devgate/device/registry.hpp"
+#include "devgate/firmware/rollout.hpp"
+#include "devgate/pipeline/gateway.hpp"  // batch_result
+#include "devgate/pipeline/message.hpp"
+#include "devgate/transport/transport.hpp"
+
+namespace devgate::device {
+
+/// The hub's side of every session: sessions opening and closing, and each message a device
+/// sends, parsed as protocol v1 (docs/PROTOCOL.md), checked, and routed to the part that handles
+/// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack` and `fw_result` to the
+/// rollout engine, `send` and binary messages into the gateway's pipeline. Anything wrong is
+/// answered with an `error` message; too many close the session with 4002.
+///
+/// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
+/// parts, or itself to count errors and messages) and never holds it while calling the
+/// transport, the store, the gateway or another part.
+template <class Transport, class Store, class Gateway>
+class protocol_dispatch {
+ public:
+  /// Dispatch over the hub's parts (all referenced: they outlive it). `max_message_bytes` and
+  /// `max_errors` are the hub's options of those names.
+  protocol_dispatch(Transport& transport, Gateway& gateway, registry& devices,
+                    delivery<Transport>& out, firmware::rollout_engine<Transport, Store>& rollout,
+                    pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors)
+      : transport_(transport),
+        gateway_(gateway),
+        devices_(devices),
+        out_(out),
+        rollout_(rollout),
+        bus_(bus),
+        store_(store),
+        max_message_bytes_(max_message_bytes),
+        max_errors_(max_errors) {}
+  protocol_dispatch(const protocol_dispatch&) = delete;
+  protocol_dispatch& operator=(const protocol_dispatch&) = delete;
+
+  /// A session opened: it becomes its device's live session; an older one is closed with 4000.
+  void open(const session_info& info) {
+    if (!is_valid_device_id(info.device_id)) {
+      // Transports other than the WebSocket server (which answers 400) may not validate ids.
+      transport_.close(info.id, close_code::policy_violation, "invalid device id");
+      return;
+    }
+    auto rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+    const session_id old = devices_.attach(rec, info.id);
+    if (old == 0) return;
+    out_.forget(*rec, old);
+    bus_.unsubscribe_all(old);
+    transport_.close(old, close_replaced, "replaced by a newer session for this device");
+    rollout_.on_replaced(*rec, old);
+  }
+  /// A session closed: its subscriptions end, and if it was its device's live session the
+  /// device goes offline (deliveries are kept for its return, its transfer pauses).
+  void close(session_id s, close_code /*code*/) {
+    bus_.unsubscribe_all(s);
+    auto rec = devices_.detach(s);
+    if (!rec) return;
+    out_.forget(*rec, s);
+    store_.touch(rec->id, unix_ms());
+    rollout_.on_offline(*rec);
+  }
+
+  /// The hub's intake: every message of `batch` (one session's, as transports deliver them) is
+  /// handled in order; runs of device messages go into the pipeline together. Protocol errors
+  /// are answered here, so every message is taken, except from a session the hub does not
+  /// know (`errc::unknown_session`).
+  batch_result intake(std::span<inbound_message> batch) {
+    auto& shared = thread_run();
+    if (shared.busy) {  // re-entered from a handler this thread called: a run of its own
+      run local;
+      return intake(batch, local);
+    }
+    return intake(batch, shared);
+  }
+
+  /// Error replies sent (bad_resume excepted).
+  [[nodiscard]] std::uint64_t protocol_errors() const noexcept {
+    return errors_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  // Consecutive device messages of one device, pushed together, with what to answer each.
+  struct run {
+    std::vector<message> messages;
+    std::vector<std::optional<std::uint64_t>> refs;  // the `send` id to confirm, per message
+    bool busy = false;
+  };
+  // Marks a run in use, and leaves it empty and free however the intake ends.
+  struct run_guard {
+    explicit run_guard(run& r) : r_(r) { r_.busy = true; }
+    run_guard(const run_guard&) = delete;
+    run_guard& operator=(const run_guard&) = delete;
+    ~run_guard() {
+      r_.messages.clear();
+      r_.refs.clear();
+      r_.busy = false;
+    }
+    run& r_;
+  };
+  // The calling thread's run: empty between intakes, so every hub of this type shares it.
+  static run& thread_run() {
+    thread_local run r;
+    return r;
+  }
+
+  batch_result intake(std::span<inbound_message> batch, run& r) {
+    run_guard guard(r);
+    registry::record_ptr rec;  // the device of `current`, looked up once per batch
+    session_id current = 0;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      inbound_message& in = batch[i];
+      if (!rec || current != in.session) {
+        if (rec) push_run(*rec, r);
+        rec = devices_.find_session(in.session);
+        if (!rec) return {i, errc::unknown_session};
+        current = in.session;
+      }
+      handle(*rec, in, r);
+    }
+    if (rec) push_run(*rec, r);
+    return {batch.size(), {}};
+  }
+
+  void handle(device_record& rec, inbound_message& in, run& r) {
+    const session_id s = in.session;
+    bool hello = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
+      hello = rec.session.hello;
+    }
+    if (in.kind == payload_kind::binary) {
+      if (!hello) {
+        push_run(rec, r);
+        reply_error(rec, s, error::hello_required, "binary");
+      } else if (in.payload.size() > max_message_bytes_) {
+        push_run(rec, r);
+        reply_error(rec, s, error::too_big, "binary");
+      } else {
+        stage(rec, in, std::move(in.payload), payload_kind::binary, std::nullopt, r);
+      }
+      return;
+    }
+    if (in.payload.size() > max_message_bytes_) {
+      push_run(rec, r);
+      reply_error(rec, s, error::too_big, {});
+      return;
+    }
+    auto parsed = parse_json(in.payload.view());
+    if (!parsed) {
+      push_run(rec, r);
+      reply_error(rec, s, error::bad_json, {});
+      return;
+    }
+    const nlohmann::json& j = *parsed;
+    const auto type = j.is_object() ? get_string(j, "type") : std::nullopt;
+    if (type && *type == "send" && hello) {
+      on_send(rec, in, j, r);
+      return;
+    }
+    push_run(rec, r);  // whatever comes next is answered after the device messages before it
+    if (!type) {
+      reply_error(rec, s, error::bad_message, {});
+      return;
+    }
+    if (*type == "hello") {
+      if (hello) {
+        reply_error(rec, s, error::duplicate_hello, *type);
+      } else {
+        on_hello(rec, s, j);
+      }
+      return;
+    }
+    static constexpr std::string_view known[] = {"send",        "ack",    "subscribe",
+                                                 "unsubscribe", "fw_ack", "fw_result"};
+    if (std::find(std::begin(known), std::end(known), *type) == std::end(known)) {
+      reply_error(rec, s, error::unknown_type, *type);
+      return;
+    }
+    if (!hello) {
+      reply_error(rec, s, error::hello_required, *type);
+      return;
+    }
+    if (*type == "ack") {
+      on_ack(rec, s, j);
+    } else if (*type == "subscribe" || *type == "unsubscribe") {
+      on_subscribe(rec, s, j, *type == "subscribe");
+    } else if (*type == "fw_ack") {
+      on_fw_ack(rec, s, j);
+    } else {
+      on_fw_result(rec, s, j);
+    }
+  }
+
+  // ---- device messages ------------------------------------------------------------------
+
+  void on_hello(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto proto = get_uint(j, "protocol");
+    const bool has_last = j.contains("last_seq");
+    const auto last = get_uint(j, "last_seq");
+    const bool has_version = j.contains("firmware_version");
+    const auto version = get_string(j, "firmware_version");
+    if (!proto || (has_last && !last) || (has_version && !version)) {
+      reply_error(rec, s, error::bad_message, "hello");
+      return;
+    }
+    if (*proto != static_cast<std::uint64_t>(protocol_version)) {
+      reply_error(rec, s, error::unsupported_version, "hello");
+      transport_.close(s, close_unsupported_version, "unsupported protocol version; speak 1");
+      return;
+    }
+    if (version) store_.set_firmware_version(rec.id, *version);
+    const auto st = store_.load(rec.id);
+    const bool live =
+        out_.resume(rec, s, last.value_or(0), [&](device_record& r, const auto& info) {
+          if (version) r.firmware_version = *version;
+          return welcome(r, s, info, st.last_seen_ms);
+        });
+    if (!live) return;
+    bus_.subscribe(topics::fleet, s);
+    store_.touch(rec.id, unix_ms());
+    // Firmware: join the current rollout (offline at publish, or reconnecting mid-transfer).
+    rollout_.join(rec, s);
+  }
+  // The welcome: the device's state and what delivery is about to send again.
+  template <class Info>
+  static shared_bytes welcome(const device_record& rec, session_id s, const Info& info,
+                              std::int64_t last_seen_ms) {
+    const auto t = firmware::rollout_engine<Transport, Store>::state_locked(rec);
+    nlohmann::json w{{"type", "welcome"},
+                     {"protocol", protocol_version},
+                     {"device", rec.id},
+                     {"session", s},
+                     {"last_seq", info.last_seq},
+                     {"replay", info.replay},
+                     {"replay_dropped", info.replay_dropped},
+                     {"state",
+                      {{"messages_sent", rec.messages_sent},
+                       {"last_seen_ms", last_seen_ms},
+                       {"firmware_version", rec.firmware_version},
+                       {"firmware",
+                        {{"rollout", t.rollout},
+                         {"version", t.version},
+                         {"status", store::to_string(t.status)},
+                         {"offset", t.offset},
+                         {"reason", t.reason}}}}}};
+    return to_payload(w);
+  }
+
+  void on_send(device_record& rec, inbound_message& in, const nlohmann::json& j, run& r) {
+    const auto it = j.find("data");
+    const bool has_id = j.contains("id");
+    const auto ref = get_uint(j, "id");
+    if (it == j.end() || (has_id && !ref)) {
+      push_run(rec, r);
+      reply_error(rec, in.session, error::bad_message, "send");
+      return;
+    }
+    shared_bytes payload =
+        it->is_string() ? shared_bytes::copy_of(std::string_view(it->get_ref<const std::string&>()))
+                        : shared_bytes::copy_of(std::string_view(it->dump()));
+    stage(rec, in, std::move(payload), payload_kind::text, ref, r);
+  }
+
+  void on_ack(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto seq = get_uint(j, "seq");
+    if (!seq) {
+      reply_error(rec, s, error::bad_message, "ack");
+      return;
+    }
+    if (out_.ack(rec, s, *seq) == delivery<Transport>::ack_result::out_of_range) {
+      reply_error(rec, s, error::bad_ack, "ack");
+    }
+  }
+
+  void on_subscribe(device_record& rec, session_id s, const nlohmann::json& j, bool sub) {
+    const auto topic = get_string(j, "topic");
+    const char* type = sub ? "subscribe" : "unsubscribe";
+    if (!topic) {
+      reply_error(rec, s, error::bad_message, type);
+      return;
+    }
+    if (*topic != topics::server && *topic != topics::stats && *topic != topics::fleet) {
+      reply_error(rec, s, error::bad_topic, type);
+      return;
+    }
+    if (sub) {
+      bus_.subscribe(*topic, s);
+    } else {
+      bus_.unsubscribe(*topic, s);
+    }
+    nlohmann::json ok{{"type", sub ? "subscribed" : "unsubscribed"}, {"topic", *topic}};
+    out_.post(rec, s, payload_kind::text, to_payload(ok));
+  }
+
+  void on_fw_ack(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    const auto offset = get_uint(j, "offset");
+    if (!rollout || !offset) {
+      reply_error(rec, s, error::bad_message, "fw_ack");
+      return;
+    }
+    if (const auto e = rollout_.on_ack(rec, s, *rollout, *offset)) {
+      // A late ack of a superseded rollout is a benign race, not counted toward max_errors.
+      reply_error(rec, s, *e, "fw_ack", *e != error::unknown_rollout);
+    }
+  }
+
+  void on_fw_result(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    const auto ok = j.find("ok");
+    if (!rollout || ok == j.end() || !ok->is_boolean()) {
+      reply_error(rec, s, error::bad_message, "fw_result");
+      return;
+    }
+    const auto sha = get_string(j, "sha256");
+    const auto reason = get_string(j, "reason");
+    if (rollout_.on_result(rec, s, *rollout, ok->get<bool>(), sha, reason)) {
+      reply_error(rec, s, error::unknown_rollout, "fw_result", false);
+    }
+  }
+
+  // ---- into the pipeline ----------------------------------------------------------------
+
+  // Numbers a device message with the device's lifetime count and adds it to the run.
+  void stage(device_record& rec, inbound_message& in, shared_bytes payload, payload_kind kind,
+             std::optional<std::uint64_t> ref, run& r) {
+    std::uint64_t number = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != in.session) return;
+      number = ++rec.messages_sent;
+    }
+    message m;
+    m.session = in.session;
+    m.device_id = std::move(in.device_id);
+    m.sequence = number;
+    m.kind = kind;
+    m.payload = std::move(payload);
+    m.received = in.received;
+    r.messages.push_back(std::move(m));
+    r.refs.push_back(ref);
+  }
+  // Pushes the run into the pipeline, then answers each message: `sent` for an accepted one
+  // that asked, `queue_full` or `closed` for each refused one (whose number is given back).
+  void push_run(device_record& rec, run& r) {
+    const std::size_t n = r.messages.size();
+    if (n == 0) return;
+    const auto result = gateway_.push(std::span<message>(r.messages));
+    const std::size_t accepted = result.accepted;
+    const session_id s = r.messages.front().session;
+    if (accepted != 0) store_.add_messages_sent(rec.id, accepted);
+    const auto refusal = result.error == errc::queue_full ? error::queue_full : error::closed;
+    std::size_t refused = 0;
+    bool queued = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (accepted < n && rec.messages_sent == r.messages.back().sequence) {
+        rec.messages_sent = r.messages[accepted].sequence - 1;
+      }
+      if (rec.session.id == s) {
+        for (std::size_t i = 0; i < n; ++i) {
+          if (i >= accepted) {
+            const char* ref = r.messages[i].kind == payload_kind::binary ? "binary" : "send";
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(refusal, ref));
+            ++refused;
+          } else if (r.refs[i]) {
+            nlohmann::json sent{
+                {"type", "sent"}, {"id", *r.refs[i]}, {"messages_sent", r.messages[i].sequence}};
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text, to_payload(sent));
+            queued = true;
+          }
+        }
+      }
+    }
+    r.messages.clear();
+    r.refs.clear();
+    if (refused != 0) errors_.fetch_add(refused, std::memory_order_relaxed);
+    if (queued || refused != 0) out_.flush(rec);
+  }
+
+  // ---- answers --------------------------------------------------------------------------
+
+  void reply_error(device_record& rec, session_id s, error e, std::string_view ref,
+                   bool counts = true) {
+    bool close_now = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return;
+      delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(e, ref));
+      if (counts && ++rec.session.errors > max_errors_) close_now = true;
+    }
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    out_.flush(rec);
+    if (close_now) transport_.close(s, close_too_many_errors, "too many bad messages");
+  }
+
+  static std::int64_t unix_ms() {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+
+  Transport& transport_;
+  Gateway& gateway_;
+  registry& devices_;
+  delivery<Transport>& out_;
+  firmware::rollout_engine<Transport, Store>& rollout_;
+  pubsub& bus_;
+  Store& store_;
+  const std::size_t max_message_bytes_;
+  const unsigned max_errors_;
+  std::atomic<std::uint64_t> errors_{0};
+};
+
+}  // namespace devgate::device

@@ -1,0 +1,82 @@
+#pragma once
+
+#include <cstddef>  // std::size_t
+#include <cstdint>  // sequence numbers, offsets
+#include <deque>    // outbox, replay buffer
+#include <memory>   // the image a transfer streams
+#include <mutex>    // the device's mutex
+#include <string>   // id, topic, versions
+#include <utility>  // std::move, std::pair
+
+#include "devgate/core/bytes.hpp"
+#include "devgate/device/protocol.hpp"  // topics::device_prefix
+#include "devgate/firmware/image.hpp"
+#include "devgate/store/state_store.hpp"    // transfer_status
+#include "devgate/transport/transport.hpp"  // session_id, payload_kind
+
+namespace devgate::device {
+
+/// One message queued to a device's session, kept in the order it was produced.
+struct outbound {
+  session_id session = 0;                  ///< The session it is for.
+  payload_kind kind = payload_kind::text;  ///< Text or binary.
+  shared_bytes bytes;                      ///< The payload (often shared with other devices).
+};
+
+/// What the hub keeps in memory about one device: one slice per part of the hub, all guarded by
+/// `mutex`. Each part takes the mutex itself, for as short as it can, and never holds it while
+/// calling the transport, the store or a method of another part that locks (the functions named
+/// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
+struct device_record {
+  /// A record for `device`, with the figures the state store kept across restarts.
+  device_record(std::string device, std::uint64_t sent, std::string version)
+      : id(std::move(device)),
+        topic(std::string(topics::device_prefix) + id),
+        messages_sent(sent),
+        firmware_version(std::move(version)) {}
+
+  const std::string id;      ///< The device id.
+  const std::string topic;   ///< Its sequenced topic, `device/<id>`.
+  mutable std::mutex mutex;  ///< Guards every field below.
+
+  /// The live session (written by the registry; `hello` by delivery's resume, `errors` by
+  /// protocol dispatch).
+  struct session_part {
+    session_id id = 0;    ///< The live session (0: offline).
+    bool hello = false;   ///< It said hello: deliveries and firmware go to it.
+    unsigned errors = 0;  ///< Bad messages in this session so far.
+  };
+  session_part session;  ///< The live session.
+
+  /// Device messages the pipeline accepted over the device's lifetime (protocol dispatch).
+  std::uint64_t messages_sent;
+  /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
+  std::string firmware_version;
+
+  /// Sequenced delivery and the outbox (written by `device::delivery`).
+  struct delivery_part {
+    /// The next sequence number; `next_seq - 1` and below were assigned.
+    std::uint64_t next_seq = 1;
+    std::uint64_t acked = 0;  ///< The highest sequence number the device acknowledged.
+    /// Assigned, not yet acknowledged: (sequence number, `deliver` frame), bounded.
+    std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
+    std::size_t replay_bytes = 0;      ///< Bytes in `replay`.
+    std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
+    std::deque<outbound> outbox;       ///< Queued to the session, in order.
+    bool draining = false;             ///< A thread is sending the outbox (with no lock held).
+  };
+  delivery_part delivery;  ///< Sequenced delivery and the outbox.
+
+  /// Its part in the current firmware rollout (written by `firmware::rollout_engine`).
+  struct transfer_part {
+    std::shared_ptr<const firmware::image> image;  ///< The rollout's image (nullptr: none).
+    store::transfer_status status = store::transfer_status::none;  ///< Where it stands.
+    session_id session = 0;   ///< The session chunks stream to while transferring.
+    std::uint64_t acked = 0;  ///< Bytes the device acknowledged (the resume point).
+    std::uint64_t sent = 0;   ///< Bytes queued to it in this session.
+    std::string reason;       ///< Why it failed.
+  };
+  transfer_part transfer;  ///< Its part in the current rollout.
+};
+
+}  // namespace devgate::device
