@@ -14,7 +14,9 @@
 
 namespace devgate {
 
-/// Identifies one live connection for as long as it lives; never reused by a transport instance.
+/// Identifies one live connection for as long as it lives. Once the session closed, its transport
+/// may give the id to a later session, though not soon: websocket::server only after 2^32 - 1
+/// later sessions used the same registry slot; in_process_transport counts up in 64 bits.
 using session_id = std::uint64_t;
 
 /// The clock every devgate timestamp uses.
