@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,6 +54,35 @@ TEST_CASE("in_process_transport delivers pushes with sequence numbers and device
   REQUIRE(dev.push("after") == devgate::errc::closed);
   REQUIRE(t.send(dev.id(), devgate::payload_kind::text, text("x")) ==
           devgate::errc::unknown_session);
+  t.stop();
+}
+
+TEST_CASE("in_process_transport hands each push to on_messages as a batch of one",
+          "[transport][in_process]") {
+  devgate::in_process_transport t;
+  std::vector<std::size_t> sizes;
+  std::vector<std::uint64_t> sequences;
+  bool message_called = false;
+  devgate::transport_handlers h;
+  h.on_message = [&](devgate::inbound_message&&) -> std::error_code {
+    message_called = true;
+    return {};
+  };
+  h.on_messages = [&](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+    sizes.push_back(batch.size());
+    for (const auto& m : batch) sequences.push_back(m.sequence);
+    if (batch[0].payload.view() == "refuse") return {0, devgate::errc::queue_full};
+    return {batch.size(), {}};
+  };
+  t.set_handlers(std::move(h));
+  REQUIRE_FALSE(t.start());
+  auto dev = t.connect("lamp");
+  CHECK_FALSE(dev.push("one"));
+  CHECK(dev.push("refuse") == devgate::errc::queue_full);
+  CHECK_FALSE(dev.push("three"));
+  CHECK(sizes == std::vector<std::size_t>{1, 1, 1});
+  CHECK(sequences == std::vector<std::uint64_t>{1, 2, 3});
+  CHECK_FALSE(message_called);  // on_messages, when set, replaces on_message
   t.stop();
 }
 
