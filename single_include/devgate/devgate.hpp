@@ -407,7 +407,7 @@ class stop_signals {
 #include <cstddef>       // std::size_t
 #include <cstdint>       // ids and codes
 #include <functional>    // handlers
-#include <span>          // broadcast recipients
+#include <span>          // broadcast recipients, message batches
 #include <string>        // device ids
 #include <string_view>   // reasons
 #include <system_error>  // results
@@ -475,13 +475,26 @@ struct inbound_message {
   clock::time_point received{};            ///< When the last byte of the message arrived.
 };
 
+/// What `transport_handlers::on_messages` did with a batch: the first `accepted` messages were
+/// taken, in order; each of the others is refused with `error`, which the transport reports to
+/// its device like an `on_message` error.
+struct batch_result {
+  std::size_t accepted = 0;  ///< How many messages, from the first, were taken.
+  std::error_code error;     ///< Why the others were refused (set when any was).
+};
+
 /// Callbacks a transport invokes; set before `start()`. They may run on any transport thread.
 struct transport_handlers {
   /// A session opened.
   std::function<void(const session_info&)> on_open;
   /// A device message arrived. A non-zero result is an error the transport reports back to
   /// that device (for WebSocket: a text error reply), e.g. `errc::queue_full` or `errc::closed`.
+  /// Used when `on_messages` is not set.
   std::function<std::error_code(inbound_message&&)> on_message;
+  /// Messages of one session arrived together: all that one read decoded (WebSocket), or one
+  /// push (in-process), in order. The messages are the transport's and live until the call
+  /// returns; move out what you keep. When set, the transport calls it instead of `on_message`.
+  std::function<batch_result(std::span<inbound_message>)> on_messages;
   /// A session closed, with the code that closed it.
   std::function<void(session_id, close_code)> on_close;
 };
@@ -724,6 +737,10 @@ class in_process_transport {
     in.kind = kind;
     in.payload = std::move(payload);
     in.received = clock::now();
+    if (handlers_.on_messages) {  // one push is a batch of one
+      const batch_result r = handlers_.on_messages(std::span<inbound_message>(&in, 1));
+      return r.accepted > 0 ? std::error_code{} : r.error;
+    }
     if (!handlers_.on_message) return {};
     return handlers_.on_message(std::move(in));
   }
@@ -4752,6 +4769,12 @@ struct out_queue {
     return true;
   }
 
+  /// Queues an encoded close frame after every data message queued so far, as the data FIFO's
+  /// last entry (a close that answers the peer goes after the replies to its messages).
+  void push_close_after_data(shared_bytes frame) {
+    data.push_back(literal_frame(out_frame::close, std::move(frame)));
+  }
+
   /// Drops the data messages no write has started (RFC 6455 5.5.1: no data after a close);
   /// returns the bytes they had reserved.
   std::size_t drop_unstarted_data() noexcept {
@@ -5007,9 +5030,10 @@ class outbound_budget {
 #include <atomic>        // phase and refcount, read by other threads
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
+#include <exception>     // a handler's exception, kept while the batch is delivered
 #include <memory>        // the outbound queue, pooled readers
 #include <new>           // placement new into the session pool
-#include <optional>      // write results, a nested delivery
+#include <optional>      // write results
 #include <span>          // byte views
 #include <string>        // device ids, error texts
 #include <string_view>   // close reasons
@@ -5247,6 +5271,81 @@ inline session_pool& session_memory() {
 }  // namespace devgate::websocket::detail
 // ---- end devgate/websocket/detail/pools.hpp ----
 
+// ---- begin devgate/websocket/detail/read_batch.hpp ----
+
+#include <cstddef>  // std::size_t
+#include <span>     // the batch handed to on_messages
+#include <vector>   // the reused messages
+
+
+namespace devgate::websocket::detail {
+
+/// The messages decoded from one read of one session, collected to be handed to the engine in
+/// one call. One per worker thread, reused read after read: its inbound_message objects stay
+/// between reads (only their payloads go), so collecting a message allocates nothing once the
+/// batch has grown to the largest read, and a session's device id is assigned again only when
+/// another session reads or the handler took it.
+class read_batch {
+ public:
+  /// Marks a batch as collecting for the scope's lifetime and empties it at the end, exceptions
+  /// included (the payloads the handler did not take go then).
+  class scope {
+   public:
+    /// Starts collecting into `b`.
+    explicit scope(read_batch& b) noexcept : b_(b) { b_.busy_ = true; }
+    scope(const scope&) = delete;
+    scope& operator=(const scope&) = delete;
+    ~scope() {
+      b_.clear();
+      b_.busy_ = false;
+    }
+
+   private:
+    read_batch& b_;
+  };
+
+  /// True while a session collects into it (a nested read on this thread must use another).
+  [[nodiscard]] bool busy() const noexcept { return busy_; }
+  /// No message collected.
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+
+  /// The next message of session `session` (whose device id is `device_id`): everything but the
+  /// kind, payload and timestamp is filled in; `sequence` is the caller's.
+  inbound_message& next(session_id session, const shared_bytes& device_id) {
+    if (size_ == items_.size()) items_.emplace_back();
+    inbound_message& m = items_[size_++];
+    if (m.device_id.data() != device_id.data() || m.device_id.size() != device_id.size()) {
+      m.device_id = device_id;
+    }
+    m.session = session;
+    return m;
+  }
+
+  /// The messages collected, in order (the handler may move out of them).
+  [[nodiscard]] std::span<inbound_message> messages() noexcept { return {items_.data(), size_}; }
+
+  /// Drops the payloads of the messages collected and empties the batch, keeping the objects.
+  void clear() noexcept {
+    for (std::size_t i = 0; i < size_; ++i) items_[i].payload = {};
+    size_ = 0;
+  }
+
+  /// Frees the objects when more than `keep` were kept (after a read of many tiny messages).
+  void shrink(std::size_t keep) {
+    if (busy_ || items_.size() <= keep) return;
+    items_.clear();
+    items_.shrink_to_fit();
+  }
+
+ private:
+  std::vector<inbound_message> items_;
+  std::size_t size_ = 0;
+  bool busy_ = false;
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/read_batch.hpp ----
+
 // ---- begin devgate/websocket/detail/stream.hpp ----
 
 #include <sys/socket.h>  // recv, sendmsg, shutdown
@@ -5385,8 +5484,8 @@ class session;
 
 /// What a worker thread lends the sessions it runs, and all a session sees of its worker: the
 /// io_context it posts to, the read buffer and the write being assembled (both shared by every
-/// session of the thread, since a session reads and writes synchronously), the message being
-/// delivered, and pools of frame readers and outbound queues, so that busy sessions do not
+/// session of the thread, since a session reads and writes synchronously), the batch of messages
+/// being delivered, and pools of frame readers and outbound queues, so that busy sessions do not
 /// allocate one per read or write burst and idle sessions hold none. The reactor (reactor.hpp)
 /// is a thread_resources with the epoll set, the registry and the timer around it.
 struct thread_resources {
@@ -5408,8 +5507,7 @@ struct thread_resources {
   std::unique_ptr<std::byte[]> read_buffer;
   clock::time_point read_time{};  // when the current read burst arrived (message timestamps)
   gather write;                   // the write being assembled (one at a time per thread)
-  inbound_message delivering;     // reused by session::deliver
-  bool delivering_busy = false;   // a handler is running with `delivering`
+  read_batch batch;               // the messages of the read being delivered
   std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
   std::vector<std::unique_ptr<out_queue>> queue_pool;
 
@@ -5479,9 +5577,9 @@ class session_ref {
   session* p_ = nullptr;
 };
 
-/// The session whose on_message handler runs on this thread (null outside one), so that a reply
-/// from inside the handler (`server::send` to that session) skips the lookup, the reference
-/// count and the thread check.
+/// The session whose messages a handler (on_messages, on_message) takes on this thread (null
+/// outside one), so that a reply from inside the handler (`server::send` to that session) skips
+/// the lookup, the reference count and the thread check.
 struct delivery {
   const thread_resources* resources = nullptr;  // the worker it runs on
   session* target = nullptr;
@@ -5597,7 +5695,9 @@ class session {
     }
     if (p != phase_t::open) return;
     close_code_ = code;
-    queue_close(code, reason);
+    auto& q = queue();
+    budget_.unreserve(q.drop_unstarted_data());  // RFC 6455 5.5.1: no data after a close
+    q.control.push_back(literal_frame(out_frame::close, close_frame(code, reason)));
     set_phase(phase_t::closing);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
     pump();
@@ -5652,8 +5752,8 @@ class session {
     });
   }
 
-  // A handler (route, identify, on_open, on_message) threw: answer 500 before the upgrade,
-  // close with 1011 after it; the worker thread and every other session carry on.
+  // A handler (route, identify, on_open, on_messages, on_message) threw: answer 500 before the
+  // upgrade, close with 1011 after it; the worker thread and every other session carry on.
   void on_handler_exception() {
     switch (phase()) {
       case phase_t::http:
@@ -5717,27 +5817,32 @@ class session {
 
   // ---- WebSocket phase ----------------------------------------------------------------------
   void process_frames(std::span<std::byte> bytes);
-  void deliver(payload_kind kind, shared_bytes payload);
+  void collect(read_batch& batch, payload_kind kind, shared_bytes payload) {
+    if (phase() != phase_t::open) return;  // closing: data after our close frame is dropped
+    inbound_message& m = batch.next(id_, device_id_);
+    m.sequence = ++sequence_;
+    m.kind = kind;
+    m.payload = std::move(payload);
+    m.received = res().read_time;
+  }
+  void deliver(read_batch& batch);
+  void refuse(const std::error_code& ec, std::size_t count);
   void on_peer_close(std::uint16_t code);
   void on_ping(std::span<const std::byte> payload) {
     if (phase() != phase_t::open) return;
     if (queue().push_pong(websocket::encode_frame(websocket::opcode::pong, payload))) pump();
   }
-  // RFC 6455 7.1.7: fail the connection: send a close with `code`, do not wait for the reply.
+  // RFC 6455 7.1.7: fail the connection: a close with `code` after what is already queued (the
+  // replies to the messages before the failure), without waiting for the peer's close.
   void fail(close_code code) {
     if (phase() == phase_t::open) {
       close_code_ = code;
-      queue_close(code, {});
+      queue().push_close_after_data(close_frame(code, {}));
     }
     shutdown_when_drained_ = true;
     set_phase(phase_t::closing);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
     pump();
-  }
-  void queue_close(close_code code, std::string_view reason) {
-    auto& q = queue();
-    budget_.unreserve(q.drop_unstarted_data());  // RFC 6455 5.5.1: no data after a close
-    q.control.push_back(literal_frame(out_frame::close, close_frame(code, reason)));
   }
   [[nodiscard]] static shared_bytes close_frame(close_code code, std::string_view reason) {
     if (code == close_code::no_status) return websocket::encode_frame(websocket::opcode::close, {});
@@ -5811,13 +5916,19 @@ inline session_ref::~session_ref() {
   if (p_) p_->release();
 }
 
-/// Adapts frame_reader callbacks to the session.
+/// Adapts frame_reader callbacks to the session, collecting the messages of one read in `batch`.
 struct reader_sink {
   session& s;
-  void on_message(payload_kind kind, shared_bytes payload) { s.deliver(kind, std::move(payload)); }
+  read_batch& batch;
+  void on_message(payload_kind kind, shared_bytes payload) {
+    s.collect(batch, kind, std::move(payload));
+  }
   void on_ping(std::span<const std::byte> payload) { s.on_ping(payload); }
   void on_pong(std::span<const std::byte>) {}
-  void on_close(std::uint16_t code, std::string_view) { s.on_peer_close(code); }
+  void on_close(std::uint16_t code, std::string_view) {
+    s.deliver(batch);  // the messages before the close frame, before the close is answered
+    s.on_peer_close(code);
+  }
 };
 
 // ---- implementation ----------------------------------------------------------------------------
@@ -5829,7 +5940,7 @@ inline void session::on_readable() {
   if (phase() == phase_t::done) return;
   auto& r = res();
   const std::span<std::byte> buf = r.buffer();
-  // Frames queued while the batch is parsed (replies from on_message) go out in one gather
+  // Frames queued while a read is handled (replies from the handlers) go out in one gather
   // write after it, not the first alone and the rest after that write completes.
   reading_ = true;
   bool more = false;
@@ -5902,14 +6013,21 @@ inline void session::upgrade(std::string device) {
 inline void session::process_frames(std::span<std::byte> bytes) {
   if (close_received_) return;
   if (!reader_) reader_ = res().take_reader().release();
-  reader_sink sink{*this};
+  // The worker's batch, unless a handler's call led back here while that one is delivered.
+  read_batch nested;
+  read_batch& batch = res().batch.busy() ? nested : res().batch;
+  const read_batch::scope collecting(batch);
+  reader_sink sink{*this, batch};
   const auto status = reader_->consume(bytes, sink);
+  const close_code code = status == websocket::read_status::ok ? close_code{} : reader_->error();
+  // Every message the read decoded goes to the engine before the session acts on a protocol
+  // error after them, so the replies to them are queued before the close frame.
+  deliver(batch);
   if (status != websocket::read_status::ok) {
-    const close_code code = reader_->error();
     delete std::exchange(reader_, nullptr);  // a reader that failed is not reused
     if (phase() == phase_t::open) {
       fail(code);
-    } else {
+    } else if (phase() != phase_t::done) {
       // Already closing: the peer broke the protocol during the handshake; stop waiting.
       shutdown_when_drained_ = true;
       pump();
@@ -5921,54 +6039,65 @@ inline void session::process_frames(std::span<std::byte> bytes) {
   }
 }
 
-inline void session::deliver(payload_kind kind, shared_bytes payload) {
+// Hands the messages collected from one read to the engine in one call (on_messages), or one
+// call each (on_message); a refused message gets an error reply. The batch is empty afterwards.
+inline void session::deliver(read_batch& batch) {
+  if (batch.empty()) return;
+  // Emptied on exit, exceptions included: what the handler did not take goes now.
+  struct emptied {
+    read_batch& b;
+    ~emptied() { b.clear(); }
+  } done{batch};
   if (phase() != phase_t::open) return;
   auto& h = core().handlers;
-  if (!h.on_message) return;
-  // The worker's reusable message: its device id is assigned only when the sender changes (or
-  // the last handler took it), not shared and released again for every message of a batch.
-  auto& r = res();
-  std::optional<inbound_message> nested;  // only if a handler's call leads back here
-  inbound_message& m = r.delivering_busy ? nested.emplace() : r.delivering;
-  if (m.device_id.data() != device_id_.data() || m.device_id.size() != device_id_.size()) {
-    m.device_id = device_id_;
-  }
-  m.session = id_;
-  m.sequence = ++sequence_;
-  m.kind = kind;
-  m.payload = std::move(payload);
-  m.received = r.read_time;
   // Restored on exit, exceptions included (a handler may deliver to another server's session).
   struct current_guard {
     delivery prev;
-    thread_resources& r;
-    bool busy;
-    ~current_guard() {
-      current_delivery = prev;
-      r.delivering_busy = busy;
+    ~current_guard() { current_delivery = prev; }
+  } guard{std::exchange(current_delivery, delivery{&res(), this})};
+  const std::span<inbound_message> messages = batch.messages();
+  if (h.on_messages) {
+    const batch_result r = h.on_messages(messages);
+    if (r.accepted < messages.size() && r.error) refuse(r.error, messages.size() - r.accepted);
+    return;
+  }
+  if (!h.on_message) return;
+  // A handler that throws does not cost the later messages of the read their turn: the session
+  // fails (1011) once every message was offered.
+  std::exception_ptr failure;
+  for (inbound_message& m : messages) {
+    if (phase() != phase_t::open) break;
+    try {
+      if (const std::error_code ec = h.on_message(std::move(m))) refuse(ec, 1);
+    } catch (...) {
+      if (!failure) failure = std::current_exception();
     }
-  } guard{std::exchange(current_delivery, delivery{&r, this}), r,
-          std::exchange(r.delivering_busy, true)};
-  const std::error_code ec = h.on_message(std::move(m));
-  m.payload = {};  // what the handler did not take goes now, not with the next message
-  if (!ec || phase() != phase_t::open) return;
-  // Tell the device why its message was not taken (the device protocol refines this later).
-  auto& o = core().options;
-  const std::string text = o.error_text ? o.error_text(ec) : websocket::default_error_text(ec);
-  auto reply =
-      message_frame(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
-  // Over the limit: the reply is the first to go.
-  if (!budget_.reserve_local(reply.size(), o.backpressure)) return;
-  enqueue_data(std::move(reply));
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+// Tells the device why `count` of its messages were not taken: one error text reply each, all
+// sharing one buffer. Over the limit, these replies are the first to go.
+inline void session::refuse(const std::error_code& ec, std::size_t count) {
+  if (phase() != phase_t::open) return;
+  const auto& o = core().options;
+  const shared_bytes text = shared_bytes::copy_of(
+      std::string_view(o.error_text ? o.error_text(ec) : websocket::default_error_text(ec)));
+  for (std::size_t i = 0; i < count && phase() == phase_t::open; ++i) {
+    auto reply = message_frame(websocket::opcode::text, text);
+    if (!budget_.reserve_local(reply.size(), o.backpressure)) return;
+    enqueue_data(std::move(reply));
+  }
 }
 
 inline void session::on_peer_close(std::uint16_t code) {
   close_received_ = true;
   if (phase() == phase_t::open) {
-    // RFC 6455 5.5.1: answer with a close echoing the status code, then the server closes TCP.
+    // RFC 6455 5.5.1: answer with a close echoing the status code, after the replies already
+    // queued (to the messages before the close), then the server closes TCP.
     const auto c = static_cast<close_code>(code);
     close_code_ = c;
-    queue_close(c, {});
+    queue().push_close_after_data(close_frame(c, {}));
     set_phase(phase_t::closing);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
@@ -6436,6 +6565,7 @@ inline void reactor::on_tick() {
   for (auto& s : scratch_) s->on_tick(now);
   scratch_.clear();
   retired_.clear();
+  batch.shrink(1024);  // after a read of many tiny messages, keep about 100 KiB at most
 }
 
 }  // namespace devgate::websocket::detail

@@ -199,6 +199,12 @@ struct out_queue {
     return true;
   }
 
+  /// Queues an encoded close frame after every data message queued so far, as the data FIFO's
+  /// last entry (a close that answers the peer goes after the replies to its messages).
+  void push_close_after_data(shared_bytes frame) {
+    data.push_back(literal_frame(out_frame::close, std::move(frame)));
+  }
+
   /// Drops the data messages no write has started (RFC 6455 5.5.1: no data after a close);
   /// returns the bytes they had reserved.
   std::size_t drop_unstarted_data() noexcept {

@@ -378,6 +378,7 @@ inline void reactor::on_tick() {
   for (auto& s : scratch_) s->on_tick(now);
   scratch_.clear();
   retired_.clear();
+  batch.shrink(1024);  // after a read of many tiny messages, keep about 100 KiB at most
 }
 
 }  // namespace devgate::websocket::detail

@@ -10,6 +10,7 @@
 #include "devgate/transport/transport.hpp"
 #include "devgate/websocket/detail/core.hpp"
 #include "devgate/websocket/detail/out_queue.hpp"
+#include "devgate/websocket/detail/read_batch.hpp"
 #include "devgate/websocket/reader.hpp"
 
 namespace devgate::websocket::detail {
@@ -18,8 +19,8 @@ class session;
 
 /// What a worker thread lends the sessions it runs, and all a session sees of its worker: the
 /// io_context it posts to, the read buffer and the write being assembled (both shared by every
-/// session of the thread, since a session reads and writes synchronously), the message being
-/// delivered, and pools of frame readers and outbound queues, so that busy sessions do not
+/// session of the thread, since a session reads and writes synchronously), the batch of messages
+/// being delivered, and pools of frame readers and outbound queues, so that busy sessions do not
 /// allocate one per read or write burst and idle sessions hold none. The reactor (reactor.hpp)
 /// is a thread_resources with the epoll set, the registry and the timer around it.
 struct thread_resources {
@@ -41,8 +42,7 @@ struct thread_resources {
   std::unique_ptr<std::byte[]> read_buffer;
   clock::time_point read_time{};  // when the current read burst arrived (message timestamps)
   gather write;                   // the write being assembled (one at a time per thread)
-  inbound_message delivering;     // reused by session::deliver
-  bool delivering_busy = false;   // a handler is running with `delivering`
+  read_batch batch;               // the messages of the read being delivered
   std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
   std::vector<std::unique_ptr<out_queue>> queue_pool;
 
