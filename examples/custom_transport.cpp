@@ -54,13 +54,20 @@ class line_transport {
       m.sequence = ++sequences_[device];
       m.payload = devgate::shared_bytes::copy_of(payload);
       m.received = devgate::clock::now();
-      if (auto ec = handlers_.on_message(std::move(m))) {
+      if (auto ec = deliver(m)) {
         std::printf("!! %s: %s\n", device.c_str(), ec.message().c_str());
       }
     }
   }
 
  private:
+  // Each line is read on its own: a batch of one for an engine that takes batches.
+  std::error_code deliver(devgate::inbound_message& m) {
+    if (!handlers_.on_messages) return {};
+    const devgate::batch_result r = handlers_.on_messages(std::span(&m, 1));
+    return r.accepted == 1 ? std::error_code{} : r.error;
+  }
+
   std::istream& in_;
   devgate::transport_handlers handlers_;
   std::map<std::string, devgate::session_id> sessions_;

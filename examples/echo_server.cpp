@@ -9,6 +9,7 @@
 #include <cstdio>   // std::printf
 #include <cstdlib>  // std::strtoull
 #include <cstring>  // std::strcmp
+#include <span>     // read batches
 #include <string>   // arguments
 
 #include "devgate/core/stop_signals.hpp"
@@ -42,8 +43,11 @@ int main(int argc, char** argv) {
 
   devgate::websocket::server server(options);
   devgate::transport_handlers handlers;
-  handlers.on_message = [&server](devgate::inbound_message&& m) {
-    return server.send(m.session, m.kind, std::move(m.payload));
+  // Every message of a read batch is echoed; a reply that cannot be queued is not a refusal of
+  // the message (the server applies its back-pressure policy to the session).
+  handlers.on_messages = [&server](std::span<devgate::inbound_message> batch) {
+    for (auto& m : batch) (void)server.send(m.session, m.kind, std::move(m.payload));
+    return devgate::batch_result{batch.size(), {}};
   };
   server.set_handlers(std::move(handlers));
   if (const std::error_code ec = server.start()) {

@@ -24,6 +24,7 @@
 #include <cstdlib>      // std::strtoul
 #include <cstring>      // std::memcpy
 #include <mutex>        // session registry
+#include <span>         // read batches
 #include <string>       // arguments, stats JSON
 #include <string_view>  // commands
 #include <vector>       // session registry
@@ -177,17 +178,20 @@ int main(int argc, char** argv) {
     devgate::transport_handlers handlers;
     handlers.on_open = [&](const devgate::session_info& s) { sessions.add(s.id); };
     handlers.on_close = [&](devgate::session_id id, devgate::close_code) { sessions.remove(id); };
-    handlers.on_message = [&](devgate::inbound_message&& m) -> std::error_code {
-      std::size_t bytes = 0;
-      if (m.kind == devgate::payload_kind::text && parse_broadcast(m.payload.view(), bytes)) {
-        const auto ids = sessions.all_but(m.session);
-        server.broadcast(ids, devgate::payload_kind::binary,
-                         devgate::shared_bytes::build(bytes, [](std::span<std::byte> b) {
-                           std::memset(b.data(), 0, b.size());
-                         }));
-        return {};
+    handlers.on_messages = [&](std::span<devgate::inbound_message> batch) {
+      for (auto& m : batch) {
+        std::size_t bytes = 0;
+        if (m.kind == devgate::payload_kind::text && parse_broadcast(m.payload.view(), bytes)) {
+          const auto ids = sessions.all_but(m.session);
+          server.broadcast(ids, devgate::payload_kind::binary,
+                           devgate::shared_bytes::build(bytes, [](std::span<std::byte> b) {
+                             std::memset(b.data(), 0, b.size());
+                           }));
+          continue;
+        }
+        (void)server.send(m.session, m.kind, std::move(m.payload));
       }
-      return server.send(m.session, m.kind, std::move(m.payload));
+      return devgate::batch_result{batch.size(), {}};
     };
     server.set_handlers(std::move(handlers));
     if (const auto ec = server.start()) {

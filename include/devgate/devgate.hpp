@@ -7,13 +7,14 @@
 ///   transport/  what a transport must provide (concept), the way back to it, in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
 ///               with a transport (the one composition root)
-///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
+///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux);
+///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
-///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
+///   detail/     internals (OpenSSL wrappers, eventcount); not part of the API
 
 #include "devgate/version.hpp"  // version numbers
 

@@ -12,14 +12,14 @@
 ///   transport/  what a transport must provide (concept), the way back to it, in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
 ///               with a transport (the one composition root)
-///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
+///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux);
+///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
-///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
-
+///   detail/     internals (OpenSSL wrappers, eventcount); not part of the API
 
 // ---- begin devgate/version.hpp ----
 
@@ -39,7 +39,6 @@ inline constexpr std::string_view version_string = "0.1.0";
 
 }  // namespace devgate
 // ---- end devgate/version.hpp ----
-
 
 // ---- begin devgate/core/bytes.hpp ----
 
@@ -379,7 +378,6 @@ class stop_signals {
 }  // namespace devgate
 // ---- end devgate/core/stop_signals.hpp ----
 
-
 // ---- begin devgate/transport/in_process.hpp ----
 
 #include <atomic>         // session ids, sequence numbers, in-flight handler count
@@ -400,7 +398,6 @@ class stop_signals {
 #include <utility>        // std::move
 #include <vector>         // inbox snapshots
 
-
 // ---- begin devgate/transport/transport.hpp ----
 
 #include <chrono>        // timestamps
@@ -408,15 +405,16 @@ class stop_signals {
 #include <cstddef>       // std::size_t
 #include <cstdint>       // ids and codes
 #include <functional>    // handlers
-#include <span>          // broadcast recipients
+#include <span>          // broadcast recipients, message batches
 #include <string>        // device ids
 #include <string_view>   // reasons
 #include <system_error>  // results
 
-
 namespace devgate {
 
-/// Identifies one live connection for as long as it lives; never reused by a transport instance.
+/// Identifies one live connection for as long as it lives. Once the session closed, its transport
+/// may give the id to a later session, though not soon: websocket::server only after 2^32 - 1
+/// later sessions used the same registry slot; in_process_transport counts up in 64 bits.
 using session_id = std::uint64_t;
 
 /// The clock every devgate timestamp uses.
@@ -474,13 +472,23 @@ struct inbound_message {
   clock::time_point received{};            ///< When the last byte of the message arrived.
 };
 
+/// What `transport_handlers::on_messages` did with a batch: the first `accepted` messages were
+/// taken, in order; each of the others is refused with `error`, which the transport reports to
+/// its device (for WebSocket: one text error reply per refused message).
+struct batch_result {
+  std::size_t accepted = 0;  ///< How many messages, from the first, were taken.
+  std::error_code error;     ///< Why the others were refused (set when any was).
+};
+
 /// Callbacks a transport invokes; set before `start()`. They may run on any transport thread.
 struct transport_handlers {
   /// A session opened.
   std::function<void(const session_info&)> on_open;
-  /// A device message arrived. A non-zero result is an error the transport reports back to
-  /// that device (for WebSocket: a text error reply), e.g. `errc::queue_full` or `errc::closed`.
-  std::function<std::error_code(inbound_message&&)> on_message;
+  /// Messages of one session arrived together: all that one read decoded (WebSocket), or one
+  /// push (in-process), in order. The messages are the transport's and live until the call
+  /// returns; move out what you keep. Refusals (`errc::queue_full`, `errc::closed`, ...) go
+  /// back to the device as errors.
+  std::function<batch_result(std::span<inbound_message>)> on_messages;
   /// A session closed, with the code that closed it.
   std::function<void(session_id, close_code)> on_close;
 };
@@ -723,8 +731,10 @@ class in_process_transport {
     in.kind = kind;
     in.payload = std::move(payload);
     in.received = clock::now();
-    if (!handlers_.on_message) return {};
-    return handlers_.on_message(std::move(in));
+    if (!handlers_.on_messages) return {};
+    // One push is a batch of one.
+    const batch_result r = handlers_.on_messages(std::span<inbound_message>(&in, 1));
+    return r.accepted > 0 ? std::error_code{} : r.error;
   }
 
   backpressure_options backpressure_;
@@ -748,7 +758,6 @@ static_assert(transport<in_process_transport>,
 #include <span>          // broadcast recipients
 #include <system_error>  // results
 #include <utility>       // std::move
-
 
 namespace devgate {
 
@@ -781,7 +790,6 @@ struct reply_channel {
 
 }  // namespace devgate
 // ---- end devgate/transport/reply_channel.hpp ----
-
 
 // ---- begin devgate/pipeline/demand.hpp ----
 
@@ -890,12 +898,10 @@ static_assert(demand_policy<adaptive_demand>);
 #include <utility>      // std::move
 #include <vector>       // partitions, batches, pending
 
-
 // ---- begin devgate/pipeline/message.hpp ----
 
 #include <cstdint>  // sequence numbers
 #include <utility>  // std::move
-
 
 namespace devgate {
 
@@ -1523,7 +1529,6 @@ class fetcher {
 #include <utility>       // std::move
 #include <vector>        // handed-back messages, staging
 
-
 // ---- begin devgate/pipeline/metrics.hpp ----
 
 #include <array>    // bucket counts
@@ -1738,7 +1743,6 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 #include <utility>             // std::move
 #include <vector>              // handed-back messages
 
-
 // ---- begin devgate/detail/pipeline_eventcount.hpp ----
 
 #include <atomic>              // the waiter count and epoch
@@ -1852,7 +1856,6 @@ class pipeline_eventcount {
 #include <tuple>         // fanout_sink
 #include <type_traits>   // std::invoke_result_t
 #include <utility>       // std::move
-
 
 namespace devgate {
 
@@ -1968,7 +1971,6 @@ static_assert(sink<null_sink>);
 #include <stdexcept>           // std::invalid_argument at set-up
 #include <thread>              // workers
 #include <vector>              // slots
-
 
 namespace devgate {
 
@@ -2740,14 +2742,6 @@ pipeline(Sink, pipeline_options = {}) -> pipeline<Sink>;
 
 namespace devgate {
 
-/// What an intake did with a batch of messages that a transport decoded together: the first
-/// `accepted` were taken, in order; each of the others is refused with `error`, which the
-/// transport reports to its device as it reports a refused message.
-struct batch_result {
-  std::size_t accepted = 0;  ///< How many messages, from the front of the batch, were taken.
-  std::error_code error;     ///< Why the rest were refused (e.g. `errc::queue_full`, `closed`).
-};
-
 /// A gateway's intake: `batch_result intake(std::span<inbound_message>)`, called on transport
 /// threads. It may move from the messages it takes and leaves the refused ones as they were.
 template <class F>
@@ -2810,11 +2804,7 @@ class gateway {
     transport_handlers handlers;
     handlers.on_open = std::move(hooks.on_open);
     handlers.on_close = std::move(hooks.on_close);
-    // The transport hands over one message per call: a batch of one.
-    handlers.on_message = [intake = std::move(intake)](inbound_message&& in) mutable {
-      const batch_result r = intake(std::span<inbound_message>(&in, 1));
-      return r.accepted == 1 ? std::error_code{} : r.error;
-    };
+    handlers.on_messages = std::move(intake);
     transport_.set_handlers(std::move(handlers));
     if (auto ec = pipeline_.start(); ec) return ec;
     started_ = true;
@@ -2948,7 +2938,6 @@ gateway(Transport&, Sink, pipeline_options = {}) -> gateway<Transport, Sink>;
 }  // namespace devgate
 // ---- end devgate/pipeline/gateway.hpp ----
 
-
 // ---- begin devgate/websocket/frame.hpp ----
 
 #include <array>        // mask keys, header buffers
@@ -2958,7 +2947,6 @@ gateway(Transport&, Sink, pipeline_options = {}) -> gateway<Transport, Sink>;
 #include <span>         // payloads
 #include <string_view>  // close reasons
 #include <vector>       // client frames, close payloads
-
 
 namespace devgate::websocket {
 
@@ -3167,7 +3155,6 @@ inline void apply_mask(std::span<std::byte> data, std::array<std::byte, 4> key,
 #include <cstdint>      // key bytes
 #include <string>       // responses
 #include <string_view>  // header values, reasons
-
 
 // ---- begin devgate/detail/crypto.hpp ----
 
@@ -3894,7 +3881,6 @@ struct upgrade_result {
 #include <span>         // input, control payloads
 #include <string_view>  // close reasons
 
-
 // ---- begin devgate/websocket/utf8.hpp ----
 
 #include <cstddef>  // std::byte
@@ -4357,7 +4343,6 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 #include <string>        // address, texts
 #include <system_error>  // error replies
 
-
 namespace devgate::websocket {
 
 /// The answer to a plain (non-upgrade) HTTP GET or HEAD, produced by `server_options::route`.
@@ -4369,7 +4354,7 @@ struct http_reply {
   std::string extra_headers;
 };
 
-/// The text frame a device receives when `on_message` refuses its message:
+/// The text frame a device receives when `on_messages` refuses its message:
 /// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device hub answers
 /// protocol errors itself (`device::make_error`, docs/PROTOCOL.md section 8) and returns an
 /// error here only for a session it does not know (`errc::unknown_session`).
@@ -4464,7 +4449,7 @@ struct server_options {
   /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
   /// Unset: every path is accepted and the device id is the request target.
   std::function<std::optional<std::string>(const http_request&)> identify;
-  /// The text sent back (as a text frame) when `on_message` returns an error;
+  /// The text sent back (as a text frame) when `on_messages` refuses a message;
   /// unset means `default_error_text`.
   std::function<std::string(const std::error_code&)> error_text;
 };
@@ -4482,7 +4467,6 @@ struct server_options {
 #include <string>        // paths
 #include <string_view>   // extensions, targets
 #include <system_error>  // filesystem errors
-
 
 namespace devgate::websocket {
 
@@ -4622,64 +4606,707 @@ namespace devgate::websocket {
 #include <thread>        // workers
 #include <vector>        // workers, broadcast groups
 
+// ---- begin devgate/websocket/detail/core.hpp ----
 
-// ---- begin devgate/detail/ws_server_session.hpp ----
+#include <atomic>   // live sessions, stopping flag
+#include <chrono>   // tick period, millisecond stamps
+#include <cstddef>  // std::size_t
+#include <cstdint>  // 32-bit stamps
 
-// Internals of devgate::websocket::server: one session per TCP connection, pinned to one worker
-// thread (its io_context), so per-session state needs no locks. Only `buffered_` and `phase_`
-// are read from other threads (send/broadcast/buffered_bytes), and they are atomics.
-//
-// Session sockets are not Asio sockets: each worker registers them once, edge-triggered, in an
-// epoll set of its own, and waits on that set through Asio (one readiness wait per batch of
-// ready sockets, not one wait and one epoll_ctl per read). Reads and writes are plain
-// non-blocking recv and sendmsg on the session's thread. This is Linux-only (epoll, accept4).
+namespace devgate::websocket::detail {
+
+/// What the sessions of one server share: its options, the engine's handlers, the timer period
+/// and the counters stop() waits on. Lives in the server; every worker thread reads it.
+struct server_core {
+  server_options options;
+  transport_handlers handlers;
+  clock::duration tick{};                  // the workers' timer period
+  clock::time_point epoch = clock::now();  // sessions keep 32-bit millisecond stamps from here
+  std::atomic<std::size_t> live{0};        // sessions not yet finished, for stop()
+  std::atomic<bool> stopping{false};
+
+  /// Milliseconds since `epoch`, wrapping after 49 days: compare with `reached`, never with <.
+  [[nodiscard]] std::uint32_t now_ms() const noexcept { return stamp(clock::now()); }
+  /// `t` as milliseconds since `epoch` (wrapping like now_ms).
+  [[nodiscard]] std::uint32_t stamp(clock::time_point t) const noexcept {
+    return static_cast<std::uint32_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(t - epoch).count());
+  }
+  /// True when `deadline` is not in the future (valid for spans under 24 days).
+  [[nodiscard]] static bool reached(std::uint32_t now, std::uint32_t deadline) noexcept {
+    return static_cast<std::int32_t>(now - deadline) >= 0;
+  }
+  /// A duration in the sessions' millisecond stamps.
+  [[nodiscard]] static std::uint32_t ms(std::chrono::milliseconds d) noexcept {
+    return static_cast<std::uint32_t>(d.count());
+  }
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/core.hpp ----
+
+// ---- begin devgate/websocket/detail/reactor.hpp ----
 
 #include <asio.hpp>
 
 #if !defined(__linux__)
 #error "devgate::websocket::server needs Linux (epoll); the rest of devgate does not"
 #endif
-#include <sys/epoll.h>   // the worker's readiness set
-#include <sys/socket.h>  // recv, sendmsg, shutdown
-#include <sys/uio.h>     // iovec
-#include <unistd.h>      // close
+#include <sys/epoll.h>  // the worker's readiness set
+#include <unistd.h>     // close of a failed epoll set
 
-#include <cerrno>  // EAGAIN and friends
+#include <array>         // ready events
+#include <atomic>        // the live count
+#include <cerrno>        // epoll_create1 errors
+#include <cstddef>       // std::size_t
+#include <cstdint>       // slots, generations
+#include <mutex>         // the registry lock
+#include <optional>      // the work guard while running
+#include <span>          // broadcast recipients
+#include <string>        // close reasons posted to the worker
+#include <string_view>   // close reasons
+#include <system_error>  // results
+#include <thread>        // the worker thread
+#include <utility>       // std::move
+#include <vector>        // registry, snapshots
 
-#include <algorithm>     // std::min
-#include <array>         // write batches
-#include <atomic>        // cross-thread counters
+// ---- begin devgate/websocket/detail/backpressure.hpp ----
+
+#include <atomic>       // the reserved-bytes counter, shared with other threads
+#include <cstddef>      // std::size_t
+#include <cstdint>      // 32-bit counters
+#include <optional>     // no close under drop_oldest
+#include <string_view>  // the close reason
+#include <utility>      // std::exchange
+
+// ---- begin devgate/websocket/detail/out_queue.hpp ----
+
+#include <sys/uio.h>  // iovec
+
+#include <algorithm>  // std::min
+#include <array>      // frame headers, iovecs
+#include <cstddef>    // std::byte, std::size_t
+#include <cstdint>    // compact fields
+#include <cstring>    // memcpy into the scratch run
+#include <memory>     // the scratch run
+#include <span>       // payload views, iovecs
+#include <utility>    // std::move
+#include <vector>     // the FIFOs
+
+namespace devgate::websocket::detail {
+
+/// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
+/// ping, pong or close waits behind at most one write, never behind a whole 16 MiB frame.
+inline constexpr std::size_t fragment_size = 64u * 1024u;
+
+/// Bytes of the unmasked header of a server frame with `len` payload bytes (RFC 6455 5.2).
+[[nodiscard]] constexpr std::size_t frame_header_size(std::size_t len) noexcept {
+  return len <= 125 ? 2 : len <= 0xFFFF ? 4 : 10;
+}
+
+/// Wire bytes of a data message of `len` payload bytes sent as `fragment_size` fragments (at
+/// least one frame: an empty message is a 2-byte frame).
+[[nodiscard]] constexpr std::size_t wire_size(std::size_t len) noexcept {
+  const std::size_t full = len / fragment_size;
+  const std::size_t last = len % fragment_size;
+  std::size_t total = len + full * frame_header_size(fragment_size);
+  if (last > 0 || full == 0) total += frame_header_size(last);
+  return total;
+}
+
+/// Something waiting to be written, in one of two forms:
+/// - a whole data message (`lazy`): its payload, shared and never copied (a broadcast's
+///   recipients all point at one buffer), cut into frames of at most `fragment_size` whose
+///   headers are encoded while it is written, so a message is one queue entry whatever its size;
+/// - literal bytes, `head` then `body`: control frames, HTTP responses, and the one frame of a
+///   data message that a full socket buffer cut in the middle.
+struct out_frame {
+  /// What the frame is: only `data` bytes count against the session's outbound limit.
+  enum kind_t : std::uint8_t { data, control, close, raw };
+  shared_bytes body;
+  std::array<std::byte, 10> head{};  // literal only; RFC 6455 5.2: at most 10 bytes
+  std::uint8_t head_len = 0;
+  kind_t kind = data;
+  websocket::opcode op = websocket::opcode::binary;  // lazy: the opcode of its next frame
+  bool lazy = false;
+  /// Bytes it puts on the wire (for a lazy message, what is left of it).
+  [[nodiscard]] std::size_t size() const noexcept {
+    return lazy ? wire_size(body.size()) : head_len + body.size();
+  }
+};
+
+/// A data message for the queue: the payload shared, headers encoded while it is written.
+[[nodiscard]] inline out_frame message_frame(websocket::opcode op, shared_bytes payload) noexcept {
+  out_frame m;
+  m.body = std::move(payload);
+  m.op = op;
+  m.lazy = true;
+  return m;
+}
+
+/// Literal bytes of `kind` (an encoded control frame, or HTTP response bytes).
+[[nodiscard]] inline out_frame literal_frame(out_frame::kind_t kind, shared_bytes bytes) noexcept {
+  out_frame f;
+  f.body = std::move(bytes);
+  f.kind = kind;
+  return f;
+}
+
+/// One gather write being assembled on a worker thread: small pieces (frame headers, small
+/// payloads) are copied into one contiguous scratch run, so a burst of 64-byte replies is one
+/// iovec instead of two per frame; large payloads are referenced where they are (never copied).
+/// The write is synchronous, so the scratch is free again when the write returns.
+struct gather {
+  static constexpr std::size_t max_iov = 64;                // iovecs per write
+  static constexpr std::size_t scratch_size = 16u * 1024u;  // copied bytes per write
+  static constexpr std::size_t copy_limit = 512;            // larger pieces are referenced
+  static constexpr std::size_t max_bytes = 2048u * 1024u;   // stop adding frames past this
+
+  std::array<::iovec, max_iov> iov;
+  std::unique_ptr<std::byte[]> scratch{new std::byte[scratch_size]};
+  std::size_t count = 0;  // iovecs used
+  std::size_t used = 0;   // scratch bytes used
+  std::size_t bytes = 0;  // total bytes in the write
+  bool run_open = false;  // iov[count - 1] is the scratch run and may grow
+
+  /// The iovecs assembled so far.
+  [[nodiscard]] std::span<const ::iovec> iovecs() const noexcept { return {iov.data(), count}; }
+  /// Starts an empty write.
+  void reset() noexcept { count = used = bytes = 0, run_open = false; }
+  /// Adds one frame from byte `skip` (a lazy message: as many of its frames as fit); false when
+  /// not all of it fits, so that the caller adds nothing after it.
+  bool add(const out_frame& f, std::size_t skip) noexcept {
+    if (f.lazy) return add_message(f.op, f.body.bytes());
+    if (count + 2 > max_iov || (bytes > 0 && bytes + f.size() - skip > max_bytes)) return false;
+    if (skip < f.head_len) {
+      piece(f.head.data() + skip, f.head_len - skip);
+      skip = 0;
+    } else {
+      skip -= f.head_len;
+    }
+    if (skip < f.body.size()) piece(f.body.data() + skip, f.body.size() - skip);
+    return true;
+  }
+  /// Adds a data message (`op` for its first frame) as frames of at most `fragment_size`;
+  /// false when not all of it fits.
+  bool add_message(websocket::opcode op, std::span<const std::byte> body) noexcept {
+    const std::size_t total = body.size();
+    std::size_t off = 0;
+    do {
+      const std::size_t len = std::min(fragment_size, total - off);
+      const bool fin = off + len == total;
+      // The header is encoded here, so it must land in the scratch run.
+      if (count + 2 > max_iov || used + 10 > scratch_size ||
+          (bytes > 0 && bytes + frame_header_size(len) + len > max_bytes)) {
+        return false;
+      }
+      std::array<std::byte, 10> head;
+      piece(head.data(), websocket::encode_frame_header(head, op, fin, len));
+      if (len > 0) piece(body.data() + off, len);
+      off += len;
+      op = websocket::opcode::continuation;
+    } while (off < total);
+    return true;
+  }
+
+ private:
+  void piece(const std::byte* p, std::size_t n) noexcept {
+    bytes += n;
+    if (n <= copy_limit && used + n <= scratch_size) {
+      std::memcpy(scratch.get() + used, p, n);
+      if (run_open) {
+        iov[count - 1].iov_len += n;
+      } else {
+        iov[count++] = {scratch.get() + used, n};
+        run_open = true;
+      }
+      used += n;
+      return;
+    }
+    iov[count++] = {const_cast<std::byte*>(p), n};  // iovec is not const-correct; only read
+    run_open = false;
+  }
+};
+
+/// A session's outbound queue, allocated only while something waits to be written (idle sessions
+/// hold a null pointer) and recycled through a per-worker pool. Writes are synchronous and
+/// non-blocking, so nothing is "in flight": a frame is either queued, written, or the one
+/// `partial` frame a full socket buffer cut in the middle.
+///
+/// Order on the wire: the partial frame, then control frames (they jump ahead of data, but only
+/// at frame boundaries), then the data FIFO. A close that answers the peer goes at the end of
+/// the data FIFO, after the replies queued before it.
+struct out_queue {
+  std::vector<out_frame> control;  // FIFO; jumps ahead of data at frame boundaries
+  std::vector<out_frame> data;     // FIFO from data_head: lazy messages, maybe a last close
+  std::size_t data_head = 0;
+  out_frame partial;  // written up to `offset`; goes first in the next write
+  std::size_t offset = 0;
+  bool has_partial = false;
+  bool mid_message = false;  // the last data frame a write started was not its message's last
+
+  /// No data message waits (a partial frame may).
+  [[nodiscard]] bool data_empty() const noexcept { return data_head == data.size(); }
+  /// Nothing waits to be written.
+  [[nodiscard]] bool empty() const noexcept {
+    return control.empty() && data_empty() && !has_partial;
+  }
+  /// Forgets everything (the queue goes back to its pool).
+  void clear() noexcept {
+    control.clear();
+    data.clear();
+    data_head = 0;
+    partial = {};
+    offset = 0;
+    has_partial = false;
+    mid_message = false;
+  }
+
+  /// Queues an encoded pong. RFC 6455 5.5.3 allows answering only the most recent ping, so a
+  /// pong still waiting is replaced (a ping flood from a peer that does not read cannot grow
+  /// the queue); true when the pong was added rather than replaced.
+  bool push_pong(shared_bytes pong) {
+    for (auto& f : control) {
+      if (f.kind == out_frame::control && f.body.size() > 1 &&
+          (static_cast<std::uint8_t>(f.body.data()[0]) & 0x0F) == 0xA) {
+        f.body = std::move(pong);
+        return false;
+      }
+    }
+    control.push_back(literal_frame(out_frame::control, std::move(pong)));
+    return true;
+  }
+
+  /// Queues an encoded close frame after every data message queued so far, as the data FIFO's
+  /// last entry (a close that answers the peer goes after the replies to its messages).
+  void push_close_after_data(shared_bytes frame) {
+    data.push_back(literal_frame(out_frame::close, std::move(frame)));
+  }
+
+  /// Drops the data messages no write has started (RFC 6455 5.5.1: no data after a close);
+  /// returns the bytes they had reserved.
+  std::size_t drop_unstarted_data() noexcept {
+    std::size_t reserved = 0;
+    for (std::size_t i = data_head; i < data.size(); ++i) {
+      if (data[i].kind == out_frame::data) reserved += data[i].size();
+    }
+    data.clear();
+    data_head = 0;
+    return reserved;
+  }
+
+  /// True when the oldest data message may be dropped: no write has started it and it is not
+  /// the newest.
+  [[nodiscard]] bool can_drop_oldest() const noexcept {
+    return !mid_message && data_head + 1 < data.size() && data[data_head].kind == out_frame::data &&
+           data[data_head].lazy;
+  }
+  /// Drops the oldest data message (see can_drop_oldest); returns the bytes it had reserved.
+  std::size_t drop_oldest() noexcept {
+    const std::size_t n = data[data_head].size();
+    data[data_head++] = {};
+    return n;
+  }
+
+  /// Assembles the next write into `g`, in wire order, up to what one write takes.
+  void fill(gather& g) const noexcept {
+    g.reset();
+    bool fits = !has_partial || g.add(partial, offset);
+    for (std::size_t i = 0; fits && i < control.size(); ++i) fits = g.add(control[i], 0);
+    for (std::size_t i = data_head; fits && i < data.size(); ++i) fits = g.add(data[i], 0);
+  }
+
+  /// Removes the first `n` bytes that fill() put in the write, which the socket took; the frame
+  /// cut short becomes `partial`. Returns the data bytes written (to give back to the limit).
+  std::size_t consume(std::size_t n) noexcept;
+};
+
+inline std::size_t out_queue::consume(std::size_t n) noexcept {
+  std::size_t released = 0;
+  auto done = [&](out_frame& f) {
+    if (f.kind == out_frame::data) released += f.size();
+    f = {};
+  };
+  if (has_partial) {
+    const std::size_t rest = partial.size() - offset;
+    if (n < rest) {
+      offset += n;
+      return 0;
+    }
+    n -= rest;
+    done(partial);
+    has_partial = false;
+    offset = 0;
+  }
+  std::size_t c = 0;
+  for (; c < control.size() && n > 0; ++c) {
+    auto& f = control[c];
+    if (n < f.size()) {
+      partial = std::move(f);
+      offset = n;
+      has_partial = true;
+      n = 0;
+    } else {
+      n -= f.size();
+      done(f);
+    }
+  }
+  control.erase(control.begin(), control.begin() + static_cast<std::ptrdiff_t>(c));
+  // Lazy messages: walk their frames as fill() encoded them.
+  while (!data_empty() && n > 0) {
+    auto& m = data[data_head];
+    if (!m.lazy) {  // the close queued after the data
+      if (n < m.size()) {
+        partial = std::move(m);
+        offset = n;
+        has_partial = true;
+        n = 0;
+      } else {
+        n -= m.size();
+        done(m);
+      }
+      m = {};
+      ++data_head;
+      continue;
+    }
+    const std::size_t left = m.body.size();
+    const std::size_t len = std::min(fragment_size, left);
+    const bool fin = len == left;
+    const std::size_t frame = frame_header_size(len) + len;
+    mid_message = !fin;
+    if (n < frame) {
+      // Cut in the middle: this frame becomes literal bytes, the message keeps the rest.
+      partial.head_len =
+          static_cast<std::uint8_t>(websocket::encode_frame_header(partial.head, m.op, fin, len));
+      partial.body = fin ? std::move(m.body) : m.body.slice(0, len);
+      partial.kind = out_frame::data;
+      partial.lazy = false;
+      offset = n;
+      has_partial = true;
+      n = 0;
+    } else {
+      n -= frame;
+      released += frame;
+    }
+    if (fin) {
+      m = {};
+      ++data_head;
+    } else {
+      m.body = m.body.slice(len, left - len);
+      m.op = websocket::opcode::continuation;
+    }
+  }
+  if (data_empty()) {
+    data.clear();
+    data_head = 0;
+  } else if (data_head > 64 && data_head * 2 > data.size()) {
+    data.erase(data.begin(), data.begin() + static_cast<std::ptrdiff_t>(data_head));
+    data_head = 0;
+  }
+  return released;
+}
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/out_queue.hpp ----
+
+namespace devgate::websocket::detail {
+
+// The back-pressure policy of a session's outbound bytes, in one place:
+// - every data message is reserved against `backpressure_options::max_buffered_bytes` before it
+//   is queued (from any thread), and given back as it is written;
+// - past the limit: close with 1008 or 1013 (`overflow_close`), or, under drop_oldest, drop the
+//   oldest messages no write has started (`outbound_budget::trim`); the reservation may pass
+//   the limit up to twice its size until the session's thread has trimmed, and never beyond;
+// - replies from the session's own thread take their bytes from a credit the session reserves
+//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each.
+
+/// Reservation credit a session takes on its own thread beyond what it needs.
+inline constexpr std::size_t reserve_credit = 4096;
+
+/// The close reason sent with `overflow_close`'s code.
+inline constexpr std::string_view overflow_reason = "outbound buffer full";
+
+/// What a session that passed its limit gets: the close code, or nothing under drop_oldest
+/// (the message is refused and the session trims its queue instead).
+[[nodiscard]] inline std::optional<close_code> overflow_close(
+    const backpressure_options& bp) noexcept {
+  switch (bp.on_overflow) {
+    case overflow_action::close_policy_violation:
+      return close_code::policy_violation;
+    case overflow_action::close_try_again_later:
+      return close_code::try_again_later;
+    case overflow_action::drop_oldest:
+      break;
+  }
+  return std::nullopt;
+}
+
+/// One session's outbound bytes held against its limit: the reserved count (read by any thread,
+/// server::start keeps it within 32 bits) and the credit its own thread holds.
+class outbound_budget {
+ public:
+  /// Bytes reserved: queued and not yet written, plus the unused credit.
+  [[nodiscard]] std::size_t buffered() const noexcept {
+    return buffered_.load(std::memory_order_relaxed);
+  }
+
+  /// Reserves `bytes` from any thread; false means over the limit (the caller applies
+  /// `overflow_close`).
+  [[nodiscard]] bool reserve(std::size_t bytes, const backpressure_options& bp) noexcept {
+    if (bytes > bp.max_buffered_bytes) return false;
+    return add(bytes, bp);
+  }
+
+  /// reserve() on the session's own thread: taken from the credit when that suffices, otherwise
+  /// from the shared counter together with `reserve_credit` more. The credit is given back when
+  /// the queue drains (settle); until then it counts against the limit too.
+  [[nodiscard]] bool reserve_local(std::size_t bytes, const backpressure_options& bp) noexcept {
+    if (credit_ >= bytes) {
+      credit_ -= static_cast<std::uint32_t>(bytes);
+      return true;
+    }
+    if (bytes > bp.max_buffered_bytes) return false;
+    const std::size_t need = bytes - credit_;
+    if (add(need + reserve_credit, bp)) {
+      credit_ = reserve_credit;
+      return true;
+    }
+    if (!add(need, bp)) return false;  // near the limit: exactly what is needed
+    credit_ = 0;
+    return true;
+  }
+
+  /// Gives back a reservation that will not be queued (any thread).
+  void unreserve(std::size_t bytes) noexcept {
+    buffered_.fetch_sub(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+  }
+
+  /// Gives back `bytes` of a message the session will not queue (it is no longer open), and the
+  /// credit with them. On the session's thread.
+  void refund(std::size_t bytes) noexcept { unreserve(bytes + std::exchange(credit_, 0)); }
+
+  /// Bytes no longer queued, on the session's thread: kept as credit (up to twice
+  /// `reserve_credit`) while the queue is in use; settle() gives all of it back.
+  void give_back(std::size_t bytes) noexcept {
+    credit_ += static_cast<std::uint32_t>(bytes);
+    if (credit_ > 2 * reserve_credit) {
+      unreserve(credit_ - reserve_credit);
+      credit_ = reserve_credit;
+    }
+  }
+
+  /// The queue drained: the credit goes back, so an idle session's buffered() is 0.
+  void settle() noexcept {
+    if (credit_ > 0) unreserve(std::exchange(credit_, 0));
+  }
+
+  /// drop_oldest: drops the oldest whole messages no write has started until the queue is
+  /// within the limit again (the newest message always stays). On the session's thread.
+  void trim(out_queue& q, const backpressure_options& bp) noexcept {
+    if (bp.on_overflow != overflow_action::drop_oldest) return;
+    while (buffered() - credit_ > bp.max_buffered_bytes && q.can_drop_oldest()) {
+      give_back(q.drop_oldest());
+    }
+  }
+
+ private:
+  // The hard bound: drop_oldest may pass the limit up to twice its size until the session's
+  // thread trims older messages; nothing passes the bound.
+  [[nodiscard]] bool add(std::size_t bytes, const backpressure_options& bp) noexcept {
+    const std::size_t hard = bp.on_overflow == overflow_action::drop_oldest
+                                 ? 2 * bp.max_buffered_bytes
+                                 : bp.max_buffered_bytes;
+    std::uint32_t cur = buffered_.load(std::memory_order_relaxed);
+    do {
+      if (cur + bytes > hard) return false;
+    } while (!buffered_.compare_exchange_weak(cur, cur + static_cast<std::uint32_t>(bytes),
+                                              std::memory_order_relaxed));
+    return true;
+  }
+
+  std::atomic<std::uint32_t> buffered_{0};
+  std::uint32_t credit_ = 0;  // part of buffered_ reserved but unused (own thread only)
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/backpressure.hpp ----
+
+// ---- begin devgate/websocket/detail/session.hpp ----
+
+#include <asio.hpp>  // asio::post
+
+#include <atomic>        // phase and refcount, read by other threads
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
-#include <cstring>       // memcpy of encoded fragments
-#include <memory>        // std::unique_ptr
-#include <mutex>         // registry shard lock
-#include <optional>      // identify results
+#include <memory>        // the outbound queue, pooled readers
+#include <new>           // placement new into the session pool
+#include <optional>      // write results
 #include <span>          // byte views
-#include <string>        // texts
-#include <string_view>   // reasons
-#include <system_error>  // error codes
-#include <thread>        // worker thread
+#include <string>        // device ids, error texts
+#include <string_view>   // close reasons
+#include <system_error>  // handler results
+#include <utility>       // std::exchange, std::move
+#include <vector>        // early frames
 
-#include <utility>  // std::move
-#include <vector>   // queues, pools
+// ---- begin devgate/websocket/detail/http_phase.hpp ----
 
+#include <atomic>       // the server's stopping flag
+#include <cstddef>      // std::byte
+#include <cstdint>      // next
+#include <optional>     // identify results
+#include <span>         // request bytes
+#include <string>       // device ids, response heads
+#include <string_view>  // bodies, header lines
+#include <utility>      // std::exchange, std::move
 
-namespace devgate::detail {
+namespace devgate::websocket::detail {
 
-class ws_server_session;
-struct ws_server_worker;
+/// A connection before its upgrade (RFC 9112; RFC 6455 section 4.2): parses its requests,
+/// answers plain GETs through `server_options::route`, refuses what it must refuse, and accepts
+/// an upgrade. It only decides; the session writes what it is given and changes phase.
+/// Holds a parser from the first bytes until drop(); trivially destructible, so that it can
+/// share storage with the frame reader of the WebSocket phase: call drop() before switching.
+class http_phase {
+ public:
+  /// What the session does after `feed`.
+  enum class next : std::uint8_t {
+    read_more,  ///< No complete request (none answered): keep reading.
+    answered,   ///< Keep-alive requests were answered: restart the idle deadline, keep reading.
+    linger,     ///< A response that ends the connection is queued: half-close after writing it.
+    upgrade,    ///< The 101 is queued: switch to the WebSocket phase as `device_id`.
+  };
+  /// The outcome of `feed`.
+  struct result {
+    next what = next::read_more;  ///< What to do.
+    std::string device_id;        ///< Who the device is (upgrade only).
+  };
+
+  /// Parses `bytes` and answers every complete request in order (a keep-alive connection may
+  /// pipeline several), handing each response's bytes to `respond(shared_bytes)`. Stops at an
+  /// upgrade or at a response that ends the connection. Handlers (`route`, `identify`) may
+  /// throw; the parser stays valid for drop().
+  template <class Respond>
+  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond) {
+    if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
+    using st = websocket::http_request_parser::status;
+    st s = parser_->feed(bytes);
+    next outcome = next::read_more;
+    for (;;) {
+      if (s == st::incomplete) return {outcome, {}};
+      if (s == st::error) {
+        const int status = parser_->error_status();
+        respond(error_response(status, websocket::status_reason(status)));
+        return {next::linger, {}};
+      }
+      result r = handle(parser_->request(), core, respond);
+      if (r.what != next::answered) return r;
+      outcome = next::answered;
+      parser_->reset();
+      s = parser_->state();
+    }
+  }
+
+  /// The bytes that followed the upgrade request: the client's first frames (RFC 6455 4.1 lets
+  /// a client send at once). Valid after an `upgrade` result, until drop().
+  [[nodiscard]] std::span<const std::byte> leftover() const noexcept {
+    return parser_ ? parser_->leftover() : std::span<const std::byte>{};
+  }
+
+  /// Frees the parser.
+  void drop() noexcept { delete std::exchange(parser_, nullptr); }
+
+  /// A complete `status` response with a text body that closes the connection; `extra` holds
+  /// header lines, each ending in CRLF.
+  [[nodiscard]] static shared_bytes error_response(int status, std::string_view body,
+                                                   std::string_view extra = {}) {
+    return shared_bytes::copy_of(std::string_view(
+        websocket::http_response(status, body, false, "text/plain; charset=utf-8", extra)));
+  }
+
+ private:
+  template <class Respond>
+  result handle(const websocket::http_request& req, const server_core& core, Respond& respond) {
+    const auto& o = core.options;
+    if (websocket::is_websocket_upgrade(req)) {
+      const auto verdict = websocket::check_upgrade(req);
+      if (verdict.status != 101) {
+        respond(error_response(verdict.status, verdict.reason,
+                               verdict.status == 405 ? "Allow: GET\r\n" : ""));
+        return {next::linger, {}};
+      }
+      std::optional<std::string> device;
+      if (o.identify) {
+        device = o.identify(req);
+      } else {
+        device = std::string(req.target);
+      }
+      if (!device) {
+        respond(error_response(400, "unknown device"));
+        return {next::linger, {}};
+      }
+      if (core.stopping.load(std::memory_order_acquire)) {
+        respond(error_response(503, "shutting down"));
+        return {next::linger, {}};
+      }
+      respond(shared_bytes::copy_of(
+          std::string_view(websocket::upgrade_response(req.header("Sec-WebSocket-Key")))));
+      return {next::upgrade, std::move(*device)};
+    }
+    // A plain request: the route handler (static files for the demo page), keep-alive allowed.
+    if (req.method != "GET" && req.method != "HEAD") {
+      respond(error_response(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n"));
+      return {next::linger, {}};
+    }
+    websocket::http_reply reply;
+    if (o.route) {
+      reply = o.route(req);
+    } else {
+      reply.status = 404;
+      reply.body = shared_bytes::copy_of(std::string_view("not found"));
+    }
+    const bool keep = req.keep_alive() && !core.stopping.load(std::memory_order_relaxed);
+    std::string head;
+    head.reserve(160 + reply.content_type.size() + reply.extra_headers.size());
+    head.append("HTTP/1.1 ").append(std::to_string(reply.status)).append(" ");
+    head.append(websocket::status_reason(reply.status));
+    head.append("\r\nContent-Type: ").append(reply.content_type);
+    head.append("\r\nContent-Length: ").append(std::to_string(reply.body.size()));
+    head.append(keep ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
+    head.append(reply.extra_headers).append("\r\n");
+    respond(shared_bytes::copy_of(std::string_view(head)));
+    if (req.method == "GET" && !reply.body.empty()) respond(std::move(reply.body));
+    return {keep ? next::answered : next::linger, {}};
+  }
+
+  websocket::http_request_parser* parser_ = nullptr;
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/http_phase.hpp ----
+
+// ---- begin devgate/websocket/detail/pools.hpp ----
+
+#include <algorithm>  // std::max
+#include <cstddef>    // std::byte, std::size_t
+#include <memory>     // chunks
+#include <mutex>      // the session pool's lock
+#include <new>        // ::operator new for oversized blocks
+#include <vector>     // chunks
+
+namespace devgate::websocket::detail {
 
 /// Fixed-size blocks carved from 8 KiB chunks, so what every idle session keeps (its session
 /// object) costs its exact size rather than a heap block with a header and rounding, and
-/// long-lived blocks do not interleave with short-lived ones.
+/// long-lived blocks do not interleave with short-lived ones. The block size is the first
+/// size asked for; larger requests go to operator new.
 /// Not thread-safe; the memory returns when the pool dies (it keeps its peak size until then).
-class ws_server_block_pool {
+class block_pool {
  public:
-  ws_server_block_pool() = default;
-  ws_server_block_pool(const ws_server_block_pool&) = delete;
-  ws_server_block_pool& operator=(const ws_server_block_pool&) = delete;
+  block_pool() = default;
+  block_pool(const block_pool&) = delete;
+  block_pool& operator=(const block_pool&) = delete;
 
+  /// A block of at least `size` bytes, 16-byte aligned.
   void* allocate(std::size_t size) {
     if (block_ == 0) block_ = (std::max(size, sizeof(node)) + 15) & ~std::size_t{15};
     if (size > block_) return ::operator new(size);
@@ -4688,6 +5315,7 @@ class ws_server_block_pool {
     free_ = n->next;
     return n;
   }
+  /// Returns a block `allocate(size)` gave.
   void deallocate(void* p, std::size_t size) noexcept {
     if (size > block_) {
       ::operator delete(p);
@@ -4720,12 +5348,14 @@ class ws_server_block_pool {
 
 /// The session allocator: a block pool behind a lock, since the last reference to a session
 /// may be dropped on any thread (allocation and release happen once per connection).
-class ws_server_session_pool {
+class session_pool {
  public:
+  /// A block for one session.
   void* allocate(std::size_t size) {
     std::lock_guard lock(mutex_);
     return pool_.allocate(size);
   }
+  /// Returns a session's block.
   void deallocate(void* p, std::size_t size) noexcept {
     std::lock_guard lock(mutex_);
     pool_.deallocate(p, size);
@@ -4733,297 +5363,266 @@ class ws_server_session_pool {
 
  private:
   std::mutex mutex_;
-  ws_server_block_pool pool_;
+  block_pool pool_;
 };
 
 /// The process-wide session pool. Never destroyed: a session may be released while its
 /// io_context is being destroyed, and a server may itself be a static object.
-inline ws_server_session_pool& ws_server_sessions() {
-  static auto* pool = new ws_server_session_pool;
+inline session_pool& session_memory() {
+  static auto* pool = new session_pool;
   return *pool;
 }
 
-/// Everything the sessions of one server share: options, handlers, counters. Lives in the server.
-struct ws_server_core {
-  websocket::server_options options;
-  transport_handlers handlers;
-  clock::duration tick{};                  // the workers' timer period
-  clock::time_point epoch = clock::now();  // sessions keep 32-bit millisecond stamps from here
-  std::atomic<std::size_t> live{0};        // sessions not yet finished, for stop()
-  std::atomic<bool> stopping{false};
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/pools.hpp ----
 
-  /// Milliseconds since `epoch`, wrapping after 49 days: compare with `reached`, never with <.
-  [[nodiscard]] std::uint32_t now_ms() const noexcept {
-    return static_cast<std::uint32_t>(
-        std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - epoch).count());
+// ---- begin devgate/websocket/detail/read_batch.hpp ----
+
+#include <cstddef>  // std::size_t
+#include <span>     // the batch handed to on_messages
+#include <vector>   // the reused messages
+
+namespace devgate::websocket::detail {
+
+/// The messages decoded from one read of one session, collected to be handed to the engine in
+/// one call. One per worker thread, reused read after read: its inbound_message objects stay
+/// between reads (only their payloads go), so collecting a message allocates nothing once the
+/// batch has grown to the largest read, and a session's device id is assigned again only when
+/// another session reads or the handler took it.
+class read_batch {
+ public:
+  /// Marks a batch as collecting for the scope's lifetime and empties it at the end, exceptions
+  /// included (the payloads the handler did not take go then).
+  class scope {
+   public:
+    /// Starts collecting into `b`.
+    explicit scope(read_batch& b) noexcept : b_(b) { b_.busy_ = true; }
+    scope(const scope&) = delete;
+    scope& operator=(const scope&) = delete;
+    ~scope() {
+      b_.clear();
+      b_.busy_ = false;
+    }
+
+   private:
+    read_batch& b_;
+  };
+
+  /// True while a session collects into it (a nested read on this thread must use another).
+  [[nodiscard]] bool busy() const noexcept { return busy_; }
+  /// No message collected.
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+
+  /// The next message of session `session` (whose device id is `device_id`): everything but the
+  /// kind, payload and timestamp is filled in; `sequence` is the caller's.
+  inbound_message& next(session_id session, const shared_bytes& device_id) {
+    if (size_ == items_.size()) items_.emplace_back();
+    inbound_message& m = items_[size_++];
+    if (m.device_id.data() != device_id.data() || m.device_id.size() != device_id.size()) {
+      m.device_id = device_id;
+    }
+    m.session = session;
+    return m;
   }
-  /// True when `deadline` is not in the future (valid for spans under 24 days).
-  [[nodiscard]] static bool reached(std::uint32_t now, std::uint32_t deadline) noexcept {
-    return static_cast<std::int32_t>(now - deadline) >= 0;
+
+  /// The messages collected, in order (the handler may move out of them).
+  [[nodiscard]] std::span<inbound_message> messages() noexcept { return {items_.data(), size_}; }
+
+  /// Drops the payloads of the messages collected and empties the batch, keeping the objects.
+  void clear() noexcept {
+    for (std::size_t i = 0; i < size_; ++i) items_[i].payload = {};
+    size_ = 0;
   }
-  /// A duration in the sessions' millisecond stamps.
-  [[nodiscard]] static std::uint32_t ms(std::chrono::milliseconds d) noexcept {
-    return static_cast<std::uint32_t>(d.count());
+
+  /// Frees the objects when more than `keep` were kept (after a read of many tiny messages).
+  void shrink(std::size_t keep) {
+    if (busy_ || items_.size() <= keep) return;
+    items_.clear();
+    items_.shrink_to_fit();
   }
+
+ private:
+  std::vector<inbound_message> items_;
+  std::size_t size_ = 0;
+  bool busy_ = false;
 };
 
-/// An intrusive reference to a session: 8 bytes in every Asio handler and registry slot, where a
-/// shared_ptr would cost 16 plus a control block and enable_shared_from_this's weak pointer.
-class ws_server_session_ref {
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/read_batch.hpp ----
+
+// ---- begin devgate/websocket/detail/stream.hpp ----
+
+#include <sys/socket.h>  // recv, sendmsg, shutdown
+#include <sys/types.h>   // ssize_t
+#include <sys/uio.h>     // iovec
+#include <unistd.h>      // close
+
+#include <cerrno>    // EAGAIN and friends
+#include <concepts>  // byte_stream
+#include <cstddef>   // std::byte, std::size_t
+#include <cstdint>   // io_status
+#include <span>      // buffers, iovecs
+#include <utility>   // std::exchange
+
+namespace devgate::websocket::detail {
+
+/// What one read or write on a byte stream did.
+enum class io_status : std::uint8_t {
+  ok,  ///< `bytes` were read (at least one), or taken for writing (maybe fewer than offered).
+  would_block,  ///< Nothing now: wait for the next readiness edge.
+  eof,          ///< Read only: the peer closed its side.
+  error,        ///< The connection failed (a reset, ...): close it.
+};
+
+/// The result of `read` and `write` on a byte stream.
+struct io_result {
+  io_status status = io_status::ok;  ///< What happened.
+  std::size_t bytes = 0;             ///< Bytes read or taken (0 unless `ok`).
+};
+
+/// The byte-stream layer under a session: everything the session does with its connection, so
+/// that a TLS stream (OpenSSL over the same socket) can take the place of `tcp_stream` without
+/// touching framing, the HTTP phase or the outbound queue. Requirements, all non-blocking and
+/// called on the session's thread:
+/// - `read(buffer)`: bytes into `buffer` (ok), or would_block, eof or error;
+/// - `write(iovecs)`: one gather write; ok with the bytes taken, would_block, or error;
+/// - `shutdown_write()`: half-close (the peer reads EOF after what was written);
+/// - `close()`: end the connection now (idempotent); `is_open()` until then;
+/// - `native_handle()`: the descriptor whose readiness the worker's epoll set watches.
+template <class S>
+concept byte_stream = std::movable<S> &&
+    requires(S& s, const S& cs, std::span<std::byte> in, std::span<const ::iovec> out) {
+  { s.read(in) } -> std::same_as<io_result>;
+  { s.write(out) } -> std::same_as<io_result>;
+  s.shutdown_write();
+  s.close();
+  { cs.is_open() } -> std::same_as<bool>;
+  { cs.native_handle() } -> std::same_as<int>;
+};
+
+/// A connected non-blocking TCP socket, owned: closed when the stream is closed or destroyed
+/// (an accepted socket that no worker adopted, for example when the server stops first).
+class tcp_stream {
  public:
-  ws_server_session_ref() noexcept = default;
-  explicit ws_server_session_ref(ws_server_session* s) noexcept;
-  ws_server_session_ref(const ws_server_session_ref& o) noexcept : ws_server_session_ref(o.p_) {}
-  ws_server_session_ref(ws_server_session_ref&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
-  ws_server_session_ref& operator=(ws_server_session_ref o) noexcept {
-    std::swap(p_, o.p_);
+  /// No connection.
+  tcp_stream() noexcept = default;
+  /// Owns the connected non-blocking socket `fd`.
+  explicit tcp_stream(int fd) noexcept : fd_(fd) {}
+  tcp_stream(tcp_stream&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  tcp_stream& operator=(tcp_stream&& o) noexcept {
+    if (this != &o) {
+      close();
+      fd_ = std::exchange(o.fd_, -1);
+    }
     return *this;
   }
-  ~ws_server_session_ref();
-  ws_server_session* operator->() const noexcept { return p_; }
-  ws_server_session& operator*() const noexcept { return *p_; }
-  ws_server_session* get() const noexcept { return p_; }
-  explicit operator bool() const noexcept { return p_ != nullptr; }
+  tcp_stream(const tcp_stream&) = delete;
+  tcp_stream& operator=(const tcp_stream&) = delete;
+  ~tcp_stream() { close(); }
 
- private:
-  ws_server_session* p_ = nullptr;
-};
-
-/// Reservation credit a session takes on its own thread beyond what it needs (see
-/// ws_server_session::reserve_local).
-inline constexpr std::size_t ws_server_credit = 4096;
-
-/// Outbound messages larger than this are sent as fragments of this size (RFC 6455 5.4), so a
-/// ping, pong or close waits behind at most one write, never behind a whole 16 MiB frame.
-inline constexpr std::size_t ws_server_fragment_size = 64u * 1024u;
-
-/// Bytes of the unmasked header of a server frame with `len` payload bytes (RFC 6455 5.2).
-[[nodiscard]] constexpr std::size_t ws_server_header_size(std::size_t len) noexcept {
-  return len <= 125 ? 2 : len <= 0xFFFF ? 4 : 10;
-}
-
-/// Wire bytes of a data message of `len` payload bytes sent as ws_server_fragment_size
-/// fragments (at least one frame: an empty message is a 2-byte frame).
-[[nodiscard]] constexpr std::size_t ws_server_wire_size(std::size_t len) noexcept {
-  constexpr std::size_t f = ws_server_fragment_size;
-  const std::size_t full = len / f;
-  const std::size_t last = len % f;
-  std::size_t total = len + full * ws_server_header_size(f);
-  if (last > 0 || full == 0) total += ws_server_header_size(last);
-  return total;
-}
-
-/// Something waiting to be written, in one of two forms:
-/// - a whole data message (`lazy`): its payload, shared and never copied (a broadcast's
-///   recipients all point at one buffer), cut into frames of at most ws_server_fragment_size
-///   whose headers are encoded while it is written, so a message is one queue entry whatever its
-///   size;
-/// - literal bytes, `head` then `body`: control frames, HTTP responses, and the one frame of a
-///   data message that a full socket buffer cut in the middle.
-struct ws_server_out_frame {
-  /// What the frame is, for accounting and for the close handshake.
-  enum kind_t : std::uint8_t { data, control, close, raw };
-  shared_bytes body;
-  std::array<std::byte, 10> head{};  // literal only; RFC 6455 5.2: at most 10 bytes
-  std::uint8_t head_len = 0;
-  kind_t kind = data;
-  websocket::opcode op = websocket::opcode::binary;  // lazy: the opcode of its next frame
-  bool lazy = false;
-  bool more = false;  // literal: a fragment that is not its message's last (RFC 6455 5.4)
-  /// Bytes it puts on the wire (for a lazy message, what is left of it).
-  [[nodiscard]] std::size_t size() const noexcept {
-    return lazy ? ws_server_wire_size(body.size()) : head_len + body.size();
-  }
-};
-
-/// A data message for the queue: the payload shared, headers encoded while it is written.
-inline ws_server_out_frame ws_server_message(websocket::opcode op, shared_bytes payload) noexcept {
-  ws_server_out_frame m;
-  m.body = std::move(payload);
-  m.op = op;
-  m.lazy = true;
-  return m;
-}
-
-/// A session's outbound queue, allocated only while something waits to be written (idle sessions
-/// hold a null pointer) and recycled through a per-worker pool. Writes are synchronous and
-/// non-blocking (see ws_server_session::pump), so nothing is "in flight": a frame is either
-/// queued, written, or the one `partial` frame a full socket buffer cut in the middle.
-struct ws_server_out_queue {
-  std::vector<ws_server_out_frame> control;  // FIFO; jumps ahead of data at frame boundaries
-  std::vector<ws_server_out_frame> data;     // FIFO from data_head
-  std::size_t data_head = 0;
-  ws_server_out_frame partial;  // written up to `offset`; goes first in the next write
-  std::size_t offset = 0;
-  bool has_partial = false;
-  bool mid_message = false;  // the last data frame a write started was not its message's last
-
-  [[nodiscard]] bool data_empty() const noexcept { return data_head == data.size(); }
-  [[nodiscard]] bool empty() const noexcept {
-    return control.empty() && data_empty() && !has_partial;
-  }
-  void clear() noexcept {
-    control.clear();
-    data.clear();
-    data_head = 0;
-    partial = {};
-    offset = 0;
-    has_partial = false;
-    mid_message = false;
-  }
-};
-
-/// One gather write being assembled on a worker thread: small pieces (frame headers, small
-/// payloads) are copied into one contiguous scratch run, so a burst of 64-byte replies is one
-/// iovec instead of two per frame; large payloads are referenced where they are (never copied).
-/// The write is synchronous, so the scratch is free again when the write returns.
-struct ws_server_gather {
-  static constexpr std::size_t max_iov = 64;                // iovecs per sendmsg
-  static constexpr std::size_t scratch_size = 16u * 1024u;  // copied bytes per write
-  static constexpr std::size_t copy_limit = 512;            // larger pieces are referenced
-  static constexpr std::size_t max_bytes = 2048u * 1024u;   // stop adding frames past this
-
-  std::array<::iovec, max_iov> iov;
-  std::unique_ptr<std::byte[]> scratch{new std::byte[scratch_size]};
-  std::size_t count = 0;  // iovecs used
-  std::size_t used = 0;   // scratch bytes used
-  std::size_t bytes = 0;  // total bytes in the write
-  bool run_open = false;  // iov[count - 1] is the scratch run and may grow
-
-  void reset() noexcept { count = used = bytes = 0, run_open = false; }
-  /// Adds one frame from byte `skip` (a lazy message: as many of its frames as fit); false when
-  /// not all of it fits, so that the caller adds nothing after it.
-  bool add(const ws_server_out_frame& f, std::size_t skip) noexcept {
-    if (f.lazy) return add_message(f.op, f.body.bytes());
-    if (count + 2 > max_iov || (bytes > 0 && bytes + f.size() - skip > max_bytes)) return false;
-    if (skip < f.head_len) {
-      piece(f.head.data() + skip, f.head_len - skip);
-      skip = 0;
-    } else {
-      skip -= f.head_len;
+  /// One recv into `buffer` (not empty).
+  io_result read(std::span<std::byte> buffer) noexcept {
+    for (;;) {
+      const ::ssize_t got = ::recv(fd_, buffer.data(), buffer.size(), 0);
+      if (got > 0) return {io_status::ok, static_cast<std::size_t>(got)};
+      if (got == 0) return {io_status::eof, 0};
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return {io_status::would_block, 0};
+      return {io_status::error, 0};
     }
-    if (skip < f.body.size()) piece(f.body.data() + skip, f.body.size() - skip);
-    return true;
-  }
-  /// Adds a data message (`op` for its first frame) as frames of at most
-  /// ws_server_fragment_size; false when not all of it fits.
-  bool add_message(websocket::opcode op, std::span<const std::byte> body) noexcept {
-    const std::size_t total = body.size();
-    std::size_t off = 0;
-    do {
-      const std::size_t len = std::min(ws_server_fragment_size, total - off);
-      const bool fin = off + len == total;
-      // The header is encoded here, so it must land in the scratch run.
-      if (count + 2 > max_iov || used + 10 > scratch_size ||
-          (bytes > 0 && bytes + ws_server_header_size(len) + len > max_bytes)) {
-        return false;
-      }
-      std::array<std::byte, 10> head;
-      piece(head.data(), websocket::encode_frame_header(head, op, fin, len));
-      if (len > 0) piece(body.data() + off, len);
-      off += len;
-      op = websocket::opcode::continuation;
-    } while (off < total);
-    return true;
   }
 
- private:
-  void piece(const std::byte* p, std::size_t n) noexcept {
-    bytes += n;
-    if (n <= copy_limit && used + n <= scratch_size) {
-      std::memcpy(scratch.get() + used, p, n);
-      if (run_open) {
-        iov[count - 1].iov_len += n;
-      } else {
-        iov[count++] = {scratch.get() + used, n};
-        run_open = true;
-      }
-      used += n;
-      return;
+  /// One sendmsg of `iov` (no SIGPIPE: a peer that went away is an error result).
+  io_result write(std::span<const ::iovec> iov) noexcept {
+    ::msghdr m{};
+    m.msg_iov = const_cast<::iovec*>(iov.data());  // not const-correct; only read
+    m.msg_iovlen = iov.size();
+    for (;;) {
+      const ::ssize_t n = ::sendmsg(fd_, &m, MSG_NOSIGNAL);
+      if (n >= 0) return {io_status::ok, static_cast<std::size_t>(n)};
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return {io_status::would_block, 0};
+      return {io_status::error, 0};
     }
-    iov[count++] = {const_cast<std::byte*>(p), n};  // iovec is not const-correct; only read
-    run_open = false;
   }
-};
 
-/// An accepted socket not yet adopted by a worker: closed if nobody adopts it (a task posted
-/// to a worker that stops first).
-class ws_server_fd {
- public:
-  explicit ws_server_fd(int fd) noexcept : fd_(fd) {}
-  ws_server_fd(ws_server_fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  ws_server_fd(const ws_server_fd&) = delete;
-  ws_server_fd& operator=(const ws_server_fd&) = delete;
-  ws_server_fd& operator=(ws_server_fd&&) = delete;
-  ~ws_server_fd() {
-    if (fd_ >= 0) ::close(fd_);
+  /// Half-close: a FIN after what was written; reading goes on.
+  void shutdown_write() noexcept { ::shutdown(fd_, SHUT_WR); }
+
+  /// Ends the connection in both directions and closes the socket (which also leaves any epoll
+  /// set it was in).
+  void close() noexcept {
+    if (fd_ < 0) return;
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    fd_ = -1;
   }
-  /// The descriptor, now the caller's to close.
-  [[nodiscard]] int release() noexcept { return std::exchange(fd_, -1); }
+
+  /// True until close().
+  [[nodiscard]] bool is_open() const noexcept { return fd_ >= 0; }
+  /// The socket, or -1 once closed.
+  [[nodiscard]] int native_handle() const noexcept { return fd_; }
 
  private:
-  int fd_;
+  int fd_ = -1;
 };
 
-/// One thread: its io_context, its epoll set of session sockets, its sessions, its read buffer
-/// and its timer tick.
-struct ws_server_worker {
+static_assert(byte_stream<tcp_stream>, "tcp_stream must satisfy byte_stream");
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/stream.hpp ----
+
+// ---- begin devgate/websocket/detail/thread_resources.hpp ----
+
+#include <asio.hpp>
+
+#include <cstddef>  // std::byte, std::size_t
+#include <memory>   // pooled objects, the read buffer
+#include <span>     // the read buffer
+#include <vector>   // pools
+
+namespace devgate::websocket::detail {
+
+class session;
+
+/// What a worker thread lends the sessions it runs, and all a session sees of its worker: the
+/// io_context it posts to, the read buffer and the write being assembled (both shared by every
+/// session of the thread, since a session reads and writes synchronously), the batch of messages
+/// being delivered, and pools of frame readers and outbound queues, so that busy sessions do not
+/// allocate one per read or write burst and idle sessions hold none. The reactor (reactor.hpp)
+/// is a thread_resources with the epoll set, the registry and the timer around it.
+struct thread_resources {
   static constexpr std::size_t read_buffer_size = 64u * 1024u;
-  static constexpr int max_events = 256;  // ready sockets taken per epoll_wait
+  static constexpr std::size_t pool_size = 64;  // readers and queues kept for reuse
 
-  ws_server_worker(ws_server_core& c, std::uint8_t idx)
-      : core(c),
-        index(idx),
-        tick_timer(ioc),
-        ready(ioc),
-        read_buffer(new std::byte[read_buffer_size]) {
-    const int fd = ::epoll_create1(EPOLL_CLOEXEC);
-    if (fd < 0) {
-      epoll_error = std::error_code(errno, std::system_category());
-      return;
-    }
-    ready.assign(fd, epoll_error);
-    if (epoll_error) ::close(fd);
-  }
+  /// Called by a session as it finishes (on this thread): the reactor takes it out of its
+  /// registry and keeps it alive until the current event batch ends.
+  using retire_fn = void (*)(thread_resources&, session&);
 
-  ws_server_core& core;
-  std::uint8_t index;
+  thread_resources(server_core& c, retire_fn on_retire)
+      : core(c), retire(on_retire), read_buffer(new std::byte[read_buffer_size]) {}
+  thread_resources(const thread_resources&) = delete;
+  thread_resources& operator=(const thread_resources&) = delete;
+
+  server_core& core;
   asio::io_context ioc{1};
-  asio::steady_timer tick_timer;
-  // The epoll set of this worker's session sockets, waited on through ioc (see poll()).
-  asio::posix::stream_descriptor ready;
-  std::error_code epoll_error;  // epoll_create1 failed: server::start reports it
-  std::array<::epoll_event, max_events> events{};
-  // Sessions finished during an event batch stay alive until the batch ends: later events in
-  // it may still point at them.
-  std::vector<ws_server_session_ref> retired;
-  std::thread thread;
-  // Shared by every session of this thread: sessions read into it and keep nothing when idle.
+  retire_fn retire;
   std::unique_ptr<std::byte[]> read_buffer;
-  // Registry shard: a slot per session, the slot index inside the session id (so a lookup is an
-  // index, and a session costs 8 bytes here instead of a hash node). Written only by this
-  // worker's thread (under the lock); read by it without the lock and by other threads (send,
-  // broadcast, close, buffered_bytes) under the lock.
-  mutable std::mutex mutex;
-  std::vector<ws_server_session_ref> slots;
-  std::vector<std::uint32_t> free_slots;
-  std::uint32_t generation = 0;  // makes ids unique although slots are reused
-  static constexpr std::uint32_t max_slots = 1u << 24;
   clock::time_point read_time{};  // when the current read burst arrived (message timestamps)
-  // Pools so that busy sessions do not allocate a reader and a queue per read or write burst.
+  gather write;                   // the write being assembled (one at a time per thread)
+  read_batch batch;               // the messages of the read being delivered
   std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
-  std::vector<std::unique_ptr<ws_server_out_queue>> queue_pool;
-  std::vector<ws_server_session_ref> scratch;  // tick and stop snapshots
-  ws_server_gather gather;                     // the write being assembled (pump)
-  inbound_message delivering;                  // reused by ws_server_session::deliver
-  bool delivering_busy = false;                // a handler is running with `delivering`
+  std::vector<std::unique_ptr<out_queue>> queue_pool;
 
+  /// The read buffer every session of this thread reads into.
   [[nodiscard]] std::span<std::byte> buffer() const noexcept {
     return {read_buffer.get(), read_buffer_size};
   }
+  /// True on this worker's thread (inside its io_context's run()).
   [[nodiscard]] bool on_this_thread() noexcept {
     return ioc.get_executor().running_in_this_thread();
   }
+  /// A frame reader for a session with a frame or message in progress.
   std::unique_ptr<websocket::frame_reader> take_reader() {
     if (reader_pool.empty()) {
       return std::make_unique<websocket::frame_reader>(core.options.reader);
@@ -5032,214 +5631,165 @@ struct ws_server_worker {
     reader_pool.pop_back();
     return r;
   }
+  /// Returns a reader: kept when it is idle and healthy, freed otherwise.
   void give_reader(std::unique_ptr<websocket::frame_reader> r) {
-    if (r && r->idle() && !r->finished() && reader_pool.size() < 64)
+    if (r && r->idle() && !r->finished() && reader_pool.size() < pool_size)
       reader_pool.push_back(std::move(r));
   }
-  std::unique_ptr<ws_server_out_queue> take_queue() {
-    if (queue_pool.empty()) return std::make_unique<ws_server_out_queue>();
+  /// An empty outbound queue for a session with something to write.
+  std::unique_ptr<out_queue> take_queue() {
+    if (queue_pool.empty()) return std::make_unique<out_queue>();
     auto q = std::move(queue_pool.back());
     queue_pool.pop_back();
     return q;
   }
-  void give_queue(std::unique_ptr<ws_server_out_queue> q) {
+  /// Returns a queue (emptied).
+  void give_queue(std::unique_ptr<out_queue> q) {
     if (!q) return;
     q->clear();
-    if (queue_pool.size() < 64) queue_pool.push_back(std::move(q));
-  }
-
-  void adopt(int fd);
-  /// Registers `s`'s socket once, edge-triggered, for input, output and peer half-close.
-  [[nodiscard]] bool watch(ws_server_session& s) noexcept;
-  /// Waits (through ioc) until a session socket is ready, handles every ready one, repeats.
-  void poll();
-  void on_ready();
-  void start_tick();
-  void on_tick();
-  void close_all(close_code code);
-  void abort_all();
-  /// The session with `id` on this worker, or null. Session ids are
-  /// (generation << 32) | (slot << 8) | worker index.
-  [[nodiscard]] ws_server_session_ref find(session_id id) {
-    if (on_this_thread()) return find_locked(id);  // the only writer is this thread: no lock
-    std::lock_guard lock(mutex);
-    return find_locked(id);
-  }
-  [[nodiscard]] ws_server_session_ref find_locked(session_id id) const;
-  /// The session with `id`, without a reference; only on this worker's thread (the registry's
-  /// only writer), and only until control leaves the caller.
-  [[nodiscard]] ws_server_session* peek_local(session_id id) const noexcept;
-  void erase(session_id id) {
-    const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
-    std::lock_guard lock(mutex);
-    if (slot < slots.size()) {
-      slots[slot] = {};
-      free_slots.push_back(slot);
-    }
-  }
-  // Snapshot of live sessions (finish() empties slots while callers iterate).
-  void snapshot() {
-    scratch.clear();
-    for (auto& s : slots) {
-      if (s) scratch.push_back(s);
-    }
+    if (queue_pool.size() < pool_size) queue_pool.push_back(std::move(q));
   }
 };
 
-/// The session whose on_message handler runs on this thread (null outside one), so that a reply
-/// from inside the handler (`server::send` to that session) skips the lookup, the reference
-/// count and the thread check.
-struct ws_server_delivering {
-  const ws_server_core* core = nullptr;
-  ws_server_session* session = nullptr;
-};
-inline thread_local ws_server_delivering ws_server_current{};
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/thread_resources.hpp ----
 
-/// One WebSocket (or not yet upgraded HTTP) connection.
-class ws_server_session {
+namespace devgate::websocket::detail {
+
+class session;
+
+/// An intrusive reference to a session: 8 bytes in every Asio handler and registry slot, where a
+/// shared_ptr would cost 16 plus a control block and enable_shared_from_this's weak pointer.
+class session_ref {
+ public:
+  session_ref() noexcept = default;
+  explicit session_ref(session* s) noexcept;
+  session_ref(const session_ref& o) noexcept : session_ref(o.p_) {}
+  session_ref(session_ref&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  session_ref& operator=(session_ref o) noexcept {
+    std::swap(p_, o.p_);
+    return *this;
+  }
+  ~session_ref();
+  session* operator->() const noexcept { return p_; }
+  session& operator*() const noexcept { return *p_; }
+  [[nodiscard]] session* get() const noexcept { return p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+
+ private:
+  session* p_ = nullptr;
+};
+
+/// The session whose messages the on_messages handler takes on this thread (null
+/// outside one), so that a reply from inside the handler (`server::send` to that session) skips
+/// the lookup, the reference count and the thread check.
+struct delivery {
+  const thread_resources* resources = nullptr;  // the worker it runs on
+  session* target = nullptr;
+};
+/// See `delivery`.
+inline thread_local delivery current_delivery{};
+
+/// One connection: the HTTP phase until the upgrade, then the WebSocket phase (RFC 6455) with
+/// its close handshake, on one worker thread, over a byte stream. Everything but `phase_`,
+/// the budget's reserved count and the reference count is touched only on that thread.
+class session {
  public:
   /// Where the connection is in its life. Read by other threads only to refuse sends early.
   enum class phase_t : std::uint8_t { http, open, closing, draining, done };
 
-  /// A session on the connected non-blocking socket `fd` (now the session's), living on `w`.
-  ws_server_session(int fd, ws_server_worker& w, session_id id) noexcept
-      : worker_(&w), id_(id), fd_(fd) {}
-  ws_server_session(const ws_server_session&) = delete;
-  ~ws_server_session() {
-    if (phase() == phase_t::http) {
-      delete parser_;
-    } else {
-      delete reader_;
-    }
+  /// A new session on `stream`, living on the worker `r`, from the process-wide session pool.
+  static session_ref create(tcp_stream stream, thread_resources& r, session_id id) {
+    void* mem = session_memory().allocate(sizeof(session));
+    return session_ref(new (mem) session(std::move(stream), r, id));
   }
-  ws_server_session& operator=(const ws_server_session&) = delete;
+  session(const session&) = delete;
+  session& operator=(const session&) = delete;
 
+  /// The session's id (see reactor::adopt).
   [[nodiscard]] session_id id() const noexcept { return id_; }
-  /// The socket, or -1 once finished.
-  [[nodiscard]] int fd() const noexcept { return fd_; }
-  /// The worker this session lives on.
-  [[nodiscard]] ws_server_worker& worker() const noexcept { return *worker_; }
+  /// The connection.
+  [[nodiscard]] const tcp_stream& stream() const noexcept { return stream_; }
+  /// Where the connection is.
   [[nodiscard]] phase_t phase() const noexcept { return phase_.load(std::memory_order_acquire); }
-  [[nodiscard]] std::size_t buffered() const noexcept {
-    return buffered_.load(std::memory_order_relaxed);
+  /// Open for messages (upgraded, not closing).
+  [[nodiscard]] bool is_open() const noexcept { return phase() == phase_t::open; }
+  /// Outbound bytes reserved (any thread).
+  [[nodiscard]] std::size_t buffered() const noexcept { return budget_.buffered(); }
+
+  /// The session on worker `r` whose handler runs on this thread, if its id is `id`.
+  [[nodiscard]] static session* replying(const thread_resources* r, session_id id) noexcept {
+    const delivery cur = current_delivery;
+    return cur.resources == r && cur.target->id_ == id ? cur.target : nullptr;
+  }
+
+  /// Reserves room for `bytes` of data from any thread; false means over the limit (the caller
+  /// applies the overflow policy, see backpressure.hpp).
+  [[nodiscard]] bool reserve(std::size_t bytes) noexcept {
+    return budget_.reserve(bytes, core().options.backpressure);
   }
 
   // ---- called on the session's own thread ------------------------------------------------
 
+  /// Reads the HTTP request at once: it is usually there already (always with defer_accept).
+  /// The reactor watches the socket after this, and that reports what arrived meanwhile.
   void start() {
     const std::uint32_t now = core().now_ms();
     deadline_ = now + core().ms(core().options.handshake_timeout);
     last_rx_ = now;
-    // Read at once: the request is usually there already (always with defer_accept). The
-    // worker registers the socket after this, and registration reports what arrived meanwhile.
     on_readable();
   }
 
-  /// What epoll reported for this socket (edge-triggered: the state changed).
-  void on_event(std::uint32_t events) {
-    if (phase() == phase_t::done) return;
-    if ((events & (EPOLLOUT | EPOLLERR)) && wait_out_) {
-      wait_out_ = false;
-      writing_ = false;
-      pump();
-    }
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) on_readable();
+  /// The socket has input, or the peer closed or reset it (edge-triggered: the state changed).
+  void on_readable();
+
+  /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
+  void on_writable() {
+    if (phase() == phase_t::done || !wait_out_) return;
+    wait_out_ = false;
+    writing_ = false;
+    pump();
   }
 
-  /// Reserves room for `bytes` of data from any thread; false means "over the limit" (the
-  /// caller applies the overflow policy). drop_oldest may pass the limit up to twice its size
-  /// until the worker drops older frames; nothing passes that hard bound.
-  [[nodiscard]] bool reserve(std::size_t bytes) noexcept {
-    if (bytes > core().options.backpressure.max_buffered_bytes) return false;
-    return add_reserved(bytes);
-  }
-  /// reserve() on the session's own thread (replies from its handler): taken from the credit
-  /// the session holds when that suffices, otherwise from the shared counter together with
-  /// ws_server_credit more, so a burst of replies costs one atomic operation, not one each. The
-  /// credit is given back when the queue drains; until then it counts against the limit too.
-  [[nodiscard]] bool reserve_local(std::size_t bytes) noexcept {
-    if (credit_ >= bytes) {
-      credit_ -= static_cast<std::uint32_t>(bytes);
-      return true;
+  /// A reply from this session's own handler: the fast path of server::send.
+  std::error_code send_local(websocket::opcode op, shared_bytes payload) {
+    if (phase() != phase_t::open) return errc::closed;
+    auto m = message_frame(op, std::move(payload));
+    if (!budget_.reserve_local(m.size(), core().options.backpressure)) {
+      overflow();
+      return errc::backpressure;
     }
-    if (bytes > core().options.backpressure.max_buffered_bytes) return false;
-    const std::size_t need = bytes - credit_;
-    if (add_reserved(need + ws_server_credit)) {
-      credit_ = ws_server_credit;
-      return true;
-    }
-    if (!add_reserved(need)) return false;  // near the limit: exactly what is needed
-    credit_ = 0;
-    return true;
-  }
-  /// Gives back a reservation that will not be queued.
-  void unreserve(std::size_t bytes) noexcept {
-    buffered_.fetch_sub(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+    enqueue_data(std::move(m));
+    return {};
   }
 
-  /// Queues one data message whose bytes were reserved. On the session's thread.
-  void enqueue_data(ws_server_out_frame m) {
+  /// Queues one data message whose bytes were reserved.
+  void enqueue_data(out_frame m) {
     if (phase() != phase_t::open) {
-      unreserve(m.size() + std::exchange(credit_, 0));
+      budget_.refund(m.size());
       return;
     }
     auto& q = queue();
     q.data.push_back(std::move(m));
-    const auto& bp = core().options.backpressure;
-    if (bp.on_overflow == overflow_action::drop_oldest) {
-      // Drop the oldest whole messages no write has started; the newest one always stays.
-      while (buffered() - credit_ > bp.max_buffered_bytes && !q.mid_message &&
-             q.data_head + 1 < q.data.size()) {
-        give_back(q.data[q.data_head].size());
-        q.data[q.data_head++] = {};
-      }
-    }
+    budget_.trim(q, core().options.backpressure);
     flush_soon();
-  }
-
-  /// Writes the queue once the handlers already posted to this thread have run, so a burst of
-  /// sends from other threads (each a posted task) goes out in one write, not one write each.
-  /// Inside a read batch or a write in progress, their end writes it anyway.
-  void flush_soon() {
-    if (reading_ || writing_ || phase() == phase_t::done) return;
-    writing_ = true;
-    asio::post(worker().ioc, [self = ws_server_session_ref(this)] {
-      self->writing_ = false;
-      self->pump();
-    });
   }
 
   /// Sends one data message whose `wire` bytes were reserved, sharing `payload` (a broadcast):
   /// when nothing else waits to be written it goes straight to the socket, with no queue and no
-  /// reference taken; only what the socket does not take is queued. On the session's thread.
-  void send_shared(websocket::opcode op, const shared_bytes& payload, std::size_t wire) {
-    if (phase() != phase_t::open) {
-      unreserve(wire);
-      return;
+  /// reference taken; only what the socket does not take is queued.
+  void send_shared(websocket::opcode op, const shared_bytes& payload, std::size_t wire);
+
+  /// Applies the overflow policy to this session, which passed its limit: closes it with 1008
+  /// or 1013 (nothing under drop_oldest).
+  void overflow() {
+    if (const auto code = overflow_close(core().options.backpressure)) {
+      start_close(*code, overflow_reason);
     }
-    if (q_ || writing_ || reading_) {
-      enqueue_data(ws_server_message(op, payload));
-      return;
-    }
-    auto& g = worker().gather;
-    g.reset();
-    if (!g.add_message(op, payload.bytes())) {  // larger than one write: the queue cuts it
-      enqueue_data(ws_server_message(op, payload));
-      return;
-    }
-    const auto n = write(g);
-    if (!n) return;
-    if (*n == g.bytes) {
-      unreserve(wire);
-      return;
-    }
-    auto& q = queue();
-    q.data.push_back(ws_server_message(op, payload));
-    consume(q, *n);
-    wait_writable();
   }
 
-  /// Starts the close handshake (RFC 6455 7.1.2) with `code`; queued data is dropped.
+  /// Starts the close handshake (RFC 6455 7.1.2) with `code`; queued data not yet started is
+  /// dropped. Before the upgrade the connection just ends.
   void start_close(close_code code, std::string_view reason) {
     const phase_t p = phase();
     if (p == phase_t::http) {
@@ -5248,168 +5798,65 @@ class ws_server_session {
     }
     if (p != phase_t::open) return;
     close_code_ = code;
-    queue_close(code, reason);
+    auto& q = queue();
+    budget_.unreserve(q.drop_unstarted_data());  // RFC 6455 5.5.1: no data after a close
+    q.control.push_back(literal_frame(out_frame::close, close_frame(code, reason)));
     set_phase(phase_t::closing);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
     pump();
   }
 
-  /// Closes the TCP connection now and reports `code` (used by timeouts and stop()).
-  void finish(close_code code) {
-    if (phase() == phase_t::done) return;
-    const bool was_open = opened_;
-    const bool was_http = phase() == phase_t::http;
-    if (close_code_ == close_code::abnormal) close_code_ = code;
-    set_phase(phase_t::done);
-    ::shutdown(fd_, SHUT_RDWR);
-    ::close(fd_);  // also leaves the worker's epoll set
-    fd_ = -1;
-    wait_out_ = false;
-    auto& w = worker();
-    if (was_http) {
-      drop_parser();
-    } else if (reader_) {
-      w.give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
-    }
-    if (q_) w.give_queue(std::move(q_));
-    core().live.fetch_sub(1, std::memory_order_release);
-    // The registry's reference goes away below; events already taken from epoll in this batch
-    // may still name this session, so it lives until the batch ends.
-    w.retired.emplace_back(this);
-    w.erase(id_);
-    if (was_open && core().handlers.on_close) {
-      try {
-        core().handlers.on_close(id_, close_code_);
-      } catch (...) {
-        // Nothing left to tell the peer; the session is gone either way.
-      }
-    }
-  }
+  /// Closes the connection now and reports `code` (timeouts, failed writes, stop()).
+  void finish(close_code code);
 
   /// Periodic timeouts: handshake, idle ping, pong, close handshake, lingering close.
-  void on_tick(std::uint32_t now) {
-    const auto& o = core().options;
-    switch (phase()) {
-      case phase_t::http:
-        if (core().reached(now, deadline_)) finish(close_code::abnormal);
-        break;
-      case phase_t::open:
-        if (ping_outstanding_) {
-          if (core().reached(now, deadline_)) {
-            finish(close_code::abnormal);  // no pong: the peer is gone
-          }
-        } else if (o.idle_timeout.count() > 0 && now - last_rx_ >= core().ms(o.idle_timeout)) {
-          // RFC 6455 5.5.2: a ping; any bytes from the peer count as the answer.
-          ws_server_out_frame f;
-          f.body = websocket::encode_frame(websocket::opcode::ping, {});
-          f.kind = ws_server_out_frame::control;
-          queue().control.push_back(std::move(f));
-          ping_outstanding_ = true;
-          deadline_ = now + core().ms(o.pong_timeout);
-          pump();
-        }
-        break;
-      case phase_t::closing:
-      case phase_t::draining:
-        if (core().reached(now, deadline_)) finish(close_code_);
-        break;
-      case phase_t::done:
-        break;
-    }
-  }
+  void on_tick(std::uint32_t now);
 
   // ---- reference count ----------------------------------------------------------------------
+  /// Takes a reference.
   void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  /// Drops a reference; the last one (on any thread) frees the session.
   void release() noexcept {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    // The last reference may be dropped on any thread (a sender's lookup): the pool is locked.
-    this->~ws_server_session();
-    ws_server_sessions().deallocate(this, sizeof(ws_server_session));
+    this->~session();
+    session_memory().deallocate(this, sizeof(session));
   }
 
  private:
-  friend struct ws_server_reader_sink;
+  friend struct reader_sink;
 
-  [[nodiscard]] ws_server_core& core() const noexcept { return worker().core; }
-  void set_phase(phase_t p) noexcept { phase_.store(p, std::memory_order_release); }
-
-  void drop_parser() noexcept { delete std::exchange(parser_, nullptr); }
-
-  // The hard bound of reservations: drop_oldest may pass the limit up to twice its size until
-  // the worker drops older messages.
-  [[nodiscard]] bool add_reserved(std::size_t bytes) noexcept {
-    const auto& bp = core().options.backpressure;
-    const std::size_t hard = bp.on_overflow == overflow_action::drop_oldest
-                                 ? 2 * bp.max_buffered_bytes
-                                 : bp.max_buffered_bytes;
-    std::uint32_t cur = buffered_.load(std::memory_order_relaxed);
-    do {
-      if (cur + bytes > hard) return false;
-    } while (!buffered_.compare_exchange_weak(cur, cur + static_cast<std::uint32_t>(bytes),
-                                              std::memory_order_relaxed));
-    return true;
-  }
-  // Bytes no longer queued, on the session's thread: kept as credit (up to 2 x ws_server_credit)
-  // while the queue is in use; on_drained() gives all of it back.
-  void give_back(std::size_t bytes) noexcept {
-    credit_ += static_cast<std::uint32_t>(bytes);
-    if (credit_ > 2 * ws_server_credit) {
-      unreserve(credit_ - ws_server_credit);
-      credit_ = ws_server_credit;
+  session(tcp_stream stream, thread_resources& r, session_id id) noexcept
+      : res_(&r), id_(id), http_(), stream_(std::move(stream)) {}
+  ~session() {
+    if (phase() == phase_t::http) {
+      http_.drop();
+    } else {
+      delete reader_;
     }
   }
 
-  ws_server_out_queue& queue() {
-    if (!q_) q_ = worker().take_queue();
+  [[nodiscard]] thread_resources& res() const noexcept { return *res_; }
+  [[nodiscard]] server_core& core() const noexcept { return res_->core; }
+  void set_phase(phase_t p) noexcept { phase_.store(p, std::memory_order_release); }
+  out_queue& queue() {
+    if (!q_) q_ = res().take_queue();
     return *q_;
   }
 
-  // Reads until the socket is drained (a short read: edge-triggered readiness reports only new
-  // input after that), at most 4 buffers per turn so that one busy peer cannot starve the
-  // others; a socket with more to read is continued by a posted task.
-  void on_readable() {
-    if (phase() == phase_t::done) return;
-    const std::span<std::byte> buf = worker().buffer();
-    // Frames queued while the batch is parsed (replies from on_message) go out in one gather
-    // write after it, not the first alone and the rest after that write completes.
-    reading_ = true;
-    bool more = false;
-    for (int round = 0; round < 4; ++round) {
-      const ::ssize_t got = ::recv(fd_, buf.data(), buf.size(), 0);
-      if (got < 0 && errno == EINTR) continue;
-      if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-      if (got <= 0) {  // the peer's FIN, or a reset
-        reading_ = false;
-        on_eof();
-        return;
-      }
-      const auto n = static_cast<std::size_t>(got);
-      const clock::time_point now = clock::now();
-      worker().read_time = now;
-      last_rx_ = static_cast<std::uint32_t>(
-          std::chrono::duration_cast<std::chrono::milliseconds>(now - core().epoch).count());
-      ping_outstanding_ = false;  // any bytes prove the peer is alive, not only a pong
-      try {
-        process(buf.first(n));
-      } catch (...) {
-        on_handler_exception();
-      }
-      if (phase() == phase_t::done) {
-        reading_ = false;
-        return;
-      }
-      if (n < buf.size()) break;
-      more = round == 3;
-    }
-    reading_ = false;
-    pump();
-    if (more && phase() != phase_t::done) {
-      asio::post(worker().ioc, [self = ws_server_session_ref(this)] { self->on_readable(); });
-    }
+  // Writes the queue once the handlers already posted to this thread have run, so a burst of
+  // sends from other threads (each a posted task) goes out in one write, not one write each.
+  // Inside a read batch or a write in progress, their end writes it anyway.
+  void flush_soon() {
+    if (reading_ || writing_ || phase() == phase_t::done) return;
+    writing_ = true;
+    asio::post(res().ioc, [self = session_ref(this)] {
+      self->writing_ = false;
+      self->pump();
+    });
   }
 
-  // A handler (route, identify, on_open, on_message) threw: answer 500 before the upgrade,
-  // close with 1011 after it; the worker thread and every other session carry on.
+  // A handler (route, identify, on_open, on_messages) threw: answer 500 before the
+  // upgrade, close with 1011 after it; the worker thread and every other session carry on.
   void on_handler_exception() {
     switch (phase()) {
       case phase_t::http:
@@ -5427,11 +5874,6 @@ class ws_server_session {
     }
   }
 
-  void on_eof() {
-    // The peer closed its side. During the close handshake that is the expected end.
-    finish(close_code::abnormal);
-  }
-
   void process(std::span<std::byte> bytes) {
     switch (phase()) {
       case phase_t::http:
@@ -5447,29 +5889,30 @@ class ws_server_session {
     }
   }
 
-  // ---- HTTP phase (RFC 9112, RFC 6455 section 4.2) ----------------------------------------
+  // ---- HTTP phase (http_phase.hpp decides, the session writes and switches) ------------------
   void process_http(std::span<const std::byte> bytes);
-  void handle_request(const websocket::http_request& req);
-  void respond_error(int status, std::string_view body, std::string_view extra = {}) {
-    queue_raw(websocket::http_response(status, body, false, "text/plain; charset=utf-8", extra));
+  void upgrade(std::string device);
+  // The HTTP phase is over: its parser goes, and the storage it shared is the (null) reader.
+  void leave_http() noexcept {
+    http_.drop();
+    reader_ = nullptr;
+  }
+  void respond_error(int status, std::string_view body) {
+    queue_raw(http_phase::error_response(status, body));
     linger_after_write();
   }
   // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
   // reach the peer before a close frame that fails the connection right after it).
-  void queue_raw(std::string_view text) { queue_raw(shared_bytes::copy_of(text)); }
   void queue_raw(shared_bytes bytes) {
     if (bytes.empty()) return;
-    ws_server_out_frame f;
-    f.body = std::move(bytes);
-    f.kind = ws_server_out_frame::raw;
-    queue().control.push_back(std::move(f));
+    queue().control.push_back(literal_frame(out_frame::raw, std::move(bytes)));
     pump();
   }
   // After the queued bytes are written: half-close and discard input until EOF, so the peer
   // reads the whole response instead of a reset (RFC 9112 9.6).
   void linger_after_write() {
     shutdown_when_drained_ = true;
-    drop_parser();
+    leave_http();
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
     pump();
@@ -5477,93 +5920,87 @@ class ws_server_session {
 
   // ---- WebSocket phase ----------------------------------------------------------------------
   void process_frames(std::span<std::byte> bytes);
-  void deliver(payload_kind kind, shared_bytes payload);
-  void on_peer_close(std::uint16_t code, std::string_view reason);
+  void collect(read_batch& batch, payload_kind kind, shared_bytes payload) {
+    if (phase() != phase_t::open) return;  // closing: data after our close frame is dropped
+    inbound_message& m = batch.next(id_, device_id_);
+    m.sequence = ++sequence_;
+    m.kind = kind;
+    m.payload = std::move(payload);
+    m.received = res().read_time;
+  }
+  void deliver(read_batch& batch);
+  void refuse(const std::error_code& ec, std::size_t count);
+  void on_peer_close(std::uint16_t code);
   void on_ping(std::span<const std::byte> payload) {
     if (phase() != phase_t::open) return;
-    // RFC 6455 5.5.3: answering only the most recent ping is allowed, so at most one pong waits
-    // (a ping flood from a peer that does not read cannot grow the queue).
-    auto& q = queue();
-    shared_bytes pong = websocket::encode_frame(websocket::opcode::pong, payload);
-    for (auto& f : q.control) {
-      if (f.kind == ws_server_out_frame::control && f.body.size() > 1 &&
-          (static_cast<std::uint8_t>(f.body.data()[0]) & 0x0F) == 0xA) {
-        f.body = std::move(pong);
-        return;
-      }
-    }
-    ws_server_out_frame f;
-    f.body = std::move(pong);
-    f.kind = ws_server_out_frame::control;
-    q.control.push_back(std::move(f));
-    pump();
+    if (queue().push_pong(websocket::encode_frame(websocket::opcode::pong, payload))) pump();
   }
-  // RFC 6455 7.1.7: fail the connection: send a close with `code`, do not wait for the reply.
+  // RFC 6455 7.1.7: fail the connection: a close with `code` after what is already queued (the
+  // replies to the messages before the failure), without waiting for the peer's close.
   void fail(close_code code) {
     if (phase() == phase_t::open) {
       close_code_ = code;
-      queue_close(code, {});
+      queue().push_close_after_data(close_frame(code, {}));
     }
     shutdown_when_drained_ = true;
     set_phase(phase_t::closing);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
     pump();
   }
-  void queue_close(close_code code, std::string_view reason) {
-    auto& q = queue();
-    // RFC 6455 5.5.1: no data frames after a close frame; drop what has not started.
-    for (std::size_t i = q.data_head; i < q.data.size(); ++i) unreserve(q.data[i].size());
-    q.data.clear();
-    q.data_head = 0;
-    ws_server_out_frame f;
-    if (code == close_code::no_status) {
-      f.body = websocket::encode_frame(websocket::opcode::close, {});
-    } else {
-      // RFC 6455 5.5: a control payload is at most 125 bytes, 2 of them the code.
-      if (reason.size() > 123) reason = reason.substr(0, 123);
-      const auto payload = websocket::encode_close_payload(code, reason);
-      f.body = websocket::encode_frame(websocket::opcode::close, payload);
-    }
-    f.kind = ws_server_out_frame::close;
-    q.control.push_back(std::move(f));
+  [[nodiscard]] static shared_bytes close_frame(close_code code, std::string_view reason) {
+    if (code == close_code::no_status) return websocket::encode_frame(websocket::opcode::close, {});
+    // RFC 6455 5.5: a control payload is at most 125 bytes, 2 of them the code.
+    if (reason.size() > 123) reason = reason.substr(0, 123);
+    const auto payload = websocket::encode_close_payload(code, reason);
+    return websocket::encode_frame(websocket::opcode::close, payload);
   }
 
-  // ---- write path -------------------------------------------------------------------------
+  // ---- write path ---------------------------------------------------------------------------
   void pump();
-  /// One gather write of `g`: the bytes the socket took (0 when its buffer is full), or nullopt
-  /// when the write failed and the session was closed.
-  std::optional<std::size_t> write(const ws_server_gather& g);
-  void consume(ws_server_out_queue& q, std::size_t n);
-  void wait_writable();
+  // One gather write of `g`: the bytes the stream took (0 when its buffer is full), or nullopt
+  // when the connection failed and the session finished.
+  std::optional<std::size_t> write(const gather& g) {
+    const io_result r = stream_.write(g.iovecs());
+    if (r.status == io_status::error) {
+      finish(close_code::abnormal);
+      return std::nullopt;
+    }
+    return r.bytes;
+  }
+  // The stream took less than offered, so its buffer is full and the kernel will report the
+  // space freed by the peer's acknowledgements as an EPOLLOUT edge (on_writable).
+  void wait_writable() noexcept {
+    writing_ = true;
+    wait_out_ = true;
+  }
   void on_drained() {
-    if (q_) worker().give_queue(std::move(q_));
-    if (credit_ > 0) unreserve(std::exchange(credit_, 0));  // idle: buffered() is 0
+    if (q_) res().give_queue(std::move(q_));
+    budget_.settle();
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
     // the peer's FIN so the close frame is not lost to a reset.
-    ::shutdown(fd_, SHUT_WR);
+    stream_.shutdown_write();
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
 
-  ws_server_worker* worker_;
+  thread_resources* res_;
   session_id id_;
   shared_bytes device_id_;
-  // One pointer for two lives: the HTTP parser before the upgrade (phase http), then the frame
-  // reader while a frame or message is partial. Both are null when idle.
+  // One pointer's storage for two lives: the HTTP parser before the upgrade (phase http), then
+  // the frame reader while a frame or message is partial. Both are null when idle.
   union {
-    websocket::http_request_parser* parser_ = nullptr;
+    http_phase http_;
     websocket::frame_reader* reader_;
   };
-  std::unique_ptr<ws_server_out_queue> q_;  // only while bytes wait to be written
+  std::unique_ptr<out_queue> q_;  // only while bytes wait to be written
   std::uint64_t sequence_ = 0;
-  std::atomic<std::uint32_t> buffered_{0};  // server::start checks that the limits fit
-  std::uint32_t credit_ = 0;                // part of buffered_ reserved but unused (own thread)
+  outbound_budget budget_;
   std::atomic<std::uint32_t> refs_{0};
   std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
-  int fd_;                      // -1 once finished
+  tcp_stream stream_;
   std::atomic<phase_t> phase_{phase_t::http};
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;
@@ -5575,124 +6012,125 @@ class ws_server_session {
   bool close_received_ : 1 = false;
 };
 
-inline ws_server_session_ref::ws_server_session_ref(ws_server_session* s) noexcept : p_(s) {
+inline session_ref::session_ref(session* s) noexcept : p_(s) {
   if (p_) p_->add_ref();
 }
-inline ws_server_session_ref::~ws_server_session_ref() {
+inline session_ref::~session_ref() {
   if (p_) p_->release();
 }
 
-/// Adapts frame_reader callbacks to the session.
-struct ws_server_reader_sink {
-  ws_server_session& s;
-  void on_message(payload_kind kind, shared_bytes payload) { s.deliver(kind, std::move(payload)); }
+/// Adapts frame_reader callbacks to the session, collecting the messages of one read in `batch`.
+struct reader_sink {
+  session& s;
+  read_batch& batch;
+  void on_message(payload_kind kind, shared_bytes payload) {
+    s.collect(batch, kind, std::move(payload));
+  }
   void on_ping(std::span<const std::byte> payload) { s.on_ping(payload); }
   void on_pong(std::span<const std::byte>) {}
-  void on_close(std::uint16_t code, std::string_view reason) { s.on_peer_close(code, reason); }
+  void on_close(std::uint16_t code, std::string_view) {
+    s.deliver(batch);  // the messages before the close frame, before the close is answered
+    s.on_peer_close(code);
+  }
 };
 
 // ---- implementation ----------------------------------------------------------------------------
 
-inline void ws_server_session::process_http(std::span<const std::byte> bytes) {
-  if (!parser_) parser_ = new websocket::http_request_parser(core().options.http);
-  using st = websocket::http_request_parser::status;
-  st s = parser_->feed(bytes);
-  // A keep-alive connection may carry pipelined requests; answer them in order.
-  while (phase() == phase_t::http && parser_) {
-    if (s == st::incomplete) return;
-    if (s == st::error) {
-      const int status = parser_->error_status();
-      respond_error(status, websocket::status_reason(status));
+// Reads until the socket is drained (a short read: edge-triggered readiness reports only new
+// input after that), at most 4 buffers per turn so that one busy peer cannot starve the others;
+// a socket with more to read is continued by a posted task.
+inline void session::on_readable() {
+  if (phase() == phase_t::done) return;
+  auto& r = res();
+  const std::span<std::byte> buf = r.buffer();
+  // Frames queued while a read is handled (replies from the handlers) go out in one gather
+  // write after it, not the first alone and the rest after that write completes.
+  reading_ = true;
+  bool more = false;
+  for (int round = 0; round < 4; ++round) {
+    const io_result got = stream_.read(buf);
+    if (got.status == io_status::would_block) break;
+    if (got.status != io_status::ok) {
+      // The peer's FIN or a reset. During the close handshake that is the expected end.
+      reading_ = false;
+      finish(close_code::abnormal);
       return;
     }
-    handle_request(parser_->request());
-    if (phase() != phase_t::http || !parser_) return;
-    parser_->reset();
-    s = parser_->state();
+    r.read_time = clock::now();
+    last_rx_ = core().stamp(r.read_time);
+    ping_outstanding_ = false;  // any bytes prove the peer is alive, not only a pong
+    try {
+      process(buf.first(got.bytes));
+    } catch (...) {
+      on_handler_exception();
+    }
+    if (phase() == phase_t::done) {
+      reading_ = false;
+      return;
+    }
+    if (got.bytes < buf.size()) break;
+    more = round == 3;
+  }
+  reading_ = false;
+  pump();
+  if (more && phase() != phase_t::done) {
+    asio::post(r.ioc, [self = session_ref(this)] { self->on_readable(); });
   }
 }
 
-inline void ws_server_session::handle_request(const websocket::http_request& req) {
-  auto& o = core().options;
-  if (websocket::is_websocket_upgrade(req)) {
-    const auto verdict = websocket::check_upgrade(req);
-    if (verdict.status != 101) {
-      respond_error(verdict.status, verdict.reason, verdict.status == 405 ? "Allow: GET\r\n" : "");
-      return;
-    }
-    std::optional<std::string> device;
-    if (o.identify) {
-      device = o.identify(req);
-    } else {
-      device = std::string(req.target);
-    }
-    if (!device) {
-      respond_error(400, "unknown device");
-      return;
-    }
-    if (core().stopping.load(std::memory_order_acquire)) {
-      respond_error(503, "shutting down");
-      return;
-    }
-    queue_raw(websocket::upgrade_response(req.header("Sec-WebSocket-Key")));
-    device_id_ = shared_bytes::copy_of(*device);
-    // Bytes after the request are the first frames (RFC 6455 4.1 lets a client send at once).
-    const auto left = parser_->leftover();
-    std::vector<std::byte> early(left.begin(), left.end());
-    drop_parser();
-    set_phase(phase_t::open);
-    opened_ = true;
-    deadline_ = 0;
-    if (core().handlers.on_open) {
-      session_info info;
-      info.id = id_;
-      info.device_id = *device;
-      core().handlers.on_open(info);
-    }
-    if (!early.empty() && phase() == phase_t::open) process_frames(early);
-    return;
+inline void session::process_http(std::span<const std::byte> bytes) {
+  auto outcome = http_.feed(bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); });
+  switch (outcome.what) {
+    case http_phase::next::read_more:
+      break;
+    case http_phase::next::answered:  // keep-alive: the idle limit starts again
+      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+      break;
+    case http_phase::next::linger:
+      linger_after_write();
+      break;
+    case http_phase::next::upgrade:
+      upgrade(std::move(outcome.device_id));
+      break;
   }
-  // A plain request: the route handler (static files for the demo page), keep-alive allowed.
-  if (req.method != "GET" && req.method != "HEAD") {
-    respond_error(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n");
-    return;
-  }
-  websocket::http_reply reply;
-  if (o.route) {
-    reply = o.route(req);
-  } else {
-    reply.status = 404;
-    reply.body = shared_bytes::copy_of(std::string_view("not found"));
-  }
-  const bool keep = req.keep_alive() && !core().stopping.load(std::memory_order_relaxed);
-  std::string head;
-  head.reserve(160 + reply.content_type.size() + reply.extra_headers.size());
-  head.append("HTTP/1.1 ").append(std::to_string(reply.status)).append(" ");
-  head.append(websocket::status_reason(reply.status));
-  head.append("\r\nContent-Type: ").append(reply.content_type);
-  head.append("\r\nContent-Length: ").append(std::to_string(reply.body.size()));
-  head.append(keep ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
-  head.append(reply.extra_headers).append("\r\n");
-  queue_raw(std::string_view(head));
-  if (req.method == "GET") queue_raw(reply.body);
-  if (!keep) {
-    linger_after_write();
-    return;
-  }
-  deadline_ = core().now_ms() + core().ms(o.handshake_timeout);  // keep-alive idle limit
 }
 
-inline void ws_server_session::process_frames(std::span<std::byte> bytes) {
+inline void session::upgrade(std::string device) {
+  device_id_ = shared_bytes::copy_of(std::string_view(device));
+  // Bytes after the request are the first frames (RFC 6455 4.1 lets a client send at once).
+  const auto left = http_.leftover();
+  std::vector<std::byte> early(left.begin(), left.end());
+  leave_http();
+  set_phase(phase_t::open);
+  opened_ = true;
+  deadline_ = 0;
+  if (core().handlers.on_open) {
+    session_info info;
+    info.id = id_;
+    info.device_id = std::move(device);
+    core().handlers.on_open(info);
+  }
+  if (!early.empty() && phase() == phase_t::open) process_frames(early);
+}
+
+inline void session::process_frames(std::span<std::byte> bytes) {
   if (close_received_) return;
-  if (!reader_) reader_ = worker().take_reader().release();
-  ws_server_reader_sink sink{*this};
+  if (!reader_) reader_ = res().take_reader().release();
+  // The worker's batch, unless a handler's call led back here while that one is delivered.
+  read_batch nested;
+  read_batch& batch = res().batch.busy() ? nested : res().batch;
+  const read_batch::scope collecting(batch);
+  reader_sink sink{*this, batch};
   const auto status = reader_->consume(bytes, sink);
+  const close_code code = status == websocket::read_status::ok ? close_code{} : reader_->error();
+  // Every message the read decoded goes to the engine before the session acts on a protocol
+  // error after them, so the replies to them are queued before the close frame.
+  deliver(batch);
   if (status != websocket::read_status::ok) {
-    const close_code code = reader_->error();
     delete std::exchange(reader_, nullptr);  // a reader that failed is not reused
     if (phase() == phase_t::open) {
       fail(code);
-    } else {
+    } else if (phase() != phase_t::done) {
       // Already closing: the peer broke the protocol during the handshake; stop waiting.
       shutdown_when_drained_ = true;
       pump();
@@ -5700,58 +6138,54 @@ inline void ws_server_session::process_frames(std::span<std::byte> bytes) {
     return;
   }
   if (reader_ && reader_->idle()) {
-    worker().give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
+    res().give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
   }
 }
 
-inline void ws_server_session::deliver(payload_kind kind, shared_bytes payload) {
+// Hands the messages collected from one read to the engine in one call (on_messages); a refused
+// message gets an error reply. The batch is empty afterwards.
+inline void session::deliver(read_batch& batch) {
+  if (batch.empty()) return;
+  // Emptied on exit, exceptions included: what the handler did not take goes now.
+  struct emptied {
+    read_batch& b;
+    ~emptied() { b.clear(); }
+  } done{batch};
   if (phase() != phase_t::open) return;
   auto& h = core().handlers;
-  if (!h.on_message) return;
-  // The worker's reusable message: its device id is assigned only when the sender changes (or
-  // the last handler took it), not shared and released again for every message of a batch.
-  auto& w = worker();
-  std::optional<inbound_message> nested;  // only if a handler's call leads back here
-  inbound_message& m = w.delivering_busy ? nested.emplace() : w.delivering;
-  if (m.device_id.data() != device_id_.data() || m.device_id.size() != device_id_.size()) {
-    m.device_id = device_id_;
-  }
-  m.session = id_;
-  m.sequence = ++sequence_;
-  m.kind = kind;
-  m.payload = std::move(payload);
-  m.received = w.read_time;
   // Restored on exit, exceptions included (a handler may deliver to another server's session).
   struct current_guard {
-    ws_server_delivering prev;
-    ws_server_worker& w;
-    bool busy;
-    ~current_guard() {
-      ws_server_current = prev;
-      w.delivering_busy = busy;
-    }
-  } guard{std::exchange(ws_server_current, ws_server_delivering{&core(), this}), w,
-          std::exchange(w.delivering_busy, true)};
-  const std::error_code ec = h.on_message(std::move(m));
-  m.payload = {};  // what the handler did not take goes now, not with the next message
-  if (!ec || phase() != phase_t::open) return;
-  // Tell the device why its message was not taken (the device protocol refines this later).
-  auto& o = core().options;
-  const std::string text = o.error_text ? o.error_text(ec) : websocket::default_error_text(ec);
-  auto reply =
-      ws_server_message(websocket::opcode::text, shared_bytes::copy_of(std::string_view(text)));
-  if (!reserve_local(reply.size())) return;  // over the limit: the reply is the first to go
-  enqueue_data(std::move(reply));
+    delivery prev;
+    ~current_guard() { current_delivery = prev; }
+  } guard{std::exchange(current_delivery, delivery{&res(), this})};
+  const std::span<inbound_message> messages = batch.messages();
+  if (!h.on_messages) return;
+  const batch_result r = h.on_messages(messages);
+  if (r.accepted < messages.size() && r.error) refuse(r.error, messages.size() - r.accepted);
 }
 
-inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_view reason) {
-  (void)reason;
+// Tells the device why `count` of its messages were not taken: one error text reply each, all
+// sharing one buffer. Over the limit, these replies are the first to go.
+inline void session::refuse(const std::error_code& ec, std::size_t count) {
+  if (phase() != phase_t::open) return;
+  const auto& o = core().options;
+  const shared_bytes text = shared_bytes::copy_of(
+      std::string_view(o.error_text ? o.error_text(ec) : websocket::default_error_text(ec)));
+  for (std::size_t i = 0; i < count && phase() == phase_t::open; ++i) {
+    auto reply = message_frame(websocket::opcode::text, text);
+    if (!budget_.reserve_local(reply.size(), o.backpressure)) return;
+    enqueue_data(std::move(reply));
+  }
+}
+
+inline void session::on_peer_close(std::uint16_t code) {
   close_received_ = true;
   if (phase() == phase_t::open) {
-    // RFC 6455 5.5.1: answer with a close echoing the status code, then the server closes TCP.
+    // RFC 6455 5.5.1: answer with a close echoing the status code, after the replies already
+    // queued (to the messages before the close), then the server closes TCP.
     const auto c = static_cast<close_code>(code);
     close_code_ = c;
-    queue_close(c, {});
+    queue().push_close_after_data(close_frame(c, {}));
     set_phase(phase_t::closing);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
@@ -5760,27 +6194,106 @@ inline void ws_server_session::on_peer_close(std::uint16_t code, std::string_vie
   pump();
 }
 
-// Writes are synchronous and non-blocking: one gather write (sendmsg) of what is queued, straight
-// from the session's thread; only when the socket buffer is full does the session wait for
-// writability. No write operation is allocated or completed through the io_context per write.
-inline void ws_server_session::pump() {
+inline void session::send_shared(websocket::opcode op, const shared_bytes& payload,
+                                 std::size_t wire) {
+  if (phase() != phase_t::open) {
+    budget_.unreserve(wire);
+    return;
+  }
+  if (q_ || writing_ || reading_) {
+    enqueue_data(message_frame(op, payload));
+    return;
+  }
+  auto& g = res().write;
+  g.reset();
+  if (!g.add_message(op, payload.bytes())) {  // larger than one write: the queue cuts it
+    enqueue_data(message_frame(op, payload));
+    return;
+  }
+  const auto n = write(g);
+  if (!n) return;
+  if (*n == g.bytes) {
+    budget_.unreserve(wire);
+    return;
+  }
+  auto& q = queue();
+  q.data.push_back(message_frame(op, payload));
+  if (const std::size_t written = q.consume(*n)) budget_.give_back(written);
+  wait_writable();
+}
+
+inline void session::finish(close_code code) {
+  if (phase() == phase_t::done) return;
+  const bool was_open = opened_;
+  const bool was_http = phase() == phase_t::http;
+  if (close_code_ == close_code::abnormal) close_code_ = code;
+  set_phase(phase_t::done);
+  stream_.close();
+  wait_out_ = false;
+  auto& r = res();
+  if (was_http) {
+    leave_http();
+  } else if (reader_) {
+    r.give_reader(std::unique_ptr<websocket::frame_reader>(std::exchange(reader_, nullptr)));
+  }
+  if (q_) r.give_queue(std::move(q_));
+  core().live.fetch_sub(1, std::memory_order_release);
+  // Out of the registry; events already taken from epoll in this batch may still name this
+  // session, so the reactor keeps it alive until the batch ends.
+  r.retire(r, *this);
+  if (was_open && core().handlers.on_close) {
+    try {
+      core().handlers.on_close(id_, close_code_);
+    } catch (...) {
+      // Nothing left to tell the peer; the session is gone either way.
+    }
+  }
+}
+
+inline void session::on_tick(std::uint32_t now) {
+  const auto& o = core().options;
+  switch (phase()) {
+    case phase_t::http:
+      if (core().reached(now, deadline_)) finish(close_code::abnormal);
+      break;
+    case phase_t::open:
+      if (ping_outstanding_) {
+        if (core().reached(now, deadline_)) {
+          finish(close_code::abnormal);  // no pong: the peer is gone
+        }
+      } else if (o.idle_timeout.count() > 0 && now - last_rx_ >= core().ms(o.idle_timeout)) {
+        // RFC 6455 5.5.2: a ping; any bytes from the peer count as the answer.
+        queue().control.push_back(literal_frame(
+            out_frame::control, websocket::encode_frame(websocket::opcode::ping, {})));
+        ping_outstanding_ = true;
+        deadline_ = now + core().ms(o.pong_timeout);
+        pump();
+      }
+      break;
+    case phase_t::closing:
+    case phase_t::draining:
+      if (core().reached(now, deadline_)) finish(close_code_);
+      break;
+    case phase_t::done:
+      break;
+  }
+}
+
+// Writes are synchronous and non-blocking: one gather write of what is queued, straight from the
+// session's thread; only when the socket buffer is full does the session wait for writability.
+inline void session::pump() {
   if (writing_ || reading_ || phase() == phase_t::done) return;
-  auto& g = worker().gather;
+  auto& g = res().write;
   // A few writes per turn (up to 8 MiB), then let the other sessions of this thread run.
   for (int round = 0; round < 4; ++round) {
     if (!q_ || q_->empty()) {
       on_drained();
       return;
     }
-    auto& q = *q_;
-    // Order on the wire: the frame a full buffer cut, control frames, then data frames.
-    g.reset();
-    bool fits = !q.has_partial || g.add(q.partial, q.offset);
-    for (std::size_t i = 0; fits && i < q.control.size(); ++i) fits = g.add(q.control[i], 0);
-    for (std::size_t i = q.data_head; fits && i < q.data.size(); ++i) fits = g.add(q.data[i], 0);
+    q_->fill(g);
     const auto n = write(g);
     if (!n) return;
-    consume(q, *n);
+    if (const std::size_t written = q_->consume(*n)) budget_.give_back(written);
     if (*n < g.bytes) {
       wait_writable();
       return;
@@ -5793,212 +6306,358 @@ inline void ws_server_session::pump() {
   flush_soon();
 }
 
-inline std::optional<std::size_t> ws_server_session::write(const ws_server_gather& g) {
-  ::msghdr m{};
-  m.msg_iov = const_cast<::iovec*>(g.iov.data());
-  m.msg_iovlen = g.count;
-  for (;;) {
-    const ::ssize_t n = ::sendmsg(fd_, &m, MSG_NOSIGNAL);  // non-blocking: never waits
-    if (n >= 0) return static_cast<std::size_t>(n);
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-    finish(close_code::abnormal);
-    return std::nullopt;
-  }
-}
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/session.hpp ----
 
-inline void ws_server_session::consume(ws_server_out_queue& q, std::size_t n) {
-  // Frames leave the queue in the order pump() wrote them; the one cut short becomes `partial`.
-  // The data bytes written are given back to `buffered_` once, not per frame.
-  std::size_t released = 0;
-  auto done = [&](ws_server_out_frame& f) {
-    if (f.kind == ws_server_out_frame::data) released += f.size();
-    f = {};
-  };
-  if (q.has_partial) {
-    const std::size_t rest = q.partial.size() - q.offset;
-    if (n < rest) {
-      q.offset += n;
+namespace devgate::websocket::detail {
+
+/// One worker thread of a server: its io_context, its epoll set of session sockets, the registry
+/// of its sessions, its timer tick, and the operations the server runs on its sessions from any
+/// thread (send, broadcast, close, buffered bytes).
+///
+/// Session sockets are not Asio sockets: each is registered once, edge-triggered, in this
+/// worker's own epoll set, and the worker waits on that set through Asio (one readiness wait per
+/// batch of ready sockets). Reads and writes are the sessions' own, synchronous and
+/// non-blocking, on this thread. Linux-only (epoll).
+class reactor : public thread_resources {
+ public:
+  static constexpr int max_events = 256;                // ready sockets taken per epoll_wait
+  static constexpr std::uint32_t max_slots = 1u << 24;  // sessions per worker (24-bit slot)
+
+  /// Worker `index` (0-255, the low byte of its session ids) of the server sharing `c`.
+  reactor(server_core& c, std::uint8_t index)
+      : thread_resources(c, &reactor::retire_session),
+        index_(index),
+        tick_timer_(ioc),
+        ready_(ioc) {
+    const int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) {
+      error_ = std::error_code(errno, std::system_category());
       return;
     }
-    n -= rest;
-    done(q.partial);
-    q.has_partial = false;
-    q.offset = 0;
+    ready_.assign(fd, error_);
+    if (error_) ::close(fd);
   }
-  std::size_t c = 0;
-  for (; c < q.control.size() && n > 0; ++c) {
-    auto& f = q.control[c];
-    if (n < f.size()) {
-      q.partial = std::move(f);
-      q.offset = n;
-      q.has_partial = true;
-      n = 0;
+
+  /// The worker's index.
+  [[nodiscard]] std::uint8_t index() const noexcept { return index_; }
+  /// Why the worker cannot run (its epoll set could not be created); server::start reports it.
+  [[nodiscard]] std::error_code error() const noexcept { return error_; }
+
+  // ---- lifecycle (the server's thread) ------------------------------------------------------
+
+  /// Starts the timer, the readiness wait and the thread.
+  void start() {
+    guard_.emplace(ioc.get_executor());
+    start_tick();
+    poll();
+    thread_ = std::thread([this] { ioc.run(); });
+  }
+  /// Lets the thread end once its io_context has nothing left to run now.
+  void stop() {
+    guard_.reset();
+    ioc.stop();
+  }
+  /// Waits for the thread, then drops the registry.
+  void join() {
+    if (thread_.joinable()) thread_.join();
+    std::lock_guard lock(mutex_);
+    slots_.clear();
+    free_slots_.clear();
+  }
+
+  // ---- on this worker's thread --------------------------------------------------------------
+
+  /// Starts the close handshake of every session with `code`.
+  void close_all(close_code code) {
+    snapshot();
+    for (auto& s : scratch_) s->start_close(code, "server stopping");
+    scratch_.clear();
+  }
+  /// Ends every session now (going away) and stops waiting for sockets and the timer.
+  void abort_all() {
+    snapshot();
+    for (auto& s : scratch_) s->finish(close_code::going_away);
+    scratch_.clear();
+    retired_.clear();
+    tick_timer_.cancel();
+    std::error_code ignored;
+    ready_.cancel(ignored);
+  }
+
+  /// Takes an accepted socket: adopted now when called on this thread, otherwise by a task
+  /// posted to it (the socket is closed if the server stops first).
+  void assign(tcp_stream s) {
+    if (on_this_thread()) {
+      adopt(std::move(s));
+      return;
+    }
+    asio::post(ioc, [this, s = std::move(s)]() mutable {
+      if (core.stopping.load(std::memory_order_acquire)) return;  // `s` closes the socket
+      adopt(std::move(s));
+    });
+  }
+
+  // ---- the server's operations, from any thread ---------------------------------------------
+
+  /// Queues one data message to session `id`. Errors: errc::unknown_session, errc::closed,
+  /// errc::backpressure (the overflow policy applied).
+  std::error_code send(session_id id, websocket::opcode op, shared_bytes payload) {
+    // A reply from inside that session's handler: no lookup, reference or thread check.
+    if (session* s = session::replying(this, id)) return s->send_local(op, std::move(payload));
+    auto s = find(id);
+    if (!s) return errc::unknown_session;
+    if (!s->is_open()) return errc::closed;
+    // The payload is shared, never copied; headers are encoded as it is written (messages over
+    // 64 KiB go as fragments).
+    auto m = message_frame(op, std::move(payload));
+    if (!s->reserve(m.size())) {
+      overflow(s);
+      return errc::backpressure;
+    }
+    if (on_this_thread()) {
+      s->enqueue_data(std::move(m));
     } else {
-      n -= f.size();
-      done(f);
+      asio::post(ioc,
+                 [s = std::move(s), m = std::move(m)]() mutable { s->enqueue_data(std::move(m)); });
+    }
+    return {};
+  }
+
+  /// Queues `payload` to those of `ids` (all of this worker) that are open and within their
+  /// limit, sharing the one buffer; one task for all of them, or none on this thread (a
+  /// recipient with nothing queued is written to at once). Returns how many it was queued to.
+  std::size_t broadcast(std::span<const session_id> ids, websocket::opcode op,
+                        const shared_bytes& payload) {
+    const std::size_t wire = wire_size(payload.size());
+    std::size_t queued = 0;
+    if (on_this_thread()) {
+      // This thread is the registry's only writer: no lock and no references.
+      for (const session_id id : ids) {
+        session* s = peek_local(id);
+        if (!s || !s->is_open()) continue;
+        if (!s->reserve(wire)) {
+          overflow(session_ref(s));
+          continue;
+        }
+        ++queued;
+        s->send_shared(op, payload, wire);
+      }
+      return queued;
+    }
+    std::vector<session_ref> targets;
+    std::vector<session_ref> over;
+    targets.reserve(ids.size());
+    {
+      std::lock_guard lock(mutex_);
+      for (const session_id id : ids) {
+        auto s = find_locked(id);
+        if (!s || !s->is_open()) continue;
+        if (s->reserve(wire)) {
+          targets.push_back(std::move(s));
+        } else {
+          over.push_back(std::move(s));
+        }
+      }
+    }
+    for (auto& s : over) overflow(s);
+    queued = targets.size();
+    if (!targets.empty()) {
+      asio::post(ioc, [targets = std::move(targets), op, payload, wire] {
+        for (const auto& s : targets) s->send_shared(op, payload, wire);
+      });
+    }
+    return queued;
+  }
+
+  /// Starts the close handshake of session `id` (nothing if there is none).
+  void close(session_id id, close_code code, std::string_view reason) {
+    auto s = find(id);
+    if (!s) return;
+    if (on_this_thread()) {
+      s->start_close(code, reason);
+    } else {
+      asio::post(ioc,
+                 [s = std::move(s), code, r = std::string(reason)] { s->start_close(code, r); });
     }
   }
-  q.control.erase(q.control.begin(), q.control.begin() + static_cast<std::ptrdiff_t>(c));
-  // Data entries are lazy messages: walk their frames as pump() encoded them.
-  while (!q.data_empty() && n > 0) {
-    auto& m = q.data[q.data_head];
-    const std::size_t left = m.body.size();
-    const std::size_t len = std::min(ws_server_fragment_size, left);
-    const bool fin = len == left;
-    const std::size_t frame = ws_server_header_size(len) + len;
-    q.mid_message = !fin;
-    if (n < frame) {
-      // Cut in the middle: this frame becomes literal bytes, the message keeps the rest.
-      auto& p = q.partial;
-      p.head_len =
-          static_cast<std::uint8_t>(websocket::encode_frame_header(p.head, m.op, fin, len));
-      p.body = fin ? std::move(m.body) : m.body.slice(0, len);
-      p.kind = ws_server_out_frame::data;
-      p.lazy = false;
-      p.more = !fin;
-      q.offset = n;
-      q.has_partial = true;
-      n = 0;
+
+  /// Bytes reserved by session `id` (0 if there is none).
+  [[nodiscard]] std::size_t buffered(session_id id) {
+    auto s = find(id);
+    return s ? s->buffered() : 0;
+  }
+
+ private:
+  // Registers `s`'s socket once, edge-triggered, for input, output and peer half-close.
+  [[nodiscard]] bool watch(session& s) noexcept {
+    ::epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.ptr = &s;
+    return ::epoll_ctl(ready_.native_handle(), EPOLL_CTL_ADD, s.stream().native_handle(), &ev) == 0;
+  }
+
+  void adopt(tcp_stream stream);
+  void poll();
+  void on_ready();
+  void start_tick();
+  void on_tick();
+
+  // The overflow policy for a session past its limit, applied on its thread.
+  void overflow(const session_ref& s) {
+    if (!overflow_close(core.options.backpressure)) return;  // drop_oldest only refuses
+    if (on_this_thread()) {
+      s->overflow();
     } else {
-      n -= frame;
-      released += frame;
-    }
-    if (fin) {
-      m = {};
-      ++q.data_head;
-    } else {
-      m.body = m.body.slice(len, left - len);
-      m.op = websocket::opcode::continuation;
+      asio::post(ioc, [s] { s->overflow(); });
     }
   }
-  if (q.data_empty()) {
-    q.data.clear();
-    q.data_head = 0;
-  } else if (q.data_head > 64 && q.data_head * 2 > q.data.size()) {
-    q.data.erase(q.data.begin(), q.data.begin() + static_cast<std::ptrdiff_t>(q.data_head));
-    q.data_head = 0;
+
+  // ---- registry ------------------------------------------------------------------------------
+  // A session id is (generation << 32) | (slot << 8) | worker index: a lookup is an index, and a
+  // session costs 8 bytes here instead of a hash node. Each slot counts its own generations
+  // (1 to 2^32 - 1, then 1 again; never 0, so no id is 0), so an id comes back only after
+  // 2^32 - 1 later sessions have used its slot. Written only by this worker's thread (under the
+  // lock); read by it without the lock and by other threads under the lock.
+
+  [[nodiscard]] static std::uint32_t slot_of(session_id id) noexcept {
+    return static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
   }
-  if (released > 0) give_back(released);
-}
+  [[nodiscard]] session_ref find(session_id id) {
+    if (on_this_thread()) return find_locked(id);  // the only writer is this thread: no lock
+    std::lock_guard lock(mutex_);
+    return find_locked(id);
+  }
+  [[nodiscard]] session_ref find_locked(session_id id) const {
+    const std::uint32_t slot = slot_of(id);
+    if (slot >= slots_.size() || !slots_[slot] || slots_[slot]->id() != id) return {};
+    return slots_[slot];
+  }
+  // The session with `id`, without a reference; only on this thread, and only until control
+  // leaves the caller.
+  [[nodiscard]] session* peek_local(session_id id) const noexcept {
+    const std::uint32_t slot = slot_of(id);
+    if (slot >= slots_.size() || !slots_[slot] || slots_[slot]->id() != id) return nullptr;
+    return slots_[slot].get();
+  }
+  void erase(session_id id) {
+    const std::uint32_t slot = slot_of(id);
+    std::uint32_t next = static_cast<std::uint32_t>(id >> 32) + 1;
+    if (next == 0) next = 1;
+    std::lock_guard lock(mutex_);
+    if (slot < slots_.size()) {
+      slots_[slot] = {};
+      free_slots_.push_back(static_cast<std::uint64_t>(next) << 32 | slot);
+    }
+  }
+  // A finishing session leaves the registry, but lives until the event batch ends: later events
+  // in the batch may still point at it.
+  static void retire_session(thread_resources& r, session& s) {
+    auto& self = static_cast<reactor&>(r);
+    self.retired_.emplace_back(&s);
+    self.erase(s.id());
+  }
+  // Snapshot of live sessions (finish() empties slots while callers iterate).
+  void snapshot() {
+    scratch_.clear();
+    for (auto& s : slots_) {
+      if (s) scratch_.push_back(s);
+    }
+  }
 
-// The socket took less than offered, so its buffer is full and the kernel will report the
-// space freed by the peer's acknowledgements as an EPOLLOUT edge (on_event).
-inline void ws_server_session::wait_writable() {
-  writing_ = true;
-  wait_out_ = true;
-}
+  std::uint8_t index_;
+  asio::steady_timer tick_timer_;
+  asio::posix::stream_descriptor ready_;  // the epoll set, waited on through ioc (poll())
+  std::error_code error_;
+  std::array<::epoll_event, max_events> events_{};
+  std::vector<session_ref> retired_;
+  std::thread thread_;
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard_;
+  mutable std::mutex mutex_;
+  std::vector<session_ref> slots_;
+  std::vector<std::uint64_t> free_slots_;  // (next generation << 32) | slot
+  std::vector<session_ref> scratch_;       // tick and stop snapshots
+};
 
-// ---- worker ------------------------------------------------------------------------------------
+// ---- implementation ----------------------------------------------------------------------------
 
-inline ws_server_session_ref ws_server_worker::find_locked(session_id id) const {
-  const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
-  if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return {};
-  return slots[slot];
-}
-
-inline ws_server_session* ws_server_worker::peek_local(session_id id) const noexcept {
-  const auto slot = static_cast<std::uint32_t>((id >> 8) & 0xFFFFFF);
-  if (slot >= slots.size() || !slots[slot] || slots[slot]->id() != id) return nullptr;
-  return slots[slot].get();
-}
-
-inline void ws_server_worker::adopt(int fd) {
-  // `fd` is non-blocking (accept4) and has TCP_NODELAY (inherited from the listener).
-  ws_server_fd owned(fd);
+inline void reactor::adopt(tcp_stream stream) {
+  // The socket is non-blocking (accept4) and has TCP_NODELAY (inherited from the listener).
   std::uint32_t slot = 0;
+  std::uint32_t generation = 1;
   {
-    std::lock_guard lock(mutex);
-    if (free_slots.empty()) {
-      if (slots.size() >= max_slots) return;  // 16 M sessions on one thread: refuse
-      slot = static_cast<std::uint32_t>(slots.size());
-      slots.emplace_back();
+    std::lock_guard lock(mutex_);
+    if (free_slots_.empty()) {
+      if (slots_.size() >= max_slots) return;  // 16 M sessions on one thread: refuse
+      slot = static_cast<std::uint32_t>(slots_.size());
+      slots_.emplace_back();
     } else {
-      slot = free_slots.back();
-      free_slots.pop_back();
+      const std::uint64_t entry = free_slots_.back();
+      free_slots_.pop_back();
+      slot = static_cast<std::uint32_t>(entry);
+      generation = static_cast<std::uint32_t>(entry >> 32);
     }
   }
-  // Ids are never reused: the generation changes with every session this worker accepts.
   const session_id id =
-      (static_cast<session_id>(++generation) << 32) | (static_cast<session_id>(slot) << 8) | index;
-  // From the server's session pool (see ws_server_session::release for the matching free).
-  void* mem = ws_server_sessions().allocate(sizeof(ws_server_session));
-  ws_server_session_ref s(new (mem) ws_server_session(owned.release(), *this, id));
+      static_cast<session_id>(generation) << 32 | static_cast<session_id>(slot) << 8 | index_;
+  session_ref s = session::create(std::move(stream), *this, id);
   core.live.fetch_add(1, std::memory_order_relaxed);
   {
-    std::lock_guard lock(mutex);
-    slots[slot] = s;
+    std::lock_guard lock(mutex_);
+    slots_[slot] = s;
   }
   s->start();
-  // Registered after the first read, so a request that was already there (defer_accept) is
-  // not reported again; registration reports whatever arrived since.
-  if (s->phase() != ws_server_session::phase_t::done && !watch(*s)) {
-    s->finish(close_code::abnormal);
-  }
+  // Watched after the first read, so a request that was already there (defer_accept) is not
+  // reported again; registration reports whatever arrived since.
+  if (s->phase() != session::phase_t::done && !watch(*s)) s->finish(close_code::abnormal);
 }
 
-inline bool ws_server_worker::watch(ws_server_session& s) noexcept {
-  ::epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-  ev.data.ptr = &s;
-  return ::epoll_ctl(ready.native_handle(), EPOLL_CTL_ADD, s.fd(), &ev) == 0;
-}
-
-inline void ws_server_worker::poll() {
-  ready.async_wait(asio::posix::stream_descriptor::wait_read, [this](const std::error_code& ec) {
-    if (ec) return;  // the descriptor was closed: the worker is stopping
+// Waits (through ioc) until a session socket is ready, handles every ready one, repeats.
+inline void reactor::poll() {
+  ready_.async_wait(asio::posix::stream_descriptor::wait_read, [this](const std::error_code& ec) {
+    if (ec) return;  // cancelled: the worker is stopping
     on_ready();
     poll();
   });
 }
 
-inline void ws_server_worker::on_ready() {
+inline void reactor::on_ready() {
   // Each epoll_wait takes up to max_events ready sockets; a full batch is followed by another
   // at once, then the posted tasks and timers get their turn (poll() waits again, and the wait
   // completes at once when sockets are still ready).
   for (int round = 0; round < 2; ++round) {
-    const int n = ::epoll_wait(ready.native_handle(), events.data(), max_events, 0);
+    const int n = ::epoll_wait(ready_.native_handle(), events_.data(), max_events, 0);
     for (int i = 0; i < n; ++i) {
-      static_cast<ws_server_session*>(events[static_cast<std::size_t>(i)].data.ptr)
-          ->on_event(events[static_cast<std::size_t>(i)].events);
+      const ::epoll_event& ev = events_[static_cast<std::size_t>(i)];
+      auto* s = static_cast<session*>(ev.data.ptr);
+      if (ev.events & (EPOLLOUT | EPOLLERR)) s->on_writable();
+      if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->on_readable();
     }
-    retired.clear();
+    retired_.clear();
     if (n < max_events) break;
   }
 }
 
-inline void ws_server_worker::start_tick() {
-  tick_timer.expires_after(core.tick);
-  tick_timer.async_wait([this](const std::error_code& ec) {
+inline void reactor::start_tick() {
+  tick_timer_.expires_after(core.tick);
+  tick_timer_.async_wait([this](const std::error_code& ec) {
     if (ec) return;
     on_tick();
     start_tick();
   });
 }
 
-inline void ws_server_worker::on_tick() {
+inline void reactor::on_tick() {
   const std::uint32_t now = core.now_ms();
   snapshot();
-  for (auto& s : scratch) s->on_tick(now);
-  scratch.clear();
-  retired.clear();
+  for (auto& s : scratch_) s->on_tick(now);
+  scratch_.clear();
+  retired_.clear();
+  batch.shrink(1024);  // after a read of many tiny messages, keep about 100 KiB at most
 }
 
-inline void ws_server_worker::close_all(close_code code) {
-  snapshot();
-  for (auto& s : scratch) s->start_close(code, "server stopping");
-  scratch.clear();
-}
-
-inline void ws_server_worker::abort_all() {
-  snapshot();
-  for (auto& s : scratch) s->finish(close_code::going_away);
-  scratch.clear();
-  retired.clear();
-}
-
-}  // namespace devgate::detail
-// ---- end devgate/detail/ws_server_session.hpp ----
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/reactor.hpp ----
 
 namespace devgate::websocket {
 
@@ -6013,7 +6672,7 @@ namespace devgate::websocket {
 class server {
  public:
   /// A server with `options`; nothing listens until `start()`.
-  explicit server(server_options options = {}) : core_(std::make_unique<detail::ws_server_core>()) {
+  explicit server(server_options options = {}) : core_(std::make_unique<detail::server_core>()) {
     core_->options = std::move(options);
   }
   server(const server&) = delete;
@@ -6054,9 +6713,8 @@ class server {
                                               std::chrono::milliseconds(250));
 
     for (unsigned i = 0; i < threads; ++i) {
-      workers_.push_back(
-          std::make_unique<detail::ws_server_worker>(*core_, static_cast<std::uint8_t>(i)));
-      if (const auto err = workers_.back()->epoll_error) {
+      workers_.push_back(std::make_unique<detail::reactor>(*core_, static_cast<std::uint8_t>(i)));
+      if (const auto err = workers_.back()->error()) {
         workers_.clear();
         return err;
       }
@@ -6066,7 +6724,7 @@ class server {
     acceptor_->open(endpoint.protocol(), ec);
     if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) acceptor_->bind(endpoint, ec);
-    // Accepted sockets inherit TCP_NODELAY from the listener on Linux (one setsockopt saved per
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux (no setsockopt per
     // connection).
     if (!ec) acceptor_->set_option(asio::ip::tcp::no_delay(true), ec);
     if (!ec) acceptor_->listen(o.backlog, ec);
@@ -6079,15 +6737,8 @@ class server {
       return ec;
     }
     state_ = state_t::running;
-    for (auto& w : workers_) {
-      guards_.push_back(asio::make_work_guard(w->ioc));
-      w->start_tick();
-      w->poll();
-    }
     accept_next();
-    for (auto& w : workers_) {
-      w->thread = std::thread([&ioc = w->ioc] { ioc.run(); });
-    }
+    for (auto& w : workers_) w->start();
     return {};
   }
 
@@ -6104,8 +6755,8 @@ class server {
       }
     }
     core_->stopping.store(true, std::memory_order_release);
-    run_on_all([this](detail::ws_server_worker& w) {
-      if (w.index == 0) {
+    run_on_all([this](detail::reactor& w) {
+      if (w.index() == 0) {
         std::error_code ignored;
         acceptor_->close(ignored);
       }
@@ -6116,20 +6767,9 @@ class server {
     while (core_->live.load(std::memory_order_acquire) > 0 && clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    run_on_all([](detail::ws_server_worker& w) {
-      w.abort_all();
-      w.tick_timer.cancel();
-      std::error_code ignored;
-      w.ready.cancel(ignored);
-    });
-    guards_.clear();
-    for (auto& w : workers_) w->ioc.stop();
-    for (auto& w : workers_) w->thread.join();
-    for (auto& w : workers_) {
-      std::lock_guard lock(w->mutex);
-      w->slots.clear();
-      w->free_slots.clear();
-    }
+    run_on_all([](detail::reactor& w) { w.abort_all(); });
+    for (auto& w : workers_) w->stop();
+    for (auto& w : workers_) w->join();
     acceptor_.reset();
     state_ = state_t::stopped;
   }
@@ -6138,36 +6778,9 @@ class server {
   /// open session), errc::closed (it is closing), errc::backpressure (over its buffer limit: the
   /// session is closed with 1008/1013 unless the policy is drop_oldest).
   std::error_code send(session_id id, payload_kind kind, shared_bytes payload) {
-    // A reply from inside that session's on_message: no lookup, reference or thread check.
-    if (const auto cur = detail::ws_server_current;
-        cur.core == core_.get() && cur.session->id() == id) {
-      if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-      auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
-      if (!cur.session->reserve_local(m.size())) {
-        overflow(detail::ws_server_session_ref(cur.session));
-        return errc::backpressure;
-      }
-      cur.session->enqueue_data(std::move(m));
-      return {};
-    }
-    auto s = find(id);
-    if (!s) return errc::unknown_session;
-    if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-    // The payload is shared, never copied; headers are encoded as it is written (messages over
-    // 64 KiB go as fragments).
-    auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
-    if (!s->reserve(m.size())) {
-      overflow(s);
-      return errc::backpressure;
-    }
-    auto& w = s->worker();
-    if (w.on_this_thread()) {
-      s->enqueue_data(std::move(m));
-    } else {
-      asio::post(w.ioc,
-                 [s = std::move(s), m = std::move(m)]() mutable { s->enqueue_data(std::move(m)); });
-    }
-    return {};
+    detail::reactor* w = worker_of(id);
+    if (!w) return errc::unknown_session;
+    return w->send(id, opcode_of(kind), std::move(payload));
   }
 
   /// Queues one payload to many sessions: every recipient's queue shares the one payload buffer
@@ -6176,54 +6789,15 @@ class server {
   /// sessions it was queued to (unknown, closing and over-limit sessions are skipped).
   std::size_t broadcast(std::span<const session_id> ids, payload_kind kind, shared_bytes payload) {
     if (ids.empty() || state_ != state_t::running) return 0;
-    const websocket::opcode op = opcode_of(kind);
-    const std::size_t wire = detail::ws_server_wire_size(payload.size());
     std::vector<std::vector<session_id>> by_worker(workers_.size());
     for (const session_id id : ids) {
       const std::size_t w = id & 0xFF;
       if (w < workers_.size()) by_worker[w].push_back(id);
     }
     std::size_t queued = 0;
-    for (std::size_t wi = 0; wi < workers_.size(); ++wi) {
-      if (by_worker[wi].empty()) continue;
-      auto& w = *workers_[wi];
-      if (w.on_this_thread()) {
-        // This thread is the only one that changes this worker's registry: no lock, no
-        // references, and a recipient with nothing queued is written to at once.
-        for (const session_id id : by_worker[wi]) {
-          detail::ws_server_session* s = w.peek_local(id);
-          if (!s || s->phase() != detail::ws_server_session::phase_t::open) continue;
-          if (!s->reserve(wire)) {
-            overflow(detail::ws_server_session_ref(s));
-            continue;
-          }
-          ++queued;
-          s->send_shared(op, payload, wire);
-        }
-        continue;
-      }
-      std::vector<detail::ws_server_session_ref> targets;
-      std::vector<detail::ws_server_session_ref> over;
-      targets.reserve(by_worker[wi].size());
-      {
-        std::lock_guard lock(w.mutex);
-        for (const session_id id : by_worker[wi]) {
-          auto s = w.find_locked(id);
-          if (!s) continue;
-          if (s->phase() != detail::ws_server_session::phase_t::open) continue;
-          if (s->reserve(wire)) {
-            targets.push_back(std::move(s));
-          } else {
-            over.push_back(std::move(s));
-          }
-        }
-      }
-      for (auto& s : over) overflow(s);
-      queued += targets.size();
-      if (targets.empty()) continue;
-      asio::post(w.ioc, [targets = std::move(targets), op, payload, wire] {
-        for (const auto& s : targets) s->send_shared(op, payload, wire);
-      });
+    for (std::size_t w = 0; w < workers_.size(); ++w) {
+      if (!by_worker[w].empty())
+        queued += workers_[w]->broadcast(by_worker[w], opcode_of(kind), payload);
     }
     return queued;
   }
@@ -6231,21 +6805,13 @@ class server {
   /// Starts the close handshake of one session (from any thread) with `code` and `reason`
   /// (at most 123 bytes are sent). Messages queued and not yet being written are dropped.
   void close(session_id id, close_code code, std::string_view reason) {
-    auto s = find(id);
-    if (!s) return;
-    auto& w = s->worker();
-    if (w.on_this_thread()) {
-      s->start_close(code, reason);
-    } else {
-      asio::post(w.ioc,
-                 [s = std::move(s), code, r = std::string(reason)] { s->start_close(code, r); });
-    }
+    if (detail::reactor* w = worker_of(id)) w->close(id, code, reason);
   }
 
   /// Bytes queued to one session and not yet written (0 for an unknown session).
   [[nodiscard]] std::size_t buffered_bytes(session_id id) const {
-    auto s = find(id);
-    return s ? s->buffered() : 0;
+    detail::reactor* w = worker_of(id);
+    return w ? w->buffered(id) : 0;
   }
 
   /// The port the server listens on (useful with `server_options::port = 0`); 0 before start.
@@ -6266,26 +6832,11 @@ class server {
     return kind == payload_kind::text ? opcode::text : opcode::binary;
   }
 
-  [[nodiscard]] detail::ws_server_session_ref find(session_id id) const {
-    if (state_ != state_t::running) return {};
+  // The worker a session id names (its low byte), while running.
+  [[nodiscard]] detail::reactor* worker_of(session_id id) const noexcept {
+    if (state_ != state_t::running) return nullptr;
     const std::size_t w = id & 0xFF;
-    if (w >= workers_.size()) return {};
-    return workers_[w]->find(id);
-  }
-
-  // The back-pressure policy for a session whose buffer is full (drop_oldest only refuses).
-  void overflow(const detail::ws_server_session_ref& s) {
-    const auto action = core_->options.backpressure.on_overflow;
-    if (action == overflow_action::drop_oldest) return;
-    const close_code code = action == overflow_action::close_policy_violation
-                                ? close_code::policy_violation
-                                : close_code::try_again_later;
-    auto& w = s->worker();
-    if (w.on_this_thread()) {
-      s->start_close(code, "outbound buffer full");
-    } else {
-      asio::post(w.ioc, [s, code] { s->start_close(code, "outbound buffer full"); });
-    }
+    return w < workers_.size() ? workers_[w].get() : nullptr;
   }
 
   // TCP_DEFER_ACCEPT (seconds) as an Asio SettableSocketOption.
@@ -6341,15 +6892,7 @@ class server {
   }
 
   void hand_over(int fd) {
-    auto& target = *workers_[next_worker_++ % workers_.size()];
-    if (target.on_this_thread()) {
-      target.adopt(fd);
-      return;
-    }
-    asio::post(target.ioc, [&target, owned = detail::ws_server_fd(fd)]() mutable {
-      if (target.core.stopping.load(std::memory_order_acquire)) return;  // `owned` closes it
-      target.adopt(owned.release());
-    });
+    workers_[next_worker_++ % workers_.size()]->assign(detail::tcp_stream(fd));
   }
 
   // Runs `fn` on every worker thread and waits until all have run it.
@@ -6367,9 +6910,8 @@ class server {
     for (auto& f : done) f.wait();
   }
 
-  std::unique_ptr<detail::ws_server_core> core_;
-  std::vector<std::unique_ptr<detail::ws_server_worker>> workers_;
-  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards_;
+  std::unique_ptr<detail::server_core> core_;
+  std::vector<std::unique_ptr<detail::reactor>> workers_;
   std::unique_ptr<asio::ip::tcp::acceptor> acceptor_;
   std::unique_ptr<asio::steady_timer> retry_timer_;
   std::size_t next_worker_ = 0;  // used only on worker 0's thread (the acceptor's)
@@ -6383,7 +6925,6 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 // ---- end devgate/websocket/server.hpp ----
 #endif
 
-
 // ---- begin devgate/store/memory_state_store.hpp ----
 
 #include <array>          // shards
@@ -6394,7 +6935,6 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 #include <mutex>          // per-shard lock
 #include <string>         // device ids
 #include <unordered_map>  // device table
-
 
 // ---- begin devgate/store/state_store.hpp ----
 
@@ -6535,7 +7075,6 @@ static_assert(state_store<memory_state_store>,
 }  // namespace devgate::store
 // ---- end devgate/store/memory_state_store.hpp ----
 
-
 // ---- begin devgate/device/delivery.hpp ----
 
 #include <algorithm>    // std::max
@@ -6546,7 +7085,6 @@ static_assert(state_store<memory_state_store>,
 #include <mutex>        // the device's mutex
 #include <string_view>  // message data
 #include <utility>      // std::move
-
 
 // ---- begin devgate/device/protocol.hpp ----
 
@@ -6559,7 +7097,6 @@ static_assert(state_store<memory_state_store>,
 #include <span>         // chunk bytes
 #include <string>       // JSON text
 #include <string_view>  // names
-
 
 /// The devgate device protocol, version 1 (docs/PROTOCOL.md is the specification): JSON text
 /// control messages in both directions and binary firmware chunks from server to device.
@@ -6849,7 +7386,6 @@ inline constexpr int max_json_depth = 32;
 #include <string>   // id, topic, versions
 #include <utility>  // std::move, std::pair
 
-
 // ---- begin devgate/firmware/image.hpp ----
 
 #include <algorithm>  // std::min
@@ -6860,7 +7396,6 @@ inline constexpr int max_json_depth = 32;
 #include <stdexcept>  // set-up errors
 #include <string>     // versions
 #include <utility>    // std::move
-
 
 namespace devgate::firmware {
 
@@ -7178,7 +7713,6 @@ class delivery {
 #include <string>       // device ids
 #include <string_view>  // request targets
 
-
 namespace devgate::device {
 
 /// Longest device id accepted.
@@ -7236,7 +7770,6 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <utility>       // std::move
 #include <vector>        // runs of device messages
 
-
 // ---- begin devgate/device/pubsub.hpp ----
 
 #include <algorithm>      // std::find, std::erase
@@ -7253,7 +7786,6 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <unordered_map>  // topic table, per-session topics
 #include <utility>        // std::move
 #include <vector>         // recipients
-
 
 namespace devgate::device {
 
@@ -7406,7 +7938,6 @@ class pubsub {
 #include <utility>        // std::move
 #include <vector>         // snapshots
 
-
 namespace devgate::device {
 
 /// The devices the hub knows and their live sessions: one record per device id, at most one
@@ -7529,7 +8060,6 @@ class registry {
 #include <string_view>  // device ids
 #include <utility>      // std::move
 #include <vector>       // devices to start
-
 
 // ---- begin devgate/firmware/slots.hpp ----
 
@@ -8408,12 +8938,10 @@ class protocol_dispatch {
 #include <utility>       // std::move
 #include <vector>        // handed-back messages
 
-
 // ---- begin devgate/device/hub_options.hpp ----
 
 #include <cstddef>  // std::size_t
 #include <cstdint>  // counters
-
 
 namespace devgate::device {
 
@@ -8465,7 +8993,6 @@ struct hub_stats {
 #include <chrono>        // dispatch times
 #include <system_error>  // results
 #include <utility>       // std::move
-
 
 namespace devgate::device {
 
@@ -8715,8 +9242,6 @@ class hub {
 }  // namespace devgate::device
 // ---- end devgate/device/hub.hpp ----
 
-
-
 // ---- begin devgate/client/device_client.hpp ----
 
 #include <asio.hpp>
@@ -8738,7 +9263,6 @@ class hub {
 #include <string_view>  // texts
 #include <utility>      // std::move
 #include <vector>       // frames, firmware image
-
 
 namespace devgate::client {
 

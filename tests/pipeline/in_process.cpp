@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,9 +29,10 @@ TEST_CASE("in_process_transport delivers pushes with sequence numbers and device
   std::vector<devgate::close_code> closed;
   devgate::transport_handlers h;
   h.on_open = [&](const devgate::session_info& info) { opened.push_back(info.device_id); };
-  h.on_message = [&](devgate::inbound_message&& m) -> std::error_code {
-    got.push_back(std::move(m));
-    return got.size() == 2 ? std::error_code(devgate::errc::queue_full) : std::error_code{};
+  h.on_messages = [&](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+    got.push_back(std::move(batch[0]));
+    if (got.size() == 2) return {0, devgate::errc::queue_full};
+    return {1, {}};
   };
   h.on_close = [&](devgate::session_id, devgate::close_code c) { closed.push_back(c); };
   t.set_handlers(std::move(h));
@@ -53,6 +55,29 @@ TEST_CASE("in_process_transport delivers pushes with sequence numbers and device
   REQUIRE(dev.push("after") == devgate::errc::closed);
   REQUIRE(t.send(dev.id(), devgate::payload_kind::text, text("x")) ==
           devgate::errc::unknown_session);
+  t.stop();
+}
+
+TEST_CASE("in_process_transport hands each push to on_messages as a batch of one",
+          "[transport][in_process]") {
+  devgate::in_process_transport t;
+  std::vector<std::size_t> sizes;
+  std::vector<std::uint64_t> sequences;
+  devgate::transport_handlers h;
+  h.on_messages = [&](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+    sizes.push_back(batch.size());
+    for (const auto& m : batch) sequences.push_back(m.sequence);
+    if (batch[0].payload.view() == "refuse") return {0, devgate::errc::queue_full};
+    return {batch.size(), {}};
+  };
+  t.set_handlers(std::move(h));
+  REQUIRE_FALSE(t.start());
+  auto dev = t.connect("lamp");
+  CHECK_FALSE(dev.push("one"));
+  CHECK(dev.push("refuse") == devgate::errc::queue_full);
+  CHECK_FALSE(dev.push("three"));
+  CHECK(sizes == std::vector<std::size_t>{1, 1, 1});
+  CHECK(sequences == std::vector<std::uint64_t>{1, 2, 3});
   t.stop();
 }
 

@@ -13,6 +13,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>   // std::min
+#include <array>       // masking keys
 #include <atomic>      // counters seen by handlers
 #include <chrono>      // generous failure bounds
 #include <cstdio>      // popen
@@ -20,12 +22,15 @@
 #include <cstring>     // memcpy
 #include <filesystem>  // peer scripts, static files
 #include <fstream>     // static files
+#include <limits>      // "accept every message"
 #include <map>         // close codes by session
 #include <mutex>       // handler state
 #include <optional>    // frames
 #include <random>      // masking keys
+#include <span>        // message batches
 #include <string>      // texts
 #include <thread>      // peers run beside the test
+#include <utility>     // batch records
 #include <vector>      // bytes
 
 #include "devgate/websocket/static_files.hpp"
@@ -104,7 +109,21 @@ struct echo_fixture {
       codes[id] = code;
       ++closed;
     };
-    h.on_message = [this](devgate::inbound_message&& m) -> std::error_code {
+    // A refused message refuses the rest of its read batch with it (what a queue does).
+    h.on_messages = [this](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        if (auto ec = on_message(batch[i])) return {i, ec};
+      }
+      return {batch.size(), {}};
+    };
+    server.set_handlers(std::move(h));
+    REQUIRE_FALSE(server.start());
+    port = server.local_port();
+    REQUIRE(port != 0);
+  }
+
+  std::error_code on_message(devgate::inbound_message& m) {
+    {
       const std::string_view text = m.payload.view();
       if (m.kind == devgate::payload_kind::text && text.starts_with("!close ")) {
         const auto sp = text.find(' ', 7);
@@ -132,11 +151,7 @@ struct echo_fixture {
         throw std::runtime_error("handler failure");
       }
       return server.send(m.session, m.kind, std::move(m.payload));
-    };
-    server.set_handlers(std::move(h));
-    REQUIRE_FALSE(server.start());
-    port = server.local_port();
-    REQUIRE(port != 0);
+    }
   }
 
   // The handlers touch the members below, which die before `server` would.
@@ -261,6 +276,12 @@ class raw_client {
   // One client frame; `mask` false breaks RFC 6455 5.1 on purpose.
   void send_frame(std::uint8_t opcode, std::span<const std::byte> payload, bool fin = true,
                   bool mask = true, std::uint8_t rsv = 0) {
+    write(frame_bytes(opcode, payload, fin, mask, rsv));
+  }
+  // The bytes of one client frame (see send_frame), to send several in one write.
+  static std::vector<std::byte> frame_bytes(std::uint8_t opcode, std::span<const std::byte> payload,
+                                            bool fin = true, bool mask = true,
+                                            std::uint8_t rsv = 0) {
     std::vector<std::byte> out;
     out.push_back(std::byte((fin ? 0x80 : 0) | (rsv << 4) | opcode));
     const std::uint8_t m = mask ? 0x80 : 0;
@@ -280,7 +301,7 @@ class raw_client {
     for (std::size_t i = 0; i < payload.size(); ++i) {
       out.push_back(mask ? payload[i] ^ key[i % 4] : payload[i]);
     }
-    write(out);
+    return out;
   }
   void send_text(std::string_view text, bool fin = true, std::uint8_t opcode = 1) {
     send_frame(opcode, std::as_bytes(std::span(text.data(), text.size())), fin);
@@ -364,6 +385,63 @@ void expect_close_code(echo_fixture& fx, std::uint16_t code, Violate violate) {
   CHECK(bad.read_close() == code);
   CHECK(bad.closed_by_server());  // RFC 6455 7.1.1: the server closes the TCP connection
   CHECK(witness.echoes("still served"));
+}
+
+// Takes whole read batches (on_messages): records each batch as (sequence, text) pairs, echoes
+// the first `accept` messages of every batch from inside the handler and refuses the others
+// with errc::queue_full.
+struct batch_fixture {
+  using record = std::vector<std::pair<std::uint64_t, std::string>>;
+
+  explicit batch_fixture(std::size_t accept_first = std::numeric_limits<std::size_t>::max())
+      : server(echo_fixture::base_options()), accept(accept_first) {
+    devgate::transport_handlers h;
+    h.on_open = [this](const devgate::session_info&) {
+      std::lock_guard lock(mutex);
+      ++opened;
+    };
+    h.on_messages = [this](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+      record seen;
+      for (const auto& m : batch) seen.emplace_back(m.sequence, std::string(m.payload.view()));
+      {
+        std::lock_guard lock(mutex);
+        batches.push_back(std::move(seen));
+      }
+      const std::size_t n = std::min(accept, batch.size());
+      for (std::size_t i = 0; i < n; ++i) {
+        (void)server.send(batch[i].session, batch[i].kind, std::move(batch[i].payload));
+      }
+      if (n == batch.size()) return {n, {}};
+      return {n, devgate::errc::queue_full};
+    };
+    server.set_handlers(std::move(h));
+    REQUIRE_FALSE(server.start());
+    port = server.local_port();
+    REQUIRE(port != 0);
+  }
+  ~batch_fixture() { server.stop(); }
+
+  std::vector<record> taken() {
+    std::lock_guard lock(mutex);
+    return batches;
+  }
+
+  ws::server server;
+  std::size_t accept;
+  std::uint16_t port = 0;
+  std::mutex mutex;
+  std::size_t opened = 0;
+  std::vector<record> batches;
+};
+
+// Text frames "<prefix><first>" .. "<prefix><last>", back to back, to go out in one write.
+std::vector<std::byte> text_frames(int first, int last, std::string_view prefix = "m") {
+  std::vector<std::byte> out;
+  for (int i = first; i <= last; ++i) {
+    const auto f = raw_client::frame_bytes(1, bytes_of(std::string(prefix) + std::to_string(i)));
+    out.insert(out.end(), f.begin(), f.end());
+  }
+  return out;
 }
 
 }  // namespace
@@ -612,7 +690,7 @@ TEST_CASE("raw: a handler that throws costs only its own session", "[websocket][
   auto o = echo_fixture::base_options();
   o.route = [](const ws::http_request&) -> ws::http_reply { throw std::runtime_error("route"); };
   echo_fixture fx(o);
-  // on_message throws: that session is closed with 1011, the witness keeps being served.
+  // on_messages throws: that session is closed with 1011, the witness keeps being served.
   expect_close_code(fx, 1011, [](raw_client& c) { c.send_text("!throw"); });
   // route throws: 500, and the server still upgrades the next connection.
   raw_client c(fx.port);
@@ -1089,4 +1167,113 @@ TEST_CASE("broadcast from a handler: direct writes, then partial writes to full 
     }
     return true;
   }));
+}
+
+// =============================================================================================
+// Read batches: the messages of one read reach on_messages in one call
+// =============================================================================================
+
+TEST_CASE("read batches: one write of several messages is one on_messages call, in order",
+          "[websocket][server][batch]") {
+  batch_fixture fx;
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  c.write(text_frames(1, 8));
+  for (int i = 1; i <= 8; ++i) {
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->text() == "m" + std::to_string(i));
+  }
+  c.write(text_frames(9, 10));  // the next read: the next batch, the sequence goes on
+  for (int i = 9; i <= 10; ++i) {
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->text() == "m" + std::to_string(i));
+  }
+  const auto batches = fx.taken();
+  REQUIRE(batches.size() == 2);
+  REQUIRE(batches[0].size() == 8);
+  REQUIRE(batches[1].size() == 2);
+  std::uint64_t seq = 0;
+  for (const auto& batch : batches) {
+    for (const auto& [sequence, text] : batch) {
+      ++seq;
+      CHECK(sequence == seq);
+      CHECK(text == "m" + std::to_string(seq));
+    }
+  }
+}
+
+TEST_CASE(
+    "read batches: messages and a close in one write: all delivered, replies before the close",
+    "[websocket][server][batch]") {
+  batch_fixture fx;
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  auto out = text_frames(1, 5);
+  const std::vector<std::byte> bye{std::byte{0x03}, std::byte{0xE8}, std::byte{'b'}, std::byte{'y'},
+                                   std::byte{'e'}};
+  const auto close = raw_client::frame_bytes(8, bye);
+  out.insert(out.end(), close.begin(), close.end());
+  c.write(out);
+  for (int i = 1; i <= 5; ++i) {
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->opcode == 1);
+    CHECK(f->text() == "m" + std::to_string(i));
+  }
+  auto f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->opcode == 8);
+  CHECK(f->close_code() == 1000);
+  CHECK(c.closed_by_server());
+  const auto batches = fx.taken();
+  REQUIRE(batches.size() == 1);
+  CHECK(batches[0].size() == 5);
+}
+
+TEST_CASE("read batches: messages then a protocol error in one write: replies before the 1002",
+          "[websocket][server][batch]") {
+  batch_fixture fx;
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  auto out = text_frames(1, 3);
+  const auto unmasked = raw_client::frame_bytes(1, bytes_of("bad"), true, false);
+  out.insert(out.end(), unmasked.begin(), unmasked.end());
+  c.write(out);
+  for (int i = 1; i <= 3; ++i) {
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->text() == "m" + std::to_string(i));
+  }
+  CHECK(c.read_close() == 1002);
+  const auto batches = fx.taken();
+  REQUIRE(batches.size() == 1);
+  CHECK(batches[0].size() == 3);
+}
+
+TEST_CASE("read batches: a partly accepted batch gets one error reply per refused message",
+          "[websocket][server][batch]") {
+  batch_fixture fx(2);
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  c.write(text_frames(1, 5));
+  for (int i = 1; i <= 2; ++i) {  // the accepted ones, echoed by the handler
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->text() == "m" + std::to_string(i));
+  }
+  for (int i = 3; i <= 5; ++i) {  // one error reply for each refused one
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->opcode == 1);
+    CHECK(f->text().find(R"("code":"queue_full")") != std::string::npos);
+  }
+  c.write(text_frames(6, 6));  // nothing more came before this echo
+  auto f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->text() == "m6");
+  const auto batches = fx.taken();
+  REQUIRE(batches.size() == 2);
+  CHECK(batches[0].size() == 5);
 }

@@ -24,14 +24,6 @@
 
 namespace devgate {
 
-/// What an intake did with a batch of messages that a transport decoded together: the first
-/// `accepted` were taken, in order; each of the others is refused with `error`, which the
-/// transport reports to its device as it reports a refused message.
-struct batch_result {
-  std::size_t accepted = 0;  ///< How many messages, from the front of the batch, were taken.
-  std::error_code error;     ///< Why the rest were refused (e.g. `errc::queue_full`, `closed`).
-};
-
 /// A gateway's intake: `batch_result intake(std::span<inbound_message>)`, called on transport
 /// threads. It may move from the messages it takes and leaves the refused ones as they were.
 template <class F>
@@ -94,11 +86,7 @@ class gateway {
     transport_handlers handlers;
     handlers.on_open = std::move(hooks.on_open);
     handlers.on_close = std::move(hooks.on_close);
-    // The transport hands over one message per call: a batch of one.
-    handlers.on_message = [intake = std::move(intake)](inbound_message&& in) mutable {
-      const batch_result r = intake(std::span<inbound_message>(&in, 1));
-      return r.accepted == 1 ? std::error_code{} : r.error;
-    };
+    handlers.on_messages = std::move(intake);
     transport_.set_handlers(std::move(handlers));
     if (auto ec = pipeline_.start(); ec) return ec;
     started_ = true;

@@ -235,8 +235,10 @@ class in_process_transport {
     in.kind = kind;
     in.payload = std::move(payload);
     in.received = clock::now();
-    if (!handlers_.on_message) return {};
-    return handlers_.on_message(std::move(in));
+    if (!handlers_.on_messages) return {};
+    // One push is a batch of one.
+    const batch_result r = handlers_.on_messages(std::span<inbound_message>(&in, 1));
+    return r.accepted > 0 ? std::error_code{} : r.error;
   }
 
   backpressure_options backpressure_;

@@ -5,7 +5,7 @@
 #include <cstddef>       // std::size_t
 #include <cstdint>       // ids and codes
 #include <functional>    // handlers
-#include <span>          // broadcast recipients
+#include <span>          // broadcast recipients, message batches
 #include <string>        // device ids
 #include <string_view>   // reasons
 #include <system_error>  // results
@@ -14,7 +14,9 @@
 
 namespace devgate {
 
-/// Identifies one live connection for as long as it lives; never reused by a transport instance.
+/// Identifies one live connection for as long as it lives. Once the session closed, its transport
+/// may give the id to a later session, though not soon: websocket::server only after 2^32 - 1
+/// later sessions used the same registry slot; in_process_transport counts up in 64 bits.
 using session_id = std::uint64_t;
 
 /// The clock every devgate timestamp uses.
@@ -72,13 +74,23 @@ struct inbound_message {
   clock::time_point received{};            ///< When the last byte of the message arrived.
 };
 
+/// What `transport_handlers::on_messages` did with a batch: the first `accepted` messages were
+/// taken, in order; each of the others is refused with `error`, which the transport reports to
+/// its device (for WebSocket: one text error reply per refused message).
+struct batch_result {
+  std::size_t accepted = 0;  ///< How many messages, from the first, were taken.
+  std::error_code error;     ///< Why the others were refused (set when any was).
+};
+
 /// Callbacks a transport invokes; set before `start()`. They may run on any transport thread.
 struct transport_handlers {
   /// A session opened.
   std::function<void(const session_info&)> on_open;
-  /// A device message arrived. A non-zero result is an error the transport reports back to
-  /// that device (for WebSocket: a text error reply), e.g. `errc::queue_full` or `errc::closed`.
-  std::function<std::error_code(inbound_message&&)> on_message;
+  /// Messages of one session arrived together: all that one read decoded (WebSocket), or one
+  /// push (in-process), in order. The messages are the transport's and live until the call
+  /// returns; move out what you keep. Refusals (`errc::queue_full`, `errc::closed`, ...) go
+  /// back to the device as errors.
+  std::function<batch_result(std::span<inbound_message>)> on_messages;
   /// A session closed, with the code that closed it.
   std::function<void(session_id, close_code)> on_close;
 };

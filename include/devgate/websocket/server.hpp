@@ -22,8 +22,10 @@
 
 #include "devgate/core/bytes.hpp"
 #include "devgate/core/error.hpp"
-#include "devgate/detail/ws_server_session.hpp"
 #include "devgate/transport/transport.hpp"
+#include "devgate/websocket/detail/core.hpp"
+#include "devgate/websocket/detail/reactor.hpp"
+#include "devgate/websocket/detail/stream.hpp"
 #include "devgate/websocket/frame.hpp"
 #include "devgate/websocket/server_options.hpp"
 
@@ -40,7 +42,7 @@ namespace devgate::websocket {
 class server {
  public:
   /// A server with `options`; nothing listens until `start()`.
-  explicit server(server_options options = {}) : core_(std::make_unique<detail::ws_server_core>()) {
+  explicit server(server_options options = {}) : core_(std::make_unique<detail::server_core>()) {
     core_->options = std::move(options);
   }
   server(const server&) = delete;
@@ -81,9 +83,8 @@ class server {
                                               std::chrono::milliseconds(250));
 
     for (unsigned i = 0; i < threads; ++i) {
-      workers_.push_back(
-          std::make_unique<detail::ws_server_worker>(*core_, static_cast<std::uint8_t>(i)));
-      if (const auto err = workers_.back()->epoll_error) {
+      workers_.push_back(std::make_unique<detail::reactor>(*core_, static_cast<std::uint8_t>(i)));
+      if (const auto err = workers_.back()->error()) {
         workers_.clear();
         return err;
       }
@@ -93,7 +94,7 @@ class server {
     acceptor_->open(endpoint.protocol(), ec);
     if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) acceptor_->bind(endpoint, ec);
-    // Accepted sockets inherit TCP_NODELAY from the listener on Linux (one setsockopt saved per
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux (no setsockopt per
     // connection).
     if (!ec) acceptor_->set_option(asio::ip::tcp::no_delay(true), ec);
     if (!ec) acceptor_->listen(o.backlog, ec);
@@ -106,15 +107,8 @@ class server {
       return ec;
     }
     state_ = state_t::running;
-    for (auto& w : workers_) {
-      guards_.push_back(asio::make_work_guard(w->ioc));
-      w->start_tick();
-      w->poll();
-    }
     accept_next();
-    for (auto& w : workers_) {
-      w->thread = std::thread([&ioc = w->ioc] { ioc.run(); });
-    }
+    for (auto& w : workers_) w->start();
     return {};
   }
 
@@ -131,8 +125,8 @@ class server {
       }
     }
     core_->stopping.store(true, std::memory_order_release);
-    run_on_all([this](detail::ws_server_worker& w) {
-      if (w.index == 0) {
+    run_on_all([this](detail::reactor& w) {
+      if (w.index() == 0) {
         std::error_code ignored;
         acceptor_->close(ignored);
       }
@@ -143,20 +137,9 @@ class server {
     while (core_->live.load(std::memory_order_acquire) > 0 && clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    run_on_all([](detail::ws_server_worker& w) {
-      w.abort_all();
-      w.tick_timer.cancel();
-      std::error_code ignored;
-      w.ready.cancel(ignored);
-    });
-    guards_.clear();
-    for (auto& w : workers_) w->ioc.stop();
-    for (auto& w : workers_) w->thread.join();
-    for (auto& w : workers_) {
-      std::lock_guard lock(w->mutex);
-      w->slots.clear();
-      w->free_slots.clear();
-    }
+    run_on_all([](detail::reactor& w) { w.abort_all(); });
+    for (auto& w : workers_) w->stop();
+    for (auto& w : workers_) w->join();
     acceptor_.reset();
     state_ = state_t::stopped;
   }
@@ -165,36 +148,9 @@ class server {
   /// open session), errc::closed (it is closing), errc::backpressure (over its buffer limit: the
   /// session is closed with 1008/1013 unless the policy is drop_oldest).
   std::error_code send(session_id id, payload_kind kind, shared_bytes payload) {
-    // A reply from inside that session's on_message: no lookup, reference or thread check.
-    if (const auto cur = detail::ws_server_current;
-        cur.core == core_.get() && cur.session->id() == id) {
-      if (cur.session->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-      auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
-      if (!cur.session->reserve_local(m.size())) {
-        overflow(detail::ws_server_session_ref(cur.session));
-        return errc::backpressure;
-      }
-      cur.session->enqueue_data(std::move(m));
-      return {};
-    }
-    auto s = find(id);
-    if (!s) return errc::unknown_session;
-    if (s->phase() != detail::ws_server_session::phase_t::open) return errc::closed;
-    // The payload is shared, never copied; headers are encoded as it is written (messages over
-    // 64 KiB go as fragments).
-    auto m = detail::ws_server_message(opcode_of(kind), std::move(payload));
-    if (!s->reserve(m.size())) {
-      overflow(s);
-      return errc::backpressure;
-    }
-    auto& w = s->worker();
-    if (w.on_this_thread()) {
-      s->enqueue_data(std::move(m));
-    } else {
-      asio::post(w.ioc,
-                 [s = std::move(s), m = std::move(m)]() mutable { s->enqueue_data(std::move(m)); });
-    }
-    return {};
+    detail::reactor* w = worker_of(id);
+    if (!w) return errc::unknown_session;
+    return w->send(id, opcode_of(kind), std::move(payload));
   }
 
   /// Queues one payload to many sessions: every recipient's queue shares the one payload buffer
@@ -203,54 +159,15 @@ class server {
   /// sessions it was queued to (unknown, closing and over-limit sessions are skipped).
   std::size_t broadcast(std::span<const session_id> ids, payload_kind kind, shared_bytes payload) {
     if (ids.empty() || state_ != state_t::running) return 0;
-    const websocket::opcode op = opcode_of(kind);
-    const std::size_t wire = detail::ws_server_wire_size(payload.size());
     std::vector<std::vector<session_id>> by_worker(workers_.size());
     for (const session_id id : ids) {
       const std::size_t w = id & 0xFF;
       if (w < workers_.size()) by_worker[w].push_back(id);
     }
     std::size_t queued = 0;
-    for (std::size_t wi = 0; wi < workers_.size(); ++wi) {
-      if (by_worker[wi].empty()) continue;
-      auto& w = *workers_[wi];
-      if (w.on_this_thread()) {
-        // This thread is the only one that changes this worker's registry: no lock, no
-        // references, and a recipient with nothing queued is written to at once.
-        for (const session_id id : by_worker[wi]) {
-          detail::ws_server_session* s = w.peek_local(id);
-          if (!s || s->phase() != detail::ws_server_session::phase_t::open) continue;
-          if (!s->reserve(wire)) {
-            overflow(detail::ws_server_session_ref(s));
-            continue;
-          }
-          ++queued;
-          s->send_shared(op, payload, wire);
-        }
-        continue;
-      }
-      std::vector<detail::ws_server_session_ref> targets;
-      std::vector<detail::ws_server_session_ref> over;
-      targets.reserve(by_worker[wi].size());
-      {
-        std::lock_guard lock(w.mutex);
-        for (const session_id id : by_worker[wi]) {
-          auto s = w.find_locked(id);
-          if (!s) continue;
-          if (s->phase() != detail::ws_server_session::phase_t::open) continue;
-          if (s->reserve(wire)) {
-            targets.push_back(std::move(s));
-          } else {
-            over.push_back(std::move(s));
-          }
-        }
-      }
-      for (auto& s : over) overflow(s);
-      queued += targets.size();
-      if (targets.empty()) continue;
-      asio::post(w.ioc, [targets = std::move(targets), op, payload, wire] {
-        for (const auto& s : targets) s->send_shared(op, payload, wire);
-      });
+    for (std::size_t w = 0; w < workers_.size(); ++w) {
+      if (!by_worker[w].empty())
+        queued += workers_[w]->broadcast(by_worker[w], opcode_of(kind), payload);
     }
     return queued;
   }
@@ -258,21 +175,13 @@ class server {
   /// Starts the close handshake of one session (from any thread) with `code` and `reason`
   /// (at most 123 bytes are sent). Messages queued and not yet being written are dropped.
   void close(session_id id, close_code code, std::string_view reason) {
-    auto s = find(id);
-    if (!s) return;
-    auto& w = s->worker();
-    if (w.on_this_thread()) {
-      s->start_close(code, reason);
-    } else {
-      asio::post(w.ioc,
-                 [s = std::move(s), code, r = std::string(reason)] { s->start_close(code, r); });
-    }
+    if (detail::reactor* w = worker_of(id)) w->close(id, code, reason);
   }
 
   /// Bytes queued to one session and not yet written (0 for an unknown session).
   [[nodiscard]] std::size_t buffered_bytes(session_id id) const {
-    auto s = find(id);
-    return s ? s->buffered() : 0;
+    detail::reactor* w = worker_of(id);
+    return w ? w->buffered(id) : 0;
   }
 
   /// The port the server listens on (useful with `server_options::port = 0`); 0 before start.
@@ -293,26 +202,11 @@ class server {
     return kind == payload_kind::text ? opcode::text : opcode::binary;
   }
 
-  [[nodiscard]] detail::ws_server_session_ref find(session_id id) const {
-    if (state_ != state_t::running) return {};
+  // The worker a session id names (its low byte), while running.
+  [[nodiscard]] detail::reactor* worker_of(session_id id) const noexcept {
+    if (state_ != state_t::running) return nullptr;
     const std::size_t w = id & 0xFF;
-    if (w >= workers_.size()) return {};
-    return workers_[w]->find(id);
-  }
-
-  // The back-pressure policy for a session whose buffer is full (drop_oldest only refuses).
-  void overflow(const detail::ws_server_session_ref& s) {
-    const auto action = core_->options.backpressure.on_overflow;
-    if (action == overflow_action::drop_oldest) return;
-    const close_code code = action == overflow_action::close_policy_violation
-                                ? close_code::policy_violation
-                                : close_code::try_again_later;
-    auto& w = s->worker();
-    if (w.on_this_thread()) {
-      s->start_close(code, "outbound buffer full");
-    } else {
-      asio::post(w.ioc, [s, code] { s->start_close(code, "outbound buffer full"); });
-    }
+    return w < workers_.size() ? workers_[w].get() : nullptr;
   }
 
   // TCP_DEFER_ACCEPT (seconds) as an Asio SettableSocketOption.
@@ -368,15 +262,7 @@ class server {
   }
 
   void hand_over(int fd) {
-    auto& target = *workers_[next_worker_++ % workers_.size()];
-    if (target.on_this_thread()) {
-      target.adopt(fd);
-      return;
-    }
-    asio::post(target.ioc, [&target, owned = detail::ws_server_fd(fd)]() mutable {
-      if (target.core.stopping.load(std::memory_order_acquire)) return;  // `owned` closes it
-      target.adopt(owned.release());
-    });
+    workers_[next_worker_++ % workers_.size()]->assign(detail::tcp_stream(fd));
   }
 
   // Runs `fn` on every worker thread and waits until all have run it.
@@ -394,9 +280,8 @@ class server {
     for (auto& f : done) f.wait();
   }
 
-  std::unique_ptr<detail::ws_server_core> core_;
-  std::vector<std::unique_ptr<detail::ws_server_worker>> workers_;
-  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards_;
+  std::unique_ptr<detail::server_core> core_;
+  std::vector<std::unique_ptr<detail::reactor>> workers_;
   std::unique_ptr<asio::ip::tcp::acceptor> acceptor_;
   std::unique_ptr<asio::steady_timer> retry_timer_;
   std::size_t next_worker_ = 0;  // used only on worker 0's thread (the acceptor's)

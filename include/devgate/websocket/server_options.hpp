@@ -24,7 +24,7 @@ struct http_reply {
   std::string extra_headers;
 };
 
-/// The text frame a device receives when `on_message` refuses its message:
+/// The text frame a device receives when `on_messages` refuses its message:
 /// `{"type":"error","code":"<errc name>","message":"<what to do>"}`. The device hub answers
 /// protocol errors itself (`device::make_error`, docs/PROTOCOL.md section 8) and returns an
 /// error here only for a session it does not know (`errc::unknown_session`).
@@ -119,7 +119,7 @@ struct server_options {
   /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
   /// Unset: every path is accepted and the device id is the request target.
   std::function<std::optional<std::string>(const http_request&)> identify;
-  /// The text sent back (as a text frame) when `on_message` returns an error;
+  /// The text sent back (as a text frame) when `on_messages` refuses a message;
   /// unset means `default_error_text`.
   std::function<std::string(const std::error_code&)> error_text;
 };
