@@ -5,13 +5,14 @@
 /// The folders are the architecture (see docs/ARCHITECTURE.md):
 ///   core/       vocabulary types: shared immutable bytes, error codes
 ///   transport/  what a transport must provide (concept) and the in-process transport
-///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
+///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway;
+///               pipeline/detail/ holds its internals (the eventcount idle workers sleep on)
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
 ///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   firmware images held once and cut into chunks; transfer slots
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
-///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
+///   detail/     internals (OpenSSL wrappers, WebSocket session); not part of the API
 
 #include "devgate/version.hpp"  // version numbers
 

@@ -10,13 +10,14 @@
 /// The folders are the architecture (see docs/ARCHITECTURE.md):
 ///   core/       vocabulary types: shared immutable bytes, error codes
 ///   transport/  what a transport must provide (concept) and the in-process transport
-///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway
+///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks, composed into the gateway;
+///               pipeline/detail/ holds its internals (the eventcount idle workers sleep on)
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux)
 ///   device/     the device hub: protocol v1 (docs/PROTOCOL.md), sessions, pub/sub, rollouts
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   firmware images held once and cut into chunks; transfer slots
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
-///   detail/     internals (OpenSSL wrappers, eventcount, WebSocket session); not part of the API
+///   detail/     internals (OpenSSL wrappers, WebSocket session); not part of the API
 
 
 // ---- begin devgate/version.hpp ----
@@ -1147,7 +1148,7 @@ class fetcher {
   void enqueue(std::uint32_t p, message&& m) {
     auto& part = *partitions_[p];
     // seq_cst: the pipeline's wake-up pairs this RMW with the workers' seq_cst re-check of
-    // `tail` (pipeline_eventcount::notify_one_after_sc_rmw).
+    // `tail` (detail::eventcount::notify_one_after_sc_rmw).
     queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     // The ticket is taken: the enqueue must happen or the partition stalls at this gap, so an
     // out-of-memory enqueue is retried rather than abandoned.
@@ -1496,7 +1497,7 @@ class fetcher {
 #include <vector>              // handed-back messages
 
 
-// ---- begin devgate/detail/pipeline_eventcount.hpp ----
+// ---- begin devgate/pipeline/detail/eventcount.hpp ----
 
 #include <atomic>              // the waiter count and epoch
 #include <chrono>              // deadlines
@@ -1510,7 +1511,7 @@ namespace devgate::detail {
 /// mutex (and a futex wake) when a waiter exists. A waiter announces itself, re-checks its
 /// condition, then sleeps until the epoch moves; a notify between the announce and the sleep moves
 /// the epoch, so no wake-up is lost and there is no polling interval.
-class pipeline_eventcount {
+class eventcount {
  public:
   /// Step 1 of waiting: announce; the caller then re-checks its condition.
   [[nodiscard]] std::uint64_t prepare_wait() noexcept {
@@ -1597,7 +1598,7 @@ class pipeline_eventcount {
 };
 
 }  // namespace devgate::detail
-// ---- end devgate/detail/pipeline_eventcount.hpp ----
+// ---- end devgate/pipeline/detail/eventcount.hpp ----
 
 // ---- begin devgate/pipeline/metrics.hpp ----
 
@@ -2698,8 +2699,8 @@ class pipeline {
   std::atomic<std::uint64_t> dead_lettered_{0};
   std::atomic<std::uint64_t> handed_back_{0};
 
-  detail::pipeline_eventcount work_;   // workers sleep here when no partition has work
-  detail::pipeline_eventcount space_;  // blocked producers sleep here
+  detail::eventcount work_;   // workers sleep here when no partition has work
+  detail::eventcount space_;  // blocked producers sleep here
   std::mutex abort_mutex_;
   std::condition_variable abort_cv_;
   std::mutex lifecycle_;

@@ -129,7 +129,7 @@ class fetcher {
   void enqueue(std::uint32_t p, message&& m) {
     auto& part = *partitions_[p];
     // seq_cst: the pipeline's wake-up pairs this RMW with the workers' seq_cst re-check of
-    // `tail` (pipeline_eventcount::notify_one_after_sc_rmw).
+    // `tail` (detail::eventcount::notify_one_after_sc_rmw).
     queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     // The ticket is taken: the enqueue must happen or the partition stalls at this gap, so an
     // out-of-memory enqueue is retried rather than abandoned.

@@ -20,8 +20,8 @@
 #include <vector>              // handed-back messages
 
 #include "devgate/core/error.hpp"
-#include "devgate/detail/pipeline_eventcount.hpp"
 #include "devgate/pipeline/demand.hpp"
+#include "devgate/pipeline/detail/eventcount.hpp"
 #include "devgate/pipeline/fetcher.hpp"
 #include "devgate/pipeline/message.hpp"
 #include "devgate/pipeline/metrics.hpp"
@@ -597,8 +597,8 @@ class pipeline {
   std::atomic<std::uint64_t> dead_lettered_{0};
   std::atomic<std::uint64_t> handed_back_{0};
 
-  detail::pipeline_eventcount work_;   // workers sleep here when no partition has work
-  detail::pipeline_eventcount space_;  // blocked producers sleep here
+  detail::eventcount work_;   // workers sleep here when no partition has work
+  detail::eventcount space_;  // blocked producers sleep here
   std::mutex abort_mutex_;
   std::condition_variable abort_cv_;
   std::mutex lifecycle_;
