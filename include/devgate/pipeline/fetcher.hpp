@@ -18,13 +18,6 @@
 
 namespace devgate {
 
-/// A message in a partition queue, with the ticket that fixes its place in the partition's order.
-struct queued_message {
-  message msg;                  ///< The message.
-  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
-  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
-};
-
 /// The demand-driven fetcher: a passive coordinator, not a thread. Workers pull through it with
 /// their demand; it hands each one up to that many messages in bulk, in order per partition.
 ///
