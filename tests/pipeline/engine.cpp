@@ -15,9 +15,13 @@
 #include <thread>
 #include <vector>
 
+#include "support.hpp"
+
 namespace {
 
 using namespace std::chrono_literals;
+using devgate::testing::eventually;
+using devgate::testing::numbered;
 
 devgate::message make(const devgate::shared_bytes& device, std::uint64_t seq) {
   devgate::message m;
@@ -41,17 +45,6 @@ struct recorder {
 auto recording_sink(recorder& r) {
   return devgate::callback_sink(
       [&r](const devgate::message& m, devgate::dispatch_context& ctx) { r.add(m, ctx); });
-}
-
-// Waits (as a failure bound only) until `done()` holds.
-template <class F>
-bool eventually(F done, std::chrono::seconds limit = 20s) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(1ms);
-  }
-  return true;
 }
 
 struct fixed_traits : devgate::pipeline_traits {
@@ -216,8 +209,7 @@ TEST_CASE("the dynamic pool scales up under a burst and back down afterwards", "
   REQUIRE_FALSE(p.start());
   REQUIRE(p.metrics().workers_alive == 1);
   std::vector<devgate::shared_bytes> devices;
-  for (int d = 0; d < 64; ++d)
-    devices.push_back(devgate::shared_bytes::copy_of("d" + std::to_string(d)));
+  for (int d = 0; d < 64; ++d) devices.push_back(devgate::shared_bytes::copy_of(numbered("d", d)));
   constexpr std::uint64_t burst = 20000;
   for (std::uint64_t i = 0; i < burst; ++i)
     REQUIRE_FALSE(p.push(make(devices[i % 64], i / 64 + 1)));
@@ -319,8 +311,7 @@ TEST_CASE("push_bulk keeps each device's order across partitions", "[pipeline][b
         o);
   REQUIRE_FALSE(p.start());
   std::vector<devgate::shared_bytes> ids;
-  for (int d = 0; d < 8; ++d)
-    ids.push_back(devgate::shared_bytes::copy_of("d" + std::to_string(d)));
+  for (int d = 0; d < 8; ++d) ids.push_back(devgate::shared_bytes::copy_of(numbered("d", d)));
   auto producer = p.make_producer();
   constexpr std::uint64_t per_device = 300;
   std::uint64_t seq = 1;
@@ -449,7 +440,7 @@ std::vector<devgate::shared_bytes> spread_devices(std::size_t partitions) {
   std::vector<devgate::shared_bytes> ids;
   std::vector<std::size_t> used;
   for (int k = 0; ids.size() < overlap_sink::devices; ++k) {
-    const auto name = "device-" + std::to_string(k);
+    const auto name = numbered("device-", k);
     const auto p = std::hash<std::string_view>{}(name) % partitions;
     if (std::find(used.begin(), used.end(), p) != used.end()) continue;
     used.push_back(p);

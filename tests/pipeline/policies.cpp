@@ -11,8 +11,11 @@
 #include "devgate/pipeline/metrics.hpp"
 #include "devgate/pipeline/queue.hpp"
 #include "devgate/pipeline/sink.hpp"
+#include "support.hpp"
 
 namespace {
+
+using devgate::testing::numbered;
 
 devgate::message make(const devgate::shared_bytes& device, std::uint64_t seq) {
   devgate::message m;
@@ -124,7 +127,7 @@ TEST_CASE("fetcher holds one partition at a time, leaving the others to other wo
   // Two devices in the two partitions, 3 messages each: one demand of 8 could take both.
   std::vector<devgate::shared_bytes> ids;
   for (int k = 0; ids.size() < 2; ++k) {
-    auto id = devgate::shared_bytes::copy_of("dev" + std::to_string(k));
+    auto id = devgate::shared_bytes::copy_of(numbered("dev", k));
     if (ids.empty() || f.partition_of(id) != f.partition_of(ids[0])) ids.push_back(id);
   }
   for (std::uint64_t seq = 1; seq <= 3; ++seq) {
@@ -215,8 +218,7 @@ TEMPLATE_TEST_CASE("fetcher enqueue_bulk groups a batch by partition, in order",
   using fetcher = devgate::fetcher<TestType, devgate::fixed_demand<64>>;
   fetcher f(4, 1, {});
   std::vector<devgate::shared_bytes> ids;
-  for (int d = 0; d < 6; ++d)
-    ids.push_back(devgate::shared_bytes::copy_of("dev" + std::to_string(d)));
+  for (int d = 0; d < 6; ++d) ids.push_back(devgate::shared_bytes::copy_of(numbered("dev", d)));
   typename fetcher::producer token(f);
   // Single pushes and bulks interleave: the tickets keep one order per partition.
   std::vector<devgate::message> batch;
