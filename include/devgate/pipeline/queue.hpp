@@ -96,6 +96,10 @@ struct lockfree_queue {
     /// Enqueues `n` items read through `first` with one reservation of slots (all or nothing).
     template <class It>
     bool push_bulk(producer_token& token, It first, std::size_t n) {
+      // A token whose producer could not be allocated is out of memory, as `push` reports it
+      // (moodycamel's bulk enqueue does not check; its single enqueue does). The check also
+      // shows GCC that the producer is not null, which its -O3 -Wstringop-overflow misses.
+      if (!token.token_.valid()) return false;
       return impl_.enqueue_bulk(token.token_, first, n);
     }
     /// Dequeues up to `max` items into `out`.
