@@ -493,6 +493,8 @@ struct transport_handlers {
 ///   buffer (never a copy per recipient); returns how many sessions it was queued to.
 /// - `close(s, code, reason)` starts closing one session.
 /// - `buffered_bytes(s)` reports the bytes queued to one session and not yet written.
+/// A gateway given a type that does not fit stops the build with: "devgate::gateway: Transport
+/// must satisfy devgate::transport (see transport/transport.hpp for what it must provide)".
 template <class T>
 concept transport = requires(T& t, const T& ct, transport_handlers h, session_id s, payload_kind k,
                              shared_bytes b, std::span<const session_id> many, close_code c,
@@ -776,6 +778,9 @@ struct batch_feedback {
 /// - `d.demand()`: how many messages to ask for now, in [1, d.max_demand()];
 /// - `d.max_demand()`: an upper bound that never changes (workers size their buffers with it);
 /// - `d.record(feedback)`: learn from the batch just dispatched.
+/// A `Traits::demand_type` that does not fit stops the build with: "devgate::pipeline:
+/// Traits::demand_type must be a demand policy such as devgate::adaptive_demand or
+/// devgate::fixed_demand<N> (requirements in demand.hpp)".
 template <class D>
 concept demand_policy = std::constructible_from<D, const demand_options&> &&
     requires(D& d, const D& cd, const batch_feedback& f) {
@@ -1875,6 +1880,9 @@ struct dispatch_context {
 /// success or the failure; the pipeline retries failures with backoff, then dead-letters them.
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
+/// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
+/// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
+/// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
 template <class S>
 concept sink = requires(S& s, const message& m, dispatch_context& ctx) {
   { s.consume(m, ctx) } -> std::same_as<std::error_code>;
@@ -6406,6 +6414,9 @@ struct device_state {
 /// - `touch(id, unix_ms)`: records activity.
 /// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
 /// The hub never holds one of its own locks while calling the store.
+/// A hub given a type that does not fit stops the build with: "device::hub: Store must satisfy
+/// devgate::store::state_store (load, add_messages_sent, touch, set_firmware_version,
+/// set_transfer)".
 template <class S>
 concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
                                const std::string& version, const transfer_state& t) {
