@@ -28,8 +28,8 @@ namespace {
 
 // Real sockets, hundreds of devices, sanitizer builds: generous bounds (they only detect failure).
 template <class Pred>
-bool eventually(Pred p) {
-  return devgate::testing::eventually(std::move(p), std::chrono::seconds(120));
+bool eventually(Pred p, std::chrono::milliseconds limit = std::chrono::seconds(120)) {
+  return devgate::testing::eventually(std::move(p), limit);
 }
 
 // A server + hub on loopback, and an io_context thread for clients.
