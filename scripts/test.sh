@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole devgate test suite: the README's test command, and what CI runs (.ci/run).
 # Installs missing packages, then: formatting, single-header freshness, doc comments on every
-# public name, the suite built plain (GCC), under ASan+UBSan (Clang) and under TSan (GCC,
-# against the single header), the meson build, the consumer projects, and the fuzzers. Prints "steps: N passed, M failed" last and
-# exits non-zero if any step failed. FUZZ_SECONDS (default 60) bounds each fuzzer's run.
+# public name, the suite built plain (GCC at -O3, asserts kept), under ASan+UBSan (Clang) and
+# under TSan (GCC, against the single header), the meson build, the consumer projects, and the
+# fuzzers. Every build here turns warnings into errors (DEVGATE_WERROR=ON, meson --werror), which
+# devgate's build files leave off for users. Prints "steps: N passed, M failed" last and exits
+# non-zero if any step failed. FUZZ_SECONDS (default 60) bounds each fuzzer's run.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -64,14 +66,14 @@ smoke_benchmarks() {
 
 meson_suite() {
   rm -rf "$build/meson"
-  meson setup "$build/meson" "$root" >"$build/meson.setup.log" 2>&1 ||
+  meson setup --werror "$build/meson" "$root" >"$build/meson.setup.log" 2>&1 ||
     { cat "$build/meson.setup.log"; return 1; }
   meson test -C "$build/meson" --print-errorlogs --num-processes 1
 }
 
 fuzz() {
   cmake -S "$root" -B "$build/fuzz" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS="-O1 -g" \
-    -DDEVGATE_BUILD_FUZZERS=ON -DDEVGATE_BUILD_TESTS=OFF -DDEVGATE_BUILD_EXAMPLES=OFF \
+    -DDEVGATE_WERROR=ON -DDEVGATE_BUILD_FUZZERS=ON -DDEVGATE_BUILD_TESTS=OFF -DDEVGATE_BUILD_EXAMPLES=OFF \
     -DDEVGATE_BUILD_BENCHMARKS=OFF >"$build/fuzz.configure.log" 2>&1 ||
     { cat "$build/fuzz.configure.log"; return 1; }
   cmake --build "$build/fuzz" -j "$jobs" || return 1
@@ -97,16 +99,18 @@ total_start=$SECONDS
 step "format (clang-format --dry-run --Werror)" format_check
 step "single header is up to date" scripts/amalgamate.py --check
 step "every public name has a /// comment" scripts/check_doc_comments.py
-step "plain: GCC, -Werror, tests + examples + benchmarks" cmake_suite "$build/plain" \
-  -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE= -DCMAKE_CXX_FLAGS="-O2 -g" \
-  -DDEVGATE_BUILD_BENCHMARKS=ON
+# -O3 without NDEBUG: the optimiser's warnings of a release build, with asserts still checked.
+step "plain: GCC -O3, -Werror, tests + examples + benchmarks" cmake_suite "$build/plain" \
+  -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE= -DCMAKE_CXX_FLAGS="-O3 -g" \
+  -DDEVGATE_WERROR=ON -DDEVGATE_BUILD_BENCHMARKS=ON
 step "benchmarks run once (smoke)" smoke_benchmarks
 step "ASan+UBSan: Clang, -fno-sanitize-recover=all" cmake_suite "$build/asan" \
   -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE= -DCMAKE_CXX_FLAGS="-O1 -g" \
-  -DDEVGATE_SANITIZE=address,undefined -DDEVGATE_BUILD_BENCHMARKS=OFF
+  -DDEVGATE_WERROR=ON -DDEVGATE_SANITIZE=address,undefined -DDEVGATE_BUILD_BENCHMARKS=OFF
 step "TSan: GCC, against single_include/" cmake_suite "$build/tsan" \
   -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE= -DCMAKE_CXX_FLAGS="-O1 -g" \
-  -DDEVGATE_SANITIZE=thread -DDEVGATE_TEST_SINGLE_HEADER=ON -DDEVGATE_BUILD_BENCHMARKS=OFF
+  -DDEVGATE_WERROR=ON -DDEVGATE_SANITIZE=thread -DDEVGATE_TEST_SINGLE_HEADER=ON \
+  -DDEVGATE_BUILD_BENCHMARKS=OFF
 step "meson: build and meson test" meson_suite
 step "packaging: find_package, add_subdirectory, meson subproject, pkg-config" \
   tests/packaging/run.sh "$build/packaging"

@@ -101,7 +101,14 @@ void ceiling_moodycamel(benchmark::State& state) {
       const auto n =
           std::min<std::int64_t>(static_cast<std::int64_t>(batch), messages_per_iteration - i);
       for (std::int64_t k = 0; k < n; ++k) out[static_cast<std::size_t>(k)] = make(i + k);
-      q.enqueue_bulk(token, std::make_move_iterator(out.begin()), static_cast<std::size_t>(n));
+      // Out of memory (a token whose producer could not be allocated fails too, as in
+      // lockfree_queue::push_bulk): stop the consumers and report it.
+      if (!token.valid() || !q.enqueue_bulk(token, std::make_move_iterator(out.begin()),
+                                            static_cast<std::size_t>(n))) {
+        consumed.store(messages_per_iteration, std::memory_order_relaxed);
+        state.SkipWithError("moodycamel enqueue_bulk ran out of memory");
+        break;
+      }
       i += n;
     }
     for (auto& t : threads) t.join();

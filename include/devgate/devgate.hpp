@@ -6,7 +6,7 @@
 ///   core/       vocabulary types: shared immutable bytes, error codes
 ///   transport/  what a transport must provide (concept), the way back to it, in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
-///               with a transport (the one composition root)
+///               with a transport (the one composition root); internals in pipeline/detail/
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux);
 ///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
@@ -14,7 +14,7 @@
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
-///   detail/     internals (OpenSSL wrappers, eventcount); not part of the API
+///   detail/     internals several layers share (OpenSSL wrappers); not part of the API
 
 #include "devgate/version.hpp"  // version numbers
 

@@ -11,7 +11,7 @@
 ///   core/       vocabulary types: shared immutable bytes, error codes
 ///   transport/  what a transport must provide (concept), the way back to it, in-process transport
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
-///               with a transport (the one composition root)
+///               with a transport (the one composition root); internals in pipeline/detail/
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux);
 ///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
@@ -19,7 +19,8 @@
 ///   store/      per-device state across connections: the concept and the in-memory store
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
-///   detail/     internals (OpenSSL wrappers, eventcount); not part of the API
+///   detail/     internals several layers share (OpenSSL wrappers); not part of the API
+
 
 // ---- begin devgate/version.hpp ----
 
@@ -39,6 +40,7 @@ inline constexpr std::string_view version_string = "0.1.0";
 
 }  // namespace devgate
 // ---- end devgate/version.hpp ----
+
 
 // ---- begin devgate/core/bytes.hpp ----
 
@@ -378,6 +380,7 @@ class stop_signals {
 }  // namespace devgate
 // ---- end devgate/core/stop_signals.hpp ----
 
+
 // ---- begin devgate/transport/in_process.hpp ----
 
 #include <atomic>         // session ids, sequence numbers, in-flight handler count
@@ -398,6 +401,7 @@ class stop_signals {
 #include <utility>        // std::move
 #include <vector>         // inbox snapshots
 
+
 // ---- begin devgate/transport/transport.hpp ----
 
 #include <chrono>        // timestamps
@@ -409,6 +413,7 @@ class stop_signals {
 #include <string>        // device ids
 #include <string_view>   // reasons
 #include <system_error>  // results
+
 
 namespace devgate {
 
@@ -502,6 +507,8 @@ struct transport_handlers {
 ///   buffer (never a copy per recipient); returns how many sessions it was queued to.
 /// - `close(s, code, reason)` starts closing one session.
 /// - `buffered_bytes(s)` reports the bytes queued to one session and not yet written.
+/// A gateway given a type that does not fit stops the build with: "devgate::gateway: Transport
+/// must satisfy devgate::transport (see transport/transport.hpp for what it must provide)".
 template <class T>
 concept transport = requires(T& t, const T& ct, transport_handlers h, session_id s, payload_kind k,
                              shared_bytes b, std::span<const session_id> many, close_code c,
@@ -759,6 +766,7 @@ static_assert(transport<in_process_transport>,
 #include <system_error>  // results
 #include <utility>       // std::move
 
+
 namespace devgate {
 
 /// The way back to a transport's sessions, whatever the transport's type: what sinks reply
@@ -790,6 +798,7 @@ struct reply_channel {
 
 }  // namespace devgate
 // ---- end devgate/transport/reply_channel.hpp ----
+
 
 // ---- begin devgate/pipeline/demand.hpp ----
 
@@ -825,6 +834,9 @@ struct batch_feedback {
 /// - `d.demand()`: how many messages to ask for now, in [1, d.max_demand()];
 /// - `d.max_demand()`: an upper bound that never changes (workers size their buffers with it);
 /// - `d.record(feedback)`: learn from the batch just dispatched.
+/// A `Traits::demand_type` that does not fit stops the build with: "devgate::pipeline:
+/// Traits::demand_type must be a demand policy such as devgate::adaptive_demand or
+/// devgate::fixed_demand<N> (requirements in demand.hpp)".
 template <class D>
 concept demand_policy = std::constructible_from<D, const demand_options&> &&
     requires(D& d, const D& cd, const batch_feedback& f) {
@@ -898,10 +910,12 @@ static_assert(demand_policy<adaptive_demand>);
 #include <utility>      // std::move
 #include <vector>       // partitions, batches, pending
 
+
 // ---- begin devgate/pipeline/message.hpp ----
 
 #include <cstdint>  // sequence numbers
 #include <utility>  // std::move
+
 
 namespace devgate {
 
@@ -939,15 +953,15 @@ struct message {
 
 // ---- begin devgate/pipeline/queue.hpp ----
 
-#include <concepts>     // queue_policy
-#include <cstddef>      // std::size_t
-#include <cstdint>      // std::uint8_t
-#include <deque>        // locked_queue storage
-#include <mutex>        // locked_queue
-#include <type_traits>  // std::is_default_constructible_v
-#include <utility>      // std::move
+#include <concepts>  // queue_policy
+#include <cstddef>   // std::size_t
+#include <cstdint>   // std::uint8_t, tickets
+#include <deque>     // locked_queue storage
+#include <mutex>     // locked_queue
+#include <utility>   // std::move, std::declval
 
 #include <concurrentqueue/concurrentqueue.h>
+
 
 namespace devgate {
 
@@ -963,8 +977,28 @@ enum class overflow_policy : std::uint8_t {
   block,
 };
 
-/// A queue policy names a multi-producer, multi-consumer FIFO-per-producer container template.
-/// Requirements on `Q::queue<T>` for a movable, default-constructible T:
+/// A message in a partition queue, with the ticket that fixes its place in the partition's
+/// order: what a queue policy's container holds.
+struct queued_message {
+  message msg;                  ///< The message.
+  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
+  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
+};
+
+/// A container the pipeline can keep items of type T in (the requirements of `queue_policy`).
+template <class Container, class T>
+concept queue_container = std::default_initializable<Container> &&
+    std::constructible_from<typename Container::producer_token, Container&> &&
+    requires(Container& q, typename Container::producer_token& token, T* out, std::size_t max) {
+  { q.push(std::declval<T>()) } -> std::same_as<bool>;
+  { q.push(token, std::declval<T>()) } -> std::same_as<bool>;
+  { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
+};
+
+/// A queue policy names a multi-producer, multi-consumer FIFO-per-producer container template,
+/// checked with the type the pipeline stores in it, `queued_message`. Requirements on
+/// `Q::queue<T>`:
+/// - default-constructible (one per partition);
 /// - a nested `producer_token` constructible from `queue<T>&`, usable by one thread at a time;
 /// - `q.push(T&&)` and `q.push(producer_token&, T&&)`: thread-safe, return false only when
 ///   memory runs out;
@@ -974,15 +1008,11 @@ enum class overflow_policy : std::uint8_t {
 /// Optional: `q.push_bulk(producer_token&, It first, std::size_t n)` enqueuing `n` items read
 /// through the input iterator `first` (each `*first` a T prvalue, noexcept), in order; the
 /// pipeline's `push_bulk` uses it when present (see `bulk_queue`) and otherwise pushes one by one.
+/// A `Traits::queue_type` that does not fit stops the build with: "devgate::pipeline:
+/// Traits::queue_type must be a queue policy such as devgate::lockfree_queue or
+/// devgate::locked_queue (requirements in queue.hpp)".
 template <class Q>
-concept queue_policy = requires(typename Q::template queue<int>& q,
-                                typename Q::template queue<int>::producer_token& token, int* out,
-                                std::size_t max) {
-  typename Q::template queue<int>::producer_token;
-  { q.push(1) } -> std::same_as<bool>;
-  { q.push(token, 1) } -> std::same_as<bool>;
-  { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
-};
+concept queue_policy = queue_container<typename Q::template queue<queued_message>, queued_message>;
 
 /// A queue container with the optional bulk enqueue (one reservation of slots for many items).
 template <class Container, class T>
@@ -1018,6 +1048,10 @@ struct lockfree_queue {
     /// Enqueues `n` items read through `first` with one reservation of slots (all or nothing).
     template <class It>
     bool push_bulk(producer_token& token, It first, std::size_t n) {
+      // A token whose producer could not be allocated is out of memory, as `push` reports it
+      // (moodycamel's bulk enqueue does not check; its single enqueue does). The check also
+      // shows GCC that the producer is not null, which its -O3 -Wstringop-overflow misses.
+      if (!token.token_.valid()) return false;
       return impl_.enqueue_bulk(token.token_, first, n);
     }
     /// Dequeues up to `max` items into `out`.
@@ -1076,20 +1110,13 @@ struct locked_queue {
 
 static_assert(queue_policy<lockfree_queue>);
 static_assert(queue_policy<locked_queue>);
-static_assert(bulk_queue<lockfree_queue::queue<int>, int>);
-static_assert(bulk_queue<locked_queue::queue<int>, int>);
+static_assert(bulk_queue<lockfree_queue::queue<queued_message>, queued_message>);
+static_assert(bulk_queue<locked_queue::queue<queued_message>, queued_message>);
 
 }  // namespace devgate
 // ---- end devgate/pipeline/queue.hpp ----
 
 namespace devgate {
-
-/// A message in a partition queue, with the ticket that fixes its place in the partition's order.
-struct queued_message {
-  message msg;                  ///< The message.
-  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
-  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
-};
 
 /// The demand-driven fetcher: a passive coordinator, not a thread. Workers pull through it with
 /// their demand; it hands each one up to that many messages in bulk, in order per partition.
@@ -1195,7 +1222,7 @@ class fetcher {
   void enqueue(std::uint32_t p, message&& m) {
     auto& part = *partitions_[p];
     // seq_cst: the pipeline's wake-up pairs this RMW with the workers' seq_cst re-check of
-    // `tail` (pipeline_eventcount::notify_one_after_sc_rmw).
+    // `tail` (detail::eventcount::notify_one_after_sc_rmw).
     queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     // The ticket is taken: the enqueue must happen or the partition stalls at this gap, so an
     // out-of-memory enqueue is retried rather than abandoned.
@@ -1529,6 +1556,7 @@ class fetcher {
 #include <utility>       // std::move
 #include <vector>        // handed-back messages, staging
 
+
 // ---- begin devgate/pipeline/metrics.hpp ----
 
 #include <array>    // bucket counts
@@ -1724,7 +1752,7 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 
 // ---- begin devgate/pipeline/pipeline.hpp ----
 
-#include <algorithm>           // std::min
+#include <algorithm>           // std::min, std::max
 #include <atomic>              // counters and flags
 #include <chrono>              // timestamps, backoff
 #include <condition_variable>  // interruptible retry backoff
@@ -1743,7 +1771,8 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 #include <utility>             // std::move
 #include <vector>              // handed-back messages
 
-// ---- begin devgate/detail/pipeline_eventcount.hpp ----
+
+// ---- begin devgate/pipeline/detail/eventcount.hpp ----
 
 #include <atomic>              // the waiter count and epoch
 #include <chrono>              // deadlines
@@ -1757,7 +1786,7 @@ namespace devgate::detail {
 /// mutex (and a futex wake) when a waiter exists. A waiter announces itself, re-checks its
 /// condition, then sleeps until the epoch moves; a notify between the announce and the sleep moves
 /// the epoch, so no wake-up is lost and there is no polling interval.
-class pipeline_eventcount {
+class eventcount {
  public:
   /// Step 1 of waiting: announce; the caller then re-checks its condition.
   [[nodiscard]] std::uint64_t prepare_wait() noexcept {
@@ -1844,7 +1873,7 @@ class pipeline_eventcount {
 };
 
 }  // namespace devgate::detail
-// ---- end devgate/detail/pipeline_eventcount.hpp ----
+// ---- end devgate/pipeline/detail/eventcount.hpp ----
 
 // ---- begin devgate/pipeline/sink.hpp ----
 
@@ -1856,6 +1885,7 @@ class pipeline_eventcount {
 #include <tuple>         // fanout_sink
 #include <type_traits>   // std::invoke_result_t
 #include <utility>       // std::move
+
 
 namespace devgate {
 
@@ -1888,6 +1918,9 @@ struct dispatch_context {
 /// success or the failure; the pipeline retries failures with backoff, then dead-letters them.
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
+/// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
+/// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
+/// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
 template <class S>
 concept sink = requires(S& s, const message& m, dispatch_context& ctx) {
   { s.consume(m, ctx) } -> std::same_as<std::error_code>;
@@ -1972,9 +2005,11 @@ static_assert(sink<null_sink>);
 #include <thread>              // workers
 #include <vector>              // slots
 
+
 namespace devgate {
 
-/// Runtime knobs of the worker pool (part of `pipeline_options`).
+/// Runtime knobs of the worker pool (part of `pipeline_options`). Each pool policy reads the
+/// fields it needs; a policy of your own may read any of them.
 struct pool_options {
   /// Workers of a `fixed_pool`.
   std::size_t workers = 2;
@@ -1993,101 +2028,178 @@ struct pool_options {
   std::chrono::milliseconds idle_before_retire{500};
 };
 
-/// Worker pool policy: a fixed number of workers.
-struct fixed_pool {
-  static constexpr bool scales = false;  ///< Never adds or retires workers.
-};
-/// Worker pool policy: min..max workers, scaling up on sustained backlog or latency and down
-/// after idle time.
-struct dynamic_pool {
-  static constexpr bool scales = true;  ///< Adds and retires workers.
+/// What a worker tells the pool policy after each batch it dispatched.
+struct pool_sample {
+  std::size_t backlog = 0;  ///< Messages accepted and not yet dispatched (the pipeline's depth).
+  /// Longest a message of the batch waited between enqueue and dispatch.
+  std::chrono::nanoseconds oldest_wait{0};
+  std::size_t alive = 0;    ///< Workers running now (this one included).
+  clock::time_point now{};  ///< When the batch ended.
 };
 
-/// A pool policy says whether the pool scales. Requirement: `P::scales` is a constant bool.
+/// A pool policy decides how many workers run. `worker_pool` holds one instance, built from
+/// `pipeline_options::pool`, and asks it at these points:
+/// - construction from `const pool_options&`: check the fields it uses and throw
+///   std::invalid_argument naming the field on misuse;
+/// - `p.max_workers()`: worker slots (ids 0..max_workers()-1), read once at construction;
+/// - `p.initial_workers()`: workers `start` runs, in 1..max_workers(), read once;
+/// - `p.add_worker(sample)`: after every batch, from every worker at once: true asks for one
+///   more worker (the pool adds none past `max_workers()`). It is on the dispatch path: no lock,
+///   no allocation, no system call there (a relaxed atomic is fine);
+/// - `p.idle_wait()`: how long a worker with nothing to do sleeps before it asks `may_retire`;
+///   `clock::duration::max()` sleeps until woken and never asks;
+/// - `p.may_retire(alive)`: may an idle worker leave, `alive` workers running? Asked under the
+///   pool's mutex, one worker at a time; the pool never lets the last worker go.
+/// A `Traits::pool_type` that does not fit stops the build with: "devgate::pipeline:
+/// Traits::pool_type must be a pool policy such as devgate::dynamic_pool or devgate::fixed_pool
+/// (requirements in worker_pool.hpp)".
 template <class P>
-concept pool_policy = requires {
-  { P::scales } -> std::convertible_to<bool>;
-  requires std::same_as<decltype(P::scales), const bool>;
+concept pool_policy = std::constructible_from<P, const pool_options&> &&
+    requires(P& p, const P& cp, const pool_sample& sample, std::size_t alive) {
+  { cp.max_workers() } -> std::convertible_to<std::size_t>;
+  { cp.initial_workers() } -> std::convertible_to<std::size_t>;
+  { p.add_worker(sample) } -> std::same_as<bool>;
+  { cp.idle_wait() } -> std::convertible_to<clock::duration>;
+  { p.may_retire(alive) } -> std::same_as<bool>;
 };
+
+/// Worker pool policy: `pool_options::workers` workers, started together, never added or retired;
+/// idle workers sleep until work comes.
+class fixed_pool {
+ public:
+  /// Checks `workers` (std::invalid_argument when it is 0).
+  explicit fixed_pool(const pool_options& options) : workers_(options.workers) {
+    if (workers_ == 0) throw std::invalid_argument("devgate: pool_options.workers must be >= 1");
+  }
+  /// `workers`.
+  [[nodiscard]] std::size_t max_workers() const noexcept { return workers_; }
+  /// `workers`: all of them from the start.
+  [[nodiscard]] std::size_t initial_workers() const noexcept { return workers_; }
+  /// Never adds one.
+  static constexpr bool add_worker(const pool_sample& /*unused*/) noexcept { return false; }
+  /// Sleeps until woken.
+  static constexpr clock::duration idle_wait() noexcept { return clock::duration::max(); }
+  /// Never retires one.
+  static constexpr bool may_retire(std::size_t /*unused*/) noexcept { return false; }
+
+ private:
+  std::size_t workers_;
+};
+
+/// Worker pool policy: `min_workers..max_workers` workers. The pipeline is hot while more than
+/// `scale_up_backlog` messages wait or a batch held one that waited longer than
+/// `scale_up_latency`; hot for `scale_up_after` adds a worker. A worker idle for
+/// `idle_before_retire` retires, down to `min_workers`. The asymmetry (10 ms against 500 ms by
+/// default) is the hysteresis that keeps the pool from flapping.
+class dynamic_pool {
+ public:
+  /// Checks `min_workers` and `max_workers` (std::invalid_argument on misuse).
+  explicit dynamic_pool(const pool_options& options) : options_(options) {
+    if (options.min_workers == 0) {
+      throw std::invalid_argument(
+          "devgate: pool_options.min_workers must be >= 1 (a worker drains on stop)");
+    }
+    if (options.max_workers < options.min_workers) {
+      throw std::invalid_argument("devgate: pool_options.max_workers must be >= min_workers");
+    }
+  }
+  /// `max_workers`.
+  [[nodiscard]] std::size_t max_workers() const noexcept { return options_.max_workers; }
+  /// `min_workers`.
+  [[nodiscard]] std::size_t initial_workers() const noexcept { return options_.min_workers; }
+  /// True once the pipeline has stayed hot for `scale_up_after` (then the clock restarts, so
+  /// workers are added one per `scale_up_after` while it stays hot). Lock-free: one relaxed
+  /// load per batch, a store or CAS only when hot starts, ends or lasts long enough.
+  bool add_worker(const pool_sample& s) noexcept {
+    const bool hot =
+        s.backlog > options_.scale_up_backlog || s.oldest_wait > options_.scale_up_latency;
+    const auto ticks = s.now.time_since_epoch().count();
+    auto since = hot_since_.load(std::memory_order_relaxed);
+    if (!hot) {
+      if (since != 0) hot_since_.store(0, std::memory_order_relaxed);
+      return false;
+    }
+    if (since == 0) {
+      hot_since_.compare_exchange_strong(since, ticks, std::memory_order_relaxed);
+      return false;
+    }
+    if (clock::duration(ticks - since) < options_.scale_up_after) return false;
+    if (s.alive >= options_.max_workers) return false;
+    // One worker wins the CAS: one addition per hot period.
+    return hot_since_.compare_exchange_strong(since, 0, std::memory_order_relaxed);
+  }
+  /// `idle_before_retire`.
+  [[nodiscard]] clock::duration idle_wait() const noexcept { return options_.idle_before_retire; }
+  /// True above `min_workers`.
+  [[nodiscard]] bool may_retire(std::size_t alive) const noexcept {
+    return alive > options_.min_workers;
+  }
+
+ private:
+  pool_options options_;
+  std::atomic<clock::rep> hot_since_{0};  // when the pipeline turned hot (0: it is not)
+};
+
+static_assert(pool_policy<fixed_pool>);
+static_assert(pool_policy<dynamic_pool>);
 
 /// The threads that run workers. Each worker has a stable id (its slot, 0..max_workers-1) for
-/// its whole life; a retired worker's slot is reused by the next worker the pool adds.
+/// its whole life; a retired worker's slot is reused by the next worker the pool adds. How many
+/// run, and when one is added or retires, is the `Policy`'s decision (see `pool_policy`).
 template <pool_policy Policy>
 class worker_pool {
  public:
-  /// Validates `options` (std::invalid_argument with the reason on misuse).
-  explicit worker_pool(const pool_options& options) : options_(options) {
-    if constexpr (Policy::scales) {
-      if (options.min_workers == 0) {
-        throw std::invalid_argument(
-            "devgate: pool_options.min_workers must be >= 1 (a worker drains on stop)");
-      }
-      if (options.max_workers < options.min_workers) {
-        throw std::invalid_argument("devgate: pool_options.max_workers must be >= min_workers");
-      }
-    } else if (options.workers == 0) {
-      throw std::invalid_argument("devgate: pool_options.workers must be >= 1");
+  /// Builds the policy from `options` (it throws std::invalid_argument on misuse).
+  explicit worker_pool(const pool_options& options)
+      : policy_(options),
+        max_workers_(policy_.max_workers()),
+        initial_workers_(policy_.initial_workers()) {
+    if (initial_workers_ == 0 || initial_workers_ > max_workers_) {
+      throw std::invalid_argument(
+          "devgate: a pool policy must give 1 <= initial_workers() <= max_workers()");
     }
-    slots_.resize(max_workers());
-    running_ = std::make_unique<std::atomic<bool>[]>(max_workers());
+    slots_.resize(max_workers_);
+    running_ = std::make_unique<std::atomic<bool>[]>(max_workers_);
   }
   worker_pool(const worker_pool&) = delete;
   worker_pool& operator=(const worker_pool&) = delete;
   ~worker_pool() { join_all(); }
 
   /// Number of worker slots (the largest worker id + 1).
-  [[nodiscard]] std::size_t max_workers() const noexcept {
-    return Policy::scales ? options_.max_workers : options_.workers;
-  }
+  [[nodiscard]] std::size_t max_workers() const noexcept { return max_workers_; }
   /// Workers started by `start`.
-  [[nodiscard]] std::size_t initial_workers() const noexcept {
-    return Policy::scales ? options_.min_workers : options_.workers;
-  }
+  [[nodiscard]] std::size_t initial_workers() const noexcept { return initial_workers_; }
   /// Workers running now.
   [[nodiscard]] std::size_t alive() const noexcept {
     return alive_.load(std::memory_order_relaxed);
   }
+  /// The policy (for inspection; workers call it concurrently while running).
+  [[nodiscard]] Policy& policy() noexcept { return policy_; }
 
   /// Starts the initial workers, each running `body(id)`.
   void start(std::function<void(std::size_t)> body) {
     body_ = std::move(body);
-    for (std::size_t i = 0; i < initial_workers(); ++i) try_spawn();
+    for (std::size_t i = 0; i < initial_workers_; ++i) try_spawn();
   }
 
-  /// A dynamic pool's workers report after each batch whether the pipeline looks hot; a worker
-  /// is added once it has stayed hot for `scale_up_after`.
-  void observe(bool hot, clock::time_point now) {
-    if constexpr (Policy::scales) {
-      const auto ticks = now.time_since_epoch().count();
-      auto since = hot_since_.load(std::memory_order_relaxed);
-      if (!hot) {
-        if (since != 0) hot_since_.store(0, std::memory_order_relaxed);
-        return;
-      }
-      if (since == 0) {
-        hot_since_.compare_exchange_strong(since, ticks, std::memory_order_relaxed);
-        return;
-      }
-      if (clock::duration(ticks - since) < options_.scale_up_after) return;
-      if (alive() >= options_.max_workers) return;
-      if (hot_since_.compare_exchange_strong(since, 0, std::memory_order_relaxed)) try_spawn();
-    } else {
-      (void)hot;
-      (void)now;
-    }
+  /// A worker reports the batch it just dispatched (`sample.alive` is filled in here); the pool
+  /// adds a worker when the policy asks for one. Only adding one takes the pool's mutex.
+  void observe(pool_sample sample) {
+    sample.alive = alive();
+    if (policy_.add_worker(sample)) try_spawn();
   }
 
-  /// Called by an idle worker: true if it may retire (and it is then no longer counted alive).
+  /// How long an idle worker sleeps before `try_retire` (`clock::duration::max()`: until woken).
+  [[nodiscard]] clock::duration idle_wait() const noexcept { return policy_.idle_wait(); }
+
+  /// Called by a worker that stayed idle for `idle_wait()`: true if it may retire (and it is
+  /// then no longer counted alive). The last worker never retires: someone must see new work.
   [[nodiscard]] bool try_retire() {
-    if constexpr (Policy::scales) {
-      std::lock_guard lock(mutex_);
-      const auto n = alive_.load(std::memory_order_relaxed);
-      if (n > options_.min_workers) {
-        alive_.store(n - 1, std::memory_order_relaxed);
-        return true;
-      }
-    }
-    return false;
+    std::lock_guard lock(mutex_);
+    const auto n = alive_.load(std::memory_order_relaxed);
+    if (n <= 1 || !policy_.may_retire(n)) return false;
+    alive_.store(n - 1, std::memory_order_relaxed);
+    return true;
   }
 
   /// Called by a worker leaving for any other reason than retiring.
@@ -2121,7 +2233,7 @@ class worker_pool {
  private:
   bool try_spawn() {
     std::lock_guard lock(mutex_);
-    if (stopping_ || alive() >= max_workers()) return false;
+    if (stopping_ || alive() >= max_workers_) return false;
     for (std::size_t id = 0; id < slots_.size(); ++id) {
       auto& slot = slots_[id];
       if (slot.joinable()) {
@@ -2142,14 +2254,15 @@ class worker_pool {
     return !running_[id].load(std::memory_order_acquire);
   }
 
-  pool_options options_;
+  Policy policy_;
+  std::size_t max_workers_;
+  std::size_t initial_workers_;
   std::function<void(std::size_t)> body_;
   std::mutex mutex_;
   std::condition_variable exited_cv_;
   std::vector<std::thread> slots_;
   std::unique_ptr<std::atomic<bool>[]> running_;  // slot id -> its thread is still in the body
   std::atomic<std::size_t> alive_{0};
-  std::atomic<clock::rep> hot_since_{0};
   bool stopping_ = false;
 };
 
@@ -2165,7 +2278,7 @@ struct pipeline_traits {
   using queue_type = lockfree_queue;
   /// How many messages a worker asks for: `adaptive_demand` or `fixed_demand<N>`.
   using demand_type = adaptive_demand;
-  /// How many workers run: `dynamic_pool` (min..max) or `fixed_pool`.
+  /// How many workers run: `dynamic_pool` (min..max), `fixed_pool`, or a `pool_policy` of yours.
   using pool_type = dynamic_pool;
 };
 
@@ -2226,8 +2339,8 @@ class pipeline {
       "devgate::pipeline: Traits::demand_type must be a demand policy such as "
       "devgate::adaptive_demand or devgate::fixed_demand<N> (requirements in demand.hpp)");
   static_assert(pool_policy<typename Traits::pool_type>,
-                "devgate::pipeline: Traits::pool_type must be devgate::fixed_pool or "
-                "devgate::dynamic_pool (requirements in worker_pool.hpp)");
+                "devgate::pipeline: Traits::pool_type must be a pool policy such as "
+                "devgate::dynamic_pool or devgate::fixed_pool (requirements in worker_pool.hpp)");
 
   using fetcher_type = fetcher<typename Traits::queue_type, typename Traits::demand_type>;
   using pool_type = worker_pool<typename Traits::pool_type>;
@@ -2538,11 +2651,13 @@ class pipeline {
         work_.cancel_wait();
         break;
       }
-      if constexpr (Traits::pool_type::scales) {
-        const bool woke = work_.wait_until(key, clock::now() + options_.pool.idle_before_retire);
-        if (!woke && accepting_.load(std::memory_order_acquire) && pool_.try_retire()) return;
-      } else {
+      // The pool policy says how long an idle worker sleeps before it asks to retire.
+      const auto idle = pool_.idle_wait();
+      if (idle == clock::duration::max()) {
         work_.wait(key);
+      } else {
+        const bool woke = work_.wait_until(key, clock::now() + idle);
+        if (!woke && accepting_.load(std::memory_order_acquire) && pool_.try_retire()) return;
       }
     }
     pool_.exited();
@@ -2569,10 +2684,10 @@ class pipeline {
 
   // Starts a batch. With other workers around, it is served one partition at a time so they can
   // take the partitions this worker has not reached (see fetcher::batch); a lone worker takes
-  // every share in one pass. A fixed pool counts its configured workers (they may still be
-  // starting), a dynamic pool those alive now (one it adds later sees the next batch spread).
+  // every share in one pass. Workers counted: those alive now, and at least the initial ones
+  // (they may still be starting); a worker the pool adds later sees the next batch spread.
   std::size_t fetch(std::size_t id, typename fetcher_type::batch& b, std::size_t cursor) {
-    const std::size_t workers = Traits::pool_type::scales ? pool_.alive() : pool_.max_workers();
+    const std::size_t workers = std::max(pool_.alive(), pool_.initial_workers());
     return fetcher_.fetch(id, b, cursor, workers > 1);
   }
 
@@ -2627,10 +2742,12 @@ class pipeline {
     } else {
       const auto end = clock::now();
       fetcher_.release(id, b, batch_feedback{b.asked(), b.taken(), end - start});
-      pool_.observe(queued_.load(std::memory_order_relaxed) >
-                            static_cast<std::int64_t>(options_.pool.scale_up_backlog) ||
-                        oldest > options_.pool.scale_up_latency,
-                    end);
+      const auto depth = queued_.load(std::memory_order_relaxed);
+      pool_sample sample;
+      sample.backlog = depth > 0 ? static_cast<std::size_t>(depth) : 0;
+      sample.oldest_wait = oldest;
+      sample.now = end;
+      pool_.observe(sample);
     }
     if (done != 0) release(static_cast<std::int64_t>(done));
     return !aborted;
@@ -2724,8 +2841,8 @@ class pipeline {
   std::atomic<std::uint64_t> dead_lettered_{0};
   std::atomic<std::uint64_t> handed_back_{0};
 
-  detail::pipeline_eventcount work_;   // workers sleep here when no partition has work
-  detail::pipeline_eventcount space_;  // blocked producers sleep here
+  detail::eventcount work_;   // workers sleep here when no partition has work
+  detail::eventcount space_;  // blocked producers sleep here
   std::mutex abort_mutex_;
   std::condition_variable abort_cv_;
   std::mutex lifecycle_;
@@ -2938,6 +3055,7 @@ gateway(Transport&, Sink, pipeline_options = {}) -> gateway<Transport, Sink>;
 }  // namespace devgate
 // ---- end devgate/pipeline/gateway.hpp ----
 
+
 // ---- begin devgate/websocket/frame.hpp ----
 
 #include <array>        // mask keys, header buffers
@@ -2947,6 +3065,7 @@ gateway(Transport&, Sink, pipeline_options = {}) -> gateway<Transport, Sink>;
 #include <span>         // payloads
 #include <string_view>  // close reasons
 #include <vector>       // client frames, close payloads
+
 
 namespace devgate::websocket {
 
@@ -3155,6 +3274,7 @@ inline void apply_mask(std::span<std::byte> data, std::array<std::byte, 4> key,
 #include <cstdint>      // key bytes
 #include <string>       // responses
 #include <string_view>  // header values, reasons
+
 
 // ---- begin devgate/detail/crypto.hpp ----
 
@@ -3881,6 +4001,7 @@ struct upgrade_result {
 #include <span>         // input, control payloads
 #include <string_view>  // close reasons
 
+
 // ---- begin devgate/websocket/utf8.hpp ----
 
 #include <cstddef>  // std::byte
@@ -4343,6 +4464,7 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 #include <string>        // address, texts
 #include <system_error>  // error replies
 
+
 namespace devgate::websocket {
 
 /// The answer to a plain (non-upgrade) HTTP GET or HEAD, produced by `server_options::route`.
@@ -4467,6 +4589,7 @@ struct server_options {
 #include <string>        // paths
 #include <string_view>   // extensions, targets
 #include <system_error>  // filesystem errors
+
 
 namespace devgate::websocket {
 
@@ -4606,12 +4729,14 @@ namespace devgate::websocket {
 #include <thread>        // workers
 #include <vector>        // workers, broadcast groups
 
+
 // ---- begin devgate/websocket/detail/core.hpp ----
 
 #include <atomic>   // live sessions, stopping flag
 #include <chrono>   // tick period, millisecond stamps
 #include <cstddef>  // std::size_t
 #include <cstdint>  // 32-bit stamps
+
 
 namespace devgate::websocket::detail {
 
@@ -4670,6 +4795,7 @@ struct server_core {
 #include <utility>       // std::move
 #include <vector>        // registry, snapshots
 
+
 // ---- begin devgate/websocket/detail/backpressure.hpp ----
 
 #include <atomic>       // the reserved-bytes counter, shared with other threads
@@ -4678,6 +4804,7 @@ struct server_core {
 #include <optional>     // no close under drop_oldest
 #include <string_view>  // the close reason
 #include <utility>      // std::exchange
+
 
 // ---- begin devgate/websocket/detail/out_queue.hpp ----
 
@@ -4692,6 +4819,7 @@ struct server_core {
 #include <span>       // payload views, iovecs
 #include <utility>    // std::move
 #include <vector>     // the FIFOs
+
 
 namespace devgate::websocket::detail {
 
@@ -5148,6 +5276,7 @@ class outbound_budget {
 #include <utility>       // std::exchange, std::move
 #include <vector>        // early frames
 
+
 // ---- begin devgate/websocket/detail/http_phase.hpp ----
 
 #include <atomic>       // the server's stopping flag
@@ -5158,6 +5287,7 @@ class outbound_budget {
 #include <string>       // device ids, response heads
 #include <string_view>  // bodies, header lines
 #include <utility>      // std::exchange, std::move
+
 
 namespace devgate::websocket::detail {
 
@@ -5382,6 +5512,7 @@ inline session_pool& session_memory() {
 #include <span>     // the batch handed to on_messages
 #include <vector>   // the reused messages
 
+
 namespace devgate::websocket::detail {
 
 /// The messages decoded from one read of one session, collected to be handed to the engine in
@@ -5580,6 +5711,7 @@ static_assert(byte_stream<tcp_stream>, "tcp_stream must satisfy byte_stream");
 #include <memory>   // pooled objects, the read buffer
 #include <span>     // the read buffer
 #include <vector>   // pools
+
 
 namespace devgate::websocket::detail {
 
@@ -6925,6 +7057,7 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 // ---- end devgate/websocket/server.hpp ----
 #endif
 
+
 // ---- begin devgate/store/memory_state_store.hpp ----
 
 #include <array>          // shards
@@ -6935,6 +7068,7 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 #include <mutex>          // per-shard lock
 #include <string>         // device ids
 #include <unordered_map>  // device table
+
 
 // ---- begin devgate/store/state_store.hpp ----
 
@@ -6998,6 +7132,9 @@ struct device_state {
 /// - `touch(id, unix_ms)`: records activity.
 /// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
 /// The hub never holds one of its own locks while calling the store.
+/// A hub given a type that does not fit stops the build with: "device::hub: Store must satisfy
+/// devgate::store::state_store (load, add_messages_sent, touch, set_firmware_version,
+/// set_transfer)".
 template <class S>
 concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
                                const std::string& version, const transfer_state& t) {
@@ -7075,6 +7212,7 @@ static_assert(state_store<memory_state_store>,
 }  // namespace devgate::store
 // ---- end devgate/store/memory_state_store.hpp ----
 
+
 // ---- begin devgate/device/delivery.hpp ----
 
 #include <algorithm>    // std::max
@@ -7085,6 +7223,7 @@ static_assert(state_store<memory_state_store>,
 #include <mutex>        // the device's mutex
 #include <string_view>  // message data
 #include <utility>      // std::move
+
 
 // ---- begin devgate/device/protocol.hpp ----
 
@@ -7097,6 +7236,7 @@ static_assert(state_store<memory_state_store>,
 #include <span>         // chunk bytes
 #include <string>       // JSON text
 #include <string_view>  // names
+
 
 /// The devgate device protocol, version 1 (docs/PROTOCOL.md is the specification): JSON text
 /// control messages in both directions and binary firmware chunks from server to device.
@@ -7386,6 +7526,7 @@ inline constexpr int max_json_depth = 32;
 #include <string>   // id, topic, versions
 #include <utility>  // std::move, std::pair
 
+
 // ---- begin devgate/firmware/image.hpp ----
 
 #include <algorithm>  // std::min
@@ -7396,6 +7537,7 @@ inline constexpr int max_json_depth = 32;
 #include <stdexcept>  // set-up errors
 #include <string>     // versions
 #include <utility>    // std::move
+
 
 namespace devgate::firmware {
 
@@ -7713,6 +7855,7 @@ class delivery {
 #include <string>       // device ids
 #include <string_view>  // request targets
 
+
 namespace devgate::device {
 
 /// Longest device id accepted.
@@ -7770,6 +7913,7 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <utility>       // std::move
 #include <vector>        // runs of device messages
 
+
 // ---- begin devgate/device/pubsub.hpp ----
 
 #include <algorithm>      // std::find, std::erase
@@ -7786,6 +7930,7 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <unordered_map>  // topic table, per-session topics
 #include <utility>        // std::move
 #include <vector>         // recipients
+
 
 namespace devgate::device {
 
@@ -7938,6 +8083,7 @@ class pubsub {
 #include <utility>        // std::move
 #include <vector>         // snapshots
 
+
 namespace devgate::device {
 
 /// The devices the hub knows and their live sessions: one record per device id, at most one
@@ -8060,6 +8206,7 @@ class registry {
 #include <string_view>  // device ids
 #include <utility>      // std::move
 #include <vector>       // devices to start
+
 
 // ---- begin devgate/firmware/slots.hpp ----
 
@@ -8938,10 +9085,12 @@ class protocol_dispatch {
 #include <utility>       // std::move
 #include <vector>        // handed-back messages
 
+
 // ---- begin devgate/device/hub_options.hpp ----
 
 #include <cstddef>  // std::size_t
 #include <cstdint>  // counters
+
 
 namespace devgate::device {
 
@@ -8993,6 +9142,7 @@ struct hub_stats {
 #include <chrono>        // dispatch times
 #include <system_error>  // results
 #include <utility>       // std::move
+
 
 namespace devgate::device {
 
@@ -9242,6 +9392,8 @@ class hub {
 }  // namespace devgate::device
 // ---- end devgate/device/hub.hpp ----
 
+
+
 // ---- begin devgate/client/device_client.hpp ----
 
 #include <asio.hpp>
@@ -9263,6 +9415,7 @@ class hub {
 #include <string_view>  // texts
 #include <utility>      // std::move
 #include <vector>       // frames, firmware image
+
 
 namespace devgate::client {
 

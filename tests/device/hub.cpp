@@ -1,5 +1,5 @@
 // Device hub logic over the in-process transport: sessions, state, resume, pub/sub, errors,
-// firmware rollout. (End-to-end over WebSocket with the C++ client: client.cpp.)
+// firmware rollout. (End-to-end over WebSocket with the C++ client: tests/client/.)
 #include "devgate/device/hub.hpp"
 
 #include <catch2/catch.hpp>
@@ -20,11 +20,13 @@
 #include "devgate/pipeline/gateway.hpp"
 #include "devgate/store/memory_state_store.hpp"
 #include "devgate/transport/in_process.hpp"
+#include "support.hpp"
 
 using devgate::in_process_transport;
 using devgate::shared_bytes;
 using json = nlohmann::json;
 namespace dev = devgate::device;
+using devgate::testing::eventually;
 
 namespace {
 
@@ -66,16 +68,6 @@ fake_device connect(in_process_transport& t, const std::string& id, std::uint64_
   if (!version.empty()) hello["firmware_version"] = version;
   REQUIRE_FALSE(d.send(hello));
   return d;
-}
-
-template <class Pred>
-bool eventually(Pred p, std::chrono::seconds limit = std::chrono::seconds(20)) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < end) {
-    if (p()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return p();
 }
 
 std::vector<std::byte> make_image(std::size_t n) {

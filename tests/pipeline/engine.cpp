@@ -10,14 +10,19 @@
 #include <chrono>
 #include <functional>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
 
+#include "support.hpp"
+
 namespace {
 
 using namespace std::chrono_literals;
+using devgate::testing::eventually;
+using devgate::testing::numbered;
 
 devgate::message make(const devgate::shared_bytes& device, std::uint64_t seq) {
   devgate::message m;
@@ -41,17 +46,6 @@ struct recorder {
 auto recording_sink(recorder& r) {
   return devgate::callback_sink(
       [&r](const devgate::message& m, devgate::dispatch_context& ctx) { r.add(m, ctx); });
-}
-
-// Waits (as a failure bound only) until `done()` holds.
-template <class F>
-bool eventually(F done, std::chrono::seconds limit = 20s) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(1ms);
-  }
-  return true;
 }
 
 struct fixed_traits : devgate::pipeline_traits {
@@ -216,8 +210,7 @@ TEST_CASE("the dynamic pool scales up under a burst and back down afterwards", "
   REQUIRE_FALSE(p.start());
   REQUIRE(p.metrics().workers_alive == 1);
   std::vector<devgate::shared_bytes> devices;
-  for (int d = 0; d < 64; ++d)
-    devices.push_back(devgate::shared_bytes::copy_of("d" + std::to_string(d)));
+  for (int d = 0; d < 64; ++d) devices.push_back(devgate::shared_bytes::copy_of(numbered("d", d)));
   constexpr std::uint64_t burst = 20000;
   for (std::uint64_t i = 0; i < burst; ++i)
     REQUIRE_FALSE(p.push(make(devices[i % 64], i / 64 + 1)));
@@ -233,6 +226,92 @@ TEST_CASE("the dynamic pool scales up under a burst and back down afterwards", "
   std::string text;
   p.render_prometheus(text);
   REQUIRE(text.find("devgate_dispatched_total 20000\n") != std::string::npos);
+}
+
+namespace {
+
+// A pool policy of the user's own: one worker per `scale_up_backlog` waiting messages (in steps),
+// up to `max_workers`, starting with one; a worker idle for 20 ms always asks to retire, and the
+// pool keeps the last one.
+class backlog_steps_pool {
+ public:
+  explicit backlog_steps_pool(const devgate::pool_options& o)
+      : step_(o.scale_up_backlog), most_(o.max_workers) {
+    if (step_ == 0) throw std::invalid_argument("backlog_steps_pool: scale_up_backlog >= 1");
+  }
+  std::size_t max_workers() const noexcept { return most_; }
+  static std::size_t initial_workers() noexcept { return 1; }
+  bool add_worker(const devgate::pool_sample& s) const noexcept {
+    return s.alive < std::min(most_, 1 + s.backlog / step_);
+  }
+  static devgate::clock::duration idle_wait() noexcept { return 20ms; }
+  static bool may_retire(std::size_t /*alive*/) noexcept { return true; }
+
+ private:
+  std::size_t step_;
+  std::size_t most_;
+};
+static_assert(devgate::pool_policy<backlog_steps_pool>);
+
+struct backlog_steps_traits : devgate::pipeline_traits {
+  using pool_type = backlog_steps_pool;
+};
+
+}  // namespace
+
+TEST_CASE("a pool policy of the user's own drives a real pipeline", "[pipeline][pool]") {
+  std::mutex mutex;
+  std::vector<std::vector<std::uint64_t>> seen(64);
+  std::atomic<std::size_t> highest_worker{0};
+  devgate::pipeline_options o;
+  o.pool.max_workers = 3;
+  o.pool.scale_up_backlog = 100;
+  o.capacity = 100000;
+  using sink_t = devgate::callback_sink<
+      std::function<void(const devgate::message&, devgate::dispatch_context&)>>;
+  devgate::pipeline<sink_t, backlog_steps_traits> p(
+      sink_t([&](const devgate::message& m, devgate::dispatch_context& ctx) {
+        std::this_thread::sleep_for(100us);
+        auto top = highest_worker.load();
+        while (ctx.worker_id > top && !highest_worker.compare_exchange_weak(top, ctx.worker_id)) {
+        }
+        std::lock_guard lock(mutex);
+        seen[m.session].push_back(m.sequence);
+      }),
+      o);
+  REQUIRE_FALSE(p.start());
+  REQUIRE(p.metrics().workers_alive == 1);
+  std::vector<devgate::shared_bytes> devices;
+  for (int d = 0; d < 64; ++d) devices.push_back(devgate::shared_bytes::copy_of(numbered("d", d)));
+  constexpr std::uint64_t burst = 6400;
+  for (std::uint64_t i = 0; i < burst; ++i) {
+    auto m = make(devices[i % 64], i / 64 + 1);
+    m.session = i % 64;
+    REQUIRE_FALSE(p.push(std::move(m)));
+  }
+  std::uint64_t peak = 0;
+  REQUIRE(eventually([&] {
+    peak = std::max<std::uint64_t>(peak, p.metrics().workers_alive);
+    return peak == 3;  // 6400 waiting: the policy wants min(3, 1 + 6400 / 100) workers
+  }));
+  REQUIRE(eventually([&] { return p.metrics().dispatched == burst; }, 120s));
+  // Idle, every worker asks to retire; the pool keeps the last one, which still takes new work.
+  REQUIRE(eventually([&] { return p.metrics().workers_alive == 1; }));
+  std::this_thread::sleep_for(60ms);
+  REQUIRE(p.metrics().workers_alive == 1);
+  auto late = make(devices[0], burst / 64 + 1);
+  REQUIRE_FALSE(p.push(std::move(late)));
+  REQUIRE(eventually([&] { return p.metrics().dispatched == burst + 1; }));
+  p.stop();
+  REQUIRE(highest_worker.load() < 3);  // worker ids stay within the policy's slots
+  for (std::size_t d = 0; d < seen.size(); ++d) {
+    const std::uint64_t expected = d == 0 ? burst / 64 + 1 : burst / 64;
+    REQUIRE(seen[d].size() == expected);
+    for (std::size_t i = 0; i < seen[d].size(); ++i) REQUIRE(seen[d][i] == i + 1);
+  }
+  o.pool.scale_up_backlog = 0;
+  REQUIRE_THROWS_WITH((devgate::pipeline<sink_t, backlog_steps_traits>(sink_t({}), o)),
+                      Catch::Contains("scale_up_backlog"));
 }
 
 TEST_CASE("misuse is caught at construction with a clear message", "[pipeline][options]") {
@@ -319,8 +398,7 @@ TEST_CASE("push_bulk keeps each device's order across partitions", "[pipeline][b
         o);
   REQUIRE_FALSE(p.start());
   std::vector<devgate::shared_bytes> ids;
-  for (int d = 0; d < 8; ++d)
-    ids.push_back(devgate::shared_bytes::copy_of("d" + std::to_string(d)));
+  for (int d = 0; d < 8; ++d) ids.push_back(devgate::shared_bytes::copy_of(numbered("d", d)));
   auto producer = p.make_producer();
   constexpr std::uint64_t per_device = 300;
   std::uint64_t seq = 1;
@@ -449,7 +527,7 @@ std::vector<devgate::shared_bytes> spread_devices(std::size_t partitions) {
   std::vector<devgate::shared_bytes> ids;
   std::vector<std::size_t> used;
   for (int k = 0; ids.size() < overlap_sink::devices; ++k) {
-    const auto name = "device-" + std::to_string(k);
+    const auto name = numbered("device-", k);
     const auto p = std::hash<std::string_view>{}(name) % partitions;
     if (std::find(used.begin(), used.end(), p) != used.end()) continue;
     used.push_back(p);

@@ -3,6 +3,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <chrono>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -11,8 +13,12 @@
 #include "devgate/pipeline/metrics.hpp"
 #include "devgate/pipeline/queue.hpp"
 #include "devgate/pipeline/sink.hpp"
+#include "devgate/pipeline/worker_pool.hpp"
+#include "support.hpp"
 
 namespace {
+
+using devgate::testing::numbered;
 
 devgate::message make(const devgate::shared_bytes& device, std::uint64_t seq) {
   devgate::message m;
@@ -71,6 +77,72 @@ TEST_CASE("adaptive_demand grows under backlog, shrinks when idle or slow", "[pi
   REQUIRE(d.demand() == 2);  // bounded by min_batch
 }
 
+TEST_CASE("fixed_pool runs its workers from the start and never scales", "[pipeline][pool]") {
+  devgate::pool_options o;
+  o.workers = 3;
+  devgate::fixed_pool p(o);
+  REQUIRE(p.max_workers() == 3);
+  REQUIRE(p.initial_workers() == 3);
+  devgate::pool_sample hot;
+  hot.backlog = 1'000'000;
+  hot.alive = 1;
+  hot.now = devgate::clock::now();
+  REQUIRE_FALSE(p.add_worker(hot));
+  REQUIRE(p.idle_wait() == devgate::clock::duration::max());
+  REQUIRE_FALSE(p.may_retire(3));
+  o.workers = 0;
+  REQUIRE_THROWS_WITH(devgate::fixed_pool(o), Catch::Contains("workers"));
+}
+
+TEST_CASE("dynamic_pool adds a worker after staying hot, retires down to min_workers",
+          "[pipeline][pool]") {
+  using namespace std::chrono_literals;
+  devgate::pool_options o;
+  o.min_workers = 1;
+  o.max_workers = 3;
+  o.scale_up_backlog = 10;
+  o.scale_up_latency = 1ms;
+  o.scale_up_after = 10ms;
+  o.idle_before_retire = 500ms;
+  devgate::dynamic_pool p(o);
+  REQUIRE(p.max_workers() == 3);
+  REQUIRE(p.initial_workers() == 1);
+  REQUIRE(p.idle_wait() == 500ms);
+  const devgate::clock::time_point t0(1h);
+  auto sample = [&](std::size_t backlog, std::chrono::nanoseconds waited, std::size_t alive,
+                    devgate::clock::duration at) {
+    devgate::pool_sample s;
+    s.backlog = backlog;
+    s.oldest_wait = waited;
+    s.alive = alive;
+    s.now = t0 + at;
+    return s;
+  };
+  // Backlog over the threshold: hot from t0, a worker after scale_up_after, then the clock
+  // restarts.
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 1, 0ms)));
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 1, 5ms)));
+  REQUIRE(p.add_worker(sample(11, 0ns, 1, 10ms)));
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 2, 11ms)));
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 2, 20ms)));
+  REQUIRE(p.add_worker(sample(11, 0ns, 2, 21ms)));
+  // A cold batch ends the hot period: the clock starts again at the next hot one.
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 2, 22ms)));  // hot from 22 ms
+  REQUIRE_FALSE(p.add_worker(sample(10, 1ms, 2, 25ms)));  // at the thresholds, not over: cold
+  REQUIRE_FALSE(p.add_worker(sample(0, 2ms, 2, 30ms)));   // waited too long: hot from 30 ms
+  REQUIRE_FALSE(p.add_worker(sample(0, 2ms, 2, 39ms)));   // 17 ms after 22, 9 after 30
+  REQUIRE(p.add_worker(sample(0, 2ms, 2, 40ms)));
+  // Never past max_workers, however long it stays hot.
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 3, 50ms)));
+  REQUIRE_FALSE(p.add_worker(sample(11, 0ns, 3, 70ms)));
+  REQUIRE_FALSE(p.may_retire(1));
+  REQUIRE(p.may_retire(2));
+  o.min_workers = 0;
+  REQUIRE_THROWS_WITH(devgate::dynamic_pool(o), Catch::Contains("min_workers"));
+  o.min_workers = 4;
+  REQUIRE_THROWS_WITH(devgate::dynamic_pool(o), Catch::Contains("max_workers"));
+}
+
 TEST_CASE("fetcher restores arrival order across producer threads", "[pipeline][fetcher]") {
   using fetcher = devgate::fetcher<devgate::lockfree_queue, devgate::fixed_demand<8>>;
   fetcher f(1, 1, {});
@@ -124,7 +196,7 @@ TEST_CASE("fetcher holds one partition at a time, leaving the others to other wo
   // Two devices in the two partitions, 3 messages each: one demand of 8 could take both.
   std::vector<devgate::shared_bytes> ids;
   for (int k = 0; ids.size() < 2; ++k) {
-    auto id = devgate::shared_bytes::copy_of("dev" + std::to_string(k));
+    auto id = devgate::shared_bytes::copy_of(numbered("dev", k));
     if (ids.empty() || f.partition_of(id) != f.partition_of(ids[0])) ids.push_back(id);
   }
   for (std::uint64_t seq = 1; seq <= 3; ++seq) {
@@ -215,8 +287,7 @@ TEMPLATE_TEST_CASE("fetcher enqueue_bulk groups a batch by partition, in order",
   using fetcher = devgate::fetcher<TestType, devgate::fixed_demand<64>>;
   fetcher f(4, 1, {});
   std::vector<devgate::shared_bytes> ids;
-  for (int d = 0; d < 6; ++d)
-    ids.push_back(devgate::shared_bytes::copy_of("dev" + std::to_string(d)));
+  for (int d = 0; d < 6; ++d) ids.push_back(devgate::shared_bytes::copy_of(numbered("dev", d)));
   typename fetcher::producer token(f);
   // Single pushes and bulks interleave: the tickets keep one order per partition.
   std::vector<devgate::message> batch;

@@ -34,6 +34,7 @@
 #include <vector>      // bytes
 
 #include "devgate/websocket/static_files.hpp"
+#include "support.hpp"
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -79,16 +80,7 @@ int run_python(std::uint16_t port, const std::string& scenario, const std::strin
              "' ws://127.0.0.1:" + std::to_string(port) + "/python " + scenario + " " + args);
 }
 
-// Polls `pred` until it holds or a generous bound passes (the bound only detects failure).
-template <class Pred>
-bool eventually(Pred pred, std::chrono::milliseconds bound = 20s) {
-  const auto end = std::chrono::steady_clock::now() + bound;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(5ms);
-  }
-  return true;
-}
+using devgate::testing::eventually;
 
 // ---- an in-process server with an echo handler and a few commands ---------------------------
 

@@ -32,6 +32,9 @@ struct batch_feedback {
 /// - `d.demand()`: how many messages to ask for now, in [1, d.max_demand()];
 /// - `d.max_demand()`: an upper bound that never changes (workers size their buffers with it);
 /// - `d.record(feedback)`: learn from the batch just dispatched.
+/// A `Traits::demand_type` that does not fit stops the build with: "devgate::pipeline:
+/// Traits::demand_type must be a demand policy such as devgate::adaptive_demand or
+/// devgate::fixed_demand<N> (requirements in demand.hpp)".
 template <class D>
 concept demand_policy = std::constructible_from<D, const demand_options&> &&
     requires(D& d, const D& cd, const batch_feedback& f) {

@@ -18,13 +18,6 @@
 
 namespace devgate {
 
-/// A message in a partition queue, with the ticket that fixes its place in the partition's order.
-struct queued_message {
-  message msg;                  ///< The message.
-  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
-  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
-};
-
 /// The demand-driven fetcher: a passive coordinator, not a thread. Workers pull through it with
 /// their demand; it hands each one up to that many messages in bulk, in order per partition.
 ///
@@ -129,7 +122,7 @@ class fetcher {
   void enqueue(std::uint32_t p, message&& m) {
     auto& part = *partitions_[p];
     // seq_cst: the pipeline's wake-up pairs this RMW with the workers' seq_cst re-check of
-    // `tail` (pipeline_eventcount::notify_one_after_sc_rmw).
+    // `tail` (detail::eventcount::notify_one_after_sc_rmw).
     queued_message q{std::move(m), part.tail.fetch_add(1, std::memory_order_seq_cst), p};
     // The ticket is taken: the enqueue must happen or the partition stalls at this gap, so an
     // out-of-memory enqueue is retried rather than abandoned.

@@ -1,6 +1,6 @@
 #pragma once
 
-#include <algorithm>           // std::min
+#include <algorithm>           // std::min, std::max
 #include <atomic>              // counters and flags
 #include <chrono>              // timestamps, backoff
 #include <condition_variable>  // interruptible retry backoff
@@ -20,8 +20,8 @@
 #include <vector>              // handed-back messages
 
 #include "devgate/core/error.hpp"
-#include "devgate/detail/pipeline_eventcount.hpp"
 #include "devgate/pipeline/demand.hpp"
+#include "devgate/pipeline/detail/eventcount.hpp"
 #include "devgate/pipeline/fetcher.hpp"
 #include "devgate/pipeline/message.hpp"
 #include "devgate/pipeline/metrics.hpp"
@@ -38,7 +38,7 @@ struct pipeline_traits {
   using queue_type = lockfree_queue;
   /// How many messages a worker asks for: `adaptive_demand` or `fixed_demand<N>`.
   using demand_type = adaptive_demand;
-  /// How many workers run: `dynamic_pool` (min..max) or `fixed_pool`.
+  /// How many workers run: `dynamic_pool` (min..max), `fixed_pool`, or a `pool_policy` of yours.
   using pool_type = dynamic_pool;
 };
 
@@ -99,8 +99,8 @@ class pipeline {
       "devgate::pipeline: Traits::demand_type must be a demand policy such as "
       "devgate::adaptive_demand or devgate::fixed_demand<N> (requirements in demand.hpp)");
   static_assert(pool_policy<typename Traits::pool_type>,
-                "devgate::pipeline: Traits::pool_type must be devgate::fixed_pool or "
-                "devgate::dynamic_pool (requirements in worker_pool.hpp)");
+                "devgate::pipeline: Traits::pool_type must be a pool policy such as "
+                "devgate::dynamic_pool or devgate::fixed_pool (requirements in worker_pool.hpp)");
 
   using fetcher_type = fetcher<typename Traits::queue_type, typename Traits::demand_type>;
   using pool_type = worker_pool<typename Traits::pool_type>;
@@ -411,11 +411,13 @@ class pipeline {
         work_.cancel_wait();
         break;
       }
-      if constexpr (Traits::pool_type::scales) {
-        const bool woke = work_.wait_until(key, clock::now() + options_.pool.idle_before_retire);
-        if (!woke && accepting_.load(std::memory_order_acquire) && pool_.try_retire()) return;
-      } else {
+      // The pool policy says how long an idle worker sleeps before it asks to retire.
+      const auto idle = pool_.idle_wait();
+      if (idle == clock::duration::max()) {
         work_.wait(key);
+      } else {
+        const bool woke = work_.wait_until(key, clock::now() + idle);
+        if (!woke && accepting_.load(std::memory_order_acquire) && pool_.try_retire()) return;
       }
     }
     pool_.exited();
@@ -442,10 +444,10 @@ class pipeline {
 
   // Starts a batch. With other workers around, it is served one partition at a time so they can
   // take the partitions this worker has not reached (see fetcher::batch); a lone worker takes
-  // every share in one pass. A fixed pool counts its configured workers (they may still be
-  // starting), a dynamic pool those alive now (one it adds later sees the next batch spread).
+  // every share in one pass. Workers counted: those alive now, and at least the initial ones
+  // (they may still be starting); a worker the pool adds later sees the next batch spread.
   std::size_t fetch(std::size_t id, typename fetcher_type::batch& b, std::size_t cursor) {
-    const std::size_t workers = Traits::pool_type::scales ? pool_.alive() : pool_.max_workers();
+    const std::size_t workers = std::max(pool_.alive(), pool_.initial_workers());
     return fetcher_.fetch(id, b, cursor, workers > 1);
   }
 
@@ -500,10 +502,12 @@ class pipeline {
     } else {
       const auto end = clock::now();
       fetcher_.release(id, b, batch_feedback{b.asked(), b.taken(), end - start});
-      pool_.observe(queued_.load(std::memory_order_relaxed) >
-                            static_cast<std::int64_t>(options_.pool.scale_up_backlog) ||
-                        oldest > options_.pool.scale_up_latency,
-                    end);
+      const auto depth = queued_.load(std::memory_order_relaxed);
+      pool_sample sample;
+      sample.backlog = depth > 0 ? static_cast<std::size_t>(depth) : 0;
+      sample.oldest_wait = oldest;
+      sample.now = end;
+      pool_.observe(sample);
     }
     if (done != 0) release(static_cast<std::int64_t>(done));
     return !aborted;
@@ -597,8 +601,8 @@ class pipeline {
   std::atomic<std::uint64_t> dead_lettered_{0};
   std::atomic<std::uint64_t> handed_back_{0};
 
-  detail::pipeline_eventcount work_;   // workers sleep here when no partition has work
-  detail::pipeline_eventcount space_;  // blocked producers sleep here
+  detail::eventcount work_;   // workers sleep here when no partition has work
+  detail::eventcount space_;  // blocked producers sleep here
   std::mutex abort_mutex_;
   std::condition_variable abort_cv_;
   std::mutex lifecycle_;

@@ -1,14 +1,15 @@
 #pragma once
 
-#include <concepts>     // queue_policy
-#include <cstddef>      // std::size_t
-#include <cstdint>      // std::uint8_t
-#include <deque>        // locked_queue storage
-#include <mutex>        // locked_queue
-#include <type_traits>  // std::is_default_constructible_v
-#include <utility>      // std::move
+#include <concepts>  // queue_policy
+#include <cstddef>   // std::size_t
+#include <cstdint>   // std::uint8_t, tickets
+#include <deque>     // locked_queue storage
+#include <mutex>     // locked_queue
+#include <utility>   // std::move, std::declval
 
 #include <concurrentqueue/concurrentqueue.h>
+
+#include "devgate/pipeline/message.hpp"
 
 namespace devgate {
 
@@ -24,8 +25,28 @@ enum class overflow_policy : std::uint8_t {
   block,
 };
 
-/// A queue policy names a multi-producer, multi-consumer FIFO-per-producer container template.
-/// Requirements on `Q::queue<T>` for a movable, default-constructible T:
+/// A message in a partition queue, with the ticket that fixes its place in the partition's
+/// order: what a queue policy's container holds.
+struct queued_message {
+  message msg;                  ///< The message.
+  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
+  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
+};
+
+/// A container the pipeline can keep items of type T in (the requirements of `queue_policy`).
+template <class Container, class T>
+concept queue_container = std::default_initializable<Container> &&
+    std::constructible_from<typename Container::producer_token, Container&> &&
+    requires(Container& q, typename Container::producer_token& token, T* out, std::size_t max) {
+  { q.push(std::declval<T>()) } -> std::same_as<bool>;
+  { q.push(token, std::declval<T>()) } -> std::same_as<bool>;
+  { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
+};
+
+/// A queue policy names a multi-producer, multi-consumer FIFO-per-producer container template,
+/// checked with the type the pipeline stores in it, `queued_message`. Requirements on
+/// `Q::queue<T>`:
+/// - default-constructible (one per partition);
 /// - a nested `producer_token` constructible from `queue<T>&`, usable by one thread at a time;
 /// - `q.push(T&&)` and `q.push(producer_token&, T&&)`: thread-safe, return false only when
 ///   memory runs out;
@@ -35,15 +56,11 @@ enum class overflow_policy : std::uint8_t {
 /// Optional: `q.push_bulk(producer_token&, It first, std::size_t n)` enqueuing `n` items read
 /// through the input iterator `first` (each `*first` a T prvalue, noexcept), in order; the
 /// pipeline's `push_bulk` uses it when present (see `bulk_queue`) and otherwise pushes one by one.
+/// A `Traits::queue_type` that does not fit stops the build with: "devgate::pipeline:
+/// Traits::queue_type must be a queue policy such as devgate::lockfree_queue or
+/// devgate::locked_queue (requirements in queue.hpp)".
 template <class Q>
-concept queue_policy = requires(typename Q::template queue<int>& q,
-                                typename Q::template queue<int>::producer_token& token, int* out,
-                                std::size_t max) {
-  typename Q::template queue<int>::producer_token;
-  { q.push(1) } -> std::same_as<bool>;
-  { q.push(token, 1) } -> std::same_as<bool>;
-  { q.pop_bulk(out, max) } -> std::same_as<std::size_t>;
-};
+concept queue_policy = queue_container<typename Q::template queue<queued_message>, queued_message>;
 
 /// A queue container with the optional bulk enqueue (one reservation of slots for many items).
 template <class Container, class T>
@@ -79,6 +96,10 @@ struct lockfree_queue {
     /// Enqueues `n` items read through `first` with one reservation of slots (all or nothing).
     template <class It>
     bool push_bulk(producer_token& token, It first, std::size_t n) {
+      // A token whose producer could not be allocated is out of memory, as `push` reports it
+      // (moodycamel's bulk enqueue does not check; its single enqueue does). The check also
+      // shows GCC that the producer is not null, which its -O3 -Wstringop-overflow misses.
+      if (!token.token_.valid()) return false;
       return impl_.enqueue_bulk(token.token_, first, n);
     }
     /// Dequeues up to `max` items into `out`.
@@ -137,7 +158,7 @@ struct locked_queue {
 
 static_assert(queue_policy<lockfree_queue>);
 static_assert(queue_policy<locked_queue>);
-static_assert(bulk_queue<lockfree_queue::queue<int>, int>);
-static_assert(bulk_queue<locked_queue::queue<int>, int>);
+static_assert(bulk_queue<lockfree_queue::queue<queued_message>, queued_message>);
+static_assert(bulk_queue<locked_queue::queue<queued_message>, queued_message>);
 
 }  // namespace devgate

@@ -46,6 +46,9 @@ struct dispatch_context {
 /// success or the failure; the pipeline retries failures with backoff, then dead-letters them.
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
+/// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
+/// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
+/// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
 template <class S>
 concept sink = requires(S& s, const message& m, dispatch_context& ctx) {
   { s.consume(m, ctx) } -> std::same_as<std::error_code>;

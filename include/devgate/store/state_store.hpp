@@ -60,6 +60,9 @@ struct device_state {
 /// - `touch(id, unix_ms)`: records activity.
 /// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
 /// The hub never holds one of its own locks while calling the store.
+/// A hub given a type that does not fit stops the build with: "device::hub: Store must satisfy
+/// devgate::store::state_store (load, add_messages_sent, touch, set_firmware_version,
+/// set_transfer)".
 template <class S>
 concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
                                const std::string& version, const transfer_state& t) {

@@ -104,6 +104,8 @@ struct transport_handlers {
 ///   buffer (never a copy per recipient); returns how many sessions it was queued to.
 /// - `close(s, code, reason)` starts closing one session.
 /// - `buffered_bytes(s)` reports the bytes queued to one session and not yet written.
+/// A gateway given a type that does not fit stops the build with: "devgate::gateway: Transport
+/// must satisfy devgate::transport (see transport/transport.hpp for what it must provide)".
 template <class T>
 concept transport = requires(T& t, const T& ct, transport_handlers h, session_id s, payload_kind k,
                              shared_bytes b, std::span<const session_id> many, close_code c,

@@ -12,7 +12,7 @@ namespace devgate::detail {
 /// mutex (and a futex wake) when a waiter exists. A waiter announces itself, re-checks its
 /// condition, then sleeps until the epoch moves; a notify between the announce and the sleep moves
 /// the epoch, so no wake-up is lost and there is no polling interval.
-class pipeline_eventcount {
+class eventcount {
  public:
   /// Step 1 of waiting: announce; the caller then re-checks its condition.
   [[nodiscard]] std::uint64_t prepare_wait() noexcept {

@@ -12,10 +12,12 @@
 #include <vector>
 
 #include "devgate/pipeline/gateway.hpp"
+#include "support.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
+using devgate::testing::numbered;
 
 devgate::shared_bytes text(std::string_view s) { return devgate::shared_bytes::copy_of(s); }
 
@@ -159,22 +161,22 @@ TEST_CASE("gateway: in-process devices through the pipeline, replies, stop seman
           std::lock_guard lock(mutex);
           seen.push_back(std::string(m.device_id.view()) + ":" + std::string(m.payload.view()));
         }
-        return ctx.reply(m, devgate::shared_bytes::copy_of("ack " + std::to_string(m.sequence)));
+        return ctx.reply(m, devgate::shared_bytes::copy_of(numbered("ack ", m.sequence)));
       }),
       o);
   REQUIRE_FALSE(gw.start());
   auto fridge = t.connect("fridge");
   auto lamp = t.connect("lamp");
   for (int i = 0; i < 50; ++i) {
-    REQUIRE_FALSE(fridge.push("f" + std::to_string(i)));
-    REQUIRE_FALSE(lamp.push("l" + std::to_string(i)));
+    REQUIRE_FALSE(fridge.push(numbered("f", i)));
+    REQUIRE_FALSE(lamp.push(numbered("l", i)));
   }
   gw.stop();  // drains all 100 through the sink, whose replies reach the inboxes, then closes
   REQUIRE(seen.size() == 100);
   const auto inbox = fridge.take_inbox();
   REQUIRE(inbox.size() == 50);
   for (std::size_t i = 0; i < inbox.size(); ++i) {
-    REQUIRE(inbox[i].payload.view() == "ack " + std::to_string(i + 1));  // in order
+    REQUIRE(inbox[i].payload.view() == numbered("ack ", i + 1));  // in order
   }
   REQUIRE(fridge.close_status() == devgate::close_code::going_away);
   const auto m = gw.metrics();

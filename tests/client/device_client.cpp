@@ -11,11 +11,13 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "devgate/device/device_id.hpp"
 #include "devgate/device/hub.hpp"
 #include "devgate/websocket/server.hpp"
+#include "support.hpp"
 
 namespace dev = devgate::device;
 using devgate::client::device_client;
@@ -24,14 +26,10 @@ using json = nlohmann::json;
 
 namespace {
 
+// Real sockets, hundreds of devices, sanitizer builds: generous bounds (they only detect failure).
 template <class Pred>
-bool eventually(Pred p, std::chrono::seconds limit = std::chrono::seconds(120)) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < end) {
-    if (p()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return p();
+bool eventually(Pred p, std::chrono::milliseconds limit = std::chrono::seconds(120)) {
+  return devgate::testing::eventually(std::move(p), limit);
 }
 
 // A server + hub on loopback, and an io_context thread for clients.
