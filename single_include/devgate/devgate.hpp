@@ -6496,6 +6496,8 @@ class reactor : public thread_resources {
     std::lock_guard lock(mutex_);
     slots_.clear();
     free_slots_.clear();
+    inbox_.clear();  // sends the stopped thread never took
+    draining_.clear();
   }
 
   // ---- on this worker's thread --------------------------------------------------------------
@@ -6537,22 +6539,44 @@ class reactor : public thread_resources {
   std::error_code send(session_id id, websocket::opcode op, shared_bytes payload) {
     // A reply from inside that session's handler: no lookup, reference or thread check.
     if (session* s = session::replying(this, id)) return s->send_local(op, std::move(payload));
-    auto s = find(id);
-    if (!s) return errc::unknown_session;
-    if (!s->is_open()) return errc::closed;
     // The payload is shared, never copied; headers are encoded as it is written (messages over
     // 64 KiB go as fragments).
     auto m = message_frame(op, std::move(payload));
-    if (!s->reserve(m.size())) {
-      overflow(s);
+    if (on_this_thread()) {
+      session* s = peek_local(id);
+      if (!s) return errc::unknown_session;
+      if (!s->is_open()) return errc::closed;
+      if (!s->reserve(m.size())) {
+        overflow(session_ref(s));
+        return errc::backpressure;
+      }
+      s->enqueue_data(std::move(m));
+      return {};
+    }
+    // From another thread: the lookup, the reservation and the hand-over share one lock, and a
+    // burst of sends costs one posted task (the first into an empty inbox posts the drain).
+    session_ref over;
+    bool post = false;
+    {
+      std::lock_guard lock(mutex_);
+      const std::uint32_t slot = slot_of(id);
+      if (slot >= slots_.size() || !slots_[slot] || slots_[slot]->id() != id) {
+        return errc::unknown_session;
+      }
+      session& target = *slots_[slot];
+      if (!target.is_open()) return errc::closed;
+      if (target.reserve(m.size())) {
+        inbox_.push_back({session_ref(&target), std::move(m)});
+        post = !std::exchange(inbox_posted_, true);
+      } else {
+        over = session_ref(&target);
+      }
+    }
+    if (over) {
+      overflow(over);
       return errc::backpressure;
     }
-    if (on_this_thread()) {
-      s->enqueue_data(std::move(m));
-    } else {
-      asio::post(ioc,
-                 [s = std::move(s), m = std::move(m)]() mutable { s->enqueue_data(std::move(m)); });
-    }
+    if (post) asio::post(ioc, [this] { drain_inbox(); });
     return {};
   }
 
@@ -6630,6 +6654,7 @@ class reactor : public thread_resources {
   }
 
   void adopt(tcp_stream stream);
+  void drain_inbox();
   void poll();
   void on_ready();
   void start_tick();
@@ -6709,6 +6734,14 @@ class reactor : public thread_resources {
   std::vector<session_ref> slots_;
   std::vector<std::uint64_t> free_slots_;  // (next generation << 32) | slot
   std::vector<session_ref> scratch_;       // tick and stop snapshots
+  // Sends from other threads, in the order they were made, until this thread drains them.
+  struct inbound_send {
+    session_ref target;
+    out_frame frame;  // reserved against the target's limit
+  };
+  std::vector<inbound_send> inbox_;     // guarded by mutex_
+  std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
+  bool inbox_posted_ = false;           // guarded by mutex_: a drain task is on its way
 };
 
 // ---- implementation ----------------------------------------------------------------------------
@@ -6742,6 +6775,18 @@ inline void reactor::adopt(tcp_stream stream) {
   // Watched after the first read, so a request that was already there (defer_accept) is not
   // reported again; registration reports whatever arrived since.
   if (s->phase() != session::phase_t::done && !watch(*s)) s->finish(close_code::abnormal);
+}
+
+// Queues what other threads sent, in their order; each session writes it once the task ends (a
+// burst to one session is one write).
+inline void reactor::drain_inbox() {
+  {
+    std::lock_guard lock(mutex_);
+    draining_.swap(inbox_);
+    inbox_posted_ = false;
+  }
+  for (auto& send : draining_) send.target->enqueue_data(std::move(send.frame));
+  draining_.clear();
 }
 
 // Waits (through ioc) until a session socket is ready, handles every ready one, repeats.
@@ -6786,6 +6831,11 @@ inline void reactor::on_tick() {
   scratch_.clear();
   retired_.clear();
   batch.shrink(1024);  // after a read of many tiny messages, keep about 100 KiB at most
+  // After a burst of sends from other threads, keep about 256 KiB of inbox at most.
+  constexpr std::size_t inbox_keep = 4096;
+  if (draining_.capacity() > inbox_keep) std::vector<inbound_send>().swap(draining_);
+  std::lock_guard lock(mutex_);
+  if (inbox_.empty() && inbox_.capacity() > inbox_keep) std::vector<inbound_send>().swap(inbox_);
 }
 
 }  // namespace devgate::websocket::detail
