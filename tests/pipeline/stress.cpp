@@ -198,15 +198,18 @@ TEST_CASE("order holds when one device's bulk pushes move between threads",
           "[pipeline][stress][bulk]") {
   // As above, with batches: each thread in turn hands over a run of the device's messages
   // (interleaved with another device's), through its own producer token.
+  constexpr std::uint64_t runs = under_tsan ? 500 : 5'000;
+  constexpr std::uint64_t run_length = 7;
   checker check;
   devgate::pipeline_options o;
-  o.capacity = 1 << 17;  // room for every message: a slow worker must not turn into refusals
+  // Room for every message (2 * runs * run_length): this test is about order, and with less a
+  // worker starved of CPU lets the pipeline fill and refuse a batch.
+  o.capacity = 1 << 17;
+  static_assert(2 * runs * run_length <= (1 << 17));
   devgate::pipeline<checker&> p(check, o);
   REQUIRE_FALSE(p.start());
   const auto roaming = devgate::shared_bytes::copy_of(std::string_view("roaming"));
   const auto other = devgate::shared_bytes::copy_of(std::string_view("other"));
-  constexpr std::uint64_t runs = under_tsan ? 500 : 5'000;
-  constexpr std::uint64_t run_length = 7;
   std::atomic<std::uint64_t> turn{0};
   std::atomic<std::uint64_t> failures{0};
   auto run = [&](std::uint64_t parity) {
