@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 #include <span>
 #include <string>
@@ -13,6 +14,8 @@
 #include <vector>
 
 #include "devgate/transport/in_process.hpp"
+
+#include "support.hpp"
 
 namespace {
 
@@ -95,7 +98,7 @@ TEST_CASE("gateway: batches pushed from several threads keep each thread's order
   std::atomic<int> refused{0};
   for (int p = 0; p < threads; ++p) {
     producers.emplace_back([&, p] {
-      const std::string device = "d" + std::to_string(p);
+      const std::string device = devgate::testing::numbered("d", static_cast<std::uint64_t>(p));
       std::uint64_t seq = 0;
       for (int b = 0; b < batches; ++b) {
         std::vector<devgate::message> batch;

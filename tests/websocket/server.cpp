@@ -81,6 +81,7 @@ int run_python(std::uint16_t port, const std::string& scenario, const std::strin
 }
 
 using devgate::testing::eventually;
+using devgate::testing::numbered;
 
 // ---- an in-process server with an echo handler and a few commands ---------------------------
 
@@ -1174,13 +1175,13 @@ TEST_CASE("read batches: one write of several messages is one on_messages call, 
   for (int i = 1; i <= 8; ++i) {
     auto f = c.read_frame();
     REQUIRE(f);
-    CHECK(f->text() == "m" + std::to_string(i));
+    CHECK(f->text() == numbered("m", static_cast<std::uint64_t>(i)));
   }
   c.write(text_frames(9, 10));  // the next read: the next batch, the sequence goes on
   for (int i = 9; i <= 10; ++i) {
     auto f = c.read_frame();
     REQUIRE(f);
-    CHECK(f->text() == "m" + std::to_string(i));
+    CHECK(f->text() == numbered("m", static_cast<std::uint64_t>(i)));
   }
   const auto batches = fx.taken();
   REQUIRE(batches.size() == 2);
@@ -1191,7 +1192,7 @@ TEST_CASE("read batches: one write of several messages is one on_messages call, 
     for (const auto& [sequence, text] : batch) {
       ++seq;
       CHECK(sequence == seq);
-      CHECK(text == "m" + std::to_string(seq));
+      CHECK(text == numbered("m", static_cast<std::uint64_t>(seq)));
     }
   }
 }
@@ -1212,7 +1213,7 @@ TEST_CASE(
     auto f = c.read_frame();
     REQUIRE(f);
     CHECK(f->opcode == 1);
-    CHECK(f->text() == "m" + std::to_string(i));
+    CHECK(f->text() == numbered("m", static_cast<std::uint64_t>(i)));
   }
   auto f = c.read_frame();
   REQUIRE(f);
@@ -1236,7 +1237,7 @@ TEST_CASE("read batches: messages then a protocol error in one write: replies be
   for (int i = 1; i <= 3; ++i) {
     auto f = c.read_frame();
     REQUIRE(f);
-    CHECK(f->text() == "m" + std::to_string(i));
+    CHECK(f->text() == numbered("m", static_cast<std::uint64_t>(i)));
   }
   CHECK(c.read_close() == 1002);
   const auto batches = fx.taken();
@@ -1253,7 +1254,7 @@ TEST_CASE("read batches: a partly accepted batch gets one error reply per refuse
   for (int i = 1; i <= 2; ++i) {  // the accepted ones, echoed by the handler
     auto f = c.read_frame();
     REQUIRE(f);
-    CHECK(f->text() == "m" + std::to_string(i));
+    CHECK(f->text() == numbered("m", static_cast<std::uint64_t>(i)));
   }
   for (int i = 3; i <= 5; ++i) {  // one error reply for each refused one
     auto f = c.read_frame();
