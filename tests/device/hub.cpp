@@ -20,6 +20,7 @@
 #include "devgate/pipeline/gateway.hpp"
 #include "devgate/store/memory_state_store.hpp"
 #include "devgate/transport/in_process.hpp"
+#include "recording_transport.hpp"
 #include "support.hpp"
 
 using devgate::in_process_transport;
@@ -302,36 +303,18 @@ TEST_CASE("stop(deadline) drains through the gateway and hands back nothing left
 }
 
 namespace {
-// A transport that keeps what it is asked to send, for driving the hub's parts directly.
-struct recording_transport {
-  std::mutex mutex;
-  std::vector<std::pair<devgate::session_id, shared_bytes>> out;
+using devgate::testing::recording_transport;
 
-  void set_handlers(devgate::transport_handlers) {}
-  std::error_code start() { return {}; }
-  void stop() {}
-  std::error_code send(devgate::session_id s, devgate::payload_kind, shared_bytes b) {
-    std::lock_guard lock(mutex);
-    out.emplace_back(s, std::move(b));
-    return {};
+// The texts sent to `s` so far, parsed, in order; forgets everything sent.
+std::vector<json> texts(recording_transport& t, devgate::session_id s) {
+  std::lock_guard lock(t.mutex);
+  std::vector<json> r;
+  for (const auto& o : t.out) {
+    if (o.session == s) r.push_back(json::parse(o.bytes.view()));
   }
-  std::size_t broadcast(std::span<const devgate::session_id> ss, devgate::payload_kind,
-                        shared_bytes) {
-    return ss.size();
-  }
-  void close(devgate::session_id, devgate::close_code, std::string_view) {}
-  std::size_t buffered_bytes(devgate::session_id) const { return 0; }
-  // The texts sent to `s` so far, parsed, in order.
-  std::vector<json> texts(devgate::session_id s) {
-    std::lock_guard lock(mutex);
-    std::vector<json> r;
-    for (const auto& [to, b] : out) {
-      if (to == s) r.push_back(json::parse(b.view()));
-    }
-    out.clear();
-    return r;
-  }
-};
+  t.out.clear();
+  return r;
+}
 
 devgate::inbound_message inbound(devgate::session_id s, const std::string& text,
                                  devgate::payload_kind kind = devgate::payload_kind::text) {
@@ -374,7 +357,7 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   auto r = dispatch.intake(batch);
   CHECK(r.accepted == batch.size());
   CHECK_FALSE(r.error);
-  auto replies = t.texts(7);
+  auto replies = texts(t, 7);
   REQUIRE(replies.size() == 5);
   CHECK(replies[0]["type"] == "welcome");
   CHECK(replies[1]["type"] == "sent");
@@ -402,7 +385,7 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   batch.push_back(inbound(7, "f", devgate::payload_kind::binary));
   r = dispatch.intake(batch);
   CHECK(r.accepted == 2);
-  replies = t.texts(7);
+  replies = texts(t, 7);
   REQUIRE(replies.size() == 2);
   CHECK(replies[0]["code"] == "closed");
   CHECK(replies[0]["ref"] == "send");

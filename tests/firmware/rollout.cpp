@@ -22,6 +22,8 @@
 #include "devgate/store/memory_state_store.hpp"
 #include "devgate/transport/transport.hpp"
 
+#include "recording_transport.hpp"
+
 using json = nlohmann::json;
 namespace dev = devgate::device;
 namespace fw = devgate::firmware;
@@ -37,29 +39,7 @@ std::vector<std::byte> make_image(std::size_t n) {
   return v;
 }
 
-// A transport that keeps what it is asked to send (single-threaded tests).
-struct recording_transport {
-  struct sent {
-    session_id session;
-    devgate::payload_kind kind;
-    shared_bytes bytes;
-  };
-  std::vector<sent> out;
-
-  void set_handlers(devgate::transport_handlers) {}
-  std::error_code start() { return {}; }
-  void stop() {}
-  std::error_code send(session_id s, devgate::payload_kind k, shared_bytes b) {
-    out.push_back({s, k, std::move(b)});
-    return {};
-  }
-  std::size_t broadcast(std::span<const session_id> ss, devgate::payload_kind, shared_bytes) {
-    return ss.size();
-  }
-  void close(session_id, devgate::close_code, std::string_view) {}
-  std::size_t buffered_bytes(session_id) const { return 0; }
-};
-static_assert(devgate::transport<recording_transport>);
+using devgate::testing::recording_transport;
 
 using engine_t = fw::rollout_engine<recording_transport, devgate::store::memory_state_store>;
 
