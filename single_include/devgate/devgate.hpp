@@ -288,6 +288,8 @@ enum class errc {
   message_too_big,   ///< A message is larger than the configured maximum.
   protocol_error,    ///< A peer broke the wire protocol.
   already_running,   ///< start() was called on something already started.
+  handler_threw,     ///< A host handler (a sink) threw: that attempt failed.
+  would_block,       ///< A set-up would make a network thread wait (the `block` overflow policy).
 };
 
 namespace detail {
@@ -316,6 +318,13 @@ class error_category_impl final : public std::error_category {
         return "protocol error: the peer broke the wire protocol";
       case errc::already_running:
         return "already running: start() was called twice";
+      case errc::handler_threw:
+        return "handler threw: a sink threw an exception; return a std::error_code instead, "
+               "the attempt was retried or dead-lettered";
+      case errc::would_block:
+        return "would block: this transport pushes from network threads, where the block "
+               "overflow policy would stall every session of the thread; use reject or "
+               "drop_oldest";
     }
     return "unknown devgate error";
   }
@@ -498,6 +507,15 @@ struct transport_handlers {
   std::function<void(session_id, close_code)> on_close;
 };
 
+/// Whether transport `T` runs its handlers on network threads that each serve many sessions (a
+/// reactor's), where a push that waits stalls every session of the thread. Every transport is
+/// taken to, unless it declares `static constexpr bool handlers_on_caller_threads = true;`: its
+/// handlers run on the thread of the host call that delivered (in_process_transport).
+template <class T>
+inline constexpr bool handlers_on_network_threads = !requires {
+  requires T::handlers_on_caller_threads;
+};
+
 /// What the engine requires of a transport. Requirements:
 /// - `set_handlers(h)` before `start()`; `start()` returns an error or starts delivering;
 ///   `stop()` closes every session with 1001 and returns when no handler runs any more.
@@ -597,6 +615,10 @@ class in_process_transport {
     in_process_transport* owner_;
     std::shared_ptr<state> state_;
   };
+
+  /// Handlers run on the host thread that connects, pushes or disconnects, never on a network
+  /// thread: a `block` push may wait there (see `handlers_on_network_threads`).
+  static constexpr bool handlers_on_caller_threads = true;
 
   /// A transport applying `backpressure` to every session's outbound buffer.
   explicit in_process_transport(backpressure_options backpressure = {})
@@ -755,6 +777,7 @@ class in_process_transport {
 
 static_assert(transport<in_process_transport>,
               "in_process_transport must satisfy the devgate::transport concept");
+static_assert(!handlers_on_network_threads<in_process_transport>);
 
 }  // namespace devgate
 // ---- end devgate/transport/in_process.hpp ----
@@ -926,8 +949,12 @@ struct message {
   shared_bytes device_id;  ///< Who sent it; shared with the session, so no allocation per message.
   std::uint64_t sequence = 0;              ///< Per-device (per-session) number from the transport.
   payload_kind kind = payload_kind::text;  ///< Text or binary.
-  shared_bytes payload;                    ///< The message bytes, shared by every stage and sink.
-  clock::time_point received{};            ///< When the transport finished reading it.
+  /// Sink attempts this message already had: 0 until `stop(deadline)` hands back a message it
+  /// interrupted after one or more failed attempts (in retry backoff), so whoever takes it back
+  /// knows a sink may have seen it. The pipeline does not read it.
+  std::uint32_t attempts = 0;
+  shared_bytes payload;          ///< The message bytes, shared by every stage and sink.
+  clock::time_point received{};  ///< When the transport finished reading it.
   clock::time_point enqueued{};  ///< When the pipeline accepted it (one reading per push_bulk).
   /// When a worker started dispatching the batch holding it: one clock reading per batch, so a
   /// message waiting behind slow sink calls of its batch is stamped early (the adaptive demand
@@ -1557,6 +1584,31 @@ class fetcher {
 #include <vector>        // handed-back messages, staging
 
 
+// ---- begin devgate/pipeline/detail/network_thread.hpp ----
+
+namespace devgate::detail {
+
+/// True on a thread while it runs a network transport's intake (the gateway marks it): a push
+/// there must never wait, since every session of the thread would wait with it.
+inline thread_local bool on_network_thread = false;
+
+/// Marks the calling thread as a network thread for the scope's life (nests).
+class network_thread_scope {
+ public:
+  /// Marks the thread.
+  network_thread_scope() noexcept : was_(on_network_thread) { on_network_thread = true; }
+  /// Restores the mark it found.
+  ~network_thread_scope() { on_network_thread = was_; }
+  network_thread_scope(const network_thread_scope&) = delete;
+  network_thread_scope& operator=(const network_thread_scope&) = delete;
+
+ private:
+  bool was_;
+};
+
+}  // namespace devgate::detail
+// ---- end devgate/pipeline/detail/network_thread.hpp ----
+
 // ---- begin devgate/pipeline/metrics.hpp ----
 
 #include <array>    // bucket counts
@@ -1613,14 +1665,23 @@ using latency_histogram = log2_histogram<21, 10>;
 
 /// A consistent-enough reading of every pipeline metric (counters are read one by one, relaxed).
 struct pipeline_metrics {
-  std::uint64_t enqueued = 0;       ///< Messages accepted by `push` and `push_bulk`.
-  std::uint64_t dispatched = 0;     ///< Messages a sink accepted (after any retries).
-  std::uint64_t rejected = 0;       ///< Pushes refused with `errc::queue_full` (reject or block).
+  std::uint64_t enqueued = 0;    ///< Messages accepted by `push` and `push_bulk`.
+  std::uint64_t dispatched = 0;  ///< Messages a sink accepted (after any retries).
+  /// Messages refused with `errc::queue_full`: the pipeline was full under `reject`, a `block`
+  /// wait timed out, or `drop_oldest` found nothing it could evict in time; a refused batch
+  /// counts each of its messages.
+  std::uint64_t rejected = 0;
   std::uint64_t dropped = 0;        ///< Queued messages evicted by `drop_oldest`.
-  std::uint64_t retried = 0;        ///< Sink attempts that failed and were retried.
+  std::uint64_t retried = 0;        ///< Sink attempts that failed (or threw) and were retried.
   std::uint64_t dead_lettered = 0;  ///< Messages handed to the dead-letter handler.
   std::uint64_t handed_back = 0;    ///< Messages returned undispatched by `stop(deadline)`.
-  std::uint64_t queue_depth = 0;    ///< Messages accepted and not yet dispatched or dropped.
+  /// Exceptions thrown by host handlers (sink, dead-letter handler, `on_dropped`), caught.
+  std::uint64_t handler_exceptions = 0;
+  /// Dead-lettered messages whose dead-letter handler threw: nobody may have kept them.
+  std::uint64_t lost = 0;
+  /// Messages accepted and not yet dispatched, dead-lettered, dropped or handed back; never
+  /// above the capacity.
+  std::uint64_t queue_depth = 0;
   std::uint64_t workers_alive = 0;  ///< Worker threads running now.
   batch_histogram batch_size;       ///< Messages per fetched batch.
   /// Enqueue-to-dispatch latency in nanoseconds (to the start of the message's batch).
@@ -1724,21 +1785,30 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
   append_prometheus_metric(out, "dispatched_total", "counter",
                            "Messages a sink accepted, after any retries.", m.dispatched);
   append_prometheus_metric(out, "rejected_total", "counter",
-                           "Pushes refused because the queue was full.", m.rejected);
+                           "Messages refused with queue_full: the pipeline was full under reject, "
+                           "a block wait timed out, or drop_oldest found nothing to evict in time.",
+                           m.rejected);
   append_prometheus_metric(out, "dropped_total", "counter",
                            "Queued messages evicted by the drop-oldest overflow policy.",
                            m.dropped);
   append_prometheus_metric(out, "retried_total", "counter",
-                           "Sink attempts that failed and were retried.", m.retried);
+                           "Sink attempts that failed or threw and were retried.", m.retried);
   append_prometheus_metric(out, "dead_lettered_total", "counter",
                            "Messages handed to the dead-letter handler after the retry limit.",
                            m.dead_lettered);
   append_prometheus_metric(out, "handed_back_total", "counter",
                            "Messages returned undispatched by a stop with a deadline.",
                            m.handed_back);
-  append_prometheus_metric(out, "queue_depth", "gauge",
-                           "Messages accepted and not yet dispatched, dropped or handed back.",
-                           m.queue_depth);
+  append_prometheus_metric(out, "handler_exceptions_total", "counter",
+                           "Exceptions thrown by a sink, the dead-letter handler or on_dropped, "
+                           "caught by the pipeline.",
+                           m.handler_exceptions);
+  append_prometheus_metric(out, "lost_total", "counter",
+                           "Dead-lettered messages whose dead-letter handler threw.", m.lost);
+  append_prometheus_metric(
+      out, "queue_depth", "gauge",
+      "Messages accepted and not yet dispatched, dead-lettered, dropped or handed back.",
+      m.queue_depth);
   append_prometheus_metric(out, "workers_alive", "gauge", "Worker threads running.",
                            m.workers_alive);
   detail::pipeline_append_histogram(out, "batch_size", "Messages per fetched batch.", m.batch_size,
@@ -1758,6 +1828,7 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 #include <condition_variable>  // interruptible retry backoff
 #include <cstddef>             // std::size_t
 #include <cstdint>             // counters
+#include <exception>           // host handlers' exceptions, contained
 #include <functional>          // dead-letter and drop handlers (rare paths only)
 #include <memory>              // per-worker statistics
 #include <mutex>               // backoff sleep, stop
@@ -2176,17 +2247,24 @@ class worker_pool {
   /// The policy (for inspection; workers call it concurrently while running).
   [[nodiscard]] Policy& policy() noexcept { return policy_; }
 
-  /// Starts the initial workers, each running `body(id)`.
+  /// Starts the initial workers, each running `body(id)` (std::system_error when the system
+  /// has no thread to give).
   void start(std::function<void(std::size_t)> body) {
     body_ = std::move(body);
     for (std::size_t i = 0; i < initial_workers_; ++i) try_spawn();
   }
 
   /// A worker reports the batch it just dispatched (`sample.alive` is filled in here); the pool
-  /// adds a worker when the policy asks for one. Only adding one takes the pool's mutex.
-  void observe(pool_sample sample) {
+  /// adds a worker when the policy asks for one (if the system gives no thread, it adds none).
+  /// Only adding one takes the pool's mutex.
+  void observe(pool_sample sample) noexcept {
     sample.alive = alive();
-    if (policy_.add_worker(sample)) try_spawn();
+    try {
+      if (policy_.add_worker(sample)) try_spawn();
+    } catch (...) {
+      // No thread to be had now (or a policy that threw): the workers running carry on, and a
+      // worker asking for help from its dispatch loop is not thrown at (it holds capacity).
+    }
   }
 
   /// How long an idle worker sleeps before `try_retire` (`clock::duration::max()`: until woken).
@@ -2242,10 +2320,17 @@ class worker_pool {
       }
       running_[id].store(true, std::memory_order_relaxed);
       alive_.fetch_add(1, std::memory_order_relaxed);
-      slot = std::thread([this, id] {
-        body_(id);
-        running_[id].store(false, std::memory_order_release);
-      });
+      try {
+        slot = std::thread([this, id] {
+          body_(id);
+          running_[id].store(false, std::memory_order_release);
+        });
+      } catch (...) {
+        // No thread to be had (a process or memory limit): the slot stays free.
+        running_[id].store(false, std::memory_order_relaxed);
+        alive_.fetch_sub(1, std::memory_order_relaxed);
+        throw;
+      }
       return true;
     }
     return false;
@@ -2288,9 +2373,12 @@ struct pipeline_options {
   /// the payload size; past it, `overflow` applies.
   std::size_t capacity = 1u << 16;
   /// What a push does at capacity: reject, drop the oldest, or block up to `block_timeout`.
+  /// A push from a network thread never waits: `gateway::start` refuses `block` with a transport
+  /// that delivers on network threads (`errc::would_block`), and there `drop_oldest` makes one
+  /// eviction pass instead of waiting for an evictable message.
   overflow_policy overflow = overflow_policy::reject;
-  /// Longest a `block` push waits for room (and a `drop_oldest` push waits for an evictable
-  /// message while workers hold every partition) before it is rejected.
+  /// Longest a `block` push waits for room (and a `drop_oldest` push off a network thread waits
+  /// for an evictable message while workers hold every partition) before it is rejected.
   std::chrono::milliseconds block_timeout{100};
   /// Partitions (hash of device id). More partitions let more workers run in parallel while
   /// each device's messages stay in order; each partition costs one queue.
@@ -2311,9 +2399,12 @@ struct pipeline_options {
   /// not pay a futex wake-up (a system call and a context switch) per push; the price is up to
   /// this much CPU per idle period. 0 sleeps at once (lowest idle CPU, slowest under load).
   std::chrono::microseconds idle_spin{50};
-  /// Receives each message that failed `retry_limit + 1` times, with the last error.
+  /// Receives each message that failed `retry_limit + 1` times, with the last error
+  /// (`errc::handler_threw` when the sink threw), on the worker thread. If it throws, the
+  /// exception is caught and counted, and the message is counted lost.
   std::function<void(const message&, std::error_code)> dead_letter;
-  /// Receives each message `drop_oldest` evicted (they are also counted).
+  /// Receives each message `drop_oldest` evicted (they are also counted), on the pushing thread.
+  /// If it throws, the exception is caught and counted; the push still succeeds.
   std::function<void(const message&)> on_dropped;
 };
 
@@ -2369,11 +2460,12 @@ class pipeline {
   /// Lets sinks reply through a transport (the gateway sets this before `start`).
   void set_reply_channel(const reply_channel* channel) noexcept { channel_ = channel; }
 
-  /// Starts the workers. Messages pushed before `start` wait for them.
+  /// Starts the workers. Messages pushed before `start` wait for them. `errc::already_running`
+  /// when running, `errc::closed` after `stop` (a pipeline does not restart).
   std::error_code start() {
     std::lock_guard lock(lifecycle_);
-    if (started_) return errc::already_running;
     if (stopped_) return errc::closed;
+    if (started_) return errc::already_running;
     started_ = true;
     pool_.start([this](std::size_t id) { worker_main(id); });
     return {};
@@ -2465,8 +2557,9 @@ class pipeline {
     m.retried = retried_.load(std::memory_order_relaxed);
     m.dead_lettered = dead_lettered_.load(std::memory_order_relaxed);
     m.handed_back = handed_back_.load(std::memory_order_relaxed);
-    const auto depth = queued_.load(std::memory_order_relaxed);
-    m.queue_depth = depth > 0 ? static_cast<std::uint64_t>(depth) : 0;
+    m.handler_exceptions = handler_exceptions_.load(std::memory_order_relaxed);
+    m.lost = lost_.load(std::memory_order_relaxed);
+    m.queue_depth = depth();
     m.workers_alive = pool_.alive();
     return m;
   }
@@ -2529,6 +2622,16 @@ class pipeline {
     return {};
   }
 
+  // Messages held, read from the capacity units. A push that finds the pipeline full holds a
+  // unit for an instant before it gives it back (try_reserve), so the units can read one per
+  // refused push above the capacity; no message stands behind those, so the reading is capped.
+  [[nodiscard]] std::uint64_t depth() const noexcept {
+    const auto units = queued_.load(std::memory_order_relaxed);
+    if (units <= 0) return 0;
+    return std::min(static_cast<std::uint64_t>(units),
+                    static_cast<std::uint64_t>(options_.capacity));
+  }
+
   bool try_reserve() noexcept {
     const auto cap = static_cast<std::int64_t>(options_.capacity);
     if (queued_.fetch_add(1, std::memory_order_seq_cst) < cap) return true;
@@ -2567,6 +2670,12 @@ class pipeline {
       case overflow_policy::reject:
         break;
       case overflow_policy::block: {
+        // gateway::start refuses block on network threads; a push there that gets here anyway
+        // (an intake of another gateway's) still does not wait.
+        if (detail::on_network_thread) {
+          if (try_reserve()) return {};
+          break;
+        }
         const auto deadline = clock::now() + options_.block_timeout;
         for (;;) {
           const auto key = space_.prepare_wait();
@@ -2597,10 +2706,12 @@ class pipeline {
           if (evicted) {
             // The victim's unit of capacity passes to the new message.
             dropped_.fetch_add(1, std::memory_order_relaxed);
-            if (options_.on_dropped) options_.on_dropped(victim.msg);
+            report_dropped(victim.msg);
             return {};
           }
           if (try_reserve()) return {};
+          // A network thread does not wait: the message is refused after one pass.
+          if (detail::on_network_thread) break;
           std::this_thread::yield();  // every partition is being dispatched: room comes soon
         } while (clock::now() < deadline);
         break;
@@ -2610,6 +2721,18 @@ class pipeline {
     return errc::queue_full;
   }
 
+  // The push has succeeded whatever the handler does: its exception is counted, not thrown at
+  // the pushing thread (a network thread, often), which would also leak the unit of capacity
+  // the evicted message passed on.
+  void report_dropped(const message& m) noexcept {
+    if (!options_.on_dropped) return;
+    try {
+      options_.on_dropped(m);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
   // ---- workers -------------------------------------------------------------------------------
 
   [[nodiscard]] bool drained() const noexcept {
@@ -2617,7 +2740,19 @@ class pipeline {
            queued_.load(std::memory_order_seq_cst) <= 0;
   }
 
-  void worker_main(std::size_t id) {
+  // A worker thread's body: nothing escapes it. Host handlers' exceptions are caught per call
+  // (consume, dead_letter) and adding a worker cannot throw (worker_pool::try_spawn); what is
+  // left is the batch's allocation, before the worker holds any message, so a worker that fails
+  // there only leaves the pool, and the others carry on.
+  void worker_main(std::size_t id) noexcept {
+    try {
+      run_worker(id);
+    } catch (...) {
+      pool_.exited();
+    }
+  }
+
+  void run_worker(std::size_t id) {
     typename fetcher_type::batch b(fetcher_.demand(id).max_demand());
     auto& stats = *stats_[id];
     dispatch_context ctx;
@@ -2742,9 +2877,8 @@ class pipeline {
     } else {
       const auto end = clock::now();
       fetcher_.release(id, b, batch_feedback{b.asked(), b.taken(), end - start});
-      const auto depth = queued_.load(std::memory_order_relaxed);
       pool_sample sample;
-      sample.backlog = depth > 0 ? static_cast<std::size_t>(depth) : 0;
+      sample.backlog = static_cast<std::size_t>(depth());
       sample.oldest_wait = oldest;
       sample.now = end;
       pool_.observe(sample);
@@ -2755,25 +2889,49 @@ class pipeline {
 
   enum class delivery { delivered, dead_lettered, aborted };
 
-  delivery deliver(const message& m, dispatch_context& ctx) {
+  delivery deliver(message& m, dispatch_context& ctx) {
     auto backoff = options_.retry_backoff;
     for (unsigned attempt = 0;; ++attempt) {
       ctx.attempt = attempt;
-      const std::error_code ec = sink_.consume(m, ctx);
+      const std::error_code ec = consume(m, ctx);
       if (!ec) return delivery::delivered;
       if (attempt >= options_.retry_limit) {
         dead_lettered_.fetch_add(1, std::memory_order_relaxed);
-        if (options_.dead_letter) options_.dead_letter(m, ec);
+        dead_letter(m, ec);
         return delivery::dead_lettered;
       }
       retried_.fetch_add(1, std::memory_order_relaxed);
       {
         std::unique_lock lock(abort_mutex_);
         if (abort_cv_.wait_for(lock, backoff, [&] { return abort_.load(); })) {
+          // Handed back by stop(deadline): say the sink has had it.
+          m.attempts += attempt + 1;
           return delivery::aborted;
         }
       }
       backoff = std::min(backoff * 2, options_.retry_backoff_max);
+    }
+  }
+
+  // One sink attempt. An exception is that attempt's failure (retried, then dead-lettered with
+  // errc::handler_threw), counted; the try costs nothing while nothing throws.
+  std::error_code consume(const message& m, dispatch_context& ctx) noexcept {
+    try {
+      return sink_.consume(m, ctx);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      return errc::handler_threw;
+    }
+  }
+
+  // A dead-letter handler that throws may not have kept the message: counted lost.
+  void dead_letter(const message& m, std::error_code ec) noexcept {
+    if (!options_.dead_letter) return;
+    try {
+      options_.dead_letter(m, ec);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      lost_.fetch_add(1, std::memory_order_relaxed);
     }
   }
 
@@ -2840,6 +2998,8 @@ class pipeline {
   std::atomic<std::uint64_t> retried_{0};
   std::atomic<std::uint64_t> dead_lettered_{0};
   std::atomic<std::uint64_t> handed_back_{0};
+  std::atomic<std::uint64_t> handler_exceptions_{0};
+  std::atomic<std::uint64_t> lost_{0};
 
   detail::eventcount work_;   // workers sleep here when no partition has work
   detail::eventcount space_;  // blocked producers sleep here
@@ -2915,13 +3075,25 @@ class gateway {
   }
   /// Starts with `intake` taking what the transport delivers and `hooks` told of sessions
   /// opening and closing: installs the transport handlers, starts the workers, then the
-  /// transport.
+  /// transport. A transport that delivers on network threads (`handlers_on_network_threads`)
+  /// refuses the `block` overflow policy with `errc::would_block`, before anything starts: a
+  /// push that waited there would stall every session of the thread. Its intake runs with the
+  /// thread marked as a network thread, where a `drop_oldest` push never waits either.
   template <intake_handler Intake>
   std::error_code start(Intake intake, session_hooks hooks = {}) {
     transport_handlers handlers;
+    if constexpr (handlers_on_network_threads<Transport>) {
+      if (pipeline_.options().overflow == overflow_policy::block) return errc::would_block;
+      handlers.on_messages = [intake =
+                                  std::move(intake)](std::span<inbound_message> batch) mutable {
+        const detail::network_thread_scope network_thread;
+        return intake(batch);
+      };
+    } else {
+      handlers.on_messages = std::move(intake);
+    }
     handlers.on_open = std::move(hooks.on_open);
     handlers.on_close = std::move(hooks.on_close);
-    handlers.on_messages = std::move(intake);
     transport_.set_handlers(std::move(handlers));
     if (auto ec = pipeline_.start(); ec) return ec;
     started_ = true;
@@ -4510,6 +4682,12 @@ inline std::string default_error_text(const std::error_code& ec) {
         break;
       case errc::already_running:
         name = "already_running";
+        break;
+      case errc::handler_threw:
+        name = "handler_threw";
+        break;
+      case errc::would_block:
+        name = "would_block";
         break;
     }
   }

@@ -16,6 +16,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/wait.h>  // waitpid: attacks run in a child
+#include <unistd.h>    // fork, alarm
+
 #include "support.hpp"
 
 namespace {
@@ -596,4 +599,232 @@ TEST_CASE("different devices are dispatched in parallel by different workers",
     o.pool.max_workers = 4;
     run_overlap<devgate::pipeline_traits>(o, 100, false);
   }
+}
+
+// ---- faults contained: attacks by faulty host code ---------------------------------------------
+
+namespace {
+
+// Runs `attack` in a forked child, so an attack that kills the process (an exception reaching
+// std::terminate) or hangs it (a watchdog alarm ends it) fails the test instead of the suite.
+// Answers how the child ended: "ok" when `attack` returned true.
+template <class Attack>
+std::string run_in_child(Attack attack) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::alarm(20);  // a hang ends with SIGALRM
+    int rc = 1;
+    try {
+      rc = attack() ? 0 : 1;
+    } catch (...) {
+      rc = 2;  // an exception reached the host's call
+    }
+    std::_Exit(rc);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (WIFSIGNALED(status)) return numbered("killed by signal ", WTERMSIG(status));
+  if (WEXITSTATUS(status) == 2) return "an exception escaped to the caller";
+  if (WEXITSTATUS(status) != 0) return "the counts did not balance";
+  return "ok";
+}
+
+struct throwing_every_third {
+  std::atomic<std::uint64_t> delivered{0};
+  std::error_code consume(const devgate::message& m, devgate::dispatch_context&) {
+    if (m.sequence % 3 == 0) throw std::runtime_error("sink failed");
+    delivered.fetch_add(1, std::memory_order_relaxed);
+    return {};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("attack: a sink that throws on every third message loses nothing",
+          "[pipeline][sink][faults]") {
+  const auto how = run_in_child([] {
+    throwing_every_third sink;
+    std::atomic<std::uint64_t> dead{0};
+    std::atomic<std::uint64_t> dead_threw{0};
+    devgate::pipeline_options o;
+    o.retry_limit = 2;
+    o.retry_backoff = 10us;
+    o.retry_backoff_max = 10us;
+    o.dead_letter = [&](const devgate::message&, std::error_code ec) {
+      dead.fetch_add(1);
+      if (ec == devgate::errc::handler_threw) dead_threw.fetch_add(1);
+    };
+    constexpr std::uint64_t pushed = 300;
+    devgate::pipeline<throwing_every_third&> p(sink, o);
+    if (p.start()) return false;
+    const std::array ids{devgate::shared_bytes::copy_of(std::string_view("a")),
+                         devgate::shared_bytes::copy_of(std::string_view("b")),
+                         devgate::shared_bytes::copy_of(std::string_view("c"))};
+    for (std::uint64_t seq = 1; seq <= pushed; ++seq) {
+      if (p.push(make(ids[seq % ids.size()], seq))) return false;
+    }
+    p.stop();
+    const auto m = p.metrics();
+    // Every third message threw on its first try and its two retries: dead-lettered as such.
+    return sink.delivered + dead == pushed && dead == pushed / 3 && dead_threw == dead &&
+           m.dispatched == sink.delivered && m.dead_lettered == dead &&
+           m.handler_exceptions == 3 * dead && m.retried == 2 * dead && m.lost == 0 &&
+           m.enqueued == m.dispatched + m.dead_lettered && m.queue_depth == 0;
+  });
+  REQUIRE(how == "ok");
+}
+
+TEST_CASE("attack: a throwing dead-letter handler is counted, not fatal",
+          "[pipeline][sink][faults]") {
+  const auto how = run_in_child([] {
+    devgate::pipeline_options o;
+    o.retry_limit = 0;
+    o.dead_letter = [](const devgate::message&, std::error_code) {
+      throw std::runtime_error("dead-letter store down");
+    };
+    devgate::pipeline p(devgate::callback_sink([](const devgate::message&,
+                                                  devgate::dispatch_context&) -> std::error_code {
+                          return devgate::errc::timeout;
+                        }),
+                        o);
+    if (p.start()) return false;
+    for (std::uint64_t seq = 1; seq <= 10; ++seq) {
+      if (p.push(make(device, seq))) return false;
+    }
+    p.stop();
+    const auto m = p.metrics();
+    std::string text;
+    p.render_prometheus(text);
+    return m.dead_lettered == 10 && m.lost == 10 && m.handler_exceptions == 10 &&
+           text.find("devgate_lost_total 10\n") != std::string::npos &&
+           text.find("devgate_handler_exceptions_total 10\n") != std::string::npos;
+  });
+  REQUIRE(how == "ok");
+}
+
+TEST_CASE("attack: a throwing on_dropped handler neither escapes nor leaks capacity",
+          "[pipeline][overflow][faults]") {
+  const auto how = run_in_child([] {
+    recorder r;
+    devgate::pipeline_options o;
+    o.capacity = 2;
+    o.overflow = devgate::overflow_policy::drop_oldest;
+    o.on_dropped = [](const devgate::message&) { throw std::runtime_error("log full"); };
+    devgate::pipeline p(recording_sink(r), o);
+    bool pushed = true;
+    try {
+      for (std::uint64_t seq = 1; seq <= 5; ++seq) pushed = pushed && !p.push(make(device, seq));
+    } catch (...) {
+      pushed = false;  // the exception reached the pushing (network) thread
+    }
+    p.stop();  // must not wait for a unit of capacity nobody holds
+    const auto m = p.metrics();
+    return pushed && r.sequences == std::vector<std::uint64_t>{4, 5} && m.dropped == 3 &&
+           m.handler_exceptions == 3 && m.lost == 0;
+  });
+  REQUIRE(how == "ok");
+}
+
+// ---- lifecycle and metrics say exactly what happened ----------------------------------------
+
+TEST_CASE("start after stop answers closed", "[pipeline][lifecycle]") {
+  recorder r;
+  devgate::pipeline p(recording_sink(r));
+  REQUIRE_FALSE(p.start());
+  REQUIRE(p.start() == devgate::errc::already_running);
+  p.stop();
+  REQUIRE(p.start() == devgate::errc::closed);
+  devgate::pipeline never_started(recording_sink(r));
+  never_started.stop();
+  REQUIRE(never_started.start() == devgate::errc::closed);
+}
+
+TEST_CASE("queue_depth never reads above the capacity", "[pipeline][metrics]") {
+  // The capacity is held by one message the sink sits on; pushers are refused over and over
+  // while a sampler reads the depth.
+  std::atomic<bool> release{false};
+  devgate::pipeline_options o;
+  o.capacity = 1;
+  devgate::pipeline p(
+      devgate::callback_sink([&](const devgate::message&, devgate::dispatch_context&) {
+        while (!release.load()) std::this_thread::sleep_for(100us);
+      }),
+      o);
+  REQUIRE_FALSE(p.start());
+  REQUIRE_FALSE(p.push(make(device, 1)));
+  std::atomic<bool> done{false};
+  std::thread pusher([&] {
+    for (std::uint64_t seq = 2; !done.load(std::memory_order_relaxed); ++seq) {
+      (void)p.push(make(device, seq));
+    }
+  });
+  std::uint64_t highest = 0;
+  const auto until = devgate::clock::now() + 300ms;
+  while (devgate::clock::now() < until && highest <= o.capacity) {
+    highest = std::max(highest, p.metrics().queue_depth);
+  }
+  done = true;
+  pusher.join();
+  release = true;
+  p.stop();
+  INFO("deepest reading: " << highest);
+  REQUIRE(highest <= o.capacity);
+  REQUIRE(p.metrics().rejected > 0);
+}
+
+TEST_CASE("rejected counts drop_oldest pushes that found nothing to evict, and says so",
+          "[pipeline][metrics][overflow]") {
+  // Every queued message is being dispatched (its partition claimed): nothing can be evicted.
+  std::atomic<bool> release{false};
+  std::atomic<int> in_sink{0};
+  devgate::pipeline_options o;
+  o.capacity = 1;
+  o.overflow = devgate::overflow_policy::drop_oldest;
+  o.block_timeout = 5ms;
+  devgate::pipeline p(
+      devgate::callback_sink([&](const devgate::message&, devgate::dispatch_context&) {
+        ++in_sink;
+        while (!release.load()) std::this_thread::sleep_for(100us);
+      }),
+      o);
+  REQUIRE_FALSE(p.start());
+  REQUIRE_FALSE(p.push(make(device, 1)));
+  REQUIRE(eventually([&] { return in_sink.load() == 1; }));
+  REQUIRE(p.push(make(device, 2)) == devgate::errc::queue_full);
+  REQUIRE(p.metrics().rejected == 1);
+  release = true;
+  p.stop();
+  std::string text;
+  p.render_prometheus(text);
+  const auto help = text.find("# HELP devgate_rejected_total");
+  REQUIRE(help != std::string::npos);
+  const auto line = text.substr(help, text.find('\n', help) - help);
+  INFO(line);
+  REQUIRE(line.find("drop_oldest") != std::string::npos);
+  REQUIRE(line.find("block") != std::string::npos);
+}
+
+TEST_CASE("a message handed back while in retry backoff says it was attempted",
+          "[pipeline][lifecycle]") {
+  std::atomic<int> tries{0};
+  devgate::pipeline_options o;
+  o.retry_backoff = 10s;  // the first retry waits far past the stop's deadline
+  o.retry_backoff_max = 10s;
+  devgate::pipeline p(devgate::callback_sink([&](const devgate::message&,
+                                                 devgate::dispatch_context&) -> std::error_code {
+                        ++tries;
+                        return devgate::errc::timeout;
+                      }),
+                      o);
+  REQUIRE_FALSE(p.start());
+  REQUIRE_FALSE(p.push(make(device, 1)));
+  REQUIRE_FALSE(p.push(make(device, 2)));  // held back behind 1, never tried
+  REQUIRE(eventually([&] { return tries.load() == 1; }));
+  const auto left = p.stop(devgate::clock::now() + 20ms);
+  REQUIRE(left.size() == 2);
+  REQUIRE(left[0].sequence == 1);
+  REQUIRE(left[0].attempts == 1);
+  REQUIRE(left[1].sequence == 2);
+  REQUIRE(left[1].attempts == 0);
+  REQUIRE(p.metrics().handed_back == 2);
 }

@@ -16,6 +16,8 @@ enum class errc {
   message_too_big,   ///< A message is larger than the configured maximum.
   protocol_error,    ///< A peer broke the wire protocol.
   already_running,   ///< start() was called on something already started.
+  handler_threw,     ///< A host handler (a sink) threw: that attempt failed.
+  would_block,       ///< A set-up would make a network thread wait (the `block` overflow policy).
 };
 
 namespace detail {
@@ -44,6 +46,13 @@ class error_category_impl final : public std::error_category {
         return "protocol error: the peer broke the wire protocol";
       case errc::already_running:
         return "already running: start() was called twice";
+      case errc::handler_threw:
+        return "handler threw: a sink threw an exception; return a std::error_code instead, "
+               "the attempt was retried or dead-lettered";
+      case errc::would_block:
+        return "would block: this transport pushes from network threads, where the block "
+               "overflow policy would stall every session of the thread; use reject or "
+               "drop_oldest";
     }
     return "unknown devgate error";
   }

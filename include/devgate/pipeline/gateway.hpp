@@ -15,6 +15,8 @@
 #include <utility>       // std::move
 #include <vector>        // handed-back messages, staging
 
+#include "devgate/core/error.hpp"
+#include "devgate/pipeline/detail/network_thread.hpp"
 #include "devgate/pipeline/message.hpp"
 #include "devgate/pipeline/metrics.hpp"
 #include "devgate/pipeline/pipeline.hpp"
@@ -80,13 +82,25 @@ class gateway {
   }
   /// Starts with `intake` taking what the transport delivers and `hooks` told of sessions
   /// opening and closing: installs the transport handlers, starts the workers, then the
-  /// transport.
+  /// transport. A transport that delivers on network threads (`handlers_on_network_threads`)
+  /// refuses the `block` overflow policy with `errc::would_block`, before anything starts: a
+  /// push that waited there would stall every session of the thread. Its intake runs with the
+  /// thread marked as a network thread, where a `drop_oldest` push never waits either.
   template <intake_handler Intake>
   std::error_code start(Intake intake, session_hooks hooks = {}) {
     transport_handlers handlers;
+    if constexpr (handlers_on_network_threads<Transport>) {
+      if (pipeline_.options().overflow == overflow_policy::block) return errc::would_block;
+      handlers.on_messages = [intake =
+                                  std::move(intake)](std::span<inbound_message> batch) mutable {
+        const detail::network_thread_scope network_thread;
+        return intake(batch);
+      };
+    } else {
+      handlers.on_messages = std::move(intake);
+    }
     handlers.on_open = std::move(hooks.on_open);
     handlers.on_close = std::move(hooks.on_close);
-    handlers.on_messages = std::move(intake);
     transport_.set_handlers(std::move(handlers));
     if (auto ec = pipeline_.start(); ec) return ec;
     started_ = true;

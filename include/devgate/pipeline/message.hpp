@@ -15,8 +15,12 @@ struct message {
   shared_bytes device_id;  ///< Who sent it; shared with the session, so no allocation per message.
   std::uint64_t sequence = 0;              ///< Per-device (per-session) number from the transport.
   payload_kind kind = payload_kind::text;  ///< Text or binary.
-  shared_bytes payload;                    ///< The message bytes, shared by every stage and sink.
-  clock::time_point received{};            ///< When the transport finished reading it.
+  /// Sink attempts this message already had: 0 until `stop(deadline)` hands back a message it
+  /// interrupted after one or more failed attempts (in retry backoff), so whoever takes it back
+  /// knows a sink may have seen it. The pipeline does not read it.
+  std::uint32_t attempts = 0;
+  shared_bytes payload;          ///< The message bytes, shared by every stage and sink.
+  clock::time_point received{};  ///< When the transport finished reading it.
   clock::time_point enqueued{};  ///< When the pipeline accepted it (one reading per push_bulk).
   /// When a worker started dispatching the batch holding it: one clock reading per batch, so a
   /// message waiting behind slow sink calls of its batch is stamped early (the adaptive demand

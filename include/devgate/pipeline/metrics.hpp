@@ -54,14 +54,23 @@ using latency_histogram = log2_histogram<21, 10>;
 
 /// A consistent-enough reading of every pipeline metric (counters are read one by one, relaxed).
 struct pipeline_metrics {
-  std::uint64_t enqueued = 0;       ///< Messages accepted by `push` and `push_bulk`.
-  std::uint64_t dispatched = 0;     ///< Messages a sink accepted (after any retries).
-  std::uint64_t rejected = 0;       ///< Pushes refused with `errc::queue_full` (reject or block).
+  std::uint64_t enqueued = 0;    ///< Messages accepted by `push` and `push_bulk`.
+  std::uint64_t dispatched = 0;  ///< Messages a sink accepted (after any retries).
+  /// Messages refused with `errc::queue_full`: the pipeline was full under `reject`, a `block`
+  /// wait timed out, or `drop_oldest` found nothing it could evict in time; a refused batch
+  /// counts each of its messages.
+  std::uint64_t rejected = 0;
   std::uint64_t dropped = 0;        ///< Queued messages evicted by `drop_oldest`.
-  std::uint64_t retried = 0;        ///< Sink attempts that failed and were retried.
+  std::uint64_t retried = 0;        ///< Sink attempts that failed (or threw) and were retried.
   std::uint64_t dead_lettered = 0;  ///< Messages handed to the dead-letter handler.
   std::uint64_t handed_back = 0;    ///< Messages returned undispatched by `stop(deadline)`.
-  std::uint64_t queue_depth = 0;    ///< Messages accepted and not yet dispatched or dropped.
+  /// Exceptions thrown by host handlers (sink, dead-letter handler, `on_dropped`), caught.
+  std::uint64_t handler_exceptions = 0;
+  /// Dead-lettered messages whose dead-letter handler threw: nobody may have kept them.
+  std::uint64_t lost = 0;
+  /// Messages accepted and not yet dispatched, dead-lettered, dropped or handed back; never
+  /// above the capacity.
+  std::uint64_t queue_depth = 0;
   std::uint64_t workers_alive = 0;  ///< Worker threads running now.
   batch_histogram batch_size;       ///< Messages per fetched batch.
   /// Enqueue-to-dispatch latency in nanoseconds (to the start of the message's batch).
@@ -165,21 +174,30 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
   append_prometheus_metric(out, "dispatched_total", "counter",
                            "Messages a sink accepted, after any retries.", m.dispatched);
   append_prometheus_metric(out, "rejected_total", "counter",
-                           "Pushes refused because the queue was full.", m.rejected);
+                           "Messages refused with queue_full: the pipeline was full under reject, "
+                           "a block wait timed out, or drop_oldest found nothing to evict in time.",
+                           m.rejected);
   append_prometheus_metric(out, "dropped_total", "counter",
                            "Queued messages evicted by the drop-oldest overflow policy.",
                            m.dropped);
   append_prometheus_metric(out, "retried_total", "counter",
-                           "Sink attempts that failed and were retried.", m.retried);
+                           "Sink attempts that failed or threw and were retried.", m.retried);
   append_prometheus_metric(out, "dead_lettered_total", "counter",
                            "Messages handed to the dead-letter handler after the retry limit.",
                            m.dead_lettered);
   append_prometheus_metric(out, "handed_back_total", "counter",
                            "Messages returned undispatched by a stop with a deadline.",
                            m.handed_back);
-  append_prometheus_metric(out, "queue_depth", "gauge",
-                           "Messages accepted and not yet dispatched, dropped or handed back.",
-                           m.queue_depth);
+  append_prometheus_metric(out, "handler_exceptions_total", "counter",
+                           "Exceptions thrown by a sink, the dead-letter handler or on_dropped, "
+                           "caught by the pipeline.",
+                           m.handler_exceptions);
+  append_prometheus_metric(out, "lost_total", "counter",
+                           "Dead-lettered messages whose dead-letter handler threw.", m.lost);
+  append_prometheus_metric(
+      out, "queue_depth", "gauge",
+      "Messages accepted and not yet dispatched, dead-lettered, dropped or handed back.",
+      m.queue_depth);
   append_prometheus_metric(out, "workers_alive", "gauge", "Worker threads running.",
                            m.workers_alive);
   detail::pipeline_append_histogram(out, "batch_size", "Messages per fetched batch.", m.batch_size,

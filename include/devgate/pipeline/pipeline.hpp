@@ -6,6 +6,7 @@
 #include <condition_variable>  // interruptible retry backoff
 #include <cstddef>             // std::size_t
 #include <cstdint>             // counters
+#include <exception>           // host handlers' exceptions, contained
 #include <functional>          // dead-letter and drop handlers (rare paths only)
 #include <memory>              // per-worker statistics
 #include <mutex>               // backoff sleep, stop
@@ -22,6 +23,7 @@
 #include "devgate/core/error.hpp"
 #include "devgate/pipeline/demand.hpp"
 #include "devgate/pipeline/detail/eventcount.hpp"
+#include "devgate/pipeline/detail/network_thread.hpp"
 #include "devgate/pipeline/fetcher.hpp"
 #include "devgate/pipeline/message.hpp"
 #include "devgate/pipeline/metrics.hpp"
@@ -48,9 +50,12 @@ struct pipeline_options {
   /// the payload size; past it, `overflow` applies.
   std::size_t capacity = 1u << 16;
   /// What a push does at capacity: reject, drop the oldest, or block up to `block_timeout`.
+  /// A push from a network thread never waits: `gateway::start` refuses `block` with a transport
+  /// that delivers on network threads (`errc::would_block`), and there `drop_oldest` makes one
+  /// eviction pass instead of waiting for an evictable message.
   overflow_policy overflow = overflow_policy::reject;
-  /// Longest a `block` push waits for room (and a `drop_oldest` push waits for an evictable
-  /// message while workers hold every partition) before it is rejected.
+  /// Longest a `block` push waits for room (and a `drop_oldest` push off a network thread waits
+  /// for an evictable message while workers hold every partition) before it is rejected.
   std::chrono::milliseconds block_timeout{100};
   /// Partitions (hash of device id). More partitions let more workers run in parallel while
   /// each device's messages stay in order; each partition costs one queue.
@@ -71,9 +76,12 @@ struct pipeline_options {
   /// not pay a futex wake-up (a system call and a context switch) per push; the price is up to
   /// this much CPU per idle period. 0 sleeps at once (lowest idle CPU, slowest under load).
   std::chrono::microseconds idle_spin{50};
-  /// Receives each message that failed `retry_limit + 1` times, with the last error.
+  /// Receives each message that failed `retry_limit + 1` times, with the last error
+  /// (`errc::handler_threw` when the sink threw), on the worker thread. If it throws, the
+  /// exception is caught and counted, and the message is counted lost.
   std::function<void(const message&, std::error_code)> dead_letter;
-  /// Receives each message `drop_oldest` evicted (they are also counted).
+  /// Receives each message `drop_oldest` evicted (they are also counted), on the pushing thread.
+  /// If it throws, the exception is caught and counted; the push still succeeds.
   std::function<void(const message&)> on_dropped;
 };
 
@@ -129,11 +137,12 @@ class pipeline {
   /// Lets sinks reply through a transport (the gateway sets this before `start`).
   void set_reply_channel(const reply_channel* channel) noexcept { channel_ = channel; }
 
-  /// Starts the workers. Messages pushed before `start` wait for them.
+  /// Starts the workers. Messages pushed before `start` wait for them. `errc::already_running`
+  /// when running, `errc::closed` after `stop` (a pipeline does not restart).
   std::error_code start() {
     std::lock_guard lock(lifecycle_);
-    if (started_) return errc::already_running;
     if (stopped_) return errc::closed;
+    if (started_) return errc::already_running;
     started_ = true;
     pool_.start([this](std::size_t id) { worker_main(id); });
     return {};
@@ -225,8 +234,9 @@ class pipeline {
     m.retried = retried_.load(std::memory_order_relaxed);
     m.dead_lettered = dead_lettered_.load(std::memory_order_relaxed);
     m.handed_back = handed_back_.load(std::memory_order_relaxed);
-    const auto depth = queued_.load(std::memory_order_relaxed);
-    m.queue_depth = depth > 0 ? static_cast<std::uint64_t>(depth) : 0;
+    m.handler_exceptions = handler_exceptions_.load(std::memory_order_relaxed);
+    m.lost = lost_.load(std::memory_order_relaxed);
+    m.queue_depth = depth();
     m.workers_alive = pool_.alive();
     return m;
   }
@@ -289,6 +299,16 @@ class pipeline {
     return {};
   }
 
+  // Messages held, read from the capacity units. A push that finds the pipeline full holds a
+  // unit for an instant before it gives it back (try_reserve), so the units can read one per
+  // refused push above the capacity; no message stands behind those, so the reading is capped.
+  [[nodiscard]] std::uint64_t depth() const noexcept {
+    const auto units = queued_.load(std::memory_order_relaxed);
+    if (units <= 0) return 0;
+    return std::min(static_cast<std::uint64_t>(units),
+                    static_cast<std::uint64_t>(options_.capacity));
+  }
+
   bool try_reserve() noexcept {
     const auto cap = static_cast<std::int64_t>(options_.capacity);
     if (queued_.fetch_add(1, std::memory_order_seq_cst) < cap) return true;
@@ -327,6 +347,12 @@ class pipeline {
       case overflow_policy::reject:
         break;
       case overflow_policy::block: {
+        // gateway::start refuses block on network threads; a push there that gets here anyway
+        // (an intake of another gateway's) still does not wait.
+        if (detail::on_network_thread) {
+          if (try_reserve()) return {};
+          break;
+        }
         const auto deadline = clock::now() + options_.block_timeout;
         for (;;) {
           const auto key = space_.prepare_wait();
@@ -357,10 +383,12 @@ class pipeline {
           if (evicted) {
             // The victim's unit of capacity passes to the new message.
             dropped_.fetch_add(1, std::memory_order_relaxed);
-            if (options_.on_dropped) options_.on_dropped(victim.msg);
+            report_dropped(victim.msg);
             return {};
           }
           if (try_reserve()) return {};
+          // A network thread does not wait: the message is refused after one pass.
+          if (detail::on_network_thread) break;
           std::this_thread::yield();  // every partition is being dispatched: room comes soon
         } while (clock::now() < deadline);
         break;
@@ -370,6 +398,18 @@ class pipeline {
     return errc::queue_full;
   }
 
+  // The push has succeeded whatever the handler does: its exception is counted, not thrown at
+  // the pushing thread (a network thread, often), which would also leak the unit of capacity
+  // the evicted message passed on.
+  void report_dropped(const message& m) noexcept {
+    if (!options_.on_dropped) return;
+    try {
+      options_.on_dropped(m);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
   // ---- workers -------------------------------------------------------------------------------
 
   [[nodiscard]] bool drained() const noexcept {
@@ -377,7 +417,19 @@ class pipeline {
            queued_.load(std::memory_order_seq_cst) <= 0;
   }
 
-  void worker_main(std::size_t id) {
+  // A worker thread's body: nothing escapes it. Host handlers' exceptions are caught per call
+  // (consume, dead_letter) and adding a worker cannot throw (worker_pool::try_spawn); what is
+  // left is the batch's allocation, before the worker holds any message, so a worker that fails
+  // there only leaves the pool, and the others carry on.
+  void worker_main(std::size_t id) noexcept {
+    try {
+      run_worker(id);
+    } catch (...) {
+      pool_.exited();
+    }
+  }
+
+  void run_worker(std::size_t id) {
     typename fetcher_type::batch b(fetcher_.demand(id).max_demand());
     auto& stats = *stats_[id];
     dispatch_context ctx;
@@ -502,9 +554,8 @@ class pipeline {
     } else {
       const auto end = clock::now();
       fetcher_.release(id, b, batch_feedback{b.asked(), b.taken(), end - start});
-      const auto depth = queued_.load(std::memory_order_relaxed);
       pool_sample sample;
-      sample.backlog = depth > 0 ? static_cast<std::size_t>(depth) : 0;
+      sample.backlog = static_cast<std::size_t>(depth());
       sample.oldest_wait = oldest;
       sample.now = end;
       pool_.observe(sample);
@@ -515,25 +566,49 @@ class pipeline {
 
   enum class delivery { delivered, dead_lettered, aborted };
 
-  delivery deliver(const message& m, dispatch_context& ctx) {
+  delivery deliver(message& m, dispatch_context& ctx) {
     auto backoff = options_.retry_backoff;
     for (unsigned attempt = 0;; ++attempt) {
       ctx.attempt = attempt;
-      const std::error_code ec = sink_.consume(m, ctx);
+      const std::error_code ec = consume(m, ctx);
       if (!ec) return delivery::delivered;
       if (attempt >= options_.retry_limit) {
         dead_lettered_.fetch_add(1, std::memory_order_relaxed);
-        if (options_.dead_letter) options_.dead_letter(m, ec);
+        dead_letter(m, ec);
         return delivery::dead_lettered;
       }
       retried_.fetch_add(1, std::memory_order_relaxed);
       {
         std::unique_lock lock(abort_mutex_);
         if (abort_cv_.wait_for(lock, backoff, [&] { return abort_.load(); })) {
+          // Handed back by stop(deadline): say the sink has had it.
+          m.attempts += attempt + 1;
           return delivery::aborted;
         }
       }
       backoff = std::min(backoff * 2, options_.retry_backoff_max);
+    }
+  }
+
+  // One sink attempt. An exception is that attempt's failure (retried, then dead-lettered with
+  // errc::handler_threw), counted; the try costs nothing while nothing throws.
+  std::error_code consume(const message& m, dispatch_context& ctx) noexcept {
+    try {
+      return sink_.consume(m, ctx);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      return errc::handler_threw;
+    }
+  }
+
+  // A dead-letter handler that throws may not have kept the message: counted lost.
+  void dead_letter(const message& m, std::error_code ec) noexcept {
+    if (!options_.dead_letter) return;
+    try {
+      options_.dead_letter(m, ec);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      lost_.fetch_add(1, std::memory_order_relaxed);
     }
   }
 
@@ -600,6 +675,8 @@ class pipeline {
   std::atomic<std::uint64_t> retried_{0};
   std::atomic<std::uint64_t> dead_lettered_{0};
   std::atomic<std::uint64_t> handed_back_{0};
+  std::atomic<std::uint64_t> handler_exceptions_{0};
+  std::atomic<std::uint64_t> lost_{0};
 
   detail::eventcount work_;   // workers sleep here when no partition has work
   detail::eventcount space_;  // blocked producers sleep here

@@ -185,17 +185,24 @@ class worker_pool {
   /// The policy (for inspection; workers call it concurrently while running).
   [[nodiscard]] Policy& policy() noexcept { return policy_; }
 
-  /// Starts the initial workers, each running `body(id)`.
+  /// Starts the initial workers, each running `body(id)` (std::system_error when the system
+  /// has no thread to give).
   void start(std::function<void(std::size_t)> body) {
     body_ = std::move(body);
     for (std::size_t i = 0; i < initial_workers_; ++i) try_spawn();
   }
 
   /// A worker reports the batch it just dispatched (`sample.alive` is filled in here); the pool
-  /// adds a worker when the policy asks for one. Only adding one takes the pool's mutex.
-  void observe(pool_sample sample) {
+  /// adds a worker when the policy asks for one (if the system gives no thread, it adds none).
+  /// Only adding one takes the pool's mutex.
+  void observe(pool_sample sample) noexcept {
     sample.alive = alive();
-    if (policy_.add_worker(sample)) try_spawn();
+    try {
+      if (policy_.add_worker(sample)) try_spawn();
+    } catch (...) {
+      // No thread to be had now (or a policy that threw): the workers running carry on, and a
+      // worker asking for help from its dispatch loop is not thrown at (it holds capacity).
+    }
   }
 
   /// How long an idle worker sleeps before `try_retire` (`clock::duration::max()`: until woken).
@@ -251,10 +258,17 @@ class worker_pool {
       }
       running_[id].store(true, std::memory_order_relaxed);
       alive_.fetch_add(1, std::memory_order_relaxed);
-      slot = std::thread([this, id] {
-        body_(id);
-        running_[id].store(false, std::memory_order_release);
-      });
+      try {
+        slot = std::thread([this, id] {
+          body_(id);
+          running_[id].store(false, std::memory_order_release);
+        });
+      } catch (...) {
+        // No thread to be had (a process or memory limit): the slot stays free.
+        running_[id].store(false, std::memory_order_relaxed);
+        alive_.fetch_sub(1, std::memory_order_relaxed);
+        throw;
+      }
       return true;
     }
     return false;

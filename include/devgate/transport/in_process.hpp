@@ -95,6 +95,10 @@ class in_process_transport {
     std::shared_ptr<state> state_;
   };
 
+  /// Handlers run on the host thread that connects, pushes or disconnects, never on a network
+  /// thread: a `block` push may wait there (see `handlers_on_network_threads`).
+  static constexpr bool handlers_on_caller_threads = true;
+
   /// A transport applying `backpressure` to every session's outbound buffer.
   explicit in_process_transport(backpressure_options backpressure = {})
       : backpressure_(backpressure) {}
@@ -252,5 +256,6 @@ class in_process_transport {
 
 static_assert(transport<in_process_transport>,
               "in_process_transport must satisfy the devgate::transport concept");
+static_assert(!handlers_on_network_threads<in_process_transport>);
 
 }  // namespace devgate

@@ -95,6 +95,15 @@ struct transport_handlers {
   std::function<void(session_id, close_code)> on_close;
 };
 
+/// Whether transport `T` runs its handlers on network threads that each serve many sessions (a
+/// reactor's), where a push that waits stalls every session of the thread. Every transport is
+/// taken to, unless it declares `static constexpr bool handlers_on_caller_threads = true;`: its
+/// handlers run on the thread of the host call that delivered (in_process_transport).
+template <class T>
+inline constexpr bool handlers_on_network_threads = !requires {
+  requires T::handlers_on_caller_threads;
+};
+
 /// What the engine requires of a transport. Requirements:
 /// - `set_handlers(h)` before `start()`; `start()` returns an error or starts delivering;
 ///   `stop()` closes every session with 1001 and returns when no handler runs any more.

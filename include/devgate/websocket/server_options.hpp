@@ -59,6 +59,12 @@ inline std::string default_error_text(const std::error_code& ec) {
       case errc::already_running:
         name = "already_running";
         break;
+      case errc::handler_threw:
+        name = "handler_threw";
+        break;
+      case errc::would_block:
+        name = "would_block";
+        break;
     }
   }
   std::string out = R"({"type":"error","code":")" + name + R"(","message":")";
