@@ -7,9 +7,13 @@
 #include <chrono>
 #include <mutex>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <sys/wait.h>  // waitpid: the attack runs in a child
+#include <unistd.h>    // fork, alarm
 
 #include "devgate/pipeline/gateway.hpp"
 #include "support.hpp"
@@ -209,4 +213,54 @@ TEST_CASE("gateway: a full pipeline answers the device with queue_full, a stoppe
   auto left = gw.stop(devgate::clock::now() + 10s);
   REQUIRE(left.empty());
   REQUIRE(dev.push("late") == devgate::errc::closed);
+}
+
+TEST_CASE("attack: throwing session hooks and intake are contained by the transport",
+          "[transport][in_process][faults]") {
+  // In a child: on the code before, on_open's exception escaped connect, and the gateway's
+  // destructor, stopping the transport, met on_close's exception and reached std::terminate.
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::alarm(20);
+    bool ok = false;
+    try {
+      devgate::in_process_transport t;
+      devgate::session_hooks hooks;
+      hooks.on_open = [](const devgate::session_info& info) {
+        if (info.device_id == "bad-open") throw std::runtime_error("registry down");
+      };
+      hooks.on_close = [](devgate::session_id, devgate::close_code) {
+        throw std::runtime_error("store down");
+      };
+      std::atomic<int> taken{0};
+      auto intake = [&](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+        if (batch[0].payload.view() == "poison") throw std::runtime_error("parser bug");
+        taken += static_cast<int>(batch.size());
+        return {batch.size(), {}};
+      };
+      devgate::gateway gw(t, devgate::null_sink{});
+      if (gw.start(intake, hooks)) std::_Exit(1);
+      auto bad_open = t.connect("bad-open");  // its session closes with 1011
+      auto lamp = t.connect("lamp");
+      auto fan = t.connect("fan");
+      const bool fine = !lamp.push("on") && lamp.push("poison") == devgate::errc::closed &&
+                        lamp.close_status() == devgate::close_code::internal_error &&
+                        bad_open.close_status() == devgate::close_code::internal_error &&
+                        bad_open.push("x") == devgate::errc::closed && !fan.push("on") &&
+                        taken == 2;
+      fan.disconnect();  // on_close throws: the session is closed all the same
+      ok = fine && fan.close_status() == devgate::close_code::normal && t.session_count() == 0;
+      gw.stop();
+    } catch (...) {
+      std::_Exit(2);  // an exception reached the host's call
+    }
+    std::_Exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  INFO("signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0) << ", exit "
+                 << (WIFEXITED(status) ? WEXITSTATUS(status) : -1)
+                 << " (2: an exception escaped, 1: not contained as expected)");
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 0);
 }

@@ -26,7 +26,9 @@ namespace devgate {
 
 /// A transport inside the process: host code connects devices and pushes their messages
 /// directly, and reads what the engine sent back from each session's inbox. For tests, embedding
-/// and benchmarks; it honours back-pressure exactly as a network transport does.
+/// and benchmarks; it honours back-pressure exactly as a network transport does, and contains
+/// its handlers' exceptions as one does: a throwing `on_open` or `on_messages` closes that
+/// session with 1011 (internal error), a throwing `on_close` is ignored (the session is gone).
 class in_process_transport {
  public:
   /// One message the engine sent to a session.
@@ -124,7 +126,8 @@ class in_process_transport {
     for (auto id : ids) close(id, close_code::going_away, "server stopping");
   }
 
-  /// Connects a device; `on_open` runs before this returns. Returns the host's handle.
+  /// Connects a device; `on_open` runs before this returns. Returns the host's handle (of a
+  /// closed session, 1011, if `on_open` threw).
   session connect(std::string_view device_id) {
     auto s = std::make_shared<state>();
     s->id = next_id_.fetch_add(1, std::memory_order_relaxed) + 1;
@@ -133,7 +136,13 @@ class in_process_transport {
       std::unique_lock lock(table_mutex_);
       sessions_.emplace(s->id, s);
     }
-    if (handlers_.on_open) handlers_.on_open(session_info{s->id, std::string(device_id)});
+    if (handlers_.on_open) {
+      try {
+        handlers_.on_open(session_info{s->id, std::string(device_id)});
+      } catch (...) {
+        close(s->id, close_code::internal_error, "on_open threw");
+      }
+    }
     return session(this, std::move(s));
   }
 
@@ -181,7 +190,7 @@ class in_process_transport {
     return n;
   }
 
-  /// Closes one session with `code`; `on_close` runs once.
+  /// Closes one session with `code`; `on_close` runs once (an exception from it is ignored).
   void close(session_id id, close_code code, std::string_view reason) {
     std::shared_ptr<state> s;
     {
@@ -196,7 +205,13 @@ class in_process_transport {
       s->closed = code;
       s->close_reason = std::string(reason);
     }
-    if (handlers_.on_close) handlers_.on_close(id, code);
+    if (handlers_.on_close) {
+      try {
+        handlers_.on_close(id, code);
+      } catch (...) {
+        // Nothing left to tell the device; the session is gone either way.
+      }
+    }
   }
 
   /// Bytes queued to one session and not yet taken by the host.
@@ -240,8 +255,14 @@ class in_process_transport {
     in.payload = std::move(payload);
     in.received = clock::now();
     if (!handlers_.on_messages) return {};
-    // One push is a batch of one.
-    const batch_result r = handlers_.on_messages(std::span<inbound_message>(&in, 1));
+    batch_result r;
+    try {
+      // One push is a batch of one.
+      r = handlers_.on_messages(std::span<inbound_message>(&in, 1));
+    } catch (...) {
+      close(s.id, close_code::internal_error, "on_messages threw");
+      return errc::closed;
+    }
     return r.accepted > 0 ? std::error_code{} : r.error;
   }
 
