@@ -158,13 +158,21 @@ class gateway {
   batch_result push_inbound(std::span<inbound_message> batch) {
     thread_lane& l = lane();
     if (l.busy) return push_inbound_one_by_one(batch);  // a handler of the push pushed again
-    l.busy = true;
+    // Whatever leaves this call (an allocation failure too), the lane is free and empty after.
+    struct lane_use {
+      thread_lane& lane;
+      explicit lane_use(thread_lane& l) noexcept : lane(l) { lane.busy = true; }
+      ~lane_use() {
+        lane.staging.clear();
+        lane.busy = false;
+      }
+      lane_use(const lane_use&) = delete;
+      lane_use& operator=(const lane_use&) = delete;
+    } use(l);
     auto& staged = l.staging;
     for (auto& in : batch) staged.push_back(message::from(std::move(in)));
     const auto r = pipeline_.push_bulk(std::span<message>(staged), l.producer);
     for (std::size_t i = r.accepted; i < batch.size(); ++i) give_back(staged[i], batch[i]);
-    staged.clear();
-    l.busy = false;
     return {r.accepted, r.error};
   }
   batch_result push_inbound_one_by_one(std::span<inbound_message> batch) {
