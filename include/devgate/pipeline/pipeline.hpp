@@ -418,7 +418,7 @@ class pipeline {
   }
 
   // A worker thread's body: nothing escapes it. Host handlers' exceptions are caught per call
-  // (consume, dead_letter) and adding a worker cannot throw (worker_pool::try_spawn); what is
+  // (consume, dead_letter) and adding a worker cannot throw (worker_pool::observe); what is
   // left is the batch's allocation, before the worker holds any message, so a worker that fails
   // there only leaves the pool, and the others carry on.
   void worker_main(std::size_t id) noexcept {
