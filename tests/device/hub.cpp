@@ -589,3 +589,42 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
   CHECK((*e)["code"] == "bad_fw_ack");
   hub.stop();
 }
+
+TEST_CASE("firmware rollout: fw_restart over the wire sends the image again from byte 0") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.chunk_size = 1000;
+  o.window = 2;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "lost", 0, "1.0");
+  const auto image = make_image(4500);
+  hub.publish_firmware("2.0", image);
+  fw_player p{d, {}, 0, 0, false, {}};
+  REQUIRE(eventually([&] {  // part of the image, acknowledged
+    p.step();
+    return p.got >= 2000;
+  }));
+  REQUIRE(p.got < image.size());
+  // The device loses its partial image and asks for byte 0 again.
+  REQUIRE_FALSE(d.send({{"type", "fw_restart"}, {"rollout", 1}}));
+  REQUIRE(eventually([&] { return hub.device_transfer("lost")->offset == 0; }));
+  p.image.clear();
+  for (int round = 0; round < 50 && !p.done; ++round) p.step();
+  CHECK(p.done);
+  REQUIRE(eventually([&] {
+    p.step();
+    return p.status == "verified";
+  }));
+  // After the transfer ended, a restart names no running transfer (not counted as bad).
+  REQUIRE_FALSE(d.send({{"type", "fw_restart"}, {"rollout", 1}}));
+  auto e = d.next("error");
+  REQUIRE(e);
+  CHECK((*e)["code"] == "unknown_rollout");
+  REQUIRE_FALSE(d.send({{"type", "fw_restart"}}));
+  e = d.next("error");
+  REQUIRE(e);
+  CHECK((*e)["code"] == "bad_message");
+  CHECK(hub.rollout().verified == 1);
+  hub.stop();
+}
