@@ -28,6 +28,7 @@ using devgate::shared_bytes;
 using json = nlohmann::json;
 namespace dev = devgate::device;
 using devgate::testing::eventually;
+using devgate::testing::numbered;
 
 namespace {
 
@@ -587,6 +588,62 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
   auto e = started[1]->next("error");
   REQUIRE(e);
   CHECK((*e)["code"] == "bad_fw_ack");
+  hub.stop();
+}
+
+TEST_CASE("firmware rollout: 16 devices stalled mid-transfer do not stop 300 others (attack)") {
+  in_process_transport t;
+  dev::hub_options o;  // 16 slots, as by default
+  o.stall_timeout = std::chrono::milliseconds(100);
+  o.max_transfer_retries = 1;
+  o.transfer_retry_backoff = std::chrono::milliseconds(10);
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  const auto image = make_image(40'000);  // 3 chunks of 16 KiB
+  hub.publish_firmware("2.0", image);
+  // The stalled devices connect first and take every slot; each acknowledges one chunk and then
+  // nothing more, its connection open.
+  std::vector<fake_device> stalled;
+  for (int i = 0; i < 16; ++i) stalled.push_back(connect(t, numbered("stall", i), 0, "1.0"));
+  for (auto& d : stalled) {
+    d.poll();
+    REQUIRE(d.binaries.size() == 3);
+    REQUIRE_FALSE(d.send({{"type", "fw_ack"}, {"rollout", 1}, {"offset", 16384}}));
+  }
+  std::vector<fake_device> good;
+  good.reserve(300);
+  for (int i = 0; i < 300; ++i) good.push_back(connect(t, numbered("good", i), 0, "1.0"));
+  CHECK(hub.slots().active() == 16);
+  CHECK(hub.slots().waiting() == 300);
+  std::vector<fw_player> players;
+  players.reserve(good.size());
+  for (auto& d : good) players.push_back(fw_player{d, {}, 0, 0, false, {}});
+  const bool done = eventually(
+      [&] {
+        for (auto& p : players) p.step();
+        for (auto& d : stalled) d.poll();  // reads, never answers
+        const auto tot = hub.rollout();
+        return tot.verified == 300 && tot.failed == 16;
+      },
+      std::chrono::seconds(60));
+  const auto tot = hub.rollout();
+  INFO("verified " << tot.verified << " failed " << tot.failed << " transferring "
+                   << tot.transferring << " pending " << tot.pending);
+  REQUIRE(done);
+  CHECK(tot.timed_out == 16);
+  CHECK(tot.peak_transferring <= 16);
+  for (int i = 0; i < 16; ++i) {
+    const auto st = hub.device_transfer(numbered("stall", i));
+    CHECK(st->reason == "timed_out");
+    CHECK(st->offset == 16384);
+  }
+  for (auto& d : stalled) {
+    bool told = false;
+    for (const auto& j : d.texts) {
+      told = told || (j["type"] == "fw_status" && j["reason"] == "timed_out");
+    }
+    CHECK(told);
+  }
   hub.stop();
 }
 
