@@ -771,6 +771,14 @@ TEST_CASE("rollout engine: the totals' counters match a scan of the devices afte
   CHECK(before.verified > 0);
   CHECK(before.failed > 0);
   CHECK(before.skipped > 0);
+  // A record evicted from memory leaves the counters; made again at hello, it counts once.
+  r.disconnect(sessions[5]);
+  sessions[5] = 0;
+  r.engine.forget(r.rec(ids[5]));
+  const auto forgotten = r.engine.totals();
+  CHECK(forgotten.verified + forgotten.failed + forgotten.pending + forgotten.transferring +
+            forgotten.skipped ==
+        r.devices.devices() - 1);
   // A new rollout starts from fresh counters, and they still match.
   r.engine.publish("3.0", image, [](const fw::image&) {});
   check_scan();

@@ -226,6 +226,25 @@ class rollout_engine {
     start_next(slots_.release(rec.id, rollout), rollout);
   }
 
+  /// The device's record is about to leave memory (evicted while offline; the store keeps its
+  /// state): its part leaves its rollout's counters, so that the record made again at its next
+  /// hello is counted once, and a slot or place in the queue it had is given up.
+  void forget(device::device_record& rec) {
+    std::uint32_t rollout = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      auto& tr = rec.transfer;
+      if (!tr.image) return;
+      if (tr.tally) {
+        tr.tally->move(tr.status, store::transfer_status::none);
+        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+        tr.tally.reset();
+      }
+      rollout = tr.image->rollout();
+    }
+    start_next(slots_.release(rec.id, rollout), rollout);
+  }
+
   /// Session `s` acknowledged the image up to `offset` of rollout `rollout`: more chunks go
   /// out. Returns the error to answer with: `unknown_rollout` (no such transfer running for
   /// the device) or `bad_fw_ack` (beyond what was sent, misaligned or backwards).
