@@ -64,6 +64,7 @@
 #include "devgate/firmware/image.hpp"    // firmware image: held once, cut into wire chunks
 #include "devgate/firmware/rollout.hpp"  // rollout_engine: per-device transfer state machine
 #include "devgate/firmware/slots.hpp"    // transfer_slots: at most N transfers at once
+#include "devgate/firmware/tally.hpp"    // tally: a rollout's fleet totals, kept as they change
 
 #include "devgate/client/device_client.hpp"  // device_client: a device speaking protocol v1
 

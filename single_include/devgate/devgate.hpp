@@ -7526,7 +7526,7 @@ enum class error : std::uint8_t {
   queue_full,           ///< The pipeline is at capacity; the message was not accepted.
   closed,               ///< The gateway is stopping; the message was not accepted.
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
-  unknown_rollout,      ///< `fw_ack`/`fw_result` names a rollout this device is not in.
+  unknown_rollout,      ///< `fw_ack`/`fw_result`/`fw_restart` names a rollout it is not in.
 };
 
 /// The wire name of `e`.
@@ -7871,6 +7871,74 @@ class image {
 }  // namespace devgate::firmware
 // ---- end devgate/firmware/image.hpp ----
 
+// ---- begin devgate/firmware/tally.hpp ----
+
+#include <array>    // one counter per status
+#include <atomic>   // counters read without a lock
+#include <cstddef>  // std::size_t
+#include <cstdint>  // counters
+
+
+namespace devgate::firmware {
+
+/// One rollout's fleet figures, kept up to date at every change of a device's transfer so that
+/// the totals are read in constant time, with no scan over the devices. The rollout engine
+/// changes a device's part under that device's mutex and the counters here at the same time;
+/// they are atomics, so reading them takes no lock (a read racing a change may see one device
+/// counted in neither of two statuses, or in both, for an instant).
+class tally {
+ public:
+  /// A device joins the rollout with status `s`.
+  void enter(store::transfer_status s) noexcept { add(s, 1); }
+  /// A device of the rollout goes from status `from` to `to`.
+  void move(store::transfer_status from, store::transfer_status to) noexcept {
+    if (from == to) return;
+    add(from, -1);
+    add(to, 1);
+  }
+  /// A device's acknowledged bytes changed by `delta` (negative when a transfer restarts).
+  void add_acked(std::int64_t delta) noexcept {
+    acked_.fetch_add(delta, std::memory_order_relaxed);
+  }
+  /// A device's transfer failed for making no progress (it also moved to `failed`).
+  void count_timed_out() noexcept { timed_out_.fetch_add(1, std::memory_order_relaxed); }
+  /// A stalled transfer was taken back to be retried later.
+  void count_retry() noexcept { retries_.fetch_add(1, std::memory_order_relaxed); }
+
+  /// Devices of the rollout with status `s` now.
+  [[nodiscard]] std::size_t count(store::transfer_status s) const noexcept {
+    const auto n = by_status_[static_cast<std::size_t>(s)].load(std::memory_order_relaxed);
+    return n < 0 ? 0 : static_cast<std::size_t>(n);
+  }
+  /// Bytes acknowledged over the fleet.
+  [[nodiscard]] std::uint64_t bytes_acked() const noexcept {
+    const auto n = acked_.load(std::memory_order_relaxed);
+    return n < 0 ? 0 : static_cast<std::uint64_t>(n);
+  }
+  /// Devices whose transfer failed with reason `timed_out`.
+  [[nodiscard]] std::size_t timed_out() const noexcept {
+    return static_cast<std::size_t>(timed_out_.load(std::memory_order_relaxed));
+  }
+  /// Stalled transfers taken back to be retried.
+  [[nodiscard]] std::uint64_t retries() const noexcept {
+    return retries_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  void add(store::transfer_status s, std::int64_t n) noexcept {
+    if (s == store::transfer_status::none) return;
+    by_status_[static_cast<std::size_t>(s)].fetch_add(n, std::memory_order_relaxed);
+  }
+
+  std::array<std::atomic<std::int64_t>, 6> by_status_{};  // indexed by transfer_status
+  std::atomic<std::int64_t> acked_{0};
+  std::atomic<std::int64_t> timed_out_{0};
+  std::atomic<std::uint64_t> retries_{0};
+};
+
+}  // namespace devgate::firmware
+// ---- end devgate/firmware/tally.hpp ----
+
 namespace devgate::device {
 
 /// One message queued to a device's session, kept in the order it was produced.
@@ -7932,6 +8000,12 @@ struct device_record {
     std::uint64_t acked = 0;  ///< Bytes the device acknowledged (the resume point).
     std::uint64_t sent = 0;   ///< Bytes queued to it in this session.
     std::string reason;       ///< Why it failed.
+
+    std::shared_ptr<firmware::tally> tally;  ///< The rollout's fleet counters (with `image`).
+    unsigned retries = 0;               ///< Stalls and restarts from 0 in this rollout (bounded).
+    clock::time_point progress_at{};    ///< When `acked` last moved (or the transfer started).
+    std::uint64_t progress_offset = 0;  ///< `acked` as the stall check last saw it.
+    clock::time_point retry_at{};       ///< After a stall, it waits for a slot until then.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
 };
@@ -8452,6 +8526,7 @@ class registry {
 
 #include <algorithm>    // std::min
 #include <atomic>       // rollout ids
+#include <chrono>       // stall timeout, backoff
 #include <cstddef>      // std::size_t, std::byte
 #include <cstdint>      // rollout ids, offsets
 #include <memory>       // the current image
@@ -8465,44 +8540,128 @@ class registry {
 #include <vector>       // devices to start
 
 
+// ---- begin devgate/firmware/detail/ticker.hpp ----
+
+#include <condition_variable>  // waking the thread to stop
+#include <mutex>               // the stop flag
+#include <thread>              // the timer thread
+#include <utility>             // std::move
+
+
+namespace devgate::firmware::detail {
+
+/// A thread that calls a function every `period` until it is stopped (or destroyed), for the
+/// rollout engine's stall check. An exception from the function is dropped: the next call
+/// runs as usual.
+class ticker {
+ public:
+  ticker() = default;
+  ticker(const ticker&) = delete;
+  ticker& operator=(const ticker&) = delete;
+  ~ticker() { stop(); }
+
+  /// Starts calling `f()` every `period`; nothing if already started.
+  template <class F>
+  void start(clock::duration period, F f) {
+    std::lock_guard lock(mutex_);
+    if (thread_.joinable() || stopping_) return;
+    thread_ = std::thread([this, period, f = std::move(f)]() mutable {
+      std::unique_lock lock(mutex_);
+      while (!stopping_) {
+        if (wake_.wait_for(lock, period, [this] { return stopping_; })) break;
+        lock.unlock();
+        try {
+          f();
+        } catch (...) {  // the stall check runs again at the next period
+        }
+        lock.lock();
+      }
+    });
+  }
+  /// Stops the thread and waits for it (a call in progress finishes first).
+  void stop() {
+    std::thread t;
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+      t = std::move(thread_);
+    }
+    wake_.notify_all();
+    if (t.joinable()) t.join();
+  }
+  /// Whether the thread runs.
+  [[nodiscard]] bool running() const {
+    std::lock_guard lock(mutex_);
+    return thread_.joinable();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace devgate::firmware::detail
+// ---- end devgate/firmware/detail/ticker.hpp ----
+
 // ---- begin devgate/firmware/slots.hpp ----
 
 #include <algorithm>      // std::find, std::max
 #include <cstddef>        // std::size_t
+#include <cstdint>        // rollout ids
 #include <deque>          // waiting devices
 #include <mutex>          // slots
 #include <optional>       // next device
 #include <string>         // device ids
 #include <unordered_set>  // active devices
 #include <utility>        // std::move
+#include <vector>         // active devices, for the stall check
 
 namespace devgate::firmware {
 
 /// At most N devices transferring at once; the rest wait in arrival order. Thread-safe; the
 /// peak is kept so tests and operators can check the limit held.
+///
+/// The slots belong to one rollout at a time (`reset` starts a new one): a request or a release
+/// naming another rollout is refused, so a thread that read the previous rollout just before a
+/// new one was published can neither take a slot of the new one nor free somebody else's.
 class transfer_slots {
  public:
+  /// What `acquire` did.
+  enum class grant : std::uint8_t {
+    acquired,  ///< A free slot is the device's now: the caller starts the transfer.
+    held,      ///< The device already had a slot (given while it was not ready to start).
+    queued,    ///< The device waits (or already waited) for a slot.
+    stale,     ///< The slots belong to another rollout: nothing done.
+  };
+
   /// A limit of `max_active` transfers (at least 1).
   explicit transfer_slots(std::size_t max_active) : max_(max_active == 0 ? 1 : max_active) {}
 
-  /// Takes a slot for `device` (true: start now) or queues it (false). A device already
-  /// active or queued keeps its place (returns whether it is active).
-  bool acquire(const std::string& device) {
+  /// Takes a slot of rollout `rollout` for `device`, or queues it. A device already active or
+  /// queued keeps its place.
+  grant acquire(const std::string& device, std::uint32_t rollout) {
     std::lock_guard lock(mutex_);
-    if (active_.count(device) != 0) return true;
-    if (std::find(waiting_.begin(), waiting_.end(), device) != waiting_.end()) return false;
+    if (rollout != rollout_) return grant::stale;
+    if (active_.count(device) != 0) return grant::held;
+    if (std::find(waiting_.begin(), waiting_.end(), device) != waiting_.end()) {
+      return grant::queued;
+    }
     if (active_.size() < max_) {
       active_.insert(device);
       peak_ = std::max(peak_, active_.size());
-      return true;
+      return grant::acquired;
     }
     waiting_.push_back(device);
-    return false;
+    return grant::queued;
   }
-  /// Frees `device`'s slot (or takes it off the queue) and hands the slot to the next waiting
-  /// device, which is returned (the caller starts it). Nothing if no slot was freed.
-  std::optional<std::string> release(const std::string& device) {
+  /// Frees `device`'s slot of rollout `rollout` (or takes it off the queue) and hands the slot
+  /// to the next waiting device, which is returned (the caller starts it). Nothing if no slot
+  /// was freed, or if the slots belong to another rollout.
+  std::optional<std::string> release(const std::string& device, std::uint32_t rollout) {
     std::lock_guard lock(mutex_);
+    if (rollout != rollout_) return std::nullopt;
     if (active_.erase(device) == 0) {
       if (auto it = std::find(waiting_.begin(), waiting_.end(), device); it != waiting_.end()) {
         waiting_.erase(it);
@@ -8516,11 +8675,30 @@ class transfer_slots {
     peak_ = std::max(peak_, active_.size());
     return next;
   }
-  /// Forgets everything (a new rollout); the peak is kept.
-  void clear() {
+  /// Gives the slots to rollout `rollout`, empty; returns the devices that held one (the
+  /// caller stops their transfers). The peak is kept.
+  std::vector<std::string> reset(std::uint32_t rollout) {
     std::lock_guard lock(mutex_);
+    std::vector<std::string> held(active_.begin(), active_.end());
     active_.clear();
     waiting_.clear();
+    rollout_ = rollout;
+    return held;
+  }
+  /// Whether `device` holds a slot of rollout `rollout`.
+  [[nodiscard]] bool holds(const std::string& device, std::uint32_t rollout) const {
+    std::lock_guard lock(mutex_);
+    return rollout == rollout_ && active_.count(device) != 0;
+  }
+  /// The devices holding a slot now (at most the limit; for the stall check).
+  [[nodiscard]] std::vector<std::string> holders() const {
+    std::lock_guard lock(mutex_);
+    return {active_.begin(), active_.end()};
+  }
+  /// The rollout the slots belong to (0: none yet).
+  [[nodiscard]] std::uint32_t rollout() const {
+    std::lock_guard lock(mutex_);
+    return rollout_;
   }
   /// Transfers running now.
   [[nodiscard]] std::size_t active() const {
@@ -8543,6 +8721,7 @@ class transfer_slots {
  private:
   const std::size_t max_;
   mutable std::mutex mutex_;
+  std::uint32_t rollout_ = 0;
   std::unordered_set<std::string> active_;
   std::deque<std::string> waiting_;
   std::size_t peak_ = 0;
@@ -8565,9 +8744,11 @@ struct rollout_totals {
   std::size_t skipped = 0;            ///< Devices already on the version.
   std::uint64_t bytes_acked = 0;      ///< Sum of acknowledged bytes over the fleet.
   std::size_t peak_transferring = 0;  ///< Most devices ever transferring at once.
+  std::size_t timed_out = 0;          ///< Of `failed`: transfers that stalled past their retries.
+  std::uint64_t retries = 0;          ///< Stalled transfers taken back to be retried later.
 };
 
-/// The rollout engine's knobs (`device::hub_options` carries the same three).
+/// The rollout engine's knobs (`device::hub_options` carries the same ones).
 struct rollout_options {
   /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.
   std::size_t chunk_size = 16u << 10;
@@ -8575,6 +8756,17 @@ struct rollout_options {
   std::size_t window = 8;
   /// At most this many devices receive firmware at once; the rest wait their turn.
   std::size_t max_concurrent_transfers = 16;
+  /// A transfer whose acknowledged offset has not moved for this long gives up its slot and
+  /// goes back to pending (it resumes from that offset after `retry_backoff`). Shorter frees
+  /// slots held by dead devices sooner, but must stay well above the time a slow device needs
+  /// for one window. 0 turns the check (and the engine's timer thread) off.
+  std::chrono::milliseconds stall_timeout{30'000};
+  /// Stalls (and restarts from byte 0, `fw_restart`) one device may have in a rollout; one more
+  /// stall fails its transfer with reason `timed_out` (a restart: `too_many_restarts`).
+  unsigned max_retries = 3;
+  /// The wait before a stalled transfer may take a slot again; it doubles with each retry of
+  /// the same device (up to 64 times). The device keeps no slot meanwhile.
+  std::chrono::milliseconds retry_backoff{1'000};
 };
 
 /// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
@@ -8582,20 +8774,32 @@ struct rollout_options {
 ///
 ///     none ──publish/join──▶ pending ──slot + live session──▶ transferring ──fw_result──▶
 ///     verified | failed;   pending ──reports the version──▶ skipped;
-///     transferring ──session closed or replaced──▶ pending (resumes from its acked offset)
+///     transferring ──session closed or replaced──▶ pending (resumes from its acked offset);
+///     transferring ──no progress for stall_timeout──▶ pending (after a backoff, resumes) or,
+///         past max_retries, failed (reason `timed_out`)
 ///
 /// At most `max_concurrent_transfers` devices transfer at once (`transfer_slots`); a freed slot
 /// goes to the next waiting device that can start. A transfer sends the start message, then a
-/// window of chunks (slices of the one image buffer), one more per acknowledged chunk.
+/// window of chunks (slices of the one image buffer), one more per acknowledged chunk. Fleet
+/// totals come from the rollout's `tally`, changed with each device's status.
+///
+/// Stalls are found by a timer thread (started by the first publish, unless `stall_timeout`
+/// is 0) that looks only at the devices holding a slot and at those waiting out a backoff.
+///
+/// A publish is atomic with respect to concurrent hellos: the slots move to the new rollout
+/// and the running transfers stop before any hello can see the new rollout, a slot request for
+/// an older rollout is refused (`transfer_slots::grant::stale`), and a device never goes back
+/// to an older rollout than the one it is in. Publishes are serialised among themselves.
 ///
 /// Locking: each method takes the device's mutex itself and never two devices' at once; the
-/// slots and the current image have locks of their own, taken with no device's mutex held;
-/// the store and the transport (through `delivery::flush`) are called with no lock held.
+/// slots, the current rollout and the backoff list have locks of their own, taken with no
+/// device's mutex held; the store and the transport (through `delivery::flush`) are called
+/// with no lock held (the publish lock excepted, which only publishes take).
 template <class Transport, class Store>
 class rollout_engine {
  public:
   /// An engine over the hub's devices, their outboxes and the state store (all referenced).
-  /// Throws std::invalid_argument for a window or chunk size of 0.
+  /// Throws std::invalid_argument for a window or chunk size of 0, or a negative timeout.
   rollout_engine(device::registry& devices, device::delivery<Transport>& out, Store& store,
                  rollout_options options)
       : devices_(devices),
@@ -8605,6 +8809,8 @@ class rollout_engine {
         slots_(options_.max_concurrent_transfers) {}
   rollout_engine(const rollout_engine&) = delete;
   rollout_engine& operator=(const rollout_engine&) = delete;
+  /// Stops the timer thread.
+  ~rollout_engine() { ticker_.stop(); }
 
   /// Starts rollout of `bytes` as `version` (copied once into a new image): every known device
   /// joins it, `announce(const image&)` runs (the hub tells the fleet), then devices online now
@@ -8614,21 +8820,39 @@ class rollout_engine {
   std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
                         Announce&& announce) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
+    std::lock_guard publishing(publish_mutex_);
     const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
     auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
+    auto counts = std::make_shared<tally>();
+    // The slots move to the new rollout first, and the transfers that held one stop (they
+    // join the new rollout): no device transfers the old image once a hello can see the new.
+    for (const auto& held : slots_.reset(id)) {
+      if (auto rec = devices_.find(held)) {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img, counts);
+      }
+    }
     {
       std::lock_guard lock(current_mutex_);
       current_ = img;
+      current_tally_ = counts;
     }
-    slots_.clear();
+    {
+      std::lock_guard lock(backoff_mutex_);
+      backoff_.clear();
+    }
+    if (options_.stall_timeout.count() > 0) {
+      ticker_.start(tick_period(), [this] { tick(clock::now()); });
+    }
     std::vector<device::registry::record_ptr> online;
     for (auto& rec : devices_.snapshot()) {
       bool want = false;
       store::transfer_state t;
       {
         std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img);
-        want = rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
+        join_locked(*rec, img, counts);
+        want = rec->transfer.image == img &&
+               rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
                rec->session.hello;
         t = state_locked(*rec);
       }
@@ -8636,60 +8860,91 @@ class rollout_engine {
       if (want) online.push_back(std::move(rec));
     }
     announce(static_cast<const image&>(*img));
-    for (auto& rec : online) {
-      if (slots_.acquire(rec->id) && !start(*rec)) start_next(slots_.release(rec->id));
-    }
+    for (auto& rec : online) take_slot(*rec, id);
     return id;
   }
 
   /// Session `s` of the device said hello: the device joins the current rollout (once per
-  /// rollout; skipped if it runs the version) and starts or resumes when a slot is free.
+  /// rollout; skipped if it runs the version) and starts or resumes when a slot is free (after
+  /// its backoff, if its transfer stalled).
   void join(device::device_record& rec, session_id s) {
-    auto img = current();
+    auto [img, counts] = current_rollout();
     if (!img) return;
     bool want = false;
+    bool holds_slot = false;
+    std::uint32_t rollout = 0;
     store::transfer_state t;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;
-      join_locked(rec, img);
-      if (rec.transfer.status == store::transfer_status::transferring &&
-          rec.transfer.session != s) {
-        rec.transfer.status = store::transfer_status::pending;  // its session is gone
+      join_locked(rec, img, counts);
+      auto& tr = rec.transfer;
+      if (tr.status == store::transfer_status::transferring && tr.session != s) {
+        // Its session is gone (a takeover whose on_replaced has not run yet): it keeps its
+        // slot and resumes on this session.
+        set_status_locked(rec, store::transfer_status::pending);
+        holds_slot = true;
       }
-      want = rec.transfer.status == store::transfer_status::pending;
+      rollout = tr.image->rollout();
+      want = tr.status == store::transfer_status::pending &&
+             (tr.retry_at == clock::time_point{} || tr.retry_at <= clock::now());
       t = state_locked(rec);
     }
     store_.set_transfer(rec.id, t);
-    if (want && slots_.acquire(rec.id) && !start(rec)) start_next(slots_.release(rec.id));
+    if (holds_slot) {
+      start_or_free(rec, rollout);
+    } else if (want) {
+      take_slot(rec, rollout);
+    }
   }
   /// The device's session `old` was replaced by a newer one: a transfer streaming to it goes
   /// back to pending (to resume from its acknowledged offset) and its slot goes to the next
   /// waiting device. A place in the queue is kept.
   void on_replaced(device::device_record& rec, session_id old) {
-    bool release = false;
+    std::uint32_t rollout = 0;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.transfer.status == store::transfer_status::transferring &&
           rec.transfer.session == old) {
-        rec.transfer.status = store::transfer_status::pending;
-        release = true;
+        set_status_locked(rec, store::transfer_status::pending);
+        rollout = rec.transfer.image->rollout();
       }
     }
-    if (release) start_next(slots_.release(rec.id));
+    if (rollout != 0) start_next(slots_.release(rec.id, rollout), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
   /// its slot, or its place in the queue, is given up. Nothing if a newer session has taken
   /// the device meanwhile.
   void on_offline(device::device_record& rec) {
+    std::uint32_t rollout = 0;
     {
       std::lock_guard lock(rec.mutex);
-      if (rec.session.id != 0) return;
+      if (rec.session.id != 0 || !rec.transfer.image) return;
       if (rec.transfer.status == store::transfer_status::transferring) {
-        rec.transfer.status = store::transfer_status::pending;  // resumes from `acked`
+        set_status_locked(rec, store::transfer_status::pending);  // resumes from `acked`
       }
+      rollout = rec.transfer.image->rollout();
     }
-    start_next(slots_.release(rec.id));
+    start_next(slots_.release(rec.id, rollout), rollout);
+  }
+
+  /// The device's record is about to leave memory (evicted while offline; the store keeps its
+  /// state): its part leaves its rollout's counters, so that the record made again at its next
+  /// hello is counted once, and a slot or place in the queue it had is given up.
+  void forget(device::device_record& rec) {
+    std::uint32_t rollout = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      auto& tr = rec.transfer;
+      if (!tr.image) return;
+      if (tr.tally) {
+        tr.tally->move(tr.status, store::transfer_status::none);
+        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+        tr.tally.reset();
+      }
+      rollout = tr.image->rollout();
+    }
+    start_next(slots_.release(rec.id, rollout), rollout);
   }
 
   /// Session `s` acknowledged the image up to `offset` of rollout `rollout`: more chunks go
@@ -8707,12 +8962,43 @@ class rollout_engine {
           (offset % tr.image->chunk_size() != 0 && offset != tr.image->size())) {
         return device::error::bad_fw_ack;
       }
+      tr.tally->add_acked(static_cast<std::int64_t>(offset - tr.acked));
       tr.acked = offset;
       fill_window_locked(rec);
       t = state_locked(rec);
     }
     out_.flush(rec);
     store_.set_transfer(rec.id, t);
+    return std::nullopt;
+  }
+  /// Session `s` lost its partial image of rollout `rollout` and asks for the transfer again
+  /// from byte 0 (`fw_restart`): its acknowledged offset goes back to 0 and a new `firmware`
+  /// start (offset 0) and window follow. Each restart uses one of the device's `max_retries`;
+  /// past them the transfer fails with reason `too_many_restarts`. Returns `unknown_rollout`
+  /// when no such transfer is running for the device.
+  std::optional<device::error> on_restart(device::device_record& rec, session_id s,
+                                          std::uint64_t rollout) {
+    store::transfer_state t;
+    bool failed = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return std::nullopt;
+      if (!running(rec, rollout)) return device::error::unknown_rollout;
+      auto& tr = rec.transfer;
+      if (++tr.retries > options_.max_retries) {
+        fail_locked(rec, "too_many_restarts");
+        failed = true;
+      } else {
+        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+        tr.acked = 0;
+        queue_start_locked(rec);
+      }
+      t = state_locked(rec);
+    }
+    out_.flush(rec);
+    store_.set_transfer(rec.id, t);
+    const auto id = static_cast<std::uint32_t>(rollout);
+    if (failed) start_next(slots_.release(rec.id, id), id);
     return std::nullopt;
   }
   /// Session `s` reported the result of rollout `rollout` (`sha256` and `reason` as sent): the
@@ -8733,64 +9019,100 @@ class rollout_engine {
       auto& tr = rec.transfer;
       const auto& img = *tr.image;
       if (!ok) {
-        tr.reason = reason.value_or("device reported a failure");
+        fail_locked(rec, reason.value_or("device reported a failure"));
       } else if (tr.acked != img.size()) {
-        tr.reason = "result before every byte was acknowledged";
+        fail_locked(rec, "result before every byte was acknowledged");
       } else if (!sha256 || *sha256 != img.sha256()) {
-        tr.reason = "sha256 mismatch";
+        fail_locked(rec, "sha256 mismatch");
       } else {
         verified = true;
         rec.firmware_version = img.version();
         version = img.version();
+        tr.reason.clear();
+        set_status_locked(rec, store::transfer_status::verified);
+        queue_status_locked(rec);
       }
-      tr.status = verified ? store::transfer_status::verified : store::transfer_status::failed;
       t = state_locked(rec);
-      nlohmann::json status{{"type", "fw_status"},
-                            {"rollout", img.rollout()},
-                            {"status", store::to_string(tr.status)},
-                            {"reason", tr.reason}};
-      device::delivery<Transport>::queue_locked(rec, s, payload_kind::text,
-                                                device::to_payload(status));
     }
     out_.flush(rec);
     store_.set_transfer(rec.id, t);
     if (verified) store_.set_firmware_version(rec.id, version);
-    start_next(slots_.release(rec.id));
+    const auto id = static_cast<std::uint32_t>(rollout);
+    start_next(slots_.release(rec.id, id), id);
     return std::nullopt;
   }
 
-  /// Fleet totals of the current rollout.
+  /// The stall check at time `now` (the timer thread calls it every `tick_period()`; tests may
+  /// call it themselves): a transfer whose acknowledged offset has not moved for
+  /// `stall_timeout` gives up its slot and goes back to pending until its backoff ends, or
+  /// fails with reason `timed_out` past `max_retries`; devices whose backoff ended ask for a
+  /// slot again. Looks only at the devices holding a slot and at those waiting out a backoff.
+  void tick(clock::time_point now) {
+    if (options_.stall_timeout.count() <= 0) return;
+    const auto rollout = slots_.rollout();
+    for (const auto& id : slots_.holders()) {
+      auto rec = devices_.find(id);
+      if (!rec) {
+        start_next(slots_.release(id, rollout), rollout);
+        continue;
+      }
+      check_stall(*rec, rollout, now);
+    }
+    std::vector<std::string> due;
+    {
+      std::lock_guard lock(backoff_mutex_);
+      for (auto it = backoff_.begin(); it != backoff_.end();) {
+        if (it->first <= now) {
+          due.push_back(std::move(it->second));
+          it = backoff_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (const auto& id : due) {
+      auto rec = devices_.find(id);
+      if (!rec) continue;
+      bool want = false;
+      {
+        std::lock_guard lock(rec->mutex);
+        auto& tr = rec->transfer;
+        if (!tr.image || tr.image->rollout() != rollout ||
+            tr.status != store::transfer_status::pending) {
+          continue;
+        }
+        tr.retry_at = {};  // its backoff is over
+        want = rec->session.id != 0 && rec->session.hello;
+      }
+      if (want) take_slot(*rec, rollout);  // offline: its next hello asks
+    }
+  }
+  /// How often the timer thread runs the stall check: an eighth of the shorter of the stall
+  /// timeout and the backoff, between 1 ms and 1 s.
+  [[nodiscard]] clock::duration tick_period() const noexcept {
+    const auto shorter = options_.retry_backoff.count() > 0
+                             ? std::min(options_.stall_timeout, options_.retry_backoff)
+                             : options_.stall_timeout;
+    return std::clamp<clock::duration>(shorter / 8, std::chrono::milliseconds(1),
+                                       std::chrono::seconds(1));
+  }
+
+  /// Fleet totals of the current rollout, from its counters (constant time).
   [[nodiscard]] rollout_totals totals() const {
     rollout_totals out;
-    auto img = current();
+    auto [img, counts] = current_rollout();
     if (!img) return out;
     out.rollout = img->rollout();
     out.version = img->version();
     out.size = img->size();
-    for (const auto& rec : devices_.snapshot()) {
-      std::lock_guard lock(rec->mutex);
-      if (rec->transfer.image != img) continue;
-      switch (rec->transfer.status) {
-        case store::transfer_status::pending:
-          ++out.pending;
-          break;
-        case store::transfer_status::transferring:
-          ++out.transferring;
-          break;
-        case store::transfer_status::verified:
-          ++out.verified;
-          break;
-        case store::transfer_status::failed:
-          ++out.failed;
-          break;
-        case store::transfer_status::skipped:
-          ++out.skipped;
-          break;
-        case store::transfer_status::none:
-          break;
-      }
-      out.bytes_acked += rec->transfer.acked;
-    }
+    out.pending = counts->count(store::transfer_status::pending);
+    out.transferring = counts->count(store::transfer_status::transferring);
+    out.verified = counts->count(store::transfer_status::verified);
+    out.failed = counts->count(store::transfer_status::failed);
+    out.skipped = counts->count(store::transfer_status::skipped);
+    out.bytes_acked = counts->bytes_acked();
+    out.timed_out = counts->timed_out();
+    out.retries = counts->retries();
     out.peak_transferring = slots_.peak();
     return out;
   }
@@ -8827,28 +9149,82 @@ class rollout_engine {
   static rollout_options checked(rollout_options o) {
     if (o.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
     if (o.chunk_size == 0) throw std::invalid_argument("hub_options::chunk_size must be >= 1");
+    if (o.stall_timeout.count() < 0 || o.retry_backoff.count() < 0) {
+      throw std::invalid_argument("hub_options: stall_timeout and retry_backoff must be >= 0");
+    }
     return o;
   }
 
+  // The current image and its counters, read together.
+  [[nodiscard]] std::pair<std::shared_ptr<const image>, std::shared_ptr<tally>> current_rollout()
+      const {
+    std::lock_guard lock(current_mutex_);
+    return {current_, current_tally_};
+  }
   // Whether the device is transferring rollout `rollout` (caller holds its mutex).
   static bool running(const device::device_record& rec, std::uint64_t rollout) {
     const auto& tr = rec.transfer;
     return tr.image && tr.image->rollout() == rollout &&
            tr.status == store::transfer_status::transferring;
   }
-  // Puts the device into `img`'s rollout (once per rollout; caller holds its mutex).
-  static void join_locked(device::device_record& rec, const std::shared_ptr<const image>& img) {
+  // Moves the device to `to`, in its rollout's counters too (caller holds its mutex).
+  static void set_status_locked(device::device_record& rec, store::transfer_status to) {
     auto& tr = rec.transfer;
+    if (tr.tally) tr.tally->move(tr.status, to);
+    tr.status = to;
+  }
+  // Puts the device into `img`'s rollout (once per rollout, and never back to an older one: a
+  // thread that read the previous rollout may come late; caller holds its mutex).
+  static void join_locked(device::device_record& rec, const std::shared_ptr<const image>& img,
+                          const std::shared_ptr<tally>& counts) {
+    auto& tr = rec.transfer;
+    if (tr.image && tr.image->rollout() > img->rollout()) return;
     if (tr.image != img) {
       tr.image = img;
+      tr.tally = counts;
       tr.acked = 0;
       tr.sent = 0;
       tr.reason.clear();
+      tr.retries = 0;
+      tr.retry_at = {};
       tr.status = store::transfer_status::pending;
+      counts->enter(tr.status);
     }
     if (tr.status == store::transfer_status::pending && rec.firmware_version == img->version()) {
-      tr.status = store::transfer_status::skipped;
+      set_status_locked(rec, store::transfer_status::skipped);
     }
+  }
+  // Ends the transfer failed with `reason` and tells the device (caller holds its mutex).
+  static void fail_locked(device::device_record& rec, std::string reason) {
+    rec.transfer.reason = std::move(reason);
+    set_status_locked(rec, store::transfer_status::failed);
+    queue_status_locked(rec);
+  }
+  // Queues `fw_status` with the transfer's end to its session (caller holds the mutex).
+  static void queue_status_locked(device::device_record& rec) {
+    const auto& tr = rec.transfer;
+    nlohmann::json status{{"type", "fw_status"},
+                          {"rollout", tr.image->rollout()},
+                          {"status", store::to_string(tr.status)},
+                          {"reason", tr.reason}};
+    device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
+                                              device::to_payload(status));
+  }
+  // Queues the start message from `acked` and a window of chunks, and restarts the stall clock
+  // (caller holds the device's mutex; the transfer is transferring).
+  void queue_start_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    tr.sent = tr.acked;
+    tr.progress_offset = tr.acked;
+    tr.progress_at = clock::now();
+    const auto& img = *tr.image;
+    nlohmann::json start{
+        {"type", "firmware"},          {"rollout", img.rollout()}, {"version", img.version()},
+        {"size", img.size()},          {"sha256", img.sha256()},   {"chunk_size", img.chunk_size()},
+        {"chunks", img.chunk_count()}, {"offset", tr.acked},       {"window", options_.window}};
+    device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
+                                              device::to_payload(start));
+    fill_window_locked(rec);
   }
   // Queues chunks until `window` are unacknowledged (caller holds the device's mutex).
   void fill_window_locked(device::device_record& rec) {
@@ -8861,42 +9237,109 @@ class rollout_engine {
       tr.sent += std::min<std::uint64_t>(img.chunk_size(), img.size() - tr.sent);
     }
   }
-  // Starts (or resumes) the device's transfer; false if it cannot start now (offline, or not
-  // pending any more).
-  bool start(device::device_record& rec) {
+  // What `start` made of a device holding a slot.
+  enum class start_result : std::uint8_t {
+    started,  // the transfer runs (started now, or already by another thread)
+    kept,     // a session is live but has not said hello yet: its hello starts the transfer
+    freed,    // the device cannot use the slot (offline, in another rollout, not pending)
+    lost,     // the device holds no slot (the stall check took it back meanwhile)
+  };
+  // Asks for a slot of rollout `rollout` for the device and starts it if it has one; a slot it
+  // cannot use goes to the next waiting device.
+  void take_slot(device::device_record& rec, std::uint32_t rollout) {
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      const auto g = slots_.acquire(rec.id, rollout);
+      if (g != transfer_slots::grant::acquired && g != transfer_slots::grant::held) return;
+      if (start_or_free(rec, rollout) != start_result::lost) return;
+    }
+  }
+  // Starts the device's transfer (it holds a slot of rollout `rollout`), or frees the slot.
+  start_result start_or_free(device::device_record& rec, std::uint32_t rollout) {
+    const auto r = start(rec, rollout);
+    if (r == start_result::freed) start_next(slots_.release(rec.id, rollout), rollout);
+    return r;
+  }
+  // Starts (or resumes) the device's transfer of rollout `rollout`, whose slot it holds. Whoever
+  // gave the slot and the device's own hello may both call it: the first starts the transfer.
+  start_result start(device::device_record& rec, std::uint32_t rollout) {
     store::transfer_state t;
     {
       std::lock_guard lock(rec.mutex);
       auto& tr = rec.transfer;
-      if (rec.session.id == 0 || !rec.session.hello || !tr.image ||
-          tr.status != store::transfer_status::pending) {
-        return false;
+      if (!tr.image || tr.image->rollout() != rollout) return start_result::freed;
+      if (tr.status == store::transfer_status::transferring) return start_result::started;
+      if (tr.status != store::transfer_status::pending || rec.session.id == 0) {
+        return start_result::freed;
       }
-      tr.status = store::transfer_status::transferring;
+      if (!slots_.holds(rec.id, rollout)) return start_result::lost;
+      if (!rec.session.hello) {
+        tr.progress_at = clock::now();  // the stall check frees the slot if no hello comes
+        return start_result::kept;
+      }
+      set_status_locked(rec, store::transfer_status::transferring);
       tr.session = rec.session.id;
-      tr.sent = tr.acked;
-      const auto& img = *tr.image;
-      nlohmann::json start{{"type", "firmware"},          {"rollout", img.rollout()},
-                           {"version", img.version()},    {"size", img.size()},
-                           {"sha256", img.sha256()},      {"chunk_size", img.chunk_size()},
-                           {"chunks", img.chunk_count()}, {"offset", tr.acked},
-                           {"window", options_.window}};
-      device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
-                                                device::to_payload(start));
-      fill_window_locked(rec);
+      queue_start_locked(rec);
       t = state_locked(rec);
     }
     out_.flush(rec);
     store_.set_transfer(rec.id, t);
-    return true;
+    return start_result::started;
   }
-  // Gives a freed slot to the next waiting device that can start.
-  void start_next(std::optional<std::string> next) {
+  // Gives a freed slot of rollout `rollout` to the next waiting device that can start.
+  void start_next(std::optional<std::string> next, std::uint32_t rollout) {
     while (next) {
       auto rec = devices_.find(*next);
-      if (rec && start(*rec)) return;
-      next = slots_.release(*next);
+      const auto r = rec ? start(*rec, rollout) : start_result::freed;
+      if (r == start_result::started || r == start_result::kept) return;
+      next = r == start_result::freed ? slots_.release(*next, rollout) : std::nullopt;
     }
+  }
+  // The stall check of one slot holder of rollout `rollout` (see `tick`).
+  void check_stall(device::device_record& rec, std::uint32_t rollout, clock::time_point now) {
+    store::transfer_state t;
+    bool failed = false;
+    clock::time_point retry_at{};
+    {
+      std::unique_lock lock(rec.mutex);
+      auto& tr = rec.transfer;
+      if (!running(rec, rollout)) {
+        // A slot kept for a session that never says hello is taken back after stall_timeout
+        // (under the device's mutex, so that a hello starting the transfer sees it gone).
+        if (tr.image && tr.image->rollout() == rollout &&
+            tr.status == store::transfer_status::pending && rec.session.id != 0 &&
+            !rec.session.hello && now - tr.progress_at >= options_.stall_timeout) {
+          auto next = slots_.release(rec.id, rollout);
+          lock.unlock();
+          start_next(std::move(next), rollout);
+        }
+        return;  // otherwise starting or stopping: whoever does it frees the slot
+      }
+      if (tr.acked != tr.progress_offset) {
+        tr.progress_offset = tr.acked;
+        tr.progress_at = now;
+        return;
+      }
+      if (now - tr.progress_at < options_.stall_timeout) return;
+      if (++tr.retries > options_.max_retries) {
+        fail_locked(rec, "timed_out");
+        tr.tally->count_timed_out();
+        failed = true;
+      } else {
+        set_status_locked(rec, store::transfer_status::pending);
+        tr.tally->count_retry();
+        tr.retry_at = now + options_.retry_backoff * (1u << std::min(tr.retries - 1, 6u));
+        retry_at = tr.retry_at;
+      }
+      t = state_locked(rec);
+    }
+    if (failed) {
+      out_.flush(rec);
+    } else {
+      std::lock_guard lock(backoff_mutex_);
+      backoff_.emplace_back(retry_at, rec.id);
+    }
+    store_.set_transfer(rec.id, t);
+    start_next(slots_.release(rec.id, rollout), rollout);
   }
 
   device::registry& devices_;
@@ -8904,9 +9347,14 @@ class rollout_engine {
   Store& store_;
   const rollout_options options_;
   transfer_slots slots_;
+  std::mutex publish_mutex_;
   mutable std::mutex current_mutex_;
   std::shared_ptr<const image> current_;
+  std::shared_ptr<tally> current_tally_;
+  std::mutex backoff_mutex_;
+  std::vector<std::pair<clock::time_point, std::string>> backoff_;  // devices waiting to retry
   std::atomic<std::uint32_t> next_rollout_{0};
+  detail::ticker ticker_;  // last: stopped first
 };
 
 }  // namespace devgate::firmware
@@ -8916,9 +9364,9 @@ namespace devgate::device {
 
 /// The hub's side of every session: sessions opening and closing, and each message a device
 /// sends, parsed as protocol v1 (docs/PROTOCOL.md), checked, and routed to the part that handles
-/// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack` and `fw_result` to the
-/// rollout engine, `send` and binary messages into the gateway's pipeline. Anything wrong is
-/// answered with an `error` message; too many close the session with 4002.
+/// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack`, `fw_restart` and
+/// `fw_result` to the rollout engine, `send` and binary messages into the gateway's pipeline.
+/// Anything wrong is answered with an `error` message; too many close the session with 4002.
 ///
 /// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
 /// parts, or itself to count errors and messages) and never holds it while calling the
@@ -9080,8 +9528,8 @@ class protocol_dispatch {
       }
       return;
     }
-    static constexpr std::string_view known[] = {"send",        "ack",    "subscribe",
-                                                 "unsubscribe", "fw_ack", "fw_result"};
+    static constexpr std::string_view known[] = {"send",   "ack",       "subscribe", "unsubscribe",
+                                                 "fw_ack", "fw_result", "fw_restart"};
     if (std::find(std::begin(known), std::end(known), *type) == std::end(known)) {
       reply_error(rec, s, error::unknown_type, *type);
       return;
@@ -9096,6 +9544,8 @@ class protocol_dispatch {
       on_subscribe(rec, s, j, *type == "subscribe");
     } else if (*type == "fw_ack") {
       on_fw_ack(rec, s, j);
+    } else if (*type == "fw_restart") {
+      on_fw_restart(rec, s, j);
     } else {
       on_fw_result(rec, s, j);
     }
@@ -9212,6 +9662,17 @@ class protocol_dispatch {
     if (const auto e = rollout_.on_ack(rec, s, *rollout, *offset)) {
       // A late ack of a superseded rollout is a benign race, not counted toward max_errors.
       reply_error(rec, s, *e, "fw_ack", *e != error::unknown_rollout);
+    }
+  }
+
+  void on_fw_restart(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    if (!rollout) {
+      reply_error(rec, s, error::bad_message, "fw_restart");
+      return;
+    }
+    if (rollout_.on_restart(rec, s, *rollout)) {
+      reply_error(rec, s, error::unknown_rollout, "fw_restart", false);
     }
   }
 
@@ -9345,6 +9806,7 @@ class protocol_dispatch {
 
 // ---- begin devgate/device/hub_options.hpp ----
 
+#include <chrono>   // firmware stall timeout
 #include <cstddef>  // std::size_t
 #include <cstdint>  // counters
 
@@ -9373,6 +9835,13 @@ struct hub_options {
   std::size_t window = 8;
   /// At most this many devices receive firmware at once; the rest wait their turn.
   std::size_t max_concurrent_transfers = 16;
+  /// A firmware transfer making no progress for this long gives up its slot and is retried
+  /// later (`firmware::rollout_options::stall_timeout`; 0: never).
+  std::chrono::milliseconds stall_timeout{30'000};
+  /// Stalls (and restarts) one device may have per rollout before it fails with `timed_out`.
+  unsigned max_transfer_retries = 3;
+  /// The wait before a stalled transfer's first retry; it doubles with each next one.
+  std::chrono::milliseconds transfer_retry_backoff{1'000};
 };
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
@@ -9479,7 +9948,9 @@ class hub {
         store_(std::move(store)),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, store_,
-                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers}),
+                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
+                  options_.stall_timeout, options_.max_transfer_retries,
+                  options_.transfer_retry_backoff}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, store_,
                   options_.max_message_bytes, options_.max_errors),
         gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {

@@ -28,6 +28,7 @@ using devgate::shared_bytes;
 using json = nlohmann::json;
 namespace dev = devgate::device;
 using devgate::testing::eventually;
+using devgate::testing::numbered;
 
 namespace {
 
@@ -587,5 +588,100 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
   auto e = started[1]->next("error");
   REQUIRE(e);
   CHECK((*e)["code"] == "bad_fw_ack");
+  hub.stop();
+}
+
+TEST_CASE("firmware rollout: 16 devices stalled mid-transfer do not stop 300 others (attack)") {
+  in_process_transport t;
+  dev::hub_options o;  // 16 slots, as by default
+  o.stall_timeout = std::chrono::milliseconds(250);
+  o.max_transfer_retries = 1;
+  o.transfer_retry_backoff = std::chrono::milliseconds(10);
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  const auto image = make_image(40'000);  // 3 chunks of 16 KiB
+  hub.publish_firmware("2.0", image);
+  // The stalled devices connect first and take every slot; each acknowledges one chunk and then
+  // nothing more, its connection open.
+  std::vector<fake_device> stalled;
+  for (int i = 0; i < 16; ++i) stalled.push_back(connect(t, numbered("stall", i), 0, "1.0"));
+  for (auto& d : stalled) {
+    d.poll();
+    REQUIRE(d.binaries.size() == 3);
+    REQUIRE_FALSE(d.send({{"type", "fw_ack"}, {"rollout", 1}, {"offset", 16384}}));
+  }
+  std::vector<fake_device> good;
+  good.reserve(300);
+  for (int i = 0; i < 300; ++i) good.push_back(connect(t, numbered("good", i), 0, "1.0"));
+  CHECK(hub.slots().active() == 16);
+  CHECK(hub.slots().waiting() == 300);
+  std::vector<fw_player> players;
+  players.reserve(good.size());
+  for (auto& d : good) players.push_back(fw_player{d, {}, 0, 0, false, {}});
+  const bool done = eventually(
+      [&] {
+        for (auto& p : players) p.step();
+        for (auto& d : stalled) d.poll();  // reads, never answers
+        const auto tot = hub.rollout();
+        return tot.verified == 300 && tot.failed == 16;
+      },
+      std::chrono::seconds(60));
+  const auto tot = hub.rollout();
+  INFO("verified " << tot.verified << " failed " << tot.failed << " transferring "
+                   << tot.transferring << " pending " << tot.pending);
+  REQUIRE(done);
+  CHECK(tot.timed_out == 16);
+  CHECK(tot.peak_transferring <= 16);
+  for (int i = 0; i < 16; ++i) {
+    const auto st = hub.device_transfer(numbered("stall", i));
+    CHECK(st->reason == "timed_out");
+    CHECK(st->offset == 16384);
+  }
+  for (auto& d : stalled) {
+    bool told = false;
+    for (const auto& j : d.texts) {
+      told = told || (j["type"] == "fw_status" && j["reason"] == "timed_out");
+    }
+    CHECK(told);
+  }
+  hub.stop();
+}
+
+TEST_CASE("firmware rollout: fw_restart over the wire sends the image again from byte 0") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.chunk_size = 1000;
+  o.window = 2;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "lost", 0, "1.0");
+  const auto image = make_image(4500);
+  hub.publish_firmware("2.0", image);
+  fw_player p{d, {}, 0, 0, false, {}};
+  REQUIRE(eventually([&] {  // part of the image, acknowledged
+    p.step();
+    return p.got >= 2000;
+  }));
+  REQUIRE(p.got < image.size());
+  // The device loses its partial image and asks for byte 0 again.
+  REQUIRE_FALSE(d.send({{"type", "fw_restart"}, {"rollout", 1}}));
+  REQUIRE(eventually([&] { return hub.device_transfer("lost")->offset == 0; }));
+  p.image.clear();
+  for (int round = 0; round < 50 && !p.done; ++round) p.step();
+  CHECK(p.done);
+  REQUIRE(eventually([&] {
+    p.step();
+    return p.status == "verified";
+  }));
+  // After the transfer ended, a restart names no running transfer (not counted as bad).
+  REQUIRE_FALSE(d.send({{"type", "fw_restart"}, {"rollout", 1}}));
+  auto e = d.next("error");
+  REQUIRE(e);
+  CHECK((*e)["code"] == "unknown_rollout");
+  REQUIRE_FALSE(d.send({{"type", "fw_restart"}}));
+  e = d.next("error");
+  REQUIRE(e);
+  CHECK((*e)["code"] == "bad_message");
+  CHECK(hub.rollout().verified == 1);
   hub.stop();
 }

@@ -5,12 +5,18 @@
 
 #include <catch2/catch.hpp>
 
+#include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstring>
 #include <optional>
+#include <random>
+#include <set>
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "devgate/detail/crypto.hpp"
@@ -23,6 +29,7 @@
 #include "devgate/transport/transport.hpp"
 
 #include "recording_transport.hpp"
+#include "support.hpp"
 
 using json = nlohmann::json;
 namespace dev = devgate::device;
@@ -39,6 +46,8 @@ std::vector<std::byte> make_image(std::size_t n) {
   return v;
 }
 
+using devgate::testing::eventually;
+using devgate::testing::numbered;
 using devgate::testing::recording_transport;
 
 using engine_t = fw::rollout_engine<recording_transport, devgate::store::memory_state_store>;
@@ -62,7 +71,7 @@ struct rig {
   dev::registry devices;
   dev::delivery<recording_transport> out{t, 256, 1u << 20};
   engine_t engine;
-  session_id next_session = 1;
+  std::atomic<session_id> next_session{1};
 
   explicit rig(fw::rollout_options o) : engine(devices, out, store, o) {}
 
@@ -112,6 +121,56 @@ struct rig {
   transfer_status status(const std::string& id) { return engine.transfer_of(id)->status; }
 };
 
+// Plays every device against a rig, from what the engine sent, in order: like a device that
+// keeps its image, it takes chunks in order from the offset of the last `firmware` start,
+// acknowledges each one and reports the result with the image's hash. A device in `stalled`
+// acknowledges one chunk and then nothing more (it stops mid-transfer, its session open).
+struct player {
+  rig& r;
+  std::string sha;
+  std::set<std::string> stalled;
+  struct model {
+    std::uint32_t rollout = 0;
+    std::uint64_t expected = 0;
+    std::uint64_t size = 0;
+  };
+  std::unordered_map<session_id, model> sessions;
+  std::set<std::string> acked_once;
+
+  // Answers everything sent so far; returns how many messages were read.
+  std::size_t step() {
+    std::vector<recording_transport::sent> batch;
+    {
+      std::lock_guard lock(r.t.mutex);
+      batch.swap(r.t.out);
+    }
+    for (auto& o : batch) {
+      auto rec = r.devices.find_session(o.session);
+      if (!rec) continue;
+      auto& m = sessions[o.session];
+      if (o.kind == devgate::payload_kind::text) {
+        const auto j = json::parse(o.bytes.view());
+        if (j.value("type", "") == "firmware") {
+          m.rollout = j["rollout"];
+          m.expected = j["offset"];
+          m.size = j["size"];
+        }
+        continue;
+      }
+      const auto h = dev::decode_chunk_header(o.bytes.bytes());
+      REQUIRE(h);
+      if (h->rollout != m.rollout || h->offset != m.expected) continue;
+      m.expected += h->length;
+      if (stalled.count(rec->id) != 0 && !acked_once.insert(rec->id).second) continue;
+      r.engine.on_ack(*rec, o.session, m.rollout, m.expected);
+      if (m.expected == m.size) {
+        r.engine.on_result(*rec, o.session, m.rollout, true, sha, std::nullopt);
+      }
+    }
+    return batch.size();
+  }
+};
+
 fw::rollout_options options(std::size_t limit) {
   fw::rollout_options o;
   o.chunk_size = 1000;
@@ -143,17 +202,38 @@ TEST_CASE("firmware image: held once, chunks are slices of one buffer", "[firmwa
 
 TEST_CASE("transfer slots: never more than the limit; freed slots go in arrival order",
           "[firmware]") {
+  using grant = fw::transfer_slots::grant;
   fw::transfer_slots slots(2);
-  CHECK(slots.acquire("a"));
-  CHECK(slots.acquire("b"));
-  CHECK_FALSE(slots.acquire("c"));
-  CHECK_FALSE(slots.acquire("d"));
-  CHECK(slots.acquire("a"));  // already active
+  CHECK(slots.acquire("a", 0) == grant::acquired);
+  CHECK(slots.acquire("b", 0) == grant::acquired);
+  CHECK(slots.acquire("c", 0) == grant::queued);
+  CHECK(slots.acquire("d", 0) == grant::queued);
+  CHECK(slots.acquire("a", 0) == grant::held);    // already active
+  CHECK(slots.acquire("c", 0) == grant::queued);  // keeps its place
   CHECK(slots.active() == 2);
-  CHECK(slots.release("d") == std::nullopt);  // leaves the queue
-  CHECK(slots.release("a") == std::optional<std::string>("c"));
-  CHECK(slots.release("b") == std::nullopt);
+  CHECK(slots.release("d", 0) == std::nullopt);  // leaves the queue
+  CHECK(slots.release("a", 0) == std::optional<std::string>("c"));
+  CHECK(slots.release("b", 0) == std::nullopt);
   CHECK(slots.peak() == 2);
+}
+
+TEST_CASE("transfer slots: a new rollout takes them empty; requests for another are refused",
+          "[firmware]") {
+  using grant = fw::transfer_slots::grant;
+  fw::transfer_slots slots(1);
+  CHECK(slots.acquire("a", 0) == grant::acquired);
+  CHECK(slots.acquire("b", 0) == grant::queued);
+  CHECK(slots.reset(7) == std::vector<std::string>{"a"});
+  CHECK(slots.rollout() == 7);
+  CHECK(slots.active() == 0);
+  CHECK(slots.waiting() == 0);
+  CHECK(slots.acquire("c", 0) == grant::stale);  // read the old rollout: nothing taken
+  CHECK(slots.acquire("c", 7) == grant::acquired);
+  CHECK(slots.acquire("a", 7) == grant::queued);
+  CHECK(slots.release("c", 0) == std::nullopt);  // a late release of the old rollout
+  CHECK(slots.holders() == std::vector<std::string>{"c"});
+  CHECK(slots.release("c", 7) == std::optional<std::string>("a"));
+  CHECK(slots.peak() == 1);
 }
 
 TEST_CASE("rollout engine: publish joins every device, starts online ones while slots last",
@@ -387,4 +467,324 @@ TEST_CASE("rollout engine: options are checked", "[firmware][rollout]") {
   o = options(1);
   o.chunk_size = 0;
   CHECK_THROWS_AS(engine_t(devices, out, store, o), std::invalid_argument);
+}
+
+TEST_CASE("rollout engine: 16 stalled transfers do not stop the rollout of 300 others (attack)",
+          "[firmware][rollout][stall]") {
+  // The 16 stalled devices take every slot (the default count) before the 300 others connect.
+  auto o = options(16);
+  o.stall_timeout = std::chrono::milliseconds(300);  // well above a good device's window time
+  o.retry_backoff = std::chrono::milliseconds(20);
+  o.max_retries = 2;
+  rig r(o);
+  const auto image = make_image(4500);
+  const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+  r.engine.publish("2.0", image, [](const fw::image&) {});
+  player p{r, sha, {}, {}, {}};
+  for (int i = 0; i < 16; ++i) {
+    p.stalled.insert(numbered("stall", i));
+    r.connect(numbered("stall", i));
+  }
+  for (int i = 0; i < 300; ++i) r.connect(numbered("good", i));
+  CHECK(r.engine.slots().active() == 16);
+  CHECK(r.engine.slots().waiting() == 300);
+  const bool done = eventually(
+      [&] {
+        p.step();
+        const auto t = r.engine.totals();
+        return t.verified == 300 && t.failed == 16;
+      },
+      std::chrono::seconds(30));
+  const auto t = r.engine.totals();
+  INFO("verified " << t.verified << " failed " << t.failed << " transferring " << t.transferring
+                   << " pending " << t.pending);
+  REQUIRE(done);
+  CHECK(t.transferring == 0);
+  CHECK(t.pending == 0);
+  CHECK(t.peak_transferring <= 16);
+  CHECK(t.timed_out == 16);
+  CHECK(t.retries >= 16 * 2);  // each stalled device was retried twice, then failed
+  CHECK(r.engine.slots().active() == 0);
+  CHECK(r.engine.slots().waiting() == 0);
+  for (int i = 0; i < 16; ++i) {
+    const auto st = r.engine.transfer_of(numbered("stall", i));
+    CHECK(st->status == transfer_status::failed);
+    CHECK(st->reason == "timed_out");
+    CHECK(st->offset == 1000);  // its one acknowledged chunk
+    CHECK(r.store.load(numbered("stall", i)).transfer.reason == "timed_out");
+  }
+}
+
+TEST_CASE("rollout engine: superseding a rollout is atomic with respect to concurrent hellos",
+          "[firmware][rollout][race]") {
+  constexpr std::size_t limit = 4;
+  constexpr int devices = 48;
+  rig r(options(limit));
+  const auto image = make_image(4500);
+  const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+  for (int i = 0; i < devices; ++i) r.connect(numbered("d", static_cast<std::uint64_t>(i)));
+  // Each round: hellos and takeovers on two threads while a third publishes, then the state
+  // once every thread is done: every device is in the last rollout, and exactly the
+  // transferring devices hold the slots, no more than the limit.
+  for (int round = 0; round < 30; ++round) {
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> hellos;
+    for (int k = 0; k < 2; ++k) {
+      hellos.emplace_back([&, k] {
+        std::minstd_rand rng(static_cast<unsigned>(round * 2 + k + 1));
+        while (!stop.load()) r.connect(numbered("d", rng() % devices));
+      });
+    }
+    std::thread publisher([&] {
+      for (int k = 0; k < 3; ++k) {
+        r.engine.publish(numbered("v", static_cast<std::uint64_t>(round * 3 + k)), image,
+                         [](const fw::image&) {});
+      }
+    });
+    publisher.join();
+    stop = true;
+    for (auto& h : hellos) h.join();
+    const auto current = r.engine.current()->rollout();
+    std::size_t transferring = 0;
+    std::size_t behind = 0;
+    for (int i = 0; i < devices; ++i) {
+      const auto t = r.engine.transfer_of(numbered("d", static_cast<std::uint64_t>(i)));
+      REQUIRE(t);
+      if (t->rollout != current) ++behind;
+      if (t->status == transfer_status::transferring) ++transferring;
+    }
+    INFO("round " << round);
+    CHECK(behind == 0);
+    CHECK(transferring <= limit);
+    CHECK(transferring == r.engine.slots().active());
+    CHECK(r.engine.slots().active() + r.engine.slots().waiting() == devices);
+  }
+  // And the rollout completes for every device.
+  player p{r, sha, {}, {}, {}};
+  const bool done = eventually(
+      [&] {
+        p.step();
+        return r.engine.totals().verified == static_cast<std::size_t>(devices);
+      },
+      std::chrono::seconds(20));
+  INFO("verified " << r.engine.totals().verified << " transferring "
+                   << r.engine.totals().transferring << " pending " << r.engine.totals().pending);
+  CHECK(done);
+  CHECK(r.engine.totals().peak_transferring <= limit);
+}
+
+TEST_CASE("rollout engine: a stalled transfer is taken back, retried after a backoff, then fails",
+          "[firmware][rollout][stall]") {
+  auto o = options(1);
+  o.stall_timeout = std::chrono::hours(1);  // the timer thread finds nothing: ticks are ours
+  o.retry_backoff = std::chrono::minutes(1);
+  o.max_retries = 1;
+  rig r(o);
+  const auto a = r.connect("a");
+  const auto b = r.connect("b");
+  r.take(a);
+  r.take(b);
+  r.engine.publish("2.0", make_image(4500), [](const fw::image&) {});
+  const bool a_first = !r.take(a).texts.empty();
+  const std::string first = a_first ? "a" : "b";
+  const std::string second = a_first ? "b" : "a";
+  const session_id s1 = a_first ? a : b;
+  const session_id s2 = a_first ? b : a;
+  r.take(s2);
+  REQUIRE(r.engine.on_ack(r.rec(first), s1, 1, 1000) == std::nullopt);
+  const auto t0 = devgate::clock::now();
+  r.engine.tick(t0 + std::chrono::minutes(30));  // progress seen: the clock starts again
+  CHECK(r.status(first) == transfer_status::transferring);
+  r.engine.tick(t0 + std::chrono::minutes(89));
+  CHECK(r.status(first) == transfer_status::transferring);
+  // No progress for an hour: back to pending at its acked offset; the slot goes to the other.
+  r.engine.tick(t0 + std::chrono::minutes(91));
+  CHECK(r.status(first) == transfer_status::pending);
+  CHECK(r.engine.transfer_of(first)->offset == 1000);
+  CHECK(r.engine.totals().retries == 1);
+  CHECK(r.take(s2).first("firmware"));
+  CHECK(r.engine.on_ack(r.rec(first), s1, 1, 2000) == dev::error::unknown_rollout);  // late
+  REQUIRE(r.engine.on_ack(r.rec(second), s2, 1, 1000) == std::nullopt);
+  // Its backoff ends: it waits for the slot, and resumes from 1000 once the other is done.
+  r.engine.tick(t0 + std::chrono::minutes(93));
+  CHECK(r.status(second) == transfer_status::transferring);
+  CHECK(r.engine.slots().waiting() == 1);
+  r.take(s1);
+  REQUIRE(r.engine.on_result(r.rec(second), s2, 1, false, std::nullopt, "flash full") ==
+          std::nullopt);
+  const auto resumed = r.take(s1);
+  const auto start = resumed.first("firmware");
+  REQUIRE(start);
+  CHECK((*start)["offset"] == 1000);
+  CHECK(resumed.chunks == std::vector<std::uint32_t>{1000, 2000});
+  // It stalls again, past its one retry: failed, timed_out, and told so.
+  r.engine.tick(t0 + std::chrono::minutes(200));
+  CHECK(r.status(first) == transfer_status::failed);
+  CHECK(r.engine.transfer_of(first)->reason == "timed_out");
+  const auto st = r.take(s1).first("fw_status");
+  REQUIRE(st);
+  CHECK((*st)["status"] == "failed");
+  CHECK((*st)["reason"] == "timed_out");
+  CHECK(r.engine.totals().timed_out == 1);
+  CHECK(r.engine.totals().failed == 2);
+  CHECK(r.engine.slots().active() == 0);
+}
+
+TEST_CASE("rollout engine: a backoff holds over a reconnect; an offline device asks at hello",
+          "[firmware][rollout][stall]") {
+  auto o = options(1);
+  o.stall_timeout = std::chrono::hours(1);
+  o.retry_backoff = std::chrono::hours(1);
+  rig r(o);
+  const auto a = r.connect("a");
+  r.engine.publish("2.0", make_image(4500), [](const fw::image&) {});
+  r.take(a);
+  r.engine.tick(devgate::clock::now() + std::chrono::minutes(61));
+  CHECK(r.status("a") == transfer_status::pending);
+  const auto again = r.connect("a");  // within its backoff: no slot yet
+  CHECK_FALSE(r.take(again).first("firmware"));
+  CHECK(r.engine.slots().active() == 0);
+  r.disconnect(again);
+  r.engine.tick(devgate::clock::now() + std::chrono::minutes(200));  // backoff over, offline
+  CHECK(r.engine.slots().active() == 0);
+  const auto back = r.connect("a");
+  const auto start = r.take(back).first("firmware");
+  REQUIRE(start);
+  CHECK((*start)["offset"] == 0);
+}
+
+TEST_CASE("rollout engine: fw_restart sends the image again from byte 0, a bounded number of times",
+          "[firmware][rollout][restart]") {
+  auto o = options(1);
+  o.max_retries = 1;
+  rig r(o);
+  const auto a = r.connect("a");
+  const auto b = r.connect("b");
+  r.take(a);
+  r.take(b);
+  r.engine.publish("2.0", make_image(4500), [](const fw::image&) {});
+  const bool a_first = !r.take(a).texts.empty();
+  const session_id s1 = a_first ? a : b;
+  const session_id s2 = a_first ? b : a;
+  const std::string first = a_first ? "a" : "b";
+  r.take(s2);
+  auto& rec = r.rec(first);
+  REQUIRE(r.engine.on_ack(rec, s1, 1, 1000) == std::nullopt);
+  REQUIRE(r.engine.on_ack(rec, s1, 1, 2000) == std::nullopt);
+  r.take(s1);
+  CHECK(r.engine.totals().bytes_acked == 2000);
+  CHECK(r.engine.on_restart(rec, s1, 9) == dev::error::unknown_rollout);
+  CHECK(r.engine.on_restart(rec, s2, 1) == std::nullopt);  // not its live session: ignored
+  CHECK(r.engine.transfer_of(first)->offset == 2000);
+  // The device lost its partial image: a new start at 0, then the first window again.
+  CHECK(r.engine.on_restart(rec, s1, 1) == std::nullopt);
+  const auto got = r.take(s1);
+  const auto start = got.first("firmware");
+  REQUIRE(start);
+  CHECK((*start)["offset"] == 0);
+  CHECK(got.chunks == std::vector<std::uint32_t>{0, 1000});
+  CHECK(r.engine.transfer_of(first)->offset == 0);
+  CHECK(r.store.load(first).transfer.offset == 0);
+  CHECK(r.engine.totals().bytes_acked == 0);
+  CHECK(r.status(first) == transfer_status::transferring);
+  REQUIRE(r.engine.on_ack(rec, s1, 1, 1000) == std::nullopt);
+  CHECK(r.take(s1).chunks == std::vector<std::uint32_t>{2000});
+  // Past max_retries a restart ends the transfer (a device restarting forever would keep a
+  // slot forever), and the slot goes to the other device.
+  CHECK(r.engine.on_restart(rec, s1, 1) == std::nullopt);
+  CHECK(r.status(first) == transfer_status::failed);
+  CHECK(r.engine.transfer_of(first)->reason == "too_many_restarts");
+  const auto st = r.take(s1).first("fw_status");
+  REQUIRE(st);
+  CHECK((*st)["reason"] == "too_many_restarts");
+  CHECK(r.take(s2).first("firmware"));
+}
+
+TEST_CASE("rollout engine: the totals' counters match a scan of the devices after a mixed run",
+          "[firmware][rollout][totals]") {
+  auto o = options(3);
+  o.stall_timeout = std::chrono::hours(1);
+  o.retry_backoff = std::chrono::hours(1);
+  o.max_retries = 1;
+  rig r(o);
+  const auto image = make_image(4500);
+  const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+  std::vector<std::string> ids;
+  for (int i = 0; i < 40; ++i) ids.push_back(numbered("m", static_cast<std::uint64_t>(i)));
+  // Compares totals() with the devices' own states.
+  const auto check_scan = [&] {
+    const auto tot = r.engine.totals();
+    fw::rollout_totals scan;
+    for (const auto& id : ids) {
+      const auto t = r.engine.transfer_of(id);
+      if (!t || t->rollout != tot.rollout) continue;
+      scan.pending += t->status == transfer_status::pending;
+      scan.transferring += t->status == transfer_status::transferring;
+      scan.verified += t->status == transfer_status::verified;
+      scan.failed += t->status == transfer_status::failed;
+      scan.skipped += t->status == transfer_status::skipped;
+      scan.bytes_acked += t->offset;
+    }
+    CHECK(tot.pending == scan.pending);
+    CHECK(tot.transferring == scan.transferring);
+    CHECK(tot.verified == scan.verified);
+    CHECK(tot.failed == scan.failed);
+    CHECK(tot.skipped == scan.skipped);
+    CHECK(tot.bytes_acked == scan.bytes_acked);
+  };
+  std::vector<session_id> sessions(ids.size());
+  for (std::size_t i = 0; i < 30; ++i) sessions[i] = r.connect(ids[i], i % 10 == 0 ? "2.0" : "1.0");
+  r.devices.get_or_create(ids[35], [] { return devgate::store::device_state{}; });  // offline
+  r.engine.publish("2.0", image, [](const fw::image&) {});
+  check_scan();
+  player p{r, sha, {ids[1], ids[2]}, {}, {}};  // two stall
+  std::minstd_rand rng(7);
+  for (int round = 0; round < 200; ++round) {
+    p.step();
+    const auto i = rng() % 40;
+    switch (rng() % 8) {
+      case 0:  // a device comes or comes back
+        sessions[i] = r.connect(ids[i]);
+        break;
+      case 1:  // a device drops
+        if (sessions[i] != 0) r.disconnect(sessions[i]);
+        sessions[i] = 0;
+        break;
+      case 2:  // a device restarts from 0
+        if (sessions[i] != 0) r.engine.on_restart(r.rec(ids[i]), sessions[i], 1);
+        break;
+      case 3:  // a device fails
+        if (sessions[i] != 0) {
+          r.engine.on_result(r.rec(ids[i]), sessions[i], 1, false, std::nullopt, "no");
+        }
+        break;
+      case 4:  // time passes: stalls are found
+        r.engine.tick(devgate::clock::now() + std::chrono::hours(3 * (round + 1)));
+        break;
+      default:
+        break;
+    }
+    if (round % 20 == 0) check_scan();
+  }
+  check_scan();
+  const auto before = r.engine.totals();
+  CHECK(before.verified > 0);
+  CHECK(before.failed > 0);
+  CHECK(before.skipped > 0);
+  // A record evicted from memory leaves the counters; made again at hello, it counts once.
+  r.disconnect(sessions[5]);
+  sessions[5] = 0;
+  r.engine.forget(r.rec(ids[5]));
+  const auto forgotten = r.engine.totals();
+  CHECK(forgotten.verified + forgotten.failed + forgotten.pending + forgotten.transferring +
+            forgotten.skipped ==
+        r.devices.devices() - 1);
+  // A new rollout starts from fresh counters, and they still match.
+  r.engine.publish("3.0", image, [](const fw::image&) {});
+  check_scan();
+  for (int round = 0; round < 50; ++round) p.step();
+  check_scan();
+  const auto tot = r.engine.totals();
+  CHECK(tot.verified + tot.failed + tot.pending + tot.transferring + tot.skipped ==
+        r.devices.devices());
 }

@@ -33,9 +33,9 @@ namespace devgate::device {
 
 /// The hub's side of every session: sessions opening and closing, and each message a device
 /// sends, parsed as protocol v1 (docs/PROTOCOL.md), checked, and routed to the part that handles
-/// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack` and `fw_result` to the
-/// rollout engine, `send` and binary messages into the gateway's pipeline. Anything wrong is
-/// answered with an `error` message; too many close the session with 4002.
+/// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack`, `fw_restart` and
+/// `fw_result` to the rollout engine, `send` and binary messages into the gateway's pipeline.
+/// Anything wrong is answered with an `error` message; too many close the session with 4002.
 ///
 /// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
 /// parts, or itself to count errors and messages) and never holds it while calling the
@@ -197,8 +197,8 @@ class protocol_dispatch {
       }
       return;
     }
-    static constexpr std::string_view known[] = {"send",        "ack",    "subscribe",
-                                                 "unsubscribe", "fw_ack", "fw_result"};
+    static constexpr std::string_view known[] = {"send",   "ack",       "subscribe", "unsubscribe",
+                                                 "fw_ack", "fw_result", "fw_restart"};
     if (std::find(std::begin(known), std::end(known), *type) == std::end(known)) {
       reply_error(rec, s, error::unknown_type, *type);
       return;
@@ -213,6 +213,8 @@ class protocol_dispatch {
       on_subscribe(rec, s, j, *type == "subscribe");
     } else if (*type == "fw_ack") {
       on_fw_ack(rec, s, j);
+    } else if (*type == "fw_restart") {
+      on_fw_restart(rec, s, j);
     } else {
       on_fw_result(rec, s, j);
     }
@@ -329,6 +331,17 @@ class protocol_dispatch {
     if (const auto e = rollout_.on_ack(rec, s, *rollout, *offset)) {
       // A late ack of a superseded rollout is a benign race, not counted toward max_errors.
       reply_error(rec, s, *e, "fw_ack", *e != error::unknown_rollout);
+    }
+  }
+
+  void on_fw_restart(device_record& rec, session_id s, const nlohmann::json& j) {
+    const auto rollout = get_uint(j, "rollout");
+    if (!rollout) {
+      reply_error(rec, s, error::bad_message, "fw_restart");
+      return;
+    }
+    if (rollout_.on_restart(rec, s, *rollout)) {
+      reply_error(rec, s, error::unknown_rollout, "fw_restart", false);
     }
   }
 

@@ -72,7 +72,9 @@ class hub {
         store_(std::move(store)),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, store_,
-                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers}),
+                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
+                  options_.stall_timeout, options_.max_transfer_retries,
+                  options_.transfer_retry_backoff}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, store_,
                   options_.max_message_bytes, options_.max_errors),
         gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <chrono>   // firmware stall timeout
 #include <cstddef>  // std::size_t
 #include <cstdint>  // counters
 
@@ -30,6 +31,13 @@ struct hub_options {
   std::size_t window = 8;
   /// At most this many devices receive firmware at once; the rest wait their turn.
   std::size_t max_concurrent_transfers = 16;
+  /// A firmware transfer making no progress for this long gives up its slot and is retried
+  /// later (`firmware::rollout_options::stall_timeout`; 0: never).
+  std::chrono::milliseconds stall_timeout{30'000};
+  /// Stalls (and restarts) one device may have per rollout before it fails with `timed_out`.
+  unsigned max_transfer_retries = 3;
+  /// The wait before a stalled transfer's first retry; it doubles with each next one.
+  std::chrono::milliseconds transfer_retry_backoff{1'000};
 };
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).

@@ -44,7 +44,7 @@ enum class error : std::uint8_t {
   queue_full,           ///< The pipeline is at capacity; the message was not accepted.
   closed,               ///< The gateway is stopping; the message was not accepted.
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
-  unknown_rollout,      ///< `fw_ack`/`fw_result` names a rollout this device is not in.
+  unknown_rollout,      ///< `fw_ack`/`fw_result`/`fw_restart` names a rollout it is not in.
 };
 
 /// The wire name of `e`.

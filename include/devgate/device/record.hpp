@@ -11,6 +11,7 @@
 #include "devgate/core/bytes.hpp"
 #include "devgate/device/protocol.hpp"  // topics::device_prefix
 #include "devgate/firmware/image.hpp"
+#include "devgate/firmware/tally.hpp"
 #include "devgate/store/state_store.hpp"    // transfer_status
 #include "devgate/transport/transport.hpp"  // session_id, payload_kind
 
@@ -75,6 +76,12 @@ struct device_record {
     std::uint64_t acked = 0;  ///< Bytes the device acknowledged (the resume point).
     std::uint64_t sent = 0;   ///< Bytes queued to it in this session.
     std::string reason;       ///< Why it failed.
+
+    std::shared_ptr<firmware::tally> tally;  ///< The rollout's fleet counters (with `image`).
+    unsigned retries = 0;               ///< Stalls and restarts from 0 in this rollout (bounded).
+    clock::time_point progress_at{};    ///< When `acked` last moved (or the transfer started).
+    std::uint64_t progress_offset = 0;  ///< `acked` as the stall check last saw it.
+    clock::time_point retry_at{};       ///< After a stall, it waits for a slot until then.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
 };

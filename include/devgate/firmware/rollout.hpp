@@ -4,6 +4,7 @@
 
 #include <algorithm>    // std::min
 #include <atomic>       // rollout ids
+#include <chrono>       // stall timeout, backoff
 #include <cstddef>      // std::size_t, std::byte
 #include <cstdint>      // rollout ids, offsets
 #include <memory>       // the current image
@@ -20,8 +21,10 @@
 #include "devgate/device/protocol.hpp"
 #include "devgate/device/record.hpp"
 #include "devgate/device/registry.hpp"
+#include "devgate/firmware/detail/ticker.hpp"
 #include "devgate/firmware/image.hpp"
 #include "devgate/firmware/slots.hpp"
+#include "devgate/firmware/tally.hpp"
 #include "devgate/store/state_store.hpp"
 #include "devgate/transport/transport.hpp"
 
@@ -39,9 +42,11 @@ struct rollout_totals {
   std::size_t skipped = 0;            ///< Devices already on the version.
   std::uint64_t bytes_acked = 0;      ///< Sum of acknowledged bytes over the fleet.
   std::size_t peak_transferring = 0;  ///< Most devices ever transferring at once.
+  std::size_t timed_out = 0;          ///< Of `failed`: transfers that stalled past their retries.
+  std::uint64_t retries = 0;          ///< Stalled transfers taken back to be retried later.
 };
 
-/// The rollout engine's knobs (`device::hub_options` carries the same three).
+/// The rollout engine's knobs (`device::hub_options` carries the same ones).
 struct rollout_options {
   /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.
   std::size_t chunk_size = 16u << 10;
@@ -49,6 +54,17 @@ struct rollout_options {
   std::size_t window = 8;
   /// At most this many devices receive firmware at once; the rest wait their turn.
   std::size_t max_concurrent_transfers = 16;
+  /// A transfer whose acknowledged offset has not moved for this long gives up its slot and
+  /// goes back to pending (it resumes from that offset after `retry_backoff`). Shorter frees
+  /// slots held by dead devices sooner, but must stay well above the time a slow device needs
+  /// for one window. 0 turns the check (and the engine's timer thread) off.
+  std::chrono::milliseconds stall_timeout{30'000};
+  /// Stalls (and restarts from byte 0, `fw_restart`) one device may have in a rollout; one more
+  /// stall fails its transfer with reason `timed_out` (a restart: `too_many_restarts`).
+  unsigned max_retries = 3;
+  /// The wait before a stalled transfer may take a slot again; it doubles with each retry of
+  /// the same device (up to 64 times). The device keeps no slot meanwhile.
+  std::chrono::milliseconds retry_backoff{1'000};
 };
 
 /// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
@@ -56,20 +72,32 @@ struct rollout_options {
 ///
 ///     none ──publish/join──▶ pending ──slot + live session──▶ transferring ──fw_result──▶
 ///     verified | failed;   pending ──reports the version──▶ skipped;
-///     transferring ──session closed or replaced──▶ pending (resumes from its acked offset)
+///     transferring ──session closed or replaced──▶ pending (resumes from its acked offset);
+///     transferring ──no progress for stall_timeout──▶ pending (after a backoff, resumes) or,
+///         past max_retries, failed (reason `timed_out`)
 ///
 /// At most `max_concurrent_transfers` devices transfer at once (`transfer_slots`); a freed slot
 /// goes to the next waiting device that can start. A transfer sends the start message, then a
-/// window of chunks (slices of the one image buffer), one more per acknowledged chunk.
+/// window of chunks (slices of the one image buffer), one more per acknowledged chunk. Fleet
+/// totals come from the rollout's `tally`, changed with each device's status.
+///
+/// Stalls are found by a timer thread (started by the first publish, unless `stall_timeout`
+/// is 0) that looks only at the devices holding a slot and at those waiting out a backoff.
+///
+/// A publish is atomic with respect to concurrent hellos: the slots move to the new rollout
+/// and the running transfers stop before any hello can see the new rollout, a slot request for
+/// an older rollout is refused (`transfer_slots::grant::stale`), and a device never goes back
+/// to an older rollout than the one it is in. Publishes are serialised among themselves.
 ///
 /// Locking: each method takes the device's mutex itself and never two devices' at once; the
-/// slots and the current image have locks of their own, taken with no device's mutex held;
-/// the store and the transport (through `delivery::flush`) are called with no lock held.
+/// slots, the current rollout and the backoff list have locks of their own, taken with no
+/// device's mutex held; the store and the transport (through `delivery::flush`) are called
+/// with no lock held (the publish lock excepted, which only publishes take).
 template <class Transport, class Store>
 class rollout_engine {
  public:
   /// An engine over the hub's devices, their outboxes and the state store (all referenced).
-  /// Throws std::invalid_argument for a window or chunk size of 0.
+  /// Throws std::invalid_argument for a window or chunk size of 0, or a negative timeout.
   rollout_engine(device::registry& devices, device::delivery<Transport>& out, Store& store,
                  rollout_options options)
       : devices_(devices),
@@ -79,6 +107,8 @@ class rollout_engine {
         slots_(options_.max_concurrent_transfers) {}
   rollout_engine(const rollout_engine&) = delete;
   rollout_engine& operator=(const rollout_engine&) = delete;
+  /// Stops the timer thread.
+  ~rollout_engine() { ticker_.stop(); }
 
   /// Starts rollout of `bytes` as `version` (copied once into a new image): every known device
   /// joins it, `announce(const image&)` runs (the hub tells the fleet), then devices online now
@@ -88,21 +118,39 @@ class rollout_engine {
   std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
                         Announce&& announce) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
+    std::lock_guard publishing(publish_mutex_);
     const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
     auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
+    auto counts = std::make_shared<tally>();
+    // The slots move to the new rollout first, and the transfers that held one stop (they
+    // join the new rollout): no device transfers the old image once a hello can see the new.
+    for (const auto& held : slots_.reset(id)) {
+      if (auto rec = devices_.find(held)) {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img, counts);
+      }
+    }
     {
       std::lock_guard lock(current_mutex_);
       current_ = img;
+      current_tally_ = counts;
     }
-    slots_.clear();
+    {
+      std::lock_guard lock(backoff_mutex_);
+      backoff_.clear();
+    }
+    if (options_.stall_timeout.count() > 0) {
+      ticker_.start(tick_period(), [this] { tick(clock::now()); });
+    }
     std::vector<device::registry::record_ptr> online;
     for (auto& rec : devices_.snapshot()) {
       bool want = false;
       store::transfer_state t;
       {
         std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img);
-        want = rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
+        join_locked(*rec, img, counts);
+        want = rec->transfer.image == img &&
+               rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
                rec->session.hello;
         t = state_locked(*rec);
       }
@@ -110,60 +158,91 @@ class rollout_engine {
       if (want) online.push_back(std::move(rec));
     }
     announce(static_cast<const image&>(*img));
-    for (auto& rec : online) {
-      if (slots_.acquire(rec->id) && !start(*rec)) start_next(slots_.release(rec->id));
-    }
+    for (auto& rec : online) take_slot(*rec, id);
     return id;
   }
 
   /// Session `s` of the device said hello: the device joins the current rollout (once per
-  /// rollout; skipped if it runs the version) and starts or resumes when a slot is free.
+  /// rollout; skipped if it runs the version) and starts or resumes when a slot is free (after
+  /// its backoff, if its transfer stalled).
   void join(device::device_record& rec, session_id s) {
-    auto img = current();
+    auto [img, counts] = current_rollout();
     if (!img) return;
     bool want = false;
+    bool holds_slot = false;
+    std::uint32_t rollout = 0;
     store::transfer_state t;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;
-      join_locked(rec, img);
-      if (rec.transfer.status == store::transfer_status::transferring &&
-          rec.transfer.session != s) {
-        rec.transfer.status = store::transfer_status::pending;  // its session is gone
+      join_locked(rec, img, counts);
+      auto& tr = rec.transfer;
+      if (tr.status == store::transfer_status::transferring && tr.session != s) {
+        // Its session is gone (a takeover whose on_replaced has not run yet): it keeps its
+        // slot and resumes on this session.
+        set_status_locked(rec, store::transfer_status::pending);
+        holds_slot = true;
       }
-      want = rec.transfer.status == store::transfer_status::pending;
+      rollout = tr.image->rollout();
+      want = tr.status == store::transfer_status::pending &&
+             (tr.retry_at == clock::time_point{} || tr.retry_at <= clock::now());
       t = state_locked(rec);
     }
     store_.set_transfer(rec.id, t);
-    if (want && slots_.acquire(rec.id) && !start(rec)) start_next(slots_.release(rec.id));
+    if (holds_slot) {
+      start_or_free(rec, rollout);
+    } else if (want) {
+      take_slot(rec, rollout);
+    }
   }
   /// The device's session `old` was replaced by a newer one: a transfer streaming to it goes
   /// back to pending (to resume from its acknowledged offset) and its slot goes to the next
   /// waiting device. A place in the queue is kept.
   void on_replaced(device::device_record& rec, session_id old) {
-    bool release = false;
+    std::uint32_t rollout = 0;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.transfer.status == store::transfer_status::transferring &&
           rec.transfer.session == old) {
-        rec.transfer.status = store::transfer_status::pending;
-        release = true;
+        set_status_locked(rec, store::transfer_status::pending);
+        rollout = rec.transfer.image->rollout();
       }
     }
-    if (release) start_next(slots_.release(rec.id));
+    if (rollout != 0) start_next(slots_.release(rec.id, rollout), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
   /// its slot, or its place in the queue, is given up. Nothing if a newer session has taken
   /// the device meanwhile.
   void on_offline(device::device_record& rec) {
+    std::uint32_t rollout = 0;
     {
       std::lock_guard lock(rec.mutex);
-      if (rec.session.id != 0) return;
+      if (rec.session.id != 0 || !rec.transfer.image) return;
       if (rec.transfer.status == store::transfer_status::transferring) {
-        rec.transfer.status = store::transfer_status::pending;  // resumes from `acked`
+        set_status_locked(rec, store::transfer_status::pending);  // resumes from `acked`
       }
+      rollout = rec.transfer.image->rollout();
     }
-    start_next(slots_.release(rec.id));
+    start_next(slots_.release(rec.id, rollout), rollout);
+  }
+
+  /// The device's record is about to leave memory (evicted while offline; the store keeps its
+  /// state): its part leaves its rollout's counters, so that the record made again at its next
+  /// hello is counted once, and a slot or place in the queue it had is given up.
+  void forget(device::device_record& rec) {
+    std::uint32_t rollout = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      auto& tr = rec.transfer;
+      if (!tr.image) return;
+      if (tr.tally) {
+        tr.tally->move(tr.status, store::transfer_status::none);
+        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+        tr.tally.reset();
+      }
+      rollout = tr.image->rollout();
+    }
+    start_next(slots_.release(rec.id, rollout), rollout);
   }
 
   /// Session `s` acknowledged the image up to `offset` of rollout `rollout`: more chunks go
@@ -181,12 +260,43 @@ class rollout_engine {
           (offset % tr.image->chunk_size() != 0 && offset != tr.image->size())) {
         return device::error::bad_fw_ack;
       }
+      tr.tally->add_acked(static_cast<std::int64_t>(offset - tr.acked));
       tr.acked = offset;
       fill_window_locked(rec);
       t = state_locked(rec);
     }
     out_.flush(rec);
     store_.set_transfer(rec.id, t);
+    return std::nullopt;
+  }
+  /// Session `s` lost its partial image of rollout `rollout` and asks for the transfer again
+  /// from byte 0 (`fw_restart`): its acknowledged offset goes back to 0 and a new `firmware`
+  /// start (offset 0) and window follow. Each restart uses one of the device's `max_retries`;
+  /// past them the transfer fails with reason `too_many_restarts`. Returns `unknown_rollout`
+  /// when no such transfer is running for the device.
+  std::optional<device::error> on_restart(device::device_record& rec, session_id s,
+                                          std::uint64_t rollout) {
+    store::transfer_state t;
+    bool failed = false;
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.session.id != s) return std::nullopt;
+      if (!running(rec, rollout)) return device::error::unknown_rollout;
+      auto& tr = rec.transfer;
+      if (++tr.retries > options_.max_retries) {
+        fail_locked(rec, "too_many_restarts");
+        failed = true;
+      } else {
+        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+        tr.acked = 0;
+        queue_start_locked(rec);
+      }
+      t = state_locked(rec);
+    }
+    out_.flush(rec);
+    store_.set_transfer(rec.id, t);
+    const auto id = static_cast<std::uint32_t>(rollout);
+    if (failed) start_next(slots_.release(rec.id, id), id);
     return std::nullopt;
   }
   /// Session `s` reported the result of rollout `rollout` (`sha256` and `reason` as sent): the
@@ -207,64 +317,100 @@ class rollout_engine {
       auto& tr = rec.transfer;
       const auto& img = *tr.image;
       if (!ok) {
-        tr.reason = reason.value_or("device reported a failure");
+        fail_locked(rec, reason.value_or("device reported a failure"));
       } else if (tr.acked != img.size()) {
-        tr.reason = "result before every byte was acknowledged";
+        fail_locked(rec, "result before every byte was acknowledged");
       } else if (!sha256 || *sha256 != img.sha256()) {
-        tr.reason = "sha256 mismatch";
+        fail_locked(rec, "sha256 mismatch");
       } else {
         verified = true;
         rec.firmware_version = img.version();
         version = img.version();
+        tr.reason.clear();
+        set_status_locked(rec, store::transfer_status::verified);
+        queue_status_locked(rec);
       }
-      tr.status = verified ? store::transfer_status::verified : store::transfer_status::failed;
       t = state_locked(rec);
-      nlohmann::json status{{"type", "fw_status"},
-                            {"rollout", img.rollout()},
-                            {"status", store::to_string(tr.status)},
-                            {"reason", tr.reason}};
-      device::delivery<Transport>::queue_locked(rec, s, payload_kind::text,
-                                                device::to_payload(status));
     }
     out_.flush(rec);
     store_.set_transfer(rec.id, t);
     if (verified) store_.set_firmware_version(rec.id, version);
-    start_next(slots_.release(rec.id));
+    const auto id = static_cast<std::uint32_t>(rollout);
+    start_next(slots_.release(rec.id, id), id);
     return std::nullopt;
   }
 
-  /// Fleet totals of the current rollout.
+  /// The stall check at time `now` (the timer thread calls it every `tick_period()`; tests may
+  /// call it themselves): a transfer whose acknowledged offset has not moved for
+  /// `stall_timeout` gives up its slot and goes back to pending until its backoff ends, or
+  /// fails with reason `timed_out` past `max_retries`; devices whose backoff ended ask for a
+  /// slot again. Looks only at the devices holding a slot and at those waiting out a backoff.
+  void tick(clock::time_point now) {
+    if (options_.stall_timeout.count() <= 0) return;
+    const auto rollout = slots_.rollout();
+    for (const auto& id : slots_.holders()) {
+      auto rec = devices_.find(id);
+      if (!rec) {
+        start_next(slots_.release(id, rollout), rollout);
+        continue;
+      }
+      check_stall(*rec, rollout, now);
+    }
+    std::vector<std::string> due;
+    {
+      std::lock_guard lock(backoff_mutex_);
+      for (auto it = backoff_.begin(); it != backoff_.end();) {
+        if (it->first <= now) {
+          due.push_back(std::move(it->second));
+          it = backoff_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (const auto& id : due) {
+      auto rec = devices_.find(id);
+      if (!rec) continue;
+      bool want = false;
+      {
+        std::lock_guard lock(rec->mutex);
+        auto& tr = rec->transfer;
+        if (!tr.image || tr.image->rollout() != rollout ||
+            tr.status != store::transfer_status::pending) {
+          continue;
+        }
+        tr.retry_at = {};  // its backoff is over
+        want = rec->session.id != 0 && rec->session.hello;
+      }
+      if (want) take_slot(*rec, rollout);  // offline: its next hello asks
+    }
+  }
+  /// How often the timer thread runs the stall check: an eighth of the shorter of the stall
+  /// timeout and the backoff, between 1 ms and 1 s.
+  [[nodiscard]] clock::duration tick_period() const noexcept {
+    const auto shorter = options_.retry_backoff.count() > 0
+                             ? std::min(options_.stall_timeout, options_.retry_backoff)
+                             : options_.stall_timeout;
+    return std::clamp<clock::duration>(shorter / 8, std::chrono::milliseconds(1),
+                                       std::chrono::seconds(1));
+  }
+
+  /// Fleet totals of the current rollout, from its counters (constant time).
   [[nodiscard]] rollout_totals totals() const {
     rollout_totals out;
-    auto img = current();
+    auto [img, counts] = current_rollout();
     if (!img) return out;
     out.rollout = img->rollout();
     out.version = img->version();
     out.size = img->size();
-    for (const auto& rec : devices_.snapshot()) {
-      std::lock_guard lock(rec->mutex);
-      if (rec->transfer.image != img) continue;
-      switch (rec->transfer.status) {
-        case store::transfer_status::pending:
-          ++out.pending;
-          break;
-        case store::transfer_status::transferring:
-          ++out.transferring;
-          break;
-        case store::transfer_status::verified:
-          ++out.verified;
-          break;
-        case store::transfer_status::failed:
-          ++out.failed;
-          break;
-        case store::transfer_status::skipped:
-          ++out.skipped;
-          break;
-        case store::transfer_status::none:
-          break;
-      }
-      out.bytes_acked += rec->transfer.acked;
-    }
+    out.pending = counts->count(store::transfer_status::pending);
+    out.transferring = counts->count(store::transfer_status::transferring);
+    out.verified = counts->count(store::transfer_status::verified);
+    out.failed = counts->count(store::transfer_status::failed);
+    out.skipped = counts->count(store::transfer_status::skipped);
+    out.bytes_acked = counts->bytes_acked();
+    out.timed_out = counts->timed_out();
+    out.retries = counts->retries();
     out.peak_transferring = slots_.peak();
     return out;
   }
@@ -301,28 +447,82 @@ class rollout_engine {
   static rollout_options checked(rollout_options o) {
     if (o.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
     if (o.chunk_size == 0) throw std::invalid_argument("hub_options::chunk_size must be >= 1");
+    if (o.stall_timeout.count() < 0 || o.retry_backoff.count() < 0) {
+      throw std::invalid_argument("hub_options: stall_timeout and retry_backoff must be >= 0");
+    }
     return o;
   }
 
+  // The current image and its counters, read together.
+  [[nodiscard]] std::pair<std::shared_ptr<const image>, std::shared_ptr<tally>> current_rollout()
+      const {
+    std::lock_guard lock(current_mutex_);
+    return {current_, current_tally_};
+  }
   // Whether the device is transferring rollout `rollout` (caller holds its mutex).
   static bool running(const device::device_record& rec, std::uint64_t rollout) {
     const auto& tr = rec.transfer;
     return tr.image && tr.image->rollout() == rollout &&
            tr.status == store::transfer_status::transferring;
   }
-  // Puts the device into `img`'s rollout (once per rollout; caller holds its mutex).
-  static void join_locked(device::device_record& rec, const std::shared_ptr<const image>& img) {
+  // Moves the device to `to`, in its rollout's counters too (caller holds its mutex).
+  static void set_status_locked(device::device_record& rec, store::transfer_status to) {
     auto& tr = rec.transfer;
+    if (tr.tally) tr.tally->move(tr.status, to);
+    tr.status = to;
+  }
+  // Puts the device into `img`'s rollout (once per rollout, and never back to an older one: a
+  // thread that read the previous rollout may come late; caller holds its mutex).
+  static void join_locked(device::device_record& rec, const std::shared_ptr<const image>& img,
+                          const std::shared_ptr<tally>& counts) {
+    auto& tr = rec.transfer;
+    if (tr.image && tr.image->rollout() > img->rollout()) return;
     if (tr.image != img) {
       tr.image = img;
+      tr.tally = counts;
       tr.acked = 0;
       tr.sent = 0;
       tr.reason.clear();
+      tr.retries = 0;
+      tr.retry_at = {};
       tr.status = store::transfer_status::pending;
+      counts->enter(tr.status);
     }
     if (tr.status == store::transfer_status::pending && rec.firmware_version == img->version()) {
-      tr.status = store::transfer_status::skipped;
+      set_status_locked(rec, store::transfer_status::skipped);
     }
+  }
+  // Ends the transfer failed with `reason` and tells the device (caller holds its mutex).
+  static void fail_locked(device::device_record& rec, std::string reason) {
+    rec.transfer.reason = std::move(reason);
+    set_status_locked(rec, store::transfer_status::failed);
+    queue_status_locked(rec);
+  }
+  // Queues `fw_status` with the transfer's end to its session (caller holds the mutex).
+  static void queue_status_locked(device::device_record& rec) {
+    const auto& tr = rec.transfer;
+    nlohmann::json status{{"type", "fw_status"},
+                          {"rollout", tr.image->rollout()},
+                          {"status", store::to_string(tr.status)},
+                          {"reason", tr.reason}};
+    device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
+                                              device::to_payload(status));
+  }
+  // Queues the start message from `acked` and a window of chunks, and restarts the stall clock
+  // (caller holds the device's mutex; the transfer is transferring).
+  void queue_start_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    tr.sent = tr.acked;
+    tr.progress_offset = tr.acked;
+    tr.progress_at = clock::now();
+    const auto& img = *tr.image;
+    nlohmann::json start{
+        {"type", "firmware"},          {"rollout", img.rollout()}, {"version", img.version()},
+        {"size", img.size()},          {"sha256", img.sha256()},   {"chunk_size", img.chunk_size()},
+        {"chunks", img.chunk_count()}, {"offset", tr.acked},       {"window", options_.window}};
+    device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
+                                              device::to_payload(start));
+    fill_window_locked(rec);
   }
   // Queues chunks until `window` are unacknowledged (caller holds the device's mutex).
   void fill_window_locked(device::device_record& rec) {
@@ -335,42 +535,109 @@ class rollout_engine {
       tr.sent += std::min<std::uint64_t>(img.chunk_size(), img.size() - tr.sent);
     }
   }
-  // Starts (or resumes) the device's transfer; false if it cannot start now (offline, or not
-  // pending any more).
-  bool start(device::device_record& rec) {
+  // What `start` made of a device holding a slot.
+  enum class start_result : std::uint8_t {
+    started,  // the transfer runs (started now, or already by another thread)
+    kept,     // a session is live but has not said hello yet: its hello starts the transfer
+    freed,    // the device cannot use the slot (offline, in another rollout, not pending)
+    lost,     // the device holds no slot (the stall check took it back meanwhile)
+  };
+  // Asks for a slot of rollout `rollout` for the device and starts it if it has one; a slot it
+  // cannot use goes to the next waiting device.
+  void take_slot(device::device_record& rec, std::uint32_t rollout) {
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      const auto g = slots_.acquire(rec.id, rollout);
+      if (g != transfer_slots::grant::acquired && g != transfer_slots::grant::held) return;
+      if (start_or_free(rec, rollout) != start_result::lost) return;
+    }
+  }
+  // Starts the device's transfer (it holds a slot of rollout `rollout`), or frees the slot.
+  start_result start_or_free(device::device_record& rec, std::uint32_t rollout) {
+    const auto r = start(rec, rollout);
+    if (r == start_result::freed) start_next(slots_.release(rec.id, rollout), rollout);
+    return r;
+  }
+  // Starts (or resumes) the device's transfer of rollout `rollout`, whose slot it holds. Whoever
+  // gave the slot and the device's own hello may both call it: the first starts the transfer.
+  start_result start(device::device_record& rec, std::uint32_t rollout) {
     store::transfer_state t;
     {
       std::lock_guard lock(rec.mutex);
       auto& tr = rec.transfer;
-      if (rec.session.id == 0 || !rec.session.hello || !tr.image ||
-          tr.status != store::transfer_status::pending) {
-        return false;
+      if (!tr.image || tr.image->rollout() != rollout) return start_result::freed;
+      if (tr.status == store::transfer_status::transferring) return start_result::started;
+      if (tr.status != store::transfer_status::pending || rec.session.id == 0) {
+        return start_result::freed;
       }
-      tr.status = store::transfer_status::transferring;
+      if (!slots_.holds(rec.id, rollout)) return start_result::lost;
+      if (!rec.session.hello) {
+        tr.progress_at = clock::now();  // the stall check frees the slot if no hello comes
+        return start_result::kept;
+      }
+      set_status_locked(rec, store::transfer_status::transferring);
       tr.session = rec.session.id;
-      tr.sent = tr.acked;
-      const auto& img = *tr.image;
-      nlohmann::json start{{"type", "firmware"},          {"rollout", img.rollout()},
-                           {"version", img.version()},    {"size", img.size()},
-                           {"sha256", img.sha256()},      {"chunk_size", img.chunk_size()},
-                           {"chunks", img.chunk_count()}, {"offset", tr.acked},
-                           {"window", options_.window}};
-      device::delivery<Transport>::queue_locked(rec, tr.session, payload_kind::text,
-                                                device::to_payload(start));
-      fill_window_locked(rec);
+      queue_start_locked(rec);
       t = state_locked(rec);
     }
     out_.flush(rec);
     store_.set_transfer(rec.id, t);
-    return true;
+    return start_result::started;
   }
-  // Gives a freed slot to the next waiting device that can start.
-  void start_next(std::optional<std::string> next) {
+  // Gives a freed slot of rollout `rollout` to the next waiting device that can start.
+  void start_next(std::optional<std::string> next, std::uint32_t rollout) {
     while (next) {
       auto rec = devices_.find(*next);
-      if (rec && start(*rec)) return;
-      next = slots_.release(*next);
+      const auto r = rec ? start(*rec, rollout) : start_result::freed;
+      if (r == start_result::started || r == start_result::kept) return;
+      next = r == start_result::freed ? slots_.release(*next, rollout) : std::nullopt;
     }
+  }
+  // The stall check of one slot holder of rollout `rollout` (see `tick`).
+  void check_stall(device::device_record& rec, std::uint32_t rollout, clock::time_point now) {
+    store::transfer_state t;
+    bool failed = false;
+    clock::time_point retry_at{};
+    {
+      std::unique_lock lock(rec.mutex);
+      auto& tr = rec.transfer;
+      if (!running(rec, rollout)) {
+        // A slot kept for a session that never says hello is taken back after stall_timeout
+        // (under the device's mutex, so that a hello starting the transfer sees it gone).
+        if (tr.image && tr.image->rollout() == rollout &&
+            tr.status == store::transfer_status::pending && rec.session.id != 0 &&
+            !rec.session.hello && now - tr.progress_at >= options_.stall_timeout) {
+          auto next = slots_.release(rec.id, rollout);
+          lock.unlock();
+          start_next(std::move(next), rollout);
+        }
+        return;  // otherwise starting or stopping: whoever does it frees the slot
+      }
+      if (tr.acked != tr.progress_offset) {
+        tr.progress_offset = tr.acked;
+        tr.progress_at = now;
+        return;
+      }
+      if (now - tr.progress_at < options_.stall_timeout) return;
+      if (++tr.retries > options_.max_retries) {
+        fail_locked(rec, "timed_out");
+        tr.tally->count_timed_out();
+        failed = true;
+      } else {
+        set_status_locked(rec, store::transfer_status::pending);
+        tr.tally->count_retry();
+        tr.retry_at = now + options_.retry_backoff * (1u << std::min(tr.retries - 1, 6u));
+        retry_at = tr.retry_at;
+      }
+      t = state_locked(rec);
+    }
+    if (failed) {
+      out_.flush(rec);
+    } else {
+      std::lock_guard lock(backoff_mutex_);
+      backoff_.emplace_back(retry_at, rec.id);
+    }
+    store_.set_transfer(rec.id, t);
+    start_next(slots_.release(rec.id, rollout), rollout);
   }
 
   device::registry& devices_;
@@ -378,9 +645,14 @@ class rollout_engine {
   Store& store_;
   const rollout_options options_;
   transfer_slots slots_;
+  std::mutex publish_mutex_;
   mutable std::mutex current_mutex_;
   std::shared_ptr<const image> current_;
+  std::shared_ptr<tally> current_tally_;
+  std::mutex backoff_mutex_;
+  std::vector<std::pair<clock::time_point, std::string>> backoff_;  // devices waiting to retry
   std::atomic<std::uint32_t> next_rollout_{0};
+  detail::ticker ticker_;  // last: stopped first
 };
 
 }  // namespace devgate::firmware
