@@ -506,7 +506,8 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
   hub_t hub(t, {}, o);
   REQUIRE_FALSE(hub.start());
   std::vector<fake_device> devs;
-  for (int i = 0; i < 6; ++i) devs.push_back(connect(t, "d" + std::to_string(i), 0, "1.0"));
+  for (int i = 0; i < 6; ++i)
+    devs.push_back(connect(t, numbered("d", static_cast<std::uint64_t>(i)), 0, "1.0"));
   auto current = connect(t, "current", 0, "2.0");
   hub.send_to("late", {{"hi", 1}});  // known but offline
   for (auto& d : devs) d.poll();
@@ -529,7 +530,7 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
     if (players[i].got == 3000) drop = i;
   }
   REQUIRE(drop < players.size());
-  const std::string drop_id = "d" + std::to_string(drop);
+  const std::string drop_id = numbered("d", static_cast<std::uint64_t>(drop));
   devs[drop].s.disconnect();
   CHECK(hub.device_transfer(drop_id)->offset == 3000);
   CHECK(hub.device_transfer(drop_id)->status == devgate::store::transfer_status::pending);
