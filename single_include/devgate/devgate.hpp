@@ -4849,7 +4849,8 @@ inline constexpr std::size_t fragment_size = 64u * 1024u;
 /// - literal bytes, `head` then `body`: control frames, HTTP responses, and the one frame of a
 ///   data message that a full socket buffer cut in the middle.
 struct out_frame {
-  /// What the frame is: only `data` bytes count against the session's outbound limit.
+  /// What the frame is: `data` and `raw` (HTTP response) bytes count against the session's
+  /// outbound limit, control and close frames do not.
   enum kind_t : std::uint8_t { data, control, close, raw };
   shared_bytes body;
   std::array<std::byte, 10> head{};  // literal only; RFC 6455 5.2: at most 10 bytes
@@ -5045,14 +5046,15 @@ struct out_queue {
   }
 
   /// Removes the first `n` bytes that fill() put in the write, which the socket took; the frame
-  /// cut short becomes `partial`. Returns the data bytes written (to give back to the limit).
+  /// cut short becomes `partial`. Returns the data and HTTP bytes written (to give back to the
+  /// limit).
   std::size_t consume(std::size_t n) noexcept;
 };
 
 inline std::size_t out_queue::consume(std::size_t n) noexcept {
   std::size_t released = 0;
   auto done = [&](out_frame& f) {
-    if (f.kind == out_frame::data) released += f.size();
+    if (f.kind == out_frame::data || f.kind == out_frame::raw) released += f.size();
     f = {};
   };
   if (has_partial) {
@@ -5146,7 +5148,12 @@ namespace devgate::websocket::detail {
 //   oldest messages no write has started (`outbound_budget::trim`); the reservation may pass
 //   the limit up to twice its size until the session's thread has trimmed, and never beyond;
 // - replies from the session's own thread take their bytes from a credit the session reserves
-//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each.
+//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each;
+// - HTTP responses (before the upgrade) are charged as they are queued, whatever the limit; a
+//   session whose responses reach the limit (`outbound_budget::full`) answers no further
+//   pipelined request and reads nothing more until they are written, so a client that sends
+//   requests without reading holds at most the limit plus one response, its unread requests
+//   waiting in its own socket buffers (and the request deadline ends it).
 
 /// Reservation credit a session takes on its own thread beyond what it needs.
 inline constexpr std::size_t reserve_credit = 4096;
@@ -5202,6 +5209,18 @@ class outbound_budget {
     if (!add(need, bp)) return false;  // near the limit: exactly what is needed
     credit_ = 0;
     return true;
+  }
+
+  /// Counts `bytes` queued on the session's own thread whatever the limit (HTTP responses: the
+  /// session stops reading instead while `full`).
+  void charge(std::size_t bytes) noexcept {
+    buffered_.fetch_add(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+  }
+
+  /// True when the bytes queued (the credit aside) reached the limit: the session reads no
+  /// further HTTP request until they are written. On the session's thread.
+  [[nodiscard]] bool full(const backpressure_options& bp) const noexcept {
+    return buffered() - credit_ >= bp.max_buffered_bytes;
   }
 
   /// Gives back a reservation that will not be queued (any thread).
@@ -5301,7 +5320,8 @@ class http_phase {
   /// What the session does after `feed`.
   enum class next : std::uint8_t {
     read_more,  ///< No complete request (none answered): keep reading.
-    answered,   ///< Keep-alive requests were answered: restart the idle deadline, keep reading.
+    answered,   ///< Keep-alive requests were answered: keep reading.
+    paused,     ///< The responses queued are at the limit: read nothing more until written.
     linger,     ///< A response that ends the connection is queued: half-close after writing it.
     upgrade,    ///< The 101 is queued: switch to the WebSocket phase as `device_id`.
   };
@@ -5313,10 +5333,13 @@ class http_phase {
 
   /// Parses `bytes` and answers every complete request in order (a keep-alive connection may
   /// pipeline several), handing each response's bytes to `respond(shared_bytes)`. Stops at an
-  /// upgrade or at a response that ends the connection. Handlers (`route`, `identify`) may
-  /// throw; the parser stays valid for drop().
-  template <class Respond>
-  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond) {
+  /// upgrade, at a response that ends the connection, or when `room()` says the responses
+  /// queued reached the limit (`paused`: the requests not answered stay in the parser; feed an
+  /// empty span to go on). Handlers (`route`, `identify`) may throw; the parser stays valid for
+  /// drop().
+  template <class Respond, class Room>
+  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
+              Room&& room) {
     if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
     using st = websocket::http_request_parser::status;
     st s = parser_->feed(bytes);
@@ -5328,6 +5351,7 @@ class http_phase {
         respond(error_response(status, websocket::status_reason(status)));
         return {next::linger, {}};
       }
+      if (!room()) return {next::paused, {}};
       result r = handle(parser_->request(), core, respond);
       if (r.what != next::answered) return r;
       outcome = next::answered;
@@ -6035,15 +6059,35 @@ class session {
   }
   // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
   // reach the peer before a close frame that fails the connection right after it).
+  // They count against the outbound limit (backpressure.hpp).
   void queue_raw(shared_bytes bytes) {
     if (bytes.empty()) return;
+    budget_.charge(bytes.size());
+    answered_ = true;
     queue().control.push_back(literal_frame(out_frame::raw, std::move(bytes)));
     pump();
+  }
+  // The responses that paused the parser are written: answer the requests it holds, then read
+  // the socket again (its input raised no new edge while it was not read).
+  void resume_http() {
+    if (phase() != phase_t::http || !paused_) return;
+    paused_ = false;
+    reading_ = true;
+    try {
+      process_http({});
+    } catch (...) {
+      on_handler_exception();
+    }
+    reading_ = false;
+    if (phase() == phase_t::done) return;
+    pump();
+    if (!paused_) on_readable();
   }
   // After the queued bytes are written: half-close and discard input until EOF, so the peer
   // reads the whole response instead of a reset (RFC 9112 9.6).
   void linger_after_write() {
     shutdown_when_drained_ = true;
+    paused_ = false;
     leave_http();
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
@@ -6108,6 +6152,13 @@ class session {
   void on_drained() {
     if (q_) res().give_queue(std::move(q_));
     budget_.settle();
+    if (phase() == phase_t::http && answered_) {
+      answered_ = false;
+      // The client read every response: its idle time starts now (a client that does not read
+      // keeps none of its time, see process_http).
+      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+      if (paused_) asio::post(res().ioc, [self = session_ref(this)] { self->resume_http(); });
+    }
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
@@ -6142,6 +6193,8 @@ class session {
   bool ping_outstanding_ : 1 = false;
   bool shutdown_when_drained_ : 1 = false;
   bool close_received_ : 1 = false;
+  bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
+  bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -6172,7 +6225,7 @@ struct reader_sink {
 // input after that), at most 4 buffers per turn so that one busy peer cannot starve the others;
 // a socket with more to read is continued by a posted task.
 inline void session::on_readable() {
-  if (phase() == phase_t::done) return;
+  if (phase() == phase_t::done || paused_) return;
   auto& r = res();
   const std::span<std::byte> buf = r.buffer();
   // Frames queued while a read is handled (replies from the handlers) go out in one gather
@@ -6200,6 +6253,7 @@ inline void session::on_readable() {
       reading_ = false;
       return;
     }
+    if (paused_) break;  // the rest waits in the socket until the responses are written
     if (got.bytes < buf.size()) break;
     more = round == 3;
   }
@@ -6211,12 +6265,16 @@ inline void session::on_readable() {
 }
 
 inline void session::process_http(std::span<const std::byte> bytes) {
-  auto outcome = http_.feed(bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); });
+  const auto& bp = core().options.backpressure;
+  auto outcome = http_.feed(
+      bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); },
+      [this, &bp] { return !budget_.full(bp); });
   switch (outcome.what) {
     case http_phase::next::read_more:
+    case http_phase::next::answered:  // the idle deadline restarts once they are written
       break;
-    case http_phase::next::answered:  // keep-alive: the idle limit starts again
-      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+    case http_phase::next::paused:  // see backpressure.hpp; on_drained() resumes
+      paused_ = true;
       break;
     case http_phase::next::linger:
       linger_after_write();
@@ -6538,11 +6596,15 @@ class reactor : public thread_resources {
   /// errc::backpressure (the overflow policy applied).
   std::error_code send(session_id id, websocket::opcode op, shared_bytes payload) {
     // A reply from inside that session's handler: no lookup, reference or thread check.
-    if (session* s = session::replying(this, id)) return s->send_local(op, std::move(payload));
+    if (session* s = session::replying(this, id)) {
+      catch_up();
+      return s->send_local(op, std::move(payload));
+    }
     // The payload is shared, never copied; headers are encoded as it is written (messages over
     // 64 KiB go as fragments).
     auto m = message_frame(op, std::move(payload));
     if (on_this_thread()) {
+      catch_up();
       session* s = peek_local(id);
       if (!s) return errc::unknown_session;
       if (!s->is_open()) return errc::closed;
@@ -6566,8 +6628,8 @@ class reactor : public thread_resources {
       session& target = *slots_[slot];
       if (!target.is_open()) return errc::closed;
       if (target.reserve(m.size())) {
-        inbox_.push_back({session_ref(&target), std::move(m)});
-        post = !std::exchange(inbox_posted_, true);
+        inbox_.push_back({session_ref(&target), std::move(m), false});
+        post = !inbox_posted_.exchange(true, std::memory_order_release);
       } else {
         over = session_ref(&target);
       }
@@ -6581,13 +6643,15 @@ class reactor : public thread_resources {
   }
 
   /// Queues `payload` to those of `ids` (all of this worker) that are open and within their
-  /// limit, sharing the one buffer; one task for all of them, or none on this thread (a
-  /// recipient with nothing queued is written to at once). Returns how many it was queued to.
+  /// limit, sharing the one buffer; through the inbox like `send` from other threads (so the
+  /// two keep their order), at once on this thread (a recipient with nothing queued is written
+  /// to directly). Returns how many it was queued to.
   std::size_t broadcast(std::span<const session_id> ids, websocket::opcode op,
                         const shared_bytes& payload) {
     const std::size_t wire = wire_size(payload.size());
     std::size_t queued = 0;
     if (on_this_thread()) {
+      catch_up();
       // This thread is the registry's only writer: no lock and no references.
       for (const session_id id : ids) {
         session* s = peek_local(id);
@@ -6601,28 +6665,24 @@ class reactor : public thread_resources {
       }
       return queued;
     }
-    std::vector<session_ref> targets;
     std::vector<session_ref> over;
-    targets.reserve(ids.size());
+    bool post = false;
     {
       std::lock_guard lock(mutex_);
       for (const session_id id : ids) {
         auto s = find_locked(id);
         if (!s || !s->is_open()) continue;
         if (s->reserve(wire)) {
-          targets.push_back(std::move(s));
+          inbox_.push_back({std::move(s), message_frame(op, payload), true});
+          ++queued;
         } else {
           over.push_back(std::move(s));
         }
       }
+      if (queued > 0) post = !inbox_posted_.exchange(true, std::memory_order_release);
     }
     for (auto& s : over) overflow(s);
-    queued = targets.size();
-    if (!targets.empty()) {
-      asio::post(ioc, [targets = std::move(targets), op, payload, wire] {
-        for (const auto& s : targets) s->send_shared(op, payload, wire);
-      });
-    }
+    if (post) asio::post(ioc, [this] { drain_inbox(); });
     return queued;
   }
 
@@ -6655,6 +6715,13 @@ class reactor : public thread_resources {
 
   void adopt(tcp_stream stream);
   void drain_inbox();
+  // Before a send made on this thread: what other threads sent earlier is queued first, so that
+  // every session's messages leave in the order they were made (a send that happens-before this
+  // one set inbox_posted_ before it, and only a drain clears it). One atomic load when the
+  // inbox is empty.
+  void catch_up() {
+    if (inbox_posted_.load(std::memory_order_acquire)) drain_inbox();
+  }
   void poll();
   void on_ready();
   void start_tick();
@@ -6734,14 +6801,18 @@ class reactor : public thread_resources {
   std::vector<session_ref> slots_;
   std::vector<std::uint64_t> free_slots_;  // (next generation << 32) | slot
   std::vector<session_ref> scratch_;       // tick and stop snapshots
-  // Sends from other threads, in the order they were made, until this thread drains them.
+  // Sends and broadcasts from other threads, in the order they were made, until this thread
+  // drains them (a drain task, or a send on this thread catching up first).
   struct inbound_send {
     session_ref target;
     out_frame frame;  // reserved against the target's limit
+    bool shared;      // a broadcast's: written at once when the target has nothing queued
   };
   std::vector<inbound_send> inbox_;     // guarded by mutex_
   std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
-  bool inbox_posted_ = false;           // guarded by mutex_: a drain task is on its way
+  // The inbox holds sends not yet drained (set under mutex_ with them; read without it by
+  // catch_up()).
+  std::atomic<bool> inbox_posted_{false};
 };
 
 // ---- implementation ----------------------------------------------------------------------------
@@ -6783,9 +6854,15 @@ inline void reactor::drain_inbox() {
   {
     std::lock_guard lock(mutex_);
     draining_.swap(inbox_);
-    inbox_posted_ = false;
+    inbox_posted_.store(false, std::memory_order_relaxed);
   }
-  for (auto& send : draining_) send.target->enqueue_data(std::move(send.frame));
+  for (auto& send : draining_) {
+    if (send.shared) {
+      send.target->send_shared(send.frame.op, send.frame.body, send.frame.size());
+    } else {
+      send.target->enqueue_data(std::move(send.frame));
+    }
+  }
   draining_.clear();
 }
 

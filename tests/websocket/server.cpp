@@ -24,6 +24,7 @@
 #include <fstream>     // static files
 #include <limits>      // "accept every message"
 #include <map>         // close codes by session
+#include <memory>      // clients of the order test
 #include <mutex>       // handler state
 #include <optional>    // frames
 #include <random>      // masking keys
@@ -236,6 +237,15 @@ class raw_client {
       if (n <= 0) return;  // the server may already have closed: reads tell the story
       bytes.remove_prefix(static_cast<std::size_t>(n));
     }
+  }
+  // Like write(), false when the connection failed before all of `bytes` went.
+  bool write_all(std::string_view bytes) {
+    while (!bytes.empty()) {
+      const ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return true;
   }
   void write(std::span<const std::byte> bytes) {
     write(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
@@ -1269,4 +1279,232 @@ TEST_CASE("read batches: a partly accepted batch gets one error reply per refuse
   const auto batches = fx.taken();
   REQUIRE(batches.size() == 2);
   CHECK(batches[0].size() == 5);
+}
+
+// =============================================================================================
+// Issue 13: order kept, memory bounded, sessions failing cleanly, socket hygiene
+// =============================================================================================
+
+// Producers on other threads send numbered messages ("p<producer>:<n>") to every session, one of
+// them alternating send and broadcast; each client's ticks are answered from the session's own
+// thread with "l<n>", n the last number producer 0 had sent to that session when the tick was
+// handled. Every stream must hold each producer's numbers in order, and "l<n>" after "p0:<n>"
+// (that send happened before the reply was made).
+TEST_CASE("order: sends from other threads and from the session's thread leave in order",
+          "[websocket][server][order]") {
+  constexpr int sessions = 12, producers = 3, per_producer = 1500, ticks = 200;
+  ws::server server(echo_fixture::base_options());
+  std::mutex mutex;
+  std::map<devgate::session_id, int> index;  // session -> client number
+  std::array<std::atomic<int>, sessions> last_p0{};
+  devgate::transport_handlers h;
+  h.on_open = [&](const devgate::session_info& info) {
+    std::lock_guard lock(mutex);
+    index[info.id] = std::stoi(info.device_id.substr(1));
+  };
+  h.on_messages = [&](std::span<devgate::inbound_message> batch) -> devgate::batch_result {
+    for (auto& m : batch) {
+      int k = 0;
+      {
+        std::lock_guard lock(mutex);
+        k = index.at(m.session);
+      }
+      const int j = last_p0[static_cast<std::size_t>(k)].load(std::memory_order_acquire);
+      (void)server.send(m.session, devgate::payload_kind::text,
+                        devgate::shared_bytes::copy_of(std::string_view(numbered("l", j))));
+    }
+    return {batch.size(), {}};
+  };
+  server.set_handlers(std::move(h));
+  REQUIRE_FALSE(server.start());
+
+  std::vector<std::unique_ptr<raw_client>> clients;
+  for (int k = 0; k < sessions; ++k) {
+    clients.push_back(std::make_unique<raw_client>(server.local_port()));
+    REQUIRE(clients.back()->handshake(numbered("/", k)).starts_with("HTTP/1.1 101"));
+  }
+  REQUIRE(eventually([&] {
+    std::lock_guard lock(mutex);
+    return index.size() == sessions;
+  }));
+  std::vector<devgate::session_id> ids(sessions);
+  for (const auto& [id, k] : index) ids[static_cast<std::size_t>(k)] = id;
+
+  std::atomic<int> send_errors{0};
+  std::vector<std::string> failures(sessions);
+  std::vector<std::thread> threads;
+  for (int k = 0; k < sessions; ++k) {
+    threads.emplace_back([&, k] {
+      raw_client& c = *clients[static_cast<std::size_t>(k)];
+      std::array<int, producers> seen{};
+      int replies = 0;
+      std::string& failure = failures[static_cast<std::size_t>(k)];
+      auto take = [&](const frame& f) {
+        const std::string t = f.text();
+        if (t.starts_with("l")) {
+          ++replies;
+          const int j = std::stoi(t.substr(1));
+          if (j > seen[0] && failure.empty()) {
+            failure = "reply " + t + " before p0:" + std::to_string(j) + " (seen " +
+                      std::to_string(seen[0]) + ")";
+          }
+          return;
+        }
+        const int p = t[1] - '0';
+        const int n = std::stoi(t.substr(3));
+        if (n != seen[static_cast<std::size_t>(p)] + 1 && failure.empty()) {
+          failure = t + " after " + std::to_string(seen[static_cast<std::size_t>(p)]);
+        }
+        seen[static_cast<std::size_t>(p)] = n;
+      };
+      for (int i = 0; i < ticks; ++i) {
+        c.send_text("t");
+        const int want = i + 1;
+        while (replies < want) {
+          auto f = c.read_frame();
+          if (!f) {
+            if (failure.empty()) failure = "the stream ended";
+            return;
+          }
+          take(*f);
+        }
+      }
+      auto all = [&] {
+        for (const int s : seen) {
+          if (s < per_producer) return false;
+        }
+        return true;
+      };
+      while (!all()) {
+        auto f = c.read_frame();
+        if (!f) {
+          if (failure.empty()) failure = "the stream ended";
+          return;
+        }
+        take(*f);
+      }
+    });
+  }
+  for (int p = 0; p < producers; ++p) {
+    threads.emplace_back([&, p] {
+      for (int n = 1; n <= per_producer; ++n) {
+        const std::string text = numbered(numbered("p", static_cast<std::uint64_t>(p)) + ":",
+                                          static_cast<std::uint64_t>(n));
+        const auto payload = devgate::shared_bytes::copy_of(std::string_view(text));
+        if (p == 1 && n % 2 == 1) {
+          if (server.broadcast(ids, devgate::payload_kind::text, payload) != sessions) {
+            ++send_errors;
+          }
+          continue;
+        }
+        for (int k = 0; k < sessions; ++k) {
+          if (server.send(ids[static_cast<std::size_t>(k)], devgate::payload_kind::text, payload)) {
+            ++send_errors;
+          }
+          if (p == 0) last_p0[static_cast<std::size_t>(k)].store(n, std::memory_order_release);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(send_errors.load() == 0);
+  for (int k = 0; k < sessions; ++k) {
+    INFO("client " << k);
+    CHECK(failures[static_cast<std::size_t>(k)] == "");
+  }
+  server.stop();
+}
+
+namespace {
+
+// This process's resident memory in KiB (VmRSS).
+long rss_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.starts_with("VmRSS:")) return std::stol(line.substr(6));
+  }
+  return 0;
+}
+
+// A route answering every GET with a 2 KiB body built for it (as a dynamic page would be).
+ws::http_reply two_kib(const ws::http_request&) {
+  ws::http_reply r;
+  r.body = devgate::shared_bytes::copy_of(std::string_view(std::string(2048, 'x')));
+  return r;
+}
+
+std::string pipelined_gets(int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out += "GET /marco HTTP/1.1\r\nHost: x\r\n\r\n";
+  return out;
+}
+
+}  // namespace
+
+// The attack of issue 13: one keep-alive client pipelines GETs and never reads a response.
+// Before, every response was queued outside the outbound limit, reading went on and each request
+// restarted the deadline (400,000 requests: over 1 GiB). Now the responses count against the
+// limit, reading stops there, and the request deadline ends the connection.
+// DEVGATE_PIPELINE_REQUESTS sets the number of requests (400000 for the figure of the issue).
+TEST_CASE("attack: pipelined GETs that are never read keep the server's memory bounded",
+          "[websocket][server][http][attack]") {
+  int requests = 60000;
+  if (const char* env = std::getenv("DEVGATE_PIPELINE_REQUESTS")) requests = std::atoi(env);
+  ws::server_options o;
+  o.address = "127.0.0.1";
+  o.threads = 1;
+  o.handshake_timeout = std::chrono::milliseconds(2000);
+  o.route = two_kib;
+  ws::server server(o);
+  server.set_handlers({});
+  REQUIRE_FALSE(server.start());
+
+  const long before = rss_kib();
+  std::atomic<long> peak{before};
+  std::atomic<bool> done{false};
+  std::thread sampler([&] {
+    while (!done.load()) {
+      const long now = rss_kib();
+      if (now > peak.load()) peak.store(now);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  raw_client attacker(server.local_port());
+  const std::string chunk = pipelined_gets(1000);
+  int sent = 0;
+  while (sent < requests && attacker.write_all(chunk)) sent += 1000;
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // what the server still reads
+  done.store(true);
+  sampler.join();
+  const long growth_kib = peak.load() - before;
+  INFO("requests sent before the server closed: " << sent << " of " << requests);
+  INFO("server RSS growth: " << growth_kib << " KiB");
+  CHECK(growth_kib < 16 * 1024);
+  CHECK(attacker.closed_by_server());  // the deadline ends a client that does not read
+  CHECK(eventually([&] { return server.connection_count() == 0; }));
+}
+
+// The same limit does not hurt a client that reads: many pipelined requests against a small
+// limit are all answered, in order, through the pauses.
+TEST_CASE("http: pipelined requests past the outbound limit are all answered once read",
+          "[websocket][server][http]") {
+  ws::server_options o;
+  o.address = "127.0.0.1";
+  o.threads = 1;
+  o.backpressure.max_buffered_bytes = 64u << 10;
+  o.route = two_kib;
+  ws::server server(o);
+  server.set_handlers({});
+  REQUIRE_FALSE(server.start());
+  constexpr int n = 3000;
+  raw_client c(server.local_port());
+  std::thread writer([&] { c.write(pipelined_gets(n)); });
+  int answered = 0;
+  for (; answered < n; ++answered) {
+    const std::string r = c.read_http_response();
+    if (!r.starts_with("HTTP/1.1 200") || r.size() < 2048) break;
+  }
+  writer.join();
+  CHECK(answered == n);
 }

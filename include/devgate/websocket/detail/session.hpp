@@ -279,15 +279,35 @@ class session {
   }
   // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
   // reach the peer before a close frame that fails the connection right after it).
+  // They count against the outbound limit (backpressure.hpp).
   void queue_raw(shared_bytes bytes) {
     if (bytes.empty()) return;
+    budget_.charge(bytes.size());
+    answered_ = true;
     queue().control.push_back(literal_frame(out_frame::raw, std::move(bytes)));
     pump();
+  }
+  // The responses that paused the parser are written: answer the requests it holds, then read
+  // the socket again (its input raised no new edge while it was not read).
+  void resume_http() {
+    if (phase() != phase_t::http || !paused_) return;
+    paused_ = false;
+    reading_ = true;
+    try {
+      process_http({});
+    } catch (...) {
+      on_handler_exception();
+    }
+    reading_ = false;
+    if (phase() == phase_t::done) return;
+    pump();
+    if (!paused_) on_readable();
   }
   // After the queued bytes are written: half-close and discard input until EOF, so the peer
   // reads the whole response instead of a reset (RFC 9112 9.6).
   void linger_after_write() {
     shutdown_when_drained_ = true;
+    paused_ = false;
     leave_http();
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
@@ -352,6 +372,13 @@ class session {
   void on_drained() {
     if (q_) res().give_queue(std::move(q_));
     budget_.settle();
+    if (phase() == phase_t::http && answered_) {
+      answered_ = false;
+      // The client read every response: its idle time starts now (a client that does not read
+      // keeps none of its time, see process_http).
+      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+      if (paused_) asio::post(res().ioc, [self = session_ref(this)] { self->resume_http(); });
+    }
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
@@ -386,6 +413,8 @@ class session {
   bool ping_outstanding_ : 1 = false;
   bool shutdown_when_drained_ : 1 = false;
   bool close_received_ : 1 = false;
+  bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
+  bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -416,7 +445,7 @@ struct reader_sink {
 // input after that), at most 4 buffers per turn so that one busy peer cannot starve the others;
 // a socket with more to read is continued by a posted task.
 inline void session::on_readable() {
-  if (phase() == phase_t::done) return;
+  if (phase() == phase_t::done || paused_) return;
   auto& r = res();
   const std::span<std::byte> buf = r.buffer();
   // Frames queued while a read is handled (replies from the handlers) go out in one gather
@@ -444,6 +473,7 @@ inline void session::on_readable() {
       reading_ = false;
       return;
     }
+    if (paused_) break;  // the rest waits in the socket until the responses are written
     if (got.bytes < buf.size()) break;
     more = round == 3;
   }
@@ -455,12 +485,16 @@ inline void session::on_readable() {
 }
 
 inline void session::process_http(std::span<const std::byte> bytes) {
-  auto outcome = http_.feed(bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); });
+  const auto& bp = core().options.backpressure;
+  auto outcome = http_.feed(
+      bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); },
+      [this, &bp] { return !budget_.full(bp); });
   switch (outcome.what) {
     case http_phase::next::read_more:
+    case http_phase::next::answered:  // the idle deadline restarts once they are written
       break;
-    case http_phase::next::answered:  // keep-alive: the idle limit starts again
-      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+    case http_phase::next::paused:  // see backpressure.hpp; on_drained() resumes
+      paused_ = true;
       break;
     case http_phase::next::linger:
       linger_after_write();
