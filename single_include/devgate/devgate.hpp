@@ -5751,8 +5751,9 @@ struct thread_resources {
   static constexpr std::size_t read_buffer_size = 64u * 1024u;
   static constexpr std::size_t pool_size = 64;  // readers and queues kept for reuse
 
-  /// Called by a session as it finishes (on this thread): the reactor takes it out of its
-  /// registry and keeps it alive until the current event batch ends.
+  /// Called by a session as it finishes (on this thread, its socket still open): the reactor
+  /// takes it out of its epoll set and registry and keeps it alive until the current event
+  /// batch ends.
   using retire_fn = void (*)(thread_resources&, session&);
 
   thread_resources(server_core& c, retire_fn on_retire)
@@ -5898,6 +5899,10 @@ class session {
 
   /// The socket has input, or the peer closed or reset it (edge-triggered: the state changed).
   void on_readable();
+
+  /// The readiness edge says the peer closed its side (EPOLLRDHUP or EPOLLHUP): once a read
+  /// comes up short, only the EOF is left, and no further edge will report it.
+  void peer_hung_up() noexcept { hung_up_ = true; }
 
   /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
   void on_writable() {
@@ -6149,6 +6154,19 @@ class session {
     writing_ = true;
     wait_out_ = true;
   }
+  // The peer's FIN came with the bytes just read, so nothing more will arrive and no edge will
+  // tell: end the connection now, after writing what answers those bytes.
+  void end_after_peer_eof() {
+    if (phase() == phase_t::done) return;
+    if (!q_ || q_->empty()) {
+      finish(close_code::abnormal);
+      return;
+    }
+    if (phase() == phase_t::http) leave_http();
+    if (phase() != phase_t::draining) set_phase(phase_t::closing);  // no more sends taken
+    shutdown_when_drained_ = true;
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
   void on_drained() {
     if (q_) res().give_queue(std::move(q_));
     budget_.settle();
@@ -6164,6 +6182,10 @@ class session {
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
     // the peer's FIN so the close frame is not lost to a reset.
     stream_.shutdown_write();
+    if (hung_up_) {
+      finish(close_code_);  // the peer's EOF was read already: no lingering
+      return;
+    }
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
@@ -6195,6 +6217,7 @@ class session {
   bool close_received_ : 1 = false;
   bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
   bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
+  bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -6232,9 +6255,13 @@ inline void session::on_readable() {
   // write after it, not the first alone and the rest after that write completes.
   reading_ = true;
   bool more = false;
+  bool drained = false;  // a read came up short: the socket holds nothing more now
   for (int round = 0; round < 4; ++round) {
     const io_result got = stream_.read(buf);
-    if (got.status == io_status::would_block) break;
+    if (got.status == io_status::would_block) {
+      drained = true;
+      break;
+    }
     if (got.status != io_status::ok) {
       // The peer's FIN or a reset. During the close handshake that is the expected end.
       reading_ = false;
@@ -6254,11 +6281,18 @@ inline void session::on_readable() {
       return;
     }
     if (paused_) break;  // the rest waits in the socket until the responses are written
-    if (got.bytes < buf.size()) break;
+    if (got.bytes < buf.size()) {
+      drained = true;
+      break;
+    }
     more = round == 3;
   }
   reading_ = false;
   pump();
+  if (drained && hung_up_) {
+    end_after_peer_eof();
+    return;
+  }
   if (more && phase() != phase_t::done) {
     asio::post(r.ioc, [self = session_ref(this)] { self->on_readable(); });
   }
@@ -6418,9 +6452,13 @@ inline void session::finish(close_code code) {
   const bool was_http = phase() == phase_t::http;
   if (close_code_ == close_code::abnormal) close_code_ = code;
   set_phase(phase_t::done);
+  auto& r = res();
+  // Out of the registry and the epoll set (EPOLL_CTL_DEL before close: a descriptor another
+  // process shares would otherwise stay in the set); events already taken from epoll in this
+  // batch may still name this session, so the reactor keeps it alive until the batch ends.
+  r.retire(r, *this);
   stream_.close();
   wait_out_ = false;
-  auto& r = res();
   if (was_http) {
     leave_http();
   } else if (reader_) {
@@ -6428,9 +6466,6 @@ inline void session::finish(close_code code) {
   }
   if (q_) r.give_queue(std::move(q_));
   core().live.fetch_sub(1, std::memory_order_release);
-  // Out of the registry; events already taken from epoll in this batch may still name this
-  // session, so the reactor keeps it alive until the batch ends.
-  r.retire(r, *this);
   if (was_open && core().handlers.on_close) {
     try {
       core().handlers.on_close(id_, close_code_);
@@ -6774,10 +6809,12 @@ class reactor : public thread_resources {
       free_slots_.push_back(static_cast<std::uint64_t>(next) << 32 | slot);
     }
   }
-  // A finishing session leaves the registry, but lives until the event batch ends: later events
-  // in the batch may still point at it.
+  // A finishing session leaves the epoll set (its socket still open) and the registry, but
+  // lives until the event batch ends: later events in the batch may still point at it.
   static void retire_session(thread_resources& r, session& s) {
     auto& self = static_cast<reactor&>(r);
+    // ENOENT for a session that ended before it was watched (see adopt): nothing to undo.
+    ::epoll_ctl(self.ready_.native_handle(), EPOLL_CTL_DEL, s.stream().native_handle(), nullptr);
     self.retired_.emplace_back(&s);
     self.erase(s.id());
   }
@@ -6885,6 +6922,7 @@ inline void reactor::on_ready() {
       const ::epoll_event& ev = events_[static_cast<std::size_t>(i)];
       auto* s = static_cast<session*>(ev.data.ptr);
       if (ev.events & (EPOLLOUT | EPOLLERR)) s->on_writable();
+      if (ev.events & (EPOLLRDHUP | EPOLLHUP)) s->peer_hung_up();
       if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->on_readable();
     }
     retired_.clear();

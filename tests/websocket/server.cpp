@@ -138,6 +138,12 @@ struct echo_fixture {
         server.broadcast(all, devgate::payload_kind::binary, pattern(n));
         return {};
       }
+      if (m.kind == devgate::payload_kind::text && text.starts_with("!sleep ")) {
+        // Holds this worker thread, so that what other clients send meanwhile waits in one edge.
+        std::this_thread::sleep_for(
+            std::chrono::milliseconds(std::stoi(std::string(text.substr(7)))));
+        return {};
+      }
       if (m.kind == devgate::payload_kind::text && text == "!reject") {
         return devgate::errc::queue_full;
       }
@@ -226,6 +232,13 @@ class raw_client {
   raw_client(const raw_client&) = delete;
   raw_client& operator=(const raw_client&) = delete;
   ~raw_client() { ::close(fd_); }
+
+  void set_receive_timeout(int seconds) {
+    timeval tv{seconds, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  // Half-close: the server reads EOF after what was written.
+  void shutdown_write() { ::shutdown(fd_, SHUT_WR); }
 
   void set_receive_buffer(int bytes) {
     ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
@@ -1507,4 +1520,65 @@ TEST_CASE("http: pipelined requests past the outbound limit are all answered onc
   }
   writer.join();
   CHECK(answered == n);
+}
+
+// Data and the peer's FIN in one readiness edge (the worker was busy while both arrived): the
+// session answers the data and ends at once. Before, no further edge came and the session stayed
+// open until a timeout (here, with idle pings off, never).
+TEST_CASE("hygiene: data and the peer's half-close in one edge: answered, then closed at once",
+          "[websocket][server][raw][attack]") {
+  auto o = echo_fixture::base_options();
+  o.threads = 1;
+  o.idle_timeout = std::chrono::milliseconds(0);
+  echo_fixture fx(o);
+  raw_client busy(fx.port);
+  REQUIRE(busy.handshake().starts_with("HTTP/1.1 101"));
+  SECTION("WebSocket phase") {
+    raw_client c(fx.port);
+    REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+    REQUIRE(eventually([&] { return fx.opened_count() == 2; }));
+    busy.send_text("!sleep 300");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    c.send_text("last words");
+    c.shutdown_write();
+    c.set_receive_timeout(3);
+    auto f = c.read_frame();
+    REQUIRE(f);
+    CHECK(f->text() == "last words");
+    CHECK(c.closed_by_server());
+    CHECK(eventually([&] { return fx.closed_count() == 1; }));
+  }
+  SECTION("HTTP phase (keep-alive request)") {
+    REQUIRE(eventually([&] { return fx.opened_count() == 1; }));
+    raw_client c(fx.port);
+    c.write("GET /page HTTP/1.1\r\n");  // adopted and watched before the worker is busy
+    REQUIRE(eventually([&] { return fx.server.connection_count() == 2; }));
+    busy.send_text("!sleep 300");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    c.write("Host: x\r\n\r\n");
+    c.shutdown_write();
+    c.set_receive_timeout(3);
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 404"));
+    CHECK(c.closed_by_server());
+    CHECK(eventually([&] { return fx.server.connection_count() == 1; }));
+  }
+}
+
+// RFC 6455 7.1.7 with 5.2: a valid message and a frame with an RSV bit set in one write: the
+// echo of the valid message arrives before the Close 1002.
+TEST_CASE("fail cleanly: an echo before a frame with an RSV bit arrives before the 1002",
+          "[websocket][server][raw]") {
+  echo_fixture fx;
+  raw_client c(fx.port);
+  REQUIRE(c.handshake().starts_with("HTTP/1.1 101"));
+  auto out = raw_client::frame_bytes(1, bytes_of("valid"));
+  const auto bad = raw_client::frame_bytes(1, bytes_of("rsv"), true, true, 0x4);
+  out.insert(out.end(), bad.begin(), bad.end());
+  c.write(out);
+  auto f = c.read_frame();
+  REQUIRE(f);
+  CHECK(f->opcode == 1);
+  CHECK(f->text() == "valid");
+  CHECK(c.read_close() == 1002);
+  CHECK(c.closed_by_server());
 }

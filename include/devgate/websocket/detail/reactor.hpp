@@ -309,10 +309,12 @@ class reactor : public thread_resources {
       free_slots_.push_back(static_cast<std::uint64_t>(next) << 32 | slot);
     }
   }
-  // A finishing session leaves the registry, but lives until the event batch ends: later events
-  // in the batch may still point at it.
+  // A finishing session leaves the epoll set (its socket still open) and the registry, but
+  // lives until the event batch ends: later events in the batch may still point at it.
   static void retire_session(thread_resources& r, session& s) {
     auto& self = static_cast<reactor&>(r);
+    // ENOENT for a session that ended before it was watched (see adopt): nothing to undo.
+    ::epoll_ctl(self.ready_.native_handle(), EPOLL_CTL_DEL, s.stream().native_handle(), nullptr);
     self.retired_.emplace_back(&s);
     self.erase(s.id());
   }
@@ -420,6 +422,7 @@ inline void reactor::on_ready() {
       const ::epoll_event& ev = events_[static_cast<std::size_t>(i)];
       auto* s = static_cast<session*>(ev.data.ptr);
       if (ev.events & (EPOLLOUT | EPOLLERR)) s->on_writable();
+      if (ev.events & (EPOLLRDHUP | EPOLLHUP)) s->peer_hung_up();
       if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->on_readable();
     }
     retired_.clear();

@@ -119,6 +119,10 @@ class session {
   /// The socket has input, or the peer closed or reset it (edge-triggered: the state changed).
   void on_readable();
 
+  /// The readiness edge says the peer closed its side (EPOLLRDHUP or EPOLLHUP): once a read
+  /// comes up short, only the EOF is left, and no further edge will report it.
+  void peer_hung_up() noexcept { hung_up_ = true; }
+
   /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
   void on_writable() {
     if (phase() == phase_t::done || !wait_out_) return;
@@ -369,6 +373,19 @@ class session {
     writing_ = true;
     wait_out_ = true;
   }
+  // The peer's FIN came with the bytes just read, so nothing more will arrive and no edge will
+  // tell: end the connection now, after writing what answers those bytes.
+  void end_after_peer_eof() {
+    if (phase() == phase_t::done) return;
+    if (!q_ || q_->empty()) {
+      finish(close_code::abnormal);
+      return;
+    }
+    if (phase() == phase_t::http) leave_http();
+    if (phase() != phase_t::draining) set_phase(phase_t::closing);  // no more sends taken
+    shutdown_when_drained_ = true;
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
   void on_drained() {
     if (q_) res().give_queue(std::move(q_));
     budget_.settle();
@@ -384,6 +401,10 @@ class session {
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
     // the peer's FIN so the close frame is not lost to a reset.
     stream_.shutdown_write();
+    if (hung_up_) {
+      finish(close_code_);  // the peer's EOF was read already: no lingering
+      return;
+    }
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
@@ -415,6 +436,7 @@ class session {
   bool close_received_ : 1 = false;
   bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
   bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
+  bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -452,9 +474,13 @@ inline void session::on_readable() {
   // write after it, not the first alone and the rest after that write completes.
   reading_ = true;
   bool more = false;
+  bool drained = false;  // a read came up short: the socket holds nothing more now
   for (int round = 0; round < 4; ++round) {
     const io_result got = stream_.read(buf);
-    if (got.status == io_status::would_block) break;
+    if (got.status == io_status::would_block) {
+      drained = true;
+      break;
+    }
     if (got.status != io_status::ok) {
       // The peer's FIN or a reset. During the close handshake that is the expected end.
       reading_ = false;
@@ -474,11 +500,18 @@ inline void session::on_readable() {
       return;
     }
     if (paused_) break;  // the rest waits in the socket until the responses are written
-    if (got.bytes < buf.size()) break;
+    if (got.bytes < buf.size()) {
+      drained = true;
+      break;
+    }
     more = round == 3;
   }
   reading_ = false;
   pump();
+  if (drained && hung_up_) {
+    end_after_peer_eof();
+    return;
+  }
   if (more && phase() != phase_t::done) {
     asio::post(r.ioc, [self = session_ref(this)] { self->on_readable(); });
   }
@@ -638,9 +671,13 @@ inline void session::finish(close_code code) {
   const bool was_http = phase() == phase_t::http;
   if (close_code_ == close_code::abnormal) close_code_ = code;
   set_phase(phase_t::done);
+  auto& r = res();
+  // Out of the registry and the epoll set (EPOLL_CTL_DEL before close: a descriptor another
+  // process shares would otherwise stay in the set); events already taken from epoll in this
+  // batch may still name this session, so the reactor keeps it alive until the batch ends.
+  r.retire(r, *this);
   stream_.close();
   wait_out_ = false;
-  auto& r = res();
   if (was_http) {
     leave_http();
   } else if (reader_) {
@@ -648,9 +685,6 @@ inline void session::finish(close_code code) {
   }
   if (q_) r.give_queue(std::move(q_));
   core().live.fetch_sub(1, std::memory_order_release);
-  // Out of the registry; events already taken from epoll in this batch may still name this
-  // session, so the reactor keeps it alive until the batch ends.
-  r.retire(r, *this);
   if (was_open && core().handlers.on_close) {
     try {
       core().handlers.on_close(id_, close_code_);
