@@ -4130,6 +4130,12 @@ struct reader_limits {
   /// a frame header announces them, before any of the payload is buffered. Also bounds what a
   /// single connection can make the server hold in memory.
   std::size_t max_message_size = 16u << 20;
+  /// Most frames one message may take (its first frame and continuations); one more fails with
+  /// 1008 at that frame's header. Fragments cost the server a header to parse and a call each,
+  /// so a message of millions of empty fragments is work without payload; senders that
+  /// fragment use large pieces (devgate's own sides cut at 64 KiB: 256 for 16 MiB). Raise it
+  /// with max_message_size if peers send big messages in small pieces.
+  std::uint32_t max_fragments = 1024;
   /// Server (masked frames required) or client (unmasked frames required).
   reader_role role = reader_role::server;
 };
@@ -4169,6 +4175,7 @@ class frame_reader {
   /// fragmented, continuation without a start, new data frame inside a fragmented message,
   /// 64-bit length with the top bit set, close payload of 1 byte or with an invalid code;
   /// 1007 invalid UTF-8 in a text message (detected at the first bad byte) or close reason;
+  /// 1008 message of more than `max_fragments` frames (at the header of the one too many);
   /// 1009 message over `max_message_size` (from the header, before buffering).
   /// After `on_close` or an error, further input is ignored.
   template <class Handler>
@@ -4231,14 +4238,16 @@ class frame_reader {
   std::array<std::byte, 4> key_{};                      // current frame's masking key
   utf8_validator utf8_;                                 // text message validation, across fragments
   close_code error_{};
+  std::uint32_t fragments_ = 0;  // frames of the current message so far
   state state_ = state::header;
   std::uint8_t hdr_len_ = 0;
   opcode op_ = opcode::continuation;  // current frame's opcode
-  std::uint8_t mask_pos_ = 0;         // payload offset of the next byte, mod 4
-  bool fin_ = false;                  // current frame is final
-  bool partial_ = false;              // part of the current frame's payload was consumed
-  bool in_message_ = false;           // a fragmented message is in progress
-  bool text_ = false;                 // the message in progress is text
+  // One byte for these (sizeof stays within 64 with the fragment count).
+  std::uint8_t mask_pos_ : 2 = 0;  // payload offset of the next byte, mod 4
+  bool fin_ : 1 = false;           // current frame is final
+  bool partial_ : 1 = false;       // part of the current frame's payload was consumed
+  bool in_message_ : 1 = false;    // a fragmented message is in progress
+  bool text_ : 1 = false;          // the message in progress is text
 };
 
 // ---- implementation ---------------------------------------------------------------------------
@@ -4282,7 +4291,7 @@ requires frame_handler<Handler> read_status frame_reader::consume(std::span<std:
       const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, n));
       const bool whole_frame = !partial_ && take == remaining_;
       if (limits_.role == reader_role::server) apply_mask({p, take}, key_, mask_pos_);  // 5.3
-      mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3);
+      mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3u);
       remaining_ -= take;
       partial_ = remaining_ != 0;
       if (on_payload({p, take}, whole_frame, handler) == read_status::error) {
@@ -4319,6 +4328,8 @@ read_status frame_reader::begin_frame(const frame_header& fh, Handler& handler) 
     if (fh.payload_length > limits_.max_message_size - so_far) {
       return fail(close_code::message_too_big);  // 7.4.1: 1009, before buffering a byte
     }
+    fragments_ = fh.op == opcode::continuation ? fragments_ + 1 : 1;
+    if (fragments_ > limits_.max_fragments) return fail(close_code::policy_violation);
     if (fh.op != opcode::continuation) {
       text_ = fh.op == opcode::text;
       if (text_) utf8_.reset();
@@ -4581,15 +4592,167 @@ struct server_options {
 
 // ---- begin devgate/websocket/static_files.hpp ----
 
-#include <cstddef>       // std::size_t
-#include <filesystem>    // the document root
-#include <fstream>       // reading files
-#include <functional>    // the route callback
-#include <optional>      // decoding results
-#include <string>        // paths
-#include <string_view>   // extensions, targets
-#include <system_error>  // filesystem errors
+#include <cstddef>      // std::size_t
+#include <filesystem>   // the document root
+#include <functional>   // the route callback
+#include <memory>       // the file cache, shared by copies of the route
+#include <optional>     // decoding results
+#include <string>       // paths
+#include <string_view>  // extensions, targets
 
+
+// ---- begin devgate/websocket/detail/file_cache.hpp ----
+
+#include <fcntl.h>     // open with O_NOFOLLOW
+#include <sys/stat.h>  // fstat: type, size, modification time
+#include <unistd.h>    // read, close
+
+#include <cerrno>         // EINTR
+#include <climits>        // PATH_MAX
+#include <cstddef>        // std::size_t
+#include <cstdint>        // stamps
+#include <cstdlib>        // realpath
+#include <filesystem>     // the document root
+#include <mutex>          // the table, shared by the worker threads
+#include <optional>       // lookups
+#include <span>           // file contents
+#include <string>         // paths
+#include <string_view>    // request paths
+#include <unordered_map>  // the table
+
+
+namespace devgate::websocket::detail {
+
+/// The files `static_files` serves from one root: never one outside it, and small ones from
+/// memory.
+///
+/// - A request path is resolved with realpath (every symlink followed) and served only when the
+///   result lies under the root's own real path; the final open refuses a symlink (O_NOFOLLOW),
+///   so a link swapped in after the check is not followed either.
+/// - Files up to `max_file` bytes are kept, up to `max_total` in all (past it the table starts
+///   over); every request checks the file (fstat of the opened file) and reads it again when its
+///   size, modification time or inode changed.
+/// Used by every worker thread: one mutex guards the table; files are read outside it.
+class file_cache {
+ public:
+  /// Largest file kept in memory; larger ones are read on each request.
+  static constexpr std::size_t max_file = 256u << 10;
+  /// Bytes kept in all.
+  static constexpr std::size_t max_total = 8u << 20;
+
+  /// A file to serve: its contents and its real path (for the content type).
+  struct file {
+    shared_bytes body;  ///< The contents, shared with the table when kept.
+    std::string path;   ///< The resolved path.
+  };
+
+  /// Files under `root` (resolved on first use if it does not exist yet).
+  explicit file_cache(std::filesystem::path root) : root_(std::move(root)) {}
+
+  /// The file at `rel` (a decoded path starting with '/', see `static_file_path`), index.html
+  /// for a directory; nullopt when missing, unreadable, not a regular file, or outside the root.
+  [[nodiscard]] std::optional<file> get(std::string_view rel) {
+    const std::string root = real_root();
+    if (root.empty()) return std::nullopt;
+    std::string path = resolve(root + std::string(rel), root);
+    if (path.empty()) return std::nullopt;
+    struct ::stat st {};
+    if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+    if (S_ISDIR(st.st_mode)) {
+      path = resolve(path + "/index.html", root);
+      if (path.empty()) return std::nullopt;
+    }
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return std::nullopt;
+    struct closer {
+      int fd;
+      ~closer() { ::close(fd); }
+    } close_it{fd};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+    const stamp now{
+        static_cast<std::size_t>(st.st_size),
+        static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec,
+        static_cast<std::uint64_t>(st.st_ino)};
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = files_.find(path); it != files_.end() && it->second.when == now) {
+        return file{it->second.body, std::move(path)};
+      }
+    }
+    bool ok = true;
+    shared_bytes body = shared_bytes::build(now.size, [&](std::span<std::byte> out) {
+      std::size_t got = 0;
+      while (got < out.size()) {
+        const ::ssize_t n = ::read(fd, out.data() + got, out.size() - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          ok = false;  // shorter than fstat said: changed while read
+          return;
+        }
+        got += static_cast<std::size_t>(n);
+      }
+    });
+    if (!ok) return std::nullopt;
+    if (now.size <= max_file) keep(path, body, now);
+    return file{std::move(body), std::move(path)};
+  }
+
+ private:
+  struct stamp {
+    std::size_t size = 0;
+    std::int64_t mtime_ns = 0;
+    std::uint64_t inode = 0;
+    bool operator==(const stamp&) const = default;
+  };
+  struct entry {
+    shared_bytes body;
+    stamp when;
+  };
+
+  // The root's real path, or empty while it cannot be resolved.
+  std::string real_root() {
+    std::lock_guard lock(mutex_);
+    if (real_root_.empty()) {
+      char buf[PATH_MAX];
+      if (::realpath(root_.c_str(), buf) != nullptr) real_root_ = buf;
+    }
+    return real_root_;
+  }
+
+  // `path` with every symlink resolved, or empty when it does not exist or leaves `root`.
+  static std::string resolve(const std::string& path, const std::string& root) {
+    char buf[PATH_MAX];
+    if (::realpath(path.c_str(), buf) == nullptr) return {};
+    const std::string_view real(buf);
+    const bool inside = real == root || (real.size() > root.size() && real.starts_with(root) &&
+                                         (root.back() == '/' || real[root.size()] == '/'));
+    return inside ? std::string(real) : std::string();
+  }
+
+  void keep(const std::string& path, const shared_bytes& body, const stamp& when) {
+    std::lock_guard lock(mutex_);
+    auto it = files_.find(path);
+    if (it != files_.end()) {
+      total_ -= it->second.body.size();
+      files_.erase(it);
+    }
+    if (total_ + body.size() > max_total) {
+      files_.clear();
+      total_ = 0;
+    }
+    files_.emplace(path, entry{body, when});
+    total_ += body.size();
+  }
+
+  std::filesystem::path root_;
+  std::mutex mutex_;
+  std::string real_root_;  // guarded by mutex_
+  std::unordered_map<std::string, entry> files_;
+  std::size_t total_ = 0;
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/file_cache.hpp ----
 
 namespace devgate::websocket {
 
@@ -4669,35 +4832,25 @@ namespace devgate::websocket {
 }
 
 /// A `server_options::route` that serves the files under `root` (GET and HEAD): index.html for
-/// directories, content types by extension, 404 for anything missing or outside the root.
-/// Files are read on each request (meant for a demo page, not a CDN).
+/// directories, content types by extension, 404 for anything missing or outside the root (a
+/// symlink is followed only when it resolves inside the root). Files up to 256 KiB are kept in
+/// memory and read again when their size or modification time changes (detail/file_cache.hpp).
 [[nodiscard]] inline std::function<http_reply(const http_request&)> static_files(
     std::filesystem::path root) {
-  return [root = std::move(root)](const http_request& req) {
+  auto files = std::make_shared<detail::file_cache>(std::move(root));
+  return [files = std::move(files)](const http_request& req) {
     http_reply reply;
-    auto not_found = [&reply] {
+    const auto rel = static_file_path(req.target);
+    auto found = rel ? files->get(*rel) : std::nullopt;
+    if (!found) {
       reply.status = 404;
       reply.content_type = "text/plain; charset=utf-8";
       reply.body = shared_bytes::copy_of(std::string_view("not found\n"));
       return reply;
-    };
-    const auto rel = static_file_path(req.target);
-    if (!rel) return not_found();
-    std::filesystem::path file = root / std::filesystem::path(rel->substr(1));
-    std::error_code ec;
-    if (std::filesystem::is_directory(file, ec)) file /= "index.html";
-    if (!std::filesystem::is_regular_file(file, ec)) return not_found();
-    const auto size = std::filesystem::file_size(file, ec);
-    if (ec) return not_found();
-    std::ifstream in(file, std::ios::binary);
-    if (!in) return not_found();
-    bool ok = true;
-    reply.body = shared_bytes::build(static_cast<std::size_t>(size), [&](std::span<std::byte> out) {
-      ok = static_cast<bool>(
-          in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size())));
-    });
-    if (!ok) return not_found();
-    reply.content_type = std::string(content_type_for(file.filename().string()));
+    }
+    const std::string_view path = found->path;
+    reply.content_type = std::string(content_type_for(path.substr(path.rfind('/') + 1)));
+    reply.body = std::move(found->body);
     reply.extra_headers = "X-Content-Type-Options: nosniff\r\n";
     return reply;
   };

@@ -1582,3 +1582,64 @@ TEST_CASE("fail cleanly: an echo before a frame with an RSV bit arrives before t
   CHECK(c.read_close() == 1002);
   CHECK(c.closed_by_server());
 }
+
+// A message of many tiny fragments is refused with 1008 by the default fragment limit, and the
+// other sessions are served. Before, every fragment was taken and the message echoed.
+TEST_CASE("attack: a message of 5,000 one-byte fragments closes with 1008",
+          "[websocket][server][raw][attack]") {
+  echo_fixture fx;
+  expect_close_code(fx, 1008, [](raw_client& c) {
+    std::vector<std::byte> out = raw_client::frame_bytes(2, bytes_of("a"), false);
+    for (int i = 0; i < 5000; ++i) {
+      const auto f = raw_client::frame_bytes(0, bytes_of("b"), i == 4999);
+      out.insert(out.end(), f.begin(), f.end());
+    }
+    c.write(out);
+  });
+}
+
+// static_files never serves a file outside its root, symlinks included (before, a link in the
+// root to a file outside it was followed), and keeps small files in memory, read again when
+// they change (before, every request read the file).
+TEST_CASE("attack: static files behind symlinks out of the root are not served; small files cached",
+          "[websocket][server][http][attack]") {
+  const fs::path dir = fs::temp_directory_path() / ("devgate-links-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "www");
+  fs::create_directories(dir / "outside");
+  std::ofstream(dir / "www" / "app.js") << "console.log(1)";
+  std::ofstream(dir / "secret.txt") << "SECRET";
+  std::ofstream(dir / "outside" / "index.html") << "SECRET too";
+  fs::create_symlink(dir / "secret.txt", dir / "www" / "leak.txt");
+  fs::create_symlink("../secret.txt", dir / "www" / "leak2.txt");
+  fs::create_directory_symlink(dir / "outside", dir / "www" / "out");
+  fs::create_symlink("app.js", dir / "www" / "same.js");  // inside the root: served
+  auto route = ws::static_files(dir / "www");
+  auto get = [&](std::string_view target) {
+    ws::http_request req;
+    req.method = "GET";
+    req.target = target;
+    return route(req);
+  };
+  for (const char* evil : {"/leak.txt", "/leak2.txt", "/out/", "/out/index.html"}) {
+    INFO(evil);
+    const auto r = get(evil);
+    CHECK(r.status == 404);
+    CHECK(r.body.view().find("SECRET") == std::string_view::npos);
+  }
+  auto r = get("/same.js");
+  CHECK(r.status == 200);
+  CHECK(r.body.view() == "console.log(1)");
+
+  // Cached: the same buffer again, until the file changes (same size, later mtime; new size).
+  const auto first = get("/app.js");
+  CHECK(get("/app.js").body.data() == first.body.data());
+  const fs::path app = dir / "www" / "app.js";
+  const auto stamp = fs::last_write_time(app);
+  std::ofstream(app) << "console.log(2)";
+  fs::last_write_time(app, stamp + std::chrono::seconds(2));
+  CHECK(get("/app.js").body.view() == "console.log(2)");
+  std::ofstream(app) << "console.log('longer')";
+  CHECK(get("/app.js").body.view() == "console.log('longer')");
+  fs::remove_all(dir);
+}
