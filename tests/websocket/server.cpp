@@ -2,14 +2,15 @@
 // `ws`, Debian's python3-websockets) and raw sockets that break the protocol on purpose.
 #include "devgate/websocket/server.hpp"
 
-#include <arpa/inet.h>    // inet_pton
-#include <netinet/in.h>   // sockaddr_in
-#include <netinet/tcp.h>  // TCP_NODELAY
-#include <signal.h>       // kill
-#include <spawn.h>        // posix_spawn for echo_server
-#include <sys/socket.h>   // raw client sockets
-#include <sys/wait.h>     // WEXITSTATUS, waitpid
-#include <unistd.h>       // close, read
+#include <arpa/inet.h>     // inet_pton
+#include <netinet/in.h>    // sockaddr_in
+#include <netinet/tcp.h>   // TCP_NODELAY
+#include <signal.h>        // kill
+#include <spawn.h>         // posix_spawn for echo_server
+#include <sys/resource.h>  // RLIMIT_NOFILE for the EMFILE test
+#include <sys/socket.h>    // raw client sockets
+#include <sys/wait.h>      // WEXITSTATUS, waitpid
+#include <unistd.h>        // close, read
 
 #include <catch2/catch.hpp>
 
@@ -22,6 +23,7 @@
 #include <cstring>     // memcpy
 #include <filesystem>  // peer scripts, static files
 #include <fstream>     // static files
+#include <iterator>    // reading /proc files whole
 #include <limits>      // "accept every message"
 #include <map>         // close codes by session
 #include <memory>      // clients of the order test
@@ -29,6 +31,7 @@
 #include <optional>    // frames
 #include <random>      // masking keys
 #include <span>        // message batches
+#include <sstream>     // /proc/<pid>/stat fields
 #include <string>      // texts
 #include <thread>      // peers run beside the test
 #include <utility>     // batch records
@@ -1642,4 +1645,95 @@ TEST_CASE("attack: static files behind symlinks out of the root are not served; 
   std::ofstream(app) << "console.log('longer')";
   CHECK(get("/app.js").body.view() == "console.log('longer')");
   fs::remove_all(dir);
+}
+
+namespace {
+
+// CPU time (user + system, in clock ticks) process `pid` has used.
+long cpu_ticks(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::stol(field);
+    if (i == 15) stime = std::stol(field);
+  }
+  return utime + stime;
+}
+
+}  // namespace
+
+// Out of descriptors, the acceptor pauses (50 ms) instead of spinning on a full backlog, and
+// takes the waiting connections once descriptors are free again. echo_server runs in a child
+// process with RLIMIT_NOFILE 40.
+TEST_CASE("hygiene: out of descriptors, accept pauses without spinning and resumes",
+          "[websocket][server][echo_server]") {
+  const char* env = std::getenv("DEVGATE_ECHO_SERVER");
+  REQUIRE(env != nullptr);
+  std::string path = env;
+  std::string a1 = "--port", a2 = "0", a3 = "--threads", a4 = "1";
+  char* argv[] = {path.data(), a1.data(), a2.data(), a3.data(), a4.data(), nullptr};
+  int out[2];
+  REQUIRE(::pipe(out) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {  // only async-signal-safe calls until exec
+    ::dup2(out[1], 1);
+    for (int fd = 3; fd < 4096; ++fd) ::close(fd);
+    const rlimit low{40, 40};
+    ::setrlimit(RLIMIT_NOFILE, &low);
+    ::execv(argv[0], argv);
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string first;
+  char ch = 0;
+  while (::read(out[0], &ch, 1) == 1 && ch != '\n') first.push_back(ch);
+  ::close(out[0]);
+  REQUIRE(first.starts_with("listening on "));
+  const auto port = static_cast<std::uint16_t>(std::stoul(first.substr(13)));
+
+  constexpr int total = 60;
+  std::vector<std::unique_ptr<raw_client>> clients;
+  for (int i = 0; i < total; ++i) {
+    clients.push_back(std::make_unique<raw_client>(port));
+    clients.back()->set_receive_timeout(1);
+    clients.back()->write(
+        "GET /x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  }
+  std::vector<bool> served(total, false);
+  int count = 0;
+  for (int i = 0; i < total; ++i) {
+    served[static_cast<std::size_t>(i)] =
+        clients[static_cast<std::size_t>(i)]->read_http_response().starts_with("HTTP/1.1 101");
+    if (served[static_cast<std::size_t>(i)]) ++count;
+  }
+  INFO("served at first: " << count << " of " << total);
+  REQUIRE(count > 0);
+  REQUIRE(count < total);  // the limit was reached
+  // Paused, not spinning: well under a tenth of a core over a second (ticks are 1/100 s).
+  const long before = cpu_ticks(pid);
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  CHECK(cpu_ticks(pid) - before < 10);
+  // Free descriptors: the waiting connections are taken and served.
+  for (int i = 0; i < total; ++i) {
+    if (served[static_cast<std::size_t>(i)]) clients[static_cast<std::size_t>(i)].reset();
+  }
+  int later = 0;
+  for (int i = 0; i < total && later < count; ++i) {
+    auto& c = clients[static_cast<std::size_t>(i)];
+    if (!c) continue;
+    c->set_receive_timeout(5);
+    if (!c->read_http_response().starts_with("HTTP/1.1 101")) continue;
+    ++later;
+    CHECK(c->echoes("served after the pause"));
+  }
+  CHECK(later == std::min(count, total - count));
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
 }
