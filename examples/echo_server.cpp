@@ -18,8 +18,11 @@
 int main(int argc, char** argv) {
   devgate::websocket::server_options options;
   options.port = 9001;
-  options.reader.max_message_size = 64u << 20;
-  options.backpressure.max_buffered_bytes = 128u << 20;  // echoes of 16 MiB messages fit
+  // What its conformance use needs and no more: the peers' largest message is 16 MiB, and its
+  // echo (with the next one queued behind it) fits the outbound limit; fragments as the
+  // default allows (1024 a message).
+  options.reader.max_message_size = 16u << 20;
+  options.backpressure.max_buffered_bytes = 32u << 20;
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
     if (std::strcmp(argv[i], "--port") == 0 && has_value) {

@@ -4331,6 +4331,12 @@ struct reader_limits {
   /// a frame header announces them, before any of the payload is buffered. Also bounds what a
   /// single connection can make the server hold in memory.
   std::size_t max_message_size = 16u << 20;
+  /// Most frames one message may take (its first frame and continuations); one more fails with
+  /// 1008 at that frame's header. Fragments cost the server a header to parse and a call each,
+  /// so a message of millions of empty fragments is work without payload; senders that
+  /// fragment use large pieces (devgate's own sides cut at 64 KiB: 256 for 16 MiB). Raise it
+  /// with max_message_size if peers send big messages in small pieces.
+  std::uint32_t max_fragments = 1024;
   /// Server (masked frames required) or client (unmasked frames required).
   reader_role role = reader_role::server;
 };
@@ -4370,6 +4376,7 @@ class frame_reader {
   /// fragmented, continuation without a start, new data frame inside a fragmented message,
   /// 64-bit length with the top bit set, close payload of 1 byte or with an invalid code;
   /// 1007 invalid UTF-8 in a text message (detected at the first bad byte) or close reason;
+  /// 1008 message of more than `max_fragments` frames (at the header of the one too many);
   /// 1009 message over `max_message_size` (from the header, before buffering).
   /// After `on_close` or an error, further input is ignored.
   template <class Handler>
@@ -4432,14 +4439,16 @@ class frame_reader {
   std::array<std::byte, 4> key_{};                      // current frame's masking key
   utf8_validator utf8_;                                 // text message validation, across fragments
   close_code error_{};
+  std::uint32_t fragments_ = 0;  // frames of the current message so far
   state state_ = state::header;
   std::uint8_t hdr_len_ = 0;
   opcode op_ = opcode::continuation;  // current frame's opcode
-  std::uint8_t mask_pos_ = 0;         // payload offset of the next byte, mod 4
-  bool fin_ = false;                  // current frame is final
-  bool partial_ = false;              // part of the current frame's payload was consumed
-  bool in_message_ = false;           // a fragmented message is in progress
-  bool text_ = false;                 // the message in progress is text
+  // One byte for these (sizeof stays within 64 with the fragment count).
+  std::uint8_t mask_pos_ : 2 = 0;  // payload offset of the next byte, mod 4
+  bool fin_ : 1 = false;           // current frame is final
+  bool partial_ : 1 = false;       // part of the current frame's payload was consumed
+  bool in_message_ : 1 = false;    // a fragmented message is in progress
+  bool text_ : 1 = false;          // the message in progress is text
 };
 
 // ---- implementation ---------------------------------------------------------------------------
@@ -4483,7 +4492,7 @@ requires frame_handler<Handler> read_status frame_reader::consume(std::span<std:
       const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, n));
       const bool whole_frame = !partial_ && take == remaining_;
       if (limits_.role == reader_role::server) apply_mask({p, take}, key_, mask_pos_);  // 5.3
-      mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3);
+      mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3u);
       remaining_ -= take;
       partial_ = remaining_ != 0;
       if (on_payload({p, take}, whole_frame, handler) == read_status::error) {
@@ -4520,6 +4529,8 @@ read_status frame_reader::begin_frame(const frame_header& fh, Handler& handler) 
     if (fh.payload_length > limits_.max_message_size - so_far) {
       return fail(close_code::message_too_big);  // 7.4.1: 1009, before buffering a byte
     }
+    fragments_ = fh.op == opcode::continuation ? fragments_ + 1 : 1;
+    if (fragments_ > limits_.max_fragments) return fail(close_code::policy_violation);
     if (fh.op != opcode::continuation) {
       text_ = fh.op == opcode::text;
       if (text_) utf8_.reset();
@@ -4788,15 +4799,167 @@ struct server_options {
 
 // ---- begin devgate/websocket/static_files.hpp ----
 
-#include <cstddef>       // std::size_t
-#include <filesystem>    // the document root
-#include <fstream>       // reading files
-#include <functional>    // the route callback
-#include <optional>      // decoding results
-#include <string>        // paths
-#include <string_view>   // extensions, targets
-#include <system_error>  // filesystem errors
+#include <cstddef>      // std::size_t
+#include <filesystem>   // the document root
+#include <functional>   // the route callback
+#include <memory>       // the file cache, shared by copies of the route
+#include <optional>     // decoding results
+#include <string>       // paths
+#include <string_view>  // extensions, targets
 
+
+// ---- begin devgate/websocket/detail/file_cache.hpp ----
+
+#include <fcntl.h>     // open with O_NOFOLLOW
+#include <sys/stat.h>  // fstat: type, size, modification time
+#include <unistd.h>    // read, close
+
+#include <cerrno>         // EINTR
+#include <climits>        // PATH_MAX
+#include <cstddef>        // std::size_t
+#include <cstdint>        // stamps
+#include <cstdlib>        // realpath
+#include <filesystem>     // the document root
+#include <mutex>          // the table, shared by the worker threads
+#include <optional>       // lookups
+#include <span>           // file contents
+#include <string>         // paths
+#include <string_view>    // request paths
+#include <unordered_map>  // the table
+
+
+namespace devgate::websocket::detail {
+
+/// The files `static_files` serves from one root: never one outside it, and small ones from
+/// memory.
+///
+/// - A request path is resolved with realpath (every symlink followed) and served only when the
+///   result lies under the root's own real path; the final open refuses a symlink (O_NOFOLLOW),
+///   so a link swapped in after the check is not followed either.
+/// - Files up to `max_file` bytes are kept, up to `max_total` in all (past it the table starts
+///   over); every request checks the file (fstat of the opened file) and reads it again when its
+///   size, modification time or inode changed.
+/// Used by every worker thread: one mutex guards the table; files are read outside it.
+class file_cache {
+ public:
+  /// Largest file kept in memory; larger ones are read on each request.
+  static constexpr std::size_t max_file = 256u << 10;
+  /// Bytes kept in all.
+  static constexpr std::size_t max_total = 8u << 20;
+
+  /// A file to serve: its contents and its real path (for the content type).
+  struct file {
+    shared_bytes body;  ///< The contents, shared with the table when kept.
+    std::string path;   ///< The resolved path.
+  };
+
+  /// Files under `root` (resolved on first use if it does not exist yet).
+  explicit file_cache(std::filesystem::path root) : root_(std::move(root)) {}
+
+  /// The file at `rel` (a decoded path starting with '/', see `static_file_path`), index.html
+  /// for a directory; nullopt when missing, unreadable, not a regular file, or outside the root.
+  [[nodiscard]] std::optional<file> get(std::string_view rel) {
+    const std::string root = real_root();
+    if (root.empty()) return std::nullopt;
+    std::string path = resolve(root + std::string(rel), root);
+    if (path.empty()) return std::nullopt;
+    struct ::stat st {};
+    if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+    if (S_ISDIR(st.st_mode)) {
+      path = resolve(path + "/index.html", root);
+      if (path.empty()) return std::nullopt;
+    }
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return std::nullopt;
+    struct closer {
+      int fd;
+      ~closer() { ::close(fd); }
+    } close_it{fd};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+    const stamp now{
+        static_cast<std::size_t>(st.st_size),
+        static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec,
+        static_cast<std::uint64_t>(st.st_ino)};
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = files_.find(path); it != files_.end() && it->second.when == now) {
+        return file{it->second.body, std::move(path)};
+      }
+    }
+    bool ok = true;
+    shared_bytes body = shared_bytes::build(now.size, [&](std::span<std::byte> out) {
+      std::size_t got = 0;
+      while (got < out.size()) {
+        const ::ssize_t n = ::read(fd, out.data() + got, out.size() - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          ok = false;  // shorter than fstat said: changed while read
+          return;
+        }
+        got += static_cast<std::size_t>(n);
+      }
+    });
+    if (!ok) return std::nullopt;
+    if (now.size <= max_file) keep(path, body, now);
+    return file{std::move(body), std::move(path)};
+  }
+
+ private:
+  struct stamp {
+    std::size_t size = 0;
+    std::int64_t mtime_ns = 0;
+    std::uint64_t inode = 0;
+    bool operator==(const stamp&) const = default;
+  };
+  struct entry {
+    shared_bytes body;
+    stamp when;
+  };
+
+  // The root's real path, or empty while it cannot be resolved.
+  std::string real_root() {
+    std::lock_guard lock(mutex_);
+    if (real_root_.empty()) {
+      char buf[PATH_MAX];
+      if (::realpath(root_.c_str(), buf) != nullptr) real_root_ = buf;
+    }
+    return real_root_;
+  }
+
+  // `path` with every symlink resolved, or empty when it does not exist or leaves `root`.
+  static std::string resolve(const std::string& path, const std::string& root) {
+    char buf[PATH_MAX];
+    if (::realpath(path.c_str(), buf) == nullptr) return {};
+    const std::string_view real(buf);
+    const bool inside = real == root || (real.size() > root.size() && real.starts_with(root) &&
+                                         (root.back() == '/' || real[root.size()] == '/'));
+    return inside ? std::string(real) : std::string();
+  }
+
+  void keep(const std::string& path, const shared_bytes& body, const stamp& when) {
+    std::lock_guard lock(mutex_);
+    auto it = files_.find(path);
+    if (it != files_.end()) {
+      total_ -= it->second.body.size();
+      files_.erase(it);
+    }
+    if (total_ + body.size() > max_total) {
+      files_.clear();
+      total_ = 0;
+    }
+    files_.emplace(path, entry{body, when});
+    total_ += body.size();
+  }
+
+  std::filesystem::path root_;
+  std::mutex mutex_;
+  std::string real_root_;  // guarded by mutex_
+  std::unordered_map<std::string, entry> files_;
+  std::size_t total_ = 0;
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/file_cache.hpp ----
 
 namespace devgate::websocket {
 
@@ -4876,35 +5039,25 @@ namespace devgate::websocket {
 }
 
 /// A `server_options::route` that serves the files under `root` (GET and HEAD): index.html for
-/// directories, content types by extension, 404 for anything missing or outside the root.
-/// Files are read on each request (meant for a demo page, not a CDN).
+/// directories, content types by extension, 404 for anything missing or outside the root (a
+/// symlink is followed only when it resolves inside the root). Files up to 256 KiB are kept in
+/// memory and read again when their size or modification time changes (detail/file_cache.hpp).
 [[nodiscard]] inline std::function<http_reply(const http_request&)> static_files(
     std::filesystem::path root) {
-  return [root = std::move(root)](const http_request& req) {
+  auto files = std::make_shared<detail::file_cache>(std::move(root));
+  return [files = std::move(files)](const http_request& req) {
     http_reply reply;
-    auto not_found = [&reply] {
+    const auto rel = static_file_path(req.target);
+    auto found = rel ? files->get(*rel) : std::nullopt;
+    if (!found) {
       reply.status = 404;
       reply.content_type = "text/plain; charset=utf-8";
       reply.body = shared_bytes::copy_of(std::string_view("not found\n"));
       return reply;
-    };
-    const auto rel = static_file_path(req.target);
-    if (!rel) return not_found();
-    std::filesystem::path file = root / std::filesystem::path(rel->substr(1));
-    std::error_code ec;
-    if (std::filesystem::is_directory(file, ec)) file /= "index.html";
-    if (!std::filesystem::is_regular_file(file, ec)) return not_found();
-    const auto size = std::filesystem::file_size(file, ec);
-    if (ec) return not_found();
-    std::ifstream in(file, std::ios::binary);
-    if (!in) return not_found();
-    bool ok = true;
-    reply.body = shared_bytes::build(static_cast<std::size_t>(size), [&](std::span<std::byte> out) {
-      ok = static_cast<bool>(
-          in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size())));
-    });
-    if (!ok) return not_found();
-    reply.content_type = std::string(content_type_for(file.filename().string()));
+    }
+    const std::string_view path = found->path;
+    reply.content_type = std::string(content_type_for(path.substr(path.rfind('/') + 1)));
+    reply.body = std::move(found->body);
     reply.extra_headers = "X-Content-Type-Options: nosniff\r\n";
     return reply;
   };
@@ -5056,7 +5209,8 @@ inline constexpr std::size_t fragment_size = 64u * 1024u;
 /// - literal bytes, `head` then `body`: control frames, HTTP responses, and the one frame of a
 ///   data message that a full socket buffer cut in the middle.
 struct out_frame {
-  /// What the frame is: only `data` bytes count against the session's outbound limit.
+  /// What the frame is: `data` and `raw` (HTTP response) bytes count against the session's
+  /// outbound limit, control and close frames do not.
   enum kind_t : std::uint8_t { data, control, close, raw };
   shared_bytes body;
   std::array<std::byte, 10> head{};  // literal only; RFC 6455 5.2: at most 10 bytes
@@ -5252,14 +5406,15 @@ struct out_queue {
   }
 
   /// Removes the first `n` bytes that fill() put in the write, which the socket took; the frame
-  /// cut short becomes `partial`. Returns the data bytes written (to give back to the limit).
+  /// cut short becomes `partial`. Returns the data and HTTP bytes written (to give back to the
+  /// limit).
   std::size_t consume(std::size_t n) noexcept;
 };
 
 inline std::size_t out_queue::consume(std::size_t n) noexcept {
   std::size_t released = 0;
   auto done = [&](out_frame& f) {
-    if (f.kind == out_frame::data) released += f.size();
+    if (f.kind == out_frame::data || f.kind == out_frame::raw) released += f.size();
     f = {};
   };
   if (has_partial) {
@@ -5353,7 +5508,12 @@ namespace devgate::websocket::detail {
 //   oldest messages no write has started (`outbound_budget::trim`); the reservation may pass
 //   the limit up to twice its size until the session's thread has trimmed, and never beyond;
 // - replies from the session's own thread take their bytes from a credit the session reserves
-//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each.
+//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each;
+// - HTTP responses (before the upgrade) are charged as they are queued, whatever the limit; a
+//   session whose responses reach the limit (`outbound_budget::full`) answers no further
+//   pipelined request and reads nothing more until they are written, so a client that sends
+//   requests without reading holds at most the limit plus one response, its unread requests
+//   waiting in its own socket buffers (and the request deadline ends it).
 
 /// Reservation credit a session takes on its own thread beyond what it needs.
 inline constexpr std::size_t reserve_credit = 4096;
@@ -5409,6 +5569,18 @@ class outbound_budget {
     if (!add(need, bp)) return false;  // near the limit: exactly what is needed
     credit_ = 0;
     return true;
+  }
+
+  /// Counts `bytes` queued on the session's own thread whatever the limit (HTTP responses: the
+  /// session stops reading instead while `full`).
+  void charge(std::size_t bytes) noexcept {
+    buffered_.fetch_add(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+  }
+
+  /// True when the bytes queued (the credit aside) reached the limit: the session reads no
+  /// further HTTP request until they are written. On the session's thread.
+  [[nodiscard]] bool full(const backpressure_options& bp) const noexcept {
+    return buffered() - credit_ >= bp.max_buffered_bytes;
   }
 
   /// Gives back a reservation that will not be queued (any thread).
@@ -5508,7 +5680,8 @@ class http_phase {
   /// What the session does after `feed`.
   enum class next : std::uint8_t {
     read_more,  ///< No complete request (none answered): keep reading.
-    answered,   ///< Keep-alive requests were answered: restart the idle deadline, keep reading.
+    answered,   ///< Keep-alive requests were answered: keep reading.
+    paused,     ///< The responses queued are at the limit: read nothing more until written.
     linger,     ///< A response that ends the connection is queued: half-close after writing it.
     upgrade,    ///< The 101 is queued: switch to the WebSocket phase as `device_id`.
   };
@@ -5520,10 +5693,13 @@ class http_phase {
 
   /// Parses `bytes` and answers every complete request in order (a keep-alive connection may
   /// pipeline several), handing each response's bytes to `respond(shared_bytes)`. Stops at an
-  /// upgrade or at a response that ends the connection. Handlers (`route`, `identify`) may
-  /// throw; the parser stays valid for drop().
-  template <class Respond>
-  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond) {
+  /// upgrade, at a response that ends the connection, or when `room()` says the responses
+  /// queued reached the limit (`paused`: the requests not answered stay in the parser; feed an
+  /// empty span to go on). Handlers (`route`, `identify`) may throw; the parser stays valid for
+  /// drop().
+  template <class Respond, class Room>
+  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
+              Room&& room) {
     if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
     using st = websocket::http_request_parser::status;
     st s = parser_->feed(bytes);
@@ -5535,6 +5711,7 @@ class http_phase {
         respond(error_response(status, websocket::status_reason(status)));
         return {next::linger, {}};
       }
+      if (!room()) return {next::paused, {}};
       result r = handle(parser_->request(), core, respond);
       if (r.what != next::answered) return r;
       outcome = next::answered;
@@ -5934,8 +6111,9 @@ struct thread_resources {
   static constexpr std::size_t read_buffer_size = 64u * 1024u;
   static constexpr std::size_t pool_size = 64;  // readers and queues kept for reuse
 
-  /// Called by a session as it finishes (on this thread): the reactor takes it out of its
-  /// registry and keeps it alive until the current event batch ends.
+  /// Called by a session as it finishes (on this thread, its socket still open): the reactor
+  /// takes it out of its epoll set and registry and keeps it alive until the current event
+  /// batch ends.
   using retire_fn = void (*)(thread_resources&, session&);
 
   thread_resources(server_core& c, retire_fn on_retire)
@@ -6081,6 +6259,10 @@ class session {
 
   /// The socket has input, or the peer closed or reset it (edge-triggered: the state changed).
   void on_readable();
+
+  /// The readiness edge says the peer closed its side (EPOLLRDHUP or EPOLLHUP): once a read
+  /// comes up short, only the EOF is left, and no further edge will report it.
+  void peer_hung_up() noexcept { hung_up_ = true; }
 
   /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
   void on_writable() {
@@ -6242,15 +6424,35 @@ class session {
   }
   // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
   // reach the peer before a close frame that fails the connection right after it).
+  // They count against the outbound limit (backpressure.hpp).
   void queue_raw(shared_bytes bytes) {
     if (bytes.empty()) return;
+    budget_.charge(bytes.size());
+    answered_ = true;
     queue().control.push_back(literal_frame(out_frame::raw, std::move(bytes)));
     pump();
+  }
+  // The responses that paused the parser are written: answer the requests it holds, then read
+  // the socket again (its input raised no new edge while it was not read).
+  void resume_http() {
+    if (phase() != phase_t::http || !paused_) return;
+    paused_ = false;
+    reading_ = true;
+    try {
+      process_http({});
+    } catch (...) {
+      on_handler_exception();
+    }
+    reading_ = false;
+    if (phase() == phase_t::done) return;
+    pump();
+    if (!paused_) on_readable();
   }
   // After the queued bytes are written: half-close and discard input until EOF, so the peer
   // reads the whole response instead of a reset (RFC 9112 9.6).
   void linger_after_write() {
     shutdown_when_drained_ = true;
+    paused_ = false;
     leave_http();
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
@@ -6312,14 +6514,38 @@ class session {
     writing_ = true;
     wait_out_ = true;
   }
+  // The peer's FIN came with the bytes just read, so nothing more will arrive and no edge will
+  // tell: end the connection now, after writing what answers those bytes.
+  void end_after_peer_eof() {
+    if (phase() == phase_t::done) return;
+    if (!q_ || q_->empty()) {
+      finish(close_code::abnormal);
+      return;
+    }
+    if (phase() == phase_t::http) leave_http();
+    if (phase() != phase_t::draining) set_phase(phase_t::closing);  // no more sends taken
+    shutdown_when_drained_ = true;
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
   void on_drained() {
     if (q_) res().give_queue(std::move(q_));
     budget_.settle();
+    if (phase() == phase_t::http && answered_) {
+      answered_ = false;
+      // The client read every response: its idle time starts now (a client that does not read
+      // keeps none of its time, see process_http).
+      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+      if (paused_) asio::post(res().ioc, [self = session_ref(this)] { self->resume_http(); });
+    }
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
     // the peer's FIN so the close frame is not lost to a reset.
     stream_.shutdown_write();
+    if (hung_up_) {
+      finish(close_code_);  // the peer's EOF was read already: no lingering
+      return;
+    }
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
@@ -6349,6 +6575,9 @@ class session {
   bool ping_outstanding_ : 1 = false;
   bool shutdown_when_drained_ : 1 = false;
   bool close_received_ : 1 = false;
+  bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
+  bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
+  bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -6379,16 +6608,20 @@ struct reader_sink {
 // input after that), at most 4 buffers per turn so that one busy peer cannot starve the others;
 // a socket with more to read is continued by a posted task.
 inline void session::on_readable() {
-  if (phase() == phase_t::done) return;
+  if (phase() == phase_t::done || paused_) return;
   auto& r = res();
   const std::span<std::byte> buf = r.buffer();
   // Frames queued while a read is handled (replies from the handlers) go out in one gather
   // write after it, not the first alone and the rest after that write completes.
   reading_ = true;
   bool more = false;
+  bool drained = false;  // a read came up short: the socket holds nothing more now
   for (int round = 0; round < 4; ++round) {
     const io_result got = stream_.read(buf);
-    if (got.status == io_status::would_block) break;
+    if (got.status == io_status::would_block) {
+      drained = true;
+      break;
+    }
     if (got.status != io_status::ok) {
       // The peer's FIN or a reset. During the close handshake that is the expected end.
       reading_ = false;
@@ -6407,23 +6640,35 @@ inline void session::on_readable() {
       reading_ = false;
       return;
     }
-    if (got.bytes < buf.size()) break;
+    if (paused_) break;  // the rest waits in the socket until the responses are written
+    if (got.bytes < buf.size()) {
+      drained = true;
+      break;
+    }
     more = round == 3;
   }
   reading_ = false;
   pump();
+  if (drained && hung_up_) {
+    end_after_peer_eof();
+    return;
+  }
   if (more && phase() != phase_t::done) {
     asio::post(r.ioc, [self = session_ref(this)] { self->on_readable(); });
   }
 }
 
 inline void session::process_http(std::span<const std::byte> bytes) {
-  auto outcome = http_.feed(bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); });
+  const auto& bp = core().options.backpressure;
+  auto outcome = http_.feed(
+      bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); },
+      [this, &bp] { return !budget_.full(bp); });
   switch (outcome.what) {
     case http_phase::next::read_more:
+    case http_phase::next::answered:  // the idle deadline restarts once they are written
       break;
-    case http_phase::next::answered:  // keep-alive: the idle limit starts again
-      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+    case http_phase::next::paused:  // see backpressure.hpp; on_drained() resumes
+      paused_ = true;
       break;
     case http_phase::next::linger:
       linger_after_write();
@@ -6567,9 +6812,13 @@ inline void session::finish(close_code code) {
   const bool was_http = phase() == phase_t::http;
   if (close_code_ == close_code::abnormal) close_code_ = code;
   set_phase(phase_t::done);
+  auto& r = res();
+  // Out of the registry and the epoll set (EPOLL_CTL_DEL before close: a descriptor another
+  // process shares would otherwise stay in the set); events already taken from epoll in this
+  // batch may still name this session, so the reactor keeps it alive until the batch ends.
+  r.retire(r, *this);
   stream_.close();
   wait_out_ = false;
-  auto& r = res();
   if (was_http) {
     leave_http();
   } else if (reader_) {
@@ -6577,9 +6826,6 @@ inline void session::finish(close_code code) {
   }
   if (q_) r.give_queue(std::move(q_));
   core().live.fetch_sub(1, std::memory_order_release);
-  // Out of the registry; events already taken from epoll in this batch may still name this
-  // session, so the reactor keeps it alive until the batch ends.
-  r.retire(r, *this);
   if (was_open && core().handlers.on_close) {
     try {
       core().handlers.on_close(id_, close_code_);
@@ -6745,11 +6991,15 @@ class reactor : public thread_resources {
   /// errc::backpressure (the overflow policy applied).
   std::error_code send(session_id id, websocket::opcode op, shared_bytes payload) {
     // A reply from inside that session's handler: no lookup, reference or thread check.
-    if (session* s = session::replying(this, id)) return s->send_local(op, std::move(payload));
+    if (session* s = session::replying(this, id)) {
+      catch_up();
+      return s->send_local(op, std::move(payload));
+    }
     // The payload is shared, never copied; headers are encoded as it is written (messages over
     // 64 KiB go as fragments).
     auto m = message_frame(op, std::move(payload));
     if (on_this_thread()) {
+      catch_up();
       session* s = peek_local(id);
       if (!s) return errc::unknown_session;
       if (!s->is_open()) return errc::closed;
@@ -6773,8 +7023,8 @@ class reactor : public thread_resources {
       session& target = *slots_[slot];
       if (!target.is_open()) return errc::closed;
       if (target.reserve(m.size())) {
-        inbox_.push_back({session_ref(&target), std::move(m)});
-        post = !std::exchange(inbox_posted_, true);
+        inbox_.push_back({session_ref(&target), std::move(m), false});
+        post = !inbox_posted_.exchange(true, std::memory_order_release);
       } else {
         over = session_ref(&target);
       }
@@ -6788,13 +7038,15 @@ class reactor : public thread_resources {
   }
 
   /// Queues `payload` to those of `ids` (all of this worker) that are open and within their
-  /// limit, sharing the one buffer; one task for all of them, or none on this thread (a
-  /// recipient with nothing queued is written to at once). Returns how many it was queued to.
+  /// limit, sharing the one buffer; through the inbox like `send` from other threads (so the
+  /// two keep their order), at once on this thread (a recipient with nothing queued is written
+  /// to directly). Returns how many it was queued to.
   std::size_t broadcast(std::span<const session_id> ids, websocket::opcode op,
                         const shared_bytes& payload) {
     const std::size_t wire = wire_size(payload.size());
     std::size_t queued = 0;
     if (on_this_thread()) {
+      catch_up();
       // This thread is the registry's only writer: no lock and no references.
       for (const session_id id : ids) {
         session* s = peek_local(id);
@@ -6808,28 +7060,24 @@ class reactor : public thread_resources {
       }
       return queued;
     }
-    std::vector<session_ref> targets;
     std::vector<session_ref> over;
-    targets.reserve(ids.size());
+    bool post = false;
     {
       std::lock_guard lock(mutex_);
       for (const session_id id : ids) {
         auto s = find_locked(id);
         if (!s || !s->is_open()) continue;
         if (s->reserve(wire)) {
-          targets.push_back(std::move(s));
+          inbox_.push_back({std::move(s), message_frame(op, payload), true});
+          ++queued;
         } else {
           over.push_back(std::move(s));
         }
       }
+      if (queued > 0) post = !inbox_posted_.exchange(true, std::memory_order_release);
     }
     for (auto& s : over) overflow(s);
-    queued = targets.size();
-    if (!targets.empty()) {
-      asio::post(ioc, [targets = std::move(targets), op, payload, wire] {
-        for (const auto& s : targets) s->send_shared(op, payload, wire);
-      });
-    }
+    if (post) asio::post(ioc, [this] { drain_inbox(); });
     return queued;
   }
 
@@ -6862,6 +7110,13 @@ class reactor : public thread_resources {
 
   void adopt(tcp_stream stream);
   void drain_inbox();
+  // Before a send made on this thread: what other threads sent earlier is queued first, so that
+  // every session's messages leave in the order they were made (a send that happens-before this
+  // one set inbox_posted_ before it, and only a drain clears it). One atomic load when the
+  // inbox is empty.
+  void catch_up() {
+    if (inbox_posted_.load(std::memory_order_acquire)) drain_inbox();
+  }
   void poll();
   void on_ready();
   void start_tick();
@@ -6914,10 +7169,12 @@ class reactor : public thread_resources {
       free_slots_.push_back(static_cast<std::uint64_t>(next) << 32 | slot);
     }
   }
-  // A finishing session leaves the registry, but lives until the event batch ends: later events
-  // in the batch may still point at it.
+  // A finishing session leaves the epoll set (its socket still open) and the registry, but
+  // lives until the event batch ends: later events in the batch may still point at it.
   static void retire_session(thread_resources& r, session& s) {
     auto& self = static_cast<reactor&>(r);
+    // ENOENT for a session that ended before it was watched (see adopt): nothing to undo.
+    ::epoll_ctl(self.ready_.native_handle(), EPOLL_CTL_DEL, s.stream().native_handle(), nullptr);
     self.retired_.emplace_back(&s);
     self.erase(s.id());
   }
@@ -6941,14 +7198,18 @@ class reactor : public thread_resources {
   std::vector<session_ref> slots_;
   std::vector<std::uint64_t> free_slots_;  // (next generation << 32) | slot
   std::vector<session_ref> scratch_;       // tick and stop snapshots
-  // Sends from other threads, in the order they were made, until this thread drains them.
+  // Sends and broadcasts from other threads, in the order they were made, until this thread
+  // drains them (a drain task, or a send on this thread catching up first).
   struct inbound_send {
     session_ref target;
     out_frame frame;  // reserved against the target's limit
+    bool shared;      // a broadcast's: written at once when the target has nothing queued
   };
   std::vector<inbound_send> inbox_;     // guarded by mutex_
   std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
-  bool inbox_posted_ = false;           // guarded by mutex_: a drain task is on its way
+  // The inbox holds sends not yet drained (set under mutex_ with them; read without it by
+  // catch_up()).
+  std::atomic<bool> inbox_posted_{false};
 };
 
 // ---- implementation ----------------------------------------------------------------------------
@@ -6990,9 +7251,15 @@ inline void reactor::drain_inbox() {
   {
     std::lock_guard lock(mutex_);
     draining_.swap(inbox_);
-    inbox_posted_ = false;
+    inbox_posted_.store(false, std::memory_order_relaxed);
   }
-  for (auto& send : draining_) send.target->enqueue_data(std::move(send.frame));
+  for (auto& send : draining_) {
+    if (send.shared) {
+      send.target->send_shared(send.frame.op, send.frame.body, send.frame.size());
+    } else {
+      send.target->enqueue_data(std::move(send.frame));
+    }
+  }
   draining_.clear();
 }
 
@@ -7015,6 +7282,7 @@ inline void reactor::on_ready() {
       const ::epoll_event& ev = events_[static_cast<std::size_t>(i)];
       auto* s = static_cast<session*>(ev.data.ptr);
       if (ev.events & (EPOLLOUT | EPOLLERR)) s->on_writable();
+      if (ev.events & (EPOLLRDHUP | EPOLLHUP)) s->peer_hung_up();
       if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->on_readable();
     }
     retired_.clear();

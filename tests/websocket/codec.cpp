@@ -786,6 +786,36 @@ TEST_CASE("frame_reader: 1009 from the header, before buffering the payload",
   CHECK(run_whole(huge).error == close_code::message_too_big);
 }
 
+// A message of many tiny fragments is refused at the header of the one too many (1008), and
+// the count starts again with every message. Before, any number of fragments was taken.
+TEST_CASE("frame_reader: 1008 past max_fragments, at that frame's header", "[websocket][reader]") {
+  reader_limits limits;
+  limits.max_fragments = 8;
+  auto join = [](const std::vector<std::vector<std::byte>>& parts) {
+    std::vector<std::byte> out;
+    for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+    return out;
+  };
+  auto fragments = [&](int n) {
+    std::vector<std::vector<std::byte>> parts;
+    parts.push_back(client(opcode::binary, "a", n == 1));
+    for (int i = 2; i <= n; ++i) parts.push_back(client(opcode::continuation, "b", i == n));
+    return join(parts);
+  };
+  CHECK(run_whole(fragments(8), limits).events.size() == 1);
+  CHECK(run_whole(concat({fragments(8), fragments(8)}), limits).events.size() == 2);
+  auto over = fragments(9);
+  over.resize(over.size() - 1);  // the payload of the ninth never comes: refused at its header
+  const run_result r = run_whole(over, limits);
+  CHECK(r.status == read_status::error);
+  CHECK(r.error == close_code::policy_violation);
+  CHECK(r.events.empty());
+  // The default refuses a message of 100,000 empty fragments.
+  std::vector<std::vector<std::byte>> empty_parts{client(opcode::binary, "", false)};
+  for (int i = 0; i < 100000; ++i) empty_parts.push_back(client(opcode::continuation, "", false));
+  CHECK(run_whole(join(empty_parts)).error == close_code::policy_violation);
+}
+
 TEST_CASE("frame_reader: idle() and heap use follow messages in flight", "[websocket][reader]") {
   frame_reader reader;
   recorder rec;

@@ -30,6 +30,12 @@ struct reader_limits {
   /// a frame header announces them, before any of the payload is buffered. Also bounds what a
   /// single connection can make the server hold in memory.
   std::size_t max_message_size = 16u << 20;
+  /// Most frames one message may take (its first frame and continuations); one more fails with
+  /// 1008 at that frame's header. Fragments cost the server a header to parse and a call each,
+  /// so a message of millions of empty fragments is work without payload; senders that
+  /// fragment use large pieces (devgate's own sides cut at 64 KiB: 256 for 16 MiB). Raise it
+  /// with max_message_size if peers send big messages in small pieces.
+  std::uint32_t max_fragments = 1024;
   /// Server (masked frames required) or client (unmasked frames required).
   reader_role role = reader_role::server;
 };
@@ -69,6 +75,7 @@ class frame_reader {
   /// fragmented, continuation without a start, new data frame inside a fragmented message,
   /// 64-bit length with the top bit set, close payload of 1 byte or with an invalid code;
   /// 1007 invalid UTF-8 in a text message (detected at the first bad byte) or close reason;
+  /// 1008 message of more than `max_fragments` frames (at the header of the one too many);
   /// 1009 message over `max_message_size` (from the header, before buffering).
   /// After `on_close` or an error, further input is ignored.
   template <class Handler>
@@ -131,14 +138,16 @@ class frame_reader {
   std::array<std::byte, 4> key_{};                      // current frame's masking key
   utf8_validator utf8_;                                 // text message validation, across fragments
   close_code error_{};
+  std::uint32_t fragments_ = 0;  // frames of the current message so far
   state state_ = state::header;
   std::uint8_t hdr_len_ = 0;
   opcode op_ = opcode::continuation;  // current frame's opcode
-  std::uint8_t mask_pos_ = 0;         // payload offset of the next byte, mod 4
-  bool fin_ = false;                  // current frame is final
-  bool partial_ = false;              // part of the current frame's payload was consumed
-  bool in_message_ = false;           // a fragmented message is in progress
-  bool text_ = false;                 // the message in progress is text
+  // One byte for these (sizeof stays within 64 with the fragment count).
+  std::uint8_t mask_pos_ : 2 = 0;  // payload offset of the next byte, mod 4
+  bool fin_ : 1 = false;           // current frame is final
+  bool partial_ : 1 = false;       // part of the current frame's payload was consumed
+  bool in_message_ : 1 = false;    // a fragmented message is in progress
+  bool text_ : 1 = false;          // the message in progress is text
 };
 
 // ---- implementation ---------------------------------------------------------------------------
@@ -182,7 +191,7 @@ requires frame_handler<Handler> read_status frame_reader::consume(std::span<std:
       const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, n));
       const bool whole_frame = !partial_ && take == remaining_;
       if (limits_.role == reader_role::server) apply_mask({p, take}, key_, mask_pos_);  // 5.3
-      mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3);
+      mask_pos_ = static_cast<std::uint8_t>((mask_pos_ + take) & 3u);
       remaining_ -= take;
       partial_ = remaining_ != 0;
       if (on_payload({p, take}, whole_frame, handler) == read_status::error) {
@@ -219,6 +228,8 @@ read_status frame_reader::begin_frame(const frame_header& fh, Handler& handler) 
     if (fh.payload_length > limits_.max_message_size - so_far) {
       return fail(close_code::message_too_big);  // 7.4.1: 1009, before buffering a byte
     }
+    fragments_ = fh.op == opcode::continuation ? fragments_ + 1 : 1;
+    if (fragments_ > limits_.max_fragments) return fail(close_code::policy_violation);
     if (fh.op != opcode::continuation) {
       text_ = fh.op == opcode::text;
       if (text_) utf8_.reset();

@@ -1,15 +1,15 @@
 #pragma once
 
-#include <cstddef>       // std::size_t
-#include <filesystem>    // the document root
-#include <fstream>       // reading files
-#include <functional>    // the route callback
-#include <optional>      // decoding results
-#include <string>        // paths
-#include <string_view>   // extensions, targets
-#include <system_error>  // filesystem errors
+#include <cstddef>      // std::size_t
+#include <filesystem>   // the document root
+#include <functional>   // the route callback
+#include <memory>       // the file cache, shared by copies of the route
+#include <optional>     // decoding results
+#include <string>       // paths
+#include <string_view>  // extensions, targets
 
 #include "devgate/core/bytes.hpp"
+#include "devgate/websocket/detail/file_cache.hpp"
 #include "devgate/websocket/http.hpp"
 #include "devgate/websocket/server_options.hpp"
 
@@ -91,35 +91,25 @@ namespace devgate::websocket {
 }
 
 /// A `server_options::route` that serves the files under `root` (GET and HEAD): index.html for
-/// directories, content types by extension, 404 for anything missing or outside the root.
-/// Files are read on each request (meant for a demo page, not a CDN).
+/// directories, content types by extension, 404 for anything missing or outside the root (a
+/// symlink is followed only when it resolves inside the root). Files up to 256 KiB are kept in
+/// memory and read again when their size or modification time changes (detail/file_cache.hpp).
 [[nodiscard]] inline std::function<http_reply(const http_request&)> static_files(
     std::filesystem::path root) {
-  return [root = std::move(root)](const http_request& req) {
+  auto files = std::make_shared<detail::file_cache>(std::move(root));
+  return [files = std::move(files)](const http_request& req) {
     http_reply reply;
-    auto not_found = [&reply] {
+    const auto rel = static_file_path(req.target);
+    auto found = rel ? files->get(*rel) : std::nullopt;
+    if (!found) {
       reply.status = 404;
       reply.content_type = "text/plain; charset=utf-8";
       reply.body = shared_bytes::copy_of(std::string_view("not found\n"));
       return reply;
-    };
-    const auto rel = static_file_path(req.target);
-    if (!rel) return not_found();
-    std::filesystem::path file = root / std::filesystem::path(rel->substr(1));
-    std::error_code ec;
-    if (std::filesystem::is_directory(file, ec)) file /= "index.html";
-    if (!std::filesystem::is_regular_file(file, ec)) return not_found();
-    const auto size = std::filesystem::file_size(file, ec);
-    if (ec) return not_found();
-    std::ifstream in(file, std::ios::binary);
-    if (!in) return not_found();
-    bool ok = true;
-    reply.body = shared_bytes::build(static_cast<std::size_t>(size), [&](std::span<std::byte> out) {
-      ok = static_cast<bool>(
-          in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size())));
-    });
-    if (!ok) return not_found();
-    reply.content_type = std::string(content_type_for(file.filename().string()));
+    }
+    const std::string_view path = found->path;
+    reply.content_type = std::string(content_type_for(path.substr(path.rfind('/') + 1)));
+    reply.body = std::move(found->body);
     reply.extra_headers = "X-Content-Type-Options: nosniff\r\n";
     return reply;
   };

@@ -19,7 +19,12 @@ namespace devgate::websocket::detail {
 //   oldest messages no write has started (`outbound_budget::trim`); the reservation may pass
 //   the limit up to twice its size until the session's thread has trimmed, and never beyond;
 // - replies from the session's own thread take their bytes from a credit the session reserves
-//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each.
+//   a few KiB at a time, so a burst of replies costs one atomic operation, not one each;
+// - HTTP responses (before the upgrade) are charged as they are queued, whatever the limit; a
+//   session whose responses reach the limit (`outbound_budget::full`) answers no further
+//   pipelined request and reads nothing more until they are written, so a client that sends
+//   requests without reading holds at most the limit plus one response, its unread requests
+//   waiting in its own socket buffers (and the request deadline ends it).
 
 /// Reservation credit a session takes on its own thread beyond what it needs.
 inline constexpr std::size_t reserve_credit = 4096;
@@ -75,6 +80,18 @@ class outbound_budget {
     if (!add(need, bp)) return false;  // near the limit: exactly what is needed
     credit_ = 0;
     return true;
+  }
+
+  /// Counts `bytes` queued on the session's own thread whatever the limit (HTTP responses: the
+  /// session stops reading instead while `full`).
+  void charge(std::size_t bytes) noexcept {
+    buffered_.fetch_add(static_cast<std::uint32_t>(bytes), std::memory_order_relaxed);
+  }
+
+  /// True when the bytes queued (the credit aside) reached the limit: the session reads no
+  /// further HTTP request until they are written. On the session's thread.
+  [[nodiscard]] bool full(const backpressure_options& bp) const noexcept {
+    return buffered() - credit_ >= bp.max_buffered_bytes;
   }
 
   /// Gives back a reservation that will not be queued (any thread).

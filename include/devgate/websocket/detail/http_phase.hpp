@@ -27,7 +27,8 @@ class http_phase {
   /// What the session does after `feed`.
   enum class next : std::uint8_t {
     read_more,  ///< No complete request (none answered): keep reading.
-    answered,   ///< Keep-alive requests were answered: restart the idle deadline, keep reading.
+    answered,   ///< Keep-alive requests were answered: keep reading.
+    paused,     ///< The responses queued are at the limit: read nothing more until written.
     linger,     ///< A response that ends the connection is queued: half-close after writing it.
     upgrade,    ///< The 101 is queued: switch to the WebSocket phase as `device_id`.
   };
@@ -39,10 +40,13 @@ class http_phase {
 
   /// Parses `bytes` and answers every complete request in order (a keep-alive connection may
   /// pipeline several), handing each response's bytes to `respond(shared_bytes)`. Stops at an
-  /// upgrade or at a response that ends the connection. Handlers (`route`, `identify`) may
-  /// throw; the parser stays valid for drop().
-  template <class Respond>
-  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond) {
+  /// upgrade, at a response that ends the connection, or when `room()` says the responses
+  /// queued reached the limit (`paused`: the requests not answered stay in the parser; feed an
+  /// empty span to go on). Handlers (`route`, `identify`) may throw; the parser stays valid for
+  /// drop().
+  template <class Respond, class Room>
+  result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
+              Room&& room) {
     if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
     using st = websocket::http_request_parser::status;
     st s = parser_->feed(bytes);
@@ -54,6 +58,7 @@ class http_phase {
         respond(error_response(status, websocket::status_reason(status)));
         return {next::linger, {}};
       }
+      if (!room()) return {next::paused, {}};
       result r = handle(parser_->request(), core, respond);
       if (r.what != next::answered) return r;
       outcome = next::answered;

@@ -43,7 +43,8 @@ inline constexpr std::size_t fragment_size = 64u * 1024u;
 /// - literal bytes, `head` then `body`: control frames, HTTP responses, and the one frame of a
 ///   data message that a full socket buffer cut in the middle.
 struct out_frame {
-  /// What the frame is: only `data` bytes count against the session's outbound limit.
+  /// What the frame is: `data` and `raw` (HTTP response) bytes count against the session's
+  /// outbound limit, control and close frames do not.
   enum kind_t : std::uint8_t { data, control, close, raw };
   shared_bytes body;
   std::array<std::byte, 10> head{};  // literal only; RFC 6455 5.2: at most 10 bytes
@@ -239,14 +240,15 @@ struct out_queue {
   }
 
   /// Removes the first `n` bytes that fill() put in the write, which the socket took; the frame
-  /// cut short becomes `partial`. Returns the data bytes written (to give back to the limit).
+  /// cut short becomes `partial`. Returns the data and HTTP bytes written (to give back to the
+  /// limit).
   std::size_t consume(std::size_t n) noexcept;
 };
 
 inline std::size_t out_queue::consume(std::size_t n) noexcept {
   std::size_t released = 0;
   auto done = [&](out_frame& f) {
-    if (f.kind == out_frame::data) released += f.size();
+    if (f.kind == out_frame::data || f.kind == out_frame::raw) released += f.size();
     f = {};
   };
   if (has_partial) {

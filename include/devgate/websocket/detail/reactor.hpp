@@ -131,11 +131,15 @@ class reactor : public thread_resources {
   /// errc::backpressure (the overflow policy applied).
   std::error_code send(session_id id, websocket::opcode op, shared_bytes payload) {
     // A reply from inside that session's handler: no lookup, reference or thread check.
-    if (session* s = session::replying(this, id)) return s->send_local(op, std::move(payload));
+    if (session* s = session::replying(this, id)) {
+      catch_up();
+      return s->send_local(op, std::move(payload));
+    }
     // The payload is shared, never copied; headers are encoded as it is written (messages over
     // 64 KiB go as fragments).
     auto m = message_frame(op, std::move(payload));
     if (on_this_thread()) {
+      catch_up();
       session* s = peek_local(id);
       if (!s) return errc::unknown_session;
       if (!s->is_open()) return errc::closed;
@@ -159,8 +163,8 @@ class reactor : public thread_resources {
       session& target = *slots_[slot];
       if (!target.is_open()) return errc::closed;
       if (target.reserve(m.size())) {
-        inbox_.push_back({session_ref(&target), std::move(m)});
-        post = !std::exchange(inbox_posted_, true);
+        inbox_.push_back({session_ref(&target), std::move(m), false});
+        post = !inbox_posted_.exchange(true, std::memory_order_release);
       } else {
         over = session_ref(&target);
       }
@@ -174,13 +178,15 @@ class reactor : public thread_resources {
   }
 
   /// Queues `payload` to those of `ids` (all of this worker) that are open and within their
-  /// limit, sharing the one buffer; one task for all of them, or none on this thread (a
-  /// recipient with nothing queued is written to at once). Returns how many it was queued to.
+  /// limit, sharing the one buffer; through the inbox like `send` from other threads (so the
+  /// two keep their order), at once on this thread (a recipient with nothing queued is written
+  /// to directly). Returns how many it was queued to.
   std::size_t broadcast(std::span<const session_id> ids, websocket::opcode op,
                         const shared_bytes& payload) {
     const std::size_t wire = wire_size(payload.size());
     std::size_t queued = 0;
     if (on_this_thread()) {
+      catch_up();
       // This thread is the registry's only writer: no lock and no references.
       for (const session_id id : ids) {
         session* s = peek_local(id);
@@ -194,28 +200,24 @@ class reactor : public thread_resources {
       }
       return queued;
     }
-    std::vector<session_ref> targets;
     std::vector<session_ref> over;
-    targets.reserve(ids.size());
+    bool post = false;
     {
       std::lock_guard lock(mutex_);
       for (const session_id id : ids) {
         auto s = find_locked(id);
         if (!s || !s->is_open()) continue;
         if (s->reserve(wire)) {
-          targets.push_back(std::move(s));
+          inbox_.push_back({std::move(s), message_frame(op, payload), true});
+          ++queued;
         } else {
           over.push_back(std::move(s));
         }
       }
+      if (queued > 0) post = !inbox_posted_.exchange(true, std::memory_order_release);
     }
     for (auto& s : over) overflow(s);
-    queued = targets.size();
-    if (!targets.empty()) {
-      asio::post(ioc, [targets = std::move(targets), op, payload, wire] {
-        for (const auto& s : targets) s->send_shared(op, payload, wire);
-      });
-    }
+    if (post) asio::post(ioc, [this] { drain_inbox(); });
     return queued;
   }
 
@@ -248,6 +250,13 @@ class reactor : public thread_resources {
 
   void adopt(tcp_stream stream);
   void drain_inbox();
+  // Before a send made on this thread: what other threads sent earlier is queued first, so that
+  // every session's messages leave in the order they were made (a send that happens-before this
+  // one set inbox_posted_ before it, and only a drain clears it). One atomic load when the
+  // inbox is empty.
+  void catch_up() {
+    if (inbox_posted_.load(std::memory_order_acquire)) drain_inbox();
+  }
   void poll();
   void on_ready();
   void start_tick();
@@ -300,10 +309,12 @@ class reactor : public thread_resources {
       free_slots_.push_back(static_cast<std::uint64_t>(next) << 32 | slot);
     }
   }
-  // A finishing session leaves the registry, but lives until the event batch ends: later events
-  // in the batch may still point at it.
+  // A finishing session leaves the epoll set (its socket still open) and the registry, but
+  // lives until the event batch ends: later events in the batch may still point at it.
   static void retire_session(thread_resources& r, session& s) {
     auto& self = static_cast<reactor&>(r);
+    // ENOENT for a session that ended before it was watched (see adopt): nothing to undo.
+    ::epoll_ctl(self.ready_.native_handle(), EPOLL_CTL_DEL, s.stream().native_handle(), nullptr);
     self.retired_.emplace_back(&s);
     self.erase(s.id());
   }
@@ -327,14 +338,18 @@ class reactor : public thread_resources {
   std::vector<session_ref> slots_;
   std::vector<std::uint64_t> free_slots_;  // (next generation << 32) | slot
   std::vector<session_ref> scratch_;       // tick and stop snapshots
-  // Sends from other threads, in the order they were made, until this thread drains them.
+  // Sends and broadcasts from other threads, in the order they were made, until this thread
+  // drains them (a drain task, or a send on this thread catching up first).
   struct inbound_send {
     session_ref target;
     out_frame frame;  // reserved against the target's limit
+    bool shared;      // a broadcast's: written at once when the target has nothing queued
   };
   std::vector<inbound_send> inbox_;     // guarded by mutex_
   std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
-  bool inbox_posted_ = false;           // guarded by mutex_: a drain task is on its way
+  // The inbox holds sends not yet drained (set under mutex_ with them; read without it by
+  // catch_up()).
+  std::atomic<bool> inbox_posted_{false};
 };
 
 // ---- implementation ----------------------------------------------------------------------------
@@ -376,9 +391,15 @@ inline void reactor::drain_inbox() {
   {
     std::lock_guard lock(mutex_);
     draining_.swap(inbox_);
-    inbox_posted_ = false;
+    inbox_posted_.store(false, std::memory_order_relaxed);
   }
-  for (auto& send : draining_) send.target->enqueue_data(std::move(send.frame));
+  for (auto& send : draining_) {
+    if (send.shared) {
+      send.target->send_shared(send.frame.op, send.frame.body, send.frame.size());
+    } else {
+      send.target->enqueue_data(std::move(send.frame));
+    }
+  }
   draining_.clear();
 }
 
@@ -401,6 +422,7 @@ inline void reactor::on_ready() {
       const ::epoll_event& ev = events_[static_cast<std::size_t>(i)];
       auto* s = static_cast<session*>(ev.data.ptr);
       if (ev.events & (EPOLLOUT | EPOLLERR)) s->on_writable();
+      if (ev.events & (EPOLLRDHUP | EPOLLHUP)) s->peer_hung_up();
       if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->on_readable();
     }
     retired_.clear();

@@ -119,6 +119,10 @@ class session {
   /// The socket has input, or the peer closed or reset it (edge-triggered: the state changed).
   void on_readable();
 
+  /// The readiness edge says the peer closed its side (EPOLLRDHUP or EPOLLHUP): once a read
+  /// comes up short, only the EOF is left, and no further edge will report it.
+  void peer_hung_up() noexcept { hung_up_ = true; }
+
   /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
   void on_writable() {
     if (phase() == phase_t::done || !wait_out_) return;
@@ -279,15 +283,35 @@ class session {
   }
   // HTTP bytes go through the control FIFO: they precede every WebSocket frame (the 101 must
   // reach the peer before a close frame that fails the connection right after it).
+  // They count against the outbound limit (backpressure.hpp).
   void queue_raw(shared_bytes bytes) {
     if (bytes.empty()) return;
+    budget_.charge(bytes.size());
+    answered_ = true;
     queue().control.push_back(literal_frame(out_frame::raw, std::move(bytes)));
     pump();
+  }
+  // The responses that paused the parser are written: answer the requests it holds, then read
+  // the socket again (its input raised no new edge while it was not read).
+  void resume_http() {
+    if (phase() != phase_t::http || !paused_) return;
+    paused_ = false;
+    reading_ = true;
+    try {
+      process_http({});
+    } catch (...) {
+      on_handler_exception();
+    }
+    reading_ = false;
+    if (phase() == phase_t::done) return;
+    pump();
+    if (!paused_) on_readable();
   }
   // After the queued bytes are written: half-close and discard input until EOF, so the peer
   // reads the whole response instead of a reset (RFC 9112 9.6).
   void linger_after_write() {
     shutdown_when_drained_ = true;
+    paused_ = false;
     leave_http();
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
@@ -349,14 +373,38 @@ class session {
     writing_ = true;
     wait_out_ = true;
   }
+  // The peer's FIN came with the bytes just read, so nothing more will arrive and no edge will
+  // tell: end the connection now, after writing what answers those bytes.
+  void end_after_peer_eof() {
+    if (phase() == phase_t::done) return;
+    if (!q_ || q_->empty()) {
+      finish(close_code::abnormal);
+      return;
+    }
+    if (phase() == phase_t::http) leave_http();
+    if (phase() != phase_t::draining) set_phase(phase_t::closing);  // no more sends taken
+    shutdown_when_drained_ = true;
+    deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
+  }
   void on_drained() {
     if (q_) res().give_queue(std::move(q_));
     budget_.settle();
+    if (phase() == phase_t::http && answered_) {
+      answered_ = false;
+      // The client read every response: its idle time starts now (a client that does not read
+      // keeps none of its time, see process_http).
+      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+      if (paused_) asio::post(res().ioc, [self = session_ref(this)] { self->resume_http(); });
+    }
     if (!shutdown_when_drained_ || phase() == phase_t::done) return;
     shutdown_when_drained_ = false;
     // RFC 6455 7.1.1: the server closes the TCP connection first; half-close, then read until
     // the peer's FIN so the close frame is not lost to a reset.
     stream_.shutdown_write();
+    if (hung_up_) {
+      finish(close_code_);  // the peer's EOF was read already: no lingering
+      return;
+    }
     set_phase(phase_t::draining);
     deadline_ = core().now_ms() + core().ms(core().options.close_timeout);
   }
@@ -386,6 +434,9 @@ class session {
   bool ping_outstanding_ : 1 = false;
   bool shutdown_when_drained_ : 1 = false;
   bool close_received_ : 1 = false;
+  bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
+  bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
+  bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -416,16 +467,20 @@ struct reader_sink {
 // input after that), at most 4 buffers per turn so that one busy peer cannot starve the others;
 // a socket with more to read is continued by a posted task.
 inline void session::on_readable() {
-  if (phase() == phase_t::done) return;
+  if (phase() == phase_t::done || paused_) return;
   auto& r = res();
   const std::span<std::byte> buf = r.buffer();
   // Frames queued while a read is handled (replies from the handlers) go out in one gather
   // write after it, not the first alone and the rest after that write completes.
   reading_ = true;
   bool more = false;
+  bool drained = false;  // a read came up short: the socket holds nothing more now
   for (int round = 0; round < 4; ++round) {
     const io_result got = stream_.read(buf);
-    if (got.status == io_status::would_block) break;
+    if (got.status == io_status::would_block) {
+      drained = true;
+      break;
+    }
     if (got.status != io_status::ok) {
       // The peer's FIN or a reset. During the close handshake that is the expected end.
       reading_ = false;
@@ -444,23 +499,35 @@ inline void session::on_readable() {
       reading_ = false;
       return;
     }
-    if (got.bytes < buf.size()) break;
+    if (paused_) break;  // the rest waits in the socket until the responses are written
+    if (got.bytes < buf.size()) {
+      drained = true;
+      break;
+    }
     more = round == 3;
   }
   reading_ = false;
   pump();
+  if (drained && hung_up_) {
+    end_after_peer_eof();
+    return;
+  }
   if (more && phase() != phase_t::done) {
     asio::post(r.ioc, [self = session_ref(this)] { self->on_readable(); });
   }
 }
 
 inline void session::process_http(std::span<const std::byte> bytes) {
-  auto outcome = http_.feed(bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); });
+  const auto& bp = core().options.backpressure;
+  auto outcome = http_.feed(
+      bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); },
+      [this, &bp] { return !budget_.full(bp); });
   switch (outcome.what) {
     case http_phase::next::read_more:
+    case http_phase::next::answered:  // the idle deadline restarts once they are written
       break;
-    case http_phase::next::answered:  // keep-alive: the idle limit starts again
-      deadline_ = core().now_ms() + core().ms(core().options.handshake_timeout);
+    case http_phase::next::paused:  // see backpressure.hpp; on_drained() resumes
+      paused_ = true;
       break;
     case http_phase::next::linger:
       linger_after_write();
@@ -604,9 +671,13 @@ inline void session::finish(close_code code) {
   const bool was_http = phase() == phase_t::http;
   if (close_code_ == close_code::abnormal) close_code_ = code;
   set_phase(phase_t::done);
+  auto& r = res();
+  // Out of the registry and the epoll set (EPOLL_CTL_DEL before close: a descriptor another
+  // process shares would otherwise stay in the set); events already taken from epoll in this
+  // batch may still name this session, so the reactor keeps it alive until the batch ends.
+  r.retire(r, *this);
   stream_.close();
   wait_out_ = false;
-  auto& r = res();
   if (was_http) {
     leave_http();
   } else if (reader_) {
@@ -614,9 +685,6 @@ inline void session::finish(close_code code) {
   }
   if (q_) r.give_queue(std::move(q_));
   core().live.fetch_sub(1, std::memory_order_release);
-  // Out of the registry; events already taken from epoll in this batch may still name this
-  // session, so the reactor keeps it alive until the batch ends.
-  r.retire(r, *this);
   if (was_open && core().handlers.on_close) {
     try {
       core().handlers.on_close(id_, close_code_);

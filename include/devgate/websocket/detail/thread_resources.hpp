@@ -27,8 +27,9 @@ struct thread_resources {
   static constexpr std::size_t read_buffer_size = 64u * 1024u;
   static constexpr std::size_t pool_size = 64;  // readers and queues kept for reuse
 
-  /// Called by a session as it finishes (on this thread): the reactor takes it out of its
-  /// registry and keeps it alive until the current event batch ends.
+  /// Called by a session as it finishes (on this thread, its socket still open): the reactor
+  /// takes it out of its epoll set and registry and keeps it alive until the current event
+  /// batch ends.
   using retire_fn = void (*)(thread_resources&, session&);
 
   thread_resources(server_core& c, retire_fn on_retire)
