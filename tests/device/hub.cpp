@@ -4,12 +4,16 @@
 
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -588,4 +592,160 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
   REQUIRE(e);
   CHECK((*e)["code"] == "bad_fw_ack");
   hub.stop();
+}
+
+namespace {
+
+// The in-process transport, checking that the hub never hands two messages for one session to
+// the transport at the same time: a transport may reorder what two threads give it at once
+// (the WebSocket server posts a send from another thread while a send on the session's own
+// thread goes straight out), so per-device order must hold at the hand-off.
+struct handoff_checker {
+  in_process_transport& inner;
+  std::mutex mutex;
+  std::map<devgate::session_id, int> in_send;
+  std::atomic<int> overlaps{0};
+
+  void set_handlers(devgate::transport_handlers h) { inner.set_handlers(std::move(h)); }
+  std::error_code start() { return inner.start(); }
+  void stop() { inner.stop(); }
+  std::error_code send(devgate::session_id s, devgate::payload_kind k, shared_bytes b) {
+    {
+      std::lock_guard lock(mutex);
+      if (in_send[s]++ != 0) overlaps.fetch_add(1);
+    }
+    std::this_thread::yield();  // widen the window another hand-off could slip into
+    auto ec = inner.send(s, k, std::move(b));
+    std::lock_guard lock(mutex);
+    --in_send[s];
+    return ec;
+  }
+  std::size_t broadcast(std::span<const devgate::session_id> ss, devgate::payload_kind k,
+                        shared_bytes b) {
+    return inner.broadcast(ss, k, std::move(b));
+  }
+  void close(devgate::session_id s, devgate::close_code c, std::string_view r) {
+    inner.close(s, c, r);
+  }
+  std::size_t buffered_bytes(devgate::session_id s) const { return inner.buffered_bytes(s); }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "order: every device's stream leaves in the order it was produced, under load from "
+    "many threads") {
+  // The attack: 100 devices with 16 `send`s in flight each, pushed by four threads, while two
+  // host threads and every pipeline worker deliver to the same devices, and the host threads
+  // announce each round on the stats topic. Each device's stream must carry its `sent` replies
+  // in request order, its `deliver`s in strictly increasing `seq`, each producer's data in the
+  // order that producer produced it, and a round's event after that round's deliver.
+  constexpr int devices = 100;
+  constexpr int sends = 300;
+  constexpr int in_flight = 16;
+  constexpr int pushers = 4;
+  constexpr int publishers = 2;
+  constexpr int watched = 10;
+  devgate::backpressure_options bp;
+  bp.max_buffered_bytes = std::size_t{1} << 30;
+  in_process_transport t(bp);
+  using fn_t = std::function<std::error_code(const devgate::message&, devgate::dispatch_context&)>;
+  using hub_f = dev::hub<handoff_checker, devgate::callback_sink<fn_t>>;
+  handoff_checker checker{t, {}, {}, {}};
+  std::atomic<hub_f*> self{nullptr};
+  fn_t fn = [&](const devgate::message& m, devgate::dispatch_context&) -> std::error_code {
+    if (auto* h = self.load()) {
+      h->send_to(m.device_id.view(), {{"from", "worker"}, {"n", m.sequence}});
+    }
+    return {};
+  };
+  dev::hub_options o;
+  o.max_replay_messages = 1u << 20;
+  o.max_replay_bytes = std::size_t{1} << 30;
+  o.pipeline.pool.workers = 4;
+  hub_f hub(checker, devgate::callback_sink<fn_t>(fn), o);
+  self.store(&hub);
+  REQUIRE_FALSE(hub.start());
+  std::vector<fake_device> ds;
+  for (int i = 0; i < devices; ++i) {
+    ds.push_back(connect(t, devgate::testing::numbered("ord", static_cast<std::uint64_t>(i))));
+    if (i < watched) REQUIRE_FALSE(ds.back().send({{"type", "subscribe"}, {"topic", "stats"}}));
+  }
+  std::atomic<bool> failed_push{false};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < pushers; ++p) {
+    threads.emplace_back([&, p] {
+      // Each pusher owns every pushers-th device and keeps 16 sends of each in flight: it
+      // pushes them in rounds of 16, interleaving its devices.
+      for (int base = 0; base < sends; base += in_flight) {
+        for (int i = p; i < devices; i += pushers) {
+          for (int k = base; k < base + in_flight && k < sends; ++k) {
+            if (ds[static_cast<std::size_t>(i)].send(
+                    {{"type", "send"}, {"id", k + 1}, {"data", "x"}})) {
+              failed_push = true;
+            }
+          }
+        }
+      }
+    });
+  }
+  for (int p = 0; p < publishers; ++p) {
+    threads.emplace_back([&, p] {
+      // Each round delivers to every device; right after delivering to one of the first
+      // `watched` devices it announces that on the stats topic, so that device must see the
+      // deliver before the event.
+      const auto from = devgate::testing::numbered("host", static_cast<std::uint64_t>(p));
+      for (int n = 1; n <= sends; ++n) {
+        for (int i = 0; i < devices; ++i) {
+          hub.send_to(devgate::testing::numbered("ord", static_cast<std::uint64_t>(i)),
+                      {{"from", from}, {"n", n}});
+          if (i < watched) hub.publish("stats", {{"from", from}, {"n", n}, {"to", i}});
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK_FALSE(failed_push.load());
+  hub.stop();
+  CHECK(checker.overlaps.load() == 0);
+  for (int i = 0; i < devices; ++i) {
+    auto& d = ds[static_cast<std::size_t>(i)];
+    d.poll();
+    std::uint64_t last_sent = 0;
+    std::uint64_t last_seq = 0;
+    std::size_t sent_count = 0;
+    std::size_t delivered = 0;
+    std::map<std::string, std::uint64_t> last_from;
+    std::size_t events_early = 0;
+    bool in_order = true;
+    for (const auto& j : d.texts) {
+      const auto type = j.value("type", "");
+      if (type == "sent") {
+        const auto id = j["id"].get<std::uint64_t>();
+        if (id != last_sent + 1) in_order = false;
+        last_sent = id;
+        ++sent_count;
+      } else if (type == "deliver") {
+        const auto seq = j["seq"].get<std::uint64_t>();
+        if (seq != last_seq + 1) in_order = false;
+        last_seq = seq;
+        const auto from = j["data"]["from"].get<std::string>();
+        const auto n = j["data"]["n"].get<std::uint64_t>();
+        if (n <= last_from[from]) in_order = false;
+        last_from[from] = n;
+        ++delivered;
+      } else if (type == "event" && j["data"]["to"] == i) {
+        const auto from = j["data"]["from"].get<std::string>();
+        if (last_from[from] < j["data"]["n"].get<std::uint64_t>()) {
+          ++events_early;
+          in_order = false;
+        }
+      }
+    }
+    INFO("device " << i << ": " << sent_count << " sent, " << delivered << " delivered, "
+                   << events_early << " events before their round's deliver");
+    CHECK(in_order);
+    CHECK(sent_count == static_cast<std::size_t>(sends));
+    CHECK(delivered == static_cast<std::size_t>(sends * (publishers + 1)));
+  }
 }

@@ -1,7 +1,7 @@
 #pragma once
 
 #include <algorithm>    // std::max
-#include <atomic>       // drop count
+#include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
 #include <deque>        // outbox batches
@@ -135,21 +135,44 @@ class delivery {
   static void queue_locked(device_record& rec, session_id s, payload_kind kind,
                            shared_bytes bytes) {
     rec.delivery.outbox.push_back({s, kind, std::move(bytes)});
+    ++rec.delivery.queued;
   }
-  /// Sends the device's queued messages in order. Whoever finds the outbox idle sends it,
-  /// including what other threads queue meanwhile; the transport is called with no lock held.
+  /// Sends the device's queued messages in order, and returns once everything queued before
+  /// the call has been handed to the transport. Whoever finds the outbox idle sends it,
+  /// including what other threads queue meanwhile, with no lock held; a thread that finds
+  /// another one sending waits until that thread has handed over its messages too. So what one
+  /// thread produces reaches the transport in the order it produced it, whether it goes
+  /// through this outbox or not (an event broadcast after a `deliver` cannot overtake it).
+  /// The wait lasts one batch of non-blocking transport sends; a flush called from inside a
+  /// hand-off (a transport callback) does not wait, so no cycle of waits can form.
   void flush(device_record& rec) {
     std::unique_lock lock(rec.mutex);
     auto& d = rec.delivery;
-    if (d.draining) return;
+    if (d.draining) {
+      if (handing_off() != 0) return;
+      const std::uint64_t mine = d.queued;
+      lock.unlock();
+      for (auto h = d.handed.load(std::memory_order_acquire); h < mine;
+           h = d.handed.load(std::memory_order_acquire)) {
+        d.handed.wait(h, std::memory_order_acquire);
+      }
+      return;
+    }
     d.draining = true;
+    ++handing_off();
     while (!d.outbox.empty()) {
       std::deque<outbound> batch;
       batch.swap(d.outbox);
+      const std::uint64_t taken = d.queued;
       lock.unlock();
       for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
       lock.lock();
+      d.handed.store(taken, std::memory_order_release);
+      d.handed.notify_all();
     }
+    --handing_off();
+    d.handed.store(d.queued, std::memory_order_release);  // counts what `forget` dropped
+    d.handed.notify_all();
     d.draining = false;
   }
   /// Drops what is queued for session `s` and not yet sent (it closed or was replaced).
@@ -164,6 +187,12 @@ class delivery {
   }
 
  private:
+  // Outboxes the calling thread is handing to the transport now (0 or 1; more only when a
+  // transport callback re-enters the hub).
+  static int& handing_off() noexcept {
+    thread_local int depth = 0;
+    return depth;
+  }
   static void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
     while (!d.replay.empty() && d.replay.front().first <= seq) {
       d.replay_bytes -= d.replay.front().second.size();

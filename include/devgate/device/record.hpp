@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>   // hand-off progress
 #include <cstddef>  // std::size_t
 #include <cstdint>  // sequence numbers, offsets
 #include <deque>    // outbox, replay buffer
@@ -64,6 +65,10 @@ struct device_record {
     std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
     std::deque<outbound> outbox;       ///< Queued to the session, in order.
     bool draining = false;             ///< A thread is sending the outbox (with no lock held).
+    std::uint64_t queued = 0;          ///< Messages ever queued to the outbox.
+    /// Of the `queued` first messages, how many were handed to the transport (or forgotten);
+    /// a `flush` that finds another thread sending waits for this to pass its own messages.
+    std::atomic<std::uint64_t> handed{0};
   };
   delivery_part delivery;  ///< Sequenced delivery and the outbox.
 
