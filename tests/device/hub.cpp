@@ -4,9 +4,11 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -23,6 +25,7 @@
 #include "devgate/device/protocol.hpp"
 #include "devgate/pipeline/gateway.hpp"
 #include "devgate/store/memory_state_store.hpp"
+#include "devgate/store/write_behind.hpp"
 #include "devgate/transport/in_process.hpp"
 #include "recording_transport.hpp"
 #include "support.hpp"
@@ -333,12 +336,15 @@ devgate::inbound_message inbound(devgate::session_id s, const std::string& text,
 
 TEST_CASE("protocol dispatch: a batch is answered in order, its device messages pushed together") {
   using store_t = devgate::store::memory_state_store;
+  using writer_t = devgate::store::write_behind<store_t>;
   recording_transport t;
   store_t store;
+  writer_t writer(store, 1024);
   dev::pubsub bus;
   dev::registry devices;
   dev::delivery<recording_transport> out(t, 256, 1u << 20);
-  devgate::firmware::rollout_engine<recording_transport, store_t> rollout(devices, out, store, {});
+  devgate::firmware::rollout_engine<recording_transport, writer_t> rollout(devices, out, writer,
+                                                                           {});
   std::mutex mutex;
   std::vector<std::string> sunk;
   auto sink = devgate::callback_sink([&](const devgate::message& m, devgate::dispatch_context&) {
@@ -346,8 +352,8 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
     sunk.push_back(std::to_string(m.sequence) + ":" + std::string(m.payload.view()));
   });
   devgate::gateway gw(t, sink);
-  dev::protocol_dispatch<recording_transport, store_t, decltype(gw)> dispatch(
-      t, gw, devices, out, rollout, bus, store, 1024, 16);
+  dev::protocol_dispatch<recording_transport, writer_t, decltype(gw)> dispatch(
+      t, gw, devices, out, rollout, bus, writer, 1024, 16);
   REQUIRE_FALSE(gw.start());
   dispatch.open({7, "batch"});
   std::vector<devgate::inbound_message> batch;
@@ -372,7 +378,7 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   CHECK(replies[3]["id"] == 2);
   CHECK(replies[3]["messages_sent"] == 4);
   CHECK(replies[4]["code"] == "bad_message");
-  CHECK(store.load("batch").messages_sent == 4);
+  CHECK(store.load("batch").state.messages_sent == 4);
   CHECK(dispatch.protocol_errors() == 1);
 
   // A session the hub does not know: the whole batch is refused.
@@ -395,7 +401,7 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   CHECK(replies[0]["ref"] == "send");
   CHECK(replies[1]["code"] == "closed");
   CHECK(replies[1]["ref"] == "binary");
-  CHECK(store.load("batch").messages_sent == 4);
+  CHECK(store.load("batch").state.messages_sent == 4);
   CHECK(devices.find("batch")->messages_sent == 4);
   std::lock_guard lock(mutex);
   CHECK(sunk == std::vector<std::string>{"1:a", "2:b", "3:c", "4:d"});
@@ -748,4 +754,74 @@ TEST_CASE(
     CHECK(sent_count == static_cast<std::size_t>(sends));
     CHECK(delivered == static_cast<std::size_t>(sends * (publishers + 1)));
   }
+}
+
+namespace {
+
+// A state store that keeps nothing, so that a memory figure measures the hub alone.
+struct forgetful_store {
+  static constexpr bool nonblocking = true;
+  [[nodiscard]] devgate::store::load_result load(const std::string& /*id*/) const { return {}; }
+  std::error_code add_messages_sent(const std::string& /*id*/, std::uint64_t /*n*/) { return {}; }
+  std::error_code touch(const std::string& /*id*/, std::int64_t /*ms*/) { return {}; }
+  std::error_code set_firmware_version(const std::string& /*id*/, const std::string& /*v*/) {
+    return {};
+  }
+  std::error_code set_transfer(const std::string& /*id*/,
+                               const devgate::store::transfer_state& /*t*/) {
+    return {};
+  }
+  std::error_code forget(const std::string& /*id*/) { return {}; }
+};
+
+// This process's resident memory (VmRSS), in KiB.
+std::size_t rss_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoul(line.substr(6));
+  }
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "bounded: 100,000 devices connecting and leaving one after another hold at most "
+    "max_devices records, and memory stays flat") {
+  // The attack: distinct ids, each says hello, is sent one message it never acknowledges,
+  // and leaves. Before max_devices every id kept a record (and its replay) for good.
+  constexpr std::size_t max_devices = 1000;
+  constexpr std::uint64_t total = 100'000;
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_devices = max_devices;
+  dev::hub<in_process_transport, devgate::null_sink, forgetful_store> hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  const std::string hello = R"({"type":"hello","protocol":1,"last_seq":0})";
+  std::size_t most_held = 0;
+  std::size_t rss_warm = 0;
+  for (std::uint64_t i = 0; i < total; ++i) {
+    const auto id = devgate::testing::numbered("visitor-", i);
+    auto s = t.connect(id);
+    REQUIRE_FALSE(s.push(hello));
+    hub.send_to(id, {{"n", i}});
+    s.disconnect();
+    most_held = std::max(most_held, hub.stats().devices);
+    if (i == 2 * max_devices) rss_warm = rss_kib();
+  }
+  const std::size_t rss_end = rss_kib();
+  INFO("records held at most " << most_held << "; VmRSS " << rss_warm << " KiB after "
+                               << 2 * max_devices << " devices, " << rss_end << " KiB after "
+                               << total);
+  CHECK(most_held <= max_devices);
+  CHECK(hub.stats().devices_evicted >= total - max_devices);
+  // Unbounded (max_devices 0), the process grew from 11 MiB to 196 MiB here.
+  CHECK(rss_end < rss_warm + 16 * 1024);
+  // An evicted device that returns is loaded again and served.
+  auto back = connect(t, "visitor-7");
+  auto w = back.next("welcome");
+  REQUIRE(w);
+  CHECK((*w)["device"] == "visitor-7");
+  hub.stop();
 }

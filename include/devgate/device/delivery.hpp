@@ -58,13 +58,11 @@ class delivery {
       seq = d.next_seq++;
       auto frame = make_envelope("deliver", seq, rec.topic, data_json);
       d.replay_bytes += frame.size();
+      replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
-        d.replay_bytes -= d.replay.front().second.size();
-        d.replay.pop_front();
-        ++d.replay_dropped;
-        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
+        drop_oldest_locked(d);
       }
       if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
@@ -181,9 +179,21 @@ class delivery {
     std::erase_if(rec.delivery.outbox, [s](const outbound& o) { return o.session == s; });
   }
 
+  /// Drops every kept message of the device (counted: the device sees the count in its next
+  /// welcome, the fleet in `replay_dropped`); the caller holds the device's mutex. For the
+  /// fleet-wide replay budget, and for a record being evicted.
+  void drop_replay_locked(device_record& rec) {
+    auto& d = rec.delivery;
+    while (!d.replay.empty()) drop_oldest_locked(d);
+  }
+
   /// Sequenced messages dropped by replay overflow since start, over every device.
   [[nodiscard]] std::uint64_t replay_dropped() const noexcept {
     return replay_dropped_.load(std::memory_order_relaxed);
+  }
+  /// Bytes of sequenced messages kept now, over every device held.
+  [[nodiscard]] std::size_t replay_bytes() const noexcept {
+    return replay_bytes_total_.load(std::memory_order_relaxed);
   }
 
  private:
@@ -193,17 +203,26 @@ class delivery {
     thread_local int depth = 0;
     return depth;
   }
-  static void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
+  void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
     while (!d.replay.empty() && d.replay.front().first <= seq) {
       d.replay_bytes -= d.replay.front().second.size();
+      replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
       d.replay.pop_front();
     }
+  }
+  void drop_oldest_locked(device_record::delivery_part& d) {
+    d.replay_bytes -= d.replay.front().second.size();
+    replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
+    d.replay.pop_front();
+    ++d.replay_dropped;
+    replay_dropped_.fetch_add(1, std::memory_order_relaxed);
   }
 
   Transport& transport_;
   const std::size_t max_replay_messages_;
   const std::size_t max_replay_bytes_;
   std::atomic<std::uint64_t> replay_dropped_{0};
+  std::atomic<std::size_t> replay_bytes_total_{0};
 };
 
 }  // namespace devgate::device

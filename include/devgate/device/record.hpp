@@ -4,6 +4,7 @@
 #include <cstddef>  // std::size_t
 #include <cstdint>  // sequence numbers, offsets
 #include <deque>    // outbox, replay buffer
+#include <list>     // the registry's offline order
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
 #include <string>   // id, topic, versions
@@ -30,10 +31,12 @@ struct outbound {
 /// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
-  device_record(std::string device, std::uint64_t sent, std::string version)
+  device_record(std::string device, std::uint64_t sent, std::string version,
+                std::int64_t seen_ms = 0)
       : id(std::move(device)),
         topic(std::string(topics::device_prefix) + id),
         messages_sent(sent),
+        last_seen_ms(seen_ms),
         firmware_version(std::move(version)) {}
 
   const std::string id;      ///< The device id.
@@ -51,6 +54,9 @@ struct device_record {
 
   /// Device messages the pipeline accepted over the device's lifetime (protocol dispatch).
   std::uint64_t messages_sent;
+  /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
+  /// figures here and writes them behind to the store, so it never reads the store back.
+  std::int64_t last_seen_ms;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
 
@@ -82,6 +88,14 @@ struct device_record {
     std::string reason;       ///< Why it failed.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
+
+  /// Its place among the offline records, least recently seen first (written by the registry
+  /// under its device table's lock, not under `mutex`).
+  struct registry_part {
+    bool listed = false;                           ///< In the offline list (evictable).
+    std::list<device_record*>::iterator position;  ///< Where, when listed.
+  };
+  registry_part offline;  ///< Its place among the offline records.
 };
 
 }  // namespace devgate::device
