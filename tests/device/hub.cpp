@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <fstream>
 #include <functional>
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -823,5 +825,133 @@ TEST_CASE(
   auto w = back.next("welcome");
   REQUIRE(w);
   CHECK((*w)["device"] == "visitor-7");
+  hub.stop();
+}
+
+namespace {
+
+// A state store whose writes wait until the test opens its gate, and which fails as told: the
+// store on a slow disk or an unreachable database that the hub must not wait for.
+struct stalling_store {
+  struct shared {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool open = false;
+    bool throw_on_touch = false;
+    std::atomic<std::uint64_t> applied{0};
+  };
+  std::shared_ptr<shared> s = std::make_shared<shared>();
+
+  void wait() const {
+    std::unique_lock lock(s->mutex);
+    s->cv.wait(lock, [&] { return s->open; });
+  }
+  [[nodiscard]] devgate::store::load_result load(const std::string& /*id*/) const { return {}; }
+  std::error_code add_messages_sent(const std::string& /*id*/, std::uint64_t /*n*/) {
+    wait();
+    s->applied.fetch_add(1);
+    return std::make_error_code(std::errc::io_error);  // a database that refuses every write
+  }
+  std::error_code touch(const std::string& /*id*/, std::int64_t /*ms*/) {
+    wait();
+    s->applied.fetch_add(1);
+    if (s->throw_on_touch) throw std::runtime_error("store down");
+    return {};
+  }
+  std::error_code set_firmware_version(const std::string& /*id*/, const std::string& /*v*/) {
+    wait();
+    s->applied.fetch_add(1);
+    return {};
+  }
+  std::error_code set_transfer(const std::string& /*id*/,
+                               const devgate::store::transfer_state& /*t*/) {
+    wait();
+    s->applied.fetch_add(1);
+    return {};
+  }
+  std::error_code forget(const std::string& /*id*/) { return {}; }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "store: writes to a store that blocks never hold up a device, and its failures are "
+    "counted and reported, not thrown") {
+  // The attack: every write blocks until the gate opens, then fails (an error code, or an
+  // exception). Before write-behind, the device's hello and sends ran the writes on the
+  // thread that handles the device (here the one calling push), so nothing was answered
+  // while the store hung.
+  in_process_transport t;
+  stalling_store store;
+  store.s->throw_on_touch = true;
+  std::atomic<int> reported{0};
+  dev::hub_options o;
+  o.on_store_error = [&](std::string_view, const std::string& id, std::error_code ec) {
+    if (id == "slow" && ec) ++reported;
+  };
+  dev::hub<in_process_transport, devgate::null_sink, stalling_store> hub(t, {}, o, store);
+  REQUIRE_FALSE(hub.start());
+  std::atomic<bool> answered{false};
+  std::thread device([&] {
+    auto d = connect(t, "slow", 0, "1.0");  // hello writes the version and touches
+    for (int i = 1; i <= 3; ++i) (void)d.send({{"type", "send"}, {"id", i}, {"data", "x"}});
+    REQUIRE(eventually([&] {
+      d.poll();
+      return d.texts.size() == 4;  // welcome and three `sent`
+    }));
+    answered = true;
+    d.s.disconnect();
+  });
+  CHECK(eventually([&] { return answered.load(); }));  // while every store write still hangs
+  CHECK(store.s->applied.load() == 0);
+  {
+    std::lock_guard lock(store.s->mutex);
+    store.s->open = true;
+  }
+  store.s->cv.notify_all();
+  device.join();
+  hub.store_writer().drain();
+  // Written behind, in order: the version, the hello's touch (throws), the messages
+  // (refused), the close's touch (throws). None of it reached the device or the process.
+  CHECK(store.s->applied.load() >= 4);
+  CHECK(hub.stats().store_errors == store.s->applied.load() - 1);
+  CHECK(reported.load() == static_cast<int>(hub.stats().store_errors));
+  CHECK(hub.device_state("slow").messages_sent == 3);  // the record's live figure
+  hub.stop();
+}
+
+TEST_CASE(
+    "bounded: the fleet-wide replay budget drops the kept messages of the devices seen "
+    "least recently first") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_replay_bytes_total = 64u << 10;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  const std::string filler(900, 'x');
+  // Ten devices, each seen once, in order, then sent 20 messages of about 1 KiB while offline.
+  for (int d = 0; d < 10; ++d) {
+    auto dev_ = connect(t, devgate::testing::numbered("kept", static_cast<std::uint64_t>(d)));
+    dev_.s.disconnect();
+  }
+  for (int d = 0; d < 10; ++d) {
+    for (int n = 0; n < 20; ++n) {
+      hub.send_to(devgate::testing::numbered("kept", static_cast<std::uint64_t>(d)),
+                  {{"pad", filler}});
+    }
+  }
+  const auto st = hub.stats();
+  CHECK(st.replay_bytes <= o.max_replay_bytes_total + 2048);
+  CHECK(st.replay_dropped > 0);
+  // The device seen first lost its replay, the one seen last kept all of it.
+  auto first = connect(t, "kept0");
+  auto w0 = first.next("welcome");
+  REQUIRE(w0);
+  CHECK((*w0)["replay_dropped"].get<std::uint64_t>() > 0);
+  auto last = connect(t, "kept9");
+  auto w9 = last.next("welcome");
+  REQUIRE(w9);
+  CHECK((*w9)["replay_dropped"] == 0);
+  CHECK((*w9)["replay"] == 20);
   hub.stop();
 }
