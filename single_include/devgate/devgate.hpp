@@ -7339,8 +7339,9 @@ using store_error_handler =
 ///
 /// `load` runs on the caller's thread (the hub keeps the live figures in its records and
 /// loads a device only when it first sees it). The writes of one device are applied in the
-/// order they were queued; `idle()` says whether every queued write has been applied, which is
-/// what the hub waits for before it evicts a record.
+/// order they were queued; `applied_through(ticket)` says whether the writes accepted up to a
+/// ticket (`submitted()` then) have been applied, which is what the hub waits for before it
+/// evicts a record.
 template <class Store>
 class write_behind {
  public:
@@ -7396,6 +7397,15 @@ class write_behind {
     return submit({op_kind::forget, id, 0, 0, {}, {}});
   }
 
+  /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
+  /// accepted until now has reached the store).
+  [[nodiscard]] std::uint64_t submitted() const noexcept {
+    return submitted_.load(std::memory_order_acquire);
+  }
+  /// True when the first `ticket` writes accepted have been applied (or failed).
+  [[nodiscard]] bool applied_through(std::uint64_t ticket) const noexcept {
+    return applied_.load(std::memory_order_acquire) >= ticket;
+  }
   /// True when every write queued so far has been applied.
   [[nodiscard]] bool idle() const {
     if constexpr (inline_calls) {
@@ -7462,7 +7472,10 @@ class write_behind {
 
   std::error_code submit(op o) {
     if constexpr (inline_calls) {
-      return apply(o);
+      submitted_.fetch_add(1, std::memory_order_relaxed);
+      const auto ec = apply(o);
+      applied_.fetch_add(1, std::memory_order_release);
+      return ec;
     } else {
       {
         std::lock_guard lock(mutex_);
@@ -7474,6 +7487,7 @@ class write_behind {
           return std::make_error_code(std::errc::no_buffer_space);
         }
         queue_.push_back(std::move(o));
+        submitted_.fetch_add(1, std::memory_order_release);
       }
       wake_.notify_one();
       return {};
@@ -7530,7 +7544,10 @@ class write_behind {
         } catch (...) {  // as in failed()
         }
       }
-      for (const auto& o : batch) (void)apply(o);
+      for (const auto& o : batch) {
+        (void)apply(o);
+        applied_.fetch_add(1, std::memory_order_release);
+      }
       lock.lock();
       applying_ = false;
       if (queue_.empty()) drained_.notify_all();
@@ -7549,6 +7566,8 @@ class write_behind {
   bool stopping_ = false;
   std::atomic<std::uint64_t> errors_{0};
   std::atomic<std::uint64_t> dropped_{0};
+  std::atomic<std::uint64_t> submitted_{0};
+  std::atomic<std::uint64_t> applied_{0};
   std::thread thread_;
 };
 
@@ -8000,6 +8019,9 @@ struct device_record {
   /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
   /// figures here and writes them behind to the store, so it never reads the store back.
   std::int64_t last_seen_ms;
+  /// The store's write ticket after the last write about this device went offline: the
+  /// registry evicts the record only once the store has applied that far.
+  std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
 
@@ -8613,8 +8635,9 @@ class registry {
   /// The bound on records held (0: none).
   [[nodiscard]] std::size_t max_devices() const noexcept { return max_devices_; }
 
-  /// Evicts offline records, least recently seen first, while more than `max_devices` are held
-  /// and `durable()` says the store has everything written so far: `evict(device_record&)`
+  /// Evicts offline records, least recently seen first, while more than `max_devices` are held;
+  /// a record goes only when `durable(const device_record&)` says the store has everything
+  /// written about it (called with its mutex held): `evict(device_record&)`
   /// runs for each (with its mutex held, to release what it holds elsewhere, e.g. its replay).
   /// Then, while `over_budget()` holds, `trim(device_record&)` runs (mutex held) for offline
   /// records with queued replay, least recently seen first, which drops their replay. Looks at
@@ -8626,7 +8649,7 @@ class registry {
     std::size_t evicted = 0;
     std::unique_lock lock(devices_mutex_);
     int looks = 0;
-    if (max_devices_ != 0 && devices_.size() > max_devices_ && durable()) {
+    if (max_devices_ != 0 && devices_.size() > max_devices_) {
       auto it = offline_.begin();
       while (devices_.size() > max_devices_ && it != offline_.end() && looks++ < max_looks) {
         device_record* rec = *it;
@@ -8637,7 +8660,8 @@ class registry {
         }
         {
           std::lock_guard rl(rec->mutex);
-          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty()) {
+          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty() ||
+              !durable(static_cast<const device_record&>(*rec))) {
             ++it;
             continue;
           }
@@ -9290,11 +9314,12 @@ class protocol_dispatch {
     if (!rec) return;
     out_.forget(*rec, s);
     const auto now = unix_ms();
+    store_.touch(rec->id, now);
     {
       std::lock_guard lock(rec->mutex);
       rec->last_seen_ms = now;
+      rec->store_ticket = store_.submitted();  // the touch above, and all before it
     }
-    store_.touch(rec->id, now);
     rollout_.on_offline(*rec);
   }
 
@@ -10024,10 +10049,11 @@ class hub {
   // Keeps the records held within max_devices and the kept deliveries within the fleet
   // budget, O(1) per call (after each session opens or closes and each delivery).
   void bound() {
-    devices_.trim([this] { return writer_.idle(); },
-                  [this](device_record& r) { delivery_.drop_replay_locked(r); },
-                  [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
-                  [this](device_record& r) { delivery_.drop_replay_locked(r); });
+    devices_.trim(
+        [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
+        [this](device_record& r) { delivery_.drop_replay_locked(r); },
+        [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
+        [this](device_record& r) { delivery_.drop_replay_locked(r); });
   }
 
   hub_options options_;

@@ -86,11 +86,12 @@ class protocol_dispatch {
     if (!rec) return;
     out_.forget(*rec, s);
     const auto now = unix_ms();
+    store_.touch(rec->id, now);
     {
       std::lock_guard lock(rec->mutex);
       rec->last_seen_ms = now;
+      rec->store_ticket = store_.submitted();  // the touch above, and all before it
     }
-    store_.touch(rec->id, now);
     rollout_.on_offline(*rec);
   }
 

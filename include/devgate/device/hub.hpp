@@ -268,10 +268,11 @@ class hub {
   // Keeps the records held within max_devices and the kept deliveries within the fleet
   // budget, O(1) per call (after each session opens or closes and each delivery).
   void bound() {
-    devices_.trim([this] { return writer_.idle(); },
-                  [this](device_record& r) { delivery_.drop_replay_locked(r); },
-                  [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
-                  [this](device_record& r) { delivery_.drop_replay_locked(r); });
+    devices_.trim(
+        [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
+        [this](device_record& r) { delivery_.drop_replay_locked(r); },
+        [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
+        [this](device_record& r) { delivery_.drop_replay_locked(r); });
   }
 
   hub_options options_;

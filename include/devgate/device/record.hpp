@@ -57,6 +57,9 @@ struct device_record {
   /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
   /// figures here and writes them behind to the store, so it never reads the store back.
   std::int64_t last_seen_ms;
+  /// The store's write ticket after the last write about this device went offline: the
+  /// registry evicts the record only once the store has applied that far.
+  std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
 

@@ -82,8 +82,9 @@ class registry {
   /// The bound on records held (0: none).
   [[nodiscard]] std::size_t max_devices() const noexcept { return max_devices_; }
 
-  /// Evicts offline records, least recently seen first, while more than `max_devices` are held
-  /// and `durable()` says the store has everything written so far: `evict(device_record&)`
+  /// Evicts offline records, least recently seen first, while more than `max_devices` are held;
+  /// a record goes only when `durable(const device_record&)` says the store has everything
+  /// written about it (called with its mutex held): `evict(device_record&)`
   /// runs for each (with its mutex held, to release what it holds elsewhere, e.g. its replay).
   /// Then, while `over_budget()` holds, `trim(device_record&)` runs (mutex held) for offline
   /// records with queued replay, least recently seen first, which drops their replay. Looks at
@@ -95,7 +96,7 @@ class registry {
     std::size_t evicted = 0;
     std::unique_lock lock(devices_mutex_);
     int looks = 0;
-    if (max_devices_ != 0 && devices_.size() > max_devices_ && durable()) {
+    if (max_devices_ != 0 && devices_.size() > max_devices_) {
       auto it = offline_.begin();
       while (devices_.size() > max_devices_ && it != offline_.end() && looks++ < max_looks) {
         device_record* rec = *it;
@@ -106,7 +107,8 @@ class registry {
         }
         {
           std::lock_guard rl(rec->mutex);
-          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty()) {
+          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty() ||
+              !durable(static_cast<const device_record&>(*rec))) {
             ++it;
             continue;
           }

@@ -34,8 +34,9 @@ using store_error_handler =
 ///
 /// `load` runs on the caller's thread (the hub keeps the live figures in its records and
 /// loads a device only when it first sees it). The writes of one device are applied in the
-/// order they were queued; `idle()` says whether every queued write has been applied, which is
-/// what the hub waits for before it evicts a record.
+/// order they were queued; `applied_through(ticket)` says whether the writes accepted up to a
+/// ticket (`submitted()` then) have been applied, which is what the hub waits for before it
+/// evicts a record.
 template <class Store>
 class write_behind {
  public:
@@ -91,6 +92,15 @@ class write_behind {
     return submit({op_kind::forget, id, 0, 0, {}, {}});
   }
 
+  /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
+  /// accepted until now has reached the store).
+  [[nodiscard]] std::uint64_t submitted() const noexcept {
+    return submitted_.load(std::memory_order_acquire);
+  }
+  /// True when the first `ticket` writes accepted have been applied (or failed).
+  [[nodiscard]] bool applied_through(std::uint64_t ticket) const noexcept {
+    return applied_.load(std::memory_order_acquire) >= ticket;
+  }
   /// True when every write queued so far has been applied.
   [[nodiscard]] bool idle() const {
     if constexpr (inline_calls) {
@@ -157,7 +167,10 @@ class write_behind {
 
   std::error_code submit(op o) {
     if constexpr (inline_calls) {
-      return apply(o);
+      submitted_.fetch_add(1, std::memory_order_relaxed);
+      const auto ec = apply(o);
+      applied_.fetch_add(1, std::memory_order_release);
+      return ec;
     } else {
       {
         std::lock_guard lock(mutex_);
@@ -169,6 +182,7 @@ class write_behind {
           return std::make_error_code(std::errc::no_buffer_space);
         }
         queue_.push_back(std::move(o));
+        submitted_.fetch_add(1, std::memory_order_release);
       }
       wake_.notify_one();
       return {};
@@ -225,7 +239,10 @@ class write_behind {
         } catch (...) {  // as in failed()
         }
       }
-      for (const auto& o : batch) (void)apply(o);
+      for (const auto& o : batch) {
+        (void)apply(o);
+        applied_.fetch_add(1, std::memory_order_release);
+      }
       lock.lock();
       applying_ = false;
       if (queue_.empty()) drained_.notify_all();
@@ -244,6 +261,8 @@ class write_behind {
   bool stopping_ = false;
   std::atomic<std::uint64_t> errors_{0};
   std::atomic<std::uint64_t> dropped_{0};
+  std::atomic<std::uint64_t> submitted_{0};
+  std::atomic<std::uint64_t> applied_{0};
   std::thread thread_;
 };
 
