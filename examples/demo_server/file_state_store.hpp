@@ -45,6 +45,7 @@ class file_state_store {
         st.messages_sent = d.value("messages_sent", std::uint64_t{0});
         st.last_seen_ms = d.value("last_seen_ms", std::int64_t{0});
         st.firmware_version = d.value("firmware_version", std::string{});
+        st.last_seq = d.value("last_seq", std::uint64_t{0});
         s_->states.emplace(id, std::move(st));
       }
     }
@@ -83,6 +84,13 @@ class file_state_store {
     s_->states[id].transfer = t;
     return {};
   }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    std::lock_guard lock(s_->m);
+    s_->dirty = true;
+    s_->states[id].last_seq = seq;
+    return {};
+  }
   /// Forgets the device (gone from the file at the next flush).
   std::error_code forget(const std::string& id) {
     std::lock_guard lock(s_->m);
@@ -117,7 +125,8 @@ class file_state_store {
       for (const auto& [id, st] : s_->states) {
         devices[id] = {{"messages_sent", st.messages_sent},
                        {"last_seen_ms", st.last_seen_ms},
-                       {"firmware_version", st.firmware_version}};
+                       {"firmware_version", st.firmware_version},
+                       {"last_seq", st.last_seq}};
       }
       file = s_->file;
     }

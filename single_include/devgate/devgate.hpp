@@ -7174,7 +7174,10 @@ struct device_state {
   std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
   std::int64_t last_seen_ms = 0;    ///< Unix time (ms) of its last activity; 0 = never seen.
   std::string firmware_version;     ///< The version it reported or was last verified with.
-  transfer_state transfer;          ///< Its part in the current firmware rollout.
+  /// The last sequence number assigned to it when the hub last let go of its record, so that
+  /// numbering continues above it when the device returns (0: none).
+  std::uint64_t last_seq = 0;
+  transfer_state transfer;  ///< Its part in the current firmware rollout.
 };
 
 /// What `load` answers: the device's state, or the error that kept the store from reading it
@@ -7192,7 +7195,8 @@ struct load_result {
 /// - `load(id)`: the device's state (a default `device_state` for an unknown device).
 /// - `add_messages_sent(id, n)`: adds `n` to the count.
 /// - `touch(id, unix_ms)`: records activity.
-/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
+/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`, `set_last_seq(id, seq)`: replace
+///   one field.
 /// - `forget(id)`: removes everything stored about the device (`hub::forget_device`).
 /// Writes return a `std::error_code` (empty on success), `load` a `load_result`.
 ///
@@ -7203,7 +7207,7 @@ struct load_result {
 /// The hub never holds one of its own locks while calling the store.
 /// A hub given a type that does not fit stops the build with: "device::hub: Store must satisfy
 /// devgate::store::state_store (load, add_messages_sent, touch, set_firmware_version,
-/// set_transfer, forget; errors as values)".
+/// set_transfer, set_last_seq, forget; errors as values)".
 template <class S>
 concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
                                const std::string& version, const transfer_state& t) {
@@ -7212,6 +7216,7 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
   { s.touch(id, ms) } -> std::same_as<std::error_code>;
   { s.set_firmware_version(id, version) } -> std::same_as<std::error_code>;
   { s.set_transfer(id, t) } -> std::same_as<std::error_code>;
+  { s.set_last_seq(id, n) } -> std::same_as<std::error_code>;
   { s.forget(id) } -> std::same_as<std::error_code>;
 };
 
@@ -7267,6 +7272,13 @@ class memory_state_store {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].transfer = t;
+    return {};
+  }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].last_seq = seq;
     return {};
   }
   /// Forgets the device.
@@ -7392,6 +7404,10 @@ class write_behind {
   std::error_code set_transfer(const std::string& id, const transfer_state& t) {
     return submit({op_kind::set_transfer, id, 0, 0, {}, t});
   }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}});
+  }
   /// Forgets the device.
   std::error_code forget(const std::string& id) {
     return submit({op_kind::forget, id, 0, 0, {}, {}});
@@ -7444,6 +7460,7 @@ class write_behind {
     touch,
     set_firmware_version,
     set_transfer,
+    set_last_seq,
     forget
   };
   struct op {
@@ -7464,6 +7481,8 @@ class write_behind {
         return "set_firmware_version";
       case op_kind::set_transfer:
         return "set_transfer";
+      case op_kind::set_last_seq:
+        return "set_last_seq";
       case op_kind::forget:
         return "forget";
     }
@@ -7508,6 +7527,9 @@ class write_behind {
           break;
         case op_kind::set_transfer:
           ec = store_.set_transfer(o.id, o.transfer);
+          break;
+        case op_kind::set_last_seq:
+          ec = store_.set_last_seq(o.id, o.n);
           break;
         case op_kind::forget:
           ec = store_.forget(o.id);
@@ -8125,8 +8147,9 @@ class delivery {
   }
 
   /// Resumes delivery to session `s` after its hello: forgets what `last_seq` acknowledges,
-  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent, then every
-  /// kept message in order, and makes the session live (later deliveries go straight to it);
+  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent (then the
+  /// kept messages are renumbered from `last_seq + 1`, and numbering continues from there), then
+  /// every kept message in order, and makes the session live (later deliveries go straight to it);
   /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
   /// it runs with the device's mutex held, so it may read and set the record's fields but must
   /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
@@ -8141,6 +8164,8 @@ class delivery {
       if (!info.bad_resume) {
         forget_through(d, last_seq);
         d.acked = std::max(d.acked, last_seq);
+      } else {
+        renumber_above_locked(rec, last_seq);
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();
@@ -8261,6 +8286,26 @@ class delivery {
       replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
       d.replay.pop_front();
     }
+  }
+  // The device has numbers this record never assigned: its record was evicted (or the server
+  // restarted) since. Numbering continues above what the device has, kept messages included,
+  // so that it does not drop them, or what comes next, as duplicates.
+  void renumber_above_locked(device_record& rec, std::uint64_t last_seq) {
+    auto& d = rec.delivery;
+    std::uint64_t seq = last_seq;
+    for (auto& [number, frame] : d.replay) {
+      // A deliver frame is {"type":"deliver","seq":N,"topic":"T","data":<data>}.
+      const auto old_prefix = make_envelope("deliver", number, rec.topic, "").size() - 1;
+      const auto text = frame.view();
+      const auto data = text.substr(old_prefix, text.size() - old_prefix - 1);
+      auto fresh = make_envelope("deliver", ++seq, rec.topic, data);
+      d.replay_bytes += fresh.size() - frame.size();
+      replay_bytes_total_.fetch_add(fresh.size() - frame.size(), std::memory_order_relaxed);
+      number = seq;
+      frame = std::move(fresh);
+    }
+    d.next_seq = seq + 1;
+    d.acked = last_seq;
   }
   void drop_oldest_locked(device_record::delivery_part& d) {
     d.replay_bytes -= d.replay.front().second.size();
@@ -8610,11 +8655,13 @@ class registry {
     const store::device_state st = load();
     auto fresh =
         std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
+    fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
     std::unique_lock lock(devices_mutex_);
     auto [it, inserted] = devices_.emplace(id, std::move(fresh));
     if (inserted) {
       list_locked(*it->second);
       loaded_.fetch_add(1, std::memory_order_relaxed);
+      held_.store(devices_.size(), std::memory_order_relaxed);
     }
     return it->second;  // another thread's record if it got there first
   }
@@ -8627,10 +8674,9 @@ class registry {
     for (const auto& [id, rec] : devices_) out.push_back(rec);
     return out;
   }
-  /// Records held in memory now.
-  [[nodiscard]] std::size_t devices() const {
-    std::shared_lock lock(devices_mutex_);
-    return devices_.size();
+  /// Records held in memory now (a counter: no lock).
+  [[nodiscard]] std::size_t devices() const noexcept {
+    return held_.load(std::memory_order_relaxed);
   }
   /// The bound on records held (0: none).
   [[nodiscard]] std::size_t max_devices() const noexcept { return max_devices_; }
@@ -8646,6 +8692,9 @@ class registry {
   template <class Durable, class Evict, class OverBudget, class Trim>
   std::size_t trim(Durable&& durable, Evict&& evict, OverBudget&& over_budget, Trim&& trim_one) {
     constexpr int max_looks = 64;
+    const bool over_count =
+        max_devices_ != 0 && held_.load(std::memory_order_relaxed) > max_devices_;
+    if (!over_count && !over_budget()) return 0;  // the usual case: no lock taken
     std::size_t evicted = 0;
     std::unique_lock lock(devices_mutex_);
     int looks = 0;
@@ -8672,6 +8721,7 @@ class registry {
         devices_.erase(found);
         ++evicted;
       }
+      held_.store(devices_.size(), std::memory_order_relaxed);
     }
     for (auto it = offline_.begin(); it != offline_.end() && looks++ < max_looks && over_budget();
          ++it) {
@@ -8696,6 +8746,7 @@ class registry {
     }
     unlist_locked(rec);
     devices_.erase(found);
+    held_.store(devices_.size(), std::memory_order_relaxed);
     return true;
   }
   /// Records evicted since start.
@@ -8781,6 +8832,7 @@ class registry {
   mutable std::shared_mutex devices_mutex_;
   std::unordered_map<std::string, record_ptr> devices_;
   std::list<device_record*> offline_;  // least recently seen first
+  std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
   std::atomic<std::uint64_t> evicted_{0};
   std::atomic<std::uint64_t> loaded_{0};
   mutable std::shared_mutex sessions_mutex_;
@@ -9840,7 +9892,8 @@ class hub {
                 "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
   static_assert(store::state_store<Store>,
                 "device::hub: Store must satisfy devgate::store::state_store (load, "
-                "add_messages_sent, touch, set_firmware_version, set_transfer, forget; errors as "
+                "add_messages_sent, touch, set_firmware_version, set_transfer, set_last_seq, "
+                "forget; errors as "
                 "values)");
   using writer_type = store::write_behind<Store>;
 
@@ -10051,7 +10104,11 @@ class hub {
   void bound() {
     devices_.trim(
         [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
-        [this](device_record& r) { delivery_.drop_replay_locked(r); },
+        [this](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          // Queued (or a non-blocking store's short call): numbering resumes above it.
+          (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
+        },
         [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
         [this](device_record& r) { delivery_.drop_replay_locked(r); });
   }

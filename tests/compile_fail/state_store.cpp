@@ -22,6 +22,9 @@ struct store_without_set_transfer {
                                        const std::string& /*unused*/) {
     return {};
   }
+  std::error_code set_last_seq(const std::string& /*unused*/, std::uint64_t /*unused*/) {
+    return {};
+  }
   std::error_code forget(const std::string& /*unused*/) { return {}; }
 #if defined(DEVGATE_COMPILE_FAIL_CONTROL)
   std::error_code set_transfer(const std::string& /*unused*/,

@@ -773,6 +773,7 @@ struct forgetful_store {
                                const devgate::store::transfer_state& /*t*/) {
     return {};
   }
+  std::error_code set_last_seq(const std::string& /*id*/, std::uint64_t /*seq*/) { return {}; }
   std::error_code forget(const std::string& /*id*/) { return {}; }
 };
 
@@ -869,6 +870,7 @@ struct stalling_store {
     s->applied.fetch_add(1);
     return {};
   }
+  std::error_code set_last_seq(const std::string& /*id*/, std::uint64_t /*seq*/) { return {}; }
   std::error_code forget(const std::string& /*id*/) { return {}; }
 };
 
@@ -953,5 +955,34 @@ TEST_CASE(
   REQUIRE(w9);
   CHECK((*w9)["replay_dropped"] == 0);
   CHECK((*w9)["replay"] == 20);
+  hub.stop();
+}
+
+TEST_CASE("bounded: an evicted device that returns resumes its numbering from the store") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_devices = 2;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  {
+    auto a = connect(t, "a");
+    for (int n = 1; n <= 3; ++n) hub.send_to("a", {{"n", n}});
+    REQUIRE(a.poll().size() == 4);  // welcome, seq 1..3
+    a.s.disconnect();
+  }
+  for (int i = 0; i < 3; ++i) {
+    auto other = connect(t, devgate::testing::numbered("other", static_cast<std::uint64_t>(i)));
+    other.s.disconnect();
+  }
+  CHECK(hub.stats().devices <= 2);
+  CHECK(hub.stats().devices_evicted >= 2);
+  // Sent while its record is gone: a new record, numbered above what the device has.
+  CHECK(hub.send_to("a", {{"n", 4}}) == 4);
+  auto back = connect(t, "a", 3);
+  auto got = back.poll();
+  REQUIRE(got.size() == 2);
+  CHECK(got[0]["last_seq"] == 4);
+  CHECK(got[1]["seq"] == 4);
+  CHECK(got[1]["data"]["n"] == 4);
   hub.stop();
 }

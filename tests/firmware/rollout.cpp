@@ -68,7 +68,7 @@ struct rig {
 
   // A device that connects and says hello (reporting `version`); returns its session.
   session_id connect(const std::string& id, const std::string& version = "1.0") {
-    auto rec = devices.get_or_create(id, [&] { return store.load(id); });
+    auto rec = devices.get_or_create(id, [&] { return store.load(id).state; });
     store.set_firmware_version(id, version);
     const session_id s = next_session++;
     const session_id old = devices.attach(rec, s);
@@ -200,9 +200,9 @@ TEST_CASE("rollout engine: publish joins every device, starts online ones while 
   CHECK(tot.skipped == 1);
   CHECK(r.engine.slots().active() == 1);
   CHECK(r.engine.slots().waiting() == 1);
-  CHECK(r.store.load(a_first ? "a" : "b").transfer.status == transfer_status::transferring);
-  CHECK(r.store.load("offline").transfer.status == transfer_status::pending);
-  CHECK(r.store.load("c").transfer.status == transfer_status::skipped);
+  CHECK(r.store.load(a_first ? "a" : "b").state.transfer.status == transfer_status::transferring);
+  CHECK(r.store.load("offline").state.transfer.status == transfer_status::pending);
+  CHECK(r.store.load("c").state.transfer.status == transfer_status::skipped);
   CHECK_THROWS_AS(r.engine.publish("", make_image(10), [](const fw::image&) {}),
                   std::invalid_argument);
 }
@@ -234,7 +234,7 @@ TEST_CASE("rollout engine: acks move the window; a verified result frees the slo
   }
   CHECK(r.take(a).chunks == std::vector<std::uint32_t>{3000, 4000});
   CHECK(r.engine.transfer_of("a")->offset == 4500);
-  CHECK(r.store.load("a").transfer.offset == 4500);
+  CHECK(r.store.load("a").state.transfer.offset == 4500);
 
   const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
   CHECK(r.engine.on_result(ra, a, 1, true, sha, std::nullopt) == std::nullopt);
@@ -242,7 +242,7 @@ TEST_CASE("rollout engine: acks move the window; a verified result frees the slo
   REQUIRE(st);
   CHECK((*st)["status"] == "verified");
   CHECK(r.status("a") == transfer_status::verified);
-  CHECK(r.store.load("a").firmware_version == "2.0");
+  CHECK(r.store.load("a").state.firmware_version == "2.0");
   CHECK(r.engine.on_result(ra, a, 1, true, sha, std::nullopt) == dev::error::unknown_rollout);
   // The freed slot went to b.
   const auto gb = r.take(b);
@@ -277,8 +277,8 @@ TEST_CASE("rollout engine: failed results carry a reason", "[firmware][rollout]"
   CHECK((*st)["status"] == "failed");
   CHECK((*st)["reason"] == "sha256 mismatch");
   CHECK(r.engine.totals().failed == 3);
-  CHECK(r.store.load("c").transfer.status == transfer_status::failed);
-  CHECK(r.store.load("c").firmware_version == "1.0");
+  CHECK(r.store.load("c").state.transfer.status == transfer_status::failed);
+  CHECK(r.store.load("c").state.firmware_version == "1.0");
 }
 
 TEST_CASE("rollout engine: a dropped transfer gives up its slot and resumes where it was acked",

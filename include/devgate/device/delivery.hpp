@@ -73,8 +73,9 @@ class delivery {
   }
 
   /// Resumes delivery to session `s` after its hello: forgets what `last_seq` acknowledges,
-  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent, then every
-  /// kept message in order, and makes the session live (later deliveries go straight to it);
+  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent (then the
+  /// kept messages are renumbered from `last_seq + 1`, and numbering continues from there), then
+  /// every kept message in order, and makes the session live (later deliveries go straight to it);
   /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
   /// it runs with the device's mutex held, so it may read and set the record's fields but must
   /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
@@ -89,6 +90,8 @@ class delivery {
       if (!info.bad_resume) {
         forget_through(d, last_seq);
         d.acked = std::max(d.acked, last_seq);
+      } else {
+        renumber_above_locked(rec, last_seq);
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();
@@ -209,6 +212,26 @@ class delivery {
       replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
       d.replay.pop_front();
     }
+  }
+  // The device has numbers this record never assigned: its record was evicted (or the server
+  // restarted) since. Numbering continues above what the device has, kept messages included,
+  // so that it does not drop them, or what comes next, as duplicates.
+  void renumber_above_locked(device_record& rec, std::uint64_t last_seq) {
+    auto& d = rec.delivery;
+    std::uint64_t seq = last_seq;
+    for (auto& [number, frame] : d.replay) {
+      // A deliver frame is {"type":"deliver","seq":N,"topic":"T","data":<data>}.
+      const auto old_prefix = make_envelope("deliver", number, rec.topic, "").size() - 1;
+      const auto text = frame.view();
+      const auto data = text.substr(old_prefix, text.size() - old_prefix - 1);
+      auto fresh = make_envelope("deliver", ++seq, rec.topic, data);
+      d.replay_bytes += fresh.size() - frame.size();
+      replay_bytes_total_.fetch_add(fresh.size() - frame.size(), std::memory_order_relaxed);
+      number = seq;
+      frame = std::move(fresh);
+    }
+    d.next_seq = seq + 1;
+    d.acked = last_seq;
   }
   void drop_oldest_locked(device_record::delivery_part& d) {
     d.replay_bytes -= d.replay.front().second.size();

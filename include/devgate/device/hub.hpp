@@ -59,7 +59,8 @@ class hub {
                 "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
   static_assert(store::state_store<Store>,
                 "device::hub: Store must satisfy devgate::store::state_store (load, "
-                "add_messages_sent, touch, set_firmware_version, set_transfer, forget; errors as "
+                "add_messages_sent, touch, set_firmware_version, set_transfer, set_last_seq, "
+                "forget; errors as "
                 "values)");
   using writer_type = store::write_behind<Store>;
 
@@ -270,7 +271,11 @@ class hub {
   void bound() {
     devices_.trim(
         [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
-        [this](device_record& r) { delivery_.drop_replay_locked(r); },
+        [this](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          // Queued (or a non-blocking store's short call): numbering resumes above it.
+          (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
+        },
         [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
         [this](device_record& r) { delivery_.drop_replay_locked(r); });
   }

@@ -57,11 +57,13 @@ class registry {
     const store::device_state st = load();
     auto fresh =
         std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
+    fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
     std::unique_lock lock(devices_mutex_);
     auto [it, inserted] = devices_.emplace(id, std::move(fresh));
     if (inserted) {
       list_locked(*it->second);
       loaded_.fetch_add(1, std::memory_order_relaxed);
+      held_.store(devices_.size(), std::memory_order_relaxed);
     }
     return it->second;  // another thread's record if it got there first
   }
@@ -74,10 +76,9 @@ class registry {
     for (const auto& [id, rec] : devices_) out.push_back(rec);
     return out;
   }
-  /// Records held in memory now.
-  [[nodiscard]] std::size_t devices() const {
-    std::shared_lock lock(devices_mutex_);
-    return devices_.size();
+  /// Records held in memory now (a counter: no lock).
+  [[nodiscard]] std::size_t devices() const noexcept {
+    return held_.load(std::memory_order_relaxed);
   }
   /// The bound on records held (0: none).
   [[nodiscard]] std::size_t max_devices() const noexcept { return max_devices_; }
@@ -93,6 +94,9 @@ class registry {
   template <class Durable, class Evict, class OverBudget, class Trim>
   std::size_t trim(Durable&& durable, Evict&& evict, OverBudget&& over_budget, Trim&& trim_one) {
     constexpr int max_looks = 64;
+    const bool over_count =
+        max_devices_ != 0 && held_.load(std::memory_order_relaxed) > max_devices_;
+    if (!over_count && !over_budget()) return 0;  // the usual case: no lock taken
     std::size_t evicted = 0;
     std::unique_lock lock(devices_mutex_);
     int looks = 0;
@@ -119,6 +123,7 @@ class registry {
         devices_.erase(found);
         ++evicted;
       }
+      held_.store(devices_.size(), std::memory_order_relaxed);
     }
     for (auto it = offline_.begin(); it != offline_.end() && looks++ < max_looks && over_budget();
          ++it) {
@@ -143,6 +148,7 @@ class registry {
     }
     unlist_locked(rec);
     devices_.erase(found);
+    held_.store(devices_.size(), std::memory_order_relaxed);
     return true;
   }
   /// Records evicted since start.
@@ -228,6 +234,7 @@ class registry {
   mutable std::shared_mutex devices_mutex_;
   std::unordered_map<std::string, record_ptr> devices_;
   std::list<device_record*> offline_;  // least recently seen first
+  std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
   std::atomic<std::uint64_t> evicted_{0};
   std::atomic<std::uint64_t> loaded_{0};
   mutable std::shared_mutex sessions_mutex_;

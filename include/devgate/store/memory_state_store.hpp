@@ -56,6 +56,13 @@ class memory_state_store {
     s.states[id].transfer = t;
     return {};
   }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].last_seq = seq;
+    return {};
+  }
   /// Forgets the device.
   std::error_code forget(const std::string& id) {
     auto& s = shard(id);

@@ -50,7 +50,10 @@ struct device_state {
   std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
   std::int64_t last_seen_ms = 0;    ///< Unix time (ms) of its last activity; 0 = never seen.
   std::string firmware_version;     ///< The version it reported or was last verified with.
-  transfer_state transfer;          ///< Its part in the current firmware rollout.
+  /// The last sequence number assigned to it when the hub last let go of its record, so that
+  /// numbering continues above it when the device returns (0: none).
+  std::uint64_t last_seq = 0;
+  transfer_state transfer;  ///< Its part in the current firmware rollout.
 };
 
 /// What `load` answers: the device's state, or the error that kept the store from reading it
@@ -68,7 +71,8 @@ struct load_result {
 /// - `load(id)`: the device's state (a default `device_state` for an unknown device).
 /// - `add_messages_sent(id, n)`: adds `n` to the count.
 /// - `touch(id, unix_ms)`: records activity.
-/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
+/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`, `set_last_seq(id, seq)`: replace
+///   one field.
 /// - `forget(id)`: removes everything stored about the device (`hub::forget_device`).
 /// Writes return a `std::error_code` (empty on success), `load` a `load_result`.
 ///
@@ -79,7 +83,7 @@ struct load_result {
 /// The hub never holds one of its own locks while calling the store.
 /// A hub given a type that does not fit stops the build with: "device::hub: Store must satisfy
 /// devgate::store::state_store (load, add_messages_sent, touch, set_firmware_version,
-/// set_transfer, forget; errors as values)".
+/// set_transfer, set_last_seq, forget; errors as values)".
 template <class S>
 concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
                                const std::string& version, const transfer_state& t) {
@@ -88,6 +92,7 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
   { s.touch(id, ms) } -> std::same_as<std::error_code>;
   { s.set_firmware_version(id, version) } -> std::same_as<std::error_code>;
   { s.set_transfer(id, t) } -> std::same_as<std::error_code>;
+  { s.set_last_seq(id, n) } -> std::same_as<std::error_code>;
   { s.forget(id) } -> std::same_as<std::error_code>;
 };
 

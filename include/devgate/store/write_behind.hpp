@@ -87,6 +87,10 @@ class write_behind {
   std::error_code set_transfer(const std::string& id, const transfer_state& t) {
     return submit({op_kind::set_transfer, id, 0, 0, {}, t});
   }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}});
+  }
   /// Forgets the device.
   std::error_code forget(const std::string& id) {
     return submit({op_kind::forget, id, 0, 0, {}, {}});
@@ -139,6 +143,7 @@ class write_behind {
     touch,
     set_firmware_version,
     set_transfer,
+    set_last_seq,
     forget
   };
   struct op {
@@ -159,6 +164,8 @@ class write_behind {
         return "set_firmware_version";
       case op_kind::set_transfer:
         return "set_transfer";
+      case op_kind::set_last_seq:
+        return "set_last_seq";
       case op_kind::forget:
         return "forget";
     }
@@ -203,6 +210,9 @@ class write_behind {
           break;
         case op_kind::set_transfer:
           ec = store_.set_transfer(o.id, o.transfer);
+          break;
+        case op_kind::set_last_seq:
+          ec = store_.set_last_seq(o.id, o.n);
           break;
         case op_kind::forget:
           ec = store_.forget(o.id);
