@@ -22,7 +22,9 @@ namespace devgate_demo {
 /// firmware version. Writes are batched: mutations mark the store dirty and `flush()` (called
 /// by the demo a few times a second and at shutdown) replaces the file atomically (write to a
 /// temporary file, then rename), so a crash loses at most the last interval and never leaves a
-/// half-written file. Transfer states are not persisted: the image is not either.
+/// half-written file. Transfer states are not persisted: the image is not either. A flush holds
+/// the store's lock while it encodes every device, so the store does not say it is
+/// non-blocking: the hub calls its writes from its store thread, off the network threads.
 class file_state_store {
  public:
   /// Loads `file` if it exists. Throws std::runtime_error when it exists but cannot be read.
@@ -43,39 +45,57 @@ class file_state_store {
         st.messages_sent = d.value("messages_sent", std::uint64_t{0});
         st.last_seen_ms = d.value("last_seen_ms", std::int64_t{0});
         st.firmware_version = d.value("firmware_version", std::string{});
+        st.last_seq = d.value("last_seq", std::uint64_t{0});
         s_->states.emplace(id, std::move(st));
       }
     }
   }
 
   /// The device's state, or a default one if it was never stored.
-  [[nodiscard]] devgate::store::device_state load(const std::string& id) const {
+  [[nodiscard]] devgate::store::load_result load(const std::string& id) const {
     std::lock_guard lock(s_->m);
     const auto it = s_->states.find(id);
-    return it == s_->states.end() ? devgate::store::device_state{} : it->second;
+    return {it == s_->states.end() ? devgate::store::device_state{} : it->second, {}};
   }
-  /// Adds `n` to the device's message count; returns the new total.
-  std::uint64_t add_messages_sent(const std::string& id, std::uint64_t n) {
+  /// Adds `n` to the device's message count.
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
     std::lock_guard lock(s_->m);
     s_->dirty = true;
-    return s_->states[id].messages_sent += n;
+    s_->states[id].messages_sent += n;
+    return {};
   }
   /// Records activity at `unix_ms`.
-  void touch(const std::string& id, std::int64_t unix_ms) {
+  std::error_code touch(const std::string& id, std::int64_t unix_ms) {
     std::lock_guard lock(s_->m);
     s_->dirty = true;
     s_->states[id].last_seen_ms = unix_ms;
+    return {};
   }
   /// Records the firmware version the device runs.
-  void set_firmware_version(const std::string& id, const std::string& version) {
+  std::error_code set_firmware_version(const std::string& id, const std::string& version) {
     std::lock_guard lock(s_->m);
     s_->dirty = true;
     s_->states[id].firmware_version = version;
+    return {};
   }
   /// Records the device's transfer (kept in memory only).
-  void set_transfer(const std::string& id, const devgate::store::transfer_state& t) {
+  std::error_code set_transfer(const std::string& id, const devgate::store::transfer_state& t) {
     std::lock_guard lock(s_->m);
     s_->states[id].transfer = t;
+    return {};
+  }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    std::lock_guard lock(s_->m);
+    s_->dirty = true;
+    s_->states[id].last_seq = seq;
+    return {};
+  }
+  /// Forgets the device (gone from the file at the next flush).
+  std::error_code forget(const std::string& id) {
+    std::lock_guard lock(s_->m);
+    s_->dirty = s_->states.erase(id) != 0 || s_->dirty;
+    return {};
   }
 
   /// The demo's firmware release counter: the number of images published so far (persisted,
@@ -105,7 +125,8 @@ class file_state_store {
       for (const auto& [id, st] : s_->states) {
         devices[id] = {{"messages_sent", st.messages_sent},
                        {"last_seen_ms", st.last_seen_ms},
-                       {"firmware_version", st.firmware_version}};
+                       {"firmware_version", st.firmware_version},
+                       {"last_seq", st.last_seq}};
       }
       file = s_->file;
     }

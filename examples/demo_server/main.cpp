@@ -3,7 +3,8 @@
 // live server log, figures, and the fleet's firmware rollout).
 //
 //   demo_server [--port 4000] [--threads N] [--workers-min N] [--workers-max N]
-//               [--queue-capacity N] [--firmware-size BYTES] [--state-file PATH] ...
+//               [--queue-capacity N] [--max-devices N] [--firmware-size BYTES]
+//               [--state-file PATH] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
 // device WebSocket), /metrics (Prometheus), /healthz, /api/info, /api/log (recent server log),
@@ -24,6 +25,7 @@
 #include <mutex>               // log ring, jobs
 #include <string>              // texts
 #include <string_view>         // routes
+#include <system_error>        // store errors
 #include <thread>              // the control thread
 #include <vector>              // firmware images
 
@@ -44,6 +46,7 @@ struct demo_config {
   std::size_t workers_min = 1;
   std::size_t workers_max = 8;
   std::size_t queue_capacity = 1u << 16;
+  std::size_t max_devices = 100'000;
   std::size_t firmware_size = 4u << 20;
   unsigned dispatch_us = 2000;
   std::string state_file = "/tmp/devgate-demo-state.json";
@@ -234,7 +237,14 @@ std::string render_metrics(demo_hub& hub) {
     devgate::append_prometheus_metric(out, name, type, help, static_cast<std::uint64_t>(value));
   };
   gauge("connected_devices", "Device sessions open now.", "gauge", s.connected);
-  gauge("devices_known", "Devices seen since start.", "gauge", s.devices);
+  gauge("devices_held", "Device records held in memory (bounded by --max-devices).", "gauge",
+        s.devices);
+  gauge("devices_evicted_total", "Offline device records evicted to stay within --max-devices.",
+        "counter", s.devices_evicted);
+  gauge("replay_bytes", "Bytes of sequenced messages kept for devices, fleet-wide.", "gauge",
+        s.replay_bytes);
+  gauge("store_errors_total", "State store calls that failed (or writes dropped).", "counter",
+        s.store_errors);
   gauge("replay_dropped_total", "Sequenced messages dropped by replay overflow.", "counter",
         s.replay_dropped);
   gauge("protocol_errors_total", "Error replies sent to devices.", "counter", s.protocol_errors);
@@ -330,6 +340,9 @@ int main(int argc, char** argv) {
                  "Messages the pipeline holds at once; past it devices get queue_full")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--max-devices", cfg.max_devices,
+                 "Device records held in memory; offline ones are evicted past it (0: no bound)")
+      ->capture_default_str();
   app.add_option("--firmware-size", cfg.firmware_size, "Bytes of each synthetic firmware image")
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 30))
       ->capture_default_str();
@@ -386,6 +399,11 @@ int main(int argc, char** argv) {
   ho.pipeline.capacity = cfg.queue_capacity;
   ho.pipeline.pool.min_workers = cfg.workers_min;
   ho.pipeline.pool.max_workers = cfg.workers_max;
+  ho.max_devices = cfg.max_devices;
+  ho.on_store_error = [](std::string_view op, const std::string& id, std::error_code ec) {
+    std::fprintf(stderr, "demo_server: state store %.*s for %s failed: %s\n",
+                 static_cast<int>(op.size()), op.data(), id.c_str(), ec.message().c_str());
+  };
   demo_hub hub(transport, demo_sink{fx}, ho, std::move(*loaded));
   loaded.reset();
 
@@ -427,6 +445,7 @@ int main(int argc, char** argv) {
   control.stop();
   hub.stop();  // intake closes, queued messages dispatch, then sessions close with 1001
   hub.unsubscribe(log_token);
+  hub.store_writer().drain();  // every write behind reaches the store before the file is saved
   const auto ec = hub.state_store().flush();
   const auto s = hub.stats();
   std::printf("stopped: %llu messages dispatched, state %s %s\n",

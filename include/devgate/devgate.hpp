@@ -11,7 +11,8 @@
 ///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
-///   store/      per-device state across connections: the concept and the in-memory store
+///   store/      per-device state across connections: the concept, the in-memory store, and the
+///               write-behind front that keeps store calls off the network threads
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
 ///   detail/     internals several layers share (OpenSSL wrappers); not part of the API
@@ -49,6 +50,7 @@
 
 #include "devgate/store/memory_state_store.hpp"  // memory_state_store: the default state store
 #include "devgate/store/state_store.hpp"  // state_store concept: per-device state across connections
+#include "devgate/store/write_behind.hpp"  // write_behind: store writes off the network threads
 
 #include "devgate/device/delivery.hpp"  // delivery: sequence numbers, replay buffer, ordered outbox
 #include "devgate/device/device_id.hpp"  // device ids and /ws/<id> identification (400 otherwise)

@@ -16,7 +16,8 @@
 ///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
-///   store/      per-device state across connections: the concept and the in-memory store
+///   store/      per-device state across connections: the concept, the in-memory store, and the
+///               write-behind front that keeps store calls off the network threads
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
 ///   detail/     internals several layers share (OpenSSL wrappers); not part of the API
@@ -7592,14 +7593,16 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 #include <memory>         // shards live on the heap so the store can move into the hub
 #include <mutex>          // per-shard lock
 #include <string>         // device ids
+#include <system_error>   // results
 #include <unordered_map>  // device table
 
 
 // ---- begin devgate/store/state_store.hpp ----
 
-#include <concepts>  // std::same_as
-#include <cstdint>   // counters, offsets
-#include <string>    // device ids, versions
+#include <concepts>      // std::same_as
+#include <cstdint>       // counters, offsets
+#include <string>        // device ids, versions
+#include <system_error>  // errors as values
 
 namespace devgate::store {
 
@@ -7646,28 +7649,57 @@ struct device_state {
   std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
   std::int64_t last_seen_ms = 0;    ///< Unix time (ms) of its last activity; 0 = never seen.
   std::string firmware_version;     ///< The version it reported or was last verified with.
-  transfer_state transfer;          ///< Its part in the current firmware rollout.
+  /// The last sequence number assigned to it when the hub last let go of its record, so that
+  /// numbering continues above it when the device returns (0: none).
+  std::uint64_t last_seq = 0;
+  transfer_state transfer;  ///< Its part in the current firmware rollout.
+};
+
+/// What `load` answers: the device's state, or the error that kept the store from reading it
+/// (then `state` is a default one, and the hub counts the error and carries on with it).
+struct load_result {
+  device_state state;     ///< The stored state (default for an unknown device).
+  std::error_code error;  ///< Why the store could not answer (empty: it did).
 };
 
 /// What the device hub requires of a state store. Every operation is per field, so that a
 /// store backed by Redis (HINCRBY, HSET) or a file can implement each one atomically without
-/// a read-modify-write of the whole record; all must be safe to call from any thread.
+/// a read-modify-write of the whole record; all must be safe to call from any thread, and each
+/// reports failure as a value (a store should not throw; if it does, the hub counts the
+/// exception as an error of that call).
 /// - `load(id)`: the device's state (a default `device_state` for an unknown device).
-/// - `add_messages_sent(id, n)`: adds `n`, returns the new total.
+/// - `add_messages_sent(id, n)`: adds `n` to the count.
 /// - `touch(id, unix_ms)`: records activity.
-/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`: replace one field.
+/// - `set_firmware_version(id, v)`, `set_transfer(id, t)`, `set_last_seq(id, seq)`: replace
+///   one field.
+/// - `forget(id)`: removes everything stored about the device (`hub::forget_device`).
+/// Writes return a `std::error_code` (empty on success), `load` a `load_result`.
+///
+/// Threads: a store that may block (disk, network) is called from the hub's store thread only,
+/// never from a network thread (`store::write_behind`). A store whose every call is quick and
+/// never waits on I/O opts out of that thread with `static constexpr bool nonblocking = true;`
+/// and is then called inline (`memory_state_store` does).
 /// The hub never holds one of its own locks while calling the store.
 /// A hub given a type that does not fit stops the build with: "device::hub: Store must satisfy
 /// devgate::store::state_store (load, add_messages_sent, touch, set_firmware_version,
-/// set_transfer)".
+/// set_transfer, set_last_seq, forget; errors as values)".
 template <class S>
 concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std::int64_t ms,
                                const std::string& version, const transfer_state& t) {
-  { s.load(id) } -> std::same_as<device_state>;
-  { s.add_messages_sent(id, n) } -> std::same_as<std::uint64_t>;
-  s.touch(id, ms);
-  s.set_firmware_version(id, version);
-  s.set_transfer(id, t);
+  { s.load(id) } -> std::same_as<load_result>;
+  { s.add_messages_sent(id, n) } -> std::same_as<std::error_code>;
+  { s.touch(id, ms) } -> std::same_as<std::error_code>;
+  { s.set_firmware_version(id, version) } -> std::same_as<std::error_code>;
+  { s.set_transfer(id, t) } -> std::same_as<std::error_code>;
+  { s.set_last_seq(id, n) } -> std::same_as<std::error_code>;
+  { s.forget(id) } -> std::same_as<std::error_code>;
+};
+
+/// True for a store that says every call is quick and never waits (`S::nonblocking`): the hub
+/// calls it inline, on whatever thread needs it, instead of through its store thread.
+template <class S>
+inline constexpr bool is_nonblocking_store = requires {
+  requires static_cast<bool>(S::nonblocking);
 };
 
 }  // namespace devgate::store
@@ -7679,36 +7711,57 @@ namespace devgate::store {
 /// devices on different transport threads rarely contend. Lost when the process exits.
 class memory_state_store {
  public:
+  /// Every call is a short shard lock and no I/O: the hub calls it inline.
+  static constexpr bool nonblocking = true;
+
   /// The device's state, or a default one if it was never stored.
-  [[nodiscard]] device_state load(const std::string& id) const {
+  [[nodiscard]] load_result load(const std::string& id) const {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     auto it = s.states.find(id);
-    return it == s.states.end() ? device_state{} : it->second;
+    return {it == s.states.end() ? device_state{} : it->second, {}};
   }
-  /// Adds `n` to the device's message count; returns the new total.
-  std::uint64_t add_messages_sent(const std::string& id, std::uint64_t n) {
+  /// Adds `n` to the device's message count.
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
-    return s.states[id].messages_sent += n;
+    s.states[id].messages_sent += n;
+    return {};
   }
   /// Records activity at `unix_ms`.
-  void touch(const std::string& id, std::int64_t unix_ms) {
+  std::error_code touch(const std::string& id, std::int64_t unix_ms) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].last_seen_ms = unix_ms;
+    return {};
   }
   /// Records the firmware version the device runs.
-  void set_firmware_version(const std::string& id, const std::string& version) {
+  std::error_code set_firmware_version(const std::string& id, const std::string& version) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].firmware_version = version;
+    return {};
   }
   /// Records the device's firmware transfer.
-  void set_transfer(const std::string& id, const transfer_state& t) {
+  std::error_code set_transfer(const std::string& id, const transfer_state& t) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].transfer = t;
+    return {};
+  }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].last_seq = seq;
+    return {};
+  }
+  /// Forgets the device.
+  std::error_code forget(const std::string& id) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states.erase(id);
+    return {};
   }
   /// Devices stored.
   [[nodiscard]] std::size_t size() const {
@@ -7733,15 +7786,296 @@ class memory_state_store {
 
 static_assert(state_store<memory_state_store>,
               "memory_state_store must satisfy devgate::store::state_store");
+static_assert(is_nonblocking_store<memory_state_store>);
 
 }  // namespace devgate::store
 // ---- end devgate/store/memory_state_store.hpp ----
+
+// ---- begin devgate/store/write_behind.hpp ----
+
+#include <atomic>              // error counts
+#include <condition_variable>  // the store thread sleeps until there is work
+#include <cstddef>             // std::size_t
+#include <cstdint>             // counters
+#include <deque>               // queued writes
+#include <functional>          // the error handler
+#include <mutex>               // the queue
+#include <string>              // device ids, versions
+#include <string_view>         // operation names
+#include <system_error>        // results
+#include <thread>              // the store thread
+#include <type_traits>         // choosing inline or queued
+#include <utility>             // std::move
+
+
+namespace devgate::store {
+
+/// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
+/// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
+/// for a write dropped because the queue was full).
+using store_error_handler =
+    std::function<void(std::string_view operation, const std::string& id, std::error_code)>;
+
+/// The hub's way to its state store, so that no network thread waits for a store that may
+/// block. For a store that says it never blocks (`is_nonblocking_store`, e.g.
+/// `memory_state_store`) every call goes straight to it. For any other store, writes are queued
+/// (bounded by `capacity`) and applied in order by one store thread; a write that finds the
+/// queue full is dropped and counted, never waited for. Every error a store call returns, and
+/// every exception it throws, is counted (`errors()`) and passed to the error handler; the
+/// caller carries on with what it has in memory.
+///
+/// `load` runs on the caller's thread (the hub keeps the live figures in its records and
+/// loads a device only when it first sees it). The writes of one device are applied in the
+/// order they were queued; `applied_through(ticket)` says whether the writes accepted up to a
+/// ticket (`submitted()` then) have been applied, which is what the hub waits for before it
+/// evicts a record.
+template <class Store>
+class write_behind {
+ public:
+  /// Calls to `store` (referenced: it outlives this). `capacity` bounds queued writes;
+  /// `on_error` may be empty.
+  write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {})
+      : store_(store), capacity_(capacity), on_error_(std::move(on_error)) {
+    if constexpr (!inline_calls) thread_ = std::thread([this] { run(); });
+  }
+  write_behind(const write_behind&) = delete;
+  write_behind& operator=(const write_behind&) = delete;
+  /// Applies what is queued, then stops the store thread.
+  ~write_behind() {
+    if constexpr (!inline_calls) {
+      {
+        std::lock_guard lock(mutex_);
+        stopping_ = true;
+      }
+      wake_.notify_all();
+      thread_.join();
+    }
+  }
+
+  /// The device's stored state (a default one, and the error counted, if the store fails).
+  [[nodiscard]] device_state load(const std::string& id) {
+    try {
+      auto r = store_.load(id);
+      if (r.error) failed("load", id, r.error);
+      return std::move(r.state);
+    } catch (...) {
+      failed("load", id, std::make_error_code(std::errc::io_error));
+      return {};
+    }
+  }
+  /// Adds `n` to the device's message count (queued unless the store is non-blocking).
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
+    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}});
+  }
+  /// Records activity at `unix_ms`.
+  std::error_code touch(const std::string& id, std::int64_t unix_ms) {
+    return submit({op_kind::touch, id, 0, unix_ms, {}, {}});
+  }
+  /// Records the firmware version the device runs.
+  std::error_code set_firmware_version(const std::string& id, const std::string& version) {
+    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}});
+  }
+  /// Records the device's firmware transfer.
+  std::error_code set_transfer(const std::string& id, const transfer_state& t) {
+    return submit({op_kind::set_transfer, id, 0, 0, {}, t});
+  }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}});
+  }
+  /// Forgets the device.
+  std::error_code forget(const std::string& id) {
+    return submit({op_kind::forget, id, 0, 0, {}, {}});
+  }
+
+  /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
+  /// accepted until now has reached the store).
+  [[nodiscard]] std::uint64_t submitted() const noexcept {
+    return submitted_.load(std::memory_order_acquire);
+  }
+  /// True when the first `ticket` writes accepted have been applied (or failed).
+  [[nodiscard]] bool applied_through(std::uint64_t ticket) const noexcept {
+    return applied_.load(std::memory_order_acquire) >= ticket;
+  }
+  /// True when every write queued so far has been applied.
+  [[nodiscard]] bool idle() const {
+    if constexpr (inline_calls) {
+      return true;
+    } else {
+      std::lock_guard lock(mutex_);
+      return queue_.empty() && !applying_;
+    }
+  }
+  /// Waits until every write queued so far has been applied (tests, shutdown).
+  void drain() {
+    if constexpr (!inline_calls) {
+      std::unique_lock lock(mutex_);
+      drained_.wait(lock, [&] { return queue_.empty() && !applying_; });
+    }
+  }
+  /// Store calls that failed (errors returned, exceptions thrown, writes dropped).
+  [[nodiscard]] std::uint64_t errors() const noexcept {
+    return errors_.load(std::memory_order_relaxed);
+  }
+  /// Writes dropped because the queue was full (counted in `errors()` too).
+  [[nodiscard]] std::uint64_t dropped() const noexcept {
+    return dropped_.load(std::memory_order_relaxed);
+  }
+  /// Writes waiting for the store thread.
+  [[nodiscard]] std::size_t queued() const {
+    std::lock_guard lock(mutex_);
+    return queue_.size();
+  }
+
+ private:
+  static constexpr bool inline_calls = is_nonblocking_store<Store>;
+
+  enum class op_kind : std::uint8_t {
+    add_messages_sent,
+    touch,
+    set_firmware_version,
+    set_transfer,
+    set_last_seq,
+    forget
+  };
+  struct op {
+    op_kind kind;
+    std::string id;
+    std::uint64_t n;
+    std::int64_t ms;
+    std::string version;
+    transfer_state transfer;
+  };
+  static constexpr std::string_view name(op_kind k) noexcept {
+    switch (k) {
+      case op_kind::add_messages_sent:
+        return "add_messages_sent";
+      case op_kind::touch:
+        return "touch";
+      case op_kind::set_firmware_version:
+        return "set_firmware_version";
+      case op_kind::set_transfer:
+        return "set_transfer";
+      case op_kind::set_last_seq:
+        return "set_last_seq";
+      case op_kind::forget:
+        return "forget";
+    }
+    return "write";
+  }
+
+  std::error_code submit(op o) {
+    if constexpr (inline_calls) {
+      submitted_.fetch_add(1, std::memory_order_relaxed);
+      const auto ec = apply(o);
+      applied_.fetch_add(1, std::memory_order_release);
+      return ec;
+    } else {
+      {
+        std::lock_guard lock(mutex_);
+        if (queue_.size() >= capacity_) {
+          dropped_.fetch_add(1, std::memory_order_relaxed);
+          errors_.fetch_add(1, std::memory_order_relaxed);
+          // Reported by the store thread: the handler may be slow, and this is a hot path.
+          if (on_error_ && pending_drop_report_.empty()) pending_drop_report_ = o.id;
+          return std::make_error_code(std::errc::no_buffer_space);
+        }
+        queue_.push_back(std::move(o));
+        submitted_.fetch_add(1, std::memory_order_release);
+      }
+      wake_.notify_one();
+      return {};
+    }
+  }
+  std::error_code apply(const op& o) {
+    std::error_code ec;
+    try {
+      switch (o.kind) {
+        case op_kind::add_messages_sent:
+          ec = store_.add_messages_sent(o.id, o.n);
+          break;
+        case op_kind::touch:
+          ec = store_.touch(o.id, o.ms);
+          break;
+        case op_kind::set_firmware_version:
+          ec = store_.set_firmware_version(o.id, o.version);
+          break;
+        case op_kind::set_transfer:
+          ec = store_.set_transfer(o.id, o.transfer);
+          break;
+        case op_kind::set_last_seq:
+          ec = store_.set_last_seq(o.id, o.n);
+          break;
+        case op_kind::forget:
+          ec = store_.forget(o.id);
+          break;
+      }
+    } catch (...) {
+      ec = std::make_error_code(std::errc::io_error);
+    }
+    if (ec) failed(name(o.kind), o.id, ec);
+    return ec;
+  }
+  void failed(std::string_view what, const std::string& id, std::error_code ec) {
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    if (!on_error_) return;
+    try {
+      on_error_(what, id, ec);
+    } catch (...) {  // a throwing logger loses its line, not the process
+    }
+  }
+  void run() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, and everything applied
+      std::deque<op> batch;
+      batch.swap(queue_);
+      applying_ = true;
+      std::string drop_report;
+      drop_report.swap(pending_drop_report_);
+      lock.unlock();
+      if (!drop_report.empty() && on_error_) {
+        try {
+          on_error_("queue", drop_report, std::make_error_code(std::errc::no_buffer_space));
+        } catch (...) {  // as in failed()
+        }
+      }
+      for (const auto& o : batch) {
+        (void)apply(o);
+        applied_.fetch_add(1, std::memory_order_release);
+      }
+      lock.lock();
+      applying_ = false;
+      if (queue_.empty()) drained_.notify_all();
+    }
+  }
+
+  Store& store_;
+  const std::size_t capacity_;
+  store_error_handler on_error_;
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable drained_;
+  std::deque<op> queue_;
+  std::string pending_drop_report_;  // a dropped write's device, reported by the store thread
+  bool applying_ = false;
+  bool stopping_ = false;
+  std::atomic<std::uint64_t> errors_{0};
+  std::atomic<std::uint64_t> dropped_{0};
+  std::atomic<std::uint64_t> submitted_{0};
+  std::atomic<std::uint64_t> applied_{0};
+  std::thread thread_;
+};
+
+}  // namespace devgate::store
+// ---- end devgate/store/write_behind.hpp ----
 
 
 // ---- begin devgate/device/delivery.hpp ----
 
 #include <algorithm>    // std::max
-#include <atomic>       // drop count
+#include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
 #include <deque>        // outbox batches
@@ -8043,9 +8377,11 @@ inline constexpr int max_json_depth = 32;
 
 // ---- begin devgate/device/record.hpp ----
 
+#include <atomic>   // hand-off progress
 #include <cstddef>  // std::size_t
 #include <cstdint>  // sequence numbers, offsets
 #include <deque>    // outbox, replay buffer
+#include <list>     // the registry's offline order
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
 #include <string>   // id, topic, versions
@@ -8222,10 +8558,12 @@ struct outbound {
 /// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
-  device_record(std::string device, std::uint64_t sent, std::string version)
+  device_record(std::string device, std::uint64_t sent, std::string version,
+                std::int64_t seen_ms = 0)
       : id(std::move(device)),
         topic(std::string(topics::device_prefix) + id),
         messages_sent(sent),
+        last_seen_ms(seen_ms),
         firmware_version(std::move(version)) {}
 
   const std::string id;      ///< The device id.
@@ -8243,6 +8581,12 @@ struct device_record {
 
   /// Device messages the pipeline accepted over the device's lifetime (protocol dispatch).
   std::uint64_t messages_sent;
+  /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
+  /// figures here and writes them behind to the store, so it never reads the store back.
+  std::int64_t last_seen_ms;
+  /// The store's write ticket after the last write about this device went offline: the
+  /// registry evicts the record only once the store has applied that far.
+  std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
 
@@ -8257,6 +8601,10 @@ struct device_record {
     std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
     std::deque<outbound> outbox;       ///< Queued to the session, in order.
     bool draining = false;             ///< A thread is sending the outbox (with no lock held).
+    std::uint64_t queued = 0;          ///< Messages ever queued to the outbox.
+    /// Of the `queued` first messages, how many were handed to the transport (or forgotten);
+    /// a `flush` that finds another thread sending waits for this to pass its own messages.
+    std::atomic<std::uint64_t> handed{0};
   };
   delivery_part delivery;  ///< Sequenced delivery and the outbox.
 
@@ -8276,6 +8624,14 @@ struct device_record {
     clock::time_point retry_at{};       ///< After a stall, it waits for a slot until then.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
+
+  /// Its place among the offline records, least recently seen first (written by the registry
+  /// under its device table's lock, not under `mutex`).
+  struct registry_part {
+    bool listed = false;                           ///< In the offline list (evictable).
+    std::list<device_record*>::iterator position;  ///< Where, when listed.
+  };
+  registry_part offline;  ///< Its place among the offline records.
 };
 
 }  // namespace devgate::device
@@ -8325,13 +8681,11 @@ class delivery {
       seq = d.next_seq++;
       auto frame = make_envelope("deliver", seq, rec.topic, data_json);
       d.replay_bytes += frame.size();
+      replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
-        d.replay_bytes -= d.replay.front().second.size();
-        d.replay.pop_front();
-        ++d.replay_dropped;
-        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
+        drop_oldest_locked(d);
       }
       if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
@@ -8342,8 +8696,9 @@ class delivery {
   }
 
   /// Resumes delivery to session `s` after its hello: forgets what `last_seq` acknowledges,
-  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent, then every
-  /// kept message in order, and makes the session live (later deliveries go straight to it);
+  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent (then the
+  /// kept messages are renumbered from `last_seq + 1`, and numbering continues from there), then
+  /// every kept message in order, and makes the session live (later deliveries go straight to it);
   /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
   /// it runs with the device's mutex held, so it may read and set the record's fields but must
   /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
@@ -8358,6 +8713,8 @@ class delivery {
       if (!info.bad_resume) {
         forget_through(d, last_seq);
         d.acked = std::max(d.acked, last_seq);
+      } else {
+        renumber_above_locked(rec, last_seq);
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();
@@ -8402,21 +8759,44 @@ class delivery {
   static void queue_locked(device_record& rec, session_id s, payload_kind kind,
                            shared_bytes bytes) {
     rec.delivery.outbox.push_back({s, kind, std::move(bytes)});
+    ++rec.delivery.queued;
   }
-  /// Sends the device's queued messages in order. Whoever finds the outbox idle sends it,
-  /// including what other threads queue meanwhile; the transport is called with no lock held.
+  /// Sends the device's queued messages in order, and returns once everything queued before
+  /// the call has been handed to the transport. Whoever finds the outbox idle sends it,
+  /// including what other threads queue meanwhile, with no lock held; a thread that finds
+  /// another one sending waits until that thread has handed over its messages too. So what one
+  /// thread produces reaches the transport in the order it produced it, whether it goes
+  /// through this outbox or not (an event broadcast after a `deliver` cannot overtake it).
+  /// The wait lasts one batch of non-blocking transport sends; a flush called from inside a
+  /// hand-off (a transport callback) does not wait, so no cycle of waits can form.
   void flush(device_record& rec) {
     std::unique_lock lock(rec.mutex);
     auto& d = rec.delivery;
-    if (d.draining) return;
+    if (d.draining) {
+      if (handing_off() != 0) return;
+      const std::uint64_t mine = d.queued;
+      lock.unlock();
+      for (auto h = d.handed.load(std::memory_order_acquire); h < mine;
+           h = d.handed.load(std::memory_order_acquire)) {
+        d.handed.wait(h, std::memory_order_acquire);
+      }
+      return;
+    }
     d.draining = true;
+    ++handing_off();
     while (!d.outbox.empty()) {
       std::deque<outbound> batch;
       batch.swap(d.outbox);
+      const std::uint64_t taken = d.queued;
       lock.unlock();
       for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
       lock.lock();
+      d.handed.store(taken, std::memory_order_release);
+      d.handed.notify_all();
     }
+    --handing_off();
+    d.handed.store(d.queued, std::memory_order_release);  // counts what `forget` dropped
+    d.handed.notify_all();
     d.draining = false;
   }
   /// Drops what is queued for session `s` and not yet sent (it closed or was replaced).
@@ -8425,23 +8805,70 @@ class delivery {
     std::erase_if(rec.delivery.outbox, [s](const outbound& o) { return o.session == s; });
   }
 
+  /// Drops every kept message of the device (counted: the device sees the count in its next
+  /// welcome, the fleet in `replay_dropped`); the caller holds the device's mutex. For the
+  /// fleet-wide replay budget, and for a record being evicted.
+  void drop_replay_locked(device_record& rec) {
+    auto& d = rec.delivery;
+    while (!d.replay.empty()) drop_oldest_locked(d);
+  }
+
   /// Sequenced messages dropped by replay overflow since start, over every device.
   [[nodiscard]] std::uint64_t replay_dropped() const noexcept {
     return replay_dropped_.load(std::memory_order_relaxed);
   }
+  /// Bytes of sequenced messages kept now, over every device held.
+  [[nodiscard]] std::size_t replay_bytes() const noexcept {
+    return replay_bytes_total_.load(std::memory_order_relaxed);
+  }
 
  private:
-  static void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
+  // Outboxes the calling thread is handing to the transport now (0 or 1; more only when a
+  // transport callback re-enters the hub).
+  static int& handing_off() noexcept {
+    thread_local int depth = 0;
+    return depth;
+  }
+  void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
     while (!d.replay.empty() && d.replay.front().first <= seq) {
       d.replay_bytes -= d.replay.front().second.size();
+      replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
       d.replay.pop_front();
     }
+  }
+  // The device has numbers this record never assigned: its record was evicted (or the server
+  // restarted) since. Numbering continues above what the device has, kept messages included,
+  // so that it does not drop them, or what comes next, as duplicates.
+  void renumber_above_locked(device_record& rec, std::uint64_t last_seq) {
+    auto& d = rec.delivery;
+    std::uint64_t seq = last_seq;
+    for (auto& [number, frame] : d.replay) {
+      // A deliver frame is {"type":"deliver","seq":N,"topic":"T","data":<data>}.
+      const auto old_prefix = make_envelope("deliver", number, rec.topic, "").size() - 1;
+      const auto text = frame.view();
+      const auto data = text.substr(old_prefix, text.size() - old_prefix - 1);
+      auto fresh = make_envelope("deliver", ++seq, rec.topic, data);
+      d.replay_bytes += fresh.size() - frame.size();
+      replay_bytes_total_.fetch_add(fresh.size() - frame.size(), std::memory_order_relaxed);
+      number = seq;
+      frame = std::move(fresh);
+    }
+    d.next_seq = seq + 1;
+    d.acked = last_seq;
+  }
+  void drop_oldest_locked(device_record::delivery_part& d) {
+    d.replay_bytes -= d.replay.front().second.size();
+    replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
+    d.replay.pop_front();
+    ++d.replay_dropped;
+    replay_dropped_.fetch_add(1, std::memory_order_relaxed);
   }
 
   Transport& transport_;
   const std::size_t max_replay_messages_;
   const std::size_t max_replay_bytes_;
   std::atomic<std::uint64_t> replay_dropped_{0};
+  std::atomic<std::size_t> replay_bytes_total_{0};
 };
 
 }  // namespace devgate::device
@@ -8515,20 +8942,19 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 
 // ---- begin devgate/device/pubsub.hpp ----
 
-#include <algorithm>      // std::find, std::erase
-#include <atomic>         // subscription tokens
+#include <atomic>         // subscriber counts, subscription tokens
 #include <cstddef>        // std::size_t
 #include <cstdint>        // tokens
-#include <functional>     // host subscribers
-#include <memory>         // copy-on-write topic entries
-#include <mutex>          // writers
-#include <shared_mutex>   // readers (publish) share the table
+#include <functional>     // host subscribers, transparent hashing
+#include <memory>         // topic entries, publish snapshots
+#include <mutex>          // per-topic and per-session locks
+#include <shared_mutex>   // the topic table: publishers share it
 #include <span>           // recipients
 #include <string>         // topic names
 #include <string_view>    // topic names
-#include <unordered_map>  // topic table, per-session topics
+#include <unordered_map>  // topic table, member positions, per-session topics
 #include <utility>        // std::move
-#include <vector>         // recipients
+#include <vector>         // members, snapshots
 
 
 namespace devgate::device {
@@ -8537,8 +8963,14 @@ namespace devgate::device {
 /// host callbacks. Subscribe, unsubscribe and publish from any thread. A publish encodes
 /// nothing itself: the caller hands it one payload, which every subscriber shares.
 ///
-/// Subscriber lists are copy-on-write: publish takes a shared lock just long enough to copy
-/// one shared_ptr, then sends with no lock held.
+/// Cost: subscribing and unsubscribing a session are O(1) amortised (a topic keeps its members
+/// in a vector with each member's position, and removes by moving the last member into the
+/// gap), so a reconnect storm of N devices costs O(N), not a copy of the list per hello. A
+/// publish sends to an immutable snapshot of the members, rebuilt by the first publish after a
+/// change (O(members), the size of the broadcast itself) and shared by later publishes; it takes
+/// the topic's own mutex just long enough to copy one shared_ptr, and sends with no lock held.
+/// Topics are never removed (there are a few: the hub's three and the host's own), so the
+/// topic table's lock is exclusive only when a topic is first used.
 class pubsub {
  public:
   /// A host subscriber: receives the topic and the payload (the JSON text devices receive).
@@ -8551,84 +8983,91 @@ class pubsub {
 
   /// Subscribes session `s` to `topic`; false if it already was.
   bool subscribe(std::string_view topic, session_id s) {
-    std::unique_lock lock(mutex_);
-    auto& e = entries_[std::string(topic)];
-    auto next = e ? std::make_shared<entry>(*e) : std::make_shared<entry>();
-    if (std::find(next->sessions.begin(), next->sessions.end(), s) != next->sessions.end()) {
-      return false;
+    topic_entry& e = entry_for(topic);
+    {
+      std::lock_guard lock(e.mutex);
+      if (!e.position.emplace(s, e.members.size()).second) return false;
+      e.members.push_back(s);
+      e.snap.reset();
+      e.count.fetch_add(1, std::memory_order_relaxed);
     }
-    next->sessions.push_back(s);
-    e = std::move(next);
-    by_session_[s].emplace_back(topic);
+    std::lock_guard lock(sessions_mutex_);
+    by_session_[s].push_back(&e);
     return true;
   }
   /// Unsubscribes session `s` from `topic`; false if it was not subscribed.
   bool unsubscribe(std::string_view topic, session_id s) {
-    std::unique_lock lock(mutex_);
-    if (!remove_locked(std::string(topic), s)) return false;
+    topic_entry* e = find(topic);
+    if (e == nullptr || !remove(*e, s)) return false;
+    std::lock_guard lock(sessions_mutex_);
     if (auto it = by_session_.find(s); it != by_session_.end()) {
-      std::erase(it->second, std::string(topic));
+      std::erase(it->second, e);
       if (it->second.empty()) by_session_.erase(it);
     }
     return true;
   }
   /// Removes every subscription of session `s` (when it closes).
   void unsubscribe_all(session_id s) {
-    std::unique_lock lock(mutex_);
-    auto it = by_session_.find(s);
-    if (it == by_session_.end()) return;
-    for (const auto& t : it->second) remove_locked(t, s);
-    by_session_.erase(it);
+    std::vector<topic_entry*> topics;
+    {
+      std::lock_guard lock(sessions_mutex_);
+      auto it = by_session_.find(s);
+      if (it == by_session_.end()) return;
+      topics = std::move(it->second);
+      by_session_.erase(it);
+    }
+    for (auto* e : topics) remove(*e, s);
   }
   /// Subscribes a host callback to `topic` (it runs on the publishing thread, with no lock
   /// held; keep it quick). Returns the token for `unsubscribe`.
   token subscribe(std::string_view topic, callback cb) {
     const token t = next_token_.fetch_add(1, std::memory_order_relaxed) + 1;
-    std::unique_lock lock(mutex_);
-    auto& e = entries_[std::string(topic)];
-    auto next = e ? std::make_shared<entry>(*e) : std::make_shared<entry>();
-    next->callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
-    e = std::move(next);
+    topic_entry& e = entry_for(topic);
+    std::lock_guard lock(e.mutex);
+    e.callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
+    e.snap.reset();
+    e.count.fetch_add(1, std::memory_order_relaxed);
     return t;
   }
   /// Removes a host subscription. A publish already running may still call it once.
   void unsubscribe(token t) {
-    std::unique_lock lock(mutex_);
+    std::shared_lock table(table_mutex_);
     for (auto& [name, e] : entries_) {
-      if (!e) continue;
-      for (std::size_t i = 0; i < e->callbacks.size(); ++i) {
-        if (e->callbacks[i].first != t) continue;
-        auto next = std::make_shared<entry>(*e);
-        next->callbacks.erase(next->callbacks.begin() + static_cast<std::ptrdiff_t>(i));
-        e = std::move(next);
+      std::lock_guard lock(e->mutex);
+      for (auto it = e->callbacks.begin(); it != e->callbacks.end(); ++it) {
+        if (it->first != t) continue;
+        e->callbacks.erase(it);
+        e->snap.reset();
+        e->count.fetch_sub(1, std::memory_order_relaxed);
         return;
       }
     }
   }
 
-  /// True when `topic` has any subscriber (lets publishers skip building a payload).
+  /// True when `topic` has any subscriber (lets publishers skip building a payload). Takes no
+  /// lock but the topic table's shared one, and allocates nothing.
   [[nodiscard]] bool has_subscribers(std::string_view topic) const {
-    const auto e = find(topic);
-    return e && (!e->sessions.empty() || !e->callbacks.empty());
+    const topic_entry* e = find(topic);
+    return e != nullptr && e->count.load(std::memory_order_relaxed) != 0;
   }
-  /// The sessions subscribed to `topic` now.
+  /// The sessions subscribed to `topic` now (in no particular order).
   [[nodiscard]] std::vector<session_id> sessions(std::string_view topic) const {
-    const auto e = find(topic);
-    return e ? e->sessions : std::vector<session_id>{};
+    const auto snap = snapshot(topic);
+    return snap ? snap->sessions : std::vector<session_id>{};
   }
 
   /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`. Returns how
   /// many sessions took it plus how many callbacks ran.
   std::size_t publish(std::string_view topic, const shared_bytes& payload,
                       payload_kind kind = payload_kind::text) const {
-    const auto e = find(topic);
-    if (!e) return 0;
+    const auto snap = snapshot(topic);
+    if (!snap) return 0;
     std::size_t n = 0;
-    if (!e->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
-      n += channel_->broadcast(channel_->target, std::span<const session_id>(e->sessions), kind,
+    if (!snap->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
+      n += channel_->broadcast(channel_->target, std::span<const session_id>(snap->sessions), kind,
                                payload);
     }
-    for (const auto& [t, cb] : e->callbacks) {
+    for (const auto& [t, cb] : snap->callbacks) {
       (*cb)(topic, payload);
       ++n;
     }
@@ -8636,33 +9075,74 @@ class pubsub {
   }
 
  private:
-  struct entry {
+  // What a publish sends to: a copy of a topic's subscribers, immutable once built.
+  struct snapshot_t {
     std::vector<session_id> sessions;
     std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
   };
+  // One topic: its members (unordered; `position` finds each), its callbacks, and the snapshot
+  // of both (nullptr after a change, until the next publish builds it).
+  struct topic_entry {
+    mutable std::mutex mutex;
+    std::vector<session_id> members;
+    std::unordered_map<session_id, std::size_t> position;
+    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
+    mutable std::shared_ptr<const snapshot_t> snap;
+    std::atomic<std::size_t> count{0};  // members + callbacks, read without the mutex
+  };
+  // Lets the topic table be searched by string_view without building a string.
+  struct name_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
 
-  std::shared_ptr<const entry> find(std::string_view topic) const {
-    std::shared_lock lock(mutex_);
-    const auto it = entries_.find(std::string(topic));
-    return it == entries_.end() ? nullptr : it->second;
+  topic_entry* find(std::string_view topic) const {
+    std::shared_lock lock(table_mutex_);
+    const auto it = entries_.find(topic);
+    return it == entries_.end() ? nullptr : it->second.get();
   }
-  bool remove_locked(const std::string& topic, session_id s) {
-    auto it = entries_.find(topic);
-    if (it == entries_.end() || !it->second) return false;
-    const auto& cur = it->second->sessions;
-    const auto pos = std::find(cur.begin(), cur.end(), s);
-    if (pos == cur.end()) return false;
-    auto next = std::make_shared<entry>(*it->second);
-    next->sessions.erase(next->sessions.begin() + (pos - cur.begin()));
-    it->second = std::move(next);
+  topic_entry& entry_for(std::string_view topic) {
+    if (auto* e = find(topic)) return *e;
+    std::unique_lock lock(table_mutex_);
+    auto& slot = entries_[std::string(topic)];
+    if (!slot) slot = std::make_unique<topic_entry>();
+    return *slot;
+  }
+  std::shared_ptr<const snapshot_t> snapshot(std::string_view topic) const {
+    const topic_entry* e = find(topic);
+    if (e == nullptr) return nullptr;
+    std::lock_guard lock(e->mutex);
+    if (!e->snap) {
+      e->snap = std::make_shared<const snapshot_t>(snapshot_t{e->members, e->callbacks});
+    }
+    return e->snap;
+  }
+  // Removes `s` from a topic in O(1): the last member moves into its place.
+  static bool remove(topic_entry& e, session_id s) {
+    std::lock_guard lock(e.mutex);
+    const auto it = e.position.find(s);
+    if (it == e.position.end()) return false;
+    const std::size_t at = it->second;
+    e.position.erase(it);
+    if (at + 1 != e.members.size()) {
+      e.members[at] = e.members.back();
+      e.position[e.members[at]] = at;
+    }
+    e.members.pop_back();
+    e.snap.reset();
+    e.count.fetch_sub(1, std::memory_order_relaxed);
     return true;
   }
 
   const reply_channel* channel_ = nullptr;
   std::atomic<token> next_token_{0};
-  mutable std::shared_mutex mutex_;
-  std::unordered_map<std::string, std::shared_ptr<const entry>> entries_;
-  std::unordered_map<session_id, std::vector<std::string>> by_session_;
+  mutable std::shared_mutex table_mutex_;
+  std::unordered_map<std::string, std::unique_ptr<topic_entry>, name_hash, std::equal_to<>>
+      entries_;
+  std::mutex sessions_mutex_;
+  std::unordered_map<session_id, std::vector<topic_entry*>> by_session_;
 };
 
 }  // namespace devgate::device
@@ -8670,9 +9150,10 @@ class pubsub {
 
 // ---- begin devgate/device/registry.hpp ----
 
-#include <atomic>         // takeover count
+#include <atomic>         // counters
 #include <cstddef>        // std::size_t
 #include <cstdint>        // counters
+#include <list>           // offline records, least recently seen first
 #include <memory>         // records are shared
 #include <mutex>          // the device's mutex
 #include <shared_mutex>   // device and session tables
@@ -8685,17 +9166,29 @@ class pubsub {
 
 namespace devgate::device {
 
-/// The devices the hub knows and their live sessions: one record per device id, at most one
-/// live session per device (a newer one takes over).
+/// The devices the hub holds in memory and their live sessions: one record per device id, at
+/// most one live session per device (a newer one takes over).
+///
+/// Bounded: records of offline devices are kept in the order they went offline (least recently
+/// seen first), and `trim` evicts from the front of that order while more than `max_devices`
+/// records are held. A record is evicted only when nobody else holds it (no thread is working
+/// on it), its device is offline and its outbox is idle; what the store keeps of it comes back
+/// when the device returns (`get_or_create` loads it again).
 ///
 /// Locking: the device table and the session table each sit under a shared mutex, taken only
-/// inside these methods; `attach` and `detach` also take the device's own mutex. No other lock
-/// is held meanwhile, and the registry calls nothing outside itself but the `load` function of
-/// `get_or_create`, with no lock held.
+/// inside these methods; `attach`, `detach` and `trim` also take a device's own mutex, always
+/// after the table's (never the other way round). No other lock is held meanwhile, and the
+/// registry calls nothing outside itself but the `load` function of `get_or_create`, with no
+/// lock held, and the callbacks of `trim`, with the device table's lock held.
 class registry {
  public:
   /// A device's record, shared with whoever is working on it.
   using record_ptr = std::shared_ptr<device_record>;
+
+  /// Holds at most `max_devices` records (more only while every offline one is in use).
+  explicit registry(std::size_t max_devices = 0) : max_devices_(max_devices) {}
+  registry(const registry&) = delete;
+  registry& operator=(const registry&) = delete;
 
   /// The record of `id` (nullptr: never seen).
   [[nodiscard]] record_ptr find(std::string_view id) const {
@@ -8704,16 +9197,25 @@ class registry {
     return it == devices_.end() ? nullptr : it->second;
   }
   /// The record of `id`, made the first time from `load()` (a `store::device_state`).
+  /// A new record starts offline (evictable) until a session attaches.
   template <class Load>
   record_ptr get_or_create(const std::string& id, Load&& load) {
     if (auto rec = find(id)) return rec;
     const store::device_state st = load();
-    auto fresh = std::make_shared<device_record>(id, st.messages_sent, st.firmware_version);
+    auto fresh =
+        std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
+    fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
     std::unique_lock lock(devices_mutex_);
     auto [it, inserted] = devices_.emplace(id, std::move(fresh));
+    if (inserted) {
+      list_locked(*it->second);
+      loaded_.fetch_add(1, std::memory_order_relaxed);
+      held_.store(devices_.size(), std::memory_order_relaxed);
+    }
     return it->second;  // another thread's record if it got there first
   }
-  /// Every record now (for fleet-wide work: a rollout, totals).
+  /// Every record now (for fleet-wide work: a rollout). O(records held): never on a network
+  /// thread.
   [[nodiscard]] std::vector<record_ptr> snapshot() const {
     std::shared_lock lock(devices_mutex_);
     std::vector<record_ptr> out;
@@ -8721,15 +9223,97 @@ class registry {
     for (const auto& [id, rec] : devices_) out.push_back(rec);
     return out;
   }
-  /// Devices seen since start.
-  [[nodiscard]] std::size_t devices() const {
-    std::shared_lock lock(devices_mutex_);
-    return devices_.size();
+  /// Records held in memory now (a counter: no lock).
+  [[nodiscard]] std::size_t devices() const noexcept {
+    return held_.load(std::memory_order_relaxed);
+  }
+  /// The bound on records held (0: none).
+  [[nodiscard]] std::size_t max_devices() const noexcept { return max_devices_; }
+
+  /// Evicts offline records, least recently seen first, while more than `max_devices` are held;
+  /// a record goes only when `durable(const device_record&)` says the store has everything
+  /// written about it (called with its mutex held): `evict(device_record&)`
+  /// runs for each (with its mutex held, to release what it holds elsewhere, e.g. its replay).
+  /// Then, while `over_budget()` holds, `trim(device_record&)` runs (mutex held) for offline
+  /// records with queued replay, least recently seen first, which drops their replay. Looks at
+  /// a bounded number of records per call, so the cost per call is O(1). Returns how many
+  /// records were evicted.
+  template <class Durable, class Evict, class OverBudget, class Trim>
+  std::size_t trim(Durable&& durable, Evict&& evict, OverBudget&& over_budget, Trim&& trim_one) {
+    constexpr int max_looks = 64;
+    const bool over_count =
+        max_devices_ != 0 && held_.load(std::memory_order_relaxed) > max_devices_;
+    if (!over_count && !over_budget()) return 0;  // the usual case: no lock taken
+    std::size_t evicted = 0;
+    std::unique_lock lock(devices_mutex_);
+    int looks = 0;
+    if (max_devices_ != 0 && devices_.size() > max_devices_) {
+      auto it = offline_.begin();
+      while (devices_.size() > max_devices_ && it != offline_.end() && looks++ < max_looks) {
+        device_record* rec = *it;
+        auto found = devices_.find(rec->id);
+        if (found == devices_.end() || found->second.use_count() != 1) {  // in use: keep
+          ++it;
+          continue;
+        }
+        {
+          std::lock_guard rl(rec->mutex);
+          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty() ||
+              !durable(static_cast<const device_record&>(*rec))) {
+            ++it;
+            continue;
+          }
+          evict(*rec);
+        }
+        it = offline_.erase(it);
+        rec->offline.listed = false;
+        devices_.erase(found);
+        ++evicted;
+      }
+      held_.store(devices_.size(), std::memory_order_relaxed);
+    }
+    for (auto it = offline_.begin(); it != offline_.end() && looks++ < max_looks && over_budget();
+         ++it) {
+      std::lock_guard rl((*it)->mutex);
+      if ((*it)->session.id == 0 && !(*it)->delivery.replay.empty()) trim_one(**it);
+    }
+    evicted_.fetch_add(evicted, std::memory_order_relaxed);
+    return evicted;
+  }
+  /// Removes the record of `id` if its device is offline and nobody else holds it. False if it
+  /// is online, in use or not held.
+  template <class Evict>
+  bool remove(std::string_view id, Evict&& evict) {
+    std::unique_lock lock(devices_mutex_);
+    auto found = devices_.find(std::string(id));
+    if (found == devices_.end() || found->second.use_count() != 1) return false;
+    device_record& rec = *found->second;
+    {
+      std::lock_guard rl(rec.mutex);
+      if (rec.session.id != 0) return false;
+      evict(rec);
+    }
+    unlist_locked(rec);
+    devices_.erase(found);
+    held_.store(devices_.size(), std::memory_order_relaxed);
+    return true;
+  }
+  /// Records evicted since start.
+  [[nodiscard]] std::uint64_t evicted() const noexcept {
+    return evicted_.load(std::memory_order_relaxed);
+  }
+  /// Records created since start (first sightings and returns after eviction).
+  [[nodiscard]] std::uint64_t loaded() const noexcept {
+    return loaded_.load(std::memory_order_relaxed);
   }
 
   /// Makes `s` the device's live session, before hello and with no errors counted. Returns the
   /// session it replaces (0: none), which the caller closes: a takeover.
   session_id attach(const record_ptr& rec, session_id s) {
+    {
+      std::unique_lock lock(devices_mutex_);
+      unlist_locked(*rec);
+    }
     session_id old = 0;
     {
       std::lock_guard lock(rec->mutex);
@@ -8762,9 +9346,12 @@ class registry {
       rec = std::move(it->second);
       sessions_.erase(it);
     }
+    std::unique_lock table(devices_mutex_);
     std::lock_guard lock(rec->mutex);
     if (rec->session.id != s) return nullptr;
     rec->session = {};
+    unlist_locked(*rec);
+    list_locked(*rec);  // most recently seen: the back of the offline order
     return rec;
   }
   /// Sessions open now (a replaced session counts until it closes).
@@ -8778,8 +9365,25 @@ class registry {
   }
 
  private:
+  // The offline order; the caller holds the device table's lock.
+  void list_locked(device_record& rec) {
+    if (rec.offline.listed) return;
+    rec.offline.position = offline_.insert(offline_.end(), &rec);
+    rec.offline.listed = true;
+  }
+  void unlist_locked(device_record& rec) {
+    if (!rec.offline.listed) return;
+    offline_.erase(rec.offline.position);
+    rec.offline.listed = false;
+  }
+
+  const std::size_t max_devices_;
   mutable std::shared_mutex devices_mutex_;
   std::unordered_map<std::string, record_ptr> devices_;
+  std::list<device_record*> offline_;  // least recently seen first
+  std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
+  std::atomic<std::uint64_t> evicted_{0};
+  std::atomic<std::uint64_t> loaded_{0};
   mutable std::shared_mutex sessions_mutex_;
   std::unordered_map<session_id, record_ptr> sessions_;
   std::atomic<std::uint64_t> takeovers_{0};
@@ -9203,16 +9807,26 @@ class rollout_engine {
     std::uint32_t rollout = 0;
     {
       std::lock_guard lock(rec.mutex);
-      auto& tr = rec.transfer;
-      if (!tr.image) return;
-      if (tr.tally) {
-        tr.tally->move(tr.status, store::transfer_status::none);
-        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
-        tr.tally.reset();
-      }
-      rollout = tr.image->rollout();
+      rollout = forget_locked(rec);
     }
-    start_next(slots_.release(rec.id, rollout), rollout);
+    release_forgotten(rec.id, rollout);
+  }
+  /// `forget` for a caller that holds `rec.mutex` (the registry's eviction): takes the record's
+  /// part out of the counters and returns the rollout whose slot or queue place the device
+  /// gives up (0: none), to pass to `release_forgotten` once the caller holds no lock.
+  std::uint32_t forget_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    if (!tr.image) return 0;
+    if (tr.tally) {
+      tr.tally->move(tr.status, store::transfer_status::none);
+      tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+      tr.tally.reset();
+    }
+    return tr.image->rollout();
+  }
+  /// Gives up the slot or queue place of a device `forget_locked` returned `rollout` for.
+  void release_forgotten(const std::string& id, std::uint32_t rollout) {
+    if (rollout != 0) start_next(slots_.release(id, rollout), rollout);
   }
 
   /// Session `s` acknowledged the image up to `offset` of rollout `rollout`: more chunks go
@@ -9638,7 +10252,10 @@ namespace devgate::device {
 ///
 /// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
 /// parts, or itself to count errors and messages) and never holds it while calling the
-/// transport, the store, the gateway or another part.
+/// transport, the store, the gateway or another part. `Store` is the hub's
+/// `store::write_behind` front: writes never wait for a store that may block, and the live
+/// figures (messages sent, last seen, firmware version) are read from the record, never from
+/// the store, which is loaded only when a device's record is created.
 template <class Transport, class Store, class Gateway>
 class protocol_dispatch {
  public:
@@ -9681,7 +10298,13 @@ class protocol_dispatch {
     auto rec = devices_.detach(s);
     if (!rec) return;
     out_.forget(*rec, s);
-    store_.touch(rec->id, unix_ms());
+    const auto now = unix_ms();
+    store_.touch(rec->id, now);
+    {
+      std::lock_guard lock(rec->mutex);
+      rec->last_seen_ms = now;
+      rec->store_ticket = store_.submitted();  // the touch above, and all before it
+    }
     rollout_.on_offline(*rec);
   }
 
@@ -9837,15 +10460,17 @@ class protocol_dispatch {
       return;
     }
     if (version) store_.set_firmware_version(rec.id, *version);
-    const auto st = store_.load(rec.id);
+    const auto now = unix_ms();
     const bool live =
         out_.resume(rec, s, last.value_or(0), [&](device_record& r, const auto& info) {
           if (version) r.firmware_version = *version;
-          return welcome(r, s, info, st.last_seen_ms);
+          auto w = welcome(r, s, info, r.last_seen_ms);  // when it was seen before this hello
+          r.last_seen_ms = now;
+          return w;
         });
     if (!live) return;
     bus_.subscribe(topics::fleet, s);
-    store_.touch(rec.id, unix_ms());
+    store_.touch(rec.id, now);
     // Firmware: join the current rollout (offline at publish, or reconnecting mid-transfer).
     rollout_.join(rec, s);
   }
@@ -10092,6 +10717,22 @@ struct hub_options {
   std::size_t max_replay_messages = 256;
   /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
   std::size_t max_replay_bytes = 1u << 20;
+  /// Bytes of sequenced messages kept over the whole fleet. Past it, the kept messages of the
+  /// offline devices seen least recently are dropped first (counted in `replay_dropped`, and
+  /// reported to each device in its next welcome); online devices keep their own bound only.
+  std::size_t max_replay_bytes_total = std::size_t{256} << 20;
+  /// Device records held in memory. Past it, records of offline devices are evicted, least
+  /// recently seen first, once the store has everything written about them; a device that
+  /// returns is loaded from the store again (its unacknowledged deliveries are not kept: they
+  /// are counted as dropped). 0: no bound. Online devices are never evicted, so the records
+  /// held are at most this or the devices online, whichever is larger.
+  std::size_t max_devices = 100'000;
+  /// Writes queued for a state store that may block (`store::write_behind`); past it a write
+  /// is dropped and counted as a store error. A non-blocking store is called inline instead.
+  std::size_t store_queue_capacity = 1u << 16;
+  /// Called for each store error (operation, device, error), on the thread that met it: log
+  /// it. Empty: errors are only counted (`hub_stats::store_errors`).
+  store::store_error_handler on_store_error;
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
@@ -10115,7 +10756,10 @@ struct hub_options {
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
 struct hub_stats {
   std::size_t connected = 0;          ///< Sessions open now.
-  std::size_t devices = 0;            ///< Devices seen since start.
+  std::size_t devices = 0;            ///< Device records held in memory now.
+  std::uint64_t devices_evicted = 0;  ///< Records evicted since start (max_devices).
+  std::uint64_t store_errors = 0;     ///< Store calls that failed (or writes dropped).
+  std::size_t replay_bytes = 0;       ///< Bytes of sequenced messages kept, fleet-wide.
   std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
   std::uint64_t dispatched = 0;       ///< Device messages dispatched.
   std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
@@ -10202,7 +10846,10 @@ class hub {
                 "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
   static_assert(store::state_store<Store>,
                 "device::hub: Store must satisfy devgate::store::state_store (load, "
-                "add_messages_sent, touch, set_firmware_version, set_transfer)");
+                "add_messages_sent, touch, set_firmware_version, set_transfer, set_last_seq, "
+                "forget; errors as "
+                "values)");
+  using writer_type = store::write_behind<Store>;
 
  public:
   /// The gateway the hub is built on: its transport feeding a pipeline of the hub's sink.
@@ -10214,12 +10861,14 @@ class hub {
                Store store = Store{})
       : options_(std::move(options)),
         store_(std::move(store)),
+        writer_(store_, options_.store_queue_capacity, options_.on_store_error),
+        devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
-        rollout_(devices_, delivery_, store_,
+        rollout_(devices_, delivery_, writer_,
                  {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
                   options_.stall_timeout, options_.max_transfer_retries,
                   options_.transfer_retry_backoff}),
-        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, store_,
+        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors),
         gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
     bus_.set_channel(&gateway_.channel());
@@ -10232,8 +10881,14 @@ class hub {
   /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
   std::error_code start() {
     session_hooks hooks;
-    hooks.on_open = [this](const session_info& info) { dispatch_.open(info); };
-    hooks.on_close = [this](session_id s, close_code c) { dispatch_.close(s, c); };
+    hooks.on_open = [this](const session_info& info) {
+      dispatch_.open(info);
+      bound();
+    };
+    hooks.on_close = [this](session_id s, close_code c) {
+      dispatch_.close(s, c);
+      bound();
+    };
     return gateway_.start(
         [this](std::span<inbound_message> batch) { return dispatch_.intake(batch); },
         std::move(hooks));
@@ -10262,8 +10917,13 @@ class hub {
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
     const std::string id(device_id);
-    auto rec = devices_.get_or_create(id, [&] { return store_.load(id); });
-    return delivery_.deliver(*rec, data.dump());
+    std::uint64_t seq = 0;
+    {
+      auto rec = devices_.get_or_create(id, [&] { return writer_.load(id); });
+      seq = delivery_.deliver(*rec, data.dump());
+    }
+    bound();
+    return seq;
   }
   /// Subscribes a host callback to `topic` (e.g. the server log for a dashboard).
   pubsub::token subscribe(std::string_view topic, pubsub::callback cb) {
@@ -10304,12 +10964,37 @@ class hub {
 
   // ---- state and figures --------------------------------------------------------------
 
-  /// A device's stored state.
-  [[nodiscard]] store::device_state device_state(const std::string& id) const {
-    return store_.load(id);
+  /// A device's state: its record's live figures while the hub holds it, else what the store
+  /// has (a store call: not for a network thread when the store may block).
+  [[nodiscard]] store::device_state device_state(const std::string& id) {
+    if (auto rec = devices_.find(id)) {
+      std::lock_guard lock(rec->mutex);
+      store::device_state st;
+      st.messages_sent = rec->messages_sent;
+      st.last_seen_ms = rec->last_seen_ms;
+      st.firmware_version = rec->firmware_version;
+      st.transfer = decltype(rollout_)::state_locked(*rec);
+      return st;
+    }
+    return writer_.load(id);
+  }
+  /// Forgets an offline device: its record and everything the store keeps about it (its
+  /// kept deliveries are dropped). False, with nothing changed, while it is online or in use.
+  bool forget_device(std::string_view id) {
+    std::uint32_t rollout = 0;
+    if (!devices_.remove(id, [&](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          rollout = rollout_.forget_locked(r);
+        })) {
+      if (devices_.find(id)) return false;
+    }
+    rollout_.release_forgotten(std::string(id), rollout);
+    return !writer_.forget(std::string(id));
   }
   /// The state store.
   [[nodiscard]] Store& state_store() noexcept { return store_; }
+  /// The hub's way to the store (write-behind queue, error counts).
+  [[nodiscard]] writer_type& store_writer() noexcept { return writer_; }
   /// Sessions open now.
   [[nodiscard]] std::size_t connected() const { return devices_.connected(); }
   /// Current figures.
@@ -10317,6 +11002,9 @@ class hub {
     hub_stats s;
     s.connected = devices_.connected();
     s.devices = devices_.devices();
+    s.devices_evicted = devices_.evicted();
+    s.store_errors = writer_.errors();
+    s.replay_bytes = delivery_.replay_bytes();
     const auto m = gateway_.metrics();
     s.enqueued = m.enqueued;
     s.dispatched = m.dispatched;
@@ -10372,13 +11060,32 @@ class hub {
   [[nodiscard]] const hub_options& options() const noexcept { return options_; }
 
  private:
+  // Keeps the records held within max_devices and the kept deliveries within the fleet
+  // budget, O(1) per call (after each session opens or closes and each delivery).
+  void bound() {
+    // Slots and queue places of evicted devices, given up once the registry's locks are free.
+    std::vector<std::pair<std::string, std::uint32_t>> released;
+    devices_.trim(
+        [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
+        [&](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          if (const auto rollout = rollout_.forget_locked(r)) released.emplace_back(r.id, rollout);
+          // Queued (or a non-blocking store's short call): numbering resumes above it.
+          (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
+        },
+        [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
+        [this](device_record& r) { delivery_.drop_replay_locked(r); });
+    for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
+  }
+
   hub_options options_;
   Store store_;
+  writer_type writer_;
   pubsub bus_;
   registry devices_;
   delivery<Transport> delivery_;
-  firmware::rollout_engine<Transport, Store> rollout_;
-  protocol_dispatch<Transport, Store, gateway_type> dispatch_;
+  firmware::rollout_engine<Transport, writer_type> rollout_;
+  protocol_dispatch<Transport, writer_type, gateway_type> dispatch_;
   std::mutex rate_mutex_;
   clock::time_point last_rate_time_{};
   std::uint64_t last_dispatched_ = 0;

@@ -2,8 +2,9 @@
 // store/state_store.hpp documents (see CMakeLists.txt here).
 #include "devgate/device/hub.hpp"
 
-#include <cstdint>  // counters
-#include <string>   // device ids
+#include <cstdint>       // counters
+#include <string>        // device ids
+#include <system_error>  // results
 
 #include "devgate/transport/in_process.hpp"
 
@@ -12,12 +13,24 @@ namespace {
 namespace store = devgate::store;
 
 struct store_without_set_transfer {
-  [[nodiscard]] store::device_state load(const std::string& /*unused*/) const { return {}; }
-  std::uint64_t add_messages_sent(const std::string& /*unused*/, std::uint64_t n) { return n; }
-  void touch(const std::string& /*unused*/, std::int64_t /*unused*/) {}
-  void set_firmware_version(const std::string& /*unused*/, const std::string& /*unused*/) {}
+  [[nodiscard]] store::load_result load(const std::string& /*unused*/) const { return {}; }
+  std::error_code add_messages_sent(const std::string& /*unused*/, std::uint64_t /*unused*/) {
+    return {};
+  }
+  std::error_code touch(const std::string& /*unused*/, std::int64_t /*unused*/) { return {}; }
+  std::error_code set_firmware_version(const std::string& /*unused*/,
+                                       const std::string& /*unused*/) {
+    return {};
+  }
+  std::error_code set_last_seq(const std::string& /*unused*/, std::uint64_t /*unused*/) {
+    return {};
+  }
+  std::error_code forget(const std::string& /*unused*/) { return {}; }
 #if defined(DEVGATE_COMPILE_FAIL_CONTROL)
-  void set_transfer(const std::string& /*unused*/, const store::transfer_state& /*unused*/) {}
+  std::error_code set_transfer(const std::string& /*unused*/,
+                               const store::transfer_state& /*unused*/) {
+    return {};
+  }
 #endif
 };
 

@@ -4,12 +4,20 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
+#include <fstream>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -19,6 +27,7 @@
 #include "devgate/device/protocol.hpp"
 #include "devgate/pipeline/gateway.hpp"
 #include "devgate/store/memory_state_store.hpp"
+#include "devgate/store/write_behind.hpp"
 #include "devgate/transport/in_process.hpp"
 #include "recording_transport.hpp"
 #include "support.hpp"
@@ -330,12 +339,15 @@ devgate::inbound_message inbound(devgate::session_id s, const std::string& text,
 
 TEST_CASE("protocol dispatch: a batch is answered in order, its device messages pushed together") {
   using store_t = devgate::store::memory_state_store;
+  using writer_t = devgate::store::write_behind<store_t>;
   recording_transport t;
   store_t store;
+  writer_t writer(store, 1024);
   dev::pubsub bus;
   dev::registry devices;
   dev::delivery<recording_transport> out(t, 256, 1u << 20);
-  devgate::firmware::rollout_engine<recording_transport, store_t> rollout(devices, out, store, {});
+  devgate::firmware::rollout_engine<recording_transport, writer_t> rollout(devices, out, writer,
+                                                                           {});
   std::mutex mutex;
   std::vector<std::string> sunk;
   auto sink = devgate::callback_sink([&](const devgate::message& m, devgate::dispatch_context&) {
@@ -343,8 +355,8 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
     sunk.push_back(std::to_string(m.sequence) + ":" + std::string(m.payload.view()));
   });
   devgate::gateway gw(t, sink);
-  dev::protocol_dispatch<recording_transport, store_t, decltype(gw)> dispatch(
-      t, gw, devices, out, rollout, bus, store, 1024, 16);
+  dev::protocol_dispatch<recording_transport, writer_t, decltype(gw)> dispatch(
+      t, gw, devices, out, rollout, bus, writer, 1024, 16);
   REQUIRE_FALSE(gw.start());
   dispatch.open({7, "batch"});
   std::vector<devgate::inbound_message> batch;
@@ -369,7 +381,7 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   CHECK(replies[3]["id"] == 2);
   CHECK(replies[3]["messages_sent"] == 4);
   CHECK(replies[4]["code"] == "bad_message");
-  CHECK(store.load("batch").messages_sent == 4);
+  CHECK(store.load("batch").state.messages_sent == 4);
   CHECK(dispatch.protocol_errors() == 1);
 
   // A session the hub does not know: the whole batch is refused.
@@ -392,7 +404,7 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   CHECK(replies[0]["ref"] == "send");
   CHECK(replies[1]["code"] == "closed");
   CHECK(replies[1]["ref"] == "binary");
-  CHECK(store.load("batch").messages_sent == 4);
+  CHECK(store.load("batch").state.messages_sent == 4);
   CHECK(devices.find("batch")->messages_sent == 4);
   std::lock_guard lock(mutex);
   CHECK(sunk == std::vector<std::string>{"1:a", "2:b", "3:c", "4:d"});
@@ -684,5 +696,390 @@ TEST_CASE("firmware rollout: fw_restart over the wire sends the image again from
   REQUIRE(e);
   CHECK((*e)["code"] == "bad_message");
   CHECK(hub.rollout().verified == 1);
+  hub.stop();
+}
+
+namespace {
+
+// The in-process transport, checking that the hub never hands two messages for one session to
+// the transport at the same time: a transport may reorder what two threads give it at once
+// (the WebSocket server posts a send from another thread while a send on the session's own
+// thread goes straight out), so per-device order must hold at the hand-off.
+struct handoff_checker {
+  in_process_transport& inner;
+  std::mutex mutex;
+  std::map<devgate::session_id, int> in_send;
+  std::atomic<int> overlaps{0};
+
+  void set_handlers(devgate::transport_handlers h) { inner.set_handlers(std::move(h)); }
+  std::error_code start() { return inner.start(); }
+  void stop() { inner.stop(); }
+  std::error_code send(devgate::session_id s, devgate::payload_kind k, shared_bytes b) {
+    {
+      std::lock_guard lock(mutex);
+      if (in_send[s]++ != 0) overlaps.fetch_add(1);
+    }
+    std::this_thread::yield();  // widen the window another hand-off could slip into
+    auto ec = inner.send(s, k, std::move(b));
+    std::lock_guard lock(mutex);
+    --in_send[s];
+    return ec;
+  }
+  std::size_t broadcast(std::span<const devgate::session_id> ss, devgate::payload_kind k,
+                        shared_bytes b) {
+    return inner.broadcast(ss, k, std::move(b));
+  }
+  void close(devgate::session_id s, devgate::close_code c, std::string_view r) {
+    inner.close(s, c, r);
+  }
+  std::size_t buffered_bytes(devgate::session_id s) const { return inner.buffered_bytes(s); }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "order: every device's stream leaves in the order it was produced, under load from "
+    "many threads") {
+  // The attack: 100 devices with 16 `send`s in flight each, pushed by four threads, while two
+  // host threads and every pipeline worker deliver to the same devices, and the host threads
+  // announce each round on the stats topic. Each device's stream must carry its `sent` replies
+  // in request order, its `deliver`s in strictly increasing `seq`, each producer's data in the
+  // order that producer produced it, and a round's event after that round's deliver.
+  constexpr int devices = 100;
+  constexpr int sends = 300;
+  constexpr int in_flight = 16;
+  constexpr int pushers = 4;
+  constexpr int publishers = 2;
+  constexpr int watched = 10;
+  devgate::backpressure_options bp;
+  bp.max_buffered_bytes = std::size_t{1} << 30;
+  in_process_transport t(bp);
+  using fn_t = std::function<std::error_code(const devgate::message&, devgate::dispatch_context&)>;
+  using hub_f = dev::hub<handoff_checker, devgate::callback_sink<fn_t>>;
+  handoff_checker checker{t, {}, {}, {}};
+  std::atomic<hub_f*> self{nullptr};
+  fn_t fn = [&](const devgate::message& m, devgate::dispatch_context&) -> std::error_code {
+    if (auto* h = self.load()) {
+      h->send_to(m.device_id.view(), {{"from", "worker"}, {"n", m.sequence}});
+    }
+    return {};
+  };
+  dev::hub_options o;
+  o.max_replay_messages = 1u << 20;
+  o.max_replay_bytes = std::size_t{1} << 30;
+  o.pipeline.pool.workers = 4;
+  hub_f hub(checker, devgate::callback_sink<fn_t>(fn), o);
+  self.store(&hub);
+  REQUIRE_FALSE(hub.start());
+  std::vector<fake_device> ds;
+  for (int i = 0; i < devices; ++i) {
+    ds.push_back(connect(t, devgate::testing::numbered("ord", static_cast<std::uint64_t>(i))));
+    if (i < watched) REQUIRE_FALSE(ds.back().send({{"type", "subscribe"}, {"topic", "stats"}}));
+  }
+  std::atomic<bool> failed_push{false};
+  std::vector<std::thread> threads;
+  for (int p = 0; p < pushers; ++p) {
+    threads.emplace_back([&, p] {
+      // Each pusher owns every pushers-th device and keeps 16 sends of each in flight: it
+      // pushes them in rounds of 16, interleaving its devices.
+      for (int base = 0; base < sends; base += in_flight) {
+        for (int i = p; i < devices; i += pushers) {
+          for (int k = base; k < base + in_flight && k < sends; ++k) {
+            if (ds[static_cast<std::size_t>(i)].send(
+                    {{"type", "send"}, {"id", k + 1}, {"data", "x"}})) {
+              failed_push = true;
+            }
+          }
+        }
+      }
+    });
+  }
+  for (int p = 0; p < publishers; ++p) {
+    threads.emplace_back([&, p] {
+      // Each round delivers to every device; right after delivering to one of the first
+      // `watched` devices it announces that on the stats topic, so that device must see the
+      // deliver before the event.
+      const auto from = devgate::testing::numbered("host", static_cast<std::uint64_t>(p));
+      for (int n = 1; n <= sends; ++n) {
+        for (int i = 0; i < devices; ++i) {
+          hub.send_to(devgate::testing::numbered("ord", static_cast<std::uint64_t>(i)),
+                      {{"from", from}, {"n", n}});
+          if (i < watched) hub.publish("stats", {{"from", from}, {"n", n}, {"to", i}});
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK_FALSE(failed_push.load());
+  hub.stop();
+  CHECK(checker.overlaps.load() == 0);
+  for (int i = 0; i < devices; ++i) {
+    auto& d = ds[static_cast<std::size_t>(i)];
+    d.poll();
+    std::uint64_t last_sent = 0;
+    std::uint64_t last_seq = 0;
+    std::size_t sent_count = 0;
+    std::size_t delivered = 0;
+    std::map<std::string, std::uint64_t> last_from;
+    std::size_t events_early = 0;
+    bool in_order = true;
+    for (const auto& j : d.texts) {
+      const auto type = j.value("type", "");
+      if (type == "sent") {
+        const auto id = j["id"].get<std::uint64_t>();
+        if (id != last_sent + 1) in_order = false;
+        last_sent = id;
+        ++sent_count;
+      } else if (type == "deliver") {
+        const auto seq = j["seq"].get<std::uint64_t>();
+        if (seq != last_seq + 1) in_order = false;
+        last_seq = seq;
+        const auto from = j["data"]["from"].get<std::string>();
+        const auto n = j["data"]["n"].get<std::uint64_t>();
+        if (n <= last_from[from]) in_order = false;
+        last_from[from] = n;
+        ++delivered;
+      } else if (type == "event" && j["data"]["to"] == i) {
+        const auto from = j["data"]["from"].get<std::string>();
+        if (last_from[from] < j["data"]["n"].get<std::uint64_t>()) {
+          ++events_early;
+          in_order = false;
+        }
+      }
+    }
+    INFO("device " << i << ": " << sent_count << " sent, " << delivered << " delivered, "
+                   << events_early << " events before their round's deliver");
+    CHECK(in_order);
+    CHECK(sent_count == static_cast<std::size_t>(sends));
+    CHECK(delivered == static_cast<std::size_t>(sends * (publishers + 1)));
+  }
+}
+
+namespace {
+
+// A state store that keeps nothing, so that a memory figure measures the hub alone.
+struct forgetful_store {
+  static constexpr bool nonblocking = true;
+  [[nodiscard]] devgate::store::load_result load(const std::string& /*id*/) const { return {}; }
+  std::error_code add_messages_sent(const std::string& /*id*/, std::uint64_t /*n*/) { return {}; }
+  std::error_code touch(const std::string& /*id*/, std::int64_t /*ms*/) { return {}; }
+  std::error_code set_firmware_version(const std::string& /*id*/, const std::string& /*v*/) {
+    return {};
+  }
+  std::error_code set_transfer(const std::string& /*id*/,
+                               const devgate::store::transfer_state& /*t*/) {
+    return {};
+  }
+  std::error_code set_last_seq(const std::string& /*id*/, std::uint64_t /*seq*/) { return {}; }
+  std::error_code forget(const std::string& /*id*/) { return {}; }
+};
+
+// This process's resident memory (VmRSS), in KiB.
+std::size_t rss_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoul(line.substr(6));
+  }
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "bounded: 100,000 devices connecting and leaving one after another hold at most "
+    "max_devices records, and memory stays flat") {
+  // The attack: distinct ids, each says hello, is sent one message it never acknowledges,
+  // and leaves. Before max_devices every id kept a record (and its replay) for good.
+  constexpr std::size_t max_devices = 1000;
+  constexpr std::uint64_t total = 100'000;
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_devices = max_devices;
+  dev::hub<in_process_transport, devgate::null_sink, forgetful_store> hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  const std::string hello = R"({"type":"hello","protocol":1,"last_seq":0})";
+  std::size_t most_held = 0;
+  std::size_t rss_warm = 0;
+  for (std::uint64_t i = 0; i < total; ++i) {
+    const auto id = devgate::testing::numbered("visitor-", i);
+    auto s = t.connect(id);
+    REQUIRE_FALSE(s.push(hello));
+    hub.send_to(id, {{"n", i}});
+    s.disconnect();
+    most_held = std::max(most_held, hub.stats().devices);
+    if (i == 2 * max_devices) rss_warm = rss_kib();
+  }
+  const std::size_t rss_end = rss_kib();
+  INFO("records held at most " << most_held << "; VmRSS " << rss_warm << " KiB after "
+                               << 2 * max_devices << " devices, " << rss_end << " KiB after "
+                               << total);
+  CHECK(most_held <= max_devices);
+  CHECK(hub.stats().devices_evicted >= total - max_devices);
+  // Unbounded (max_devices 0), the process grew from 11 MiB to 196 MiB here.
+  CHECK(rss_end < rss_warm + 16 * 1024);
+  // An evicted device that returns is loaded again and served.
+  auto back = connect(t, "visitor-7");
+  auto w = back.next("welcome");
+  REQUIRE(w);
+  CHECK((*w)["device"] == "visitor-7");
+  hub.stop();
+}
+
+namespace {
+
+// A state store whose writes wait until the test opens its gate, and which fails as told: the
+// store on a slow disk or an unreachable database that the hub must not wait for.
+struct stalling_store {
+  struct shared {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool open = false;
+    bool throw_on_touch = false;
+    std::atomic<std::uint64_t> applied{0};
+  };
+  std::shared_ptr<shared> s = std::make_shared<shared>();
+
+  void wait() const {
+    std::unique_lock lock(s->mutex);
+    s->cv.wait(lock, [&] { return s->open; });
+  }
+  [[nodiscard]] devgate::store::load_result load(const std::string& /*id*/) const { return {}; }
+  std::error_code add_messages_sent(const std::string& /*id*/, std::uint64_t /*n*/) {
+    wait();
+    s->applied.fetch_add(1);
+    return std::make_error_code(std::errc::io_error);  // a database that refuses every write
+  }
+  std::error_code touch(const std::string& /*id*/, std::int64_t /*ms*/) {
+    wait();
+    s->applied.fetch_add(1);
+    if (s->throw_on_touch) throw std::runtime_error("store down");
+    return {};
+  }
+  std::error_code set_firmware_version(const std::string& /*id*/, const std::string& /*v*/) {
+    wait();
+    s->applied.fetch_add(1);
+    return {};
+  }
+  std::error_code set_transfer(const std::string& /*id*/,
+                               const devgate::store::transfer_state& /*t*/) {
+    wait();
+    s->applied.fetch_add(1);
+    return {};
+  }
+  std::error_code set_last_seq(const std::string& /*id*/, std::uint64_t /*seq*/) { return {}; }
+  std::error_code forget(const std::string& /*id*/) { return {}; }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "store: writes to a store that blocks never hold up a device, and its failures are "
+    "counted and reported, not thrown") {
+  // The attack: every write blocks until the gate opens, then fails (an error code, or an
+  // exception). Before write-behind, the device's hello and sends ran the writes on the
+  // thread that handles the device (here the one calling push), so nothing was answered
+  // while the store hung.
+  in_process_transport t;
+  stalling_store store;
+  store.s->throw_on_touch = true;
+  std::atomic<int> reported{0};
+  dev::hub_options o;
+  o.on_store_error = [&](std::string_view, const std::string& id, std::error_code ec) {
+    if (id == "slow" && ec) ++reported;
+  };
+  dev::hub<in_process_transport, devgate::null_sink, stalling_store> hub(t, {}, o, store);
+  REQUIRE_FALSE(hub.start());
+  std::atomic<bool> answered{false};
+  std::thread device([&] {
+    auto d = connect(t, "slow", 0, "1.0");  // hello writes the version and touches
+    for (int i = 1; i <= 3; ++i) (void)d.send({{"type", "send"}, {"id", i}, {"data", "x"}});
+    REQUIRE(eventually([&] {
+      d.poll();
+      return d.texts.size() == 4;  // welcome and three `sent`
+    }));
+    answered = true;
+    d.s.disconnect();
+  });
+  CHECK(eventually([&] { return answered.load(); }));  // while every store write still hangs
+  CHECK(store.s->applied.load() == 0);
+  {
+    std::lock_guard lock(store.s->mutex);
+    store.s->open = true;
+  }
+  store.s->cv.notify_all();
+  device.join();
+  hub.store_writer().drain();
+  // Written behind, in order: the version, the hello's touch (throws), the messages
+  // (refused), the close's touch (throws). None of it reached the device or the process.
+  CHECK(store.s->applied.load() >= 4);
+  CHECK(hub.stats().store_errors == store.s->applied.load() - 1);
+  CHECK(reported.load() == static_cast<int>(hub.stats().store_errors));
+  CHECK(hub.device_state("slow").messages_sent == 3);  // the record's live figure
+  hub.stop();
+}
+
+TEST_CASE(
+    "bounded: the fleet-wide replay budget drops the kept messages of the devices seen "
+    "least recently first") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_replay_bytes_total = 64u << 10;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  const std::string filler(900, 'x');
+  // Ten devices, each seen once, in order, then sent 20 messages of about 1 KiB while offline.
+  for (int d = 0; d < 10; ++d) {
+    auto dev_ = connect(t, devgate::testing::numbered("kept", static_cast<std::uint64_t>(d)));
+    dev_.s.disconnect();
+  }
+  for (int d = 0; d < 10; ++d) {
+    for (int n = 0; n < 20; ++n) {
+      hub.send_to(devgate::testing::numbered("kept", static_cast<std::uint64_t>(d)),
+                  {{"pad", filler}});
+    }
+  }
+  const auto st = hub.stats();
+  CHECK(st.replay_bytes <= o.max_replay_bytes_total + 2048);
+  CHECK(st.replay_dropped > 0);
+  // The device seen first lost its replay, the one seen last kept all of it.
+  auto first = connect(t, "kept0");
+  auto w0 = first.next("welcome");
+  REQUIRE(w0);
+  CHECK((*w0)["replay_dropped"].get<std::uint64_t>() > 0);
+  auto last = connect(t, "kept9");
+  auto w9 = last.next("welcome");
+  REQUIRE(w9);
+  CHECK((*w9)["replay_dropped"] == 0);
+  CHECK((*w9)["replay"] == 20);
+  hub.stop();
+}
+
+TEST_CASE("bounded: an evicted device that returns resumes its numbering from the store") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.max_devices = 2;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  {
+    auto a = connect(t, "a");
+    for (int n = 1; n <= 3; ++n) hub.send_to("a", {{"n", n}});
+    REQUIRE(a.poll().size() == 4);  // welcome, seq 1..3
+    a.s.disconnect();
+  }
+  for (int i = 0; i < 3; ++i) {
+    auto other = connect(t, devgate::testing::numbered("other", static_cast<std::uint64_t>(i)));
+    other.s.disconnect();
+  }
+  CHECK(hub.stats().devices <= 2);
+  CHECK(hub.stats().devices_evicted >= 2);
+  // Sent while its record is gone: a new record, numbered above what the device has.
+  CHECK(hub.send_to("a", {{"n", 4}}) == 4);
+  auto back = connect(t, "a", 3);
+  auto got = back.poll();
+  REQUIRE(got.size() == 2);
+  CHECK(got[0]["last_seq"] == 4);
+  CHECK(got[1]["seq"] == 4);
+  CHECK(got[1]["data"]["n"] == 4);
   hub.stop();
 }

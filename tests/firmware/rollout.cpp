@@ -77,7 +77,7 @@ struct rig {
 
   // A device that connects and says hello (reporting `version`); returns its session.
   session_id connect(const std::string& id, const std::string& version = "1.0") {
-    auto rec = devices.get_or_create(id, [&] { return store.load(id); });
+    auto rec = devices.get_or_create(id, [&] { return store.load(id).state; });
     store.set_firmware_version(id, version);
     const session_id s = next_session++;
     const session_id old = devices.attach(rec, s);
@@ -280,9 +280,9 @@ TEST_CASE("rollout engine: publish joins every device, starts online ones while 
   CHECK(tot.skipped == 1);
   CHECK(r.engine.slots().active() == 1);
   CHECK(r.engine.slots().waiting() == 1);
-  CHECK(r.store.load(a_first ? "a" : "b").transfer.status == transfer_status::transferring);
-  CHECK(r.store.load("offline").transfer.status == transfer_status::pending);
-  CHECK(r.store.load("c").transfer.status == transfer_status::skipped);
+  CHECK(r.store.load(a_first ? "a" : "b").state.transfer.status == transfer_status::transferring);
+  CHECK(r.store.load("offline").state.transfer.status == transfer_status::pending);
+  CHECK(r.store.load("c").state.transfer.status == transfer_status::skipped);
   CHECK_THROWS_AS(r.engine.publish("", make_image(10), [](const fw::image&) {}),
                   std::invalid_argument);
 }
@@ -314,7 +314,7 @@ TEST_CASE("rollout engine: acks move the window; a verified result frees the slo
   }
   CHECK(r.take(a).chunks == std::vector<std::uint32_t>{3000, 4000});
   CHECK(r.engine.transfer_of("a")->offset == 4500);
-  CHECK(r.store.load("a").transfer.offset == 4500);
+  CHECK(r.store.load("a").state.transfer.offset == 4500);
 
   const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
   CHECK(r.engine.on_result(ra, a, 1, true, sha, std::nullopt) == std::nullopt);
@@ -322,7 +322,7 @@ TEST_CASE("rollout engine: acks move the window; a verified result frees the slo
   REQUIRE(st);
   CHECK((*st)["status"] == "verified");
   CHECK(r.status("a") == transfer_status::verified);
-  CHECK(r.store.load("a").firmware_version == "2.0");
+  CHECK(r.store.load("a").state.firmware_version == "2.0");
   CHECK(r.engine.on_result(ra, a, 1, true, sha, std::nullopt) == dev::error::unknown_rollout);
   // The freed slot went to b.
   const auto gb = r.take(b);
@@ -357,8 +357,8 @@ TEST_CASE("rollout engine: failed results carry a reason", "[firmware][rollout]"
   CHECK((*st)["status"] == "failed");
   CHECK((*st)["reason"] == "sha256 mismatch");
   CHECK(r.engine.totals().failed == 3);
-  CHECK(r.store.load("c").transfer.status == transfer_status::failed);
-  CHECK(r.store.load("c").firmware_version == "1.0");
+  CHECK(r.store.load("c").state.transfer.status == transfer_status::failed);
+  CHECK(r.store.load("c").state.firmware_version == "1.0");
 }
 
 TEST_CASE("rollout engine: a dropped transfer gives up its slot and resumes where it was acked",
@@ -511,7 +511,7 @@ TEST_CASE("rollout engine: 16 stalled transfers do not stop the rollout of 300 o
     CHECK(st->status == transfer_status::failed);
     CHECK(st->reason == "timed_out");
     CHECK(st->offset == 1000);  // its one acknowledged chunk
-    CHECK(r.store.load(numbered("stall", i)).transfer.reason == "timed_out");
+    CHECK(r.store.load(numbered("stall", i)).state.transfer.reason == "timed_out");
   }
 }
 
@@ -684,7 +684,7 @@ TEST_CASE("rollout engine: fw_restart sends the image again from byte 0, a bound
   CHECK((*start)["offset"] == 0);
   CHECK(got.chunks == std::vector<std::uint32_t>{0, 1000});
   CHECK(r.engine.transfer_of(first)->offset == 0);
-  CHECK(r.store.load(first).transfer.offset == 0);
+  CHECK(r.store.load(first).state.transfer.offset == 0);
   CHECK(r.engine.totals().bytes_acked == 0);
   CHECK(r.status(first) == transfer_status::transferring);
   REQUIRE(r.engine.on_ack(rec, s1, 1, 1000) == std::nullopt);

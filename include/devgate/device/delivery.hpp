@@ -1,7 +1,7 @@
 #pragma once
 
 #include <algorithm>    // std::max
-#include <atomic>       // drop count
+#include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
 #include <deque>        // outbox batches
@@ -58,13 +58,11 @@ class delivery {
       seq = d.next_seq++;
       auto frame = make_envelope("deliver", seq, rec.topic, data_json);
       d.replay_bytes += frame.size();
+      replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
-        d.replay_bytes -= d.replay.front().second.size();
-        d.replay.pop_front();
-        ++d.replay_dropped;
-        replay_dropped_.fetch_add(1, std::memory_order_relaxed);
+        drop_oldest_locked(d);
       }
       if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
@@ -75,8 +73,9 @@ class delivery {
   }
 
   /// Resumes delivery to session `s` after its hello: forgets what `last_seq` acknowledges,
-  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent, then every
-  /// kept message in order, and makes the session live (later deliveries go straight to it);
+  /// queues the welcome, a `bad_resume` error if `last_seq` was beyond anything sent (then the
+  /// kept messages are renumbered from `last_seq + 1`, and numbering continues from there), then
+  /// every kept message in order, and makes the session live (later deliveries go straight to it);
   /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
   /// it runs with the device's mutex held, so it may read and set the record's fields but must
   /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
@@ -91,6 +90,8 @@ class delivery {
       if (!info.bad_resume) {
         forget_through(d, last_seq);
         d.acked = std::max(d.acked, last_seq);
+      } else {
+        renumber_above_locked(rec, last_seq);
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();
@@ -135,21 +136,44 @@ class delivery {
   static void queue_locked(device_record& rec, session_id s, payload_kind kind,
                            shared_bytes bytes) {
     rec.delivery.outbox.push_back({s, kind, std::move(bytes)});
+    ++rec.delivery.queued;
   }
-  /// Sends the device's queued messages in order. Whoever finds the outbox idle sends it,
-  /// including what other threads queue meanwhile; the transport is called with no lock held.
+  /// Sends the device's queued messages in order, and returns once everything queued before
+  /// the call has been handed to the transport. Whoever finds the outbox idle sends it,
+  /// including what other threads queue meanwhile, with no lock held; a thread that finds
+  /// another one sending waits until that thread has handed over its messages too. So what one
+  /// thread produces reaches the transport in the order it produced it, whether it goes
+  /// through this outbox or not (an event broadcast after a `deliver` cannot overtake it).
+  /// The wait lasts one batch of non-blocking transport sends; a flush called from inside a
+  /// hand-off (a transport callback) does not wait, so no cycle of waits can form.
   void flush(device_record& rec) {
     std::unique_lock lock(rec.mutex);
     auto& d = rec.delivery;
-    if (d.draining) return;
+    if (d.draining) {
+      if (handing_off() != 0) return;
+      const std::uint64_t mine = d.queued;
+      lock.unlock();
+      for (auto h = d.handed.load(std::memory_order_acquire); h < mine;
+           h = d.handed.load(std::memory_order_acquire)) {
+        d.handed.wait(h, std::memory_order_acquire);
+      }
+      return;
+    }
     d.draining = true;
+    ++handing_off();
     while (!d.outbox.empty()) {
       std::deque<outbound> batch;
       batch.swap(d.outbox);
+      const std::uint64_t taken = d.queued;
       lock.unlock();
       for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
       lock.lock();
+      d.handed.store(taken, std::memory_order_release);
+      d.handed.notify_all();
     }
+    --handing_off();
+    d.handed.store(d.queued, std::memory_order_release);  // counts what `forget` dropped
+    d.handed.notify_all();
     d.draining = false;
   }
   /// Drops what is queued for session `s` and not yet sent (it closed or was replaced).
@@ -158,23 +182,70 @@ class delivery {
     std::erase_if(rec.delivery.outbox, [s](const outbound& o) { return o.session == s; });
   }
 
+  /// Drops every kept message of the device (counted: the device sees the count in its next
+  /// welcome, the fleet in `replay_dropped`); the caller holds the device's mutex. For the
+  /// fleet-wide replay budget, and for a record being evicted.
+  void drop_replay_locked(device_record& rec) {
+    auto& d = rec.delivery;
+    while (!d.replay.empty()) drop_oldest_locked(d);
+  }
+
   /// Sequenced messages dropped by replay overflow since start, over every device.
   [[nodiscard]] std::uint64_t replay_dropped() const noexcept {
     return replay_dropped_.load(std::memory_order_relaxed);
   }
+  /// Bytes of sequenced messages kept now, over every device held.
+  [[nodiscard]] std::size_t replay_bytes() const noexcept {
+    return replay_bytes_total_.load(std::memory_order_relaxed);
+  }
 
  private:
-  static void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
+  // Outboxes the calling thread is handing to the transport now (0 or 1; more only when a
+  // transport callback re-enters the hub).
+  static int& handing_off() noexcept {
+    thread_local int depth = 0;
+    return depth;
+  }
+  void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
     while (!d.replay.empty() && d.replay.front().first <= seq) {
       d.replay_bytes -= d.replay.front().second.size();
+      replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
       d.replay.pop_front();
     }
+  }
+  // The device has numbers this record never assigned: its record was evicted (or the server
+  // restarted) since. Numbering continues above what the device has, kept messages included,
+  // so that it does not drop them, or what comes next, as duplicates.
+  void renumber_above_locked(device_record& rec, std::uint64_t last_seq) {
+    auto& d = rec.delivery;
+    std::uint64_t seq = last_seq;
+    for (auto& [number, frame] : d.replay) {
+      // A deliver frame is {"type":"deliver","seq":N,"topic":"T","data":<data>}.
+      const auto old_prefix = make_envelope("deliver", number, rec.topic, "").size() - 1;
+      const auto text = frame.view();
+      const auto data = text.substr(old_prefix, text.size() - old_prefix - 1);
+      auto fresh = make_envelope("deliver", ++seq, rec.topic, data);
+      d.replay_bytes += fresh.size() - frame.size();
+      replay_bytes_total_.fetch_add(fresh.size() - frame.size(), std::memory_order_relaxed);
+      number = seq;
+      frame = std::move(fresh);
+    }
+    d.next_seq = seq + 1;
+    d.acked = last_seq;
+  }
+  void drop_oldest_locked(device_record::delivery_part& d) {
+    d.replay_bytes -= d.replay.front().second.size();
+    replay_bytes_total_.fetch_sub(d.replay.front().second.size(), std::memory_order_relaxed);
+    d.replay.pop_front();
+    ++d.replay_dropped;
+    replay_dropped_.fetch_add(1, std::memory_order_relaxed);
   }
 
   Transport& transport_;
   const std::size_t max_replay_messages_;
   const std::size_t max_replay_bytes_;
   std::atomic<std::uint64_t> replay_dropped_{0};
+  std::atomic<std::size_t> replay_bytes_total_{0};
 };
 
 }  // namespace devgate::device

@@ -39,7 +39,10 @@ namespace devgate::device {
 ///
 /// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
 /// parts, or itself to count errors and messages) and never holds it while calling the
-/// transport, the store, the gateway or another part.
+/// transport, the store, the gateway or another part. `Store` is the hub's
+/// `store::write_behind` front: writes never wait for a store that may block, and the live
+/// figures (messages sent, last seen, firmware version) are read from the record, never from
+/// the store, which is loaded only when a device's record is created.
 template <class Transport, class Store, class Gateway>
 class protocol_dispatch {
  public:
@@ -82,7 +85,13 @@ class protocol_dispatch {
     auto rec = devices_.detach(s);
     if (!rec) return;
     out_.forget(*rec, s);
-    store_.touch(rec->id, unix_ms());
+    const auto now = unix_ms();
+    store_.touch(rec->id, now);
+    {
+      std::lock_guard lock(rec->mutex);
+      rec->last_seen_ms = now;
+      rec->store_ticket = store_.submitted();  // the touch above, and all before it
+    }
     rollout_.on_offline(*rec);
   }
 
@@ -238,15 +247,17 @@ class protocol_dispatch {
       return;
     }
     if (version) store_.set_firmware_version(rec.id, *version);
-    const auto st = store_.load(rec.id);
+    const auto now = unix_ms();
     const bool live =
         out_.resume(rec, s, last.value_or(0), [&](device_record& r, const auto& info) {
           if (version) r.firmware_version = *version;
-          return welcome(r, s, info, st.last_seen_ms);
+          auto w = welcome(r, s, info, r.last_seen_ms);  // when it was seen before this hello
+          r.last_seen_ms = now;
+          return w;
         });
     if (!live) return;
     bus_.subscribe(topics::fleet, s);
-    store_.touch(rec.id, unix_ms());
+    store_.touch(rec.id, now);
     // Firmware: join the current rollout (offline at publish, or reconnecting mid-transfer).
     rollout_.join(rec, s);
   }

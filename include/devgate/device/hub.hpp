@@ -32,6 +32,7 @@
 #include "devgate/pipeline/sink.hpp"
 #include "devgate/store/memory_state_store.hpp"
 #include "devgate/store/state_store.hpp"
+#include "devgate/store/write_behind.hpp"
 #include "devgate/transport/transport.hpp"
 
 namespace devgate::device {
@@ -58,7 +59,10 @@ class hub {
                 "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
   static_assert(store::state_store<Store>,
                 "device::hub: Store must satisfy devgate::store::state_store (load, "
-                "add_messages_sent, touch, set_firmware_version, set_transfer)");
+                "add_messages_sent, touch, set_firmware_version, set_transfer, set_last_seq, "
+                "forget; errors as "
+                "values)");
+  using writer_type = store::write_behind<Store>;
 
  public:
   /// The gateway the hub is built on: its transport feeding a pipeline of the hub's sink.
@@ -70,12 +74,14 @@ class hub {
                Store store = Store{})
       : options_(std::move(options)),
         store_(std::move(store)),
+        writer_(store_, options_.store_queue_capacity, options_.on_store_error),
+        devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
-        rollout_(devices_, delivery_, store_,
+        rollout_(devices_, delivery_, writer_,
                  {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
                   options_.stall_timeout, options_.max_transfer_retries,
                   options_.transfer_retry_backoff}),
-        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, store_,
+        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors),
         gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
     bus_.set_channel(&gateway_.channel());
@@ -88,8 +94,14 @@ class hub {
   /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
   std::error_code start() {
     session_hooks hooks;
-    hooks.on_open = [this](const session_info& info) { dispatch_.open(info); };
-    hooks.on_close = [this](session_id s, close_code c) { dispatch_.close(s, c); };
+    hooks.on_open = [this](const session_info& info) {
+      dispatch_.open(info);
+      bound();
+    };
+    hooks.on_close = [this](session_id s, close_code c) {
+      dispatch_.close(s, c);
+      bound();
+    };
     return gateway_.start(
         [this](std::span<inbound_message> batch) { return dispatch_.intake(batch); },
         std::move(hooks));
@@ -118,8 +130,13 @@ class hub {
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
     const std::string id(device_id);
-    auto rec = devices_.get_or_create(id, [&] { return store_.load(id); });
-    return delivery_.deliver(*rec, data.dump());
+    std::uint64_t seq = 0;
+    {
+      auto rec = devices_.get_or_create(id, [&] { return writer_.load(id); });
+      seq = delivery_.deliver(*rec, data.dump());
+    }
+    bound();
+    return seq;
   }
   /// Subscribes a host callback to `topic` (e.g. the server log for a dashboard).
   pubsub::token subscribe(std::string_view topic, pubsub::callback cb) {
@@ -160,12 +177,37 @@ class hub {
 
   // ---- state and figures --------------------------------------------------------------
 
-  /// A device's stored state.
-  [[nodiscard]] store::device_state device_state(const std::string& id) const {
-    return store_.load(id);
+  /// A device's state: its record's live figures while the hub holds it, else what the store
+  /// has (a store call: not for a network thread when the store may block).
+  [[nodiscard]] store::device_state device_state(const std::string& id) {
+    if (auto rec = devices_.find(id)) {
+      std::lock_guard lock(rec->mutex);
+      store::device_state st;
+      st.messages_sent = rec->messages_sent;
+      st.last_seen_ms = rec->last_seen_ms;
+      st.firmware_version = rec->firmware_version;
+      st.transfer = decltype(rollout_)::state_locked(*rec);
+      return st;
+    }
+    return writer_.load(id);
+  }
+  /// Forgets an offline device: its record and everything the store keeps about it (its
+  /// kept deliveries are dropped). False, with nothing changed, while it is online or in use.
+  bool forget_device(std::string_view id) {
+    std::uint32_t rollout = 0;
+    if (!devices_.remove(id, [&](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          rollout = rollout_.forget_locked(r);
+        })) {
+      if (devices_.find(id)) return false;
+    }
+    rollout_.release_forgotten(std::string(id), rollout);
+    return !writer_.forget(std::string(id));
   }
   /// The state store.
   [[nodiscard]] Store& state_store() noexcept { return store_; }
+  /// The hub's way to the store (write-behind queue, error counts).
+  [[nodiscard]] writer_type& store_writer() noexcept { return writer_; }
   /// Sessions open now.
   [[nodiscard]] std::size_t connected() const { return devices_.connected(); }
   /// Current figures.
@@ -173,6 +215,9 @@ class hub {
     hub_stats s;
     s.connected = devices_.connected();
     s.devices = devices_.devices();
+    s.devices_evicted = devices_.evicted();
+    s.store_errors = writer_.errors();
+    s.replay_bytes = delivery_.replay_bytes();
     const auto m = gateway_.metrics();
     s.enqueued = m.enqueued;
     s.dispatched = m.dispatched;
@@ -228,13 +273,32 @@ class hub {
   [[nodiscard]] const hub_options& options() const noexcept { return options_; }
 
  private:
+  // Keeps the records held within max_devices and the kept deliveries within the fleet
+  // budget, O(1) per call (after each session opens or closes and each delivery).
+  void bound() {
+    // Slots and queue places of evicted devices, given up once the registry's locks are free.
+    std::vector<std::pair<std::string, std::uint32_t>> released;
+    devices_.trim(
+        [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
+        [&](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          if (const auto rollout = rollout_.forget_locked(r)) released.emplace_back(r.id, rollout);
+          // Queued (or a non-blocking store's short call): numbering resumes above it.
+          (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
+        },
+        [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
+        [this](device_record& r) { delivery_.drop_replay_locked(r); });
+    for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
+  }
+
   hub_options options_;
   Store store_;
+  writer_type writer_;
   pubsub bus_;
   registry devices_;
   delivery<Transport> delivery_;
-  firmware::rollout_engine<Transport, Store> rollout_;
-  protocol_dispatch<Transport, Store, gateway_type> dispatch_;
+  firmware::rollout_engine<Transport, writer_type> rollout_;
+  protocol_dispatch<Transport, writer_type, gateway_type> dispatch_;
   std::mutex rate_mutex_;
   clock::time_point last_rate_time_{};
   std::uint64_t last_dispatched_ = 0;

@@ -4,8 +4,9 @@
 #include <cstddef>  // std::size_t
 #include <cstdint>  // counters
 
-#include "devgate/firmware/rollout.hpp"   // rollout_totals
-#include "devgate/pipeline/pipeline.hpp"  // pipeline_options
+#include "devgate/firmware/rollout.hpp"    // rollout_totals
+#include "devgate/pipeline/pipeline.hpp"   // pipeline_options
+#include "devgate/store/write_behind.hpp"  // store_error_handler
 
 namespace devgate::device {
 
@@ -20,6 +21,22 @@ struct hub_options {
   std::size_t max_replay_messages = 256;
   /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
   std::size_t max_replay_bytes = 1u << 20;
+  /// Bytes of sequenced messages kept over the whole fleet. Past it, the kept messages of the
+  /// offline devices seen least recently are dropped first (counted in `replay_dropped`, and
+  /// reported to each device in its next welcome); online devices keep their own bound only.
+  std::size_t max_replay_bytes_total = std::size_t{256} << 20;
+  /// Device records held in memory. Past it, records of offline devices are evicted, least
+  /// recently seen first, once the store has everything written about them; a device that
+  /// returns is loaded from the store again (its unacknowledged deliveries are not kept: they
+  /// are counted as dropped). 0: no bound. Online devices are never evicted, so the records
+  /// held are at most this or the devices online, whichever is larger.
+  std::size_t max_devices = 100'000;
+  /// Writes queued for a state store that may block (`store::write_behind`); past it a write
+  /// is dropped and counted as a store error. A non-blocking store is called inline instead.
+  std::size_t store_queue_capacity = 1u << 16;
+  /// Called for each store error (operation, device, error), on the thread that met it: log
+  /// it. Empty: errors are only counted (`hub_stats::store_errors`).
+  store::store_error_handler on_store_error;
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
@@ -43,7 +60,10 @@ struct hub_options {
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
 struct hub_stats {
   std::size_t connected = 0;          ///< Sessions open now.
-  std::size_t devices = 0;            ///< Devices seen since start.
+  std::size_t devices = 0;            ///< Device records held in memory now.
+  std::uint64_t devices_evicted = 0;  ///< Records evicted since start (max_devices).
+  std::uint64_t store_errors = 0;     ///< Store calls that failed (or writes dropped).
+  std::size_t replay_bytes = 0;       ///< Bytes of sequenced messages kept, fleet-wide.
   std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
   std::uint64_t dispatched = 0;       ///< Device messages dispatched.
   std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.

@@ -1,19 +1,18 @@
 #pragma once
 
-#include <algorithm>      // std::find, std::erase
-#include <atomic>         // subscription tokens
+#include <atomic>         // subscriber counts, subscription tokens
 #include <cstddef>        // std::size_t
 #include <cstdint>        // tokens
-#include <functional>     // host subscribers
-#include <memory>         // copy-on-write topic entries
-#include <mutex>          // writers
-#include <shared_mutex>   // readers (publish) share the table
+#include <functional>     // host subscribers, transparent hashing
+#include <memory>         // topic entries, publish snapshots
+#include <mutex>          // per-topic and per-session locks
+#include <shared_mutex>   // the topic table: publishers share it
 #include <span>           // recipients
 #include <string>         // topic names
 #include <string_view>    // topic names
-#include <unordered_map>  // topic table, per-session topics
+#include <unordered_map>  // topic table, member positions, per-session topics
 #include <utility>        // std::move
-#include <vector>         // recipients
+#include <vector>         // members, snapshots
 
 #include "devgate/core/bytes.hpp"
 #include "devgate/transport/reply_channel.hpp"  // the type-erased way to the transport
@@ -25,8 +24,14 @@ namespace devgate::device {
 /// host callbacks. Subscribe, unsubscribe and publish from any thread. A publish encodes
 /// nothing itself: the caller hands it one payload, which every subscriber shares.
 ///
-/// Subscriber lists are copy-on-write: publish takes a shared lock just long enough to copy
-/// one shared_ptr, then sends with no lock held.
+/// Cost: subscribing and unsubscribing a session are O(1) amortised (a topic keeps its members
+/// in a vector with each member's position, and removes by moving the last member into the
+/// gap), so a reconnect storm of N devices costs O(N), not a copy of the list per hello. A
+/// publish sends to an immutable snapshot of the members, rebuilt by the first publish after a
+/// change (O(members), the size of the broadcast itself) and shared by later publishes; it takes
+/// the topic's own mutex just long enough to copy one shared_ptr, and sends with no lock held.
+/// Topics are never removed (there are a few: the hub's three and the host's own), so the
+/// topic table's lock is exclusive only when a topic is first used.
 class pubsub {
  public:
   /// A host subscriber: receives the topic and the payload (the JSON text devices receive).
@@ -39,84 +44,91 @@ class pubsub {
 
   /// Subscribes session `s` to `topic`; false if it already was.
   bool subscribe(std::string_view topic, session_id s) {
-    std::unique_lock lock(mutex_);
-    auto& e = entries_[std::string(topic)];
-    auto next = e ? std::make_shared<entry>(*e) : std::make_shared<entry>();
-    if (std::find(next->sessions.begin(), next->sessions.end(), s) != next->sessions.end()) {
-      return false;
+    topic_entry& e = entry_for(topic);
+    {
+      std::lock_guard lock(e.mutex);
+      if (!e.position.emplace(s, e.members.size()).second) return false;
+      e.members.push_back(s);
+      e.snap.reset();
+      e.count.fetch_add(1, std::memory_order_relaxed);
     }
-    next->sessions.push_back(s);
-    e = std::move(next);
-    by_session_[s].emplace_back(topic);
+    std::lock_guard lock(sessions_mutex_);
+    by_session_[s].push_back(&e);
     return true;
   }
   /// Unsubscribes session `s` from `topic`; false if it was not subscribed.
   bool unsubscribe(std::string_view topic, session_id s) {
-    std::unique_lock lock(mutex_);
-    if (!remove_locked(std::string(topic), s)) return false;
+    topic_entry* e = find(topic);
+    if (e == nullptr || !remove(*e, s)) return false;
+    std::lock_guard lock(sessions_mutex_);
     if (auto it = by_session_.find(s); it != by_session_.end()) {
-      std::erase(it->second, std::string(topic));
+      std::erase(it->second, e);
       if (it->second.empty()) by_session_.erase(it);
     }
     return true;
   }
   /// Removes every subscription of session `s` (when it closes).
   void unsubscribe_all(session_id s) {
-    std::unique_lock lock(mutex_);
-    auto it = by_session_.find(s);
-    if (it == by_session_.end()) return;
-    for (const auto& t : it->second) remove_locked(t, s);
-    by_session_.erase(it);
+    std::vector<topic_entry*> topics;
+    {
+      std::lock_guard lock(sessions_mutex_);
+      auto it = by_session_.find(s);
+      if (it == by_session_.end()) return;
+      topics = std::move(it->second);
+      by_session_.erase(it);
+    }
+    for (auto* e : topics) remove(*e, s);
   }
   /// Subscribes a host callback to `topic` (it runs on the publishing thread, with no lock
   /// held; keep it quick). Returns the token for `unsubscribe`.
   token subscribe(std::string_view topic, callback cb) {
     const token t = next_token_.fetch_add(1, std::memory_order_relaxed) + 1;
-    std::unique_lock lock(mutex_);
-    auto& e = entries_[std::string(topic)];
-    auto next = e ? std::make_shared<entry>(*e) : std::make_shared<entry>();
-    next->callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
-    e = std::move(next);
+    topic_entry& e = entry_for(topic);
+    std::lock_guard lock(e.mutex);
+    e.callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
+    e.snap.reset();
+    e.count.fetch_add(1, std::memory_order_relaxed);
     return t;
   }
   /// Removes a host subscription. A publish already running may still call it once.
   void unsubscribe(token t) {
-    std::unique_lock lock(mutex_);
+    std::shared_lock table(table_mutex_);
     for (auto& [name, e] : entries_) {
-      if (!e) continue;
-      for (std::size_t i = 0; i < e->callbacks.size(); ++i) {
-        if (e->callbacks[i].first != t) continue;
-        auto next = std::make_shared<entry>(*e);
-        next->callbacks.erase(next->callbacks.begin() + static_cast<std::ptrdiff_t>(i));
-        e = std::move(next);
+      std::lock_guard lock(e->mutex);
+      for (auto it = e->callbacks.begin(); it != e->callbacks.end(); ++it) {
+        if (it->first != t) continue;
+        e->callbacks.erase(it);
+        e->snap.reset();
+        e->count.fetch_sub(1, std::memory_order_relaxed);
         return;
       }
     }
   }
 
-  /// True when `topic` has any subscriber (lets publishers skip building a payload).
+  /// True when `topic` has any subscriber (lets publishers skip building a payload). Takes no
+  /// lock but the topic table's shared one, and allocates nothing.
   [[nodiscard]] bool has_subscribers(std::string_view topic) const {
-    const auto e = find(topic);
-    return e && (!e->sessions.empty() || !e->callbacks.empty());
+    const topic_entry* e = find(topic);
+    return e != nullptr && e->count.load(std::memory_order_relaxed) != 0;
   }
-  /// The sessions subscribed to `topic` now.
+  /// The sessions subscribed to `topic` now (in no particular order).
   [[nodiscard]] std::vector<session_id> sessions(std::string_view topic) const {
-    const auto e = find(topic);
-    return e ? e->sessions : std::vector<session_id>{};
+    const auto snap = snapshot(topic);
+    return snap ? snap->sessions : std::vector<session_id>{};
   }
 
   /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`. Returns how
   /// many sessions took it plus how many callbacks ran.
   std::size_t publish(std::string_view topic, const shared_bytes& payload,
                       payload_kind kind = payload_kind::text) const {
-    const auto e = find(topic);
-    if (!e) return 0;
+    const auto snap = snapshot(topic);
+    if (!snap) return 0;
     std::size_t n = 0;
-    if (!e->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
-      n += channel_->broadcast(channel_->target, std::span<const session_id>(e->sessions), kind,
+    if (!snap->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
+      n += channel_->broadcast(channel_->target, std::span<const session_id>(snap->sessions), kind,
                                payload);
     }
-    for (const auto& [t, cb] : e->callbacks) {
+    for (const auto& [t, cb] : snap->callbacks) {
       (*cb)(topic, payload);
       ++n;
     }
@@ -124,33 +136,74 @@ class pubsub {
   }
 
  private:
-  struct entry {
+  // What a publish sends to: a copy of a topic's subscribers, immutable once built.
+  struct snapshot_t {
     std::vector<session_id> sessions;
     std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
   };
+  // One topic: its members (unordered; `position` finds each), its callbacks, and the snapshot
+  // of both (nullptr after a change, until the next publish builds it).
+  struct topic_entry {
+    mutable std::mutex mutex;
+    std::vector<session_id> members;
+    std::unordered_map<session_id, std::size_t> position;
+    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
+    mutable std::shared_ptr<const snapshot_t> snap;
+    std::atomic<std::size_t> count{0};  // members + callbacks, read without the mutex
+  };
+  // Lets the topic table be searched by string_view without building a string.
+  struct name_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
 
-  std::shared_ptr<const entry> find(std::string_view topic) const {
-    std::shared_lock lock(mutex_);
-    const auto it = entries_.find(std::string(topic));
-    return it == entries_.end() ? nullptr : it->second;
+  topic_entry* find(std::string_view topic) const {
+    std::shared_lock lock(table_mutex_);
+    const auto it = entries_.find(topic);
+    return it == entries_.end() ? nullptr : it->second.get();
   }
-  bool remove_locked(const std::string& topic, session_id s) {
-    auto it = entries_.find(topic);
-    if (it == entries_.end() || !it->second) return false;
-    const auto& cur = it->second->sessions;
-    const auto pos = std::find(cur.begin(), cur.end(), s);
-    if (pos == cur.end()) return false;
-    auto next = std::make_shared<entry>(*it->second);
-    next->sessions.erase(next->sessions.begin() + (pos - cur.begin()));
-    it->second = std::move(next);
+  topic_entry& entry_for(std::string_view topic) {
+    if (auto* e = find(topic)) return *e;
+    std::unique_lock lock(table_mutex_);
+    auto& slot = entries_[std::string(topic)];
+    if (!slot) slot = std::make_unique<topic_entry>();
+    return *slot;
+  }
+  std::shared_ptr<const snapshot_t> snapshot(std::string_view topic) const {
+    const topic_entry* e = find(topic);
+    if (e == nullptr) return nullptr;
+    std::lock_guard lock(e->mutex);
+    if (!e->snap) {
+      e->snap = std::make_shared<const snapshot_t>(snapshot_t{e->members, e->callbacks});
+    }
+    return e->snap;
+  }
+  // Removes `s` from a topic in O(1): the last member moves into its place.
+  static bool remove(topic_entry& e, session_id s) {
+    std::lock_guard lock(e.mutex);
+    const auto it = e.position.find(s);
+    if (it == e.position.end()) return false;
+    const std::size_t at = it->second;
+    e.position.erase(it);
+    if (at + 1 != e.members.size()) {
+      e.members[at] = e.members.back();
+      e.position[e.members[at]] = at;
+    }
+    e.members.pop_back();
+    e.snap.reset();
+    e.count.fetch_sub(1, std::memory_order_relaxed);
     return true;
   }
 
   const reply_channel* channel_ = nullptr;
   std::atomic<token> next_token_{0};
-  mutable std::shared_mutex mutex_;
-  std::unordered_map<std::string, std::shared_ptr<const entry>> entries_;
-  std::unordered_map<session_id, std::vector<std::string>> by_session_;
+  mutable std::shared_mutex table_mutex_;
+  std::unordered_map<std::string, std::unique_ptr<topic_entry>, name_hash, std::equal_to<>>
+      entries_;
+  std::mutex sessions_mutex_;
+  std::unordered_map<session_id, std::vector<topic_entry*>> by_session_;
 };
 
 }  // namespace devgate::device

@@ -1,8 +1,10 @@
 #pragma once
 
+#include <atomic>   // hand-off progress
 #include <cstddef>  // std::size_t
 #include <cstdint>  // sequence numbers, offsets
 #include <deque>    // outbox, replay buffer
+#include <list>     // the registry's offline order
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
 #include <string>   // id, topic, versions
@@ -30,10 +32,12 @@ struct outbound {
 /// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
-  device_record(std::string device, std::uint64_t sent, std::string version)
+  device_record(std::string device, std::uint64_t sent, std::string version,
+                std::int64_t seen_ms = 0)
       : id(std::move(device)),
         topic(std::string(topics::device_prefix) + id),
         messages_sent(sent),
+        last_seen_ms(seen_ms),
         firmware_version(std::move(version)) {}
 
   const std::string id;      ///< The device id.
@@ -51,6 +55,12 @@ struct device_record {
 
   /// Device messages the pipeline accepted over the device's lifetime (protocol dispatch).
   std::uint64_t messages_sent;
+  /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
+  /// figures here and writes them behind to the store, so it never reads the store back.
+  std::int64_t last_seen_ms;
+  /// The store's write ticket after the last write about this device went offline: the
+  /// registry evicts the record only once the store has applied that far.
+  std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
 
@@ -65,6 +75,10 @@ struct device_record {
     std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
     std::deque<outbound> outbox;       ///< Queued to the session, in order.
     bool draining = false;             ///< A thread is sending the outbox (with no lock held).
+    std::uint64_t queued = 0;          ///< Messages ever queued to the outbox.
+    /// Of the `queued` first messages, how many were handed to the transport (or forgotten);
+    /// a `flush` that finds another thread sending waits for this to pass its own messages.
+    std::atomic<std::uint64_t> handed{0};
   };
   delivery_part delivery;  ///< Sequenced delivery and the outbox.
 
@@ -84,6 +98,14 @@ struct device_record {
     clock::time_point retry_at{};       ///< After a stall, it waits for a slot until then.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
+
+  /// Its place among the offline records, least recently seen first (written by the registry
+  /// under its device table's lock, not under `mutex`).
+  struct registry_part {
+    bool listed = false;                           ///< In the offline list (evictable).
+    std::list<device_record*>::iterator position;  ///< Where, when listed.
+  };
+  registry_part offline;  ///< Its place among the offline records.
 };
 
 }  // namespace devgate::device

@@ -1,8 +1,9 @@
 #pragma once
 
-#include <atomic>         // takeover count
+#include <atomic>         // counters
 #include <cstddef>        // std::size_t
 #include <cstdint>        // counters
+#include <list>           // offline records, least recently seen first
 #include <memory>         // records are shared
 #include <mutex>          // the device's mutex
 #include <shared_mutex>   // device and session tables
@@ -18,17 +19,29 @@
 
 namespace devgate::device {
 
-/// The devices the hub knows and their live sessions: one record per device id, at most one
-/// live session per device (a newer one takes over).
+/// The devices the hub holds in memory and their live sessions: one record per device id, at
+/// most one live session per device (a newer one takes over).
+///
+/// Bounded: records of offline devices are kept in the order they went offline (least recently
+/// seen first), and `trim` evicts from the front of that order while more than `max_devices`
+/// records are held. A record is evicted only when nobody else holds it (no thread is working
+/// on it), its device is offline and its outbox is idle; what the store keeps of it comes back
+/// when the device returns (`get_or_create` loads it again).
 ///
 /// Locking: the device table and the session table each sit under a shared mutex, taken only
-/// inside these methods; `attach` and `detach` also take the device's own mutex. No other lock
-/// is held meanwhile, and the registry calls nothing outside itself but the `load` function of
-/// `get_or_create`, with no lock held.
+/// inside these methods; `attach`, `detach` and `trim` also take a device's own mutex, always
+/// after the table's (never the other way round). No other lock is held meanwhile, and the
+/// registry calls nothing outside itself but the `load` function of `get_or_create`, with no
+/// lock held, and the callbacks of `trim`, with the device table's lock held.
 class registry {
  public:
   /// A device's record, shared with whoever is working on it.
   using record_ptr = std::shared_ptr<device_record>;
+
+  /// Holds at most `max_devices` records (more only while every offline one is in use).
+  explicit registry(std::size_t max_devices = 0) : max_devices_(max_devices) {}
+  registry(const registry&) = delete;
+  registry& operator=(const registry&) = delete;
 
   /// The record of `id` (nullptr: never seen).
   [[nodiscard]] record_ptr find(std::string_view id) const {
@@ -37,16 +50,25 @@ class registry {
     return it == devices_.end() ? nullptr : it->second;
   }
   /// The record of `id`, made the first time from `load()` (a `store::device_state`).
+  /// A new record starts offline (evictable) until a session attaches.
   template <class Load>
   record_ptr get_or_create(const std::string& id, Load&& load) {
     if (auto rec = find(id)) return rec;
     const store::device_state st = load();
-    auto fresh = std::make_shared<device_record>(id, st.messages_sent, st.firmware_version);
+    auto fresh =
+        std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
+    fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
     std::unique_lock lock(devices_mutex_);
     auto [it, inserted] = devices_.emplace(id, std::move(fresh));
+    if (inserted) {
+      list_locked(*it->second);
+      loaded_.fetch_add(1, std::memory_order_relaxed);
+      held_.store(devices_.size(), std::memory_order_relaxed);
+    }
     return it->second;  // another thread's record if it got there first
   }
-  /// Every record now (for fleet-wide work: a rollout, totals).
+  /// Every record now (for fleet-wide work: a rollout). O(records held): never on a network
+  /// thread.
   [[nodiscard]] std::vector<record_ptr> snapshot() const {
     std::shared_lock lock(devices_mutex_);
     std::vector<record_ptr> out;
@@ -54,15 +76,97 @@ class registry {
     for (const auto& [id, rec] : devices_) out.push_back(rec);
     return out;
   }
-  /// Devices seen since start.
-  [[nodiscard]] std::size_t devices() const {
-    std::shared_lock lock(devices_mutex_);
-    return devices_.size();
+  /// Records held in memory now (a counter: no lock).
+  [[nodiscard]] std::size_t devices() const noexcept {
+    return held_.load(std::memory_order_relaxed);
+  }
+  /// The bound on records held (0: none).
+  [[nodiscard]] std::size_t max_devices() const noexcept { return max_devices_; }
+
+  /// Evicts offline records, least recently seen first, while more than `max_devices` are held;
+  /// a record goes only when `durable(const device_record&)` says the store has everything
+  /// written about it (called with its mutex held): `evict(device_record&)`
+  /// runs for each (with its mutex held, to release what it holds elsewhere, e.g. its replay).
+  /// Then, while `over_budget()` holds, `trim(device_record&)` runs (mutex held) for offline
+  /// records with queued replay, least recently seen first, which drops their replay. Looks at
+  /// a bounded number of records per call, so the cost per call is O(1). Returns how many
+  /// records were evicted.
+  template <class Durable, class Evict, class OverBudget, class Trim>
+  std::size_t trim(Durable&& durable, Evict&& evict, OverBudget&& over_budget, Trim&& trim_one) {
+    constexpr int max_looks = 64;
+    const bool over_count =
+        max_devices_ != 0 && held_.load(std::memory_order_relaxed) > max_devices_;
+    if (!over_count && !over_budget()) return 0;  // the usual case: no lock taken
+    std::size_t evicted = 0;
+    std::unique_lock lock(devices_mutex_);
+    int looks = 0;
+    if (max_devices_ != 0 && devices_.size() > max_devices_) {
+      auto it = offline_.begin();
+      while (devices_.size() > max_devices_ && it != offline_.end() && looks++ < max_looks) {
+        device_record* rec = *it;
+        auto found = devices_.find(rec->id);
+        if (found == devices_.end() || found->second.use_count() != 1) {  // in use: keep
+          ++it;
+          continue;
+        }
+        {
+          std::lock_guard rl(rec->mutex);
+          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty() ||
+              !durable(static_cast<const device_record&>(*rec))) {
+            ++it;
+            continue;
+          }
+          evict(*rec);
+        }
+        it = offline_.erase(it);
+        rec->offline.listed = false;
+        devices_.erase(found);
+        ++evicted;
+      }
+      held_.store(devices_.size(), std::memory_order_relaxed);
+    }
+    for (auto it = offline_.begin(); it != offline_.end() && looks++ < max_looks && over_budget();
+         ++it) {
+      std::lock_guard rl((*it)->mutex);
+      if ((*it)->session.id == 0 && !(*it)->delivery.replay.empty()) trim_one(**it);
+    }
+    evicted_.fetch_add(evicted, std::memory_order_relaxed);
+    return evicted;
+  }
+  /// Removes the record of `id` if its device is offline and nobody else holds it. False if it
+  /// is online, in use or not held.
+  template <class Evict>
+  bool remove(std::string_view id, Evict&& evict) {
+    std::unique_lock lock(devices_mutex_);
+    auto found = devices_.find(std::string(id));
+    if (found == devices_.end() || found->second.use_count() != 1) return false;
+    device_record& rec = *found->second;
+    {
+      std::lock_guard rl(rec.mutex);
+      if (rec.session.id != 0) return false;
+      evict(rec);
+    }
+    unlist_locked(rec);
+    devices_.erase(found);
+    held_.store(devices_.size(), std::memory_order_relaxed);
+    return true;
+  }
+  /// Records evicted since start.
+  [[nodiscard]] std::uint64_t evicted() const noexcept {
+    return evicted_.load(std::memory_order_relaxed);
+  }
+  /// Records created since start (first sightings and returns after eviction).
+  [[nodiscard]] std::uint64_t loaded() const noexcept {
+    return loaded_.load(std::memory_order_relaxed);
   }
 
   /// Makes `s` the device's live session, before hello and with no errors counted. Returns the
   /// session it replaces (0: none), which the caller closes: a takeover.
   session_id attach(const record_ptr& rec, session_id s) {
+    {
+      std::unique_lock lock(devices_mutex_);
+      unlist_locked(*rec);
+    }
     session_id old = 0;
     {
       std::lock_guard lock(rec->mutex);
@@ -95,9 +199,12 @@ class registry {
       rec = std::move(it->second);
       sessions_.erase(it);
     }
+    std::unique_lock table(devices_mutex_);
     std::lock_guard lock(rec->mutex);
     if (rec->session.id != s) return nullptr;
     rec->session = {};
+    unlist_locked(*rec);
+    list_locked(*rec);  // most recently seen: the back of the offline order
     return rec;
   }
   /// Sessions open now (a replaced session counts until it closes).
@@ -111,8 +218,25 @@ class registry {
   }
 
  private:
+  // The offline order; the caller holds the device table's lock.
+  void list_locked(device_record& rec) {
+    if (rec.offline.listed) return;
+    rec.offline.position = offline_.insert(offline_.end(), &rec);
+    rec.offline.listed = true;
+  }
+  void unlist_locked(device_record& rec) {
+    if (!rec.offline.listed) return;
+    offline_.erase(rec.offline.position);
+    rec.offline.listed = false;
+  }
+
+  const std::size_t max_devices_;
   mutable std::shared_mutex devices_mutex_;
   std::unordered_map<std::string, record_ptr> devices_;
+  std::list<device_record*> offline_;  // least recently seen first
+  std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
+  std::atomic<std::uint64_t> evicted_{0};
+  std::atomic<std::uint64_t> loaded_{0};
   mutable std::shared_mutex sessions_mutex_;
   std::unordered_map<session_id, record_ptr> sessions_;
   std::atomic<std::uint64_t> takeovers_{0};

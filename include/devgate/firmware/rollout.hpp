@@ -233,16 +233,26 @@ class rollout_engine {
     std::uint32_t rollout = 0;
     {
       std::lock_guard lock(rec.mutex);
-      auto& tr = rec.transfer;
-      if (!tr.image) return;
-      if (tr.tally) {
-        tr.tally->move(tr.status, store::transfer_status::none);
-        tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
-        tr.tally.reset();
-      }
-      rollout = tr.image->rollout();
+      rollout = forget_locked(rec);
     }
-    start_next(slots_.release(rec.id, rollout), rollout);
+    release_forgotten(rec.id, rollout);
+  }
+  /// `forget` for a caller that holds `rec.mutex` (the registry's eviction): takes the record's
+  /// part out of the counters and returns the rollout whose slot or queue place the device
+  /// gives up (0: none), to pass to `release_forgotten` once the caller holds no lock.
+  std::uint32_t forget_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    if (!tr.image) return 0;
+    if (tr.tally) {
+      tr.tally->move(tr.status, store::transfer_status::none);
+      tr.tally->add_acked(-static_cast<std::int64_t>(tr.acked));
+      tr.tally.reset();
+    }
+    return tr.image->rollout();
+  }
+  /// Gives up the slot or queue place of a device `forget_locked` returned `rollout` for.
+  void release_forgotten(const std::string& id, std::uint32_t rollout) {
+    if (rollout != 0) start_next(slots_.release(id, rollout), rollout);
   }
 
   /// Session `s` acknowledged the image up to `offset` of rollout `rollout`: more chunks go

@@ -7,6 +7,7 @@
 #include <memory>         // shards live on the heap so the store can move into the hub
 #include <mutex>          // per-shard lock
 #include <string>         // device ids
+#include <system_error>   // results
 #include <unordered_map>  // device table
 
 #include "devgate/store/state_store.hpp"
@@ -17,36 +18,57 @@ namespace devgate::store {
 /// devices on different transport threads rarely contend. Lost when the process exits.
 class memory_state_store {
  public:
+  /// Every call is a short shard lock and no I/O: the hub calls it inline.
+  static constexpr bool nonblocking = true;
+
   /// The device's state, or a default one if it was never stored.
-  [[nodiscard]] device_state load(const std::string& id) const {
+  [[nodiscard]] load_result load(const std::string& id) const {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     auto it = s.states.find(id);
-    return it == s.states.end() ? device_state{} : it->second;
+    return {it == s.states.end() ? device_state{} : it->second, {}};
   }
-  /// Adds `n` to the device's message count; returns the new total.
-  std::uint64_t add_messages_sent(const std::string& id, std::uint64_t n) {
+  /// Adds `n` to the device's message count.
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
-    return s.states[id].messages_sent += n;
+    s.states[id].messages_sent += n;
+    return {};
   }
   /// Records activity at `unix_ms`.
-  void touch(const std::string& id, std::int64_t unix_ms) {
+  std::error_code touch(const std::string& id, std::int64_t unix_ms) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].last_seen_ms = unix_ms;
+    return {};
   }
   /// Records the firmware version the device runs.
-  void set_firmware_version(const std::string& id, const std::string& version) {
+  std::error_code set_firmware_version(const std::string& id, const std::string& version) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].firmware_version = version;
+    return {};
   }
   /// Records the device's firmware transfer.
-  void set_transfer(const std::string& id, const transfer_state& t) {
+  std::error_code set_transfer(const std::string& id, const transfer_state& t) {
     auto& s = shard(id);
     std::lock_guard lock(s.mutex);
     s.states[id].transfer = t;
+    return {};
+  }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states[id].last_seq = seq;
+    return {};
+  }
+  /// Forgets the device.
+  std::error_code forget(const std::string& id) {
+    auto& s = shard(id);
+    std::lock_guard lock(s.mutex);
+    s.states.erase(id);
+    return {};
   }
   /// Devices stored.
   [[nodiscard]] std::size_t size() const {
@@ -71,5 +93,6 @@ class memory_state_store {
 
 static_assert(state_store<memory_state_store>,
               "memory_state_store must satisfy devgate::store::state_store");
+static_assert(is_nonblocking_store<memory_state_store>);
 
 }  // namespace devgate::store
