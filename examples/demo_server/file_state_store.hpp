@@ -23,7 +23,7 @@ namespace devgate_demo {
 /// by the demo a few times a second and at shutdown) replaces the file atomically (write to a
 /// temporary file, then rename), so a crash loses at most the last interval and never leaves a
 /// half-written file. Transfer states are not persisted: the image is not either. A flush holds
-/// the store's lock while it encodes every device, so the store does not say it is
+/// the store's lock while it streams every device to the file, so the store does not say it is
 /// non-blocking: the hub calls its writes from its store thread, off the network threads.
 class file_state_store {
  public:
@@ -113,36 +113,37 @@ class file_state_store {
 
   /// Writes the file if anything changed since the last flush. Safe from any thread.
   std::error_code flush() {
-    nlohmann::json j;
-    std::filesystem::path file;
-    {
-      std::lock_guard lock(s_->m);
-      if (!s_->dirty) return {};
-      s_->dirty = false;
-      j["format"] = 1;
-      j["releases"] = s_->releases;
-      auto& devices = j["devices"] = nlohmann::json::object();
-      for (const auto& [id, st] : s_->states) {
-        devices[id] = {{"messages_sent", st.messages_sent},
-                       {"last_seen_ms", st.last_seen_ms},
-                       {"firmware_version", st.firmware_version},
-                       {"last_seq", st.last_seq}};
-      }
-      file = s_->file;
-    }
     // One writer at a time, so an older snapshot never overwrites a newer one.
     std::lock_guard write_lock(s_->write_m);
-    const auto tmp = std::filesystem::path(file.string() + ".tmp");
+    const auto tmp = std::filesystem::path(s_->file.string() + ".tmp");
     {
       std::ofstream out(tmp, std::ios::trunc);
-      out << j.dump(2) << '\n';
+      {
+        // Each device is encoded on its own and streamed out, so a flush holds one device's
+        // JSON at a time rather than a document of the whole fleet.
+        std::lock_guard lock(s_->m);
+        if (!s_->dirty) return {};
+        s_->dirty = false;
+        out << "{\n  \"format\": 1,\n  \"releases\": " << s_->releases << ",\n  \"devices\": {";
+        const char* sep = "\n    ";
+        for (const auto& [id, st] : s_->states) {
+          out << sep << nlohmann::json(id).dump() << ": "
+              << nlohmann::json{{"messages_sent", st.messages_sent},
+                                {"last_seen_ms", st.last_seen_ms},
+                                {"firmware_version", st.firmware_version},
+                                {"last_seq", st.last_seq}}
+                     .dump();
+          sep = ",\n    ";
+        }
+        out << "\n  }\n}\n";
+      }
       if (!out.flush()) {
         mark_dirty();
         return std::make_error_code(std::errc::io_error);
       }
     }
     std::error_code ec;
-    std::filesystem::rename(tmp, file, ec);
+    std::filesystem::rename(tmp, s_->file, ec);
     if (ec) mark_dirty();
     return ec;
   }
