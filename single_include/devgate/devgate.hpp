@@ -7824,8 +7824,9 @@ using store_error_handler =
 /// every exception it throws, is counted (`errors()`) and passed to the error handler; the
 /// caller carries on with what it has in memory.
 ///
-/// `load` runs on the caller's thread (the hub keeps the live figures in its records and
-/// loads a device only when it first sees it). The writes of one device are applied in the
+/// `load` runs on the caller's thread and `load_async` on the store thread, behind the writes
+/// queued before it (the hub keeps the live figures in its records and loads a device only
+/// when it first sees it, with `load_async` from a network thread). The writes of one device are applied in the
 /// order they were queued; `applied_through(ticket)` says whether the writes accepted up to a
 /// ticket (`submitted()` then) have been applied, which is what the hub waits for before it
 /// evicts a record.
@@ -7863,29 +7864,43 @@ class write_behind {
       return {};
     }
   }
+  /// True when every call goes straight to the store (it says it never blocks).
+  static constexpr bool calls_inline = is_nonblocking_store<Store>;
+  /// Loads the device's stored state off the calling thread: `done(state)` runs on the store
+  /// thread after every write queued before this call (inline for a non-blocking store). False,
+  /// with `done` not called, when the queue is full (counted as a dropped call).
+  template <class Done>
+  bool load_async(const std::string& id, Done&& done) {
+    if constexpr (inline_calls) {
+      done(load(id));
+      return true;
+    } else {
+      return !submit({op_kind::load, id, 0, 0, {}, {}, std::forward<Done>(done)});
+    }
+  }
   /// Adds `n` to the device's message count (queued unless the store is non-blocking).
   std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
-    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}});
+    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}, {}});
   }
   /// Records activity at `unix_ms`.
   std::error_code touch(const std::string& id, std::int64_t unix_ms) {
-    return submit({op_kind::touch, id, 0, unix_ms, {}, {}});
+    return submit({op_kind::touch, id, 0, unix_ms, {}, {}, {}});
   }
   /// Records the firmware version the device runs.
   std::error_code set_firmware_version(const std::string& id, const std::string& version) {
-    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}});
+    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}, {}});
   }
   /// Records the device's firmware transfer.
   std::error_code set_transfer(const std::string& id, const transfer_state& t) {
-    return submit({op_kind::set_transfer, id, 0, 0, {}, t});
+    return submit({op_kind::set_transfer, id, 0, 0, {}, t, {}});
   }
   /// Records the last sequence number assigned to the device.
   std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
-    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}});
+    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}, {}});
   }
   /// Forgets the device.
   std::error_code forget(const std::string& id) {
-    return submit({op_kind::forget, id, 0, 0, {}, {}});
+    return submit({op_kind::forget, id, 0, 0, {}, {}, {}});
   }
 
   /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
@@ -7936,7 +7951,8 @@ class write_behind {
     set_firmware_version,
     set_transfer,
     set_last_seq,
-    forget
+    forget,
+    load
   };
   struct op {
     op_kind kind;
@@ -7945,6 +7961,7 @@ class write_behind {
     std::int64_t ms;
     std::string version;
     transfer_state transfer;
+    std::function<void(device_state&&)> loaded;  // load only: what to do with the state
   };
   static constexpr std::string_view name(op_kind k) noexcept {
     switch (k) {
@@ -7960,6 +7977,8 @@ class write_behind {
         return "set_last_seq";
       case op_kind::forget:
         return "forget";
+      case op_kind::load:
+        return "load";
     }
     return "write";
   }
@@ -8008,6 +8027,9 @@ class write_behind {
           break;
         case op_kind::forget:
           ec = store_.forget(o.id);
+          break;
+        case op_kind::load:
+          o.loaded(load(o.id));  // load() counts and reports its own failure
           break;
       }
     } catch (...) {
@@ -8385,7 +8407,9 @@ inline constexpr int max_json_depth = 32;
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
 #include <string>   // id, topic, versions
+#include <thread>   // the thread replaying parked messages
 #include <utility>  // std::move, std::pair
+#include <vector>   // messages parked while the device loads
 
 
 // ---- begin devgate/firmware/image.hpp ----
@@ -8624,6 +8648,17 @@ struct device_record {
     clock::time_point retry_at{};       ///< After a stall, it waits for a slot until then.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
+
+  /// While its stored state loads on the store thread (a store that may block): the messages
+  /// of its session wait here, in order, and are handled once the state is in (written by
+  /// `protocol_dispatch`).
+  struct load_part {
+    bool pending = false;                 ///< The state is not in yet, or parked messages remain.
+    bool requested = false;               ///< A load is queued on the store thread.
+    std::thread::id replayer{};           ///< The thread handling the parked messages now.
+    std::vector<inbound_message> parked;  ///< Messages that arrived before the state.
+  };
+  load_part load;  ///< Its stored state's loading.
 
   /// Its place among the offline records, least recently seen first (written by the registry
   /// under its device table's lock, not under `mutex`).
@@ -8936,6 +8971,7 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <string>        // device ids
 #include <string_view>   // message types
 #include <system_error>  // results
+#include <thread>        // who handles parked messages
 #include <utility>       // std::move
 #include <vector>        // runs of device messages
 
@@ -9205,14 +9241,24 @@ class registry {
     auto fresh =
         std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
     fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
-    std::unique_lock lock(devices_mutex_);
-    auto [it, inserted] = devices_.emplace(id, std::move(fresh));
-    if (inserted) {
-      list_locked(*it->second);
-      loaded_.fetch_add(1, std::memory_order_relaxed);
-      held_.store(devices_.size(), std::memory_order_relaxed);
-    }
-    return it->second;  // another thread's record if it got there first
+    return insert(id, std::move(fresh)).first;   // another thread's record if it got there first
+  }
+  /// The record of `id`, made the first time empty with `load.pending` set, for a caller that
+  /// loads its stored state off this thread (`fill`). The second member says it was made now.
+  std::pair<record_ptr, bool> get_or_create_unloaded(const std::string& id) {
+    if (auto rec = find(id)) return {std::move(rec), false};
+    auto fresh = std::make_shared<device_record>(id, 0, std::string{}, 0);
+    fresh->load.pending = true;
+    return insert(id, std::move(fresh));
+  }
+  /// Puts the stored state `st` into a record made by `get_or_create_unloaded`. The caller
+  /// holds `rec.mutex`.
+  static void fill_locked(device_record& rec, const store::device_state& st) {
+    rec.messages_sent += st.messages_sent;
+    if (rec.firmware_version.empty()) rec.firmware_version = st.firmware_version;
+    if (st.last_seen_ms > rec.last_seen_ms) rec.last_seen_ms = st.last_seen_ms;
+    // Numbering continues above what the store had (and above what was assigned meanwhile).
+    if (st.last_seq + 1 > rec.delivery.next_seq) rec.delivery.next_seq = st.last_seq + 1;
   }
   /// Every record now (for fleet-wide work: a rollout). O(records held): never on a network
   /// thread.
@@ -9258,8 +9304,8 @@ class registry {
         }
         {
           std::lock_guard rl(rec->mutex);
-          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty() ||
-              !durable(static_cast<const device_record&>(*rec))) {
+          if (rec->session.id != 0 || rec->load.pending || rec->delivery.draining ||
+              !rec->delivery.outbox.empty() || !durable(static_cast<const device_record&>(*rec))) {
             ++it;
             continue;
           }
@@ -9290,7 +9336,7 @@ class registry {
     device_record& rec = *found->second;
     {
       std::lock_guard rl(rec.mutex);
-      if (rec.session.id != 0) return false;
+      if (rec.session.id != 0 || rec.load.pending) return false;
       evict(rec);
     }
     unlist_locked(rec);
@@ -9365,6 +9411,16 @@ class registry {
   }
 
  private:
+  std::pair<record_ptr, bool> insert(const std::string& id, record_ptr fresh) {
+    std::unique_lock lock(devices_mutex_);
+    auto [it, inserted] = devices_.emplace(id, std::move(fresh));
+    if (inserted) {
+      list_locked(*it->second);
+      loaded_.fetch_add(1, std::memory_order_relaxed);
+      held_.store(devices_.size(), std::memory_order_relaxed);
+    }
+    return {it->second, inserted};
+  }
   // The offline order; the caller holds the device table's lock.
   void list_locked(device_record& rec) {
     if (rec.offline.listed) return;
@@ -10283,8 +10339,16 @@ class protocol_dispatch {
       transport_.close(info.id, close_code::policy_violation, "invalid device id");
       return;
     }
-    auto rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+    registry::record_ptr rec;
+    if constexpr (Store::calls_inline) {
+      rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+    } else {
+      // A store that may block is read on its own thread: the session's messages wait in the
+      // record (`load.parked`) until the state is in.
+      rec = devices_.get_or_create_unloaded(info.device_id).first;
+    }
     const session_id old = devices_.attach(rec, info.id);
+    if constexpr (!Store::calls_inline) request_load(rec, info.id);
     if (old == 0) return;
     out_.forget(*rec, old);
     bus_.unsubscribe_all(old);
@@ -10372,10 +10436,24 @@ class protocol_dispatch {
   void handle(device_record& rec, inbound_message& in, run& r) {
     const session_id s = in.session;
     bool hello = false;
+    bool parked = false;
+    bool overflow = false;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
+      if (rec.load.pending && rec.load.replayer != std::this_thread::get_id()) [[unlikely]] {
+        // The state is still loading (or its parked messages are being handled): in line.
+        parked = true;
+        overflow = rec.load.parked.size() >= max_parked;
+        if (!overflow) rec.load.parked.push_back(std::move(in));
+      }
       hello = rec.session.hello;
+    }
+    if (parked) [[unlikely]] {
+      if (overflow) {
+        transport_.close(s, close_code::try_again_later, "device state is loading; retry later");
+      }
+      return;
     }
     if (in.kind == payload_kind::binary) {
       if (!hello) {
@@ -10439,6 +10517,56 @@ class protocol_dispatch {
       on_fw_restart(rec, s, j);
     } else {
       on_fw_result(rec, s, j);
+    }
+  }
+
+  // ---- loading a device's state off the network thread ------------------------------------
+
+  // Messages a session may send before its device's state is in; past them it is closed with
+  // 1013 (a store that slow is overloaded).
+  static constexpr std::size_t max_parked = 256;
+
+  // Queues the load of a record made unloaded, once; a full store queue closes the session
+  // with 1013 and leaves the load to the device's next session.
+  void request_load(const registry::record_ptr& rec, session_id s) {
+    {
+      std::lock_guard lock(rec->mutex);
+      if (!rec->load.pending || rec->load.requested) return;
+      rec->load.requested = true;
+    }
+    const bool queued =
+        store_.load_async(rec->id, [this, rec](store::device_state&& st) { loaded(*rec, st); });
+    if (queued) return;
+    {
+      std::lock_guard lock(rec->mutex);
+      rec->load.requested = false;
+    }
+    transport_.close(s, close_code::try_again_later, "device state store is busy; retry later");
+  }
+  // On the store thread: the state is in; the parked messages are handled here, in order,
+  // until none is left (new ones keep queueing behind them meanwhile).
+  void loaded(device_record& rec, const store::device_state& st) {
+    {
+      std::lock_guard lock(rec.mutex);
+      registry::fill_locked(rec, st);
+    }
+    std::vector<inbound_message> batch;
+    for (;;) {
+      {
+        std::lock_guard lock(rec.mutex);
+        batch.clear();
+        if (rec.load.parked.empty()) {
+          rec.load.pending = false;
+          rec.load.replayer = {};
+          return;
+        }
+        batch.swap(rec.load.parked);
+        rec.load.replayer = std::this_thread::get_id();
+      }
+      try {
+        (void)intake(batch);  // messages of a session that closed meanwhile are ignored
+      } catch (...) {         // contained as a transport contains its handlers
+      }
     }
   }
 

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -1016,6 +1017,95 @@ TEST_CASE(
   CHECK(hub.stats().store_errors == store.s->applied.load() - 1);
   CHECK(reported.load() == static_cast<int>(hub.stats().store_errors));
   CHECK(hub.device_state("slow").messages_sent == 3);  // the record's live figure
+  hub.stop();
+}
+
+namespace {
+
+// A state store whose `load` of "slow" waits until the test opens its gate: a database that
+// answers reads slowly. It knows "slow" from before (41 messages, seq 5, version 0.9).
+struct slow_loading_store {
+  struct shared {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool open = false;
+  };
+  std::shared_ptr<shared> s = std::make_shared<shared>();
+
+  [[nodiscard]] devgate::store::load_result load(const std::string& id) const {
+    if (id != "slow") return {};
+    std::unique_lock lock(s->mutex);
+    s->cv.wait(lock, [&] { return s->open; });
+    devgate::store::device_state st;
+    st.messages_sent = 41;
+    st.last_seq = 5;
+    st.firmware_version = "0.9";
+    return {st, {}};
+  }
+  std::error_code add_messages_sent(const std::string& /*id*/, std::uint64_t /*n*/) { return {}; }
+  std::error_code touch(const std::string& /*id*/, std::int64_t /*ms*/) { return {}; }
+  std::error_code set_firmware_version(const std::string& /*id*/, const std::string& /*v*/) {
+    return {};
+  }
+  std::error_code set_transfer(const std::string& /*id*/,
+                               const devgate::store::transfer_state& /*t*/) {
+    return {};
+  }
+  std::error_code set_last_seq(const std::string& /*id*/, std::uint64_t /*seq*/) { return {}; }
+  std::error_code forget(const std::string& /*id*/) { return {}; }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "store: a device whose stored state loads slowly holds up no network thread; its "
+    "messages wait for the state, in order (attack)") {
+  // The attack: the store takes its time to read one device. Before, the hub read it on the
+  // thread that opened the session (a network thread with the WebSocket server), stalling
+  // every session on that thread until the store answered.
+  in_process_transport t;
+  slow_loading_store store;
+  dev::hub<in_process_transport, devgate::null_sink, slow_loading_store> hub(t, {}, {}, store);
+  REQUIRE_FALSE(hub.start());
+  auto known = connect(t, "known");  // in memory already: served whatever the store does
+  REQUIRE(eventually([&] { return known.next("welcome").has_value(); }));
+  auto opening = std::async(std::launch::async, [&] { return connect(t, "slow"); });
+  const bool returned = opening.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  CHECK(returned);  // before: connect sat in the store's load
+  auto open_gate = [&] {
+    {
+      std::lock_guard lock(store.s->mutex);
+      store.s->open = true;
+    }
+    store.s->cv.notify_all();
+  };
+  if (!returned) open_gate();
+  auto slow = opening.get();
+  for (int i = 1; i <= 3; ++i) {
+    REQUIRE_FALSE(slow.send({{"type", "send"}, {"id", i}, {"data", "x"}}));
+  }
+  // Meanwhile the known device is answered at once.
+  REQUIRE_FALSE(known.send({{"type", "send"}, {"id", 1}, {"data", "y"}}));
+  CHECK(eventually([&] { return known.next("sent").has_value(); }));
+  CHECK(slow.poll().empty());  // nothing for "slow" before its state is in
+  open_gate();
+  REQUIRE(eventually([&] {
+    slow.poll();
+    return slow.texts.size() == 4;
+  }));
+  // The hello and the sends were handled after the load, in order, with the stored figures.
+  CHECK(slow.texts[0]["type"] == "welcome");
+  CHECK(slow.texts[0]["state"]["messages_sent"] == 41);
+  CHECK(slow.texts[0]["last_seq"] == 5);
+  CHECK(slow.texts[0]["state"]["firmware_version"] == "0.9");
+  for (int i = 1; i <= 3; ++i) {
+    CHECK(slow.texts[static_cast<std::size_t>(i)]["type"] == "sent");
+    CHECK(slow.texts[static_cast<std::size_t>(i)]["id"] == i);
+    CHECK(slow.texts[static_cast<std::size_t>(i)]["messages_sent"] == 41 + i);
+  }
+  // Later messages are handled inline again.
+  REQUIRE_FALSE(slow.send({{"type", "send"}, {"id", 4}, {"data", "x"}}));
+  CHECK(eventually([&] { return slow.next("sent").has_value(); }));
   hub.stop();
 }
 

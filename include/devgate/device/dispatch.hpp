@@ -13,6 +13,7 @@
 #include <string>        // device ids
 #include <string_view>   // message types
 #include <system_error>  // results
+#include <thread>        // who handles parked messages
 #include <utility>       // std::move
 #include <vector>        // runs of device messages
 
@@ -70,8 +71,16 @@ class protocol_dispatch {
       transport_.close(info.id, close_code::policy_violation, "invalid device id");
       return;
     }
-    auto rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+    registry::record_ptr rec;
+    if constexpr (Store::calls_inline) {
+      rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+    } else {
+      // A store that may block is read on its own thread: the session's messages wait in the
+      // record (`load.parked`) until the state is in.
+      rec = devices_.get_or_create_unloaded(info.device_id).first;
+    }
     const session_id old = devices_.attach(rec, info.id);
+    if constexpr (!Store::calls_inline) request_load(rec, info.id);
     if (old == 0) return;
     out_.forget(*rec, old);
     bus_.unsubscribe_all(old);
@@ -159,10 +168,24 @@ class protocol_dispatch {
   void handle(device_record& rec, inbound_message& in, run& r) {
     const session_id s = in.session;
     bool hello = false;
+    bool parked = false;
+    bool overflow = false;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
+      if (rec.load.pending && rec.load.replayer != std::this_thread::get_id()) [[unlikely]] {
+        // The state is still loading (or its parked messages are being handled): in line.
+        parked = true;
+        overflow = rec.load.parked.size() >= max_parked;
+        if (!overflow) rec.load.parked.push_back(std::move(in));
+      }
       hello = rec.session.hello;
+    }
+    if (parked) [[unlikely]] {
+      if (overflow) {
+        transport_.close(s, close_code::try_again_later, "device state is loading; retry later");
+      }
+      return;
     }
     if (in.kind == payload_kind::binary) {
       if (!hello) {
@@ -226,6 +249,56 @@ class protocol_dispatch {
       on_fw_restart(rec, s, j);
     } else {
       on_fw_result(rec, s, j);
+    }
+  }
+
+  // ---- loading a device's state off the network thread ------------------------------------
+
+  // Messages a session may send before its device's state is in; past them it is closed with
+  // 1013 (a store that slow is overloaded).
+  static constexpr std::size_t max_parked = 256;
+
+  // Queues the load of a record made unloaded, once; a full store queue closes the session
+  // with 1013 and leaves the load to the device's next session.
+  void request_load(const registry::record_ptr& rec, session_id s) {
+    {
+      std::lock_guard lock(rec->mutex);
+      if (!rec->load.pending || rec->load.requested) return;
+      rec->load.requested = true;
+    }
+    const bool queued =
+        store_.load_async(rec->id, [this, rec](store::device_state&& st) { loaded(*rec, st); });
+    if (queued) return;
+    {
+      std::lock_guard lock(rec->mutex);
+      rec->load.requested = false;
+    }
+    transport_.close(s, close_code::try_again_later, "device state store is busy; retry later");
+  }
+  // On the store thread: the state is in; the parked messages are handled here, in order,
+  // until none is left (new ones keep queueing behind them meanwhile).
+  void loaded(device_record& rec, const store::device_state& st) {
+    {
+      std::lock_guard lock(rec.mutex);
+      registry::fill_locked(rec, st);
+    }
+    std::vector<inbound_message> batch;
+    for (;;) {
+      {
+        std::lock_guard lock(rec.mutex);
+        batch.clear();
+        if (rec.load.parked.empty()) {
+          rec.load.pending = false;
+          rec.load.replayer = {};
+          return;
+        }
+        batch.swap(rec.load.parked);
+        rec.load.replayer = std::this_thread::get_id();
+      }
+      try {
+        (void)intake(batch);  // messages of a session that closed meanwhile are ignored
+      } catch (...) {         // contained as a transport contains its handlers
+      }
     }
   }
 

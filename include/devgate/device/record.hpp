@@ -8,7 +8,9 @@
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
 #include <string>   // id, topic, versions
+#include <thread>   // the thread replaying parked messages
 #include <utility>  // std::move, std::pair
+#include <vector>   // messages parked while the device loads
 
 #include "devgate/core/bytes.hpp"
 #include "devgate/device/protocol.hpp"  // topics::device_prefix
@@ -98,6 +100,17 @@ struct device_record {
     clock::time_point retry_at{};       ///< After a stall, it waits for a slot until then.
   };
   transfer_part transfer;  ///< Its part in the current rollout.
+
+  /// While its stored state loads on the store thread (a store that may block): the messages
+  /// of its session wait here, in order, and are handled once the state is in (written by
+  /// `protocol_dispatch`).
+  struct load_part {
+    bool pending = false;                 ///< The state is not in yet, or parked messages remain.
+    bool requested = false;               ///< A load is queued on the store thread.
+    std::thread::id replayer{};           ///< The thread handling the parked messages now.
+    std::vector<inbound_message> parked;  ///< Messages that arrived before the state.
+  };
+  load_part load;  ///< Its stored state's loading.
 
   /// Its place among the offline records, least recently seen first (written by the registry
   /// under its device table's lock, not under `mutex`).

@@ -58,14 +58,24 @@ class registry {
     auto fresh =
         std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
     fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
-    std::unique_lock lock(devices_mutex_);
-    auto [it, inserted] = devices_.emplace(id, std::move(fresh));
-    if (inserted) {
-      list_locked(*it->second);
-      loaded_.fetch_add(1, std::memory_order_relaxed);
-      held_.store(devices_.size(), std::memory_order_relaxed);
-    }
-    return it->second;  // another thread's record if it got there first
+    return insert(id, std::move(fresh)).first;   // another thread's record if it got there first
+  }
+  /// The record of `id`, made the first time empty with `load.pending` set, for a caller that
+  /// loads its stored state off this thread (`fill`). The second member says it was made now.
+  std::pair<record_ptr, bool> get_or_create_unloaded(const std::string& id) {
+    if (auto rec = find(id)) return {std::move(rec), false};
+    auto fresh = std::make_shared<device_record>(id, 0, std::string{}, 0);
+    fresh->load.pending = true;
+    return insert(id, std::move(fresh));
+  }
+  /// Puts the stored state `st` into a record made by `get_or_create_unloaded`. The caller
+  /// holds `rec.mutex`.
+  static void fill_locked(device_record& rec, const store::device_state& st) {
+    rec.messages_sent += st.messages_sent;
+    if (rec.firmware_version.empty()) rec.firmware_version = st.firmware_version;
+    if (st.last_seen_ms > rec.last_seen_ms) rec.last_seen_ms = st.last_seen_ms;
+    // Numbering continues above what the store had (and above what was assigned meanwhile).
+    if (st.last_seq + 1 > rec.delivery.next_seq) rec.delivery.next_seq = st.last_seq + 1;
   }
   /// Every record now (for fleet-wide work: a rollout). O(records held): never on a network
   /// thread.
@@ -111,8 +121,8 @@ class registry {
         }
         {
           std::lock_guard rl(rec->mutex);
-          if (rec->session.id != 0 || rec->delivery.draining || !rec->delivery.outbox.empty() ||
-              !durable(static_cast<const device_record&>(*rec))) {
+          if (rec->session.id != 0 || rec->load.pending || rec->delivery.draining ||
+              !rec->delivery.outbox.empty() || !durable(static_cast<const device_record&>(*rec))) {
             ++it;
             continue;
           }
@@ -143,7 +153,7 @@ class registry {
     device_record& rec = *found->second;
     {
       std::lock_guard rl(rec.mutex);
-      if (rec.session.id != 0) return false;
+      if (rec.session.id != 0 || rec.load.pending) return false;
       evict(rec);
     }
     unlist_locked(rec);
@@ -218,6 +228,16 @@ class registry {
   }
 
  private:
+  std::pair<record_ptr, bool> insert(const std::string& id, record_ptr fresh) {
+    std::unique_lock lock(devices_mutex_);
+    auto [it, inserted] = devices_.emplace(id, std::move(fresh));
+    if (inserted) {
+      list_locked(*it->second);
+      loaded_.fetch_add(1, std::memory_order_relaxed);
+      held_.store(devices_.size(), std::memory_order_relaxed);
+    }
+    return {it->second, inserted};
+  }
   // The offline order; the caller holds the device table's lock.
   void list_locked(device_record& rec) {
     if (rec.offline.listed) return;

@@ -32,8 +32,9 @@ using store_error_handler =
 /// every exception it throws, is counted (`errors()`) and passed to the error handler; the
 /// caller carries on with what it has in memory.
 ///
-/// `load` runs on the caller's thread (the hub keeps the live figures in its records and
-/// loads a device only when it first sees it). The writes of one device are applied in the
+/// `load` runs on the caller's thread and `load_async` on the store thread, behind the writes
+/// queued before it (the hub keeps the live figures in its records and loads a device only
+/// when it first sees it, with `load_async` from a network thread). The writes of one device are applied in the
 /// order they were queued; `applied_through(ticket)` says whether the writes accepted up to a
 /// ticket (`submitted()` then) have been applied, which is what the hub waits for before it
 /// evicts a record.
@@ -71,29 +72,43 @@ class write_behind {
       return {};
     }
   }
+  /// True when every call goes straight to the store (it says it never blocks).
+  static constexpr bool calls_inline = is_nonblocking_store<Store>;
+  /// Loads the device's stored state off the calling thread: `done(state)` runs on the store
+  /// thread after every write queued before this call (inline for a non-blocking store). False,
+  /// with `done` not called, when the queue is full (counted as a dropped call).
+  template <class Done>
+  bool load_async(const std::string& id, Done&& done) {
+    if constexpr (inline_calls) {
+      done(load(id));
+      return true;
+    } else {
+      return !submit({op_kind::load, id, 0, 0, {}, {}, std::forward<Done>(done)});
+    }
+  }
   /// Adds `n` to the device's message count (queued unless the store is non-blocking).
   std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
-    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}});
+    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}, {}});
   }
   /// Records activity at `unix_ms`.
   std::error_code touch(const std::string& id, std::int64_t unix_ms) {
-    return submit({op_kind::touch, id, 0, unix_ms, {}, {}});
+    return submit({op_kind::touch, id, 0, unix_ms, {}, {}, {}});
   }
   /// Records the firmware version the device runs.
   std::error_code set_firmware_version(const std::string& id, const std::string& version) {
-    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}});
+    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}, {}});
   }
   /// Records the device's firmware transfer.
   std::error_code set_transfer(const std::string& id, const transfer_state& t) {
-    return submit({op_kind::set_transfer, id, 0, 0, {}, t});
+    return submit({op_kind::set_transfer, id, 0, 0, {}, t, {}});
   }
   /// Records the last sequence number assigned to the device.
   std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
-    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}});
+    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}, {}});
   }
   /// Forgets the device.
   std::error_code forget(const std::string& id) {
-    return submit({op_kind::forget, id, 0, 0, {}, {}});
+    return submit({op_kind::forget, id, 0, 0, {}, {}, {}});
   }
 
   /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
@@ -144,7 +159,8 @@ class write_behind {
     set_firmware_version,
     set_transfer,
     set_last_seq,
-    forget
+    forget,
+    load
   };
   struct op {
     op_kind kind;
@@ -153,6 +169,7 @@ class write_behind {
     std::int64_t ms;
     std::string version;
     transfer_state transfer;
+    std::function<void(device_state&&)> loaded;  // load only: what to do with the state
   };
   static constexpr std::string_view name(op_kind k) noexcept {
     switch (k) {
@@ -168,6 +185,8 @@ class write_behind {
         return "set_last_seq";
       case op_kind::forget:
         return "forget";
+      case op_kind::load:
+        return "load";
     }
     return "write";
   }
@@ -216,6 +235,9 @@ class write_behind {
           break;
         case op_kind::forget:
           ec = store_.forget(o.id);
+          break;
+        case op_kind::load:
+          o.loaded(load(o.id));  // load() counts and reports its own failure
           break;
       }
     } catch (...) {
