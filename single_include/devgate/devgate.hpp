@@ -11338,6 +11338,9 @@ class device_client {
   [[nodiscard]] std::uint64_t duplicates() const noexcept { return duplicates_.load(); }
   /// Firmware updates the server confirmed verified.
   [[nodiscard]] std::uint64_t firmware_verified() const noexcept { return fw_verified_.load(); }
+  /// Transfers this client asked to restart from byte 0 (`fw_restart`: it lacked the bytes
+  /// before the server's resume offset).
+  [[nodiscard]] std::uint64_t firmware_restarts() const noexcept { return fw_restarts_.load(); }
   /// Firmware chunks received (all transfers).
   [[nodiscard]] std::uint64_t chunks_received() const noexcept { return chunks_.load(); }
   /// The SHA-256 (hex) this client computed over the last complete image.
@@ -11564,8 +11567,18 @@ class device_client {
         options_.firmware_version = fw_version_;
       }
       if (on_firmware) on_firmware(fw_version_, ok, j.value("reason", ""));
-    } else if (on_text) {
-      on_text(j);
+    } else {
+      if (type == "error" && j.value("code", "") == "unknown_type" &&
+          j.value("ref", "") == "fw_restart") {
+        // A server older than fw_restart: the image cannot be had again in this rollout.
+        const auto text = nlohmann::json{{"type", "fw_result"},
+                                         {"rollout", fw_rollout_},
+                                         {"ok", false},
+                                         {"reason", "partial image lost"}}
+                              .dump();
+        write_frame(websocket::opcode::text, std::as_bytes(std::span(text.data(), text.size())));
+      }
+      if (on_text) on_text(j);
     }
   }
 
@@ -11578,16 +11591,27 @@ class device_client {
     const auto rollout = device::get_uint(j, "rollout").value_or(0);
     const auto size = device::get_uint(j, "size").value_or(0);
     const auto offset = device::get_uint(j, "offset").value_or(0);
+    bool lost = false;
     if (rollout != fw_rollout_ || fw_image_.size() != size || offset > fw_received_) {
-      // A new image (or we lost the partial one: start over is the server's call).
+      // A new image, or one whose first `offset` bytes we do not hold (this client started
+      // after they came): then the server is asked for it again from byte 0.
+      lost = offset > 0;
       fw_rollout_ = rollout;
       fw_image_.assign(size, std::byte{0});
       fw_received_ = 0;
     }
     fw_version_ = j.value("version", "");
     fw_sha_ = j.value("sha256", "");
-    fw_received_ = offset;
     fw_reported_ = false;
+    if (lost) {
+      // A new `firmware` at offset 0 follows; chunks still in flight are dropped meanwhile
+      // (their offset is not the next byte expected).
+      const auto text = nlohmann::json{{"type", "fw_restart"}, {"rollout", rollout}}.dump();
+      write_frame(websocket::opcode::text, std::as_bytes(std::span(text.data(), text.size())));
+      ++fw_restarts_;
+      return;
+    }
+    fw_received_ = offset;
     maybe_finish();  // every byte was acknowledged before a drop: only the result is missing
   }
 
@@ -11652,6 +11676,7 @@ class device_client {
   std::atomic<std::uint64_t> welcomes_{0};
   std::atomic<std::uint64_t> duplicates_{0};
   std::atomic<std::uint64_t> fw_verified_{0};
+  std::atomic<std::uint64_t> fw_restarts_{0};
   std::atomic<std::uint64_t> chunks_{0};
   mutable std::mutex sha_mutex_;
   std::string last_sha_;

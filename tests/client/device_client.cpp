@@ -274,6 +274,51 @@ TEST_CASE("e2e: firmware reaches hundreds of devices, verified, with connections
   REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
 }
 
+TEST_CASE("e2e: a device that lost its partial image restarts the transfer from byte 0") {
+  dev::hub_options o;
+  o.chunk_size = 4096;
+  o.window = 2;
+  rig r(o);
+  const auto image = make_image(1024 * 1024);  // 256 chunks: the abort comes mid-transfer
+  const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+  auto first = std::make_unique<device_client>(r.ioc, r.opts("board", "1.0"));
+  // A new client (the board after its reset, below) has none of the image.
+  device_client again(r.ioc, r.opts("board", "1.0"));
+  std::mutex mu;
+  std::vector<std::string> errors;
+  again.on_text = [&](const json& j) {
+    std::lock_guard lock(mu);
+    if (j["type"] == "error") errors.push_back(j.dump());
+  };
+  stop_first stop_io{r};
+  first->connect();
+  REQUIRE(eventually([&] { return r.hub.connected() == 1; }));
+  r.hub.publish_firmware("2.0", image);
+  REQUIRE(eventually([&] { return first->chunks_received() >= 3; }));
+  first->abort();  // the board resets: its partial image is gone
+  REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
+  const auto acked = r.hub.device_transfer("board");
+  REQUIRE(acked);
+  CHECK(acked->offset > 0);  // the server resumes past bytes the new client does not hold
+  REQUIRE(r.hub.rollout().verified == 0);
+  again.connect();
+  const bool verified = eventually([&] { return again.firmware_verified() == 1; });
+  {
+    std::lock_guard lock(mu);
+    INFO("errors: " << errors.size() << (errors.empty() ? "" : " first " + errors.front())
+                    << " restarts " << again.firmware_restarts() << " chunks "
+                    << again.chunks_received() << " rollout " << r.hub.rollout().transferring << "/"
+                    << r.hub.rollout().pending << "/" << r.hub.rollout().failed);
+    REQUIRE(verified);
+  }
+  CHECK(again.firmware_restarts() == 1);
+  CHECK(again.last_image_sha256() == sha);
+  CHECK(r.hub.rollout().verified == 1);
+  CHECK(r.hub.rollout().failed == 0);
+  again.close();
+  REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
+}
+
 namespace {
 struct collect {
   std::vector<std::string> texts;
