@@ -40,6 +40,17 @@ namespace dev = devgate::device;
 using devgate::testing::eventually;
 using devgate::testing::numbered;
 
+#if defined(__SANITIZE_ADDRESS__)
+#define DEVGATE_TEST_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DEVGATE_TEST_UNDER_ASAN 1
+#endif
+#endif
+#ifndef DEVGATE_TEST_UNDER_ASAN
+#define DEVGATE_TEST_UNDER_ASAN 0
+#endif
+
 namespace {
 
 using hub_t = dev::hub<in_process_transport>;
@@ -917,8 +928,11 @@ TEST_CASE(
                                << total);
   CHECK(most_held <= max_devices);
   CHECK(hub.stats().devices_evicted >= total - max_devices);
-  // Unbounded (max_devices 0), the process grew from 11 MiB to 196 MiB here.
+  // Unbounded (max_devices 0), the process grew from 11 MiB to 196 MiB here. Not measured
+  // under ASan, whose quarantine keeps freed memory resident (+380 MiB here).
+#if !DEVGATE_TEST_UNDER_ASAN
   CHECK(rss_end < rss_warm + 16 * 1024);
+#endif
   // An evicted device that returns is loaded again and served.
   auto back = connect(t, "visitor-7");
   auto w = back.next("welcome");
