@@ -7208,6 +7208,7 @@ class reactor : public thread_resources {
   };
   std::vector<inbound_send> inbox_;     // guarded by mutex_
   std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
+  bool draining_now_ = false;           // this thread's: drain_inbox is walking draining_
   // The inbox holds sends not yet drained (set under mutex_ with them; read without it by
   // catch_up()).
   std::atomic<bool> inbox_posted_{false};
@@ -7249,6 +7250,11 @@ inline void reactor::adopt(tcp_stream stream) {
 // Queues what other threads sent, in their order; each session writes it once the task ends (a
 // burst to one session is one write).
 inline void reactor::drain_inbox() {
+  // A send made by a handler this drain runs (a session closed by a failed write, whose close
+  // handler sends) must not swap the vector being walked; the task posted for what arrives
+  // meanwhile drains it.
+  if (draining_now_) return;
+  draining_now_ = true;
   {
     std::lock_guard lock(mutex_);
     draining_.swap(inbox_);
@@ -7262,6 +7268,7 @@ inline void reactor::drain_inbox() {
     }
   }
   draining_.clear();
+  draining_now_ = false;
 }
 
 // Waits (through ioc) until a session socket is ready, handles every ready one, repeats.
