@@ -34,10 +34,10 @@ using store_error_handler =
 ///
 /// `load` runs on the caller's thread and `load_async` on the store thread, behind the writes
 /// queued before it (the hub keeps the live figures in its records and loads a device only
-/// when it first sees it, with `load_async` from a network thread). The writes of one device are applied in the
-/// order they were queued; `applied_through(ticket)` says whether the writes accepted up to a
-/// ticket (`submitted()` then) have been applied, which is what the hub waits for before it
-/// evicts a record.
+/// when it first sees it, with `load_async` from a network thread). The writes of one device are
+/// applied in the order they were queued; `applied_through(ticket)` says whether the writes
+/// accepted up to a ticket (`submitted()` then) have been applied, which is what the hub waits for
+/// before it evicts a record.
 template <class Store>
 class write_behind {
  public:
