@@ -8107,17 +8107,19 @@ class write_behind {
 #include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
-#include <deque>        // outbox batches
 #include <mutex>        // the device's mutex
 #include <string_view>  // message data
 #include <utility>      // std::move
+#include <vector>       // outbox batches
 
 
 // ---- begin devgate/device/protocol.hpp ----
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>    // std::copy
 #include <array>        // chunk headers
+#include <charconv>     // std::to_chars
 #include <cstddef>      // std::byte, std::size_t
 #include <cstdint>      // wire integers
 #include <optional>     // decode results
@@ -8342,6 +8344,115 @@ inline constexpr int max_json_depth = 32;
   return j;
 }
 
+/// The fields of a `send` message, read in one pass without building a JSON tree: the hub's
+/// path for the message devices send most.
+struct send_fields {
+  shared_bytes data;                ///< The characters of `data` (a string).
+  std::optional<std::uint64_t> id;  ///< `id`, when present.
+};
+
+namespace detail_protocol {
+// A SAX pass that accepts exactly the common `send`: a JSON object with `"type":"send"`, a
+// string `data`, an optional non-negative integer `id`, each at most once, and any other
+// members (ignored, nested at most `max_json_depth`). Anything else stops the pass early: the
+// caller then parses the message as a tree, which gives every other case its exact answer.
+class send_reader {
+ public:
+  using json = nlohmann::json;
+  bool null() { return other(); }
+  bool boolean(bool /*v*/) { return other(); }
+  bool number_integer(json::number_integer_t v) {
+    if (v < 0) return other();
+    return number_unsigned(static_cast<json::number_unsigned_t>(v));
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (depth_ != 1 || field_ == field::other) return true;
+    if (field_ != field::id) return false;
+    out_.id = v;
+    return true;
+  }
+  bool number_float(json::number_float_t /*v*/, const json::string_t& /*text*/) { return other(); }
+  bool string(json::string_t& v) {
+    if (depth_ != 1 || field_ == field::other) return true;
+    if (field_ == field::type) return v == "send";
+    if (field_ != field::data) return false;
+    out_.data = shared_bytes::copy_of(std::string_view(v));
+    return true;
+  }
+  bool binary(json::binary_t& /*v*/) { return false; }
+  bool start_object(std::size_t /*n*/) { return open(); }
+  bool start_array(std::size_t /*n*/) { return depth_ != 0 && open(); }
+  bool end_object() { return close(); }
+  bool end_array() { return close(); }
+  bool key(json::string_t& k) {
+    if (depth_ != 1) return true;
+    field_ = k == "type"   ? field::type
+             : k == "data" ? field::data
+             : k == "id"   ? field::id
+                           : field::other;
+    if (field_ == field::other) return true;
+    const auto bit = static_cast<unsigned>(1u << static_cast<unsigned>(field_));
+    if ((seen_ & bit) != 0) return false;  // a repeated field: the tree path decides
+    seen_ |= bit;
+    return true;
+  }
+  bool parse_error(std::size_t /*pos*/, const std::string& /*token*/,
+                   const nlohmann::detail::exception& /*e*/) {
+    return false;
+  }
+  // The fields, if the whole text was a `send` this pass accepts.
+  std::optional<send_fields> take(bool parsed) {
+    constexpr unsigned need =
+        (1u << static_cast<unsigned>(field::type)) | (1u << static_cast<unsigned>(field::data));
+    if (!parsed || (seen_ & need) != need) return std::nullopt;
+    return std::move(out_);
+  }
+
+ private:
+  enum class field : std::uint8_t { type, data, id, other };
+  // A scalar that is never the value of `type`, `data` or `id`.
+  bool other() const noexcept { return depth_ != 1 || field_ == field::other; }
+  bool open() {
+    if (depth_ == 1 && field_ != field::other) return false;
+    return ++depth_ <= max_json_depth;
+  }
+  bool close() {
+    --depth_;
+    return true;
+  }
+  int depth_ = 0;
+  field field_ = field::other;
+  unsigned seen_ = 0;
+  send_fields out_;
+};
+}  // namespace detail_protocol
+
+/// Reads `text` as a `send` with a string `data` in one pass; std::nullopt when it is anything
+/// else (another type, non-string data, a malformed field, not JSON), which `parse_json` and
+/// the field checks then answer exactly. Never throws.
+[[nodiscard]] inline std::optional<send_fields> read_send(std::string_view text) {
+  detail_protocol::send_reader reader;
+  const bool parsed = nlohmann::json::sax_parse(text.begin(), text.end(), &reader,
+                                                nlohmann::json::input_format_t::json,
+                                                /*strict=*/true, /*ignore_comments=*/false);
+  return reader.take(parsed);
+}
+
+/// The `sent` answer: `{"id":<id>,"messages_sent":<n>,"type":"sent"}`.
+[[nodiscard]] inline shared_bytes make_sent(std::uint64_t id, std::uint64_t messages_sent) {
+  constexpr int digits = 20;  // of the largest 64-bit number
+  char buf[80];               // the three strings and two numbers
+  constexpr std::string_view a = R"({"id":)";
+  constexpr std::string_view b = R"(,"messages_sent":)";
+  constexpr std::string_view c = R"(,"type":"sent"})";
+  char* p = std::copy(a.begin(), a.end(), buf);
+  p = std::to_chars(p, p + digits, id).ptr;
+  p = std::copy(b.begin(), b.end(), p);
+  p = std::to_chars(p, p + digits, messages_sent).ptr;
+  p = std::copy(c.begin(), c.end(), p);
+  return shared_bytes::copy_of(std::string_view(buf, static_cast<std::size_t>(p - buf)));
+}
+
 /// `j[key]` as an unsigned integer, or std::nullopt if absent or not a non-negative integer.
 [[nodiscard]] inline std::optional<std::uint64_t> get_uint(const nlohmann::json& j,
                                                            std::string_view key) {
@@ -8409,7 +8520,7 @@ inline constexpr int max_json_depth = 32;
 #include <atomic>   // hand-off progress
 #include <cstddef>  // std::size_t
 #include <cstdint>  // sequence numbers, offsets
-#include <deque>    // outbox, replay buffer
+#include <deque>    // replay buffer
 #include <list>     // the registry's offline order
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
@@ -8630,7 +8741,7 @@ struct device_record {
     std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
     std::size_t replay_bytes = 0;      ///< Bytes in `replay`.
     std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
-    std::deque<outbound> outbox;       ///< Queued to the session, in order.
+    std::vector<outbound> outbox;      ///< Queued to the session, in order.
     bool draining = false;             ///< A thread is sending the outbox (with no lock held).
     std::uint64_t queued = 0;          ///< Messages ever queued to the outbox.
     /// Of the `queued` first messages, how many were handed to the transport (or forgotten);
@@ -8826,16 +8937,20 @@ class delivery {
     }
     d.draining = true;
     ++handing_off();
+    std::vector<outbound> batch;
     while (!d.outbox.empty()) {
-      std::deque<outbound> batch;
       batch.swap(d.outbox);
       const std::uint64_t taken = d.queued;
       lock.unlock();
       for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
+      batch.clear();
       lock.lock();
       d.handed.store(taken, std::memory_order_release);
       d.handed.notify_all();
     }
+    // The emptied buffer goes back to the record, so a busy device's outbox does not
+    // allocate again; one that grew past a burst is let go.
+    if (batch.capacity() <= keep_outbox_capacity) d.outbox.swap(batch);
     --handing_off();
     d.handed.store(d.queued, std::memory_order_release);  // counts what `forget` dropped
     d.handed.notify_all();
@@ -8865,6 +8980,8 @@ class delivery {
   }
 
  private:
+  // Outbox capacity a record keeps between flushes (a `send` run's answers fit in it).
+  static constexpr std::size_t keep_outbox_capacity = 64;
   // Outboxes the calling thread is handing to the transport now (0 or 1; more only when a
   // transport callback re-enters the hub).
   static int& handing_off() noexcept {
@@ -10442,9 +10559,15 @@ class protocol_dispatch {
 
   void handle(device_record& rec, inbound_message& in, run& r) {
     const session_id s = in.session;
+    const bool fits = in.payload.size() <= max_message_bytes_;
+    const bool binary = in.kind == payload_kind::binary;
+    // The common `send` is read in one pass, before the lock; anything else takes the tree path.
+    std::optional<send_fields> fast;
+    if (!binary && fits) fast = read_send(in.payload.view());
     bool hello = false;
     bool parked = false;
     bool overflow = false;
+    std::uint64_t number = 0;  // a device message's number, taken with the same lock
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
@@ -10453,8 +10576,10 @@ class protocol_dispatch {
         parked = true;
         overflow = rec.load.parked.size() >= max_parked;
         if (!overflow) rec.load.parked.push_back(std::move(in));
+      } else {
+        hello = rec.session.hello;
+        if (hello && fits && (fast || binary)) number = ++rec.messages_sent;
       }
-      hello = rec.session.hello;
     }
     if (parked) [[unlikely]] {
       if (overflow) {
@@ -10462,21 +10587,27 @@ class protocol_dispatch {
       }
       return;
     }
-    if (in.kind == payload_kind::binary) {
-      if (!hello) {
-        push_run(rec, r);
-        reply_error(rec, s, error::hello_required, "binary");
-      } else if (in.payload.size() > max_message_bytes_) {
-        push_run(rec, r);
-        reply_error(rec, s, error::too_big, "binary");
+    if (number != 0) [[likely]] {
+      if (binary) {
+        add(in, std::move(in.payload), payload_kind::binary, std::nullopt, number, r);
       } else {
-        stage(rec, in, std::move(in.payload), payload_kind::binary, std::nullopt, r);
+        add(in, std::move(fast->data), payload_kind::text, fast->id, number, r);
       }
       return;
     }
-    if (in.payload.size() > max_message_bytes_) {
+    if (binary) {
+      push_run(rec, r);
+      reply_error(rec, s, hello ? error::too_big : error::hello_required, "binary");
+      return;
+    }
+    if (!fits) {
       push_run(rec, r);
       reply_error(rec, s, error::too_big, {});
+      return;
+    }
+    if (fast) {  // a `send` before hello
+      push_run(rec, r);
+      reply_error(rec, s, error::hello_required, "send");
       return;
     }
     auto parsed = parse_json(in.payload.view());
@@ -10729,14 +10860,18 @@ class protocol_dispatch {
       if (rec.session.id != in.session) return;
       number = ++rec.messages_sent;
     }
-    message m;
+    add(in, std::move(payload), kind, ref, number, r);
+  }
+  // Adds a device message numbered `number` to the run.
+  static void add(inbound_message& in, shared_bytes payload, payload_kind kind,
+                  std::optional<std::uint64_t> ref, std::uint64_t number, run& r) {
+    message& m = r.messages.emplace_back();
     m.session = in.session;
     m.device_id = std::move(in.device_id);
     m.sequence = number;
     m.kind = kind;
     m.payload = std::move(payload);
     m.received = in.received;
-    r.messages.push_back(std::move(m));
     r.refs.push_back(ref);
   }
   // Pushes the run into the pipeline, then answers each message: `sent` for an accepted one
@@ -10763,9 +10898,8 @@ class protocol_dispatch {
             delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(refusal, ref));
             ++refused;
           } else if (r.refs[i]) {
-            nlohmann::json sent{
-                {"type", "sent"}, {"id", *r.refs[i]}, {"messages_sent", r.messages[i].sequence}};
-            delivery<Transport>::queue_locked(rec, s, payload_kind::text, to_payload(sent));
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text,
+                                              make_sent(*r.refs[i], r.messages[i].sequence));
             queued = true;
           }
         }

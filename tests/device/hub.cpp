@@ -289,6 +289,81 @@ TEST_CASE("bad input is answered as documented and touches no other device") {
   hub.stop();
 }
 
+TEST_CASE("the one-pass send reader agrees with the tree path, and leaves it the rest") {
+  // What the tree path makes of a `send`: (data as a string, id), when both are well-formed.
+  auto by_tree = [](std::string_view text) -> std::optional<std::pair<std::string, std::uint64_t>> {
+    auto j = dev::parse_json(text);
+    if (!j || !j->is_object() || dev::get_string(*j, "type") != "send") return std::nullopt;
+    const auto data = j->find("data");
+    if (data == j->end() || !data->is_string()) return std::nullopt;
+    const auto id = dev::get_uint(*j, "id");
+    if (j->contains("id") && !id) return std::nullopt;
+    return std::pair{data->get<std::string>(), id.value_or(~std::uint64_t{0})};
+  };
+  const std::string deep =
+      R"({"type":"send","data":"x","n":)" + std::string(40, '[') + std::string(40, ']') + "}";
+  const char* texts[] = {
+      R"({"type":"send","data":"hi"})",
+      R"({"type":"send","id":7,"data":"hi"})",
+      R"({"data":"a\"b\\c\u00e9\n","id":18446744073709551615,"type":"send"})",
+      R"({"type":"send","data":"","id":0})",
+      R"({"type":"send","data":"x","meta":{"a":[1,2,{"b":null}],"c":true},"z":-1.5})",
+      R"(  {"type" : "send" , "data" : "spaced"}  )",
+      R"({"type":"send","data":{"t":21.5}})",      // data not a string: tree path
+      R"({"type":"send","data":[1,2]})",           // data not a string: tree path
+      R"({"type":"send","data":"x","id":-1})",     // bad id: tree path
+      R"({"type":"send","data":"x","id":1.5})",    // bad id: tree path
+      R"({"type":"send","data":"x","id":"1"})",    // bad id: tree path
+      R"({"type":"send","data":"x","data":"y"})",  // repeated field: tree path (last wins)
+      R"({"type":"send","type":"send","data":"x"})",
+      R"({"type":"hello","protocol":1})",  // another type
+      R"({"type":"sendx","data":"x"})",
+      R"({"type":1,"data":"x"})",
+      R"({"data":"x"})",
+      R"({"type":"send"})",
+      R"(["send","x"])",
+      R"("send")",
+      R"({"type":"send","data":"x"} trailing)",
+      R"({"type":"send","data":"x")",
+      R"({"type":"send","data":"\ud800"})",     // a lone surrogate: not JSON
+      "{\"type\":\"send\",\"data\":\"\xff\"}",  // not UTF-8
+      R"({"type":"send","data":"x",})",
+      "",
+  };
+  std::vector<std::string> all(std::begin(texts), std::end(texts));
+  all.push_back(deep);
+  int fast = 0;
+  for (const auto& text : all) {
+    INFO(text);
+    const auto read = dev::read_send(text);
+    const auto tree = by_tree(text);
+    if (read) {
+      ++fast;
+      REQUIRE(tree);  // whatever the one pass accepts, the tree path accepts the same way
+      CHECK(read->data.view() == tree->first);
+      CHECK(read->id.value_or(~std::uint64_t{0}) == tree->second);
+    }
+  }
+  CHECK(fast == 6);  // the first six; every other text goes down the tree path
+
+  // Over the wire, the tree path answers what the one pass leaves to it.
+  in_process_transport t;
+  hub_t hub(t, {}, {});
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "reader");
+  REQUIRE(d.next("welcome"));
+  REQUIRE_FALSE(d.s.push(R"({"type":"send","data":"x","id":-1})"));
+  CHECK((*d.next("error"))["code"] == "bad_message");
+  REQUIRE_FALSE(d.s.push(R"({"type":"send","data":{"t":1},"id":5})"));
+  CHECK((*d.next("sent"))["id"] == 5);
+  REQUIRE_FALSE(d.s.push(R"({"type":"send","data":"x","data":"y","id":6})"));
+  auto sent = d.next("sent");
+  REQUIRE(sent);
+  CHECK((*sent)["id"] == 6);
+  CHECK((*sent)["messages_sent"] == 2);
+  hub.stop();
+}
+
 TEST_CASE("too many bad messages close the session with 4002") {
   in_process_transport t;
   dev::hub_options o;

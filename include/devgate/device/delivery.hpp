@@ -4,10 +4,10 @@
 #include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
-#include <deque>        // outbox batches
 #include <mutex>        // the device's mutex
 #include <string_view>  // message data
 #include <utility>      // std::move
+#include <vector>       // outbox batches
 
 #include "devgate/core/bytes.hpp"
 #include "devgate/device/protocol.hpp"  // deliver envelopes, the bad_resume error
@@ -161,16 +161,20 @@ class delivery {
     }
     d.draining = true;
     ++handing_off();
+    std::vector<outbound> batch;
     while (!d.outbox.empty()) {
-      std::deque<outbound> batch;
       batch.swap(d.outbox);
       const std::uint64_t taken = d.queued;
       lock.unlock();
       for (auto& o : batch) (void)transport_.send(o.session, o.kind, std::move(o.bytes));
+      batch.clear();
       lock.lock();
       d.handed.store(taken, std::memory_order_release);
       d.handed.notify_all();
     }
+    // The emptied buffer goes back to the record, so a busy device's outbox does not
+    // allocate again; one that grew past a burst is let go.
+    if (batch.capacity() <= keep_outbox_capacity) d.outbox.swap(batch);
     --handing_off();
     d.handed.store(d.queued, std::memory_order_release);  // counts what `forget` dropped
     d.handed.notify_all();
@@ -200,6 +204,8 @@ class delivery {
   }
 
  private:
+  // Outbox capacity a record keeps between flushes (a `send` run's answers fit in it).
+  static constexpr std::size_t keep_outbox_capacity = 64;
   // Outboxes the calling thread is handing to the transport now (0 or 1; more only when a
   // transport callback re-enters the hub).
   static int& handing_off() noexcept {

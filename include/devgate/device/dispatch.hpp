@@ -167,9 +167,15 @@ class protocol_dispatch {
 
   void handle(device_record& rec, inbound_message& in, run& r) {
     const session_id s = in.session;
+    const bool fits = in.payload.size() <= max_message_bytes_;
+    const bool binary = in.kind == payload_kind::binary;
+    // The common `send` is read in one pass, before the lock; anything else takes the tree path.
+    std::optional<send_fields> fast;
+    if (!binary && fits) fast = read_send(in.payload.view());
     bool hello = false;
     bool parked = false;
     bool overflow = false;
+    std::uint64_t number = 0;  // a device message's number, taken with the same lock
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
@@ -178,8 +184,10 @@ class protocol_dispatch {
         parked = true;
         overflow = rec.load.parked.size() >= max_parked;
         if (!overflow) rec.load.parked.push_back(std::move(in));
+      } else {
+        hello = rec.session.hello;
+        if (hello && fits && (fast || binary)) number = ++rec.messages_sent;
       }
-      hello = rec.session.hello;
     }
     if (parked) [[unlikely]] {
       if (overflow) {
@@ -187,21 +195,27 @@ class protocol_dispatch {
       }
       return;
     }
-    if (in.kind == payload_kind::binary) {
-      if (!hello) {
-        push_run(rec, r);
-        reply_error(rec, s, error::hello_required, "binary");
-      } else if (in.payload.size() > max_message_bytes_) {
-        push_run(rec, r);
-        reply_error(rec, s, error::too_big, "binary");
+    if (number != 0) [[likely]] {
+      if (binary) {
+        add(in, std::move(in.payload), payload_kind::binary, std::nullopt, number, r);
       } else {
-        stage(rec, in, std::move(in.payload), payload_kind::binary, std::nullopt, r);
+        add(in, std::move(fast->data), payload_kind::text, fast->id, number, r);
       }
       return;
     }
-    if (in.payload.size() > max_message_bytes_) {
+    if (binary) {
+      push_run(rec, r);
+      reply_error(rec, s, hello ? error::too_big : error::hello_required, "binary");
+      return;
+    }
+    if (!fits) {
       push_run(rec, r);
       reply_error(rec, s, error::too_big, {});
+      return;
+    }
+    if (fast) {  // a `send` before hello
+      push_run(rec, r);
+      reply_error(rec, s, error::hello_required, "send");
       return;
     }
     auto parsed = parse_json(in.payload.view());
@@ -454,14 +468,18 @@ class protocol_dispatch {
       if (rec.session.id != in.session) return;
       number = ++rec.messages_sent;
     }
-    message m;
+    add(in, std::move(payload), kind, ref, number, r);
+  }
+  // Adds a device message numbered `number` to the run.
+  static void add(inbound_message& in, shared_bytes payload, payload_kind kind,
+                  std::optional<std::uint64_t> ref, std::uint64_t number, run& r) {
+    message& m = r.messages.emplace_back();
     m.session = in.session;
     m.device_id = std::move(in.device_id);
     m.sequence = number;
     m.kind = kind;
     m.payload = std::move(payload);
     m.received = in.received;
-    r.messages.push_back(std::move(m));
     r.refs.push_back(ref);
   }
   // Pushes the run into the pipeline, then answers each message: `sent` for an accepted one
@@ -488,9 +506,8 @@ class protocol_dispatch {
             delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(refusal, ref));
             ++refused;
           } else if (r.refs[i]) {
-            nlohmann::json sent{
-                {"type", "sent"}, {"id", *r.refs[i]}, {"messages_sent", r.messages[i].sequence}};
-            delivery<Transport>::queue_locked(rec, s, payload_kind::text, to_payload(sent));
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text,
+                                              make_sent(*r.refs[i], r.messages[i].sequence));
             queued = true;
           }
         }

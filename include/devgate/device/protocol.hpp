@@ -2,7 +2,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>    // std::copy
 #include <array>        // chunk headers
+#include <charconv>     // std::to_chars
 #include <cstddef>      // std::byte, std::size_t
 #include <cstdint>      // wire integers
 #include <optional>     // decode results
@@ -227,6 +229,115 @@ inline constexpr int max_json_depth = 32;
   auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return std::nullopt;
   return j;
+}
+
+/// The fields of a `send` message, read in one pass without building a JSON tree: the hub's
+/// path for the message devices send most.
+struct send_fields {
+  shared_bytes data;                ///< The characters of `data` (a string).
+  std::optional<std::uint64_t> id;  ///< `id`, when present.
+};
+
+namespace detail_protocol {
+// A SAX pass that accepts exactly the common `send`: a JSON object with `"type":"send"`, a
+// string `data`, an optional non-negative integer `id`, each at most once, and any other
+// members (ignored, nested at most `max_json_depth`). Anything else stops the pass early: the
+// caller then parses the message as a tree, which gives every other case its exact answer.
+class send_reader {
+ public:
+  using json = nlohmann::json;
+  bool null() { return other(); }
+  bool boolean(bool /*v*/) { return other(); }
+  bool number_integer(json::number_integer_t v) {
+    if (v < 0) return other();
+    return number_unsigned(static_cast<json::number_unsigned_t>(v));
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (depth_ != 1 || field_ == field::other) return true;
+    if (field_ != field::id) return false;
+    out_.id = v;
+    return true;
+  }
+  bool number_float(json::number_float_t /*v*/, const json::string_t& /*text*/) { return other(); }
+  bool string(json::string_t& v) {
+    if (depth_ != 1 || field_ == field::other) return true;
+    if (field_ == field::type) return v == "send";
+    if (field_ != field::data) return false;
+    out_.data = shared_bytes::copy_of(std::string_view(v));
+    return true;
+  }
+  bool binary(json::binary_t& /*v*/) { return false; }
+  bool start_object(std::size_t /*n*/) { return open(); }
+  bool start_array(std::size_t /*n*/) { return depth_ != 0 && open(); }
+  bool end_object() { return close(); }
+  bool end_array() { return close(); }
+  bool key(json::string_t& k) {
+    if (depth_ != 1) return true;
+    field_ = k == "type"   ? field::type
+             : k == "data" ? field::data
+             : k == "id"   ? field::id
+                           : field::other;
+    if (field_ == field::other) return true;
+    const auto bit = static_cast<unsigned>(1u << static_cast<unsigned>(field_));
+    if ((seen_ & bit) != 0) return false;  // a repeated field: the tree path decides
+    seen_ |= bit;
+    return true;
+  }
+  bool parse_error(std::size_t /*pos*/, const std::string& /*token*/,
+                   const nlohmann::detail::exception& /*e*/) {
+    return false;
+  }
+  // The fields, if the whole text was a `send` this pass accepts.
+  std::optional<send_fields> take(bool parsed) {
+    constexpr unsigned need =
+        (1u << static_cast<unsigned>(field::type)) | (1u << static_cast<unsigned>(field::data));
+    if (!parsed || (seen_ & need) != need) return std::nullopt;
+    return std::move(out_);
+  }
+
+ private:
+  enum class field : std::uint8_t { type, data, id, other };
+  // A scalar that is never the value of `type`, `data` or `id`.
+  bool other() const noexcept { return depth_ != 1 || field_ == field::other; }
+  bool open() {
+    if (depth_ == 1 && field_ != field::other) return false;
+    return ++depth_ <= max_json_depth;
+  }
+  bool close() {
+    --depth_;
+    return true;
+  }
+  int depth_ = 0;
+  field field_ = field::other;
+  unsigned seen_ = 0;
+  send_fields out_;
+};
+}  // namespace detail_protocol
+
+/// Reads `text` as a `send` with a string `data` in one pass; std::nullopt when it is anything
+/// else (another type, non-string data, a malformed field, not JSON), which `parse_json` and
+/// the field checks then answer exactly. Never throws.
+[[nodiscard]] inline std::optional<send_fields> read_send(std::string_view text) {
+  detail_protocol::send_reader reader;
+  const bool parsed = nlohmann::json::sax_parse(text.begin(), text.end(), &reader,
+                                                nlohmann::json::input_format_t::json,
+                                                /*strict=*/true, /*ignore_comments=*/false);
+  return reader.take(parsed);
+}
+
+/// The `sent` answer: `{"id":<id>,"messages_sent":<n>,"type":"sent"}`.
+[[nodiscard]] inline shared_bytes make_sent(std::uint64_t id, std::uint64_t messages_sent) {
+  constexpr int digits = 20;  // of the largest 64-bit number
+  char buf[80];               // the three strings and two numbers
+  constexpr std::string_view a = R"({"id":)";
+  constexpr std::string_view b = R"(,"messages_sent":)";
+  constexpr std::string_view c = R"(,"type":"sent"})";
+  char* p = std::copy(a.begin(), a.end(), buf);
+  p = std::to_chars(p, p + digits, id).ptr;
+  p = std::copy(b.begin(), b.end(), p);
+  p = std::to_chars(p, p + digits, messages_sent).ptr;
+  p = std::copy(c.begin(), c.end(), p);
+  return shared_bytes::copy_of(std::string_view(buf, static_cast<std::size_t>(p - buf)));
 }
 
 /// `j[key]` as an unsigned integer, or std::nullopt if absent or not a non-negative integer.

@@ -3,7 +3,7 @@
 #include <atomic>   // hand-off progress
 #include <cstddef>  // std::size_t
 #include <cstdint>  // sequence numbers, offsets
-#include <deque>    // outbox, replay buffer
+#include <deque>    // replay buffer
 #include <list>     // the registry's offline order
 #include <memory>   // the image a transfer streams
 #include <mutex>    // the device's mutex
@@ -75,7 +75,7 @@ struct device_record {
     std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
     std::size_t replay_bytes = 0;      ///< Bytes in `replay`.
     std::uint64_t replay_dropped = 0;  ///< Dropped from `replay` since the last welcome.
-    std::deque<outbound> outbox;       ///< Queued to the session, in order.
+    std::vector<outbound> outbox;      ///< Queued to the session, in order.
     bool draining = false;             ///< A thread is sending the outbox (with no lock held).
     std::uint64_t queued = 0;          ///< Messages ever queued to the outbox.
     /// Of the `queued` first messages, how many were handed to the transport (or forgotten);
