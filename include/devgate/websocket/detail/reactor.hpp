@@ -163,7 +163,7 @@ class reactor : public thread_resources {
       session& target = *slots_[slot];
       if (!target.is_open()) return errc::closed;
       if (target.reserve(m.size())) {
-        inbox_.push_back({session_ref(&target), std::move(m), false});
+        inbox_.push_back({session_ref(&target), std::move(m)});
         post = !inbox_posted_.exchange(true, std::memory_order_release);
       } else {
         over = session_ref(&target);
@@ -208,7 +208,7 @@ class reactor : public thread_resources {
         auto s = find_locked(id);
         if (!s || !s->is_open()) continue;
         if (s->reserve(wire)) {
-          inbox_.push_back({std::move(s), message_frame(op, payload), true});
+          inbox_.push_back({std::move(s), message_frame(op, payload)});
           ++queued;
         } else {
           over.push_back(std::move(s));
@@ -343,11 +343,11 @@ class reactor : public thread_resources {
   struct inbound_send {
     session_ref target;
     out_frame frame;  // reserved against the target's limit
-    bool shared;      // a broadcast's: written at once when the target has nothing queued
   };
   std::vector<inbound_send> inbox_;     // guarded by mutex_
   std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
   bool draining_now_ = false;           // this thread's: drain_inbox is walking draining_
+  std::vector<session*> held_;          // this thread's: sessions the drain queued to
   // The inbox holds sends not yet drained (set under mutex_ with them; read without it by
   // catch_up()).
   std::atomic<bool> inbox_posted_{false};
@@ -399,13 +399,14 @@ inline void reactor::drain_inbox() {
     draining_.swap(inbox_);
     inbox_posted_.store(false, std::memory_order_relaxed);
   }
+  // Everything for one session is queued first and written once: a subscriber that gets a
+  // hundred events from a pipeline worker between two drains gets one gather write, not a
+  // hundred. `draining_` keeps the sessions alive until the writes are done.
   for (auto& send : draining_) {
-    if (send.shared) {
-      send.target->send_shared(send.frame.op, send.frame.body, send.frame.size());
-    } else {
-      send.target->enqueue_data(std::move(send.frame));
-    }
+    if (send.target->enqueue_held(std::move(send.frame))) held_.push_back(send.target.get());
   }
+  for (session* s : held_) s->release_held();
+  held_.clear();
   draining_.clear();
   draining_now_ = false;
 }

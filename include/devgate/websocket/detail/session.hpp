@@ -155,6 +155,27 @@ class session {
     flush_soon();
   }
 
+  /// Queues one data message (its bytes reserved) of a batch the reactor hands over from its
+  /// inbox, without writing it yet: true for the first of the batch, whose caller then calls
+  /// `release_held` once the whole batch is queued, so the session writes it in one go.
+  [[nodiscard]] bool enqueue_held(out_frame m) {
+    if (phase() != phase_t::open) {
+      budget_.refund(m.size());
+      return false;
+    }
+    auto& q = queue();
+    q.data.push_back(std::move(m));
+    budget_.trim(q, core().options.backpressure);
+    if (held_ || reading_ || writing_) return false;  // already due to be written
+    held_ = true;
+    return true;
+  }
+  /// Writes what `enqueue_held` queued.
+  void release_held() {
+    held_ = false;
+    pump();
+  }
+
   /// Sends one data message whose `wire` bytes were reserved, sharing `payload` (a broadcast):
   /// when nothing else waits to be written it goes straight to the socket, with no queue and no
   /// reference taken; only what the socket does not take is queued.
@@ -437,6 +458,7 @@ class session {
   bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
   bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
   bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
+  bool held_ : 1 = false;      // queued by the reactor's inbox drain, written at its end
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
