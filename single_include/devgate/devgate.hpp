@@ -1846,6 +1846,7 @@ inline void render_prometheus(const pipeline_metrics& m, std::string& out) {
 
 #include <algorithm>           // std::min, std::max
 #include <atomic>              // counters and flags
+#include <bit>                 // std::bit_ceil
 #include <chrono>              // timestamps, backoff
 #include <condition_variable>  // interruptible retry backoff
 #include <cstddef>             // std::size_t
@@ -2403,7 +2404,10 @@ struct pipeline_options {
   /// for an evictable message while workers hold every partition) before it is rejected.
   std::chrono::milliseconds block_timeout{100};
   /// Partitions (hash of device id). More partitions let more workers run in parallel while
-  /// each device's messages stay in order; each partition costs one queue.
+  /// each device's messages stay in order; each partition costs one queue. A worker dispatches
+  /// from one partition at a time, so fewer partitions than `pool.max_workers` would cap how
+  /// many messages are dispatched at once: the pipeline raises the count to `max_workers`
+  /// (rounded up to a power of two) when it is below it.
   std::size_t partitions = 32;
   /// Worker counts and scaling thresholds.
   pool_options pool;
@@ -2468,7 +2472,8 @@ class pipeline {
       : options_(checked(std::move(options))),
         sink_(std::forward<Sink>(sink)),
         pool_(options_.pool),
-        fetcher_(options_.partitions, pool_.max_workers(), options_.demand) {
+        fetcher_(cover_workers(options_.partitions, pool_.max_workers()), pool_.max_workers(),
+                 options_.demand) {
     stats_.reserve(pool_.max_workers());
     for (std::size_t i = 0; i < pool_.max_workers(); ++i) {
       stats_.push_back(std::make_unique<worker_stats>());
@@ -2601,6 +2606,14 @@ class pipeline {
     detail::pipeline_atomic_histogram<latency_histogram> latency;
   };
 
+  // Raises `partitions` to the worker count (a power of two) when below it, so that every
+  // worker can hold a partition of its own; returns it.
+  static std::size_t cover_workers(std::size_t& partitions, std::size_t workers) noexcept {
+    if (partitions < workers && workers <= (std::size_t{1} << 20)) {
+      partitions = std::bit_ceil(workers);
+    }
+    return partitions;
+  }
   static pipeline_options checked(pipeline_options o) {
     if (o.capacity == 0)
       throw std::invalid_argument("devgate: pipeline_options.capacity must be >= 1");
@@ -6297,6 +6310,27 @@ class session {
     flush_soon();
   }
 
+  /// Queues one data message (its bytes reserved) of a batch the reactor hands over from its
+  /// inbox, without writing it yet: true for the first of the batch, whose caller then calls
+  /// `release_held` once the whole batch is queued, so the session writes it in one go.
+  [[nodiscard]] bool enqueue_held(out_frame m) {
+    if (phase() != phase_t::open) {
+      budget_.refund(m.size());
+      return false;
+    }
+    auto& q = queue();
+    q.data.push_back(std::move(m));
+    budget_.trim(q, core().options.backpressure);
+    if (held_ || reading_ || writing_) return false;  // already due to be written
+    held_ = true;
+    return true;
+  }
+  /// Writes what `enqueue_held` queued.
+  void release_held() {
+    held_ = false;
+    pump();
+  }
+
   /// Sends one data message whose `wire` bytes were reserved, sharing `payload` (a broadcast):
   /// when nothing else waits to be written it goes straight to the socket, with no queue and no
   /// reference taken; only what the socket does not take is queued.
@@ -6579,6 +6613,7 @@ class session {
   bool answered_ : 1 = false;  // HTTP responses queued since the queue last drained
   bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
   bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
+  bool held_ : 1 = false;      // queued by the reactor's inbox drain, written at its end
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -7024,7 +7059,7 @@ class reactor : public thread_resources {
       session& target = *slots_[slot];
       if (!target.is_open()) return errc::closed;
       if (target.reserve(m.size())) {
-        inbox_.push_back({session_ref(&target), std::move(m), false});
+        inbox_.push_back({session_ref(&target), std::move(m)});
         post = !inbox_posted_.exchange(true, std::memory_order_release);
       } else {
         over = session_ref(&target);
@@ -7069,7 +7104,7 @@ class reactor : public thread_resources {
         auto s = find_locked(id);
         if (!s || !s->is_open()) continue;
         if (s->reserve(wire)) {
-          inbox_.push_back({std::move(s), message_frame(op, payload), true});
+          inbox_.push_back({std::move(s), message_frame(op, payload)});
           ++queued;
         } else {
           over.push_back(std::move(s));
@@ -7204,11 +7239,11 @@ class reactor : public thread_resources {
   struct inbound_send {
     session_ref target;
     out_frame frame;  // reserved against the target's limit
-    bool shared;      // a broadcast's: written at once when the target has nothing queued
   };
   std::vector<inbound_send> inbox_;     // guarded by mutex_
   std::vector<inbound_send> draining_;  // this thread's; swapped with inbox_
   bool draining_now_ = false;           // this thread's: drain_inbox is walking draining_
+  std::vector<session*> held_;          // this thread's: sessions the drain queued to
   // The inbox holds sends not yet drained (set under mutex_ with them; read without it by
   // catch_up()).
   std::atomic<bool> inbox_posted_{false};
@@ -7260,13 +7295,14 @@ inline void reactor::drain_inbox() {
     draining_.swap(inbox_);
     inbox_posted_.store(false, std::memory_order_relaxed);
   }
+  // Everything for one session is queued first and written once: a subscriber that gets a
+  // hundred events from a pipeline worker between two drains gets one gather write, not a
+  // hundred. `draining_` keeps the sessions alive until the writes are done.
   for (auto& send : draining_) {
-    if (send.shared) {
-      send.target->send_shared(send.frame.op, send.frame.body, send.frame.size());
-    } else {
-      send.target->enqueue_data(std::move(send.frame));
-    }
+    if (send.target->enqueue_held(std::move(send.frame))) held_.push_back(send.target.get());
   }
+  for (session* s : held_) s->release_held();
+  held_.clear();
   draining_.clear();
   draining_now_ = false;
 }
@@ -11046,7 +11082,12 @@ struct hub_stats {
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>     // std::copy
+#include <charconv>      // std::to_chars
 #include <chrono>        // dispatch times
+#include <cstddef>       // std::size_t
+#include <cstdint>       // sequence numbers
+#include <string_view>   // device ids
 #include <system_error>  // results
 #include <utility>       // std::move
 
@@ -11068,20 +11109,48 @@ class hub_sink {
       const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
                             std::chrono::system_clock::now().time_since_epoch())
                             .count();
-      nlohmann::json data{
-          {"device", m.device_id.view()},
-          {"seq", m.sequence},
-          {"worker", ctx.worker_id},
-          {"partition", ctx.partition},
-          {"time_ms", wall},
-          {"latency_us",
-           std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count()}};
-      bus_->publish(topics::server, make_envelope("event", 0, topics::server, data.dump()));
+      const auto latency =
+          std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
+      bus_->publish(topics::server, server_log_event(m.device_id.view(), m.sequence, ctx.worker_id,
+                                                     ctx.partition, wall, latency));
     }
     return ec;
   }
   /// The user's sink.
   Sink& user() noexcept { return user_; }
+
+  /// The server-log event of one dispatched message, encoded in one buffer:
+  /// `{"type":"event","topic":"server","data":{"device":..,"latency_us":..,"partition":..,
+  /// "seq":..,"time_ms":..,"worker":..}}`.
+  static shared_bytes server_log_event(std::string_view device, std::uint64_t seq,
+                                       std::size_t worker, std::size_t partition,
+                                       std::int64_t time_ms, std::int64_t latency_us) {
+    if (!is_valid_device_id(device)) [[unlikely]] {  // host code may push any id: escape it
+      nlohmann::json data{{"device", device},   {"seq", seq},
+                          {"worker", worker},   {"partition", partition},
+                          {"time_ms", time_ms}, {"latency_us", latency_us}};
+      return make_envelope("event", 0, topics::server,
+                           data.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+    }
+    // A device id is 1 to 128 of [A-Za-z0-9._-]: no escaping needed.
+    constexpr std::string_view head = R"({"type":"event","topic":"server","data":{"device":")";
+    constexpr std::size_t numbers = 5 * 20;  // five numbers of at most 20 characters
+    char buf[head.size() + max_device_id_length + numbers + 64];
+    char* p = std::copy(head.begin(), head.end(), buf);
+    p = std::copy(device.begin(), device.end(), p);
+    auto field = [&p](std::string_view name, auto value) {
+      p = std::copy(name.begin(), name.end(), p);
+      p = std::to_chars(p, p + 20, value).ptr;
+    };
+    field(R"(","latency_us":)", latency_us);
+    field(R"(,"partition":)", partition);
+    field(R"(,"seq":)", seq);
+    field(R"(,"time_ms":)", time_ms);
+    field(R"(,"worker":)", worker);
+    *p++ = '}';
+    *p++ = '}';
+    return shared_bytes::copy_of(std::string_view(buf, static_cast<std::size_t>(p - buf)));
+  }
 
  private:
   Sink user_;

@@ -601,6 +601,39 @@ TEST_CASE("different devices are dispatched in parallel by different workers",
   }
 }
 
+TEST_CASE("partitions never cap dispatch below the worker count", "[pipeline][pool][parallel]") {
+  // A sink that waits on I/O (here 20 ms) with 64 workers: with the default 32 partitions, each
+  // held by one worker at a time, at most 32 messages were dispatched at once.
+  struct waiting_sink {
+    std::atomic<int> now{0};
+    std::atomic<int> peak{0};
+    std::atomic<std::uint64_t> done{0};
+    std::error_code consume(const devgate::message&, devgate::dispatch_context&) {
+      const int n = now.fetch_add(1) + 1;
+      for (int p = peak.load(); n > p && !peak.compare_exchange_weak(p, n);) {
+      }
+      std::this_thread::sleep_for(20ms);
+      now.fetch_sub(1);
+      done.fetch_add(1);
+      return {};
+    }
+  } sink;
+  devgate::pipeline_options o;
+  o.pool.workers = 64;
+  devgate::pipeline<waiting_sink&, fixed_pool_demand<1>> p(sink, o);
+  CHECK(p.options().partitions == 64);
+  REQUIRE_FALSE(p.start());
+  constexpr std::uint64_t devices = 2048;
+  for (std::uint64_t d = 0; d < devices; ++d) {
+    REQUIRE_FALSE(
+        p.push(make(devgate::shared_bytes::copy_of(std::string_view(numbered("d", d))), 1)));
+  }
+  REQUIRE(eventually([&] { return sink.done.load() == devices; }, 30s));
+  p.stop();
+  INFO("peak concurrent dispatches: " << sink.peak.load());
+  CHECK(sink.peak.load() > 40);  // 64 workers; hash collisions leave some partitions idle
+}
+
 // ---- faults contained: attacks by faulty host code ---------------------------------------------
 
 namespace {

@@ -2,6 +2,7 @@
 
 #include <algorithm>           // std::min, std::max
 #include <atomic>              // counters and flags
+#include <bit>                 // std::bit_ceil
 #include <chrono>              // timestamps, backoff
 #include <condition_variable>  // interruptible retry backoff
 #include <cstddef>             // std::size_t
@@ -58,7 +59,10 @@ struct pipeline_options {
   /// for an evictable message while workers hold every partition) before it is rejected.
   std::chrono::milliseconds block_timeout{100};
   /// Partitions (hash of device id). More partitions let more workers run in parallel while
-  /// each device's messages stay in order; each partition costs one queue.
+  /// each device's messages stay in order; each partition costs one queue. A worker dispatches
+  /// from one partition at a time, so fewer partitions than `pool.max_workers` would cap how
+  /// many messages are dispatched at once: the pipeline raises the count to `max_workers`
+  /// (rounded up to a power of two) when it is below it.
   std::size_t partitions = 32;
   /// Worker counts and scaling thresholds.
   pool_options pool;
@@ -123,7 +127,8 @@ class pipeline {
       : options_(checked(std::move(options))),
         sink_(std::forward<Sink>(sink)),
         pool_(options_.pool),
-        fetcher_(options_.partitions, pool_.max_workers(), options_.demand) {
+        fetcher_(cover_workers(options_.partitions, pool_.max_workers()), pool_.max_workers(),
+                 options_.demand) {
     stats_.reserve(pool_.max_workers());
     for (std::size_t i = 0; i < pool_.max_workers(); ++i) {
       stats_.push_back(std::make_unique<worker_stats>());
@@ -256,6 +261,14 @@ class pipeline {
     detail::pipeline_atomic_histogram<latency_histogram> latency;
   };
 
+  // Raises `partitions` to the worker count (a power of two) when below it, so that every
+  // worker can hold a partition of its own; returns it.
+  static std::size_t cover_workers(std::size_t& partitions, std::size_t workers) noexcept {
+    if (partitions < workers && workers <= (std::size_t{1} << 20)) {
+      partitions = std::bit_ceil(workers);
+    }
+    return partitions;
+  }
   static pipeline_options checked(pipeline_options o) {
     if (o.capacity == 0)
       throw std::invalid_argument("devgate: pipeline_options.capacity must be >= 1");
