@@ -471,8 +471,8 @@ class devload {
     for (std::size_t i = 0; i < c.pending.size(); ++i) {
       if (c.pending[i].first == id) {
         const std::uint64_t t = c.pending[i].second;
-        c.pending[i] = c.pending.back();
-        c.pending.pop_back();
+        // Keeps the send order (the front is the oldest: see the refusals in on_ws_message).
+        c.pending.erase(c.pending.begin() + static_cast<std::ptrdiff_t>(i));
         complete(c, t);
         return;
       }
@@ -899,21 +899,24 @@ class devload {
     };
     while (in_flight() > 0 && now_ns() < drain_deadline) poll(5);
     const std::uint64_t lost = in_flight();
+    // The sink may lag behind the acknowledgements (a queue between them): it gets 30 s more.
+    const std::uint64_t count_deadline = now_ns() + 30'000'000'000ull;
     // The sink's count: ours (mqtt, nats), the server's (v1, socketio), read once it is stable.
     long long sink = -1;
     if (has_sink_conn_) {
       // The sink may still be receiving what was acknowledged: wait until it has it all.
-      while (sink_count_ < completed_total_ && now_ns() < drain_deadline) poll(5);
+      while (sink_count_ < completed_total_ && now_ns() < count_deadline) poll(5);
       sink = static_cast<long long>(sink_count_);
     } else {
       std::uint64_t last_change = now_ns();
       long long prev = -2;
-      while (now_ns() < drain_deadline) {
+      for (;;) {
         const long long now_count = http_count();
         sink = now_count < 0 || sink_base < 0 ? -1 : now_count - sink_base;
         if (sink >= static_cast<long long>(completed_total_)) break;
         if (sink != prev) last_change = now_ns();
-        if (now_ns() - last_change > 2'000'000'000ull) break;  // stuck below: incomplete
+        // Stuck below for 2 s, or still short at the deadline: incomplete.
+        if (now_ns() - last_change > 2'000'000'000ull || now_ns() > count_deadline) break;
         prev = sink;
         wait_ms(20);
       }
