@@ -3,18 +3,30 @@
 # websocketpp and Node ws, same scenarios, same run, same machine. Builds Release, runs every
 # scenario for every server (servers alternated on each repetition, a fresh server per run),
 # and rewrites the side-by-side section of benchmarks/RESULTS.md. See benchmarks/README.md.
+# With --device, the device-path pass instead (issue 18): devgate's hub and demo server against
+# mosquitto, NATS and Socket.IO, written to the device-path section of RESULTS.md.
 #
 #   benchmarks/run.sh           full: 3 repetitions, 5 s per echo run, 19,000 idle connections
 #   benchmarks/run.sh --quick   one repetition, 2 s per echo run, 5,000 idle connections
+#   benchmarks/run.sh --device [--quick]   the device path: 3 (1) repetitions of 5 (2) s per run
 #
 # Environment: BENCH_BUILD (build dir, default build/bench), BENCH_SERVER_CPU (0),
-# BENCH_GEN_CPU (1), BENCH_SERVERS (subset, e.g. "devgate raw"), BENCH_REPS, BENCH_IDLE.
-# Needs: scripts/install-deps.sh bench (Boost, websocketpp, perf) and tests/peers/node_modules
-# (npm ci --prefix tests/peers); peers that are missing are skipped and the report says so.
+# BENCH_GEN_CPU (1), BENCH_SERVERS (subset, e.g. "devgate raw"; with --device e.g.
+# "devgate mosquitto_qos1"), BENCH_REPS, BENCH_IDLE.
+# Needs: scripts/install-deps.sh bench (Boost, websocketpp, perf, mosquitto, nats-server) and
+# tests/peers/node_modules, benchmarks/peers/node_modules (npm ci); peers that are missing are
+# skipped and the report says so.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=full
-[ "${1:-}" = "--quick" ] && mode=quick
+pass=side-by-side
+for arg in "$@"; do
+  case $arg in
+    --quick) mode=quick ;;
+    --device) pass=device ;;
+    *) echo "usage: $0 [--device] [--quick]" >&2; exit 2 ;;
+  esac
+done
 build=${BENCH_BUILD:-$root/build/bench}
 server_cpu=${BENCH_SERVER_CPU:-0}
 gen_cpu=${BENCH_GEN_CPU:-1}
@@ -23,6 +35,7 @@ if [ "$mode" = quick ]; then
 else
   reps=${BENCH_REPS:-3}; seconds=5; warmup=1; idle=${BENCH_IDLE:-19000}; bc_big=5; bc_small=20
 fi
+[ "$pass" = device ] && . "$root/benchmarks/loadgen/device_pass.sh"  # runs the pass, then exits
 
 # ---- build ------------------------------------------------------------------------------------
 peers=OFF

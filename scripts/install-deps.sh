@@ -3,7 +3,8 @@
 # is missing; does nothing when everything is present. Run as root (apt-get).
 #   scripts/install-deps.sh build   compilers, build tools and the libraries devgate uses
 #   scripts/install-deps.sh test    build + sanitizer runtimes, fuzzing, test peers (default)
-#   scripts/install-deps.sh bench   test + the benchmark peers (Boost.Beast, websocketpp) and perf
+#   scripts/install-deps.sh bench   test + the benchmark peers (Boost.Beast, websocketpp, mosquitto,
+#                                   nats-server, the pinned npm socket.io) and perf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,8 @@ test_packages=(catch2 libbenchmark-dev clang libclang-rt-14-dev clang-format
 case "$mode" in
   build) wanted=("${build_packages[@]}") ;;
   test) wanted=("${build_packages[@]}" "${test_packages[@]}") ;;
-  bench) wanted=("${build_packages[@]}" "${test_packages[@]}" libboost-dev libwebsocketpp-dev linux-perf) ;;
+  bench) wanted=("${build_packages[@]}" "${test_packages[@]}" libboost-dev libwebsocketpp-dev linux-perf
+                mosquitto nats-server) ;;
   *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
 esac
 
@@ -48,5 +50,15 @@ if [ "$mode" != build ] && [ -f tests/peers/package-lock.json ]; then
     echo "install-deps: npm ci in tests/peers"
     npm ci --prefix tests/peers --no-audit --no-fund --loglevel=error
     cp tests/peers/package-lock.json "$stamp"
+  fi
+fi
+
+# npm benchmark peers (socket.io), pinned by benchmarks/peers/package-lock.json; bench mode only.
+if [ "$mode" = bench ] && [ -f benchmarks/peers/package-lock.json ]; then
+  stamp=benchmarks/peers/node_modules/.devgate-lock
+  if ! cmp -s benchmarks/peers/package-lock.json "$stamp" 2>/dev/null; then
+    echo "install-deps: npm ci in benchmarks/peers"
+    npm ci --prefix benchmarks/peers --no-audit --no-fund --loglevel=error
+    cp benchmarks/peers/package-lock.json "$stamp"
   fi
 fi

@@ -34,11 +34,15 @@
 #include <string>     // options, JSON
 #include <vector>     // connections, samples
 
+#include "proc.hpp"   // the server's CPU time and RSS, the generator's CPU time
 #include "stamp.hpp"  // now_ns: the clock of the latency stamps
 
 namespace {
 
 using devgate_bench::now_ns;
+using devgate_bench::proc_cpu_seconds;
+using devgate_bench::proc_status_kb;
+using devgate_bench::self_cpu_seconds;
 
 struct options {
   std::string host = "127.0.0.1";
@@ -57,34 +61,6 @@ struct options {
   unsigned idle_step = 1000;
   unsigned concurrency = 128;  // connections being set up at once
 };
-
-// ---- /proc readings of the server ----------------------------------------------------------
-double proc_cpu_seconds(int pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  const auto paren = all.rfind(')');
-  if (paren == std::string::npos) return 0;
-  std::istringstream in(all.substr(paren + 2));
-  std::string field;
-  double utime = 0;
-  double stime = 0;
-  // After "(comm) " comes field 3 (state); utime and stime are fields 14 and 15.
-  for (int i = 3; i <= 15 && in >> field; ++i) {
-    if (i == 14) utime = std::strtod(field.c_str(), nullptr);
-    if (i == 15) stime = std::strtod(field.c_str(), nullptr);
-  }
-  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-long proc_status_kb(int pid, const char* key) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  const std::size_t n = std::strlen(key);
-  while (std::getline(f, line)) {
-    if (line.compare(0, n, key) == 0) return std::strtol(line.c_str() + n, nullptr, 10);
-  }
-  return 0;
-}
 
 // System-wide kernel memory: TCP buffer pages from /proc/net/sockstat, Slab from /proc/meminfo.
 long sockstat_tcp_mem_pages() {
@@ -109,13 +85,6 @@ long meminfo_kb(const char* key) {
     if (line.compare(0, n, key) == 0) return std::strtol(line.c_str() + n, nullptr, 10);
   }
   return 0;
-}
-
-double self_cpu_seconds() {
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 // ---- connections ---------------------------------------------------------------------------
