@@ -59,8 +59,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto verdict = ring().verify(token, "pump-7");
   check(!verdict.accepted());
   check(verdict.status == 401 || verdict.status == 403);
-  check(!verdict.reason.empty() &&
-        verdict.reason.find(token.empty() ? "\x01" : token) == std::string::npos);
+  check(!verdict.reason.empty());
+  // The reason never repeats the token (short inputs may be words of a fixed reason).
+  check(token.size() < 16 || verdict.reason.find(token) == std::string::npos);
   if (const auto jws = devgate::auth::detail::parse_compact(token)) {
     check(jws->header.is_object());
     check(jws->signing_input.size() < token.size());

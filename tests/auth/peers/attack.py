@@ -62,7 +62,7 @@ def upgrade_raw(device, headers):
         head, _, body = data.partition(b"\r\n\r\n")
         status = int(head.split(b" ")[1])
         if status == 101:
-            return status, head.decode(), b""
+            return status, head.decode(), ""
         length = 0
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
@@ -150,8 +150,8 @@ async def impostor():
             except websockets.exceptions.InvalidStatusCode as e:
                 check(e.status_code in (401, 403), f"impostor with {what}: status {e.status_code}")
         # The device is still the live session: it is not closed (4000) and is answered.
-        await ws.send(json.dumps({"type": "send", "id": 1, "data": "still here"}))
         try:
+            await ws.send(json.dumps({"type": "send", "id": 1, "data": "still here"}))
             reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
             check(reply.get("type") == "sent", f"device answered after the impostors: {reply}")
         except websockets.exceptions.ConnectionClosed as e:
