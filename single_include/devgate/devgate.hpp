@@ -6342,6 +6342,17 @@ namespace devgate::websocket::detail {
 
 class session;
 
+/// The verified client certificate of a stream that has one (`X509* peer_certificate()`, a TLS
+/// stream with mutual TLS), else null (TCP).
+template <class Stream>
+X509* peer_certificate_of(const Stream& s) noexcept {
+  if constexpr (requires { s.peer_certificate(); }) {
+    return s.peer_certificate();
+  } else {
+    return nullptr;
+  }
+}
+
 /// The peer of socket `fd` as "address:port" ("[v6]:port") in `buf`, or "" when unknown.
 inline std::string_view format_peer(int fd, char* buf, std::size_t size) noexcept {
   ::sockaddr_storage peer{};
@@ -6908,6 +6919,7 @@ inline void session::authenticate(const std::string& device) {
   ask.http = &req;
   char address[INET6_ADDRSTRLEN + 8] = {};
   ask.peer_address = format_peer(stream_.native_handle(), address, sizeof address);
+  ask.peer_certificate = peer_certificate_of(stream_);
   auth::completion done([self = session_ref(this), ioc = &r.ioc](auth::result verdict) {
     asio::post(*ioc,
                [self, v = std::move(verdict)]() mutable { self->on_authenticated(std::move(v)); });
