@@ -47,7 +47,7 @@ class line_transport {
       std::getline(fields >> std::ws, payload);
       if (device.empty()) continue;
       auto [it, fresh] = sessions_.try_emplace(device, sessions_.size() + 1);
-      if (fresh && handlers_.on_open) handlers_.on_open({it->second, device});
+      if (fresh && handlers_.on_open) handlers_.on_open({it->second, device, false, {}});
       devgate::inbound_message m;
       m.session = it->second;
       m.device_id = devgate::shared_bytes::copy_of(device);  // a real transport shares one

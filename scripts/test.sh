@@ -79,7 +79,7 @@ fuzz() {
   cmake --build "$build/fuzz" -j "$jobs" || return 1
   local ran=0 pair target name
   # target:corpus pairs; each target runs on a scratch copy of its committed seed corpus.
-  for pair in http_parser_fuzz:http frame_reader_fuzz:frame; do
+  for pair in http_parser_fuzz:http frame_reader_fuzz:frame token_fuzz:token; do
     target="$build/fuzz/tests/fuzz/${pair%%:*}"
     name=${pair##*:}
     [ -x "$target" ] || { echo "fuzzer $target was not built"; return 1; }

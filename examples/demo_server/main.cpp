@@ -22,7 +22,10 @@
 #include <cstdio>              // std::printf
 #include <deque>               // log ring, release jobs
 #include <filesystem>          // web root, state file
+#include <fstream>             // the device key file
+#include <memory>              // the authenticator
 #include <mutex>               // log ring, jobs
+#include <sstream>             // the device key file
 #include <string>              // texts
 #include <string_view>         // routes
 #include <system_error>        // store errors
@@ -51,6 +54,8 @@ struct demo_config {
   unsigned dispatch_us = 2000;
   std::string state_file = "/tmp/devgate-demo-state.json";
   std::string web_root = DEVGATE_DEMO_WEB_ROOT;
+  std::string device_key_file;               // HS256 secret: token authentication on /ws/<id>
+  std::vector<std::string> allowed_origins;  // browser origins allowed to open WebSockets
 };
 
 /// The last dispatched messages (the `server` topic's events, as sent), so that a page that
@@ -355,6 +360,13 @@ int main(int argc, char** argv) {
   app.add_option("--web-root", cfg.web_root, "Directory of index.html, app.js, style.css")
       ->check(CLI::ExistingDirectory)
       ->capture_default_str();
+  app.add_option("--device-key-file", cfg.device_key_file,
+                 "HS256 secret (the file's bytes, surrounding whitespace trimmed, at least 32): "
+                 "devices must present a JWT signed with it (docs/SECURITY.md)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--allowed-origin", cfg.allowed_origins,
+                 "Browser origin allowed to open WebSockets, e.g. https://fleet.example.com "
+                 "(repeatable; others get 403; requests without Origin are accepted)");
   CLI11_PARSE(app, argc, argv);
   if (cfg.workers_min > cfg.workers_max) {
     std::fprintf(stderr, "demo_server: --workers-min (%zu) is above --workers-max (%zu)\n",
@@ -388,6 +400,34 @@ int main(int argc, char** argv) {
   ws.threads = cfg.threads;
   ws.identify = devgate::device::identify_device;
   ws.route = [&rc](const devgate::websocket::http_request& req) { return route(rc, req); };
+  devgate::auth::origin_allow_list origins;
+  try {
+    for (const auto& o : cfg.allowed_origins) origins.add(o);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "demo_server: --allowed-origin: %s\n", e.what());
+    return 2;
+  }
+  if (!cfg.device_key_file.empty()) {
+    std::ifstream in(cfg.device_key_file, std::ios::binary);
+    std::stringstream bytes;
+    bytes << in.rdbuf();
+    std::string secret = bytes.str();
+    const auto not_space = secret.find_first_not_of(" \t\r\n");
+    secret = not_space == std::string::npos
+                 ? std::string()
+                 : secret.substr(not_space, secret.find_last_not_of(" \t\r\n") - not_space + 1);
+    auto tokens = std::make_shared<devgate::auth::token_authenticator>();
+    try {
+      tokens->add_key("", devgate::auth::signing_key::hs256(std::move(secret)));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "demo_server: --device-key-file %s: %s\n", cfg.device_key_file.c_str(),
+                   e.what());
+      return 2;
+    }
+    ws.authenticate = devgate::auth::gate(std::move(tokens), std::move(origins));
+  } else if (!origins.empty()) {
+    ws.authenticate = devgate::auth::gate(std::move(origins));
+  }
   // A page that stops reading (a backgrounded tab) is closed with 1013 and resumes later.
   ws.backpressure.max_buffered_bytes = 8u << 20;
   devgate::websocket::server transport(ws);
@@ -400,6 +440,9 @@ int main(int argc, char** argv) {
   ho.pipeline.pool.min_workers = cfg.workers_min;
   ho.pipeline.pool.max_workers = cfg.workers_max;
   ho.max_devices = cfg.max_devices;
+  // The pages show the server log and the gateway's figures.
+  ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
+  ho.require_authentication = !cfg.device_key_file.empty();
   ho.on_store_error = [](std::string_view op, const std::string& id, std::error_code ec) {
     std::fprintf(stderr, "demo_server: state store %.*s for %s failed: %s\n",
                  static_cast<int>(op.size()), op.data(), id.c_str(), ec.message().c_str());
@@ -435,6 +478,13 @@ int main(int argc, char** argv) {
   std::printf("  also   http://localhost:%u/metrics   http://localhost:%u/healthz\n",
               static_cast<unsigned>(port), static_cast<unsigned>(port));
   std::printf("  state  %s   web root %s\n", cfg.state_file.c_str(), cfg.web_root.c_str());
+  if (cfg.device_key_file.empty()) {
+    std::printf(
+        "  auth   OFF: any client may connect as any device (--device-key-file turns tokens on)\n");
+  } else {
+    std::printf(
+        "  auth   devices need a JWT (HS256) for their id at /ws/<id> (docs/SECURITY.md)\n");
+  }
   std::printf("listening on %u; Ctrl-C stops\n", static_cast<unsigned>(port));
   std::fflush(stdout);
 

@@ -11,6 +11,8 @@
 ///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
+///   auth/       who may connect: the authenticator concept, JWT and client-certificate
+///               authenticators, allow_all, the Origin allow-list, the gate a server runs
 ///   store/      per-device state across connections: the concept, the in-memory store, and the
 ///               write-behind front that keeps store calls off the network threads
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
@@ -47,6 +49,13 @@
 #if defined(__linux__)
 #include "devgate/websocket/server.hpp"  // websocket::server: the reference transport (Linux)
 #endif
+
+#include "devgate/auth/allow_all.hpp"      // allow_all: development only, warns at start
+#include "devgate/auth/authenticator.hpp"  // authenticator concept, request, result, completion
+#include "devgate/auth/client_certificate_authenticator.hpp"  // device id from a client cert
+#include "devgate/auth/gate.hpp"    // gate(): Origin allow-list + authenticator for a server
+#include "devgate/auth/origin.hpp"  // origin_allow_list: exact scheme, host and port
+#include "devgate/auth/token_authenticator.hpp"  // JWT (HS256, ES256), key ring, revocation
 
 #include "devgate/store/memory_state_store.hpp"  // memory_state_store: the default state store
 #include "devgate/store/state_store.hpp"  // state_store concept: per-device state across connections

@@ -16,6 +16,8 @@
 ///               its internals (reactor, session, streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
+///   auth/       who may connect: the authenticator concept, JWT and client-certificate
+///               authenticators, allow_all, the Origin allow-list, the gate a server runs
 ///   store/      per-device state across connections: the concept, the in-memory store, and the
 ///               write-behind front that keeps store calls off the network threads
 ///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
@@ -473,6 +475,11 @@ struct backpressure_options {
 struct session_info {
   session_id id = 0;      ///< The session's id.
   std::string device_id;  ///< Who the device is (WebSocket: `server_options::identify`'s answer).
+  /// True when an authenticator vouched for `device_id` (WebSocket: `server_options::authenticate`
+  /// accepted a credential for it); false for transports and servers without one.
+  bool authenticated = false;
+  /// What the credential said (a token's claims as JSON text), "" when none.
+  std::string claims;
 };
 
 /// One message a device sent, handed by the transport to the engine.
@@ -660,7 +667,7 @@ class in_process_transport {
     }
     if (handlers_.on_open) {
       try {
-        handlers_.on_open(session_info{s->id, std::string(device_id)});
+        handlers_.on_open(session_info{s->id, std::string(device_id), false, {}});
       } catch (...) {
         close(s->id, close_code::internal_error, "on_open threw");
       }
@@ -4110,9 +4117,11 @@ struct upgrade_result {
   return devgate::detail::base64_encode(devgate::detail::sha1(input));
 }
 
-/// RFC 6455 4.2.2: the server's 101 response accepting the upgrade (no subprotocol, no
-/// extensions: devgate negotiates neither, so RSV bits stay reserved).
-[[nodiscard]] inline std::string upgrade_response(std::string_view client_key) {
+/// RFC 6455 4.2.2: the server's 101 response accepting the upgrade, with no extensions (RSV bits
+/// stay reserved) and `protocol` as Sec-WebSocket-Protocol when not empty (one of the values the
+/// client offered: the authenticator chooses it, see auth::token_authenticator).
+[[nodiscard]] inline std::string upgrade_response(std::string_view client_key,
+                                                  std::string_view protocol = {}) {
   std::string out;
   out.reserve(160);
   out.append(
@@ -4121,6 +4130,7 @@ struct upgrade_result {
       "Connection: Upgrade\r\n"
       "Sec-WebSocket-Accept: ");
   out.append(accept_key(client_key));
+  if (!protocol.empty()) out.append("\r\nSec-WebSocket-Protocol: ").append(protocol);
   out.append("\r\n\r\n");
   return out;
 }
@@ -4691,6 +4701,131 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 #include <system_error>  // error replies
 
 
+// ---- begin devgate/auth/authenticator.hpp ----
+
+#include <openssl/types.h>  // X509 (the TLS peer certificate)
+
+#include <concepts>     // std::same_as
+#include <functional>   // the completion's callback, the server's hook
+#include <string>       // device id, claims, reasons
+#include <string_view>  // request parts
+#include <utility>      // std::exchange, std::move
+
+
+namespace devgate::auth {
+
+/// What an authenticator sees of an upgrade request, after the server checked the handshake and
+/// `server_options::identify` named the device. Every view (and the certificate) is valid only
+/// during the `authenticate` call: an authenticator that answers later copies what it needs.
+struct request {
+  std::string_view device_id;                ///< The device id `identify` read from the path.
+  std::string_view path;                     ///< The request target before any '?'.
+  std::string_view query;                    ///< The target after '?' ("" without one).
+  const websocket::http_request* http = {};  ///< The whole request: method, target, headers.
+  std::string_view peer_address;             ///< The peer as "address:port" ("" if unknown).
+  /// The verified client certificate of a TLS session (mutual TLS), or null: plain TCP, or a
+  /// TLS client that sent none. Borrowed: never freed by the authenticator.
+  X509* peer_certificate = nullptr;
+
+  /// Value of the first header named `name` (case-insensitive), or "" if absent.
+  [[nodiscard]] std::string_view header(std::string_view name) const noexcept {
+    return http ? http->header(name) : std::string_view{};
+  }
+};
+
+/// An authenticator's answer: accepted as a device (status 0), or refused with an HTTP status and
+/// a reason that goes back in the response body. A reason names what is wrong (expired, bad
+/// signature, unknown key, wrong subject...) and never repeats the credential.
+struct result {
+  int status = 0;             ///< 0: accepted; otherwise 401, 403, 500 or 503.
+  std::string device_id;      ///< The device the session is for (accepted only).
+  std::string claims;         ///< What the credential said, as JSON text ("" when none).
+  std::string reason;         ///< Why it was refused (refused only).
+  std::string subprotocol;    ///< Sec-WebSocket-Protocol value the 101 echoes ("" for none).
+  bool authenticated = true;  ///< False when accepted without a credential (allow_all, Origin).
+
+  /// True when the upgrade goes ahead.
+  [[nodiscard]] bool accepted() const noexcept { return status == 0; }
+  /// Accepted as `device_id`, with the credential's `claims` (JSON text).
+  [[nodiscard]] static result accept(std::string device_id, std::string claims = {}) {
+    result r;
+    r.device_id = std::move(device_id);
+    r.claims = std::move(claims);
+    return r;
+  }
+  /// Refused with `status` (401: no or bad credential; 403: valid but not allowed) and `reason`.
+  [[nodiscard]] static result reject(int status, std::string reason) {
+    result r;
+    r.status = status;
+    r.reason = std::move(reason);
+    return r;
+  }
+};
+
+/// The way an authenticator answers: call it once, on any thread, now or later (a remote check
+/// answers when its reply arrives and never blocks the network thread that asked). One that is
+/// destroyed without being called answers 500, so a request is never left waiting for it.
+class completion {
+ public:
+  /// No one to answer (calling it does nothing).
+  completion() = default;
+  /// Answers through `deliver`.
+  explicit completion(std::function<void(result)> deliver) : deliver_(std::move(deliver)) {}
+  completion(const completion&) = delete;
+  completion& operator=(const completion&) = delete;
+  /// Takes over `other`'s duty to answer.
+  completion(completion&& other) noexcept : deliver_(std::exchange(other.deliver_, nullptr)) {}
+  /// Answers 500 for a pending duty, then takes over `other`'s.
+  completion& operator=(completion&& other) noexcept {
+    if (this != &other) {
+      abandon();
+      deliver_ = std::exchange(other.deliver_, nullptr);
+    }
+    return *this;
+  }
+  ~completion() { abandon(); }
+
+  /// Delivers the answer (only the first call counts).
+  void operator()(result r) {
+    if (auto d = std::exchange(deliver_, nullptr)) d(std::move(r));
+  }
+
+ private:
+  void abandon() noexcept {
+    try {
+      (*this)(result::reject(500, "authentication gave no answer"));
+    } catch (...) {  // an allocation failure here leaves the request to its handshake timeout
+    }
+  }
+
+  std::function<void(result)> deliver_;
+};
+
+/// An authenticator: `a.authenticate(request, completion)` judges one upgrade request and answers
+/// through the completion (at once, or later from any thread). It is called on network threads,
+/// concurrently, so it is thread-safe and never blocks. Models: token_authenticator (JWT),
+/// client_certificate_authenticator, allow_all.
+template <class A>
+concept authenticator = requires(A& a, const request& r, completion done) {
+  a.authenticate(r, std::move(done));
+};
+
+/// What `websocket::server_options::authenticate` holds: the check run before every upgrade
+/// (auth/gate.hpp makes one from an authenticator and an Origin allow-list), and a warning the
+/// server logs when it starts (allow_all's).
+struct upgrade_check {
+  /// Judges one upgrade request; empty: every upgrade is accepted unauthenticated.
+  std::function<void(const request&, completion)> check;
+  /// Logged to stderr by `server::start()` when not empty.
+  std::string start_warning;
+
+  /// True when a check is set.
+  explicit operator bool() const noexcept { return static_cast<bool>(check); }
+};
+
+}  // namespace devgate::auth
+// ---- end devgate/auth/authenticator.hpp ----
+
 namespace devgate::websocket {
 
 /// The answer to a plain (non-upgrade) HTTP GET or HEAD, produced by `server_options::route`.
@@ -4803,6 +4938,15 @@ struct server_options {
   /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
   /// Unset: every path is accepted and the device id is the request target.
   std::function<std::optional<std::string>(const http_request&)> identify;
+  /// Judges each upgrade after `identify`, before the 101 (auth/gate.hpp makes one from an
+  /// authenticator and an Origin allow-list): a refusal is answered with its status (401, 403,
+  /// ...) and reason, and the connection never reaches the handlers. The check may answer later
+  /// from any thread; the connection reads nothing meanwhile, and `handshake_timeout` still
+  /// applies. Unset: every upgrade is accepted (session_info::authenticated false).
+  auth::upgrade_check authenticate;
+  /// Checks in progress per worker thread; an upgrade past it is answered 503 (a slow remote
+  /// check cannot make the server hold connections without bound).
+  std::size_t max_pending_authentications = 1024;
   /// The text sent back (as a text frame) when `on_messages` refuses a message;
   /// unset means `default_error_text`.
   std::function<std::string(const std::error_code&)> error_text;
@@ -5093,6 +5237,7 @@ namespace devgate::websocket {
 #include <chrono>        // stop deadline
 #include <cstddef>       // std::size_t
 #include <cstdint>       // port
+#include <cstdio>        // the authenticator's start warning
 #include <future>        // waiting for workers in stop()
 #include <memory>        // workers
 #include <span>          // broadcast recipients
@@ -5654,9 +5799,14 @@ class outbound_budget {
 
 // ---- begin devgate/websocket/detail/session.hpp ----
 
+#include <arpa/inet.h>   // inet_ntop: the peer's address for an authenticator
+#include <netinet/in.h>  // sockaddr_in, sockaddr_in6
+#include <sys/socket.h>  // getpeername
+
 #include <asio.hpp>  // asio::post
 
 #include <atomic>        // phase and refcount, read by other threads
+#include <charconv>      // the peer's port
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
 #include <memory>        // the outbound queue, pooled readers
@@ -5698,6 +5848,9 @@ class http_phase {
     paused,     ///< The responses queued are at the limit: read nothing more until written.
     linger,     ///< A response that ends the connection is queued: half-close after writing it.
     upgrade,    ///< The 101 is queued: switch to the WebSocket phase as `device_id`.
+    /// An upgrade for `device_id` waits for `server_options::authenticate`: read nothing more,
+    /// then answer with `accept()` or a refusal (the request stays held until drop()).
+    authenticate,
   };
   /// The outcome of `feed`.
   struct result {
@@ -5740,6 +5893,17 @@ class http_phase {
     return parser_ ? parser_->leftover() : std::span<const std::byte>{};
   }
 
+  /// The request an `authenticate` result holds (until drop()).
+  [[nodiscard]] const websocket::http_request& request() const noexcept {
+    return parser_->request();
+  }
+
+  /// The 101 accepting the request an `authenticate` result holds, echoing `protocol` if any.
+  [[nodiscard]] shared_bytes accept(std::string_view protocol) const {
+    return shared_bytes::copy_of(std::string_view(
+        websocket::upgrade_response(parser_->request().header("Sec-WebSocket-Key"), protocol)));
+  }
+
   /// Frees the parser.
   void drop() noexcept { delete std::exchange(parser_, nullptr); }
 
@@ -5776,6 +5940,7 @@ class http_phase {
         respond(error_response(503, "shutting down"));
         return {next::linger, {}};
       }
+      if (o.authenticate) return {next::authenticate, std::move(*device)};
       respond(shared_bytes::copy_of(
           std::string_view(websocket::upgrade_response(req.header("Sec-WebSocket-Key")))));
       return {next::upgrade, std::move(*device)};
@@ -6144,6 +6309,7 @@ struct thread_resources {
   read_batch batch;               // the messages of the read being delivered
   std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
   std::vector<std::unique_ptr<out_queue>> queue_pool;
+  std::size_t pending_authentications = 0;  // upgrades waiting for server_options::authenticate
 
   /// The read buffer every session of this thread reads into.
   [[nodiscard]] std::span<std::byte> buffer() const noexcept {
@@ -6188,6 +6354,50 @@ struct thread_resources {
 namespace devgate::websocket::detail {
 
 class session;
+
+/// The verified client certificate of a stream that has one (`X509* peer_certificate()`, a TLS
+/// stream with mutual TLS), else null (TCP).
+template <class Stream>
+X509* peer_certificate_of(const Stream& s) noexcept {
+  if constexpr (requires { s.peer_certificate(); }) {
+    return s.peer_certificate();
+  } else {
+    return nullptr;
+  }
+}
+
+/// The peer of socket `fd` as "address:port" ("[v6]:port") in `buf`, or "" when unknown.
+inline std::string_view format_peer(int fd, char* buf, std::size_t size) noexcept {
+  ::sockaddr_storage peer{};
+  ::socklen_t len = sizeof peer;
+  if (::getpeername(fd, reinterpret_cast<::sockaddr*>(&peer), &len) != 0) return {};
+  std::size_t n = 0;
+  unsigned port = 0;
+  if (peer.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const ::sockaddr_in*>(&peer);
+    if (::inet_ntop(AF_INET, &in->sin_addr, buf, static_cast<::socklen_t>(size)) == nullptr) {
+      return {};
+    }
+    n = std::char_traits<char>::length(buf);
+    port = ntohs(in->sin_port);
+  } else if (peer.ss_family == AF_INET6) {
+    const auto* in = reinterpret_cast<const ::sockaddr_in6*>(&peer);
+    buf[0] = '[';
+    if (::inet_ntop(AF_INET6, &in->sin6_addr, buf + 1, static_cast<::socklen_t>(size - 8)) ==
+        nullptr) {
+      return {};
+    }
+    n = std::char_traits<char>::length(buf);
+    buf[n++] = ']';
+    port = ntohs(in->sin6_port);
+  } else {
+    return {};
+  }
+  if (n + 7 > size) return {};
+  buf[n++] = ':';
+  n = static_cast<std::size_t>(std::to_chars(buf + n, buf + size, port).ptr - buf);
+  return {buf, n};
+}
 
 /// An intrusive reference to a session: 8 bytes in every Asio handler and registry slot, where a
 /// shared_ptr would cost 16 plus a control block and enable_shared_from_this's weak pointer.
@@ -6447,7 +6657,9 @@ class session {
 
   // ---- HTTP phase (http_phase.hpp decides, the session writes and switches) ------------------
   void process_http(std::span<const std::byte> bytes);
-  void upgrade(std::string device);
+  void upgrade(std::string device, bool authenticated = false, std::string claims = {});
+  void authenticate(const std::string& device);
+  void on_authenticated(auth::result verdict);
   // The HTTP phase is over: its parser goes, and the storage it shared is the (null) reader.
   void leave_http() noexcept {
     http_.drop();
@@ -6470,7 +6682,7 @@ class session {
   // The responses that paused the parser are written: answer the requests it holds, then read
   // the socket again (its input raised no new edge while it was not read).
   void resume_http() {
-    if (phase() != phase_t::http || !paused_) return;
+    if (phase() != phase_t::http || !paused_ || authenticating_) return;
     paused_ = false;
     reading_ = true;
     try {
@@ -6614,6 +6826,7 @@ class session {
   bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
   bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
   bool held_ : 1 = false;      // queued by the reactor's inbox drain, written at its end
+  bool authenticating_ : 1 = false;  // HTTP: the upgrade waits for server_options::authenticate
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -6712,10 +6925,72 @@ inline void session::process_http(std::span<const std::byte> bytes) {
     case http_phase::next::upgrade:
       upgrade(std::move(outcome.device_id));
       break;
+    case http_phase::next::authenticate:
+      authenticate(outcome.device_id);
+      break;
   }
 }
 
-inline void session::upgrade(std::string device) {
+// Asks server_options::authenticate about the upgrade the parser holds. The session reads
+// nothing until the answer is back on this thread (on_authenticated), so the request's views
+// stay valid; answers are posted even when given at once, so both paths are the same.
+inline void session::authenticate(const std::string& device) {
+  auto& r = res();
+  if (r.pending_authentications >= core().options.max_pending_authentications) {
+    respond_error(503, "too many authentications in progress; retry later");
+    return;
+  }
+  ++r.pending_authentications;
+  paused_ = true;
+  authenticating_ = true;
+  const websocket::http_request& req = http_.request();
+  auth::request ask;
+  ask.device_id = device;
+  ask.path = req.target;
+  if (const auto q = req.target.find('?'); q != std::string_view::npos) {
+    ask.path = req.target.substr(0, q);
+    ask.query = req.target.substr(q + 1);
+  }
+  ask.http = &req;
+  char address[INET6_ADDRSTRLEN + 8] = {};
+  ask.peer_address = format_peer(stream_.native_handle(), address, sizeof address);
+  ask.peer_certificate = peer_certificate_of(stream_);
+  auth::completion done([self = session_ref(this), ioc = &r.ioc](auth::result verdict) {
+    asio::post(*ioc,
+               [self, v = std::move(verdict)]() mutable { self->on_authenticated(std::move(v)); });
+  });
+  core().options.authenticate.check(ask, std::move(done));
+}
+
+inline void session::on_authenticated(auth::result verdict) {
+  --res().pending_authentications;
+  if (phase() != phase_t::http || !authenticating_) return;  // timed out or stopped meanwhile
+  authenticating_ = false;
+  paused_ = false;
+  reading_ = true;
+  try {
+    if (!verdict.accepted() || verdict.device_id.empty()) {
+      // A refusal is a 4xx or 5xx; anything else an authenticator returns is its own error.
+      const bool refusal = verdict.status >= 400 && verdict.status <= 599;
+      const int status = refusal ? verdict.status : 500;
+      queue_raw(http_phase::error_response(
+          status, refusal ? std::string_view(verdict.reason) : "authentication gave no device",
+          status == 401 ? "WWW-Authenticate: Bearer realm=\"devgate\"\r\n" : ""));
+      linger_after_write();
+    } else {
+      queue_raw(http_.accept(verdict.subprotocol));
+      upgrade(std::move(verdict.device_id), verdict.authenticated, std::move(verdict.claims));
+    }
+  } catch (...) {
+    on_handler_exception();
+  }
+  reading_ = false;
+  if (phase() == phase_t::done) return;
+  pump();
+  on_readable();  // what arrived meanwhile raised no edge the session acted on
+}
+
+inline void session::upgrade(std::string device, bool authenticated, std::string claims) {
   device_id_ = shared_bytes::copy_of(std::string_view(device));
   // Bytes after the request are the first frames (RFC 6455 4.1 lets a client send at once).
   const auto left = http_.leftover();
@@ -6728,6 +7003,8 @@ inline void session::upgrade(std::string device) {
     session_info info;
     info.id = id_;
     info.device_id = std::move(device);
+    info.authenticated = authenticated;
+    info.claims = std::move(claims);
     core().handlers.on_open(info);
   }
   if (!early.empty() && phase() == phase_t::open) process_frames(early);
@@ -7438,6 +7715,9 @@ class server {
       return ec;
     }
     state_ = state_t::running;
+    if (!o.authenticate.start_warning.empty()) {
+      std::fprintf(stderr, "%s\n", o.authenticate.start_warning.c_str());
+    }
     accept_next();
     for (auto& w : workers_) w->start();
     return {};
@@ -7625,6 +7905,721 @@ static_assert(devgate::transport<server>, "websocket::server must satisfy devgat
 }  // namespace devgate::websocket
 // ---- end devgate/websocket/server.hpp ----
 #endif
+
+
+// ---- begin devgate/auth/allow_all.hpp ----
+
+#include <string>       // the device id
+#include <string_view>  // the warning
+#include <utility>      // std::move
+
+
+namespace devgate::auth {
+
+/// For development only: accepts every upgrade as the device its path names, unauthenticated
+/// (`result::authenticated` false). A server given it logs `start_warning` when it starts.
+struct allow_all {
+  /// What the server logs at start with this authenticator.
+  static constexpr std::string_view start_warning =
+      "devgate: WARNING: authentication is allow_all: any client may connect as any device "
+      "(development only)";
+
+  /// The authenticator concept: accepts at once.
+  void authenticate(const request& r, completion done) const {
+    result out = result::accept(std::string(r.device_id));
+    out.authenticated = false;
+    done(std::move(out));
+  }
+};
+
+}  // namespace devgate::auth
+// ---- end devgate/auth/allow_all.hpp ----
+
+// ---- begin devgate/auth/client_certificate_authenticator.hpp ----
+
+#include <openssl/asn1.h>     // ASN1_STRING
+#include <openssl/crypto.h>   // OPENSSL_free
+#include <openssl/obj_mac.h>  // NID_subject_alt_name, NID_commonName
+#include <openssl/x509.h>     // X509
+#include <openssl/x509v3.h>   // GENERAL_NAMES
+
+#include <optional>     // the device id of a certificate
+#include <string>       // ids, prefixes
+#include <string_view>  // names in the certificate
+#include <utility>      // std::move
+
+
+namespace devgate::auth {
+
+/// Settings of `client_certificate_authenticator`: where in the certificate the device id is.
+struct certificate_options {
+  /// A subjectAltName URI that starts with this names the device by the rest
+  /// (e.g. "urn:devgate:device:pump-7"). Empty: URIs are not looked at.
+  std::string uri_prefix = "urn:devgate:device:";
+  /// Otherwise the first subjectAltName dNSName is the device id.
+  bool dns_name = true;
+  /// Otherwise, for a certificate with no dNSName or URI names at all, the subject's
+  /// commonName (RFC 6125 6.4.4: a CN is looked at only without such names).
+  bool common_name = true;
+};
+
+/// Authenticates devices by the client certificate of a mutual-TLS session: the certificate's
+/// device id (see certificate_options) must be the device id of the path. The TLS layer has
+/// verified the certificate against its CA before; this only reads names from it. Refusals: 401
+/// without a certificate or without a usable name, 403 for a certificate of another device.
+class client_certificate_authenticator {
+ public:
+  /// An authenticator reading names as `options` says.
+  explicit client_certificate_authenticator(certificate_options options = {})
+      : options_(std::move(options)) {}
+
+  /// The device id `cert` names, or nullopt when it has no usable name.
+  [[nodiscard]] std::optional<std::string> device_id_of(X509* cert) const {
+    if (cert == nullptr) return std::nullopt;
+    bool has_names = false;
+    std::optional<std::string> from_uri, from_dns;
+    if (auto* names = static_cast<GENERAL_NAMES*>(
+            X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr))) {
+      for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
+        const GENERAL_NAME* name = sk_GENERAL_NAME_value(names, i);
+        if (name->type == GEN_URI) {
+          has_names = true;
+          const auto text = view(name->d.uniformResourceIdentifier);
+          if (!from_uri && !options_.uri_prefix.empty() && text &&
+              text->starts_with(options_.uri_prefix)) {
+            from_uri = std::string(text->substr(options_.uri_prefix.size()));
+          }
+        } else if (name->type == GEN_DNS) {
+          has_names = true;
+          const auto text = view(name->d.dNSName);
+          if (!from_dns && text) from_dns = std::string(*text);
+        }
+      }
+      GENERAL_NAMES_free(names);
+    }
+    if (from_uri && !from_uri->empty()) return from_uri;
+    if (options_.dns_name && from_dns && !from_dns->empty()) return from_dns;
+    if (has_names || !options_.common_name) return std::nullopt;
+    return common_name(cert);
+  }
+
+  /// Judges `r` now (see the class comment).
+  [[nodiscard]] result check(const request& r) const {
+    if (r.peer_certificate == nullptr) return result::reject(401, "no client certificate");
+    const auto id = device_id_of(r.peer_certificate);
+    if (!id) return result::reject(401, "certificate names no device");
+    if (*id != r.device_id) return result::reject(403, "certificate is for another device");
+    return result::accept(*id);
+  }
+
+  /// The authenticator concept: answers at once.
+  void authenticate(const request& r, completion done) const { done(check(r)); }
+
+ private:
+  // An IA5String's text, refused when it holds a NUL (a name that reads differently in C).
+  static std::optional<std::string_view> view(const ASN1_STRING* s) {
+    if (s == nullptr) return std::nullopt;
+    const std::string_view text(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                                static_cast<std::size_t>(ASN1_STRING_length(s)));
+    if (text.find('\0') != std::string_view::npos) return std::nullopt;
+    return text;
+  }
+  static std::optional<std::string> common_name(X509* cert) {
+    const X509_NAME* subject = X509_get_subject_name(cert);
+    if (subject == nullptr) return std::nullopt;
+    const int at = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+    if (at < 0 || X509_NAME_get_index_by_NID(subject, NID_commonName, at) >= 0) {
+      return std::nullopt;  // none, or several: ambiguous
+    }
+    const ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, at));
+    unsigned char* utf8 = nullptr;
+    const int len = ASN1_STRING_to_UTF8(&utf8, data);
+    if (len <= 0) return std::nullopt;
+    std::string out(reinterpret_cast<const char*>(utf8), static_cast<std::size_t>(len));
+    OPENSSL_free(utf8);
+    if (out.empty() || out.find('\0') != std::string::npos) return std::nullopt;
+    return out;
+  }
+
+  certificate_options options_;
+};
+
+}  // namespace devgate::auth
+// ---- end devgate/auth/client_certificate_authenticator.hpp ----
+
+// ---- begin devgate/auth/gate.hpp ----
+
+#include <memory>   // the shared authenticator
+#include <string>   // the device id
+#include <utility>  // std::move
+
+
+// ---- begin devgate/auth/origin.hpp ----
+
+#include <algorithm>    // std::find
+#include <optional>     // parse results
+#include <stdexcept>    // set-up errors
+#include <string>       // normalized origins
+#include <string_view>  // header values
+#include <vector>       // the list
+
+
+namespace devgate::auth {
+
+/// The browser origins allowed to open WebSockets (RFC 6454; RFC 6455 10.2): a page of another
+/// site can open a WebSocket to any server its user reaches, and the browser says which page
+/// did in `Origin`, which that page cannot change. Origins match exactly on scheme, host and
+/// port (the scheme's default port when none is written); the path never belongs to one.
+/// An empty list checks nothing. Requests without Origin come from non-browser clients
+/// (devices) and are accepted unless `strict`.
+class origin_allow_list {
+ public:
+  /// Adds `origin` ("https://fleet.example.com", "http://127.0.0.1:8080"); throws
+  /// std::invalid_argument for anything else (a path, a missing scheme, a bad port).
+  void add(std::string_view origin) {
+    auto normal = normalize(origin);
+    if (!normal) {
+      throw std::invalid_argument("auth::origin_allow_list: \"" + std::string(origin) +
+                                  "\" is not an origin (scheme://host[:port], no path)");
+    }
+    if (std::find(origins_.begin(), origins_.end(), *normal) == origins_.end()) {
+      origins_.push_back(std::move(*normal));
+    }
+  }
+  /// Refuse requests without Origin too (a gateway that serves browsers only).
+  void set_strict(bool strict) noexcept { strict_ = strict; }
+  /// True when requests without Origin are refused.
+  [[nodiscard]] bool strict() const noexcept { return strict_; }
+  /// True when nothing is checked (no origin added, not strict).
+  [[nodiscard]] bool empty() const noexcept { return origins_.empty() && !strict_; }
+
+  /// True when `r` may upgrade: it has no Origin (unless strict), or exactly one, on the list.
+  [[nodiscard]] bool allows(const request& r) const {
+    if (empty()) return true;
+    std::size_t count = 0;
+    std::string_view value;
+    if (r.http != nullptr) {
+      for (const auto& h : r.http->headers) {
+        if (websocket::detail_http::iequals(h.name, "Origin")) {
+          ++count;
+          value = h.value;
+        }
+      }
+    }
+    if (count == 0) return !strict_;
+    if (count > 1) return false;
+    const auto normal = normalize(value);
+    return normal && std::find(origins_.begin(), origins_.end(), *normal) != origins_.end();
+  }
+
+  /// `origin` as "scheme://host:port" in lower case with the port always written, or nullopt
+  /// when it is not scheme://host[:port] ("null" is not an origin that can be allowed).
+  [[nodiscard]] static std::optional<std::string> normalize(std::string_view origin) {
+    const std::size_t sep = origin.find("://");
+    if (sep == std::string_view::npos || sep == 0) return std::nullopt;
+    std::string out;
+    for (const char c : origin.substr(0, sep)) {
+      const char l = websocket::detail_http::to_lower(c);
+      if (!((l >= 'a' && l <= 'z') || (l >= '0' && l <= '9') || l == '+' || l == '-' || l == '.')) {
+        return std::nullopt;
+      }
+      out.push_back(l);
+    }
+    const std::string scheme = out;
+    std::string_view rest = origin.substr(sep + 3);
+    std::string_view host, port;
+    if (rest.starts_with('[')) {  // an IPv6 literal
+      const std::size_t close = rest.find(']');
+      if (close == std::string_view::npos) return std::nullopt;
+      host = rest.substr(0, close + 1);
+      rest.remove_prefix(close + 1);
+      if (!rest.empty()) {
+        if (rest.front() != ':') return std::nullopt;
+        port = rest.substr(1);
+      }
+    } else {
+      const std::size_t colon = rest.find(':');
+      host = rest.substr(0, colon);
+      if (colon != std::string_view::npos) port = rest.substr(colon + 1);
+    }
+    if (host.empty()) return std::nullopt;
+    out.append("://");
+    for (const char c : host) {
+      if (c == '/' || c == '?' || c == '#' || c == '@' || c == ' ' ||
+          static_cast<unsigned char>(c) < 0x21) {
+        return std::nullopt;
+      }
+      out.push_back(websocket::detail_http::to_lower(c));
+    }
+    if (port.empty()) {
+      if (scheme == "http" || scheme == "ws") {
+        port = "80";
+      } else if (scheme == "https" || scheme == "wss") {
+        port = "443";
+      } else {
+        return std::nullopt;
+      }
+    }
+    if (port.size() > 5) return std::nullopt;
+    unsigned value = 0;
+    for (const char c : port) {
+      if (c < '0' || c > '9') return std::nullopt;
+      value = value * 10 + static_cast<unsigned>(c - '0');
+    }
+    if (value == 0 || value > 65535) return std::nullopt;
+    out.push_back(':');
+    out.append(std::to_string(value));
+    return out;
+  }
+
+ private:
+  std::vector<std::string> origins_;
+  bool strict_ = false;
+};
+
+}  // namespace devgate::auth
+// ---- end devgate/auth/origin.hpp ----
+
+namespace devgate::auth {
+
+/// The check a server runs before every upgrade (`websocket::server_options::authenticate`):
+/// the Origin allow-list first (403 "origin not allowed"), then `authenticator`, shared by every
+/// network thread. An authenticator with a `start_warning` (allow_all) passes it on for the
+/// server to log at start.
+template <authenticator A>
+[[nodiscard]] upgrade_check gate(std::shared_ptr<A> authenticator, origin_allow_list origins = {}) {
+  upgrade_check out;
+  if constexpr (requires { A::start_warning; }) out.start_warning = std::string(A::start_warning);
+  out.check = [a = std::move(authenticator), o = std::move(origins)](const request& r,
+                                                                     completion done) {
+    if (!o.allows(r)) {
+      done(result::reject(403, "origin not allowed"));
+      return;
+    }
+    a->authenticate(r, std::move(done));
+  };
+  return out;
+}
+
+/// An Origin allow-list alone: upgrades from allowed origins (or without Origin, unless strict)
+/// are accepted unauthenticated, the others get 403.
+[[nodiscard]] inline upgrade_check gate(origin_allow_list origins) {
+  upgrade_check out;
+  out.check = [o = std::move(origins)](const request& r, completion done) {
+    if (!o.allows(r)) {
+      done(result::reject(403, "origin not allowed"));
+      return;
+    }
+    result ok = result::accept(std::string(r.device_id));
+    ok.authenticated = false;
+    done(std::move(ok));
+  };
+  return out;
+}
+
+}  // namespace devgate::auth
+// ---- end devgate/auth/gate.hpp ----
+
+// ---- begin devgate/auth/token_authenticator.hpp ----
+
+#include <openssl/bio.h>  // reading a PEM key from memory
+#include <openssl/evp.h>  // EVP_PKEY
+#include <openssl/pem.h>  // PEM_read_bio_PUBKEY
+
+#include <nlohmann/json.hpp>  // claims
+
+#include <chrono>         // leeway, the clock
+#include <cstdint>        // algorithm
+#include <map>            // the key ring
+#include <memory>         // shared keys
+#include <mutex>          // writers of the ring and deny-list
+#include <optional>       // token lookup
+#include <set>            // retired key ids
+#include <shared_mutex>   // readers of the ring and deny-list
+#include <stdexcept>      // set-up errors
+#include <string>         // key ids, secrets
+#include <string_view>    // tokens, headers
+#include <unordered_set>  // the jti deny-list
+#include <utility>        // std::move
+
+
+// ---- begin devgate/auth/detail/jwt.hpp ----
+
+#include <openssl/bn.h>      // r and s of an ECDSA signature
+#include <openssl/crypto.h>  // CRYPTO_memcmp
+#include <openssl/ec.h>      // ECDSA_SIG (raw r||s to DER)
+#include <openssl/evp.h>     // EVP_DigestVerify
+#include <openssl/hmac.h>    // HMAC-SHA256
+
+#include <nlohmann/json.hpp>  // header and claims
+
+#include <cstddef>      // std::size_t
+#include <cstdint>      // bytes
+#include <memory>       // key ownership
+#include <optional>     // parse results
+#include <string>       // decoded parts
+#include <string_view>  // the token
+#include <vector>       // signature bytes
+
+
+namespace devgate::auth::detail {
+
+/// RFC 7515 section 2 / RFC 4648 section 5: base64url without padding, strictly (no '=', no
+/// whitespace, no standard-alphabet characters, no length that leaves 6 spare bits). Decoding is
+/// OpenSSL's, after mapping to the standard alphabet.
+inline std::optional<std::string> base64url_decode(std::string_view text) {
+  if (text.size() % 4 == 1) return std::nullopt;
+  std::string standard;
+  standard.reserve(text.size() + 3);
+  for (const char c : text) {
+    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')) {
+      standard.push_back(c);
+    } else if (c == '-') {
+      standard.push_back('+');
+    } else if (c == '_') {
+      standard.push_back('/');
+    } else {
+      return std::nullopt;
+    }
+  }
+  while (standard.size() % 4 != 0) standard.push_back('=');
+  auto bytes = devgate::detail::base64_decode(standard);
+  if (!bytes) return std::nullopt;
+  return std::string(bytes->begin(), bytes->end());
+}
+
+/// A JWS in compact serialization (RFC 7515 section 7.1), split and decoded; the payload is kept
+/// as bytes and parsed only after the signature is verified.
+struct compact_jws {
+  std::string_view signing_input;  ///< "header.payload" as sent: what the signature covers.
+  nlohmann::json header;           ///< The JOSE header (an object).
+  std::string payload;             ///< The decoded payload bytes.
+  std::string signature;           ///< The decoded signature bytes.
+  std::string alg;                 ///< The header's "alg".
+  std::string kid;                 ///< The header's "kid" ("" without one).
+};
+
+/// Splits and decodes `token` (three base64url parts joined by '.'); nullopt when it is not a
+/// compact JWS whose header is a JSON object with a string "alg", an optional string "kid" and
+/// no "crit" (RFC 7515 4.1.11: extensions a verifier does not know must be refused).
+inline std::optional<compact_jws> parse_compact(std::string_view token) {
+  const std::size_t first = token.find('.');
+  if (first == std::string_view::npos) return std::nullopt;
+  const std::size_t second = token.find('.', first + 1);
+  if (second == std::string_view::npos) return std::nullopt;
+  if (token.find('.', second + 1) != std::string_view::npos) return std::nullopt;
+  compact_jws out;
+  out.signing_input = token.substr(0, second);
+  auto header = base64url_decode(token.substr(0, first));
+  auto payload = base64url_decode(token.substr(first + 1, second - first - 1));
+  auto signature = base64url_decode(token.substr(second + 1));
+  if (!header || !payload || !signature) return std::nullopt;
+  out.header = nlohmann::json::parse(*header, nullptr, false);
+  if (!out.header.is_object()) return std::nullopt;
+  const auto alg = out.header.find("alg");
+  if (alg == out.header.end() || !alg->is_string()) return std::nullopt;
+  out.alg = alg->get<std::string>();
+  if (const auto kid = out.header.find("kid"); kid != out.header.end()) {
+    if (!kid->is_string()) return std::nullopt;
+    out.kid = kid->get<std::string>();
+  }
+  if (out.header.contains("crit")) return std::nullopt;
+  out.payload = std::move(*payload);
+  out.signature = std::move(*signature);
+  return out;
+}
+
+/// HS256 (RFC 7518 3.2): HMAC-SHA256 of `input` under `secret` equals `signature`, compared in
+/// constant time.
+inline bool verify_hs256(std::string_view secret, std::string_view input,
+                         std::string_view signature) {
+  if (signature.size() != 32) return false;
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()),
+           reinterpret_cast<const unsigned char*>(input.data()), input.size(), mac,
+           &len) == nullptr ||
+      len != 32) {
+    return false;
+  }
+  return CRYPTO_memcmp(mac, signature.data(), 32) == 0;
+}
+
+/// ES256 (RFC 7518 3.4): `signature` is R || S, 32 bytes each, big-endian; converted to the DER
+/// ECDSA-Sig-Value OpenSSL verifies, then checked over SHA-256 of `input` with `key` (P-256).
+inline bool verify_es256(EVP_PKEY* key, std::string_view input, std::string_view signature) {
+  if (signature.size() != 64) return false;
+  const auto* raw = reinterpret_cast<const unsigned char*>(signature.data());
+  ECDSA_SIG* sig = ECDSA_SIG_new();
+  if (sig == nullptr) return false;
+  BIGNUM* r = BN_bin2bn(raw, 32, nullptr);
+  BIGNUM* s = BN_bin2bn(raw + 32, 32, nullptr);
+  if (r == nullptr || s == nullptr || ECDSA_SIG_set0(sig, r, s) != 1) {
+    BN_free(r);
+    BN_free(s);
+    ECDSA_SIG_free(sig);
+    return false;
+  }
+  unsigned char* der = nullptr;
+  const int der_len = i2d_ECDSA_SIG(sig, &der);
+  ECDSA_SIG_free(sig);
+  if (der_len <= 0) return false;
+  bool ok = false;
+  if (EVP_MD_CTX* ctx = EVP_MD_CTX_new()) {
+    ok = EVP_DigestVerifyInit(ctx, nullptr, EVP_sha256(), nullptr, key) == 1 &&
+         EVP_DigestVerify(ctx, der, static_cast<std::size_t>(der_len),
+                          reinterpret_cast<const unsigned char*>(input.data()), input.size()) == 1;
+    EVP_MD_CTX_free(ctx);
+  }
+  OPENSSL_free(der);
+  return ok;
+}
+
+}  // namespace devgate::auth::detail
+// ---- end devgate/auth/detail/jwt.hpp ----
+
+namespace devgate::auth {
+
+/// The signature algorithms a key can verify (RFC 7518 section 3.1).
+enum class algorithm : std::uint8_t {
+  hs256,  ///< HMAC-SHA256 with a shared secret.
+  es256,  ///< ECDSA over P-256 with SHA-256, checked with the public key.
+};
+
+/// A key of the ring, bound to one algorithm: a token whose header names another one is refused,
+/// so an HS256 token can never be checked with an ES256 public key taken as an HMAC secret.
+class signing_key {
+ public:
+  /// An HS256 key: the shared secret's bytes, at least 32 (RFC 7518 3.2 asks for a key as long
+  /// as the hash); shorter ones throw std::invalid_argument.
+  [[nodiscard]] static signing_key hs256(std::string secret) {
+    if (secret.size() < 32) {
+      throw std::invalid_argument(
+          "auth::signing_key::hs256: the secret must be at least 32 bytes (RFC 7518 3.2); "
+          "generate one with `openssl rand -base64 48`");
+    }
+    signing_key k;
+    k.alg_ = algorithm::hs256;
+    k.secret_ = std::move(secret);
+    return k;
+  }
+  /// An ES256 key from a PEM public key ("-----BEGIN PUBLIC KEY-----", e.g. from `openssl ec
+  /// -pubout`); throws std::invalid_argument unless it is an EC key on P-256.
+  [[nodiscard]] static signing_key es256_from_pem(std::string_view pem) {
+    BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+    if (bio == nullptr) throw std::invalid_argument("auth::signing_key: out of memory");
+    EVP_PKEY* raw = PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    if (raw == nullptr) {
+      throw std::invalid_argument(
+          "auth::signing_key::es256_from_pem: not a PEM public key (-----BEGIN PUBLIC KEY-----)");
+    }
+    std::shared_ptr<EVP_PKEY> key(raw, EVP_PKEY_free);
+    char group[64] = {};
+    std::size_t len = 0;
+    if (EVP_PKEY_is_a(raw, "EC") != 1 ||
+        EVP_PKEY_get_group_name(raw, group, sizeof group, &len) != 1 ||
+        (std::string_view(group, len) != "prime256v1" && std::string_view(group, len) != "P-256")) {
+      throw std::invalid_argument(
+          "auth::signing_key::es256_from_pem: ES256 needs an EC key on P-256 (prime256v1)");
+    }
+    signing_key k;
+    k.alg_ = algorithm::es256;
+    k.public_key_ = std::move(key);
+    return k;
+  }
+
+  /// The one algorithm this key verifies.
+  [[nodiscard]] algorithm alg() const noexcept { return alg_; }
+  /// The JWS "alg" name of that algorithm.
+  [[nodiscard]] std::string_view alg_name() const noexcept {
+    return alg_ == algorithm::hs256 ? "HS256" : "ES256";
+  }
+  /// True when `signature` signs `input` under this key with its algorithm.
+  [[nodiscard]] bool verify(std::string_view input, std::string_view signature) const {
+    if (alg_ == algorithm::hs256) return detail::verify_hs256(secret_, input, signature);
+    return detail::verify_es256(public_key_.get(), input, signature);
+  }
+
+ private:
+  signing_key() = default;
+  algorithm alg_ = algorithm::hs256;
+  std::string secret_;
+  std::shared_ptr<EVP_PKEY> public_key_;
+};
+
+/// Settings of `token_authenticator`.
+struct token_options {
+  /// Clock skew tolerated on `exp` and `nbf`: a device whose clock runs a little ahead or
+  /// behind still connects; a larger leeway keeps an expired token usable for longer.
+  std::chrono::seconds leeway{30};
+  /// Required `aud` ("" checks none): set it when the same keys sign tokens for other services,
+  /// so that their tokens do not open this one.
+  std::string audience;
+  /// Refuse tokens without `exp` (a token that never expires can only be revoked by its jti or
+  /// by retiring its key).
+  bool require_expiry = true;
+  /// The subprotocol a browser offers beside its token in Sec-WebSocket-Protocol; the 101
+  /// echoes it (RFC 6455 4.2.2), never the token.
+  std::string subprotocol = "devgate.v1";
+};
+
+/// Sec-WebSocket-Protocol values that carry a token start with this (the rest is the JWT).
+inline constexpr std::string_view bearer_protocol_prefix = "devgate.bearer.";
+
+/// Authenticates devices by JSON Web Token (RFC 7519, compact JWS), signed HS256 or ES256 and
+/// verified with OpenSSL. The token comes from `Authorization: Bearer <jwt>`, or, for browsers
+/// (which cannot set headers on a WebSocket), from Sec-WebSocket-Protocol as the value
+/// `devgate.bearer.<jwt>` offered beside `devgate.v1` (docs/PROTOCOL.md section 1).
+///
+/// A token is accepted when its `kid` names a key of the ring (no `kid`: the key added under
+/// ""), its `alg` is that key's algorithm, its signature verifies, `exp` and `nbf` hold within
+/// the leeway, `sub` is the device id of the path, `aud` matches when one is required, and its
+/// `jti` is not revoked. Refusals: 401 for a missing or bad token (the reason says which check
+/// failed: malformed token, unknown key, key retired, algorithm not allowed, bad signature,
+/// expired, not yet valid, no expiry, wrong audience, revoked), 403 for a valid token of another
+/// device (wrong subject). Keys and the deny-list change at run time from any thread.
+class token_authenticator {
+ public:
+  /// An authenticator with no keys yet (every token is refused until `add_key`).
+  explicit token_authenticator(token_options options = {}) : options_(std::move(options)) {}
+
+  /// Adds (or replaces) the key named `kid`; tokens whose header has no `kid` use the key "".
+  void add_key(std::string kid, signing_key key) {
+    std::unique_lock lock(mutex_);
+    retired_.erase(kid);
+    keys_.insert_or_assign(std::move(kid), std::make_shared<const signing_key>(std::move(key)));
+  }
+  /// Retires the key `kid`: every token signed with it is refused from now on ("key retired").
+  void retire_key(std::string_view kid) {
+    std::unique_lock lock(mutex_);
+    if (const auto it = keys_.find(kid); it != keys_.end()) keys_.erase(it);
+    retired_.emplace(kid);
+  }
+  /// Revokes the token whose `jti` is `jti` ("revoked"); keep it listed until the token expires.
+  void revoke(std::string jti) {
+    std::unique_lock lock(mutex_);
+    revoked_.insert(std::move(jti));
+  }
+
+  /// Judges `r` now (see the class comment).
+  [[nodiscard]] result check(const request& r) const {
+    std::string_view protocol_token;
+    const auto token = token_of(r, protocol_token);
+    if (!token) return result::reject(401, "missing token");
+    result out = verify(*token, r.device_id);
+    if (out.accepted() && !protocol_token.empty()) out.subprotocol = options_.subprotocol;
+    if (!protocol_token.empty() && out.accepted() &&
+        !offers(r, options_.subprotocol)) {  // a browser needs a protocol it offered echoed
+      return result::reject(401, "offer " + options_.subprotocol + " beside the token protocol");
+    }
+    return out;
+  }
+
+  /// The authenticator concept: answers at once (the check is local).
+  void authenticate(const request& r, completion done) const { done(check(r)); }
+
+  /// Verifies `token` for `device_id` at the current time (see the class comment).
+  [[nodiscard]] result verify(std::string_view token, std::string_view device_id) const {
+    const auto jws = detail::parse_compact(token);
+    if (!jws) return result::reject(401, "malformed token");
+    std::shared_ptr<const signing_key> key;
+    {
+      std::shared_lock lock(mutex_);
+      if (const auto it = keys_.find(jws->kid); it != keys_.end()) {
+        key = it->second;
+      } else if (retired_.contains(jws->kid)) {
+        return result::reject(401, "key retired");
+      }
+    }
+    if (!key) return result::reject(401, "unknown key");
+    // The key decides the algorithm; the token's header only has to agree ("none" never does).
+    if (jws->alg != key->alg_name()) return result::reject(401, "algorithm not allowed");
+    if (!key->verify(jws->signing_input, jws->signature)) {
+      return result::reject(401, "bad signature");
+    }
+    const auto claims = nlohmann::json::parse(jws->payload, nullptr, false);
+    if (!claims.is_object()) return result::reject(401, "malformed token");
+    const double now =
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    const auto leeway = static_cast<double>(options_.leeway.count());
+    if (const auto exp = claims.find("exp"); exp != claims.end()) {
+      if (!exp->is_number()) return result::reject(401, "malformed token");
+      if (now >= exp->get<double>() + leeway) return result::reject(401, "expired");
+    } else if (options_.require_expiry) {
+      return result::reject(401, "no expiry");
+    }
+    if (const auto nbf = claims.find("nbf"); nbf != claims.end()) {
+      if (!nbf->is_number()) return result::reject(401, "malformed token");
+      if (now + leeway < nbf->get<double>()) return result::reject(401, "not yet valid");
+    }
+    if (!options_.audience.empty() && !has_audience(claims)) {
+      return result::reject(401, "wrong audience");
+    }
+    if (const auto jti = claims.find("jti"); jti != claims.end()) {
+      if (!jti->is_string()) return result::reject(401, "malformed token");
+      std::shared_lock lock(mutex_);
+      if (revoked_.contains(jti->get_ref<const std::string&>())) {
+        return result::reject(401, "revoked");
+      }
+    }
+    const auto sub = claims.find("sub");
+    if (sub == claims.end() || !sub->is_string()) return result::reject(401, "no subject");
+    if (sub->get_ref<const std::string&>() != device_id) {
+      return result::reject(403, "wrong subject");
+    }
+    return result::accept(std::string(device_id), jws->payload);
+  }
+
+ private:
+  // The token of `r`: Authorization's bearer credential first, then a Sec-WebSocket-Protocol
+  // value with the bearer prefix (`protocol_token` then views it too).
+  static std::optional<std::string_view> token_of(const request& r,
+                                                  std::string_view& protocol_token) {
+    const std::string_view authz = r.header("Authorization");
+    if (authz.size() > 7 && websocket::detail_http::iequals(authz.substr(0, 7), "Bearer ")) {
+      return websocket::detail_http::trim_ows(authz.substr(7));
+    }
+    if (r.http == nullptr) return std::nullopt;
+    for (const auto& h : r.http->headers) {
+      if (!websocket::detail_http::iequals(h.name, "Sec-WebSocket-Protocol")) continue;
+      std::string_view list = h.value;
+      while (!list.empty()) {
+        const std::size_t comma = list.find(',');
+        const auto item = websocket::detail_http::trim_ows(list.substr(0, comma));
+        if (item.starts_with(bearer_protocol_prefix)) {
+          protocol_token = item.substr(bearer_protocol_prefix.size());
+          return protocol_token;
+        }
+        if (comma == std::string_view::npos) break;
+        list.remove_prefix(comma + 1);
+      }
+    }
+    return std::nullopt;
+  }
+  static bool offers(const request& r, std::string_view protocol) {
+    return r.http != nullptr && r.http->header_has_token("Sec-WebSocket-Protocol", protocol);
+  }
+  bool has_audience(const nlohmann::json& claims) const {
+    const auto aud = claims.find("aud");
+    if (aud == claims.end()) return false;
+    if (aud->is_string()) return aud->get_ref<const std::string&>() == options_.audience;
+    if (!aud->is_array()) return false;
+    for (const auto& a : *aud) {
+      if (a.is_string() && a.get_ref<const std::string&>() == options_.audience) return true;
+    }
+    return false;
+  }
+
+  token_options options_;
+  mutable std::shared_mutex mutex_;  // keys_, retired_, revoked_
+  std::map<std::string, std::shared_ptr<const signing_key>, std::less<>> keys_;
+  std::set<std::string, std::less<>> retired_;
+  std::unordered_set<std::string> revoked_;
+};
+
+}  // namespace devgate::auth
+// ---- end devgate/auth/token_authenticator.hpp ----
 
 
 // ---- begin devgate/store/memory_state_store.hpp ----
@@ -8196,6 +9191,7 @@ enum class error : std::uint8_t {
   closed,               ///< The gateway is stopping; the message was not accepted.
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
   unknown_rollout,      ///< `fw_ack`/`fw_result`/`fw_restart` names a rollout it is not in.
+  topic_not_allowed,    ///< The host's topic policy does not let this device subscribe to it.
 };
 
 /// The wire name of `e`.
@@ -8229,6 +9225,8 @@ enum class error : std::uint8_t {
       return "bad_fw_ack";
     case error::unknown_rollout:
       return "unknown_rollout";
+    case error::topic_not_allowed:
+      return "topic_not_allowed";
   }
   return "bad_message";
 }
@@ -8266,6 +9264,9 @@ enum class error : std::uint8_t {
              "acknowledged offset and the bytes sent";
     case error::unknown_rollout:
       return "no firmware transfer with that rollout id is in progress for this device";
+    case error::topic_not_allowed:
+      return "this gateway does not let this device subscribe to that topic (devices get fleet "
+             "unless the host allows more)";
   }
   return "";
 }
@@ -9136,213 +10137,37 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <vector>        // runs of device messages
 
 
-// ---- begin devgate/device/pubsub.hpp ----
+// ---- begin devgate/device/hub_options.hpp ----
 
-#include <atomic>         // subscriber counts, subscription tokens
-#include <cstddef>        // std::size_t
-#include <cstdint>        // tokens
-#include <functional>     // host subscribers, transparent hashing
-#include <memory>         // topic entries, publish snapshots
-#include <mutex>          // per-topic and per-session locks
-#include <shared_mutex>   // the topic table: publishers share it
-#include <span>           // recipients
-#include <string>         // topic names
-#include <string_view>    // topic names
-#include <unordered_map>  // topic table, member positions, per-session topics
-#include <utility>        // std::move
-#include <vector>         // members, snapshots
+#include <chrono>       // firmware stall timeout
+#include <cstddef>      // std::size_t
+#include <cstdint>      // counters
+#include <functional>   // topic_policy
+#include <string>       // allowed topics
+#include <string_view>  // device ids, topics
+#include <utility>      // std::move
+#include <vector>       // allowed topics
 
 
-namespace devgate::device {
+// ---- begin devgate/firmware/rollout.hpp ----
 
-/// Topics with two kinds of subscriber: sessions (devices, reached through the transport) and
-/// host callbacks. Subscribe, unsubscribe and publish from any thread. A publish encodes
-/// nothing itself: the caller hands it one payload, which every subscriber shares.
-///
-/// Cost: subscribing and unsubscribing a session are O(1) amortised (a topic keeps its members
-/// in a vector with each member's position, and removes by moving the last member into the
-/// gap), so a reconnect storm of N devices costs O(N), not a copy of the list per hello. A
-/// publish sends to an immutable snapshot of the members, rebuilt by the first publish after a
-/// change (O(members), the size of the broadcast itself) and shared by later publishes; it takes
-/// the topic's own mutex just long enough to copy one shared_ptr, and sends with no lock held.
-/// Topics are never removed (there are a few: the hub's three and the host's own), so the
-/// topic table's lock is exclusive only when a topic is first used.
-class pubsub {
- public:
-  /// A host subscriber: receives the topic and the payload (the JSON text devices receive).
-  using callback = std::function<void(std::string_view topic, const shared_bytes& payload)>;
-  /// Identifies a host subscription (for `unsubscribe`).
-  using token = std::uint64_t;
+#include <nlohmann/json.hpp>
 
-  /// Sets the way to devices (the hub sets its gateway's channel before any publish).
-  void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
+#include <algorithm>    // std::min
+#include <atomic>       // rollout ids
+#include <chrono>       // stall timeout, backoff
+#include <cstddef>      // std::size_t, std::byte
+#include <cstdint>      // rollout ids, offsets
+#include <memory>       // the current image
+#include <mutex>        // the current image, the device's mutex
+#include <optional>     // lookups, errors
+#include <span>         // image bytes
+#include <stdexcept>    // set-up errors
+#include <string>       // versions, reasons
+#include <string_view>  // device ids
+#include <utility>      // std::move
+#include <vector>       // devices to start
 
-  /// Subscribes session `s` to `topic`; false if it already was.
-  bool subscribe(std::string_view topic, session_id s) {
-    topic_entry& e = entry_for(topic);
-    {
-      std::lock_guard lock(e.mutex);
-      if (!e.position.emplace(s, e.members.size()).second) return false;
-      e.members.push_back(s);
-      e.snap.reset();
-      e.count.fetch_add(1, std::memory_order_relaxed);
-    }
-    std::lock_guard lock(sessions_mutex_);
-    by_session_[s].push_back(&e);
-    return true;
-  }
-  /// Unsubscribes session `s` from `topic`; false if it was not subscribed.
-  bool unsubscribe(std::string_view topic, session_id s) {
-    topic_entry* e = find(topic);
-    if (e == nullptr || !remove(*e, s)) return false;
-    std::lock_guard lock(sessions_mutex_);
-    if (auto it = by_session_.find(s); it != by_session_.end()) {
-      std::erase(it->second, e);
-      if (it->second.empty()) by_session_.erase(it);
-    }
-    return true;
-  }
-  /// Removes every subscription of session `s` (when it closes).
-  void unsubscribe_all(session_id s) {
-    std::vector<topic_entry*> topics;
-    {
-      std::lock_guard lock(sessions_mutex_);
-      auto it = by_session_.find(s);
-      if (it == by_session_.end()) return;
-      topics = std::move(it->second);
-      by_session_.erase(it);
-    }
-    for (auto* e : topics) remove(*e, s);
-  }
-  /// Subscribes a host callback to `topic` (it runs on the publishing thread, with no lock
-  /// held; keep it quick). Returns the token for `unsubscribe`.
-  token subscribe(std::string_view topic, callback cb) {
-    const token t = next_token_.fetch_add(1, std::memory_order_relaxed) + 1;
-    topic_entry& e = entry_for(topic);
-    std::lock_guard lock(e.mutex);
-    e.callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
-    e.snap.reset();
-    e.count.fetch_add(1, std::memory_order_relaxed);
-    return t;
-  }
-  /// Removes a host subscription. A publish already running may still call it once.
-  void unsubscribe(token t) {
-    std::shared_lock table(table_mutex_);
-    for (auto& [name, e] : entries_) {
-      std::lock_guard lock(e->mutex);
-      for (auto it = e->callbacks.begin(); it != e->callbacks.end(); ++it) {
-        if (it->first != t) continue;
-        e->callbacks.erase(it);
-        e->snap.reset();
-        e->count.fetch_sub(1, std::memory_order_relaxed);
-        return;
-      }
-    }
-  }
-
-  /// True when `topic` has any subscriber (lets publishers skip building a payload). Takes no
-  /// lock but the topic table's shared one, and allocates nothing.
-  [[nodiscard]] bool has_subscribers(std::string_view topic) const {
-    const topic_entry* e = find(topic);
-    return e != nullptr && e->count.load(std::memory_order_relaxed) != 0;
-  }
-  /// The sessions subscribed to `topic` now (in no particular order).
-  [[nodiscard]] std::vector<session_id> sessions(std::string_view topic) const {
-    const auto snap = snapshot(topic);
-    return snap ? snap->sessions : std::vector<session_id>{};
-  }
-
-  /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`. Returns how
-  /// many sessions took it plus how many callbacks ran.
-  std::size_t publish(std::string_view topic, const shared_bytes& payload,
-                      payload_kind kind = payload_kind::text) const {
-    const auto snap = snapshot(topic);
-    if (!snap) return 0;
-    std::size_t n = 0;
-    if (!snap->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
-      n += channel_->broadcast(channel_->target, std::span<const session_id>(snap->sessions), kind,
-                               payload);
-    }
-    for (const auto& [t, cb] : snap->callbacks) {
-      (*cb)(topic, payload);
-      ++n;
-    }
-    return n;
-  }
-
- private:
-  // What a publish sends to: a copy of a topic's subscribers, immutable once built.
-  struct snapshot_t {
-    std::vector<session_id> sessions;
-    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
-  };
-  // One topic: its members (unordered; `position` finds each), its callbacks, and the snapshot
-  // of both (nullptr after a change, until the next publish builds it).
-  struct topic_entry {
-    mutable std::mutex mutex;
-    std::vector<session_id> members;
-    std::unordered_map<session_id, std::size_t> position;
-    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
-    mutable std::shared_ptr<const snapshot_t> snap;
-    std::atomic<std::size_t> count{0};  // members + callbacks, read without the mutex
-  };
-  // Lets the topic table be searched by string_view without building a string.
-  struct name_hash {
-    using is_transparent = void;
-    std::size_t operator()(std::string_view s) const noexcept {
-      return std::hash<std::string_view>{}(s);
-    }
-  };
-
-  topic_entry* find(std::string_view topic) const {
-    std::shared_lock lock(table_mutex_);
-    const auto it = entries_.find(topic);
-    return it == entries_.end() ? nullptr : it->second.get();
-  }
-  topic_entry& entry_for(std::string_view topic) {
-    if (auto* e = find(topic)) return *e;
-    std::unique_lock lock(table_mutex_);
-    auto& slot = entries_[std::string(topic)];
-    if (!slot) slot = std::make_unique<topic_entry>();
-    return *slot;
-  }
-  std::shared_ptr<const snapshot_t> snapshot(std::string_view topic) const {
-    const topic_entry* e = find(topic);
-    if (e == nullptr) return nullptr;
-    std::lock_guard lock(e->mutex);
-    if (!e->snap) {
-      e->snap = std::make_shared<const snapshot_t>(snapshot_t{e->members, e->callbacks});
-    }
-    return e->snap;
-  }
-  // Removes `s` from a topic in O(1): the last member moves into its place.
-  static bool remove(topic_entry& e, session_id s) {
-    std::lock_guard lock(e.mutex);
-    const auto it = e.position.find(s);
-    if (it == e.position.end()) return false;
-    const std::size_t at = it->second;
-    e.position.erase(it);
-    if (at + 1 != e.members.size()) {
-      e.members[at] = e.members.back();
-      e.position[e.members[at]] = at;
-    }
-    e.members.pop_back();
-    e.snap.reset();
-    e.count.fetch_sub(1, std::memory_order_relaxed);
-    return true;
-  }
-
-  const reply_channel* channel_ = nullptr;
-  std::atomic<token> next_token_{0};
-  mutable std::shared_mutex table_mutex_;
-  std::unordered_map<std::string, std::unique_ptr<topic_entry>, name_hash, std::equal_to<>>
-      entries_;
-  std::mutex sessions_mutex_;
-  std::unordered_map<session_id, std::vector<topic_entry*>> by_session_;
-};
-
-}  // namespace devgate::device
-// ---- end devgate/device/pubsub.hpp ----
 
 // ---- begin devgate/device/registry.hpp ----
 
@@ -9607,26 +10432,6 @@ class registry {
 
 }  // namespace devgate::device
 // ---- end devgate/device/registry.hpp ----
-
-// ---- begin devgate/firmware/rollout.hpp ----
-
-#include <nlohmann/json.hpp>
-
-#include <algorithm>    // std::min
-#include <atomic>       // rollout ids
-#include <chrono>       // stall timeout, backoff
-#include <cstddef>      // std::size_t, std::byte
-#include <cstdint>      // rollout ids, offsets
-#include <memory>       // the current image
-#include <mutex>        // the current image, the device's mutex
-#include <optional>     // lookups, errors
-#include <span>         // image bytes
-#include <stdexcept>    // set-up errors
-#include <string>       // versions, reasons
-#include <string_view>  // device ids
-#include <utility>      // std::move
-#include <vector>       // devices to start
-
 
 // ---- begin devgate/firmware/detail/ticker.hpp ----
 
@@ -10460,6 +11265,308 @@ class rollout_engine {
 
 namespace devgate::device {
 
+/// Whether device `device_id` may subscribe to `topic` (server, stats or fleet), asked at each
+/// `subscribe` on the device's network thread (keep it quick). A refusal is answered with the
+/// error `topic_not_allowed`; unsubscribing is always allowed.
+using topic_policy = std::function<bool(std::string_view device_id, std::string_view topic)>;
+
+/// A topic_policy that lets every device subscribe to `topics` and to nothing else.
+[[nodiscard]] inline topic_policy allow_topics(std::vector<std::string> topics) {
+  return [t = std::move(topics)](std::string_view, std::string_view topic) {
+    for (const auto& allowed : t) {
+      if (allowed == topic) return true;
+    }
+    return false;
+  };
+}
+
+/// The device hub's knobs. Each bounds a resource per device or per fleet.
+struct hub_options {
+  /// The pipeline that dispatches device messages (capacity, workers, overflow...).
+  pipeline_options pipeline;
+  /// Sequenced messages kept per device until acknowledged (offline devices included). Past
+  /// it (or past `max_replay_bytes`) the oldest is dropped and counted; the device sees the
+  /// gap in sequence numbers and the count in its next welcome (`replay_dropped`). The newest
+  /// message is always kept.
+  std::size_t max_replay_messages = 256;
+  /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
+  std::size_t max_replay_bytes = 1u << 20;
+  /// Bytes of sequenced messages kept over the whole fleet. Past it, the kept messages of the
+  /// offline devices seen least recently are dropped first (counted in `replay_dropped`, and
+  /// reported to each device in its next welcome); online devices keep their own bound only.
+  std::size_t max_replay_bytes_total = std::size_t{256} << 20;
+  /// Device records held in memory. Past it, records of offline devices are evicted, least
+  /// recently seen first, once the store has everything written about them; a device that
+  /// returns is loaded from the store again (its unacknowledged deliveries are not kept: they
+  /// are counted as dropped). 0: no bound. Online devices are never evicted, so the records
+  /// held are at most this or the devices online, whichever is larger.
+  std::size_t max_devices = 100'000;
+  /// Writes queued for a state store that may block (`store::write_behind`); past it a write
+  /// is dropped and counted as a store error. A non-blocking store is called inline instead.
+  std::size_t store_queue_capacity = 1u << 16;
+  /// Called for each store error (operation, device, error), on the thread that met it: log
+  /// it. Empty: errors are only counted (`hub_stats::store_errors`).
+  store::store_error_handler on_store_error;
+  /// Largest message (text or binary) a device may send (error `too_big` past it). The
+  /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
+  std::size_t max_message_bytes = 64u << 10;
+  /// Which topics devices may subscribe to. Empty: `fleet` only. The `server` log shows every
+  /// device's traffic and `stats` the gateway's figures: allow them (`allow_topics`) only where
+  /// a device may see that, as the demo's pages do.
+  topic_policy may_subscribe;
+  /// Only sessions an authenticator vouched for (`session_info::authenticated`) may become a
+  /// device's session: others are closed with 1008 before they reach the device, so they
+  /// neither take over the id (4000 to the device) nor receive its replayed messages. Turn it
+  /// on with `websocket::server_options::authenticate`; it also guards transports that do not
+  /// authenticate at all.
+  bool require_authentication = false;
+  /// Bad messages tolerated per session; one more closes it with 4002.
+  unsigned max_errors = 16;
+  /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.
+  std::size_t chunk_size = 16u << 10;
+  /// Unacknowledged chunks in flight per device (window * chunk_size bytes of buffering).
+  std::size_t window = 8;
+  /// At most this many devices receive firmware at once; the rest wait their turn.
+  std::size_t max_concurrent_transfers = 16;
+  /// A firmware transfer making no progress for this long gives up its slot and is retried
+  /// later (`firmware::rollout_options::stall_timeout`; 0: never).
+  std::chrono::milliseconds stall_timeout{30'000};
+  /// Stalls (and restarts) one device may have per rollout before it fails with `timed_out`.
+  unsigned max_transfer_retries = 3;
+  /// The wait before a stalled transfer's first retry; it doubles with each next one.
+  std::chrono::milliseconds transfer_retry_backoff{1'000};
+};
+
+/// Gateway figures (also what `publish_stats` sends on the stats topic).
+struct hub_stats {
+  std::size_t connected = 0;          ///< Sessions open now.
+  std::size_t devices = 0;            ///< Device records held in memory now.
+  std::uint64_t devices_evicted = 0;  ///< Records evicted since start (max_devices).
+  std::uint64_t store_errors = 0;     ///< Store calls that failed (or writes dropped).
+  std::size_t replay_bytes = 0;       ///< Bytes of sequenced messages kept, fleet-wide.
+  std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
+  std::uint64_t dispatched = 0;       ///< Device messages dispatched.
+  std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
+  std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
+  std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
+  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices (bad_resume excepted).
+  std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
+  firmware::rollout_totals rollout;   ///< Current firmware rollout.
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/hub_options.hpp ----
+
+// ---- begin devgate/device/pubsub.hpp ----
+
+#include <atomic>         // subscriber counts, subscription tokens
+#include <cstddef>        // std::size_t
+#include <cstdint>        // tokens
+#include <functional>     // host subscribers, transparent hashing
+#include <memory>         // topic entries, publish snapshots
+#include <mutex>          // per-topic and per-session locks
+#include <shared_mutex>   // the topic table: publishers share it
+#include <span>           // recipients
+#include <string>         // topic names
+#include <string_view>    // topic names
+#include <unordered_map>  // topic table, member positions, per-session topics
+#include <utility>        // std::move
+#include <vector>         // members, snapshots
+
+
+namespace devgate::device {
+
+/// Topics with two kinds of subscriber: sessions (devices, reached through the transport) and
+/// host callbacks. Subscribe, unsubscribe and publish from any thread. A publish encodes
+/// nothing itself: the caller hands it one payload, which every subscriber shares.
+///
+/// Cost: subscribing and unsubscribing a session are O(1) amortised (a topic keeps its members
+/// in a vector with each member's position, and removes by moving the last member into the
+/// gap), so a reconnect storm of N devices costs O(N), not a copy of the list per hello. A
+/// publish sends to an immutable snapshot of the members, rebuilt by the first publish after a
+/// change (O(members), the size of the broadcast itself) and shared by later publishes; it takes
+/// the topic's own mutex just long enough to copy one shared_ptr, and sends with no lock held.
+/// Topics are never removed (there are a few: the hub's three and the host's own), so the
+/// topic table's lock is exclusive only when a topic is first used.
+class pubsub {
+ public:
+  /// A host subscriber: receives the topic and the payload (the JSON text devices receive).
+  using callback = std::function<void(std::string_view topic, const shared_bytes& payload)>;
+  /// Identifies a host subscription (for `unsubscribe`).
+  using token = std::uint64_t;
+
+  /// Sets the way to devices (the hub sets its gateway's channel before any publish).
+  void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
+
+  /// Subscribes session `s` to `topic`; false if it already was.
+  bool subscribe(std::string_view topic, session_id s) {
+    topic_entry& e = entry_for(topic);
+    {
+      std::lock_guard lock(e.mutex);
+      if (!e.position.emplace(s, e.members.size()).second) return false;
+      e.members.push_back(s);
+      e.snap.reset();
+      e.count.fetch_add(1, std::memory_order_relaxed);
+    }
+    std::lock_guard lock(sessions_mutex_);
+    by_session_[s].push_back(&e);
+    return true;
+  }
+  /// Unsubscribes session `s` from `topic`; false if it was not subscribed.
+  bool unsubscribe(std::string_view topic, session_id s) {
+    topic_entry* e = find(topic);
+    if (e == nullptr || !remove(*e, s)) return false;
+    std::lock_guard lock(sessions_mutex_);
+    if (auto it = by_session_.find(s); it != by_session_.end()) {
+      std::erase(it->second, e);
+      if (it->second.empty()) by_session_.erase(it);
+    }
+    return true;
+  }
+  /// Removes every subscription of session `s` (when it closes).
+  void unsubscribe_all(session_id s) {
+    std::vector<topic_entry*> topics;
+    {
+      std::lock_guard lock(sessions_mutex_);
+      auto it = by_session_.find(s);
+      if (it == by_session_.end()) return;
+      topics = std::move(it->second);
+      by_session_.erase(it);
+    }
+    for (auto* e : topics) remove(*e, s);
+  }
+  /// Subscribes a host callback to `topic` (it runs on the publishing thread, with no lock
+  /// held; keep it quick). Returns the token for `unsubscribe`.
+  token subscribe(std::string_view topic, callback cb) {
+    const token t = next_token_.fetch_add(1, std::memory_order_relaxed) + 1;
+    topic_entry& e = entry_for(topic);
+    std::lock_guard lock(e.mutex);
+    e.callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
+    e.snap.reset();
+    e.count.fetch_add(1, std::memory_order_relaxed);
+    return t;
+  }
+  /// Removes a host subscription. A publish already running may still call it once.
+  void unsubscribe(token t) {
+    std::shared_lock table(table_mutex_);
+    for (auto& [name, e] : entries_) {
+      std::lock_guard lock(e->mutex);
+      for (auto it = e->callbacks.begin(); it != e->callbacks.end(); ++it) {
+        if (it->first != t) continue;
+        e->callbacks.erase(it);
+        e->snap.reset();
+        e->count.fetch_sub(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+  }
+
+  /// True when `topic` has any subscriber (lets publishers skip building a payload). Takes no
+  /// lock but the topic table's shared one, and allocates nothing.
+  [[nodiscard]] bool has_subscribers(std::string_view topic) const {
+    const topic_entry* e = find(topic);
+    return e != nullptr && e->count.load(std::memory_order_relaxed) != 0;
+  }
+  /// The sessions subscribed to `topic` now (in no particular order).
+  [[nodiscard]] std::vector<session_id> sessions(std::string_view topic) const {
+    const auto snap = snapshot(topic);
+    return snap ? snap->sessions : std::vector<session_id>{};
+  }
+
+  /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`. Returns how
+  /// many sessions took it plus how many callbacks ran.
+  std::size_t publish(std::string_view topic, const shared_bytes& payload,
+                      payload_kind kind = payload_kind::text) const {
+    const auto snap = snapshot(topic);
+    if (!snap) return 0;
+    std::size_t n = 0;
+    if (!snap->sessions.empty() && channel_ != nullptr && channel_->broadcast != nullptr) {
+      n += channel_->broadcast(channel_->target, std::span<const session_id>(snap->sessions), kind,
+                               payload);
+    }
+    for (const auto& [t, cb] : snap->callbacks) {
+      (*cb)(topic, payload);
+      ++n;
+    }
+    return n;
+  }
+
+ private:
+  // What a publish sends to: a copy of a topic's subscribers, immutable once built.
+  struct snapshot_t {
+    std::vector<session_id> sessions;
+    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
+  };
+  // One topic: its members (unordered; `position` finds each), its callbacks, and the snapshot
+  // of both (nullptr after a change, until the next publish builds it).
+  struct topic_entry {
+    mutable std::mutex mutex;
+    std::vector<session_id> members;
+    std::unordered_map<session_id, std::size_t> position;
+    std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
+    mutable std::shared_ptr<const snapshot_t> snap;
+    std::atomic<std::size_t> count{0};  // members + callbacks, read without the mutex
+  };
+  // Lets the topic table be searched by string_view without building a string.
+  struct name_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
+
+  topic_entry* find(std::string_view topic) const {
+    std::shared_lock lock(table_mutex_);
+    const auto it = entries_.find(topic);
+    return it == entries_.end() ? nullptr : it->second.get();
+  }
+  topic_entry& entry_for(std::string_view topic) {
+    if (auto* e = find(topic)) return *e;
+    std::unique_lock lock(table_mutex_);
+    auto& slot = entries_[std::string(topic)];
+    if (!slot) slot = std::make_unique<topic_entry>();
+    return *slot;
+  }
+  std::shared_ptr<const snapshot_t> snapshot(std::string_view topic) const {
+    const topic_entry* e = find(topic);
+    if (e == nullptr) return nullptr;
+    std::lock_guard lock(e->mutex);
+    if (!e->snap) {
+      e->snap = std::make_shared<const snapshot_t>(snapshot_t{e->members, e->callbacks});
+    }
+    return e->snap;
+  }
+  // Removes `s` from a topic in O(1): the last member moves into its place.
+  static bool remove(topic_entry& e, session_id s) {
+    std::lock_guard lock(e.mutex);
+    const auto it = e.position.find(s);
+    if (it == e.position.end()) return false;
+    const std::size_t at = it->second;
+    e.position.erase(it);
+    if (at + 1 != e.members.size()) {
+      e.members[at] = e.members.back();
+      e.position[e.members[at]] = at;
+    }
+    e.members.pop_back();
+    e.snap.reset();
+    e.count.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+  }
+
+  const reply_channel* channel_ = nullptr;
+  std::atomic<token> next_token_{0};
+  mutable std::shared_mutex table_mutex_;
+  std::unordered_map<std::string, std::unique_ptr<topic_entry>, name_hash, std::equal_to<>>
+      entries_;
+  std::mutex sessions_mutex_;
+  std::unordered_map<session_id, std::vector<topic_entry*>> by_session_;
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/pubsub.hpp ----
+
+namespace devgate::device {
+
 /// The hub's side of every session: sessions opening and closing, and each message a device
 /// sends, parsed as protocol v1 (docs/PROTOCOL.md), checked, and routed to the part that handles
 /// it: `hello` and `ack` to delivery, `subscribe` to pub/sub, `fw_ack`, `fw_restart` and
@@ -10475,11 +11582,13 @@ namespace devgate::device {
 template <class Transport, class Store, class Gateway>
 class protocol_dispatch {
  public:
-  /// Dispatch over the hub's parts (all referenced: they outlive it). `max_message_bytes` and
-  /// `max_errors` are the hub's options of those names.
+  /// Dispatch over the hub's parts (all referenced: they outlive it). `max_message_bytes`,
+  /// `max_errors`, `may_subscribe` and `require_authentication` are the hub's options of those
+  /// names.
   protocol_dispatch(Transport& transport, Gateway& gateway, registry& devices,
                     delivery<Transport>& out, firmware::rollout_engine<Transport, Store>& rollout,
-                    pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors)
+                    pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors,
+                    topic_policy may_subscribe = {}, bool require_authentication = false)
       : transport_(transport),
         gateway_(gateway),
         devices_(devices),
@@ -10488,7 +11597,9 @@ class protocol_dispatch {
         bus_(bus),
         store_(store),
         max_message_bytes_(max_message_bytes),
-        max_errors_(max_errors) {}
+        max_errors_(max_errors),
+        may_subscribe_(std::move(may_subscribe)),
+        require_authentication_(require_authentication) {}
   protocol_dispatch(const protocol_dispatch&) = delete;
   protocol_dispatch& operator=(const protocol_dispatch&) = delete;
 
@@ -10497,6 +11608,12 @@ class protocol_dispatch {
     if (!is_valid_device_id(info.device_id)) {
       // Transports other than the WebSocket server (which answers 400) may not validate ids.
       transport_.close(info.id, close_code::policy_violation, "invalid device id");
+      return;
+    }
+    if (require_authentication_ && !info.authenticated) {
+      // Before the record: an unauthenticated session neither replaces the device's session
+      // nor receives its replayed messages.
+      transport_.close(info.id, close_code::policy_violation, "not authenticated");
       return;
     }
     registry::record_ptr rec;
@@ -10838,6 +11955,10 @@ class protocol_dispatch {
       reply_error(rec, s, error::bad_topic, type);
       return;
     }
+    if (sub && !(may_subscribe_ ? may_subscribe_(rec.id, *topic) : *topic == topics::fleet)) {
+      reply_error(rec, s, error::topic_not_allowed, type);
+      return;
+    }
     if (sub) {
       bus_.subscribe(*topic, s);
     } else {
@@ -10978,6 +12099,8 @@ class protocol_dispatch {
   Store& store_;
   const std::size_t max_message_bytes_;
   const unsigned max_errors_;
+  const topic_policy may_subscribe_;
+  const bool require_authentication_;
   std::atomic<std::uint64_t> errors_{0};
 };
 
@@ -11001,82 +12124,6 @@ class protocol_dispatch {
 #include <utility>       // std::move
 #include <vector>        // handed-back messages
 
-
-// ---- begin devgate/device/hub_options.hpp ----
-
-#include <chrono>   // firmware stall timeout
-#include <cstddef>  // std::size_t
-#include <cstdint>  // counters
-
-
-namespace devgate::device {
-
-/// The device hub's knobs. Each bounds a resource per device or per fleet.
-struct hub_options {
-  /// The pipeline that dispatches device messages (capacity, workers, overflow...).
-  pipeline_options pipeline;
-  /// Sequenced messages kept per device until acknowledged (offline devices included). Past
-  /// it (or past `max_replay_bytes`) the oldest is dropped and counted; the device sees the
-  /// gap in sequence numbers and the count in its next welcome (`replay_dropped`). The newest
-  /// message is always kept.
-  std::size_t max_replay_messages = 256;
-  /// Bytes of sequenced messages kept per device (see `max_replay_messages`).
-  std::size_t max_replay_bytes = 1u << 20;
-  /// Bytes of sequenced messages kept over the whole fleet. Past it, the kept messages of the
-  /// offline devices seen least recently are dropped first (counted in `replay_dropped`, and
-  /// reported to each device in its next welcome); online devices keep their own bound only.
-  std::size_t max_replay_bytes_total = std::size_t{256} << 20;
-  /// Device records held in memory. Past it, records of offline devices are evicted, least
-  /// recently seen first, once the store has everything written about them; a device that
-  /// returns is loaded from the store again (its unacknowledged deliveries are not kept: they
-  /// are counted as dropped). 0: no bound. Online devices are never evicted, so the records
-  /// held are at most this or the devices online, whichever is larger.
-  std::size_t max_devices = 100'000;
-  /// Writes queued for a state store that may block (`store::write_behind`); past it a write
-  /// is dropped and counted as a store error. A non-blocking store is called inline instead.
-  std::size_t store_queue_capacity = 1u << 16;
-  /// Called for each store error (operation, device, error), on the thread that met it: log
-  /// it. Empty: errors are only counted (`hub_stats::store_errors`).
-  store::store_error_handler on_store_error;
-  /// Largest message (text or binary) a device may send (error `too_big` past it). The
-  /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
-  std::size_t max_message_bytes = 64u << 10;
-  /// Bad messages tolerated per session; one more closes it with 4002.
-  unsigned max_errors = 16;
-  /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.
-  std::size_t chunk_size = 16u << 10;
-  /// Unacknowledged chunks in flight per device (window * chunk_size bytes of buffering).
-  std::size_t window = 8;
-  /// At most this many devices receive firmware at once; the rest wait their turn.
-  std::size_t max_concurrent_transfers = 16;
-  /// A firmware transfer making no progress for this long gives up its slot and is retried
-  /// later (`firmware::rollout_options::stall_timeout`; 0: never).
-  std::chrono::milliseconds stall_timeout{30'000};
-  /// Stalls (and restarts) one device may have per rollout before it fails with `timed_out`.
-  unsigned max_transfer_retries = 3;
-  /// The wait before a stalled transfer's first retry; it doubles with each next one.
-  std::chrono::milliseconds transfer_retry_backoff{1'000};
-};
-
-/// Gateway figures (also what `publish_stats` sends on the stats topic).
-struct hub_stats {
-  std::size_t connected = 0;          ///< Sessions open now.
-  std::size_t devices = 0;            ///< Device records held in memory now.
-  std::uint64_t devices_evicted = 0;  ///< Records evicted since start (max_devices).
-  std::uint64_t store_errors = 0;     ///< Store calls that failed (or writes dropped).
-  std::size_t replay_bytes = 0;       ///< Bytes of sequenced messages kept, fleet-wide.
-  std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
-  std::uint64_t dispatched = 0;       ///< Device messages dispatched.
-  std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
-  std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
-  std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
-  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices (bad_resume excepted).
-  std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
-  firmware::rollout_totals rollout;   ///< Current firmware rollout.
-};
-
-}  // namespace devgate::device
-// ---- end devgate/device/hub_options.hpp ----
 
 // ---- begin devgate/device/hub_sink.hpp ----
 
@@ -11207,7 +12254,8 @@ class hub {
                   options_.stall_timeout, options_.max_transfer_retries,
                   options_.transfer_retry_backoff}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
-                  options_.max_message_bytes, options_.max_errors),
+                  options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
+                  options_.require_authentication),
         gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
     bus_.set_channel(&gateway_.channel());
   }

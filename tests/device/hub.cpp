@@ -117,6 +117,55 @@ TEST_CASE("device ids: 1..128 of [A-Za-z0-9._-], only under /ws/") {
   CHECK_FALSE(dev::device_id_from_target("/ws/%41"));
 }
 
+TEST_CASE("topic policy: devices get fleet only unless the host allows more") {
+  in_process_transport t;
+  SECTION("default: server and stats are refused, fleet is allowed") {
+    hub_t hub(t);
+    REQUIRE_FALSE(hub.start());
+    auto d = connect(t, "curious");
+    d.poll();
+    for (const char* topic : {"server", "stats"}) {
+      REQUIRE_FALSE(d.send({{"type", "subscribe"}, {"topic", topic}}));
+      const auto e = d.next("error");
+      REQUIRE(e);
+      CHECK((*e)["code"] == "topic_not_allowed");
+    }
+    REQUIRE_FALSE(d.send({{"type", "subscribe"}, {"topic", "fleet"}}));
+    CHECK(d.next("subscribed"));
+    CHECK(hub.publish("server", {{"secret", 1}}) == 0);  // nobody got the server log
+  }
+  SECTION("a host policy decides per device") {
+    dev::hub_options o;
+    o.may_subscribe = [](std::string_view device, std::string_view topic) {
+      return topic == "fleet" || (device == "dashboard" && topic == "stats");
+    };
+    hub_t hub(t, {}, o);
+    REQUIRE_FALSE(hub.start());
+    auto dash = connect(t, "dashboard");
+    auto other = connect(t, "other");
+    dash.poll();
+    other.poll();
+    REQUIRE_FALSE(dash.send({{"type", "subscribe"}, {"topic", "stats"}}));
+    CHECK(dash.next("subscribed"));
+    REQUIRE_FALSE(other.send({{"type", "subscribe"}, {"topic", "stats"}}));
+    CHECK(other.next("error"));
+  }
+}
+
+TEST_CASE("require_authentication: an unauthenticated session never reaches the device") {
+  // The in-process transport vouches for no one: with the option on, its sessions are closed
+  // with 1008 before they touch a record (no takeover, no replay).
+  in_process_transport t;
+  dev::hub_options o;
+  o.require_authentication = true;
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  auto s = t.connect("pump-7");
+  CHECK(s.close_status() == std::optional(devgate::close_code::policy_violation));
+  CHECK(hub.stats().takeovers == 0);
+  CHECK(hub.stats().connected == 0);
+}
+
 TEST_CASE("chunk header round-trips and rejects malformed chunks") {
   std::array<std::byte, 20> buf{};
   dev::chunk_header h{7, 0x01020304, 4, true};
@@ -443,9 +492,10 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   });
   devgate::gateway gw(t, sink);
   dev::protocol_dispatch<recording_transport, writer_t, decltype(gw)> dispatch(
-      t, gw, devices, out, rollout, bus, writer, 1024, 16);
+      t, gw, devices, out, rollout, bus, writer, 1024, 16,
+      dev::allow_topics({"fleet", "server", "stats"}));
   REQUIRE_FALSE(gw.start());
-  dispatch.open({7, "batch"});
+  dispatch.open({7, "batch", false, {}});
   std::vector<devgate::inbound_message> batch;
   batch.push_back(inbound(7, R"({"type":"hello","protocol":1})"));
   batch.push_back(inbound(7, R"({"type":"send","id":1,"data":"a"})"));
@@ -499,7 +549,9 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
 
 TEST_CASE("pub/sub: server log per dispatched message, fleet frames shared, host callbacks") {
   in_process_transport t;
-  hub_t hub(t);
+  dev::hub_options o;
+  o.may_subscribe = dev::allow_topics({"fleet", "server", "stats"});
+  hub_t hub(t, {}, o);
   REQUIRE_FALSE(hub.start());
   std::atomic<int> logged{0};
   std::mutex mu;
@@ -855,6 +907,7 @@ TEST_CASE(
   o.max_replay_messages = 1u << 20;
   o.max_replay_bytes = std::size_t{1} << 30;
   o.pipeline.pool.workers = 4;
+  o.may_subscribe = dev::allow_topics({"fleet", "stats"});
   hub_f hub(checker, devgate::callback_sink<fn_t>(fn), o);
   self.store(&hub);
   REQUIRE_FALSE(hub.start());

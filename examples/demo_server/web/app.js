@@ -174,7 +174,11 @@
     if (stopped) return;
     setStatus('connecting', attempt ? `attempt ${attempt + 1}` : '', 'wait');
     const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws/${encodeURIComponent(deviceId)}`;
-    const sock = new WebSocket(url);
+    // With authentication on, the page's device token comes in the URL fragment
+    // (/<id>#token=<jwt>), which the browser never sends in a request; it is offered as a
+    // subprotocol beside devgate.v1 (docs/PROTOCOL.md section 1). The server never hands out tokens.
+    const token = new URLSearchParams(location.hash.slice(1)).get('token');
+    const sock = token ? new WebSocket(url, ['devgate.v1', 'devgate.bearer.' + token]) : new WebSocket(url);
     sock.binaryType = 'arraybuffer';
     ws = sock;
     sock.onopen = () => {

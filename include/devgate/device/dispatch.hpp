@@ -21,6 +21,7 @@
 #include "devgate/core/error.hpp"
 #include "devgate/device/delivery.hpp"
 #include "devgate/device/device_id.hpp"
+#include "devgate/device/hub_options.hpp"  // topic_policy
 #include "devgate/device/protocol.hpp"
 #include "devgate/device/pubsub.hpp"
 #include "devgate/device/record.hpp"
@@ -47,11 +48,13 @@ namespace devgate::device {
 template <class Transport, class Store, class Gateway>
 class protocol_dispatch {
  public:
-  /// Dispatch over the hub's parts (all referenced: they outlive it). `max_message_bytes` and
-  /// `max_errors` are the hub's options of those names.
+  /// Dispatch over the hub's parts (all referenced: they outlive it). `max_message_bytes`,
+  /// `max_errors`, `may_subscribe` and `require_authentication` are the hub's options of those
+  /// names.
   protocol_dispatch(Transport& transport, Gateway& gateway, registry& devices,
                     delivery<Transport>& out, firmware::rollout_engine<Transport, Store>& rollout,
-                    pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors)
+                    pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors,
+                    topic_policy may_subscribe = {}, bool require_authentication = false)
       : transport_(transport),
         gateway_(gateway),
         devices_(devices),
@@ -60,7 +63,9 @@ class protocol_dispatch {
         bus_(bus),
         store_(store),
         max_message_bytes_(max_message_bytes),
-        max_errors_(max_errors) {}
+        max_errors_(max_errors),
+        may_subscribe_(std::move(may_subscribe)),
+        require_authentication_(require_authentication) {}
   protocol_dispatch(const protocol_dispatch&) = delete;
   protocol_dispatch& operator=(const protocol_dispatch&) = delete;
 
@@ -69,6 +74,12 @@ class protocol_dispatch {
     if (!is_valid_device_id(info.device_id)) {
       // Transports other than the WebSocket server (which answers 400) may not validate ids.
       transport_.close(info.id, close_code::policy_violation, "invalid device id");
+      return;
+    }
+    if (require_authentication_ && !info.authenticated) {
+      // Before the record: an unauthenticated session neither replaces the device's session
+      // nor receives its replayed messages.
+      transport_.close(info.id, close_code::policy_violation, "not authenticated");
       return;
     }
     registry::record_ptr rec;
@@ -410,6 +421,10 @@ class protocol_dispatch {
       reply_error(rec, s, error::bad_topic, type);
       return;
     }
+    if (sub && !(may_subscribe_ ? may_subscribe_(rec.id, *topic) : *topic == topics::fleet)) {
+      reply_error(rec, s, error::topic_not_allowed, type);
+      return;
+    }
     if (sub) {
       bus_.subscribe(*topic, s);
     } else {
@@ -550,6 +565,8 @@ class protocol_dispatch {
   Store& store_;
   const std::size_t max_message_bytes_;
   const unsigned max_errors_;
+  const topic_policy may_subscribe_;
+  const bool require_authentication_;
   std::atomic<std::uint64_t> errors_{0};
 };
 

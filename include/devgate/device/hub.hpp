@@ -82,7 +82,8 @@ class hub {
                   options_.stall_timeout, options_.max_transfer_retries,
                   options_.transfer_retry_backoff}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
-                  options_.max_message_bytes, options_.max_errors),
+                  options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
+                  options_.require_authentication),
         gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
     bus_.set_channel(&gateway_.channel());
   }

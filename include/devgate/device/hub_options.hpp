@@ -1,14 +1,34 @@
 #pragma once
 
-#include <chrono>   // firmware stall timeout
-#include <cstddef>  // std::size_t
-#include <cstdint>  // counters
+#include <chrono>       // firmware stall timeout
+#include <cstddef>      // std::size_t
+#include <cstdint>      // counters
+#include <functional>   // topic_policy
+#include <string>       // allowed topics
+#include <string_view>  // device ids, topics
+#include <utility>      // std::move
+#include <vector>       // allowed topics
 
 #include "devgate/firmware/rollout.hpp"    // rollout_totals
 #include "devgate/pipeline/pipeline.hpp"   // pipeline_options
 #include "devgate/store/write_behind.hpp"  // store_error_handler
 
 namespace devgate::device {
+
+/// Whether device `device_id` may subscribe to `topic` (server, stats or fleet), asked at each
+/// `subscribe` on the device's network thread (keep it quick). A refusal is answered with the
+/// error `topic_not_allowed`; unsubscribing is always allowed.
+using topic_policy = std::function<bool(std::string_view device_id, std::string_view topic)>;
+
+/// A topic_policy that lets every device subscribe to `topics` and to nothing else.
+[[nodiscard]] inline topic_policy allow_topics(std::vector<std::string> topics) {
+  return [t = std::move(topics)](std::string_view, std::string_view topic) {
+    for (const auto& allowed : t) {
+      if (allowed == topic) return true;
+    }
+    return false;
+  };
+}
 
 /// The device hub's knobs. Each bounds a resource per device or per fleet.
 struct hub_options {
@@ -40,6 +60,16 @@ struct hub_options {
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
+  /// Which topics devices may subscribe to. Empty: `fleet` only. The `server` log shows every
+  /// device's traffic and `stats` the gateway's figures: allow them (`allow_topics`) only where
+  /// a device may see that, as the demo's pages do.
+  topic_policy may_subscribe;
+  /// Only sessions an authenticator vouched for (`session_info::authenticated`) may become a
+  /// device's session: others are closed with 1008 before they reach the device, so they
+  /// neither take over the id (4000 to the device) nor receive its replayed messages. Turn it
+  /// on with `websocket::server_options::authenticate`; it also guards transports that do not
+  /// authenticate at all.
+  bool require_authentication = false;
   /// Bad messages tolerated per session; one more closes it with 4002.
   unsigned max_errors = 16;
   /// Firmware chunk size: larger chunks mean fewer acks, smaller ones finer resume points.

@@ -47,6 +47,7 @@ enum class error : std::uint8_t {
   closed,               ///< The gateway is stopping; the message was not accepted.
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
   unknown_rollout,      ///< `fw_ack`/`fw_result`/`fw_restart` names a rollout it is not in.
+  topic_not_allowed,    ///< The host's topic policy does not let this device subscribe to it.
 };
 
 /// The wire name of `e`.
@@ -80,6 +81,8 @@ enum class error : std::uint8_t {
       return "bad_fw_ack";
     case error::unknown_rollout:
       return "unknown_rollout";
+    case error::topic_not_allowed:
+      return "topic_not_allowed";
   }
   return "bad_message";
 }
@@ -117,6 +120,9 @@ enum class error : std::uint8_t {
              "acknowledged offset and the bytes sent";
     case error::unknown_rollout:
       return "no firmware transfer with that rollout id is in progress for this device";
+    case error::topic_not_allowed:
+      return "this gateway does not let this device subscribe to that topic (devices get fleet "
+             "unless the host allows more)";
   }
   return "";
 }

@@ -138,7 +138,7 @@ class in_process_transport {
     }
     if (handlers_.on_open) {
       try {
-        handlers_.on_open(session_info{s->id, std::string(device_id)});
+        handlers_.on_open(session_info{s->id, std::string(device_id), false, {}});
       } catch (...) {
         close(s->id, close_code::internal_error, "on_open threw");
       }

@@ -60,6 +60,11 @@ struct backpressure_options {
 struct session_info {
   session_id id = 0;      ///< The session's id.
   std::string device_id;  ///< Who the device is (WebSocket: `server_options::identify`'s answer).
+  /// True when an authenticator vouched for `device_id` (WebSocket: `server_options::authenticate`
+  /// accepted a credential for it); false for transports and servers without one.
+  bool authenticated = false;
+  /// What the credential said (a token's claims as JSON text), "" when none.
+  std::string claims;
 };
 
 /// One message a device sent, handed by the transport to the engine.

@@ -74,9 +74,11 @@ struct upgrade_result {
   return devgate::detail::base64_encode(devgate::detail::sha1(input));
 }
 
-/// RFC 6455 4.2.2: the server's 101 response accepting the upgrade (no subprotocol, no
-/// extensions: devgate negotiates neither, so RSV bits stay reserved).
-[[nodiscard]] inline std::string upgrade_response(std::string_view client_key) {
+/// RFC 6455 4.2.2: the server's 101 response accepting the upgrade, with no extensions (RSV bits
+/// stay reserved) and `protocol` as Sec-WebSocket-Protocol when not empty (one of the values the
+/// client offered: the authenticator chooses it, see auth::token_authenticator).
+[[nodiscard]] inline std::string upgrade_response(std::string_view client_key,
+                                                  std::string_view protocol = {}) {
   std::string out;
   out.reserve(160);
   out.append(
@@ -85,6 +87,7 @@ struct upgrade_result {
       "Connection: Upgrade\r\n"
       "Sec-WebSocket-Accept: ");
   out.append(accept_key(client_key));
+  if (!protocol.empty()) out.append("\r\nSec-WebSocket-Protocol: ").append(protocol);
   out.append("\r\n\r\n");
   return out;
 }

@@ -10,6 +10,7 @@
 #include <chrono>        // stop deadline
 #include <cstddef>       // std::size_t
 #include <cstdint>       // port
+#include <cstdio>        // the authenticator's start warning
 #include <future>        // waiting for workers in stop()
 #include <memory>        // workers
 #include <span>          // broadcast recipients
@@ -107,6 +108,9 @@ class server {
       return ec;
     }
     state_ = state_t::running;
+    if (!o.authenticate.start_warning.empty()) {
+      std::fprintf(stderr, "%s\n", o.authenticate.start_warning.c_str());
+    }
     accept_next();
     for (auto& w : workers_) w->start();
     return {};

@@ -7,6 +7,7 @@
 #include <string>        // address, texts
 #include <system_error>  // error replies
 
+#include "devgate/auth/authenticator.hpp"
 #include "devgate/core/bytes.hpp"
 #include "devgate/core/error.hpp"
 #include "devgate/transport/transport.hpp"
@@ -125,6 +126,15 @@ struct server_options {
   /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
   /// Unset: every path is accepted and the device id is the request target.
   std::function<std::optional<std::string>(const http_request&)> identify;
+  /// Judges each upgrade after `identify`, before the 101 (auth/gate.hpp makes one from an
+  /// authenticator and an Origin allow-list): a refusal is answered with its status (401, 403,
+  /// ...) and reason, and the connection never reaches the handlers. The check may answer later
+  /// from any thread; the connection reads nothing meanwhile, and `handshake_timeout` still
+  /// applies. Unset: every upgrade is accepted (session_info::authenticated false).
+  auth::upgrade_check authenticate;
+  /// Checks in progress per worker thread; an upgrade past it is answered 503 (a slow remote
+  /// check cannot make the server hold connections without bound).
+  std::size_t max_pending_authentications = 1024;
   /// The text sent back (as a text frame) when `on_messages` refuses a message;
   /// unset means `default_error_text`.
   std::function<std::string(const std::error_code&)> error_text;

@@ -31,6 +31,9 @@ class http_phase {
     paused,     ///< The responses queued are at the limit: read nothing more until written.
     linger,     ///< A response that ends the connection is queued: half-close after writing it.
     upgrade,    ///< The 101 is queued: switch to the WebSocket phase as `device_id`.
+    /// An upgrade for `device_id` waits for `server_options::authenticate`: read nothing more,
+    /// then answer with `accept()` or a refusal (the request stays held until drop()).
+    authenticate,
   };
   /// The outcome of `feed`.
   struct result {
@@ -73,6 +76,17 @@ class http_phase {
     return parser_ ? parser_->leftover() : std::span<const std::byte>{};
   }
 
+  /// The request an `authenticate` result holds (until drop()).
+  [[nodiscard]] const websocket::http_request& request() const noexcept {
+    return parser_->request();
+  }
+
+  /// The 101 accepting the request an `authenticate` result holds, echoing `protocol` if any.
+  [[nodiscard]] shared_bytes accept(std::string_view protocol) const {
+    return shared_bytes::copy_of(std::string_view(
+        websocket::upgrade_response(parser_->request().header("Sec-WebSocket-Key"), protocol)));
+  }
+
   /// Frees the parser.
   void drop() noexcept { delete std::exchange(parser_, nullptr); }
 
@@ -109,6 +123,7 @@ class http_phase {
         respond(error_response(503, "shutting down"));
         return {next::linger, {}};
       }
+      if (o.authenticate) return {next::authenticate, std::move(*device)};
       respond(shared_bytes::copy_of(
           std::string_view(websocket::upgrade_response(req.header("Sec-WebSocket-Key")))));
       return {next::upgrade, std::move(*device)};

@@ -1,8 +1,13 @@
 #pragma once
 
+#include <arpa/inet.h>   // inet_ntop: the peer's address for an authenticator
+#include <netinet/in.h>  // sockaddr_in, sockaddr_in6
+#include <sys/socket.h>  // getpeername
+
 #include <asio.hpp>  // asio::post
 
 #include <atomic>        // phase and refcount, read by other threads
+#include <charconv>      // the peer's port
 #include <cstddef>       // std::byte, std::size_t
 #include <cstdint>       // compact fields
 #include <memory>        // the outbound queue, pooled readers
@@ -33,6 +38,50 @@
 namespace devgate::websocket::detail {
 
 class session;
+
+/// The verified client certificate of a stream that has one (`X509* peer_certificate()`, a TLS
+/// stream with mutual TLS), else null (TCP).
+template <class Stream>
+X509* peer_certificate_of(const Stream& s) noexcept {
+  if constexpr (requires { s.peer_certificate(); }) {
+    return s.peer_certificate();
+  } else {
+    return nullptr;
+  }
+}
+
+/// The peer of socket `fd` as "address:port" ("[v6]:port") in `buf`, or "" when unknown.
+inline std::string_view format_peer(int fd, char* buf, std::size_t size) noexcept {
+  ::sockaddr_storage peer{};
+  ::socklen_t len = sizeof peer;
+  if (::getpeername(fd, reinterpret_cast<::sockaddr*>(&peer), &len) != 0) return {};
+  std::size_t n = 0;
+  unsigned port = 0;
+  if (peer.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const ::sockaddr_in*>(&peer);
+    if (::inet_ntop(AF_INET, &in->sin_addr, buf, static_cast<::socklen_t>(size)) == nullptr) {
+      return {};
+    }
+    n = std::char_traits<char>::length(buf);
+    port = ntohs(in->sin_port);
+  } else if (peer.ss_family == AF_INET6) {
+    const auto* in = reinterpret_cast<const ::sockaddr_in6*>(&peer);
+    buf[0] = '[';
+    if (::inet_ntop(AF_INET6, &in->sin6_addr, buf + 1, static_cast<::socklen_t>(size - 8)) ==
+        nullptr) {
+      return {};
+    }
+    n = std::char_traits<char>::length(buf);
+    buf[n++] = ']';
+    port = ntohs(in->sin6_port);
+  } else {
+    return {};
+  }
+  if (n + 7 > size) return {};
+  buf[n++] = ':';
+  n = static_cast<std::size_t>(std::to_chars(buf + n, buf + size, port).ptr - buf);
+  return {buf, n};
+}
 
 /// An intrusive reference to a session: 8 bytes in every Asio handler and registry slot, where a
 /// shared_ptr would cost 16 plus a control block and enable_shared_from_this's weak pointer.
@@ -292,7 +341,9 @@ class session {
 
   // ---- HTTP phase (http_phase.hpp decides, the session writes and switches) ------------------
   void process_http(std::span<const std::byte> bytes);
-  void upgrade(std::string device);
+  void upgrade(std::string device, bool authenticated = false, std::string claims = {});
+  void authenticate(const std::string& device);
+  void on_authenticated(auth::result verdict);
   // The HTTP phase is over: its parser goes, and the storage it shared is the (null) reader.
   void leave_http() noexcept {
     http_.drop();
@@ -315,7 +366,7 @@ class session {
   // The responses that paused the parser are written: answer the requests it holds, then read
   // the socket again (its input raised no new edge while it was not read).
   void resume_http() {
-    if (phase() != phase_t::http || !paused_) return;
+    if (phase() != phase_t::http || !paused_ || authenticating_) return;
     paused_ = false;
     reading_ = true;
     try {
@@ -459,6 +510,7 @@ class session {
   bool paused_ : 1 = false;    // HTTP: requests wait in the parser until responses are written
   bool hung_up_ : 1 = false;   // the peer closed its side (its EOF follows what is left to read)
   bool held_ : 1 = false;      // queued by the reactor's inbox drain, written at its end
+  bool authenticating_ : 1 = false;  // HTTP: the upgrade waits for server_options::authenticate
 };
 
 inline session_ref::session_ref(session* s) noexcept : p_(s) {
@@ -557,10 +609,72 @@ inline void session::process_http(std::span<const std::byte> bytes) {
     case http_phase::next::upgrade:
       upgrade(std::move(outcome.device_id));
       break;
+    case http_phase::next::authenticate:
+      authenticate(outcome.device_id);
+      break;
   }
 }
 
-inline void session::upgrade(std::string device) {
+// Asks server_options::authenticate about the upgrade the parser holds. The session reads
+// nothing until the answer is back on this thread (on_authenticated), so the request's views
+// stay valid; answers are posted even when given at once, so both paths are the same.
+inline void session::authenticate(const std::string& device) {
+  auto& r = res();
+  if (r.pending_authentications >= core().options.max_pending_authentications) {
+    respond_error(503, "too many authentications in progress; retry later");
+    return;
+  }
+  ++r.pending_authentications;
+  paused_ = true;
+  authenticating_ = true;
+  const websocket::http_request& req = http_.request();
+  auth::request ask;
+  ask.device_id = device;
+  ask.path = req.target;
+  if (const auto q = req.target.find('?'); q != std::string_view::npos) {
+    ask.path = req.target.substr(0, q);
+    ask.query = req.target.substr(q + 1);
+  }
+  ask.http = &req;
+  char address[INET6_ADDRSTRLEN + 8] = {};
+  ask.peer_address = format_peer(stream_.native_handle(), address, sizeof address);
+  ask.peer_certificate = peer_certificate_of(stream_);
+  auth::completion done([self = session_ref(this), ioc = &r.ioc](auth::result verdict) {
+    asio::post(*ioc,
+               [self, v = std::move(verdict)]() mutable { self->on_authenticated(std::move(v)); });
+  });
+  core().options.authenticate.check(ask, std::move(done));
+}
+
+inline void session::on_authenticated(auth::result verdict) {
+  --res().pending_authentications;
+  if (phase() != phase_t::http || !authenticating_) return;  // timed out or stopped meanwhile
+  authenticating_ = false;
+  paused_ = false;
+  reading_ = true;
+  try {
+    if (!verdict.accepted() || verdict.device_id.empty()) {
+      // A refusal is a 4xx or 5xx; anything else an authenticator returns is its own error.
+      const bool refusal = verdict.status >= 400 && verdict.status <= 599;
+      const int status = refusal ? verdict.status : 500;
+      queue_raw(http_phase::error_response(
+          status, refusal ? std::string_view(verdict.reason) : "authentication gave no device",
+          status == 401 ? "WWW-Authenticate: Bearer realm=\"devgate\"\r\n" : ""));
+      linger_after_write();
+    } else {
+      queue_raw(http_.accept(verdict.subprotocol));
+      upgrade(std::move(verdict.device_id), verdict.authenticated, std::move(verdict.claims));
+    }
+  } catch (...) {
+    on_handler_exception();
+  }
+  reading_ = false;
+  if (phase() == phase_t::done) return;
+  pump();
+  on_readable();  // what arrived meanwhile raised no edge the session acted on
+}
+
+inline void session::upgrade(std::string device, bool authenticated, std::string claims) {
   device_id_ = shared_bytes::copy_of(std::string_view(device));
   // Bytes after the request are the first frames (RFC 6455 4.1 lets a client send at once).
   const auto left = http_.leftover();
@@ -573,6 +687,8 @@ inline void session::upgrade(std::string device) {
     session_info info;
     info.id = id_;
     info.device_id = std::move(device);
+    info.authenticated = authenticated;
+    info.claims = std::move(claims);
     core().handlers.on_open(info);
   }
   if (!early.empty() && phase() == phase_t::open) process_frames(early);

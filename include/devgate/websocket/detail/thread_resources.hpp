@@ -46,6 +46,7 @@ struct thread_resources {
   read_batch batch;               // the messages of the read being delivered
   std::vector<std::unique_ptr<websocket::frame_reader>> reader_pool;
   std::vector<std::unique_ptr<out_queue>> queue_pool;
+  std::size_t pending_authentications = 0;  // upgrades waiting for server_options::authenticate
 
   /// The read buffer every session of this thread reads into.
   [[nodiscard]] std::span<std::byte> buffer() const noexcept {
