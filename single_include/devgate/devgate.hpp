@@ -3786,8 +3786,8 @@ class http_request_parser {
     header_bytes_ = other.header_bytes_;
     head_end_ = other.head_end_;
     request_end_ = other.request_end_;
-    if (state_ == status::complete || state_ == status::body_announced)
-      bind_views();  // std::string's small buffer moves with it
+    // std::string's small buffer moves with it; a body being read keeps its header views.
+    if (state_ == status::complete || state_ == status::body_announced || in_body_) bind_views();
     other.reset_state();
     return *this;
   }
@@ -4196,6 +4196,8 @@ struct upgrade_result {
       return "Switching Protocols";
     case 200:
       return "OK";
+    case 202:
+      return "Accepted";
     case 204:
       return "No Content";
     case 301:
@@ -4216,6 +4218,8 @@ struct upgrade_result {
       return "Request Timeout";
     case 409:
       return "Conflict";
+    case 411:
+      return "Length Required";
     case 413:
       return "Content Too Large";
     case 414:
@@ -4881,6 +4885,7 @@ struct server_options {
   /// Admits plain requests of any method before `route` sees them: called once per request when
   /// its header section is in, it says how many body bytes the request may carry or answers it
   /// at once (so an unauthorised or misdirected upload is refused before its body is read).
+  /// A client that sent `Expect: 100-continue` gets `100 Continue` once admitted.
   /// Unset: GET and HEAD only, no bodies. Bodies are read as they arrive, on the session's
   /// worker thread without blocking it, within `handshake_timeout` for the whole request; set
   /// `http.max_body_bytes` to let any body through. Runs on a worker thread; keep it quick.
@@ -5825,7 +5830,14 @@ class http_phase {
           write_reply(req, *a.reply, false, respond);  // the unread body ends the connection
           return {next::linger, {}};
         }
+        // RFC 9110 10.1.1: a client that asked to be told waits for this before sending the
+        // body (curl does for uploads over 1 KiB); one that is refused got the refusal above.
+        const bool expects =
+            req.version_minor >= 1 && req.header_has_token("Expect", "100-continue");
         s = parser_->accept_body(a.max_body);
+        if (s == st::incomplete && expects) {
+          respond(shared_bytes::copy_of(std::string_view("HTTP/1.1 100 Continue\r\n\r\n")));
+        }
         continue;
       }
       if (!room()) return {next::paused, {}};

@@ -394,7 +394,7 @@ TEST_CASE("handshake: http_response and status_reason", "[websocket][handshake]"
   CHECK(http_response(405, "x", false, "application/json", "Allow: GET\r\n") ==
         "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
         "Content-Length: 1\r\nConnection: close\r\nAllow: GET\r\n\r\nx");
-  for (const int s : {400, 413, 431, 501, 505, 426, 405, 101, 200}) {
+  for (const int s : {400, 401, 403, 409, 411, 413, 431, 501, 505, 426, 405, 101, 200, 202}) {
     CHECK_FALSE(status_reason(s).empty());
   }
   CHECK(status_reason(799).empty());

@@ -849,6 +849,19 @@ TEST_CASE("http bodies: admitted before they are read, bounded, timed out, never
     CHECK(r.ends_with("POST /upload 300000 bbbbbbbb"));
     CHECK(c.read_http_response().ends_with("GET /a 0 "));
   }
+  SECTION("Expect: 100-continue: 100 once admitted, the final answer alone when refused") {
+    raw_client c(fx.port);
+    c.write("POST /upload HTTP/1.1\r\nHost: x\r\n" + auth +
+            "Expect: 100-continue\r\nContent-Length: 4\r\n\r\n");
+    CHECK(c.read_http_response() == "HTTP/1.1 100 Continue\r\n\r\n");
+    c.write("body");
+    CHECK(c.read_http_response().ends_with("POST /upload 4 body"));
+    raw_client refused(fx.port);
+    refused.write(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        "Content-Length: 4\r\n\r\n");
+    CHECK(refused.read_http_response().starts_with("HTTP/1.1 401"));
+  }
   SECTION("a GET where only POST changes state: 405 with Allow: POST, the route never runs") {
     raw_client c(fx.port);
     c.write("GET /upload HTTP/1.1\r\nHost: x\r\n\r\n");

@@ -196,8 +196,8 @@ class http_request_parser {
     header_bytes_ = other.header_bytes_;
     head_end_ = other.head_end_;
     request_end_ = other.request_end_;
-    if (state_ == status::complete || state_ == status::body_announced)
-      bind_views();  // std::string's small buffer moves with it
+    // std::string's small buffer moves with it; a body being read keeps its header views.
+    if (state_ == status::complete || state_ == status::body_announced || in_body_) bind_views();
     other.reset_state();
     return *this;
   }

@@ -139,6 +139,7 @@ struct server_options {
   /// Admits plain requests of any method before `route` sees them: called once per request when
   /// its header section is in, it says how many body bytes the request may carry or answers it
   /// at once (so an unauthorised or misdirected upload is refused before its body is read).
+  /// A client that sent `Expect: 100-continue` gets `100 Continue` once admitted.
   /// Unset: GET and HEAD only, no bodies. Bodies are read as they arrive, on the session's
   /// worker thread without blocking it, within `handshake_timeout` for the whole request; set
   /// `http.max_body_bytes` to let any body through. Runs on a worker thread; keep it quick.

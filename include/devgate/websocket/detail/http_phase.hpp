@@ -73,7 +73,14 @@ class http_phase {
           write_reply(req, *a.reply, false, respond);  // the unread body ends the connection
           return {next::linger, {}};
         }
+        // RFC 9110 10.1.1: a client that asked to be told waits for this before sending the
+        // body (curl does for uploads over 1 KiB); one that is refused got the refusal above.
+        const bool expects =
+            req.version_minor >= 1 && req.header_has_token("Expect", "100-continue");
         s = parser_->accept_body(a.max_body);
+        if (s == st::incomplete && expects) {
+          respond(shared_bytes::copy_of(std::string_view("HTTP/1.1 100 Continue\r\n\r\n")));
+        }
         continue;
       }
       if (!room()) return {next::paused, {}};
