@@ -2,16 +2,21 @@
 // is a device (it speaks docs/PROTOCOL.md over a WebSocket) and a window on the gateway (the
 // live server log, figures, and the fleet's firmware rollout).
 //
-//   demo_server [--port 4000] [--threads N] [--workers-min N] [--workers-max N]
-//               [--queue-capacity N] [--max-devices N] [--firmware-size BYTES]
-//               [--state-file PATH] ...
+//   demo_server [--listen 127.0.0.1] [--port 4000] [--threads N] [--workers-min N]
+//               [--workers-max N] [--queue-capacity N] [--max-devices N]
+//               [--firmware-size BYTES] [--max-image-size BYTES] [--state-file PATH]
+//               [--operator-token-file FILE] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
-// device WebSocket), /metrics (Prometheus), /healthz, /api/info, /api/log (recent server log),
-// /api/firmware/release (publishes a new image to the fleet; see release_route below).
+// device WebSocket), /metrics (Prometheus), /healthz, /api/info, /api/log (recent server log).
+// The operator API changes state, so it takes only POST with `Authorization: Bearer <operator
+// token>` (see operator_admission below and docs/SECURITY.md "Operator API"):
+// POST /api/firmware (the request body is the image) and POST /api/firmware/release (a
+// synthetic image of --firmware-size bytes, what the page's UPDATE DEVICE button asks for).
 // Ctrl-C (SIGINT) or SIGTERM: intake closes, the pipeline drains, sessions close with 1001,
 // the device states are written to the state file.
 
+#include <openssl/crypto.h>  // CRYPTO_memcmp
 #include <CLI/CLI.hpp>
 
 #include <atomic>              // the hub pointer the routes read
@@ -22,9 +27,11 @@
 #include <cstdio>              // std::printf
 #include <deque>               // log ring, release jobs
 #include <filesystem>          // web root, state file
-#include <fstream>             // the device key file
+#include <fstream>             // the device key and operator token files
+#include <iterator>            // reading the token file
 #include <memory>              // the authenticator
 #include <mutex>               // log ring, jobs
+#include <optional>            // admission replies
 #include <sstream>             // the device key file
 #include <string>              // texts
 #include <string_view>         // routes
@@ -43,7 +50,7 @@ namespace {
 
 /// Command-line settings.
 struct demo_config {
-  std::string address = "0.0.0.0";
+  std::string address = "127.0.0.1";
   std::uint16_t port = 4000;
   unsigned threads = 2;
   std::size_t workers_min = 1;
@@ -51,6 +58,8 @@ struct demo_config {
   std::size_t queue_capacity = 1u << 16;
   std::size_t max_devices = 100'000;
   std::size_t firmware_size = 4u << 20;
+  std::size_t max_image_size = 32u << 20;
+  std::string operator_token_file;
   unsigned dispatch_us = 2000;
   std::string state_file = "/tmp/devgate-demo-state.json";
   std::string web_root = DEVGATE_DEMO_WEB_ROOT;
@@ -135,6 +144,7 @@ std::vector<std::byte> release_image(std::uint64_t n, std::size_t size) {
 
 /// The control thread: publishes gateway figures, flushes the state file, and publishes
 /// firmware releases (cutting and hashing a 4 MiB image does not belong on a network thread).
+/// One release at a time: while one is being prepared, another is refused (409), never queued.
 class control_loop {
  public:
   control_loop(demo_hub& hub, std::size_t firmware_size) : hub_(hub), size_(firmware_size) {}
@@ -143,11 +153,39 @@ class control_loop {
   void start() {
     thread_ = std::thread([this] { run(); });
   }
-  /// Asks for release `n` to be published.
-  void request_release(std::uint64_t n) {
+  /// Takes a release to publish: `image` (an uploaded one), or the synthetic image of release
+  /// `n` when empty. Returns the release number, or 0 when one is still being prepared.
+  std::uint64_t try_release(std::vector<std::byte> image) {
+    std::uint64_t n = 0;
     {
       std::lock_guard lock(m_);
-      jobs_.push_back(n);
+      if (busy_ || stopping_) return 0;
+      busy_ = true;
+      n = hub_.state_store().next_release();
+      jobs_.push_back(job{n, std::move(image)});
+    }
+    cv_.notify_one();
+    return n;
+  }
+  /// Whether a release is queued or being published (a new one would get 409).
+  [[nodiscard]] bool busy() {
+    std::lock_guard lock(m_);
+    return busy_;
+  }
+  /// Republishes release `n` (the last one before a restart): the image uploaded for it,
+  /// kept beside the state file, or else its synthetic image.
+  void request_release(std::uint64_t n) {
+    std::vector<std::byte> image;
+    if (std::ifstream in(kept_image(n), std::ios::binary); in) {
+      std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                              std::istreambuf_iterator<char>());
+      const auto* b = reinterpret_cast<const std::byte*>(bytes.data());
+      image.assign(b, b + bytes.size());
+    }
+    {
+      std::lock_guard lock(m_);
+      busy_ = true;
+      jobs_.push_back(job{n, std::move(image)});
     }
     cv_.notify_one();
   }
@@ -168,11 +206,12 @@ class control_loop {
       cv_.wait_for(lock, std::chrono::milliseconds(250),
                    [this] { return stopping_ || !jobs_.empty(); });
       while (!jobs_.empty() && !stopping_) {
-        const auto n = jobs_.front();
+        job j = std::move(jobs_.front());
         jobs_.pop_front();
         lock.unlock();
-        publish(n);
+        publish(j.release, std::move(j.image));
         lock.lock();
+        busy_ = !jobs_.empty();
       }
       lock.unlock();
       hub_.publish_stats();
@@ -183,8 +222,36 @@ class control_loop {
       lock.lock();
     }
   }
-  void publish(std::uint64_t n) {
-    const auto image = release_image(n, size_);
+  // Where an uploaded image of release `n` is kept, so that a restart republishes the same bytes.
+  [[nodiscard]] std::filesystem::path kept_image(std::uint64_t n) const {
+    auto p = hub_.state_store().file();
+    p += ".release-" + std::to_string(n) + ".img";
+    return p;
+  }
+  // Keeps the image of release `n` (only the last release's image is kept).
+  void keep_image(std::uint64_t n, const std::vector<std::byte>& image, bool uploaded) {
+    std::error_code ignored;
+    if (n > 1) std::filesystem::remove(kept_image(n - 1), ignored);
+    if (!uploaded) return;
+    const auto tmp = kept_image(n).string() + ".tmp";
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(image.data()),
+              static_cast<std::streamsize>(image.size()));
+    out.close();
+    bool kept = static_cast<bool>(out);
+    if (kept) {
+      std::filesystem::rename(tmp, kept_image(n), ignored);
+      kept = !ignored;
+    }
+    if (!kept) {
+      std::fprintf(stderr, "demo_server: cannot keep the image of release %llu beside %s\n",
+                   static_cast<unsigned long long>(n), hub_.state_store().file().c_str());
+    }
+  }
+  void publish(std::uint64_t n, std::vector<std::byte> uploaded) {
+    const bool was_uploaded = !uploaded.empty();
+    const auto image = was_uploaded ? std::move(uploaded) : release_image(n, size_);
+    keep_image(n, image, was_uploaded);
     const auto version = release_version(n);
     const auto rollout = hub_.publish_firmware(version, image);
     std::printf("firmware %s published (rollout %u, %zu bytes, sha256 %s)\n", version.c_str(),
@@ -197,9 +264,58 @@ class control_loop {
   std::thread thread_;
   std::mutex m_;
   std::condition_variable cv_;
-  std::deque<std::uint64_t> jobs_;
+  struct job {
+    std::uint64_t release;
+    std::vector<std::byte> image;  // empty: the synthetic image
+  };
+  std::deque<job> jobs_;  // at most one: try_release refuses while busy_
+  bool busy_ = false;     // a release is queued or being published
   bool stopping_ = false;
 };
+
+/// The operator's bearer token, compared in constant time. Its SHA-256 is kept and the
+/// presented token hashed the same way, so the comparison neither depends on where the bytes
+/// first differ nor tells the token's length.
+class operator_token {
+ public:
+  /// No token: the operator API is off (403).
+  operator_token() = default;
+  /// `token` (already trimmed) is the only one accepted.
+  explicit operator_token(std::string_view token)
+      : digest_(devgate::detail::sha256(std::as_bytes(std::span(token.data(), token.size())))),
+        set_(true) {}
+  /// Whether a token was configured.
+  [[nodiscard]] bool set() const noexcept { return set_; }
+  /// Whether `presented` is the token.
+  [[nodiscard]] bool matches(std::string_view presented) const {
+    if (!set_) return false;
+    const auto d =
+        devgate::detail::sha256(std::as_bytes(std::span(presented.data(), presented.size())));
+    return CRYPTO_memcmp(d.data(), digest_.data(), d.size()) == 0;
+  }
+
+ private:
+  devgate::detail::sha256_digest digest_{};
+  bool set_ = false;
+};
+
+/// The file's bytes without surrounding whitespace, or nullopt (with a message) when the file
+/// cannot be read or holds nothing else.
+std::optional<std::string> read_token_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::fprintf(stderr, "demo_server: cannot read --operator-token-file %s\n", path.c_str());
+    return std::nullopt;
+  }
+  std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto first = token.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos) {
+    std::fprintf(stderr, "demo_server: --operator-token-file %s is empty\n", path.c_str());
+    return std::nullopt;
+  }
+  token = token.substr(first, token.find_last_not_of(" \t\r\n") - first + 1);
+  return token;
+}
 
 /// Everything the HTTP routes need; the hub pointer is set before the server starts.
 struct route_context {
@@ -209,6 +325,7 @@ struct route_context {
   std::atomic<demo_hub*> hub{nullptr};
   std::atomic<control_loop*> control{nullptr};
   std::atomic<bool> stopping{false};
+  operator_token token;
 };
 
 devgate::websocket::http_reply text_reply(int status, std::string_view content_type,
@@ -268,27 +385,101 @@ std::string render_metrics(demo_hub& hub) {
   return out;
 }
 
-/// GET /api/firmware/release: counts a new release and has the control thread publish it.
-/// A GET with an effect, because devgate's HTTP side serves only GET and HEAD; HEAD does
-/// nothing, and the page calls it with fetch(), never as a link.
+/// The request target without its query.
+std::string_view path_of(const devgate::websocket::http_request& req) {
+  std::string_view path = req.target;
+  if (const auto q = path.find('?'); q != std::string_view::npos) path = path.substr(0, q);
+  return path;
+}
+
+/// Whether `path` is an operator route (one that changes state).
+bool is_operator_path(std::string_view path) {
+  return path == "/api/firmware" || path == "/api/firmware/release";
+}
+
+/// Decides on every plain request from its header section, before any body byte is read.
+/// Operator routes: POST only (405 with `Allow: POST` otherwise, so no link, image or stray GET
+/// starts anything), then the bearer token (401 without one, 403 when wrong or when the demo
+/// runs without --operator-token-file; cookies are never looked at, so a cross-site form, which
+/// cannot set Authorization, gets 401), then one release at a time (409), and only then may
+/// POST /api/firmware send up to --max-image-size bytes. Every other route: GET and HEAD, no
+/// body.
+devgate::websocket::http_admission operator_admission(route_context& rc,
+                                                      const devgate::websocket::http_request& req) {
+  devgate::websocket::http_admission a;
+  const std::string_view path = path_of(req);
+  auto refuse = [&a](int status, std::string_view why, std::string_view extra = {}) {
+    a.reply = text_reply(status, "text/plain; charset=utf-8", std::string(why));
+    a.reply->extra_headers += extra;
+  };
+  if (!is_operator_path(path)) {
+    if (req.method != "GET" && req.method != "HEAD") {
+      refuse(405, "only GET and HEAD are served here\n", "Allow: GET, HEAD\r\n");
+    }
+    return a;
+  }
+  if (req.method != "POST") {
+    refuse(405, "the operator API changes state: use POST with Authorization: Bearer <token>\n",
+           "Allow: POST\r\n");
+    return a;
+  }
+  if (!rc.token.set()) {
+    refuse(403, "operator API off: start the demo with --operator-token-file FILE\n");
+    return a;
+  }
+  const std::string_view auth = req.header("Authorization");
+  constexpr std::string_view scheme = "Bearer ";
+  if (auth.size() <= scheme.size() ||
+      !devgate::websocket::detail_http::iequals(auth.substr(0, scheme.size()), scheme)) {
+    refuse(401, "send Authorization: Bearer <operator token>\n",
+           "WWW-Authenticate: Bearer realm=\"devgate operator\"\r\n");
+    return a;
+  }
+  if (!rc.token.matches(auth.substr(scheme.size()))) {
+    refuse(403, "wrong operator token\n");
+    return a;
+  }
+  auto* control = rc.control.load();
+  if (rc.hub.load() == nullptr || control == nullptr || rc.stopping) {
+    refuse(503, "stopping\n");
+    return a;
+  }
+  if (control->busy()) {
+    refuse(409, "a release is being prepared: try again when it is published\n");
+    return a;
+  }
+  if (path == "/api/firmware") a.max_body = rc.cfg.max_image_size;
+  return a;
+}
+
+/// POST /api/firmware (the body is the image) and POST /api/firmware/release (a synthetic one),
+/// admitted by operator_admission: hands the image to the control thread, which hashes and
+/// publishes it; 202 with the release's number and version.
 devgate::websocket::http_reply release_route(route_context& rc,
                                              const devgate::websocket::http_request& req) {
-  auto* hub = rc.hub.load();
   auto* control = rc.control.load();
-  if (req.method != "GET") return text_reply(405, "text/plain; charset=utf-8", "use GET\n");
-  if (hub == nullptr || control == nullptr || rc.stopping) {
+  if (control == nullptr || rc.stopping) {
     return text_reply(503, "text/plain; charset=utf-8", "stopping\n");
   }
-  const auto n = hub->state_store().next_release();
-  control->request_release(n);
-  nlohmann::json j{{"release", n}, {"version", release_version(n)}, {"size", rc.cfg.firmware_size}};
-  return text_reply(200, "application/json", j.dump() + "\n");
+  const bool upload = path_of(req) == "/api/firmware";
+  if (upload && req.body.empty()) {
+    return text_reply(400, "text/plain; charset=utf-8",
+                      "send the image as the request body, with a Content-Length\n");
+  }
+  const auto* bytes = reinterpret_cast<const std::byte*>(req.body.data());
+  const std::size_t size = upload ? req.body.size() : rc.cfg.firmware_size;
+  const auto n = control->try_release(std::vector<std::byte>(bytes, bytes + req.body.size()));
+  if (n == 0) {  // another release got in between admission and this body's end
+    return text_reply(409, "text/plain; charset=utf-8",
+                      "a release is being prepared: try again when it is published\n");
+  }
+  nlohmann::json j{{"release", n}, {"version", release_version(n)}, {"size", size}};
+  return text_reply(202, "application/json", j.dump() + "\n");
 }
 
 devgate::websocket::http_reply route(route_context& rc,
                                      const devgate::websocket::http_request& req) {
-  std::string_view path = req.target;
-  if (const auto q = path.find('?'); q != std::string_view::npos) path = path.substr(0, q);
+  const std::string_view path = path_of(req);
   auto* hub = rc.hub.load();
   if (path == "/healthz") {
     if (hub == nullptr || rc.stopping) return text_reply(503, "text/plain", "stopping\n");
@@ -303,10 +494,11 @@ devgate::websocket::http_reply route(route_context& rc,
     nlohmann::json j{
         {"workers_min", rc.cfg.workers_min},       {"workers_max", rc.cfg.workers_max},
         {"queue_capacity", rc.cfg.queue_capacity}, {"firmware_size", rc.cfg.firmware_size},
-        {"dispatch_us", rc.cfg.dispatch_us},       {"devgate", devgate_version()}};
+        {"dispatch_us", rc.cfg.dispatch_us},       {"devgate", devgate_version()},
+        {"operator_api", rc.token.set()}};
     return text_reply(200, "application/json", j.dump() + "\n");
   }
-  if (path == "/api/firmware/release") return release_route(rc, req);
+  if (is_operator_path(path)) return release_route(rc, req);  // admitted: POST, right token
   if (path.starts_with("/static/")) {
     return serve_file(rc, req, req.target.substr(std::string_view("/static").size()));
   }
@@ -331,7 +523,9 @@ int main(int argc, char** argv) {
       "devgate demo: each browser tab at http://localhost:<port>/<device_id> is a device and a "
       "window on the gateway."};
   app.add_option("--port", cfg.port, "TCP port (0 picks a free one)")->capture_default_str();
-  app.add_option("--address", cfg.address, "Address to listen on")->capture_default_str();
+  app.add_option("--listen,--address", cfg.address,
+                 "Address to listen on (0.0.0.0 or :: serves other machines too)")
+      ->capture_default_str();
   app.add_option("--threads", cfg.threads, "WebSocket threads (0 = one per core)")
       ->capture_default_str();
   app.add_option("--workers-min", cfg.workers_min, "Fewest pipeline workers")
@@ -351,6 +545,13 @@ int main(int argc, char** argv) {
   app.add_option("--firmware-size", cfg.firmware_size, "Bytes of each synthetic firmware image")
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 30))
       ->capture_default_str();
+  app.add_option("--max-image-size", cfg.max_image_size,
+                 "Largest firmware image POST /api/firmware takes (413 beyond it)")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 30))
+      ->capture_default_str();
+  app.add_option("--operator-token-file", cfg.operator_token_file,
+                 "File holding the operator's bearer token (whitespace around it trimmed); "
+                 "without it the operator API (POST /api/firmware...) answers 403");
   app.add_option("--dispatch-us", cfg.dispatch_us,
                  "Simulated downstream call per dispatched message, in microseconds")
       ->capture_default_str();
@@ -393,6 +594,11 @@ int main(int argc, char** argv) {
   route_context rc;
   rc.cfg = cfg;
   rc.files = devgate::websocket::static_files(cfg.web_root);
+  if (!cfg.operator_token_file.empty()) {
+    const auto token = read_token_file(cfg.operator_token_file);
+    if (!token) return 2;
+    rc.token = operator_token(*token);
+  }
 
   devgate::websocket::server_options ws;
   ws.address = cfg.address;
@@ -428,6 +634,12 @@ int main(int argc, char** argv) {
   } else if (!origins.empty()) {
     ws.authenticate = devgate::auth::gate(std::move(origins));
   }
+  ws.admit = [&rc](const devgate::websocket::http_request& req) {
+    return operator_admission(rc, req);
+  };
+  // Only an admitted upload gets that far; the whole request, its body included, must arrive
+  // within handshake_timeout (5 s), so a trickled body is closed there.
+  ws.http.max_body_bytes = cfg.max_image_size;
   // A page that stops reading (a backgrounded tab) is closed with 1013 and resumes later.
   ws.backpressure.max_buffered_bytes = 8u << 20;
   devgate::websocket::server transport(ws);
@@ -484,6 +696,12 @@ int main(int argc, char** argv) {
   } else {
     std::printf(
         "  auth   devices need a JWT (HS256) for their id at /ws/<id> (docs/SECURITY.md)\n");
+  }
+  if (rc.token.set()) {
+    std::printf("  operator API on: POST /api/firmware[/release] with the bearer token of %s\n",
+                cfg.operator_token_file.c_str());
+  } else {
+    std::printf("  operator API off (403): pass --operator-token-file FILE to publish firmware\n");
   }
   std::printf("listening on %u; Ctrl-C stops\n", static_cast<unsigned>(port));
   std::fflush(stdout);

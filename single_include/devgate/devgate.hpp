@@ -3632,6 +3632,12 @@ struct http_limits {
   std::size_t max_header_bytes = 16384;
   /// Most header fields. Each costs one `http_header` (two views) while the request lives.
   std::size_t max_headers = 64;
+  /// Most body bytes any request may carry: the ceiling of every route's own maximum, and so
+  /// of what one connection holds before its request is answered (the body is buffered whole,
+  /// so that the route sees it in one piece). A larger Content-Length is answered 413 before
+  /// any body byte is read. 0 (the default) means no request carries a body, as for a server
+  /// that only serves GETs and upgrades.
+  std::size_t max_body_bytes = 0;
 };
 
 /// One header field as it arrived: `value` has its surrounding whitespace removed.
@@ -3719,6 +3725,8 @@ struct http_request {
   std::string_view target;  ///< Request target as sent, e.g. "/devices/abc?x=1".
   int version_minor = 1;    ///< The x of HTTP/1.x (0 or 1).
   std::span<const http_header> headers;  ///< Every header field, in arrival order.
+  std::size_t content_length = 0;        ///< The body's length as announced (0 without one).
+  std::string_view body;                 ///< The body; empty until the request is complete.
 
   /// Value of the first header named `name` (case-insensitive), or "" if absent.
   [[nodiscard]] std::string_view header(std::string_view name) const noexcept {
@@ -3750,15 +3758,26 @@ struct http_request {
 };
 
 /// Strict, bounded, incremental HTTP/1.1 request parser (RFC 9112) for the upgrade request and
-/// the few plain GETs devgate serves. It accepts no request bodies.
+/// the plain requests devgate serves. Bodies are taken only with a Content-Length (RFC 9112
+/// 6.2), never with a transfer coding (501: the sender must know the length up front, which is
+/// what lets a route refuse an oversized body before reading it).
 ///
 /// Bytes are copied into the parser's own buffer, which never holds more than the limits allow
 /// for the request itself (431 is reported as soon as a line passes its limit, before more is
-/// buffered); bytes that arrive after the request in the same `feed` are kept as `leftover()`.
+/// buffered; a body is read only once `accept_body` allowed its length); bytes that arrive after
+/// the request in the same `feed` are kept as `leftover()`.
 class http_request_parser {
  public:
   /// Result of `feed`.
-  enum class status { incomplete, complete, error };
+  enum class status {
+    incomplete,  ///< Not a whole request yet: feed more bytes.
+    complete,    ///< A whole request (with its body): `request()` is valid.
+    error,       ///< Refused: answer with `error_status()` and close.
+    /// The header section announced a body within `http_limits::max_body_bytes`: `request()`
+    /// has the method, target, headers and `content_length` (no body yet). Call
+    /// `accept_body(max)` to read it, or answer without reading it and close the connection.
+    body_announced,
+  };
 
   /// A parser with the given limits.
   explicit http_request_parser(http_limits limits = {}) : limits_(limits) {}
@@ -3782,10 +3801,13 @@ class http_request_parser {
     state_ = other.state_;
     error_status_ = other.error_status_;
     in_request_line_ = other.in_request_line_;
+    in_body_ = other.in_body_;
     line_start_ = other.line_start_;
     header_bytes_ = other.header_bytes_;
+    head_end_ = other.head_end_;
     request_end_ = other.request_end_;
-    if (state_ == status::complete) bind_views();  // std::string's small buffer moves with it
+    // std::string's small buffer moves with it; a body being read keeps its header views.
+    if (state_ == status::complete || state_ == status::body_announced || in_body_) bind_views();
     other.reset_state();
     return *this;
   }
@@ -3795,17 +3817,19 @@ class http_request_parser {
   /// method token, bad target, bare CR or LF, header without colon or with whitespace before
   /// it, obs-fold, control characters, bad or conflicting Content-Length, missing or repeated
   /// Host in HTTP/1.1); 505 for versions other than HTTP/1.0 and HTTP/1.1; 501 for any
-  /// Transfer-Encoding; 413 for Content-Length > 0 on any method (no request bodies).
-  /// After `complete`, further bytes are appended to `leftover()`; after `error`, ignored.
+  /// Transfer-Encoding (chunked included); 413 for a Content-Length above
+  /// `http_limits::max_body_bytes`. After `complete` (and `body_announced`), further bytes are
+  /// kept for later (`leftover()`, the body); after `error`, ignored.
   status feed(std::span<const std::byte> data) {
     const char* in = reinterpret_cast<const char*>(data.data());
     std::size_t n = data.size();
-    if (state_ == status::complete) {
+    if (state_ == status::complete || state_ == status::body_announced) {
       buf_.append(in, n);
       bind_views();
       return state_;
     }
     if (state_ == status::error) return state_;
+    if (in_body_) return feed_body(in, n);
 
     while (n > 0) {
       // RFC 9112 2.2: lines end at LF (CR is checked when the line is parsed); never buffer a
@@ -3827,7 +3851,7 @@ class http_request_parser {
       n -= take;
       if (!nl) break;
       if (parse_line() != status::incomplete) {
-        if (state_ == status::complete) {
+        if (state_ == status::complete || state_ == status::body_announced) {
           buf_.append(in, n);  // pipelined request or early WebSocket frames
           bind_views();
         }
@@ -3837,10 +3861,23 @@ class http_request_parser {
     return state_;
   }
 
-  /// The request; valid after `feed` returned `complete`, until `reset()`.
+  /// The request; valid after `feed` returned `complete` (or `body_announced`, without its
+  /// body), until `reset()`.
   [[nodiscard]] const http_request& request() const noexcept { return request_; }
 
-  /// The HTTP status to answer with after `feed` returned `error` (400, 413, 431, 501, 505).
+  /// After `body_announced`: reads the body if its length is at most `max_body` (the route's
+  /// own bound), else fails with 413 without reading it. Bytes already received after the
+  /// header section are parsed at once, so check the result as after `feed`.
+  status accept_body(std::size_t max_body) {
+    if (state_ != status::body_announced) return state_;
+    if (request_.content_length > max_body) return fail(413);
+    state_ = status::incomplete;
+    in_body_ = true;
+    return body_taken();
+  }
+
+  /// The HTTP status to answer with after `feed` (or `accept_body`) returned `error` (400, 413,
+  /// 431, 501, 505).
   [[nodiscard]] int error_status() const noexcept { return error_status_; }
 
   /// The parser's current state (the last `feed` result, or the state after `reset()`).
@@ -3878,12 +3915,32 @@ class http_request_parser {
     in_request_line_ = true;
     line_start_ = 0;
     header_bytes_ = 0;
+    head_end_ = 0;
     request_end_ = 0;
+    in_body_ = false;
   }
 
   status fail(int http_status) {
     state_ = status::error;
     error_status_ = http_status;
+    in_body_ = false;
+    return state_;
+  }
+
+  // Takes body bytes; what follows the announced length is the leftover (a pipelined request).
+  status feed_body(const char* in, std::size_t n) {
+    buf_.append(in, n);
+    return body_taken();
+  }
+
+  // Completes the request once the buffer holds the whole body.
+  status body_taken() {
+    const std::size_t end = head_end_ + request_.content_length;
+    if (buf_.size() < end) return state_;
+    in_body_ = false;
+    request_end_ = end;
+    state_ = status::complete;
+    bind_views();
     return state_;
   }
 
@@ -3987,7 +4044,8 @@ class http_request_parser {
 
   // The header section ended: apply the message-level rules.
   status finish() {
-    request_end_ = buf_.size();
+    head_end_ = buf_.size();
+    request_end_ = head_end_;
     bind_views();
     const http_request& r = request_;
     std::size_t hosts = 0;
@@ -3997,7 +4055,7 @@ class http_request_parser {
       if (detail_http::iequals(h.name, "Host")) {
         ++hosts;
       } else if (detail_http::iequals(h.name, "Transfer-Encoding")) {
-        return fail(501);  // RFC 9112 6.1: we implement no transfer codings (no bodies at all)
+        return fail(501);  // RFC 9112 6.1: we implement no transfer codings (not even chunked)
       } else if (detail_http::iequals(h.name, "Content-Length")) {
         // RFC 9112 6.3: differing or invalid Content-Length values are unrecoverable.
         if (has_content_length && content_length != h.value) return fail(400);
@@ -4008,13 +4066,27 @@ class http_request_parser {
     // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; more than one is a 400 in any version.
     if (hosts > 1 || (r.version_minor >= 1 && hosts == 0)) return fail(400);
     if (has_content_length) {
+      // RFC 9112 6.3: Content-Length = 1*DIGIT. A value past the ceiling is 413 whatever its
+      // size, so the digits are read only while they stay at or below it.
       if (content_length.empty()) return fail(400);
-      bool nonzero = false;
+      std::size_t length = 0;
+      bool too_large = false;
       for (const char c : content_length) {
         if (c < '0' || c > '9') return fail(400);
-        nonzero |= c != '0';
+        const auto digit = static_cast<std::size_t>(c - '0');
+        const std::size_t max = limits_.max_body_bytes;
+        if (too_large || length > max / 10 || digit > max - length * 10) {
+          too_large = true;
+        } else {
+          length = length * 10 + digit;
+        }
       }
-      if (nonzero) return fail(413);  // devgate serves only GETs and upgrades: no bodies
+      if (too_large) return fail(413);
+      request_.content_length = length;
+      if (length > 0) {
+        state_ = status::body_announced;
+        return state_;
+      }
     }
     state_ = status::complete;
     return state_;
@@ -4031,6 +4103,9 @@ class http_request_parser {
       headers_[i] = {{base + f.name_off, f.name_len}, {base + f.value_off, f.value_len}};
     }
     request_.headers = headers_;
+    request_.body = state_ == status::complete && !in_body_
+                        ? std::string_view(base + head_end_, request_end_ - head_end_)
+                        : std::string_view();
   }
 
   http_limits limits_;
@@ -4044,7 +4119,9 @@ class http_request_parser {
   bool in_request_line_ = true;
   std::size_t line_start_ = 0;    // offset in buf_ of the line being received
   std::size_t header_bytes_ = 0;  // header-section bytes so far (lines with CRLF)
-  std::size_t request_end_ = 0;   // offset in buf_ just past the final CRLF
+  std::size_t head_end_ = 0;      // offset in buf_ just past the header section's final CRLF
+  std::size_t request_end_ = 0;   // offset in buf_ just past the body (the next request's start)
+  bool in_body_ = false;          // reading an accepted body
 };
 
 }  // namespace devgate::websocket
@@ -4142,6 +4219,8 @@ struct upgrade_result {
       return "Switching Protocols";
     case 200:
       return "OK";
+    case 202:
+      return "Accepted";
     case 204:
       return "No Content";
     case 301:
@@ -4162,6 +4241,8 @@ struct upgrade_result {
       return "Request Timeout";
     case 409:
       return "Conflict";
+    case 411:
+      return "Length Required";
     case 413:
       return "Content Too Large";
     case 414:
@@ -4694,9 +4775,10 @@ read_status frame_reader::deliver_control(std::span<const std::byte> payload, Ha
 // ---- begin devgate/websocket/server_options.hpp ----
 
 #include <chrono>        // timeouts
+#include <cstddef>       // body sizes
 #include <cstdint>       // port
 #include <functional>    // callbacks
-#include <optional>      // identify result
+#include <optional>      // identify result, admission reply
 #include <string>        // address, texts
 #include <system_error>  // error replies
 
@@ -4828,13 +4910,25 @@ struct upgrade_check {
 
 namespace devgate::websocket {
 
-/// The answer to a plain (non-upgrade) HTTP GET or HEAD, produced by `server_options::route`.
+/// The answer to a plain (non-upgrade) HTTP request, produced by `server_options::route` (or
+/// by `server_options::admit` before the route runs).
 struct http_reply {
   int status = 200;                                        ///< HTTP status code.
   std::string content_type = "text/plain; charset=utf-8";  ///< Content-Type value.
   shared_bytes body;                                       ///< Body, shared (never copied).
   /// Extra header lines, each ending in CRLF (e.g. "Cache-Control: no-cache\r\n").
   std::string extra_headers;
+};
+
+/// What `server_options::admit` decides about a plain request from its header section alone,
+/// before any body byte is read.
+struct http_admission {
+  /// Most body bytes this request may carry (its route's bound, capped by
+  /// `http_limits::max_body_bytes`); a larger Content-Length is answered 413 unread.
+  std::size_t max_body = 0;
+  /// When set, the answer sent instead of reading the body and calling `route` (401, 403,
+  /// 405, 409, ...); a request that announced a body then closes its connection.
+  std::optional<http_reply> reply;
 };
 
 /// The text frame a device receives when `on_messages` refuses its message:
@@ -4932,9 +5026,18 @@ struct server_options {
   /// a session never holds more than twice the limit while drops catch up with senders on other
   /// threads. At most 1 GiB (sessions count their bytes in 32 bits; start() refuses more).
   backpressure_options backpressure{};
-  /// Answers plain GET/HEAD requests (see `static_files`); unset means 404 for every path.
-  /// Runs on a worker thread; keep it quick.
+  /// Answers plain requests (see `static_files`), with their body in `http_request::body`;
+  /// unset means 404 for every path. Without `admit` it sees only GET and HEAD (other methods
+  /// are answered 405) and no bodies. Runs on a worker thread; keep it quick.
   std::function<http_reply(const http_request&)> route;
+  /// Admits plain requests of any method before `route` sees them: called once per request when
+  /// its header section is in, it says how many body bytes the request may carry or answers it
+  /// at once (so an unauthorised or misdirected upload is refused before its body is read).
+  /// A client that sent `Expect: 100-continue` gets `100 Continue` once admitted.
+  /// Unset: GET and HEAD only, no bodies. Bodies are read as they arrive, on the session's
+  /// worker thread without blocking it, within `handshake_timeout` for the whole request; set
+  /// `http.max_body_bytes` to let any body through. Runs on a worker thread; keep it quick.
+  std::function<http_admission(const http_request&)> admit;
   /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
   /// Unset: every path is accepted and the device id is the request target.
   std::function<std::optional<std::string>(const http_request&)> identify;
@@ -5835,10 +5938,11 @@ class outbound_budget {
 namespace devgate::websocket::detail {
 
 /// A connection before its upgrade (RFC 9112; RFC 6455 section 4.2): parses its requests,
-/// answers plain GETs through `server_options::route`, refuses what it must refuse, and accepts
-/// an upgrade. It only decides; the session writes what it is given and changes phase.
-/// Holds a parser from the first bytes until drop(); trivially destructible, so that it can
-/// share storage with the frame reader of the WebSocket phase: call drop() before switching.
+/// admits plain requests and their bodies through `server_options::admit`, answers them through
+/// `server_options::route`, refuses what it must refuse, and accepts an upgrade. It only decides;
+/// the session writes what it is given and changes phase. Holds a parser from the first bytes until
+/// drop(); trivially destructible, so that it can share storage with the frame reader of the
+/// WebSocket phase: call drop() before switching.
 class http_phase {
  public:
   /// What the session does after `feed`.
@@ -5862,8 +5966,10 @@ class http_phase {
   /// pipeline several), handing each response's bytes to `respond(shared_bytes)`. Stops at an
   /// upgrade, at a response that ends the connection, or when `room()` says the responses
   /// queued reached the limit (`paused`: the requests not answered stay in the parser; feed an
-  /// empty span to go on). Handlers (`route`, `identify`) may throw; the parser stays valid for
-  /// drop().
+  /// empty span to go on). A request that announces a body is admitted (or answered) as soon as
+  /// its header section is in; its body is then buffered in the parser as it arrives, up to the
+  /// admitted length, and the request is answered once it is whole. Handlers (`admit`, `route`,
+  /// `identify`) may throw; the parser stays valid for drop().
   template <class Respond, class Room>
   result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
               Room&& room) {
@@ -5877,6 +5983,28 @@ class http_phase {
         const int status = parser_->error_status();
         respond(error_response(status, websocket::status_reason(status)));
         return {next::linger, {}};
+      }
+      if (s == st::body_announced) {
+        // Decided before any of the body is read. An upgrade carries none and a server without
+        // `admit` takes none: a bound of 0, so the parser answers 413 as it did before bodies.
+        const websocket::http_request& req = parser_->request();
+        websocket::http_admission a;
+        if (core.options.admit && !websocket::is_websocket_upgrade(req)) {
+          a = core.options.admit(req);
+        }
+        if (a.reply) {
+          write_reply(req, *a.reply, false, respond);  // the unread body ends the connection
+          return {next::linger, {}};
+        }
+        // RFC 9110 10.1.1: a client that asked to be told waits for this before sending the
+        // body (curl does for uploads over 1 KiB); one that is refused got the refusal above.
+        const bool expects =
+            req.version_minor >= 1 && req.header_has_token("Expect", "100-continue");
+        s = parser_->accept_body(a.max_body);
+        if (s == st::incomplete && expects) {
+          respond(shared_bytes::copy_of(std::string_view("HTTP/1.1 100 Continue\r\n\r\n")));
+        }
+        continue;
       }
       if (!room()) return {next::paused, {}};
       result r = handle(parser_->request(), core, respond);
@@ -5946,18 +6074,39 @@ class http_phase {
       return {next::upgrade, std::move(*device)};
     }
     // A plain request: the route handler (static files for the demo page), keep-alive allowed.
-    if (req.method != "GET" && req.method != "HEAD") {
-      respond(error_response(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n"));
-      return {next::linger, {}};
-    }
+    // Without `admit` only GET and HEAD reach it; with it, `admit` lets in what it wants (a
+    // request with a body was admitted when its header section came in, see feed).
     websocket::http_reply reply;
-    if (o.route) {
-      reply = o.route(req);
-    } else {
-      reply.status = 404;
-      reply.body = shared_bytes::copy_of(std::string_view("not found"));
+    bool admitted = true;
+    if (!o.admit) {
+      if (req.method != "GET" && req.method != "HEAD") {
+        respond(error_response(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n"));
+        return {next::linger, {}};
+      }
+    } else if (req.content_length == 0) {
+      websocket::http_admission a = o.admit(req);
+      if (a.reply) {
+        reply = std::move(*a.reply);
+        admitted = false;
+      }
+    }
+    if (admitted) {
+      if (o.route) {
+        reply = o.route(req);
+      } else {
+        reply.status = 404;
+        reply.body = shared_bytes::copy_of(std::string_view("not found"));
+      }
     }
     const bool keep = req.keep_alive() && !core.stopping.load(std::memory_order_relaxed);
+    write_reply(req, reply, keep, respond);
+    return {keep ? next::answered : next::linger, {}};
+  }
+
+  // Writes `reply` to `req` (no body for HEAD); `keep` says whether the connection persists.
+  template <class Respond>
+  static void write_reply(const websocket::http_request& req, websocket::http_reply& reply,
+                          bool keep, Respond& respond) {
     std::string head;
     head.reserve(160 + reply.content_type.size() + reply.extra_headers.size());
     head.append("HTTP/1.1 ").append(std::to_string(reply.status)).append(" ");
@@ -5967,8 +6116,7 @@ class http_phase {
     head.append(keep ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
     head.append(reply.extra_headers).append("\r\n");
     respond(shared_bytes::copy_of(std::string_view(head)));
-    if (req.method == "GET" && !reply.body.empty()) respond(std::move(reply.body));
-    return {keep ? next::answered : next::linger, {}};
+    if (req.method != "HEAD" && !reply.body.empty()) respond(std::move(reply.body));
   }
 
   websocket::http_request_parser* parser_ = nullptr;

@@ -2,7 +2,8 @@
 // End-to-end test of the demo server in a real browser: Debian's chromium (headless), driven by
 // playwright-core (tests/peers, pinned). What a person would do and see:
 //   /marco and /fridge open; SEND MESSAGE x3 in /marco -> "3" and three log entries in both
-//   pages, each naming a worker; close /marco and reopen it -> still 3; UPDATE DEVICE -> both
+//   pages, each naming a worker; close /marco and reopen it -> still 3; UPDATE DEVICE (the
+//   operator token typed into the page's prompt, sent as a bearer header in a POST) -> both
 //   pages reach 100% and show the new version; restart the server (one message sent while it
 //   is down) -> both pages reconnect, 2 devices connected, /marco shows 4, four log entries
 //   each page, no duplicates; /metrics and /healthz answer.
@@ -49,6 +50,10 @@ if (!fs.existsSync(args.chromium)) {
 // ---- helpers -----------------------------------------------------------------------------
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'devgate-e2e-'));
 const stateFile = path.join(tmp, 'state.json');
+// The operator token, made for this run (nothing secret is committed).
+const operatorToken = require('node:crypto').randomBytes(18).toString('base64url');
+const operatorTokenFile = path.join(tmp, 'operator-token');
+fs.writeFileSync(operatorTokenFile, `${operatorToken}\n`, { mode: 0o600 });
 const outDir = path.resolve(args.out);
 fs.mkdirSync(outDir, { recursive: true });
 let server = null;
@@ -78,8 +83,9 @@ async function freePort() {
 
 function startServer(port) {
   return new Promise((resolve, reject) => {
-    const argv = ['--port', String(port), '--address', '127.0.0.1', '--threads', '2',
-      '--state-file', stateFile, '--firmware-size', String(4 << 20)];
+    const argv = ['--port', String(port), '--listen', '127.0.0.1', '--threads', '2',
+      '--state-file', stateFile, '--firmware-size', String(4 << 20),
+      '--operator-token-file', operatorTokenFile];
     if (args['web-root']) argv.push('--web-root', args['web-root']);
     const child = spawn(args.server, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
@@ -199,11 +205,14 @@ async function main() {
 
   step = 'update the fleet from /marco';
   const before = await marco.evaluate(text('firmware-version'));
+  // The page asks for the operator token (docs/SECURITY.md, "Operator API"): type it in.
+  marco.once('dialog', (d) => d.accept(operatorToken));
   const [release] = await Promise.all([
     marco.waitForResponse((r) => r.url().endsWith('/api/firmware/release'), { timeout: 15000 }),
     marco.click('[data-testid="update-device"]'),
   ]);
-  if (release.status() !== 200) fail(`/api/firmware/release answered ${release.status()}`);
+  if (release.status() !== 202) fail(`POST /api/firmware/release answered ${release.status()}`);
+  if (release.request().method() !== 'POST') fail(`the page sent ${release.request().method()}, not POST`);
   const { version } = await release.json();
   if (!version || version === before) fail(`release version ${JSON.stringify(version)} (was ${before})`);
   for (const [p, id] of [[marco, 'marco'], [fridge, 'fridge']]) {

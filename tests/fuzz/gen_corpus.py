@@ -59,6 +59,16 @@ http = {
 for name, body in http.items():
     write("http", name, body)
 write("http", "tiny_limits", UPGRADE, control=b"\x21\x07")
+# Bodies allowed (byte 0 bit 1: 64 bytes server-wide; byte 1 % 80: the route's bound, 42 here).
+BODIES = b"\x02\x2a"
+write("http", "body_then_pipelined", b"POST /api/firmware HTTP/1.1\r\nHost: h\r\n"
+      b"Content-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: h\r\n\r\n", control=BODIES)
+write("http", "body_over_route_bound", b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 50\r\n\r\n"
+      + b"b" * 50, control=BODIES)
+write("http", "body_over_ceiling", b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 65\r\n\r\n",
+      control=BODIES)
+write("http", "body_partial", b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 40\r\n\r\nabc",
+      control=BODIES)
 
 frame = {
     "text_hello": client_frame(1, b"Hello"),

@@ -1,8 +1,9 @@
 // libFuzzer target: http_request_parser fed in random-sized pieces must agree with the same
-// bytes fed at once, never exceed its limits, and keep its invariants.
+// bytes fed at once, never exceed its limits, and keep its invariants, request bodies included
+// (announced, then accepted or refused by a route bound before any of them is read).
 //
-// Input layout: byte 0 picks the limits (default or tiny), byte 1 seeds the piece sizes, the
-// rest is the wire.
+// Input layout: byte 0 picks the limits (default or tiny, with or without bodies), byte 1 seeds
+// the piece sizes and the route's body bound, the rest is the wire.
 #include <cstddef>  // std::byte
 #include <cstdint>  // fuzzer entry point
 #include <cstdlib>  // std::abort
@@ -35,22 +36,33 @@ struct snapshot {
 // Parses every request in `wire` (pipelined via reset()), feeding it in pieces chosen by `seed`
 // (seed 0: all at once).
 std::vector<snapshot> parse_all(std::span<const std::byte> wire, http_limits limits,
-                                std::uint32_t seed) {
+                                std::size_t route_max, std::uint32_t seed) {
   std::vector<snapshot> out;
   http_request_parser p(limits);
   std::size_t at = 0;
   status st = status::incomplete;
   for (int requests = 0; requests < 64; ++requests) {
-    while (st == status::incomplete && at < wire.size()) {
-      std::size_t n = wire.size() - at;
-      if (seed != 0) {
-        seed = seed * 1103515245u + 12345u;
-        n = std::min<std::size_t>(n, 1 + (seed >> 16) % 37);
+    for (;;) {
+      while (st == status::incomplete && at < wire.size()) {
+        std::size_t n = wire.size() - at;
+        if (seed != 0) {
+          seed = seed * 1103515245u + 12345u;
+          n = std::min<std::size_t>(n, 1 + (seed >> 16) % 37);
+        }
+        const status prev = st;
+        st = p.feed(wire.subspan(at, n));
+        check(prev == status::incomplete);
+        at += n;
       }
-      const status prev = st;
-      st = p.feed(wire.subspan(at, n));
-      check(prev == status::incomplete);
-      at += n;
+      if (st != status::body_announced) break;
+      // The route decides from the header section alone: nothing of the body is in it yet.
+      const auto& r = p.request();
+      check(r.content_length > 0 && r.content_length <= limits.max_body_bytes);
+      check(r.body.empty());
+      check(p.leftover().empty());
+      st = p.accept_body(route_max);
+      check(st != status::body_announced);
+      if (r.content_length > route_max) check(st == status::error && p.error_status() == 413);
     }
     snapshot s;
     s.st = st;
@@ -67,6 +79,8 @@ std::vector<snapshot> parse_all(std::span<const std::byte> wire, http_limits lim
       check(!r.method.empty() && !r.target.empty());
       check(r.version_minor == 0 || r.version_minor == 1);
       check(r.headers.size() <= limits.max_headers);
+      check(r.body.size() == r.content_length);
+      check(r.content_length <= limits.max_body_bytes && r.content_length <= route_max);
       check(r.method.size() + r.target.size() + 10 <= limits.max_request_line + 1);
       s.fields.emplace_back(r.method);
       s.fields.emplace_back(r.target);
@@ -78,6 +92,7 @@ std::vector<snapshot> parse_all(std::span<const std::byte> wire, http_limits lim
         s.fields.emplace_back(h.name);
         s.fields.emplace_back(h.value);
       }
+      s.fields.emplace_back(r.body);
       std::size_t hosts = 0;
       for (const auto& h : r.headers)
         hosts += devgate::websocket::detail_http::iequals(h.name, "host");
@@ -113,10 +128,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     limits.max_header_bytes = 1 + data[0] % 128;
     limits.max_headers = data[0] % 5;
   }
+  // Half the inputs allow bodies (up to 64 bytes server-wide; the route's bound from byte 1).
+  if (data[0] & 2) limits.max_body_bytes = 64;
+  const std::size_t route_max = data[1] % 80;
   const std::uint32_t seed = data[1] | 1u;
   const auto wire = std::as_bytes(std::span<const std::uint8_t>(data + 2, size - 2));
-  const auto whole = parse_all(wire, limits, 0);
-  const auto split = parse_all(wire, limits, seed);
+  const auto whole = parse_all(wire, limits, route_max, 0);
+  const auto split = parse_all(wire, limits, route_max, seed);
   // Both parses see the same bytes in the end, so they find the same requests with the same
   // fields and the same final status; only the leftover differs (a split parse has not been fed
   // the later pieces yet), and it is a prefix of the whole parse's leftover.

@@ -45,7 +45,7 @@ int parse_error(std::string_view text, http_limits limits = {}) {
   http_request_parser p(limits);
   const auto st = p.feed(bytes_of(text));
   if (st == parse_status::complete) return 0;
-  if (st == parse_status::incomplete) return -1;
+  if (st == parse_status::incomplete || st == parse_status::body_announced) return -1;
   return p.error_status();
 }
 
@@ -224,6 +224,68 @@ TEST_CASE("http 505 / 501 / 413", "[websocket][http]") {
             "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n") == 413);
 }
 
+TEST_CASE("http bodies: announced, bounded by the route before they are read, whole or split",
+          "[websocket][http]") {
+  http_limits limits;
+  limits.max_body_bytes = 16;
+  const std::string_view head = "POST /api/x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n";
+  const std::string wire = std::string(head) + "hello" + "GET /next HTTP/1.1\r\nHost: h\r\n\r\n";
+  // Whole: the header section stops at body_announced, nothing of the body is in the request.
+  {
+    http_request_parser p(limits);
+    REQUIRE(p.feed(bytes_of(wire)) == parse_status::body_announced);
+    CHECK(p.request().method == "POST");
+    CHECK(p.request().content_length == 5);
+    CHECK(p.request().body.empty());
+    CHECK(p.leftover().empty());
+    REQUIRE(p.accept_body(5) == parse_status::complete);
+    CHECK(p.request().body == "hello");
+    CHECK(p.request().target == "/api/x");
+    CHECK(std::string_view(reinterpret_cast<const char*>(p.leftover().data()),
+                           p.leftover().size()) == "GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    p.reset();  // the pipelined request after the body
+    REQUIRE(p.state() == parse_status::complete);
+    CHECK(p.request().target == "/next");
+    CHECK(p.request().body.empty());
+  }
+  // Byte by byte: the body arrives after accept_body, piece by piece.
+  {
+    http_request_parser p(limits);
+    std::size_t i = 0;
+    auto st = parse_status::incomplete;
+    for (; i < head.size() && st == parse_status::incomplete; ++i) {
+      st = p.feed(bytes_of(head.substr(i, 1)));
+    }
+    REQUIRE(st == parse_status::body_announced);
+    REQUIRE(p.accept_body(100) == parse_status::incomplete);
+    for (const char c : std::string_view("hell")) {
+      CHECK(p.feed(bytes_of(std::string_view(&c, 1))) == parse_status::incomplete);
+    }
+    REQUIRE(p.feed(bytes_of("o")) == parse_status::complete);
+    CHECK(p.request().body == "hello");
+    http_request_parser moved(std::move(p));  // the body view follows the buffer
+    CHECK(moved.request().body == "hello");
+  }
+  // The route's bound: one byte short is 413 before the body is read.
+  {
+    http_request_parser p(limits);
+    REQUIRE(p.feed(bytes_of(head)) == parse_status::body_announced);
+    CHECK(p.accept_body(4) == parse_status::error);
+    CHECK(p.error_status() == 413);
+  }
+  // The server-wide ceiling: 413 from the header section, whatever the route would say.
+  CHECK(parse_error("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 17\r\n\r\n", limits) == 413);
+  CHECK(parse_error("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                    limits) == 413);
+  CHECK(parse_error("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1x\r\n\r\n", limits) == 400);
+  CHECK(parse_error("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 16\r\n\r\n", limits) == -1);
+  CHECK(parse_error("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", limits) == 0);
+  // Chunked bodies are refused (a route must know the length before it reads anything).
+  CHECK(parse_error("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello"
+                    "\r\n0\r\n\r\n",
+                    limits) == 501);
+}
+
 TEST_CASE("http 431 as soon as a limit is passed", "[websocket][http]") {
   http_limits small;
   small.max_request_line = 32;
@@ -332,7 +394,7 @@ TEST_CASE("handshake: http_response and status_reason", "[websocket][handshake]"
   CHECK(http_response(405, "x", false, "application/json", "Allow: GET\r\n") ==
         "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
         "Content-Length: 1\r\nConnection: close\r\nAllow: GET\r\n\r\nx");
-  for (const int s : {400, 413, 431, 501, 505, 426, 405, 101, 200}) {
+  for (const int s : {400, 401, 403, 409, 411, 413, 431, 501, 505, 426, 405, 101, 200, 202}) {
     CHECK_FALSE(status_reason(s).empty());
   }
   CHECK(status_reason(799).empty());

@@ -803,6 +803,141 @@ TEST_CASE("raw: HTTP errors before the upgrade", "[websocket][server][raw][http]
   CHECK(witness.echoes("witness"));
 }
 
+// Bodies: a route that takes uploads through `admit`, played against by hostile clients.
+TEST_CASE("http bodies: admitted before they are read, bounded, timed out, never chunked",
+          "[websocket][server][raw][http][attack]") {
+  auto o = echo_fixture::base_options();
+  o.handshake_timeout = 400ms;
+  o.http.max_body_bytes = 100u << 20;
+  std::atomic<int> routed{0};
+  o.admit = [](const ws::http_request& r) {
+    ws::http_admission a;
+    if (r.target == "/upload") {
+      if (r.method != "POST") {
+        a.reply.emplace();
+        a.reply->status = 405;
+        a.reply->extra_headers = "Allow: POST\r\n";
+      } else if (r.header("Authorization") != "Bearer s3cret") {
+        a.reply.emplace();
+        a.reply->status = 401;
+      } else {
+        a.max_body = 1u << 20;
+      }
+    } else if (r.target == "/huge") {
+      a.max_body = 100u << 20;
+    }
+    return a;
+  };
+  o.route = [&routed](const ws::http_request& r) {
+    routed.fetch_add(1);
+    ws::http_reply reply;
+    reply.body = devgate::shared_bytes::copy_of(
+        std::string_view(std::string(r.method) + " " + std::string(r.target) + " " +
+                         std::to_string(r.body.size()) + " " + std::string(r.body.substr(0, 8))));
+    return reply;
+  };
+  echo_fixture fx(o);
+  const std::string auth = "Authorization: Bearer s3cret\r\n";
+
+  SECTION("a body within the route's bound reaches the route whole, then keep-alive goes on") {
+    raw_client c(fx.port);
+    const std::string body(300000, 'b');
+    c.write("POST /upload HTTP/1.1\r\nHost: x\r\n" + auth + "Content-Length: 300000\r\n\r\n" +
+            body + "GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+    const auto r = c.read_http_response();
+    CHECK(r.starts_with("HTTP/1.1 200"));
+    CHECK(r.ends_with("POST /upload 300000 bbbbbbbb"));
+    CHECK(c.read_http_response().ends_with("GET /a 0 "));
+  }
+  SECTION("Expect: 100-continue: 100 once admitted, the final answer alone when refused") {
+    raw_client c(fx.port);
+    c.write("POST /upload HTTP/1.1\r\nHost: x\r\n" + auth +
+            "Expect: 100-continue\r\nContent-Length: 4\r\n\r\n");
+    CHECK(c.read_http_response() == "HTTP/1.1 100 Continue\r\n\r\n");
+    c.write("body");
+    CHECK(c.read_http_response().ends_with("POST /upload 4 body"));
+    raw_client refused(fx.port);
+    refused.write(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        "Content-Length: 4\r\n\r\n");
+    CHECK(refused.read_http_response().starts_with("HTTP/1.1 401"));
+  }
+  SECTION("a GET where only POST changes state: 405 with Allow: POST, the route never runs") {
+    raw_client c(fx.port);
+    c.write("GET /upload HTTP/1.1\r\nHost: x\r\n\r\n");
+    const auto r = c.read_http_response();
+    CHECK(r.starts_with("HTTP/1.1 405"));
+    CHECK(r.find("Allow: POST\r\n") != std::string::npos);
+    CHECK(routed.load() == 0);
+  }
+  SECTION("no token: 401 from the header section, the announced body is never read") {
+    raw_client c(fx.port);
+    c.write("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 401"));
+    CHECK(c.closed_by_server());
+    CHECK(routed.load() == 0);
+  }
+  SECTION("a Content-Length above the route's bound: 413 before any body byte is sent") {
+    raw_client c(fx.port);
+    c.write("POST /upload HTTP/1.1\r\nHost: x\r\n" + auth + "Content-Length: 1048577\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 413"));
+    CHECK(c.closed_by_server());
+    CHECK(routed.load() == 0);
+  }
+  SECTION("a Content-Length above the server's ceiling: 413 whatever the route") {
+    raw_client c(fx.port);
+    c.write("POST /huge HTTP/1.1\r\nHost: x\r\nContent-Length: 104857601\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 413"));
+    CHECK(c.closed_by_server());
+  }
+  SECTION("a chunked body: 501, the client must send a Content-Length") {
+    raw_client c(fx.port);
+    c.write("POST /upload HTTP/1.1\r\nHost: x\r\n" + auth +
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+    CHECK(c.read_http_response().starts_with("HTTP/1.1 501"));
+    CHECK(c.closed_by_server());
+    CHECK(routed.load() == 0);
+  }
+  SECTION("100 MB announced and trickled: closed by the request timeout, memory not taken") {
+    raw_client c(fx.port);
+    const auto t0 = std::chrono::steady_clock::now();
+    c.write("POST /huge HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n");
+    bool open = true;
+    for (int i = 0; i < 40 && open; ++i) {  // 10 bytes every 50 ms: 2 s if never stopped
+      open = c.write_all("0123456789");
+      std::this_thread::sleep_for(50ms);
+    }
+    CHECK(c.closed_by_server());
+    const auto took = std::chrono::steady_clock::now() - t0;
+    CHECK(took >= 400ms);
+    CHECK(took < 1500ms);
+    CHECK(routed.load() == 0);
+  }
+  CHECK(eventually([&] { return fx.server.connection_count() == 0; }));
+}
+
+TEST_CASE("http bodies: a server without admit serves GET and HEAD only, and takes no body",
+          "[websocket][server][raw][http]") {
+  auto o = echo_fixture::base_options();
+  o.http.max_body_bytes = 1024;  // a ceiling alone lets nothing through without admit
+  o.route = [](const ws::http_request&) { return ws::http_reply{}; };
+  echo_fixture fx(o);
+  raw_client a(fx.port);
+  a.write("POST / HTTP/1.1\r\nHost: x\r\n\r\n");
+  const auto r = a.read_http_response();
+  CHECK(r.starts_with("HTTP/1.1 405"));
+  CHECK(r.find("Allow: GET, HEAD\r\n") != std::string::npos);
+  raw_client b(fx.port);
+  b.write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody");
+  CHECK(b.read_http_response().starts_with("HTTP/1.1 413"));
+  raw_client u(fx.port);  // an upgrade request never carries a body
+  u.write(
+      "GET /d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+      "Content-Length: 4\r\n\r\nbody");
+  CHECK(u.read_http_response().starts_with("HTTP/1.1 413"));
+}
+
 TEST_CASE("static files: content types, index.html, no traversal", "[websocket][server][http]") {
   const fs::path dir = fs::temp_directory_path() / ("devgate-static-" + std::to_string(::getpid()));
   fs::create_directories(dir / "www" / "sub");

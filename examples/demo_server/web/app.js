@@ -417,12 +417,28 @@
   }
   $('send-message').addEventListener('click', () => queueMessages(1));
   $('send-burst').addEventListener('click', () => queueMessages(200));
+  // The operator API takes only POST with the operator's bearer token (docs/SECURITY.md,
+  // "Operator API"): the page asks for it once and keeps it in this tab's memory only (no
+  // cookie, no storage), so no other page, link or form can start a rollout on its behalf.
+  let operatorToken = '';
+  let operatorApi = true;  // /api/info says whether the demo runs with --operator-token-file
   $('update-device').addEventListener('click', async () => {
     const button = $('update-device');
     button.disabled = true;
     try {
-      const r = await fetch('/api/firmware/release', { cache: 'no-store' });
-      if (!r.ok) throw new Error(`HTTP ${r.status}`);
+      if (!operatorApi) throw new Error('the demo runs without --operator-token-file');
+      if (!operatorToken) {
+        operatorToken = (window.prompt('Operator token (the contents of the demo\'s --operator-token-file):') || '').trim();
+        if (!operatorToken) throw new Error('no operator token given');
+      }
+      const r = await fetch('/api/firmware/release', {
+        method: 'POST',
+        cache: 'no-store',
+        credentials: 'omit',
+        headers: { Authorization: `Bearer ${operatorToken}` },
+      });
+      if (r.status === 401 || r.status === 403) operatorToken = '';  // ask again next time
+      if (!r.ok) throw new Error(`HTTP ${r.status}: ${(await r.text()).trim()}`);
       const j = await r.json();
       $('notice').textContent = `firmware ${j.version} (${mib(j.size)}) published to the fleet`;
     } catch (e) {
@@ -439,6 +455,7 @@
   renderMessages();
   fetch('/api/info', { cache: 'no-store' }).then((r) => r.json()).then((info) => {
     workersMax = info.workers_max;
+    operatorApi = info.operator_api !== false;
     $('workers-max').textContent = ` / ${workersMax}`;
   }).catch(() => {});
   connect();

@@ -99,6 +99,8 @@ struct upgrade_result {
       return "Switching Protocols";
     case 200:
       return "OK";
+    case 202:
+      return "Accepted";
     case 204:
       return "No Content";
     case 301:
@@ -119,6 +121,8 @@ struct upgrade_result {
       return "Request Timeout";
     case 409:
       return "Conflict";
+    case 411:
+      return "Length Required";
     case 413:
       return "Content Too Large";
     case 414:

@@ -22,6 +22,12 @@ struct http_limits {
   std::size_t max_header_bytes = 16384;
   /// Most header fields. Each costs one `http_header` (two views) while the request lives.
   std::size_t max_headers = 64;
+  /// Most body bytes any request may carry: the ceiling of every route's own maximum, and so
+  /// of what one connection holds before its request is answered (the body is buffered whole,
+  /// so that the route sees it in one piece). A larger Content-Length is answered 413 before
+  /// any body byte is read. 0 (the default) means no request carries a body, as for a server
+  /// that only serves GETs and upgrades.
+  std::size_t max_body_bytes = 0;
 };
 
 /// One header field as it arrived: `value` has its surrounding whitespace removed.
@@ -109,6 +115,8 @@ struct http_request {
   std::string_view target;  ///< Request target as sent, e.g. "/devices/abc?x=1".
   int version_minor = 1;    ///< The x of HTTP/1.x (0 or 1).
   std::span<const http_header> headers;  ///< Every header field, in arrival order.
+  std::size_t content_length = 0;        ///< The body's length as announced (0 without one).
+  std::string_view body;                 ///< The body; empty until the request is complete.
 
   /// Value of the first header named `name` (case-insensitive), or "" if absent.
   [[nodiscard]] std::string_view header(std::string_view name) const noexcept {
@@ -140,15 +148,26 @@ struct http_request {
 };
 
 /// Strict, bounded, incremental HTTP/1.1 request parser (RFC 9112) for the upgrade request and
-/// the few plain GETs devgate serves. It accepts no request bodies.
+/// the plain requests devgate serves. Bodies are taken only with a Content-Length (RFC 9112
+/// 6.2), never with a transfer coding (501: the sender must know the length up front, which is
+/// what lets a route refuse an oversized body before reading it).
 ///
 /// Bytes are copied into the parser's own buffer, which never holds more than the limits allow
 /// for the request itself (431 is reported as soon as a line passes its limit, before more is
-/// buffered); bytes that arrive after the request in the same `feed` are kept as `leftover()`.
+/// buffered; a body is read only once `accept_body` allowed its length); bytes that arrive after
+/// the request in the same `feed` are kept as `leftover()`.
 class http_request_parser {
  public:
   /// Result of `feed`.
-  enum class status { incomplete, complete, error };
+  enum class status {
+    incomplete,  ///< Not a whole request yet: feed more bytes.
+    complete,    ///< A whole request (with its body): `request()` is valid.
+    error,       ///< Refused: answer with `error_status()` and close.
+    /// The header section announced a body within `http_limits::max_body_bytes`: `request()`
+    /// has the method, target, headers and `content_length` (no body yet). Call
+    /// `accept_body(max)` to read it, or answer without reading it and close the connection.
+    body_announced,
+  };
 
   /// A parser with the given limits.
   explicit http_request_parser(http_limits limits = {}) : limits_(limits) {}
@@ -172,10 +191,13 @@ class http_request_parser {
     state_ = other.state_;
     error_status_ = other.error_status_;
     in_request_line_ = other.in_request_line_;
+    in_body_ = other.in_body_;
     line_start_ = other.line_start_;
     header_bytes_ = other.header_bytes_;
+    head_end_ = other.head_end_;
     request_end_ = other.request_end_;
-    if (state_ == status::complete) bind_views();  // std::string's small buffer moves with it
+    // std::string's small buffer moves with it; a body being read keeps its header views.
+    if (state_ == status::complete || state_ == status::body_announced || in_body_) bind_views();
     other.reset_state();
     return *this;
   }
@@ -185,17 +207,19 @@ class http_request_parser {
   /// method token, bad target, bare CR or LF, header without colon or with whitespace before
   /// it, obs-fold, control characters, bad or conflicting Content-Length, missing or repeated
   /// Host in HTTP/1.1); 505 for versions other than HTTP/1.0 and HTTP/1.1; 501 for any
-  /// Transfer-Encoding; 413 for Content-Length > 0 on any method (no request bodies).
-  /// After `complete`, further bytes are appended to `leftover()`; after `error`, ignored.
+  /// Transfer-Encoding (chunked included); 413 for a Content-Length above
+  /// `http_limits::max_body_bytes`. After `complete` (and `body_announced`), further bytes are
+  /// kept for later (`leftover()`, the body); after `error`, ignored.
   status feed(std::span<const std::byte> data) {
     const char* in = reinterpret_cast<const char*>(data.data());
     std::size_t n = data.size();
-    if (state_ == status::complete) {
+    if (state_ == status::complete || state_ == status::body_announced) {
       buf_.append(in, n);
       bind_views();
       return state_;
     }
     if (state_ == status::error) return state_;
+    if (in_body_) return feed_body(in, n);
 
     while (n > 0) {
       // RFC 9112 2.2: lines end at LF (CR is checked when the line is parsed); never buffer a
@@ -217,7 +241,7 @@ class http_request_parser {
       n -= take;
       if (!nl) break;
       if (parse_line() != status::incomplete) {
-        if (state_ == status::complete) {
+        if (state_ == status::complete || state_ == status::body_announced) {
           buf_.append(in, n);  // pipelined request or early WebSocket frames
           bind_views();
         }
@@ -227,10 +251,23 @@ class http_request_parser {
     return state_;
   }
 
-  /// The request; valid after `feed` returned `complete`, until `reset()`.
+  /// The request; valid after `feed` returned `complete` (or `body_announced`, without its
+  /// body), until `reset()`.
   [[nodiscard]] const http_request& request() const noexcept { return request_; }
 
-  /// The HTTP status to answer with after `feed` returned `error` (400, 413, 431, 501, 505).
+  /// After `body_announced`: reads the body if its length is at most `max_body` (the route's
+  /// own bound), else fails with 413 without reading it. Bytes already received after the
+  /// header section are parsed at once, so check the result as after `feed`.
+  status accept_body(std::size_t max_body) {
+    if (state_ != status::body_announced) return state_;
+    if (request_.content_length > max_body) return fail(413);
+    state_ = status::incomplete;
+    in_body_ = true;
+    return body_taken();
+  }
+
+  /// The HTTP status to answer with after `feed` (or `accept_body`) returned `error` (400, 413,
+  /// 431, 501, 505).
   [[nodiscard]] int error_status() const noexcept { return error_status_; }
 
   /// The parser's current state (the last `feed` result, or the state after `reset()`).
@@ -268,12 +305,32 @@ class http_request_parser {
     in_request_line_ = true;
     line_start_ = 0;
     header_bytes_ = 0;
+    head_end_ = 0;
     request_end_ = 0;
+    in_body_ = false;
   }
 
   status fail(int http_status) {
     state_ = status::error;
     error_status_ = http_status;
+    in_body_ = false;
+    return state_;
+  }
+
+  // Takes body bytes; what follows the announced length is the leftover (a pipelined request).
+  status feed_body(const char* in, std::size_t n) {
+    buf_.append(in, n);
+    return body_taken();
+  }
+
+  // Completes the request once the buffer holds the whole body.
+  status body_taken() {
+    const std::size_t end = head_end_ + request_.content_length;
+    if (buf_.size() < end) return state_;
+    in_body_ = false;
+    request_end_ = end;
+    state_ = status::complete;
+    bind_views();
     return state_;
   }
 
@@ -377,7 +434,8 @@ class http_request_parser {
 
   // The header section ended: apply the message-level rules.
   status finish() {
-    request_end_ = buf_.size();
+    head_end_ = buf_.size();
+    request_end_ = head_end_;
     bind_views();
     const http_request& r = request_;
     std::size_t hosts = 0;
@@ -387,7 +445,7 @@ class http_request_parser {
       if (detail_http::iequals(h.name, "Host")) {
         ++hosts;
       } else if (detail_http::iequals(h.name, "Transfer-Encoding")) {
-        return fail(501);  // RFC 9112 6.1: we implement no transfer codings (no bodies at all)
+        return fail(501);  // RFC 9112 6.1: we implement no transfer codings (not even chunked)
       } else if (detail_http::iequals(h.name, "Content-Length")) {
         // RFC 9112 6.3: differing or invalid Content-Length values are unrecoverable.
         if (has_content_length && content_length != h.value) return fail(400);
@@ -398,13 +456,27 @@ class http_request_parser {
     // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; more than one is a 400 in any version.
     if (hosts > 1 || (r.version_minor >= 1 && hosts == 0)) return fail(400);
     if (has_content_length) {
+      // RFC 9112 6.3: Content-Length = 1*DIGIT. A value past the ceiling is 413 whatever its
+      // size, so the digits are read only while they stay at or below it.
       if (content_length.empty()) return fail(400);
-      bool nonzero = false;
+      std::size_t length = 0;
+      bool too_large = false;
       for (const char c : content_length) {
         if (c < '0' || c > '9') return fail(400);
-        nonzero |= c != '0';
+        const auto digit = static_cast<std::size_t>(c - '0');
+        const std::size_t max = limits_.max_body_bytes;
+        if (too_large || length > max / 10 || digit > max - length * 10) {
+          too_large = true;
+        } else {
+          length = length * 10 + digit;
+        }
       }
-      if (nonzero) return fail(413);  // devgate serves only GETs and upgrades: no bodies
+      if (too_large) return fail(413);
+      request_.content_length = length;
+      if (length > 0) {
+        state_ = status::body_announced;
+        return state_;
+      }
     }
     state_ = status::complete;
     return state_;
@@ -421,6 +493,9 @@ class http_request_parser {
       headers_[i] = {{base + f.name_off, f.name_len}, {base + f.value_off, f.value_len}};
     }
     request_.headers = headers_;
+    request_.body = state_ == status::complete && !in_body_
+                        ? std::string_view(base + head_end_, request_end_ - head_end_)
+                        : std::string_view();
   }
 
   http_limits limits_;
@@ -434,7 +509,9 @@ class http_request_parser {
   bool in_request_line_ = true;
   std::size_t line_start_ = 0;    // offset in buf_ of the line being received
   std::size_t header_bytes_ = 0;  // header-section bytes so far (lines with CRLF)
-  std::size_t request_end_ = 0;   // offset in buf_ just past the final CRLF
+  std::size_t head_end_ = 0;      // offset in buf_ just past the header section's final CRLF
+  std::size_t request_end_ = 0;   // offset in buf_ just past the body (the next request's start)
+  bool in_body_ = false;          // reading an accepted body
 };
 
 }  // namespace devgate::websocket

@@ -1,9 +1,10 @@
 #pragma once
 
 #include <chrono>        // timeouts
+#include <cstddef>       // body sizes
 #include <cstdint>       // port
 #include <functional>    // callbacks
-#include <optional>      // identify result
+#include <optional>      // identify result, admission reply
 #include <string>        // address, texts
 #include <system_error>  // error replies
 
@@ -16,13 +17,25 @@
 
 namespace devgate::websocket {
 
-/// The answer to a plain (non-upgrade) HTTP GET or HEAD, produced by `server_options::route`.
+/// The answer to a plain (non-upgrade) HTTP request, produced by `server_options::route` (or
+/// by `server_options::admit` before the route runs).
 struct http_reply {
   int status = 200;                                        ///< HTTP status code.
   std::string content_type = "text/plain; charset=utf-8";  ///< Content-Type value.
   shared_bytes body;                                       ///< Body, shared (never copied).
   /// Extra header lines, each ending in CRLF (e.g. "Cache-Control: no-cache\r\n").
   std::string extra_headers;
+};
+
+/// What `server_options::admit` decides about a plain request from its header section alone,
+/// before any body byte is read.
+struct http_admission {
+  /// Most body bytes this request may carry (its route's bound, capped by
+  /// `http_limits::max_body_bytes`); a larger Content-Length is answered 413 unread.
+  std::size_t max_body = 0;
+  /// When set, the answer sent instead of reading the body and calling `route` (401, 403,
+  /// 405, 409, ...); a request that announced a body then closes its connection.
+  std::optional<http_reply> reply;
 };
 
 /// The text frame a device receives when `on_messages` refuses its message:
@@ -120,9 +133,18 @@ struct server_options {
   /// a session never holds more than twice the limit while drops catch up with senders on other
   /// threads. At most 1 GiB (sessions count their bytes in 32 bits; start() refuses more).
   backpressure_options backpressure{};
-  /// Answers plain GET/HEAD requests (see `static_files`); unset means 404 for every path.
-  /// Runs on a worker thread; keep it quick.
+  /// Answers plain requests (see `static_files`), with their body in `http_request::body`;
+  /// unset means 404 for every path. Without `admit` it sees only GET and HEAD (other methods
+  /// are answered 405) and no bodies. Runs on a worker thread; keep it quick.
   std::function<http_reply(const http_request&)> route;
+  /// Admits plain requests of any method before `route` sees them: called once per request when
+  /// its header section is in, it says how many body bytes the request may carry or answers it
+  /// at once (so an unauthorised or misdirected upload is refused before its body is read).
+  /// A client that sent `Expect: 100-continue` gets `100 Continue` once admitted.
+  /// Unset: GET and HEAD only, no bodies. Bodies are read as they arrive, on the session's
+  /// worker thread without blocking it, within `handshake_timeout` for the whole request; set
+  /// `http.max_body_bytes` to let any body through. Runs on a worker thread; keep it quick.
+  std::function<http_admission(const http_request&)> admit;
   /// Maps an upgrade request to the device id, or std::nullopt to refuse it with 400.
   /// Unset: every path is accepted and the device id is the request target.
   std::function<std::optional<std::string>(const http_request&)> identify;

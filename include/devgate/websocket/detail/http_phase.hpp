@@ -18,10 +18,11 @@
 namespace devgate::websocket::detail {
 
 /// A connection before its upgrade (RFC 9112; RFC 6455 section 4.2): parses its requests,
-/// answers plain GETs through `server_options::route`, refuses what it must refuse, and accepts
-/// an upgrade. It only decides; the session writes what it is given and changes phase.
-/// Holds a parser from the first bytes until drop(); trivially destructible, so that it can
-/// share storage with the frame reader of the WebSocket phase: call drop() before switching.
+/// admits plain requests and their bodies through `server_options::admit`, answers them through
+/// `server_options::route`, refuses what it must refuse, and accepts an upgrade. It only decides;
+/// the session writes what it is given and changes phase. Holds a parser from the first bytes until
+/// drop(); trivially destructible, so that it can share storage with the frame reader of the
+/// WebSocket phase: call drop() before switching.
 class http_phase {
  public:
   /// What the session does after `feed`.
@@ -45,8 +46,10 @@ class http_phase {
   /// pipeline several), handing each response's bytes to `respond(shared_bytes)`. Stops at an
   /// upgrade, at a response that ends the connection, or when `room()` says the responses
   /// queued reached the limit (`paused`: the requests not answered stay in the parser; feed an
-  /// empty span to go on). Handlers (`route`, `identify`) may throw; the parser stays valid for
-  /// drop().
+  /// empty span to go on). A request that announces a body is admitted (or answered) as soon as
+  /// its header section is in; its body is then buffered in the parser as it arrives, up to the
+  /// admitted length, and the request is answered once it is whole. Handlers (`admit`, `route`,
+  /// `identify`) may throw; the parser stays valid for drop().
   template <class Respond, class Room>
   result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
               Room&& room) {
@@ -60,6 +63,28 @@ class http_phase {
         const int status = parser_->error_status();
         respond(error_response(status, websocket::status_reason(status)));
         return {next::linger, {}};
+      }
+      if (s == st::body_announced) {
+        // Decided before any of the body is read. An upgrade carries none and a server without
+        // `admit` takes none: a bound of 0, so the parser answers 413 as it did before bodies.
+        const websocket::http_request& req = parser_->request();
+        websocket::http_admission a;
+        if (core.options.admit && !websocket::is_websocket_upgrade(req)) {
+          a = core.options.admit(req);
+        }
+        if (a.reply) {
+          write_reply(req, *a.reply, false, respond);  // the unread body ends the connection
+          return {next::linger, {}};
+        }
+        // RFC 9110 10.1.1: a client that asked to be told waits for this before sending the
+        // body (curl does for uploads over 1 KiB); one that is refused got the refusal above.
+        const bool expects =
+            req.version_minor >= 1 && req.header_has_token("Expect", "100-continue");
+        s = parser_->accept_body(a.max_body);
+        if (s == st::incomplete && expects) {
+          respond(shared_bytes::copy_of(std::string_view("HTTP/1.1 100 Continue\r\n\r\n")));
+        }
+        continue;
       }
       if (!room()) return {next::paused, {}};
       result r = handle(parser_->request(), core, respond);
@@ -129,18 +154,39 @@ class http_phase {
       return {next::upgrade, std::move(*device)};
     }
     // A plain request: the route handler (static files for the demo page), keep-alive allowed.
-    if (req.method != "GET" && req.method != "HEAD") {
-      respond(error_response(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n"));
-      return {next::linger, {}};
-    }
+    // Without `admit` only GET and HEAD reach it; with it, `admit` lets in what it wants (a
+    // request with a body was admitted when its header section came in, see feed).
     websocket::http_reply reply;
-    if (o.route) {
-      reply = o.route(req);
-    } else {
-      reply.status = 404;
-      reply.body = shared_bytes::copy_of(std::string_view("not found"));
+    bool admitted = true;
+    if (!o.admit) {
+      if (req.method != "GET" && req.method != "HEAD") {
+        respond(error_response(405, "only GET and HEAD are served", "Allow: GET, HEAD\r\n"));
+        return {next::linger, {}};
+      }
+    } else if (req.content_length == 0) {
+      websocket::http_admission a = o.admit(req);
+      if (a.reply) {
+        reply = std::move(*a.reply);
+        admitted = false;
+      }
+    }
+    if (admitted) {
+      if (o.route) {
+        reply = o.route(req);
+      } else {
+        reply.status = 404;
+        reply.body = shared_bytes::copy_of(std::string_view("not found"));
+      }
     }
     const bool keep = req.keep_alive() && !core.stopping.load(std::memory_order_relaxed);
+    write_reply(req, reply, keep, respond);
+    return {keep ? next::answered : next::linger, {}};
+  }
+
+  // Writes `reply` to `req` (no body for HEAD); `keep` says whether the connection persists.
+  template <class Respond>
+  static void write_reply(const websocket::http_request& req, websocket::http_reply& reply,
+                          bool keep, Respond& respond) {
     std::string head;
     head.reserve(160 + reply.content_type.size() + reply.extra_headers.size());
     head.append("HTTP/1.1 ").append(std::to_string(reply.status)).append(" ");
@@ -150,8 +196,7 @@ class http_phase {
     head.append(keep ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
     head.append(reply.extra_headers).append("\r\n");
     respond(shared_bytes::copy_of(std::string_view(head)));
-    if (req.method == "GET" && !reply.body.empty()) respond(std::move(reply.body));
-    return {keep ? next::answered : next::linger, {}};
+    if (req.method != "HEAD" && !reply.body.empty()) respond(std::move(reply.body));
   }
 
   websocket::http_request_parser* parser_ = nullptr;
