@@ -18,7 +18,7 @@ results=$out/results.jsonl
 
 # ---- systems ------------------------------------------------------------------------------------
 # Each system: how its server starts and which devload scenario drives it.
-systems=(devgate devgate_sub10 demo mosquitto_qos1 mosquitto_qos0 nats nats_reqreply socketio)
+systems=(devgate devgate_sub10 devgate_sub10b demo mosquitto_qos1 mosquitto_qos0 nats nats_reqreply socketio)
 skipped=()
 have_mosquitto=1; command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || have_mosquitto=0
 have_nats=1; command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || have_nats=0
@@ -54,7 +54,7 @@ start_system() {  # system; sets server_pid, port
   next_port
   local cmd
   case $1 in
-    devgate|devgate_sub10) cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1) ;;
+    devgate|devgate_sub10|devgate_sub10b) cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1) ;;
     demo) rm -f "$out/demo-state.json"
           cmd=("$build/examples/demo_server/demo_server" --address 127.0.0.1 --port $port --dispatch-us 0
                --state-file "$out/demo-state.json") ;;
@@ -87,6 +87,7 @@ args_of_system() {
   case $1 in
     devgate) echo "--scenario v1" ;;
     devgate_sub10) echo "--scenario v1 --subscribers 10" ;;
+    devgate_sub10b) echo "--scenario v1 --subscribers 10 --batch 1" ;;
     demo) echo "--scenario v1 --count-path /metrics" ;;
     mosquitto_qos1) echo "--scenario mqtt --qos 1" ;;
     mosquitto_qos0) echo "--scenario mqtt --qos 0" ;;

@@ -76,6 +76,7 @@ struct options {
   double seconds = 5;
   double warmup = 1;
   unsigned subscribers = 0;
+  bool batch = false;  // v1 subscribers ask for the batched server log (one frame per batch)
   unsigned qos = 1;
   bool ack = false;
   std::string count_path = "/count";
@@ -616,12 +617,21 @@ class devload {
     } else if (type == "event") {
       if (measuring_) ++c.events;
       ++events_total_;
+    } else if (type == "events") {  // a batch of server-log lines (--batch 1): one per device
+      std::uint64_t lines = 0;
+      for (auto at = m.find("{\"device\":"); at != std::string_view::npos;
+           at = m.find("{\"device\":", at + 1)) {
+        ++lines;
+      }
+      if (measuring_) c.events += lines;
+      events_total_ += lines;
     } else if (type == "deliver") {
       std::uint64_t seq = 0;
       if (json_uint(m, "\"seq\":", seq) && seq > c.deliver_seq) c.deliver_seq = seq;
     } else if (type == "welcome") {
       if (c.kind == role::subscriber) {
-        ws_text(c, R"({"type":"subscribe","topic":"server"})");
+        ws_text(c, o_.batch ? R"({"type":"subscribe","topic":"server","batch":true})"
+                            : R"({"type":"subscribe","topic":"server"})");
       } else if (c.state == phase::greeting) {
         became_ready(c);
       }
@@ -941,6 +951,7 @@ class devload {
     j.kv("server_rss_kb", static_cast<double>(proc_status_kb(o_.server_pid, "VmRSS:")));
     if (o_.subscribers > 0) {
       j.kv("subscribers", o_.subscribers);
+      j.kv("batched_log", o_.batch);
       j.kv("events_per_s", static_cast<double>(events_measured) / secs);
       j.kv("events_per_subscriber_per_s",
            static_cast<double>(events_measured) / secs / o_.subscribers);
@@ -1118,6 +1129,8 @@ int main(int argc, char** argv) {
       o.warmup = std::strtod(v, nullptr);
     } else if (k == "--subscribers") {
       o.subscribers = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--batch") {
+      o.batch = std::strtoul(v, nullptr, 10) != 0;
     } else if (k == "--qos") {
       o.qos = std::strtoul(v, nullptr, 10) == 0 ? 0 : 1;
     } else if (k == "--ack") {

@@ -270,11 +270,13 @@ def main():
 # ---- the device-path pass (run.sh --device, issue 18) -----------------------------------------
 DEVICE_BEGIN = "<!-- device-path:begin -->"
 DEVICE_END = "<!-- device-path:end -->"
-DEVICE_ORDER = ["devgate", "devgate_sub10", "demo", "mosquitto_qos1", "mosquitto_qos0",
-                "nats_reqreply", "nats", "socketio"]
+DEVICE_ORDER = ["devgate", "devgate_sub10", "devgate_sub10b", "demo", "mosquitto_qos1",
+                "mosquitto_qos0", "nats_reqreply", "nats", "socketio"]
 DEVICE_NAMES = {
     "devgate": "devgate hub, protocol v1, memory store (`sent` per message)",
-    "devgate_sub10": "devgate hub + 10 `server` subscribers",
+    "devgate_sub10": "devgate hub + 10 `server` subscribers (an `event` per message)",
+    "devgate_sub10b":
+        "devgate hub + 10 `server` subscribers, batched (`events` per dispatch batch)",
     "demo": "examples/demo_server `--dispatch-us 0`",
     "mosquitto_qos1": "mosquitto, MQTT QoS 1 (PUBACK)",
     "mosquitto_qos0": "mosquitto, MQTT QoS 0 (to sink receipt)",
@@ -377,6 +379,8 @@ def device_main(results, meta_path, path):
         tgt("devgate / Socket.IO", short, dg, m(case, "socketio", "msgs_per_cpu_s"), 10)
         tgt("devgate with 10 `server` subscribers / devgate with none", short,
             m(case, "devgate_sub10", "msgs_per_cpu_s"), dg, 0.5)
+        tgt("devgate with 10 batched `server` subscribers / devgate with none", short,
+            m(case, "devgate_sub10b", "msgs_per_cpu_s"), dg, 0.5)
         L.append(f"| devgate `on_dispatch` / mosquitto QoS 1 | {short} | - | >= 3x | "
                  "not yet available |")
     L.append("")
@@ -395,10 +399,11 @@ def device_main(results, meta_path, path):
                      f"{cell(rows, case, s, 'msgs_per_cpu_s')} | {lat} | "
                      f"{fmt(m(case, s, 'server_rss_kb') and m(case, s, 'server_rss_kb') / 1024)} | "
                      f"{complete_cell(rows, case, s)} | {rel} |")
-        ev = m(case, "devgate_sub10", "events_per_s")
-        if ev is not None:
-            L.append(f"\nThe 10 `server` subscribers received {fmt(ev)} events/s in all "
-                     f"({fmt(m(case, 'devgate_sub10', 'events_per_subscriber_per_s'))} each).")
+        for sub in ("devgate_sub10", "devgate_sub10b"):
+            ev = m(case, sub, "events_per_s")
+            if ev is not None:
+                L.append(f"\n{DEVICE_NAMES[sub]}: the subscribers received {fmt(ev)} server-log "
+                         f"lines/s in all ({fmt(m(case, sub, 'events_per_subscriber_per_s'))} each).")
         for e in errors_in(rows, case):
             detail = f" ({e['first_error']})" if e.get("first_error") else ""
             L.append(f"\nFailed run (retried once, see results.jsonl): {e.get('server')} repetition "

@@ -89,6 +89,8 @@ int main(int argc, char** argv) {
   ho.pipeline.pool.workers = workers;
   ho.pipeline.pool.min_workers = workers;
   ho.pipeline.pool.max_workers = workers;
+  // The benchmark's dashboards subscribe to the server log (devices may not by default).
+  ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
   bench_hub hub(transport, counting_sink{&count}, ho);
   hub_ptr = &hub;
   if (const auto ec = hub.start()) {

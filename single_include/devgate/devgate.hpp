@@ -2019,6 +2019,8 @@ struct dispatch_context {
 /// success or the failure; the pipeline retries failures with backoff, then dead-letters them.
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
+/// Optionally, `s.end_batch(ctx)` is called by each worker after it dispatched a batch (a sink
+/// may gather per batch, per worker thread, and flush there).
 /// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
 /// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
 /// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
@@ -2911,6 +2913,7 @@ class pipeline {
       fetcher_.fetch_next(b);
       if (work_.has_waiters() && fetcher_.has_work(held)) work_.notify_one();
     } while (b.size() != 0);
+    end_batch(ctx);
     stats.dispatched.store(stats.dispatched.load(std::memory_order_relaxed) + ok,
                            std::memory_order_relaxed);
     stats.batch_size.record(b.taken());
@@ -2955,6 +2958,17 @@ class pipeline {
     }
   }
 
+  // Tells a sink that has `end_batch(dispatch_context&)` that the worker's batch is dispatched
+  // (a sink may gather per batch and flush there); an exception is counted and contained.
+  void end_batch(dispatch_context& ctx) noexcept {
+    if constexpr (requires { sink_.end_batch(ctx); }) {
+      try {
+        sink_.end_batch(ctx);
+      } catch (...) {
+        handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
   // One sink attempt. An exception is that attempt's failure (retried, then dead-lettered with
   // errc::handler_threw), counted; the try costs nothing while nothing throws.
   std::error_code consume(const message& m, dispatch_context& ctx) noexcept {
@@ -9423,6 +9437,9 @@ enum class error : std::uint8_t {
 namespace topics {
 /// Every dispatched message (device, sequence, worker, times): the server log.
 inline constexpr std::string_view server = "server";
+/// The pub/sub name of the server log's batched subscribers (`subscribe` with `batch: true`):
+/// not a wire topic (`#` is not a topic character), their frames say `server`.
+inline constexpr std::string_view server_batched = "server#batch";
 /// Gateway figures published by `hub::publish_stats`.
 inline constexpr std::string_view stats = "stats";
 /// Every connected device is on it; messages are shared frames, not sequenced.
@@ -12107,12 +12124,24 @@ class protocol_dispatch {
       reply_error(rec, s, error::topic_not_allowed, type);
       return;
     }
+    // `batch: true` on the server log: one `events` frame per dispatch batch.
+    const auto batch_field = j.find("batch");
+    if (batch_field != j.end() && !batch_field->is_boolean()) {
+      reply_error(rec, s, error::bad_message, type);
+      return;
+    }
+    const bool batched =
+        *topic == topics::server && batch_field != j.end() && batch_field->get<bool>();
     if (sub) {
-      bus_.subscribe(*topic, s);
+      // One form at a time: subscribing again switches it.
+      bus_.unsubscribe(batched ? topics::server : topics::server_batched, s);
+      bus_.subscribe(batched ? topics::server_batched : *topic, s);
     } else {
       bus_.unsubscribe(*topic, s);
+      if (*topic == topics::server) bus_.unsubscribe(topics::server_batched, s);
     }
     nlohmann::json ok{{"type", sub ? "subscribed" : "unsubscribed"}, {"topic", *topic}};
+    if (sub && batched) ok["batch"] = true;
     out_.post(rec, s, payload_kind::text, to_payload(ok));
   }
 
@@ -12296,58 +12325,103 @@ class hub_sink {
  public:
   /// Wraps `user`; `bus` receives the server log.
   hub_sink(Sink user, pubsub* bus) : user_(std::move(user)), bus_(bus) {}
-  /// Dispatches to the user's sink, then logs.
+  /// Dispatches to the user's sink, then logs: one `event` per message to the server log's
+  /// subscribers, and one line of the batch's `events` frame for its batched subscribers.
   std::error_code consume(const message& m, dispatch_context& ctx) {
     auto ec = user_.consume(m, ctx);
-    if (!ec && bus_->has_subscribers(topics::server)) {
-      const auto now = clock::now();
-      const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
-                            std::chrono::system_clock::now().time_since_epoch())
-                            .count();
-      const auto latency =
-          std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
-      bus_->publish(topics::server, server_log_event(m.device_id.view(), m.sequence, ctx.worker_id,
-                                                     ctx.partition, wall, latency));
+    if (ec) return ec;
+    const bool single = bus_->has_subscribers(topics::server);
+    const bool batched = bus_->has_subscribers(topics::server_batched);
+    if (!single && !batched) return ec;
+    const auto now = clock::now();
+    const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+    const auto latency =
+        std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
+    const line l{m.device_id.view(), m.sequence, ctx.worker_id, ctx.partition, wall, latency};
+    if (single) {
+      std::string& out = scratch();
+      out.assign(R"({"type":"event","topic":"server","data":)");
+      append_line(out, l);
+      out.push_back('}');
+      bus_->publish(topics::server, shared_bytes::copy_of(std::string_view(out)));
+    }
+    if (batched) {
+      std::string& lines = batch_lines();
+      if (lines.empty())
+        lines.assign(R"({"type":"events","topic":"server","data":[)");
+      else
+        lines.push_back(',');
+      append_line(lines, l);
     }
     return ec;
+  }
+  /// The end of a worker's dispatch batch: its lines go to the batched subscribers in one frame.
+  void end_batch(dispatch_context& ctx) {
+    if constexpr (requires { user_.end_batch(ctx); }) user_.end_batch(ctx);
+    std::string& lines = batch_lines();
+    if (lines.empty()) return;
+    lines.append("]}");
+    const auto frame = shared_bytes::copy_of(std::string_view(lines));
+    lines.clear();
+    bus_->publish(topics::server_batched, frame);
   }
   /// The user's sink.
   Sink& user() noexcept { return user_; }
 
-  /// The server-log event of one dispatched message, encoded in one buffer:
-  /// `{"type":"event","topic":"server","data":{"device":..,"latency_us":..,"partition":..,
-  /// "seq":..,"time_ms":..,"worker":..}}`.
-  static shared_bytes server_log_event(std::string_view device, std::uint64_t seq,
-                                       std::size_t worker, std::size_t partition,
-                                       std::int64_t time_ms, std::int64_t latency_us) {
-    if (!is_valid_device_id(device)) [[unlikely]] {  // host code may push any id: escape it
-      nlohmann::json data{{"device", device},   {"seq", seq},
-                          {"worker", worker},   {"partition", partition},
-                          {"time_ms", time_ms}, {"latency_us", latency_us}};
-      return make_envelope("event", 0, topics::server,
-                           data.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+  /// One line of the server log.
+  struct line {
+    std::string_view device;  ///< The device.
+    std::uint64_t seq;        ///< Its message number.
+    std::size_t worker;       ///< The worker that dispatched it.
+    std::size_t partition;    ///< The partition it came from.
+    std::int64_t time_ms;     ///< Unix ms when the sink returned.
+    std::int64_t latency_us;  ///< From receipt to the sink's return.
+  };
+  /// Appends `l` as JSON, `{"device":..,"latency_us":..,"partition":..,"seq":..,"time_ms":..,
+  /// "worker":..}`, to `out`.
+  static void append_line(std::string& out, const line& l) {
+    if (!is_valid_device_id(l.device)) [[unlikely]] {  // host code may push any id: escape it
+      nlohmann::json data{{"device", l.device},   {"seq", l.seq},
+                          {"worker", l.worker},   {"partition", l.partition},
+                          {"time_ms", l.time_ms}, {"latency_us", l.latency_us}};
+      out.append(data.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+      return;
     }
     // A device id is 1 to 128 of [A-Za-z0-9._-]: no escaping needed.
-    constexpr std::string_view head = R"({"type":"event","topic":"server","data":{"device":")";
-    constexpr std::size_t numbers = 5 * 20;  // five numbers of at most 20 characters
-    char buf[head.size() + max_device_id_length + numbers + 64];
-    char* p = std::copy(head.begin(), head.end(), buf);
-    p = std::copy(device.begin(), device.end(), p);
-    auto field = [&p](std::string_view name, auto value) {
-      p = std::copy(name.begin(), name.end(), p);
-      p = std::to_chars(p, p + 20, value).ptr;
-    };
-    field(R"(","latency_us":)", latency_us);
-    field(R"(,"partition":)", partition);
-    field(R"(,"seq":)", seq);
-    field(R"(,"time_ms":)", time_ms);
-    field(R"(,"worker":)", worker);
+    char buf[max_device_id_length + 5 * 20 + 80];  // the id, five numbers, the names
+    char* p = buf;
+    auto text = [&p](std::string_view t) { p = std::copy(t.begin(), t.end(), p); };
+    auto number = [&p](auto v) { p = std::to_chars(p, p + 20, v).ptr; };
+    text(R"({"device":")");
+    text(l.device);
+    text(R"(","latency_us":)");
+    number(l.latency_us);
+    text(R"(,"partition":)");
+    number(l.partition);
+    text(R"(,"seq":)");
+    number(l.seq);
+    text(R"(,"time_ms":)");
+    number(l.time_ms);
+    text(R"(,"worker":)");
+    number(l.worker);
     *p++ = '}';
-    *p++ = '}';
-    return shared_bytes::copy_of(std::string_view(buf, static_cast<std::size_t>(p - buf)));
+    out.append(buf, static_cast<std::size_t>(p - buf));
   }
 
  private:
+  // The calling worker's encoding buffer (a worker thread serves one pipeline).
+  static std::string& scratch() {
+    thread_local std::string s;
+    return s;
+  }
+  // The lines of the calling worker's current batch; emptied by end_batch.
+  static std::string& batch_lines() {
+    thread_local std::string s;
+    return s;
+  }
+
   Sink user_;
   pubsub* bus_;
 };

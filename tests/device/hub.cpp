@@ -547,6 +547,63 @@ TEST_CASE("protocol dispatch: a batch is answered in order, its device messages 
   CHECK(sunk == std::vector<std::string>{"1:a", "2:b", "3:c", "4:d"});
 }
 
+TEST_CASE("pub/sub: a batched server-log subscriber gets every line, a batch per frame") {
+  in_process_transport t;
+  dev::hub_options o;
+  o.may_subscribe = dev::allow_topics({"fleet", "server"});
+  hub_t hub(t, {}, o);
+  REQUIRE_FALSE(hub.start());
+  auto a = connect(t, "a");
+  auto dash = connect(t, "dash");
+  auto plain = connect(t, "plain");
+  a.poll();
+  dash.poll();
+  plain.poll();
+  REQUIRE_FALSE(dash.s.push(R"({"type":"subscribe","topic":"server","batch":"yes"})"));
+  CHECK((*dash.next("error"))["code"] == "bad_message");
+  REQUIRE_FALSE(dash.s.push(R"({"type":"subscribe","topic":"server","batch":true})"));
+  auto ok = dash.next("subscribed");
+  REQUIRE(ok);
+  CHECK((*ok)["batch"] == true);
+  REQUIRE_FALSE(plain.send({{"type", "subscribe"}, {"topic", "server"}}));
+  REQUIRE(plain.next("subscribed"));
+
+  constexpr int n = 300;
+  for (int i = 0; i < n; ++i) REQUIRE_FALSE(a.send({{"type", "send"}, {"data", "x"}}));
+  std::vector<json> lines;
+  int frames = 0;
+  REQUIRE(eventually([&] {
+    for (auto& j : dash.poll()) {
+      if (j["type"] == "event") FAIL("a batched subscriber got a single event");
+      if (j["type"] != "events") continue;
+      CHECK(j["topic"] == "server");
+      ++frames;
+      for (auto& l : j["data"]) lines.push_back(l);
+    }
+    return lines.size() == n;
+  }));
+  CHECK(frames < n);  // batched: fewer frames than lines
+  for (int i = 0; i < n; ++i) {
+    CHECK(lines[i]["device"] == "a");
+    CHECK(lines[i]["seq"] == i + 1);  // every line, in order
+    CHECK(lines[i]["time_ms"].get<std::int64_t>() > 0);
+  }
+  int singles = 0;  // the other subscriber still gets one event per message
+  REQUIRE(eventually([&] {
+    for (auto& j : plain.poll()) singles += j["type"] == "event" ? 1 : 0;
+    return singles == n;
+  }));
+
+  // Unsubscribing ends the batched form too.
+  REQUIRE_FALSE(dash.send({{"type", "unsubscribe"}, {"topic", "server"}}));
+  REQUIRE(dash.next("unsubscribed"));
+  REQUIRE_FALSE(a.send({{"type", "send"}, {"data", "y"}, {"id", 1}}));
+  REQUIRE(a.next("sent"));
+  REQUIRE(eventually([&] { return hub.stats().dispatched == n + 1; }));
+  CHECK(dash.poll().empty());
+  hub.stop();
+}
+
 TEST_CASE("pub/sub: server log per dispatched message, fleet frames shared, host callbacks") {
   in_process_transport t;
   dev::hub_options o;

@@ -425,12 +425,24 @@ class protocol_dispatch {
       reply_error(rec, s, error::topic_not_allowed, type);
       return;
     }
+    // `batch: true` on the server log: one `events` frame per dispatch batch.
+    const auto batch_field = j.find("batch");
+    if (batch_field != j.end() && !batch_field->is_boolean()) {
+      reply_error(rec, s, error::bad_message, type);
+      return;
+    }
+    const bool batched =
+        *topic == topics::server && batch_field != j.end() && batch_field->get<bool>();
     if (sub) {
-      bus_.subscribe(*topic, s);
+      // One form at a time: subscribing again switches it.
+      bus_.unsubscribe(batched ? topics::server : topics::server_batched, s);
+      bus_.subscribe(batched ? topics::server_batched : *topic, s);
     } else {
       bus_.unsubscribe(*topic, s);
+      if (*topic == topics::server) bus_.unsubscribe(topics::server_batched, s);
     }
     nlohmann::json ok{{"type", sub ? "subscribed" : "unsubscribed"}, {"topic", *topic}};
+    if (sub && batched) ok["batch"] = true;
     out_.post(rec, s, payload_kind::text, to_payload(ok));
   }
 

@@ -131,6 +131,9 @@ enum class error : std::uint8_t {
 namespace topics {
 /// Every dispatched message (device, sequence, worker, times): the server log.
 inline constexpr std::string_view server = "server";
+/// The pub/sub name of the server log's batched subscribers (`subscribe` with `batch: true`):
+/// not a wire topic (`#` is not a topic character), their frames say `server`.
+inline constexpr std::string_view server_batched = "server#batch";
 /// Gateway figures published by `hub::publish_stats`.
 inline constexpr std::string_view stats = "stats";
 /// Every connected device is on it; messages are shared frames, not sequenced.

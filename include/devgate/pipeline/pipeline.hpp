@@ -559,6 +559,7 @@ class pipeline {
       fetcher_.fetch_next(b);
       if (work_.has_waiters() && fetcher_.has_work(held)) work_.notify_one();
     } while (b.size() != 0);
+    end_batch(ctx);
     stats.dispatched.store(stats.dispatched.load(std::memory_order_relaxed) + ok,
                            std::memory_order_relaxed);
     stats.batch_size.record(b.taken());
@@ -603,6 +604,17 @@ class pipeline {
     }
   }
 
+  // Tells a sink that has `end_batch(dispatch_context&)` that the worker's batch is dispatched
+  // (a sink may gather per batch and flush there); an exception is counted and contained.
+  void end_batch(dispatch_context& ctx) noexcept {
+    if constexpr (requires { sink_.end_batch(ctx); }) {
+      try {
+        sink_.end_batch(ctx);
+      } catch (...) {
+        handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
   // One sink attempt. An exception is that attempt's failure (retried, then dead-lettered with
   // errc::handler_threw), counted; the try costs nothing while nothing throws.
   std::error_code consume(const message& m, dispatch_context& ctx) noexcept {

@@ -46,6 +46,8 @@ struct dispatch_context {
 /// success or the failure; the pipeline retries failures with backoff, then dead-letters them.
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
+/// Optionally, `s.end_batch(ctx)` is called by each worker after it dispatched a batch (a sink
+/// may gather per batch, per worker thread, and flush there).
 /// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
 /// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
 /// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
