@@ -5,7 +5,7 @@
 # under TSan (GCC, against the single header), the meson build, the consumer projects, and the
 # fuzzers. Every build here turns warnings into errors (DEVGATE_WERROR=ON, meson --werror), which
 # devgate's build files leave off for users. Prints "steps: N passed, M failed" last and exits
-# non-zero if any step failed. FUZZ_SECONDS (default 60) bounds each fuzzer's run.
+# non-zero if any step failed. FUZZ_SECONDS (default 40) bounds each fuzzer's run.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -13,7 +13,7 @@ cd "$root"
 scripts/install-deps.sh test || { echo "install-deps failed"; exit 1; }
 
 build=${DEVGATE_BUILD_DIR:-$root/build}
-fuzz_seconds=${FUZZ_SECONDS:-60}
+fuzz_seconds=${FUZZ_SECONDS:-40}
 jobs=$(nproc)
 passed=0
 failed=0
@@ -91,7 +91,7 @@ fuzz() {
     grep -E 'stat::number_of_executed_units|stat::peak_rss' "$build/fuzz/$name.log"
     ran=$((ran + 1))
   done
-  [ "$ran" -eq 2 ]
+  [ "$ran" -eq 3 ]
 }
 
 mkdir -p "$build"
