@@ -10960,30 +10960,36 @@ class rollout_engine {
   /// waiting device. A place in the queue is kept.
   void on_replaced(device::device_record& rec, session_id old) {
     std::uint32_t rollout = 0;
+    std::optional<std::string> next;
     {
+      // The slot is given up under the device's mutex, with the status: a hello of the new
+      // session sees the transfer either still holding it or pending without it, never between.
       std::lock_guard lock(rec.mutex);
       if (rec.transfer.status == store::transfer_status::transferring &&
           rec.transfer.session == old) {
         set_status_locked(rec, store::transfer_status::pending);
         rollout = rec.transfer.image->rollout();
+        next = slots_.release(rec.id, rollout);
       }
     }
-    if (rollout != 0) start_next(slots_.release(rec.id, rollout), rollout);
+    if (rollout != 0) start_next(std::move(next), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
   /// its slot, or its place in the queue, is given up. Nothing if a newer session has taken
   /// the device meanwhile.
   void on_offline(device::device_record& rec) {
+    std::optional<std::string> next;
     std::uint32_t rollout = 0;
     {
-      std::lock_guard lock(rec.mutex);
+      std::lock_guard lock(rec.mutex);  // as in on_replaced: status and slot together
       if (rec.session.id != 0 || !rec.transfer.image) return;
       if (rec.transfer.status == store::transfer_status::transferring) {
         set_status_locked(rec, store::transfer_status::pending);  // resumes from `acked`
       }
       rollout = rec.transfer.image->rollout();
+      next = slots_.release(rec.id, rollout);
     }
-    start_next(slots_.release(rec.id, rollout), rollout);
+    start_next(std::move(next), rollout);
   }
 
   /// The device's record is about to leave memory (evicted while offline; the store keeps its
