@@ -1,5 +1,7 @@
 #pragma once
 
+#include <openssl/types.h>  // X509 (the TLS peer certificate)
+
 #include <algorithm>    // std::find
 #include <cstddef>      // std::byte, std::size_t
 #include <cstdint>      // offsets
@@ -109,6 +111,9 @@ struct http_request {
   std::string_view target;  ///< Request target as sent, e.g. "/devices/abc?x=1".
   int version_minor = 1;    ///< The x of HTTP/1.x (0 or 1).
   std::span<const http_header> headers;  ///< Every header field, in arrival order.
+  /// The client certificate the TLS handshake verified (mutual TLS, `tls_options::client_ca_file`),
+  /// or null. Borrowed: valid during the call it is passed to (copy it with `certificate_der`).
+  const X509* peer_certificate = nullptr;
 
   /// Value of the first header named `name` (case-insensitive), or "" if absent.
   [[nodiscard]] std::string_view header(std::string_view name) const noexcept {

@@ -43,10 +43,11 @@ class http_phase {
   /// upgrade, at a response that ends the connection, or when `room()` says the responses
   /// queued reached the limit (`paused`: the requests not answered stay in the parser; feed an
   /// empty span to go on). Handlers (`route`, `identify`) may throw; the parser stays valid for
-  /// drop().
+  /// drop(). `peer` is the connection's verified TLS client certificate (or null), which every
+  /// request it answers carries.
   template <class Respond, class Room>
   result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
-              Room&& room) {
+              Room&& room, const X509* peer = nullptr) {
     if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
     using st = websocket::http_request_parser::status;
     st s = parser_->feed(bytes);
@@ -59,7 +60,9 @@ class http_phase {
         return {next::linger, {}};
       }
       if (!room()) return {next::paused, {}};
-      result r = handle(parser_->request(), core, respond);
+      websocket::http_request request = parser_->request();
+      request.peer_certificate = peer;
+      result r = handle(request, core, respond);
       if (r.what != next::answered) return r;
       outcome = next::answered;
       parser_->reset();
