@@ -4,7 +4,7 @@
 //
 //   demo_server [--port 4000] [--threads N] [--workers-min N] [--workers-max N]
 //               [--queue-capacity N] [--max-devices N] [--firmware-size BYTES]
-//               [--state-file PATH] ...
+//               [--state-file PATH] [--tls-cert FILE --tls-key FILE] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
 // device WebSocket), /metrics (Prometheus), /healthz, /api/info, /api/log (recent server log),
@@ -17,12 +17,15 @@
 #include <atomic>              // the hub pointer the routes read
 #include <chrono>              // control loop period, simulated work
 #include <condition_variable>  // control thread wake-ups
+#include <csignal>             // SIGHUP (certificate reload)
 #include <cstddef>             // std::byte
 #include <cstdint>             // sizes, counters
 #include <cstdio>              // std::printf
 #include <deque>               // log ring, release jobs
 #include <filesystem>          // web root, state file
+#include <functional>          // the SIGHUP loop
 #include <mutex>               // log ring, jobs
+#include <optional>            // the SIGHUP set, with TLS only
 #include <string>              // texts
 #include <string_view>         // routes
 #include <system_error>        // store errors
@@ -51,6 +54,8 @@ struct demo_config {
   unsigned dispatch_us = 2000;
   std::string state_file = "/tmp/devgate-demo-state.json";
   std::string web_root = DEVGATE_DEMO_WEB_ROOT;
+  std::string tls_cert;  // with tls_key: https and wss on the same port
+  std::string tls_key;
 };
 
 /// The last dispatched messages (the `server` topic's events, as sent), so that a page that
@@ -355,7 +360,16 @@ int main(int argc, char** argv) {
   app.add_option("--web-root", cfg.web_root, "Directory of index.html, app.js, style.css")
       ->check(CLI::ExistingDirectory)
       ->capture_default_str();
+  app.add_option("--tls-cert", cfg.tls_cert,
+                 "PEM certificate chain: serve https and wss (with --tls-key); SIGHUP reloads it")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-key", cfg.tls_key, "PEM private key of --tls-cert")
+      ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
+  if (cfg.tls_cert.empty() != cfg.tls_key.empty()) {
+    std::fprintf(stderr, "demo_server: --tls-cert and --tls-key go together\n");
+    return 2;
+  }
   if (cfg.workers_min > cfg.workers_max) {
     std::fprintf(stderr, "demo_server: --workers-min (%zu) is above --workers-max (%zu)\n",
                  cfg.workers_min, cfg.workers_max);
@@ -390,6 +404,8 @@ int main(int argc, char** argv) {
   ws.route = [&rc](const devgate::websocket::http_request& req) { return route(rc, req); };
   // A page that stops reading (a backgrounded tab) is closed with 1013 and resumes later.
   ws.backpressure.max_buffered_bytes = 8u << 20;
+  if (!cfg.tls_cert.empty())
+    ws.tls = devgate::websocket::tls_options{cfg.tls_cert, cfg.tls_key, {}};
   devgate::websocket::server transport(ws);
 
   auto fx = std::make_shared<dispatch_effects>();
@@ -429,16 +445,38 @@ int main(int argc, char** argv) {
   control.start();
 
   const auto port = transport.local_port();
+  const char* scheme = ws.tls ? "https" : "http";
   std::printf("devgate demo server (devgate %s)\n", devgate_version().c_str());
-  std::printf("  open   http://localhost:%u/marco   (any /<device id> is a device: /fridge, ...)\n",
-              static_cast<unsigned>(port));
-  std::printf("  also   http://localhost:%u/metrics   http://localhost:%u/healthz\n",
-              static_cast<unsigned>(port), static_cast<unsigned>(port));
+  std::printf("  open   %s://localhost:%u/marco   (any /<device id> is a device: /fridge, ...)\n",
+              scheme, static_cast<unsigned>(port));
+  std::printf("  also   %s://localhost:%u/metrics   %s://localhost:%u/healthz\n", scheme,
+              static_cast<unsigned>(port), scheme, static_cast<unsigned>(port));
   std::printf("  state  %s   web root %s\n", cfg.state_file.c_str(), cfg.web_root.c_str());
   std::printf("listening on %u; Ctrl-C stops\n", static_cast<unsigned>(port));
   std::fflush(stdout);
 
+  // With TLS, SIGHUP reloads the certificate and key files (new connections get them).
+  asio::io_context hup_context{1};
+  std::optional<asio::signal_set> hup;
+  std::function<void()> wait_hup = [&] {
+    hup->async_wait([&](const std::error_code& e, int) {
+      if (e) return;
+      const auto reloaded = transport.reload_tls();
+      std::fprintf(stderr, "demo_server: SIGHUP: %s\n",
+                   reloaded ? reloaded.message().c_str() : "TLS certificate reloaded");
+      wait_hup();
+    });
+  };
+  std::thread hup_thread;
+  if (ws.tls) {
+    hup.emplace(hup_context, SIGHUP);
+    wait_hup();
+    hup_thread = std::thread([&] { hup_context.run(); });
+  }
+
   stop.wait();
+  hup_context.stop();
+  if (hup_thread.joinable()) hup_thread.join();
   std::printf("stopping: draining the pipeline, closing sessions (1001)...\n");
   std::fflush(stdout);
   rc.stopping = true;

@@ -11,6 +11,8 @@
 #include <openssl/ssl.h>   // the OpenSSL client
 #include <openssl/x509.h>  // certificate names
 #include <poll.h>          // waiting for the server's close
+#include <signal.h>        // SIGHUP, SIGTERM to echo_server
+#include <spawn.h>         // posix_spawn for echo_server
 #include <sys/socket.h>    // raw client sockets
 #include <sys/wait.h>      // WEXITSTATUS
 #include <unistd.h>        // close
@@ -124,8 +126,14 @@ const certificates& certs() {
 struct tls_echo {
   explicit tls_echo(ws::server_options o) : server(std::move(o)) {
     devgate::transport_handlers h;
-    h.on_open = [this](const devgate::session_info&) { ++opened; };
-    h.on_close = [this](devgate::session_id, devgate::close_code) { ++closed; };
+    h.on_open = [this](const devgate::session_info& info) {
+      last = info.id;
+      ++opened;
+    };
+    h.on_close = [this](devgate::session_id, devgate::close_code code) {
+      last_code = code;
+      ++closed;
+    };
     // Echoes; "!close <code> <reason>" closes the session (node_client.js close-server).
     h.on_messages = [this](std::span<devgate::inbound_message> batch) {
       for (auto& m : batch) {
@@ -163,6 +171,8 @@ struct tls_echo {
   ws::server server;
   std::uint16_t port = 0;
   std::atomic<int> opened{0}, closed{0};
+  std::atomic<devgate::session_id> last{0};
+  std::atomic<devgate::close_code> last_code{devgate::close_code::normal};
 };
 
 int run_python(const std::string& env, const std::string& url, const std::string& scenario,
@@ -180,9 +190,12 @@ int run_node(const std::string& url, const std::string& scenario, const std::str
 
 // ---- raw TCP and OpenSSL clients ----------------------------------------------------------------
 
-int connect_tcp(std::uint16_t port) {
+// A TCP connection to the server; `rcvbuf` (if set) is the receive buffer, set before the
+// handshake so that TCP's window matches it.
+int connect_tcp(std::uint16_t port, int rcvbuf = 0) {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   REQUIRE(fd >= 0);
+  if (rcvbuf > 0) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
   ::sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(port);
@@ -247,9 +260,9 @@ struct tls_client {
     SSL_CTX_free(ctx);
   }
   // Handshakes with the server (resuming `session` if given); false when it fails.
-  bool connect(std::uint16_t port, SSL_SESSION* session = nullptr) {
+  bool connect(std::uint16_t port, SSL_SESSION* session = nullptr, int rcvbuf = 0) {
     disconnect();
-    fd = connect_tcp(port);
+    fd = connect_tcp(port, rcvbuf);
     ssl = SSL_new(ctx);
     SSL_set_fd(ssl, fd);
     SSL_set1_host(ssl, "127.0.0.1");
@@ -285,6 +298,32 @@ struct tls_client {
       got.append(buf, static_cast<std::size_t>(n));
     }
     return got;
+  }
+  // Reads exactly `n` bytes (false if the connection ends first).
+  bool read_exact(char* out, std::size_t n) {
+    while (n > 0) {
+      const int got = SSL_read(ssl, out, static_cast<int>(std::min<std::size_t>(n, 1u << 20)));
+      if (got <= 0) return false;
+      out += got;
+      n -= static_cast<std::size_t>(got);
+    }
+    return true;
+  }
+  // The payload of the next unmasked server frame (nullopt if the connection ends).
+  std::optional<std::string> read_frame() {
+    unsigned char head[2];
+    if (!read_exact(reinterpret_cast<char*>(head), 2)) return std::nullopt;
+    std::uint64_t len = head[1] & 0x7F;
+    if (len >= 126) {
+      unsigned char ext[8];
+      const std::size_t n = len == 126 ? 2 : 8;
+      if (!read_exact(reinterpret_cast<char*>(ext), n)) return std::nullopt;
+      len = 0;
+      for (std::size_t i = 0; i < n; ++i) len = len << 8 | ext[i];
+    }
+    std::string payload(len, '\0');
+    if (!read_exact(payload.data(), len)) return std::nullopt;
+    return payload;
   }
   // The common name of the server's certificate.
   [[nodiscard]] std::string peer_name() const {
@@ -360,6 +399,67 @@ TEST_CASE("tls: TLS 1.2 minimum, ALPN http/1.1, session resumption", "[websocket
   CHECK(SSL_session_reused(tls12.ssl) == 1);
   CHECK(SSL_version(tls12.ssl) == TLS1_2_VERSION);
   SSL_SESSION_free(s12);
+}
+
+TEST_CASE("tls: a reader that stalls then reads gets every send and broadcast, whole and in order",
+          "[websocket][tls][backpressure]") {
+  tls_echo fx(tls_echo::options());
+  tls_client client;
+  // A small socket buffer: most of what is sent waits in the server.
+  REQUIRE(client.connect(fx.port, nullptr, 8192));
+  REQUIRE(client.exchange(upgrade_request, "\r\n\r\n").starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened == 1; }));
+  const devgate::session_id id = fx.last;
+  // Sizes that cross record boundaries, small frames to coalesce, and 64 KiB fragments.
+  std::vector<std::string> sent;
+  for (int i = 0; i < 800; ++i) {
+    const std::size_t size = (i % 7 == 0) ? 70'000 + i : (i % 3 == 0) ? 16'380 + i : 10 + i;
+    std::string payload(size, static_cast<char>('a' + i % 26));
+    payload.replace(0, std::to_string(i).size(), std::to_string(i));
+    const auto bytes = devgate::shared_bytes::copy_of(std::string_view(payload));
+    if (i % 2 == 0) {
+      REQUIRE_FALSE(fx.server.send(id, devgate::payload_kind::binary, bytes));
+    } else {
+      const devgate::session_id ids[] = {id};
+      REQUIRE(fx.server.broadcast(ids, devgate::payload_kind::binary, bytes) == 1);
+    }
+    sent.push_back(std::move(payload));
+  }
+  std::this_thread::sleep_for(200ms);  // the server fills the socket and waits for room
+  CHECK(fx.server.buffered_bytes(id) > 0);
+  for (std::size_t i = 0; i < sent.size(); ++i) {
+    const auto got = client.read_frame();
+    INFO("message " << i);
+    REQUIRE(got);
+    // Messages over 64 KiB arrive as fragments: gather them.
+    std::string whole = *got;
+    while (whole.size() < sent[i].size()) {
+      const auto more = client.read_frame();
+      REQUIRE(more);
+      whole += *more;
+    }
+    REQUIRE(whole == sent[i]);
+  }
+  CHECK(eventually([&] { return fx.server.buffered_bytes(id) == 0; }));
+}
+
+TEST_CASE("tls: a client that never reads is closed with 1013", "[websocket][tls][backpressure]") {
+  auto o = tls_echo::options();
+  o.backpressure.max_buffered_bytes = 256u << 10;
+  o.close_timeout = 300ms;
+  tls_echo fx(std::move(o));
+  tls_client client;
+  REQUIRE(client.connect(fx.port, nullptr, 4096));
+  REQUIRE(client.exchange(upgrade_request, "\r\n\r\n").starts_with("HTTP/1.1 101"));
+  REQUIRE(eventually([&] { return fx.opened == 1; }));
+  const devgate::session_id id = fx.last;
+  const auto chunk = devgate::shared_bytes::copy_of(std::string(32u << 10, 'z'));
+  std::error_code ec;
+  for (int i = 0; i < 100000 && !ec; ++i)
+    ec = fx.server.send(id, devgate::payload_kind::binary, chunk);
+  CHECK(ec == devgate::errc::backpressure);
+  REQUIRE(eventually([&] { return fx.closed == 1; }));
+  CHECK(fx.last_code == devgate::close_code::try_again_later);
 }
 
 TEST_CASE("tls: mutual TLS: a CA-signed client certificate reaches the upgrade; none is refused",
@@ -459,6 +559,60 @@ TEST_CASE("tls: reload_tls: new connections get the new certificate, open ones k
   tls_client still;
   REQUIRE(still.connect(fx.port));
   CHECK(still.peer_name() == "devgate server two");
+}
+
+TEST_CASE("examples/echo_server --tls-cert/--tls-key serves wss and reloads on SIGHUP",
+          "[websocket][tls][echo_server]") {
+  const char* env = std::getenv("DEVGATE_ECHO_SERVER");  // tests/websocket/CMakeLists.txt
+  REQUIRE(env != nullptr);
+  const fs::path dir = certs().dir / "echo";
+  fs::create_directories(dir);
+  fs::copy_file(certs().file("server.pem"), dir / "cert.pem", fs::copy_options::overwrite_existing);
+  fs::copy_file(certs().file("server.key"), dir / "key.pem", fs::copy_options::overwrite_existing);
+  int out[2];
+  REQUIRE(::pipe(out) == 0);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+  posix_spawn_file_actions_addclose(&actions, out[0]);
+  std::vector<std::string> args{env,
+                                "--port",
+                                "0",
+                                "--address",
+                                "127.0.0.1",
+                                "--tls-cert",
+                                (dir / "cert.pem").string(),
+                                "--tls-key",
+                                (dir / "key.pem").string()};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  REQUIRE(::posix_spawn(&pid, env, &actions, nullptr, argv.data(), environ) == 0);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(out[1]);
+  std::string first;
+  char c = 0;
+  while (::read(out[0], &c, 1) == 1 && c != '\n') first.push_back(c);
+  ::close(out[0]);
+  REQUIRE(first.starts_with("listening on "));
+  const auto port = static_cast<std::uint16_t>(std::stoul(first.substr(13)));
+  const std::string url = "wss://localhost:" + std::to_string(port) + "/echo";
+  CHECK(run_python("", url, "messages") == 0);
+  CHECK(run_node(url, "fragmented") == 0);
+
+  fs::copy_file(certs().file("server2.pem"), dir / "cert.pem",
+                fs::copy_options::overwrite_existing);
+  fs::copy_file(certs().file("server2.key"), dir / "key.pem", fs::copy_options::overwrite_existing);
+  ::kill(pid, SIGHUP);
+  CHECK(eventually([&] {
+    tls_client client;
+    return client.connect(port) && client.peer_name() == "devgate server two";
+  }));
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
 }
 
 TEST_CASE("tls: start() refuses unusable files with a reason", "[websocket][tls]") {
