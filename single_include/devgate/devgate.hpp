@@ -6642,7 +6642,7 @@ class session_stream {
   /// No connection.
   session_stream() noexcept = default;
   /// Plain TCP on `tcp`.
-  explicit session_stream(tcp_stream tcp) noexcept : tcp_(std::move(tcp)) {}
+  explicit session_stream(tcp_stream tcp) noexcept : tls_(), tcp_(std::move(tcp)) {}
 
   /// Speaks TLS with `ssl` (owned) from the first byte on; false (and `ssl` freed) when out of
   /// memory.
@@ -6703,8 +6703,10 @@ class session_stream {
   }
 
  private:
-  tcp_stream tcp_;
+  // The pointer first: the descriptor then ends the object, and a session that declares its
+  // stream [[no_unique_address]] packs its small fields into the padding after it.
   std::unique_ptr<tls_stream> tls_;
+  tcp_stream tcp_;
 };
 
 static_assert(byte_stream<session_stream>, "session_stream must satisfy byte_stream");
@@ -7209,9 +7211,9 @@ class session {
   std::uint64_t sequence_ = 0;
   outbound_budget budget_;
   std::atomic<std::uint32_t> refs_{0};
-  std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
+  std::uint32_t last_rx_ = 0;                    // core().now_ms() of the last read
+  [[no_unique_address]] session_stream stream_;  // the next field fills its tail padding
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
-  session_stream stream_;
   std::atomic<phase_t> phase_{phase_t::http};
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;

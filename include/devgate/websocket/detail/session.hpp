@@ -444,9 +444,9 @@ class session {
   std::uint64_t sequence_ = 0;
   outbound_budget budget_;
   std::atomic<std::uint32_t> refs_{0};
-  std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
+  std::uint32_t last_rx_ = 0;                    // core().now_ms() of the last read
+  [[no_unique_address]] session_stream stream_;  // the next field fills its tail padding
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
-  session_stream stream_;
   std::atomic<phase_t> phase_{phase_t::http};
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;

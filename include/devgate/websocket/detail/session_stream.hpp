@@ -22,7 +22,7 @@ class session_stream {
   /// No connection.
   session_stream() noexcept = default;
   /// Plain TCP on `tcp`.
-  explicit session_stream(tcp_stream tcp) noexcept : tcp_(std::move(tcp)) {}
+  explicit session_stream(tcp_stream tcp) noexcept : tls_(), tcp_(std::move(tcp)) {}
 
   /// Speaks TLS with `ssl` (owned) from the first byte on; false (and `ssl` freed) when out of
   /// memory.
@@ -83,8 +83,10 @@ class session_stream {
   }
 
  private:
-  tcp_stream tcp_;
+  // The pointer first: the descriptor then ends the object, and a session that declares its
+  // stream [[no_unique_address]] packs its small fields into the padding after it.
   std::unique_ptr<tls_stream> tls_;
+  tcp_stream tcp_;
 };
 
 static_assert(byte_stream<session_stream>, "session_stream must satisfy byte_stream");
