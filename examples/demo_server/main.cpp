@@ -5,7 +5,7 @@
 //   demo_server [--listen 127.0.0.1] [--port 4000] [--threads N] [--workers-min N]
 //               [--workers-max N] [--queue-capacity N] [--max-devices N]
 //               [--firmware-size BYTES] [--max-image-size BYTES] [--state-file PATH]
-//               [--operator-token-file FILE] ...
+//               [--operator-token-file FILE] [--tls-cert FILE --tls-key FILE] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
 // device WebSocket), /metrics (Prometheus), /healthz, /api/info, /api/log (recent server log).
@@ -22,16 +22,18 @@
 #include <atomic>              // the hub pointer the routes read
 #include <chrono>              // control loop period, simulated work
 #include <condition_variable>  // control thread wake-ups
+#include <csignal>             // SIGHUP (certificate reload)
 #include <cstddef>             // std::byte
 #include <cstdint>             // sizes, counters
 #include <cstdio>              // std::printf
 #include <deque>               // log ring, release jobs
 #include <filesystem>          // web root, state file
 #include <fstream>             // the device key and operator token files
+#include <functional>          // the SIGHUP loop
 #include <iterator>            // reading the token file
 #include <memory>              // the authenticator
 #include <mutex>               // log ring, jobs
-#include <optional>            // admission replies
+#include <optional>            // admission replies, the SIGHUP set (with TLS only)
 #include <sstream>             // the device key file
 #include <string>              // texts
 #include <string_view>         // routes
@@ -65,6 +67,8 @@ struct demo_config {
   std::string web_root = DEVGATE_DEMO_WEB_ROOT;
   std::string device_key_file;               // HS256 secret: token authentication on /ws/<id>
   std::vector<std::string> allowed_origins;  // browser origins allowed to open WebSockets
+  std::string tls_cert;                      // with tls_key: https and wss on the same port
+  std::string tls_key;
 };
 
 /// The last dispatched messages (the `server` topic's events, as sent), so that a page that
@@ -568,7 +572,16 @@ int main(int argc, char** argv) {
   app.add_option("--allowed-origin", cfg.allowed_origins,
                  "Browser origin allowed to open WebSockets, e.g. https://fleet.example.com "
                  "(repeatable; others get 403; requests without Origin are accepted)");
+  app.add_option("--tls-cert", cfg.tls_cert,
+                 "PEM certificate chain: serve https and wss (with --tls-key); SIGHUP reloads it")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-key", cfg.tls_key, "PEM private key of --tls-cert")
+      ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
+  if (cfg.tls_cert.empty() != cfg.tls_key.empty()) {
+    std::fprintf(stderr, "demo_server: --tls-cert and --tls-key go together\n");
+    return 2;
+  }
   if (cfg.workers_min > cfg.workers_max) {
     std::fprintf(stderr, "demo_server: --workers-min (%zu) is above --workers-max (%zu)\n",
                  cfg.workers_min, cfg.workers_max);
@@ -642,6 +655,8 @@ int main(int argc, char** argv) {
   ws.http.max_body_bytes = cfg.max_image_size;
   // A page that stops reading (a backgrounded tab) is closed with 1013 and resumes later.
   ws.backpressure.max_buffered_bytes = 8u << 20;
+  if (!cfg.tls_cert.empty())
+    ws.tls = devgate::websocket::tls_options{cfg.tls_cert, cfg.tls_key, {}};
   devgate::websocket::server transport(ws);
 
   auto fx = std::make_shared<dispatch_effects>();
@@ -684,11 +699,12 @@ int main(int argc, char** argv) {
   control.start();
 
   const auto port = transport.local_port();
+  const char* scheme = ws.tls ? "https" : "http";
   std::printf("devgate demo server (devgate %s)\n", devgate_version().c_str());
-  std::printf("  open   http://localhost:%u/marco   (any /<device id> is a device: /fridge, ...)\n",
-              static_cast<unsigned>(port));
-  std::printf("  also   http://localhost:%u/metrics   http://localhost:%u/healthz\n",
-              static_cast<unsigned>(port), static_cast<unsigned>(port));
+  std::printf("  open   %s://localhost:%u/marco   (any /<device id> is a device: /fridge, ...)\n",
+              scheme, static_cast<unsigned>(port));
+  std::printf("  also   %s://localhost:%u/metrics   %s://localhost:%u/healthz\n", scheme,
+              static_cast<unsigned>(port), scheme, static_cast<unsigned>(port));
   std::printf("  state  %s   web root %s\n", cfg.state_file.c_str(), cfg.web_root.c_str());
   if (cfg.device_key_file.empty()) {
     std::printf(
@@ -706,7 +722,28 @@ int main(int argc, char** argv) {
   std::printf("listening on %u; Ctrl-C stops\n", static_cast<unsigned>(port));
   std::fflush(stdout);
 
+  // With TLS, SIGHUP reloads the certificate and key files (new connections get them).
+  asio::io_context hup_context{1};
+  std::optional<asio::signal_set> hup;
+  std::function<void()> wait_hup = [&] {
+    hup->async_wait([&](const std::error_code& e, int) {
+      if (e) return;
+      const auto reloaded = transport.reload_tls();
+      std::fprintf(stderr, "demo_server: SIGHUP: %s\n",
+                   reloaded ? reloaded.message().c_str() : "TLS certificate reloaded");
+      wait_hup();
+    });
+  };
+  std::thread hup_thread;
+  if (ws.tls) {
+    hup.emplace(hup_context, SIGHUP);
+    wait_hup();
+    hup_thread = std::thread([&] { hup_context.run(); });
+  }
+
   stop.wait();
+  hup_context.stop();
+  if (hup_thread.joinable()) hup_thread.join();
   std::printf("stopping: draining the pipeline, closing sessions (1001)...\n");
   std::fflush(stdout);
   rc.stopping = true;

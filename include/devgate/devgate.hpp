@@ -8,7 +8,7 @@
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
 ///               with a transport (the one composition root); internals in pipeline/detail/
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux);
-///               its internals (reactor, session, streams, queues) in websocket/detail/
+///               its internals (reactor, session, TCP and TLS streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
 ///   auth/       who may connect: the authenticator concept, JWT and client-certificate
@@ -45,6 +45,7 @@
 #include "devgate/websocket/reader.hpp"     // inbound frame state machine: checks, reassembly
 #include "devgate/websocket/server_options.hpp"  // server_options, http_reply, error replies
 #include "devgate/websocket/static_files.hpp"    // static_files(root): a route for plain GETs
+#include "devgate/websocket/tls.hpp"             // tls_options: wss/https (OpenSSL 3), reload
 #include "devgate/websocket/utf8.hpp"            // incremental UTF-8 validation (RFC 3629)
 #if defined(__linux__)
 #include "devgate/websocket/server.hpp"  // websocket::server: the reference transport (Linux)

@@ -13,7 +13,7 @@
 ///   pipeline/   queue -> fetcher<demand> -> worker pool -> sinks; the gateway composes them
 ///               with a transport (the one composition root); internals in pipeline/detail/
 ///   websocket/  the reference transport: RFC 6455 server on standalone Asio and epoll (Linux);
-///               its internals (reactor, session, streams, queues) in websocket/detail/
+///               its internals (reactor, session, TCP and TLS streams, queues) in websocket/detail/
 ///   device/     the device hub, built on a gateway: registry, delivery, protocol v1 dispatch
 ///               (docs/PROTOCOL.md), pub/sub
 ///   auth/       who may connect: the authenticator concept, JWT and client-certificate
@@ -3624,6 +3624,8 @@ inline std::string hex_encode(std::span<const std::uint8_t> data) {
 
 // ---- begin devgate/websocket/http.hpp ----
 
+#include <openssl/types.h>  // X509 (the TLS peer certificate)
+
 #include <algorithm>    // std::find
 #include <cstddef>      // std::byte, std::size_t
 #include <cstdint>      // offsets
@@ -3741,6 +3743,9 @@ struct http_request {
   std::span<const http_header> headers;  ///< Every header field, in arrival order.
   std::size_t content_length = 0;        ///< The body's length as announced (0 without one).
   std::string_view body;                 ///< The body; empty until the request is complete.
+  /// The client certificate the TLS handshake verified (mutual TLS, `tls_options::client_ca_file`),
+  /// or null. Borrowed: valid during the call it is passed to (copy it with `certificate_der`).
+  const X509* peer_certificate = nullptr;
 
   /// Value of the first header named `name` (case-insensitive), or "" if absent.
   [[nodiscard]] std::string_view header(std::string_view name) const noexcept {
@@ -4922,6 +4927,97 @@ struct upgrade_check {
 }  // namespace devgate::auth
 // ---- end devgate/auth/authenticator.hpp ----
 
+// ---- begin devgate/websocket/tls.hpp ----
+
+#include <openssl/x509.h>  // the peer certificate
+
+#include <cstddef>       // std::byte
+#include <string>        // file names, messages
+#include <system_error>  // tls_errc as an error_code
+#include <type_traits>   // is_error_code_enum
+#include <vector>        // DER bytes
+
+namespace devgate::websocket {
+
+/// TLS for `websocket::server` (wss and https on the same port), on OpenSSL 3: TLS 1.2 and 1.3,
+/// renegotiation off, session resumption (a server session cache and tickets), ALPN `http/1.1`.
+/// Set `server_options::tls` to turn it on; `server::reload_tls()` reads the files again (new
+/// connections get the new certificate, open ones keep theirs).
+struct tls_options {
+  /// PEM file with the server certificate first, then its intermediates (the chain a client
+  /// needs to reach its trusted root).
+  std::string certificate_chain_file;
+  /// PEM file with the private key of that certificate (ECDSA P-256 or RSA), unencrypted.
+  std::string private_key_file;
+  /// PEM file of the CAs that sign client certificates. Empty: no client certificate is asked
+  /// for. Set: mutual TLS, every client must present a certificate that chains to one of these
+  /// CAs (the handshake fails otherwise); the verified certificate is available to the upgrade.
+  std::string client_ca_file;
+};
+
+/// Why a TLS configuration could not be loaded (`server::start`, `server::reload_tls`).
+enum class tls_errc {
+  certificate_chain = 1,  ///< The certificate chain file is missing or not PEM.
+  private_key,            ///< The private key file is missing, not PEM, or encrypted.
+  key_mismatch,           ///< The private key does not belong to the certificate.
+  client_ca,              ///< The client CA file is missing or not PEM.
+  context,                ///< OpenSSL could not make a TLS context (out of memory).
+  not_enabled,            ///< reload_tls() on a server started without TLS.
+};
+
+/// The error category of `tls_errc`.
+inline const std::error_category& tls_category() noexcept {
+  struct category final : std::error_category {
+    [[nodiscard]] const char* name() const noexcept override { return "devgate.tls"; }
+    [[nodiscard]] std::string message(int value) const override {
+      switch (static_cast<tls_errc>(value)) {
+        case tls_errc::certificate_chain:
+          return "cannot read the TLS certificate chain: check that "
+                 "tls_options::certificate_chain_file names a readable PEM file";
+        case tls_errc::private_key:
+          return "cannot read the TLS private key: check that tls_options::private_key_file "
+                 "names a readable, unencrypted PEM key";
+        case tls_errc::key_mismatch:
+          return "the TLS private key does not match the certificate: pass the key of the "
+                 "chain's first certificate";
+        case tls_errc::client_ca:
+          return "cannot read the client CA file: check that tls_options::client_ca_file "
+                 "names a readable PEM file of CA certificates";
+        case tls_errc::context:
+          return "OpenSSL could not create a TLS context (out of memory?)";
+        case tls_errc::not_enabled:
+          return "the server was started without TLS: set server_options::tls before start()";
+      }
+      return "unknown TLS error";
+    }
+  };
+  static const category instance;
+  return instance;
+}
+
+/// `tls_errc` as a `std::error_code`.
+inline std::error_code make_error_code(tls_errc e) noexcept {
+  return {static_cast<int>(e), tls_category()};
+}
+
+/// The DER encoding of `certificate` (empty for null): the bytes to hash, pin or store.
+inline std::vector<std::byte> certificate_der(const X509* certificate) {
+  if (!certificate) return {};
+  const int size = i2d_X509(certificate, nullptr);
+  if (size <= 0) return {};
+  std::vector<std::byte> out(static_cast<std::size_t>(size));
+  auto* p = reinterpret_cast<unsigned char*>(out.data());
+  i2d_X509(certificate, &p);
+  return out;
+}
+
+}  // namespace devgate::websocket
+
+/// Lets `tls_errc` values convert to `std::error_code`.
+template <>
+struct std::is_error_code_enum<devgate::websocket::tls_errc> : std::true_type {};
+// ---- end devgate/websocket/tls.hpp ----
+
 namespace devgate::websocket {
 
 /// The answer to a plain (non-upgrade) HTTP request, produced by `server_options::route` (or
@@ -5017,6 +5113,9 @@ struct server_options {
   /// waiting for it, and a connection that sends nothing costs the server nothing for that
   /// second (the kernel then hands it over anyway, and `handshake_timeout` applies).
   bool defer_accept = true;
+  /// TLS (wss and https on this port) when set; see `tls_options`. The TLS handshake counts
+  /// as part of the HTTP request: it must complete within `handshake_timeout` too.
+  std::optional<tls_options> tls;
   /// Limits of the HTTP request before the upgrade (431 past them, 400 when malformed).
   http_limits http{};
   /// Limits of incoming WebSocket messages (1009 past max_message_size).
@@ -5374,10 +5473,142 @@ namespace devgate::websocket {
 #include <cstdint>  // 32-bit stamps
 
 
+// ---- begin devgate/websocket/detail/tls_context.hpp ----
+
+#include <openssl/err.h>  // clearing OpenSSL's error queue
+#include <openssl/pem.h>  // reading the private key
+#include <openssl/ssl.h>  // SSL_CTX
+
+#include <atomic>        // enabled, read by the workers
+#include <cstring>       // ALPN matching
+#include <mutex>         // swapping the context on reload
+#include <string>        // file names
+#include <system_error>  // load results
+
+
 namespace devgate::websocket::detail {
 
-/// What the sessions of one server share: its options, the engine's handlers, the timer period
-/// and the counters stop() waits on. Lives in the server; every worker thread reads it.
+/// The server's TLS configuration as an OpenSSL context, reloadable while connections run: each
+/// new connection takes the current context (its SSL object holds a reference to it), so a
+/// reload changes the certificate of later connections and leaves open ones as they are.
+class tls_context {
+ public:
+  tls_context() = default;
+  tls_context(const tls_context&) = delete;
+  tls_context& operator=(const tls_context&) = delete;
+  ~tls_context() { SSL_CTX_free(ctx_); }
+
+  /// True once a configuration is loaded: the server speaks TLS.
+  [[nodiscard]] bool enabled() const noexcept { return enabled_.load(std::memory_order_relaxed); }
+
+  /// Builds a context from `o` and makes it current; on error the current one stays. Not
+  /// called on a network thread (server::start, server::reload_tls).
+  std::error_code load(const tls_options& o) {
+    SSL_CTX* fresh = nullptr;
+    const std::error_code ec = make(o, fresh);
+    ERR_clear_error();
+    if (ec) return ec;
+    std::lock_guard lock(mutex_);
+    SSL_CTX_free(ctx_);  // connections that use it keep it alive
+    ctx_ = fresh;
+    enabled_.store(true, std::memory_order_relaxed);
+    return {};
+  }
+
+  /// A connection object for a new connection, on the current context (null when out of
+  /// memory). One short lock per TLS connection, never per message.
+  [[nodiscard]] SSL* new_connection() {
+    std::lock_guard lock(mutex_);
+    return ctx_ ? SSL_new(ctx_) : nullptr;
+  }
+
+ private:
+  // RFC 7301: the protocol spoken after the handshake is HTTP/1.1 (then the WebSocket upgrade).
+  // A client that offers ALPN without http/1.1 gets no ALPN answer, not a failed handshake.
+  static int select_alpn(SSL*, const unsigned char** out, unsigned char* out_len,
+                         const unsigned char* in, unsigned int in_len, void*) {
+    static constexpr unsigned char http11[] = {'h', 't', 't', 'p', '/', '1', '.', '1'};
+    for (unsigned int i = 0; i < in_len;) {
+      const unsigned int len = in[i];
+      if (i + 1 + len > in_len) break;
+      if (len == sizeof http11 && std::memcmp(in + i + 1, http11, len) == 0) {
+        *out = in + i + 1;
+        *out_len = static_cast<unsigned char>(len);
+        return SSL_TLSEXT_ERR_OK;
+      }
+      i += 1 + len;
+    }
+    return SSL_TLSEXT_ERR_NOACK;
+  }
+
+  static EVP_PKEY* read_key(const std::string& file) {
+    BIO* in = BIO_new_file(file.c_str(), "r");
+    if (!in) return nullptr;
+    EVP_PKEY* key = PEM_read_bio_PrivateKey(in, nullptr, nullptr, nullptr);
+    BIO_free(in);
+    return key;
+  }
+
+  static std::error_code make(const tls_options& o, SSL_CTX*& out) {
+    SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+    if (!ctx) return tls_errc::context;
+    struct guard {
+      SSL_CTX*& c;
+      ~guard() { SSL_CTX_free(c); }
+    } free_on_error{ctx};
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    // No renegotiation (a client-triggered CPU cost and a history of bugs); the server's cipher
+    // order; a client that closes without close_notify is an ordinary end of stream (the
+    // WebSocket close handshake says whether the session ended cleanly).
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |
+                                 SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+    // Idle connections hold no read or write buffer (about 34 KiB each otherwise); the write
+    // path hands OpenSSL a per-thread staging buffer, whose address may differ on a retry.
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    // Resumption: TLS 1.2 session ids from the server cache, and stateless tickets (one per
+    // full handshake for TLS 1.3, which is what a reconnecting device needs).
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+    static constexpr unsigned char sid_context[] = {'d', 'e', 'v', 'g', 'a', 't', 'e'};
+    SSL_CTX_set_session_id_context(ctx, sid_context, sizeof sid_context);
+    SSL_CTX_set_num_tickets(ctx, 1);
+    SSL_CTX_set_alpn_select_cb(ctx, &tls_context::select_alpn, nullptr);
+
+    if (SSL_CTX_use_certificate_chain_file(ctx, o.certificate_chain_file.c_str()) != 1) {
+      return tls_errc::certificate_chain;
+    }
+    EVP_PKEY* key = read_key(o.private_key_file);
+    if (!key) return tls_errc::private_key;
+    const int used = SSL_CTX_use_PrivateKey(ctx, key);  // checks it against the certificate
+    EVP_PKEY_free(key);
+    if (used != 1 || SSL_CTX_check_private_key(ctx) != 1) return tls_errc::key_mismatch;
+    if (!o.client_ca_file.empty()) {
+      if (SSL_CTX_load_verify_locations(ctx, o.client_ca_file.c_str(), nullptr) != 1) {
+        return tls_errc::client_ca;
+      }
+      // The CA names sent in the CertificateRequest, so a client picks the right certificate.
+      STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(o.client_ca_file.c_str());
+      if (!names) return tls_errc::client_ca;
+      SSL_CTX_set_client_CA_list(ctx, names);
+      SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+    }
+    out = ctx;
+    ctx = nullptr;  // kept: the guard frees nothing
+    return {};
+  }
+
+  mutable std::mutex mutex_;
+  SSL_CTX* ctx_ = nullptr;
+  std::atomic<bool> enabled_{false};
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/tls_context.hpp ----
+
+namespace devgate::websocket::detail {
+
+/// What the sessions of one server share: its options, the engine's handlers, the TLS context,
+/// the timer period and the counters stop() waits on. Lives in the server; every worker thread
+/// reads it.
 struct server_core {
   server_options options;
   transport_handlers handlers;
@@ -5385,6 +5616,7 @@ struct server_core {
   clock::time_point epoch = clock::now();  // sessions keep 32-bit millisecond stamps from here
   std::atomic<std::size_t> live{0};        // sessions not yet finished, for stop()
   std::atomic<bool> stopping{false};
+  tls_context tls;  // enabled when options.tls is set
 
   /// Milliseconds since `epoch`, wrapping after 49 days: compare with `reached`, never with <.
   [[nodiscard]] std::uint32_t now_ms() const noexcept { return stamp(clock::now()); }
@@ -5983,10 +6215,11 @@ class http_phase {
   /// empty span to go on). A request that announces a body is admitted (or answered) as soon as
   /// its header section is in; its body is then buffered in the parser as it arrives, up to the
   /// admitted length, and the request is answered once it is whole. Handlers (`admit`, `route`,
-  /// `identify`) may throw; the parser stays valid for drop().
+  /// `identify`) may throw; the parser stays valid for drop(). `peer` is the connection's
+  /// verified TLS client certificate (or null), which every request it answers carries.
   template <class Respond, class Room>
   result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
-              Room&& room) {
+              Room&& room, const X509* peer = nullptr) {
     if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
     using st = websocket::http_request_parser::status;
     st s = parser_->feed(bytes);
@@ -6021,7 +6254,9 @@ class http_phase {
         continue;
       }
       if (!room()) return {next::paused, {}};
-      result r = handle(parser_->request(), core, respond);
+      websocket::http_request request = parser_->request();
+      request.peer_certificate = peer;
+      result r = handle(request, core, respond);
       if (r.what != next::answered) return r;
       outcome = next::answered;
       parser_->reset();
@@ -6306,6 +6541,18 @@ class read_batch {
 }  // namespace devgate::websocket::detail
 // ---- end devgate/websocket/detail/read_batch.hpp ----
 
+// ---- begin devgate/websocket/detail/session_stream.hpp ----
+
+#include <openssl/ssl.h>  // SSL, X509
+#include <sys/uio.h>      // iovec
+
+#include <cstddef>  // std::byte
+#include <memory>   // the TLS layer
+#include <new>      // std::nothrow
+#include <span>     // buffers, iovecs
+#include <utility>  // std::move
+
+
 // ---- begin devgate/websocket/detail/stream.hpp ----
 
 #include <sys/socket.h>  // recv, sendmsg, shutdown
@@ -6342,6 +6589,8 @@ struct io_result {
 /// called on the session's thread:
 /// - `read(buffer)`: bytes into `buffer` (ok), or would_block, eof or error;
 /// - `write(iovecs)`: one gather write; ok with the bytes taken, would_block, or error;
+/// - `write_pending()`: bytes `write` took still wait inside the stream (a TLS record the
+///   socket did not take); `flush()` sends them: ok once none wait, would_block, or error;
 /// - `shutdown_write()`: half-close (the peer reads EOF after what was written);
 /// - `close()`: end the connection now (idempotent); `is_open()` until then;
 /// - `native_handle()`: the descriptor whose readiness the worker's epoll set watches.
@@ -6350,6 +6599,8 @@ concept byte_stream = std::movable<S> &&
     requires(S& s, const S& cs, std::span<std::byte> in, std::span<const ::iovec> out) {
   { s.read(in) } -> std::same_as<io_result>;
   { s.write(out) } -> std::same_as<io_result>;
+  { s.flush() } -> std::same_as<io_result>;
+  { cs.write_pending() } -> std::same_as<bool>;
   s.shutdown_write();
   s.close();
   { cs.is_open() } -> std::same_as<bool>;
@@ -6402,6 +6653,11 @@ class tcp_stream {
     }
   }
 
+  /// Nothing waits inside a TCP stream: what sendmsg took is the kernel's.
+  io_result flush() noexcept { return {io_status::ok, 0}; }
+  /// Always false (see flush).
+  [[nodiscard]] bool write_pending() const noexcept { return false; }
+
   /// Half-close: a FIN after what was written; reading goes on.
   void shutdown_write() noexcept { ::shutdown(fd_, SHUT_WR); }
 
@@ -6427,6 +6683,376 @@ static_assert(byte_stream<tcp_stream>, "tcp_stream must satisfy byte_stream");
 
 }  // namespace devgate::websocket::detail
 // ---- end devgate/websocket/detail/stream.hpp ----
+
+// ---- begin devgate/websocket/detail/tls_stream.hpp ----
+
+#include <openssl/bio.h>  // the socket BIO
+#include <openssl/err.h>  // OpenSSL's per-thread error queue
+#include <openssl/ssl.h>  // SSL_read_ex, SSL_write_ex
+#include <sys/socket.h>   // recv, send, shutdown
+#include <sys/types.h>    // ssize_t
+#include <sys/uio.h>      // iovec
+
+#include <algorithm>  // std::min
+#include <cerrno>     // EAGAIN and friends
+#include <cstddef>    // std::byte, std::size_t
+#include <cstring>    // staging copies
+#include <memory>     // the staging buffer
+#include <span>       // buffers, iovecs
+#include <vector>     // ciphertext the socket did not take
+
+
+namespace devgate::websocket::detail {
+
+/// TLS over a connected non-blocking socket (RFC 8446, RFC 5246): OpenSSL reads and writes the
+/// socket through a BIO of devgate's, driven by the worker's edge-triggered epoll set; nothing
+/// ever blocks. The socket stays owned by the `tcp_stream` beside it (session_stream.hpp).
+///
+/// Reads: `read` runs the handshake, then decrypts records until the buffer is full or the
+/// socket is drained (a short result means drained, as with `tcp_stream`). The first byte of a
+/// connection must start a TLS handshake record (0x16): anything else (a plain-HTTP request, a
+/// scanner) fails the connection at once instead of waiting for a full record header.
+///
+/// Writes: `write` coalesces the gathered frames into records of up to 16 KiB (one record for a
+/// burst of small frames) and encrypts them with SSL_write_ex. The BIO sends each record at
+/// once; what the socket does not take waits here (`write_pending`) and the stream encrypts no
+/// further until `flush` has sent it, so at most one record waits per connection. OpenSSL never
+/// sees a full socket, so no write is ever retried with other bytes.
+///
+/// With SSL_MODE_RELEASE_BUFFERS (tls_context.hpp) an idle connection holds no OpenSSL read or
+/// write buffer and no pending record.
+class tls_stream {
+ public:
+  static constexpr std::size_t record_size = 16u * 1024u;  // most plaintext in one record
+
+  /// TLS as the server on the connected socket `fd` (not owned), with `ssl` (owned).
+  tls_stream(SSL* ssl, int fd) noexcept : ssl_(ssl), fd_(fd) {
+    BIO* bio = BIO_new(socket_method());
+    if (bio) {
+      BIO_set_data(bio, this);
+      BIO_set_init(bio, 1);
+      SSL_set_bio(ssl_, bio, bio);  // one BIO both ways: SSL_free frees it
+    }
+    SSL_set_accept_state(ssl_);
+  }
+  tls_stream(const tls_stream&) = delete;
+  tls_stream& operator=(const tls_stream&) = delete;
+  ~tls_stream() {
+    // A connection that ended without a TLS failure (a device that dropped its TCP connection,
+    // a timeout) keeps its session resumable: OpenSSL would otherwise drop it from the cache.
+    if (!failed_ && SSL_is_init_finished(ssl_)) {
+      SSL_set_shutdown(ssl_, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    }
+    SSL_free(ssl_);
+  }
+
+  /// True when the connection object is usable (its BIO could be made).
+  [[nodiscard]] bool valid() const noexcept { return SSL_get_rbio(ssl_) != nullptr; }
+
+  /// Handshake, then plaintext into `buffer` until it is full or the socket is drained.
+  io_result read(std::span<std::byte> buffer) noexcept {
+    std::size_t total = 0;
+    while (total < buffer.size()) {
+      std::size_t got = 0;
+      ERR_clear_error();
+      const int rc = SSL_read_ex(ssl_, buffer.data() + total, buffer.size() - total, &got);
+      if (rc == 1) {
+        total += got;
+        continue;
+      }
+      io_status status = io_status::error;
+      switch (SSL_get_error(ssl_, rc)) {
+        case SSL_ERROR_WANT_READ:
+        case SSL_ERROR_WANT_WRITE:
+          status = io_status::would_block;
+          break;
+        case SSL_ERROR_ZERO_RETURN:  // close_notify, or EOF (SSL_OP_IGNORE_UNEXPECTED_EOF)
+          status = io_status::eof;
+          break;
+        default:  // a failed handshake, a bad record, a reset: the next read says so again
+          ERR_clear_error();
+          failed_ = true;
+          break;
+      }
+      if (total > 0) break;
+      return {status, 0};
+    }
+    return {io_status::ok, total};
+  }
+
+  /// Encrypts the gathered bytes of `iov` as records and sends them; ok with the bytes taken
+  /// (all of them, or fewer when the socket filled up: then `write_pending`), would_block when
+  /// an earlier record still waits for the socket, error when the connection failed.
+  io_result write(std::span<const ::iovec> iov) noexcept {
+    if (const io_result f = flush(); f.status != io_status::ok) return f;
+    std::size_t taken = 0;
+    std::size_t i = 0;
+    std::size_t off = 0;  // into iov[i]
+    std::byte* const staging = staging_buffer();
+    while (i < iov.size()) {
+      const std::size_t rest = iov[i].iov_len - off;
+      if (rest == 0) {
+        ++i, off = 0;
+        continue;
+      }
+      const std::byte* record = staging;
+      std::size_t size = 0;
+      if (rest >= record_size || !staging) {
+        // A large piece (a message's payload) is encrypted where it lies.
+        record = static_cast<const std::byte*>(iov[i].iov_base) + off;
+        size = std::min(record_size, rest);
+        off += size;
+        if (off == iov[i].iov_len) ++i, off = 0;
+      } else {
+        // Small pieces (headers, short frames) are coalesced into one record.
+        while (i < iov.size() && size < record_size) {
+          const std::size_t n = std::min(record_size - size, iov[i].iov_len - off);
+          std::memcpy(staging + size, static_cast<const std::byte*>(iov[i].iov_base) + off, n);
+          size += n;
+          off += n;
+          if (off == iov[i].iov_len) ++i, off = 0;
+        }
+      }
+      std::size_t written = 0;
+      ERR_clear_error();
+      if (SSL_write_ex(ssl_, record, size, &written) != 1) {
+        const int e = SSL_get_error(ssl_, 0);
+        ERR_clear_error();
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+          return {taken > 0 ? io_status::ok : io_status::would_block, taken};
+        }
+        failed_ = true;
+        return {io_status::error, 0};
+      }
+      taken += written;
+      if (!pending_.empty()) break;  // the socket is full: the rest waits for writability
+    }
+    return {io_status::ok, taken};
+  }
+
+  /// Sends what the socket did not take before: ok when nothing waits any more, would_block
+  /// when some still does, error when the connection failed.
+  io_result flush() noexcept {
+    while (pending_off_ < pending_.size()) {
+      const ::ssize_t n =
+          ::send(fd_, pending_.data() + pending_off_, pending_.size() - pending_off_, MSG_NOSIGNAL);
+      if (n > 0) {
+        pending_off_ += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return {io_status::would_block, 0};
+      return {io_status::error, 0};
+    }
+    if (!pending_.empty()) {
+      std::vector<std::byte>().swap(pending_);  // idle connections keep no buffer
+      pending_off_ = 0;
+    }
+    if (shutdown_after_flush_) {
+      shutdown_after_flush_ = false;
+      ::shutdown(fd_, SHUT_WR);
+    }
+    return {io_status::ok, 0};
+  }
+
+  /// True while bytes taken by `write` (or a half-close) wait for the socket.
+  [[nodiscard]] bool write_pending() const noexcept {
+    return !pending_.empty() || shutdown_after_flush_;
+  }
+
+  /// close_notify (RFC 8446 6.1), then the TCP half-close once it is sent.
+  void shutdown_write() noexcept {
+    if (SSL_is_init_finished(ssl_)) {
+      ERR_clear_error();
+      SSL_shutdown(ssl_);
+      ERR_clear_error();
+    }
+    if (pending_.empty()) {
+      ::shutdown(fd_, SHUT_WR);
+    } else {
+      shutdown_after_flush_ = true;
+    }
+  }
+
+  /// The client's certificate, verified against the client CA file (mutual TLS), or null.
+  /// Borrowed: valid as long as the connection.
+  [[nodiscard]] X509* peer_certificate() const noexcept {
+    if (SSL_get_verify_result(ssl_) != X509_V_OK) return nullptr;
+    return SSL_get0_peer_certificate(ssl_);
+  }
+
+  /// The connection object, for what this class does not wrap.
+  [[nodiscard]] SSL* native() const noexcept { return ssl_; }
+
+ private:
+  // The BIO's read: one recv. The first bytes must start a handshake record (content type 22).
+  static int bio_read(BIO* b, char* out, int len) {
+    auto& s = *static_cast<tls_stream*>(BIO_get_data(b));
+    BIO_clear_retry_flags(b);
+    for (;;) {
+      const ::ssize_t got = ::recv(s.fd_, out, static_cast<std::size_t>(len), 0);
+      if (got > 0) {
+        if (!s.first_byte_seen_) {
+          s.first_byte_seen_ = true;
+          if (static_cast<unsigned char>(out[0]) != 0x16) return -1;  // not TLS: fail at once
+        }
+        return static_cast<int>(got);
+      }
+      if (got == 0) {
+        s.eof_ = true;  // BIO_CTRL_EOF: an end of stream, not a failure (see bio_ctrl)
+        return 0;
+      }
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) BIO_set_retry_read(b);
+      return -1;
+    }
+  }
+
+  // The BIO's write: sent at once; what the socket does not take is kept in order behind what
+  // already waits, and the write counts as done (the stream stops encrypting until flushed).
+  static int bio_write(BIO* b, const char* in, int len) {
+    auto& s = *static_cast<tls_stream*>(BIO_get_data(b));
+    BIO_clear_retry_flags(b);
+    const auto* data = reinterpret_cast<const std::byte*>(in);
+    auto size = static_cast<std::size_t>(len);
+    std::size_t sent = 0;
+    while (s.pending_.empty() && sent < size) {
+      const ::ssize_t n = ::send(s.fd_, data + sent, size - sent, MSG_NOSIGNAL);
+      if (n > 0) {
+        sent += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      return -1;  // the connection failed
+    }
+    if (sent < size) s.pending_.insert(s.pending_.end(), data + sent, data + size);
+    return len;
+  }
+
+  // Flush: nothing is buffered in the BIO. EOF: OpenSSL asks after a read of 0 bytes, and with
+  // SSL_OP_IGNORE_UNEXPECTED_EOF reads a peer's plain TCP close as the end of the stream.
+  static long bio_ctrl(BIO* b, int cmd, long, void*) {
+    if (cmd == BIO_CTRL_FLUSH) return 1;
+    if (cmd == BIO_CTRL_EOF) return static_cast<tls_stream*>(BIO_get_data(b))->eof_ ? 1 : 0;
+    return 0;
+  }
+
+  static BIO_METHOD* socket_method() {
+    static BIO_METHOD* const method = [] {
+      BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "devgate socket");
+      if (m) {
+        BIO_meth_set_read(m, &tls_stream::bio_read);
+        BIO_meth_set_write(m, &tls_stream::bio_write);
+        BIO_meth_set_ctrl(m, &tls_stream::bio_ctrl);
+      }
+      return m;
+    }();
+    return method;
+  }
+
+  // The record being assembled from small pieces: one per thread, allocated by its first TLS
+  // write (a session writes synchronously, so one serves every session of a worker).
+  static std::byte* staging_buffer() noexcept {
+    static thread_local std::unique_ptr<std::byte[]> buffer;
+    if (!buffer) buffer.reset(new (std::nothrow) std::byte[record_size]);
+    return buffer.get();
+  }
+
+  SSL* ssl_;
+  int fd_;
+  std::vector<std::byte> pending_;  // ciphertext the socket did not take
+  std::size_t pending_off_ = 0;     // of it, already sent
+  bool first_byte_seen_ = false;
+  bool eof_ = false;     // the peer closed its side
+  bool failed_ = false;  // a TLS error ended the connection: its session is not resumed
+  bool shutdown_after_flush_ = false;  // shutdown_write() waits for pending_ to go out
+};
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/tls_stream.hpp ----
+
+namespace devgate::websocket::detail {
+
+/// The byte stream a session reads and writes: its TCP socket, with TLS over it when the
+/// server has TLS on. Plain connections pay one pointer in the session and one predictable
+/// branch per read, write or flush call: no allocation, indirection or copy.
+class session_stream {
+ public:
+  /// No connection.
+  session_stream() noexcept = default;
+  /// Plain TCP on `tcp`.
+  explicit session_stream(tcp_stream tcp) noexcept : tls_(), tcp_(std::move(tcp)) {}
+
+  /// Speaks TLS with `ssl` (owned) from the first byte on; false (and `ssl` freed) when out of
+  /// memory.
+  [[nodiscard]] bool start_tls(SSL* ssl) noexcept {
+    tls_.reset(new (std::nothrow) tls_stream(ssl, tcp_.native_handle()));
+    if (!tls_) {
+      SSL_free(ssl);
+      return false;
+    }
+    if (!tls_->valid()) {
+      tls_.reset();
+      return false;
+    }
+    return true;
+  }
+
+  /// See byte_stream (stream.hpp).
+  io_result read(std::span<std::byte> buffer) noexcept {
+    if (tls_) return tls_->read(buffer);
+    return tcp_.read(buffer);
+  }
+  /// See byte_stream.
+  io_result write(std::span<const ::iovec> iov) noexcept {
+    if (tls_) return tls_->write(iov);
+    return tcp_.write(iov);
+  }
+  /// See byte_stream.
+  io_result flush() noexcept {
+    if (tls_) return tls_->flush();
+    return {io_status::ok, 0};
+  }
+  /// See byte_stream.
+  [[nodiscard]] bool write_pending() const noexcept { return tls_ && tls_->write_pending(); }
+  /// See byte_stream: with TLS, close_notify first.
+  void shutdown_write() noexcept {
+    if (tls_) {
+      tls_->shutdown_write();
+    } else {
+      tcp_.shutdown_write();
+    }
+  }
+  /// Ends the connection now (no close_notify) and frees the TLS state.
+  void close() noexcept {
+    tls_.reset();
+    tcp_.close();
+  }
+  /// See byte_stream.
+  [[nodiscard]] bool is_open() const noexcept { return tcp_.is_open(); }
+  /// See byte_stream.
+  [[nodiscard]] int native_handle() const noexcept { return tcp_.native_handle(); }
+
+  /// True when the connection speaks TLS.
+  [[nodiscard]] bool secure() const noexcept { return tls_ != nullptr; }
+  /// The verified client certificate (mutual TLS), or null. Borrowed: valid while the
+  /// connection is open.
+  [[nodiscard]] X509* peer_certificate() const noexcept {
+    return tls_ ? tls_->peer_certificate() : nullptr;
+  }
+
+ private:
+  // The pointer first: the descriptor then ends the object, and a session that declares its
+  // stream [[no_unique_address]] packs its small fields into the padding after it.
+  std::unique_ptr<tls_stream> tls_;
+  tcp_stream tcp_;
+};
+
+static_assert(byte_stream<session_stream>, "session_stream must satisfy byte_stream");
+
+}  // namespace devgate::websocket::detail
+// ---- end devgate/websocket/detail/session_stream.hpp ----
 
 // ---- begin devgate/websocket/detail/thread_resources.hpp ----
 
@@ -6602,7 +7228,7 @@ class session {
   enum class phase_t : std::uint8_t { http, open, closing, draining, done };
 
   /// A new session on `stream`, living on the worker `r`, from the process-wide session pool.
-  static session_ref create(tcp_stream stream, thread_resources& r, session_id id) {
+  static session_ref create(session_stream stream, thread_resources& r, session_id id) {
     void* mem = session_memory().allocate(sizeof(session));
     return session_ref(new (mem) session(std::move(stream), r, id));
   }
@@ -6612,7 +7238,11 @@ class session {
   /// The session's id (see reactor::adopt).
   [[nodiscard]] session_id id() const noexcept { return id_; }
   /// The connection.
-  [[nodiscard]] const tcp_stream& stream() const noexcept { return stream_; }
+  [[nodiscard]] const session_stream& stream() const noexcept { return stream_; }
+  /// The client certificate verified by the TLS handshake (mutual TLS), or null (plain
+  /// connection, or no client CA configured). Borrowed: valid on the session's thread until
+  /// the session finishes; see `websocket::certificate_der` for a copy.
+  [[nodiscard]] X509* peer_certificate() const noexcept { return stream_.peer_certificate(); }
   /// Where the connection is.
   [[nodiscard]] phase_t phase() const noexcept { return phase_.load(std::memory_order_acquire); }
   /// Open for messages (upgraded, not closing).
@@ -6652,7 +7282,12 @@ class session {
 
   /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
   void on_writable() {
-    if (phase() == phase_t::done || !wait_out_) return;
+    if (phase() == phase_t::done) return;
+    if (!wait_out_) {
+      // TLS output no write waits for (handshake records, a close_notify): send it now.
+      if (stream_.write_pending()) (void)flushed();
+      return;
+    }
     wait_out_ = false;
     writing_ = false;
     pump();
@@ -6753,7 +7388,7 @@ class session {
  private:
   friend struct reader_sink;
 
-  session(tcp_stream stream, thread_resources& r, session_id id) noexcept
+  session(session_stream stream, thread_resources& r, session_id id) noexcept
       : res_(&r), id_(id), http_(), stream_(std::move(stream)) {}
   ~session() {
     if (phase() == phase_t::http) {
@@ -6917,6 +7552,18 @@ class session {
     }
     return r.bytes;
   }
+  // What the stream took and still holds (a TLS record the socket did not take) is sent: true
+  // when nothing waits any more; otherwise the session waits for writability (or finished).
+  bool flushed() {
+    const io_result r = stream_.flush();
+    if (r.status == io_status::ok) return true;
+    if (r.status == io_status::error) {
+      finish(close_code::abnormal);
+    } else {
+      wait_writable();
+    }
+    return false;
+  }
   // The stream took less than offered, so its buffer is full and the kernel will report the
   // space freed by the peer's acknowledgements as an EPOLLOUT edge (on_writable).
   void wait_writable() noexcept {
@@ -6972,9 +7619,9 @@ class session {
   std::uint64_t sequence_ = 0;
   outbound_budget budget_;
   std::atomic<std::uint32_t> refs_{0};
-  std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
+  std::uint32_t last_rx_ = 0;                    // core().now_ms() of the last read
+  [[no_unique_address]] session_stream stream_;  // the next field fills its tail padding
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
-  tcp_stream stream_;
   std::atomic<phase_t> phase_{phase_t::http};
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;
@@ -7073,7 +7720,7 @@ inline void session::process_http(std::span<const std::byte> bytes) {
   const auto& bp = core().options.backpressure;
   auto outcome = http_.feed(
       bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); },
-      [this, &bp] { return !budget_.full(bp); });
+      [this, &bp] { return !budget_.full(bp); }, stream_.peer_certificate());
   switch (outcome.what) {
     case http_phase::next::read_more:
     case http_phase::next::answered:  // the idle deadline restarts once they are written
@@ -7273,6 +7920,7 @@ inline void session::send_shared(websocket::opcode op, const shared_bytes& paylo
   if (!n) return;
   if (*n == g.bytes) {
     budget_.unreserve(wire);
+    if (stream_.write_pending()) wait_writable();  // TLS: its last record waits for the socket
     return;
   }
   auto& q = queue();
@@ -7347,7 +7995,7 @@ inline void session::pump() {
   // A few writes per turn (up to 8 MiB), then let the other sessions of this thread run.
   for (int round = 0; round < 4; ++round) {
     if (!q_ || q_->empty()) {
-      on_drained();
+      if (flushed()) on_drained();
       return;
     }
     q_->fill(g);
@@ -7360,7 +8008,7 @@ inline void session::pump() {
     }
   }
   if (!q_ || q_->empty()) {
-    on_drained();
+    if (flushed()) on_drained();
     return;
   }
   flush_soon();
@@ -7692,6 +8340,12 @@ class reactor : public thread_resources {
 
 inline void reactor::adopt(tcp_stream stream) {
   // The socket is non-blocking (accept4) and has TCP_NODELAY (inherited from the listener).
+  session_stream connection(std::move(stream));
+  if (core.tls.enabled()) {
+    // TLS from the first byte; the handshake runs in the HTTP phase, under handshake_timeout.
+    SSL* ssl = core.tls.new_connection();
+    if (!ssl || !connection.start_tls(ssl)) return;  // out of memory: the socket is closed
+  }
   std::uint32_t slot = 0;
   std::uint32_t generation = 1;
   {
@@ -7709,7 +8363,7 @@ inline void reactor::adopt(tcp_stream stream) {
   }
   const session_id id =
       static_cast<session_id>(generation) << 32 | static_cast<session_id>(slot) << 8 | index_;
-  session_ref s = session::create(std::move(stream), *this, id);
+  session_ref s = session::create(std::move(connection), *this, id);
   core.live.fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard lock(mutex_);
@@ -7830,7 +8484,8 @@ class server {
 
   /// Binds, listens and starts the worker threads. Errors: errc::already_running,
   /// errc::invalid_argument (bad address, more than 256 threads, a negative timeout or one over
-  /// 20 days, max_buffered_bytes over 1 GiB), or the socket error (e.g. address in use).
+  /// 20 days, max_buffered_bytes over 1 GiB), a tls_errc (TLS files that cannot be used), or the
+  /// socket error (e.g. address in use).
   std::error_code start() {
     if (state_ != state_t::created) return errc::already_running;
     auto& o = core_->options;
@@ -7846,6 +8501,9 @@ class server {
     std::error_code ec;
     const auto address = asio::ip::make_address(o.address, ec);
     if (ec) return errc::invalid_argument;
+    if (o.tls) {
+      if (const auto err = core_->tls.load(*o.tls)) return err;
+    }
 
     auto shortest = std::min({o.handshake_timeout, o.pong_timeout, o.close_timeout});
     if (o.idle_timeout.count() > 0) shortest = std::min(shortest, o.idle_timeout);
@@ -7955,6 +8613,14 @@ class server {
   [[nodiscard]] std::size_t buffered_bytes(session_id id) const {
     detail::reactor* w = worker_of(id);
     return w ? w->buffered(id) : 0;
+  }
+
+  /// Reads the TLS certificate chain, key and client CA files again (after a renewal): new
+  /// connections get the new certificate, open ones keep theirs. On error (a tls_errc) the
+  /// previous certificate stays in use. From any thread but a handler's, while running.
+  std::error_code reload_tls() {
+    if (!core_->options.tls || !core_->tls.enabled()) return websocket::tls_errc::not_enabled;
+    return core_->tls.load(*core_->options.tls);
   }
 
   /// The port the server listens on (useful with `server_options::port = 0`); 0 before start.

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <openssl/types.h>  // X509 (the TLS peer certificate)
+
 #include <algorithm>    // std::find
 #include <cstddef>      // std::byte, std::size_t
 #include <cstdint>      // offsets
@@ -117,6 +119,9 @@ struct http_request {
   std::span<const http_header> headers;  ///< Every header field, in arrival order.
   std::size_t content_length = 0;        ///< The body's length as announced (0 without one).
   std::string_view body;                 ///< The body; empty until the request is complete.
+  /// The client certificate the TLS handshake verified (mutual TLS, `tls_options::client_ca_file`),
+  /// or null. Borrowed: valid during the call it is passed to (copy it with `certificate_der`).
+  const X509* peer_certificate = nullptr;
 
   /// Value of the first header named `name` (case-insensitive), or "" if absent.
   [[nodiscard]] std::string_view header(std::string_view name) const noexcept {

@@ -61,7 +61,8 @@ class server {
 
   /// Binds, listens and starts the worker threads. Errors: errc::already_running,
   /// errc::invalid_argument (bad address, more than 256 threads, a negative timeout or one over
-  /// 20 days, max_buffered_bytes over 1 GiB), or the socket error (e.g. address in use).
+  /// 20 days, max_buffered_bytes over 1 GiB), a tls_errc (TLS files that cannot be used), or the
+  /// socket error (e.g. address in use).
   std::error_code start() {
     if (state_ != state_t::created) return errc::already_running;
     auto& o = core_->options;
@@ -77,6 +78,9 @@ class server {
     std::error_code ec;
     const auto address = asio::ip::make_address(o.address, ec);
     if (ec) return errc::invalid_argument;
+    if (o.tls) {
+      if (const auto err = core_->tls.load(*o.tls)) return err;
+    }
 
     auto shortest = std::min({o.handshake_timeout, o.pong_timeout, o.close_timeout});
     if (o.idle_timeout.count() > 0) shortest = std::min(shortest, o.idle_timeout);
@@ -186,6 +190,14 @@ class server {
   [[nodiscard]] std::size_t buffered_bytes(session_id id) const {
     detail::reactor* w = worker_of(id);
     return w ? w->buffered(id) : 0;
+  }
+
+  /// Reads the TLS certificate chain, key and client CA files again (after a renewal): new
+  /// connections get the new certificate, open ones keep theirs. On error (a tls_errc) the
+  /// previous certificate stays in use. From any thread but a handler's, while running.
+  std::error_code reload_tls() {
+    if (!core_->options.tls || !core_->tls.enabled()) return websocket::tls_errc::not_enabled;
+    return core_->tls.load(*core_->options.tls);
   }
 
   /// The port the server listens on (useful with `server_options::port = 0`); 0 before start.

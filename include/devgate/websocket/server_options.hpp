@@ -14,6 +14,7 @@
 #include "devgate/transport/transport.hpp"
 #include "devgate/websocket/http.hpp"
 #include "devgate/websocket/reader.hpp"
+#include "devgate/websocket/tls.hpp"
 
 namespace devgate::websocket {
 
@@ -110,6 +111,9 @@ struct server_options {
   /// waiting for it, and a connection that sends nothing costs the server nothing for that
   /// second (the kernel then hands it over anyway, and `handshake_timeout` applies).
   bool defer_accept = true;
+  /// TLS (wss and https on this port) when set; see `tls_options`. The TLS handshake counts
+  /// as part of the HTTP request: it must complete within `handshake_timeout` too.
+  std::optional<tls_options> tls;
   /// Limits of the HTTP request before the upgrade (431 past them, 400 when malformed).
   http_limits http{};
   /// Limits of incoming WebSocket messages (1009 past max_message_size).

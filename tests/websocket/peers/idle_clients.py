@@ -1,17 +1,21 @@
 """Opens N idle WebSocket connections to a server and holds them until killed, for measuring the
 server's memory per idle connection (see /work/notes/results-server.md for the procedure).
 
-    /usr/bin/python3 idle_clients.py <port> <count>
+    /usr/bin/python3 idle_clients.py <port> <count> [<ca-file>]
+
+With a CA file the connections speak TLS (wss), trusting that CA.
 
 Prints "ready <count>" once every handshake got its 101.
 """
 import resource
 import selectors
 import socket
+import ssl
 import sys
 import time
 
 port, count = int(sys.argv[1]), int(sys.argv[2])
+tls = ssl.create_default_context(cafile=sys.argv[3]) if len(sys.argv) > 3 else None
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 100), hard))
 
@@ -21,6 +25,8 @@ REQUEST = (b"GET /idle HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
 sockets = []
 for i in range(count):
     s = socket.create_connection(("127.0.0.1", port))
+    if tls:
+        s = tls.wrap_socket(s, server_hostname="localhost")  # the handshake, blocking
     s.sendall(REQUEST)
     sockets.append(s)
     if i % 500 == 499:  # let the accept backlog drain

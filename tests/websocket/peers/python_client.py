@@ -1,13 +1,17 @@
 """A scripted WebSocket client on Debian's python3-websockets, driven by
 tests/websocket/server.cpp against devgate's server running an echo handler.
 
-    /usr/bin/python3 python_client.py <ws-url> <scenario> [args...]
+    /usr/bin/python3 python_client.py <ws-or-wss-url> <scenario> [args...]
+
+For wss URLs it trusts the CA file DEVGATE_TLS_CA and presents the client certificate
+DEVGATE_TLS_CLIENT_CERT / DEVGATE_TLS_CLIENT_KEY when they are set (mutual TLS).
 
 Exit code 0 means the scenario passed; anything else is a failure with a message on stderr.
 """
 import asyncio
 import json
 import os
+import ssl
 import sys
 
 import websockets
@@ -20,9 +24,31 @@ def fail(msg):
     os._exit(1)
 
 
+def tls_context():
+    """For wss URLs: trust DEVGATE_TLS_CA, and present DEVGATE_TLS_CLIENT_CERT/_KEY if set."""
+    if not URL.startswith("wss:"):
+        return None
+    ctx = ssl.create_default_context(cafile=os.environ.get("DEVGATE_TLS_CA"))
+    if os.environ.get("DEVGATE_TLS_CLIENT_CERT"):
+        ctx.load_cert_chain(os.environ["DEVGATE_TLS_CLIENT_CERT"],
+                            os.environ["DEVGATE_TLS_CLIENT_KEY"])
+    return ctx
+
+
 def connect(url=None):
     return websockets.connect(url or URL, max_size=None, compression=None, ping_interval=None,
-                              open_timeout=30, close_timeout=30)
+                              open_timeout=30, close_timeout=30, ssl=tls_context())
+
+
+async def tls_refused():
+    """The server must refuse this client during the TLS handshake (no usable certificate)."""
+    try:
+        async with connect() as ws:
+            await ws.send("must not be echoed")
+            await ws.recv()
+    except (ssl.SSLError, OSError, websockets.exceptions.WebSocketException, EOFError):
+        return
+    fail("the server accepted a client it must refuse")
 
 
 def text_of(size):
@@ -134,7 +160,7 @@ async def concurrent():
 SCENARIOS = {
     "messages": messages, "fragmented": fragmented, "ping": ping,
     "close-client": close_client, "close-server": close_server, "error-reply": error_reply,
-    "await-close": await_close, "concurrent": concurrent,
+    "await-close": await_close, "concurrent": concurrent, "tls-refused": tls_refused,
 }
 
 if SCENARIO not in SCENARIOS:

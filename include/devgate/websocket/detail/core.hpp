@@ -6,12 +6,14 @@
 #include <cstdint>  // 32-bit stamps
 
 #include "devgate/transport/transport.hpp"
+#include "devgate/websocket/detail/tls_context.hpp"
 #include "devgate/websocket/server_options.hpp"
 
 namespace devgate::websocket::detail {
 
-/// What the sessions of one server share: its options, the engine's handlers, the timer period
-/// and the counters stop() waits on. Lives in the server; every worker thread reads it.
+/// What the sessions of one server share: its options, the engine's handlers, the TLS context,
+/// the timer period and the counters stop() waits on. Lives in the server; every worker thread
+/// reads it.
 struct server_core {
   server_options options;
   transport_handlers handlers;
@@ -19,6 +21,7 @@ struct server_core {
   clock::time_point epoch = clock::now();  // sessions keep 32-bit millisecond stamps from here
   std::atomic<std::size_t> live{0};        // sessions not yet finished, for stop()
   std::atomic<bool> stopping{false};
+  tls_context tls;  // enabled when options.tls is set
 
   /// Milliseconds since `epoch`, wrapping after 49 days: compare with `reached`, never with <.
   [[nodiscard]] std::uint32_t now_ms() const noexcept { return stamp(clock::now()); }

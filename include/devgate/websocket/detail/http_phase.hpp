@@ -49,10 +49,11 @@ class http_phase {
   /// empty span to go on). A request that announces a body is admitted (or answered) as soon as
   /// its header section is in; its body is then buffered in the parser as it arrives, up to the
   /// admitted length, and the request is answered once it is whole. Handlers (`admit`, `route`,
-  /// `identify`) may throw; the parser stays valid for drop().
+  /// `identify`) may throw; the parser stays valid for drop(). `peer` is the connection's
+  /// verified TLS client certificate (or null), which every request it answers carries.
   template <class Respond, class Room>
   result feed(std::span<const std::byte> bytes, const server_core& core, Respond&& respond,
-              Room&& room) {
+              Room&& room, const X509* peer = nullptr) {
     if (!parser_) parser_ = new websocket::http_request_parser(core.options.http);
     using st = websocket::http_request_parser::status;
     st s = parser_->feed(bytes);
@@ -87,7 +88,9 @@ class http_phase {
         continue;
       }
       if (!room()) return {next::paused, {}};
-      result r = handle(parser_->request(), core, respond);
+      websocket::http_request request = parser_->request();
+      request.peer_certificate = peer;
+      result r = handle(request, core, respond);
       if (r.what != next::answered) return r;
       outcome = next::answered;
       parser_->reset();

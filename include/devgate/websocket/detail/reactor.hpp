@@ -30,6 +30,7 @@
 #include "devgate/websocket/detail/core.hpp"
 #include "devgate/websocket/detail/out_queue.hpp"
 #include "devgate/websocket/detail/session.hpp"
+#include "devgate/websocket/detail/session_stream.hpp"
 #include "devgate/websocket/detail/stream.hpp"
 #include "devgate/websocket/detail/thread_resources.hpp"
 #include "devgate/websocket/frame.hpp"
@@ -357,6 +358,12 @@ class reactor : public thread_resources {
 
 inline void reactor::adopt(tcp_stream stream) {
   // The socket is non-blocking (accept4) and has TCP_NODELAY (inherited from the listener).
+  session_stream connection(std::move(stream));
+  if (core.tls.enabled()) {
+    // TLS from the first byte; the handshake runs in the HTTP phase, under handshake_timeout.
+    SSL* ssl = core.tls.new_connection();
+    if (!ssl || !connection.start_tls(ssl)) return;  // out of memory: the socket is closed
+  }
   std::uint32_t slot = 0;
   std::uint32_t generation = 1;
   {
@@ -374,7 +381,7 @@ inline void reactor::adopt(tcp_stream stream) {
   }
   const session_id id =
       static_cast<session_id>(generation) << 32 | static_cast<session_id>(slot) << 8 | index_;
-  session_ref s = session::create(std::move(stream), *this, id);
+  session_ref s = session::create(std::move(connection), *this, id);
   core.live.fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard lock(mutex_);

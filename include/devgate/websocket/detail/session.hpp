@@ -29,6 +29,7 @@
 #include "devgate/websocket/detail/out_queue.hpp"
 #include "devgate/websocket/detail/pools.hpp"
 #include "devgate/websocket/detail/read_batch.hpp"
+#include "devgate/websocket/detail/session_stream.hpp"
 #include "devgate/websocket/detail/stream.hpp"
 #include "devgate/websocket/detail/thread_resources.hpp"
 #include "devgate/websocket/frame.hpp"
@@ -124,7 +125,7 @@ class session {
   enum class phase_t : std::uint8_t { http, open, closing, draining, done };
 
   /// A new session on `stream`, living on the worker `r`, from the process-wide session pool.
-  static session_ref create(tcp_stream stream, thread_resources& r, session_id id) {
+  static session_ref create(session_stream stream, thread_resources& r, session_id id) {
     void* mem = session_memory().allocate(sizeof(session));
     return session_ref(new (mem) session(std::move(stream), r, id));
   }
@@ -134,7 +135,11 @@ class session {
   /// The session's id (see reactor::adopt).
   [[nodiscard]] session_id id() const noexcept { return id_; }
   /// The connection.
-  [[nodiscard]] const tcp_stream& stream() const noexcept { return stream_; }
+  [[nodiscard]] const session_stream& stream() const noexcept { return stream_; }
+  /// The client certificate verified by the TLS handshake (mutual TLS), or null (plain
+  /// connection, or no client CA configured). Borrowed: valid on the session's thread until
+  /// the session finishes; see `websocket::certificate_der` for a copy.
+  [[nodiscard]] X509* peer_certificate() const noexcept { return stream_.peer_certificate(); }
   /// Where the connection is.
   [[nodiscard]] phase_t phase() const noexcept { return phase_.load(std::memory_order_acquire); }
   /// Open for messages (upgraded, not closing).
@@ -174,7 +179,12 @@ class session {
 
   /// The socket has room again after a write that did not fit (an EPOLLOUT edge).
   void on_writable() {
-    if (phase() == phase_t::done || !wait_out_) return;
+    if (phase() == phase_t::done) return;
+    if (!wait_out_) {
+      // TLS output no write waits for (handshake records, a close_notify): send it now.
+      if (stream_.write_pending()) (void)flushed();
+      return;
+    }
     wait_out_ = false;
     writing_ = false;
     pump();
@@ -275,7 +285,7 @@ class session {
  private:
   friend struct reader_sink;
 
-  session(tcp_stream stream, thread_resources& r, session_id id) noexcept
+  session(session_stream stream, thread_resources& r, session_id id) noexcept
       : res_(&r), id_(id), http_(), stream_(std::move(stream)) {}
   ~session() {
     if (phase() == phase_t::http) {
@@ -439,6 +449,18 @@ class session {
     }
     return r.bytes;
   }
+  // What the stream took and still holds (a TLS record the socket did not take) is sent: true
+  // when nothing waits any more; otherwise the session waits for writability (or finished).
+  bool flushed() {
+    const io_result r = stream_.flush();
+    if (r.status == io_status::ok) return true;
+    if (r.status == io_status::error) {
+      finish(close_code::abnormal);
+    } else {
+      wait_writable();
+    }
+    return false;
+  }
   // The stream took less than offered, so its buffer is full and the kernel will report the
   // space freed by the peer's acknowledgements as an EPOLLOUT edge (on_writable).
   void wait_writable() noexcept {
@@ -494,9 +516,9 @@ class session {
   std::uint64_t sequence_ = 0;
   outbound_budget budget_;
   std::atomic<std::uint32_t> refs_{0};
-  std::uint32_t last_rx_ = 0;   // core().now_ms() of the last read
+  std::uint32_t last_rx_ = 0;                    // core().now_ms() of the last read
+  [[no_unique_address]] session_stream stream_;  // the next field fills its tail padding
   std::uint32_t deadline_ = 0;  // handshake, pong, close or linger deadline, by phase
-  tcp_stream stream_;
   std::atomic<phase_t> phase_{phase_t::http};
   close_code close_code_ = close_code::abnormal;
   bool opened_ : 1 = false;
@@ -595,7 +617,7 @@ inline void session::process_http(std::span<const std::byte> bytes) {
   const auto& bp = core().options.backpressure;
   auto outcome = http_.feed(
       bytes, core(), [this](shared_bytes b) { queue_raw(std::move(b)); },
-      [this, &bp] { return !budget_.full(bp); });
+      [this, &bp] { return !budget_.full(bp); }, stream_.peer_certificate());
   switch (outcome.what) {
     case http_phase::next::read_more:
     case http_phase::next::answered:  // the idle deadline restarts once they are written
@@ -795,6 +817,7 @@ inline void session::send_shared(websocket::opcode op, const shared_bytes& paylo
   if (!n) return;
   if (*n == g.bytes) {
     budget_.unreserve(wire);
+    if (stream_.write_pending()) wait_writable();  // TLS: its last record waits for the socket
     return;
   }
   auto& q = queue();
@@ -869,7 +892,7 @@ inline void session::pump() {
   // A few writes per turn (up to 8 MiB), then let the other sessions of this thread run.
   for (int round = 0; round < 4; ++round) {
     if (!q_ || q_->empty()) {
-      on_drained();
+      if (flushed()) on_drained();
       return;
     }
     q_->fill(g);
@@ -882,7 +905,7 @@ inline void session::pump() {
     }
   }
   if (!q_ || q_->empty()) {
-    on_drained();
+    if (flushed()) on_drained();
     return;
   }
   flush_soon();

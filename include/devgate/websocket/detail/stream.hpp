@@ -34,6 +34,8 @@ struct io_result {
 /// called on the session's thread:
 /// - `read(buffer)`: bytes into `buffer` (ok), or would_block, eof or error;
 /// - `write(iovecs)`: one gather write; ok with the bytes taken, would_block, or error;
+/// - `write_pending()`: bytes `write` took still wait inside the stream (a TLS record the
+///   socket did not take); `flush()` sends them: ok once none wait, would_block, or error;
 /// - `shutdown_write()`: half-close (the peer reads EOF after what was written);
 /// - `close()`: end the connection now (idempotent); `is_open()` until then;
 /// - `native_handle()`: the descriptor whose readiness the worker's epoll set watches.
@@ -42,6 +44,8 @@ concept byte_stream = std::movable<S> &&
     requires(S& s, const S& cs, std::span<std::byte> in, std::span<const ::iovec> out) {
   { s.read(in) } -> std::same_as<io_result>;
   { s.write(out) } -> std::same_as<io_result>;
+  { s.flush() } -> std::same_as<io_result>;
+  { cs.write_pending() } -> std::same_as<bool>;
   s.shutdown_write();
   s.close();
   { cs.is_open() } -> std::same_as<bool>;
@@ -93,6 +97,11 @@ class tcp_stream {
       return {io_status::error, 0};
     }
   }
+
+  /// Nothing waits inside a TCP stream: what sendmsg took is the kernel's.
+  io_result flush() noexcept { return {io_status::ok, 0}; }
+  /// Always false (see flush).
+  [[nodiscard]] bool write_pending() const noexcept { return false; }
 
   /// Half-close: a FIN after what was written; reading goes on.
   void shutdown_write() noexcept { ::shutdown(fd_, SHUT_WR); }
