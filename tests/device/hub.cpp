@@ -849,11 +849,15 @@ TEST_CASE("firmware rollout: 16 devices stalled mid-transfer do not stop 300 oth
     CHECK(st->offset == 16384);
   }
   for (auto& d : stalled) {
-    bool told = false;
-    for (const auto& j : d.texts) {
-      told = told || (j["type"] == "fw_status" && j["reason"] == "timed_out");
-    }
-    CHECK(told);
+    // The counters move before the fw_status leaves the device's outbox: read until it is in.
+    auto told = [&d] {
+      d.poll();
+      for (const auto& j : d.texts) {
+        if (j["type"] == "fw_status" && j["reason"] == "timed_out") return true;
+      }
+      return false;
+    };
+    CHECK(eventually(told, std::chrono::seconds(10)));
   }
   hub.stop();
 }
