@@ -204,27 +204,14 @@ class session {
 
   /// Queues one data message whose bytes were reserved.
   void enqueue_data(out_frame m) {
-    if (phase() != phase_t::open) {
-      budget_.refund(m.size());
-      return;
-    }
-    auto& q = queue();
-    q.data.push_back(std::move(m));
-    budget_.trim(q, core().options.backpressure);
-    flush_soon();
+    if (queue_data(std::move(m))) flush_soon();
   }
 
   /// Queues one data message (its bytes reserved) of a batch the reactor hands over from its
   /// inbox, without writing it yet: true for the first of the batch, whose caller then calls
   /// `release_held` once the whole batch is queued, so the session writes it in one go.
   [[nodiscard]] bool enqueue_held(out_frame m) {
-    if (phase() != phase_t::open) {
-      budget_.refund(m.size());
-      return false;
-    }
-    auto& q = queue();
-    q.data.push_back(std::move(m));
-    budget_.trim(q, core().options.backpressure);
+    if (!queue_data(std::move(m))) return false;
     if (held_ || reading_ || writing_) return false;  // already due to be written
     held_ = true;
     return true;
@@ -306,6 +293,18 @@ class session {
   // Writes the queue once the handlers already posted to this thread have run, so a burst of
   // sends from other threads (each a posted task) goes out in one write, not one write each.
   // Inside a read batch or a write in progress, their end writes it anyway.
+  // Queues a data message whose bytes were reserved (trimming under drop_oldest); false, with
+  // the bytes given back, when the session is no longer open.
+  bool queue_data(out_frame m) {
+    if (phase() != phase_t::open) {
+      budget_.refund(m.size());
+      return false;
+    }
+    auto& q = queue();
+    q.data.push_back(std::move(m));
+    budget_.trim(q, core().options.backpressure);
+    return true;
+  }
   void flush_soon() {
     if (reading_ || writing_ || phase() == phase_t::done) return;
     writing_ = true;
