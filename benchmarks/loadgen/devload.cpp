@@ -54,8 +54,9 @@
 #include <utility>      // std::pair
 #include <vector>       // connections, samples
 
-#include "proc.hpp"   // the server's CPU time and RSS, the generator's CPU time
-#include "stamp.hpp"  // now_ns: the clock of the latency stamps
+#include "connect.hpp"  // open_loopback: a client socket from its own loopback address
+#include "proc.hpp"     // the server's CPU time and RSS, the generator's CPU time
+#include "stamp.hpp"    // now_ns: the clock of the latency stamps
 
 namespace {
 
@@ -208,36 +209,14 @@ class devload {
     c.kind = plan.first;
     c.index = plan.second;
     c.pending.reserve(o_.window);
-    c.fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (c.fd < 0) {
-      note_error("socket", errno);
+    const auto o = devgate_bench::open_loopback(slot, o_.host, o_.port, ep_);
+    if (o.fd < 0) {
+      note_error(o.failed, o.error);
       ++failed_open_;
       return false;
     }
-    int one = 1;
-    setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    setsockopt(c.fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-    sockaddr_in src{};
-    src.sin_family = AF_INET;
-    src.sin_addr.s_addr = htonl((127u << 24) | (1u + slot % 254u));
-    sockaddr_in dst{};
-    dst.sin_family = AF_INET;
-    dst.sin_port = htons(o_.port);
-    inet_pton(AF_INET, o_.host.c_str(), &dst.sin_addr);
-    if (bind(c.fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0 ||
-        (connect(c.fd, reinterpret_cast<sockaddr*>(&dst), sizeof dst) != 0 &&
-         errno != EINPROGRESS)) {
-      note_error("connect", errno);
-      ::close(c.fd);
-      c.fd = -1;
-      ++failed_open_;
-      return false;
-    }
+    c.fd = o.fd;
     c.state = phase::connecting;
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u32 = slot;
-    epoll_ctl(ep_, EPOLL_CTL_ADD, c.fd, &ev);
     ++pending_open_;
     return true;
   }

@@ -34,8 +34,9 @@
 #include <string>     // options, JSON
 #include <vector>     // connections, samples
 
-#include "proc.hpp"   // the server's CPU time and RSS, the generator's CPU time
-#include "stamp.hpp"  // now_ns: the clock of the latency stamps
+#include "connect.hpp"  // open_loopback: a client socket from its own loopback address
+#include "proc.hpp"     // the server's CPU time and RSS, the generator's CPU time
+#include "stamp.hpp"    // now_ns: the clock of the latency stamps
 
 namespace {
 
@@ -144,40 +145,14 @@ class loadgen {
     const auto index = static_cast<unsigned>(conns_.size());
     conns_.emplace_back();
     connection& c = conns_.back();
-    c.fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (c.fd < 0) {
-      note_error("socket", errno);
+    const auto o = devgate_bench::open_loopback(index, o_.host, o_.port, ep_);
+    if (o.fd < 0) {
+      note_error(o.failed, o.error);
       ++failed_open_;  // the slot stays, closed, so open_until() counts it as done
       return false;
     }
-    int one = 1;
-    setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    // The port is picked at connect() for the full 4-tuple, not at bind() for the address alone.
-    setsockopt(c.fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-    sockaddr_in src{};
-    src.sin_family = AF_INET;
-    src.sin_addr.s_addr = htonl((127u << 24) | (1u + index % 254u));
-    if (bind(c.fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) {
-      note_error("bind", errno);
-      close_conn(c);
-      ++failed_open_;
-      return false;
-    }
-    sockaddr_in dst{};
-    dst.sin_family = AF_INET;
-    dst.sin_port = htons(o_.port);
-    inet_pton(AF_INET, o_.host.c_str(), &dst.sin_addr);
-    if (connect(c.fd, reinterpret_cast<sockaddr*>(&dst), sizeof dst) != 0 && errno != EINPROGRESS) {
-      note_error("connect", errno);
-      close_conn(c);
-      ++failed_open_;
-      return false;
-    }
+    c.fd = o.fd;
     c.state = phase::connecting;
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u32 = index;
-    epoll_ctl(ep_, EPOLL_CTL_ADD, c.fd, &ev);
     ++pending_;
     return true;
   }
