@@ -35,6 +35,16 @@ if [ "$mode" = quick ]; then
 else
   reps=${BENCH_REPS:-3}; seconds=5; warmup=1; idle=${BENCH_IDLE:-19000}; bc_big=5; bc_small=20
 fi
+# Stops the server started last (TERM, then KILL after 10 s); both passes use it.
+stop_server() {
+  kill -TERM "$server_pid" 2>/dev/null || true
+  for _ in $(seq 100); do
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+}
 [ "$pass" = device ] && . "$root/benchmarks/loadgen/device_pass.sh"  # runs the pass, then exits
 
 # ---- build ------------------------------------------------------------------------------------
@@ -82,15 +92,6 @@ start_server() {  # name [pipeline]
   done
   echo "run.sh: $1 did not start: $(cat "$out/server.log")" >&2
   return 1
-}
-stop_server() {
-  kill -TERM "$server_pid" 2>/dev/null || true
-  for _ in $(seq 50); do
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
 }
 
 # run_case <case> <rep> <server> <server mode> <loadgen args...>

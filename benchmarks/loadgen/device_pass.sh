@@ -74,15 +74,6 @@ start_system() {  # system; sets server_pid, port
   echo "run.sh: $1 did not start: $(tail -n 5 "$out/server.log")" >&2
   return 1
 }
-stop_system() {
-  kill -TERM "$server_pid" 2>/dev/null || true
-  for _ in $(seq 100); do
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
-}
 args_of_system() {
   case $1 in
     devgate) echo "--scenario v1" ;;
@@ -111,7 +102,7 @@ run_case() {
                --server-pid "$server_pid" "${sargs[@]}" "$@" | tail -n 1) || true
       [ -z "$line" ] && line="{\"server\":\"$name\",\"error\":\"devload failed or timed out\"}"
     fi
-    stop_system
+    stop_server
     line="{\"case\":\"$case\",\"rep\":$rep,\"attempt\":$attempt,${line#\{}"
     echo "$line" >>"$results"
     echo "  $line"
