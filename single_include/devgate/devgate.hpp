@@ -10513,14 +10513,16 @@ class tally {
   void add_acked(std::int64_t delta) noexcept {
     acked_.fetch_add(delta, std::memory_order_relaxed);
   }
-  /// A device's transfer failed for making no progress (it also moved to `failed`).
-  void count_timed_out() noexcept { timed_out_.fetch_add(1, std::memory_order_relaxed); }
+  /// A device's transfer failed for making no progress (called before its move to `failed`).
+  // Release here and in `add`, acquire in the reads: a reader that reads count(failed) and then
+  // timed_out() finds every timed-out failure it counted.
+  void count_timed_out() noexcept { timed_out_.fetch_add(1, std::memory_order_release); }
   /// A stalled transfer was taken back to be retried later.
   void count_retry() noexcept { retries_.fetch_add(1, std::memory_order_relaxed); }
 
   /// Devices of the rollout with status `s` now.
   [[nodiscard]] std::size_t count(store::transfer_status s) const noexcept {
-    const auto n = by_status_[static_cast<std::size_t>(s)].load(std::memory_order_relaxed);
+    const auto n = by_status_[static_cast<std::size_t>(s)].load(std::memory_order_acquire);
     return n < 0 ? 0 : static_cast<std::size_t>(n);
   }
   /// Bytes acknowledged over the fleet.
@@ -10530,7 +10532,7 @@ class tally {
   }
   /// Devices whose transfer failed with reason `timed_out`.
   [[nodiscard]] std::size_t timed_out() const noexcept {
-    return static_cast<std::size_t>(timed_out_.load(std::memory_order_relaxed));
+    return static_cast<std::size_t>(timed_out_.load(std::memory_order_acquire));
   }
   /// Stalled transfers taken back to be retried.
   [[nodiscard]] std::uint64_t retries() const noexcept {
@@ -10540,7 +10542,7 @@ class tally {
  private:
   void add(store::transfer_status s, std::int64_t n) noexcept {
     if (s == store::transfer_status::none) return;
-    by_status_[static_cast<std::size_t>(s)].fetch_add(n, std::memory_order_relaxed);
+    by_status_[static_cast<std::size_t>(s)].fetch_add(n, std::memory_order_release);
   }
 
   std::array<std::atomic<std::int64_t>, 6> by_status_{};  // indexed by transfer_status
@@ -11847,7 +11849,7 @@ class rollout_engine {
     out.pending = counts->count(store::transfer_status::pending);
     out.transferring = counts->count(store::transfer_status::transferring);
     out.verified = counts->count(store::transfer_status::verified);
-    out.failed = counts->count(store::transfer_status::failed);
+    out.failed = counts->count(store::transfer_status::failed);  // before timed_out (tally.hpp)
     out.skipped = counts->count(store::transfer_status::skipped);
     out.bytes_acked = counts->bytes_acked();
     out.timed_out = counts->timed_out();
@@ -12060,8 +12062,9 @@ class rollout_engine {
       }
       if (now - tr.progress_at < options_.stall_timeout) return;
       if (++tr.retries > options_.max_retries) {
-        fail_locked(rec, "timed_out");
+        // Counted before the move to failed: a reader that sees the failure sees its reason.
         tr.tally->count_timed_out();
+        fail_locked(rec, "timed_out");
         failed = true;
       } else {
         set_status_locked(rec, store::transfer_status::pending);

@@ -422,7 +422,7 @@ class rollout_engine {
     out.pending = counts->count(store::transfer_status::pending);
     out.transferring = counts->count(store::transfer_status::transferring);
     out.verified = counts->count(store::transfer_status::verified);
-    out.failed = counts->count(store::transfer_status::failed);
+    out.failed = counts->count(store::transfer_status::failed);  // before timed_out (tally.hpp)
     out.skipped = counts->count(store::transfer_status::skipped);
     out.bytes_acked = counts->bytes_acked();
     out.timed_out = counts->timed_out();
@@ -635,8 +635,9 @@ class rollout_engine {
       }
       if (now - tr.progress_at < options_.stall_timeout) return;
       if (++tr.retries > options_.max_retries) {
-        fail_locked(rec, "timed_out");
+        // Counted before the move to failed: a reader that sees the failure sees its reason.
         tr.tally->count_timed_out();
+        fail_locked(rec, "timed_out");
         failed = true;
       } else {
         set_status_locked(rec, store::transfer_status::pending);
