@@ -978,10 +978,15 @@ struct message {
   shared_bytes device_id;  ///< Who sent it; shared with the session, so no allocation per message.
   std::uint64_t sequence = 0;              ///< Per-device (per-session) number from the transport.
   payload_kind kind = payload_kind::text;  ///< Text or binary.
+  /// True when `reference` holds the sender's id for the message (a device `send` with an id).
+  bool has_reference = false;
   /// Sink attempts this message already had: 0 until `stop(deadline)` hands back a message it
   /// interrupted after one or more failed attempts (in retry backoff), so whoever takes it back
   /// knows a sink may have seen it. The pipeline does not read it.
   std::uint32_t attempts = 0;
+  /// The sender's id for the message (a device `send`'s `id`), when `has_reference`: the hub
+  /// answers it once the sink took the message (ack policy on_dispatch).
+  std::uint64_t reference = 0;
   shared_bytes payload;          ///< The message bytes, shared by every stage and sink.
   clock::time_point received{};  ///< When the transport finished reading it.
   clock::time_point enqueued{};  ///< When the pipeline accepted it (one reading per push_bulk).
@@ -9464,10 +9469,16 @@ class token_authenticator {
 
 // ---- begin devgate/store/state_store.hpp ----
 
-#include <concepts>      // std::same_as
-#include <cstdint>       // counters, offsets
-#include <string>        // device ids, versions
+#include <array>        // the dispatch window's bits
+#include <concepts>     // std::same_as
+#include <cstddef>      // std::byte
+#include <cstdint>      // counters, offsets
+#include <optional>     // a send's id
+#include <string>       // device ids, versions
+#include <string_view>  // frames
 #include <system_error>  // errors as values
+#include <vector>        // replay entries, images
+
 
 namespace devgate::store {
 
@@ -9509,6 +9520,91 @@ struct transfer_state {
   std::string reason;        ///< Why it failed (status failed only).
 };
 
+/// A sequenced message kept for a device until it acknowledges it: its sequence number and its
+/// whole `deliver` frame (JSON text).
+struct replay_entry {
+  std::uint64_t seq = 0;  ///< Its sequence number.
+  std::string frame;      ///< The `deliver` frame, as sent.
+};
+
+/// The ids of a device's most recent `send`s that reached the sink (ack policy `on_dispatch`),
+/// so that a resend of one of them is answered without reaching the sink again: the highest
+/// id seen and a bit for each of the `span` ids below it. An id older than that is not
+/// remembered (a resend of it is dispatched again: at least once); a well-behaved device gives
+/// its sends increasing ids and keeps fewer than `span` of them unacknowledged.
+class dispatch_window {
+ public:
+  /// Ids remembered below the highest.
+  static constexpr std::uint64_t span = 1024;
+  /// Bytes of `to_bytes()`.
+  static constexpr std::size_t encoded_size = 8 + span / 8;
+
+  /// True if `id` was inserted and is still within the window.
+  [[nodiscard]] bool contains(std::uint64_t id) const noexcept {
+    if (empty_ || id > high_ || high_ - id >= span) return false;
+    return (bits_[(id % span) / 64] >> (id % 64)) & 1u;
+  }
+  /// Remembers `id` (ids more than `span` below the highest are forgotten).
+  void insert(std::uint64_t id) noexcept {
+    if (empty_) {
+      empty_ = false;
+      high_ = id;
+    } else if (id > high_) {
+      // Clear the slots of the ids the window slides past.
+      const std::uint64_t slide = id - high_;
+      if (slide >= span) {
+        bits_.fill(0);
+      } else {
+        for (std::uint64_t k = high_ + 1; k <= id; ++k) {
+          bits_[(k % span) / 64] &= ~(std::uint64_t{1} << (k % 64));
+        }
+      }
+      high_ = id;
+    } else if (high_ - id >= span) {
+      return;  // older than the window
+    }
+    bits_[(id % span) / 64] |= std::uint64_t{1} << (id % 64);
+  }
+  /// True when no id was inserted.
+  [[nodiscard]] bool empty() const noexcept { return empty_; }
+  /// The highest id inserted (0 when empty).
+  [[nodiscard]] std::uint64_t highest() const noexcept { return high_; }
+
+  /// The window as `encoded_size` bytes (little-endian), for a store; empty when it is empty.
+  [[nodiscard]] std::string to_bytes() const {
+    if (empty_) return {};
+    std::string out(encoded_size, '\0');
+    put(out.data(), high_);
+    for (std::size_t i = 0; i < bits_.size(); ++i) put(out.data() + 8 + 8 * i, bits_[i]);
+    return out;
+  }
+  /// The window `to_bytes()` made; an empty window for anything else (empty, or the wrong
+  /// size).
+  [[nodiscard]] static dispatch_window from_bytes(std::string_view b) noexcept {
+    dispatch_window w;
+    if (b.size() != encoded_size) return w;
+    w.empty_ = false;
+    w.high_ = get(b.data());
+    for (std::size_t i = 0; i < w.bits_.size(); ++i) w.bits_[i] = get(b.data() + 8 + 8 * i);
+    return w;
+  }
+  /// Windows holding the same ids are equal.
+  friend bool operator==(const dispatch_window&, const dispatch_window&) = default;
+
+ private:
+  static void put(char* p, std::uint64_t v) noexcept {
+    for (int i = 0; i < 8; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  }
+  static std::uint64_t get(const char* p) noexcept {
+    std::uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v |= std::uint64_t{static_cast<unsigned char>(p[i])} << (8 * i);
+    return v;
+  }
+  bool empty_ = true;
+  std::uint64_t high_ = 0;
+  std::array<std::uint64_t, span / 64> bits_{};
+};
+
 /// Everything devgate remembers about a device across connections.
 struct device_state {
   std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
@@ -9518,6 +9614,32 @@ struct device_state {
   /// numbering continues above it when the device returns (0: none).
   std::uint64_t last_seq = 0;
   transfer_state transfer;  ///< Its part in the current firmware rollout.
+  /// Sequenced messages not yet acknowledged, oldest first (a durable store only).
+  std::vector<replay_entry> replay;
+  /// Its recent sends that reached the sink (a durable store only; ack policy on_dispatch).
+  dispatch_window dispatched;
+};
+
+/// One device message the sink accepted, as the hub records it under ack policy `on_dispatch`.
+struct dispatch_record {
+  std::optional<std::uint64_t> id;         ///< The `send`'s id (none: it had no id).
+  std::uint64_t number = 0;                ///< Its number among the device's messages.
+  payload_kind kind = payload_kind::text;  ///< Text (a send's data) or binary.
+  shared_bytes payload;                    ///< The data the sink received.
+};
+
+/// The current firmware rollout, kept so that a restarted hub resumes it.
+struct rollout_record {
+  std::uint32_t rollout = 0;     ///< Rollout id (ids continue above it after a restart).
+  std::string version;           ///< The version rolled out.
+  std::vector<std::byte> image;  ///< The whole image.
+};
+
+/// What `load_rollout` answers: the rollout kept (none if there was none), or the error that
+/// kept the store from reading it.
+struct rollout_load_result {
+  std::optional<rollout_record> rollout;  ///< The rollout kept.
+  std::error_code error;                  ///< Why the store could not answer (empty: it did).
 };
 
 /// What `load` answers: the device's state, or the error that kept the store from reading it
@@ -9558,6 +9680,38 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
   { s.set_transfer(id, t) } -> std::same_as<std::error_code>;
   { s.set_last_seq(id, n) } -> std::same_as<std::error_code>;
   { s.forget(id) } -> std::same_as<std::error_code>;
+};
+
+/// A state store that also keeps what a crash must not lose: the replay buffer, the sends
+/// that reached the sink, and the current rollout. The hub keeps them in such a store as they
+/// change (through `write_behind`, in order per device) and reads them back with `load` (the
+/// `replay` and `dispatched` fields) and at start (`load_rollout`).
+/// - `append_replay(id, seq, frame)`: keeps a sequenced message (seq above every kept one).
+/// - `forget_replay(id, seq)`: forgets the kept messages numbered `seq` and below (acknowledged,
+///   or dropped by the replay bounds).
+/// - `record_dispatched(id, r)`: the sink accepted message `r`: adds 1 to `messages_sent` and
+///   inserts `r.id` (if any) into the device's dispatch window, in one write.
+/// - `save_rollout(r)`: the rollout now current (replaces the one kept).
+/// - `load_rollout()`: the rollout kept.
+template <class S>
+concept durable_state_store =
+    state_store<S> && requires(S& s, const std::string& id, std::uint64_t seq,
+                               std::string_view frame, const dispatch_record& d,
+                               const rollout_record& r) {
+      { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
+      { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
+      { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
+      { s.save_rollout(r) } -> std::same_as<std::error_code>;
+      { s.load_rollout() } -> std::same_as<rollout_load_result>;
+    };
+
+/// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
+/// applying a batch of queued writes and `commit_batch()` after it (group commit), and tells
+/// whoever waits for those writes only once `commit_batch` returned.
+template <class S>
+concept transactional_store = requires(S& s) {
+  { s.begin_batch() } -> std::same_as<std::error_code>;
+  { s.commit_batch() } -> std::same_as<std::error_code>;
 };
 
 /// True for a store that says every call is quick and never waits (`S::nonblocking`): the hub
@@ -9664,7 +9818,9 @@ static_assert(is_nonblocking_store<memory_state_store>);
 #include <cstdint>             // counters
 #include <deque>               // queued writes
 #include <functional>          // the error handler
+#include <memory>              // a rollout's image, shared by the queued write
 #include <mutex>               // the queue
+#include <optional>            // load_rollout
 #include <string>              // device ids, versions
 #include <string_view>         // operation names
 #include <system_error>        // results
@@ -9674,6 +9830,11 @@ static_assert(is_nonblocking_store<memory_state_store>);
 
 
 namespace devgate::store {
+
+/// Called once the store has applied (and, for a transactional store, committed) the record of a
+/// dispatched message (`record_dispatched`), with the device id and the record; on the store
+/// thread (inline for a non-blocking store).
+using dispatched_handler = std::function<void(const std::string& id, const dispatch_record&)>;
 
 /// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
 /// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
@@ -9699,9 +9860,13 @@ template <class Store>
 class write_behind {
  public:
   /// Calls to `store` (referenced: it outlives this). `capacity` bounds queued writes;
-  /// `on_error` may be empty.
-  write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {})
-      : store_(store), capacity_(capacity), on_error_(std::move(on_error)) {
+  /// `on_error` and `on_dispatched` may be empty.
+  write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {},
+               dispatched_handler on_dispatched = {})
+      : store_(store),
+        capacity_(capacity),
+        on_error_(std::move(on_error)),
+        on_dispatched_(std::move(on_dispatched)) {
     if constexpr (!inline_calls) thread_ = std::thread([this] { run(); });
   }
   write_behind(const write_behind&) = delete;
@@ -9740,32 +9905,102 @@ class write_behind {
       done(load(id));
       return true;
     } else {
-      return !submit({op_kind::load, id, 0, 0, {}, {}, std::forward<Done>(done)});
+      op o{op_kind::load, id};
+      o.loaded = std::forward<Done>(done);
+      return !submit(std::move(o));
     }
   }
   /// Adds `n` to the device's message count (queued unless the store is non-blocking).
   std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
-    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}, {}});
+    op o{op_kind::add_messages_sent, id};
+    o.n = n;
+    return submit(std::move(o));
   }
   /// Records activity at `unix_ms`.
   std::error_code touch(const std::string& id, std::int64_t unix_ms) {
-    return submit({op_kind::touch, id, 0, unix_ms, {}, {}, {}});
+    op o{op_kind::touch, id};
+    o.ms = unix_ms;
+    return submit(std::move(o));
   }
   /// Records the firmware version the device runs.
   std::error_code set_firmware_version(const std::string& id, const std::string& version) {
-    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}, {}});
+    op o{op_kind::set_firmware_version, id};
+    o.text = version;
+    return submit(std::move(o));
   }
   /// Records the device's firmware transfer.
   std::error_code set_transfer(const std::string& id, const transfer_state& t) {
-    return submit({op_kind::set_transfer, id, 0, 0, {}, t, {}});
+    op o{op_kind::set_transfer, id};
+    o.transfer = t;
+    return submit(std::move(o));
   }
   /// Records the last sequence number assigned to the device.
   std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
-    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}, {}});
+    op o{op_kind::set_last_seq, id};
+    o.n = seq;
+    return submit(std::move(o));
   }
   /// Forgets the device.
-  std::error_code forget(const std::string& id) {
-    return submit({op_kind::forget, id, 0, 0, {}, {}, {}});
+  std::error_code forget(const std::string& id) { return submit(op(op_kind::forget, id)); }
+
+  /// True when the store keeps replay, dispatch windows and the rollout
+  /// (`durable_state_store`); the calls below do nothing for any other store.
+  static constexpr bool durable = durable_state_store<Store>;
+  /// Keeps a sequenced message (`frame`, numbered `seq`) for the device (durable stores only).
+  std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view frame) {
+    if constexpr (!durable) {
+      return {};
+    } else {
+      op o{op_kind::append_replay, id};
+      o.n = seq;
+      o.text.assign(frame);
+      return submit(std::move(o));
+    }
+  }
+  /// Forgets the device's kept messages numbered `seq` and below (durable stores only).
+  std::error_code forget_replay(const std::string& id, std::uint64_t seq) {
+    if constexpr (!durable) {
+      return {};
+    } else {
+      op o{op_kind::forget_replay, id};
+      o.n = seq;
+      return submit(std::move(o));
+    }
+  }
+  /// The sink accepted `r`: a durable store adds it to the device's count and dispatch window
+  /// (`record_dispatched`), any other store to its count (`add_messages_sent`); then the
+  /// dispatched handler runs (after the batch's commit). Unlike other writes this one waits for
+  /// room rather than being dropped: a worker may wait here, a network thread never calls it.
+  std::error_code record_dispatched(const std::string& id, dispatch_record r) {
+    op o{op_kind::record_dispatched, id};
+    o.dispatched = std::move(r);
+    return submit(std::move(o), true);
+  }
+  /// Makes `r` the rollout the store keeps (durable stores only).
+  std::error_code save_rollout(rollout_record r) {
+    if constexpr (!durable) {
+      return {};
+    } else {
+      op o{op_kind::save_rollout, {}};
+      o.rollout = std::make_shared<const rollout_record>(std::move(r));
+      return submit(std::move(o), true);
+    }
+  }
+  /// The rollout the store keeps, read on the calling thread (none for a store that keeps
+  /// none, or when it fails: counted and reported).
+  [[nodiscard]] std::optional<rollout_record> load_rollout() {
+    if constexpr (!durable) {
+      return std::nullopt;
+    } else {
+      try {
+        auto r = store_.load_rollout();
+        if (r.error) failed("load_rollout", {}, r.error);
+        return std::move(r.rollout);
+      } catch (...) {
+        failed("load_rollout", {}, std::make_error_code(std::errc::io_error));
+        return std::nullopt;
+      }
+    }
   }
 
   /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
@@ -9817,15 +10052,22 @@ class write_behind {
     set_transfer,
     set_last_seq,
     forget,
-    load
+    load,
+    append_replay,
+    forget_replay,
+    record_dispatched,
+    save_rollout
   };
   struct op {
+    op(op_kind k, std::string device) : kind(k), id(std::move(device)) {}
     op_kind kind;
     std::string id;
-    std::uint64_t n;
-    std::int64_t ms;
-    std::string version;
+    std::uint64_t n = 0;
+    std::int64_t ms = 0;
+    std::string text;  // a version, or a replay frame
     transfer_state transfer;
+    dispatch_record dispatched;
+    std::shared_ptr<const rollout_record> rollout;
     std::function<void(device_state&&)> loaded;  // load only: what to do with the state
   };
   static constexpr std::string_view name(op_kind k) noexcept {
@@ -9844,19 +10086,31 @@ class write_behind {
         return "forget";
       case op_kind::load:
         return "load";
+      case op_kind::append_replay:
+        return "append_replay";
+      case op_kind::forget_replay:
+        return "forget_replay";
+      case op_kind::record_dispatched:
+        return "record_dispatched";
+      case op_kind::save_rollout:
+        return "save_rollout";
     }
     return "write";
   }
 
-  std::error_code submit(op o) {
+  std::error_code submit(op o, bool wait_for_room = false) {
     if constexpr (inline_calls) {
       submitted_.fetch_add(1, std::memory_order_relaxed);
       const auto ec = apply(o);
       applied_.fetch_add(1, std::memory_order_release);
+      after_commit(o);
       return ec;
     } else {
       {
-        std::lock_guard lock(mutex_);
+        std::unique_lock lock(mutex_);
+        if (wait_for_room) {
+          drained_.wait(lock, [&] { return queue_.size() < capacity_ || stopping_; });
+        }
         if (queue_.size() >= capacity_) {
           dropped_.fetch_add(1, std::memory_order_relaxed);
           errors_.fetch_add(1, std::memory_order_relaxed);
@@ -9882,7 +10136,7 @@ class write_behind {
           ec = store_.touch(o.id, o.ms);
           break;
         case op_kind::set_firmware_version:
-          ec = store_.set_firmware_version(o.id, o.version);
+          ec = store_.set_firmware_version(o.id, o.text);
           break;
         case op_kind::set_transfer:
           ec = store_.set_transfer(o.id, o.transfer);
@@ -9896,12 +10150,36 @@ class write_behind {
         case op_kind::load:
           o.loaded(load(o.id));  // load() counts and reports its own failure
           break;
+        case op_kind::append_replay:
+          if constexpr (durable) ec = store_.append_replay(o.id, o.n, o.text);
+          break;
+        case op_kind::forget_replay:
+          if constexpr (durable) ec = store_.forget_replay(o.id, o.n);
+          break;
+        case op_kind::record_dispatched:
+          if constexpr (durable) {
+            ec = store_.record_dispatched(o.id, o.dispatched);
+          } else {
+            ec = store_.add_messages_sent(o.id, 1);
+          }
+          break;
+        case op_kind::save_rollout:
+          if constexpr (durable) ec = store_.save_rollout(*o.rollout);
+          break;
       }
     } catch (...) {
       ec = std::make_error_code(std::errc::io_error);
     }
     if (ec) failed(name(o.kind), o.id, ec);
     return ec;
+  }
+  // After the op's batch committed: a dispatched message's handler runs.
+  void after_commit(const op& o) {
+    if (o.kind != op_kind::record_dispatched || !on_dispatched_) return;
+    try {
+      on_dispatched_(o.id, o.dispatched);
+    } catch (...) {  // the hub's handler does not throw; a throw loses one answer, not the thread
+    }
   }
   void failed(std::string_view what, const std::string& id, std::error_code ec) {
     errors_.fetch_add(1, std::memory_order_relaxed);
@@ -9928,19 +10206,27 @@ class write_behind {
         } catch (...) {  // as in failed()
         }
       }
-      for (const auto& o : batch) {
-        (void)apply(o);
-        applied_.fetch_add(1, std::memory_order_release);
+      // One transaction per batch for a store that groups writes (group commit); whoever waits
+      // for a write hears of it only after the commit.
+      if constexpr (transactional_store<Store>) {
+        if (const auto ec = store_.begin_batch()) failed("begin_batch", {}, ec);
       }
+      for (const auto& o : batch) (void)apply(o);
+      if constexpr (transactional_store<Store>) {
+        if (const auto ec = store_.commit_batch()) failed("commit_batch", {}, ec);
+      }
+      applied_.fetch_add(batch.size(), std::memory_order_release);
+      for (const auto& o : batch) after_commit(o);
       lock.lock();
       applying_ = false;
-      if (queue_.empty()) drained_.notify_all();
+      drained_.notify_all();  // room for writers waiting on a full queue, and for drain()
     }
   }
 
   Store& store_;
   const std::size_t capacity_;
   store_error_handler on_error_;
+  dispatched_handler on_dispatched_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable drained_;
@@ -9965,6 +10251,7 @@ class write_behind {
 #include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
+#include <limits>       // forget everything
 #include <mutex>        // the device's mutex
 #include <string_view>  // message data
 #include <utility>      // std::move
@@ -10019,6 +10306,11 @@ enum class error : std::uint8_t {
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
   unknown_rollout,      ///< `fw_ack`/`fw_result`/`fw_restart` names a rollout it is not in.
   topic_not_allowed,    ///< The host's topic policy does not let this device subscribe to it.
+  /// Ack policy on_dispatch: the sink did not take the message (it failed past its retries, or
+  /// the pipeline dropped it); nothing was recorded, so a resend with the same id is dispatched.
+  not_dispatched,
+  /// Ack policy on_dispatch: the device has `dispatch_window::span` sends in flight already.
+  too_many_in_flight,
 };
 
 /// The wire name of `e`.
@@ -10054,6 +10346,10 @@ enum class error : std::uint8_t {
       return "unknown_rollout";
     case error::topic_not_allowed:
       return "topic_not_allowed";
+    case error::not_dispatched:
+      return "not_dispatched";
+    case error::too_many_in_flight:
+      return "too_many_in_flight";
   }
   return "bad_message";
 }
@@ -10094,6 +10390,10 @@ enum class error : std::uint8_t {
     case error::topic_not_allowed:
       return "this gateway does not let this device subscribe to that topic (devices get fleet "
              "unless the host allows more)";
+    case error::not_dispatched:
+      return "the message did not reach the sink and was not recorded; send it again (same id)";
+    case error::too_many_in_flight:
+      return "too many sends await their sent answer; wait for some before sending more";
   }
   return "";
 }
@@ -10345,11 +10645,13 @@ class send_reader {
       std::string_view(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
 }
 
-/// An `error` message: `{"type":"error","code":..,"message":..,"ref":..}` (`ref`: the type of
-/// the offending message when known).
-[[nodiscard]] inline shared_bytes make_error(error e, std::string_view ref = {}) {
+/// An `error` message: `{"type":"error","code":..,"message":..,"ref":..,"id":..}` (`ref`: the
+/// type of the offending message when known; `id`: the refused `send`'s id, when it had one).
+[[nodiscard]] inline shared_bytes make_error(error e, std::string_view ref = {},
+                                             std::optional<std::uint64_t> id = std::nullopt) {
   nlohmann::json j{{"type", "error"}, {"code", to_string(e)}, {"message", describe(e)}};
   if (!ref.empty()) j["ref"] = ref;
+  if (id) j["id"] = *id;  // the refused send's id
   return to_payload(j);
 }
 
@@ -10636,6 +10938,15 @@ struct device_record {
   };
   transfer_part transfer;  ///< Its part in the current rollout.
 
+  /// Its sends on their way to the sink, under ack policy on_dispatch (written by
+  /// `protocol_dispatch` and the hub's dispatched handler).
+  struct dispatch_part {
+    store::dispatch_window window;         ///< Ids of its sends the sink took and the store has.
+    std::vector<std::uint64_t> in_flight;  ///< Ids accepted into the pipeline, not yet recorded.
+  };
+  /// Made on the first `send` with an id under on_dispatch (most records never need one).
+  std::unique_ptr<dispatch_part> dispatch;
+
   /// While its stored state loads on the store thread (a store that may block): the messages
   /// of its session wait here, in order, and are handled once the state is in (written by
   /// `protocol_dispatch`).
@@ -10660,6 +10971,33 @@ struct device_record {
 // ---- end devgate/device/record.hpp ----
 
 namespace devgate::device {
+
+/// What `delivery` reports to a durable store, under the device's mutex so that the store sees
+/// one device's changes in the order they happened: a sequenced message kept (`kept`), and the
+/// kept messages up to a number forgotten (`forgot`: acknowledged or dropped). This one reports
+/// nothing (a store that keeps no replay).
+struct no_journal {
+  /// A message numbered `seq` with frame `frame` is kept for the device.
+  void kept(const device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {}
+  /// The device's kept messages numbered `seq` and below are forgotten.
+  void forgot(const device_record&, std::uint64_t /*seq*/) const {}
+};
+
+/// The journal of a hub whose store keeps replay (`Writer`: its `store::write_behind`): each
+/// change is queued to the store under the device's mutex (a queue push that never waits), so
+/// the store applies one device's changes in the order they happened.
+template <class Writer>
+struct store_journal {
+  Writer& writer;  ///< The hub's way to its store.
+  /// Queues the kept message to the store.
+  void kept(const device_record& rec, std::uint64_t seq, std::string_view frame) const {
+    if constexpr (Writer::durable) (void)writer.append_replay(rec.id, seq, frame);
+  }
+  /// Queues the forgetting to the store.
+  void forgot(const device_record& rec, std::uint64_t seq) const {
+    if constexpr (Writer::durable) (void)writer.forget_replay(rec.id, seq);
+  }
+};
 
 /// Delivery to devices: per-device sequence numbers, the replay buffer that keeps sequenced
 /// messages until the device acknowledges them (offline devices included), and each device's
@@ -10695,7 +11033,10 @@ class delivery {
   /// Gives `data_json` (JSON text) the device's next sequence number and keeps its `deliver`
   /// frame until acknowledged; past the limits the oldest kept message is dropped and counted.
   /// Sent at once if the device's session said hello. Returns the sequence number.
-  std::uint64_t deliver(device_record& rec, std::string_view data_json) {
+  /// `journal` hears of the kept message and of what the bounds dropped (see `no_journal`).
+  template <class Journal = no_journal>
+  std::uint64_t deliver(device_record& rec, std::string_view data_json,
+                        const Journal& journal = Journal{}) {
     std::uint64_t seq = 0;
     {
       std::lock_guard lock(rec.mutex);
@@ -10705,10 +11046,14 @@ class delivery {
       d.replay_bytes += frame.size();
       replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
+      journal.kept(rec, seq, frame.view());
+      std::uint64_t dropped_through = 0;
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
+        dropped_through = d.replay.front().first;
         drop_oldest_locked(d);
       }
+      if (dropped_through != 0) journal.forgot(rec, dropped_through);
       if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
       }
@@ -10724,8 +11069,10 @@ class delivery {
   /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
   /// it runs with the device's mutex held, so it may read and set the record's fields but must
   /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
-  template <class Welcome>
-  bool resume(device_record& rec, session_id s, std::uint64_t last_seq, Welcome&& welcome) {
+  /// `journal` hears of what was forgotten (and of the renumbered messages, kept anew).
+  template <class Welcome, class Journal = no_journal>
+  bool resume(device_record& rec, session_id s, std::uint64_t last_seq, Welcome&& welcome,
+              const Journal& journal = Journal{}) {
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return false;
@@ -10735,8 +11082,11 @@ class delivery {
       if (!info.bad_resume) {
         forget_through(d, last_seq);
         d.acked = std::max(d.acked, last_seq);
+        if (last_seq != 0) journal.forgot(rec, last_seq);
       } else {
         renumber_above_locked(rec, last_seq);
+        journal.forgot(rec, std::numeric_limits<std::uint64_t>::max());
+        for (const auto& [seq, frame] : d.replay) journal.kept(rec, seq, frame.view());
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();
@@ -10754,15 +11104,35 @@ class delivery {
     return true;
   }
 
-  /// Session `s` acknowledges every sequenced message up to `seq`.
-  ack_result ack(device_record& rec, session_id s, std::uint64_t seq) {
+  /// Session `s` acknowledges every sequenced message up to `seq` (`journal` hears of it).
+  template <class Journal = no_journal>
+  ack_result ack(device_record& rec, session_id s, std::uint64_t seq,
+                 const Journal& journal = Journal{}) {
     std::lock_guard lock(rec.mutex);
     if (rec.session.id != s) return ack_result::not_live;
     auto& d = rec.delivery;
     if (seq >= d.next_seq || seq < d.acked) return ack_result::out_of_range;
     d.acked = seq;
     forget_through(d, seq);
+    journal.forgot(rec, seq);
     return ack_result::acknowledged;
+  }
+  /// Puts the messages a durable store kept for the device (oldest first) back in its replay
+  /// buffer, ahead of any kept since (the caller holds the device's mutex; the record was just
+  /// made from the store). Numbering continues above them.
+  void restore_locked(device_record& rec, std::vector<store::replay_entry>&& kept) {
+    auto& d = rec.delivery;
+    for (auto it = kept.rbegin(); it != kept.rend(); ++it) {
+      if (it->seq <= d.acked) continue;
+      if (!d.replay.empty() && it->seq >= d.replay.front().first) continue;
+      auto frame = shared_bytes::copy_of(std::string_view(it->frame));
+      d.replay_bytes += frame.size();
+      replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
+      d.replay.emplace_front(it->seq, std::move(frame));
+    }
+    if (!d.replay.empty() && d.replay.back().first + 1 > d.next_seq) {
+      d.next_seq = d.replay.back().first + 1;
+    }
   }
 
   /// Queues `bytes` to session `s` if it is still the device's session, then sends. False if
@@ -10834,8 +11204,16 @@ class delivery {
   /// Drops every kept message of the device (counted: the device sees the count in its next
   /// welcome, the fleet in `replay_dropped`); the caller holds the device's mutex. For the
   /// fleet-wide replay budget, and for a record being evicted.
-  void drop_replay_locked(device_record& rec) {
+  /// `counted` false: a record evicted from memory whose replay a durable store keeps (it
+  /// comes back with the record, so nothing is dropped).
+  void drop_replay_locked(device_record& rec, bool counted = true) {
     auto& d = rec.delivery;
+    if (!counted) {
+      replay_bytes_total_.fetch_sub(d.replay_bytes, std::memory_order_relaxed);
+      d.replay.clear();
+      d.replay_bytes = 0;
+      return;
+    }
     while (!d.replay.empty()) drop_oldest_locked(d);
   }
 
@@ -11049,16 +11427,27 @@ class registry {
     auto it = devices_.find(std::string(id));
     return it == devices_.end() ? nullptr : it->second;
   }
-  /// The record of `id`, made the first time from `load()` (a `store::device_state`).
+  /// What `get_or_create` does with the rest of a loaded state by default: nothing.
+  struct ignore_rest {
+    /// Does nothing.
+    void operator()(device_record&, store::device_state&) const noexcept {}
+  };
+  /// The record of `id`, made the first time from `load()` (a `store::device_state`), after
+  /// `rest(device_record&, store::device_state&)` put in what the registry does not know of
+  /// (replay, dispatch window, rollout part; the record is not shared yet).
   /// A new record starts offline (evictable) until a session attaches.
-  template <class Load>
-  record_ptr get_or_create(const std::string& id, Load&& load) {
+  template <class Load, class Rest = ignore_rest>
+  record_ptr get_or_create(const std::string& id, Load&& load, Rest&& rest = Rest{}) {
     if (auto rec = find(id)) return rec;
-    const store::device_state st = load();
+    store::device_state st = load();
     auto fresh =
         std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
     fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
-    return insert(id, std::move(fresh)).first;   // another thread's record if it got there first
+    {
+      std::lock_guard lock(fresh->mutex);  // not shared yet; the `*_locked` callees expect it
+      rest(*fresh, st);
+    }
+    return insert(id, std::move(fresh)).first;  // another thread's record if it got there first
   }
   /// The record of `id`, made the first time empty with `load.pending` set, for a caller that
   /// loads its stored state off this thread (`fill`). The second member says it was made now.
@@ -11122,7 +11511,9 @@ class registry {
         {
           std::lock_guard rl(rec->mutex);
           if (rec->session.id != 0 || rec->load.pending || rec->delivery.draining ||
-              !rec->delivery.outbox.empty() || !durable(static_cast<const device_record&>(*rec))) {
+              !rec->delivery.outbox.empty() ||
+              (rec->dispatch && !rec->dispatch->in_flight.empty()) ||
+              !durable(static_cast<const device_record&>(*rec))) {
             ++it;
             continue;
           }
@@ -11549,6 +11940,10 @@ class rollout_engine {
     const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
     auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
     auto counts = std::make_shared<tally>();
+    // A durable store keeps the rollout before any device's part in it.
+    if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
+      store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
+    }
     // The slots move to the new rollout first, and the transfers that held one stop (they
     // join the new rollout): no device transfers the old image once a hello can see the new.
     for (const auto& held : slots_.reset(id)) {
@@ -11587,6 +11982,47 @@ class rollout_engine {
     announce(static_cast<const image&>(*img));
     for (auto& rec : online) take_slot(*rec, id);
     return id;
+  }
+
+  /// Makes rollout `r`, kept by a durable store, current again after a restart: rollout ids
+  /// continue above it, and each device rejoins it where the store left it as its state loads
+  /// (`restore_locked`). The fleet totals count the devices seen since.
+  void restore(const store::rollout_record& r) {
+    std::lock_guard publishing(publish_mutex_);
+    auto img = std::make_shared<const image>(
+        r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
+    auto counts = std::make_shared<tally>();
+    (void)slots_.reset(r.rollout);
+    {
+      std::lock_guard lock(current_mutex_);
+      current_ = std::move(img);
+      current_tally_ = std::move(counts);
+    }
+    auto seen = next_rollout_.load(std::memory_order_relaxed);
+    while (seen < r.rollout &&
+           !next_rollout_.compare_exchange_weak(seen, r.rollout, std::memory_order_relaxed)) {
+    }
+    if (options_.stall_timeout.count() > 0) {
+      ticker_.start(tick_period(), [this] { tick(clock::now()); });
+    }
+  }
+  /// Puts a device whose state was just loaded back into the current rollout as the store
+  /// recorded it: its acknowledged offset (a transfer resumes there), or its end (verified,
+  /// failed, skipped). Nothing for a record of another rollout. The caller holds its mutex.
+  void restore_locked(device::device_record& rec, const store::transfer_state& t) const {
+    if (t.rollout == 0 || rec.transfer.image) return;
+    auto [img, counts] = current_rollout();
+    if (!img || img->rollout() != t.rollout) return;
+    join_locked(rec, img, counts);
+    auto& tr = rec.transfer;
+    if (t.status == store::transfer_status::verified ||
+        t.status == store::transfer_status::failed || t.status == store::transfer_status::skipped) {
+      tr.reason = t.reason;
+      set_status_locked(rec, t.status);
+    } else if (tr.status == store::transfer_status::pending && t.offset <= img->size()) {
+      tr.acked = t.offset;  // resumes here
+      counts->add_acked(static_cast<std::int64_t>(t.offset));
+    }
   }
 
   /// Session `s` of the device said hello: the device joins the current rollout (once per
@@ -12119,6 +12555,17 @@ using topic_policy = std::function<bool(std::string_view device_id, std::string_
   };
 }
 
+/// When the hub answers a device's `send` with `sent` (docs/PROTOCOL.md, "Acknowledgements").
+enum class ack_policy : std::uint8_t {
+  /// As soon as the pipeline accepted the message (in memory): fastest, but a crash loses the
+  /// messages accepted and not yet dispatched.
+  on_accept,
+  /// Once the sink accepted the message and the state store recorded it (its count and the
+  /// `send`'s id): with a durable store, nothing a device was told is lost, and a resent id
+  /// the hub already dispatched is answered without reaching the sink again.
+  on_dispatch,
+};
+
 /// The device hub's knobs. Each bounds a resource per device or per fleet.
 struct hub_options {
   /// The pipeline that dispatches device messages (capacity, workers, overflow...).
@@ -12149,6 +12596,8 @@ struct hub_options {
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
+  /// When a `send` is answered with `sent` (on_accept: queued; on_dispatch: in the sink).
+  ack_policy ack = ack_policy::on_accept;
   /// Which topics devices may subscribe to. Empty: `fleet` only. The `server` log shows every
   /// device's traffic and `stats` the gateway's figures: allow them (`allow_topics`) only where
   /// a device may see that, as the demo's pages do.
@@ -12427,7 +12876,8 @@ class protocol_dispatch {
   protocol_dispatch(Transport& transport, Gateway& gateway, registry& devices,
                     delivery<Transport>& out, firmware::rollout_engine<Transport, Store>& rollout,
                     pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors,
-                    topic_policy may_subscribe = {}, bool require_authentication = false)
+                    topic_policy may_subscribe = {}, bool require_authentication = false,
+                    ack_policy ack = ack_policy::on_accept)
       : transport_(transport),
         gateway_(gateway),
         devices_(devices),
@@ -12438,7 +12888,8 @@ class protocol_dispatch {
         max_message_bytes_(max_message_bytes),
         max_errors_(max_errors),
         may_subscribe_(std::move(may_subscribe)),
-        require_authentication_(require_authentication) {}
+        require_authentication_(require_authentication),
+        ack_(ack) {}
   protocol_dispatch(const protocol_dispatch&) = delete;
   protocol_dispatch& operator=(const protocol_dispatch&) = delete;
 
@@ -12457,7 +12908,9 @@ class protocol_dispatch {
     }
     registry::record_ptr rec;
     if constexpr (Store::calls_inline) {
-      rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+      rec = devices_.get_or_create(
+          info.device_id, [&] { return store_.load(info.device_id); },
+          [this](device_record& r, store::device_state& st) { restore_locked(r, st); });
     } else {
       // A store that may block is read on its own thread: the session's messages wait in the
       // record (`load.parked`) until the state is in.
@@ -12504,6 +12957,63 @@ class protocol_dispatch {
   /// Error replies sent (bad_resume excepted).
   [[nodiscard]] std::uint64_t protocol_errors() const noexcept {
     return errors_.load(std::memory_order_relaxed);
+  }
+
+  /// Puts what a durable store kept of a device, beyond the registry's figures, into its record
+  /// made from that state: kept deliveries, the dispatch window, its part in the current
+  /// rollout. The caller holds the record's mutex.
+  void restore_locked(device_record& rec, store::device_state& st) {
+    if (!st.replay.empty()) out_.restore_locked(rec, std::move(st.replay));
+    if (!st.dispatched.empty()) {
+      if (!rec.dispatch) rec.dispatch = std::make_unique<device_record::dispatch_part>();
+      rec.dispatch->window = st.dispatched;
+    }
+    rollout_.restore_locked(rec, st.transfer);
+  }
+  /// Ack policy on_dispatch: the store recorded a message of device `id` the sink took. A send
+  /// with an id leaves the device's in-flight list for its dispatch window, and is answered
+  /// with `sent` on the device's live session (which may be newer than the one it came on).
+  void recorded(const std::string& id, const store::dispatch_record& r) {
+    if (!r.id) return;
+    auto rec = devices_.find(id);
+    if (!rec) return;  // a record with sends in flight is never evicted: forgotten meanwhile
+    bool queued = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      if (rec->dispatch) {
+        std::erase(rec->dispatch->in_flight, *r.id);
+        rec->dispatch->window.insert(*r.id);
+      }
+      if (rec->session.id != 0 && rec->session.hello) {
+        delivery<Transport>::queue_locked(*rec, rec->session.id, payload_kind::text,
+                                          make_sent(*r.id, r.number));
+        queued = true;
+      }
+    }
+    if (queued) out_.flush(*rec);
+  }
+  /// Ack policy on_dispatch: message `m` will not reach the sink (dead-lettered, or dropped by
+  /// the pipeline's overflow policy). A send with an id leaves the in-flight list, so that a
+  /// resend is dispatched, and its live session hears `not_dispatched`.
+  void not_dispatched(const message& m) {
+    if (!m.has_reference || m.session == 0) return;
+    auto rec = devices_.find_session(m.session);
+    if (!rec) rec = devices_.find(std::string(m.device_id.view()));
+    if (!rec) return;
+    bool queued = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      if (rec->dispatch) std::erase(rec->dispatch->in_flight, m.reference);
+      if (rec->session.id != 0 && rec->session.hello) {
+        delivery<Transport>::queue_locked(*rec, rec->session.id, payload_kind::text,
+                                          make_error(error::not_dispatched, "send", m.reference));
+        queued = true;
+      }
+    }
+    if (queued) {
+      errors_.fetch_add(1, std::memory_order_relaxed);
+      out_.flush(*rec);
+    }
   }
 
  private:
@@ -12560,6 +13070,7 @@ class protocol_dispatch {
     bool parked = false;
     bool overflow = false;
     std::uint64_t number = 0;  // a device message's number, taken with the same lock
+    admission admitted = admission::yes;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
@@ -12570,13 +13081,20 @@ class protocol_dispatch {
         if (!overflow) rec.load.parked.push_back(std::move(in));
       } else {
         hello = rec.session.hello;
-        if (hello && fits && (fast || binary)) number = ++rec.messages_sent;
+        if (hello && fits && (fast || binary)) {
+          if (fast && fast->id) admitted = admit_locked(rec, *fast->id);
+          number = admitted == admission::yes ? ++rec.messages_sent : rec.messages_sent;
+        }
       }
     }
     if (parked) [[unlikely]] {
       if (overflow) {
         transport_.close(s, close_code::try_again_later, "device state is loading; retry later");
       }
+      return;
+    }
+    if (admitted != admission::yes) [[unlikely]] {
+      refuse(rec, s, admitted, *fast->id, number, r);
       return;
     }
     if (number != 0) [[likely]] {
@@ -12675,10 +13193,11 @@ class protocol_dispatch {
   }
   // On the store thread: the state is in; the parked messages are handled here, in order,
   // until none is left (new ones keep queueing behind them meanwhile).
-  void loaded(device_record& rec, const store::device_state& st) {
+  void loaded(device_record& rec, store::device_state& st) {
     {
       std::lock_guard lock(rec.mutex);
       registry::fill_locked(rec, st);
+      restore_locked(rec, st);
     }
     std::vector<inbound_message> batch;
     for (;;) {
@@ -12719,13 +13238,15 @@ class protocol_dispatch {
     }
     if (version) store_.set_firmware_version(rec.id, *version);
     const auto now = unix_ms();
-    const bool live =
-        out_.resume(rec, s, last.value_or(0), [&](device_record& r, const auto& info) {
+    const bool live = out_.resume(
+        rec, s, last.value_or(0),
+        [&](device_record& r, const auto& info) {
           if (version) r.firmware_version = *version;
           auto w = welcome(r, s, info, r.last_seen_ms);  // when it was seen before this hello
           r.last_seen_ms = now;
           return w;
-        });
+        },
+        journal_);
     if (!live) return;
     bus_.subscribe(topics::fleet, s);
     store_.touch(rec.id, now);
@@ -12778,7 +13299,7 @@ class protocol_dispatch {
       reply_error(rec, s, error::bad_message, "ack");
       return;
     }
-    if (out_.ack(rec, s, *seq) == delivery<Transport>::ack_result::out_of_range) {
+    if (out_.ack(rec, s, *seq, journal_) == delivery<Transport>::ack_result::out_of_range) {
       reply_error(rec, s, error::bad_ack, "ack");
     }
   }
@@ -12863,10 +13384,16 @@ class protocol_dispatch {
   void stage(device_record& rec, inbound_message& in, shared_bytes payload, payload_kind kind,
              std::optional<std::uint64_t> ref, run& r) {
     std::uint64_t number = 0;
+    admission admitted = admission::yes;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != in.session) return;
-      number = ++rec.messages_sent;
+      if (ref) admitted = admit_locked(rec, *ref);
+      number = admitted == admission::yes ? ++rec.messages_sent : rec.messages_sent;
+    }
+    if (admitted != admission::yes) {
+      refuse(rec, in.session, admitted, *ref, number, r);
+      return;
     }
     add(in, std::move(payload), kind, ref, number, r);
   }
@@ -12878,6 +13405,8 @@ class protocol_dispatch {
     m.device_id = std::move(in.device_id);
     m.sequence = number;
     m.kind = kind;
+    m.has_reference = ref.has_value();
+    m.reference = ref.value_or(0);
     m.payload = std::move(payload);
     m.received = in.received;
     r.refs.push_back(ref);
@@ -12890,7 +13419,9 @@ class protocol_dispatch {
     const auto result = gateway_.push(std::span<message>(r.messages));
     const std::size_t accepted = result.accepted;
     const session_id s = r.messages.front().session;
-    if (accepted != 0) store_.add_messages_sent(rec.id, accepted);
+    const bool on_dispatch = ack_ == ack_policy::on_dispatch;
+    // Under on_dispatch the store counts a message once the sink took it (record_dispatched).
+    if (accepted != 0 && !on_dispatch) store_.add_messages_sent(rec.id, accepted);
     const auto refusal = result.error == errc::queue_full ? error::queue_full : error::closed;
     std::size_t refused = 0;
     bool queued = false;
@@ -12899,13 +13430,19 @@ class protocol_dispatch {
       if (accepted < n && rec.messages_sent == r.messages.back().sequence) {
         rec.messages_sent = r.messages[accepted].sequence - 1;
       }
+      if (on_dispatch && accepted < n && rec.dispatch) {
+        for (std::size_t i = accepted; i < n; ++i) {
+          if (r.refs[i]) std::erase(rec.dispatch->in_flight, *r.refs[i]);
+        }
+      }
       if (rec.session.id == s) {
         for (std::size_t i = 0; i < n; ++i) {
           if (i >= accepted) {
             const char* ref = r.messages[i].kind == payload_kind::binary ? "binary" : "send";
-            delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(refusal, ref));
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text,
+                                              make_error(refusal, ref, r.refs[i]));
             ++refused;
-          } else if (r.refs[i]) {
+          } else if (r.refs[i] && !on_dispatch) {
             delivery<Transport>::queue_locked(rec, s, payload_kind::text,
                                               make_sent(*r.refs[i], r.messages[i].sequence));
             queued = true;
@@ -12919,15 +13456,48 @@ class protocol_dispatch {
     if (queued || refused != 0) out_.flush(rec);
   }
 
+  // ---- at least once, exactly once (ack policy on_dispatch) ------------------------------
+
+  // What becomes of a `send` with an id.
+  enum class admission : std::uint8_t {
+    yes,        // new: into the pipeline (and the in-flight list under on_dispatch)
+    duplicate,  // the sink took it already: answered `sent` at once
+    in_flight,  // on its way to the sink: its recording answers the live session
+    too_many,   // the in-flight list is full: refused
+  };
+  // Under on_dispatch, whether the send `id` goes into the pipeline (caller holds the mutex).
+  admission admit_locked(device_record& rec, std::uint64_t id) {
+    if (ack_ != ack_policy::on_dispatch) return admission::yes;
+    if (!rec.dispatch) rec.dispatch = std::make_unique<device_record::dispatch_part>();
+    auto& d = *rec.dispatch;
+    if (d.window.contains(id)) return admission::duplicate;
+    if (std::find(d.in_flight.begin(), d.in_flight.end(), id) != d.in_flight.end()) {
+      return admission::in_flight;
+    }
+    if (d.in_flight.size() >= store::dispatch_window::span) return admission::too_many;
+    d.in_flight.push_back(id);
+    return admission::yes;
+  }
+  // A send that does not go into the pipeline, answered after the run before it.
+  void refuse(device_record& rec, session_id s, admission a, std::uint64_t id,
+              std::uint64_t messages_sent, run& r) {
+    push_run(rec, r);
+    if (a == admission::duplicate) {
+      out_.post(rec, s, payload_kind::text, make_sent(id, messages_sent));
+    } else if (a == admission::too_many) {
+      reply_error(rec, s, error::too_many_in_flight, "send", true, id);
+    }
+  }
+
   // ---- answers --------------------------------------------------------------------------
 
   void reply_error(device_record& rec, session_id s, error e, std::string_view ref,
-                   bool counts = true) {
+                   bool counts = true, std::optional<std::uint64_t> id = std::nullopt) {
     bool close_now = false;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;
-      delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(e, ref));
+      delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(e, ref, id));
       if (counts && ++rec.session.errors > max_errors_) close_now = true;
     }
     errors_.fetch_add(1, std::memory_order_relaxed);
@@ -12952,6 +13522,8 @@ class protocol_dispatch {
   const unsigned max_errors_;
   const topic_policy may_subscribe_;
   const bool require_authentication_;
+  const ack_policy ack_;
+  const store_journal<Store> journal_{store_};
   std::atomic<std::uint64_t> errors_{0};
 };
 
@@ -12985,25 +13557,36 @@ class protocol_dispatch {
 #include <chrono>        // dispatch times
 #include <cstddef>       // std::size_t
 #include <cstdint>       // sequence numbers
+#include <functional>    // the dispatched-batch handler
+#include <span>          // batches
 #include <string_view>   // device ids
 #include <system_error>  // results
 #include <utility>       // std::move
+#include <vector>        // the batch's dispatched messages
 
 
 namespace devgate::device {
 
+/// What a hub does with the device messages a worker's batch got into the sink (ack policy
+/// on_dispatch: record them in the store, which answers their sends); called after the batch.
+using dispatched_batch = std::function<void(std::span<const message>)>;
+
 /// The pipeline sink of a hub: the user's sink, then (on success) one line on the server topic
-/// per dispatched message, encoded once for every subscriber.
+/// per dispatched message, encoded once for every subscriber; and, when given `on_dispatched`,
+/// the batch's device messages the user's sink took, handed over after the batch.
 template <class Sink>
 class hub_sink {
  public:
-  /// Wraps `user`; `bus` receives the server log.
-  hub_sink(Sink user, pubsub* bus) : user_(std::move(user)), bus_(bus) {}
+  /// Wraps `user`; `bus` receives the server log; `on_dispatched` (may be empty) the device
+  /// messages of each batch that the user's sink took.
+  hub_sink(Sink user, pubsub* bus, dispatched_batch on_dispatched = {})
+      : user_(std::move(user)), bus_(bus), on_dispatched_(std::move(on_dispatched)) {}
   /// Dispatches to the user's sink, then logs: one `event` per message to the server log's
   /// subscribers, and one line of the batch's `events` frame for its batched subscribers.
   std::error_code consume(const message& m, dispatch_context& ctx) {
     auto ec = user_.consume(m, ctx);
     if (ec) return ec;
+    if (on_dispatched_ && m.session != 0) taken().push_back(m);  // two shared references
     const bool single = bus_->has_subscribers(topics::server);
     const bool batched = bus_->has_subscribers(topics::server_batched);
     if (!single && !batched) return ec;
@@ -13034,6 +13617,16 @@ class hub_sink {
   /// The end of a worker's dispatch batch: its lines go to the batched subscribers in one frame.
   void end_batch(dispatch_context& ctx) {
     if constexpr (requires { user_.end_batch(ctx); }) user_.end_batch(ctx);
+    // After the user's end_batch: a sink that commits its batch there has committed it.
+    if (auto& t = taken(); !t.empty()) {
+      try {
+        on_dispatched_(std::span<const message>(t));
+      } catch (...) {
+        t.clear();
+        throw;  // counted by the pipeline as a handler exception
+      }
+      t.clear();
+    }
     std::string& lines = batch_lines();
     if (lines.empty()) return;
     lines.append("]}");
@@ -13090,6 +13683,11 @@ class hub_sink {
     thread_local std::string s;
     return s;
   }
+  // The device messages of the calling worker's current batch that the user's sink took.
+  static std::vector<message>& taken() {
+    thread_local std::vector<message> t;
+    return t;
+  }
   // The lines of the calling worker's current batch; emptied by end_batch.
   static std::string& batch_lines() {
     thread_local std::string s;
@@ -13098,6 +13696,7 @@ class hub_sink {
 
   Sink user_;
   pubsub* bus_;
+  dispatched_batch on_dispatched_;
 };
 
 }  // namespace devgate::device
@@ -13142,7 +13741,10 @@ class hub {
                Store store = Store{})
       : options_(std::move(options)),
         store_(std::move(store)),
-        writer_(store_, options_.store_queue_capacity, options_.on_store_error),
+        writer_(store_, options_.store_queue_capacity, options_.on_store_error,
+                [this](const std::string& id, const store::dispatch_record& r) {
+                  dispatch_.recorded(id, r);
+                }),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, writer_,
@@ -13151,8 +13753,8 @@ class hub {
                   options_.transfer_retry_backoff}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
-                  options_.require_authentication),
-        gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
+                  options_.require_authentication, options_.ack),
+        gateway_(transport, make_sink(std::move(sink)), pipeline_options_for_ack()) {
     bus_.set_channel(&gateway_.channel());
   }
   hub(const hub&) = delete;
@@ -13162,6 +13764,11 @@ class hub {
 
   /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
   std::error_code start() {
+    // A durable store's rollout resumes before any device can say hello.
+    if (!started_) {
+      started_ = true;
+      if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
+    }
     session_hooks hooks;
     hooks.on_open = [this](const session_info& info) {
       dispatch_.open(info);
@@ -13201,8 +13808,10 @@ class hub {
     const std::string id(device_id);
     std::uint64_t seq = 0;
     {
-      auto rec = devices_.get_or_create(id, [&] { return writer_.load(id); });
-      seq = delivery_.deliver(*rec, data.dump());
+      auto rec = devices_.get_or_create(
+          id, [&] { return writer_.load(id); },
+          [this](device_record& r, store::device_state& st) { dispatch_.restore_locked(r, st); });
+      seq = delivery_.deliver(*rec, data.dump(), journal());
     }
     bound();
     return seq;
@@ -13350,17 +13959,55 @@ class hub {
     devices_.trim(
         [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
         [&](device_record& r) {
-          delivery_.drop_replay_locked(r);
+          // A durable store keeps its replay: it comes back with the record.
+          delivery_.drop_replay_locked(r, !writer_type::durable);
           if (const auto rollout = rollout_.forget_locked(r)) released.emplace_back(r.id, rollout);
           // Queued (or a non-blocking store's short call): numbering resumes above it.
           (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
         },
         [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
-        [this](device_record& r) { delivery_.drop_replay_locked(r); });
+        [this](device_record& r) {
+          if (!r.delivery.replay.empty()) journal().forgot(r, r.delivery.replay.back().first);
+          delivery_.drop_replay_locked(r);
+        });
     for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
   }
 
+  // The pipeline's sink: the user's, with (under on_dispatch) each batch's dispatched device
+  // messages recorded in the store, whose commit answers them.
+  hub_sink<Sink> make_sink(Sink sink) {
+    if (options_.ack != ack_policy::on_dispatch) return hub_sink<Sink>(std::move(sink), &bus_);
+    return hub_sink<Sink>(std::move(sink), &bus_, [this](std::span<const message> batch) {
+      for (const auto& m : batch) {
+        store::dispatch_record r;
+        if (m.has_reference) r.id = m.reference;
+        r.number = m.sequence;
+        r.kind = m.kind;
+        r.payload = m.payload;
+        (void)writer_.record_dispatched(std::string(m.device_id.view()), std::move(r));
+      }
+    });
+  }
+  // The pipeline options, with (under on_dispatch) the messages that will not reach the sink
+  // answered `not_dispatched` before the host's own handlers run.
+  pipeline_options pipeline_options_for_ack() {
+    pipeline_options o = options_.pipeline;
+    if (options_.ack != ack_policy::on_dispatch) return o;
+    o.dead_letter = [this, host = std::move(o.dead_letter)](const message& m, std::error_code ec) {
+      dispatch_.not_dispatched(m);
+      if (host) host(m, ec);
+    };
+    o.on_dropped = [this, host = std::move(o.on_dropped)](const message& m) {
+      dispatch_.not_dispatched(m);
+      if (host) host(m);
+    };
+    return o;
+  }
+  // The store's journal of kept deliveries.
+  [[nodiscard]] store_journal<writer_type> journal() noexcept { return {writer_}; }
+
   hub_options options_;
+  bool started_ = false;
   Store store_;
   writer_type writer_;
   pubsub bus_;
@@ -13391,6 +14038,7 @@ class hub {
 #include <cstring>      // std::memcpy
 #include <deque>        // write queue
 #include <functional>   // callbacks
+#include <map>          // unanswered sends, by id
 #include <memory>       // socket, reader
 #include <mutex>        // last image hash
 #include <optional>     // message ids
@@ -13414,6 +14062,10 @@ struct device_client_options {
   std::size_t max_message_size = 4u << 20;
   /// Acknowledge each `deliver` after its callback ran (off: call `ack` yourself).
   bool auto_ack = true;
+  /// Sends with an id kept until the server answers `sent`, and sent again (same id, in id
+  /// order) after each welcome. Past it the oldest is let go (counted). Keep it below the
+  /// server's dispatch window (`store::dispatch_window::span`, 1024) for exactly-once.
+  std::size_t max_unacknowledged = 1000;
 };
 
 /// A device speaking the devgate protocol over WebSocket, header-only on Asio: connect, send,
@@ -13451,11 +14103,24 @@ class device_client {
   void connect() {
     asio::post(ioc_, [this] { start_connect(); });
   }
-  /// Sends `data` into the pipeline; with `id`, the server answers `sent`.
+  /// Sends `data` into the pipeline; with `id`, the server answers `sent`, and until it does
+  /// the send is kept and sent again after each reconnection (give sends increasing ids).
   void send(nlohmann::json data, std::optional<std::uint64_t> id = std::nullopt) {
     nlohmann::json j{{"type", "send"}, {"data", std::move(data)}};
-    if (id) j["id"] = *id;
-    send_json(std::move(j));
+    if (!id) {
+      send_json(std::move(j));
+      return;
+    }
+    j["id"] = *id;
+    asio::post(ioc_, [this, id = *id, t = j.dump()]() mutable {
+      write_frame(websocket::opcode::text, std::as_bytes(std::span(t.data(), t.size())));
+      unacked_.insert_or_assign(id, std::move(t));
+      while (unacked_.size() > options_.max_unacknowledged) {
+        unacked_.erase(unacked_.begin());
+        ++unacked_dropped_;
+      }
+      unacked_count_ = unacked_.size();
+    });
   }
   /// Sends any JSON message (tests use it for malformed requests).
   void send_json(nlohmann::json j) { send_text(j.dump()); }
@@ -13482,6 +14147,14 @@ class device_client {
     asio::post(ioc_, [this] { drop(1006); });
   }
 
+  /// Sends with an id not yet answered `sent` (sent again after each welcome).
+  [[nodiscard]] std::size_t unacknowledged() const noexcept { return unacked_count_.load(); }
+  /// Unanswered sends let go because more than `max_unacknowledged` were kept.
+  [[nodiscard]] std::uint64_t unacknowledged_dropped() const noexcept {
+    return unacked_dropped_.load();
+  }
+  /// `sent` answers received.
+  [[nodiscard]] std::uint64_t sent_answers() const noexcept { return sent_answers_.load(); }
   /// Highest sequence number received (kept across reconnects).
   [[nodiscard]] std::uint64_t last_seq() const noexcept { return last_seq_.load(); }
   /// True between the welcome and the end of the connection.
@@ -13686,6 +14359,11 @@ class device_client {
       connected_ = true;
       ++welcomes_;
       if (on_welcome) on_welcome(j);
+      // What the previous connections left unanswered goes again, same ids, in order: the
+      // server answers a resend it already dispatched without dispatching it again.
+      for (const auto& [id, text] : unacked_) {
+        write_frame(websocket::opcode::text, std::as_bytes(std::span(text.data(), text.size())));
+      }
       // A result whose fw_status was lost with the previous connection: the welcome says.
       if (fw_reported_ && j.contains("state") && j["state"].contains("firmware")) {
         const auto& f = j["state"]["firmware"];
@@ -13709,6 +14387,13 @@ class device_client {
         if (on_deliver) on_deliver(seq, j);
       }
       if (options_.auto_ack && seq != 0) ack_now(seq);
+    } else if (type == "sent") {
+      if (const auto id = device::get_uint(j, "id")) {
+        unacked_.erase(*id);
+        unacked_count_ = unacked_.size();
+      }
+      ++sent_answers_;
+      if (on_text) on_text(j);
     } else if (type == "event") {
       if (on_event) on_event(j);
     } else if (type == "firmware") {
@@ -13825,6 +14510,10 @@ class device_client {
   std::string fw_sha_;
   bool fw_reported_ = false;
   // Figures readable from any thread.
+  std::map<std::uint64_t, std::string> unacked_;  // id -> the send's text, until `sent`
+  std::atomic<std::size_t> unacked_count_{0};
+  std::atomic<std::uint64_t> unacked_dropped_{0};
+  std::atomic<std::uint64_t> sent_answers_{0};
   std::atomic<std::uint64_t> last_seq_{0};
   std::atomic<bool> connected_{false};
   std::atomic<std::uint64_t> welcomes_{0};

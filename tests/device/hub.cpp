@@ -1378,3 +1378,263 @@ TEST_CASE("bounded: an evicted device that returns resumes its numbering from th
   CHECK(got[1]["data"]["n"] == 4);
   hub.stop();
 }
+
+// ---- ack policy on_dispatch, and what a durable store brings back -------------------------
+
+namespace {
+
+// A durable store whose state outlives the hub that owns it, so that one process can restart
+// a hub on it. The real one is SQLite (tests/store/sqlite.cpp and the crash test); this one
+// keeps the hub's logic apart from it. Every call is a short lock: called inline.
+struct shared_durable_store {
+  static constexpr bool nonblocking = true;
+  struct data {
+    std::mutex m;
+    std::map<std::string, devgate::store::device_state> devices;
+    std::optional<devgate::store::rollout_record> rollout;
+    std::vector<std::pair<std::string, std::uint64_t>> log;  // (device, send id) recorded
+  };
+  std::shared_ptr<data> d = std::make_shared<data>();
+
+  devgate::store::load_result load(const std::string& id) const {
+    std::lock_guard l(d->m);
+    auto it = d->devices.find(id);
+    return {it == d->devices.end() ? devgate::store::device_state{} : it->second, {}};
+  }
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
+    std::lock_guard l(d->m);
+    d->devices[id].messages_sent += n;
+    return {};
+  }
+  std::error_code touch(const std::string& id, std::int64_t ms) {
+    std::lock_guard l(d->m);
+    d->devices[id].last_seen_ms = ms;
+    return {};
+  }
+  std::error_code set_firmware_version(const std::string& id, const std::string& v) {
+    std::lock_guard l(d->m);
+    d->devices[id].firmware_version = v;
+    return {};
+  }
+  std::error_code set_transfer(const std::string& id, const devgate::store::transfer_state& t) {
+    std::lock_guard l(d->m);
+    d->devices[id].transfer = t;
+    return {};
+  }
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    std::lock_guard l(d->m);
+    d->devices[id].last_seq = seq;
+    return {};
+  }
+  std::error_code forget(const std::string& id) {
+    std::lock_guard l(d->m);
+    d->devices.erase(id);
+    return {};
+  }
+  std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view f) {
+    std::lock_guard l(d->m);
+    auto& st = d->devices[id];
+    st.replay.push_back({seq, std::string(f)});
+    st.last_seq = std::max(st.last_seq, seq);
+    return {};
+  }
+  std::error_code forget_replay(const std::string& id, std::uint64_t seq) {
+    std::lock_guard l(d->m);
+    std::erase_if(d->devices[id].replay, [seq](const auto& e) { return e.seq <= seq; });
+    return {};
+  }
+  std::error_code record_dispatched(const std::string& id,
+                                    const devgate::store::dispatch_record& r) {
+    std::lock_guard l(d->m);
+    auto& st = d->devices[id];
+    ++st.messages_sent;
+    if (r.id) st.dispatched.insert(*r.id);
+    d->log.emplace_back(id, r.id.value_or(0));
+    return {};
+  }
+  std::error_code save_rollout(const devgate::store::rollout_record& r) {
+    std::lock_guard l(d->m);
+    d->rollout = r;
+    return {};
+  }
+  devgate::store::rollout_load_result load_rollout() {
+    std::lock_guard l(d->m);
+    return {d->rollout, {}};
+  }
+};
+static_assert(devgate::store::durable_state_store<shared_durable_store>);
+
+// A sink that holds every message until opened, and counts what it took per send id.
+struct gated_sink_state {
+  std::mutex m;
+  std::condition_variable cv;
+  bool open = false;
+  std::map<std::uint64_t, int> taken;  // send id -> times the sink took it
+  int fail_first = 0;                  // attempts to fail before taking anything
+  int count(std::uint64_t id) {
+    std::lock_guard l(m);
+    return taken.count(id) ? taken[id] : 0;
+  }
+  void release() {
+    {
+      std::lock_guard l(m);
+      open = true;
+    }
+    cv.notify_all();
+  }
+};
+auto gated_sink(gated_sink_state& g) {
+  return devgate::callback_sink([&g](const devgate::message& m, devgate::dispatch_context&) {
+    std::unique_lock l(g.m);
+    g.cv.wait(l, [&] { return g.open; });
+    if (g.fail_first > 0) {
+      --g.fail_first;
+      return std::make_error_code(std::errc::io_error);
+    }
+    ++g.taken[m.reference];
+    return std::error_code{};
+  });
+}
+using gated_sink_t = decltype(gated_sink(std::declval<gated_sink_state&>()));
+
+// The `sent` answers among `texts`, by id.
+std::map<std::uint64_t, int> sent_ids(const std::vector<json>& texts) {
+  std::map<std::uint64_t, int> out;
+  for (const auto& j : texts) {
+    if (j.value("type", "") == "sent") ++out[j["id"].get<std::uint64_t>()];
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "ack on_dispatch: sent only once the sink took it; a resent id reaches the sink once "
+    "(attack)") {
+  in_process_transport t;
+  gated_sink_state g;
+  dev::hub_options o;
+  o.ack = dev::ack_policy::on_dispatch;
+  dev::hub<in_process_transport, gated_sink_t> hub(t, gated_sink(g), o);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "careful");
+  REQUIRE(eventually([&] { return d.poll(), !d.texts.empty(); }));
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "one"}, {"id", 1}}));
+  // The sink holds it: no `sent` yet (on_accept would have answered at once).
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  d.poll();
+  CHECK(sent_ids(d.texts).empty());
+  // The device gives up waiting and resends while the first is still in the sink's hands.
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "one"}, {"id", 1}}));
+  g.release();
+  REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts)[1] == 1; }));
+  // Resent after the answer (its `sent` lost, say): answered again, never dispatched again.
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "one"}, {"id", 1}}));
+  REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts)[1] == 2; }));
+  hub.stop();
+  CHECK(g.count(1) == 1);
+  CHECK(hub.stats().dispatched == 1);
+  CHECK(hub.device_state("careful").messages_sent == 1);
+}
+
+TEST_CASE(
+    "ack on_dispatch: a message the sink never took is answered not_dispatched; its resend goes "
+    "through") {
+  in_process_transport t;
+  gated_sink_state g;
+  g.open = true;
+  g.fail_first = 2;  // the first attempt and its one retry fail: dead-lettered
+  dev::hub_options o;
+  o.ack = dev::ack_policy::on_dispatch;
+  o.pipeline.retry_limit = 1;
+  o.pipeline.retry_backoff = std::chrono::microseconds(100);
+  dev::hub<in_process_transport, gated_sink_t> hub(t, gated_sink(g), o);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "unlucky");
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "x"}, {"id", 7}}));
+  std::optional<json> e;
+  REQUIRE(eventually([&] {
+    for (auto& j : d.poll()) {
+      if (j.value("type", "") == "error") e = j;
+    }
+    return e.has_value();
+  }));
+  CHECK((*e)["code"] == "not_dispatched");
+  CHECK((*e)["id"] == 7);
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "x"}, {"id", 7}}));
+  REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts)[7] == 1; }));
+  hub.stop();
+  CHECK(g.count(7) == 1);
+}
+
+TEST_CASE(
+    "durable store: a restarted hub replays kept deliveries, remembers dispatched ids, resumes the "
+    "rollout") {
+  shared_durable_store store;
+  const auto image = make_image(40'000);  // 3 chunks of 16 KiB
+  dev::hub_options o;
+  o.ack = dev::ack_policy::on_dispatch;
+  std::uint32_t rollout = 0;
+  {
+    in_process_transport t;
+    dev::hub<in_process_transport, devgate::null_sink, shared_durable_store> hub(t, {}, o, store);
+    REQUIRE_FALSE(hub.start());
+    auto d = connect(t, "phoenix", 0, "1.0");
+    REQUIRE(eventually([&] { return d.poll(), !d.texts.empty(); }));
+    for (std::uint64_t id = 1; id <= 5; ++id) {
+      REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "m"}, {"id", id}}));
+    }
+    REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts).size() == 5; }));
+    for (int i = 1; i <= 3; ++i) hub.send_to("phoenix", {{"n", i}});
+    REQUIRE(eventually([&] {
+      d.poll();
+      return std::count_if(d.texts.begin(), d.texts.end(),
+                           [](const json& j) { return j["type"] == "deliver"; }) == 3;
+    }));
+    REQUIRE_FALSE(d.send({{"type", "ack"}, {"seq", 1}}));
+    rollout = hub.publish_firmware("2.0", image);
+    REQUIRE(eventually([&] { return d.poll(), d.binaries.size() == 3; }));
+    REQUIRE_FALSE(d.send({{"type", "fw_ack"}, {"rollout", rollout}, {"offset", 16384}}));
+    REQUIRE(eventually([&] { return hub.device_transfer("phoenix")->offset == 16384; }));
+    hub.stop();
+  }
+  // A new process, in effect: a new transport and hub on what the store kept.
+  in_process_transport t;
+  dev::hub<in_process_transport, devgate::null_sink, shared_durable_store> hub(t, {}, o, store);
+  REQUIRE_FALSE(hub.start());
+  REQUIRE(hub.current_image());
+  CHECK(hub.current_image()->rollout() == rollout);
+  auto d = connect(t, "phoenix", 1, "1.0");
+  std::optional<json> welcome;
+  REQUIRE(eventually([&] {
+    d.poll();
+    for (const auto& j : d.texts) {
+      if (j["type"] == "welcome") welcome = j;
+    }
+    return welcome.has_value();
+  }));
+  CHECK((*welcome)["state"]["messages_sent"] == 5);
+  CHECK((*welcome)["last_seq"] == 3);
+  CHECK((*welcome)["replay"] == 2);
+  // Ids 4 and 5 were dispatched before the restart: answered, not dispatched; 6 is new.
+  for (std::uint64_t id = 4; id <= 6; ++id) {
+    REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "m"}, {"id", id}}));
+  }
+  REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts).size() == 3; }));
+  std::vector<std::uint64_t> delivered;
+  std::optional<json> fw;
+  for (const auto& j : d.texts) {
+    if (j["type"] == "deliver") delivered.push_back(j["seq"]);
+    if (j["type"] == "firmware") fw = j;
+  }
+  CHECK(delivered == std::vector<std::uint64_t>{2, 3});  // in order, no gap, no duplicate
+  REQUIRE(fw);
+  CHECK((*fw)["rollout"] == rollout);
+  CHECK((*fw)["offset"] == 16384);  // resumed where the device had acknowledged
+  hub.stop();
+  std::map<std::uint64_t, int> recorded;
+  for (const auto& [dev_id, id] : store.d->log) ++recorded[id];
+  CHECK(recorded.size() == 6);
+  for (const auto& [id, n] : recorded) CHECK(n == 1);
+  CHECK(store.load("phoenix").state.messages_sent == 6);
+}

@@ -10,6 +10,7 @@
 #include <cstring>      // std::memcpy
 #include <deque>        // write queue
 #include <functional>   // callbacks
+#include <map>          // unanswered sends, by id
 #include <memory>       // socket, reader
 #include <mutex>        // last image hash
 #include <optional>     // message ids
@@ -39,6 +40,10 @@ struct device_client_options {
   std::size_t max_message_size = 4u << 20;
   /// Acknowledge each `deliver` after its callback ran (off: call `ack` yourself).
   bool auto_ack = true;
+  /// Sends with an id kept until the server answers `sent`, and sent again (same id, in id
+  /// order) after each welcome. Past it the oldest is let go (counted). Keep it below the
+  /// server's dispatch window (`store::dispatch_window::span`, 1024) for exactly-once.
+  std::size_t max_unacknowledged = 1000;
 };
 
 /// A device speaking the devgate protocol over WebSocket, header-only on Asio: connect, send,
@@ -76,11 +81,24 @@ class device_client {
   void connect() {
     asio::post(ioc_, [this] { start_connect(); });
   }
-  /// Sends `data` into the pipeline; with `id`, the server answers `sent`.
+  /// Sends `data` into the pipeline; with `id`, the server answers `sent`, and until it does
+  /// the send is kept and sent again after each reconnection (give sends increasing ids).
   void send(nlohmann::json data, std::optional<std::uint64_t> id = std::nullopt) {
     nlohmann::json j{{"type", "send"}, {"data", std::move(data)}};
-    if (id) j["id"] = *id;
-    send_json(std::move(j));
+    if (!id) {
+      send_json(std::move(j));
+      return;
+    }
+    j["id"] = *id;
+    asio::post(ioc_, [this, id = *id, t = j.dump()]() mutable {
+      write_frame(websocket::opcode::text, std::as_bytes(std::span(t.data(), t.size())));
+      unacked_.insert_or_assign(id, std::move(t));
+      while (unacked_.size() > options_.max_unacknowledged) {
+        unacked_.erase(unacked_.begin());
+        ++unacked_dropped_;
+      }
+      unacked_count_ = unacked_.size();
+    });
   }
   /// Sends any JSON message (tests use it for malformed requests).
   void send_json(nlohmann::json j) { send_text(j.dump()); }
@@ -107,6 +125,14 @@ class device_client {
     asio::post(ioc_, [this] { drop(1006); });
   }
 
+  /// Sends with an id not yet answered `sent` (sent again after each welcome).
+  [[nodiscard]] std::size_t unacknowledged() const noexcept { return unacked_count_.load(); }
+  /// Unanswered sends let go because more than `max_unacknowledged` were kept.
+  [[nodiscard]] std::uint64_t unacknowledged_dropped() const noexcept {
+    return unacked_dropped_.load();
+  }
+  /// `sent` answers received.
+  [[nodiscard]] std::uint64_t sent_answers() const noexcept { return sent_answers_.load(); }
   /// Highest sequence number received (kept across reconnects).
   [[nodiscard]] std::uint64_t last_seq() const noexcept { return last_seq_.load(); }
   /// True between the welcome and the end of the connection.
@@ -311,6 +337,11 @@ class device_client {
       connected_ = true;
       ++welcomes_;
       if (on_welcome) on_welcome(j);
+      // What the previous connections left unanswered goes again, same ids, in order: the
+      // server answers a resend it already dispatched without dispatching it again.
+      for (const auto& [id, text] : unacked_) {
+        write_frame(websocket::opcode::text, std::as_bytes(std::span(text.data(), text.size())));
+      }
       // A result whose fw_status was lost with the previous connection: the welcome says.
       if (fw_reported_ && j.contains("state") && j["state"].contains("firmware")) {
         const auto& f = j["state"]["firmware"];
@@ -334,6 +365,13 @@ class device_client {
         if (on_deliver) on_deliver(seq, j);
       }
       if (options_.auto_ack && seq != 0) ack_now(seq);
+    } else if (type == "sent") {
+      if (const auto id = device::get_uint(j, "id")) {
+        unacked_.erase(*id);
+        unacked_count_ = unacked_.size();
+      }
+      ++sent_answers_;
+      if (on_text) on_text(j);
     } else if (type == "event") {
       if (on_event) on_event(j);
     } else if (type == "firmware") {
@@ -450,6 +488,10 @@ class device_client {
   std::string fw_sha_;
   bool fw_reported_ = false;
   // Figures readable from any thread.
+  std::map<std::uint64_t, std::string> unacked_;  // id -> the send's text, until `sent`
+  std::atomic<std::size_t> unacked_count_{0};
+  std::atomic<std::uint64_t> unacked_dropped_{0};
+  std::atomic<std::uint64_t> sent_answers_{0};
   std::atomic<std::uint64_t> last_seq_{0};
   std::atomic<bool> connected_{false};
   std::atomic<std::uint64_t> welcomes_{0};

@@ -4,6 +4,7 @@
 #include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
+#include <limits>       // forget everything
 #include <mutex>        // the device's mutex
 #include <string_view>  // message data
 #include <utility>      // std::move
@@ -15,6 +16,33 @@
 #include "devgate/transport/transport.hpp"
 
 namespace devgate::device {
+
+/// What `delivery` reports to a durable store, under the device's mutex so that the store sees
+/// one device's changes in the order they happened: a sequenced message kept (`kept`), and the
+/// kept messages up to a number forgotten (`forgot`: acknowledged or dropped). This one reports
+/// nothing (a store that keeps no replay).
+struct no_journal {
+  /// A message numbered `seq` with frame `frame` is kept for the device.
+  void kept(const device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {}
+  /// The device's kept messages numbered `seq` and below are forgotten.
+  void forgot(const device_record&, std::uint64_t /*seq*/) const {}
+};
+
+/// The journal of a hub whose store keeps replay (`Writer`: its `store::write_behind`): each
+/// change is queued to the store under the device's mutex (a queue push that never waits), so
+/// the store applies one device's changes in the order they happened.
+template <class Writer>
+struct store_journal {
+  Writer& writer;  ///< The hub's way to its store.
+  /// Queues the kept message to the store.
+  void kept(const device_record& rec, std::uint64_t seq, std::string_view frame) const {
+    if constexpr (Writer::durable) (void)writer.append_replay(rec.id, seq, frame);
+  }
+  /// Queues the forgetting to the store.
+  void forgot(const device_record& rec, std::uint64_t seq) const {
+    if constexpr (Writer::durable) (void)writer.forget_replay(rec.id, seq);
+  }
+};
 
 /// Delivery to devices: per-device sequence numbers, the replay buffer that keeps sequenced
 /// messages until the device acknowledges them (offline devices included), and each device's
@@ -50,7 +78,10 @@ class delivery {
   /// Gives `data_json` (JSON text) the device's next sequence number and keeps its `deliver`
   /// frame until acknowledged; past the limits the oldest kept message is dropped and counted.
   /// Sent at once if the device's session said hello. Returns the sequence number.
-  std::uint64_t deliver(device_record& rec, std::string_view data_json) {
+  /// `journal` hears of the kept message and of what the bounds dropped (see `no_journal`).
+  template <class Journal = no_journal>
+  std::uint64_t deliver(device_record& rec, std::string_view data_json,
+                        const Journal& journal = Journal{}) {
     std::uint64_t seq = 0;
     {
       std::lock_guard lock(rec.mutex);
@@ -60,10 +91,14 @@ class delivery {
       d.replay_bytes += frame.size();
       replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
+      journal.kept(rec, seq, frame.view());
+      std::uint64_t dropped_through = 0;
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
+        dropped_through = d.replay.front().first;
         drop_oldest_locked(d);
       }
+      if (dropped_through != 0) journal.forgot(rec, dropped_through);
       if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
       }
@@ -79,8 +114,10 @@ class delivery {
   /// then sends. `welcome(device_record&, const resume_info&)` returns the welcome's payload;
   /// it runs with the device's mutex held, so it may read and set the record's fields but must
   /// call nothing that locks. False, with nothing queued, if `s` is not the device's session.
-  template <class Welcome>
-  bool resume(device_record& rec, session_id s, std::uint64_t last_seq, Welcome&& welcome) {
+  /// `journal` hears of what was forgotten (and of the renumbered messages, kept anew).
+  template <class Welcome, class Journal = no_journal>
+  bool resume(device_record& rec, session_id s, std::uint64_t last_seq, Welcome&& welcome,
+              const Journal& journal = Journal{}) {
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return false;
@@ -90,8 +127,11 @@ class delivery {
       if (!info.bad_resume) {
         forget_through(d, last_seq);
         d.acked = std::max(d.acked, last_seq);
+        if (last_seq != 0) journal.forgot(rec, last_seq);
       } else {
         renumber_above_locked(rec, last_seq);
+        journal.forgot(rec, std::numeric_limits<std::uint64_t>::max());
+        for (const auto& [seq, frame] : d.replay) journal.kept(rec, seq, frame.view());
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();
@@ -109,15 +149,35 @@ class delivery {
     return true;
   }
 
-  /// Session `s` acknowledges every sequenced message up to `seq`.
-  ack_result ack(device_record& rec, session_id s, std::uint64_t seq) {
+  /// Session `s` acknowledges every sequenced message up to `seq` (`journal` hears of it).
+  template <class Journal = no_journal>
+  ack_result ack(device_record& rec, session_id s, std::uint64_t seq,
+                 const Journal& journal = Journal{}) {
     std::lock_guard lock(rec.mutex);
     if (rec.session.id != s) return ack_result::not_live;
     auto& d = rec.delivery;
     if (seq >= d.next_seq || seq < d.acked) return ack_result::out_of_range;
     d.acked = seq;
     forget_through(d, seq);
+    journal.forgot(rec, seq);
     return ack_result::acknowledged;
+  }
+  /// Puts the messages a durable store kept for the device (oldest first) back in its replay
+  /// buffer, ahead of any kept since (the caller holds the device's mutex; the record was just
+  /// made from the store). Numbering continues above them.
+  void restore_locked(device_record& rec, std::vector<store::replay_entry>&& kept) {
+    auto& d = rec.delivery;
+    for (auto it = kept.rbegin(); it != kept.rend(); ++it) {
+      if (it->seq <= d.acked) continue;
+      if (!d.replay.empty() && it->seq >= d.replay.front().first) continue;
+      auto frame = shared_bytes::copy_of(std::string_view(it->frame));
+      d.replay_bytes += frame.size();
+      replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
+      d.replay.emplace_front(it->seq, std::move(frame));
+    }
+    if (!d.replay.empty() && d.replay.back().first + 1 > d.next_seq) {
+      d.next_seq = d.replay.back().first + 1;
+    }
   }
 
   /// Queues `bytes` to session `s` if it is still the device's session, then sends. False if
@@ -189,8 +249,16 @@ class delivery {
   /// Drops every kept message of the device (counted: the device sees the count in its next
   /// welcome, the fleet in `replay_dropped`); the caller holds the device's mutex. For the
   /// fleet-wide replay budget, and for a record being evicted.
-  void drop_replay_locked(device_record& rec) {
+  /// `counted` false: a record evicted from memory whose replay a durable store keeps (it
+  /// comes back with the record, so nothing is dropped).
+  void drop_replay_locked(device_record& rec, bool counted = true) {
     auto& d = rec.delivery;
+    if (!counted) {
+      replay_bytes_total_.fetch_sub(d.replay_bytes, std::memory_order_relaxed);
+      d.replay.clear();
+      d.replay_bytes = 0;
+      return;
+    }
     while (!d.replay.empty()) drop_oldest_locked(d);
   }
 

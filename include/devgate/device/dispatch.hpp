@@ -54,7 +54,8 @@ class protocol_dispatch {
   protocol_dispatch(Transport& transport, Gateway& gateway, registry& devices,
                     delivery<Transport>& out, firmware::rollout_engine<Transport, Store>& rollout,
                     pubsub& bus, Store& store, std::size_t max_message_bytes, unsigned max_errors,
-                    topic_policy may_subscribe = {}, bool require_authentication = false)
+                    topic_policy may_subscribe = {}, bool require_authentication = false,
+                    ack_policy ack = ack_policy::on_accept)
       : transport_(transport),
         gateway_(gateway),
         devices_(devices),
@@ -65,7 +66,8 @@ class protocol_dispatch {
         max_message_bytes_(max_message_bytes),
         max_errors_(max_errors),
         may_subscribe_(std::move(may_subscribe)),
-        require_authentication_(require_authentication) {}
+        require_authentication_(require_authentication),
+        ack_(ack) {}
   protocol_dispatch(const protocol_dispatch&) = delete;
   protocol_dispatch& operator=(const protocol_dispatch&) = delete;
 
@@ -84,7 +86,9 @@ class protocol_dispatch {
     }
     registry::record_ptr rec;
     if constexpr (Store::calls_inline) {
-      rec = devices_.get_or_create(info.device_id, [&] { return store_.load(info.device_id); });
+      rec = devices_.get_or_create(
+          info.device_id, [&] { return store_.load(info.device_id); },
+          [this](device_record& r, store::device_state& st) { restore_locked(r, st); });
     } else {
       // A store that may block is read on its own thread: the session's messages wait in the
       // record (`load.parked`) until the state is in.
@@ -131,6 +135,63 @@ class protocol_dispatch {
   /// Error replies sent (bad_resume excepted).
   [[nodiscard]] std::uint64_t protocol_errors() const noexcept {
     return errors_.load(std::memory_order_relaxed);
+  }
+
+  /// Puts what a durable store kept of a device, beyond the registry's figures, into its record
+  /// made from that state: kept deliveries, the dispatch window, its part in the current
+  /// rollout. The caller holds the record's mutex.
+  void restore_locked(device_record& rec, store::device_state& st) {
+    if (!st.replay.empty()) out_.restore_locked(rec, std::move(st.replay));
+    if (!st.dispatched.empty()) {
+      if (!rec.dispatch) rec.dispatch = std::make_unique<device_record::dispatch_part>();
+      rec.dispatch->window = st.dispatched;
+    }
+    rollout_.restore_locked(rec, st.transfer);
+  }
+  /// Ack policy on_dispatch: the store recorded a message of device `id` the sink took. A send
+  /// with an id leaves the device's in-flight list for its dispatch window, and is answered
+  /// with `sent` on the device's live session (which may be newer than the one it came on).
+  void recorded(const std::string& id, const store::dispatch_record& r) {
+    if (!r.id) return;
+    auto rec = devices_.find(id);
+    if (!rec) return;  // a record with sends in flight is never evicted: forgotten meanwhile
+    bool queued = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      if (rec->dispatch) {
+        std::erase(rec->dispatch->in_flight, *r.id);
+        rec->dispatch->window.insert(*r.id);
+      }
+      if (rec->session.id != 0 && rec->session.hello) {
+        delivery<Transport>::queue_locked(*rec, rec->session.id, payload_kind::text,
+                                          make_sent(*r.id, r.number));
+        queued = true;
+      }
+    }
+    if (queued) out_.flush(*rec);
+  }
+  /// Ack policy on_dispatch: message `m` will not reach the sink (dead-lettered, or dropped by
+  /// the pipeline's overflow policy). A send with an id leaves the in-flight list, so that a
+  /// resend is dispatched, and its live session hears `not_dispatched`.
+  void not_dispatched(const message& m) {
+    if (!m.has_reference || m.session == 0) return;
+    auto rec = devices_.find_session(m.session);
+    if (!rec) rec = devices_.find(std::string(m.device_id.view()));
+    if (!rec) return;
+    bool queued = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      if (rec->dispatch) std::erase(rec->dispatch->in_flight, m.reference);
+      if (rec->session.id != 0 && rec->session.hello) {
+        delivery<Transport>::queue_locked(*rec, rec->session.id, payload_kind::text,
+                                          make_error(error::not_dispatched, "send", m.reference));
+        queued = true;
+      }
+    }
+    if (queued) {
+      errors_.fetch_add(1, std::memory_order_relaxed);
+      out_.flush(*rec);
+    }
   }
 
  private:
@@ -187,6 +248,7 @@ class protocol_dispatch {
     bool parked = false;
     bool overflow = false;
     std::uint64_t number = 0;  // a device message's number, taken with the same lock
+    admission admitted = admission::yes;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;  // replaced: the old session's messages are ignored
@@ -197,13 +259,20 @@ class protocol_dispatch {
         if (!overflow) rec.load.parked.push_back(std::move(in));
       } else {
         hello = rec.session.hello;
-        if (hello && fits && (fast || binary)) number = ++rec.messages_sent;
+        if (hello && fits && (fast || binary)) {
+          if (fast && fast->id) admitted = admit_locked(rec, *fast->id);
+          number = admitted == admission::yes ? ++rec.messages_sent : rec.messages_sent;
+        }
       }
     }
     if (parked) [[unlikely]] {
       if (overflow) {
         transport_.close(s, close_code::try_again_later, "device state is loading; retry later");
       }
+      return;
+    }
+    if (admitted != admission::yes) [[unlikely]] {
+      refuse(rec, s, admitted, *fast->id, number, r);
       return;
     }
     if (number != 0) [[likely]] {
@@ -302,10 +371,11 @@ class protocol_dispatch {
   }
   // On the store thread: the state is in; the parked messages are handled here, in order,
   // until none is left (new ones keep queueing behind them meanwhile).
-  void loaded(device_record& rec, const store::device_state& st) {
+  void loaded(device_record& rec, store::device_state& st) {
     {
       std::lock_guard lock(rec.mutex);
       registry::fill_locked(rec, st);
+      restore_locked(rec, st);
     }
     std::vector<inbound_message> batch;
     for (;;) {
@@ -346,13 +416,15 @@ class protocol_dispatch {
     }
     if (version) store_.set_firmware_version(rec.id, *version);
     const auto now = unix_ms();
-    const bool live =
-        out_.resume(rec, s, last.value_or(0), [&](device_record& r, const auto& info) {
+    const bool live = out_.resume(
+        rec, s, last.value_or(0),
+        [&](device_record& r, const auto& info) {
           if (version) r.firmware_version = *version;
           auto w = welcome(r, s, info, r.last_seen_ms);  // when it was seen before this hello
           r.last_seen_ms = now;
           return w;
-        });
+        },
+        journal_);
     if (!live) return;
     bus_.subscribe(topics::fleet, s);
     store_.touch(rec.id, now);
@@ -405,7 +477,7 @@ class protocol_dispatch {
       reply_error(rec, s, error::bad_message, "ack");
       return;
     }
-    if (out_.ack(rec, s, *seq) == delivery<Transport>::ack_result::out_of_range) {
+    if (out_.ack(rec, s, *seq, journal_) == delivery<Transport>::ack_result::out_of_range) {
       reply_error(rec, s, error::bad_ack, "ack");
     }
   }
@@ -490,10 +562,16 @@ class protocol_dispatch {
   void stage(device_record& rec, inbound_message& in, shared_bytes payload, payload_kind kind,
              std::optional<std::uint64_t> ref, run& r) {
     std::uint64_t number = 0;
+    admission admitted = admission::yes;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != in.session) return;
-      number = ++rec.messages_sent;
+      if (ref) admitted = admit_locked(rec, *ref);
+      number = admitted == admission::yes ? ++rec.messages_sent : rec.messages_sent;
+    }
+    if (admitted != admission::yes) {
+      refuse(rec, in.session, admitted, *ref, number, r);
+      return;
     }
     add(in, std::move(payload), kind, ref, number, r);
   }
@@ -505,6 +583,8 @@ class protocol_dispatch {
     m.device_id = std::move(in.device_id);
     m.sequence = number;
     m.kind = kind;
+    m.has_reference = ref.has_value();
+    m.reference = ref.value_or(0);
     m.payload = std::move(payload);
     m.received = in.received;
     r.refs.push_back(ref);
@@ -517,7 +597,9 @@ class protocol_dispatch {
     const auto result = gateway_.push(std::span<message>(r.messages));
     const std::size_t accepted = result.accepted;
     const session_id s = r.messages.front().session;
-    if (accepted != 0) store_.add_messages_sent(rec.id, accepted);
+    const bool on_dispatch = ack_ == ack_policy::on_dispatch;
+    // Under on_dispatch the store counts a message once the sink took it (record_dispatched).
+    if (accepted != 0 && !on_dispatch) store_.add_messages_sent(rec.id, accepted);
     const auto refusal = result.error == errc::queue_full ? error::queue_full : error::closed;
     std::size_t refused = 0;
     bool queued = false;
@@ -526,13 +608,19 @@ class protocol_dispatch {
       if (accepted < n && rec.messages_sent == r.messages.back().sequence) {
         rec.messages_sent = r.messages[accepted].sequence - 1;
       }
+      if (on_dispatch && accepted < n && rec.dispatch) {
+        for (std::size_t i = accepted; i < n; ++i) {
+          if (r.refs[i]) std::erase(rec.dispatch->in_flight, *r.refs[i]);
+        }
+      }
       if (rec.session.id == s) {
         for (std::size_t i = 0; i < n; ++i) {
           if (i >= accepted) {
             const char* ref = r.messages[i].kind == payload_kind::binary ? "binary" : "send";
-            delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(refusal, ref));
+            delivery<Transport>::queue_locked(rec, s, payload_kind::text,
+                                              make_error(refusal, ref, r.refs[i]));
             ++refused;
-          } else if (r.refs[i]) {
+          } else if (r.refs[i] && !on_dispatch) {
             delivery<Transport>::queue_locked(rec, s, payload_kind::text,
                                               make_sent(*r.refs[i], r.messages[i].sequence));
             queued = true;
@@ -546,15 +634,48 @@ class protocol_dispatch {
     if (queued || refused != 0) out_.flush(rec);
   }
 
+  // ---- at least once, exactly once (ack policy on_dispatch) ------------------------------
+
+  // What becomes of a `send` with an id.
+  enum class admission : std::uint8_t {
+    yes,        // new: into the pipeline (and the in-flight list under on_dispatch)
+    duplicate,  // the sink took it already: answered `sent` at once
+    in_flight,  // on its way to the sink: its recording answers the live session
+    too_many,   // the in-flight list is full: refused
+  };
+  // Under on_dispatch, whether the send `id` goes into the pipeline (caller holds the mutex).
+  admission admit_locked(device_record& rec, std::uint64_t id) {
+    if (ack_ != ack_policy::on_dispatch) return admission::yes;
+    if (!rec.dispatch) rec.dispatch = std::make_unique<device_record::dispatch_part>();
+    auto& d = *rec.dispatch;
+    if (d.window.contains(id)) return admission::duplicate;
+    if (std::find(d.in_flight.begin(), d.in_flight.end(), id) != d.in_flight.end()) {
+      return admission::in_flight;
+    }
+    if (d.in_flight.size() >= store::dispatch_window::span) return admission::too_many;
+    d.in_flight.push_back(id);
+    return admission::yes;
+  }
+  // A send that does not go into the pipeline, answered after the run before it.
+  void refuse(device_record& rec, session_id s, admission a, std::uint64_t id,
+              std::uint64_t messages_sent, run& r) {
+    push_run(rec, r);
+    if (a == admission::duplicate) {
+      out_.post(rec, s, payload_kind::text, make_sent(id, messages_sent));
+    } else if (a == admission::too_many) {
+      reply_error(rec, s, error::too_many_in_flight, "send", true, id);
+    }
+  }
+
   // ---- answers --------------------------------------------------------------------------
 
   void reply_error(device_record& rec, session_id s, error e, std::string_view ref,
-                   bool counts = true) {
+                   bool counts = true, std::optional<std::uint64_t> id = std::nullopt) {
     bool close_now = false;
     {
       std::lock_guard lock(rec.mutex);
       if (rec.session.id != s) return;
-      delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(e, ref));
+      delivery<Transport>::queue_locked(rec, s, payload_kind::text, make_error(e, ref, id));
       if (counts && ++rec.session.errors > max_errors_) close_now = true;
     }
     errors_.fetch_add(1, std::memory_order_relaxed);
@@ -579,6 +700,8 @@ class protocol_dispatch {
   const unsigned max_errors_;
   const topic_policy may_subscribe_;
   const bool require_authentication_;
+  const ack_policy ack_;
+  const store_journal<Store> journal_{store_};
   std::atomic<std::uint64_t> errors_{0};
 };
 

@@ -74,7 +74,10 @@ class hub {
                Store store = Store{})
       : options_(std::move(options)),
         store_(std::move(store)),
-        writer_(store_, options_.store_queue_capacity, options_.on_store_error),
+        writer_(store_, options_.store_queue_capacity, options_.on_store_error,
+                [this](const std::string& id, const store::dispatch_record& r) {
+                  dispatch_.recorded(id, r);
+                }),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, writer_,
@@ -83,8 +86,8 @@ class hub {
                   options_.transfer_retry_backoff}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
-                  options_.require_authentication),
-        gateway_(transport, hub_sink<Sink>(std::move(sink), &bus_), options_.pipeline) {
+                  options_.require_authentication, options_.ack),
+        gateway_(transport, make_sink(std::move(sink)), pipeline_options_for_ack()) {
     bus_.set_channel(&gateway_.channel());
   }
   hub(const hub&) = delete;
@@ -94,6 +97,11 @@ class hub {
 
   /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
   std::error_code start() {
+    // A durable store's rollout resumes before any device can say hello.
+    if (!started_) {
+      started_ = true;
+      if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
+    }
     session_hooks hooks;
     hooks.on_open = [this](const session_info& info) {
       dispatch_.open(info);
@@ -133,8 +141,10 @@ class hub {
     const std::string id(device_id);
     std::uint64_t seq = 0;
     {
-      auto rec = devices_.get_or_create(id, [&] { return writer_.load(id); });
-      seq = delivery_.deliver(*rec, data.dump());
+      auto rec = devices_.get_or_create(
+          id, [&] { return writer_.load(id); },
+          [this](device_record& r, store::device_state& st) { dispatch_.restore_locked(r, st); });
+      seq = delivery_.deliver(*rec, data.dump(), journal());
     }
     bound();
     return seq;
@@ -282,17 +292,55 @@ class hub {
     devices_.trim(
         [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
         [&](device_record& r) {
-          delivery_.drop_replay_locked(r);
+          // A durable store keeps its replay: it comes back with the record.
+          delivery_.drop_replay_locked(r, !writer_type::durable);
           if (const auto rollout = rollout_.forget_locked(r)) released.emplace_back(r.id, rollout);
           // Queued (or a non-blocking store's short call): numbering resumes above it.
           (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
         },
         [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
-        [this](device_record& r) { delivery_.drop_replay_locked(r); });
+        [this](device_record& r) {
+          if (!r.delivery.replay.empty()) journal().forgot(r, r.delivery.replay.back().first);
+          delivery_.drop_replay_locked(r);
+        });
     for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
   }
 
+  // The pipeline's sink: the user's, with (under on_dispatch) each batch's dispatched device
+  // messages recorded in the store, whose commit answers them.
+  hub_sink<Sink> make_sink(Sink sink) {
+    if (options_.ack != ack_policy::on_dispatch) return hub_sink<Sink>(std::move(sink), &bus_);
+    return hub_sink<Sink>(std::move(sink), &bus_, [this](std::span<const message> batch) {
+      for (const auto& m : batch) {
+        store::dispatch_record r;
+        if (m.has_reference) r.id = m.reference;
+        r.number = m.sequence;
+        r.kind = m.kind;
+        r.payload = m.payload;
+        (void)writer_.record_dispatched(std::string(m.device_id.view()), std::move(r));
+      }
+    });
+  }
+  // The pipeline options, with (under on_dispatch) the messages that will not reach the sink
+  // answered `not_dispatched` before the host's own handlers run.
+  pipeline_options pipeline_options_for_ack() {
+    pipeline_options o = options_.pipeline;
+    if (options_.ack != ack_policy::on_dispatch) return o;
+    o.dead_letter = [this, host = std::move(o.dead_letter)](const message& m, std::error_code ec) {
+      dispatch_.not_dispatched(m);
+      if (host) host(m, ec);
+    };
+    o.on_dropped = [this, host = std::move(o.on_dropped)](const message& m) {
+      dispatch_.not_dispatched(m);
+      if (host) host(m);
+    };
+    return o;
+  }
+  // The store's journal of kept deliveries.
+  [[nodiscard]] store_journal<writer_type> journal() noexcept { return {writer_}; }
+
   hub_options options_;
+  bool started_ = false;
   Store store_;
   writer_type writer_;
   pubsub bus_;

@@ -30,6 +30,17 @@ using topic_policy = std::function<bool(std::string_view device_id, std::string_
   };
 }
 
+/// When the hub answers a device's `send` with `sent` (docs/PROTOCOL.md, "Acknowledgements").
+enum class ack_policy : std::uint8_t {
+  /// As soon as the pipeline accepted the message (in memory): fastest, but a crash loses the
+  /// messages accepted and not yet dispatched.
+  on_accept,
+  /// Once the sink accepted the message and the state store recorded it (its count and the
+  /// `send`'s id): with a durable store, nothing a device was told is lost, and a resent id
+  /// the hub already dispatched is answered without reaching the sink again.
+  on_dispatch,
+};
+
 /// The device hub's knobs. Each bounds a resource per device or per fleet.
 struct hub_options {
   /// The pipeline that dispatches device messages (capacity, workers, overflow...).
@@ -60,6 +71,8 @@ struct hub_options {
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
+  /// When a `send` is answered with `sent` (on_accept: queued; on_dispatch: in the sink).
+  ack_policy ack = ack_policy::on_accept;
   /// Which topics devices may subscribe to. Empty: `fleet` only. The `server` log shows every
   /// device's traffic and `stats` the gateway's figures: allow them (`allow_topics`) only where
   /// a device may see that, as the demo's pages do.

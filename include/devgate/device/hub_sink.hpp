@@ -7,9 +7,12 @@
 #include <chrono>        // dispatch times
 #include <cstddef>       // std::size_t
 #include <cstdint>       // sequence numbers
+#include <functional>    // the dispatched-batch handler
+#include <span>          // batches
 #include <string_view>   // device ids
 #include <system_error>  // results
 #include <utility>       // std::move
+#include <vector>        // the batch's dispatched messages
 
 #include "devgate/device/device_id.hpp"
 #include "devgate/device/protocol.hpp"  // topics, envelopes
@@ -19,18 +22,26 @@
 
 namespace devgate::device {
 
+/// What a hub does with the device messages a worker's batch got into the sink (ack policy
+/// on_dispatch: record them in the store, which answers their sends); called after the batch.
+using dispatched_batch = std::function<void(std::span<const message>)>;
+
 /// The pipeline sink of a hub: the user's sink, then (on success) one line on the server topic
-/// per dispatched message, encoded once for every subscriber.
+/// per dispatched message, encoded once for every subscriber; and, when given `on_dispatched`,
+/// the batch's device messages the user's sink took, handed over after the batch.
 template <class Sink>
 class hub_sink {
  public:
-  /// Wraps `user`; `bus` receives the server log.
-  hub_sink(Sink user, pubsub* bus) : user_(std::move(user)), bus_(bus) {}
+  /// Wraps `user`; `bus` receives the server log; `on_dispatched` (may be empty) the device
+  /// messages of each batch that the user's sink took.
+  hub_sink(Sink user, pubsub* bus, dispatched_batch on_dispatched = {})
+      : user_(std::move(user)), bus_(bus), on_dispatched_(std::move(on_dispatched)) {}
   /// Dispatches to the user's sink, then logs: one `event` per message to the server log's
   /// subscribers, and one line of the batch's `events` frame for its batched subscribers.
   std::error_code consume(const message& m, dispatch_context& ctx) {
     auto ec = user_.consume(m, ctx);
     if (ec) return ec;
+    if (on_dispatched_ && m.session != 0) taken().push_back(m);  // two shared references
     const bool single = bus_->has_subscribers(topics::server);
     const bool batched = bus_->has_subscribers(topics::server_batched);
     if (!single && !batched) return ec;
@@ -61,6 +72,16 @@ class hub_sink {
   /// The end of a worker's dispatch batch: its lines go to the batched subscribers in one frame.
   void end_batch(dispatch_context& ctx) {
     if constexpr (requires { user_.end_batch(ctx); }) user_.end_batch(ctx);
+    // After the user's end_batch: a sink that commits its batch there has committed it.
+    if (auto& t = taken(); !t.empty()) {
+      try {
+        on_dispatched_(std::span<const message>(t));
+      } catch (...) {
+        t.clear();
+        throw;  // counted by the pipeline as a handler exception
+      }
+      t.clear();
+    }
     std::string& lines = batch_lines();
     if (lines.empty()) return;
     lines.append("]}");
@@ -117,6 +138,11 @@ class hub_sink {
     thread_local std::string s;
     return s;
   }
+  // The device messages of the calling worker's current batch that the user's sink took.
+  static std::vector<message>& taken() {
+    thread_local std::vector<message> t;
+    return t;
+  }
   // The lines of the calling worker's current batch; emptied by end_batch.
   static std::string& batch_lines() {
     thread_local std::string s;
@@ -125,6 +151,7 @@ class hub_sink {
 
   Sink user_;
   pubsub* bus_;
+  dispatched_batch on_dispatched_;
 };
 
 }  // namespace devgate::device

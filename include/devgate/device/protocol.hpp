@@ -48,6 +48,11 @@ enum class error : std::uint8_t {
   bad_fw_ack,           ///< `fw_ack.offset` is beyond what was sent, misaligned or backwards.
   unknown_rollout,      ///< `fw_ack`/`fw_result`/`fw_restart` names a rollout it is not in.
   topic_not_allowed,    ///< The host's topic policy does not let this device subscribe to it.
+  /// Ack policy on_dispatch: the sink did not take the message (it failed past its retries, or
+  /// the pipeline dropped it); nothing was recorded, so a resend with the same id is dispatched.
+  not_dispatched,
+  /// Ack policy on_dispatch: the device has `dispatch_window::span` sends in flight already.
+  too_many_in_flight,
 };
 
 /// The wire name of `e`.
@@ -83,6 +88,10 @@ enum class error : std::uint8_t {
       return "unknown_rollout";
     case error::topic_not_allowed:
       return "topic_not_allowed";
+    case error::not_dispatched:
+      return "not_dispatched";
+    case error::too_many_in_flight:
+      return "too_many_in_flight";
   }
   return "bad_message";
 }
@@ -123,6 +132,10 @@ enum class error : std::uint8_t {
     case error::topic_not_allowed:
       return "this gateway does not let this device subscribe to that topic (devices get fleet "
              "unless the host allows more)";
+    case error::not_dispatched:
+      return "the message did not reach the sink and was not recorded; send it again (same id)";
+    case error::too_many_in_flight:
+      return "too many sends await their sent answer; wait for some before sending more";
   }
   return "";
 }
@@ -374,11 +387,13 @@ class send_reader {
       std::string_view(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
 }
 
-/// An `error` message: `{"type":"error","code":..,"message":..,"ref":..}` (`ref`: the type of
-/// the offending message when known).
-[[nodiscard]] inline shared_bytes make_error(error e, std::string_view ref = {}) {
+/// An `error` message: `{"type":"error","code":..,"message":..,"ref":..,"id":..}` (`ref`: the
+/// type of the offending message when known; `id`: the refused `send`'s id, when it had one).
+[[nodiscard]] inline shared_bytes make_error(error e, std::string_view ref = {},
+                                             std::optional<std::uint64_t> id = std::nullopt) {
   nlohmann::json j{{"type", "error"}, {"code", to_string(e)}, {"message", describe(e)}};
   if (!ref.empty()) j["ref"] = ref;
+  if (id) j["id"] = *id;  // the refused send's id
   return to_payload(j);
 }
 

@@ -101,6 +101,15 @@ struct device_record {
   };
   transfer_part transfer;  ///< Its part in the current rollout.
 
+  /// Its sends on their way to the sink, under ack policy on_dispatch (written by
+  /// `protocol_dispatch` and the hub's dispatched handler).
+  struct dispatch_part {
+    store::dispatch_window window;         ///< Ids of its sends the sink took and the store has.
+    std::vector<std::uint64_t> in_flight;  ///< Ids accepted into the pipeline, not yet recorded.
+  };
+  /// Made on the first `send` with an id under on_dispatch (most records never need one).
+  std::unique_ptr<dispatch_part> dispatch;
+
   /// While its stored state loads on the store thread (a store that may block): the messages
   /// of its session wait here, in order, and are handled once the state is in (written by
   /// `protocol_dispatch`).

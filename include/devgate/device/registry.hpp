@@ -49,16 +49,27 @@ class registry {
     auto it = devices_.find(std::string(id));
     return it == devices_.end() ? nullptr : it->second;
   }
-  /// The record of `id`, made the first time from `load()` (a `store::device_state`).
+  /// What `get_or_create` does with the rest of a loaded state by default: nothing.
+  struct ignore_rest {
+    /// Does nothing.
+    void operator()(device_record&, store::device_state&) const noexcept {}
+  };
+  /// The record of `id`, made the first time from `load()` (a `store::device_state`), after
+  /// `rest(device_record&, store::device_state&)` put in what the registry does not know of
+  /// (replay, dispatch window, rollout part; the record is not shared yet).
   /// A new record starts offline (evictable) until a session attaches.
-  template <class Load>
-  record_ptr get_or_create(const std::string& id, Load&& load) {
+  template <class Load, class Rest = ignore_rest>
+  record_ptr get_or_create(const std::string& id, Load&& load, Rest&& rest = Rest{}) {
     if (auto rec = find(id)) return rec;
-    const store::device_state st = load();
+    store::device_state st = load();
     auto fresh =
         std::make_shared<device_record>(id, st.messages_sent, st.firmware_version, st.last_seen_ms);
     fresh->delivery.next_seq = st.last_seq + 1;  // numbering continues where it stopped
-    return insert(id, std::move(fresh)).first;   // another thread's record if it got there first
+    {
+      std::lock_guard lock(fresh->mutex);  // not shared yet; the `*_locked` callees expect it
+      rest(*fresh, st);
+    }
+    return insert(id, std::move(fresh)).first;  // another thread's record if it got there first
   }
   /// The record of `id`, made the first time empty with `load.pending` set, for a caller that
   /// loads its stored state off this thread (`fill`). The second member says it was made now.
@@ -122,7 +133,9 @@ class registry {
         {
           std::lock_guard rl(rec->mutex);
           if (rec->session.id != 0 || rec->load.pending || rec->delivery.draining ||
-              !rec->delivery.outbox.empty() || !durable(static_cast<const device_record&>(*rec))) {
+              !rec->delivery.outbox.empty() ||
+              (rec->dispatch && !rec->dispatch->in_flight.empty()) ||
+              !durable(static_cast<const device_record&>(*rec))) {
             ++it;
             continue;
           }

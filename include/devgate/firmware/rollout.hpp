@@ -122,6 +122,10 @@ class rollout_engine {
     const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
     auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
     auto counts = std::make_shared<tally>();
+    // A durable store keeps the rollout before any device's part in it.
+    if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
+      store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
+    }
     // The slots move to the new rollout first, and the transfers that held one stop (they
     // join the new rollout): no device transfers the old image once a hello can see the new.
     for (const auto& held : slots_.reset(id)) {
@@ -160,6 +164,47 @@ class rollout_engine {
     announce(static_cast<const image&>(*img));
     for (auto& rec : online) take_slot(*rec, id);
     return id;
+  }
+
+  /// Makes rollout `r`, kept by a durable store, current again after a restart: rollout ids
+  /// continue above it, and each device rejoins it where the store left it as its state loads
+  /// (`restore_locked`). The fleet totals count the devices seen since.
+  void restore(const store::rollout_record& r) {
+    std::lock_guard publishing(publish_mutex_);
+    auto img = std::make_shared<const image>(
+        r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
+    auto counts = std::make_shared<tally>();
+    (void)slots_.reset(r.rollout);
+    {
+      std::lock_guard lock(current_mutex_);
+      current_ = std::move(img);
+      current_tally_ = std::move(counts);
+    }
+    auto seen = next_rollout_.load(std::memory_order_relaxed);
+    while (seen < r.rollout &&
+           !next_rollout_.compare_exchange_weak(seen, r.rollout, std::memory_order_relaxed)) {
+    }
+    if (options_.stall_timeout.count() > 0) {
+      ticker_.start(tick_period(), [this] { tick(clock::now()); });
+    }
+  }
+  /// Puts a device whose state was just loaded back into the current rollout as the store
+  /// recorded it: its acknowledged offset (a transfer resumes there), or its end (verified,
+  /// failed, skipped). Nothing for a record of another rollout. The caller holds its mutex.
+  void restore_locked(device::device_record& rec, const store::transfer_state& t) const {
+    if (t.rollout == 0 || rec.transfer.image) return;
+    auto [img, counts] = current_rollout();
+    if (!img || img->rollout() != t.rollout) return;
+    join_locked(rec, img, counts);
+    auto& tr = rec.transfer;
+    if (t.status == store::transfer_status::verified ||
+        t.status == store::transfer_status::failed || t.status == store::transfer_status::skipped) {
+      tr.reason = t.reason;
+      set_status_locked(rec, t.status);
+    } else if (tr.status == store::transfer_status::pending && t.offset <= img->size()) {
+      tr.acked = t.offset;  // resumes here
+      counts->add_acked(static_cast<std::int64_t>(t.offset));
+    }
   }
 
   /// Session `s` of the device said hello: the device joins the current rollout (once per

@@ -15,10 +15,15 @@ struct message {
   shared_bytes device_id;  ///< Who sent it; shared with the session, so no allocation per message.
   std::uint64_t sequence = 0;              ///< Per-device (per-session) number from the transport.
   payload_kind kind = payload_kind::text;  ///< Text or binary.
+  /// True when `reference` holds the sender's id for the message (a device `send` with an id).
+  bool has_reference = false;
   /// Sink attempts this message already had: 0 until `stop(deadline)` hands back a message it
   /// interrupted after one or more failed attempts (in retry backoff), so whoever takes it back
   /// knows a sink may have seen it. The pipeline does not read it.
   std::uint32_t attempts = 0;
+  /// The sender's id for the message (a device `send`'s `id`), when `has_reference`: the hub
+  /// answers it once the sink took the message (ack policy on_dispatch).
+  std::uint64_t reference = 0;
   shared_bytes payload;          ///< The message bytes, shared by every stage and sink.
   clock::time_point received{};  ///< When the transport finished reading it.
   clock::time_point enqueued{};  ///< When the pipeline accepted it (one reading per push_bulk).

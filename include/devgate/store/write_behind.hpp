@@ -6,7 +6,9 @@
 #include <cstdint>             // counters
 #include <deque>               // queued writes
 #include <functional>          // the error handler
+#include <memory>              // a rollout's image, shared by the queued write
 #include <mutex>               // the queue
+#include <optional>            // load_rollout
 #include <string>              // device ids, versions
 #include <string_view>         // operation names
 #include <system_error>        // results
@@ -17,6 +19,11 @@
 #include "devgate/store/state_store.hpp"
 
 namespace devgate::store {
+
+/// Called once the store has applied (and, for a transactional store, committed) the record of a
+/// dispatched message (`record_dispatched`), with the device id and the record; on the store
+/// thread (inline for a non-blocking store).
+using dispatched_handler = std::function<void(const std::string& id, const dispatch_record&)>;
 
 /// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
 /// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
@@ -42,9 +49,13 @@ template <class Store>
 class write_behind {
  public:
   /// Calls to `store` (referenced: it outlives this). `capacity` bounds queued writes;
-  /// `on_error` may be empty.
-  write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {})
-      : store_(store), capacity_(capacity), on_error_(std::move(on_error)) {
+  /// `on_error` and `on_dispatched` may be empty.
+  write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {},
+               dispatched_handler on_dispatched = {})
+      : store_(store),
+        capacity_(capacity),
+        on_error_(std::move(on_error)),
+        on_dispatched_(std::move(on_dispatched)) {
     if constexpr (!inline_calls) thread_ = std::thread([this] { run(); });
   }
   write_behind(const write_behind&) = delete;
@@ -83,32 +94,102 @@ class write_behind {
       done(load(id));
       return true;
     } else {
-      return !submit({op_kind::load, id, 0, 0, {}, {}, std::forward<Done>(done)});
+      op o{op_kind::load, id};
+      o.loaded = std::forward<Done>(done);
+      return !submit(std::move(o));
     }
   }
   /// Adds `n` to the device's message count (queued unless the store is non-blocking).
   std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
-    return submit({op_kind::add_messages_sent, id, n, 0, {}, {}, {}});
+    op o{op_kind::add_messages_sent, id};
+    o.n = n;
+    return submit(std::move(o));
   }
   /// Records activity at `unix_ms`.
   std::error_code touch(const std::string& id, std::int64_t unix_ms) {
-    return submit({op_kind::touch, id, 0, unix_ms, {}, {}, {}});
+    op o{op_kind::touch, id};
+    o.ms = unix_ms;
+    return submit(std::move(o));
   }
   /// Records the firmware version the device runs.
   std::error_code set_firmware_version(const std::string& id, const std::string& version) {
-    return submit({op_kind::set_firmware_version, id, 0, 0, version, {}, {}});
+    op o{op_kind::set_firmware_version, id};
+    o.text = version;
+    return submit(std::move(o));
   }
   /// Records the device's firmware transfer.
   std::error_code set_transfer(const std::string& id, const transfer_state& t) {
-    return submit({op_kind::set_transfer, id, 0, 0, {}, t, {}});
+    op o{op_kind::set_transfer, id};
+    o.transfer = t;
+    return submit(std::move(o));
   }
   /// Records the last sequence number assigned to the device.
   std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
-    return submit({op_kind::set_last_seq, id, seq, 0, {}, {}, {}});
+    op o{op_kind::set_last_seq, id};
+    o.n = seq;
+    return submit(std::move(o));
   }
   /// Forgets the device.
-  std::error_code forget(const std::string& id) {
-    return submit({op_kind::forget, id, 0, 0, {}, {}, {}});
+  std::error_code forget(const std::string& id) { return submit(op(op_kind::forget, id)); }
+
+  /// True when the store keeps replay, dispatch windows and the rollout
+  /// (`durable_state_store`); the calls below do nothing for any other store.
+  static constexpr bool durable = durable_state_store<Store>;
+  /// Keeps a sequenced message (`frame`, numbered `seq`) for the device (durable stores only).
+  std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view frame) {
+    if constexpr (!durable) {
+      return {};
+    } else {
+      op o{op_kind::append_replay, id};
+      o.n = seq;
+      o.text.assign(frame);
+      return submit(std::move(o));
+    }
+  }
+  /// Forgets the device's kept messages numbered `seq` and below (durable stores only).
+  std::error_code forget_replay(const std::string& id, std::uint64_t seq) {
+    if constexpr (!durable) {
+      return {};
+    } else {
+      op o{op_kind::forget_replay, id};
+      o.n = seq;
+      return submit(std::move(o));
+    }
+  }
+  /// The sink accepted `r`: a durable store adds it to the device's count and dispatch window
+  /// (`record_dispatched`), any other store to its count (`add_messages_sent`); then the
+  /// dispatched handler runs (after the batch's commit). Unlike other writes this one waits for
+  /// room rather than being dropped: a worker may wait here, a network thread never calls it.
+  std::error_code record_dispatched(const std::string& id, dispatch_record r) {
+    op o{op_kind::record_dispatched, id};
+    o.dispatched = std::move(r);
+    return submit(std::move(o), true);
+  }
+  /// Makes `r` the rollout the store keeps (durable stores only).
+  std::error_code save_rollout(rollout_record r) {
+    if constexpr (!durable) {
+      return {};
+    } else {
+      op o{op_kind::save_rollout, {}};
+      o.rollout = std::make_shared<const rollout_record>(std::move(r));
+      return submit(std::move(o), true);
+    }
+  }
+  /// The rollout the store keeps, read on the calling thread (none for a store that keeps
+  /// none, or when it fails: counted and reported).
+  [[nodiscard]] std::optional<rollout_record> load_rollout() {
+    if constexpr (!durable) {
+      return std::nullopt;
+    } else {
+      try {
+        auto r = store_.load_rollout();
+        if (r.error) failed("load_rollout", {}, r.error);
+        return std::move(r.rollout);
+      } catch (...) {
+        failed("load_rollout", {}, std::make_error_code(std::errc::io_error));
+        return std::nullopt;
+      }
+    }
   }
 
   /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
@@ -160,15 +241,22 @@ class write_behind {
     set_transfer,
     set_last_seq,
     forget,
-    load
+    load,
+    append_replay,
+    forget_replay,
+    record_dispatched,
+    save_rollout
   };
   struct op {
+    op(op_kind k, std::string device) : kind(k), id(std::move(device)) {}
     op_kind kind;
     std::string id;
-    std::uint64_t n;
-    std::int64_t ms;
-    std::string version;
+    std::uint64_t n = 0;
+    std::int64_t ms = 0;
+    std::string text;  // a version, or a replay frame
     transfer_state transfer;
+    dispatch_record dispatched;
+    std::shared_ptr<const rollout_record> rollout;
     std::function<void(device_state&&)> loaded;  // load only: what to do with the state
   };
   static constexpr std::string_view name(op_kind k) noexcept {
@@ -187,19 +275,31 @@ class write_behind {
         return "forget";
       case op_kind::load:
         return "load";
+      case op_kind::append_replay:
+        return "append_replay";
+      case op_kind::forget_replay:
+        return "forget_replay";
+      case op_kind::record_dispatched:
+        return "record_dispatched";
+      case op_kind::save_rollout:
+        return "save_rollout";
     }
     return "write";
   }
 
-  std::error_code submit(op o) {
+  std::error_code submit(op o, bool wait_for_room = false) {
     if constexpr (inline_calls) {
       submitted_.fetch_add(1, std::memory_order_relaxed);
       const auto ec = apply(o);
       applied_.fetch_add(1, std::memory_order_release);
+      after_commit(o);
       return ec;
     } else {
       {
-        std::lock_guard lock(mutex_);
+        std::unique_lock lock(mutex_);
+        if (wait_for_room) {
+          drained_.wait(lock, [&] { return queue_.size() < capacity_ || stopping_; });
+        }
         if (queue_.size() >= capacity_) {
           dropped_.fetch_add(1, std::memory_order_relaxed);
           errors_.fetch_add(1, std::memory_order_relaxed);
@@ -225,7 +325,7 @@ class write_behind {
           ec = store_.touch(o.id, o.ms);
           break;
         case op_kind::set_firmware_version:
-          ec = store_.set_firmware_version(o.id, o.version);
+          ec = store_.set_firmware_version(o.id, o.text);
           break;
         case op_kind::set_transfer:
           ec = store_.set_transfer(o.id, o.transfer);
@@ -239,12 +339,36 @@ class write_behind {
         case op_kind::load:
           o.loaded(load(o.id));  // load() counts and reports its own failure
           break;
+        case op_kind::append_replay:
+          if constexpr (durable) ec = store_.append_replay(o.id, o.n, o.text);
+          break;
+        case op_kind::forget_replay:
+          if constexpr (durable) ec = store_.forget_replay(o.id, o.n);
+          break;
+        case op_kind::record_dispatched:
+          if constexpr (durable) {
+            ec = store_.record_dispatched(o.id, o.dispatched);
+          } else {
+            ec = store_.add_messages_sent(o.id, 1);
+          }
+          break;
+        case op_kind::save_rollout:
+          if constexpr (durable) ec = store_.save_rollout(*o.rollout);
+          break;
       }
     } catch (...) {
       ec = std::make_error_code(std::errc::io_error);
     }
     if (ec) failed(name(o.kind), o.id, ec);
     return ec;
+  }
+  // After the op's batch committed: a dispatched message's handler runs.
+  void after_commit(const op& o) {
+    if (o.kind != op_kind::record_dispatched || !on_dispatched_) return;
+    try {
+      on_dispatched_(o.id, o.dispatched);
+    } catch (...) {  // the hub's handler does not throw; a throw loses one answer, not the thread
+    }
   }
   void failed(std::string_view what, const std::string& id, std::error_code ec) {
     errors_.fetch_add(1, std::memory_order_relaxed);
@@ -271,19 +395,27 @@ class write_behind {
         } catch (...) {  // as in failed()
         }
       }
-      for (const auto& o : batch) {
-        (void)apply(o);
-        applied_.fetch_add(1, std::memory_order_release);
+      // One transaction per batch for a store that groups writes (group commit); whoever waits
+      // for a write hears of it only after the commit.
+      if constexpr (transactional_store<Store>) {
+        if (const auto ec = store_.begin_batch()) failed("begin_batch", {}, ec);
       }
+      for (const auto& o : batch) (void)apply(o);
+      if constexpr (transactional_store<Store>) {
+        if (const auto ec = store_.commit_batch()) failed("commit_batch", {}, ec);
+      }
+      applied_.fetch_add(batch.size(), std::memory_order_release);
+      for (const auto& o : batch) after_commit(o);
       lock.lock();
       applying_ = false;
-      if (queue_.empty()) drained_.notify_all();
+      drained_.notify_all();  // room for writers waiting on a full queue, and for drain()
     }
   }
 
   Store& store_;
   const std::size_t capacity_;
   store_error_handler on_error_;
+  dispatched_handler on_dispatched_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable drained_;
