@@ -663,7 +663,7 @@ class protocol_dispatch {
     if (a == admission::duplicate) {
       out_.post(rec, s, payload_kind::text, make_sent(id, messages_sent));
     } else if (a == admission::too_many) {
-      reply_error(rec, s, error::too_many_in_flight, "send", true, id);
+      reply_error(rec, s, error::too_many_in_flight, "send", false, id);
     }
   }
 
