@@ -9464,10 +9464,16 @@ class token_authenticator {
 
 // ---- begin devgate/store/state_store.hpp ----
 
-#include <concepts>      // std::same_as
-#include <cstdint>       // counters, offsets
-#include <string>        // device ids, versions
+#include <array>        // the dispatch window's bits
+#include <concepts>     // std::same_as
+#include <cstddef>      // std::byte
+#include <cstdint>      // counters, offsets
+#include <optional>     // a send's id
+#include <string>       // device ids, versions
+#include <string_view>  // frames
 #include <system_error>  // errors as values
+#include <vector>        // replay entries, images
+
 
 namespace devgate::store {
 
@@ -9509,6 +9515,91 @@ struct transfer_state {
   std::string reason;        ///< Why it failed (status failed only).
 };
 
+/// A sequenced message kept for a device until it acknowledges it: its sequence number and its
+/// whole `deliver` frame (JSON text).
+struct replay_entry {
+  std::uint64_t seq = 0;  ///< Its sequence number.
+  std::string frame;      ///< The `deliver` frame, as sent.
+};
+
+/// The ids of a device's most recent `send`s that reached the sink (ack policy `on_dispatch`),
+/// so that a resend of one of them is answered without reaching the sink again: the highest
+/// id seen and a bit for each of the `span` ids below it. An id older than that is not
+/// remembered (a resend of it is dispatched again: at least once); a well-behaved device gives
+/// its sends increasing ids and keeps fewer than `span` of them unacknowledged.
+class dispatch_window {
+ public:
+  /// Ids remembered below the highest.
+  static constexpr std::uint64_t span = 1024;
+  /// Bytes of `to_bytes()`.
+  static constexpr std::size_t encoded_size = 8 + span / 8;
+
+  /// True if `id` was inserted and is still within the window.
+  [[nodiscard]] bool contains(std::uint64_t id) const noexcept {
+    if (empty_ || id > high_ || high_ - id >= span) return false;
+    return (bits_[(id % span) / 64] >> (id % 64)) & 1u;
+  }
+  /// Remembers `id` (ids more than `span` below the highest are forgotten).
+  void insert(std::uint64_t id) noexcept {
+    if (empty_) {
+      empty_ = false;
+      high_ = id;
+    } else if (id > high_) {
+      // Clear the slots of the ids the window slides past.
+      const std::uint64_t slide = id - high_;
+      if (slide >= span) {
+        bits_.fill(0);
+      } else {
+        for (std::uint64_t k = high_ + 1; k <= id; ++k) {
+          bits_[(k % span) / 64] &= ~(std::uint64_t{1} << (k % 64));
+        }
+      }
+      high_ = id;
+    } else if (high_ - id >= span) {
+      return;  // older than the window
+    }
+    bits_[(id % span) / 64] |= std::uint64_t{1} << (id % 64);
+  }
+  /// True when no id was inserted.
+  [[nodiscard]] bool empty() const noexcept { return empty_; }
+  /// The highest id inserted (0 when empty).
+  [[nodiscard]] std::uint64_t highest() const noexcept { return high_; }
+
+  /// The window as `encoded_size` bytes (little-endian), for a store; empty when it is empty.
+  [[nodiscard]] std::string to_bytes() const {
+    if (empty_) return {};
+    std::string out(encoded_size, '\0');
+    put(out.data(), high_);
+    for (std::size_t i = 0; i < bits_.size(); ++i) put(out.data() + 8 + 8 * i, bits_[i]);
+    return out;
+  }
+  /// The window `to_bytes()` made; an empty window for anything else (empty, or the wrong
+  /// size).
+  [[nodiscard]] static dispatch_window from_bytes(std::string_view b) noexcept {
+    dispatch_window w;
+    if (b.size() != encoded_size) return w;
+    w.empty_ = false;
+    w.high_ = get(b.data());
+    for (std::size_t i = 0; i < w.bits_.size(); ++i) w.bits_[i] = get(b.data() + 8 + 8 * i);
+    return w;
+  }
+  /// Windows holding the same ids are equal.
+  friend bool operator==(const dispatch_window&, const dispatch_window&) = default;
+
+ private:
+  static void put(char* p, std::uint64_t v) noexcept {
+    for (int i = 0; i < 8; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  }
+  static std::uint64_t get(const char* p) noexcept {
+    std::uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v |= std::uint64_t{static_cast<unsigned char>(p[i])} << (8 * i);
+    return v;
+  }
+  bool empty_ = true;
+  std::uint64_t high_ = 0;
+  std::array<std::uint64_t, span / 64> bits_{};
+};
+
 /// Everything devgate remembers about a device across connections.
 struct device_state {
   std::uint64_t messages_sent = 0;  ///< Messages the device sent that the pipeline accepted.
@@ -9518,6 +9609,32 @@ struct device_state {
   /// numbering continues above it when the device returns (0: none).
   std::uint64_t last_seq = 0;
   transfer_state transfer;  ///< Its part in the current firmware rollout.
+  /// Sequenced messages not yet acknowledged, oldest first (a durable store only).
+  std::vector<replay_entry> replay;
+  /// Its recent sends that reached the sink (a durable store only; ack policy on_dispatch).
+  dispatch_window dispatched;
+};
+
+/// One device message the sink accepted, as the hub records it under ack policy `on_dispatch`.
+struct dispatch_record {
+  std::optional<std::uint64_t> id;         ///< The `send`'s id (none: it had no id).
+  std::uint64_t number = 0;                ///< Its number among the device's messages.
+  payload_kind kind = payload_kind::text;  ///< Text (a send's data) or binary.
+  shared_bytes payload;                    ///< The data the sink received.
+};
+
+/// The current firmware rollout, kept so that a restarted hub resumes it.
+struct rollout_record {
+  std::uint32_t rollout = 0;     ///< Rollout id (ids continue above it after a restart).
+  std::string version;           ///< The version rolled out.
+  std::vector<std::byte> image;  ///< The whole image.
+};
+
+/// What `load_rollout` answers: the rollout kept (none if there was none), or the error that
+/// kept the store from reading it.
+struct rollout_load_result {
+  std::optional<rollout_record> rollout;  ///< The rollout kept.
+  std::error_code error;                  ///< Why the store could not answer (empty: it did).
 };
 
 /// What `load` answers: the device's state, or the error that kept the store from reading it
@@ -9558,6 +9675,38 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
   { s.set_transfer(id, t) } -> std::same_as<std::error_code>;
   { s.set_last_seq(id, n) } -> std::same_as<std::error_code>;
   { s.forget(id) } -> std::same_as<std::error_code>;
+};
+
+/// A state store that also keeps what a crash must not lose: the replay buffer, the sends
+/// that reached the sink, and the current rollout. The hub keeps them in such a store as they
+/// change (through `write_behind`, in order per device) and reads them back with `load` (the
+/// `replay` and `dispatched` fields) and at start (`load_rollout`).
+/// - `append_replay(id, seq, frame)`: keeps a sequenced message (seq above every kept one).
+/// - `forget_replay(id, seq)`: forgets the kept messages numbered `seq` and below (acknowledged,
+///   or dropped by the replay bounds).
+/// - `record_dispatched(id, r)`: the sink accepted message `r`: adds 1 to `messages_sent` and
+///   inserts `r.id` (if any) into the device's dispatch window, in one write.
+/// - `save_rollout(r)`: the rollout now current (replaces the one kept).
+/// - `load_rollout()`: the rollout kept.
+template <class S>
+concept durable_state_store =
+    state_store<S> && requires(S& s, const std::string& id, std::uint64_t seq,
+                               std::string_view frame, const dispatch_record& d,
+                               const rollout_record& r) {
+      { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
+      { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
+      { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
+      { s.save_rollout(r) } -> std::same_as<std::error_code>;
+      { s.load_rollout() } -> std::same_as<rollout_load_result>;
+    };
+
+/// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
+/// applying a batch of queued writes and `commit_batch()` after it (group commit), and tells
+/// whoever waits for those writes only once `commit_batch` returned.
+template <class S>
+concept transactional_store = requires(S& s) {
+  { s.begin_batch() } -> std::same_as<std::error_code>;
+  { s.commit_batch() } -> std::same_as<std::error_code>;
 };
 
 /// True for a store that says every call is quick and never waits (`S::nonblocking`): the hub

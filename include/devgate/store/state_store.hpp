@@ -1,16 +1,16 @@
 #pragma once
 
-#include <array>         // the dispatch window's bits
-#include <concepts>      // std::same_as
-#include <cstddef>       // std::byte
-#include <cstdint>       // counters, offsets
-#include <optional>      // a send's id
-#include <string>        // device ids, versions
-#include <string_view>   // frames
+#include <array>        // the dispatch window's bits
+#include <concepts>     // std::same_as
+#include <cstddef>      // std::byte
+#include <cstdint>      // counters, offsets
+#include <optional>     // a send's id
+#include <string>       // device ids, versions
+#include <string_view>  // frames
 #include <system_error>  // errors as values
 #include <vector>        // replay entries, images
 
-#include "devgate/core/bytes.hpp"           // payloads
+#include "devgate/core/bytes.hpp"            // payloads
 #include "devgate/transport/transport.hpp"  // payload_kind
 
 namespace devgate::store {
@@ -227,15 +227,16 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
 /// - `save_rollout(r)`: the rollout now current (replaces the one kept).
 /// - `load_rollout()`: the rollout kept.
 template <class S>
-concept durable_state_store = state_store<S> &&
-    requires(S& s, const std::string& id, std::uint64_t seq, std::string_view frame,
-             const dispatch_record& d, const rollout_record& r) {
-  { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
-  { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
-  { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
-  { s.save_rollout(r) } -> std::same_as<std::error_code>;
-  { s.load_rollout() } -> std::same_as<rollout_load_result>;
-};
+concept durable_state_store =
+    state_store<S> && requires(S& s, const std::string& id, std::uint64_t seq,
+                               std::string_view frame, const dispatch_record& d,
+                               const rollout_record& r) {
+      { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
+      { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
+      { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
+      { s.save_rollout(r) } -> std::same_as<std::error_code>;
+      { s.load_rollout() } -> std::same_as<rollout_load_result>;
+    };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
 /// applying a batch of queued writes and `commit_batch()` after it (group commit), and tells
