@@ -354,6 +354,15 @@ TEST_CASE("sqlite: past max_devices the least recently seen devices go, with the
   }
   REQUIRE(s.load("d7").state.last_seen_ms == 1007);
   REQUIRE(s.load("d0").state.last_seen_ms == 5000);
+  // Reopened with a tighter bound: the next commit brings the table down to it.
+  o.max_devices = 5;
+  store::sqlite_state_store tighter(o);
+  REQUIRE(tighter.size() == 10);
+  REQUIRE_FALSE(tighter.touch("d0", 6000));
+  REQUIRE(tighter.size() == 5);
+  REQUIRE(tighter.evicted() == 5);
+  REQUIRE(tighter.load("d0").state.last_seen_ms == 6000);
+  REQUIRE(tighter.load("d104").state.last_seen_ms == 3104);
 }
 
 TEST_CASE("sqlite: forget removes the device and its replay entries; others stay",

@@ -4,16 +4,16 @@
 
 #include <sqlite3.h>
 
-#include <cstddef>        // std::size_t
-#include <cstdint>        // counters
-#include <memory>         // the state lives on the heap so the store can move into the hub
-#include <mutex>          // one connection, one caller at a time
-#include <optional>       // a logged message's id, the kept rollout
-#include <string>         // device ids, the path
-#include <string_view>    // replay frames
-#include <system_error>   // errors as values
-#include <utility>        // std::move
-#include <vector>         // replay entries, the message log
+#include <cstddef>       // std::size_t
+#include <cstdint>       // counters
+#include <memory>        // the state lives on the heap so the store can move into the hub
+#include <mutex>         // one connection, one caller at a time
+#include <optional>      // a logged message's id, the kept rollout
+#include <string>        // device ids, the path
+#include <string_view>   // replay frames
+#include <system_error>  // errors as values
+#include <utility>       // std::move
+#include <vector>        // replay entries, the message log
 
 #include "devgate/store/detail/sqlite_schema.hpp"
 #include "devgate/store/detail/sqlite_store_state.hpp"
@@ -148,7 +148,7 @@ inline std::error_code sqlite_state_store::add_messages_sent(const std::string& 
   std::lock_guard lock(d_->mutex);
   detail::sqlite_use u(d_->add_sent);
   u.bind_text(1, id).bind(2, static_cast<std::int64_t>(n));
-  const auto ec = d_->run(u);
+  const auto ec = d_->upsert(u);
   d_->wrote();
   return ec;
 }
@@ -157,7 +157,7 @@ inline std::error_code sqlite_state_store::touch(const std::string& id, std::int
   std::lock_guard lock(d_->mutex);
   detail::sqlite_use u(d_->touch);
   u.bind_text(1, id).bind(2, unix_ms);
-  const auto ec = d_->run(u);
+  const auto ec = d_->upsert(u);
   d_->wrote();
   return ec;
 }
@@ -167,7 +167,7 @@ inline std::error_code sqlite_state_store::set_firmware_version(const std::strin
   std::lock_guard lock(d_->mutex);
   detail::sqlite_use u(d_->set_version);
   u.bind_text(1, id).bind_text(2, version);
-  const auto ec = d_->run(u);
+  const auto ec = d_->upsert(u);
   d_->wrote();
   return ec;
 }
@@ -182,7 +182,7 @@ inline std::error_code sqlite_state_store::set_transfer(const std::string& id,
       .bind(4, static_cast<std::int64_t>(t.status))
       .bind(5, static_cast<std::int64_t>(t.offset))
       .bind_text(6, t.reason);
-  const auto ec = d_->run(u);
+  const auto ec = d_->upsert(u);
   d_->wrote();
   return ec;
 }
@@ -191,7 +191,7 @@ inline std::error_code sqlite_state_store::set_last_seq(const std::string& id, s
   std::lock_guard lock(d_->mutex);
   detail::sqlite_use u(d_->set_last_seq);
   u.bind_text(1, id).bind(2, static_cast<std::int64_t>(seq));
-  const auto ec = d_->run(u);
+  const auto ec = d_->upsert(u);
   d_->wrote();
   return ec;
 }
@@ -204,6 +204,7 @@ inline std::error_code sqlite_state_store::forget(const std::string& id) {
       detail::sqlite_use u(d_->forget_device);
       u.bind_text(1, id);
       if (const auto ec = d_->run(u)) return ec;
+      d_->devices -= sqlite3_changes64(d_->db.get());
     }
     detail::sqlite_use u(d_->forget_all_replay);
     u.bind_text(1, id);
@@ -242,7 +243,7 @@ inline std::error_code sqlite_state_store::record_dispatched(const std::string& 
       } else {
         u.bind_blob(2, bytes.data(), bytes.size());
       }
-      if (const auto ec = d_->run(u)) return ec;
+      if (const auto ec = d_->upsert(u)) return ec;
     }
     if (!d_->opt.message_log) return {};
     detail::sqlite_use u(d_->log_message);
@@ -303,6 +304,7 @@ inline std::error_code sqlite_state_store::commit_batch() {
     if (const int rc = d_->control(d_->commit); rc != SQLITE_DONE) {
       ec = make_sqlite_error(rc);
       if (sqlite3_get_autocommit(d_->db.get()) == 0) d_->control(d_->rollback);
+      d_->devices = d_->recount();
     }
   }
   d_->enforce_bound();

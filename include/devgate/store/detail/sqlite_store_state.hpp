@@ -99,6 +99,9 @@ struct sqlite_store_state {
   // Dispatch windows read or written in the current batch: the batch holds the write lock, so
   // no other connection changes them until it commits.
   std::unordered_map<std::string, dispatch_window> windows;
+  // Devices stored, as this connection counted them (the bound is checked against it, so that
+  // a write need not count the table; `enforce_bound` counts exactly before it deletes).
+  std::int64_t devices = recount();
 
   // WAL mode, the durability level and the busy timeout, then the schema; throws on failure.
   bool configure() {
@@ -137,6 +140,7 @@ struct sqlite_store_state {
       in_batch = false;
       if (!batch_lost) batch_lost = ec;
       windows.clear();
+      devices = recount();
     }
     return ec;
   }
@@ -144,6 +148,19 @@ struct sqlite_store_state {
   std::error_code run(use& u) {
     const int rc = u.step();
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? std::error_code{} : failed(rc);
+  }
+  // Runs an upsert into `devices`, counting the row if it inserted one (an upsert that updates
+  // leaves the last insert rowid alone, and rowids start at 1).
+  std::error_code upsert(use& u) {
+    sqlite3_set_last_insert_rowid(db.get(), 0);
+    const auto ec = run(u);
+    if (!ec && sqlite3_last_insert_rowid(db.get()) != 0) ++devices;
+    return ec;
+  }
+  // Counts the devices stored (0 if that fails).
+  std::int64_t recount() {
+    use u(count_devices);
+    return u.step() == SQLITE_ROW ? u.integer(0) : 0;
   }
   // Runs one of the transaction-control statements.
   int control(statement& s) {
@@ -156,14 +173,10 @@ struct sqlite_store_state {
   }
   // Deletes the least recently seen devices past `max_devices`, in one transaction.
   void enforce_bound() {
-    if (opt.max_devices == 0) return;
-    std::int64_t count = 0;
-    {
-      use u(count_devices);
-      if (u.step() != SQLITE_ROW) return;
-      count = u.integer(0);
-    }
     const auto bound = static_cast<std::int64_t>(opt.max_devices);
+    if (bound == 0 || devices <= bound) return;
+    devices = recount();
+    const std::int64_t count = devices;
     if (count <= bound) return;
     if (control(begin) != SQLITE_DONE) return;
     bool ok = false;
@@ -181,6 +194,7 @@ struct sqlite_store_state {
     }
     if (ok && control(commit) == SQLITE_DONE) {
       evicted += deleted;
+      devices -= static_cast<std::int64_t>(deleted);
     } else if (sqlite3_get_autocommit(db.get()) == 0) {
       control(rollback);
     }
@@ -198,6 +212,7 @@ struct sqlite_store_state {
       control(rollback_to);
       control(release);
     }
+    devices = recount();  // a device row the savepoint inserted is gone again
     return ec;
   }
   // The device's dispatch window as stored (or as this batch left it).
