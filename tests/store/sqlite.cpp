@@ -284,6 +284,41 @@ TEST_CASE("sqlite: a write that cannot get the lock fails as a value with SQLite
   REQUIRE(holder.load("kettle").state.last_seen_ms == 2);
 }
 
+TEST_CASE("sqlite: a write that fails in a batch returns its error; the rest of the batch commits",
+          "[store][sqlite]") {
+  temp_dir dir;
+  auto o = options_for(dir);
+  o.message_log = true;
+  { store::sqlite_state_store s(o); }
+  // Triggers that refuse one device's rows, as a failing disk or constraint would.
+  raw_exec(dir.db(),
+           "CREATE TRIGGER refuse_replay BEFORE INSERT ON replay WHEN NEW.device = 'poison' "
+           "BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+           "CREATE TRIGGER refuse_log BEFORE INSERT ON messages WHEN NEW.device = 'poison' "
+           "BEGIN SELECT RAISE(ABORT, 'refused'); END;");
+  store::sqlite_state_store s(o);
+  store::sqlite_state_store reader(o);
+  REQUIRE_FALSE(s.begin_batch());
+  REQUIRE_FALSE(s.touch("before", 1));
+  const auto ec = s.append_replay("poison", 1, "frame");
+  REQUIRE(ec);
+  REQUIRE(ec.category() == store::sqlite_category());
+  REQUIRE((ec.value() & 0xff) == SQLITE_CONSTRAINT);
+  // record_dispatched is all or nothing: the log row is refused, so the count is not kept.
+  REQUIRE(s.record_dispatched("poison", record(1, 1, "m")));
+  REQUIRE_FALSE(s.touch("after", 2));
+  REQUIRE(reader.size() == 0);  // still one open transaction
+  REQUIRE_FALSE(s.commit_batch());
+  REQUIRE(reader.load("before").state.last_seen_ms == 1);
+  REQUIRE(reader.load("after").state.last_seen_ms == 2);
+  const auto poison = reader.load("poison").state;
+  REQUIRE(poison.messages_sent == 0);
+  REQUIRE(poison.dispatched.empty());
+  REQUIRE(poison.replay.empty());
+  REQUIRE(reader.size() == 2);
+  REQUIRE(reader.message_log_size() == 0);
+}
+
 TEST_CASE("sqlite: the rollout and its image survive a reopen; a new one replaces it",
           "[store][sqlite]") {
   temp_dir dir;
