@@ -55,9 +55,9 @@ start_system() {  # system; sets server_pid, port
   local cmd
   case $1 in
     devgate|devgate_sub10|devgate_sub10b) cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1) ;;
-    demo) rm -f "$out/demo-state.json"
+    demo) rm -rf "$out/demo-state"
           cmd=("$build/examples/demo_server/demo_server" --address 127.0.0.1 --port $port --dispatch-us 0
-               --state-file "$out/demo-state.json") ;;
+               --state-dir "$out/demo-state") ;;
     mosquitto_*) printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\n' \
                    $port >"$out/mosquitto.conf"
                  cmd=(mosquitto -c "$out/mosquitto.conf") ;;

@@ -4,7 +4,7 @@
 //
 //   demo_server [--listen 127.0.0.1] [--port 4000] [--threads N] [--workers-min N]
 //               [--workers-max N] [--queue-capacity N] [--max-devices N]
-//               [--firmware-size BYTES] [--max-image-size BYTES] [--state-file PATH]
+//               [--firmware-size BYTES] [--max-image-size BYTES] [--state-dir DIR]
 //               [--operator-token-file FILE] [--tls-cert FILE --tls-key FILE] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
@@ -14,7 +14,7 @@
 // POST /api/firmware (the request body is the image) and POST /api/firmware/release (a
 // synthetic image of --firmware-size bytes, what the page's UPDATE DEVICE button asks for).
 // Ctrl-C (SIGINT) or SIGTERM: intake closes, the pipeline drains, sessions close with 1001,
-// the device states are written to the state file.
+// every state write behind reaches the SQLite database (DIR/devgate.db).
 
 #include <openssl/crypto.h>  // CRYPTO_memcmp
 #include <CLI/CLI.hpp>
@@ -27,7 +27,7 @@
 #include <cstdint>             // sizes, counters
 #include <cstdio>              // std::printf
 #include <deque>               // log ring, release jobs
-#include <filesystem>          // web root, state file
+#include <filesystem>          // web root, state directory
 #include <fstream>             // the device key and operator token files
 #include <functional>          // the SIGHUP loop
 #include <iterator>            // reading the token file
@@ -42,7 +42,7 @@
 #include <vector>              // firmware images
 
 #include "devgate/devgate.hpp"
-#include "file_state_store.hpp"
+#include "devgate/store/sqlite_state_store.hpp"  // the optional SQLite part: device states
 
 #ifndef DEVGATE_DEMO_WEB_ROOT
 #define DEVGATE_DEMO_WEB_ROOT "web"
@@ -63,7 +63,8 @@ struct demo_config {
   std::size_t max_image_size = 32u << 20;
   std::string operator_token_file;
   unsigned dispatch_us = 2000;
-  std::string state_file = "/tmp/devgate-demo-state.json";
+  std::string state_dir = "./devgate-data";
+  std::size_t max_stored_devices = 1'000'000;
   std::string web_root = DEVGATE_DEMO_WEB_ROOT;
   std::string device_key_file;               // HS256 secret: token authentication on /ws/<id>
   std::vector<std::string> allowed_origins;  // browser origins allowed to open WebSockets
@@ -120,7 +121,7 @@ struct demo_sink {
 };
 
 using demo_hub =
-    devgate::device::hub<devgate::websocket::server, demo_sink, devgate_demo::file_state_store>;
+    devgate::device::hub<devgate::websocket::server, demo_sink, devgate::store::sqlite_state_store>;
 
 /// devgate's version, "major.minor.patch".
 std::string devgate_version() {
@@ -130,6 +131,17 @@ std::string devgate_version() {
 
 /// The version string of release `n` (the factory version is 1.0.0).
 std::string release_version(std::uint64_t n) { return "1." + std::to_string(n) + ".0"; }
+
+/// The release number of a version `release_version` made (0 for any other).
+std::uint64_t release_of(std::string_view version) {
+  if (!version.starts_with("1.") || !version.ends_with(".0")) return 0;
+  std::uint64_t n = 0;
+  for (const char c : version.substr(2, version.size() - 4)) {
+    if (c < '0' || c > '9') return 0;
+    n = n * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  return n;
+}
 
 /// A synthetic firmware image: `size` pseudo-random bytes, the same for the same release.
 std::vector<std::byte> release_image(std::uint64_t n, std::size_t size) {
@@ -146,12 +158,15 @@ std::vector<std::byte> release_image(std::uint64_t n, std::size_t size) {
   return out;
 }
 
-/// The control thread: publishes gateway figures, flushes the state file, and publishes
-/// firmware releases (cutting and hashing a 4 MiB image does not belong on a network thread).
+/// The control thread: publishes gateway figures and firmware releases (cutting and hashing a
+/// 4 MiB image does not belong on a network thread), and keeps each release with its image in
+/// the state store, so that a restart republishes the same bytes and numbers on from it.
 /// One release at a time: while one is being prepared, another is refused (409), never queued.
 class control_loop {
  public:
-  control_loop(demo_hub& hub, std::size_t firmware_size) : hub_(hub), size_(firmware_size) {}
+  /// `last_release`: the number of the last release published before (0: none).
+  control_loop(demo_hub& hub, std::size_t firmware_size, std::uint64_t last_release)
+      : hub_(hub), size_(firmware_size), releases_(last_release) {}
   ~control_loop() { stop(); }
   /// Starts the thread.
   void start() {
@@ -165,7 +180,7 @@ class control_loop {
       std::lock_guard lock(m_);
       if (busy_ || stopping_) return 0;
       busy_ = true;
-      n = hub_.state_store().next_release();
+      n = ++releases_;
       jobs_.push_back(job{n, std::move(image)});
     }
     cv_.notify_one();
@@ -176,16 +191,8 @@ class control_loop {
     std::lock_guard lock(m_);
     return busy_;
   }
-  /// Republishes release `n` (the last one before a restart): the image uploaded for it,
-  /// kept beside the state file, or else its synthetic image.
-  void request_release(std::uint64_t n) {
-    std::vector<std::byte> image;
-    if (std::ifstream in(kept_image(n), std::ios::binary); in) {
-      std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                              std::istreambuf_iterator<char>());
-      const auto* b = reinterpret_cast<const std::byte*>(bytes.data());
-      image.assign(b, b + bytes.size());
-    }
+  /// Republishes release `n` (the last one before a restart) with the image kept for it.
+  void request_release(std::uint64_t n, std::vector<std::byte> image) {
     {
       std::lock_guard lock(m_);
       busy_ = true;
@@ -219,45 +226,19 @@ class control_loop {
       }
       lock.unlock();
       hub_.publish_stats();
-      if (const auto ec = hub_.state_store().flush()) {
-        std::fprintf(stderr, "demo_server: cannot write %s: %s\n",
-                     hub_.state_store().file().c_str(), ec.message().c_str());
-      }
       lock.lock();
     }
   }
-  // Where an uploaded image of release `n` is kept, so that a restart republishes the same bytes.
-  [[nodiscard]] std::filesystem::path kept_image(std::uint64_t n) const {
-    auto p = hub_.state_store().file();
-    p += ".release-" + std::to_string(n) + ".img";
-    return p;
-  }
-  // Keeps the image of release `n` (only the last release's image is kept).
-  void keep_image(std::uint64_t n, const std::vector<std::byte>& image, bool uploaded) {
-    std::error_code ignored;
-    if (n > 1) std::filesystem::remove(kept_image(n - 1), ignored);
-    if (!uploaded) return;
-    const auto tmp = kept_image(n).string() + ".tmp";
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(image.data()),
-              static_cast<std::streamsize>(image.size()));
-    out.close();
-    bool kept = static_cast<bool>(out);
-    if (kept) {
-      std::filesystem::rename(tmp, kept_image(n), ignored);
-      kept = !ignored;
-    }
-    if (!kept) {
-      std::fprintf(stderr, "demo_server: cannot keep the image of release %llu beside %s\n",
-                   static_cast<unsigned long long>(n), hub_.state_store().file().c_str());
-    }
-  }
   void publish(std::uint64_t n, std::vector<std::byte> uploaded) {
-    const bool was_uploaded = !uploaded.empty();
-    const auto image = was_uploaded ? std::move(uploaded) : release_image(n, size_);
-    keep_image(n, image, was_uploaded);
+    auto image = uploaded.empty() ? release_image(n, size_) : std::move(uploaded);
     const auto version = release_version(n);
     const auto rollout = hub_.publish_firmware(version, image);
+    // Kept with its image (the store is thread-safe; a release is rare and off the network
+    // threads).
+    if (const auto ec = hub_.state_store().save_rollout({rollout, version, image})) {
+      std::fprintf(stderr, "demo_server: cannot keep release %s in %s: %s\n", version.c_str(),
+                   hub_.state_store().path().c_str(), ec.message().c_str());
+    }
     std::printf("firmware %s published (rollout %u, %zu bytes, sha256 %s)\n", version.c_str(),
                 rollout, image.size(), hub_.current_image()->sha256().c_str());
     std::fflush(stdout);
@@ -265,6 +246,7 @@ class control_loop {
 
   demo_hub& hub_;
   std::size_t size_;
+  std::uint64_t releases_;  // the last release number handed out (behind m_)
   std::thread thread_;
   std::mutex m_;
   std::condition_variable cv_;
@@ -559,8 +541,12 @@ int main(int argc, char** argv) {
   app.add_option("--dispatch-us", cfg.dispatch_us,
                  "Simulated downstream call per dispatched message, in microseconds")
       ->capture_default_str();
-  app.add_option("--state-file", cfg.state_file,
-                 "Where device states persist across restarts (JSON)")
+  app.add_option("--state-dir", cfg.state_dir,
+                 "Directory of the SQLite database (devgate.db) that keeps device states and "
+                 "the last release across restarts; created if missing")
+      ->capture_default_str();
+  app.add_option("--max-stored-devices", cfg.max_stored_devices,
+                 "Devices the database keeps; the least recently seen go past it (0: no bound)")
       ->capture_default_str();
   app.add_option("--web-root", cfg.web_root, "Directory of index.html, app.js, style.css")
       ->check(CLI::ExistingDirectory)
@@ -596,13 +582,26 @@ int main(int argc, char** argv) {
 
   devgate::stop_signals stop;  // caught from here on; main() waits for them below
 
-  std::unique_ptr<devgate_demo::file_state_store> loaded;
+  std::optional<devgate::store::sqlite_state_store> loaded;
+  const auto db_path = (std::filesystem::path(cfg.state_dir) / "devgate.db").string();
   try {
-    loaded = std::make_unique<devgate_demo::file_state_store>(cfg.state_file);
+    std::filesystem::create_directories(cfg.state_dir);
+    devgate::store::sqlite_options so;
+    so.path = db_path;
+    so.max_devices = cfg.max_stored_devices;
+    loaded.emplace(std::move(so));
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "demo_server: %s\n", e.what());
+    std::fprintf(stderr, "demo_server: --state-dir %s: %s\n", cfg.state_dir.c_str(), e.what());
     return 1;
   }
+  // The last release survives a restart, with its image.
+  auto kept = loaded->load_rollout();
+  if (kept.error) {
+    std::fprintf(stderr, "demo_server: cannot read the last release from %s: %s\n", db_path.c_str(),
+                 kept.error.message().c_str());
+    return 1;
+  }
+  const std::uint64_t last_release = kept.rollout ? release_of(kept.rollout->version) : 0;
 
   route_context rc;
   rc.cfg = cfg;
@@ -675,7 +674,6 @@ int main(int argc, char** argv) {
                  static_cast<int>(op.size()), op.data(), id.c_str(), ec.message().c_str());
   };
   demo_hub hub(transport, demo_sink{fx}, ho, std::move(*loaded));
-  loaded.reset();
 
   fx->receipt = [&hub](std::string_view device, std::uint64_t number, std::size_t worker) {
     hub.send_to(device,
@@ -685,7 +683,7 @@ int main(int argc, char** argv) {
       devgate::device::topics::server,
       [&rc](std::string_view, const devgate::shared_bytes& payload) { rc.log.add(payload); });
 
-  control_loop control(hub, cfg.firmware_size);
+  control_loop control(hub, cfg.firmware_size, last_release);
   rc.hub = &hub;
   rc.control = &control;
   if (const auto ec = hub.start()) {
@@ -695,7 +693,7 @@ int main(int argc, char** argv) {
   }
   // The current release survives a restart: republish it so late devices still get it
   // (devices that already run it report its version and are skipped).
-  if (const auto n = hub.state_store().releases(); n > 0) control.request_release(n);
+  if (last_release > 0) control.request_release(last_release, std::move(kept.rollout->image));
   control.start();
 
   const auto port = transport.local_port();
@@ -705,7 +703,7 @@ int main(int argc, char** argv) {
               scheme, static_cast<unsigned>(port));
   std::printf("  also   %s://localhost:%u/metrics   %s://localhost:%u/healthz\n", scheme,
               static_cast<unsigned>(port), scheme, static_cast<unsigned>(port));
-  std::printf("  state  %s   web root %s\n", cfg.state_file.c_str(), cfg.web_root.c_str());
+  std::printf("  state  %s   web root %s\n", db_path.c_str(), cfg.web_root.c_str());
   if (cfg.device_key_file.empty()) {
     std::printf(
         "  auth   OFF: any client may connect as any device (--device-key-file turns tokens on)\n");
@@ -750,11 +748,10 @@ int main(int argc, char** argv) {
   control.stop();
   hub.stop();  // intake closes, queued messages dispatch, then sessions close with 1001
   hub.unsubscribe(log_token);
-  hub.store_writer().drain();  // every write behind reaches the store before the file is saved
-  const auto ec = hub.state_store().flush();
+  hub.store_writer().drain();  // every write behind has reached the database
   const auto s = hub.stats();
-  std::printf("stopped: %llu messages dispatched, state %s %s\n",
-              static_cast<unsigned long long>(s.dispatched), cfg.state_file.c_str(),
-              ec ? ec.message().c_str() : "saved");
-  return ec ? 1 : 0;
+  std::printf("stopped: %llu messages dispatched, state %s saved (%llu store errors)\n",
+              static_cast<unsigned long long>(s.dispatched), db_path.c_str(),
+              static_cast<unsigned long long>(s.store_errors));
+  return 0;
 }

@@ -49,7 +49,7 @@ if (!fs.existsSync(args.chromium)) {
 
 // ---- helpers -----------------------------------------------------------------------------
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'devgate-e2e-'));
-const stateFile = path.join(tmp, 'state.json');
+const stateDir = path.join(tmp, 'state');
 // The operator token, made for this run (nothing secret is committed).
 const operatorToken = require('node:crypto').randomBytes(18).toString('base64url');
 const operatorTokenFile = path.join(tmp, 'operator-token');
@@ -84,7 +84,7 @@ async function freePort() {
 function startServer(port) {
   return new Promise((resolve, reject) => {
     const argv = ['--port', String(port), '--listen', '127.0.0.1', '--threads', '2',
-      '--state-file', stateFile, '--firmware-size', String(4 << 20),
+      '--state-dir', stateDir, '--firmware-size', String(4 << 20),
       '--operator-token-file', operatorTokenFile];
     if (args['web-root']) argv.push('--web-root', args['web-root']);
     const child = spawn(args.server, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -167,7 +167,7 @@ async function main() {
   const base = `http://127.0.0.1:${port}`;
   step = 'start the demo server';
   server = await startServer(port);
-  log(`demo_server on ${base} (state ${stateFile})`);
+  log(`demo_server on ${base} (state ${stateDir})`);
 
   step = 'launch chromium';
   const userData = path.join(tmp, 'profile');

@@ -59,7 +59,7 @@ class Demo:
         self.port = free_port()
         argv = [server, "--port", str(self.port), "--listen", "127.0.0.1", "--threads", "2",
                 "--firmware-size", "65536", "--max-image-size", str(MAX_IMAGE),
-                "--state-file", os.path.join(state_dir, "state.json")] + argv
+                "--state-dir", state_dir] + argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines = []

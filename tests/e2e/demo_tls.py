@@ -93,7 +93,7 @@ def main():
         sh(f"cp {d}/one.pem {d}/cert.pem && cp {d}/one.key {d}/key.pem")
         port = free_port()
         argv = [args.server, "--port", str(port), "--address", "127.0.0.1", "--threads", "2",
-                "--state-file", os.path.join(d, "state.json"),
+                "--state-dir", d,
                 "--tls-cert", f"{d}/cert.pem", "--tls-key", f"{d}/key.pem"]
         server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)

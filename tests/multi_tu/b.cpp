@@ -1,6 +1,9 @@
 // Second translation unit: linking it with a.cpp fails if any header defines a non-inline
 // function or variable (multiple definition).
 #include "devgate/devgate.hpp"
+#ifdef DEVGATE_MULTI_TU_SQLITE
+#include "devgate/store/sqlite_state_store.hpp"  // the optional SQLite part, when built
+#endif
 
 int devgate_multi_tu_a();
 
