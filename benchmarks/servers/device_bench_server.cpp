@@ -2,18 +2,23 @@
 // benchmarks (benchmarks/README.md, benchmarks/run.sh --device).
 //
 //   devgate_device_bench_server [--port N] [--threads N] [--workers N]
+//                               [--store memory|sqlite --state-dir DIR --sync normal|full]
+//                               [--ack on_accept|on_dispatch]
 //
 // A device::hub over websocket::server (protocol v1 at /ws/<device_id>, docs/PROTOCOL.md) with
-// the memory state store and a sink that only counts what it receives. The count is read off the
-// measured path with a plain HTTP GET /count (answer: {"count":N,"dispatched":N,"enqueued":N}),
-// so the generator can check that the sink received every message a device saw acknowledged.
+// the memory state store (or the SQLite one, for the durability figures) and a sink that only
+// counts what it receives. The count is read off the measured path with a plain HTTP GET /count
+// (answer: {"count":N,"dispatched":N,"enqueued":N}), so the generator can check that the sink
+// received every message a device saw acknowledged.
 //
 // Prints "listening on <port>" once ready; stops on SIGINT/SIGTERM.
+
+#include <CLI/CLI.hpp>
 
 #include <atomic>        // the sink's count
 #include <cstdint>       // counters
 #include <cstdio>        // std::printf
-#include <cstdlib>       // std::strtoul
+#include <filesystem>    // the state directory
 #include <string>        // the /count body
 #include <string_view>   // arguments, routes
 #include <system_error>  // sink results
@@ -21,6 +26,7 @@
 #include "devgate/core/stop_signals.hpp"
 #include "devgate/device/device_id.hpp"
 #include "devgate/device/hub.hpp"
+#include "devgate/store/sqlite_state_store.hpp"
 #include "devgate/websocket/server.hpp"
 
 namespace {
@@ -34,7 +40,8 @@ struct counting_sink {
   }
 };
 
-using bench_hub = devgate::device::hub<devgate::websocket::server, counting_sink>;
+template <class Store>
+using bench_hub = devgate::device::hub<devgate::websocket::server, counting_sink, Store>;
 
 devgate::websocket::http_reply text_reply(int status, std::string body) {
   devgate::websocket::http_reply r;
@@ -45,33 +52,12 @@ devgate::websocket::http_reply text_reply(int status, std::string body) {
   return r;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  devgate::websocket::server_options options;
-  options.address = "127.0.0.1";
-  options.port = 9102;
-  options.threads = 1;
-  std::size_t workers = 1;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    const bool has_value = i + 1 < argc;
-    if (arg == "--port" && has_value) {
-      options.port = static_cast<std::uint16_t>(std::strtoul(argv[++i], nullptr, 10));
-    } else if (arg == "--threads" && has_value) {
-      options.threads = static_cast<unsigned>(std::strtoul(argv[++i], nullptr, 10));
-    } else if (arg == "--workers" && has_value) {
-      workers = std::strtoul(argv[++i], nullptr, 10);
-    } else {
-      std::fprintf(stderr, "usage: %s [--port N] [--threads N] [--workers N]\n", argv[0]);
-      return 2;
-    }
-  }
-
-  devgate::stop_signals stop;  // caught from here on; main() waits for them below
-
+// Serves until SIGINT/SIGTERM with `store` as the hub's state store.
+template <class Store>
+int serve(devgate::websocket::server_options options, devgate::device::hub_options ho, Store store,
+          devgate::stop_signals& stop) {
   std::atomic<std::uint64_t> count{0};
-  std::atomic<bench_hub*> hub_ptr{nullptr};
+  std::atomic<bench_hub<Store>*> hub_ptr{nullptr};
   options.identify = devgate::device::identify_device;
   options.route = [&](const devgate::websocket::http_request& req) {
     if (req.target != "/count") return text_reply(404, "{\"error\":\"GET /count\"}\n");
@@ -84,14 +70,7 @@ int main(int argc, char** argv) {
     return text_reply(200, body + "}\n");
   };
   devgate::websocket::server transport(options);
-
-  devgate::device::hub_options ho;
-  ho.pipeline.pool.workers = workers;
-  ho.pipeline.pool.min_workers = workers;
-  ho.pipeline.pool.max_workers = workers;
-  // The benchmark's dashboards subscribe to the server log (devices may not by default).
-  ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
-  bench_hub hub(transport, counting_sink{&count}, ho);
+  bench_hub<Store> hub(transport, counting_sink{&count}, ho, std::move(store));
   hub_ptr = &hub;
   if (const auto ec = hub.start()) {
     std::fprintf(stderr, "devgate_device_bench_server: %s\n", ec.message().c_str());
@@ -103,4 +82,47 @@ int main(int argc, char** argv) {
   hub_ptr = nullptr;
   hub.stop();
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  devgate::websocket::server_options options;
+  options.address = "127.0.0.1";
+  options.port = 9102;
+  options.threads = 1;
+  std::size_t workers = 1;
+  std::string store = "memory";
+  std::string state_dir = "devgate-bench-data";
+  std::string sync = "normal";
+  std::string ack = "on_accept";
+  CLI::App app{"devgate device-path benchmark server: hub + counting sink"};
+  app.add_option("--port", options.port, "TCP port");
+  app.add_option("--threads", options.threads, "network threads");
+  app.add_option("--workers", workers, "pipeline workers (fixed)");
+  app.add_option("--store", store, "state store")->check(CLI::IsMember({"memory", "sqlite"}));
+  app.add_option("--state-dir", state_dir, "directory of the SQLite database (--store sqlite)");
+  app.add_option("--sync", sync, "SQLite synchronous level")
+      ->check(CLI::IsMember({"normal", "full"}));
+  app.add_option("--ack", ack, "when a send is answered")
+      ->check(CLI::IsMember({"on_accept", "on_dispatch"}));
+  CLI11_PARSE(app, argc, argv);
+
+  devgate::stop_signals stop;  // caught from here on; serve() waits for them
+
+  devgate::device::hub_options ho;
+  ho.pipeline.pool.workers = workers;
+  ho.pipeline.pool.min_workers = workers;
+  ho.pipeline.pool.max_workers = workers;
+  ho.ack = ack == "on_dispatch" ? devgate::device::ack_policy::on_dispatch
+                                : devgate::device::ack_policy::on_accept;
+  // The benchmark's dashboards subscribe to the server log (devices may not by default).
+  ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
+  if (store == "memory") return serve(options, ho, devgate::store::memory_state_store{}, stop);
+  std::filesystem::create_directories(state_dir);
+  devgate::store::sqlite_options so;
+  so.path = (std::filesystem::path(state_dir) / "devgate.db").string();
+  so.durability = sync == "full" ? devgate::store::sqlite_synchronous::full
+                                 : devgate::store::sqlite_synchronous::normal;
+  return serve(options, ho, devgate::store::sqlite_state_store(so), stop);
 }

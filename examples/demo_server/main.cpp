@@ -5,6 +5,7 @@
 //   demo_server [--listen 127.0.0.1] [--port 4000] [--threads N] [--workers-min N]
 //               [--workers-max N] [--queue-capacity N] [--max-devices N]
 //               [--firmware-size BYTES] [--max-image-size BYTES] [--state-dir DIR]
+//               [--ack on_dispatch|on_accept]
 //               [--operator-token-file FILE] [--tls-cert FILE --tls-key FILE] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
@@ -65,6 +66,7 @@ struct demo_config {
   unsigned dispatch_us = 2000;
   std::string state_dir = "./devgate-data";
   std::size_t max_stored_devices = 1'000'000;
+  std::string ack = "on_dispatch";
   std::string web_root = DEVGATE_DEMO_WEB_ROOT;
   std::string device_key_file;               // HS256 secret: token authentication on /ws/<id>
   std::vector<std::string> allowed_origins;  // browser origins allowed to open WebSockets
@@ -159,8 +161,8 @@ std::vector<std::byte> release_image(std::uint64_t n, std::size_t size) {
 }
 
 /// The control thread: publishes gateway figures and firmware releases (cutting and hashing a
-/// 4 MiB image does not belong on a network thread), and keeps each release with its image in
-/// the state store, so that a restart republishes the same bytes and numbers on from it.
+/// 4 MiB image does not belong on a network thread). The hub keeps each release with its image
+/// in the state store and resumes it after a restart; release numbers go on from it.
 /// One release at a time: while one is being prepared, another is refused (409), never queued.
 class control_loop {
  public:
@@ -190,15 +192,6 @@ class control_loop {
   [[nodiscard]] bool busy() {
     std::lock_guard lock(m_);
     return busy_;
-  }
-  /// Republishes release `n` (the last one before a restart) with the image kept for it.
-  void request_release(std::uint64_t n, std::vector<std::byte> image) {
-    {
-      std::lock_guard lock(m_);
-      busy_ = true;
-      jobs_.push_back(job{n, std::move(image)});
-    }
-    cv_.notify_one();
   }
   /// Stops the thread (pending releases are dropped; they are in the release counter).
   void stop() {
@@ -232,13 +225,7 @@ class control_loop {
   void publish(std::uint64_t n, std::vector<std::byte> uploaded) {
     auto image = uploaded.empty() ? release_image(n, size_) : std::move(uploaded);
     const auto version = release_version(n);
-    const auto rollout = hub_.publish_firmware(version, image);
-    // Kept with its image (the store is thread-safe; a release is rare and off the network
-    // threads).
-    if (const auto ec = hub_.state_store().save_rollout({rollout, version, image})) {
-      std::fprintf(stderr, "demo_server: cannot keep release %s in %s: %s\n", version.c_str(),
-                   hub_.state_store().path().c_str(), ec.message().c_str());
-    }
+    const auto rollout = hub_.publish_firmware(version, image);  // kept by the hub's store
     std::printf("firmware %s published (rollout %u, %zu bytes, sha256 %s)\n", version.c_str(),
                 rollout, image.size(), hub_.current_image()->sha256().c_str());
     std::fflush(stdout);
@@ -545,6 +532,12 @@ int main(int argc, char** argv) {
                  "Directory of the SQLite database (devgate.db) that keeps device states and "
                  "the last release across restarts; created if missing")
       ->capture_default_str();
+  app.add_option("--ack", cfg.ack,
+                 "when a device's send is answered `sent`: on_dispatch (the sink took it and the "
+                 "store recorded it; nothing acknowledged is lost by a crash) or on_accept (queued "
+                 "in memory: faster)")
+      ->check(CLI::IsMember({"on_accept", "on_dispatch"}))
+      ->capture_default_str();
   app.add_option("--max-stored-devices", cfg.max_stored_devices,
                  "Devices the database keeps; the least recently seen go past it (0: no bound)")
       ->capture_default_str();
@@ -594,8 +587,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "demo_server: --state-dir %s: %s\n", cfg.state_dir.c_str(), e.what());
     return 1;
   }
-  // The last release survives a restart, with its image.
-  auto kept = loaded->load_rollout();
+  // The last release's number (the hub resumes the release itself when it starts).
+  const auto kept = loaded->load_rollout();
   if (kept.error) {
     std::fprintf(stderr, "demo_server: cannot read the last release from %s: %s\n", db_path.c_str(),
                  kept.error.message().c_str());
@@ -666,6 +659,8 @@ int main(int argc, char** argv) {
   ho.pipeline.pool.min_workers = cfg.workers_min;
   ho.pipeline.pool.max_workers = cfg.workers_max;
   ho.max_devices = cfg.max_devices;
+  ho.ack = cfg.ack == "on_accept" ? devgate::device::ack_policy::on_accept
+                                  : devgate::device::ack_policy::on_dispatch;
   // The pages show the server log and the gateway's figures.
   ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
   ho.require_authentication = !cfg.device_key_file.empty();
@@ -691,9 +686,12 @@ int main(int argc, char** argv) {
                  static_cast<unsigned>(cfg.port), ec.message().c_str());
     return 1;
   }
-  // The current release survives a restart: republish it so late devices still get it
-  // (devices that already run it report its version and are skipped).
-  if (last_release > 0) control.request_release(last_release, std::move(kept.rollout->image));
+  // The current release survives a restart: the hub resumed it from the store (each device
+  // where it had acknowledged), and late devices still get it.
+  if (const auto img = hub.current_image()) {
+    std::printf("firmware %s resumed (rollout %u, %zu bytes, sha256 %s)\n", img->version().c_str(),
+                img->rollout(), img->size(), img->sha256().c_str());
+  }
   control.start();
 
   const auto port = transport.local_port();

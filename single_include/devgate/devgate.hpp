@@ -9469,13 +9469,13 @@ class token_authenticator {
 
 // ---- begin devgate/store/state_store.hpp ----
 
-#include <array>        // the dispatch window's bits
-#include <concepts>     // std::same_as
-#include <cstddef>      // std::byte
-#include <cstdint>      // counters, offsets
-#include <optional>     // a send's id
-#include <string>       // device ids, versions
-#include <string_view>  // frames
+#include <array>         // the dispatch window's bits
+#include <concepts>      // std::same_as
+#include <cstddef>       // std::byte
+#include <cstdint>       // counters, offsets
+#include <optional>      // a send's id
+#include <string>        // device ids, versions
+#include <string_view>   // frames
 #include <system_error>  // errors as values
 #include <vector>        // replay entries, images
 
@@ -9686,7 +9686,8 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
 /// that reached the sink, and the current rollout. The hub keeps them in such a store as they
 /// change (through `write_behind`, in order per device) and reads them back with `load` (the
 /// `replay` and `dispatched` fields) and at start (`load_rollout`).
-/// - `append_replay(id, seq, frame)`: keeps a sequenced message (seq above every kept one).
+/// - `append_replay(id, seq, frame)`: keeps a sequenced message (seq above every kept one), and
+///   raises the device's `last_seq` to `seq` (numbering continues above it after a restart).
 /// - `forget_replay(id, seq)`: forgets the kept messages numbered `seq` and below (acknowledged,
 ///   or dropped by the replay bounds).
 /// - `record_dispatched(id, r)`: the sink accepted message `r`: adds 1 to `messages_sent` and
@@ -9694,16 +9695,15 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
 /// - `save_rollout(r)`: the rollout now current (replaces the one kept).
 /// - `load_rollout()`: the rollout kept.
 template <class S>
-concept durable_state_store =
-    state_store<S> && requires(S& s, const std::string& id, std::uint64_t seq,
-                               std::string_view frame, const dispatch_record& d,
-                               const rollout_record& r) {
-      { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
-      { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
-      { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
-      { s.save_rollout(r) } -> std::same_as<std::error_code>;
-      { s.load_rollout() } -> std::same_as<rollout_load_result>;
-    };
+concept durable_state_store = state_store<S> &&
+    requires(S& s, const std::string& id, std::uint64_t seq, std::string_view frame,
+             const dispatch_record& d, const rollout_record& r) {
+  { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
+  { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
+  { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
+  { s.save_rollout(r) } -> std::same_as<std::error_code>;
+  { s.load_rollout() } -> std::same_as<rollout_load_result>;
+};
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
 /// applying a batch of queued writes and `commit_batch()` after it (group commit), and tells
@@ -9827,14 +9827,17 @@ static_assert(is_nonblocking_store<memory_state_store>);
 #include <thread>              // the store thread
 #include <type_traits>         // choosing inline or queued
 #include <utility>             // std::move
+#include <vector>              // the batch's results
 
 
 namespace devgate::store {
 
-/// Called once the store has applied (and, for a transactional store, committed) the record of a
-/// dispatched message (`record_dispatched`), with the device id and the record; on the store
-/// thread (inline for a non-blocking store).
-using dispatched_handler = std::function<void(const std::string& id, const dispatch_record&)>;
+/// Called once the store has applied the record of a dispatched message (`record_dispatched`),
+/// with the device id, the record, and whether it is in the store: true once applied (and, for a
+/// transactional store, committed), false if the write or its batch's commit failed. On the
+/// store thread (inline for a non-blocking store).
+using dispatched_handler =
+    std::function<void(const std::string& id, const dispatch_record&, bool recorded)>;
 
 /// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
 /// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
@@ -10103,7 +10106,7 @@ class write_behind {
       submitted_.fetch_add(1, std::memory_order_relaxed);
       const auto ec = apply(o);
       applied_.fetch_add(1, std::memory_order_release);
-      after_commit(o);
+      after_commit(o, !ec);
       return ec;
     } else {
       {
@@ -10173,11 +10176,12 @@ class write_behind {
     if (ec) failed(name(o.kind), o.id, ec);
     return ec;
   }
-  // After the op's batch committed: a dispatched message's handler runs.
-  void after_commit(const op& o) {
+  // After the op's batch committed (`recorded`: it and its commit succeeded): a dispatched
+  // message's handler runs.
+  void after_commit(const op& o, bool recorded) {
     if (o.kind != op_kind::record_dispatched || !on_dispatched_) return;
     try {
-      on_dispatched_(o.id, o.dispatched);
+      on_dispatched_(o.id, o.dispatched, recorded);
     } catch (...) {  // the hub's handler does not throw; a throw loses one answer, not the thread
     }
   }
@@ -10208,15 +10212,20 @@ class write_behind {
       }
       // One transaction per batch for a store that groups writes (group commit); whoever waits
       // for a write hears of it only after the commit.
+      // A failed commit leaves the batch's writes out of the store: their waiters hear so.
       if constexpr (transactional_store<Store>) {
         if (const auto ec = store_.begin_batch()) failed("begin_batch", {}, ec);
       }
-      for (const auto& o : batch) (void)apply(o);
+      ok_.assign(batch.size(), false);
+      for (std::size_t i = 0; i < batch.size(); ++i) ok_[i] = !apply(batch[i]);
       if constexpr (transactional_store<Store>) {
-        if (const auto ec = store_.commit_batch()) failed("commit_batch", {}, ec);
+        if (const auto ec = store_.commit_batch()) {
+          failed("commit_batch", {}, ec);
+          ok_.assign(batch.size(), false);
+        }
       }
       applied_.fetch_add(batch.size(), std::memory_order_release);
-      for (const auto& o : batch) after_commit(o);
+      for (std::size_t i = 0; i < batch.size(); ++i) after_commit(batch[i], ok_[i]);
       lock.lock();
       applying_ = false;
       drained_.notify_all();  // room for writers waiting on a full queue, and for drain()
@@ -10227,6 +10236,7 @@ class write_behind {
   const std::size_t capacity_;
   store_error_handler on_error_;
   dispatched_handler on_dispatched_;
+  std::vector<bool> ok_;  // the store thread's: which writes of the batch applying succeeded
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable drained_;
@@ -12970,10 +12980,12 @@ class protocol_dispatch {
     }
     rollout_.restore_locked(rec, st.transfer);
   }
-  /// Ack policy on_dispatch: the store recorded a message of device `id` the sink took. A send
-  /// with an id leaves the device's in-flight list for its dispatch window, and is answered
-  /// with `sent` on the device's live session (which may be newer than the one it came on).
-  void recorded(const std::string& id, const store::dispatch_record& r) {
+  /// Ack policy on_dispatch: the store recorded (`ok`) a message of device `id` the sink took,
+  /// or failed to. A send with an id leaves the device's in-flight list; recorded, its id goes
+  /// into the dispatch window and it is answered `sent` on the device's live session (which may
+  /// be newer than the one it came on); not recorded, it is answered `not_dispatched`: a resend
+  /// reaches the sink again (at least once), since nothing says it did.
+  void recorded(const std::string& id, const store::dispatch_record& r, bool ok) {
     if (!r.id) return;
     auto rec = devices_.find(id);
     if (!rec) return;  // a record with sends in flight is never evicted: forgotten meanwhile
@@ -12982,14 +12994,16 @@ class protocol_dispatch {
       std::lock_guard lock(rec->mutex);
       if (rec->dispatch) {
         std::erase(rec->dispatch->in_flight, *r.id);
-        rec->dispatch->window.insert(*r.id);
+        if (ok) rec->dispatch->window.insert(*r.id);
       }
       if (rec->session.id != 0 && rec->session.hello) {
-        delivery<Transport>::queue_locked(*rec, rec->session.id, payload_kind::text,
-                                          make_sent(*r.id, r.number));
+        delivery<Transport>::queue_locked(
+            *rec, rec->session.id, payload_kind::text,
+            ok ? make_sent(*r.id, r.number) : make_error(error::not_dispatched, "send", *r.id));
         queued = true;
       }
     }
+    if (!ok) errors_.fetch_add(1, std::memory_order_relaxed);
     if (queued) out_.flush(*rec);
   }
   /// Ack policy on_dispatch: message `m` will not reach the sink (dead-lettered, or dropped by
@@ -13742,8 +13756,8 @@ class hub {
       : options_(std::move(options)),
         store_(std::move(store)),
         writer_(store_, options_.store_queue_capacity, options_.on_store_error,
-                [this](const std::string& id, const store::dispatch_record& r) {
-                  dispatch_.recorded(id, r);
+                [this](const std::string& id, const store::dispatch_record& r, bool ok) {
+                  dispatch_.recorded(id, r, ok);
                 }),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),

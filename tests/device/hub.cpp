@@ -1638,3 +1638,52 @@ TEST_CASE(
   for (const auto& [id, n] : recorded) CHECK(n == 1);
   CHECK(store.load("phoenix").state.messages_sent == 6);
 }
+
+namespace {
+
+// The shared durable store behind the hub's store thread, grouping writes into batches whose
+// commit fails while `fail_commits` is set (the disk is full, say): the writes of a failed batch
+// are not in the store. (Writes are applied at once here; only the answers depend on the
+// commit, which is what the hub must get right.)
+struct failing_commit_store : shared_durable_store {
+  static constexpr bool nonblocking = false;
+  std::shared_ptr<std::atomic<bool>> fail_commits = std::make_shared<std::atomic<bool>>(false);
+  std::error_code begin_batch() { return {}; }
+  std::error_code commit_batch() {
+    return fail_commits->load() ? std::make_error_code(std::errc::no_space_on_device)
+                                : std::error_code{};
+  }
+};
+static_assert(devgate::store::transactional_store<failing_commit_store>);
+
+}  // namespace
+
+TEST_CASE(
+    "ack on_dispatch: a send whose record did not commit is not answered sent (attack: a failing "
+    "disk)") {
+  in_process_transport t;
+  failing_commit_store store;
+  store.fail_commits->store(true);
+  dev::hub_options o;
+  o.ack = dev::ack_policy::on_dispatch;
+  dev::hub<in_process_transport, devgate::null_sink, failing_commit_store> hub(t, {}, o, store);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "diskfull");
+  REQUIRE(eventually([&] { return d.poll(), !d.texts.empty(); }));
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "x"}, {"id", 3}}));
+  std::optional<json> e;
+  REQUIRE(eventually([&] {
+    for (auto& j : d.poll()) {
+      if (j.value("type", "") == "error") e = j;
+    }
+    return e.has_value();
+  }));
+  CHECK((*e)["code"] == "not_dispatched");
+  CHECK((*e)["id"] == 3);
+  CHECK(sent_ids(d.texts).empty());
+  // The disk has room again: the resend is dispatched, recorded and answered.
+  store.fail_commits->store(false);
+  REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "x"}, {"id", 3}}));
+  REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts)[3] == 1; }));
+  hub.stop();
+}

@@ -83,6 +83,11 @@ class Demo:
         return re.findall(r"firmware (\S+) published \(rollout \d+, \d+ bytes, sha256 ([0-9a-f]+)\)",
                           self.output())
 
+    def resumed(self):
+        """(version, sha256) of every `firmware ... resumed` line (a restart on a kept rollout)."""
+        return re.findall(r"firmware (\S+) resumed \(rollout \d+, \d+ bytes, sha256 ([0-9a-f]+)\)",
+                          self.output())
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -275,7 +280,7 @@ def attacks(demo, token):
     check(wait_for("the second rollout", lambda: len(demo.published()) == 2), "release 2 published")
     status, _, body = request(port, "POST", "/api/firmware", [bearer])
     check(status == 400, f"an upload without a body: {status}")
-    # The last release is an upload: a restart republishes those bytes, not a synthetic image.
+    # The last release is an upload: a restart resumes those bytes, not a synthetic image.
     kept = os.urandom(MIB)
     status, _, body = request(port, "POST", "/api/firmware", [bearer], kept)
     check(status == 202 and b'"release":3' in body, f"an upload as release 3: {status} {body!r}")
@@ -306,10 +311,10 @@ def main():
         check(code == 0, f"demo_server exit code {code}")
 
     again = Demo(args.server, ["--operator-token-file", token_file], state.name)
-    check(wait_for("the republished release", lambda: len(again.published()) == 1),
-          "restarted: the last release is republished")
-    check(again.published()[:1] == [("1.3.0", kept)],
-          f"restarted: the uploaded image of 1.3.0 is republished, same SHA-256 ({again.published()})")
+    check(wait_for("the resumed release", lambda: len(again.resumed()) == 1),
+          "restarted: the last release is resumed from the state store")
+    check(again.resumed()[:1] == [("1.3.0", kept)],
+          f"restarted: the uploaded image of 1.3.0 is resumed, same SHA-256 ({again.resumed()})")
     check(again.stop() == 0, "restarted demo_server exits 0")
 
     closed = Demo(args.server, [], state.name)

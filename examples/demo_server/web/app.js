@@ -298,7 +298,10 @@
   function pump() {
     while (open && queue.length > 0 && inFlight.length < MAX_IN_FLIGHT) {
       const m = queue.shift();
-      m.id = ++sendId;
+      // A resend keeps its id (the server answers one it already dispatched without dispatching
+      // it again); a new send's id is above every id this device used, across page loads too
+      // (docs/PROTOCOL.md, "Acknowledgements": a well-behaved device).
+      if (m.id === undefined) m.id = sendId = Math.max(sendId + 1, Date.now());
       inFlight.push(m);
       send({ type: 'send', id: m.id, data: m.data });
     }
@@ -311,10 +314,13 @@
     pump();
   }
   function onError(msg) {
-    if (msg.ref === 'send' && (msg.code === 'queue_full' || msg.code === 'closed')) {
-      // Answers come in order: the oldest unanswered send is the refused one.
-      if (inFlight.length > 0) refused.push(inFlight.shift());
-      if (msg.code === 'queue_full' && !retryTimer) {
+    const refusal = ['queue_full', 'closed', 'not_dispatched', 'too_many_in_flight'];
+    if (msg.ref === 'send' && refusal.includes(msg.code)) {
+      // The error names the refused send's id (older gateways did not: then the oldest
+      // unanswered send is the refused one, as answers come in order).
+      const i = typeof msg.id === 'number' ? inFlight.findIndex((m) => m.id === msg.id) : 0;
+      if (i >= 0 && i < inFlight.length) refused.push(inFlight.splice(i, 1)[0]);
+      if (msg.code !== 'closed' && !retryTimer) {
         retryTimer = setTimeout(() => {
           retryTimer = null;
           queue = refused.concat(queue);

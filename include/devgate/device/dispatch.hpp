@@ -148,10 +148,12 @@ class protocol_dispatch {
     }
     rollout_.restore_locked(rec, st.transfer);
   }
-  /// Ack policy on_dispatch: the store recorded a message of device `id` the sink took. A send
-  /// with an id leaves the device's in-flight list for its dispatch window, and is answered
-  /// with `sent` on the device's live session (which may be newer than the one it came on).
-  void recorded(const std::string& id, const store::dispatch_record& r) {
+  /// Ack policy on_dispatch: the store recorded (`ok`) a message of device `id` the sink took,
+  /// or failed to. A send with an id leaves the device's in-flight list; recorded, its id goes
+  /// into the dispatch window and it is answered `sent` on the device's live session (which may
+  /// be newer than the one it came on); not recorded, it is answered `not_dispatched`: a resend
+  /// reaches the sink again (at least once), since nothing says it did.
+  void recorded(const std::string& id, const store::dispatch_record& r, bool ok) {
     if (!r.id) return;
     auto rec = devices_.find(id);
     if (!rec) return;  // a record with sends in flight is never evicted: forgotten meanwhile
@@ -160,14 +162,16 @@ class protocol_dispatch {
       std::lock_guard lock(rec->mutex);
       if (rec->dispatch) {
         std::erase(rec->dispatch->in_flight, *r.id);
-        rec->dispatch->window.insert(*r.id);
+        if (ok) rec->dispatch->window.insert(*r.id);
       }
       if (rec->session.id != 0 && rec->session.hello) {
-        delivery<Transport>::queue_locked(*rec, rec->session.id, payload_kind::text,
-                                          make_sent(*r.id, r.number));
+        delivery<Transport>::queue_locked(
+            *rec, rec->session.id, payload_kind::text,
+            ok ? make_sent(*r.id, r.number) : make_error(error::not_dispatched, "send", *r.id));
         queued = true;
       }
     }
+    if (!ok) errors_.fetch_add(1, std::memory_order_relaxed);
     if (queued) out_.flush(*rec);
   }
   /// Ack policy on_dispatch: message `m` will not reach the sink (dead-lettered, or dropped by

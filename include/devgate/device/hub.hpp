@@ -75,8 +75,8 @@ class hub {
       : options_(std::move(options)),
         store_(std::move(store)),
         writer_(store_, options_.store_queue_capacity, options_.on_store_error,
-                [this](const std::string& id, const store::dispatch_record& r) {
-                  dispatch_.recorded(id, r);
+                [this](const std::string& id, const store::dispatch_record& r, bool ok) {
+                  dispatch_.recorded(id, r, ok);
                 }),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),

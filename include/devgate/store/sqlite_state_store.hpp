@@ -215,8 +215,14 @@ inline std::error_code sqlite_state_store::forget(const std::string& id) {
 inline std::error_code sqlite_state_store::append_replay(const std::string& id, std::uint64_t seq,
                                                          std::string_view frame) {
   std::lock_guard lock(d_->mutex);
-  detail::sqlite_use u(d_->append_replay);
-  u.bind_text(1, id).bind(2, static_cast<std::int64_t>(seq)).bind_text(3, frame);
+  {
+    detail::sqlite_use u(d_->append_replay);
+    u.bind_text(1, id).bind(2, static_cast<std::int64_t>(seq)).bind_text(3, frame);
+    if (auto ec = d_->run(u)) return ec;
+  }
+  // Numbering continues above every number kept, acknowledged or not.
+  detail::sqlite_use u(d_->raise_last_seq);
+  u.bind_text(1, id).bind(2, static_cast<std::int64_t>(seq));
   return d_->run(u);
 }
 

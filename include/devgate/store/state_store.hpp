@@ -1,16 +1,16 @@
 #pragma once
 
-#include <array>        // the dispatch window's bits
-#include <concepts>     // std::same_as
-#include <cstddef>      // std::byte
-#include <cstdint>      // counters, offsets
-#include <optional>     // a send's id
-#include <string>       // device ids, versions
-#include <string_view>  // frames
+#include <array>         // the dispatch window's bits
+#include <concepts>      // std::same_as
+#include <cstddef>       // std::byte
+#include <cstdint>       // counters, offsets
+#include <optional>      // a send's id
+#include <string>        // device ids, versions
+#include <string_view>   // frames
 #include <system_error>  // errors as values
 #include <vector>        // replay entries, images
 
-#include "devgate/core/bytes.hpp"            // payloads
+#include "devgate/core/bytes.hpp"           // payloads
 #include "devgate/transport/transport.hpp"  // payload_kind
 
 namespace devgate::store {
@@ -219,7 +219,8 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
 /// that reached the sink, and the current rollout. The hub keeps them in such a store as they
 /// change (through `write_behind`, in order per device) and reads them back with `load` (the
 /// `replay` and `dispatched` fields) and at start (`load_rollout`).
-/// - `append_replay(id, seq, frame)`: keeps a sequenced message (seq above every kept one).
+/// - `append_replay(id, seq, frame)`: keeps a sequenced message (seq above every kept one), and
+///   raises the device's `last_seq` to `seq` (numbering continues above it after a restart).
 /// - `forget_replay(id, seq)`: forgets the kept messages numbered `seq` and below (acknowledged,
 ///   or dropped by the replay bounds).
 /// - `record_dispatched(id, r)`: the sink accepted message `r`: adds 1 to `messages_sent` and
@@ -227,16 +228,15 @@ concept state_store = requires(S& s, const std::string& id, std::uint64_t n, std
 /// - `save_rollout(r)`: the rollout now current (replaces the one kept).
 /// - `load_rollout()`: the rollout kept.
 template <class S>
-concept durable_state_store =
-    state_store<S> && requires(S& s, const std::string& id, std::uint64_t seq,
-                               std::string_view frame, const dispatch_record& d,
-                               const rollout_record& r) {
-      { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
-      { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
-      { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
-      { s.save_rollout(r) } -> std::same_as<std::error_code>;
-      { s.load_rollout() } -> std::same_as<rollout_load_result>;
-    };
+concept durable_state_store = state_store<S> &&
+    requires(S& s, const std::string& id, std::uint64_t seq, std::string_view frame,
+             const dispatch_record& d, const rollout_record& r) {
+  { s.append_replay(id, seq, frame) } -> std::same_as<std::error_code>;
+  { s.forget_replay(id, seq) } -> std::same_as<std::error_code>;
+  { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
+  { s.save_rollout(r) } -> std::same_as<std::error_code>;
+  { s.load_rollout() } -> std::same_as<rollout_load_result>;
+};
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
 /// applying a batch of queued writes and `commit_batch()` after it (group commit), and tells

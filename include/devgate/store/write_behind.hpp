@@ -15,15 +15,18 @@
 #include <thread>              // the store thread
 #include <type_traits>         // choosing inline or queued
 #include <utility>             // std::move
+#include <vector>              // the batch's results
 
 #include "devgate/store/state_store.hpp"
 
 namespace devgate::store {
 
-/// Called once the store has applied (and, for a transactional store, committed) the record of a
-/// dispatched message (`record_dispatched`), with the device id and the record; on the store
-/// thread (inline for a non-blocking store).
-using dispatched_handler = std::function<void(const std::string& id, const dispatch_record&)>;
+/// Called once the store has applied the record of a dispatched message (`record_dispatched`),
+/// with the device id, the record, and whether it is in the store: true once applied (and, for a
+/// transactional store, committed), false if the write or its batch's commit failed. On the
+/// store thread (inline for a non-blocking store).
+using dispatched_handler =
+    std::function<void(const std::string& id, const dispatch_record&, bool recorded)>;
 
 /// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
 /// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
@@ -292,7 +295,7 @@ class write_behind {
       submitted_.fetch_add(1, std::memory_order_relaxed);
       const auto ec = apply(o);
       applied_.fetch_add(1, std::memory_order_release);
-      after_commit(o);
+      after_commit(o, !ec);
       return ec;
     } else {
       {
@@ -362,11 +365,12 @@ class write_behind {
     if (ec) failed(name(o.kind), o.id, ec);
     return ec;
   }
-  // After the op's batch committed: a dispatched message's handler runs.
-  void after_commit(const op& o) {
+  // After the op's batch committed (`recorded`: it and its commit succeeded): a dispatched
+  // message's handler runs.
+  void after_commit(const op& o, bool recorded) {
     if (o.kind != op_kind::record_dispatched || !on_dispatched_) return;
     try {
-      on_dispatched_(o.id, o.dispatched);
+      on_dispatched_(o.id, o.dispatched, recorded);
     } catch (...) {  // the hub's handler does not throw; a throw loses one answer, not the thread
     }
   }
@@ -397,15 +401,20 @@ class write_behind {
       }
       // One transaction per batch for a store that groups writes (group commit); whoever waits
       // for a write hears of it only after the commit.
+      // A failed commit leaves the batch's writes out of the store: their waiters hear so.
       if constexpr (transactional_store<Store>) {
         if (const auto ec = store_.begin_batch()) failed("begin_batch", {}, ec);
       }
-      for (const auto& o : batch) (void)apply(o);
+      ok_.assign(batch.size(), false);
+      for (std::size_t i = 0; i < batch.size(); ++i) ok_[i] = !apply(batch[i]);
       if constexpr (transactional_store<Store>) {
-        if (const auto ec = store_.commit_batch()) failed("commit_batch", {}, ec);
+        if (const auto ec = store_.commit_batch()) {
+          failed("commit_batch", {}, ec);
+          ok_.assign(batch.size(), false);
+        }
       }
       applied_.fetch_add(batch.size(), std::memory_order_release);
-      for (const auto& o : batch) after_commit(o);
+      for (std::size_t i = 0; i < batch.size(); ++i) after_commit(batch[i], ok_[i]);
       lock.lock();
       applying_ = false;
       drained_.notify_all();  // room for writers waiting on a full queue, and for drain()
@@ -416,6 +425,7 @@ class write_behind {
   const std::size_t capacity_;
   store_error_handler on_error_;
   dispatched_handler on_dispatched_;
+  std::vector<bool> ok_;  // the store thread's: which writes of the batch applying succeeded
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable drained_;

@@ -59,6 +59,12 @@ struct sqlite_store_state {
   statement append_replay{db.get(),
                           "INSERT INTO replay(device, seq, frame) VALUES(?1, ?2, ?3) ON "
                           "CONFLICT(device, seq) DO UPDATE SET frame = excluded.frame"};
+  statement raise_last_seq{
+      db.get(),
+      "INSERT INTO devices(id, last_seq) VALUES(?1, ?2) ON CONFLICT(id) DO "
+      "UPDATE SET last_seq = CASE WHEN (last_seq < 0) = (excluded.last_seq < 0) "
+      "THEN max(last_seq, excluded.last_seq) WHEN last_seq < 0 THEN last_seq "
+      "ELSE excluded.last_seq END"};  // unsigned: stored as int64
   statement forget_replay{db.get(), "DELETE FROM replay WHERE device = ?1 AND seq <= ?2"};
   statement read_window{db.get(), "SELECT dispatched FROM devices WHERE id = ?1"};
   statement dispatched{db.get(),
