@@ -55,6 +55,9 @@ start_system() {  # system; sets server_pid, port
   local cmd
   case $1 in
     devgate|devgate_sub10|devgate_sub10b) cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1) ;;
+    devgate_sqlite) rm -rf "$out/sqlite-state"
+          cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1
+               --store sqlite --sync normal --ack on_dispatch --state-dir "$out/sqlite-state") ;;
     demo) rm -rf "$out/demo-state"
           cmd=("$build/examples/demo_server/demo_server" --address 127.0.0.1 --port $port --dispatch-us 0
                --state-dir "$out/demo-state") ;;
@@ -76,7 +79,7 @@ start_system() {  # system; sets server_pid, port
 }
 args_of_system() {
   case $1 in
-    devgate) echo "--scenario v1" ;;
+    devgate|devgate_sqlite) echo "--scenario v1" ;;
     devgate_sub10) echo "--scenario v1 --subscribers 10" ;;
     devgate_sub10b) echo "--scenario v1 --subscribers 10 --batch 1" ;;
     demo) echo "--scenario v1 --count-path /metrics" ;;

@@ -10879,6 +10879,8 @@ struct outbound {
 /// `mutex`. Each part takes the mutex itself, for as short as it can, and never holds it while
 /// calling the transport, the store or a method of another part that locks (the functions named
 /// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
+/// The one exception: a durable store's replay journal (`store_journal`) is queued under it, so
+/// that the store sees one device's changes in order (a queue push that never waits).
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
   device_record(std::string device, std::uint64_t sent, std::string version,
@@ -12873,9 +12875,9 @@ namespace devgate::device {
 ///
 /// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
 /// parts, or itself to count errors and messages) and never holds it while calling the
-/// transport, the store, the gateway or another part. `Store` is the hub's
-/// `store::write_behind` front: writes never wait for a store that may block, and the live
-/// figures (messages sent, last seen, firmware version) are read from the record, never from
+/// transport, the store (but the replay journal's queue push), the gateway or another part. `Store`
+/// is the hub's `store::write_behind` front: writes never wait for a store that may block, and the
+/// live figures (messages sent, last seen, firmware version) are read from the record, never from
 /// the store, which is loaded only when a device's record is created.
 template <class Transport, class Store, class Gateway>
 class protocol_dispatch {

@@ -184,14 +184,20 @@ TEST_CASE("sqlite: record_dispatched counts each message and keeps the window, i
     REQUIRE_FALSE(s.record_dispatched("kettle", record(1, 1, "y")));
     // Inside the batch, load sees the batch's writes.
     REQUIRE(s.load("fridge").state.dispatched == expected);
+    REQUIRE(s.load("fridge").state.messages_sent == 2 + 1 + 665 + 1);
+    // Written after that load: the row is updated again at commit, counting only these.
+    for (std::uint64_t id : {2001u, 2004u}) {
+      REQUIRE_FALSE(s.record_dispatched("fridge", record(id, id, "x")));
+      expected.insert(id);
+    }
     REQUIRE_FALSE(s.commit_batch());
     REQUIRE_FALSE(s.record_dispatched("fridge", record(1990, 2, "x")));  // after the batch
     expected.insert(1990);
   }
   store::sqlite_state_store s(options_for(dir));
   const auto st = s.load("fridge").state;
-  // 2 added + 1 before + 665 in the batch + 1 without id + 1 after.
-  REQUIRE(st.messages_sent == 2 + 1 + 665 + 1 + 1);
+  // 2 added + 1 before + 665 in the batch + 1 without id + 2 after the load + 1 after.
+  REQUIRE(st.messages_sent == 2 + 1 + 665 + 1 + 2 + 1);
   REQUIRE(st.dispatched == expected);
   REQUIRE(st.dispatched.contains(1998));
   REQUIRE_FALSE(st.dispatched.contains(5));  // slid out

@@ -41,9 +41,9 @@ namespace devgate::device {
 ///
 /// Runs on transport threads. Holds no lock of its own: it takes a device's mutex (through the
 /// parts, or itself to count errors and messages) and never holds it while calling the
-/// transport, the store, the gateway or another part. `Store` is the hub's
-/// `store::write_behind` front: writes never wait for a store that may block, and the live
-/// figures (messages sent, last seen, firmware version) are read from the record, never from
+/// transport, the store (but the replay journal's queue push), the gateway or another part. `Store`
+/// is the hub's `store::write_behind` front: writes never wait for a store that may block, and the
+/// live figures (messages sent, last seen, firmware version) are read from the record, never from
 /// the store, which is loaded only when a device's record is created.
 template <class Transport, class Store, class Gateway>
 class protocol_dispatch {

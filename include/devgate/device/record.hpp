@@ -32,6 +32,8 @@ struct outbound {
 /// `mutex`. Each part takes the mutex itself, for as short as it can, and never holds it while
 /// calling the transport, the store or a method of another part that locks (the functions named
 /// `*_locked` are the ones that expect it held); no thread holds two devices' mutexes at once.
+/// The one exception: a durable store's replay journal (`store_journal`) is queued under it, so
+/// that the store sees one device's changes in order (a queue push that never waits).
 struct device_record {
   /// A record for `device`, with the figures the state store kept across restarts.
   device_record(std::string device, std::uint64_t sent, std::string version,

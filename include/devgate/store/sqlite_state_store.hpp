@@ -82,8 +82,10 @@ class sqlite_state_store {
 
   /// Opens a transaction that the writes up to `commit_batch()` join.
   std::error_code begin_batch();
-  /// Commits the batch's writes (then evicts past `max_devices`). Returns the error that made
-  /// SQLite roll the batch back, if one did (the writes after it committed on their own).
+  /// Writes the batch's dispatch figures (one row update per device) and commits the batch's
+  /// writes (then evicts past `max_devices`). Returns the error that made the batch roll back,
+  /// if one did: then none of its writes is stored (except writes after a rollback SQLite made
+  /// by itself, which committed on their own).
   std::error_code commit_batch();
 
   /// Devices stored.
@@ -108,6 +110,13 @@ inline sqlite_state_store::sqlite_state_store(sqlite_options options)
 inline load_result sqlite_state_store::load(const std::string& id) {
   std::lock_guard lock(d_->mutex);
   load_result r;
+  // What this batch recorded for the device is read back like the rest of its row.
+  if (const auto it = d_->windows.find(id); it != d_->windows.end()) {
+    if (const auto ec = d_->flush_pending(id, it->second)) {
+      r.error = ec;
+      return r;
+    }
+  }
   {
     detail::sqlite_use u(d_->load_device);
     u.bind_text(1, id);
@@ -239,6 +248,18 @@ inline std::error_code sqlite_state_store::record_dispatched(const std::string& 
   dispatch_window w;
   if (const auto ec = d_->window_of(id, w)) return ec;
   if (r.id) w.insert(*r.id);
+  if (d_->in_batch) {
+    // In a batch the device's row is written once, at commit (one upsert per device instead
+    // of one per message); the message log's row now, so that a failure leaves nothing done.
+    if (d_->opt.message_log) {
+      if (const auto ec = d_->log(id, r)) return ec;
+    }
+    auto& p = d_->windows[id];
+    p.window = w;
+    ++p.added;
+    p.dirty = true;
+    return {};
+  }
   const auto write = [&]() -> std::error_code {
     {
       const std::string bytes = w.to_bytes();
@@ -249,24 +270,13 @@ inline std::error_code sqlite_state_store::record_dispatched(const std::string& 
       } else {
         u.bind_blob(2, bytes.data(), bytes.size());
       }
+      u.bind(3, std::int64_t{1});
       if (const auto ec = d_->upsert(u)) return ec;
     }
-    if (!d_->opt.message_log) return {};
-    detail::sqlite_use u(d_->log_message);
-    u.bind_text(1, id);
-    if (r.id) {
-      u.bind(2, static_cast<std::int64_t>(*r.id));
-    } else {
-      u.bind_null(2);
-    }
-    u.bind(3, static_cast<std::int64_t>(r.number))
-        .bind(4, static_cast<std::int64_t>(r.kind))
-        .bind_blob(5, r.payload.data(), r.payload.size());
-    return d_->run(u);
+    return d_->opt.message_log ? d_->log(id, r) : std::error_code{};
   };
   // One statement is atomic by itself; with the message log there are two.
   const auto ec = d_->opt.message_log ? d_->atomically(write) : write();
-  if (!ec && d_->in_batch) d_->windows.insert_or_assign(id, w);
   if (!ec) d_->wrote();
   return ec;
 }
@@ -305,9 +315,14 @@ inline std::error_code sqlite_state_store::commit_batch() {
   std::lock_guard lock(d_->mutex);
   auto ec = std::exchange(d_->batch_lost, {});
   if (d_->in_batch) {
+    // The batch's dispatch figures first: a failure to write them fails the whole batch.
+    if (const auto flushed = d_->flush_pending(); flushed && !ec) ec = flushed;
     d_->in_batch = false;
     d_->windows.clear();
-    if (const int rc = d_->control(d_->commit); rc != SQLITE_DONE) {
+    if (ec && sqlite3_get_autocommit(d_->db.get()) == 0) {
+      d_->control(d_->rollback);
+      d_->devices = d_->recount();
+    } else if (const int rc = d_->control(d_->commit); rc != SQLITE_DONE) {
       ec = make_sqlite_error(rc);
       if (sqlite3_get_autocommit(d_->db.get()) == 0) d_->control(d_->rollback);
       d_->devices = d_->recount();

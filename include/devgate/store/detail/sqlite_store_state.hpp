@@ -68,9 +68,9 @@ struct sqlite_store_state {
   statement forget_replay{db.get(), "DELETE FROM replay WHERE device = ?1 AND seq <= ?2"};
   statement read_window{db.get(), "SELECT dispatched FROM devices WHERE id = ?1"};
   statement dispatched{db.get(),
-                       "INSERT INTO devices(id, messages_sent, dispatched) VALUES(?1, 1, ?2) ON "
-                       "CONFLICT(id) DO UPDATE SET messages_sent = messages_sent + 1, dispatched "
-                       "= excluded.dispatched"};
+                       "INSERT INTO devices(id, messages_sent, dispatched) VALUES(?1, ?3, ?2) ON "
+                       "CONFLICT(id) DO UPDATE SET messages_sent = messages_sent + "
+                       "excluded.messages_sent, dispatched = excluded.dispatched"};
   statement log_message{db.get(),
                         "INSERT INTO messages(device, id, number, kind, payload) VALUES(?1, ?2, "
                         "?3, ?4, ?5)"};
@@ -102,9 +102,15 @@ struct sqlite_store_state {
   bool in_batch = false;       // begin_batch opened the transaction that is open now
   std::error_code batch_lost;  // why SQLite rolled the current batch back, if it did
   std::uint64_t evicted = 0;
-  // Dispatch windows read or written in the current batch: the batch holds the write lock, so
-  // no other connection changes them until it commits.
-  std::unordered_map<std::string, dispatch_window> windows;
+  // What the current batch's record_dispatched calls did to a device, written to its row once,
+  // when the batch commits (or before a load of it): the batch holds the write lock, so no
+  // other connection changes the row meanwhile.
+  struct pending_device {
+    dispatch_window window;   // as the batch left it
+    std::uint64_t added = 0;  // messages to add to messages_sent
+    bool dirty = false;       // not written to the row yet
+  };
+  std::unordered_map<std::string, pending_device> windows;
   // Devices stored, as this connection counted them (the bound is checked against it, so that
   // a write need not count the table; `enforce_bound` counts exactly before it deletes).
   std::int64_t devices = recount();
@@ -221,11 +227,49 @@ struct sqlite_store_state {
     devices = recount();  // a device row the savepoint inserted is gone again
     return ec;
   }
+  // Appends `r` to the message log.
+  std::error_code log(const std::string& id, const dispatch_record& r) {
+    use u(log_message);
+    u.bind_text(1, id);
+    if (r.id) {
+      u.bind(2, static_cast<std::int64_t>(*r.id));
+    } else {
+      u.bind_null(2);
+    }
+    u.bind(3, static_cast<std::int64_t>(r.number))
+        .bind(4, static_cast<std::int64_t>(r.kind))
+        .bind_blob(5, r.payload.data(), r.payload.size());
+    return run(u);
+  }
+  // Writes a device's pending dispatch figures to its row (one upsert for the whole batch).
+  std::error_code flush_pending(const std::string& id, pending_device& p) {
+    if (!p.dirty) return {};
+    const std::string bytes = p.window.to_bytes();
+    use u(dispatched);
+    u.bind_text(1, id);
+    if (bytes.empty()) {
+      u.bind_null(2);
+    } else {
+      u.bind_blob(2, bytes.data(), bytes.size());
+    }
+    u.bind(3, static_cast<std::int64_t>(p.added));
+    if (const auto ec = upsert(u)) return ec;
+    p.dirty = false;
+    p.added = 0;
+    return {};
+  }
+  // Writes every device's pending dispatch figures (before the batch commits).
+  std::error_code flush_pending() {
+    for (auto& [id, p] : windows) {
+      if (const auto ec = flush_pending(id, p)) return ec;
+    }
+    return {};
+  }
   // The device's dispatch window as stored (or as this batch left it).
   std::error_code window_of(const std::string& id, dispatch_window& out) {
     if (in_batch) {
       if (const auto it = windows.find(id); it != windows.end()) {
-        out = it->second;
+        out = it->second.window;
         return {};
       }
     }
