@@ -92,8 +92,12 @@ class hub {
   }
   hub(const hub&) = delete;
   hub& operator=(const hub&) = delete;
-  /// Stops if still running.
-  ~hub() { stop(); }
+  /// Stops if still running, then lets the store thread finish what is queued while every part
+  /// its callbacks reach (dispatch, registry, delivery) is still alive.
+  ~hub() {
+    stop();
+    writer_.drain();
+  }
 
   /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
   std::error_code start() {
