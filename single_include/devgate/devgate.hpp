@@ -10993,6 +10993,8 @@ struct no_journal {
   void kept(const device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {}
   /// The device's kept messages numbered `seq` and below are forgotten.
   void forgot(const device_record&, std::uint64_t /*seq*/) const {}
+  /// The device's numbering now continues above `seq` (it had numbers the server had lost).
+  void numbered(const device_record&, std::uint64_t /*seq*/) const {}
 };
 
 /// The journal of a hub whose store keeps replay (`Writer`: its `store::write_behind`): each
@@ -11008,6 +11010,10 @@ struct store_journal {
   /// Queues the forgetting to the store.
   void forgot(const device_record& rec, std::uint64_t seq) const {
     if constexpr (Writer::durable) (void)writer.forget_replay(rec.id, seq);
+  }
+  /// Queues the new numbering base to the store (`set_last_seq`).
+  void numbered(const device_record& rec, std::uint64_t seq) const {
+    (void)writer.set_last_seq(rec.id, seq);
   }
 };
 
@@ -11099,6 +11105,9 @@ class delivery {
         renumber_above_locked(rec, last_seq);
         journal.forgot(rec, std::numeric_limits<std::uint64_t>::max());
         for (const auto& [seq, frame] : d.replay) journal.kept(rec, seq, frame.view());
+        // The store lost numbers the device has (a crash before they were written): numbering
+        // continues above them after the next restart too.
+        journal.numbered(rec, d.next_seq - 1);
       }
       info.last_seq = d.next_seq - 1;
       info.replay = d.replay.size();

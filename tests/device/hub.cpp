@@ -1687,3 +1687,24 @@ TEST_CASE(
   REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts)[3] == 1; }));
   hub.stop();
 }
+
+TEST_CASE(
+    "durable store: numbers a device has that the store lost are kept as the numbering base") {
+  // A crash lost the write of `deliver`s the device had already received: its hello names a
+  // last_seq the store never saw. Numbering continues above it now and after the next restart.
+  shared_durable_store store;
+  {
+    in_process_transport t;
+    dev::hub<in_process_transport, devgate::null_sink, shared_durable_store> hub(t, {}, {}, store);
+    REQUIRE_FALSE(hub.start());
+    auto d = connect(t, "ahead", 7);
+    REQUIRE(eventually([&] { return d.poll(), !d.texts.empty(); }));
+    hub.stop();
+  }
+  CHECK(store.load("ahead").state.last_seq == 7);
+  in_process_transport t;
+  dev::hub<in_process_transport, devgate::null_sink, shared_durable_store> again(t, {}, {}, store);
+  REQUIRE_FALSE(again.start());
+  CHECK(again.send_to("ahead", {{"n", 1}}) == 8);
+  again.stop();
+}
