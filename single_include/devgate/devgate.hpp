@@ -9839,6 +9839,14 @@ namespace devgate::store {
 using dispatched_handler =
     std::function<void(const std::string& id, const dispatch_record&, bool recorded)>;
 
+/// Called once the store has applied a kept sequenced message (`append_replay`) of a store that
+/// may block, with the device id, its sequence number, and whether it is in the store (as for
+/// `dispatched_handler`). Of several consecutive ones of the same device in a batch, only the last
+/// is reported, for all of them (stored: all of them are). On
+/// the store thread; never for a non-blocking store (its writes are in when the call returns).
+using replay_stored_handler =
+    std::function<void(const std::string& id, std::uint64_t seq, bool stored)>;
+
 /// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
 /// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
 /// for a write dropped because the queue was full).
@@ -9863,13 +9871,14 @@ template <class Store>
 class write_behind {
  public:
   /// Calls to `store` (referenced: it outlives this). `capacity` bounds queued writes;
-  /// `on_error` and `on_dispatched` may be empty.
+  /// `on_error`, `on_dispatched` and `on_replay_stored` may be empty.
   write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {},
-               dispatched_handler on_dispatched = {})
+               dispatched_handler on_dispatched = {}, replay_stored_handler on_replay_stored = {})
       : store_(store),
         capacity_(capacity),
         on_error_(std::move(on_error)),
-        on_dispatched_(std::move(on_dispatched)) {
+        on_dispatched_(std::move(on_dispatched)),
+        on_replay_stored_(std::move(on_replay_stored)) {
     if constexpr (!inline_calls) thread_ = std::thread([this] { run(); });
   }
   write_behind(const write_behind&) = delete;
@@ -9949,7 +9958,9 @@ class write_behind {
   /// True when the store keeps replay, dispatch windows and the rollout
   /// (`durable_state_store`); the calls below do nothing for any other store.
   static constexpr bool durable = durable_state_store<Store>;
-  /// Keeps a sequenced message (`frame`, numbered `seq`) for the device (durable stores only).
+  /// Keeps a sequenced message (`frame`, numbered `seq`) for the device (durable stores only);
+  /// the replay-stored handler hears of it after its batch's commit (a store that may block).
+  /// An error: the write was dropped (queue full), and the handler will not hear of it.
   std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view frame) {
     if constexpr (!durable) {
       return {};
@@ -10177,13 +10188,23 @@ class write_behind {
     return ec;
   }
   // After the op's batch committed (`recorded`: it and its commit succeeded): a dispatched
-  // message's handler runs.
+  // message's handler runs, or a kept message's (queued stores only: inline, the caller holds
+  // the device's lock and knows the write is in when the call returns).
   void after_commit(const op& o, bool recorded) {
-    if (o.kind != op_kind::record_dispatched || !on_dispatched_) return;
     try {
-      on_dispatched_(o.id, o.dispatched, recorded);
-    } catch (...) {  // the hub's handler does not throw; a throw loses one answer, not the thread
+      if (o.kind == op_kind::record_dispatched && on_dispatched_) {
+        on_dispatched_(o.id, o.dispatched, recorded);
+      } else if (o.kind == op_kind::append_replay && !inline_calls && on_replay_stored_) {
+        on_replay_stored_(o.id, o.n, recorded);
+      }
+    } catch (...) {  // the hub's handlers do not throw; a throw loses one answer, not the thread
     }
+  }
+  // True when the batch's next op keeps a later message of the same device: its report
+  // speaks for this one too.
+  static bool superseded(const std::deque<op>& batch, std::size_t i) {
+    return batch[i].kind == op_kind::append_replay && i + 1 < batch.size() &&
+           batch[i + 1].kind == op_kind::append_replay && batch[i + 1].id == batch[i].id;
   }
   void failed(std::string_view what, const std::string& id, std::error_code ec) {
     errors_.fetch_add(1, std::memory_order_relaxed);
@@ -10225,7 +10246,13 @@ class write_behind {
         }
       }
       applied_.fetch_add(batch.size(), std::memory_order_release);
-      for (std::size_t i = 0; i < batch.size(); ++i) after_commit(batch[i], ok_[i]);
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        if (!superseded(batch, i)) {
+          after_commit(batch[i], ok_[i]);
+        } else if (!ok_[i]) {
+          ok_[i + 1] = false;  // the report of the run says whether all of it is in
+        }
+      }
       lock.lock();
       applying_ = false;
       drained_.notify_all();  // room for writers waiting on a full queue, and for drain()
@@ -10236,6 +10263,7 @@ class write_behind {
   const std::size_t capacity_;
   store_error_handler on_error_;
   dispatched_handler on_dispatched_;
+  replay_stored_handler on_replay_stored_;
   std::vector<bool> ok_;  // the store thread's: which writes of the batch applying succeeded
   mutable std::mutex mutex_;
   std::condition_variable wake_;
@@ -10257,7 +10285,7 @@ class write_behind {
 
 // ---- begin devgate/device/delivery.hpp ----
 
-#include <algorithm>    // std::max
+#include <algorithm>    // std::max, std::lower_bound
 #include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
@@ -10909,8 +10937,9 @@ struct device_record {
   /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
   /// figures here and writes them behind to the store, so it never reads the store back.
   std::int64_t last_seen_ms;
-  /// The store's write ticket after the last write about this device went offline: the
-  /// registry evicts the record only once the store has applied that far.
+  /// The store's write ticket after the last write about this device that its eviction must
+  /// wait for (it went offline; a change to its kept deliveries): the registry evicts the
+  /// record only once the store has applied that far.
   std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
@@ -10920,6 +10949,9 @@ struct device_record {
     /// The next sequence number; `next_seq - 1` and below were assigned.
     std::uint64_t next_seq = 1;
     std::uint64_t acked = 0;  ///< The highest sequence number the device acknowledged.
+    /// The first kept message waiting for the store's commit before it may be sent (0: none);
+    /// every later one waits with it (`delivery::stored` releases them).
+    std::uint64_t held_from = 0;
     /// Assigned, not yet acknowledged: (sequence number, `deliver` frame), bounded.
     std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
     std::size_t replay_bytes = 0;      ///< Bytes in `replay`.
@@ -10963,9 +10995,12 @@ struct device_record {
   /// of its session wait here, in order, and are handled once the state is in (written by
   /// `protocol_dispatch`).
   struct load_part {
-    bool pending = false;                 ///< The state is not in yet, or parked messages remain.
-    bool requested = false;               ///< A load is queued on the store thread.
-    std::thread::id replayer{};           ///< The thread handling the parked messages now.
+    bool pending = false;        ///< The state is not in yet, or parked messages remain.
+    bool requested = false;      ///< A load is queued on the store thread.
+    std::thread::id replayer{};  ///< The thread handling the parked messages now.
+    /// The stored state is in the record (false from `get_or_create_unloaded` until loaded;
+    /// waited on by whoever must number a delivery: numbering continues from the store's).
+    std::atomic<bool> state_in{true};
     std::vector<inbound_message> parked;  ///< Messages that arrived before the state.
   };
   load_part load;  ///< Its stored state's loading.
@@ -10986,40 +11021,64 @@ namespace devgate::device {
 
 /// What `delivery` reports to a durable store, under the device's mutex so that the store sees
 /// one device's changes in the order they happened: a sequenced message kept (`kept`), and the
-/// kept messages up to a number forgotten (`forgot`: acknowledged or dropped). This one reports
-/// nothing (a store that keeps no replay).
+/// kept messages up to a number forgotten (`forgot`: acknowledged or dropped). `kept` returns
+/// true when the message must wait for the store before it is sent (`delivery::stored` then
+/// releases it). This one reports nothing (a store that keeps no replay) and holds nothing.
 struct no_journal {
-  /// A message numbered `seq` with frame `frame` is kept for the device.
-  void kept(const device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {}
+  /// A message numbered `seq` with frame `frame` is kept for the device: it may go at once.
+  bool kept(device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {
+    return false;
+  }
   /// The device's kept messages numbered `seq` and below are forgotten.
-  void forgot(const device_record&, std::uint64_t /*seq*/) const {}
+  void forgot(device_record&, std::uint64_t /*seq*/) const {}
   /// The device's numbering now continues above `seq` (it had numbers the server had lost).
-  void numbered(const device_record&, std::uint64_t /*seq*/) const {}
+  void numbered(device_record&, std::uint64_t /*seq*/) const {}
 };
 
 /// The journal of a hub whose store keeps replay (`Writer`: its `store::write_behind`): each
 /// change is queued to the store under the device's mutex (a queue push that never waits), so
-/// the store applies one device's changes in the order they happened.
+/// the store applies one device's changes in the order they happened; the record's
+/// `store_ticket` follows, so that it is not evicted before the store has them (a record
+/// loaded again then reads them back).
 template <class Writer>
 struct store_journal {
   Writer& writer;  ///< The hub's way to its store.
-  /// Queues the kept message to the store.
-  void kept(const device_record& rec, std::uint64_t seq, std::string_view frame) const {
-    if constexpr (Writer::durable) (void)writer.append_replay(rec.id, seq, frame);
+  /// Queues the kept message to the store. True when it must wait for the store's commit
+  /// before it is sent (a durable store behind the store thread), so that a device never holds
+  /// a number a crash can take from the store: the writer's replay-stored handler releases it.
+  /// A write dropped for a full queue does not wait (it is counted as a store error).
+  bool kept(device_record& rec, std::uint64_t seq, std::string_view frame) const {
+    if constexpr (Writer::durable && !Writer::calls_inline) {
+      const bool held = !writer.append_replay(rec.id, seq, frame);
+      rec.store_ticket = writer.submitted();
+      return held;
+    } else {
+      if constexpr (Writer::durable) (void)writer.append_replay(rec.id, seq, frame);
+      return false;
+    }
   }
   /// Queues the forgetting to the store.
-  void forgot(const device_record& rec, std::uint64_t seq) const {
-    if constexpr (Writer::durable) (void)writer.forget_replay(rec.id, seq);
+  void forgot(device_record& rec, std::uint64_t seq) const {
+    if constexpr (Writer::durable) {
+      (void)writer.forget_replay(rec.id, seq);
+      rec.store_ticket = writer.submitted();
+    }
   }
   /// Queues the new numbering base to the store (`set_last_seq`).
-  void numbered(const device_record& rec, std::uint64_t seq) const {
+  void numbered(device_record& rec, std::uint64_t seq) const {
     (void)writer.set_last_seq(rec.id, seq);
+    rec.store_ticket = writer.submitted();
   }
 };
 
 /// Delivery to devices: per-device sequence numbers, the replay buffer that keeps sequenced
 /// messages until the device acknowledges them (offline devices included), and each device's
 /// outbox, through which everything sent to the device leaves in the order it was queued.
+///
+/// With a durable store behind a store thread, a sequenced message is sent only once the store
+/// has committed it (`stored`): the journal's `kept` says it must wait, and it and every later
+/// one of the device are held (`held_from`) until then. So a device never holds a number that a
+/// crash took from the store, which the restarted server would give to another message.
 ///
 /// Locking: each method takes the device's mutex (`device_record::mutex`) itself and calls the
 /// transport only after releasing it; `queue_locked` is for a caller that holds the mutex and
@@ -11050,8 +11109,9 @@ class delivery {
 
   /// Gives `data_json` (JSON text) the device's next sequence number and keeps its `deliver`
   /// frame until acknowledged; past the limits the oldest kept message is dropped and counted.
-  /// Sent at once if the device's session said hello. Returns the sequence number.
-  /// `journal` hears of the kept message and of what the bounds dropped (see `no_journal`).
+  /// Sent at once if the device's session said hello (once stored, if the journal holds it).
+  /// Returns the sequence number. `journal` hears of the kept message and of what the bounds
+  /// dropped (see `no_journal`).
   template <class Journal = no_journal>
   std::uint64_t deliver(device_record& rec, std::string_view data_json,
                         const Journal& journal = Journal{}) {
@@ -11064,7 +11124,7 @@ class delivery {
       d.replay_bytes += frame.size();
       replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
-      journal.kept(rec, seq, frame.view());
+      const bool held = journal.kept(rec, seq, frame.view());
       std::uint64_t dropped_through = 0;
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
@@ -11072,7 +11132,11 @@ class delivery {
         drop_oldest_locked(d);
       }
       if (dropped_through != 0) journal.forgot(rec, dropped_through);
-      if (rec.session.id != 0 && rec.session.hello) {
+      if (held) {
+        if (d.held_from == 0) d.held_from = seq;
+      } else if (d.held_from != 0) {
+        release_locked(rec, seq);  // the ones held before it go first
+      } else if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
       }
     }
@@ -11104,7 +11168,14 @@ class delivery {
       } else {
         renumber_above_locked(rec, last_seq);
         journal.forgot(rec, std::numeric_limits<std::uint64_t>::max());
-        for (const auto& [seq, frame] : d.replay) journal.kept(rec, seq, frame.view());
+        d.held_from = 0;
+        for (const auto& [seq, frame] : d.replay) {
+          if (!journal.kept(rec, seq, frame.view())) {
+            d.held_from = 0;  // goes now, with any held before it
+          } else if (d.held_from == 0) {
+            d.held_from = seq;
+          }
+        }
         // The store lost numbers the device has (a crash before they were written): numbering
         // continues above them after the next restart too.
         journal.numbered(rec, d.next_seq - 1);
@@ -11118,7 +11189,10 @@ class delivery {
       if (info.bad_resume) {
         queue_locked(rec, s, payload_kind::text, make_error(error::bad_resume, "hello"));
       }
-      for (const auto& [seq, frame] : d.replay) queue_locked(rec, s, payload_kind::text, frame);
+      for (const auto& [seq, frame] : d.replay) {
+        if (d.held_from != 0 && seq >= d.held_from) break;  // follows once stored
+        queue_locked(rec, s, payload_kind::text, frame);
+      }
       rec.session.hello = true;
     }
     flush(rec);
@@ -11132,7 +11206,11 @@ class delivery {
     std::lock_guard lock(rec.mutex);
     if (rec.session.id != s) return ack_result::not_live;
     auto& d = rec.delivery;
-    if (seq >= d.next_seq || seq < d.acked) return ack_result::out_of_range;
+    // Beyond what was sent: above what is held for the store, if any, else above what was
+    // assigned.
+    if (seq >= (d.held_from != 0 ? d.held_from : d.next_seq) || seq < d.acked) {
+      return ack_result::out_of_range;
+    }
     d.acked = seq;
     forget_through(d, seq);
     journal.forgot(rec, seq);
@@ -11154,6 +11232,18 @@ class delivery {
     if (!d.replay.empty() && d.replay.back().first + 1 > d.next_seq) {
       d.next_seq = d.replay.back().first + 1;
     }
+  }
+
+  /// The store has the device's kept messages numbered `seq` and below (or gave up on them: a
+  /// failed write is counted and the message goes all the same): those held for it are sent, in
+  /// order, if the device's session said hello. From the store thread.
+  void stored(device_record& rec, std::uint64_t seq) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.delivery.held_from == 0 || seq < rec.delivery.held_from) return;
+      release_locked(rec, seq);
+    }
+    flush(rec);
   }
 
   /// Queues `bytes` to session `s` if it is still the device's session, then sends. False if
@@ -11229,6 +11319,7 @@ class delivery {
   /// comes back with the record, so nothing is dropped).
   void drop_replay_locked(device_record& rec, bool counted = true) {
     auto& d = rec.delivery;
+    d.held_from = 0;  // nothing left to hold
     if (!counted) {
       replay_bytes_total_.fetch_sub(d.replay_bytes, std::memory_order_relaxed);
       d.replay.clear();
@@ -11255,6 +11346,20 @@ class delivery {
   static int& handing_off() noexcept {
     thread_local int depth = 0;
     return depth;
+  }
+  // The held messages numbered up to `through` may go: queued to the live session if it said
+  // hello (else they wait in the replay buffer for its resume); later ones stay held.
+  static void release_locked(device_record& rec, std::uint64_t through) {
+    auto& d = rec.delivery;
+    if (rec.session.id != 0 && rec.session.hello) {
+      auto it = std::lower_bound(d.replay.begin(), d.replay.end(), d.held_from,
+                                 [](const std::pair<std::uint64_t, shared_bytes>& e,
+                                    std::uint64_t n) { return e.first < n; });
+      for (; it != d.replay.end() && it->first <= through; ++it) {
+        queue_locked(rec, rec.session.id, payload_kind::text, it->second);
+      }
+    }
+    d.held_from = through + 1 < d.next_seq ? through + 1 : 0;
   }
   void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
     while (!d.replay.empty() && d.replay.front().first <= seq) {
@@ -11476,6 +11581,7 @@ class registry {
     if (auto rec = find(id)) return {std::move(rec), false};
     auto fresh = std::make_shared<device_record>(id, 0, std::string{}, 0);
     fresh->load.pending = true;
+    fresh->load.state_in.store(false, std::memory_order_relaxed);  // not shared yet
     return insert(id, std::move(fresh));
   }
   /// Puts the stored state `st` into a record made by `get_or_create_unloaded`. The caller
@@ -12614,6 +12720,12 @@ struct hub_options {
   /// Called for each store error (operation, device, error), on the thread that met it: log
   /// it. Empty: errors are only counted (`hub_stats::store_errors`).
   store::store_error_handler on_store_error;
+  /// With a durable store that may block (SQLite): called once the store has committed the
+  /// device's `deliver`s numbered `seq` and below (`stored`), or failed to (they are sent all
+  /// the same; the error is counted). From then on a crash cannot lose them: the moment to
+  /// acknowledge them upstream. On the store thread: keep it short. Empty: not called.
+  std::function<void(const std::string& device_id, std::uint64_t seq, bool stored)>
+      on_deliver_stored;
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;
@@ -13195,6 +13307,29 @@ class protocol_dispatch {
 
   // ---- loading a device's state off the network thread ------------------------------------
 
+ public:
+  /// Waits until the stored state of `rec` (made unloaded for a session) is in, queuing its
+  /// load if no session did: a delivery numbered before it would reuse a number the store
+  /// has. Returns at once for a loaded record; without waiting if the store's queue is full
+  /// (counted as a store error). Blocks: not for a network thread, nor for the store thread
+  /// (a store callback), which is the one that loads.
+  void await_state(const registry::record_ptr& rec) {
+    if (rec->load.state_in.load(std::memory_order_acquire)) return;
+    bool queue = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      if (!rec->load.requested) queue = rec->load.requested = true;
+    }
+    if (queue &&
+        !store_.load_async(rec->id, [this, rec](store::device_state&& st) { loaded(*rec, st); })) {
+      std::lock_guard lock(rec->mutex);
+      rec->load.requested = false;
+      return;
+    }
+    rec->load.state_in.wait(false, std::memory_order_acquire);
+  }
+
+ private:
   // Messages a session may send before its device's state is in; past them it is closed with
   // 1013 (a store that slow is overloaded).
   static constexpr std::size_t max_parked = 256;
@@ -13224,6 +13359,8 @@ class protocol_dispatch {
       registry::fill_locked(rec, st);
       restore_locked(rec, st);
     }
+    rec.load.state_in.store(true, std::memory_order_release);
+    rec.load.state_in.notify_all();
     std::vector<inbound_message> batch;
     for (;;) {
       {
@@ -13766,10 +13903,14 @@ class hub {
                Store store = Store{})
       : options_(std::move(options)),
         store_(std::move(store)),
-        writer_(store_, options_.store_queue_capacity, options_.on_store_error,
-                [this](const std::string& id, const store::dispatch_record& r, bool ok) {
-                  dispatch_.recorded(id, r, ok);
-                }),
+        writer_(
+            store_, options_.store_queue_capacity, options_.on_store_error,
+            [this](const std::string& id, const store::dispatch_record& r, bool ok) {
+              dispatch_.recorded(id, r, ok);
+            },
+            [this](const std::string& id, std::uint64_t seq, bool ok) {
+              deliver_stored(id, seq, ok);
+            }),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, writer_,
@@ -13831,7 +13972,9 @@ class hub {
     return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
   }
   /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
-  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id.
+  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id. With a
+  /// durable store it is sent once stored (`hub_options::on_deliver_stored`). May wait for the
+  /// store (a device it must load): not from a network thread, nor from a store callback.
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
     const std::string id(device_id);
@@ -13840,6 +13983,9 @@ class hub {
       auto rec = devices_.get_or_create(
           id, [&] { return writer_.load(id); },
           [this](device_record& r, store::device_state& st) { dispatch_.restore_locked(r, st); });
+      // A device whose session made its record while the store loads it: numbering continues
+      // from the store's, so its state must be in first.
+      if constexpr (!writer_type::calls_inline) dispatch_.await_state(rec);
       seq = delivery_.deliver(*rec, data.dump(), journal());
     }
     bound();
@@ -14002,6 +14148,13 @@ class hub {
     for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
   }
 
+  // A durable store committed the device's deliveries up to `seq` (store thread): those held
+  // for it go to the device, then the host hears of it.
+  void deliver_stored(const std::string& id, std::uint64_t seq, bool ok) {
+    // Evicted meanwhile: the record that comes back loads them from the store.
+    if (auto rec = devices_.find(id)) delivery_.stored(*rec, seq);
+    if (options_.on_deliver_stored) options_.on_deliver_stored(id, seq, ok);
+  }
   // The pipeline's sink: the user's, with (under on_dispatch) each batch's dispatched device
   // messages recorded in the store, whose commit answers them.
   hub_sink<Sink> make_sink(Sink sink) {

@@ -1263,6 +1263,29 @@ struct slow_loading_store {
 }  // namespace
 
 TEST_CASE(
+    "store: a deliver to a device whose stored state is still loading continues the store's "
+    "numbering (attack: it took number 1 again, which the device drops as seen)") {
+  in_process_transport t;
+  slow_loading_store store;
+  dev::hub<in_process_transport, devgate::null_sink, slow_loading_store> hub(t, {}, {}, store);
+  REQUIRE_FALSE(hub.start());
+  auto slow = connect(t, "slow", 5);  // its record is made; the state loads on the store thread
+  auto sending = std::async(std::launch::async, [&] { return hub.send_to("slow", {{"n", 6}}); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  {
+    std::lock_guard lock(store.s->mutex);
+    store.s->open = true;
+  }
+  store.s->cv.notify_all();
+  CHECK(sending.get() == 6);  // the store had 5
+  std::optional<json> d;
+  REQUIRE(eventually([&] { return (d = slow.next("deliver")).has_value(); }));
+  CHECK((*d)["seq"] == 6);
+  CHECK((*d)["data"]["n"] == 6);
+  hub.stop();
+}
+
+TEST_CASE(
     "store: a device whose stored state loads slowly holds up no network thread; its "
     "messages wait for the state, in order (attack)") {
   // The attack: the store takes its time to read one device. Before, the hub read it on the
@@ -1685,6 +1708,97 @@ TEST_CASE(
   store.fail_commits->store(false);
   REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "x"}, {"id", 3}}));
   REQUIRE(eventually([&] { return d.poll(), sent_ids(d.texts)[3] == 1; }));
+  hub.stop();
+}
+
+namespace {
+
+// The shared durable store behind the hub's store thread, whose commits wait while the gate is
+// closed: what the hub does between queuing a write and its commit is what a crash exposes.
+struct gated_commit_store : shared_durable_store {
+  static constexpr bool nonblocking = false;
+  struct gate {
+    std::mutex m;
+    std::condition_variable cv;
+    bool closed = false;
+    void set(bool c) {
+      {
+        std::lock_guard l(m);
+        closed = c;
+      }
+      cv.notify_all();
+    }
+  };
+  std::shared_ptr<gate> g = std::make_shared<gate>();
+  std::error_code begin_batch() { return {}; }
+  std::error_code commit_batch() {
+    std::unique_lock l(g->m);
+    g->cv.wait(l, [&] { return !g->closed; });
+    return {};
+  }
+};
+
+std::vector<std::uint64_t> deliver_seqs(const std::vector<json>& texts) {
+  std::vector<std::uint64_t> out;
+  for (const auto& j : texts) {
+    if (j.value("type", "") == "deliver") out.push_back(j["seq"].get<std::uint64_t>());
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "durable store: a deliver reaches the device only once the store committed it (attack: a "
+    "crash between the two would let the restarted server reuse its number)") {
+  in_process_transport t;
+  gated_commit_store store;
+  std::mutex m;
+  std::vector<std::pair<std::string, std::uint64_t>> stored;  // on_deliver_stored's reports
+  dev::hub_options o;
+  o.on_deliver_stored = [&](const std::string& id, std::uint64_t seq, bool ok) {
+    std::lock_guard l(m);
+    if (ok) stored.emplace_back(id, seq);
+  };
+  dev::hub<in_process_transport, devgate::null_sink, gated_commit_store> hub(t, {}, o, store);
+  // A failed check leaves through here: the gate opens before the hub drains its store thread.
+  struct open_on_exit {
+    gated_commit_store& s;
+    ~open_on_exit() { s.g->set(false); }
+  } guard{store};
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "patient");
+  REQUIRE(eventually([&] { return d.poll(), !d.texts.empty(); }));
+
+  store.g->set(true);  // the disk is slow: nothing commits
+  CHECK(hub.send_to("patient", {{"n", 1}}) == 1);
+  CHECK(hub.send_to("patient", {{"n", 2}}) == 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  d.poll();
+  CHECK(deliver_seqs(d.texts).empty());  // not before the store has it
+  // Acknowledging what was not sent is out of range, and forgets nothing.
+  REQUIRE_FALSE(d.send({{"type", "ack"}, {"seq", 2}}));
+  REQUIRE(eventually([&] { return d.next("error").has_value(); }));
+  store.g->set(false);
+  REQUIRE(eventually([&] { return d.poll(), deliver_seqs(d.texts).size() == 2; }));
+  CHECK(deliver_seqs(d.texts) == std::vector<std::uint64_t>{1, 2});
+  REQUIRE(eventually([&] {
+    std::lock_guard l(m);
+    return !stored.empty() && stored.back() == std::pair<std::string, std::uint64_t>("patient", 2);
+  }));
+
+  // A device that resumes while its next deliver waits for the store: the welcome replays
+  // what is stored, the rest follows the commit, in order.
+  store.g->set(true);
+  CHECK(hub.send_to("patient", {{"n", 3}}) == 3);
+  auto again = connect(t, "patient", 1);  // it acknowledged 1 only
+  REQUIRE(eventually([&] { return again.poll(), !again.texts.empty(); }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  again.poll();
+  CHECK(deliver_seqs(again.texts) == std::vector<std::uint64_t>{2});
+  store.g->set(false);
+  REQUIRE(eventually([&] { return again.poll(), deliver_seqs(again.texts).size() == 2; }));
+  CHECK(deliver_seqs(again.texts) == std::vector<std::uint64_t>{2, 3});
   hub.stop();
 }
 

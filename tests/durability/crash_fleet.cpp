@@ -38,6 +38,7 @@ struct device {
   std::unique_ptr<asio::steady_timer> retry;
   std::uint64_t next_id = 1;                // the id of the next new send
   std::vector<std::uint64_t> delivers;      // sequence numbers, in the order received
+  std::vector<std::string> tokens;          // their data's tokens, in the same order
   std::uint64_t last_messages_sent = 0;     // from the last `sent`
   std::uint64_t welcome_messages_sent = 0;  // from the last welcome
   std::uint64_t verified = 0;               // firmware updates verified
@@ -77,8 +78,9 @@ int main(int argc, char** argv) {
     d.name = name;
     d.client = std::make_unique<devgate::client::device_client>(ioc, o);
     d.retry = std::make_unique<asio::steady_timer>(ioc);
-    d.client->on_deliver = [&d](std::uint64_t seq, const nlohmann::json&) {
+    d.client->on_deliver = [&d](std::uint64_t seq, const nlohmann::json& j) {
       d.delivers.push_back(seq);
+      d.tokens.push_back(j["data"].value("token", ""));
       d.last_deliver = std::chrono::steady_clock::now();
     };
     d.client->on_welcome = [&d](const nlohmann::json& w) {
@@ -145,6 +147,7 @@ int main(int argc, char** argv) {
                        {"unacknowledged", d.client->unacknowledged()},
                        {"unacknowledged_dropped", d.client->unacknowledged_dropped()},
                        {"delivers", d.delivers},
+                       {"tokens", d.tokens},
                        {"duplicates", d.client->duplicates()},
                        {"last_messages_sent", d.last_messages_sent},
                        {"welcome_messages_sent", d.welcome_messages_sent},

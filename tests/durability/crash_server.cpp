@@ -4,9 +4,14 @@
 //
 //   devgate_crash_server --port N --state-dir DIR [--sync normal|full] [--deliver-every-ms N]
 //                        [--devices N] [--image-size N] [--ack on_dispatch|on_accept]
+//                        [--journal FILE]
 //
 // It rolls firmware 2.0 out (unless the store brings a rollout back), and sends each device
-// `deliver`s, one device after the other, every --deliver-every-ms. GET /quiesce stops the
+// `deliver`s, one device after the other, every --deliver-every-ms, each with a token unique
+// over every run ("<pid>-<n>"). With --journal, it appends to FILE "A <pid> <device> <seq>
+// <token>" for each deliver assigned and "S <pid> <device> <seq>" each time the store has
+// committed the device's deliveries up to seq (hub_options::on_deliver_stored), so the test
+// can check that every committed deliver reached its device once. GET /quiesce stops the
 // deliveries (the test's last phase); GET /status answers the hub's figures as JSON.
 // Prints "listening on <port>" once ready; stops on SIGINT/SIGTERM (the test kills it -9).
 
@@ -17,11 +22,14 @@
 #include <chrono>      // the delivery pace
 #include <cstddef>     // std::byte
 #include <cstdint>     // counters
-#include <cstdio>      // std::printf
+#include <cstdio>      // std::printf, the journal
 #include <filesystem>  // the state directory
+#include <mutex>       // the journal
 #include <string>      // ids
 #include <thread>      // the delivery thread
 #include <vector>      // the image
+
+#include <unistd.h>  // getpid
 
 #include "devgate/core/stop_signals.hpp"
 #include "devgate/device/device_id.hpp"
@@ -60,6 +68,7 @@ int main(int argc, char** argv) {
   std::size_t devices = 1000;
   std::size_t image_size = 256 * 1024;
   std::string ack = "on_dispatch";
+  std::string journal_path;
   app.add_option("--port", port, "TCP port")->required();
   app.add_option("--state-dir", state_dir, "directory of the SQLite database")->required();
   app.add_option("--sync", sync, "SQLite synchronous level")
@@ -69,7 +78,17 @@ int main(int argc, char** argv) {
   app.add_option("--image-size", image_size, "bytes of the firmware image");
   app.add_option("--ack", ack, "ack policy (on_accept shows what the test catches)")
       ->check(CLI::IsMember({"on_accept", "on_dispatch"}));
+  app.add_option("--journal", journal_path, "file to append assigned and stored deliveries to");
   CLI11_PARSE(app, argc, argv);
+
+  // Each line is flushed (a write(2)): a kill -9 keeps what was written.
+  std::FILE* journal = journal_path.empty() ? nullptr : std::fopen(journal_path.c_str(), "a");
+  if (!journal_path.empty() && journal == nullptr) {
+    std::fprintf(stderr, "devgate_crash_server: cannot open %s\n", journal_path.c_str());
+    return 1;
+  }
+  std::mutex journal_mutex;
+  const long pid = static_cast<long>(::getpid());
 
   devgate::stop_signals stop;
   std::filesystem::create_directories(state_dir);
@@ -117,6 +136,12 @@ int main(int argc, char** argv) {
   ho.chunk_size = 4 * 1024;
   ho.max_replay_messages = 100'000;  // nothing dropped: the test checks every deliver
   ho.max_replay_bytes = 64u << 20;
+  ho.on_deliver_stored = [&](const std::string& id, std::uint64_t seq, bool stored) {
+    std::lock_guard lock(journal_mutex);
+    if (journal == nullptr || !stored) return;
+    std::fprintf(journal, "S %ld %s %llu\n", pid, id.c_str(), static_cast<unsigned long long>(seq));
+    std::fflush(journal);
+  };
   ho.on_store_error = [](std::string_view op, const std::string& id, std::error_code ec) {
     std::fprintf(stderr, "store error: %.*s %s: %s\n", static_cast<int>(op.size()), op.data(),
                  id.c_str(), ec.message().c_str());
@@ -143,8 +168,18 @@ int main(int argc, char** argv) {
     while (!done.load() && deliver_every_ms != 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(deliver_every_ms));
       if (quiesced.load()) continue;
-      const auto id = device_name(next++ % devices);
-      hub.send_to(id, {{"from", "crash_server"}, {"device", id}});
+      const auto id = device_name(next % devices);
+      const auto token = std::to_string(pid) + "-" + std::to_string(next++);
+      const auto seq =
+          hub.send_to(id, {{"from", "crash_server"}, {"device", id}, {"token", token}});
+      {
+        std::lock_guard lock(journal_mutex);
+        if (journal != nullptr) {
+          std::fprintf(journal, "A %ld %s %llu %s\n", pid, id.c_str(),
+                       static_cast<unsigned long long>(seq), token.c_str());
+          std::fflush(journal);
+        }
+      }
     }
   });
   stop.wait();
@@ -152,5 +187,10 @@ int main(int argc, char** argv) {
   deliverer.join();
   hub_ptr = nullptr;
   hub.stop();
+  {
+    std::lock_guard lock(journal_mutex);  // the store thread may still report (~hub drains it)
+    if (journal != nullptr) std::fclose(journal);
+    journal = nullptr;
+  }
   return 0;
 }

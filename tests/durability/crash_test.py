@@ -12,6 +12,8 @@ report:
   - each device's stored messages_sent equals the messages it was acknowledged;
   - each device received every `deliver` the server assigned, in order, with no gap and no
     duplicate, and nothing is left unacknowledged in the store;
+  - by their data: every deliver whose commit the server reported (its journal) reached its
+    device, and no device received the same data twice (under one number or another);
   - the rollout resumed where devices had acknowledged (no device had to restart a transfer
     from byte 0 for lack of bytes, every device verified the right image).
 """
@@ -41,10 +43,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(binary, port, state_dir, log, ack):
+def start_server(binary, port, state_dir, log, ack, journal):
     p = subprocess.Popen([binary, "--port", str(port), "--state-dir", state_dir,
                           "--devices", str(DEVICES), "--image-size", str(IMAGE_SIZE),
-                          "--ack", ack],
+                          "--ack", ack, "--journal", journal],
                          stdout=subprocess.PIPE, stderr=log, text=True)
     line = p.stdout.readline()
     if not line.startswith("listening on"):
@@ -79,8 +81,9 @@ def main():
     state_dir = os.path.join(work, "state")
     report_path = os.path.join(work, "report.json")
     server_log = open(os.path.join(work, "server.log"), "w")
+    journal = os.path.join(work, "journal.log")
     port = free_port()
-    server = start_server(args.server, port, state_dir, server_log, args.ack)
+    server = start_server(args.server, port, state_dir, server_log, args.ack, journal)
     fleet = subprocess.Popen([args.fleet, "--port", str(port), "--devices", str(DEVICES),
                               "--report", report_path], stdin=subprocess.PIPE, text=True)
     failures = []
@@ -96,7 +99,7 @@ def main():
                   f"{before.get('transferring')} transferring",
                   flush=True)
             time.sleep(rng.uniform(0.05, 0.5))
-            server = start_server(args.server, port, state_dir, server_log, args.ack)
+            server = start_server(args.server, port, state_dir, server_log, args.ack, journal)
         time.sleep(2.0)
         get(port, "/quiesce")
         fleet.stdin.write("finish\n")
@@ -118,10 +121,26 @@ def main():
             failures.append("the server did not stop on SIGTERM")
 
     report = json.load(open(report_path))
+    # The server's journal: tokens assigned per (run, device, seq), and per (run, device) the
+    # highest seq whose commit was reported.
+    assigned = {}
+    stored_through = {}
+    with open(journal) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 5 and parts[0] == "A":
+                assigned.setdefault((parts[1], parts[2]), []).append((int(parts[3]), parts[4]))
+            elif len(parts) == 4 and parts[0] == "S":
+                key = (parts[1], parts[2])
+                stored_through[key] = max(stored_through.get(key, 0), int(parts[3]))
+    committed = {}  # device -> tokens whose commit was reported
+    for (run, name), pairs in assigned.items():
+        through = stored_through.get((run, name), 0)
+        committed.setdefault(name, []).extend(tok for seq, tok in pairs if seq <= through)
     db = sqlite3.connect(os.path.join(state_dir, "devgate.db"))
     sha = expected_sha()
     chunks_per_image = (IMAGE_SIZE + CHUNK - 1) // CHUNK
-    total_sent = total_chunks = total_delivers = 0
+    total_sent = total_chunks = total_delivers = total_committed = 0
     for name, d in sorted(report.items()):
         sent = d["sent"]
         total_sent += sent
@@ -145,6 +164,15 @@ def main():
         total_delivers += len(seqs)
         if seqs != list(range(1, len(seqs) + 1)):
             failures.append(f"{name}: delivers out of order or with gaps: {seqs[:20]}...")
+        tokens = d["tokens"]
+        if len(tokens) != len(set(tokens)):
+            failures.append(f"{name}: {len(tokens) - len(set(tokens))} delivers received twice "
+                            "(the same data under another number)")
+        lost = set(committed.get(name, [])) - set(tokens)
+        total_committed += len(committed.get(name, []))
+        if lost:
+            failures.append(f"{name}: {len(lost)} committed delivers never received: "
+                            f"{sorted(lost)[:5]}")
         kept = db.execute("SELECT COUNT(*) FROM replay WHERE device = ?", (name,)).fetchone()[0]
         if kept:
             failures.append(f"{name}: {kept} delivers still unacknowledged in the store")
@@ -157,11 +185,14 @@ def main():
                             f"sha {d['sha256'][:12]}")
         if d["firmware_restarts"]:
             failures.append(f"{name}: {d['firmware_restarts']} transfers restarted from 0")
+    if total_committed == 0:
+        failures.append("the server's journal reports no committed deliver: nothing was checked")
     # Resumed, not restarted: each kill re-sends at most a window of chunks per transfer.
     if total_chunks > DEVICES * chunks_per_image * 2:
         failures.append(f"{total_chunks} chunks for {DEVICES} devices of {chunks_per_image}: "
                         "transfers restarted instead of resuming")
-    print(f"{len(report)} devices, {total_sent} messages acknowledged, {total_delivers} delivers, "
+    print(f"{len(report)} devices, {total_sent} messages acknowledged, {total_delivers} delivers "
+          f"({total_committed} reported committed), "
           f"{total_chunks} chunks ({DEVICES * chunks_per_image} without kills), "
           f"{args.kills} kills", flush=True)
     for f in failures[:40]:

@@ -1,6 +1,6 @@
 #pragma once
 
-#include <algorithm>    // std::max
+#include <algorithm>    // std::max, std::lower_bound
 #include <atomic>       // drop count, hand-off progress
 #include <cstddef>      // std::size_t
 #include <cstdint>      // sequence numbers
@@ -19,40 +19,64 @@ namespace devgate::device {
 
 /// What `delivery` reports to a durable store, under the device's mutex so that the store sees
 /// one device's changes in the order they happened: a sequenced message kept (`kept`), and the
-/// kept messages up to a number forgotten (`forgot`: acknowledged or dropped). This one reports
-/// nothing (a store that keeps no replay).
+/// kept messages up to a number forgotten (`forgot`: acknowledged or dropped). `kept` returns
+/// true when the message must wait for the store before it is sent (`delivery::stored` then
+/// releases it). This one reports nothing (a store that keeps no replay) and holds nothing.
 struct no_journal {
-  /// A message numbered `seq` with frame `frame` is kept for the device.
-  void kept(const device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {}
+  /// A message numbered `seq` with frame `frame` is kept for the device: it may go at once.
+  bool kept(device_record&, std::uint64_t /*seq*/, std::string_view /*frame*/) const {
+    return false;
+  }
   /// The device's kept messages numbered `seq` and below are forgotten.
-  void forgot(const device_record&, std::uint64_t /*seq*/) const {}
+  void forgot(device_record&, std::uint64_t /*seq*/) const {}
   /// The device's numbering now continues above `seq` (it had numbers the server had lost).
-  void numbered(const device_record&, std::uint64_t /*seq*/) const {}
+  void numbered(device_record&, std::uint64_t /*seq*/) const {}
 };
 
 /// The journal of a hub whose store keeps replay (`Writer`: its `store::write_behind`): each
 /// change is queued to the store under the device's mutex (a queue push that never waits), so
-/// the store applies one device's changes in the order they happened.
+/// the store applies one device's changes in the order they happened; the record's
+/// `store_ticket` follows, so that it is not evicted before the store has them (a record
+/// loaded again then reads them back).
 template <class Writer>
 struct store_journal {
   Writer& writer;  ///< The hub's way to its store.
-  /// Queues the kept message to the store.
-  void kept(const device_record& rec, std::uint64_t seq, std::string_view frame) const {
-    if constexpr (Writer::durable) (void)writer.append_replay(rec.id, seq, frame);
+  /// Queues the kept message to the store. True when it must wait for the store's commit
+  /// before it is sent (a durable store behind the store thread), so that a device never holds
+  /// a number a crash can take from the store: the writer's replay-stored handler releases it.
+  /// A write dropped for a full queue does not wait (it is counted as a store error).
+  bool kept(device_record& rec, std::uint64_t seq, std::string_view frame) const {
+    if constexpr (Writer::durable && !Writer::calls_inline) {
+      const bool held = !writer.append_replay(rec.id, seq, frame);
+      rec.store_ticket = writer.submitted();
+      return held;
+    } else {
+      if constexpr (Writer::durable) (void)writer.append_replay(rec.id, seq, frame);
+      return false;
+    }
   }
   /// Queues the forgetting to the store.
-  void forgot(const device_record& rec, std::uint64_t seq) const {
-    if constexpr (Writer::durable) (void)writer.forget_replay(rec.id, seq);
+  void forgot(device_record& rec, std::uint64_t seq) const {
+    if constexpr (Writer::durable) {
+      (void)writer.forget_replay(rec.id, seq);
+      rec.store_ticket = writer.submitted();
+    }
   }
   /// Queues the new numbering base to the store (`set_last_seq`).
-  void numbered(const device_record& rec, std::uint64_t seq) const {
+  void numbered(device_record& rec, std::uint64_t seq) const {
     (void)writer.set_last_seq(rec.id, seq);
+    rec.store_ticket = writer.submitted();
   }
 };
 
 /// Delivery to devices: per-device sequence numbers, the replay buffer that keeps sequenced
 /// messages until the device acknowledges them (offline devices included), and each device's
 /// outbox, through which everything sent to the device leaves in the order it was queued.
+///
+/// With a durable store behind a store thread, a sequenced message is sent only once the store
+/// has committed it (`stored`): the journal's `kept` says it must wait, and it and every later
+/// one of the device are held (`held_from`) until then. So a device never holds a number that a
+/// crash took from the store, which the restarted server would give to another message.
 ///
 /// Locking: each method takes the device's mutex (`device_record::mutex`) itself and calls the
 /// transport only after releasing it; `queue_locked` is for a caller that holds the mutex and
@@ -83,8 +107,9 @@ class delivery {
 
   /// Gives `data_json` (JSON text) the device's next sequence number and keeps its `deliver`
   /// frame until acknowledged; past the limits the oldest kept message is dropped and counted.
-  /// Sent at once if the device's session said hello. Returns the sequence number.
-  /// `journal` hears of the kept message and of what the bounds dropped (see `no_journal`).
+  /// Sent at once if the device's session said hello (once stored, if the journal holds it).
+  /// Returns the sequence number. `journal` hears of the kept message and of what the bounds
+  /// dropped (see `no_journal`).
   template <class Journal = no_journal>
   std::uint64_t deliver(device_record& rec, std::string_view data_json,
                         const Journal& journal = Journal{}) {
@@ -97,7 +122,7 @@ class delivery {
       d.replay_bytes += frame.size();
       replay_bytes_total_.fetch_add(frame.size(), std::memory_order_relaxed);
       d.replay.emplace_back(seq, frame);
-      journal.kept(rec, seq, frame.view());
+      const bool held = journal.kept(rec, seq, frame.view());
       std::uint64_t dropped_through = 0;
       while (d.replay.size() > 1 &&
              (d.replay.size() > max_replay_messages_ || d.replay_bytes > max_replay_bytes_)) {
@@ -105,7 +130,11 @@ class delivery {
         drop_oldest_locked(d);
       }
       if (dropped_through != 0) journal.forgot(rec, dropped_through);
-      if (rec.session.id != 0 && rec.session.hello) {
+      if (held) {
+        if (d.held_from == 0) d.held_from = seq;
+      } else if (d.held_from != 0) {
+        release_locked(rec, seq);  // the ones held before it go first
+      } else if (rec.session.id != 0 && rec.session.hello) {
         queue_locked(rec, rec.session.id, payload_kind::text, std::move(frame));
       }
     }
@@ -137,7 +166,14 @@ class delivery {
       } else {
         renumber_above_locked(rec, last_seq);
         journal.forgot(rec, std::numeric_limits<std::uint64_t>::max());
-        for (const auto& [seq, frame] : d.replay) journal.kept(rec, seq, frame.view());
+        d.held_from = 0;
+        for (const auto& [seq, frame] : d.replay) {
+          if (!journal.kept(rec, seq, frame.view())) {
+            d.held_from = 0;  // goes now, with any held before it
+          } else if (d.held_from == 0) {
+            d.held_from = seq;
+          }
+        }
         // The store lost numbers the device has (a crash before they were written): numbering
         // continues above them after the next restart too.
         journal.numbered(rec, d.next_seq - 1);
@@ -151,7 +187,10 @@ class delivery {
       if (info.bad_resume) {
         queue_locked(rec, s, payload_kind::text, make_error(error::bad_resume, "hello"));
       }
-      for (const auto& [seq, frame] : d.replay) queue_locked(rec, s, payload_kind::text, frame);
+      for (const auto& [seq, frame] : d.replay) {
+        if (d.held_from != 0 && seq >= d.held_from) break;  // follows once stored
+        queue_locked(rec, s, payload_kind::text, frame);
+      }
       rec.session.hello = true;
     }
     flush(rec);
@@ -165,7 +204,11 @@ class delivery {
     std::lock_guard lock(rec.mutex);
     if (rec.session.id != s) return ack_result::not_live;
     auto& d = rec.delivery;
-    if (seq >= d.next_seq || seq < d.acked) return ack_result::out_of_range;
+    // Beyond what was sent: above what is held for the store, if any, else above what was
+    // assigned.
+    if (seq >= (d.held_from != 0 ? d.held_from : d.next_seq) || seq < d.acked) {
+      return ack_result::out_of_range;
+    }
     d.acked = seq;
     forget_through(d, seq);
     journal.forgot(rec, seq);
@@ -187,6 +230,18 @@ class delivery {
     if (!d.replay.empty() && d.replay.back().first + 1 > d.next_seq) {
       d.next_seq = d.replay.back().first + 1;
     }
+  }
+
+  /// The store has the device's kept messages numbered `seq` and below (or gave up on them: a
+  /// failed write is counted and the message goes all the same): those held for it are sent, in
+  /// order, if the device's session said hello. From the store thread.
+  void stored(device_record& rec, std::uint64_t seq) {
+    {
+      std::lock_guard lock(rec.mutex);
+      if (rec.delivery.held_from == 0 || seq < rec.delivery.held_from) return;
+      release_locked(rec, seq);
+    }
+    flush(rec);
   }
 
   /// Queues `bytes` to session `s` if it is still the device's session, then sends. False if
@@ -262,6 +317,7 @@ class delivery {
   /// comes back with the record, so nothing is dropped).
   void drop_replay_locked(device_record& rec, bool counted = true) {
     auto& d = rec.delivery;
+    d.held_from = 0;  // nothing left to hold
     if (!counted) {
       replay_bytes_total_.fetch_sub(d.replay_bytes, std::memory_order_relaxed);
       d.replay.clear();
@@ -288,6 +344,20 @@ class delivery {
   static int& handing_off() noexcept {
     thread_local int depth = 0;
     return depth;
+  }
+  // The held messages numbered up to `through` may go: queued to the live session if it said
+  // hello (else they wait in the replay buffer for its resume); later ones stay held.
+  static void release_locked(device_record& rec, std::uint64_t through) {
+    auto& d = rec.delivery;
+    if (rec.session.id != 0 && rec.session.hello) {
+      auto it = std::lower_bound(d.replay.begin(), d.replay.end(), d.held_from,
+                                 [](const std::pair<std::uint64_t, shared_bytes>& e,
+                                    std::uint64_t n) { return e.first < n; });
+      for (; it != d.replay.end() && it->first <= through; ++it) {
+        queue_locked(rec, rec.session.id, payload_kind::text, it->second);
+      }
+    }
+    d.held_from = through + 1 < d.next_seq ? through + 1 : 0;
   }
   void forget_through(device_record::delivery_part& d, std::uint64_t seq) {
     while (!d.replay.empty() && d.replay.front().first <= seq) {

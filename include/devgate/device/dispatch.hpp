@@ -352,6 +352,29 @@ class protocol_dispatch {
 
   // ---- loading a device's state off the network thread ------------------------------------
 
+ public:
+  /// Waits until the stored state of `rec` (made unloaded for a session) is in, queuing its
+  /// load if no session did: a delivery numbered before it would reuse a number the store
+  /// has. Returns at once for a loaded record; without waiting if the store's queue is full
+  /// (counted as a store error). Blocks: not for a network thread, nor for the store thread
+  /// (a store callback), which is the one that loads.
+  void await_state(const registry::record_ptr& rec) {
+    if (rec->load.state_in.load(std::memory_order_acquire)) return;
+    bool queue = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      if (!rec->load.requested) queue = rec->load.requested = true;
+    }
+    if (queue &&
+        !store_.load_async(rec->id, [this, rec](store::device_state&& st) { loaded(*rec, st); })) {
+      std::lock_guard lock(rec->mutex);
+      rec->load.requested = false;
+      return;
+    }
+    rec->load.state_in.wait(false, std::memory_order_acquire);
+  }
+
+ private:
   // Messages a session may send before its device's state is in; past them it is closed with
   // 1013 (a store that slow is overloaded).
   static constexpr std::size_t max_parked = 256;
@@ -381,6 +404,8 @@ class protocol_dispatch {
       registry::fill_locked(rec, st);
       restore_locked(rec, st);
     }
+    rec.load.state_in.store(true, std::memory_order_release);
+    rec.load.state_in.notify_all();
     std::vector<inbound_message> batch;
     for (;;) {
       {

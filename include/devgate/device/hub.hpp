@@ -74,10 +74,14 @@ class hub {
                Store store = Store{})
       : options_(std::move(options)),
         store_(std::move(store)),
-        writer_(store_, options_.store_queue_capacity, options_.on_store_error,
-                [this](const std::string& id, const store::dispatch_record& r, bool ok) {
-                  dispatch_.recorded(id, r, ok);
-                }),
+        writer_(
+            store_, options_.store_queue_capacity, options_.on_store_error,
+            [this](const std::string& id, const store::dispatch_record& r, bool ok) {
+              dispatch_.recorded(id, r, ok);
+            },
+            [this](const std::string& id, std::uint64_t seq, bool ok) {
+              deliver_stored(id, seq, ok);
+            }),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, writer_,
@@ -139,7 +143,9 @@ class hub {
     return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
   }
   /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
-  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id.
+  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id. With a
+  /// durable store it is sent once stored (`hub_options::on_deliver_stored`). May wait for the
+  /// store (a device it must load): not from a network thread, nor from a store callback.
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
     const std::string id(device_id);
@@ -148,6 +154,9 @@ class hub {
       auto rec = devices_.get_or_create(
           id, [&] { return writer_.load(id); },
           [this](device_record& r, store::device_state& st) { dispatch_.restore_locked(r, st); });
+      // A device whose session made its record while the store loads it: numbering continues
+      // from the store's, so its state must be in first.
+      if constexpr (!writer_type::calls_inline) dispatch_.await_state(rec);
       seq = delivery_.deliver(*rec, data.dump(), journal());
     }
     bound();
@@ -310,6 +319,13 @@ class hub {
     for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
   }
 
+  // A durable store committed the device's deliveries up to `seq` (store thread): those held
+  // for it go to the device, then the host hears of it.
+  void deliver_stored(const std::string& id, std::uint64_t seq, bool ok) {
+    // Evicted meanwhile: the record that comes back loads them from the store.
+    if (auto rec = devices_.find(id)) delivery_.stored(*rec, seq);
+    if (options_.on_deliver_stored) options_.on_deliver_stored(id, seq, ok);
+  }
   // The pipeline's sink: the user's, with (under on_dispatch) each batch's dispatched device
   // messages recorded in the store, whose commit answers them.
   hub_sink<Sink> make_sink(Sink sink) {

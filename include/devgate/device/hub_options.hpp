@@ -68,6 +68,12 @@ struct hub_options {
   /// Called for each store error (operation, device, error), on the thread that met it: log
   /// it. Empty: errors are only counted (`hub_stats::store_errors`).
   store::store_error_handler on_store_error;
+  /// With a durable store that may block (SQLite): called once the store has committed the
+  /// device's `deliver`s numbered `seq` and below (`stored`), or failed to (they are sent all
+  /// the same; the error is counted). From then on a crash cannot lose them: the moment to
+  /// acknowledge them upstream. On the store thread: keep it short. Empty: not called.
+  std::function<void(const std::string& device_id, std::uint64_t seq, bool stored)>
+      on_deliver_stored;
   /// Largest message (text or binary) a device may send (error `too_big` past it). The
   /// WebSocket layer's own limit (reader_limits::max_message_size, close 1009) applies first.
   std::size_t max_message_bytes = 64u << 10;

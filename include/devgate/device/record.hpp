@@ -62,8 +62,9 @@ struct device_record {
   /// Unix time (ms) the device was last seen (hello, close); 0: never. The hub keeps the live
   /// figures here and writes them behind to the store, so it never reads the store back.
   std::int64_t last_seen_ms;
-  /// The store's write ticket after the last write about this device went offline: the
-  /// registry evicts the record only once the store has applied that far.
+  /// The store's write ticket after the last write about this device that its eviction must
+  /// wait for (it went offline; a change to its kept deliveries): the registry evicts the
+  /// record only once the store has applied that far.
   std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
@@ -73,6 +74,9 @@ struct device_record {
     /// The next sequence number; `next_seq - 1` and below were assigned.
     std::uint64_t next_seq = 1;
     std::uint64_t acked = 0;  ///< The highest sequence number the device acknowledged.
+    /// The first kept message waiting for the store's commit before it may be sent (0: none);
+    /// every later one waits with it (`delivery::stored` releases them).
+    std::uint64_t held_from = 0;
     /// Assigned, not yet acknowledged: (sequence number, `deliver` frame), bounded.
     std::deque<std::pair<std::uint64_t, shared_bytes>> replay;
     std::size_t replay_bytes = 0;      ///< Bytes in `replay`.
@@ -116,9 +120,12 @@ struct device_record {
   /// of its session wait here, in order, and are handled once the state is in (written by
   /// `protocol_dispatch`).
   struct load_part {
-    bool pending = false;                 ///< The state is not in yet, or parked messages remain.
-    bool requested = false;               ///< A load is queued on the store thread.
-    std::thread::id replayer{};           ///< The thread handling the parked messages now.
+    bool pending = false;        ///< The state is not in yet, or parked messages remain.
+    bool requested = false;      ///< A load is queued on the store thread.
+    std::thread::id replayer{};  ///< The thread handling the parked messages now.
+    /// The stored state is in the record (false from `get_or_create_unloaded` until loaded;
+    /// waited on by whoever must number a delivery: numbering continues from the store's).
+    std::atomic<bool> state_in{true};
     std::vector<inbound_message> parked;  ///< Messages that arrived before the state.
   };
   load_part load;  ///< Its stored state's loading.

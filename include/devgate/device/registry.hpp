@@ -77,6 +77,7 @@ class registry {
     if (auto rec = find(id)) return {std::move(rec), false};
     auto fresh = std::make_shared<device_record>(id, 0, std::string{}, 0);
     fresh->load.pending = true;
+    fresh->load.state_in.store(false, std::memory_order_relaxed);  // not shared yet
     return insert(id, std::move(fresh));
   }
   /// Puts the stored state `st` into a record made by `get_or_create_unloaded`. The caller

@@ -28,6 +28,14 @@ namespace devgate::store {
 using dispatched_handler =
     std::function<void(const std::string& id, const dispatch_record&, bool recorded)>;
 
+/// Called once the store has applied a kept sequenced message (`append_replay`) of a store that
+/// may block, with the device id, its sequence number, and whether it is in the store (as for
+/// `dispatched_handler`). Of several consecutive ones of the same device in a batch, only the last
+/// is reported, for all of them (stored: all of them are). On
+/// the store thread; never for a non-blocking store (its writes are in when the call returns).
+using replay_stored_handler =
+    std::function<void(const std::string& id, std::uint64_t seq, bool stored)>;
+
 /// Called for each store error: the operation (`"load"`, `"touch"`, ...), the device and the
 /// error (`std::errc::io_error` for an exception the store threw, `std::errc::no_buffer_space`
 /// for a write dropped because the queue was full).
@@ -52,13 +60,14 @@ template <class Store>
 class write_behind {
  public:
   /// Calls to `store` (referenced: it outlives this). `capacity` bounds queued writes;
-  /// `on_error` and `on_dispatched` may be empty.
+  /// `on_error`, `on_dispatched` and `on_replay_stored` may be empty.
   write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {},
-               dispatched_handler on_dispatched = {})
+               dispatched_handler on_dispatched = {}, replay_stored_handler on_replay_stored = {})
       : store_(store),
         capacity_(capacity),
         on_error_(std::move(on_error)),
-        on_dispatched_(std::move(on_dispatched)) {
+        on_dispatched_(std::move(on_dispatched)),
+        on_replay_stored_(std::move(on_replay_stored)) {
     if constexpr (!inline_calls) thread_ = std::thread([this] { run(); });
   }
   write_behind(const write_behind&) = delete;
@@ -138,7 +147,9 @@ class write_behind {
   /// True when the store keeps replay, dispatch windows and the rollout
   /// (`durable_state_store`); the calls below do nothing for any other store.
   static constexpr bool durable = durable_state_store<Store>;
-  /// Keeps a sequenced message (`frame`, numbered `seq`) for the device (durable stores only).
+  /// Keeps a sequenced message (`frame`, numbered `seq`) for the device (durable stores only);
+  /// the replay-stored handler hears of it after its batch's commit (a store that may block).
+  /// An error: the write was dropped (queue full), and the handler will not hear of it.
   std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view frame) {
     if constexpr (!durable) {
       return {};
@@ -366,13 +377,23 @@ class write_behind {
     return ec;
   }
   // After the op's batch committed (`recorded`: it and its commit succeeded): a dispatched
-  // message's handler runs.
+  // message's handler runs, or a kept message's (queued stores only: inline, the caller holds
+  // the device's lock and knows the write is in when the call returns).
   void after_commit(const op& o, bool recorded) {
-    if (o.kind != op_kind::record_dispatched || !on_dispatched_) return;
     try {
-      on_dispatched_(o.id, o.dispatched, recorded);
-    } catch (...) {  // the hub's handler does not throw; a throw loses one answer, not the thread
+      if (o.kind == op_kind::record_dispatched && on_dispatched_) {
+        on_dispatched_(o.id, o.dispatched, recorded);
+      } else if (o.kind == op_kind::append_replay && !inline_calls && on_replay_stored_) {
+        on_replay_stored_(o.id, o.n, recorded);
+      }
+    } catch (...) {  // the hub's handlers do not throw; a throw loses one answer, not the thread
     }
+  }
+  // True when the batch's next op keeps a later message of the same device: its report
+  // speaks for this one too.
+  static bool superseded(const std::deque<op>& batch, std::size_t i) {
+    return batch[i].kind == op_kind::append_replay && i + 1 < batch.size() &&
+           batch[i + 1].kind == op_kind::append_replay && batch[i + 1].id == batch[i].id;
   }
   void failed(std::string_view what, const std::string& id, std::error_code ec) {
     errors_.fetch_add(1, std::memory_order_relaxed);
@@ -414,7 +435,13 @@ class write_behind {
         }
       }
       applied_.fetch_add(batch.size(), std::memory_order_release);
-      for (std::size_t i = 0; i < batch.size(); ++i) after_commit(batch[i], ok_[i]);
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        if (!superseded(batch, i)) {
+          after_commit(batch[i], ok_[i]);
+        } else if (!ok_[i]) {
+          ok_[i + 1] = false;  // the report of the run says whether all of it is in
+        }
+      }
       lock.lock();
       applying_ = false;
       drained_.notify_all();  // room for writers waiting on a full queue, and for drain()
@@ -425,6 +452,7 @@ class write_behind {
   const std::size_t capacity_;
   store_error_handler on_error_;
   dispatched_handler on_dispatched_;
+  replay_stored_handler on_replay_stored_;
   std::vector<bool> ok_;  // the store thread's: which writes of the batch applying succeeded
   mutable std::mutex mutex_;
   std::condition_variable wake_;
