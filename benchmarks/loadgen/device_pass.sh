@@ -18,7 +18,7 @@ results=$out/results.jsonl
 
 # ---- systems ------------------------------------------------------------------------------------
 # Each system: how its server starts and which devload scenario drives it.
-systems=(devgate devgate_sub10 devgate_sub10b demo mosquitto_qos1 mosquitto_qos0 nats nats_reqreply socketio)
+systems=(devgate devgate_dispatch devgate_sqlite devgate_sub10 devgate_sub10b demo mosquitto_qos1 mosquitto_qos0 nats nats_reqreply socketio)
 skipped=()
 have_mosquitto=1; command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || have_mosquitto=0
 have_nats=1; command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || have_nats=0
@@ -55,6 +55,8 @@ start_system() {  # system; sets server_pid, port
   local cmd
   case $1 in
     devgate|devgate_sub10|devgate_sub10b) cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1) ;;
+    devgate_dispatch) cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1
+               --ack on_dispatch) ;;
     devgate_sqlite) rm -rf "$out/sqlite-state"
           cmd=("$build/benchmarks/servers/devgate_device_bench_server" --port $port --threads 1 --workers 1
                --store sqlite --sync normal --ack on_dispatch --state-dir "$out/sqlite-state") ;;
@@ -79,7 +81,7 @@ start_system() {  # system; sets server_pid, port
 }
 args_of_system() {
   case $1 in
-    devgate|devgate_sqlite) echo "--scenario v1" ;;
+    devgate|devgate_dispatch|devgate_sqlite) echo "--scenario v1" ;;
     devgate_sub10) echo "--scenario v1 --subscribers 10" ;;
     devgate_sub10b) echo "--scenario v1 --subscribers 10 --batch 1" ;;
     demo) echo "--scenario v1 --count-path /metrics" ;;

@@ -270,10 +270,14 @@ def main():
 # ---- the device-path pass (run.sh --device, issue 18) -----------------------------------------
 DEVICE_BEGIN = "<!-- device-path:begin -->"
 DEVICE_END = "<!-- device-path:end -->"
-DEVICE_ORDER = ["devgate", "devgate_sub10", "devgate_sub10b", "demo", "mosquitto_qos1",
+DEVICE_ORDER = ["devgate", "devgate_dispatch", "devgate_sqlite", "devgate_sub10", "devgate_sub10b", "demo", "mosquitto_qos1",
                 "mosquitto_qos0", "nats_reqreply", "nats", "socketio"]
 DEVICE_NAMES = {
     "devgate": "devgate hub, protocol v1, memory store (`sent` per message)",
+    "devgate_dispatch": "devgate hub, memory store, ack `on_dispatch` (`sent` once the sink took it)",
+    "devgate_sqlite":
+        "devgate hub, SQLite store (NORMAL), ack `on_dispatch` (`sent` once the sink took it and "
+        "the store committed it)",
     "devgate_sub10": "devgate hub + 10 `server` subscribers (an `event` per message)",
     "devgate_sub10b":
         "devgate hub + 10 `server` subscribers, batched (`events` per dispatch batch)",
@@ -286,11 +290,7 @@ DEVICE_NAMES = {
 }
 DEVICE_CASES = [("device_c100_w16", "C=100 devices, W=16 in flight"),
                 ("device_c1000_w1", "C=1000 devices, W=1 in flight")]
-NOT_YET = [
-    ("devgate hub, SQLite store", "the SQLite store does not exist yet"),
-    ("devgate hub, `on_accept` / `on_dispatch` acknowledgement",
-     "no acknowledgement modes yet: `sent` is answered once the pipeline accepted the message"),
-]
+NOT_YET = []
 
 
 def complete_cell(rows, case, system):
@@ -381,8 +381,12 @@ def device_main(results, meta_path, path):
             m(case, "devgate_sub10", "msgs_per_cpu_s"), dg, 0.5)
         tgt("devgate with 10 batched `server` subscribers / devgate with none", short,
             m(case, "devgate_sub10b", "msgs_per_cpu_s"), dg, 0.5)
-        L.append(f"| devgate `on_dispatch` / mosquitto QoS 1 | {short} | - | >= 3x | "
-                 "not yet available |")
+        tgt("devgate `on_dispatch` (memory store) / mosquitto QoS 1", short,
+            m(case, "devgate_dispatch", "msgs_per_cpu_s"),
+            m(case, "mosquitto_qos1", "msgs_per_cpu_s"), 3)
+        tgt("devgate `on_dispatch` + SQLite store / mosquitto QoS 1", short,
+            m(case, "devgate_sqlite", "msgs_per_cpu_s"),
+            m(case, "mosquitto_qos1", "msgs_per_cpu_s"), 3)
     L.append("")
 
     for case, title in DEVICE_CASES:

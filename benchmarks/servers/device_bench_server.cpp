@@ -3,7 +3,7 @@
 //
 //   devgate_device_bench_server [--port N] [--threads N] [--workers N]
 //                               [--store memory|sqlite --state-dir DIR --sync normal|full]
-//                               [--ack on_accept|on_dispatch]
+//                               [--ack on_accept|on_dispatch] [--commit-delay-us N]
 //
 // A device::hub over websocket::server (protocol v1 at /ws/<device_id>, docs/PROTOCOL.md) with
 // the memory state store (or the SQLite one, for the durability figures) and a sink that only
@@ -16,6 +16,7 @@
 #include <CLI/CLI.hpp>
 
 #include <atomic>        // the sink's count
+#include <chrono>        // the store's commit delay
 #include <cstdint>       // counters
 #include <cstdio>        // std::printf
 #include <filesystem>    // the state directory
@@ -96,6 +97,7 @@ int main(int argc, char** argv) {
   std::string state_dir = "devgate-bench-data";
   std::string sync = "normal";
   std::string ack = "on_accept";
+  long commit_delay_us = -1;
   CLI::App app{"devgate device-path benchmark server: hub + counting sink"};
   app.add_option("--port", options.port, "TCP port");
   app.add_option("--threads", options.threads, "network threads");
@@ -106,6 +108,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"normal", "full"}));
   app.add_option("--ack", ack, "when a send is answered")
       ->check(CLI::IsMember({"on_accept", "on_dispatch"}));
+  app.add_option("--commit-delay-us", commit_delay_us,
+                 "store thread's wait for a fuller batch (default: the hub's)")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
   devgate::stop_signals stop;  // caught from here on; serve() waits for them
@@ -116,6 +121,8 @@ int main(int argc, char** argv) {
   ho.pipeline.pool.max_workers = workers;
   ho.ack = ack == "on_dispatch" ? devgate::device::ack_policy::on_dispatch
                                 : devgate::device::ack_policy::on_accept;
+  if (commit_delay_us >= 0)
+    ho.store_group_commit.delay = std::chrono::microseconds(commit_delay_us);
   // The benchmark's dashboards subscribe to the server log (devices may not by default).
   ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
   if (store == "memory") return serve(options, ho, devgate::store::memory_state_store{}, stop);

@@ -81,7 +81,8 @@ class hub {
             },
             [this](const std::string& id, std::uint64_t seq, bool ok) {
               deliver_stored(id, seq, ok);
-            }),
+            },
+            options_.store_group_commit),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
         rollout_(devices_, delivery_, writer_,

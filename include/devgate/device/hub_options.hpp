@@ -65,6 +65,11 @@ struct hub_options {
   /// Writes queued for a state store that may block (`store::write_behind`); past it a write
   /// is dropped and counted as a store error. A non-blocking store is called inline instead.
   std::size_t store_queue_capacity = 1u << 16;
+  /// How that store's thread groups writes into one batch (one commit for SQLite) when few are
+  /// in flight: it waits up to `delay` for `batch` writes. Fewer commits and wake-ups per
+  /// message under light load (1.5-1.8x the messages per CPU-second with SQLite at 40 sends in
+  /// flight), at up to `delay` more latency for a `sent` under on_dispatch or a held `deliver`.
+  store::group_commit store_group_commit{std::chrono::microseconds(500), 64};
   /// Called for each store error (operation, device, error), on the thread that met it: log
   /// it. Empty: errors are only counted (`hub_stats::store_errors`).
   store::store_error_handler on_store_error;

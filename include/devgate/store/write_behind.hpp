@@ -1,6 +1,7 @@
 #pragma once
 
 #include <atomic>              // error counts
+#include <chrono>              // the group commit delay
 #include <condition_variable>  // the store thread sleeps until there is work
 #include <cstddef>             // std::size_t
 #include <cstdint>             // counters
@@ -42,6 +43,16 @@ using replay_stored_handler =
 using store_error_handler =
     std::function<void(std::string_view operation, const std::string& id, std::error_code)>;
 
+/// How the store thread of `write_behind` groups writes under light load.
+struct group_commit {
+  /// When the store thread wakes to fewer than `batch` queued writes, it waits up to this long
+  /// for more before applying them (0: never waits): fewer commits and wake-ups per write when
+  /// few writes are in flight, at up to this much added latency.
+  std::chrono::microseconds delay{0};
+  /// Queued writes that are worth applying at once (no wait).
+  std::size_t batch = 64;
+};
+
 /// The hub's way to its state store, so that no network thread waits for a store that may
 /// block. For a store that says it never blocks (`is_nonblocking_store`, e.g.
 /// `memory_state_store`) every call goes straight to it. For any other store, writes are queued
@@ -60,11 +71,14 @@ template <class Store>
 class write_behind {
  public:
   /// Calls to `store` (referenced: it outlives this). `capacity` bounds queued writes;
-  /// `on_error`, `on_dispatched` and `on_replay_stored` may be empty.
+  /// `on_error`, `on_dispatched` and `on_replay_stored` may be empty; `grouping` says how long
+  /// the store thread may wait for a fuller batch.
   write_behind(Store& store, std::size_t capacity, store_error_handler on_error = {},
-               dispatched_handler on_dispatched = {}, replay_stored_handler on_replay_stored = {})
+               dispatched_handler on_dispatched = {}, replay_stored_handler on_replay_stored = {},
+               group_commit grouping = {})
       : store_(store),
         capacity_(capacity),
+        grouping_(grouping),
         on_error_(std::move(on_error)),
         on_dispatched_(std::move(on_dispatched)),
         on_replay_stored_(std::move(on_replay_stored)) {
@@ -309,6 +323,7 @@ class write_behind {
       after_commit(o, !ec);
       return ec;
     } else {
+      bool wake = false;
       {
         std::unique_lock lock(mutex_);
         if (wait_for_room) {
@@ -323,8 +338,11 @@ class write_behind {
         }
         queue_.push_back(std::move(o));
         submitted_.fetch_add(1, std::memory_order_release);
+        // The store thread waits for a first write, or (grouping) for a batch's worth: only
+        // those wake it, so a burst of writes costs one wake-up, not one each.
+        wake = queue_.size() == 1 || queue_.size() == grouping_.batch;
       }
-      wake_.notify_one();
+      if (wake) wake_.notify_one();
       return {};
     }
   }
@@ -408,6 +426,10 @@ class write_behind {
     for (;;) {
       wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
       if (queue_.empty()) return;  // stopping, and everything applied
+      if (grouping_.delay.count() > 0 && queue_.size() < grouping_.batch && !stopping_) {
+        wake_.wait_for(lock, grouping_.delay,
+                       [&] { return stopping_ || queue_.size() >= grouping_.batch; });
+      }
       std::deque<op> batch;
       batch.swap(queue_);
       applying_ = true;
@@ -450,6 +472,7 @@ class write_behind {
 
   Store& store_;
   const std::size_t capacity_;
+  const group_commit grouping_;
   store_error_handler on_error_;
   dispatched_handler on_dispatched_;
   replay_stored_handler on_replay_stored_;
