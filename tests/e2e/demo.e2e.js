@@ -7,25 +7,30 @@
 //   pages reach 100% and show the new version; restart the server (one message sent while it
 //   is down) -> both pages reconnect, 2 devices connected, /marco shows 4, four log entries
 //   each page, no duplicates; /metrics and /healthz answer.
+// With --tls 1, all of it over https and wss: the test makes a CA and an ECDSA P-256 server
+// certificate for localhost with the openssl command, the demo serves them (--tls-cert/--tls-key),
+// and Chromium trusts exactly that server key (--ignore-certificate-errors-spki-list with its
+// SHA-256), so the browser's TLS checks run against the real handshake; plain http on the port
+// gets no page.
 //
 //   node tests/e2e/demo.e2e.js --server <demo_server> [--out <dir for screenshots>]
-//        [--web-root <dir>] [--chromium /usr/bin/chromium] [--timeout-s 120]
+//        [--web-root <dir>] [--chromium /usr/bin/chromium] [--timeout-s 120] [--tls 1]
 //
 // Exits 0 when every step passed; otherwise prints the failing step and exits 1.
 'use strict';
 
-const { spawn } = require('node:child_process');
+const { spawn, execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 
 // ---- arguments ---------------------------------------------------------------------------
-const args = { out: process.cwd(), chromium: '/usr/bin/chromium', 'timeout-s': '120' };
+const args = { out: process.cwd(), chromium: '/usr/bin/chromium', 'timeout-s': '120', tls: '0' };
 for (let i = 2; i < process.argv.length; i += 1) {
   const a = process.argv[i];
   if (!a.startsWith('--') || i + 1 >= process.argv.length) {
-    console.error(`usage: demo.e2e.js --server <demo_server> [--out DIR] [--web-root DIR] [--chromium PATH] [--timeout-s N]\n(bad argument ${a})`);
+    console.error(`usage: demo.e2e.js --server <demo_server> [--out DIR] [--web-root DIR] [--chromium PATH] [--timeout-s N] [--tls 1]\n(bad argument ${a})`);
     process.exit(2);
   }
   args[a.slice(2)] = process.argv[++i];
@@ -54,6 +59,21 @@ const stateDir = path.join(tmp, 'state');
 const operatorToken = require('node:crypto').randomBytes(18).toString('base64url');
 const operatorTokenFile = path.join(tmp, 'operator-token');
 fs.writeFileSync(operatorTokenFile, `${operatorToken}\n`, { mode: 0o600 });
+const tls = args.tls === '1';
+const shotPrefix = tls ? 'tls-' : '';
+// Over TLS: a CA and a server certificate for localhost, made for this run; Chromium is told to
+// trust the server's key by its SPKI hash (base64 of the SHA-256 of its DER public key).
+let tlsArgs = [];
+let spkiHash = '';
+if (tls) {
+  const sh = (cmd) => execFileSync('sh', ['-c', cmd], { cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] }).toString().trim();
+  sh('openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=devgate-test-ca -keyout ca.key -out ca.pem');
+  sh('openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost -keyout server.key -out server.csr');
+  fs.writeFileSync(path.join(tmp, 'san.ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
+  sh('openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext -out server.pem');
+  spkiHash = sh('openssl x509 -in server.pem -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64');
+  tlsArgs = ['--tls-cert', path.join(tmp, 'server.pem'), '--tls-key', path.join(tmp, 'server.key')];
+}
 const outDir = path.resolve(args.out);
 fs.mkdirSync(outDir, { recursive: true });
 let server = null;
@@ -85,7 +105,7 @@ function startServer(port) {
   return new Promise((resolve, reject) => {
     const argv = ['--port', String(port), '--listen', '127.0.0.1', '--threads', '2',
       '--state-dir', stateDir, '--firmware-size', String(4 << 20),
-      '--operator-token-file', operatorTokenFile];
+      '--operator-token-file', operatorTokenFile, ...tlsArgs];
     if (args['web-root']) argv.push('--web-root', args['web-root']);
     const child = spawn(args.server, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
@@ -156,7 +176,7 @@ async function expectLog(page, id, n, mustName) {
   return entries;
 }
 async function shot(page, name) {
-  const file = path.join(outDir, name);
+  const file = path.join(outDir, shotPrefix + name);
   await page.screenshot({ path: file, fullPage: true });
   log(`screenshot ${file}`);
 }
@@ -164,7 +184,7 @@ async function shot(page, name) {
 // ---- the test ----------------------------------------------------------------------------
 async function main() {
   const port = await freePort();
-  const base = `http://127.0.0.1:${port}`;
+  const base = tls ? `https://localhost:${port}` : `http://127.0.0.1:${port}`;
   step = 'start the demo server';
   server = await startServer(port);
   log(`demo_server on ${base} (state ${stateDir})`);
@@ -176,12 +196,31 @@ async function main() {
     headless: true,
     viewport: { width: 1280, height: 860 },
     args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      ...(tls ? [`--ignore-certificate-errors-spki-list=${spkiHash}`] : [])],
   });
+  if (tls) {
+    step = 'plain http on the TLS port';
+    const page = await browser.newPage();
+    let served = false;
+    try {
+      const r = await page.goto(`http://localhost:${port}/marco`, { timeout: 10000 });
+      served = !!r && r.status() === 200 && (await r.text()).includes('data-testid');
+    } catch (e) { /* refused, as it should be */ }
+    await page.close();
+    if (served) fail('the TLS port served the page over plain http');
+    log('plain http on the TLS port: no page');
+  }
 
   step = 'open /marco and /fridge';
   let marco = await openDevice(browser, base, 'marco');
   const fridge = await openDevice(browser, base, 'fridge');
+  if (tls) {
+    for (const [p, id] of [[marco, 'marco'], [fridge, 'fridge']]) {
+      const proto = await p.evaluate(() => location.protocol);
+      if (proto !== 'https:') fail(`/${id}: served over ${proto}`);
+    }
+  }
   for (const [p, id] of [[marco, 'marco'], [fridge, 'fridge']]) {
     await waitFor(p, `/${id}: connected-devices`, text('connected-devices'), (v) => v === '2');
     await waitFor(p, `/${id}: messages-sent`, text('messages-sent'), (v) => v === '0');
@@ -249,10 +288,12 @@ async function main() {
   log('both reconnected; connected-devices 2; messages-sent 4; 4 log entries each, no duplicates');
 
   step = 'metrics and healthz';
-  const health = await fetch(`${base}/healthz`);
-  if (health.status !== 200 || (await health.text()).trim() !== 'ok') fail(`/healthz answered ${health.status}`);
-  const metrics = await fetch(`${base}/metrics`);
-  const body = await metrics.text();
+  // Fetched by the page (same origin, over TLS too: the browser's trust, not the test's).
+  const get = (p) => marco.evaluate(async (u) => { const r = await fetch(u); return { status: r.status, body: await r.text() }; }, p);
+  const health = await get('/healthz');
+  if (health.status !== 200 || health.body.trim() !== 'ok') fail(`/healthz answered ${health.status}`);
+  const metrics = await get('/metrics');
+  const { body } = metrics;
   if (metrics.status !== 200) fail(`/metrics answered ${metrics.status}`);
   for (const m of ['devgate_dispatched_total', 'devgate_queue_depth', 'devgate_workers_alive', 'devgate_connected_devices 2']) {
     if (!body.includes(m)) fail(`/metrics has no ${m}:\n${body}`);
