@@ -652,7 +652,8 @@ class loadgen {
     json j;
     j.s.precision(6);
     j.kv("scenario", scenario).kv("server", o_.server);
-    j.kv("proto", o_.raw ? (tls_ ? "raw+tls" : "raw") : (tls_ ? "wss" : "ws"));
+    const char* proto = o_.raw ? (tls_ ? "raw+tls" : "raw") : (tls_ ? "wss" : "ws");
+    j.kv("proto", mode_ == mode_t::handshake ? "tls" : proto);
     return j;
   }
 
