@@ -136,8 +136,8 @@ class loadgen {
     ep_ = epoll_create1(EPOLL_CLOEXEC);
     if (!o_.tls_ca.empty()) make_tls_context();
     rbuf_.resize(1u << 18);
-    conns_.reserve(std::max<std::size_t>({o_.idle, o_.connections, o_.concurrency}) +
-                   2);  // no reallocation
+    // No reallocation: connections are found by their index, and the slots never move.
+    conns_.reserve(std::max<std::size_t>({o_.idle, o_.connections, o_.concurrency}) + 2);
     // Pre-masked payload template: only the 8 timestamp bytes are masked per message.
     payload_.assign(o_.size < 8 ? 8 : o_.size, 'x');
     masked_payload_ = payload_;
