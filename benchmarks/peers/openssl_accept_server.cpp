@@ -116,7 +116,8 @@ int main(int argc, char** argv) {
           const int c = ::accept4(lfd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
           if (c < 0) break;
           ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-          if (static_cast<std::size_t>(c) >= conns.size()) conns.resize(conns.size() * 2);
+          if (static_cast<std::size_t>(c) >= conns.size())
+            conns.resize(2 * static_cast<std::size_t>(c));
           connection& conn = conns[static_cast<std::size_t>(c)];
           conn.ssl = SSL_new(ctx);
           SSL_set_fd(conn.ssl, c);
