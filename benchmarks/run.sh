@@ -5,10 +5,14 @@
 # and rewrites the side-by-side section of benchmarks/RESULTS.md. See benchmarks/README.md.
 # With --device, the device-path pass instead (issue 18): devgate's hub and demo server against
 # mosquitto, NATS and Socket.IO, written to the device-path section of RESULTS.md.
+# With --tls, the TLS pass instead (issue 14): wss echo, idle wss memory and TLS handshakes,
+# devgate against Node ws over TLS and a plain OpenSSL accept loop, written to the TLS section.
 #
 #   benchmarks/run.sh           full: 3 repetitions, 5 s per echo run, 19,000 idle connections
 #   benchmarks/run.sh --quick   one repetition, 2 s per echo run, 5,000 idle connections
 #   benchmarks/run.sh --device [--quick]   the device path: 3 (1) repetitions of 5 (2) s per run
+#   benchmarks/run.sh --tls [--quick]      the TLS pass: 3 (1) repetitions of 5 (2) s per run,
+#                                          19,000 (5,000) idle wss connections
 #
 # Environment: BENCH_BUILD (build dir, default build/bench), BENCH_SERVER_CPU (0),
 # BENCH_GEN_CPU (1), BENCH_SERVERS (subset, e.g. "devgate raw"; with --device e.g.
@@ -24,7 +28,8 @@ for arg in "$@"; do
   case $arg in
     --quick) mode=quick ;;
     --device) pass=device ;;
-    *) echo "usage: $0 [--device] [--quick]" >&2; exit 2 ;;
+    --tls) pass=tls ;;
+    *) echo "usage: $0 [--device | --tls] [--quick]" >&2; exit 2 ;;
   esac
 done
 build=${BENCH_BUILD:-$root/build/bench}
@@ -46,6 +51,7 @@ stop_server() {
   wait "$server_pid" 2>/dev/null || true
 }
 [ "$pass" = device ] && . "$root/benchmarks/loadgen/device_pass.sh"  # runs the pass, then exits
+[ "$pass" = tls ] && . "$root/benchmarks/loadgen/tls_pass.sh"  # runs the pass, then exits
 
 # ---- build ------------------------------------------------------------------------------------
 peers=OFF

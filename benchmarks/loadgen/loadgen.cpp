@@ -7,16 +7,26 @@
 // devgate's codecs so that a codec bug cannot hide in both ends) or over the raw length-prefixed
 // framing of benchmarks/peers/raw_tcp_server.cpp.
 //
-// Scenarios (--scenario): echo, ingest, broadcast, idle. Output: one JSON line per result on
-// stdout. Server cost comes from /proc/<server-pid>/stat (utime + stime) and /proc/<pid>/status.
+// With --tls-ca FILE every connection is a TLS client (OpenSSL, non-blocking, SSL_set_fd, driven
+// by the same epoll loop): the server's certificate must chain to FILE and name --tls-name (SNI
+// and verification; default localhost). Sessions are never resumed, so every connection costs
+// the server a full handshake. The plain path pays one check per read and per write for it.
+//
+// Scenarios (--scenario): echo, ingest, broadcast, idle, handshake (TLS only: --concurrency
+// connections in their TLS handshake at once; each one that completes is closed and replaced).
+// Output: one JSON line per result on stdout. Server cost comes from /proc/<server-pid>/stat
+// (utime + stime) and /proc/<pid>/status.
 //
 //   devgate_loadgen --port P --server-pid PID --server NAME [--proto ws|raw] --scenario S
 //                   [--connections C] [--window W] [--size BYTES] [--seconds S] [--warmup S]
 //                   [--reps R] [--idle N] [--idle-step N] [--concurrency K]
+//                   [--tls-ca FILE] [--tls-name NAME]
 
 #include <arpa/inet.h>     // htonl
 #include <netinet/in.h>    // sockaddr_in, IP_BIND_ADDRESS_NO_PORT
 #include <netinet/tcp.h>   // TCP_NODELAY
+#include <openssl/err.h>   // ERR_clear_error
+#include <openssl/ssl.h>   // the TLS client
 #include <sys/epoll.h>     // the event loop
 #include <sys/resource.h>  // RLIMIT_NOFILE, getrusage
 #include <sys/socket.h>    // sockets
@@ -60,7 +70,9 @@ struct options {
   unsigned reps = 5;
   unsigned idle = 19000;
   unsigned idle_step = 1000;
-  unsigned concurrency = 128;  // connections being set up at once
+  unsigned concurrency = 128;          // connections being set up at once
+  std::string tls_ca;                  // CA file: TLS on every connection when set
+  std::string tls_name = "localhost";  // SNI and the name the certificate must carry
 };
 
 // System-wide kernel memory: TCP buffer pages from /proc/net/sockstat, Slab from /proc/meminfo.
@@ -89,10 +101,11 @@ long meminfo_kb(const char* key) {
 }
 
 // ---- connections ---------------------------------------------------------------------------
-enum class phase : std::uint8_t { connecting, handshaking, open, closed };
+enum class phase : std::uint8_t { connecting, tls_handshaking, handshaking, open, closed };
 
 struct connection {
   int fd = -1;
+  SSL* ssl = nullptr;  // the TLS client when --tls-ca is set
   phase state = phase::closed;
   std::string handshake;  // HTTP response bytes until the blank line
   std::vector<char> out;  // bytes not yet written
@@ -121,8 +134,10 @@ class loadgen {
  public:
   explicit loadgen(options o) : o_(std::move(o)) {
     ep_ = epoll_create1(EPOLL_CLOEXEC);
+    if (!o_.tls_ca.empty()) make_tls_context();
     rbuf_.resize(1u << 18);
-    conns_.reserve(std::max<std::size_t>(o_.idle, o_.connections) + 2);  // no reallocation
+    // No reallocation: connections are found by their index, and the slots never move.
+    conns_.reserve(std::max<std::size_t>({o_.idle, o_.connections, o_.concurrency}) + 2);
     // Pre-masked payload template: only the 8 timestamp bytes are masked per message.
     payload_.assign(o_.size < 8 ? 8 : o_.size, 'x');
     masked_payload_ = payload_;
@@ -131,8 +146,18 @@ class loadgen {
     }
   }
 
+  loadgen(const loadgen&) = delete;
+  loadgen& operator=(const loadgen&) = delete;
+  ~loadgen() {
+    for (auto& c : conns_) SSL_free(c.ssl);
+    SSL_CTX_free(tls_);
+  }
+
+  [[nodiscard]] bool ready() const { return o_.tls_ca.empty() || tls_ != nullptr; }
+
   int run() {
     if (o_.scenario == "echo" || o_.scenario == "ingest") return run_echo();
+    if (o_.scenario == "handshake") return run_handshake();
     if (o_.scenario == "broadcast") return run_broadcast();
     if (o_.scenario == "idle") return run_idle();
     std::fprintf(stderr, "loadgen: unknown scenario %s\n", o_.scenario.c_str());
@@ -140,11 +165,73 @@ class loadgen {
   }
 
  private:
+  // ---- TLS ----
+  // A client context: TLS 1.2 minimum, the server verified against the CA file, no session
+  // cache (every handshake is a full one), partial writes from a buffer that may move.
+  void make_tls_context() {
+    tls_ = SSL_CTX_new(TLS_client_method());
+    if (tls_ == nullptr) return;
+    SSL_CTX_set_min_proto_version(tls_, TLS1_2_VERSION);
+    SSL_CTX_set_session_cache_mode(tls_, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_options(tls_, SSL_OP_NO_TICKET);
+    SSL_CTX_set_mode(tls_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    // Thousands of idle clients would each keep 2 x 16 KiB records otherwise.
+    if (o_.scenario == "idle") SSL_CTX_set_mode(tls_, SSL_MODE_RELEASE_BUFFERS);
+    SSL_CTX_set_verify(tls_, SSL_VERIFY_PEER, nullptr);
+    if (SSL_CTX_load_verify_locations(tls_, o_.tls_ca.c_str(), nullptr) != 1) {
+      std::fprintf(stderr, "loadgen: cannot read the CA file %s\n", o_.tls_ca.c_str());
+      SSL_CTX_free(tls_);
+      tls_ = nullptr;
+    }
+  }
+
+  // The TCP connection is up: start the TLS handshake on it.
+  void start_tls(connection& c) {
+    c.ssl = SSL_new(tls_);
+    if (c.ssl == nullptr || SSL_set_fd(c.ssl, c.fd) != 1 ||
+        SSL_set_tlsext_host_name(c.ssl, o_.tls_name.c_str()) != 1 ||
+        SSL_set1_host(c.ssl, o_.tls_name.c_str()) != 1) {
+      note_error("SSL_new", 0);
+      close_conn(c);
+      return;
+    }
+    c.state = phase::tls_handshaking;
+    continue_tls(c);
+  }
+
+  // Drives the handshake as far as the socket allows; when it completes, the connection goes on
+  // to the WebSocket upgrade (or, in the handshake scenario, is counted and replaced).
+  void continue_tls(connection& c) {
+    ERR_clear_error();
+    const int r = SSL_connect(c.ssl);
+    if (r == 1) {
+      if (mode_ == mode_t::handshake) {
+        tls_done(c);
+        return;
+      }
+      begin_upgrade(c);
+      return;
+    }
+    const int e = SSL_get_error(c.ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return;
+    if (errors_ == 0) {
+      const long v = SSL_get_verify_result(c.ssl);
+      first_tls_error_ = v != X509_V_OK ? X509_verify_cert_error_string(v) : "";
+    }
+    note_error(first_tls_error_.empty() ? "TLS handshake" : "TLS verification", 0);
+    close_conn(c);
+  }
+
   // ---- set-up ----
   bool start_connection() {
     const auto index = static_cast<unsigned>(conns_.size());
     conns_.emplace_back();
-    connection& c = conns_.back();
+    return open_slot(index);
+  }
+
+  // Opens slot `index` of conns_ (new, or closed and being reused).
+  bool open_slot(unsigned index) {
+    connection& c = conns_[index];
     const auto o = devgate_bench::open_loopback(index, o_.host, o_.port, ep_);
     if (o.fd < 0) {
       note_error(o.failed, o.error);
@@ -172,8 +259,13 @@ class loadgen {
   }
 
   void close_conn(connection& c) {
+    if (c.ssl != nullptr) {
+      SSL_free(c.ssl);
+      c.ssl = nullptr;
+    }
     if (c.fd >= 0) ::close(c.fd);
-    if (c.state == phase::connecting || c.state == phase::handshaking) {
+    if (c.state == phase::connecting || c.state == phase::tls_handshaking ||
+        c.state == phase::handshaking) {
       --pending_;
       ++failed_open_;
     }
@@ -198,31 +290,80 @@ class loadgen {
           close_conn(c);
           continue;
         }
-        c.state = phase::handshaking;
-        if (!o_.raw) {
-          const std::string req = "GET /d" + std::to_string(events[i].data.u32) +
-                                  " HTTP/1.1\r\nHost: " + o_.host +
-                                  "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                                  "Sec-WebSocket-Version: 13\r\n\r\n";
-          c.out.insert(c.out.end(), req.begin(), req.end());
+        if (tls_ != nullptr) {
+          start_tls(c);
+          if (c.state != phase::handshaking) continue;  // still in (or failed) the TLS handshake
         } else {
-          c.hdr_need = 4;  // the raw server greets with an empty frame
+          begin_upgrade(c);
         }
+      } else if (c.state == phase::tls_handshaking) {
+        continue_tls(c);
+        if (c.state != phase::handshaking) continue;
       }
       if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) on_readable(c);
       if (c.state != phase::closed) flush(c);
     }
   }
 
+  // The byte stream is up (TCP, or TLS over it): queue the WebSocket upgrade request.
+  void begin_upgrade(connection& c) {
+    c.state = phase::handshaking;
+    if (!o_.raw) {
+      const auto slot = static_cast<std::size_t>(&c - conns_.data());
+      const std::string req = "GET /d" + std::to_string(slot) + " HTTP/1.1\r\nHost: " + o_.host +
+                              "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                              "Sec-WebSocket-Version: 13\r\n\r\n";
+      c.out.insert(c.out.end(), req.begin(), req.end());
+    } else {
+      c.hdr_need = 4;  // the raw server greets with an empty frame
+    }
+  }
+
+  // One read into rbuf_: bytes (> 0), 0 at the end of the stream, -1 with nothing to read now,
+  // -2 on an error (noted).
+  ssize_t read_some(connection& c) {
+    if (c.ssl == nullptr) {
+      const ssize_t n = ::recv(c.fd, rbuf_.data(), rbuf_.size(), 0);
+      if (n >= 0) return n;
+      if (errno == EAGAIN) return -1;
+      note_error("recv", errno);
+      return -2;
+    }
+    const int n = SSL_read(c.ssl, rbuf_.data(), static_cast<int>(rbuf_.size()));
+    if (n > 0) return n;
+    const int e = SSL_get_error(c.ssl, n);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return -1;
+    if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    if (e == SSL_ERROR_SYSCALL && errno == 0) return 0;  // EOF without close_notify
+    note_error("SSL_read", e == SSL_ERROR_SYSCALL ? errno : 0);
+    ERR_clear_error();
+    return -2;
+  }
+
+  // One write from `p`: bytes written, -1 when the socket is full, -2 on an error (noted).
+  ssize_t write_some(connection& c, const char* p, std::size_t n) {
+    if (c.ssl == nullptr) {
+      const ssize_t w = ::send(c.fd, p, n, MSG_NOSIGNAL);
+      if (w >= 0) return w;
+      if (errno == EAGAIN) return -1;
+      note_error("send", errno);
+      return -2;
+    }
+    const int w = SSL_write(c.ssl, p, static_cast<int>(std::min<std::size_t>(n, 1u << 30)));
+    if (w > 0) return w;
+    const int e = SSL_get_error(c.ssl, w);
+    if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) return -1;
+    note_error("SSL_write", e == SSL_ERROR_SYSCALL ? errno : 0);
+    ERR_clear_error();
+    return -2;
+  }
+
   void flush(connection& c) {
     while (c.out_off < c.out.size()) {
-      const ssize_t n =
-          ::send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL);
+      const ssize_t n = write_some(c, c.out.data() + c.out_off, c.out.size() - c.out_off);
       if (n < 0) {
-        if (errno == EAGAIN) return;
-        note_error("send", errno);
-        close_conn(c);
+        if (n == -2) close_conn(c);
         return;
       }
       c.out_off += static_cast<std::size_t>(n);
@@ -233,16 +374,13 @@ class loadgen {
 
   void on_readable(connection& c) {
     for (;;) {
-      const ssize_t n = ::recv(c.fd, rbuf_.data(), rbuf_.size(), 0);
+      const ssize_t n = read_some(c);
       if (n == 0) {
         close_conn(c);
         return;
       }
       if (n < 0) {
-        if (errno != EAGAIN) {
-          note_error("recv", errno);
-          close_conn(c);
-        }
+        if (n == -2) close_conn(c);
         return;
       }
       const char* p = rbuf_.data();
@@ -513,7 +651,9 @@ class loadgen {
   json header(const char* scenario) {
     json j;
     j.s.precision(6);
-    j.kv("scenario", scenario).kv("server", o_.server).kv("proto", o_.raw ? "raw" : "ws");
+    j.kv("scenario", scenario).kv("server", o_.server);
+    const char* proto = o_.raw ? (tls_ ? "raw+tls" : "raw") : (tls_ ? "wss" : "ws");
+    j.kv("proto", mode_ == mode_t::handshake ? "tls" : proto);
     return j;
   }
 
@@ -702,10 +842,73 @@ class loadgen {
     return 0;
   }
 
+  // A TLS handshake completed (handshake scenario): count it and close the connection; the
+  // scenario's loop opens its slot again after this poll (a stale event of this batch may still
+  // name the slot, and must find it closed).
+  void tls_done(connection& c) {
+    if (measuring_) ++handshakes_;
+    close_conn(c);
+    --failed_open_;  // close_conn counted a connection in set-up as failed: this one was not
+  }
+
+  // Full TLS handshakes per server CPU-second: `concurrency` connections in their handshake at
+  // once; each that completes is closed by the client (no close_notify, no WebSocket upgrade)
+  // and its slot opens a new connection at once.
+  int run_handshake() {
+    if (tls_ == nullptr) {
+      fail("the handshake scenario needs --tls-ca");
+      return 1;
+    }
+    mode_ = mode_t::handshake;
+    sending_ = true;
+    for (unsigned i = 0; i < o_.concurrency; ++i) start_connection();
+    const std::uint64_t t_begin = now_ns() + static_cast<std::uint64_t>(o_.warmup * 1e9);
+    const std::uint64_t t_end = t_begin + static_cast<std::uint64_t>(o_.seconds * 1e9);
+    auto reopen_closed = [&] {
+      for (unsigned i = 0; i < conns_.size(); ++i) {
+        if (conns_[i].state == phase::closed) {
+          conns_[i] = connection{};
+          open_slot(i);
+        }
+      }
+    };
+    while (now_ns() < t_begin) {
+      poll(1);
+      reopen_closed();
+    }
+    measuring_ = true;
+    const double cpu0 = proc_cpu_seconds(o_.server_pid);
+    const double gen0 = self_cpu_seconds();
+    const std::uint64_t errors0 = errors_;
+    const std::uint64_t m0 = now_ns();
+    while (now_ns() < t_end) {
+      poll(1);
+      reopen_closed();  // every slot that completed (or failed) opens again
+    }
+    measuring_ = false;
+    sending_ = false;
+    const std::uint64_t m1 = now_ns();
+    const double cpu = proc_cpu_seconds(o_.server_pid) - cpu0;
+    const double gen = self_cpu_seconds() - gen0;
+    const double secs = static_cast<double>(m1 - m0) / 1e9;
+    auto j = header("handshake");
+    j.kv("concurrency", o_.concurrency).kv("handshakes", static_cast<double>(handshakes_));
+    j.kv("seconds", secs).kv("handshakes_per_s", static_cast<double>(handshakes_) / secs);
+    j.kv("server_cpu_s", cpu);
+    j.kv("handshakes_per_cpu_s", cpu > 0 ? static_cast<double>(handshakes_) / cpu : 0);
+    j.kv("gen_cpu_s", gen);
+    j.kv("server_rss_kb", static_cast<double>(proc_status_kb(o_.server_pid, "VmRSS:")));
+    j.kv("errors", static_cast<double>(errors_ - errors0));
+    if (errors_ > 0) j.kv("first_error", first_error_);
+    j.print();
+    return 0;
+  }
+
   // Counts a failure and keeps the first one's description for the JSON line.
   void note_error(const char* where, int err) {
     if (errors_++ == 0) {
       first_error_ = std::string(where) + (err != 0 ? std::string(": ") + std::strerror(err) : "");
+      if (!first_tls_error_.empty()) first_error_ += ": " + first_tls_error_;
     }
   }
 
@@ -723,9 +926,12 @@ class loadgen {
     j.print();
   }
 
-  enum class mode_t : std::uint8_t { idle, echo, broadcast };
+  enum class mode_t : std::uint8_t { idle, echo, broadcast, handshake };
 
   options o_;
+  SSL_CTX* tls_ = nullptr;  // the client context when --tls-ca is set
+  std::string first_tls_error_;
+  std::uint64_t handshakes_ = 0;
   int ep_ = -1;
   std::vector<connection> conns_;
   std::vector<char> rbuf_;
@@ -785,6 +991,10 @@ int main(int argc, char** argv) {
       o.idle = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     } else if (k == "--idle-step") {
       o.idle_step = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    } else if (k == "--tls-ca") {
+      o.tls_ca = v;
+    } else if (k == "--tls-name") {
+      o.tls_name = v;
     } else if (k == "--concurrency") {
       o.concurrency = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     } else {
@@ -803,5 +1013,7 @@ int main(int argc, char** argv) {
   getrlimit(RLIMIT_NOFILE, &rl);
   rl.rlim_cur = rl.rlim_max;
   setrlimit(RLIMIT_NOFILE, &rl);
-  return loadgen(o).run();
+  loadgen gen(o);
+  if (!gen.ready()) return 2;
+  return gen.run();
 }

@@ -1,7 +1,9 @@
 // devgate_ws_bench_server: devgate's side of the side-by-side benchmarks (benchmarks/README.md).
 //
 //   devgate_ws_bench_server [--port N] [--threads N] [--mode transport|pipeline] [--workers N]
+//                           [--tls-cert FILE --tls-key FILE]
 //
+// With --tls-cert/--tls-key (PEM chain and key) the port speaks TLS (server_options::tls).
 // transport (default): websocket::server alone, speaking the bench protocol: every text and
 //   binary message is echoed; the text message "broadcast <bytes>" makes the server send one
 //   binary payload of that size to every other open session (the sender excluded), encoded once.
@@ -152,12 +154,18 @@ int main(int argc, char** argv) {
       options.threads = static_cast<unsigned>(std::strtoul(argv[++i], nullptr, 10));
     } else if (arg == "--workers" && has_value) {
       workers = std::strtoul(argv[++i], nullptr, 10);
+    } else if (arg == "--tls-cert" && has_value) {
+      if (!options.tls) options.tls.emplace();
+      options.tls->certificate_chain_file = argv[++i];
+    } else if (arg == "--tls-key" && has_value) {
+      if (!options.tls) options.tls.emplace();
+      options.tls->private_key_file = argv[++i];
     } else if (arg == "--mode" && has_value) {
       pipeline_mode = std::string_view(argv[++i]) == "pipeline";
     } else {
       std::fprintf(stderr,
                    "usage: %s [--port N] [--threads N] [--mode transport|pipeline] "
-                   "[--workers N]\n",
+                   "[--workers N] [--tls-cert FILE --tls-key FILE]\n",
                    argv[0]);
       return 2;
     }
