@@ -67,9 +67,11 @@ class tls_stream {
   /// Handshake, then plaintext into `buffer` until it is full or the socket is drained.
   io_result read(std::span<std::byte> buffer) noexcept {
     std::size_t total = 0;
+    // SSL_get_error reads the thread's error queue: empty it of what other code on this thread
+    // left (a failed signature check, say). Once per call: a failure below ends the loop.
+    ERR_clear_error();
     while (total < buffer.size()) {
       std::size_t got = 0;
-      ERR_clear_error();
       const int rc = SSL_read_ex(ssl_, buffer.data() + total, buffer.size() - total, &got);
       if (rc == 1) {
         total += got;
@@ -104,6 +106,7 @@ class tls_stream {
     std::size_t i = 0;
     std::size_t off = 0;  // into iov[i]
     std::byte* const staging = staging_buffer();
+    ERR_clear_error();  // as in read: once per call, a failure below ends the loop
     while (i < iov.size()) {
       const std::size_t rest = iov[i].iov_len - off;
       if (rest == 0) {
@@ -129,7 +132,6 @@ class tls_stream {
         }
       }
       std::size_t written = 0;
-      ERR_clear_error();
       if (SSL_write_ex(ssl_, record, size, &written) != 1) {
         const int e = SSL_get_error(ssl_, 0);
         ERR_clear_error();
