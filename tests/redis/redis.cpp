@@ -4,6 +4,7 @@
 #include "devgate/redis/streams_sink.hpp"
 #include "devgate/redis/url.hpp"
 
+#include <fcntl.h>     // O_RDONLY for the server's stdio
 #include <signal.h>    // kill
 #include <spawn.h>     // posix_spawnp for redis-server and the example consumer
 #include <stdlib.h>    // mkdtemp
@@ -79,7 +80,15 @@ class redis_server {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    const int rc = ::posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ);
+    // Its output goes to /dev/null: a test that dies must not leave a server holding the pipe
+    // the test runner reads.
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+    const int rc = ::posix_spawnp(&pid_, "redis-server", &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
     INFO("redis-server must be installed (scripts/install-deps.sh installs redis-server)");
     REQUIRE(rc == 0);
     REQUIRE(eventually([&] { return accepts(port_); }, 10s));
@@ -236,9 +245,10 @@ TEST_CASE("redis connection: pipelined commands from several threads, answered i
         issued.fetch_add(1);
         c.command({"INCR", key}, [&r = results[static_cast<std::size_t>(t)], &issued](
                                      std::error_code ec, const redisReply* reply) {
-          REQUIRE_FALSE(ec);
+          // On the loop's thread: recorded here, checked by the test's thread (Catch2's
+          // assertions are not thread-safe).
           std::lock_guard lock(r.m);
-          r.values.push_back(reply->integer);
+          r.values.push_back(ec ? -1 : reply->integer);
           const long long outstanding = issued.load() - r.answered.fetch_add(1);
           if (outstanding > r.max_outstanding.load()) r.max_outstanding.store(outstanding);
         });
@@ -271,6 +281,46 @@ TEST_CASE("redis connection: pipelined commands from several threads, answered i
   const auto wrong = c.call({"INCR", "odd"});
   REQUIRE(wrong.ec == redis::errc::error_reply);
   REQUIRE(wrong.value.str.find("not an integer") != std::string::npos);
+}
+
+TEST_CASE("redis connection: a drop fails every command in flight; none is dropped silently",
+          "[redis][connection][fault]") {
+  redis_server server;
+  loop l;
+  redis::connection c(l.io, options_for(server.url()));
+  c.start();
+  REQUIRE(c.wait_connected(5s));
+  constexpr int total = 20000;
+  std::atomic<int> ok{0};
+  std::atomic<int> disconnected{0};
+  std::atomic<int> not_connected{0};
+  std::atomic<int> other{0};
+  std::thread issuer([&] {
+    for (int i = 0; i < total; ++i) {
+      c.command({"INCR", "n"}, [&](std::error_code ec, const redisReply*) {
+        if (!ec) {
+          ok.fetch_add(1);
+        } else if (ec == redis::errc::disconnected) {
+          disconnected.fetch_add(1);
+        } else if (ec == redis::errc::not_connected) {
+          not_connected.fetch_add(1);
+        } else {
+          other.fetch_add(1);
+        }
+      });
+    }
+  });
+  server.stop();
+  issuer.join();
+  // Every command got its one callback: answered, failed in flight, or refused up front.
+  REQUIRE(eventually(
+      [&] {
+        return ok.load() + disconnected.load() + not_connected.load() + other.load() == total;
+      },
+      10s));
+  REQUIRE(other.load() == 0);
+  REQUIRE(ok.load() + disconnected.load() + not_connected.load() == total);
+  REQUIRE(eventually([&] { return c.drops() == 1; }, 10s));  // (all may have been answered first)
 }
 
 TEST_CASE("redis connection: AUTH and SELECT on connect; a wrong password is reported",
@@ -412,15 +462,17 @@ TEST_CASE(
 
   // Redis stops while messages keep coming: each is either delivered (Redis took it before it
   // went) or dead-lettered with a Redis error after its retries; none vanishes.
+  std::atomic<int> refused{0};
   std::thread producer([&] {
     for (int i = 0; i < 400; ++i) {
-      REQUIRE_FALSE(p.push(make(id, 500 + i + 1, "during")));
+      if (p.push(make(id, 500 + i + 1, "during"))) refused.fetch_add(1);
       std::this_thread::sleep_for(1ms);
     }
   });
   std::this_thread::sleep_for(50ms);
   server.stop();
   producer.join();
+  REQUIRE(refused.load() == 0);
   seq = 900;
   REQUIRE(eventually([&] {
     const auto m = p.metrics();
@@ -473,10 +525,11 @@ TEST_CASE(
   po.retry_backoff = 1ms;
   std::mutex dead_m;
   std::vector<std::uint64_t> dead_seqs;
+  std::vector<std::error_code> dead_errors;
   po.dead_letter = [&](const devgate::message& m, std::error_code ec) {
-    REQUIRE(ec == redis::errc::timeout);
-    std::lock_guard lock(dead_m);
+    std::lock_guard lock(dead_m);  // checked on the test's thread below
     dead_seqs.push_back(m.sequence);
+    dead_errors.push_back(ec);
   };
   redis::streams_sink_options so;
   so.stream = "fleet";
@@ -489,6 +542,10 @@ TEST_CASE(
   REQUIRE(eventually([&] { return p.metrics().dead_lettered == 10; }));
   REQUIRE(p.metrics().dispatched == 0);
   REQUIRE(p.sink().failed() == 20);
+  {
+    std::lock_guard lock(dead_m);
+    for (const auto& ec : dead_errors) REQUIRE(ec == redis::errc::timeout);
+  }
   server.resume();
   // The late XADDs apply once Redis runs again (at-least-once: the dead letters may also be in
   // the stream); new messages go through again.

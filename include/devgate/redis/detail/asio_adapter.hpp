@@ -1,6 +1,8 @@
 #pragma once
 
 #include <hiredis/async.h>
+#include <pthread.h>  // pthread_sigmask: SIGPIPE blocked around hiredis's writes
+#include <signal.h>   // sigtimedwait
 
 #include <asio/io_context.hpp>               // the caller's event loop
 #include <asio/posix/stream_descriptor.hpp>  // readiness waits on hiredis's socket
@@ -55,9 +57,33 @@ class asio_adapter : public std::enable_shared_from_this<asio_adapter> {
     if (read) {
       redisAsyncHandleRead(ac_);
     } else {
-      redisAsyncHandleWrite(ac_);
+      write_without_sigpipe(ac_);
     }
     if (ac_ != nullptr && want) add(read);
+  }
+
+  // hiredis writes with write(2), which raises SIGPIPE on a connection Redis closed; SIGPIPE's
+  // default action ends the process. Without changing the process's signal handling, the write
+  // runs with SIGPIPE blocked on this thread, and a SIGPIPE it raised is taken off the pending
+  // set before the mask comes back (one write event per loop turn, not per command).
+  static void write_without_sigpipe(redisAsyncContext* ac) {
+    sigset_t pipe;
+    sigset_t old;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, &old);
+    sigset_t pending;
+    sigpending(&pending);
+    const bool was_pending = sigismember(&pending, SIGPIPE) == 1;
+    redisAsyncHandleWrite(ac);
+    if (!was_pending) {
+      sigpending(&pending);
+      if (sigismember(&pending, SIGPIPE) == 1) {
+        const timespec zero{};
+        (void)sigtimedwait(&pipe, nullptr, &zero);
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
   }
 
   // hiredis frees the context: stop watching, give the socket back (hiredis closes it) and drop
