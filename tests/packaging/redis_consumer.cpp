@@ -20,8 +20,8 @@ int main() {
   std::error_code answered;
   c.command({"PING"}, [&](std::error_code ec, const redisReply*) { answered = ec; });
   io.run_for(std::chrono::milliseconds(300));
-  const bool ok = answered == devgate::redis::errc::not_connected && !c.connected() &&
-                  c.failed_connects() >= 1;
+  const bool ok =
+      answered == devgate::redis::errc::not_connected && !c.connected() && c.failed_connects() >= 1;
   std::printf("devgate redis client: %s, %llu failed connects (no server on port 1)\n",
               answered.message().c_str(), static_cast<unsigned long long>(c.failed_connects()));
   c.stop();
