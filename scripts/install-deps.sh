@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 mode=${1:-test}
 build_packages=(g++ cmake ninja-build meson pkg-config ccache git python3
                 libasio-dev libconcurrentqueue-dev libssl-dev nlohmann-json3-dev libcli11-dev
-                libsqlite3-dev)
+                libsqlite3-dev libhiredis-dev)
 test_packages=(catch2 libbenchmark-dev clang libclang-rt-14-dev clang-format
-               python3-websockets python3-jwt python3-cryptography openssl chromium fonts-liberation)
+               python3-websockets python3-jwt python3-cryptography openssl chromium fonts-liberation
+               redis-server redis-tools)
 case "$mode" in
   build) wanted=("${build_packages[@]}") ;;
   test) wanted=("${build_packages[@]}" "${test_packages[@]}") ;;

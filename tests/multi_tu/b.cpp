@@ -4,6 +4,10 @@
 #ifdef DEVGATE_MULTI_TU_SQLITE
 #include "devgate/store/sqlite_state_store.hpp"  // the optional SQLite part, when built
 #endif
+#ifdef DEVGATE_MULTI_TU_REDIS
+#include "devgate/redis/streams_sink.hpp"  // the optional Redis part, when built
+#include "devgate/redis/url.hpp"
+#endif
 
 int devgate_multi_tu_a();
 
