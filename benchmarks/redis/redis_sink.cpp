@@ -3,7 +3,7 @@
 // rate is messages over the time from the first push until the pipeline drained (every message
 // answered by Redis). run_redis.sh runs it beside redis-benchmark's pipelined XADD.
 //
-//   devgate_bench_redis_sink --url redis://127.0.0.1:6379 [--messages N] [--workers W]
+//   devgate_redis_sink_driver --url redis://127.0.0.1:6379 [--messages N] [--workers W]
 //                            [--devices D] [--payload B] [--stream NAME]
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
@@ -59,9 +59,16 @@ int main(int argc, char** argv) {
   co.server = parsed.value;
   devgate::redis::connection c(io, co);
   c.start();
+  // Every way out stops the connection and joins the loop thread.
+  auto finish = [&](int code) {
+    c.stop();
+    guard.reset();
+    loop.join();
+    return code;
+  };
   if (!c.wait_connected(std::chrono::seconds(5))) {
     std::fprintf(stderr, "cannot connect to %s: %s\n", url.c_str(), c.last_error().c_str());
-    return 1;
+    return finish(1);
   }
   (void)c.call({"DEL", stream});
 
@@ -72,7 +79,7 @@ int main(int argc, char** argv) {
   po.pool.workers = workers;
   po.capacity = 1u << 20;
   devgate::pipeline<devgate::redis::streams_sink> p(devgate::redis::streams_sink(c, so), po);
-  if (p.start()) return 1;
+  if (p.start()) return finish(1);
   std::vector<devgate::shared_bytes> ids;
   for (unsigned long d = 0; d < devices; ++d) {
     ids.push_back(devgate::shared_bytes::copy_of("device-" + std::to_string(d)));
@@ -97,8 +104,5 @@ int main(int argc, char** argv) {
       messages, workers, payload, static_cast<double>(m.dispatched) / seconds,
       static_cast<unsigned long long>(p.sink().sent()),
       static_cast<unsigned long long>(p.sink().failed()), len.value.integer);
-  c.stop();
-  guard.reset();
-  loop.join();
-  return m.dispatched == messages ? 0 : 1;
+  return finish(m.dispatched == messages ? 0 : 1);
 }

@@ -6,7 +6,7 @@ set -euo pipefail
 build=${1:?usage: run_redis.sh <build-dir> [messages] [workers]}
 messages=${2:-200000}
 workers=${3:-16}
-bench="$build/benchmarks/redis/devgate_bench_redis_sink"
+bench="$build/benchmarks/redis/devgate_redis_sink_driver"
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
