@@ -51,7 +51,9 @@ cmake_suite() {
   cmake -S "$root" -B "$dir" -G Ninja "$@" >"$dir.configure.log" 2>&1 ||
     { cat "$dir.configure.log"; return 1; }
   cmake --build "$dir" -j "$jobs" || return 1
-  ctest --test-dir "$dir" --timeout 900
+  # Tests run two at a time (those marked RUN_SERIAL alone: the browser, the attacks that read
+  # the server's memory, the crash test).
+  ctest --test-dir "$dir" --timeout 900 -j "$jobs"
 }
 
 smoke_benchmarks() {
