@@ -1814,6 +1814,14 @@ long cpu_ticks(pid_t pid) {
   return utime + stime;
 }
 
+// The descriptors a process holds open, from /proc/<pid>/fd.
+std::size_t open_descriptors(pid_t pid) {
+  std::error_code ec;
+  std::filesystem::directory_iterator it("/proc/" + std::to_string(pid) + "/fd", ec);
+  return ec ? 0
+            : static_cast<std::size_t>(std::distance(it, std::filesystem::directory_iterator{}));
+}
+
 }  // namespace
 
 // Out of descriptors, the acceptor pauses (50 ms) instead of spinning on a full backlog, and
@@ -1845,6 +1853,7 @@ TEST_CASE("hygiene: out of descriptors, accept pauses without spinning and resum
   ::close(out[0]);
   REQUIRE(first.starts_with("listening on "));
   const auto port = static_cast<std::uint16_t>(std::stoul(first.substr(13)));
+  const std::size_t idle_descriptors = open_descriptors(pid);
 
   constexpr int total = 60;
   std::vector<std::unique_ptr<raw_client>> clients;
@@ -1883,9 +1892,17 @@ TEST_CASE("hygiene: out of descriptors, accept pauses without spinning and resum
     CHECK(c->echoes("served after the pause"));
   }
   CHECK(later == std::min(count, total - count));
-  // Descriptors free before the stop: a sanitizer's runtime opens files of its own (UBSan's
-  // vptr check reads /proc/self/maps) and reports a false error when it cannot.
+  // Descriptors free before the stop: a sanitizer's runtime opens descriptors of its own (UBSan's
+  // vptr check probes memory through a pipe and reads /proc/self/maps) and reports a false
+  // "invalid vptr" when it cannot. Closing the clients is not enough: the server frees its side
+  // only once it has read their EOFs, so wait for it to be back at its idle count.
   clients.clear();
+  const auto freed_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (open_descriptors(pid) > idle_descriptors && std::chrono::steady_clock::now() < freed_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  INFO("descriptors at idle " << idle_descriptors << ", now " << open_descriptors(pid));
+  REQUIRE(open_descriptors(pid) <= idle_descriptors);
   ::kill(pid, SIGTERM);
   int status = 0;
   REQUIRE(::waitpid(pid, &status, 0) == pid);
