@@ -1009,6 +1009,14 @@ struct message {
   }
 };
 
+/// A message in a partition queue, with the ticket that fixes its place in the partition's
+/// order: what a queue policy's container holds.
+struct queued_message {
+  message msg;                  ///< The message.
+  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
+  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
+};
+
 }  // namespace devgate
 // ---- end devgate/pipeline/message.hpp ----
 
@@ -1036,14 +1044,6 @@ enum class overflow_policy : std::uint8_t {
   drop_oldest,
   /// `push` waits up to `block_timeout` for room, then rejects like `reject`.
   block,
-};
-
-/// A message in a partition queue, with the ticket that fixes its place in the partition's
-/// order: what a queue policy's container holds.
-struct queued_message {
-  message msg;                  ///< The message.
-  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
-  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
 };
 
 /// A container the pipeline can keep items of type T in (the requirements of `queue_policy`).
@@ -1408,6 +1408,38 @@ class fetcher {
     }
     release_held(b);
     b.share_ = b.taken_ = from;
+  }
+
+  /// Prepares `give_back` when a batch sink took some of the current share's messages from
+  /// index `from` on and not others: those with `undelivered(i)` (i counted from the share's
+  /// start, i >= from) move, in order, to the end of the share, each onto the last tickets its
+  /// partition's run in the share had, so no partition has a gap once they are handed back.
+  /// Returns how many they are; hand them back with `give_back(b, b.taken() - count)`.
+  template <class Undelivered>
+  std::size_t gather_undelivered(batch& b, std::size_t from, Undelivered undelivered) {
+    queued_message* share = b.items_.data() + b.share_;
+    const std::size_t n = b.taken_ - b.share_;
+    if (from >= n) return 0;
+    // A share holds one run per partition it claimed (a lone worker's share may hold several),
+    // each run one pull: consecutive tickets ending at the partition's head.
+    for (std::size_t a = 0; a < n;) {
+      std::size_t e = a + 1;
+      while (e < n && share[e].partition == share[a].partition) ++e;
+      std::size_t kept = 0;
+      for (std::size_t j = std::max(a, from); j < e; ++j) kept += undelivered(j) ? 1 : 0;
+      std::uint64_t ticket = share[e - 1].ticket - kept;
+      for (std::size_t j = std::max(a, from); j < e; ++j) {
+        if (undelivered(j)) share[j].ticket = ++ticket;
+      }
+      a = e;
+    }
+    std::size_t back = n;  // the undelivered fill [back, n), in their order
+    for (std::size_t j = n; j-- > from;) {
+      if (!undelivered(j)) continue;
+      --back;
+      if (back != j) share[back] = std::move(share[j]);
+    }
+    return n - back;
   }
 
   /// Removes the oldest ready message of partition `preferred` (else of any partition it can
@@ -1984,9 +2016,9 @@ class eventcount {
 // ---- begin devgate/pipeline/sink.hpp ----
 
 #include <concepts>      // sink
-#include <cstddef>       // std::size_t
+#include <cstddef>       // std::size_t, std::ptrdiff_t
 #include <cstdint>       // partition numbers
-#include <span>          // broadcast recipients
+#include <span>          // broadcast recipients, batch results
 #include <system_error>  // results
 #include <tuple>         // fanout_sink
 #include <type_traits>   // std::invoke_result_t
@@ -2025,13 +2057,89 @@ struct dispatch_context {
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
 /// Optionally, `s.end_batch(ctx)` is called by each worker after it dispatched a batch (a sink
-/// may gather per batch, per worker thread, and flush there).
+/// may gather per batch, per worker thread, and flush there), and a sink may take whole shares
+/// of a batch (see `batch_sink`).
 /// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
 /// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
 /// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
 template <class S>
 concept sink = requires(S& s, const message& m, dispatch_context& ctx) {
   { s.consume(m, ctx) } -> std::same_as<std::error_code>;
+};
+
+/// A share of a worker's batch, as a batch sink's `consume_batch` sees it: its messages in
+/// dispatch order (each device's in the order they arrived). With other workers around a share
+/// is one partition's messages; a lone worker's share holds every partition it took, one run
+/// after another (`partition(i)`). A view: valid only during the call.
+class message_batch {
+ public:
+  /// Iterates the messages (`const message&`).
+  class iterator {
+   public:
+    using value_type = message;              ///< What it yields.
+    using difference_type = std::ptrdiff_t;  ///< Distance between two iterators.
+    iterator() = default;                    ///< A singular iterator.
+    /// At `item`.
+    explicit iterator(const queued_message* item) noexcept : item_(item) {}
+    /// The message.
+    const message& operator*() const noexcept { return item_->msg; }
+    /// The message's members.
+    const message* operator->() const noexcept { return &item_->msg; }
+    /// The next message.
+    iterator& operator++() noexcept {
+      ++item_;
+      return *this;
+    }
+    /// The next message (postfix).
+    iterator operator++(int) noexcept {
+      iterator before = *this;
+      ++item_;
+      return before;
+    }
+    /// Same position.
+    bool operator==(const iterator&) const noexcept = default;
+
+   private:
+    const queued_message* item_ = nullptr;
+  };
+
+  /// Views `count` queued messages from `items`.
+  message_batch(const queued_message* items, std::size_t count) noexcept
+      : items_(items), size_(count) {}
+  /// How many messages.
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  /// True when there are none.
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+  /// The i-th message (i < size()).
+  const message& operator[](std::size_t i) const noexcept { return items_[i].msg; }
+  /// The partition the i-th message came from.
+  [[nodiscard]] std::uint32_t partition(std::size_t i) const noexcept {
+    return items_[i].partition;
+  }
+  /// The first message.
+  [[nodiscard]] iterator begin() const noexcept { return iterator(items_); }
+  /// Past the last message.
+  [[nodiscard]] iterator end() const noexcept { return iterator(items_ + size_); }
+
+ private:
+  const queued_message* items_;
+  std::size_t size_;
+};
+
+/// A sink that also takes a share of a batch whole (see `message_batch`), so it can write the
+/// messages as one request and wait once: `s.consume_batch(batch, ctx, results)` sets
+/// `results[i]` (sized to the batch, cleared beforehand) to `batch[i]`'s outcome, as `consume`
+/// would return it; `ctx.partition` is the first message's partition and `ctx.attempt` is 0. The
+/// pipeline then calls `consume` for each failed message in batch order (attempts 1, 2, ...,
+/// with backoff, then the dead letter), so a message that failed is retried after the later
+/// messages the sink took. A sink that must keep each device's order across failures reports
+/// every later message of a device after one of its failures as failed too (it may have taken
+/// them: at-least-once). An exception from `consume_batch` fails the whole share
+/// (`errc::handler_threw`, counted) and each message is retried.
+template <class S>
+concept batch_sink = sink<S> &&
+    requires(S& s, message_batch b, dispatch_context& ctx, std::span<std::error_code> results) {
+  s.consume_batch(b, ctx, results);
 };
 
 /// A sink that calls `f(message, ctx)`; `f` returns std::error_code, or void for "always succeeds".
@@ -2803,6 +2911,9 @@ class pipeline {
 
   void run_worker(std::size_t id) {
     typename fetcher_type::batch b(fetcher_.demand(id).max_demand());
+    // A batch sink's results, one per message of a share (a share is at most a batch).
+    std::vector<std::error_code> results;
+    if constexpr (batch_sink<Sink>) results.resize(fetcher_.demand(id).max_demand());
     auto& stats = *stats_[id];
     dispatch_context ctx;
     ctx.worker_id = id;
@@ -2813,7 +2924,7 @@ class pipeline {
       if (abort_.load(std::memory_order_acquire)) break;
       if (fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
         cursor = next_cursor(b);
-        if (!dispatch(id, b, ctx, stats)) break;
+        if (!dispatch(id, b, ctx, stats, results)) break;
         continue;
       }
       if (drained()) break;
@@ -2821,7 +2932,7 @@ class pipeline {
       if (fetch(id, b, cursor) != 0) {
         work_.cancel_wait();
         cursor = next_cursor(b);
-        if (!dispatch(id, b, ctx, stats)) break;
+        if (!dispatch(id, b, ctx, stats, results)) break;
         continue;
       }
       if (b.in_flight()) {
@@ -2882,7 +2993,7 @@ class pipeline {
   // Dispatches a fetched batch, one partition's share at a time (see fetcher::batch); false when
   // a stop deadline interrupted it.
   bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
-                worker_stats& stats) {
+                worker_stats& stats, std::vector<std::error_code>& results) {
     // One clock reading per batch: every message of the batch is stamped with the time the
     // worker started dispatching it (see message::dispatched).
     const auto start = clock::now();
@@ -2891,27 +3002,34 @@ class pipeline {
     std::chrono::nanoseconds oldest{0};
     bool aborted = false;
     do {
-      for (auto& item : b) {
-        if (abort_.load(std::memory_order_relaxed)) {
+      if constexpr (batch_sink<Sink>) {
+        if (!dispatch_share(b, ctx, stats, start, oldest, results, done, ok)) {
           aborted = true;
           break;
         }
-        item.msg.dispatched = start;
-        const auto waited = item.msg.dispatched - item.msg.enqueued;
-        if (waited > oldest) oldest = waited;
-        stats.latency.record(static_cast<std::uint64_t>(waited.count()));
-        ctx.partition = item.partition;
-        const auto outcome = deliver(item.msg, ctx);
-        if (outcome == delivery::aborted) {
-          aborted = true;
-          break;
+      } else {
+        for (auto& item : b) {
+          if (abort_.load(std::memory_order_relaxed)) {
+            aborted = true;
+            break;
+          }
+          item.msg.dispatched = start;
+          const auto waited = item.msg.dispatched - item.msg.enqueued;
+          if (waited > oldest) oldest = waited;
+          stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+          ctx.partition = item.partition;
+          const auto outcome = deliver(item.msg, ctx);
+          if (outcome == delivery::aborted) {
+            aborted = true;
+            break;
+          }
+          ok += outcome == delivery::delivered ? 1 : 0;
+          // Drop our references to the payload now, not when the slot is reused.
+          item.msg = message{};
+          ++done;
         }
-        ok += outcome == delivery::delivered ? 1 : 0;
-        // Drop our references to the payload now, not when the slot is reused.
-        item.msg = message{};
-        ++done;
+        if (aborted) break;
       }
-      if (aborted) break;
       // Work left in the partition just dispatched is free for another worker now; a sleeper
       // (it found every partition claimed) would not look again until the next push.
       const auto held = b.last_partition();
@@ -2937,14 +3055,61 @@ class pipeline {
     return !aborted;
   }
 
+  // A batch sink's share: the sink takes it whole, then each message it failed is retried on
+  // its own, in order, like any failure. `done` and `ok` count as in `dispatch`. False when a
+  // stop deadline interrupted it: the share's messages not dispatched are then gathered at its
+  // end, and `done` stops before them, so `give_back(b, done)` hands back exactly those.
+  bool dispatch_share(typename fetcher_type::batch& b, dispatch_context& ctx, worker_stats& stats,
+                      clock::time_point start, std::chrono::nanoseconds& oldest,
+                      std::vector<std::error_code>& results, std::size_t& done, std::uint64_t& ok) {
+    if (abort_.load(std::memory_order_relaxed)) return false;
+    queued_message* items = b.begin();
+    const std::size_t n = b.size();
+    for (std::size_t i = 0; i < n; ++i) {
+      items[i].msg.dispatched = start;
+      const auto waited = start - items[i].msg.enqueued;
+      if (waited > oldest) oldest = waited;
+      stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+    }
+    const std::span<std::error_code> out(results.data(), n);
+    std::fill(out.begin(), out.end(), std::error_code{});
+    ctx.partition = items[0].partition;
+    ctx.attempt = 0;
+    consume_batch(message_batch(items, n), ctx, out);
+    for (std::size_t i = 0; i < n; ++i) {
+      auto outcome = delivery::delivered;
+      if (out[i]) {
+        ctx.partition = items[i].partition;
+        outcome = retry(items[i].msg, ctx, out[i]);
+      }
+      if (outcome == delivery::aborted) {
+        // This one and the later failures were not dispatched; the later successes were.
+        const std::size_t left =
+            fetcher_.gather_undelivered(b, i, [&](std::size_t j) { return j == i || out[j]; });
+        done += n - i - left;
+        ok += n - i - left;
+        return false;
+      }
+      ok += outcome == delivery::delivered ? 1 : 0;
+      items[i].msg = message{};  // drop the payload's references now
+      ++done;
+    }
+    return true;
+  }
+
   enum class delivery { delivered, dead_lettered, aborted };
 
   delivery deliver(message& m, dispatch_context& ctx) {
+    ctx.attempt = 0;
+    const std::error_code ec = consume(m, ctx);
+    return ec ? retry(m, ctx, ec) : delivery::delivered;
+  }
+
+  // After a first attempt failed with `ec`: retries with backoff (attempts 1, 2, ...), then
+  // dead-letters.
+  delivery retry(message& m, dispatch_context& ctx, std::error_code ec) {
     auto backoff = options_.retry_backoff;
-    for (unsigned attempt = 0;; ++attempt) {
-      ctx.attempt = attempt;
-      const std::error_code ec = consume(m, ctx);
-      if (!ec) return delivery::delivered;
+    for (unsigned attempt = 0;;) {
       if (attempt >= options_.retry_limit) {
         dead_lettered_.fetch_add(1, std::memory_order_relaxed);
         dead_letter(m, ec);
@@ -2960,6 +3125,9 @@ class pipeline {
         }
       }
       backoff = std::min(backoff * 2, options_.retry_backoff_max);
+      ctx.attempt = ++attempt;
+      ec = consume(m, ctx);
+      if (!ec) return delivery::delivered;
     }
   }
 
@@ -2972,6 +3140,17 @@ class pipeline {
       } catch (...) {
         handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
       }
+    }
+  }
+  // A share to a batch sink. An exception fails every message of it (each is then retried),
+  // counted once.
+  void consume_batch(message_batch batch, dispatch_context& ctx,
+                     std::span<std::error_code> results) noexcept {
+    try {
+      sink_.consume_batch(batch, ctx, results);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      std::fill(results.begin(), results.end(), make_error_code(errc::handler_threw));
     }
   }
   // One sink attempt. An exception is that attempt's failure (retried, then dead-lettered with
@@ -13777,34 +13956,20 @@ class hub_sink {
   /// subscribers, and one line of the batch's `events` frame for its batched subscribers.
   std::error_code consume(const message& m, dispatch_context& ctx) {
     auto ec = user_.consume(m, ctx);
-    if (ec) return ec;
-    if (on_dispatched_ && m.session != 0) taken().push_back(m);  // two shared references
-    const bool single = bus_->has_subscribers(topics::server);
-    const bool batched = bus_->has_subscribers(topics::server_batched);
-    if (!single && !batched) return ec;
-    const auto now = clock::now();
-    const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count();
-    const auto latency =
-        std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
-    const line l{m.device_id.view(), m.sequence, ctx.worker_id, ctx.partition, wall, latency};
-    if (single) {
-      std::string& out = scratch();
-      out.assign(R"({"type":"event","topic":"server","data":)");
-      append_line(out, l);
-      out.push_back('}');
-      bus_->publish(topics::server, shared_bytes::copy_of(std::string_view(out)));
-    }
-    if (batched) {
-      std::string& lines = batch_lines();
-      if (lines.empty())
-        lines.assign(R"({"type":"events","topic":"server","data":[)");
-      else
-        lines.push_back(',');
-      append_line(lines, l);
-    }
+    if (!ec) took(m, ctx);
     return ec;
+  }
+  /// With a batch sink: hands it the share whole, then logs each message it took (as `consume`).
+  void consume_batch(message_batch batch, dispatch_context& ctx,
+                     std::span<std::error_code> results) requires batch_sink<Sink> {
+    user_.consume_batch(batch, ctx, results);
+    const auto first = ctx.partition;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (results[i]) continue;
+      ctx.partition = batch.partition(i);
+      took(batch[i], ctx);
+    }
+    ctx.partition = first;
   }
   /// The end of a worker's dispatch batch: its lines go to the batched subscribers in one frame.
   void end_batch(dispatch_context& ctx) {
@@ -13870,6 +14035,37 @@ class hub_sink {
   }
 
  private:
+  // After the user's sink took `m`: keeps it for on_dispatched, and logs one `event` to the
+  // server log's subscribers and one line of the batch's `events` frame for the batched ones.
+  void took(const message& m, const dispatch_context& ctx) {
+    if (on_dispatched_ && m.session != 0) taken().push_back(m);  // two shared references
+    const bool single = bus_->has_subscribers(topics::server);
+    const bool batched = bus_->has_subscribers(topics::server_batched);
+    if (!single && !batched) return;
+    const auto now = clock::now();
+    const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+    const auto latency =
+        std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
+    const line l{m.device_id.view(), m.sequence, ctx.worker_id, ctx.partition, wall, latency};
+    if (single) {
+      std::string& out = scratch();
+      out.assign(R"({"type":"event","topic":"server","data":)");
+      append_line(out, l);
+      out.push_back('}');
+      bus_->publish(topics::server, shared_bytes::copy_of(std::string_view(out)));
+    }
+    if (batched) {
+      std::string& lines = batch_lines();
+      if (lines.empty())
+        lines.assign(R"({"type":"events","topic":"server","data":[)");
+      else
+        lines.push_back(',');
+      append_line(lines, l);
+    }
+  }
+
   // The calling worker's encoding buffer (a worker thread serves one pipeline).
   static std::string& scratch() {
     thread_local std::string s;

@@ -1590,6 +1590,75 @@ TEST_CASE(
   CHECK(g.count(7) == 1);
 }
 
+namespace {
+
+// A batch sink (devgate::batch_sink): takes shares whole; send id 5 fails in its share and is
+// taken on its retry, send id 9 always fails.
+struct batch_sink_state {
+  std::mutex m;
+  int shares = 0;
+  std::map<std::uint64_t, int> taken;  // send id -> times taken
+};
+struct counting_batch_sink {
+  batch_sink_state* s;
+  std::error_code consume(const devgate::message& m, devgate::dispatch_context&) {
+    std::lock_guard l(s->m);
+    if (m.reference == 9) return std::make_error_code(std::errc::io_error);
+    ++s->taken[m.reference];
+    return {};
+  }
+  void consume_batch(devgate::message_batch batch, devgate::dispatch_context&,
+                     std::span<std::error_code> results) {
+    std::lock_guard l(s->m);
+    ++s->shares;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (batch[i].reference == 5 || batch[i].reference == 9) {
+        results[i] = std::make_error_code(std::errc::io_error);
+      } else {
+        ++s->taken[batch[i].reference];
+      }
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "ack on_dispatch with a batch sink: the hub hands it shares whole; each send is "
+    "answered once, by its outcome") {
+  in_process_transport t;
+  batch_sink_state state;
+  dev::hub_options o;
+  o.ack = dev::ack_policy::on_dispatch;
+  o.pipeline.retry_limit = 1;
+  o.pipeline.retry_backoff = std::chrono::microseconds(100);
+  dev::hub<in_process_transport, counting_batch_sink> hub(t, counting_batch_sink{&state}, o);
+  REQUIRE_FALSE(hub.start());
+  auto d = connect(t, "batched");
+  for (std::uint64_t id = 1; id <= 20; ++id) {
+    REQUIRE_FALSE(d.send({{"type", "send"}, {"data", "x"}, {"id", id}}));
+  }
+  std::optional<json> e;
+  REQUIRE(eventually([&] {
+    for (auto& j : d.poll()) {
+      if (j.value("type", "") == "error") e = j;
+    }
+    return e.has_value() && sent_ids(d.texts).size() == 19;
+  }));
+  CHECK((*e)["code"] == "not_dispatched");
+  CHECK((*e)["id"] == 9);
+  const auto sent = sent_ids(d.texts);
+  for (std::uint64_t id = 1; id <= 20; ++id) {
+    INFO("send id " << id);
+    CHECK(sent.count(id) == (id == 9 ? 0U : 1U));
+  }
+  hub.stop();
+  std::lock_guard l(state.m);
+  CHECK(state.shares >= 1);  // the hub's own sink passed the shares on whole
+  for (std::uint64_t id = 1; id <= 20; ++id) CHECK(state.taken[id] == (id == 9 ? 0 : 1));
+  CHECK(hub.stats().dispatched == 19);
+}
+
 TEST_CASE(
     "durable store: a restarted hub replays kept deliveries, remembers dispatched ids, resumes the "
     "rollout") {

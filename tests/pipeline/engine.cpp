@@ -10,10 +10,12 @@
 #include <chrono>
 #include <functional>
 #include <mutex>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <sys/wait.h>  // waitpid: attacks run in a child
@@ -860,4 +862,164 @@ TEST_CASE("a message handed back while in retry backoff says it was attempted",
   REQUIRE(left[1].sequence == 2);
   REQUIRE(left[1].attempts == 0);
   REQUIRE(p.metrics().handed_back == 2);
+}
+
+namespace {
+
+// A batch sink: records each share it is given and each message it took (in call order), fails
+// in the share the messages `fail_in_batch` picks and, on retry (`consume`), those `fail_always`
+// picks.
+struct share_recorder {
+  std::mutex mutex;
+  std::vector<std::size_t> share_sizes;
+  std::vector<std::pair<std::string, std::uint64_t>> taken;
+  std::vector<unsigned> retry_attempts;
+  std::function<bool(const devgate::message&)> fail_in_batch = [](const auto&) { return false; };
+  std::function<bool(const devgate::message&)> fail_always = [](const auto&) { return false; };
+  bool throw_in_batch = false;
+  bool contract_broken = false;  // checked on the test's thread (Catch is not thread-safe)
+};
+
+struct batch_recording_sink {
+  share_recorder* r;
+  std::error_code consume(const devgate::message& m, devgate::dispatch_context& ctx) {
+    std::lock_guard lock(r->mutex);
+    r->retry_attempts.push_back(ctx.attempt);
+    if (r->fail_always(m)) return devgate::errc::timeout;
+    r->taken.emplace_back(std::string(m.device_id.view()), m.sequence);
+    return {};
+  }
+  void consume_batch(devgate::message_batch batch, devgate::dispatch_context& ctx,
+                     std::span<std::error_code> results) {
+    std::lock_guard lock(r->mutex);
+    if (r->throw_in_batch) throw std::runtime_error("batch sink failed");
+    if (ctx.attempt != 0 || results.size() != batch.size() || batch.empty() ||
+        batch.partition(0) != ctx.partition) {
+      r->contract_broken = true;
+    }
+    r->share_sizes.push_back(batch.size());
+    std::size_t i = 0;
+    for (const devgate::message& m : batch) {
+      if (r->fail_in_batch(m) || r->fail_always(m)) {
+        results[i] = devgate::errc::backpressure;
+      } else {
+        r->taken.emplace_back(std::string(m.device_id.view()), m.sequence);
+      }
+      ++i;
+    }
+  }
+};
+static_assert(devgate::batch_sink<batch_recording_sink>);
+static_assert(!devgate::batch_sink<devgate::null_sink>);
+
+}  // namespace
+
+TEST_CASE(
+    "a batch sink takes shares whole; its failures are retried one by one, then dead-lettered",
+    "[pipeline][sink][batch]") {
+  share_recorder r;
+  r.fail_in_batch = [](const devgate::message& m) { return m.sequence % 5 == 0; };
+  r.fail_always = [](const devgate::message& m) { return m.sequence == 7; };
+  std::vector<std::uint64_t> dead;
+  devgate::pipeline_options o;
+  o.pool.workers = 1;
+  o.demand.min_batch = o.demand.max_batch = 64;
+  o.retry_limit = 2;
+  o.retry_backoff = 100us;
+  o.dead_letter = [&](const devgate::message& m, std::error_code) { dead.push_back(m.sequence); };
+  devgate::pipeline<batch_recording_sink, fixed_traits> p(batch_recording_sink{&r}, o);
+  constexpr std::uint64_t total = 200;
+  for (std::uint64_t seq = 1; seq <= total; ++seq) REQUIRE_FALSE(p.push(make(device, seq)));
+  REQUIRE_FALSE(p.start());
+  p.stop();
+  REQUIRE_FALSE(r.contract_broken);
+  // Taken whole: the queue was full before the worker started, so shares hold many messages.
+  REQUIRE_FALSE(r.share_sizes.empty());
+  REQUIRE(*std::max_element(r.share_sizes.begin(), r.share_sizes.end()) > 1);
+  // Every message but 7 taken exactly once; 7 dead-lettered after its retries.
+  std::vector<std::uint64_t> seqs;
+  for (const auto& t : r.taken) seqs.push_back(t.second);
+  std::sort(seqs.begin(), seqs.end());
+  std::vector<std::uint64_t> expected;
+  for (std::uint64_t seq = 1; seq <= total; ++seq)
+    if (seq != 7) expected.push_back(seq);
+  REQUIRE(seqs == expected);
+  REQUIRE(dead == std::vector<std::uint64_t>{7});
+  // The 40 multiples of 5 needed one retry each, 7 needed two (attempts 1 and 2).
+  REQUIRE(r.retry_attempts.size() == total / 5 + 2);
+  for (auto a : r.retry_attempts) REQUIRE(a >= 1);
+  const auto m = p.metrics();
+  REQUIRE(m.dispatched == total - 1);
+  REQUIRE(m.retried == total / 5 + 2);
+  REQUIRE(m.dead_lettered == 1);
+}
+
+TEST_CASE("attack: a batch sink that throws loses nothing (each message is retried)",
+          "[pipeline][sink][batch]") {
+  share_recorder r;
+  r.throw_in_batch = true;
+  devgate::pipeline_options o;
+  o.retry_backoff = 10us;
+  devgate::pipeline p(batch_recording_sink{&r}, o);
+  REQUIRE_FALSE(p.start());
+  constexpr std::uint64_t total = 500;
+  for (std::uint64_t seq = 1; seq <= total; ++seq) REQUIRE_FALSE(p.push(make(device, seq)));
+  p.stop();
+  REQUIRE(r.taken.size() == total);
+  REQUIRE_FALSE(r.contract_broken);
+  const auto m = p.metrics();
+  REQUIRE(m.dispatched == total);
+  REQUIRE(m.dead_lettered == 0);
+  REQUIRE(m.handler_exceptions >= 1);
+  REQUIRE(m.retried == total);
+}
+
+TEST_CASE("stop with a deadline during a batch's retries hands back only what was not taken",
+          "[pipeline][sink][batch][lifecycle]") {
+  share_recorder r;
+  // Device "d1"'s 3 fails in the share, then waits out a long backoff; "d2"'s 4 and "d3"'s 2
+  // fail too. A lone worker's share holds every partition's run.
+  r.fail_in_batch = [](const devgate::message& m) {
+    const auto d = m.device_id.view();
+    return (d == "d1" && m.sequence == 3) || (d == "d2" && m.sequence == 4) ||
+           (d == "d3" && m.sequence == 2);
+  };
+  devgate::pipeline_options o;
+  o.pool.workers = 1;
+  o.demand.min_batch = o.demand.max_batch = 64;  // one share takes all 15
+  o.retry_backoff = 10s;
+  o.retry_backoff_max = 10s;
+  devgate::pipeline<batch_recording_sink, fixed_traits> p(batch_recording_sink{&r}, o);
+  const std::array<devgate::shared_bytes, 3> devices{
+      devgate::shared_bytes::copy_of(std::string_view("d1")),
+      devgate::shared_bytes::copy_of(std::string_view("d2")),
+      devgate::shared_bytes::copy_of(std::string_view("d3"))};
+  for (std::uint64_t seq = 1; seq <= 5; ++seq) {
+    for (const auto& d : devices) REQUIRE_FALSE(p.push(make(d, seq)));
+  }
+  REQUIRE_FALSE(p.start());
+  REQUIRE(eventually([&] {
+    std::lock_guard lock(r.mutex);
+    return r.taken.size() == 12;
+  }));
+  const auto left = p.stop(devgate::clock::now() + 50ms);
+  REQUIRE_FALSE(r.contract_broken);
+  REQUIRE(r.share_sizes == std::vector<std::size_t>{15});
+  // Not taken: the three failures. The first to be retried says it was attempted once.
+  std::vector<std::pair<std::string, std::uint64_t>> back;
+  for (const auto& m : left) back.emplace_back(std::string(m.device_id.view()), m.sequence);
+  std::sort(back.begin(), back.end());
+  REQUIRE(back ==
+          std::vector<std::pair<std::string, std::uint64_t>>{{"d1", 3}, {"d2", 4}, {"d3", 2}});
+  std::uint32_t attempted = 0;
+  for (const auto& m : left) attempted += m.attempts;
+  REQUIRE(attempted == 1);
+  // Nothing taken twice.
+  auto taken = r.taken;
+  std::sort(taken.begin(), taken.end());
+  REQUIRE(std::adjacent_find(taken.begin(), taken.end()) == taken.end());
+  const auto m = p.metrics();
+  REQUIRE(m.handed_back == 3);
+  REQUIRE(m.dispatched == 12);
+  REQUIRE(m.queue_depth == 0);
 }

@@ -11,6 +11,7 @@
 #include <sys/wait.h>  // waitpid
 #include <unistd.h>    // environ
 
+#include <array>
 #include <asio/connect.hpp>
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
@@ -422,6 +423,62 @@ TEST_CASE("redis streams sink: per-device streams and approximate MAXLEN trimmin
   REQUIRE(len_a < 1000);  // trimmed (by whole nodes: approximately)
   REQUIRE(integer(c, {"XLEN", "dev:b"}) == 1);
   REQUIRE(sink.sent() == 1001);
+}
+
+TEST_CASE(
+    "redis streams sink: a share goes out whole; one device's error reply fails that device only",
+    "[redis][sink][batch]") {
+  redis_server server;
+  loop l;
+  redis::connection c(l.io, options_for(server.url()));
+  c.start();
+  REQUIRE(c.wait_connected(5s));
+  // "dev:bad" holds a string: every XADD to it is a WRONGTYPE error reply.
+  REQUIRE(c.call({"SET", "dev:bad", "not a stream"}).value.str == "OK");
+  std::mutex dead_m;
+  std::vector<std::pair<std::string, std::uint64_t>> dead;
+  std::vector<std::error_code> dead_errors;
+  devgate::pipeline_options po;
+  po.pool.workers = 1;
+  po.demand.min_batch = po.demand.max_batch = 64;  // the lone worker's first share takes all
+  po.retry_limit = 1;
+  po.retry_backoff = 1ms;
+  po.dead_letter = [&](const devgate::message& m, std::error_code ec) {
+    std::lock_guard lock(dead_m);
+    dead.emplace_back(std::string(m.device_id.view()), m.sequence);
+    dead_errors.push_back(ec);
+  };
+  redis::streams_sink_options so;
+  so.stream = "dev:";
+  so.stream_per_device = true;
+  devgate::pipeline<redis::streams_sink> p(redis::streams_sink(c, so), po);
+  const std::array<devgate::shared_bytes, 3> ids{
+      devgate::shared_bytes::copy_of(std::string_view("a")),
+      devgate::shared_bytes::copy_of(std::string_view("bad")),
+      devgate::shared_bytes::copy_of(std::string_view("b"))};
+  for (std::uint64_t seq = 1; seq <= 20; ++seq) {
+    for (const auto& id : ids) REQUIRE_FALSE(p.push(make(id, seq, "x")));
+  }
+  REQUIRE_FALSE(p.start());
+  p.stop();
+  const auto m = p.metrics();
+  REQUIRE(m.dispatched == 40);
+  REQUIRE(m.dead_lettered == 20);
+  REQUIRE(m.retried == 20);  // only the bad device's messages were retried
+  REQUIRE(p.sink().sent() == 40);
+  REQUIRE(p.sink().failed() == 40);  // 20 in the share, 20 retries
+  {
+    std::lock_guard lock(dead_m);
+    for (std::size_t i = 0; i < dead.size(); ++i) {
+      REQUIRE(dead[i] == std::pair<std::string, std::uint64_t>{"bad", i + 1});  // in order
+      REQUIRE(dead_errors[i] == redis::errc::error_reply);
+    }
+  }
+  for (const char* stream : {"dev:a", "dev:b"}) {
+    std::uint64_t last = 0;
+    for (const auto& [device, seq] : entries(c, stream)) REQUIRE(seq == ++last);
+    REQUIRE(last == 20);
+  }
 }
 
 TEST_CASE(

@@ -40,34 +40,20 @@ class hub_sink {
   /// subscribers, and one line of the batch's `events` frame for its batched subscribers.
   std::error_code consume(const message& m, dispatch_context& ctx) {
     auto ec = user_.consume(m, ctx);
-    if (ec) return ec;
-    if (on_dispatched_ && m.session != 0) taken().push_back(m);  // two shared references
-    const bool single = bus_->has_subscribers(topics::server);
-    const bool batched = bus_->has_subscribers(topics::server_batched);
-    if (!single && !batched) return ec;
-    const auto now = clock::now();
-    const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count();
-    const auto latency =
-        std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
-    const line l{m.device_id.view(), m.sequence, ctx.worker_id, ctx.partition, wall, latency};
-    if (single) {
-      std::string& out = scratch();
-      out.assign(R"({"type":"event","topic":"server","data":)");
-      append_line(out, l);
-      out.push_back('}');
-      bus_->publish(topics::server, shared_bytes::copy_of(std::string_view(out)));
-    }
-    if (batched) {
-      std::string& lines = batch_lines();
-      if (lines.empty())
-        lines.assign(R"({"type":"events","topic":"server","data":[)");
-      else
-        lines.push_back(',');
-      append_line(lines, l);
-    }
+    if (!ec) took(m, ctx);
     return ec;
+  }
+  /// With a batch sink: hands it the share whole, then logs each message it took (as `consume`).
+  void consume_batch(message_batch batch, dispatch_context& ctx,
+                     std::span<std::error_code> results) requires batch_sink<Sink> {
+    user_.consume_batch(batch, ctx, results);
+    const auto first = ctx.partition;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (results[i]) continue;
+      ctx.partition = batch.partition(i);
+      took(batch[i], ctx);
+    }
+    ctx.partition = first;
   }
   /// The end of a worker's dispatch batch: its lines go to the batched subscribers in one frame.
   void end_batch(dispatch_context& ctx) {
@@ -133,6 +119,37 @@ class hub_sink {
   }
 
  private:
+  // After the user's sink took `m`: keeps it for on_dispatched, and logs one `event` to the
+  // server log's subscribers and one line of the batch's `events` frame for the batched ones.
+  void took(const message& m, const dispatch_context& ctx) {
+    if (on_dispatched_ && m.session != 0) taken().push_back(m);  // two shared references
+    const bool single = bus_->has_subscribers(topics::server);
+    const bool batched = bus_->has_subscribers(topics::server_batched);
+    if (!single && !batched) return;
+    const auto now = clock::now();
+    const auto wall = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+    const auto latency =
+        std::chrono::duration_cast<std::chrono::microseconds>(now - m.received).count();
+    const line l{m.device_id.view(), m.sequence, ctx.worker_id, ctx.partition, wall, latency};
+    if (single) {
+      std::string& out = scratch();
+      out.assign(R"({"type":"event","topic":"server","data":)");
+      append_line(out, l);
+      out.push_back('}');
+      bus_->publish(topics::server, shared_bytes::copy_of(std::string_view(out)));
+    }
+    if (batched) {
+      std::string& lines = batch_lines();
+      if (lines.empty())
+        lines.assign(R"({"type":"events","topic":"server","data":[)");
+      else
+        lines.push_back(',');
+      append_line(lines, l);
+    }
+  }
+
   // The calling worker's encoding buffer (a worker thread serves one pipeline).
   static std::string& scratch() {
     thread_local std::string s;

@@ -249,6 +249,38 @@ class fetcher {
     b.share_ = b.taken_ = from;
   }
 
+  /// Prepares `give_back` when a batch sink took some of the current share's messages from
+  /// index `from` on and not others: those with `undelivered(i)` (i counted from the share's
+  /// start, i >= from) move, in order, to the end of the share, each onto the last tickets its
+  /// partition's run in the share had, so no partition has a gap once they are handed back.
+  /// Returns how many they are; hand them back with `give_back(b, b.taken() - count)`.
+  template <class Undelivered>
+  std::size_t gather_undelivered(batch& b, std::size_t from, Undelivered undelivered) {
+    queued_message* share = b.items_.data() + b.share_;
+    const std::size_t n = b.taken_ - b.share_;
+    if (from >= n) return 0;
+    // A share holds one run per partition it claimed (a lone worker's share may hold several),
+    // each run one pull: consecutive tickets ending at the partition's head.
+    for (std::size_t a = 0; a < n;) {
+      std::size_t e = a + 1;
+      while (e < n && share[e].partition == share[a].partition) ++e;
+      std::size_t kept = 0;
+      for (std::size_t j = std::max(a, from); j < e; ++j) kept += undelivered(j) ? 1 : 0;
+      std::uint64_t ticket = share[e - 1].ticket - kept;
+      for (std::size_t j = std::max(a, from); j < e; ++j) {
+        if (undelivered(j)) share[j].ticket = ++ticket;
+      }
+      a = e;
+    }
+    std::size_t back = n;  // the undelivered fill [back, n), in their order
+    for (std::size_t j = n; j-- > from;) {
+      if (!undelivered(j)) continue;
+      --back;
+      if (back != j) share[back] = std::move(share[j]);
+    }
+    return n - back;
+  }
+
   /// Removes the oldest ready message of partition `preferred` (else of any partition it can
   /// claim) into `out`. Returns false when no partition could give one right now.
   bool evict_one(std::uint32_t preferred, queued_message& out) {

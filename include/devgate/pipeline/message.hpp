@@ -46,4 +46,12 @@ struct message {
   }
 };
 
+/// A message in a partition queue, with the ticket that fixes its place in the partition's
+/// order: what a queue policy's container holds.
+struct queued_message {
+  message msg;                  ///< The message.
+  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
+  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
+};
+
 }  // namespace devgate

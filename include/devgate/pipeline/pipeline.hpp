@@ -444,6 +444,9 @@ class pipeline {
 
   void run_worker(std::size_t id) {
     typename fetcher_type::batch b(fetcher_.demand(id).max_demand());
+    // A batch sink's results, one per message of a share (a share is at most a batch).
+    std::vector<std::error_code> results;
+    if constexpr (batch_sink<Sink>) results.resize(fetcher_.demand(id).max_demand());
     auto& stats = *stats_[id];
     dispatch_context ctx;
     ctx.worker_id = id;
@@ -454,7 +457,7 @@ class pipeline {
       if (abort_.load(std::memory_order_acquire)) break;
       if (fetch(id, b, cursor) != 0 || spin_for_work(id, b, cursor)) {
         cursor = next_cursor(b);
-        if (!dispatch(id, b, ctx, stats)) break;
+        if (!dispatch(id, b, ctx, stats, results)) break;
         continue;
       }
       if (drained()) break;
@@ -462,7 +465,7 @@ class pipeline {
       if (fetch(id, b, cursor) != 0) {
         work_.cancel_wait();
         cursor = next_cursor(b);
-        if (!dispatch(id, b, ctx, stats)) break;
+        if (!dispatch(id, b, ctx, stats, results)) break;
         continue;
       }
       if (b.in_flight()) {
@@ -523,7 +526,7 @@ class pipeline {
   // Dispatches a fetched batch, one partition's share at a time (see fetcher::batch); false when
   // a stop deadline interrupted it.
   bool dispatch(std::size_t id, typename fetcher_type::batch& b, dispatch_context& ctx,
-                worker_stats& stats) {
+                worker_stats& stats, std::vector<std::error_code>& results) {
     // One clock reading per batch: every message of the batch is stamped with the time the
     // worker started dispatching it (see message::dispatched).
     const auto start = clock::now();
@@ -532,27 +535,34 @@ class pipeline {
     std::chrono::nanoseconds oldest{0};
     bool aborted = false;
     do {
-      for (auto& item : b) {
-        if (abort_.load(std::memory_order_relaxed)) {
+      if constexpr (batch_sink<Sink>) {
+        if (!dispatch_share(b, ctx, stats, start, oldest, results, done, ok)) {
           aborted = true;
           break;
         }
-        item.msg.dispatched = start;
-        const auto waited = item.msg.dispatched - item.msg.enqueued;
-        if (waited > oldest) oldest = waited;
-        stats.latency.record(static_cast<std::uint64_t>(waited.count()));
-        ctx.partition = item.partition;
-        const auto outcome = deliver(item.msg, ctx);
-        if (outcome == delivery::aborted) {
-          aborted = true;
-          break;
+      } else {
+        for (auto& item : b) {
+          if (abort_.load(std::memory_order_relaxed)) {
+            aborted = true;
+            break;
+          }
+          item.msg.dispatched = start;
+          const auto waited = item.msg.dispatched - item.msg.enqueued;
+          if (waited > oldest) oldest = waited;
+          stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+          ctx.partition = item.partition;
+          const auto outcome = deliver(item.msg, ctx);
+          if (outcome == delivery::aborted) {
+            aborted = true;
+            break;
+          }
+          ok += outcome == delivery::delivered ? 1 : 0;
+          // Drop our references to the payload now, not when the slot is reused.
+          item.msg = message{};
+          ++done;
         }
-        ok += outcome == delivery::delivered ? 1 : 0;
-        // Drop our references to the payload now, not when the slot is reused.
-        item.msg = message{};
-        ++done;
+        if (aborted) break;
       }
-      if (aborted) break;
       // Work left in the partition just dispatched is free for another worker now; a sleeper
       // (it found every partition claimed) would not look again until the next push.
       const auto held = b.last_partition();
@@ -578,14 +588,61 @@ class pipeline {
     return !aborted;
   }
 
+  // A batch sink's share: the sink takes it whole, then each message it failed is retried on
+  // its own, in order, like any failure. `done` and `ok` count as in `dispatch`. False when a
+  // stop deadline interrupted it: the share's messages not dispatched are then gathered at its
+  // end, and `done` stops before them, so `give_back(b, done)` hands back exactly those.
+  bool dispatch_share(typename fetcher_type::batch& b, dispatch_context& ctx, worker_stats& stats,
+                      clock::time_point start, std::chrono::nanoseconds& oldest,
+                      std::vector<std::error_code>& results, std::size_t& done, std::uint64_t& ok) {
+    if (abort_.load(std::memory_order_relaxed)) return false;
+    queued_message* items = b.begin();
+    const std::size_t n = b.size();
+    for (std::size_t i = 0; i < n; ++i) {
+      items[i].msg.dispatched = start;
+      const auto waited = start - items[i].msg.enqueued;
+      if (waited > oldest) oldest = waited;
+      stats.latency.record(static_cast<std::uint64_t>(waited.count()));
+    }
+    const std::span<std::error_code> out(results.data(), n);
+    std::fill(out.begin(), out.end(), std::error_code{});
+    ctx.partition = items[0].partition;
+    ctx.attempt = 0;
+    consume_batch(message_batch(items, n), ctx, out);
+    for (std::size_t i = 0; i < n; ++i) {
+      auto outcome = delivery::delivered;
+      if (out[i]) {
+        ctx.partition = items[i].partition;
+        outcome = retry(items[i].msg, ctx, out[i]);
+      }
+      if (outcome == delivery::aborted) {
+        // This one and the later failures were not dispatched; the later successes were.
+        const std::size_t left =
+            fetcher_.gather_undelivered(b, i, [&](std::size_t j) { return j == i || out[j]; });
+        done += n - i - left;
+        ok += n - i - left;
+        return false;
+      }
+      ok += outcome == delivery::delivered ? 1 : 0;
+      items[i].msg = message{};  // drop the payload's references now
+      ++done;
+    }
+    return true;
+  }
+
   enum class delivery { delivered, dead_lettered, aborted };
 
   delivery deliver(message& m, dispatch_context& ctx) {
+    ctx.attempt = 0;
+    const std::error_code ec = consume(m, ctx);
+    return ec ? retry(m, ctx, ec) : delivery::delivered;
+  }
+
+  // After a first attempt failed with `ec`: retries with backoff (attempts 1, 2, ...), then
+  // dead-letters.
+  delivery retry(message& m, dispatch_context& ctx, std::error_code ec) {
     auto backoff = options_.retry_backoff;
-    for (unsigned attempt = 0;; ++attempt) {
-      ctx.attempt = attempt;
-      const std::error_code ec = consume(m, ctx);
-      if (!ec) return delivery::delivered;
+    for (unsigned attempt = 0;;) {
       if (attempt >= options_.retry_limit) {
         dead_lettered_.fetch_add(1, std::memory_order_relaxed);
         dead_letter(m, ec);
@@ -601,6 +658,9 @@ class pipeline {
         }
       }
       backoff = std::min(backoff * 2, options_.retry_backoff_max);
+      ctx.attempt = ++attempt;
+      ec = consume(m, ctx);
+      if (!ec) return delivery::delivered;
     }
   }
 
@@ -613,6 +673,17 @@ class pipeline {
       } catch (...) {
         handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
       }
+    }
+  }
+  // A share to a batch sink. An exception fails every message of it (each is then retried),
+  // counted once.
+  void consume_batch(message_batch batch, dispatch_context& ctx,
+                     std::span<std::error_code> results) noexcept {
+    try {
+      sink_.consume_batch(batch, ctx, results);
+    } catch (...) {
+      handler_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      std::fill(results.begin(), results.end(), make_error_code(errc::handler_threw));
     }
   }
   // One sink attempt. An exception is that attempt's failure (retried, then dead-lettered with

@@ -25,14 +25,6 @@ enum class overflow_policy : std::uint8_t {
   block,
 };
 
-/// A message in a partition queue, with the ticket that fixes its place in the partition's
-/// order: what a queue policy's container holds.
-struct queued_message {
-  message msg;                  ///< The message.
-  std::uint64_t ticket = 0;     ///< Position in its partition's arrival order.
-  std::uint32_t partition = 0;  ///< The partition (hash of the device id).
-};
-
 /// A container the pipeline can keep items of type T in (the requirements of `queue_policy`).
 template <class Container, class T>
 concept queue_container = std::default_initializable<Container> &&

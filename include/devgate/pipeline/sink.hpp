@@ -1,9 +1,9 @@
 #pragma once
 
 #include <concepts>      // sink
-#include <cstddef>       // std::size_t
+#include <cstddef>       // std::size_t, std::ptrdiff_t
 #include <cstdint>       // partition numbers
-#include <span>          // broadcast recipients
+#include <span>          // broadcast recipients, batch results
 #include <system_error>  // results
 #include <tuple>         // fanout_sink
 #include <type_traits>   // std::invoke_result_t
@@ -47,13 +47,89 @@ struct dispatch_context {
 /// Workers call `consume` concurrently (for different partitions), so a sink must be
 /// thread-safe; messages of one device never reach it concurrently, and arrive in order.
 /// Optionally, `s.end_batch(ctx)` is called by each worker after it dispatched a batch (a sink
-/// may gather per batch, per worker thread, and flush there).
+/// may gather per batch, per worker thread, and flush there), and a sink may take whole shares
+/// of a batch (see `batch_sink`).
 /// A pipeline, gateway or hub given something else stops the build with (pipeline's words):
 /// "devgate::pipeline: Sink needs `std::error_code consume(const devgate::message&,
 /// devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)".
 template <class S>
 concept sink = requires(S& s, const message& m, dispatch_context& ctx) {
   { s.consume(m, ctx) } -> std::same_as<std::error_code>;
+};
+
+/// A share of a worker's batch, as a batch sink's `consume_batch` sees it: its messages in
+/// dispatch order (each device's in the order they arrived). With other workers around a share
+/// is one partition's messages; a lone worker's share holds every partition it took, one run
+/// after another (`partition(i)`). A view: valid only during the call.
+class message_batch {
+ public:
+  /// Iterates the messages (`const message&`).
+  class iterator {
+   public:
+    using value_type = message;              ///< What it yields.
+    using difference_type = std::ptrdiff_t;  ///< Distance between two iterators.
+    iterator() = default;                    ///< A singular iterator.
+    /// At `item`.
+    explicit iterator(const queued_message* item) noexcept : item_(item) {}
+    /// The message.
+    const message& operator*() const noexcept { return item_->msg; }
+    /// The message's members.
+    const message* operator->() const noexcept { return &item_->msg; }
+    /// The next message.
+    iterator& operator++() noexcept {
+      ++item_;
+      return *this;
+    }
+    /// The next message (postfix).
+    iterator operator++(int) noexcept {
+      iterator before = *this;
+      ++item_;
+      return before;
+    }
+    /// Same position.
+    bool operator==(const iterator&) const noexcept = default;
+
+   private:
+    const queued_message* item_ = nullptr;
+  };
+
+  /// Views `count` queued messages from `items`.
+  message_batch(const queued_message* items, std::size_t count) noexcept
+      : items_(items), size_(count) {}
+  /// How many messages.
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  /// True when there are none.
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+  /// The i-th message (i < size()).
+  const message& operator[](std::size_t i) const noexcept { return items_[i].msg; }
+  /// The partition the i-th message came from.
+  [[nodiscard]] std::uint32_t partition(std::size_t i) const noexcept {
+    return items_[i].partition;
+  }
+  /// The first message.
+  [[nodiscard]] iterator begin() const noexcept { return iterator(items_); }
+  /// Past the last message.
+  [[nodiscard]] iterator end() const noexcept { return iterator(items_ + size_); }
+
+ private:
+  const queued_message* items_;
+  std::size_t size_;
+};
+
+/// A sink that also takes a share of a batch whole (see `message_batch`), so it can write the
+/// messages as one request and wait once: `s.consume_batch(batch, ctx, results)` sets
+/// `results[i]` (sized to the batch, cleared beforehand) to `batch[i]`'s outcome, as `consume`
+/// would return it; `ctx.partition` is the first message's partition and `ctx.attempt` is 0. The
+/// pipeline then calls `consume` for each failed message in batch order (attempts 1, 2, ...,
+/// with backoff, then the dead letter), so a message that failed is retried after the later
+/// messages the sink took. A sink that must keep each device's order across failures reports
+/// every later message of a device after one of its failures as failed too (it may have taken
+/// them: at-least-once). An exception from `consume_batch` fails the whole share
+/// (`errc::handler_threw`, counted) and each message is retried.
+template <class S>
+concept batch_sink = sink<S> &&
+    requires(S& s, message_batch b, dispatch_context& ctx, std::span<std::error_code> results) {
+  s.consume_batch(b, ctx, results);
 };
 
 /// A sink that calls `f(message, ctx)`; `f` returns std::error_code, or void for "always succeeds".

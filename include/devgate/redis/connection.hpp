@@ -90,8 +90,10 @@ class connection {
       ptrs[i] = argv[i].data();
       lens[i] = argv[i].size();
     }
-    char* cmd = nullptr;
-    const int len = redisFormatCommandArgv(&cmd, static_cast<int>(argv.size()), ptrs, lens);
+    // The sds variant: hiredis's own formatter, one allocation sized up front (the plain
+    // redisFormatCommandArgv runs sprintf for every argument's header).
+    sds cmd = nullptr;
+    const int len = redisFormatSdsCommandArgv(&cmd, static_cast<int>(argv.size()), ptrs, lens);
     if (len < 0 || cmd == nullptr) {
       fn(user, std::make_error_code(std::errc::not_enough_memory), nullptr);
       return;
@@ -181,7 +183,7 @@ class connection {
 
   // A command encoded by `command`, on its way to the loop.
   struct submission {
-    char* cmd;
+    sds cmd;  // freed with redisFreeSdsCommand
     int len;
     reply_fn fn;
     void* user;
@@ -205,7 +207,7 @@ class connection {
           rng_(std::random_device{}()) {}
     ~state() {
       if (ac_ != nullptr) redisAsyncFree(ac_);  // the loop stopped before `stop` ran
-      for (auto& s : inbox_) redisFreeCommand(s.cmd);
+      for (auto& s : inbox_) redisFreeSdsCommand(s.cmd);
     }
 
     void submit(submission s) {
@@ -229,7 +231,7 @@ class connection {
       }
       for (auto& s : draining_) {
         issue(s.cmd, s.len, s.fn, s.user);
-        redisFreeCommand(s.cmd);
+        redisFreeSdsCommand(s.cmd);
       }
       draining_.clear();
     }

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <algorithm>           // std::fill
 #include <atomic>              // counters
 #include <charconv>            // numbers as text
 #include <chrono>              // the reply deadline
@@ -8,10 +9,12 @@
 #include <cstdint>             // counters
 #include <memory>              // the slots
 #include <mutex>               // a slot's state
+#include <span>                // batch results
 #include <string>              // stream names
 #include <string_view>         // argv
 #include <system_error>        // results
-#include <utility>             // std::move
+#include <utility>             // std::move, std::pair
+#include <vector>              // the devices failed in a batch
 
 #include "devgate/pipeline/message.hpp"
 #include "devgate/pipeline/sink.hpp"
@@ -28,7 +31,9 @@ namespace devgate::redis {
 /// `reply_timeout`), so the pipeline retries and dead-letters what Redis did not take: nothing
 /// is lost silently, and a timed-out entry that Redis applied late may appear twice
 /// (at-least-once). Workers wait on their own thread, never on the connection's loop; the
-/// commands of all workers share the connection, pipelined (one in flight per worker).
+/// commands of all workers share the connection, pipelined. It is a `batch_sink`: the pipeline
+/// hands it each share of a worker's batch, whose XADDs go out together and are waited for once
+/// (`consume` remains for retries: one in flight).
 class streams_sink {
  public:
   /// Writes through `c` (which must outlive the sink) as `options` say.
@@ -56,6 +61,136 @@ class streams_sink {
       return errc::too_many_workers;
     }
     slot& s = c.slots[ctx.worker_id];
+    std::uint64_t ticket = 0;
+    {
+      std::lock_guard lock(s.m);
+      ticket = ++s.issued;
+      s.awaited = ticket;
+    }
+    send(c, s, m);
+    std::unique_lock lock(s.m);
+    if (!s.cv.wait_for(lock, c.options.reply_timeout, [&] { return s.answered >= ticket; })) {
+      lock.unlock();
+      c.failed.fetch_add(1, std::memory_order_relaxed);
+      return errc::timeout;
+    }
+    const std::error_code ec = s.last;
+    lock.unlock();
+    (ec ? c.failed : c.sent).fetch_add(1, std::memory_order_relaxed);
+    return ec;
+  }
+
+  /// Appends a worker's share whole: one XADD per message, all pipelined at once, then one wait
+  /// (at most `reply_timeout`) for every answer. A device's messages after one of its failures
+  /// are reported failed too, so the pipeline retries them in order after it (Redis may have
+  /// taken them: at-least-once).
+  void consume_batch(message_batch batch, dispatch_context& ctx,
+                     std::span<std::error_code> results) {
+    core& c = *core_;
+    const std::size_t n = batch.size();
+    if (ctx.worker_id >= c.options.max_workers) {
+      c.failed.fetch_add(n, std::memory_order_relaxed);
+      std::fill(results.begin(), results.end(), make_error_code(errc::too_many_workers));
+      return;
+    }
+    slot& s = c.slots[ctx.worker_id];
+    // Unanswered at the deadline: timed out. Replies overwrite these as they come.
+    std::fill(results.begin(), results.end(), make_error_code(errc::timeout));
+    std::uint64_t last = 0;
+    {
+      std::lock_guard lock(s.m);
+      s.batch_first = s.issued + 1;
+      s.issued += n;
+      last = s.awaited = s.issued;
+      s.batch_results = results.data();
+      s.batch_size = n;
+    }
+    for (const message& m : batch) send(c, s, m);
+    {
+      std::unique_lock lock(s.m);
+      s.cv.wait_for(lock, c.options.reply_timeout, [&] { return s.answered >= last; });
+      s.batch_results = nullptr;  // a late reply must not write into `results`
+    }
+    // The prefix rule per device (failures are rare: the list is usually empty).
+    auto& failed = s.failed_devices;
+    failed.clear();
+    std::uint64_t bad = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::string_view device = batch[i].device_id.view();
+      if (results[i]) {
+        ++bad;
+        bool known = false;
+        for (const auto& f : failed) known = known || f.first == device;
+        if (!known) failed.emplace_back(device, results[i]);
+      } else if (!failed.empty()) {
+        for (const auto& f : failed) {
+          if (f.first != device) continue;
+          results[i] = f.second;
+          ++bad;
+          break;
+        }
+      }
+    }
+    failed.clear();
+    c.failed.fetch_add(bad, std::memory_order_relaxed);
+    c.sent.fetch_add(n - bad, std::memory_order_relaxed);
+  }
+
+  /// Entries Redis took.
+  [[nodiscard]] std::uint64_t sent() const noexcept { return core_->sent.load(); }
+  /// Attempts that failed (each is retried or dead-lettered by the pipeline).
+  [[nodiscard]] std::uint64_t failed() const noexcept { return core_->failed.load(); }
+
+ private:
+  // One per worker: its commands are answered in order, so the reply that brings `answered` to
+  // a worker's ticket is that worker's (earlier tickets were timed out and are only counted).
+  struct alignas(64) slot {
+    std::mutex m;
+    std::condition_variable cv;
+    std::uint64_t issued = 0;
+    std::uint64_t answered = 0;
+    std::uint64_t awaited = 0;  // the ticket the worker waits for: earlier replies do not wake it
+    std::error_code last;
+    // The batch being answered: the reply to ticket batch_first + i is batch_results[i].
+    std::uint64_t batch_first = 0;
+    std::error_code* batch_results = nullptr;
+    std::size_t batch_size = 0;
+    std::string stream;  // the stream name, per device
+    std::vector<std::pair<std::string_view, std::error_code>> failed_devices;
+  };
+
+  static void on_reply(void* user, std::error_code ec, const redisReply* /*r*/) {
+    auto* s = static_cast<slot*>(user);
+    bool wake = false;
+    {
+      std::lock_guard lock(s->m);
+      const std::uint64_t ticket = ++s->answered;
+      s->last = ec;
+      if (s->batch_results != nullptr && ticket >= s->batch_first &&
+          ticket - s->batch_first < s->batch_size) {
+        s->batch_results[ticket - s->batch_first] = ec;
+      }
+      wake = ticket >= s->awaited;
+    }
+    if (wake) s->cv.notify_all();
+  }
+
+  // Everything the sink holds, behind one pointer so the sink can move into a pipeline.
+  struct core {
+    core(connection& c, streams_sink_options o)
+        : conn(&c), options(std::move(o)), slots(std::make_unique<slot[]>(options.max_workers)) {
+      if (options.max_length != 0) max_length = std::to_string(options.max_length);
+    }
+    connection* conn;
+    const streams_sink_options options;
+    std::string max_length;
+    std::unique_ptr<slot[]> slots;
+    std::atomic<std::uint64_t> sent{0};
+    std::atomic<std::uint64_t> failed{0};
+  };
+
+  // Hands `m`'s XADD to the connection (encoded on this thread; answered through `on_reply`).
+  static void send(core& c, slot& s, const message& m) {
     std::string_view stream = c.options.stream;
     if (c.options.stream_per_device) {
       s.stream.assign(c.options.stream);  // the slot's buffer keeps its capacity
@@ -82,68 +217,12 @@ class streams_sink {
     argv[n++] = m.kind == payload_kind::binary ? "binary" : "text";
     argv[n++] = "payload";
     argv[n++] = m.payload.view();
-    std::uint64_t ticket = 0;
-    {
-      std::lock_guard lock(s.m);
-      ticket = ++s.issued;
-    }
     c.conn->command(std::span<const std::string_view>(argv, n), &streams_sink::on_reply, &s);
-    std::unique_lock lock(s.m);
-    if (!s.cv.wait_for(lock, c.options.reply_timeout, [&] { return s.answered >= ticket; })) {
-      lock.unlock();
-      c.failed.fetch_add(1, std::memory_order_relaxed);
-      return errc::timeout;
-    }
-    const std::error_code ec = s.last;
-    lock.unlock();
-    (ec ? c.failed : c.sent).fetch_add(1, std::memory_order_relaxed);
-    return ec;
   }
-
-  /// Entries Redis took.
-  [[nodiscard]] std::uint64_t sent() const noexcept { return core_->sent.load(); }
-  /// Attempts that failed (each is retried or dead-lettered by the pipeline).
-  [[nodiscard]] std::uint64_t failed() const noexcept { return core_->failed.load(); }
-
- private:
-  // One per worker: its commands are answered in order, so the reply that brings `answered` to
-  // a worker's ticket is that worker's (earlier tickets were timed out and are only counted).
-  struct alignas(64) slot {
-    std::mutex m;
-    std::condition_variable cv;
-    std::uint64_t issued = 0;
-    std::uint64_t answered = 0;
-    std::error_code last;
-    std::string stream;
-  };
-
-  static void on_reply(void* user, std::error_code ec, const redisReply* /*r*/) {
-    auto* s = static_cast<slot*>(user);
-    {
-      std::lock_guard lock(s->m);
-      ++s->answered;
-      s->last = ec;
-    }
-    s->cv.notify_all();
-  }
-
-  // Everything the sink holds, behind one pointer so the sink can move into a pipeline.
-  struct core {
-    core(connection& c, streams_sink_options o)
-        : conn(&c), options(std::move(o)), slots(std::make_unique<slot[]>(options.max_workers)) {
-      if (options.max_length != 0) max_length = std::to_string(options.max_length);
-    }
-    connection* conn;
-    const streams_sink_options options;
-    std::string max_length;
-    std::unique_ptr<slot[]> slots;
-    std::atomic<std::uint64_t> sent{0};
-    std::atomic<std::uint64_t> failed{0};
-  };
 
   std::unique_ptr<core> core_;
 };
 
-static_assert(sink<streams_sink>);
+static_assert(batch_sink<streams_sink>);
 
 }  // namespace devgate::redis
