@@ -6,6 +6,7 @@
 #endif
 #ifdef DEVGATE_MULTI_TU_REDIS
 #include "devgate/redis/streams_sink.hpp"  // the optional Redis part, when built
+#include "devgate/redis/topic_bridge.hpp"
 #include "devgate/redis/url.hpp"
 #endif
 

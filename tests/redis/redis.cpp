@@ -2,6 +2,7 @@
 // each started by its test case on a free loopback port and stopped by it.
 #include "devgate/redis/connection.hpp"
 #include "devgate/redis/streams_sink.hpp"
+#include "devgate/redis/topic_bridge.hpp"
 #include "devgate/redis/url.hpp"
 
 #include <fcntl.h>     // O_RDONLY for the server's stdio
@@ -612,6 +613,140 @@ TEST_CASE(
   std::map<std::uint64_t, int> in_stream;
   for (const auto& [device, seq] : entries(c, "fleet")) ++in_stream[seq];
   for (std::uint64_t seq = 11; seq <= 20; ++seq) REQUIRE(in_stream[seq] == 1);
+}
+
+namespace {
+
+// One gateway node's side of the topic bridge: its own connections, pubsub and bridge, with a
+// host subscriber that records what it receives per topic.
+struct bridge_node {
+  bridge_node(loop& l, const std::string& url, const std::string& id)
+      : commands(l.io, options_for(url)),
+        subscriptions(l.io, options_for(url)),
+        bridge(l.io, commands, subscriptions, bus, options(id)) {
+    commands.start();
+    subscriptions.start();
+  }
+  static redis::topic_bridge_options options(const std::string& id) {
+    redis::topic_bridge_options o;
+    o.node_id = id;
+    o.interest_refresh = 20ms;
+    return o;
+  }
+  devgate::device::pubsub::token listen(const std::string& topic) {
+    return bus.subscribe(topic, [this](std::string_view t, const devgate::shared_bytes& p) {
+      std::lock_guard lock(m);
+      got[std::string(t)].emplace_back(p.view());
+    });
+  }
+  std::vector<std::string> received(const std::string& topic) {
+    std::lock_guard lock(m);
+    return got[topic];
+  }
+  void publish(const std::string& topic, std::string_view text) {
+    bus.publish(topic, devgate::shared_bytes::copy_of(text));
+  }
+  redis::connection commands;
+  redis::connection subscriptions;
+  devgate::device::pubsub bus;
+  redis::topic_bridge bridge;
+  std::mutex m;
+  std::map<std::string, std::vector<std::string>> got;
+};
+
+}  // namespace
+
+TEST_CASE("redis topic bridge: a publish on one node reaches every node's subscribers once",
+          "[redis][topics]") {
+  redis_server server;
+  loop l;
+  bridge_node a(l, server.url(), "a"), b(l, server.url(), "b"), c(l, server.url(), "c");
+  a.listen("alerts");
+  b.listen("alerts");
+  const auto c_token = c.listen("alerts");
+  for (auto* n : {&a, &b, &c}) n->bridge.start();
+  // Each node learns that the others subscribe (PUBSUB NUMSUB, every 20 ms).
+  REQUIRE(eventually([&] {
+    return a.bridge.remote_subscribers("alerts") == 2 &&
+           b.bridge.remote_subscribers("alerts") == 2 && c.bridge.remote_subscribers("alerts") == 2;
+  }));
+  std::vector<std::string> sent;
+  for (int i = 0; i < 100; ++i) {
+    sent.push_back(numbered("alert ", i));
+    a.publish("alerts", sent.back());
+  }
+  sent.emplace_back(std::string("\0binary\n\xff", 9));  // any bytes travel
+  a.bus.publish("alerts", devgate::shared_bytes::copy_of(std::string_view(sent.back())),
+                devgate::payload_kind::binary);
+  REQUIRE(eventually([&] { return b.received("alerts").size() == 101; }));
+  REQUIRE(eventually([&] { return c.received("alerts").size() == 101; }));
+  CHECK(b.received("alerts") == sent);  // in order, byte for byte
+  CHECK(c.received("alerts") == sent);
+  CHECK(a.received("alerts") == sent);  // the publisher's own node: once, not again from Redis
+  CHECK(a.bridge.forwarded() == 101);
+  // Its own, handed back by Redis (A subscribes too) and skipped.
+  REQUIRE(eventually([&] { return a.bridge.ignored() == 101; }));
+
+  // Another node publishes: the others get it.
+  b.publish("alerts", "from b");
+  REQUIRE(eventually([&] { return a.received("alerts").size() == 102; }));
+  REQUIRE(eventually([&] { return c.received("alerts").size() == 102; }));
+  CHECK(a.received("alerts").back() == "from b");
+
+  // A topic nobody subscribes to: after the first publish (not known yet: sent), nothing goes
+  // to Redis.
+  a.publish("nobody", "x");
+  REQUIRE(eventually([&] { return a.bridge.remote_subscribers("nobody") == 0; }));
+  CHECK_FALSE(a.bridge.remote_interest("nobody"));
+  const auto forwarded = a.bridge.forwarded();
+  for (int i = 0; i < 50; ++i) a.publish("nobody", "x");
+  std::this_thread::sleep_for(50ms);
+  CHECK(a.bridge.forwarded() == forwarded);
+  CHECK_FALSE(a.bus.has_subscribers("nobody"));
+
+  // C's last subscriber leaves: C unsubscribes the channel and gets nothing more.
+  c.bus.unsubscribe(c_token);
+  const auto c_messages = c.subscriptions.messages();
+  std::this_thread::sleep_for(100ms);  // the UNSUBSCRIBE reaches Redis
+  b.publish("alerts", "after c left");
+  REQUIRE(eventually([&] { return a.received("alerts").size() == 103; }));
+  std::this_thread::sleep_for(50ms);
+  CHECK(c.subscriptions.messages() == c_messages);
+  CHECK(c.received("alerts").size() == 102);
+}
+
+TEST_CASE(
+    "redis topic bridge: Redis down -> local subscribers still served, the misses counted; "
+    "back -> resubscribed",
+    "[redis][topics][fault]") {
+  redis_server server;
+  loop l;
+  bridge_node a(l, server.url(), "a"), b(l, server.url(), "b");
+  a.listen("log");
+  b.listen("log");
+  a.bridge.start();
+  b.bridge.start();
+  REQUIRE(eventually([&] { return a.bridge.remote_subscribers("log") == 1; }));
+  a.publish("log", "before");
+  REQUIRE(eventually([&] { return b.received("log").size() == 1; }));
+
+  server.stop();
+  REQUIRE(eventually([&] { return !a.commands.connected() && !b.subscriptions.connected(); }));
+  for (int i = 0; i < 10; ++i) a.publish("log", "during");
+  CHECK(a.received("log").size() == 11);                                 // served locally
+  REQUIRE(eventually([&] { return a.bridge.forward_failed() == 10; }));  // none lost silently
+  CHECK(b.received("log").size() == 1);
+
+  server.start();
+  REQUIRE(a.commands.wait_connected(5s));
+  REQUIRE(b.subscriptions.wait_connected(5s));
+  // B subscribes again on its reconnect; A's publishes reach it once Redis counts it.
+  REQUIRE(eventually([&] {
+    a.publish("log", "after");
+    return b.received("log").size() > 1;
+  }));
+  CHECK(b.received("log").back() == "after");
+  CHECK(b.subscriptions.connects() == 2);
 }
 
 #ifdef DEVGATE_REDIS_CONSUMER

@@ -20,6 +20,23 @@
 
 namespace devgate::device {
 
+/// Carries a pubsub's topics to other gateway nodes (`redis::topic_bridge` is one): the pubsub
+/// hands it every publish that other nodes may want, asks it whether they want a topic (so a
+/// publisher with no subscriber anywhere builds nothing), and tells it when a topic may have
+/// gained its first or lost its last local subscriber. Called from any thread: keep it quick
+/// and never block.
+class relay {
+ public:
+  virtual ~relay() = default;
+  /// True when other nodes have subscribers to `topic`, or the relay cannot tell yet.
+  [[nodiscard]] virtual bool remote_interest(std::string_view topic) const = 0;
+  /// Takes a local publish on to the other nodes (the payload is shared, not copied).
+  virtual void forward(std::string_view topic, const shared_bytes& payload, payload_kind kind) = 0;
+  /// `topic`'s local subscribers may have gone from none to some or back (re-read them with
+  /// `pubsub::has_local_subscribers`: notifications from two threads may arrive out of order).
+  virtual void interest_changed(std::string_view topic) = 0;
+};
+
 /// Topics with two kinds of subscriber: sessions (devices, reached through the transport) and
 /// host callbacks. Subscribe, unsubscribe and publish from any thread. A publish encodes
 /// nothing itself: the caller hands it one payload, which every subscriber shares.
@@ -41,17 +58,33 @@ class pubsub {
 
   /// Sets the way to devices (the hub sets its gateway's channel before any publish).
   void set_channel(const reply_channel* channel) noexcept { channel_ = channel; }
+  /// Sets the relay to other nodes (before anything is published; nullptr: this node alone).
+  /// It is told at once about every topic that already has local subscribers.
+  void set_relay(relay* r) {
+    relay_.store(r, std::memory_order_release);
+    if (r == nullptr) return;
+    std::vector<std::string> names;
+    {
+      std::shared_lock lock(table_mutex_);
+      for (const auto& [name, e] : entries_) {
+        if (e->count.load(std::memory_order_relaxed) != 0) names.push_back(name);
+      }
+    }
+    for (const auto& n : names) r->interest_changed(n);
+  }
 
   /// Subscribes session `s` to `topic`; false if it already was.
   bool subscribe(std::string_view topic, session_id s) {
     topic_entry& e = entry_for(topic);
+    bool first = false;
     {
       std::lock_guard lock(e.mutex);
       if (!e.position.emplace(s, e.members.size()).second) return false;
       e.members.push_back(s);
       e.snap.reset();
-      e.count.fetch_add(1, std::memory_order_relaxed);
+      first = e.count.fetch_add(1, std::memory_order_relaxed) == 0;
     }
+    if (first) interest_changed(e);
     std::lock_guard lock(sessions_mutex_);
     by_session_[s].push_back(&e);
     return true;
@@ -84,30 +117,48 @@ class pubsub {
   token subscribe(std::string_view topic, callback cb) {
     const token t = next_token_.fetch_add(1, std::memory_order_relaxed) + 1;
     topic_entry& e = entry_for(topic);
-    std::lock_guard lock(e.mutex);
-    e.callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
-    e.snap.reset();
-    e.count.fetch_add(1, std::memory_order_relaxed);
+    bool first = false;
+    {
+      std::lock_guard lock(e.mutex);
+      e.callbacks.emplace_back(t, std::make_shared<const callback>(std::move(cb)));
+      e.snap.reset();
+      first = e.count.fetch_add(1, std::memory_order_relaxed) == 0;
+    }
+    if (first) interest_changed(e);
     return t;
   }
   /// Removes a host subscription. A publish already running may still call it once.
   void unsubscribe(token t) {
-    std::shared_lock table(table_mutex_);
-    for (auto& [name, e] : entries_) {
-      std::lock_guard lock(e->mutex);
-      for (auto it = e->callbacks.begin(); it != e->callbacks.end(); ++it) {
-        if (it->first != t) continue;
-        e->callbacks.erase(it);
-        e->snap.reset();
-        e->count.fetch_sub(1, std::memory_order_relaxed);
-        return;
+    topic_entry* emptied = nullptr;
+    {
+      std::shared_lock table(table_mutex_);
+      bool found = false;
+      for (auto& [name, e] : entries_) {
+        std::lock_guard lock(e->mutex);
+        for (auto it = e->callbacks.begin(); it != e->callbacks.end(); ++it) {
+          if (it->first != t) continue;
+          e->callbacks.erase(it);
+          e->snap.reset();
+          if (e->count.fetch_sub(1, std::memory_order_relaxed) == 1) emptied = e.get();
+          found = true;
+          break;
+        }
+        if (found) break;
       }
     }
+    if (emptied != nullptr) interest_changed(*emptied);
   }
 
-  /// True when `topic` has any subscriber (lets publishers skip building a payload). Takes no
-  /// lock but the topic table's shared one, and allocates nothing.
+  /// True when `topic` has any subscriber, on this node or (with a relay) on another (lets
+  /// publishers skip building a payload). Takes no lock but the topic table's shared one, and
+  /// allocates nothing.
   [[nodiscard]] bool has_subscribers(std::string_view topic) const {
+    if (has_local_subscribers(topic)) return true;
+    const relay* r = relay_.load(std::memory_order_acquire);
+    return r != nullptr && r->remote_interest(topic);
+  }
+  /// True when `topic` has a subscriber on this node.
+  [[nodiscard]] bool has_local_subscribers(std::string_view topic) const {
     const topic_entry* e = find(topic);
     return e != nullptr && e->count.load(std::memory_order_relaxed) != 0;
   }
@@ -117,10 +168,22 @@ class pubsub {
     return snap ? snap->sessions : std::vector<session_id>{};
   }
 
-  /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`. Returns how
-  /// many sessions took it plus how many callbacks ran.
+  /// Sends `payload` (one buffer, shared by all) to every subscriber of `topic`, and with a
+  /// relay to the other nodes that want it. Returns how many local sessions took it plus how
+  /// many callbacks ran (plus one when the relay took it).
   std::size_t publish(std::string_view topic, const shared_bytes& payload,
                       payload_kind kind = payload_kind::text) const {
+    std::size_t n = 0;
+    if (relay* r = relay_.load(std::memory_order_acquire);
+        r != nullptr && r->remote_interest(topic)) {
+      r->forward(topic, payload, kind);
+      ++n;
+    }
+    return n + publish_local(topic, payload, kind);
+  }
+  /// `publish` to this node's subscribers only (a relay delivers what other nodes published).
+  std::size_t publish_local(std::string_view topic, const shared_bytes& payload,
+                            payload_kind kind = payload_kind::text) const {
     const auto snap = snapshot(topic);
     if (!snap) return 0;
     std::size_t n = 0;
@@ -150,6 +213,7 @@ class pubsub {
     std::vector<std::pair<token, std::shared_ptr<const callback>>> callbacks;
     mutable std::shared_ptr<const snapshot_t> snap;
     std::atomic<std::size_t> count{0};  // members + callbacks, read without the mutex
+    std::string name;                   // the topic (for the relay)
   };
   // Lets the topic table be searched by string_view without building a string.
   struct name_hash {
@@ -168,7 +232,10 @@ class pubsub {
     if (auto* e = find(topic)) return *e;
     std::unique_lock lock(table_mutex_);
     auto& slot = entries_[std::string(topic)];
-    if (!slot) slot = std::make_unique<topic_entry>();
+    if (!slot) {
+      slot = std::make_unique<topic_entry>();
+      slot->name = std::string(topic);
+    }
     return *slot;
   }
   std::shared_ptr<const snapshot_t> snapshot(std::string_view topic) const {
@@ -181,23 +248,32 @@ class pubsub {
     return e->snap;
   }
   // Removes `s` from a topic in O(1): the last member moves into its place.
-  static bool remove(topic_entry& e, session_id s) {
-    std::lock_guard lock(e.mutex);
-    const auto it = e.position.find(s);
-    if (it == e.position.end()) return false;
-    const std::size_t at = it->second;
-    e.position.erase(it);
-    if (at + 1 != e.members.size()) {
-      e.members[at] = e.members.back();
-      e.position[e.members[at]] = at;
+  bool remove(topic_entry& e, session_id s) {
+    bool last = false;
+    {
+      std::lock_guard lock(e.mutex);
+      const auto it = e.position.find(s);
+      if (it == e.position.end()) return false;
+      const std::size_t at = it->second;
+      e.position.erase(it);
+      if (at + 1 != e.members.size()) {
+        e.members[at] = e.members.back();
+        e.position[e.members[at]] = at;
+      }
+      e.members.pop_back();
+      e.snap.reset();
+      last = e.count.fetch_sub(1, std::memory_order_relaxed) == 1;
     }
-    e.members.pop_back();
-    e.snap.reset();
-    e.count.fetch_sub(1, std::memory_order_relaxed);
+    if (last) interest_changed(e);
     return true;
+  }
+  // A topic's local subscribers went from none to some or back: the relay re-reads them.
+  void interest_changed(const topic_entry& e) {
+    if (relay* r = relay_.load(std::memory_order_acquire)) r->interest_changed(e.name);
   }
 
   const reply_channel* channel_ = nullptr;
+  std::atomic<relay*> relay_{nullptr};
   std::atomic<token> next_token_{0};
   mutable std::shared_mutex table_mutex_;
   std::unordered_map<std::string, std::unique_ptr<topic_entry>, name_hash, std::equal_to<>>

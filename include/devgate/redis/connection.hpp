@@ -15,10 +15,12 @@
 #include <cstddef>                // std::size_t
 #include <cstdint>                // counters
 #include <deque>                  // callbacks of commands in flight, in order
+#include <functional>             // the subscription handler
 #include <initializer_list>       // argv literals
 #include <memory>                 // shared state kept alive by pending handlers
 #include <mutex>                  // the inbox
 #include <random>                 // jitter
+#include <set>                    // subscribed channels
 #include <span>                   // argv
 #include <string>                 // the last error
 #include <string_view>            // argv items
@@ -44,8 +46,9 @@ using reply_fn = void (*)(void* user, std::error_code ec, const redisReply* r);
 /// drop it reconnects with exponential backoff and jitter, sending AUTH and SELECT again; a
 /// command in flight at the drop fails with `errc::disconnected`, one issued while there is no
 /// connection with `errc::not_connected`: a command is never dropped without its callback.
-/// Commands are argv vectors (binary-safe, never printf-formatted). Plain request/reply only:
-/// SUBSCRIBE and MONITOR would break the in-order matching of replies.
+/// Commands are argv vectors (binary-safe, never printf-formatted), request/reply. A connection
+/// may instead serve subscriptions (`subscribe`, `on_message`): Redis then takes nothing but
+/// (un)subscriptions on it, so use one connection for commands and another for subscriptions.
 class connection {
  public:
   /// Prepares a connection to `options.server` on `io`; nothing happens before `start`.
@@ -100,6 +103,27 @@ class connection {
     }
     state_->submit(submission{cmd, len, fn, user});
   }
+
+  /// Called for every message on a subscribed channel, on the loop's thread; the views are valid
+  /// only during the call.
+  using message_fn = std::function<void(std::string_view channel, std::string_view payload)>;
+  /// Sets the subscription handler (before `start`).
+  void on_message(message_fn f) { state_->on_message_ = std::move(f); }
+  /// Subscribes to `channel` (SUBSCRIBE), now if up and again after every reconnect, until
+  /// `unsubscribe`. Thread-safe; a connection that subscribes takes no other command.
+  void subscribe(std::string channel) {
+    asio::post(state_->io, [s = state_, c = std::move(channel)]() mutable {
+      if (s->channels_.insert(c).second && s->up_.load()) s->send_subscription("SUBSCRIBE", c);
+    });
+  }
+  /// Ends the subscription to `channel` (UNSUBSCRIBE). Thread-safe.
+  void unsubscribe(std::string channel) {
+    asio::post(state_->io, [s = state_, c = std::move(channel)] {
+      if (s->channels_.erase(c) != 0 && s->up_.load()) s->send_subscription("UNSUBSCRIBE", c);
+    });
+  }
+  /// Messages received on subscribed channels.
+  [[nodiscard]] std::uint64_t messages() const noexcept { return state_->messages_.load(); }
 
   /// `command` with a callable `f(std::error_code, const redisReply*)` (one allocation for it).
   template <class F>
@@ -379,11 +403,42 @@ class connection {
       phase_ = phase::up;
       attempt_ = 0;
       connects_.fetch_add(1, std::memory_order_relaxed);
+      for (const auto& c : channels_) send_subscription("SUBSCRIBE", c);  // again, after a drop
       {
         std::lock_guard lock(up_m_);
         up_.store(true);
       }
       up_cv_.notify_all();
+    }
+
+    // SUBSCRIBE or UNSUBSCRIBE one channel; hiredis then calls on_push for the channel's
+    // confirmations and messages (not in the in-order reply queue).
+    void send_subscription(std::string_view verb, std::string_view channel) {
+      if (ac_ == nullptr) return;  // went_up sends it on the next connect
+      const char* ptrs[2] = {verb.data(), channel.data()};
+      const std::size_t lens[2] = {verb.size(), channel.size()};
+      sds cmd = nullptr;
+      if (redisFormatSdsCommandArgv(&cmd, 2, ptrs, lens) < 0 || cmd == nullptr) return;
+      redisAsyncFormattedCommand(ac_, &state::on_push, this, cmd, sdslen(cmd));
+      redisFreeSdsCommand(cmd);
+    }
+
+    // A subscription's reply: ["message", channel, payload] is handed on; the confirmations
+    // ("subscribe", "unsubscribe") and the null of a disconnect are not.
+    static void on_push(redisAsyncContext* /*ac*/, void* r, void* privdata) {
+      const auto* reply = static_cast<const redisReply*>(r);
+      if (reply == nullptr || reply->type != REDIS_REPLY_ARRAY || reply->elements != 3) return;
+      const redisReply* kind = reply->element[0];
+      if (kind->type != REDIS_REPLY_STRING || std::string_view(kind->str, kind->len) != "message") {
+        return;
+      }
+      auto* self = static_cast<state*>(privdata);
+      self->messages_.fetch_add(1, std::memory_order_relaxed);
+      if (!self->on_message_) return;
+      const redisReply* channel = reply->element[1];
+      const redisReply* payload = reply->element[2];
+      self->on_message_(std::string_view(channel->str, channel->len),
+                        std::string_view(payload->str, payload->len));
     }
 
     void failed() {
@@ -441,6 +496,9 @@ class connection {
     int handshake_left_ = 0;
     bool connected_ = false;
     std::deque<in_flight> in_flight_;
+    std::set<std::string, std::less<>> channels_;  // subscribed (re-sent on every connect)
+    message_fn on_message_;
+    std::atomic<std::uint64_t> messages_{0};
 
     std::mutex inbox_m_;
     std::vector<submission> inbox_;
