@@ -6,7 +6,8 @@
 //               [--workers-max N] [--queue-capacity N] [--max-devices N]
 //               [--firmware-size BYTES] [--max-image-size BYTES] [--state-dir DIR]
 //               [--ack on_dispatch|on_accept]
-//               [--operator-token-file FILE] [--tls-cert FILE --tls-key FILE] ...
+//               [--operator-token-file FILE] [--tls-cert FILE --tls-key FILE]
+//               [--redis redis://HOST:PORT --node-id NAME] ...
 //
 // Routes: GET /<device_id> (the page), /static/* (its CSS and JS), /ws/<device_id> (the
 // device WebSocket), /metrics (Prometheus), /healthz, /api/info, /api/log (recent server log).
@@ -16,6 +17,8 @@
 // synthetic image of --firmware-size bytes, what the page's UPDATE DEVICE button asks for).
 // Ctrl-C (SIGINT) or SIGTERM: intake closes, the pipeline drains, sessions close with 1001,
 // every state write behind reaches the SQLite database (DIR/devgate.db).
+// With --redis (built with hiredis) the demo is a node of a cluster: every node's server log
+// reaches the pages of every node, through Redis pub/sub (devgate::redis::topic_bridge).
 
 #include <openssl/crypto.h>  // CRYPTO_memcmp
 #include <CLI/CLI.hpp>
@@ -44,6 +47,10 @@
 
 #include "devgate/devgate.hpp"
 #include "devgate/store/sqlite_state_store.hpp"  // the optional SQLite part: device states
+#ifdef DEVGATE_DEMO_REDIS
+#include "devgate/redis/topic_bridge.hpp"  // the optional Redis part: topics across nodes
+#include "devgate/redis/url.hpp"
+#endif
 
 #ifndef DEVGATE_DEMO_WEB_ROOT
 #define DEVGATE_DEMO_WEB_ROOT "web"
@@ -72,7 +79,66 @@ struct demo_config {
   std::vector<std::string> allowed_origins;  // browser origins allowed to open WebSockets
   std::string tls_cert;                      // with tls_key: https and wss on the same port
   std::string tls_key;
+  std::string redis_url;  // with node_id: a cluster node sharing the server log through Redis
+  std::string node_id;
 };
+
+#ifdef DEVGATE_DEMO_REDIS
+/// This node's link to the other nodes (--redis): the server log crosses nodes on Redis
+/// pub/sub. Its own loop thread runs the two Redis connections (commands, subscriptions).
+class cluster_link {
+ public:
+  /// Links `bus` to the nodes sharing `server`, as node `node_id`.
+  cluster_link(const devgate::redis::endpoint& server, std::string node_id,
+               devgate::device::pubsub& bus)
+      : commands_(io_, connection_options(server)),
+        subscriptions_(io_, connection_options(server)),
+        bridge_(io_, commands_, subscriptions_, bus, bridge_options(std::move(node_id))) {}
+  /// Stops (see `stop`).
+  ~cluster_link() { stop(); }
+  cluster_link(const cluster_link&) = delete;
+  cluster_link& operator=(const cluster_link&) = delete;
+  /// Connects (in the background: a node serves its own devices while Redis is away).
+  void start() {
+    commands_.start();
+    subscriptions_.start();
+    bridge_.start();
+    thread_ = std::thread([this] { io_.run(); });
+  }
+  /// Stops (after the hub: nothing publishes any more). Idempotent.
+  void stop() {
+    if (!thread_.joinable()) return;
+    bridge_.stop();
+    commands_.stop();
+    subscriptions_.stop();
+    guard_.reset();
+    if (thread_.joinable()) thread_.join();
+  }
+  /// The bridge's counters.
+  const devgate::redis::topic_bridge& bridge() const { return bridge_; }
+
+ private:
+  static devgate::redis::connection_options connection_options(const devgate::redis::endpoint& e) {
+    devgate::redis::connection_options o;
+    o.server = e;
+    return o;
+  }
+  static devgate::redis::topic_bridge_options bridge_options(std::string node_id) {
+    devgate::redis::topic_bridge_options o;
+    o.node_id = std::move(node_id);
+    // The server log crosses nodes; each node's figures and fleet stay its own.
+    o.topics = {std::string(devgate::device::topics::server),
+                std::string(devgate::device::topics::server_batched)};
+    return o;
+  }
+  asio::io_context io_;
+  asio::executor_work_guard<asio::io_context::executor_type> guard_ = asio::make_work_guard(io_);
+  devgate::redis::connection commands_;
+  devgate::redis::connection subscriptions_;
+  devgate::redis::topic_bridge bridge_;
+  std::thread thread_;
+};
+#endif
 
 /// The last dispatched messages (the `server` topic's events, as sent), so that a page that
 /// opens or reconnects can show the log it missed. Bounded; lost on restart.
@@ -556,7 +622,38 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--tls-key", cfg.tls_key, "PEM private key of --tls-cert")
       ->check(CLI::ExistingFile);
+  app.add_option("--redis", cfg.redis_url,
+                 "redis://[[user]:password@]HOST[:PORT][/db]: be a node of a cluster whose "
+                 "nodes share the server log through Redis pub/sub (with --node-id)");
+  app.add_option("--node-id", cfg.node_id, "This node's name in the cluster (1 to 64 characters)");
   CLI11_PARSE(app, argc, argv);
+  if (cfg.redis_url.empty() != cfg.node_id.empty()) {
+    std::fprintf(stderr, "demo_server: --redis and --node-id go together\n");
+    return 2;
+  }
+#ifdef DEVGATE_DEMO_REDIS
+  std::optional<devgate::redis::endpoint> redis_server;
+  if (!cfg.redis_url.empty()) {
+    const auto parsed = devgate::redis::parse_url(cfg.redis_url);
+    if (!parsed) {
+      std::fprintf(stderr, "demo_server: --redis %s: %s\n", cfg.redis_url.c_str(),
+                   parsed.error.c_str());
+      return 2;
+    }
+    if (cfg.node_id.size() > 64 || cfg.node_id.find('\n') != std::string::npos) {
+      std::fprintf(stderr, "demo_server: --node-id must be 1 to 64 characters\n");
+      return 2;
+    }
+    redis_server = parsed.value;
+  }
+#else
+  if (!cfg.redis_url.empty()) {
+    std::fprintf(stderr,
+                 "demo_server: --redis: this demo was built without hiredis "
+                 "(libhiredis-dev)\n");
+    return 2;
+  }
+#endif
   if (cfg.tls_cert.empty() != cfg.tls_key.empty()) {
     std::fprintf(stderr, "demo_server: --tls-cert and --tls-key go together\n");
     return 2;
@@ -678,6 +775,14 @@ int main(int argc, char** argv) {
       devgate::device::topics::server,
       [&rc](std::string_view, const devgate::shared_bytes& payload) { rc.log.add(payload); });
 
+#ifdef DEVGATE_DEMO_REDIS
+  std::optional<cluster_link> cluster;
+  if (redis_server) {
+    cluster.emplace(*redis_server, cfg.node_id, hub.bus());
+    cluster->start();
+  }
+#endif
+
   control_loop control(hub, cfg.firmware_size, last_release);
   rc.hub = &hub;
   rc.control = &control;
@@ -715,6 +820,12 @@ int main(int argc, char** argv) {
   } else {
     std::printf("  operator API off (403): pass --operator-token-file FILE to publish firmware\n");
   }
+#ifdef DEVGATE_DEMO_REDIS
+  if (cluster) {
+    std::printf("  node   %s of the cluster on %s (the server log is shared)\n",
+                cfg.node_id.c_str(), cfg.redis_url.c_str());
+  }
+#endif
   std::printf("listening on %u; Ctrl-C stops\n", static_cast<unsigned>(port));
   std::fflush(stdout);
 
@@ -746,6 +857,9 @@ int main(int argc, char** argv) {
   control.stop();
   hub.stop();  // intake closes, queued messages dispatch, then sessions close with 1001
   hub.unsubscribe(log_token);
+#ifdef DEVGATE_DEMO_REDIS
+  if (cluster) cluster->stop();
+#endif
   hub.store_writer().drain();  // every write behind has reached the database
   const auto s = hub.stats();
   std::printf("stopped: %llu messages dispatched, state %s saved (%llu store errors)\n",

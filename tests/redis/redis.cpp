@@ -620,16 +620,19 @@ namespace {
 // One gateway node's side of the topic bridge: its own connections, pubsub and bridge, with a
 // host subscriber that records what it receives per topic.
 struct bridge_node {
-  bridge_node(loop& l, const std::string& url, const std::string& id)
+  bridge_node(loop& l, const std::string& url, const std::string& id,
+              std::vector<std::string> topics = {})
       : commands(l.io, options_for(url)),
         subscriptions(l.io, options_for(url)),
-        bridge(l.io, commands, subscriptions, bus, options(id)) {
+        bridge(l.io, commands, subscriptions, bus, options(id, std::move(topics))) {
     commands.start();
     subscriptions.start();
   }
-  static redis::topic_bridge_options options(const std::string& id) {
+  static redis::topic_bridge_options options(const std::string& id,
+                                             std::vector<std::string> topics) {
     redis::topic_bridge_options o;
     o.node_id = id;
+    o.topics = std::move(topics);
     o.interest_refresh = 20ms;
     return o;
   }
@@ -713,6 +716,19 @@ TEST_CASE("redis topic bridge: a publish on one node reaches every node's subscr
   std::this_thread::sleep_for(50ms);
   CHECK(c.subscriptions.messages() == c_messages);
   CHECK(c.received("alerts").size() == 102);
+
+  // A node that relays only "alerts" keeps its "stats" to itself.
+  bridge_node d(l, server.url(), "d", {"alerts"});
+  d.listen("stats");
+  a.listen("stats");
+  d.bridge.start();
+  REQUIRE(eventually([&] { return a.bridge.remote_subscribers("stats") == 0; }));
+  d.publish("stats", "d's own");
+  a.publish("stats", "a's own");
+  std::this_thread::sleep_for(100ms);
+  CHECK(a.received("stats") == std::vector<std::string>{"a's own"});
+  CHECK(d.received("stats") == std::vector<std::string>{"d's own"});
+  CHECK_FALSE(d.bridge.remote_interest("stats"));
 }
 
 TEST_CASE(

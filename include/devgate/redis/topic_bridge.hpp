@@ -36,6 +36,9 @@ struct topic_bridge_options {
   /// subscriber on another node receives this node's publishes at most this long after it
   /// subscribed.
   std::chrono::milliseconds interest_refresh{100};
+  /// Only these topics cross nodes (empty: every topic). A node's own figures (the hub's
+  /// `stats`) usually stay on the node.
+  std::vector<std::string> topics;
 };
 
 /// Carries a hub's topics across gateway nodes on Redis pub/sub (a `device::relay`): a publish
@@ -98,7 +101,8 @@ class topic_bridge final : public device::relay {
 
   /// True while another node subscribes to `topic` (or it is not known yet).
   [[nodiscard]] bool remote_interest(std::string_view topic) const override {
-    return core_->state_of(topic).remote.load(std::memory_order_relaxed) != 0;
+    return core_->relayed(topic) &&
+           core_->state_of(topic).remote.load(std::memory_order_relaxed) != 0;
   }
   /// How many other nodes subscribe to `topic`, as last read; -1 before the first reading.
   [[nodiscard]] long long remote_subscribers(std::string_view topic) const {
@@ -111,7 +115,7 @@ class topic_bridge final : public device::relay {
   }
   /// Re-reads `topic`'s local subscribers on the loop and (un)subscribes its channel.
   void interest_changed(std::string_view topic) override {
-    if (core_->stopped.load()) return;
+    if (core_->stopped.load() || !core_->relayed(topic)) return;
     asio::post(core_->io, [c = core_, t = std::string(topic)] { c->recheck(t); });
   }
 
@@ -147,6 +151,15 @@ class topic_bridge final : public device::relay {
     core(asio::io_context& i, connection& cmd, connection& sub, device::pubsub& b,
          topic_bridge_options o)
         : io(i), commands(&cmd), subscriptions(&sub), bus(&b), options(std::move(o)), timer(i) {}
+
+    // True when `topic` crosses nodes (the option's list, if any).
+    [[nodiscard]] bool relayed(std::string_view topic) const {
+      if (options.topics.empty()) return true;
+      for (const auto& t : options.topics) {
+        if (t == topic) return true;
+      }
+      return false;
+    }
 
     topic_state& state_of(std::string_view topic) {
       {
@@ -187,7 +200,7 @@ class topic_bridge final : public device::relay {
       const std::string_view prefix = options.channel_prefix;
       const auto nl = body.find('\n');
       if (!channel.starts_with(prefix) || nl == std::string_view::npos || nl + 1 >= body.size() ||
-          body.substr(0, nl) == options.node_id) {
+          body.substr(0, nl) == options.node_id || !relayed(channel.substr(prefix.size()))) {
         ignored.fetch_add(1, std::memory_order_relaxed);
         return;
       }
