@@ -87,11 +87,14 @@ int main(int argc, char** argv) {
   const auto body = devgate::shared_bytes::copy_of(std::string(payload, 'x'));
   const auto start = std::chrono::steady_clock::now();
   for (unsigned long i = 0; i < messages; ++i) {
-    devgate::message m;
-    m.device_id = ids[i % devices];
-    m.sequence = i / devices + 1;
-    m.payload = body;
-    while (p.push(std::move(m))) std::this_thread::yield();
+    auto make = [&] {
+      devgate::message m;
+      m.device_id = ids[i % devices];
+      m.sequence = i / devices + 1;
+      m.payload = body;
+      return m;
+    };
+    while (p.push(make())) std::this_thread::yield();  // a refused message was not taken
   }
   p.stop();  // drains: returns once every message was answered
   const double seconds =

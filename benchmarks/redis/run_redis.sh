@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Redis Streams sink beside redis-benchmark's pipelined XADD, against one redis-server
-# pinned to CPU 0 (the clients on CPU 1), no persistence. Prints both rates and their ratio.
+# pinned to CPU 0 (the clients on CPU 1), no persistence. Prints both rates and their ratio,
+# then the cost of a topic publish across nodes (devgate_redis_topics_driver).
 #   benchmarks/redis/run_redis.sh <build-dir> [messages] [workers]
 set -euo pipefail
 build=${1:?usage: run_redis.sh <build-dir> [messages] [workers]}
@@ -23,3 +24,5 @@ line=$(taskset -c 1 "$bench" --url "redis://127.0.0.1:$port" --messages "$messag
 echo "$line"
 ours=$(echo "$line" | grep -o '[0-9]* XADD/s' | cut -d' ' -f1)
 python3 -c "print(f'ratio devgate/redis-benchmark: {$ours / $peer:.2f}')"
+taskset -c 1 "$build/benchmarks/redis/devgate_redis_topics_driver" --url "redis://127.0.0.1:$port" \
+  --messages "$messages"
