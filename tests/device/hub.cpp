@@ -805,7 +805,9 @@ TEST_CASE("firmware rollout: limit held, offline and reconnecting devices verifi
 TEST_CASE("firmware rollout: 16 devices stalled mid-transfer do not stop 300 others (attack)") {
   in_process_transport t;
   dev::hub_options o;  // 16 slots, as by default
-  o.stall_timeout = std::chrono::milliseconds(250);
+  // Long enough that the 300 others are connected (slow under TSan: 250 ms was not) before the
+  // stalled ones time out and free their slots.
+  o.stall_timeout = std::chrono::milliseconds(1500);
   o.max_transfer_retries = 1;
   o.transfer_retry_backoff = std::chrono::milliseconds(10);
   hub_t hub(t, {}, o);
