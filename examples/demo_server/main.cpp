@@ -114,8 +114,26 @@ class cluster_link {
     guard_.reset();
     if (thread_.joinable()) thread_.join();
   }
-  /// The bridge's counters.
-  const devgate::redis::topic_bridge& bridge() const { return bridge_; }
+  /// True while both connections are up.
+  bool up() const { return commands_.connected() && subscriptions_.connected(); }
+  /// Appends the link's state and counters in Prometheus text.
+  void metrics(std::string& out) const {
+    auto metric = [&out](const char* name, const char* type, const char* help, std::uint64_t v) {
+      devgate::append_prometheus_metric(out, name, type, help, v);
+    };
+    metric("cluster_redis_up", "gauge", "1 while this node's Redis connections are up.",
+           up() ? 1 : 0);
+    metric("cluster_redis_drops_total", "counter", "Redis connections that dropped.",
+           commands_.drops() + subscriptions_.drops());
+    metric("cluster_published_total", "counter",
+           "Server log events sent to the other nodes through Redis.", bridge_.forwarded());
+    metric("cluster_publish_failed_total", "counter",
+           "Server log events the other nodes missed (Redis down or refusing).",
+           bridge_.forward_failed());
+    metric("cluster_received_total", "counter",
+           "Server log events from the other nodes handed to this node's pages.",
+           bridge_.received());
+  }
 
  private:
   static devgate::redis::connection_options connection_options(const devgate::redis::endpoint& e) {
@@ -357,8 +375,15 @@ std::optional<std::string> read_token_file(const std::string& path) {
 }
 
 /// Everything the HTTP routes need; the hub pointer is set before the server starts.
+/// What the routes read of this node's cluster link (--redis): set before the server starts.
+struct cluster_view {
+  std::function<bool()> up;                   ///< Both Redis connections are up.
+  std::function<void(std::string&)> metrics;  ///< Appends the link's Prometheus lines.
+};
+
 struct route_context {
   demo_config cfg;
+  std::optional<cluster_view> cluster;
   std::function<devgate::websocket::http_reply(const devgate::websocket::http_request&)> files;
   server_log log;
   std::atomic<demo_hub*> hub{nullptr};
@@ -522,11 +547,19 @@ devgate::websocket::http_reply route(route_context& rc,
   auto* hub = rc.hub.load();
   if (path == "/healthz") {
     if (hub == nullptr || rc.stopping) return text_reply(503, "text/plain", "stopping\n");
+    if (rc.cluster && !rc.cluster->up()) {
+      // Still serving its own devices: 200, so a load balancer keeps sending them here.
+      return text_reply(200, "text/plain; charset=utf-8",
+                        "degraded: redis unreachable; this node serves its own devices, the "
+                        "other nodes' server log is not shared until it is back\n");
+    }
     return text_reply(200, "text/plain; charset=utf-8", "ok\n");
   }
   if (path == "/metrics") {
     if (hub == nullptr) return text_reply(503, "text/plain", "starting\n");
-    return text_reply(200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(*hub));
+    auto text = render_metrics(*hub);
+    if (rc.cluster && !rc.stopping) rc.cluster->metrics(text);
+    return text_reply(200, "text/plain; version=0.0.4; charset=utf-8", std::move(text));
   }
   if (path == "/api/log") return text_reply(200, "application/json", rc.log.render());
   if (path == "/api/info") {
@@ -780,6 +813,9 @@ int main(int argc, char** argv) {
   if (redis_server) {
     cluster.emplace(*redis_server, cfg.node_id, hub.bus());
     cluster->start();
+    auto* link = &*cluster;
+    rc.cluster = cluster_view{[link] { return link->up(); },
+                              [link](std::string& out) { link->metrics(out); }};
   }
 #endif
 

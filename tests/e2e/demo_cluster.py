@@ -7,8 +7,10 @@ with clients no one here wrote (Debian's python3-websockets):
   - on each node an observer subscribes to the `server` topic, and a device on each node sends;
     every observer sees every node's dispatched messages, each exactly once;
   - Redis stopped: a node's own observer still sees its node's messages, the others do not
-    (Redis pub/sub keeps nothing); Redis restarted on the same port: the nodes reconnect and
-    resubscribe by themselves, and the log is shared again;
+    (Redis pub/sub keeps nothing), /healthz says degraded (200: the node still serves its
+    devices) and /metrics has Redis down and the missed events counted; Redis restarted on the
+    same port: the nodes reconnect and resubscribe by themselves, the log is shared again and
+    /healthz is ok;
   - SIGTERM stops every node with exit code 0.
 Usage: demo_cluster.py --server PATH
 """
@@ -17,11 +19,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import websockets  # Debian python3-websockets
 
@@ -71,6 +75,11 @@ class Redis:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+def get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.status, r.read().decode()
 
 
 def start_node(server, d, name, redis_port):
@@ -203,6 +212,13 @@ async def scenario(ports, redis):
     await asyncio.sleep(0.5)
     check(observers["b"].count(*during) == 0 and observers["c"].count(*during) == 0,
           "with Redis down, the other nodes do not (pub/sub keeps nothing)")
+    status, body = get(ports["a"], "/healthz")
+    check(status == 200 and body.startswith("degraded"), f"/healthz says degraded ({body.strip()})")
+    _, metrics = get(ports["a"], "/metrics")
+    check("devgate_cluster_redis_up 0" in metrics, "/metrics says Redis is down")
+    missed = re.search(r"^devgate_cluster_publish_failed_total (\d+)$", metrics, re.M)
+    check(missed is not None and int(missed.group(1)) > 0,
+          "/metrics counts the server log events the other nodes missed")
 
     # Redis back on the same port: the nodes reconnect, resubscribe, and share again.
     redis.start()
@@ -213,6 +229,10 @@ async def scenario(ports, redis):
             break
         await asyncio.sleep(0.25)
     check(ok, "after Redis restarted, the server log is shared again")
+    status, body = get(ports["a"], "/healthz")
+    check(status == 200 and body == "ok\n", f"/healthz is ok again ({body.strip()})")
+    _, metrics = get(ports["a"], "/metrics")
+    check("devgate_cluster_redis_up 1" in metrics, "/metrics says Redis is up")
 
     for d in devices.values():
         await d.ws.close()
