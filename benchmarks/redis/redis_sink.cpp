@@ -5,13 +5,13 @@
 //
 //   devgate_redis_sink_driver --url redis://127.0.0.1:6379 [--messages N] [--workers W]
 //                            [--devices D] [--payload B] [--stream NAME]
+#include <CLI/CLI.hpp>
+
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
-#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -27,26 +27,15 @@ int main(int argc, char** argv) {
   unsigned long workers = 16;
   unsigned long devices = 1000;
   unsigned long payload = 64;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string_view flag = argv[i];
-    const char* value = argv[i + 1];
-    if (flag == "--url") {
-      url = value;
-    } else if (flag == "--stream") {
-      stream = value;
-    } else if (flag == "--messages") {
-      messages = std::strtoul(value, nullptr, 10);
-    } else if (flag == "--workers") {
-      workers = std::strtoul(value, nullptr, 10);
-    } else if (flag == "--devices") {
-      devices = std::strtoul(value, nullptr, 10);
-    } else if (flag == "--payload") {
-      payload = std::strtoul(value, nullptr, 10);
-    } else {
-      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
-      return 2;
-    }
-  }
+  CLI::App app{"XADDs per second through devgate::redis::streams_sink"};
+  app.add_option("--url", url, "The Redis server")->capture_default_str();
+  app.add_option("--stream", stream, "The stream (deleted first)")->capture_default_str();
+  app.add_option("--messages", messages, "Messages to push")->check(CLI::PositiveNumber);
+  app.add_option("--workers", workers, "Pipeline workers")->check(CLI::PositiveNumber);
+  app.add_option("--devices", devices, "Devices the messages come from")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--payload", payload, "Payload bytes")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
   const auto parsed = devgate::redis::parse_url(url);
   if (!parsed) {
     std::fprintf(stderr, "%s\n", parsed.error.c_str());

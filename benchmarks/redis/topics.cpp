@@ -11,12 +11,13 @@
 //                               [--window W]
 #include <sys/resource.h>  // getrusage
 
+#include <CLI/CLI.hpp>
+
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -42,22 +43,13 @@ int main(int argc, char** argv) {
   unsigned long messages = 200000;
   unsigned long payload = 64;
   unsigned long window = 5000;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string_view flag = argv[i];
-    const char* value = argv[i + 1];
-    if (flag == "--url") {
-      url = value;
-    } else if (flag == "--messages") {
-      messages = std::strtoul(value, nullptr, 10);
-    } else if (flag == "--payload") {
-      payload = std::strtoul(value, nullptr, 10);
-    } else if (flag == "--window") {
-      window = std::strtoul(value, nullptr, 10);
-    } else {
-      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
-      return 2;
-    }
-  }
+  CLI::App app{"The cost of a topic publish across nodes through devgate::redis::topic_bridge"};
+  app.add_option("--url", url, "The Redis server")->capture_default_str();
+  app.add_option("--messages", messages, "Messages to publish")->check(CLI::PositiveNumber);
+  app.add_option("--payload", payload, "Payload bytes")->capture_default_str();
+  app.add_option("--window", window, "Most messages on their way at once")
+      ->check(CLI::PositiveNumber);
+  CLI11_PARSE(app, argc, argv);
   const auto parsed = devgate::redis::parse_url(url);
   if (!parsed || messages == 0 || window == 0) {
     std::fprintf(stderr, "%s\n",
