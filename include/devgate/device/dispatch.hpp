@@ -180,7 +180,7 @@ class protocol_dispatch {
   void not_dispatched(const message& m) {
     if (!m.has_reference || m.session == 0) return;
     auto rec = devices_.find_session(m.session);
-    if (!rec) rec = devices_.find(std::string(m.device_id.view()));
+    if (!rec) rec = devices_.find(m.device_id.view());
     if (!rec) return;
     bool queued = false;
     {

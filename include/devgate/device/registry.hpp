@@ -3,6 +3,7 @@
 #include <atomic>         // counters
 #include <cstddef>        // std::size_t
 #include <cstdint>        // counters
+#include <functional>     // std::hash, std::equal_to<> for lookups by string_view
 #include <list>           // offline records, least recently seen first
 #include <memory>         // records are shared
 #include <mutex>          // the device's mutex
@@ -46,7 +47,7 @@ class registry {
   /// The record of `id` (nullptr: never seen).
   [[nodiscard]] record_ptr find(std::string_view id) const {
     std::shared_lock lock(devices_mutex_);
-    auto it = devices_.find(std::string(id));
+    auto it = devices_.find(id);
     return it == devices_.end() ? nullptr : it->second;
   }
   /// What `get_or_create` does with the rest of a loaded state by default: nothing.
@@ -162,7 +163,7 @@ class registry {
   template <class Evict>
   bool remove(std::string_view id, Evict&& evict) {
     std::unique_lock lock(devices_mutex_);
-    auto found = devices_.find(std::string(id));
+    auto found = devices_.find(id);
     if (found == devices_.end() || found->second.use_count() != 1) return false;
     device_record& rec = *found->second;
     {
@@ -266,7 +267,14 @@ class registry {
 
   const std::size_t max_devices_;
   mutable std::shared_mutex devices_mutex_;
-  std::unordered_map<std::string, record_ptr> devices_;
+  // Searched by string_view without building a string (heterogeneous lookup).
+  struct id_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
+  std::unordered_map<std::string, record_ptr, id_hash, std::equal_to<>> devices_;
   std::list<device_record*> offline_;  // least recently seen first
   std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
   std::atomic<std::uint64_t> evicted_{0};
