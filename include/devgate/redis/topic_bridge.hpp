@@ -71,7 +71,8 @@ class topic_bridge final : public device::relay {
           "devgate::redis::topic_bridge: node_id must be 1 to 64 "
           "characters without a newline");
     }
-    subscriptions.on_message([c = core_.get()](std::string_view channel, std::string_view body) {
+    // The handler keeps the core alive: the connection may outlive the bridge.
+    subscriptions.on_message([c = core_](std::string_view channel, std::string_view body) {
       c->received(channel, body);
     });
   }
@@ -86,14 +87,27 @@ class topic_bridge final : public device::relay {
     core_->bus->set_relay(this);
     asio::post(core_->io, [c = core_] { c->tick(); });
   }
-  /// Detaches from the bus, stops the refresh and waits (at most two seconds) for the replies
-  /// to its commands still in flight. Idempotent.
+  /// Detaches from the bus (nothing received reaches it any more), unsubscribes its channels,
+  /// stops the refresh and waits (at most two seconds) for the replies to its commands still in
+  /// flight. Idempotent.
   void stop() {
-    if (core_->stopped.exchange(true)) return;
+    {
+      std::lock_guard lock(core_->receive_m);
+      if (core_->stopped.exchange(true)) return;
+    }
     core_->bus->set_relay(nullptr);
-    asio::post(core_->io, [c = core_] { c->timer.cancel(); });
+    asio::post(core_->io, [c = core_] {
+      c->timer.cancel();
+      std::shared_lock lock(c->table_m);
+      for (auto& [name, t] : c->topics) {
+        if (!t->subscribed) continue;
+        t->subscribed = false;
+        c->subscriptions->unsubscribe(t->channel);
+      }
+      c->detached.store(true);
+    });
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    while ((core_->in_flight.load() != 0 || core_->ticking.load()) &&
+    while ((core_->in_flight.load() != 0 || core_->ticking.load() || !core_->detached.load()) &&
            std::chrono::steady_clock::now() < until) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
@@ -146,8 +160,9 @@ class topic_bridge final : public device::relay {
     }
   };
 
-  // Everything the loop's handlers touch, kept alive by them.
-  struct core {
+  // Everything the loop's handlers touch, kept alive by them (the timer's handler too: a wait
+  // that completed just before `stop` cancelled it still runs, and finds `stopped`).
+  struct core : std::enable_shared_from_this<core> {
     core(asio::io_context& i, connection& cmd, connection& sub, device::pubsub& b,
          topic_bridge_options o)
         : io(i), commands(&cmd), subscriptions(&sub), bus(&b), options(std::move(o)), timer(i) {}
@@ -195,8 +210,11 @@ class topic_bridge final : public device::relay {
       self->in_flight.fetch_sub(1, std::memory_order_release);
     }
 
-    // A message on a channel: another node's publish goes to this node's subscribers.
+    // A message on a channel: another node's publish goes to this node's subscribers (not once
+    // `stop` began: the bus may be gone).
     void received(std::string_view channel, std::string_view body) {
+      std::lock_guard lock(receive_m);
+      if (stopped.load(std::memory_order_relaxed)) return;
       const std::string_view prefix = options.channel_prefix;
       const auto nl = body.find('\n');
       if (!channel.starts_with(prefix) || nl == std::string_view::npos || nl + 1 >= body.size() ||
@@ -247,7 +265,7 @@ class topic_bridge final : public device::relay {
         }
       }
       timer.expires_after(options.interest_refresh);
-      timer.async_wait([self = this](const std::error_code& ec) {
+      timer.async_wait([self = shared_from_this()](const std::error_code& ec) {
         if (!ec) self->tick();
       });
     }
@@ -280,6 +298,8 @@ class topic_bridge final : public device::relay {
     std::vector<std::string_view> refresh_argv;  // its command
     std::atomic<bool> ticking{false};            // a NUMSUB is in flight
     std::atomic<bool> stopped{false};
+    std::atomic<bool> detached{false};  // stop's work on the loop is done
+    std::mutex receive_m;               // `received` against `stop`
     std::atomic<std::uint64_t> in_flight{0};
     std::atomic<std::uint64_t> forwarded{0};
     std::atomic<std::uint64_t> forward_failed{0};
