@@ -147,7 +147,6 @@ class topic_bridge final : public device::relay {
  private:
   // One topic: how many other nodes subscribe (-1: not read yet), and whether this node does.
   struct topic_state {
-    std::string topic;
     std::string channel;
     std::atomic<long long> remote{-1};
     bool subscribed = false;  // the loop's view: SUBSCRIBE sent and not UNSUBSCRIBE since
@@ -185,8 +184,8 @@ class topic_bridge final : public device::relay {
       auto& slot = topics[std::string(topic)];
       if (!slot) {
         slot = std::make_unique<topic_state>();
-        slot->topic = std::string(topic);
-        slot->channel = options.channel_prefix + slot->topic;
+        slot->channel = options.channel_prefix;
+        slot->channel.append(topic);
       }
       return *slot;
     }
