@@ -48,9 +48,11 @@
 #include "devgate/devgate.hpp"
 #include "devgate/store/sqlite_state_store.hpp"  // the optional SQLite part: device states
 #ifdef DEVGATE_DEMO_REDIS
-#include "devgate/redis/topic_bridge.hpp"  // the optional Redis part: topics across nodes
+#include "devgate/redis/state_store.hpp"   // the optional Redis part: device states shared
+#include "devgate/redis/topic_bridge.hpp"  // and topics across nodes
 #include "devgate/redis/url.hpp"
 #endif
+#include <variant>  // the store: SQLite or Redis
 
 #ifndef DEVGATE_DEMO_WEB_ROOT
 #define DEVGATE_DEMO_WEB_ROOT "web"
@@ -84,38 +86,55 @@ struct demo_config {
 };
 
 #ifdef DEVGATE_DEMO_REDIS
-/// This node's link to the other nodes (--redis): the server log crosses nodes on Redis
-/// pub/sub. Its own loop thread runs the two Redis connections (commands, subscriptions).
+/// This node's link to the other nodes (--redis): the devices' state lives in Redis, shared by
+/// the nodes (devgate::redis::state_store: ownership, takeover, replay), and the server log
+/// crosses nodes on Redis pub/sub. Its own loop thread runs the three Redis connections
+/// (commands, the topics' subscriptions, the store's control channel).
 class cluster_link {
  public:
-  /// Links `bus` to the nodes sharing `server`, as node `node_id`.
-  cluster_link(const devgate::redis::endpoint& server, std::string node_id,
-               devgate::device::pubsub& bus)
-      : commands_(io_, connection_options(server)),
+  /// A link for node `node_id` of the cluster sharing `server`.
+  cluster_link(const devgate::redis::endpoint& server, std::string node_id)
+      : node_id_(std::move(node_id)),
+        commands_(io_, connection_options(server)),
         subscriptions_(io_, connection_options(server)),
-        bridge_(io_, commands_, subscriptions_, bus, bridge_options(std::move(node_id))) {}
+        control_(io_, connection_options(server)),
+        store_(io_, commands_, control_, store_options(node_id_)) {}
   /// Stops (see `stop`).
   ~cluster_link() { stop(); }
   cluster_link(const cluster_link&) = delete;
   cluster_link& operator=(const cluster_link&) = delete;
-  /// Connects (in the background: a node serves its own devices while Redis is away).
-  void start() {
+  /// Connects the store's connections (in the background: a node serves its own devices while
+  /// Redis is away) and waits up to `wait` for the first connect.
+  bool connect(std::chrono::milliseconds wait) {
     commands_.start();
-    subscriptions_.start();
-    bridge_.start();
+    control_.start();
     thread_ = std::thread([this] { io_.run(); });
+    return commands_.wait_connected(wait);
   }
-  /// Stops (after the hub: nothing publishes any more). Idempotent.
+  /// The shared device store (hand a copy to the hub).
+  devgate::redis::state_store& store() { return store_; }
+  /// Starts the heartbeat and the takeover channel, and links `bus` to the other nodes.
+  void start(devgate::device::pubsub& bus) {
+    bridge_.emplace(io_, commands_, subscriptions_, bus, bridge_options(node_id_));
+    subscriptions_.start();
+    bridge_->start();
+    store_.start();
+  }
+  /// Stops (after the hub stopped and its writes were drained). Idempotent.
   void stop() {
     if (!thread_.joinable()) return;
-    bridge_.stop();
+    store_.stop();
+    if (bridge_) bridge_->stop();
     commands_.stop();
     subscriptions_.stop();
+    control_.stop();
     guard_.reset();
-    if (thread_.joinable()) thread_.join();
+    thread_.join();
   }
-  /// True while both connections are up.
-  bool up() const { return commands_.connected() && subscriptions_.connected(); }
+  /// True while every connection is up.
+  bool up() const {
+    return commands_.connected() && subscriptions_.connected() && control_.connected();
+  }
   /// Appends the link's state and counters in Prometheus text.
   void metrics(std::string& out) const {
     auto metric = [&out](const char* name, const char* type, const char* help, std::uint64_t v) {
@@ -124,21 +143,39 @@ class cluster_link {
     metric("cluster_redis_up", "gauge", "1 while this node's Redis connections are up.",
            up() ? 1 : 0);
     metric("cluster_redis_drops_total", "counter", "Redis connections that dropped.",
-           commands_.drops() + subscriptions_.drops());
-    metric("cluster_published_total", "counter",
-           "Server log events sent to the other nodes through Redis.", bridge_.forwarded());
-    metric("cluster_publish_failed_total", "counter",
-           "Server log events the other nodes missed (Redis down or refusing).",
-           bridge_.forward_failed());
-    metric("cluster_received_total", "counter",
-           "Server log events from the other nodes handed to this node's pages.",
-           bridge_.received());
+           commands_.drops() + subscriptions_.drops() + control_.drops());
+    if (bridge_) {
+      metric("cluster_published_total", "counter",
+             "Server log events sent to the other nodes through Redis.", bridge_->forwarded());
+      metric("cluster_publish_failed_total", "counter",
+             "Server log events the other nodes missed (Redis down or refusing).",
+             bridge_->forward_failed());
+      metric("cluster_received_total", "counter",
+             "Server log events from the other nodes handed to this node's pages.",
+             bridge_->received());
+    }
+    metric("cluster_claims_total", "counter", "Devices this node took ownership of.",
+           store_.claims());
+    metric("cluster_takeovers_total", "counter",
+           "Claims that took a device from another node (which closed its session with 4000).",
+           store_.takeovers());
+    metric("cluster_lost_total", "counter", "Devices this node lost to another node's claim.",
+           store_.lost());
+    metric("cluster_fenced_writes_total", "counter",
+           "State writes refused because another node owned the device by then.", store_.fenced());
+    metric("cluster_reaped_total", "counter", "Devices of dead nodes this node released.",
+           store_.reaped());
   }
 
  private:
   static devgate::redis::connection_options connection_options(const devgate::redis::endpoint& e) {
     devgate::redis::connection_options o;
     o.server = e;
+    return o;
+  }
+  static devgate::redis::state_store_options store_options(const std::string& node_id) {
+    devgate::redis::state_store_options o;
+    o.node_id = node_id;
     return o;
   }
   static devgate::redis::topic_bridge_options bridge_options(std::string node_id) {
@@ -149,14 +186,110 @@ class cluster_link {
                 std::string(devgate::device::topics::server_batched)};
     return o;
   }
+  std::string node_id_;
   asio::io_context io_;
   asio::executor_work_guard<asio::io_context::executor_type> guard_ = asio::make_work_guard(io_);
   devgate::redis::connection commands_;
   devgate::redis::connection subscriptions_;
-  devgate::redis::topic_bridge bridge_;
+  devgate::redis::connection control_;
+  devgate::redis::state_store store_;
+  std::optional<devgate::redis::topic_bridge> bridge_;
   std::thread thread_;
 };
 #endif
+
+/// The demo's device store: SQLite on a single node (--state-dir), Redis shared by the nodes of
+/// a cluster (--redis). Each call goes to the one it holds.
+class demo_store {
+  template <class F>
+  decltype(auto) visit(F&& f) {
+    return std::visit(std::forward<F>(f), s_);
+  }
+
+ public:
+  /// The single node's store.
+  explicit demo_store(devgate::store::sqlite_state_store s) : s_(std::move(s)) {}
+#ifdef DEVGATE_DEMO_REDIS
+  /// The cluster's store.
+  explicit demo_store(devgate::redis::state_store s) : s_(std::move(s)) {}
+#endif
+  /// True on a cluster node: other nodes change the devices' state too.
+  [[nodiscard]] bool shared() const noexcept { return s_.index() != 0; }
+  /// See store::state_store.
+  devgate::store::load_result load(const std::string& id) {
+    return visit([&](auto& s) { return s.load(id); });
+  }
+  /// Reads without claiming the device (Redis); SQLite's load.
+  devgate::store::load_result peek(const std::string& id) {
+    return visit([&](auto& s) {
+      if constexpr (requires { s.peek(id); }) {
+        return s.peek(id);
+      } else {
+        return s.load(id);
+      }
+    });
+  }
+  /// See store::state_store.
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
+    return visit([&](auto& s) { return s.add_messages_sent(id, n); });
+  }
+  /// See store::state_store.
+  std::error_code touch(const std::string& id, std::int64_t ms) {
+    return visit([&](auto& s) { return s.touch(id, ms); });
+  }
+  /// See store::state_store.
+  std::error_code set_firmware_version(const std::string& id, const std::string& v) {
+    return visit([&](auto& s) { return s.set_firmware_version(id, v); });
+  }
+  /// See store::state_store.
+  std::error_code set_transfer(const std::string& id, const devgate::store::transfer_state& t) {
+    return visit([&](auto& s) { return s.set_transfer(id, t); });
+  }
+  /// See store::state_store.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    return visit([&](auto& s) { return s.set_last_seq(id, seq); });
+  }
+  /// See store::state_store.
+  std::error_code forget(const std::string& id) {
+    return visit([&](auto& s) { return s.forget(id); });
+  }
+  /// See store::durable_state_store.
+  std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view f) {
+    return visit([&](auto& s) { return s.append_replay(id, seq, f); });
+  }
+  /// See store::durable_state_store.
+  std::error_code forget_replay(const std::string& id, std::uint64_t seq) {
+    return visit([&](auto& s) { return s.forget_replay(id, seq); });
+  }
+  /// See store::durable_state_store.
+  std::error_code record_dispatched(const std::string& id,
+                                    const devgate::store::dispatch_record& r) {
+    return visit([&](auto& s) { return s.record_dispatched(id, r); });
+  }
+  /// See store::durable_state_store.
+  std::error_code save_rollout(const devgate::store::rollout_record& r) {
+    return visit([&](auto& s) { return s.save_rollout(r); });
+  }
+  /// See store::durable_state_store.
+  devgate::store::rollout_load_result load_rollout() {
+    return visit([&](auto& s) { return s.load_rollout(); });
+  }
+  /// See store::transactional_store.
+  std::error_code begin_batch() {
+    return visit([&](auto& s) { return s.begin_batch(); });
+  }
+  /// See store::transactional_store.
+  std::error_code commit_batch() {
+    return visit([&](auto& s) { return s.commit_batch(); });
+  }
+
+ private:
+#ifdef DEVGATE_DEMO_REDIS
+  std::variant<devgate::store::sqlite_state_store, devgate::redis::state_store> s_;
+#else
+  std::variant<devgate::store::sqlite_state_store> s_;
+#endif
+};
 
 /// The last dispatched messages (the `server` topic's events, as sent), so that a page that
 /// opens or reconnects can show the log it missed. Bounded; lost on restart.
@@ -206,8 +339,7 @@ struct demo_sink {
   }
 };
 
-using demo_hub =
-    devgate::device::hub<devgate::websocket::server, demo_sink, devgate::store::sqlite_state_store>;
+using demo_hub = devgate::device::hub<devgate::websocket::server, demo_sink, demo_store>;
 
 /// devgate's version, "major.minor.patch".
 std::string devgate_version() {
@@ -705,23 +837,41 @@ int main(int argc, char** argv) {
 
   devgate::stop_signals stop;  // caught from here on; main() waits for them below
 
-  std::optional<devgate::store::sqlite_state_store> loaded;
+  // The device store: SQLite on a single node, Redis on a cluster node (--redis).
+#ifdef DEVGATE_DEMO_REDIS
+  std::optional<cluster_link> cluster;  // before the hub, which holds a copy of its store
+#endif
+  std::optional<demo_store> loaded;
   const auto db_path = (std::filesystem::path(cfg.state_dir) / "devgate.db").string();
-  try {
-    std::filesystem::create_directories(cfg.state_dir);
-    devgate::store::sqlite_options so;
-    so.path = db_path;
-    so.max_devices = cfg.max_stored_devices;
-    loaded.emplace(std::move(so));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "demo_server: --state-dir %s: %s\n", cfg.state_dir.c_str(), e.what());
-    return 1;
+  std::string state_where = db_path;
+#ifdef DEVGATE_DEMO_REDIS
+  if (redis_server) {
+    cluster.emplace(*redis_server, cfg.node_id);
+    if (!cluster->connect(std::chrono::seconds(5))) {
+      std::fprintf(stderr, "demo_server: --redis %s: not reachable yet; serving, and retrying\n",
+                   cfg.redis_url.c_str());
+    }
+    loaded.emplace(cluster->store());
+    state_where = cfg.redis_url + " (shared by the cluster's nodes)";
+  }
+#endif
+  if (!loaded) {
+    try {
+      std::filesystem::create_directories(cfg.state_dir);
+      devgate::store::sqlite_options so;
+      so.path = db_path;
+      so.max_devices = cfg.max_stored_devices;
+      loaded.emplace(devgate::store::sqlite_state_store(std::move(so)));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "demo_server: --state-dir %s: %s\n", cfg.state_dir.c_str(), e.what());
+      return 1;
+    }
   }
   // The last release's number (the hub resumes the release itself when it starts).
   const auto kept = loaded->load_rollout();
-  if (kept.error) {
-    std::fprintf(stderr, "demo_server: cannot read the last release from %s: %s\n", db_path.c_str(),
-                 kept.error.message().c_str());
+  if (kept.error && !loaded->shared()) {
+    std::fprintf(stderr, "demo_server: cannot read the last release from %s: %s\n",
+                 state_where.c_str(), kept.error.message().c_str());
     return 1;
   }
   const std::uint64_t last_release = kept.rollout ? release_of(kept.rollout->version) : 0;
@@ -809,10 +959,19 @@ int main(int argc, char** argv) {
       [&rc](std::string_view, const devgate::shared_bytes& payload) { rc.log.add(payload); });
 
 #ifdef DEVGATE_DEMO_REDIS
-  std::optional<cluster_link> cluster;
-  if (redis_server) {
-    cluster.emplace(*redis_server, cfg.node_id, hub.bus());
-    cluster->start();
+  if (cluster) {
+    // A device that connects to another node is let go here (its session closed with 4000); a
+    // write refused because another node owns it by now closes its session with 1013, and the
+    // device reconnects to whichever node it reaches.
+    cluster->store().on_release([&hub](const std::string& id, bool fenced) {
+      if (fenced) {
+        hub.release_device(id, devgate::close_code::try_again_later,
+                           "another node owns this device now; reconnect");
+      } else {
+        hub.release_device(id);
+      }
+    });
+    cluster->start(hub.bus());
     auto* link = &*cluster;
     rc.cluster = cluster_view{[link] { return link->up(); },
                               [link](std::string& out) { link->metrics(out); }};
@@ -842,7 +1001,7 @@ int main(int argc, char** argv) {
               scheme, static_cast<unsigned>(port));
   std::printf("  also   %s://localhost:%u/metrics   %s://localhost:%u/healthz\n", scheme,
               static_cast<unsigned>(port), scheme, static_cast<unsigned>(port));
-  std::printf("  state  %s   web root %s\n", db_path.c_str(), cfg.web_root.c_str());
+  std::printf("  state  %s   web root %s\n", state_where.c_str(), cfg.web_root.c_str());
   if (cfg.device_key_file.empty()) {
     std::printf(
         "  auth   OFF: any client may connect as any device (--device-key-file turns tokens on)\n");
@@ -893,13 +1052,13 @@ int main(int argc, char** argv) {
   control.stop();
   hub.stop();  // intake closes, queued messages dispatch, then sessions close with 1001
   hub.unsubscribe(log_token);
+  hub.store_writer().drain();  // every write behind has reached the database
 #ifdef DEVGATE_DEMO_REDIS
   if (cluster) cluster->stop();
 #endif
-  hub.store_writer().drain();  // every write behind has reached the database
   const auto s = hub.stats();
   std::printf("stopped: %llu messages dispatched, state %s saved (%llu store errors)\n",
-              static_cast<unsigned long long>(s.dispatched), db_path.c_str(),
+              static_cast<unsigned long long>(s.dispatched), state_where.c_str(),
               static_cast<unsigned long long>(s.store_errors));
   return 0;
 }

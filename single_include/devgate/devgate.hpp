@@ -9799,6 +9799,10 @@ struct device_state {
   std::vector<replay_entry> replay;
   /// Its recent sends that reached the sink (a durable store only; ack policy on_dispatch).
   dispatch_window dispatched;
+  /// The history epoch of a shared store (empty: the store has none): it changes when the
+  /// store lost what it held (a Redis restarted empty), and the welcome tells the device, so
+  /// a device that sees it change knows its history is gone rather than complete.
+  std::string epoch;
 };
 
 /// One device message the sink accepted, as the hub records it under ack policy `on_dispatch`.
@@ -9902,6 +9906,16 @@ inline constexpr bool is_nonblocking_store = requires {
   requires static_cast<bool>(S::nonblocking);
 };
 
+/// True for a store that can say whether several gateway nodes share it (`s.shared()`, for
+/// example `redis::state_store`): another node may then change a device's state at any time, so
+/// the hub reloads it for every new session of a device it holds offline
+/// (`hub::release_device` lets go of one whose session moved to another node). A run-time
+/// answer, so that one hub type can run on a shared store or a single node's.
+template <class S>
+concept may_be_shared = requires(const S& s) {
+  { s.shared() } -> std::convertible_to<bool>;
+};
+
 }  // namespace devgate::store
 // ---- end devgate/store/state_store.hpp ----
 
@@ -9995,6 +10009,7 @@ static_assert(is_nonblocking_store<memory_state_store>);
 
 #include <atomic>              // error counts
 #include <chrono>              // the group commit delay
+#include <concepts>            // a store's optional peek
 #include <condition_variable>  // the store thread sleeps until there is work
 #include <cstddef>             // std::size_t
 #include <cstdint>             // counters
@@ -10099,6 +10114,33 @@ class write_behind {
     } catch (...) {
       failed("load", id, std::make_error_code(std::errc::io_error));
       return {};
+    }
+  }
+  /// The device's stored state for a reader that does not take the device on: the store's
+  /// `peek(id)` when it has one (a shared store, whose `load` claims the device for this
+  /// node), else `load`.
+  [[nodiscard]] device_state peek(const std::string& id) {
+    if constexpr (requires {
+                    { store_.peek(id) } -> std::same_as<load_result>;
+                  }) {
+      try {
+        auto r = store_.peek(id);
+        if (r.error) failed("peek", id, r.error);
+        return std::move(r.state);
+      } catch (...) {
+        failed("peek", id, std::make_error_code(std::errc::io_error));
+        return {};
+      }
+    } else {
+      return load(id);
+    }
+  }
+  /// True when several gateway nodes share the store (its `shared()`: `may_be_shared`).
+  [[nodiscard]] bool shared() const noexcept {
+    if constexpr (may_be_shared<Store>) {
+      return store_.shared();
+    } else {
+      return false;
     }
   }
   /// True when every call goes straight to the store (it says it never blocks).
@@ -11147,6 +11189,9 @@ struct device_record {
   std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
+  /// The history epoch of a shared store (`store::device_state::epoch`; empty: none), told to
+  /// the device in its welcome.
+  std::string epoch;
 
   /// Sequenced delivery and the outbox (written by `device::delivery`).
   struct delivery_part {
@@ -11212,7 +11257,10 @@ struct device_record {
   /// Its place among the offline records, least recently seen first (written by the registry
   /// under its device table's lock, not under `mutex`).
   struct registry_part {
-    bool listed = false;                           ///< In the offline list (evictable).
+    bool listed = false;  ///< In the offline list (evictable).
+    /// Let go by `registry::release` (another node took the device over): out of the table
+    /// and never listed again.
+    std::atomic<bool> released{false};
     std::list<device_record*>::iterator position;  ///< Where, when listed.
   };
   registry_part offline;  ///< Its place among the offline records.
@@ -11797,6 +11845,7 @@ class registry {
     if (st.last_seen_ms > rec.last_seen_ms) rec.last_seen_ms = st.last_seen_ms;
     // Numbering continues above what the store had (and above what was assigned meanwhile).
     if (st.last_seq + 1 > rec.delivery.next_seq) rec.delivery.next_seq = st.last_seq + 1;
+    if (!st.epoch.empty()) rec.epoch = st.epoch;
   }
   /// Every record now (for fleet-wide work: a rollout). O(records held): never on a network
   /// thread.
@@ -11884,6 +11933,27 @@ class registry {
     held_.store(devices_.size(), std::memory_order_relaxed);
     return true;
   }
+  /// Takes the record of `id` out of the table, whatever its state, so that the device's next
+  /// session starts a new record and loads its state from the store again (a shared store
+  /// where another node took the device over). Returns it (nullptr: not held) for the caller
+  /// to close its session; whoever still holds it finishes with it, and it is never listed
+  /// for eviction again.
+  record_ptr release(std::string_view id) {
+    std::unique_lock lock(devices_mutex_);
+    auto found = devices_.find(id);
+    if (found == devices_.end()) return nullptr;
+    record_ptr rec = std::move(found->second);
+    devices_.erase(found);
+    unlist_locked(*rec);
+    rec->offline.released.store(true, std::memory_order_relaxed);
+    held_.store(devices_.size(), std::memory_order_relaxed);
+    released_.fetch_add(1, std::memory_order_relaxed);
+    return rec;
+  }
+  /// Records let go by `release` since start.
+  [[nodiscard]] std::uint64_t released() const noexcept {
+    return released_.load(std::memory_order_relaxed);
+  }
   /// Records evicted since start.
   [[nodiscard]] std::uint64_t evicted() const noexcept {
     return evicted_.load(std::memory_order_relaxed);
@@ -11963,7 +12033,7 @@ class registry {
   }
   // The offline order; the caller holds the device table's lock.
   void list_locked(device_record& rec) {
-    if (rec.offline.listed) return;
+    if (rec.offline.listed || rec.offline.released.load(std::memory_order_relaxed)) return;
     rec.offline.position = offline_.insert(offline_.end(), &rec);
     rec.offline.listed = true;
   }
@@ -11986,6 +12056,7 @@ class registry {
   std::list<device_record*> offline_;  // least recently seen first
   std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
   std::atomic<std::uint64_t> evicted_{0};
+  std::atomic<std::uint64_t> released_{0};
   std::atomic<std::uint64_t> loaded_{0};
   mutable std::shared_mutex sessions_mutex_;
   std::unordered_map<session_id, record_ptr> sessions_;
@@ -12977,19 +13048,20 @@ struct hub_options {
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
 struct hub_stats {
-  std::size_t connected = 0;          ///< Sessions open now.
-  std::size_t devices = 0;            ///< Device records held in memory now.
-  std::uint64_t devices_evicted = 0;  ///< Records evicted since start (max_devices).
-  std::uint64_t store_errors = 0;     ///< Store calls that failed (or writes dropped).
-  std::size_t replay_bytes = 0;       ///< Bytes of sequenced messages kept, fleet-wide.
-  std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
-  std::uint64_t dispatched = 0;       ///< Device messages dispatched.
-  std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
-  std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
-  std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
-  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices (bad_resume excepted).
-  std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
-  firmware::rollout_totals rollout;   ///< Current firmware rollout.
+  std::size_t connected = 0;           ///< Sessions open now.
+  std::size_t devices = 0;             ///< Device records held in memory now.
+  std::uint64_t devices_evicted = 0;   ///< Records evicted since start (max_devices).
+  std::uint64_t devices_released = 0;  ///< Records let go for another node (release_device).
+  std::uint64_t store_errors = 0;      ///< Store calls that failed (or writes dropped).
+  std::size_t replay_bytes = 0;        ///< Bytes of sequenced messages kept, fleet-wide.
+  std::uint64_t enqueued = 0;          ///< Device messages accepted by the pipeline.
+  std::uint64_t dispatched = 0;        ///< Device messages dispatched.
+  std::uint64_t queue_depth = 0;       ///< Accepted, not yet dispatched.
+  std::uint64_t workers_alive = 0;     ///< Pipeline workers running.
+  std::uint64_t replay_dropped = 0;    ///< Sequenced messages dropped by replay overflow.
+  std::uint64_t protocol_errors = 0;   ///< Error replies sent to devices (bad_resume excepted).
+  std::uint64_t takeovers = 0;         ///< Sessions replaced by a newer one (closed with 4000).
+  firmware::rollout_totals rollout;    ///< Current firmware rollout.
 };
 
 }  // namespace devgate::device
@@ -13338,6 +13410,18 @@ class protocol_dispatch {
           info.device_id, [&] { return store_.load(info.device_id); },
           [this](device_record& r, store::device_state& st) { restore_locked(r, st); });
     } else {
+      if (store_.shared()) {
+        // Other nodes may have changed the device's state since this record was filled: a new
+        // session of an offline device starts from what the store has now.
+        if (auto held = devices_.find(info.device_id)) {
+          bool offline = false;
+          {
+            std::lock_guard lock(held->mutex);
+            offline = held->session.id == 0 && !held->load.pending;
+          }
+          if (offline) (void)let_go(info.device_id);
+        }
+      }
       // A store that may block is read on its own thread: the session's messages wait in the
       // record (`load.parked`) until the state is in.
       rec = devices_.get_or_create_unloaded(info.device_id).first;
@@ -13365,6 +13449,23 @@ class protocol_dispatch {
       rec->store_ticket = store_.submitted();  // the touch above, and all before it
     }
     rollout_.on_offline(*rec);
+    // Let go while it was live (`let_go`): its transfer leaves the rollout's counts now.
+    if (rec->offline.released.load(std::memory_order_relaxed)) forget_transfer(*rec);
+  }
+  /// Takes device `id`'s record out of the registry (`registry::release`), so that its next
+  /// session loads its state from the store again; an offline device's transfer leaves the
+  /// rollout's counts at once, a live one's when its session closes. Returns the record
+  /// (nullptr: none held), whose live session the caller closes.
+  registry::record_ptr let_go(std::string_view id) {
+    auto rec = devices_.release(id);
+    if (!rec) return rec;
+    bool offline = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      offline = rec->session.id == 0;
+    }
+    if (offline) forget_transfer(*rec);
+    return rec;
   }
 
   /// The hub's intake: every message of `batch` (one session's, as transports deliver them) is
@@ -13385,6 +13486,16 @@ class protocol_dispatch {
     return errors_.load(std::memory_order_relaxed);
   }
 
+  /// Takes a record let go of (`let_go`) out of the rollout's counts, giving up its slot or
+  /// queue place.
+  void forget_transfer(device_record& rec) {
+    std::uint32_t rollout = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      rollout = rollout_.forget_locked(rec);
+    }
+    rollout_.release_forgotten(rec.id, rollout);
+  }
   /// Puts what a durable store kept of a device, beyond the registry's figures, into its record
   /// made from that state: kept deliveries, the dispatch window, its part in the current
   /// rollout. The caller holds the record's mutex.
@@ -13730,6 +13841,7 @@ class protocol_dispatch {
                          {"status", store::to_string(t.status)},
                          {"offset", t.offset},
                          {"reason", t.reason}}}}}};
+    if (!rec.epoch.empty()) w["epoch"] = rec.epoch;
     return to_payload(w);
   }
 
@@ -14353,7 +14465,7 @@ class hub {
       st.transfer = decltype(rollout_)::state_locked(*rec);
       return st;
     }
-    return writer_.load(id);
+    return writer_.peek(id);
   }
   /// Forgets an offline device: its record and everything the store keeps about it (its
   /// kept deliveries are dropped). False, with nothing changed, while it is online or in use.
@@ -14368,6 +14480,22 @@ class hub {
     rollout_.release_forgotten(std::string(id), rollout);
     return !writer_.forget(std::string(id));
   }
+  /// Lets go of device `id` on this hub, for a store shared by several gateway nodes when
+  /// another node took the device over: its live session, if any, is closed with `code` and
+  /// `reason`, and its record leaves memory, so that its next session here loads its state
+  /// from the store again (this hub's copy is stale). False if the hub held no record of it.
+  bool release_device(std::string_view id, close_code code = close_replaced,
+                      std::string_view reason = "the device connected to another node") {
+    auto rec = dispatch_.let_go(id);
+    if (!rec) return false;
+    session_id live = 0;
+    {
+      std::lock_guard lock(rec->mutex);
+      live = rec->session.id;
+    }
+    if (live != 0) gateway_.get_transport().close(live, code, reason);
+    return true;
+  }
   /// The state store.
   [[nodiscard]] Store& state_store() noexcept { return store_; }
   /// The hub's way to the store (write-behind queue, error counts).
@@ -14380,6 +14508,7 @@ class hub {
     s.connected = devices_.connected();
     s.devices = devices_.devices();
     s.devices_evicted = devices_.evicted();
+    s.devices_released = devices_.released();
     s.store_errors = writer_.errors();
     s.replay_bytes = delivery_.replay_bytes();
     const auto m = gateway_.metrics();

@@ -1,17 +1,20 @@
 #!/usr/bin/python3
-"""Three demo nodes and one Redis: every node's server log reaches the pages of every node.
+"""Three demo nodes and one Redis behave as one gateway: one server log, one device state.
 
 Starts its own redis-server (no persistence, a temporary directory) on a free loopback port and
 three examples/demo_server nodes with `--redis redis://127.0.0.1:<port> --node-id <a|b|c>`, then,
 with clients no one here wrote (Debian's python3-websockets):
   - on each node an observer subscribes to the `server` topic, and a device on each node sends;
     every observer sees every node's dispatched messages, each exactly once;
+  - a device moves a -> b -> c: b takes it over from a (a closes with 4000), its message count,
+    epoch and the receipts kept for it follow it, each delivered once in order;
   - Redis stopped: a node's own observer still sees its node's messages, the others do not
     (Redis pub/sub keeps nothing), /healthz says degraded (200: the node still serves its
     devices) and /metrics has Redis down and the missed events counted; Redis restarted on the
-    same port: the nodes reconnect and resubscribe by themselves, the log is shared again and
-    /healthz is ok;
-  - SIGTERM stops every node with exit code 0.
+    same port (empty): the nodes reconnect and resubscribe by themselves, devices whose state
+    was lost are let go with 1013 and reconnect, the log is shared again and /healthz is ok;
+  - node c killed (SIGKILL) with a device on it: the device resumes on node a;
+  - SIGTERM stops every other node with exit code 0.
 Usage: demo_cluster.py --server PATH
 """
 
@@ -137,6 +140,7 @@ class Device:
         self.local = local
         self.ws = None
         self.next_id = 0
+        self.closes = []  # close codes the node sent
 
     async def open(self):
         self.ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{self.name}",
@@ -144,14 +148,25 @@ class Device:
         await self.ws.send(json.dumps({"type": "hello", "protocol": 1}))
 
     async def send(self):
-        """Sends one message, waits for its `sent`; returns its seq in the server log."""
+        """Sends one message, waits for its answer: `sent`, or `not_dispatched` when the node
+        could not record it (Redis down: the sink has it all the same, at least once). A session
+        the node closed with 1013 (another node owns the device by now, as after Redis lost its
+        data) is reopened and the message sent again. Returns its seq in the server log."""
         before = len(self.local.seqs(self.name))
         self.next_id += 1
-        await self.ws.send(json.dumps({"type": "send", "id": self.next_id, "data": "reading"}))
-        while True:
-            msg = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
-            if msg.get("type") == "sent" and msg.get("id") == self.next_id:
+        for _ in range(5):
+            try:
+                await self.ws.send(json.dumps({"type": "send", "id": self.next_id,
+                                               "data": "reading"}))
+                while True:
+                    msg = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
+                    if msg.get("id") == self.next_id and (
+                            msg.get("type") == "sent" or msg.get("code") == "not_dispatched"):
+                        break
                 break
+            except websockets.ConnectionClosed as e:
+                self.closes.append(e.rcvd.code if e.rcvd else None)
+                await self.open()
         if not await until(lambda: len(self.local.seqs(self.name)) > before):
             raise RuntimeError(f"{self.name}'s own node did not log its message")
         return self.local.seqs(self.name)[before]
@@ -166,7 +181,81 @@ async def until(pred, seconds=20):
     return pred()
 
 
-async def scenario(ports, redis):
+async def hello(port, name, last_seq=0):
+    """Opens a session for device `name` on the node at `port`; returns it and its welcome."""
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws/{name}", open_timeout=20)
+    await ws.send(json.dumps({"type": "hello", "protocol": 1, "last_seq": last_seq}))
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+        if msg.get("type") == "welcome":
+            return ws, msg
+
+
+async def one_fleet(ports, observers):
+    """A device's state, its kept deliveries and its session follow it from node to node."""
+    # On a: three messages, each answered `sent` once in Redis; each dispatch also sends the
+    # device a sequenced receipt (`deliver`, kind "dispatched"), which the device never reads.
+    ws_a, welcome = await hello(ports["a"], "mover")
+    epoch = welcome.get("epoch", "")
+    check(len(epoch) == 16, f"the welcome carries the cluster's epoch ({epoch!r})")
+    for i in (1, 2, 3):
+        await ws_a.send(json.dumps({"type": "send", "id": i, "data": f"m{i}"}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws_a.recv(), 20))
+            if msg.get("type") == "sent" and msg.get("id") == i:
+                break
+    # The device opens a session on b while still connected to a: b takes it over, a closes
+    # its session with 4000.
+    ws_b, welcome = await hello(ports["b"], "mover")
+    closed = None
+    try:
+        while True:
+            await asyncio.wait_for(ws_a.recv(), 20)
+    except websockets.ConnectionClosed as e:
+        closed = e.rcvd.code if e.rcvd else None
+    except asyncio.TimeoutError:
+        pass
+    check(closed == 4000, f"node a closed the device's old session with 4000 ({closed})")
+    state = welcome.get("state", {})
+    check(state.get("messages_sent") == 3,
+          f"node b's welcome has the 3 messages sent on node a ({state.get('messages_sent')})")
+    check(welcome.get("epoch") == epoch, "the epoch is the same on node b")
+    check(welcome.get("replay") == 3, f"node b replays the 3 receipts kept ({welcome.get('replay')})")
+    got = []
+    while len(got) < 3:
+        msg = json.loads(await asyncio.wait_for(ws_b.recv(), 20))
+        if msg.get("type") == "deliver":
+            got.append((msg["seq"], msg["data"].get("kind"), msg["data"].get("message")))
+    check(got == [(1, "dispatched", 1), (2, "dispatched", 2), (3, "dispatched", 3)],
+          f"node b delivered the receipts kept by node a, once each, in order ({got})")
+    for seq, _, _ in got:
+        await ws_b.send(json.dumps({"type": "ack", "seq": seq}))
+    # Message 4 on b: its `sent`, and its receipt (seq 4: numbering continues), in either order.
+    await ws_b.send(json.dumps({"type": "send", "id": 4, "data": "m4"}))
+    sent, receipt = False, None
+    while not (sent and receipt):
+        msg = json.loads(await asyncio.wait_for(ws_b.recv(), 20))
+        sent = sent or (msg.get("type") == "sent" and msg.get("id") == 4)
+        if msg.get("type") == "deliver":
+            receipt = msg
+    check(receipt["seq"] == 4, f"numbering continued on node b ({receipt['seq']})")
+    await ws_b.send(json.dumps({"type": "ack", "seq": 4}))
+    await asyncio.sleep(0.2)
+    await ws_b.close()
+    ws_c, welcome = await hello(ports["c"], "mover", last_seq=4)
+    state = welcome.get("state", {})
+    check(state.get("messages_sent") == 4 and welcome.get("replay") == 0 and
+          welcome.get("last_seq") == 4,
+          f"node c's welcome: 4 sent, nothing to replay, last_seq 4 ({welcome})")
+    await ws_c.close()
+    _, metrics = get(ports["b"], "/metrics")
+    takeovers = re.search(r"^devgate_cluster_takeovers_total (\d+)$", metrics, re.M)
+    check(takeovers is not None and int(takeovers.group(1)) >= 1,
+          "node b's /metrics counts its takeover")
+    return epoch
+
+
+async def scenario(ports, redis, nodes):
     observers = {n: Observer(ports[n], f"watch-{n}") for n in NODES}
     tasks = []
     for o in observers.values():
@@ -203,6 +292,8 @@ async def scenario(ports, redis):
     dupes = [(o.name, m) for o in observers.values() for m in sent if o.count(*m) != 1]
     check(not dupes, f"no message seen twice ({dupes[:3]})")
 
+    epoch_before = await one_fleet(ports, observers)
+
     # Redis away: each node still serves its own pages; the others miss what Redis would carry.
     redis.stop()
     await asyncio.sleep(0.5)
@@ -229,16 +320,54 @@ async def scenario(ports, redis):
             break
         await asyncio.sleep(0.25)
     check(ok, "after Redis restarted, the server log is shared again")
+    # Redis came back empty: the nodes' next writes for their devices bounced (no owner), so
+    # they let those devices go with 1013; the devices reconnected, and a welcome now carries a
+    # new epoch (the history is gone, and the device can tell).
+    closes = [c for d in devices.values() for c in d.closes]
+    check(1013 in closes, f"the devices whose state Redis lost were let go with 1013 ({closes})")
+    ws, welcome = await hello(ports["c"], "mover", last_seq=4)
+    check(len(welcome.get("epoch", "")) == 16 and welcome.get("epoch") != epoch_before,
+          f"the epoch changed with Redis's data ({epoch_before} -> {welcome.get('epoch')})")
+    await ws.close()
     status, body = get(ports["a"], "/healthz")
     check(status == 200 and body == "ok\n", f"/healthz is ok again ({body.strip()})")
     _, metrics = get(ports["a"], "/metrics")
     check("devgate_cluster_redis_up 1" in metrics, "/metrics says Redis is up")
 
-    for d in devices.values():
-        await d.ws.close()
+    await node_killed(ports, nodes)
+
+    for n, d in devices.items():
+        if n in ports:
+            await d.ws.close()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def node_killed(ports, nodes):
+    """Node c is killed (SIGKILL) with a device on it: the device reconnects to node a and
+    resumes there with its count and the receipts kept for it."""
+    ws, _ = await hello(ports["c"], "survivor")
+    for i in (1, 2):
+        await ws.send(json.dumps({"type": "send", "id": i, "data": f"s{i}"}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if msg.get("type") == "sent" and msg.get("id") == i:
+                break
+    nodes["c"].kill()
+    nodes["c"].wait()
+    del ports["c"]
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), 20)
+    except (websockets.ConnectionClosed, asyncio.TimeoutError):
+        pass
+    ws, welcome = await hello(ports["a"], "survivor")
+    state = welcome.get("state", {})
+    check(state.get("messages_sent") == 2 and welcome.get("replay") == 2,
+          f"after node c was killed, node a resumed its device: 2 sent, 2 receipts replayed "
+          f"({state.get('messages_sent')}, {welcome.get('replay')})")
+    await ws.close()
 
 
 def main():
@@ -253,7 +382,7 @@ def main():
             ports = {}
             for n in NODES:
                 nodes[n], ports[n] = start_node(args.server, d, n, redis.port)
-            asyncio.run(scenario(ports, redis))
+            asyncio.run(scenario(ports, redis, nodes))
         finally:
             for n, proc in nodes.items():
                 proc.terminate()
@@ -262,7 +391,8 @@ def main():
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                check(proc.returncode == 0, f"node {n} exit code {proc.returncode}")
+                check(proc.returncode in ((0,) if n != "c" else (0, -9)),
+                      f"node {n} exit code {proc.returncode}")
             redis.stop()
     print("demo cluster: " + ("ok" if not failures else f"{len(failures)} failed: {failures}"))
     return 0 if not failures else 1

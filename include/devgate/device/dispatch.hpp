@@ -90,6 +90,18 @@ class protocol_dispatch {
           info.device_id, [&] { return store_.load(info.device_id); },
           [this](device_record& r, store::device_state& st) { restore_locked(r, st); });
     } else {
+      if (store_.shared()) {
+        // Other nodes may have changed the device's state since this record was filled: a new
+        // session of an offline device starts from what the store has now.
+        if (auto held = devices_.find(info.device_id)) {
+          bool offline = false;
+          {
+            std::lock_guard lock(held->mutex);
+            offline = held->session.id == 0 && !held->load.pending;
+          }
+          if (offline) (void)let_go(info.device_id);
+        }
+      }
       // A store that may block is read on its own thread: the session's messages wait in the
       // record (`load.parked`) until the state is in.
       rec = devices_.get_or_create_unloaded(info.device_id).first;
@@ -117,6 +129,23 @@ class protocol_dispatch {
       rec->store_ticket = store_.submitted();  // the touch above, and all before it
     }
     rollout_.on_offline(*rec);
+    // Let go while it was live (`let_go`): its transfer leaves the rollout's counts now.
+    if (rec->offline.released.load(std::memory_order_relaxed)) forget_transfer(*rec);
+  }
+  /// Takes device `id`'s record out of the registry (`registry::release`), so that its next
+  /// session loads its state from the store again; an offline device's transfer leaves the
+  /// rollout's counts at once, a live one's when its session closes. Returns the record
+  /// (nullptr: none held), whose live session the caller closes.
+  registry::record_ptr let_go(std::string_view id) {
+    auto rec = devices_.release(id);
+    if (!rec) return rec;
+    bool offline = false;
+    {
+      std::lock_guard lock(rec->mutex);
+      offline = rec->session.id == 0;
+    }
+    if (offline) forget_transfer(*rec);
+    return rec;
   }
 
   /// The hub's intake: every message of `batch` (one session's, as transports deliver them) is
@@ -137,6 +166,16 @@ class protocol_dispatch {
     return errors_.load(std::memory_order_relaxed);
   }
 
+  /// Takes a record let go of (`let_go`) out of the rollout's counts, giving up its slot or
+  /// queue place.
+  void forget_transfer(device_record& rec) {
+    std::uint32_t rollout = 0;
+    {
+      std::lock_guard lock(rec.mutex);
+      rollout = rollout_.forget_locked(rec);
+    }
+    rollout_.release_forgotten(rec.id, rollout);
+  }
   /// Puts what a durable store kept of a device, beyond the registry's figures, into its record
   /// made from that state: kept deliveries, the dispatch window, its part in the current
   /// rollout. The caller holds the record's mutex.
@@ -482,6 +521,7 @@ class protocol_dispatch {
                          {"status", store::to_string(t.status)},
                          {"offset", t.offset},
                          {"reason", t.reason}}}}}};
+    if (!rec.epoch.empty()) w["epoch"] = rec.epoch;
     return to_payload(w);
   }
 

@@ -214,7 +214,7 @@ class hub {
       st.transfer = decltype(rollout_)::state_locked(*rec);
       return st;
     }
-    return writer_.load(id);
+    return writer_.peek(id);
   }
   /// Forgets an offline device: its record and everything the store keeps about it (its
   /// kept deliveries are dropped). False, with nothing changed, while it is online or in use.
@@ -229,6 +229,22 @@ class hub {
     rollout_.release_forgotten(std::string(id), rollout);
     return !writer_.forget(std::string(id));
   }
+  /// Lets go of device `id` on this hub, for a store shared by several gateway nodes when
+  /// another node took the device over: its live session, if any, is closed with `code` and
+  /// `reason`, and its record leaves memory, so that its next session here loads its state
+  /// from the store again (this hub's copy is stale). False if the hub held no record of it.
+  bool release_device(std::string_view id, close_code code = close_replaced,
+                      std::string_view reason = "the device connected to another node") {
+    auto rec = dispatch_.let_go(id);
+    if (!rec) return false;
+    session_id live = 0;
+    {
+      std::lock_guard lock(rec->mutex);
+      live = rec->session.id;
+    }
+    if (live != 0) gateway_.get_transport().close(live, code, reason);
+    return true;
+  }
   /// The state store.
   [[nodiscard]] Store& state_store() noexcept { return store_; }
   /// The hub's way to the store (write-behind queue, error counts).
@@ -241,6 +257,7 @@ class hub {
     s.connected = devices_.connected();
     s.devices = devices_.devices();
     s.devices_evicted = devices_.evicted();
+    s.devices_released = devices_.released();
     s.store_errors = writer_.errors();
     s.replay_bytes = delivery_.replay_bytes();
     const auto m = gateway_.metrics();

@@ -113,19 +113,20 @@ struct hub_options {
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
 struct hub_stats {
-  std::size_t connected = 0;          ///< Sessions open now.
-  std::size_t devices = 0;            ///< Device records held in memory now.
-  std::uint64_t devices_evicted = 0;  ///< Records evicted since start (max_devices).
-  std::uint64_t store_errors = 0;     ///< Store calls that failed (or writes dropped).
-  std::size_t replay_bytes = 0;       ///< Bytes of sequenced messages kept, fleet-wide.
-  std::uint64_t enqueued = 0;         ///< Device messages accepted by the pipeline.
-  std::uint64_t dispatched = 0;       ///< Device messages dispatched.
-  std::uint64_t queue_depth = 0;      ///< Accepted, not yet dispatched.
-  std::uint64_t workers_alive = 0;    ///< Pipeline workers running.
-  std::uint64_t replay_dropped = 0;   ///< Sequenced messages dropped by replay overflow.
-  std::uint64_t protocol_errors = 0;  ///< Error replies sent to devices (bad_resume excepted).
-  std::uint64_t takeovers = 0;        ///< Sessions replaced by a newer one (closed with 4000).
-  firmware::rollout_totals rollout;   ///< Current firmware rollout.
+  std::size_t connected = 0;           ///< Sessions open now.
+  std::size_t devices = 0;             ///< Device records held in memory now.
+  std::uint64_t devices_evicted = 0;   ///< Records evicted since start (max_devices).
+  std::uint64_t devices_released = 0;  ///< Records let go for another node (release_device).
+  std::uint64_t store_errors = 0;      ///< Store calls that failed (or writes dropped).
+  std::size_t replay_bytes = 0;        ///< Bytes of sequenced messages kept, fleet-wide.
+  std::uint64_t enqueued = 0;          ///< Device messages accepted by the pipeline.
+  std::uint64_t dispatched = 0;        ///< Device messages dispatched.
+  std::uint64_t queue_depth = 0;       ///< Accepted, not yet dispatched.
+  std::uint64_t workers_alive = 0;     ///< Pipeline workers running.
+  std::uint64_t replay_dropped = 0;    ///< Sequenced messages dropped by replay overflow.
+  std::uint64_t protocol_errors = 0;   ///< Error replies sent to devices (bad_resume excepted).
+  std::uint64_t takeovers = 0;         ///< Sessions replaced by a newer one (closed with 4000).
+  firmware::rollout_totals rollout;    ///< Current firmware rollout.
 };
 
 }  // namespace devgate::device

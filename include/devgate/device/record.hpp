@@ -68,6 +68,9 @@ struct device_record {
   std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
+  /// The history epoch of a shared store (`store::device_state::epoch`; empty: none), told to
+  /// the device in its welcome.
+  std::string epoch;
 
   /// Sequenced delivery and the outbox (written by `device::delivery`).
   struct delivery_part {
@@ -133,7 +136,10 @@ struct device_record {
   /// Its place among the offline records, least recently seen first (written by the registry
   /// under its device table's lock, not under `mutex`).
   struct registry_part {
-    bool listed = false;                           ///< In the offline list (evictable).
+    bool listed = false;  ///< In the offline list (evictable).
+    /// Let go by `registry::release` (another node took the device over): out of the table
+    /// and never listed again.
+    std::atomic<bool> released{false};
     std::list<device_record*>::iterator position;  ///< Where, when listed.
   };
   registry_part offline;  ///< Its place among the offline records.

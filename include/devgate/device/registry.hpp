@@ -89,6 +89,7 @@ class registry {
     if (st.last_seen_ms > rec.last_seen_ms) rec.last_seen_ms = st.last_seen_ms;
     // Numbering continues above what the store had (and above what was assigned meanwhile).
     if (st.last_seq + 1 > rec.delivery.next_seq) rec.delivery.next_seq = st.last_seq + 1;
+    if (!st.epoch.empty()) rec.epoch = st.epoch;
   }
   /// Every record now (for fleet-wide work: a rollout). O(records held): never on a network
   /// thread.
@@ -176,6 +177,27 @@ class registry {
     held_.store(devices_.size(), std::memory_order_relaxed);
     return true;
   }
+  /// Takes the record of `id` out of the table, whatever its state, so that the device's next
+  /// session starts a new record and loads its state from the store again (a shared store
+  /// where another node took the device over). Returns it (nullptr: not held) for the caller
+  /// to close its session; whoever still holds it finishes with it, and it is never listed
+  /// for eviction again.
+  record_ptr release(std::string_view id) {
+    std::unique_lock lock(devices_mutex_);
+    auto found = devices_.find(id);
+    if (found == devices_.end()) return nullptr;
+    record_ptr rec = std::move(found->second);
+    devices_.erase(found);
+    unlist_locked(*rec);
+    rec->offline.released.store(true, std::memory_order_relaxed);
+    held_.store(devices_.size(), std::memory_order_relaxed);
+    released_.fetch_add(1, std::memory_order_relaxed);
+    return rec;
+  }
+  /// Records let go by `release` since start.
+  [[nodiscard]] std::uint64_t released() const noexcept {
+    return released_.load(std::memory_order_relaxed);
+  }
   /// Records evicted since start.
   [[nodiscard]] std::uint64_t evicted() const noexcept {
     return evicted_.load(std::memory_order_relaxed);
@@ -255,7 +277,7 @@ class registry {
   }
   // The offline order; the caller holds the device table's lock.
   void list_locked(device_record& rec) {
-    if (rec.offline.listed) return;
+    if (rec.offline.listed || rec.offline.released.load(std::memory_order_relaxed)) return;
     rec.offline.position = offline_.insert(offline_.end(), &rec);
     rec.offline.listed = true;
   }
@@ -278,6 +300,7 @@ class registry {
   std::list<device_record*> offline_;  // least recently seen first
   std::atomic<std::size_t> held_{0};   // devices_.size(), readable without the lock
   std::atomic<std::uint64_t> evicted_{0};
+  std::atomic<std::uint64_t> released_{0};
   std::atomic<std::uint64_t> loaded_{0};
   mutable std::shared_mutex sessions_mutex_;
   std::unordered_map<session_id, record_ptr> sessions_;

@@ -11,6 +11,7 @@
 #include <asio/steady_timer.hpp>  // backoff, connect timeout
 #include <atomic>                 // state read from any thread
 #include <chrono>                 // waits
+#include <concepts>               // callable commands
 #include <condition_variable>     // call, wait_connected
 #include <cstddef>                // std::size_t
 #include <cstdint>                // counters
@@ -128,9 +129,15 @@ class connection {
   /// `command` with a callable `f(std::error_code, const redisReply*)` (one allocation for it).
   template <class F>
   void command(std::initializer_list<std::string_view> argv, F f) {
+    command(std::span<const std::string_view>(argv.begin(), argv.size()), std::move(f));
+  }
+  /// `command` with an argv span and a callable `f(std::error_code, const redisReply*)`.
+  template <class F>
+  requires std::invocable<F&, std::error_code, const redisReply*>
+  void command(std::span<const std::string_view> argv, F f) {
     auto* held = new F(std::move(f));
     command(
-        std::span<const std::string_view>(argv.begin(), argv.size()),
+        argv,
         [](void* user, std::error_code ec, const redisReply* r) {
           auto* g = static_cast<F*>(user);
           (*g)(ec, r);

@@ -15,6 +15,7 @@ enum class errc {
   stopped,           ///< The connection was stopped (`connection::stop`) or destroyed.
   bad_url,           ///< A `redis://` URL could not be parsed.
   too_many_workers,  ///< A sink was called by a worker id past its `max_workers`.
+  not_owner,         ///< A state store write for a device this node does not own (now).
 };
 
 namespace detail {
@@ -42,6 +43,9 @@ class error_category_impl final : public std::error_category {
         return "redis: bad URL, expected redis://[[user]:password@]host[:port][/db]";
       case errc::too_many_workers:
         return "redis: a pipeline worker id is past the sink's max_workers; raise max_workers";
+      case errc::not_owner:
+        return "redis: this node does not own the device (another node took it over, or its "
+               "state was never loaded here); the write was not applied";
     }
     return "redis: unknown error";
   }

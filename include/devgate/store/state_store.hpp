@@ -151,6 +151,10 @@ struct device_state {
   std::vector<replay_entry> replay;
   /// Its recent sends that reached the sink (a durable store only; ack policy on_dispatch).
   dispatch_window dispatched;
+  /// The history epoch of a shared store (empty: the store has none): it changes when the
+  /// store lost what it held (a Redis restarted empty), and the welcome tells the device, so
+  /// a device that sees it change knows its history is gone rather than complete.
+  std::string epoch;
 };
 
 /// One device message the sink accepted, as the hub records it under ack policy `on_dispatch`.
@@ -252,6 +256,16 @@ concept transactional_store = requires(S& s) {
 template <class S>
 inline constexpr bool is_nonblocking_store = requires {
   requires static_cast<bool>(S::nonblocking);
+};
+
+/// True for a store that can say whether several gateway nodes share it (`s.shared()`, for
+/// example `redis::state_store`): another node may then change a device's state at any time, so
+/// the hub reloads it for every new session of a device it holds offline
+/// (`hub::release_device` lets go of one whose session moved to another node). A run-time
+/// answer, so that one hub type can run on a shared store or a single node's.
+template <class S>
+concept may_be_shared = requires(const S& s) {
+  { s.shared() } -> std::convertible_to<bool>;
 };
 
 }  // namespace devgate::store

@@ -2,6 +2,7 @@
 
 #include <atomic>              // error counts
 #include <chrono>              // the group commit delay
+#include <concepts>            // a store's optional peek
 #include <condition_variable>  // the store thread sleeps until there is work
 #include <cstddef>             // std::size_t
 #include <cstdint>             // counters
@@ -107,6 +108,33 @@ class write_behind {
     } catch (...) {
       failed("load", id, std::make_error_code(std::errc::io_error));
       return {};
+    }
+  }
+  /// The device's stored state for a reader that does not take the device on: the store's
+  /// `peek(id)` when it has one (a shared store, whose `load` claims the device for this
+  /// node), else `load`.
+  [[nodiscard]] device_state peek(const std::string& id) {
+    if constexpr (requires {
+                    { store_.peek(id) } -> std::same_as<load_result>;
+                  }) {
+      try {
+        auto r = store_.peek(id);
+        if (r.error) failed("peek", id, r.error);
+        return std::move(r.state);
+      } catch (...) {
+        failed("peek", id, std::make_error_code(std::errc::io_error));
+        return {};
+      }
+    } else {
+      return load(id);
+    }
+  }
+  /// True when several gateway nodes share the store (its `shared()`: `may_be_shared`).
+  [[nodiscard]] bool shared() const noexcept {
+    if constexpr (may_be_shared<Store>) {
+      return store_.shared();
+    } else {
+      return false;
     }
   }
   /// True when every call goes straight to the store (it says it never blocks).

@@ -1,0 +1,655 @@
+#pragma once
+// An optional part: needs hiredis (CMake target devgate::redis, meson devgate_redis_dep). The
+// umbrella header devgate/devgate.hpp does not include it.
+
+#include <algorithm>              // std::min
+#include <asio/io_context.hpp>    // the heartbeat's loop
+#include <asio/steady_timer.hpp>  // the heartbeat
+#include <atomic>                 // counters
+#include <charconv>               // numbers in replies
+#include <chrono>                 // deadlines, the heartbeat
+#include <condition_variable>     // a batch waits for its replies
+#include <cstddef>                // std::byte
+#include <cstdint>                // fence tokens, counters
+#include <functional>             // the release handler
+#include <memory>                 // the shared core
+#include <mutex>                  // the owned table, the batch
+#include <optional>               // owner lookups
+#include <random>                 // a new epoch
+#include <stdexcept>              // std::invalid_argument at set-up
+#include <string>                 // keys, ids
+#include <string_view>            // argv
+#include <system_error>           // errors as values
+#include <thread>                 // the batching thread
+#include <unordered_map>          // the owned table
+#include <utility>                // std::move
+#include <vector>                 // argv, replay entries
+
+#include "devgate/redis/connection.hpp"
+#include "devgate/redis/error.hpp"
+#include "devgate/store/state_store.hpp"
+
+namespace devgate::redis {
+
+/// How a `redis::state_store` names its node and keys and how long it waits.
+struct state_store_options {
+  /// This node's name, unique in the cluster: 1 to 64 characters from `[A-Za-z0-9._-]`.
+  std::string node_id;
+  /// Every key starts with it (several fleets can share one Redis under different prefixes).
+  std::string prefix = "devgate:";
+  /// How long a call waits for Redis (a load, a batch's replies) before `errc::timeout`.
+  std::chrono::milliseconds reply_timeout{2000};
+  /// How often the node renews its heartbeat key and looks for dead nodes.
+  std::chrono::milliseconds heartbeat_period{1000};
+  /// How long a heartbeat key lives: a node silent this long is dead, and its devices are
+  /// released (ownerless) by the first live node that notices. Longer than a Redis restart you
+  /// want to ride out: a node cut off from Redis that long loses its devices' ownership.
+  std::chrono::milliseconds heartbeat_ttl{10000};
+};
+
+/// A device state store in Redis shared by several gateway nodes (a `store::durable_state_store`
+/// and `store::transactional_store`): each device's record in a hash `<prefix>{<id>}:d`, its
+/// replay buffer in a sorted set `<prefix>{<id>}:r` (scored by sequence number), the current
+/// rollout in `<prefix>rollout`. It also keeps **ownership**: loading a device claims it for
+/// this node (`owner` in its hash) with a fencing token (`fence`, incremented by every claim);
+/// every write is a Lua script that applies only while this node still owns the device under the
+/// token of its claim, so a node that lost a device can never overwrite the new owner's state.
+/// A claim tells the previous owner on its control channel (`<prefix>node:<node>:control`), and
+/// that node's store calls the release handler (`on_release`), which lets the device go on its
+/// hub (`hub::release_device`: its session is closed with 4000); a write refused by the fence
+/// also calls it. Nodes renew heartbeat keys (`<prefix>node:<node>:alive`, expiring after
+/// `heartbeat_ttl`); a live node releases the devices of a node whose key expired.
+///
+/// The **epoch** (`<prefix>epoch`, random, made by the first claim that finds none) changes only
+/// when Redis lost its data; each device record carries the epoch it was made in, and the hub
+/// tells it to the device in `welcome`, so a device that sees it change knows its history is
+/// gone (its `last_seq` is then beyond the store's: the hub also answers `bad_resume`).
+///
+/// Threads: calls block on Redis, so the hub calls the store from its store thread only
+/// (`store::write_behind`); the writes of one batch are pipelined and waited for once, in
+/// `commit_batch`. The connections' loop must run on another thread. Copies share one store.
+class state_store {
+ public:
+  /// Called when this node lost device `id` to another node (`fenced` false: a claim elsewhere
+  /// told us) or found out on a write the fence refused (`fenced` true). Runs on the loop's
+  /// thread; hand it to `hub::release_device`.
+  using release_fn = std::function<void(const std::string& id, bool fenced)>;
+
+  /// A store for node `options.node_id` through `commands` (pipelined calls; may be shared with
+  /// other users) and `control` (this store's alone: it subscribes to the node's control
+  /// channel), both driven by `io`. Throws std::invalid_argument for a bad node id or an empty
+  /// prefix.
+  state_store(asio::io_context& io, connection& commands, connection& control,
+              state_store_options options)
+      : core_(std::make_shared<core>(io, commands, control, std::move(options))) {
+    const auto& id = core_->options.node_id;
+    bool ok = !id.empty() && id.size() <= 64;
+    for (const char ch : id) {
+      ok = ok && ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-');
+    }
+    if (!ok) {
+      throw std::invalid_argument(
+          "devgate::redis::state_store: node_id must be 1 to 64 characters of [A-Za-z0-9._-]");
+    }
+    if (core_->options.prefix.empty()) {
+      throw std::invalid_argument("devgate::redis::state_store: prefix must not be empty");
+    }
+    control.on_message([c = core_](std::string_view, std::string_view body) { c->told(body); });
+  }
+
+  /// Several nodes share it: the hub reloads a device's state for each new session.
+  [[nodiscard]] bool shared() const noexcept { return true; }
+
+  /// Sets the release handler (before `start`).
+  void on_release(release_fn f) { core_->on_release = std::move(f); }
+  /// Subscribes to the node's control channel and starts the heartbeat (renewed every
+  /// `heartbeat_period` from the loop). Start the connections too.
+  void start() {
+    core_->control.subscribe(core_->control_channel);
+    asio::post(core_->io, [c = core_] { c->beat(); });
+  }
+  /// Stops the heartbeat and the control subscription (the heartbeat key expires by itself).
+  void stop() {
+    core_->stopped.store(true);
+    core_->control.unsubscribe(core_->control_channel);
+    asio::post(core_->io, [c = core_] { c->timer.cancel(); });
+  }
+
+  /// Claims device `id` for this node and reads its state (one script: the claim, the record,
+  /// the replay buffer). A default state for a device Redis does not know.
+  [[nodiscard]] store::load_result load(const std::string& id);
+  /// Reads device `id`'s state without claiming it.
+  [[nodiscard]] store::load_result peek(const std::string& id);
+  /// Adds `n` to the device's message count.
+  std::error_code add_messages_sent(const std::string& id, std::uint64_t n) {
+    const auto v = std::to_string(n);
+    return core_->write(id, "add", {v});
+  }
+  /// Records activity at `unix_ms`.
+  std::error_code touch(const std::string& id, std::int64_t unix_ms) {
+    const auto v = std::to_string(unix_ms);
+    return core_->write(id, "set", {"seen", v});
+  }
+  /// Records the firmware version the device runs.
+  std::error_code set_firmware_version(const std::string& id, const std::string& version) {
+    return core_->write(id, "set", {"fw", version});
+  }
+  /// Records the device's firmware transfer.
+  std::error_code set_transfer(const std::string& id, const store::transfer_state& t) {
+    const auto rollout = std::to_string(t.rollout);
+    const auto status = std::to_string(static_cast<unsigned>(t.status));
+    const auto offset = std::to_string(t.offset);
+    return core_->write(
+        id, "set",
+        {"trr", rollout, "trv", t.version, "trs", status, "tro", offset, "trw", t.reason});
+  }
+  /// Records the last sequence number assigned to the device.
+  std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
+    const auto v = std::to_string(seq);
+    return core_->write(id, "set", {"seq", v});
+  }
+  /// Forgets everything kept about the device (whoever owns it).
+  std::error_code forget(const std::string& id);
+  /// Keeps sequenced message `seq` (replacing one kept under the same number) and raises the
+  /// device's `last_seq` to it.
+  std::error_code append_replay(const std::string& id, std::uint64_t seq, std::string_view frame) {
+    const auto v = std::to_string(seq);
+    return core_->write(id, "append", {v, frame});
+  }
+  /// Forgets the device's kept messages numbered `seq` and below.
+  std::error_code forget_replay(const std::string& id, std::uint64_t seq) {
+    const auto v = std::to_string(seq);
+    return core_->write(id, "trim", {v});
+  }
+  /// The sink took `r`: adds 1 to the count and puts `r.id` into the dispatch window.
+  std::error_code record_dispatched(const std::string& id, const store::dispatch_record& r);
+  /// Keeps `r` as the current rollout (fleet-wide: not fenced).
+  std::error_code save_rollout(const store::rollout_record& r);
+  /// The rollout kept, if any.
+  [[nodiscard]] store::rollout_load_result load_rollout();
+
+  /// Starts a batch: the writes until `commit_batch` are pipelined and not waited for.
+  std::error_code begin_batch() {
+    std::lock_guard lock(core_->m);
+    core_->batcher = std::this_thread::get_id();
+    return {};
+  }
+  /// Waits (at most `reply_timeout`) for the batch's replies; the first failure, if any (a
+  /// write the fence refused is not one: it is counted and reported to the release handler).
+  std::error_code commit_batch() {
+    std::unique_lock lock(core_->m);
+    core_->batcher = {};
+    const bool done = core_->replies.wait_for(lock, core_->options.reply_timeout,
+                                              [&] { return core_->outstanding == 0; });
+    std::error_code ec = done ? core_->batch_error : std::error_code(errc::timeout);
+    core_->batch_error = {};
+    return ec;
+  }
+
+  /// The node that owns device `id` now, if it has one whose heartbeat is alive.
+  [[nodiscard]] std::optional<std::string> owner(const std::string& id);
+  /// The current epoch (empty while none was made, or on error).
+  [[nodiscard]] std::string epoch();
+  /// This node's name.
+  [[nodiscard]] const std::string& node_id() const noexcept { return core_->options.node_id; }
+
+  /// Devices claimed by this node so far.
+  [[nodiscard]] std::uint64_t claims() const noexcept { return core_->claims.load(); }
+  /// Claims that took a device from another node (which was told).
+  [[nodiscard]] std::uint64_t takeovers() const noexcept { return core_->takeovers.load(); }
+  /// Devices this node was told it lost to another node's claim.
+  [[nodiscard]] std::uint64_t lost() const noexcept { return core_->lost.load(); }
+  /// Writes the fence refused (this node no longer owned the device).
+  [[nodiscard]] std::uint64_t fenced() const noexcept { return core_->fenced_writes.load(); }
+  /// Writes not sent because this node did not own the device at all.
+  [[nodiscard]] std::uint64_t not_owned() const noexcept { return core_->not_owned.load(); }
+  /// Devices of dead nodes this node released.
+  [[nodiscard]] std::uint64_t reaped() const noexcept { return core_->reaped.load(); }
+  /// Heartbeats that Redis took.
+  [[nodiscard]] std::uint64_t heartbeats() const noexcept { return core_->heartbeats.load(); }
+
+ private:
+  // The scripts. KEYS: the device's hash and replay set. Keys of other nodes are built in the
+  // script from the prefix (a single Redis, or every key of a fleet on one cluster slot).
+  static constexpr std::string_view claim_script = R"lua(
+local ep = redis.call('GET', KEYS[3])
+if not ep then
+  redis.call('SET', KEYS[3], ARGV[2])
+  ep = ARGV[2]
+end
+redis.call('HSETNX', KEYS[1], 'epoch', ep)
+local token = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local old = redis.call('HGET', KEYS[1], 'owner')
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('SADD', ARGV[3] .. 'node:' .. ARGV[1] .. ':devices', ARGV[4])
+if old and old ~= ARGV[1] then
+  redis.call('SREM', ARGV[3] .. 'node:' .. old .. ':devices', ARGV[4])
+  redis.call('PUBLISH', ARGV[3] .. 'node:' .. old .. ':control', token .. ' ' .. ARGV[4])
+else
+  old = ''
+end
+return {token, old, redis.call('HGETALL', KEYS[1]),
+        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+)lua";
+  static constexpr std::string_view write_script = R"lua(
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or
+   redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then
+  return 0
+end
+local op = ARGV[3]
+if op == 'add' then
+  redis.call('HINCRBY', KEYS[1], 'sent', ARGV[4])
+elseif op == 'set' then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+elseif op == 'append' then
+  local seq = tonumber(ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], seq, seq)
+  redis.call('ZADD', KEYS[2], seq, ARGV[5])
+  if tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') < seq then
+    redis.call('HSET', KEYS[1], 'seq', ARGV[4])
+  end
+elseif op == 'trim' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+elseif op == 'disp' then
+  redis.call('HINCRBY', KEYS[1], 'sent', 1)
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'win', ARGV[4]) end
+end
+return 1
+)lua";
+  static constexpr std::string_view peek_script = R"lua(
+return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+)lua";
+  static constexpr std::string_view forget_script = R"lua(
+local o = redis.call('HGET', KEYS[1], 'owner')
+if o then redis.call('SREM', ARGV[1] .. 'node:' .. o .. ':devices', ARGV[2]) end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+)lua";
+  static constexpr std::string_view owner_script = R"lua(
+local o = redis.call('HGET', KEYS[1], 'owner')
+if o and redis.call('EXISTS', ARGV[1] .. 'node:' .. o .. ':alive') == 1 then return o end
+return false
+)lua";
+  static constexpr std::string_view reap_script = R"lua(
+local released = 0
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. 'node:' .. n .. ':alive') == 0 then
+    local set = ARGV[1] .. 'node:' .. n .. ':devices'
+    for _, d in ipairs(redis.call('SMEMBERS', set)) do
+      local h = ARGV[1] .. '{' .. d .. '}:d'
+      if redis.call('HGET', h, 'owner') == n then
+        redis.call('HDEL', h, 'owner')
+        released = released + 1
+      end
+    end
+    redis.call('DEL', set)
+    redis.call('SREM', KEYS[1], n)
+  end
+end
+return released
+)lua";
+
+  struct owned {
+    std::uint64_t token = 0;
+    store::dispatch_window window;  // authoritative while owned: this node alone writes it
+  };
+  struct id_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
+
+  struct core : std::enable_shared_from_this<core> {
+    core(asio::io_context& io_context, connection& c, connection& ctl, state_store_options o)
+        : io(io_context),
+          commands(c),
+          control(ctl),
+          options(std::move(o)),
+          control_channel(options.prefix + "node:" + options.node_id + ":control"),
+          alive_key(options.prefix + "node:" + options.node_id + ":alive"),
+          nodes_key(options.prefix + "nodes"),
+          timer(io_context) {}
+
+    [[nodiscard]] std::string hash_key(std::string_view id) const {
+      std::string k;
+      k.reserve(options.prefix.size() + id.size() + 4);
+      k.append(options.prefix).append("{").append(id).append("}:d");
+      return k;
+    }
+    [[nodiscard]] std::string replay_key(std::string_view id) const {
+      std::string k;
+      k.reserve(options.prefix.size() + id.size() + 4);
+      k.append(options.prefix).append("{").append(id).append("}:r");
+      return k;
+    }
+
+    // A fenced write: `op` and its arguments after the script's fixed ones.
+    std::error_code write(const std::string& id, std::string_view op,
+                          std::initializer_list<std::string_view> args) {
+      std::uint64_t token = 0;
+      bool batching = false;
+      {
+        std::lock_guard lock(m);
+        const auto it = owned_devices.find(id);
+        if (it == owned_devices.end()) {
+          not_owned.fetch_add(1, std::memory_order_relaxed);
+          return errc::not_owner;
+        }
+        token = it->second.token;
+        batching = batcher == std::this_thread::get_id();
+        if (batching) ++outstanding;
+      }
+      return send_write(id, token, op, args, batching);
+    }
+    std::error_code send_write(const std::string& id, std::uint64_t token, std::string_view op,
+                               std::initializer_list<std::string_view> args, bool batching) {
+      const auto h = hash_key(id);
+      const auto r = replay_key(id);
+      const auto t = std::to_string(token);
+      std::vector<std::string_view> argv{"EVAL", write_script, "2", h, r, options.node_id, t, op};
+      argv.insert(argv.end(), args.begin(), args.end());
+      if (batching) {
+        commands.command(
+            argv, [c = shared_from_this(), id, token](std::error_code ec, const redisReply* rep) {
+              if (!ec && rep->type == REDIS_REPLY_INTEGER && rep->integer == 0) {
+                c->refused(id, token);
+              }
+              std::lock_guard lock(c->m);
+              if (ec && !c->batch_error) c->batch_error = ec;
+              if (--c->outstanding == 0) c->replies.notify_all();
+            });
+        return {};
+      }
+      const auto res = commands.call(argv, options.reply_timeout);
+      if (res.ec) return res.ec;
+      if (res.value.type == reply_type::integer && res.value.integer == 0) refused(id, token);
+      return {};
+    }
+    // The fence refused a write made under `token`: the device is no longer ours.
+    void refused(const std::string& id, std::uint64_t token) {
+      fenced_writes.fetch_add(1, std::memory_order_relaxed);
+      if (drop(id, token)) release(id, true);
+    }
+    // Forgets our claim on `id` if it is still the one made under `token` or an older one.
+    bool drop(std::string_view id, std::uint64_t token) {
+      std::lock_guard lock(m);
+      const auto it = owned_devices.find(id);
+      if (it == owned_devices.end() || it->second.token > token) return false;
+      owned_devices.erase(it);
+      return true;
+    }
+    void release(const std::string& id, bool fenced) {
+      if (!on_release) return;
+      try {
+        on_release(id, fenced);
+      } catch (...) {  // a throwing handler loses one release, not the loop
+      }
+    }
+    // A message on the control channel: "<token> <device id>", a claim made elsewhere.
+    void told(std::string_view body) {
+      const auto space = body.find(' ');
+      if (space == std::string_view::npos) return;
+      std::uint64_t token = 0;
+      const auto [p, e] = std::from_chars(body.data(), body.data() + space, token);
+      if (e != std::errc{} || p != body.data() + space) return;
+      const std::string id(body.substr(space + 1));
+      // Our claim, if newer than theirs (the device came back here meanwhile), stands.
+      if (!drop(id, token - 1)) return;
+      lost.fetch_add(1, std::memory_order_relaxed);
+      release(id, false);
+    }
+    // On the loop: renews the heartbeat, releases dead nodes' devices, and rearms.
+    void beat() {
+      if (stopped.load()) return;
+      if (!commands.connected()) {  // not up yet, or reconnecting: beat as soon as it is
+        rearm(std::min(options.heartbeat_period, std::chrono::milliseconds(20)));
+        return;
+      }
+      const auto ttl = std::to_string(options.heartbeat_ttl.count());
+      commands.command({"SET", alive_key, "1", "PX", ttl},
+                       [c = shared_from_this()](std::error_code ec, const redisReply*) {
+                         if (!ec) c->heartbeats.fetch_add(1, std::memory_order_relaxed);
+                       });
+      commands.command({"SADD", nodes_key, options.node_id},
+                       [](std::error_code, const redisReply*) {});
+      commands.command({"EVAL", reap_script, "1", nodes_key, options.prefix},
+                       [c = shared_from_this()](std::error_code ec, const redisReply* r) {
+                         if (!ec && r->type == REDIS_REPLY_INTEGER && r->integer > 0) {
+                           c->reaped.fetch_add(static_cast<std::uint64_t>(r->integer));
+                         }
+                       });
+      rearm(options.heartbeat_period);
+    }
+    void rearm(std::chrono::milliseconds after) {
+      timer.expires_after(after);
+      timer.async_wait([c = shared_from_this()](std::error_code ec) {
+        if (!ec) c->beat();
+      });
+    }
+
+    asio::io_context& io;
+    connection& commands;
+    connection& control;
+    const state_store_options options;
+    const std::string control_channel;
+    const std::string alive_key;
+    const std::string nodes_key;
+    asio::steady_timer timer;  // the loop's only
+    release_fn on_release;
+    std::atomic<bool> stopped{false};
+
+    std::mutex m;  // guards the owned table and the batch below
+    std::unordered_map<std::string, owned, id_hash, std::equal_to<>> owned_devices;
+    std::thread::id batcher{};  // the thread between begin_batch and commit_batch
+    std::size_t outstanding = 0;
+    std::error_code batch_error;
+    std::condition_variable replies;
+
+    std::atomic<std::uint64_t> claims{0};
+    std::atomic<std::uint64_t> takeovers{0};
+    std::atomic<std::uint64_t> lost{0};
+    std::atomic<std::uint64_t> fenced_writes{0};
+    std::atomic<std::uint64_t> not_owned{0};
+    std::atomic<std::uint64_t> reaped{0};
+    std::atomic<std::uint64_t> heartbeats{0};
+  };
+
+  // Fills `st` from a device hash (HGETALL: field, value, ...) and replay set (ZRANGE ...
+  // WITHSCORES: member, score, ...).
+  static void parse(const reply& fields, const reply& replay, store::device_state& st);
+  static std::uint64_t to_u64(std::string_view s) noexcept {
+    std::uint64_t v = 0;
+    std::from_chars(s.data(), s.data() + s.size(), v);
+    return v;
+  }
+  static std::string new_epoch() {
+    std::random_device rd;
+    const std::uint64_t v = (std::uint64_t{rd()} << 32) ^ rd();
+    char buf[17];
+    static constexpr char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; ++i) buf[i] = hex[(v >> (60 - 4 * i)) & 0xf];
+    return std::string(buf, 16);
+  }
+
+  std::shared_ptr<core> core_;
+};
+
+// ---- implementation -----------------------------------------------------------------------
+
+inline void state_store::parse(const reply& fields, const reply& replay, store::device_state& st) {
+  for (std::size_t i = 0; i + 1 < fields.elements.size(); i += 2) {
+    const std::string_view k = fields.elements[i].str;
+    const std::string& v = fields.elements[i + 1].str;
+    if (k == "sent") {
+      st.messages_sent = to_u64(v);
+    } else if (k == "seen") {
+      st.last_seen_ms = static_cast<std::int64_t>(to_u64(v));
+    } else if (k == "fw") {
+      st.firmware_version = v;
+    } else if (k == "seq") {
+      st.last_seq = to_u64(v);
+    } else if (k == "trr") {
+      st.transfer.rollout = static_cast<std::uint32_t>(to_u64(v));
+    } else if (k == "trv") {
+      st.transfer.version = v;
+    } else if (k == "trs") {
+      const auto s = to_u64(v);
+      if (s <= static_cast<std::uint64_t>(store::transfer_status::skipped)) {
+        st.transfer.status = static_cast<store::transfer_status>(s);
+      }
+    } else if (k == "tro") {
+      st.transfer.offset = to_u64(v);
+    } else if (k == "trw") {
+      st.transfer.reason = v;
+    } else if (k == "win") {
+      st.dispatched = store::dispatch_window::from_bytes(v);
+    } else if (k == "epoch") {
+      st.epoch = v;
+    }
+  }
+  st.replay.reserve(replay.elements.size() / 2);
+  for (std::size_t i = 0; i + 1 < replay.elements.size(); i += 2) {
+    st.replay.push_back({to_u64(replay.elements[i + 1].str), replay.elements[i].str});
+  }
+}
+
+inline store::load_result state_store::load(const std::string& id) {
+  core& c = *core_;
+  store::load_result out;
+  const auto h = c.hash_key(id);
+  const auto r = c.replay_key(id);
+  const auto epoch_key = c.options.prefix + "epoch";
+  const auto fresh = new_epoch();
+  const auto res = c.commands.call(
+      {"EVAL", claim_script, "3", h, r, epoch_key, c.options.node_id, fresh, c.options.prefix, id},
+      c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+    return out;
+  }
+  const auto& v = res.value;
+  if (v.type != reply_type::array || v.elements.size() != 4) {
+    out.error = errc::error_reply;
+    return out;
+  }
+  parse(v.elements[2], v.elements[3], out.state);
+  const auto token = static_cast<std::uint64_t>(v.elements[0].integer);
+  {
+    std::lock_guard lock(c.m);
+    auto& o = c.owned_devices[id];
+    o.token = token;
+    o.window = out.state.dispatched;
+  }
+  c.claims.fetch_add(1, std::memory_order_relaxed);
+  if (!v.elements[1].str.empty()) c.takeovers.fetch_add(1, std::memory_order_relaxed);
+  return out;
+}
+
+inline store::load_result state_store::peek(const std::string& id) {
+  core& c = *core_;
+  store::load_result out;
+  const auto h = c.hash_key(id);
+  const auto r = c.replay_key(id);
+  const auto res = c.commands.call({"EVAL", peek_script, "2", h, r}, c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+  } else if (res.value.type != reply_type::array || res.value.elements.size() != 2) {
+    out.error = errc::error_reply;
+  } else {
+    parse(res.value.elements[0], res.value.elements[1], out.state);
+  }
+  return out;
+}
+
+inline std::error_code state_store::forget(const std::string& id) {
+  core& c = *core_;
+  {
+    std::lock_guard lock(c.m);
+    c.owned_devices.erase(id);
+  }
+  const auto h = c.hash_key(id);
+  const auto r = c.replay_key(id);
+  return c.commands
+      .call({"EVAL", forget_script, "2", h, r, c.options.prefix, id}, c.options.reply_timeout)
+      .ec;
+}
+
+inline std::error_code state_store::record_dispatched(const std::string& id,
+                                                      const store::dispatch_record& r) {
+  core& c = *core_;
+  std::uint64_t token = 0;
+  std::string window;
+  bool batching = false;
+  {
+    std::lock_guard lock(c.m);
+    const auto it = c.owned_devices.find(id);
+    if (it == c.owned_devices.end()) {
+      c.not_owned.fetch_add(1, std::memory_order_relaxed);
+      return errc::not_owner;
+    }
+    token = it->second.token;
+    if (r.id) {
+      it->second.window.insert(*r.id);
+      window = it->second.window.to_bytes();
+    }
+    batching = c.batcher == std::this_thread::get_id();
+    if (batching) ++c.outstanding;
+  }
+  return c.send_write(id, token, "disp", {window}, batching);
+}
+
+inline std::error_code state_store::save_rollout(const store::rollout_record& r) {
+  core& c = *core_;
+  const auto key = c.options.prefix + "rollout";
+  const auto rid = std::to_string(r.rollout);
+  const std::string_view image(reinterpret_cast<const char*>(r.image.data()), r.image.size());
+  return c.commands
+      .call({"HSET", key, "id", rid, "version", r.version, "image", image}, c.options.reply_timeout)
+      .ec;
+}
+
+inline store::rollout_load_result state_store::load_rollout() {
+  core& c = *core_;
+  store::rollout_load_result out;
+  const auto key = c.options.prefix + "rollout";
+  const auto res = c.commands.call({"HGETALL", key}, c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+    return out;
+  }
+  if (res.value.elements.empty()) return out;
+  store::rollout_record rec;
+  for (std::size_t i = 0; i + 1 < res.value.elements.size(); i += 2) {
+    const std::string_view k = res.value.elements[i].str;
+    const std::string& v = res.value.elements[i + 1].str;
+    if (k == "id") {
+      rec.rollout = static_cast<std::uint32_t>(to_u64(v));
+    } else if (k == "version") {
+      rec.version = v;
+    } else if (k == "image") {
+      rec.image.resize(v.size());
+      for (std::size_t b = 0; b < v.size(); ++b) rec.image[b] = static_cast<std::byte>(v[b]);
+    }
+  }
+  out.rollout = std::move(rec);
+  return out;
+}
+
+inline std::optional<std::string> state_store::owner(const std::string& id) {
+  core& c = *core_;
+  const auto h = c.hash_key(id);
+  const auto res =
+      c.commands.call({"EVAL", owner_script, "1", h, c.options.prefix}, c.options.reply_timeout);
+  if (res.ec || res.value.type != reply_type::string) return std::nullopt;
+  return res.value.str;
+}
+
+inline std::string state_store::epoch() {
+  core& c = *core_;
+  const auto res = c.commands.call({"GET", c.options.prefix + "epoch"}, c.options.reply_timeout);
+  return res.ec ? std::string() : res.value.str;
+}
+
+}  // namespace devgate::redis
