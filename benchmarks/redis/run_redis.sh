@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Redis Streams sink beside redis-benchmark's pipelined XADD, against one redis-server
 # pinned to CPU 0 (the clients on CPU 1), no persistence. Prints both rates and their ratio,
-# then the cost of a topic publish across nodes (devgate_redis_topics_driver).
+# then the cost of a topic publish across nodes (devgate_redis_topics_driver) and topic fan-out
+# over three nodes against one (devgate_redis_fanout_driver).
 #   benchmarks/redis/run_redis.sh <build-dir> [messages] [workers]
 set -euo pipefail
 build=${1:?usage: run_redis.sh <build-dir> [messages] [workers]}
@@ -26,3 +27,7 @@ ours=$(echo "$line" | grep -o '[0-9]* XADD/s' | cut -d' ' -f1)
 python3 -c "print(f'ratio devgate/redis-benchmark: {$ours / $peer:.2f}')"
 taskset -c 1 "$build/benchmarks/redis/devgate_redis_topics_driver" --url "redis://127.0.0.1:$port" \
   --messages "$messages"
+# Fan-out: 1,000 devices on one node, then over three nodes (the driver on CPU 1 alone, so the
+# ratio compares the work, not the cluster's extra threads).
+taskset -c 1 "$build/benchmarks/redis/devgate_redis_fanout_driver" --url "redis://127.0.0.1:$port" \
+  --devices 1000 --nodes 3 --messages 5000
