@@ -191,11 +191,11 @@ int main(int argc, char** argv) {
     for (unsigned long i = 0; i < devices; ++i) ns[i % nodes]->connect("d" + std::to_string(i));
     // Node 0 learns that the others subscribe (PUBSUB NUMSUB, every 100 ms).
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (ns[0]->bridge->remote_subscribers(topic) != nodes - 1 &&
+    while (ns[0]->bridge->remote_subscribers(topic) != static_cast<long long>(nodes - 1) &&
            std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
-    if (ns[0]->bridge->remote_subscribers(topic) != nodes - 1) {
+    if (ns[0]->bridge->remote_subscribers(topic) != static_cast<long long>(nodes - 1)) {
       std::fprintf(stderr, "the other nodes' subscriptions never showed (is Redis at %s?)\n",
                    url.c_str());
       return 1;

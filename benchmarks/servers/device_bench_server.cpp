@@ -3,10 +3,12 @@
 //
 //   devgate_device_bench_server [--port N] [--threads N] [--workers N]
 //                               [--store memory|sqlite --state-dir DIR --sync normal|full]
+//                               [--store redis --redis redis://HOST:PORT]
 //                               [--ack on_accept|on_dispatch] [--commit-delay-us N]
 //
 // A device::hub over websocket::server (protocol v1 at /ws/<device_id>, docs/PROTOCOL.md) with
-// the memory state store (or the SQLite one, for the durability figures) and a sink that only
+// the memory state store (or the SQLite one, for the durability figures, or the Redis one shared
+// by cluster nodes, when built with hiredis) and a sink that only
 // counts what it receives. The count is read off the measured path with a plain HTTP GET /count
 // (answer: {"count":N,"dispatched":N,"enqueued":N}), so the generator can check that the sink
 // received every message a device saw acknowledged.
@@ -28,6 +30,14 @@
 #include "devgate/device/device_id.hpp"
 #include "devgate/device/hub.hpp"
 #include "devgate/store/sqlite_state_store.hpp"
+#ifdef DEVGATE_BENCH_REDIS
+#include <asio/executor_work_guard.hpp>
+#include <asio/io_context.hpp>
+#include <thread>
+
+#include "devgate/redis/state_store.hpp"
+#include "devgate/redis/url.hpp"
+#endif
 #include "devgate/websocket/server.hpp"
 
 namespace {
@@ -102,7 +112,10 @@ int main(int argc, char** argv) {
   app.add_option("--port", options.port, "TCP port");
   app.add_option("--threads", options.threads, "network threads");
   app.add_option("--workers", workers, "pipeline workers (fixed)");
-  app.add_option("--store", store, "state store")->check(CLI::IsMember({"memory", "sqlite"}));
+  std::string redis_url = "redis://127.0.0.1:6379";
+  app.add_option("--store", store, "state store")
+      ->check(CLI::IsMember({"memory", "sqlite", "redis"}));
+  app.add_option("--redis", redis_url, "the Redis server (--store redis)");
   app.add_option("--state-dir", state_dir, "directory of the SQLite database (--store sqlite)");
   app.add_option("--sync", sync, "SQLite synchronous level")
       ->check(CLI::IsMember({"normal", "full"}));
@@ -126,6 +139,40 @@ int main(int argc, char** argv) {
   // The benchmark's dashboards subscribe to the server log (devices may not by default).
   ho.may_subscribe = devgate::device::allow_topics({"fleet", "server", "stats"});
   if (store == "memory") return serve(options, ho, devgate::store::memory_state_store{}, stop);
+  if (store == "redis") {
+#ifdef DEVGATE_BENCH_REDIS
+    const auto url = devgate::redis::parse_url(redis_url);
+    if (!url) {
+      std::fprintf(stderr, "devgate_device_bench_server: --redis: %s\n", url.error.c_str());
+      return 2;
+    }
+    asio::io_context io;
+    auto guard = asio::make_work_guard(io);
+    devgate::redis::connection_options co;
+    co.server = url.value;
+    devgate::redis::connection commands(io, co), control(io, co);
+    devgate::redis::state_store_options so;
+    so.node_id = "bench";
+    devgate::redis::state_store shared(io, commands, control, so);
+    commands.start();
+    control.start();
+    shared.start();
+    std::thread loop([&] { io.run(); });
+    if (!commands.wait_connected(std::chrono::seconds(5))) {
+      std::fprintf(stderr, "devgate_device_bench_server: no Redis at %s\n", redis_url.c_str());
+    }
+    const int rc = serve(options, ho, shared, stop);
+    shared.stop();
+    commands.stop();
+    control.stop();
+    guard.reset();
+    loop.join();
+    return rc;
+#else
+    std::fprintf(stderr, "devgate_device_bench_server: built without hiredis (--store redis)\n");
+    return 2;
+#endif
+  }
   std::filesystem::create_directories(state_dir);
   devgate::store::sqlite_options so;
   so.path = (std::filesystem::path(state_dir) / "devgate.db").string();

@@ -178,6 +178,7 @@ class state_store {
   /// Waits (at most `reply_timeout`) for the batch's replies; the first failure, if any (a
   /// write the fence refused is not one: it is counted and reported to the release handler).
   std::error_code commit_batch() {
+    core_->flush_dispatched({});
     std::unique_lock lock(core_->m);
     core_->batcher = {};
     const bool done = core_->replies.wait_for(lock, core_->options.reply_timeout,
@@ -252,8 +253,8 @@ elseif op == 'append' then
 elseif op == 'trim' then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
 elseif op == 'disp' then
-  redis.call('HINCRBY', KEYS[1], 'sent', 1)
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'win', ARGV[4]) end
+  redis.call('HINCRBY', KEYS[1], 'sent', ARGV[4])
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'win', ARGV[5]) end
 end
 return 1
 )lua";
@@ -293,6 +294,11 @@ return released
   struct owned {
     std::uint64_t token = 0;
     store::dispatch_window window;  // authoritative while owned: this node alone writes it
+  };
+  struct dispatched_run {
+    std::uint64_t token = 0;  // the claim they were made under
+    std::uint64_t count = 0;  // messages the sink took
+    bool window = false;      // one had an id: the window changed
   };
   struct id_hash {
     using is_transparent = void;
@@ -366,6 +372,36 @@ return released
       if (res.ec) return res.ec;
       if (res.value.type == reply_type::integer && res.value.integer == 0) refused(id, token);
       return {};
+    }
+    // Sends the batch's dispatch figures: one write per device (its count and window), of every
+    // device (`only` empty) or of one (before reading or forgetting it).
+    void flush_dispatched(std::string_view only) {
+      std::vector<std::pair<std::string, dispatched_run>> runs;
+      std::vector<std::string> windows;
+      bool batching = false;
+      {
+        std::lock_guard lock(m);
+        auto take = [&](auto it) {
+          const auto o = owned_devices.find(it->first);
+          windows.push_back(o != owned_devices.end() && it->second.window
+                                ? o->second.window.to_bytes()
+                                : std::string());
+          runs.emplace_back(it->first, it->second);
+        };
+        if (only.empty()) {
+          for (auto it = dispatched.begin(); it != dispatched.end(); ++it) take(it);
+          dispatched.clear();
+        } else if (const auto it = dispatched.find(only); it != dispatched.end()) {
+          take(it);
+          dispatched.erase(it);
+        }
+        batching = batcher == std::this_thread::get_id();
+        if (batching) outstanding += runs.size();
+      }
+      for (std::size_t i = 0; i < runs.size(); ++i) {
+        const auto n = std::to_string(runs[i].second.count);
+        (void)send_write(runs[i].first, runs[i].second.token, "disp", {n, windows[i]}, batching);
+      }
     }
     // The fence refused a write made under `token`: the device is no longer ours.
     void refused(const std::string& id, std::uint64_t token) {
@@ -443,6 +479,9 @@ return released
     std::mutex m;  // guards the owned table and the batch below
     std::unordered_map<std::string, owned, id_hash, std::equal_to<>> owned_devices;
     std::thread::id batcher{};  // the thread between begin_batch and commit_batch
+    // The batch's dispatched messages per device, written once per device at commit (the
+    // window goes as it is then): most batches carry many messages of each device.
+    std::unordered_map<std::string, dispatched_run, id_hash, std::equal_to<>> dispatched;
     std::size_t outstanding = 0;
     std::error_code batch_error;
     std::condition_variable replies;
@@ -517,6 +556,7 @@ inline void state_store::parse(const reply& fields, const reply& replay, store::
 
 inline store::load_result state_store::load(const std::string& id) {
   core& c = *core_;
+  c.flush_dispatched(id);  // what this batch recorded for it is read back with the rest
   store::load_result out;
   const auto h = c.hash_key(id);
   const auto r = c.replay_key(id);
@@ -549,6 +589,7 @@ inline store::load_result state_store::load(const std::string& id) {
 
 inline store::load_result state_store::peek(const std::string& id) {
   core& c = *core_;
+  c.flush_dispatched(id);
   store::load_result out;
   const auto h = c.hash_key(id);
   const auto r = c.replay_key(id);
@@ -568,6 +609,7 @@ inline std::error_code state_store::forget(const std::string& id) {
   {
     std::lock_guard lock(c.m);
     c.owned_devices.erase(id);
+    c.dispatched.erase(id);
   }
   const auto h = c.hash_key(id);
   const auto r = c.replay_key(id);
@@ -581,7 +623,6 @@ inline std::error_code state_store::record_dispatched(const std::string& id,
   core& c = *core_;
   std::uint64_t token = 0;
   std::string window;
-  bool batching = false;
   {
     std::lock_guard lock(c.m);
     const auto it = c.owned_devices.find(id);
@@ -590,14 +631,19 @@ inline std::error_code state_store::record_dispatched(const std::string& id,
       return errc::not_owner;
     }
     token = it->second.token;
-    if (r.id) {
-      it->second.window.insert(*r.id);
-      window = it->second.window.to_bytes();
+    if (r.id) it->second.window.insert(*r.id);
+    if (c.batcher == std::this_thread::get_id()) {
+      // Written at commit, once per device (a claim flushes the device's run first, so a run
+      // is always of one claim).
+      auto& run = c.dispatched[id];
+      run.token = token;
+      ++run.count;
+      run.window = run.window || r.id.has_value();
+      return {};
     }
-    batching = c.batcher == std::this_thread::get_id();
-    if (batching) ++c.outstanding;
+    if (r.id) window = it->second.window.to_bytes();
   }
-  return c.send_write(id, token, "disp", {window}, batching);
+  return c.send_write(id, token, "disp", {"1", window}, false);
 }
 
 inline std::error_code state_store::save_rollout(const store::rollout_record& r) {
