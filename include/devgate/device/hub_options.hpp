@@ -116,7 +116,7 @@ struct hub_stats {
   std::size_t connected = 0;           ///< Sessions open now.
   std::size_t devices = 0;             ///< Device records held in memory now.
   std::uint64_t devices_evicted = 0;   ///< Records evicted since start (max_devices).
-  std::uint64_t devices_released = 0;  ///< Records let go for another node (release_device).
+  std::uint64_t devices_released = 0;  ///< Records let go to reload from a shared store.
   std::uint64_t store_errors = 0;      ///< Store calls that failed (or writes dropped).
   std::size_t replay_bytes = 0;        ///< Bytes of sequenced messages kept, fleet-wide.
   std::uint64_t enqueued = 0;          ///< Device messages accepted by the pipeline.

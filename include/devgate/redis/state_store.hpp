@@ -429,7 +429,7 @@ return released
       if (space == std::string_view::npos) return;
       std::uint64_t token = 0;
       const auto [p, e] = std::from_chars(body.data(), body.data() + space, token);
-      if (e != std::errc{} || p != body.data() + space) return;
+      if (e != std::errc{} || p != body.data() + space || token == 0) return;
       const std::string id(body.substr(space + 1));
       // Our claim, if newer than theirs (the device came back here meanwhile), stands.
       if (!drop(id, token - 1)) return;
