@@ -190,9 +190,8 @@ TEST_CASE(
   d.connect(a);
   REQUIRE(eventually([&] { return d.welcomes.size() == 1 || (d.poll(), false); }));
   a.settle();
-  // B claims the device behind A's back: A is told on its control channel, so to play a node
-  // that missed the message, claim with a third store whose claims nobody hears... simpler: the
-  // claim's PUBLISH goes to A's channel; A's control connection is stopped first.
+  // B claims the device while A cannot hear it: A's control connection is stopped first, so the
+  // claim's PUBLISH on A's channel is lost, as pub/sub messages are when a connection is down.
   a.control.stop();
   std::this_thread::sleep_for(50ms);
   REQUIRE_FALSE(b.store.load("fenced").error);
