@@ -4,7 +4,8 @@
 //
 //   demo_server [--listen 127.0.0.1] [--port 4000] [--threads N] [--workers-min N]
 //               [--workers-max N] [--queue-capacity N] [--max-devices N]
-//               [--firmware-size BYTES] [--max-image-size BYTES] [--state-dir DIR]
+//               [--firmware-size BYTES] [--max-image-size BYTES] [--max-transfers N]
+//               [--state-dir DIR]
 //               [--ack on_dispatch|on_accept]
 //               [--operator-token-file FILE] [--tls-cert FILE --tls-key FILE]
 //               [--redis redis://HOST:PORT --node-id NAME] ...
@@ -18,7 +19,9 @@
 // Ctrl-C (SIGINT) or SIGTERM: intake closes, the pipeline drains, sessions close with 1001,
 // every state write behind reaches the SQLite database (DIR/devgate.db).
 // With --redis (built with hiredis) the demo is a node of a cluster: every node's server log
-// reaches the pages of every node, through Redis pub/sub (devgate::redis::topic_bridge).
+// reaches the pages of every node, through Redis pub/sub (devgate::redis::topic_bridge); the
+// devices' state lives in Redis (devgate::redis::state_store), and a release published on any
+// node rolls out to every node's devices under one cap (--max-transfers, leased across nodes).
 
 #include <openssl/crypto.h>  // CRYPTO_memcmp
 #include <CLI/CLI.hpp>
@@ -71,6 +74,7 @@ struct demo_config {
   std::size_t max_devices = 100'000;
   std::size_t firmware_size = 4u << 20;
   std::size_t max_image_size = 32u << 20;
+  std::size_t max_transfers = 16;  // firmware transfers at once (the cluster's, with --redis)
   std::string operator_token_file;
   unsigned dispatch_us = 2000;
   std::string state_dir = "./devgate-data";
@@ -165,6 +169,8 @@ class cluster_link {
            "State writes refused because another node owned the device by then.", store_.fenced());
     metric("cluster_reaped_total", "counter", "Devices of dead nodes this node released.",
            store_.reaped());
+    metric("cluster_transfer_slots_leased", "gauge",
+           "Firmware transfer slots this node holds of the cluster's cap.", store_.leased_slots());
   }
 
  private:
@@ -269,6 +275,17 @@ class demo_store {
   /// See store::durable_state_store.
   std::error_code save_rollout(const devgate::store::rollout_record& r) {
     return visit([&](auto& s) { return s.save_rollout(r); });
+  }
+  /// See store::fleet_rollout_store: Redis numbers, keeps and announces it; SQLite leaves it
+  /// to the hub (rollout 0).
+  devgate::store::rollout_publish_result publish_rollout(const devgate::store::rollout_record& r) {
+    return visit([&](auto& s) -> devgate::store::rollout_publish_result {
+      if constexpr (requires { s.publish_rollout(r); }) {
+        return s.publish_rollout(r);
+      } else {
+        return {};
+      }
+    });
   }
   /// See store::durable_state_store.
   devgate::store::rollout_load_result load_rollout() {
@@ -398,6 +415,10 @@ class control_loop {
       std::lock_guard lock(m_);
       if (busy_ || stopping_) return 0;
       busy_ = true;
+      // On a cluster another node may have published since: numbers go on from the newest.
+      if (const auto img = hub_.current_image()) {
+        releases_ = std::max(releases_, release_of(img->version()));
+      }
       n = ++releases_;
       jobs_.push_back(job{n, std::move(image)});
     }
@@ -441,7 +462,14 @@ class control_loop {
   void publish(std::uint64_t n, std::vector<std::byte> uploaded) {
     auto image = uploaded.empty() ? release_image(n, size_) : std::move(uploaded);
     const auto version = release_version(n);
-    const auto rollout = hub_.publish_firmware(version, image);  // kept by the hub's store
+    std::uint32_t rollout = 0;
+    try {
+      rollout = hub_.publish_firmware(version, image);  // kept by the hub's store
+    } catch (const std::exception& e) {  // a cluster's Redis away: nothing was published
+      std::fprintf(stderr, "demo_server: firmware %s not published: %s\n", version.c_str(),
+                   e.what());
+      return;
+    }
     std::printf("firmware %s published (rollout %u, %zu bytes, sha256 %s)\n", version.c_str(),
                 rollout, image.size(), hub_.current_image()->sha256().c_str());
     std::fflush(stdout);
@@ -753,6 +781,10 @@ int main(int argc, char** argv) {
                  "Largest firmware image POST /api/firmware takes (413 beyond it)")
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 30))
       ->capture_default_str();
+  app.add_option("--max-transfers", cfg.max_transfers,
+                 "Firmware transfers at once (with --redis: over the whole cluster)")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20))
+      ->capture_default_str();
   app.add_option("--operator-token-file", cfg.operator_token_file,
                  "File holding the operator's bearer token (whitespace around it trimmed); "
                  "without it the operator API (POST /api/firmware...) answers 403");
@@ -939,6 +971,7 @@ int main(int argc, char** argv) {
   ho.pipeline.pool.min_workers = cfg.workers_min;
   ho.pipeline.pool.max_workers = cfg.workers_max;
   ho.max_devices = cfg.max_devices;
+  ho.max_concurrent_transfers = cfg.max_transfers;
   ho.ack = cfg.ack == "on_accept" ? devgate::device::ack_policy::on_accept
                                   : devgate::device::ack_policy::on_dispatch;
   // The pages show the server log and the gateway's figures.
@@ -948,6 +981,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "demo_server: state store %.*s for %s failed: %s\n",
                  static_cast<int>(op.size()), op.data(), id.c_str(), ec.message().c_str());
   };
+#ifdef DEVGATE_DEMO_REDIS
+  if (cluster) {
+    // One rollout for the whole cluster: the transfer cap is the fleet's, each node leasing
+    // its share in Redis, and the totals shown are the fleet's.
+    auto* link = &*cluster;
+    ho.leased_transfer_slots = true;
+    ho.on_slot_demand = [link] { link->store().want_slots(); };
+    ho.fleet_rollout_totals = [link] { return link->store().rollout_totals(); };
+  }
+#endif
   demo_hub hub(transport, demo_sink{fx}, ho, std::move(*loaded));
 
   fx->receipt = [&hub](std::string_view device, std::uint64_t number, std::size_t worker) {
@@ -971,6 +1014,19 @@ int main(int argc, char** argv) {
         hub.release_device(id);
       }
     });
+    // Rollouts published on other nodes run here too, within this node's lease of the cap.
+    cluster->store().on_rollout([&hub](const devgate::store::rollout_record& r) {
+      if (hub.adopt_firmware(r)) {
+        std::printf("firmware %s adopted from the cluster (rollout %u, %zu bytes)\n",
+                    r.version.c_str(), r.rollout, r.image.size());
+        std::fflush(stdout);
+      }
+    });
+    // Writes lost while Redis was away: the rollout's states and totals catch up.
+    cluster->store().on_reconnect([&hub] { hub.rewrite_transfers(); });
+    cluster->store().lease_transfer_slots(
+        ho.max_concurrent_transfers, [&hub] { return hub.slots().usage(); },
+        [&hub](std::size_t n) { hub.set_transfer_limit(n); });
     cluster->start(hub.bus());
     auto* link = &*cluster;
     rc.cluster = cluster_view{[link] { return link->up(); },

@@ -9827,6 +9827,14 @@ struct rollout_load_result {
   std::error_code error;                  ///< Why the store could not answer (empty: it did).
 };
 
+/// What a store shared by several nodes made of a new rollout (`fleet_rollout_store`): the id
+/// the fleet gave it (0: this store does not share rollouts; the caller numbers and saves it
+/// itself), or why it could not (nothing was published).
+struct rollout_publish_result {
+  std::uint32_t rollout = 0;  ///< Fleet-wide rollout id (0: not handled).
+  std::error_code error;      ///< Why the store refused (empty: it did not).
+};
+
 /// What `load` answers: the device's state, or the error that kept the store from reading it
 /// (then `state` is a default one, and the hub counts the error and carries on with it).
 struct load_result {
@@ -9888,6 +9896,14 @@ concept durable_state_store = state_store<S> &&
   { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
   { s.save_rollout(r) } -> std::same_as<std::error_code>;
   { s.load_rollout() } -> std::same_as<rollout_load_result>;
+};
+
+/// A durable store that several gateway nodes share and that numbers rollouts fleet-wide:
+/// `publish_rollout` keeps the rollout under an id above every earlier one of the fleet and
+/// tells the other nodes (on the calling thread; it may block).
+template <class S>
+concept fleet_rollout_store = requires(S& s, const rollout_record& r) {
+  { s.publish_rollout(r) } -> std::same_as<rollout_publish_result>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
@@ -10235,6 +10251,23 @@ class write_behind {
       op o{op_kind::save_rollout, {}};
       o.rollout = std::make_shared<const rollout_record>(std::move(r));
       return submit(std::move(o), true);
+    }
+  }
+  /// A store shared by several nodes (`fleet_rollout_store`) numbers, keeps and announces
+  /// rollout `r` fleet-wide, on the calling thread; any other store: nothing (rollout 0).
+  [[nodiscard]] rollout_publish_result publish_rollout(const rollout_record& r) {
+    if constexpr (!fleet_rollout_store<Store>) {
+      (void)r;
+      return {};
+    } else {
+      try {
+        auto res = store_.publish_rollout(r);
+        if (res.error) failed("publish_rollout", {}, res.error);
+        return res;
+      } catch (...) {
+        failed("publish_rollout", {}, std::make_error_code(std::errc::io_error));
+        return {0, std::make_error_code(std::errc::io_error)};
+      }
     }
   }
   /// The rollout the store keeps, read on the calling thread (none for a store that keeps
@@ -11731,6 +11764,7 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 #include <cstddef>      // std::size_t
 #include <cstdint>      // counters
 #include <functional>   // topic_policy
+#include <optional>     // fleet totals
 #include <string>       // allowed topics
 #include <string_view>  // device ids, topics
 #include <utility>      // std::move
@@ -11741,20 +11775,22 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>    // std::min
-#include <atomic>       // rollout ids
-#include <chrono>       // stall timeout, backoff
-#include <cstddef>      // std::size_t, std::byte
-#include <cstdint>      // rollout ids, offsets
-#include <memory>       // the current image
-#include <mutex>        // the current image, the device's mutex
-#include <optional>     // lookups, errors
-#include <span>         // image bytes
-#include <stdexcept>    // set-up errors
-#include <string>       // versions, reasons
-#include <string_view>  // device ids
-#include <utility>      // std::move
-#include <vector>       // devices to start
+#include <algorithm>     // std::min
+#include <atomic>        // rollout ids
+#include <chrono>        // stall timeout, backoff
+#include <cstddef>       // std::size_t, std::byte
+#include <cstdint>       // rollout ids, offsets
+#include <functional>    // the slot demand hook
+#include <memory>        // the current image
+#include <mutex>         // the current image, the device's mutex
+#include <optional>      // lookups, errors
+#include <span>          // image bytes
+#include <stdexcept>     // set-up errors
+#include <string>        // versions, reasons
+#include <string_view>   // device ids
+#include <system_error>  // a fleet store's refusal
+#include <utility>       // std::move
+#include <vector>        // devices to start
 
 
 // ---- begin devgate/device/registry.hpp ----
@@ -12146,8 +12182,17 @@ class ticker {
 
 namespace devgate::firmware {
 
+/// A snapshot of the slots: what a fleet-wide lease needs to know of one node.
+struct slot_usage {
+  std::size_t active = 0;   ///< Transfers running.
+  std::size_t waiting = 0;  ///< Devices waiting for a slot.
+  std::size_t limit = 0;    ///< The limit now.
+};
+
 /// At most N devices transferring at once; the rest wait in arrival order. Thread-safe; the
 /// peak is kept so tests and operators can check the limit held.
+///
+/// The limit may change (`set_limit`): a node of a fleet holds a lease of the fleet's slots.
 ///
 /// The slots belong to one rollout at a time (`reset` starts a new one): a request or a release
 /// naming another rollout is refused, so a thread that read the previous rollout just before a
@@ -12241,11 +12286,35 @@ class transfer_slots {
     std::lock_guard lock(mutex_);
     return peak_;
   }
-  /// The limit.
-  [[nodiscard]] std::size_t limit() const noexcept { return max_; }
+  /// Active, waiting and the limit, read together.
+  [[nodiscard]] slot_usage usage() const {
+    std::lock_guard lock(mutex_);
+    return {active_.size(), waiting_.size(), max_};
+  }
+  /// The limit now.
+  [[nodiscard]] std::size_t limit() const {
+    std::lock_guard lock(mutex_);
+    return max_;
+  }
+  /// Changes the limit to `max_active` (0 allowed: a node whose fleet-wide lease is empty) and
+  /// returns the waiting devices that a raised limit gave a slot to (the caller starts them). A
+  /// lowered limit takes no slot back: transfers running go on, and no new one starts until the
+  /// active ones are below it.
+  std::vector<std::string> set_limit(std::size_t max_active) {
+    std::lock_guard lock(mutex_);
+    max_ = max_active;
+    std::vector<std::string> promoted;
+    while (active_.size() < max_ && !waiting_.empty()) {
+      promoted.push_back(std::move(waiting_.front()));
+      waiting_.pop_front();
+      active_.insert(promoted.back());
+    }
+    peak_ = std::max(peak_, active_.size());
+    return promoted;
+  }
 
  private:
-  const std::size_t max_;
+  std::size_t max_;
   mutable std::mutex mutex_;
   std::uint32_t rollout_ = 0;
   std::unordered_set<std::string> active_;
@@ -12293,6 +12362,12 @@ struct rollout_options {
   /// The wait before a stalled transfer may take a slot again; it doubles with each retry of
   /// the same device (up to 64 times). The device keeps no slot meanwhile.
   std::chrono::milliseconds retry_backoff{1'000};
+  /// The slots are a lease of a fleet-wide cap (several nodes, one fleet): the limit starts at
+  /// 0 and whoever holds the lease sets it (`rollout_engine::set_slot_limit`).
+  bool leased_slots = false;
+  /// With leased slots: called (no lock held, any thread) when the lease should change, that
+  /// is when a device starts waiting for a slot or a slot was freed. Keep it cheap (post).
+  std::function<void()> on_slot_demand;
 };
 
 /// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
@@ -12331,8 +12406,10 @@ class rollout_engine {
       : devices_(devices),
         out_(out),
         store_(store),
-        options_(checked(options)),
-        slots_(options_.max_concurrent_transfers) {}
+        options_(checked(std::move(options))),
+        slots_(options_.max_concurrent_transfers) {
+    if (options_.leased_slots) (void)slots_.set_limit(0);  // nothing leased yet
+  }
   rollout_engine(const rollout_engine&) = delete;
   rollout_engine& operator=(const rollout_engine&) = delete;
   /// Stops the timer thread.
@@ -12346,52 +12423,70 @@ class rollout_engine {
   std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
                         Announce&& announce) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
-    std::lock_guard publishing(publish_mutex_);
-    const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
-    auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
-    auto counts = std::make_shared<tally>();
-    // A durable store keeps the rollout before any device's part in it.
-    if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
-      store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
-    }
-    // The slots move to the new rollout first, and the transfers that held one stop (they
-    // join the new rollout): no device transfers the old image once a hello can see the new.
-    for (const auto& held : slots_.reset(id)) {
-      if (auto rec = devices_.find(held)) {
-        std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img, counts);
+    auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
+    bool kept = false;
+    // A store shared by several nodes numbers the rollout fleet-wide, keeps it and tells the
+    // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
+    // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
+    if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
+      // The image's own checks, before the fleet hears of it.
+      if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
+      if (bytes.size() > device::max_firmware_size) {
+        throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
+      }
+      const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
+      if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
+      if (r.rollout != 0) {
+        id = r.rollout;
+        raise_next(id);
+        kept = true;
       }
     }
-    {
-      std::lock_guard lock(current_mutex_);
-      current_ = img;
-      current_tally_ = counts;
+    std::lock_guard publishing(publish_mutex_);
+    // A newer rollout of the fleet, adopted meanwhile, overtook this one.
+    if (auto cur = current(); kept && cur && cur->rollout() >= id) return id;
+    auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
+    // A durable store keeps the rollout before any device's part in it.
+    if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
+      if (!kept) store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
     }
-    {
-      std::lock_guard lock(backoff_mutex_);
-      backoff_.clear();
-    }
-    if (options_.stall_timeout.count() > 0) {
-      ticker_.start(tick_period(), [this] { tick(clock::now()); });
-    }
-    std::vector<device::registry::record_ptr> online;
+    begin_locked(std::move(img), std::forward<Announce>(announce));
+    return id;
+  }
+  /// Makes rollout `r`, published by another node of the fleet (a store shared by several
+  /// nodes hands it over), the current one here, as `publish` would have: every known device
+  /// joins it, `announce` runs, devices online start while slots last. Nothing (false) when
+  /// the rollout is not newer than the current one.
+  template <class Announce>
+  bool adopt(const store::rollout_record& r, Announce&& announce) {
+    std::lock_guard publishing(publish_mutex_);
+    if (auto cur = current(); cur && cur->rollout() >= r.rollout) return false;
+    auto img = std::make_shared<const image>(
+        r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
+    raise_next(r.rollout);
+    begin_locked(std::move(img), std::forward<Announce>(announce));
+    return true;
+  }
+  /// Writes every held device's part in the current rollout to the store again: after the
+  /// store lost writes (Redis away), so that its per-device states and fleet totals catch up.
+  void rewrite() {
+    const auto img = current();
+    if (!img) return;
     for (auto& rec : devices_.snapshot()) {
-      bool want = false;
       store::transfer_state t;
       {
         std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img, counts);
-        want = rec->transfer.image == img &&
-               rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
-               rec->session.hello;
+        if (rec->transfer.image != img) continue;
         t = state_locked(*rec);
       }
       store_.set_transfer(rec->id, t);
-      if (want) online.push_back(std::move(rec));
     }
-    announce(static_cast<const image&>(*img));
-    for (auto& rec : online) take_slot(*rec, id);
-    return id;
+  }
+  /// With leased slots (`rollout_options::leased_slots`): sets the limit to the node's lease;
+  /// devices that a raised limit lets in start now. Lowering it stops no transfer.
+  void set_slot_limit(std::size_t n) {
+    const auto rollout = slots_.rollout();
+    for (auto& id : slots_.set_limit(n)) start_next(std::move(id), rollout);
   }
 
   /// Makes rollout `r`, kept by a durable store, current again after a restart: rollout ids
@@ -12399,6 +12494,7 @@ class rollout_engine {
   /// (`restore_locked`). The fleet totals count the devices seen since.
   void restore(const store::rollout_record& r) {
     std::lock_guard publishing(publish_mutex_);
+    if (auto cur = current(); cur && cur->rollout() >= r.rollout) return;  // adopted already
     auto img = std::make_shared<const image>(
         r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
     auto counts = std::make_shared<tally>();
@@ -12408,10 +12504,7 @@ class rollout_engine {
       current_ = std::move(img);
       current_tally_ = std::move(counts);
     }
-    auto seen = next_rollout_.load(std::memory_order_relaxed);
-    while (seen < r.rollout &&
-           !next_rollout_.compare_exchange_weak(seen, r.rollout, std::memory_order_relaxed)) {
-    }
+    raise_next(r.rollout);
     if (options_.stall_timeout.count() > 0) {
       ticker_.start(tick_period(), [this] { tick(clock::now()); });
     }
@@ -12425,12 +12518,15 @@ class rollout_engine {
     if (!img || img->rollout() != t.rollout) return;
     join_locked(rec, img, counts);
     auto& tr = rec.transfer;
-    if (t.status == store::transfer_status::verified ||
-        t.status == store::transfer_status::failed || t.status == store::transfer_status::skipped) {
+    const bool ended = t.status == store::transfer_status::verified ||
+                       t.status == store::transfer_status::failed ||
+                       t.status == store::transfer_status::skipped;
+    if (ended) {
       tr.reason = t.reason;
       set_status_locked(rec, t.status);
-    } else if (tr.status == store::transfer_status::pending && t.offset <= img->size()) {
-      tr.acked = t.offset;  // resumes here
+    }
+    if ((ended || tr.status == store::transfer_status::pending) && t.offset <= img->size()) {
+      tr.acked = t.offset;  // a transfer resumes here; an ended one keeps what it acknowledged
       counts->add_acked(static_cast<std::int64_t>(t.offset));
     }
   }
@@ -12474,6 +12570,7 @@ class rollout_engine {
   void on_replaced(device::device_record& rec, session_id old) {
     std::uint32_t rollout = 0;
     std::optional<std::string> next;
+    store::transfer_state t;
     {
       // The slot is given up under the device's mutex, with the status: a hello of the new
       // session sees the transfer either still holding it or pending without it, never between.
@@ -12483,9 +12580,12 @@ class rollout_engine {
         set_status_locked(rec, store::transfer_status::pending);
         rollout = rec.transfer.image->rollout();
         next = slots_.release(rec.id, rollout);
+        t = state_locked(rec);
       }
     }
-    if (rollout != 0) start_next(std::move(next), rollout);
+    if (rollout == 0) return;
+    store_.set_transfer(rec.id, t);
+    start_next(std::move(next), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
   /// its slot, or its place in the queue, is given up. Nothing if a newer session has taken
@@ -12493,15 +12593,18 @@ class rollout_engine {
   void on_offline(device::device_record& rec) {
     std::optional<std::string> next;
     std::uint32_t rollout = 0;
+    std::optional<store::transfer_state> t;
     {
       std::lock_guard lock(rec.mutex);  // as in on_replaced: status and slot together
       if (rec.session.id != 0 || !rec.transfer.image) return;
       if (rec.transfer.status == store::transfer_status::transferring) {
         set_status_locked(rec, store::transfer_status::pending);  // resumes from `acked`
+        t = state_locked(rec);
       }
       rollout = rec.transfer.image->rollout();
       next = slots_.release(rec.id, rollout);
     }
+    if (t) store_.set_transfer(rec.id, *t);  // the store (and fleet totals) see it pending
     start_next(std::move(next), rollout);
   }
 
@@ -12733,6 +12836,61 @@ class rollout_engine {
   [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
 
  private:
+  // Starts rollout `img` (the caller holds the publish lock and kept it in the store): the
+  // slots move to it and the transfers that held one stop (they join it), so no device
+  // transfers the old image once a hello can see the new; then every known device joins,
+  // `announce` runs and the devices online now start while slots last.
+  template <class Announce>
+  void begin_locked(std::shared_ptr<const image> img, Announce&& announce) {
+    const auto id = img->rollout();
+    auto counts = std::make_shared<tally>();
+    for (const auto& held : slots_.reset(id)) {
+      if (auto rec = devices_.find(held)) {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img, counts);
+      }
+    }
+    {
+      std::lock_guard lock(current_mutex_);
+      current_ = img;
+      current_tally_ = counts;
+    }
+    {
+      std::lock_guard lock(backoff_mutex_);
+      backoff_.clear();
+    }
+    if (options_.stall_timeout.count() > 0) {
+      ticker_.start(tick_period(), [this] { tick(clock::now()); });
+    }
+    std::vector<device::registry::record_ptr> online;
+    for (auto& rec : devices_.snapshot()) {
+      bool want = false;
+      store::transfer_state t;
+      {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img, counts);
+        want = rec->transfer.image == img &&
+               rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
+               rec->session.hello;
+        t = state_locked(*rec);
+      }
+      store_.set_transfer(rec->id, t);
+      if (want) online.push_back(std::move(rec));
+    }
+    announce(static_cast<const image&>(*img));
+    for (auto& rec : online) take_slot(*rec, id);
+  }
+  // Rollout ids here continue above `id`.
+  void raise_next(std::uint32_t id) {
+    auto seen = next_rollout_.load(std::memory_order_relaxed);
+    while (seen < id && !next_rollout_.compare_exchange_weak(seen, id, std::memory_order_relaxed)) {
+    }
+  }
+  // With leased slots, tells the lease holder that the demand changed.
+  void demand_changed() const {
+    if (options_.leased_slots && options_.on_slot_demand) options_.on_slot_demand();
+  }
+
   static rollout_options checked(rollout_options o) {
     if (o.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
     if (o.chunk_size == 0) throw std::invalid_argument("hub_options::chunk_size must be >= 1");
@@ -12836,6 +12994,7 @@ class rollout_engine {
   void take_slot(device::device_record& rec, std::uint32_t rollout) {
     for (int attempt = 0; attempt < 2; ++attempt) {
       const auto g = slots_.acquire(rec.id, rollout);
+      if (g == transfer_slots::grant::queued) demand_changed();
       if (g != transfer_slots::grant::acquired && g != transfer_slots::grant::held) return;
       if (start_or_free(rec, rollout) != start_result::lost) return;
     }
@@ -12880,6 +13039,7 @@ class rollout_engine {
       if (r == start_result::started || r == start_result::kept) return;
       next = r == start_result::freed ? slots_.release(*next, rollout) : std::nullopt;
     }
+    demand_changed();  // a slot may be idle: the lease can shrink
   }
   // The stall check of one slot holder of rollout `rollout` (see `tick`).
   void check_stall(device::device_record& rec, std::uint32_t rollout, clock::time_point now) {
@@ -13044,6 +13204,17 @@ struct hub_options {
   unsigned max_transfer_retries = 3;
   /// The wait before a stalled transfer's first retry; it doubles with each next one.
   std::chrono::milliseconds transfer_retry_backoff{1'000};
+  /// Several nodes, one fleet: `max_concurrent_transfers` is the fleet's cap, and this hub's
+  /// slots are its lease of it (`firmware::rollout_options::leased_slots`): none until the
+  /// lease holder (`redis::state_store::lease_transfer_slots`) calls `hub::set_transfer_limit`.
+  bool leased_transfer_slots = false;
+  /// With leased slots: called when the lease should change (a device waits, a slot freed),
+  /// from any thread with no lock held: `redis::state_store::want_slots`.
+  std::function<void()> on_slot_demand;
+  /// Several nodes, one fleet: where `hub::rollout()` (and the stats) read the fleet's totals
+  /// of the current rollout (`redis::state_store::rollout_totals`). Empty, or an answer for
+  /// another rollout: this hub's own counts. Called on any thread: it must not block.
+  std::function<std::optional<firmware::rollout_totals>()> fleet_rollout_totals;
 };
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
@@ -13776,6 +13947,9 @@ class protocol_dispatch {
           return;
         }
         batch.swap(rec.load.parked);
+        // Only the live session's count: one replaced meanwhile is closed, and `intake` stops
+        // at the first message of a session it cannot find (the live one's would be lost).
+        std::erase_if(batch, [&](const inbound_message& m) { return m.session != rec.session.id; });
         rec.load.replayer = std::this_thread::get_id();
       }
       try {
@@ -14336,10 +14510,11 @@ class hub {
             options_.store_group_commit),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
-        rollout_(devices_, delivery_, writer_,
-                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
-                  options_.stall_timeout, options_.max_transfer_retries,
-                  options_.transfer_retry_backoff}),
+        rollout_(
+            devices_, delivery_, writer_,
+            {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
+             options_.stall_timeout, options_.max_transfer_retries, options_.transfer_retry_backoff,
+             options_.leased_transfer_slots, options_.on_slot_demand}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
                   options_.require_authentication, options_.ack),
@@ -14430,21 +14605,46 @@ class hub {
   /// they connect; devices reporting `version` are skipped. The image is copied once and
   /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
   /// empty version, an empty image or one over `max_firmware_size`.
+  ///
+  /// On a store shared by several nodes (`store::fleet_rollout_store`) the store numbers the
+  /// rollout fleet-wide, keeps the image once and tells the other nodes, which `adopt_firmware`
+  /// it; a failure there throws std::system_error and starts nothing.
   std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
-    return rollout_.publish(std::move(version), bytes, [this](const firmware::image& img) {
-      nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
-                              {"version", img.version()},     {"size", img.size()},
-                              {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
-      bus_.publish(topics::fleet, to_payload(announce));
-    });
+    return rollout_.publish(std::move(version), bytes,
+                            [this](const firmware::image& img) { announce_firmware(img); });
   }
-  /// Fleet totals of the current rollout.
-  [[nodiscard]] firmware::rollout_totals rollout() const { return rollout_.totals(); }
+  /// Makes rollout `r`, published by another node of the fleet, current here (as
+  /// `publish_firmware` would have, without keeping it again): hand it the rollouts that
+  /// `redis::state_store::on_rollout` reports. False when it is not newer than the current one.
+  bool adopt_firmware(const store::rollout_record& r) {
+    return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
+  }
+  /// Writes every held device's part in the current rollout to the store again, for a store
+  /// that lost writes meanwhile (`redis::state_store::on_reconnect`): the fleet's totals and
+  /// each device's status catch up with what happened while it was away.
+  void rewrite_transfers() { rollout_.rewrite(); }
+  /// With `hub_options::leased_transfer_slots`: this node's lease of the fleet's transfer
+  /// slots; devices waiting start if it grew. For the lease holder.
+  void set_transfer_limit(std::size_t n) { rollout_.set_slot_limit(n); }
+  /// Totals of the current rollout: the fleet's (`hub_options::fleet_rollout_totals`) when
+  /// they are for it, else this hub's own counts.
+  [[nodiscard]] firmware::rollout_totals rollout() const {
+    auto own = rollout_.totals();
+    if (options_.fleet_rollout_totals && own.rollout != 0) {
+      if (auto fleet = options_.fleet_rollout_totals(); fleet && fleet->rollout == own.rollout) {
+        fleet->version = std::move(own.version);
+        fleet->size = own.size;
+        fleet->retries = own.retries;  // this node's: retries are not kept in the store
+        return *fleet;
+      }
+    }
+    return own;
+  }
   /// One device's part in the current rollout (std::nullopt for a device never seen).
   [[nodiscard]] std::optional<store::transfer_state> device_transfer(std::string_view id) const {
     return rollout_.transfer_of(id);
   }
-  /// The transfer slots (limit, active, waiting, peak).
+  /// The transfer slots (limit, active, waiting, peak): this node's.
   [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return rollout_.slots(); }
   /// The image being rolled out (nullptr before the first publish_firmware).
   [[nodiscard]] std::shared_ptr<const firmware::image> current_image() const {
@@ -14519,7 +14719,7 @@ class hub {
     s.replay_dropped = delivery_.replay_dropped();
     s.protocol_errors = dispatch_.protocol_errors();
     s.takeovers = devices_.takeovers();
-    s.rollout = rollout_.totals();
+    s.rollout = rollout();
     return s;
   }
   /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
@@ -14566,6 +14766,13 @@ class hub {
   [[nodiscard]] const hub_options& options() const noexcept { return options_; }
 
  private:
+  // Tells the fleet topic of this node that rollout `img` is available.
+  void announce_firmware(const firmware::image& img) {
+    nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
+                            {"version", img.version()},     {"size", img.size()},
+                            {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
+    bus_.publish(topics::fleet, to_payload(announce));
+  }
   // Keeps the records held within max_devices and the kept deliveries within the fleet
   // budget, O(1) per call (after each session opens or closes and each delivery).
   void bound() {

@@ -13,6 +13,9 @@ with clients no one here wrote (Debian's python3-websockets):
     devices) and /metrics has Redis down and the missed events counted; Redis restarted on the
     same port (empty): the nodes reconnect and resubscribe by themselves, devices whose state
     was lost are let go with 1013 and reconnect, the log is shared again and /healthz is ok;
+  - a release published on node a (operator API) reaches devices on all three nodes, one that
+    connects later included; each verifies the same image, the transfer cap (2, the cluster's)
+    holds across the nodes, and every node's /metrics shows the same fleet totals;
   - node c killed (SIGKILL) with a device on it: the device resumes on node a;
   - SIGTERM stops every other node with exit code 0.
 Usage: demo_cluster.py --server PATH
@@ -20,6 +23,7 @@ Usage: demo_cluster.py --server PATH
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -85,11 +89,23 @@ def get(port, path):
         return r.status, r.read().decode()
 
 
+TOKEN = "cluster-operator-token-for-this-run"
+FIRMWARE_SIZE = 256 * 1024
+CAP = 2  # the cluster's transfer cap (--max-transfers)
+# The release this test publishes (the nodes' first). The observers and the message senders say
+# they run it already, so the rollout skips them (they read no firmware); the FwDevices get it.
+RELEASE = "1.1.0"
+
+
 def start_node(server, d, name, redis_port):
     state = os.path.join(d, name)
     os.makedirs(state)
+    token_file = os.path.join(d, "operator-token")
+    with open(token_file, "w") as f:
+        f.write(TOKEN)
     argv = [server, "--port", "0", "--address", "127.0.0.1", "--threads", "1",
-            "--dispatch-us", "0", "--state-dir", state,
+            "--dispatch-us", "0", "--state-dir", state, "--operator-token-file", token_file,
+            "--firmware-size", str(FIRMWARE_SIZE), "--max-transfers", str(CAP),
             "--redis", f"redis://127.0.0.1:{redis_port}", "--node-id", name]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     banner = []
@@ -113,15 +129,25 @@ class Observer:
         self.seen = []
 
     async def run(self, ready):
-        async with websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{self.name}",
-                                      open_timeout=20) as ws:
-            await ws.send(json.dumps({"type": "hello", "protocol": 1}))
-            await ws.send(json.dumps({"type": "subscribe", "topic": "server"}))
-            ready.set()
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg.get("type") == "event" and msg.get("topic") == "server":
-                    self.seen.append((msg["data"]["device"], msg["data"]["seq"]))
+        while True:
+            try:
+                async with websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{self.name}",
+                                              open_timeout=20) as ws:
+                    await ws.send(json.dumps({"type": "hello", "protocol": 1,
+                                              "firmware_version": RELEASE}))
+                    await ws.send(json.dumps({"type": "subscribe", "topic": "server"}))
+                    ready.set()
+                    async for raw in ws:
+                        msg = json.loads(raw)
+                        if msg.get("type") == "event" and msg.get("topic") == "server":
+                            self.seen.append((msg["data"]["device"], msg["data"]["seq"]))
+            except websockets.ConnectionClosed as e:
+                # 1013: the node let the page go (Redis lost its state); it comes back, as the
+                # demo's page does.
+                if not (e.rcvd and e.rcvd.code == 1013):
+                    return
+            else:
+                return
 
     def count(self, device, seq):
         return self.seen.count((device, seq))
@@ -145,7 +171,8 @@ class Device:
     async def open(self):
         self.ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{self.name}",
                                            open_timeout=20)
-        await self.ws.send(json.dumps({"type": "hello", "protocol": 1}))
+        await self.ws.send(json.dumps({"type": "hello", "protocol": 1,
+                                       "firmware_version": RELEASE}))
 
     async def send(self):
         """Sends one message, waits for its answer: `sent`, or `not_dispatched` when the node
@@ -184,7 +211,8 @@ async def until(pred, seconds=20):
 async def hello(port, name, last_seq=0):
     """Opens a session for device `name` on the node at `port`; returns it and its welcome."""
     ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws/{name}", open_timeout=20)
-    await ws.send(json.dumps({"type": "hello", "protocol": 1, "last_seq": last_seq}))
+    await ws.send(json.dumps({"type": "hello", "protocol": 1, "last_seq": last_seq,
+                              "firmware_version": RELEASE}))
     while True:
         msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
         if msg.get("type") == "welcome":
@@ -293,6 +321,7 @@ async def scenario(ports, redis, nodes):
     check(not dupes, f"no message seen twice ({dupes[:3]})")
 
     epoch_before = await one_fleet(ports, observers)
+    await fleet_rollout(ports)
 
     # Redis away: each node still serves its own pages; the others miss what Redis would carry.
     redis.stop()
@@ -342,6 +371,111 @@ async def scenario(ports, redis, nodes):
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FwDevice:
+    """A device that downloads firmware as docs/PROTOCOL.md says: acknowledges each chunk, then
+    reports the SHA-256 of the whole image."""
+
+    def __init__(self, port, name):
+        self.port, self.name = port, name
+        self.image = bytearray()
+        self.sha = None
+        self.status = None
+        self.receiving = False
+
+    async def run(self, live):
+        async with websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{self.name}",
+                                      open_timeout=20, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "hello", "protocol": 1, "last_seq": 0,
+                                      "firmware_version": "1.0.0"}))
+            rollout, got = 0, 0
+            async for msg in ws:
+                if isinstance(msg, str):
+                    m = json.loads(msg)
+                    if m.get("type") == "firmware":
+                        rollout, got = m["rollout"], m["offset"]
+                        self.image = self.image[:got].ljust(m["size"], b"\0")
+                        self.receiving = True
+                        live.add(self.name)
+                    elif m.get("type") == "fw_status":
+                        self.status = m.get("status")
+                        self.receiving = False
+                        live.discard(self.name)
+                        return
+                    continue
+                kind, hlen = msg[0], msg[1]
+                r, off, n = (int.from_bytes(msg[i:i + 4], "big") for i in (4, 8, 12))
+                if kind != 1 or r != rollout or off != got:
+                    continue
+                self.image[off:off + n] = msg[hlen:hlen + n]
+                got += n
+                await ws.send(json.dumps({"type": "fw_ack", "rollout": rollout, "offset": got}))
+                if got == len(self.image):
+                    self.sha = hashlib.sha256(self.image).hexdigest()
+                    live.discard(self.name)  # done on its side; the slot frees at the result
+                    await ws.send(json.dumps({"type": "fw_result", "rollout": rollout,
+                                              "ok": True, "sha256": self.sha}))
+
+
+def post_release(port):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/firmware/release", data=b"",
+                                 method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, json.loads(r.read().decode())
+
+
+def rollout_metrics(port):
+    _, text = get(port, "/metrics")
+    out = {}
+    for key in ("rollout", "rollout_verified", "rollout_pending", "rollout_transferring"):
+        m = re.search(rf"^devgate_firmware_{key} (\d+)$", text, re.M)
+        out[key] = int(m.group(1)) if m else None
+    return out
+
+
+async def fleet_rollout(ports):
+    """A release published on node a reaches devices on every node, under the cluster's cap."""
+    devices = [FwDevice(ports[n], f"fw-{n}{i}") for n in NODES for i in range(3)]
+    live, most = set(), [0]
+    tasks = [asyncio.create_task(d.run(live)) for d in devices]
+
+    async def watch():
+        while True:
+            most[0] = max(most[0], len(live))
+            await asyncio.sleep(0.002)
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.5)  # every device said hello
+    status, body = post_release(ports["a"])
+    check(status == 202, f"node a took the release ({status} {body})")
+    await asyncio.sleep(0.2)
+    late = FwDevice(ports["c"], "fw-late")  # connects after the publish, to another node
+    devices.append(late)
+    tasks.append(asyncio.create_task(late.run(live)))
+    done, pending = await asyncio.wait(tasks, timeout=60)
+    for t in pending:
+        t.cancel()
+    watcher.cancel()
+    for t in done:
+        if t.exception():
+            check(False, f"a firmware device failed: {t.exception()!r}")
+    statuses = {d.name: d.status for d in devices}
+    check(all(s == "verified" for s in statuses.values()),
+          f"the release published on node a was verified by devices on all three nodes "
+          f"({statuses})")
+    shas = {d.sha for d in devices}
+    check(len(shas) == 1, f"every node sent the same image ({len(shas)} different)")
+    check(most[0] <= CAP, f"at most {CAP} transfers at once over the three nodes ({most[0]})")
+    check(body.get("version") == RELEASE, f"the release is {RELEASE} ({body})")
+    # Every node shows the fleet's totals (devices on any node, and the offline ones the nodes
+    # know, counted once): the same figures, the FwDevices verified.
+    def totals():
+        return [rollout_metrics(ports[n]) for n in NODES]
+    same = await until(lambda: all(t == totals()[0] for t in totals()) and
+                       totals()[0]["rollout_verified"] == len(devices) and
+                       totals()[0]["rollout_transferring"] == 0, 10)
+    check(same and totals()[0]["rollout"], f"every node's /metrics shows the same fleet totals "
+                                           f"({totals()}; {len(devices)} verified)")
 
 
 async def node_killed(ports, nodes):

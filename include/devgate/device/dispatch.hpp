@@ -456,6 +456,9 @@ class protocol_dispatch {
           return;
         }
         batch.swap(rec.load.parked);
+        // Only the live session's count: one replaced meanwhile is closed, and `intake` stops
+        // at the first message of a session it cannot find (the live one's would be lost).
+        std::erase_if(batch, [&](const inbound_message& m) { return m.session != rec.session.id; });
         rec.load.replayer = std::this_thread::get_id();
       }
       try {

@@ -85,10 +85,11 @@ class hub {
             options_.store_group_commit),
         devices_(options_.max_devices),
         delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
-        rollout_(devices_, delivery_, writer_,
-                 {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
-                  options_.stall_timeout, options_.max_transfer_retries,
-                  options_.transfer_retry_backoff}),
+        rollout_(
+            devices_, delivery_, writer_,
+            {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
+             options_.stall_timeout, options_.max_transfer_retries, options_.transfer_retry_backoff,
+             options_.leased_transfer_slots, options_.on_slot_demand}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
                   options_.require_authentication, options_.ack),
@@ -179,21 +180,46 @@ class hub {
   /// they connect; devices reporting `version` are skipped. The image is copied once and
   /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
   /// empty version, an empty image or one over `max_firmware_size`.
+  ///
+  /// On a store shared by several nodes (`store::fleet_rollout_store`) the store numbers the
+  /// rollout fleet-wide, keeps the image once and tells the other nodes, which `adopt_firmware`
+  /// it; a failure there throws std::system_error and starts nothing.
   std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
-    return rollout_.publish(std::move(version), bytes, [this](const firmware::image& img) {
-      nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
-                              {"version", img.version()},     {"size", img.size()},
-                              {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
-      bus_.publish(topics::fleet, to_payload(announce));
-    });
+    return rollout_.publish(std::move(version), bytes,
+                            [this](const firmware::image& img) { announce_firmware(img); });
   }
-  /// Fleet totals of the current rollout.
-  [[nodiscard]] firmware::rollout_totals rollout() const { return rollout_.totals(); }
+  /// Makes rollout `r`, published by another node of the fleet, current here (as
+  /// `publish_firmware` would have, without keeping it again): hand it the rollouts that
+  /// `redis::state_store::on_rollout` reports. False when it is not newer than the current one.
+  bool adopt_firmware(const store::rollout_record& r) {
+    return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
+  }
+  /// Writes every held device's part in the current rollout to the store again, for a store
+  /// that lost writes meanwhile (`redis::state_store::on_reconnect`): the fleet's totals and
+  /// each device's status catch up with what happened while it was away.
+  void rewrite_transfers() { rollout_.rewrite(); }
+  /// With `hub_options::leased_transfer_slots`: this node's lease of the fleet's transfer
+  /// slots; devices waiting start if it grew. For the lease holder.
+  void set_transfer_limit(std::size_t n) { rollout_.set_slot_limit(n); }
+  /// Totals of the current rollout: the fleet's (`hub_options::fleet_rollout_totals`) when
+  /// they are for it, else this hub's own counts.
+  [[nodiscard]] firmware::rollout_totals rollout() const {
+    auto own = rollout_.totals();
+    if (options_.fleet_rollout_totals && own.rollout != 0) {
+      if (auto fleet = options_.fleet_rollout_totals(); fleet && fleet->rollout == own.rollout) {
+        fleet->version = std::move(own.version);
+        fleet->size = own.size;
+        fleet->retries = own.retries;  // this node's: retries are not kept in the store
+        return *fleet;
+      }
+    }
+    return own;
+  }
   /// One device's part in the current rollout (std::nullopt for a device never seen).
   [[nodiscard]] std::optional<store::transfer_state> device_transfer(std::string_view id) const {
     return rollout_.transfer_of(id);
   }
-  /// The transfer slots (limit, active, waiting, peak).
+  /// The transfer slots (limit, active, waiting, peak): this node's.
   [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return rollout_.slots(); }
   /// The image being rolled out (nullptr before the first publish_firmware).
   [[nodiscard]] std::shared_ptr<const firmware::image> current_image() const {
@@ -268,7 +294,7 @@ class hub {
     s.replay_dropped = delivery_.replay_dropped();
     s.protocol_errors = dispatch_.protocol_errors();
     s.takeovers = devices_.takeovers();
-    s.rollout = rollout_.totals();
+    s.rollout = rollout();
     return s;
   }
   /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
@@ -315,6 +341,13 @@ class hub {
   [[nodiscard]] const hub_options& options() const noexcept { return options_; }
 
  private:
+  // Tells the fleet topic of this node that rollout `img` is available.
+  void announce_firmware(const firmware::image& img) {
+    nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
+                            {"version", img.version()},     {"size", img.size()},
+                            {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
+    bus_.publish(topics::fleet, to_payload(announce));
+  }
   // Keeps the records held within max_devices and the kept deliveries within the fleet
   // budget, O(1) per call (after each session opens or closes and each delivery).
   void bound() {

@@ -4,6 +4,7 @@
 #include <cstddef>      // std::size_t
 #include <cstdint>      // counters
 #include <functional>   // topic_policy
+#include <optional>     // fleet totals
 #include <string>       // allowed topics
 #include <string_view>  // device ids, topics
 #include <utility>      // std::move
@@ -109,6 +110,17 @@ struct hub_options {
   unsigned max_transfer_retries = 3;
   /// The wait before a stalled transfer's first retry; it doubles with each next one.
   std::chrono::milliseconds transfer_retry_backoff{1'000};
+  /// Several nodes, one fleet: `max_concurrent_transfers` is the fleet's cap, and this hub's
+  /// slots are its lease of it (`firmware::rollout_options::leased_slots`): none until the
+  /// lease holder (`redis::state_store::lease_transfer_slots`) calls `hub::set_transfer_limit`.
+  bool leased_transfer_slots = false;
+  /// With leased slots: called when the lease should change (a device waits, a slot freed),
+  /// from any thread with no lock held: `redis::state_store::want_slots`.
+  std::function<void()> on_slot_demand;
+  /// Several nodes, one fleet: where `hub::rollout()` (and the stats) read the fleet's totals
+  /// of the current rollout (`redis::state_store::rollout_totals`). Empty, or an answer for
+  /// another rollout: this hub's own counts. Called on any thread: it must not block.
+  std::function<std::optional<firmware::rollout_totals>()> fleet_rollout_totals;
 };
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).

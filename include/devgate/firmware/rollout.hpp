@@ -2,20 +2,22 @@
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>    // std::min
-#include <atomic>       // rollout ids
-#include <chrono>       // stall timeout, backoff
-#include <cstddef>      // std::size_t, std::byte
-#include <cstdint>      // rollout ids, offsets
-#include <memory>       // the current image
-#include <mutex>        // the current image, the device's mutex
-#include <optional>     // lookups, errors
-#include <span>         // image bytes
-#include <stdexcept>    // set-up errors
-#include <string>       // versions, reasons
-#include <string_view>  // device ids
-#include <utility>      // std::move
-#include <vector>       // devices to start
+#include <algorithm>     // std::min
+#include <atomic>        // rollout ids
+#include <chrono>        // stall timeout, backoff
+#include <cstddef>       // std::size_t, std::byte
+#include <cstdint>       // rollout ids, offsets
+#include <functional>    // the slot demand hook
+#include <memory>        // the current image
+#include <mutex>         // the current image, the device's mutex
+#include <optional>      // lookups, errors
+#include <span>          // image bytes
+#include <stdexcept>     // set-up errors
+#include <string>        // versions, reasons
+#include <string_view>   // device ids
+#include <system_error>  // a fleet store's refusal
+#include <utility>       // std::move
+#include <vector>        // devices to start
 
 #include "devgate/device/delivery.hpp"
 #include "devgate/device/protocol.hpp"
@@ -65,6 +67,12 @@ struct rollout_options {
   /// The wait before a stalled transfer may take a slot again; it doubles with each retry of
   /// the same device (up to 64 times). The device keeps no slot meanwhile.
   std::chrono::milliseconds retry_backoff{1'000};
+  /// The slots are a lease of a fleet-wide cap (several nodes, one fleet): the limit starts at
+  /// 0 and whoever holds the lease sets it (`rollout_engine::set_slot_limit`).
+  bool leased_slots = false;
+  /// With leased slots: called (no lock held, any thread) when the lease should change, that
+  /// is when a device starts waiting for a slot or a slot was freed. Keep it cheap (post).
+  std::function<void()> on_slot_demand;
 };
 
 /// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
@@ -103,8 +111,10 @@ class rollout_engine {
       : devices_(devices),
         out_(out),
         store_(store),
-        options_(checked(options)),
-        slots_(options_.max_concurrent_transfers) {}
+        options_(checked(std::move(options))),
+        slots_(options_.max_concurrent_transfers) {
+    if (options_.leased_slots) (void)slots_.set_limit(0);  // nothing leased yet
+  }
   rollout_engine(const rollout_engine&) = delete;
   rollout_engine& operator=(const rollout_engine&) = delete;
   /// Stops the timer thread.
@@ -118,52 +128,70 @@ class rollout_engine {
   std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
                         Announce&& announce) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
-    std::lock_guard publishing(publish_mutex_);
-    const auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
-    auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
-    auto counts = std::make_shared<tally>();
-    // A durable store keeps the rollout before any device's part in it.
-    if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
-      store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
-    }
-    // The slots move to the new rollout first, and the transfers that held one stop (they
-    // join the new rollout): no device transfers the old image once a hello can see the new.
-    for (const auto& held : slots_.reset(id)) {
-      if (auto rec = devices_.find(held)) {
-        std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img, counts);
+    auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
+    bool kept = false;
+    // A store shared by several nodes numbers the rollout fleet-wide, keeps it and tells the
+    // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
+    // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
+    if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
+      // The image's own checks, before the fleet hears of it.
+      if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
+      if (bytes.size() > device::max_firmware_size) {
+        throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
+      }
+      const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
+      if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
+      if (r.rollout != 0) {
+        id = r.rollout;
+        raise_next(id);
+        kept = true;
       }
     }
-    {
-      std::lock_guard lock(current_mutex_);
-      current_ = img;
-      current_tally_ = counts;
+    std::lock_guard publishing(publish_mutex_);
+    // A newer rollout of the fleet, adopted meanwhile, overtook this one.
+    if (auto cur = current(); kept && cur && cur->rollout() >= id) return id;
+    auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
+    // A durable store keeps the rollout before any device's part in it.
+    if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
+      if (!kept) store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
     }
-    {
-      std::lock_guard lock(backoff_mutex_);
-      backoff_.clear();
-    }
-    if (options_.stall_timeout.count() > 0) {
-      ticker_.start(tick_period(), [this] { tick(clock::now()); });
-    }
-    std::vector<device::registry::record_ptr> online;
+    begin_locked(std::move(img), std::forward<Announce>(announce));
+    return id;
+  }
+  /// Makes rollout `r`, published by another node of the fleet (a store shared by several
+  /// nodes hands it over), the current one here, as `publish` would have: every known device
+  /// joins it, `announce` runs, devices online start while slots last. Nothing (false) when
+  /// the rollout is not newer than the current one.
+  template <class Announce>
+  bool adopt(const store::rollout_record& r, Announce&& announce) {
+    std::lock_guard publishing(publish_mutex_);
+    if (auto cur = current(); cur && cur->rollout() >= r.rollout) return false;
+    auto img = std::make_shared<const image>(
+        r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
+    raise_next(r.rollout);
+    begin_locked(std::move(img), std::forward<Announce>(announce));
+    return true;
+  }
+  /// Writes every held device's part in the current rollout to the store again: after the
+  /// store lost writes (Redis away), so that its per-device states and fleet totals catch up.
+  void rewrite() {
+    const auto img = current();
+    if (!img) return;
     for (auto& rec : devices_.snapshot()) {
-      bool want = false;
       store::transfer_state t;
       {
         std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img, counts);
-        want = rec->transfer.image == img &&
-               rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
-               rec->session.hello;
+        if (rec->transfer.image != img) continue;
         t = state_locked(*rec);
       }
       store_.set_transfer(rec->id, t);
-      if (want) online.push_back(std::move(rec));
     }
-    announce(static_cast<const image&>(*img));
-    for (auto& rec : online) take_slot(*rec, id);
-    return id;
+  }
+  /// With leased slots (`rollout_options::leased_slots`): sets the limit to the node's lease;
+  /// devices that a raised limit lets in start now. Lowering it stops no transfer.
+  void set_slot_limit(std::size_t n) {
+    const auto rollout = slots_.rollout();
+    for (auto& id : slots_.set_limit(n)) start_next(std::move(id), rollout);
   }
 
   /// Makes rollout `r`, kept by a durable store, current again after a restart: rollout ids
@@ -171,6 +199,7 @@ class rollout_engine {
   /// (`restore_locked`). The fleet totals count the devices seen since.
   void restore(const store::rollout_record& r) {
     std::lock_guard publishing(publish_mutex_);
+    if (auto cur = current(); cur && cur->rollout() >= r.rollout) return;  // adopted already
     auto img = std::make_shared<const image>(
         r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
     auto counts = std::make_shared<tally>();
@@ -180,10 +209,7 @@ class rollout_engine {
       current_ = std::move(img);
       current_tally_ = std::move(counts);
     }
-    auto seen = next_rollout_.load(std::memory_order_relaxed);
-    while (seen < r.rollout &&
-           !next_rollout_.compare_exchange_weak(seen, r.rollout, std::memory_order_relaxed)) {
-    }
+    raise_next(r.rollout);
     if (options_.stall_timeout.count() > 0) {
       ticker_.start(tick_period(), [this] { tick(clock::now()); });
     }
@@ -197,12 +223,15 @@ class rollout_engine {
     if (!img || img->rollout() != t.rollout) return;
     join_locked(rec, img, counts);
     auto& tr = rec.transfer;
-    if (t.status == store::transfer_status::verified ||
-        t.status == store::transfer_status::failed || t.status == store::transfer_status::skipped) {
+    const bool ended = t.status == store::transfer_status::verified ||
+                       t.status == store::transfer_status::failed ||
+                       t.status == store::transfer_status::skipped;
+    if (ended) {
       tr.reason = t.reason;
       set_status_locked(rec, t.status);
-    } else if (tr.status == store::transfer_status::pending && t.offset <= img->size()) {
-      tr.acked = t.offset;  // resumes here
+    }
+    if ((ended || tr.status == store::transfer_status::pending) && t.offset <= img->size()) {
+      tr.acked = t.offset;  // a transfer resumes here; an ended one keeps what it acknowledged
       counts->add_acked(static_cast<std::int64_t>(t.offset));
     }
   }
@@ -246,6 +275,7 @@ class rollout_engine {
   void on_replaced(device::device_record& rec, session_id old) {
     std::uint32_t rollout = 0;
     std::optional<std::string> next;
+    store::transfer_state t;
     {
       // The slot is given up under the device's mutex, with the status: a hello of the new
       // session sees the transfer either still holding it or pending without it, never between.
@@ -255,9 +285,12 @@ class rollout_engine {
         set_status_locked(rec, store::transfer_status::pending);
         rollout = rec.transfer.image->rollout();
         next = slots_.release(rec.id, rollout);
+        t = state_locked(rec);
       }
     }
-    if (rollout != 0) start_next(std::move(next), rollout);
+    if (rollout == 0) return;
+    store_.set_transfer(rec.id, t);
+    start_next(std::move(next), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
   /// its slot, or its place in the queue, is given up. Nothing if a newer session has taken
@@ -265,15 +298,18 @@ class rollout_engine {
   void on_offline(device::device_record& rec) {
     std::optional<std::string> next;
     std::uint32_t rollout = 0;
+    std::optional<store::transfer_state> t;
     {
       std::lock_guard lock(rec.mutex);  // as in on_replaced: status and slot together
       if (rec.session.id != 0 || !rec.transfer.image) return;
       if (rec.transfer.status == store::transfer_status::transferring) {
         set_status_locked(rec, store::transfer_status::pending);  // resumes from `acked`
+        t = state_locked(rec);
       }
       rollout = rec.transfer.image->rollout();
       next = slots_.release(rec.id, rollout);
     }
+    if (t) store_.set_transfer(rec.id, *t);  // the store (and fleet totals) see it pending
     start_next(std::move(next), rollout);
   }
 
@@ -505,6 +541,61 @@ class rollout_engine {
   [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
 
  private:
+  // Starts rollout `img` (the caller holds the publish lock and kept it in the store): the
+  // slots move to it and the transfers that held one stop (they join it), so no device
+  // transfers the old image once a hello can see the new; then every known device joins,
+  // `announce` runs and the devices online now start while slots last.
+  template <class Announce>
+  void begin_locked(std::shared_ptr<const image> img, Announce&& announce) {
+    const auto id = img->rollout();
+    auto counts = std::make_shared<tally>();
+    for (const auto& held : slots_.reset(id)) {
+      if (auto rec = devices_.find(held)) {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img, counts);
+      }
+    }
+    {
+      std::lock_guard lock(current_mutex_);
+      current_ = img;
+      current_tally_ = counts;
+    }
+    {
+      std::lock_guard lock(backoff_mutex_);
+      backoff_.clear();
+    }
+    if (options_.stall_timeout.count() > 0) {
+      ticker_.start(tick_period(), [this] { tick(clock::now()); });
+    }
+    std::vector<device::registry::record_ptr> online;
+    for (auto& rec : devices_.snapshot()) {
+      bool want = false;
+      store::transfer_state t;
+      {
+        std::lock_guard lock(rec->mutex);
+        join_locked(*rec, img, counts);
+        want = rec->transfer.image == img &&
+               rec->transfer.status == store::transfer_status::pending && rec->session.id != 0 &&
+               rec->session.hello;
+        t = state_locked(*rec);
+      }
+      store_.set_transfer(rec->id, t);
+      if (want) online.push_back(std::move(rec));
+    }
+    announce(static_cast<const image&>(*img));
+    for (auto& rec : online) take_slot(*rec, id);
+  }
+  // Rollout ids here continue above `id`.
+  void raise_next(std::uint32_t id) {
+    auto seen = next_rollout_.load(std::memory_order_relaxed);
+    while (seen < id && !next_rollout_.compare_exchange_weak(seen, id, std::memory_order_relaxed)) {
+    }
+  }
+  // With leased slots, tells the lease holder that the demand changed.
+  void demand_changed() const {
+    if (options_.leased_slots && options_.on_slot_demand) options_.on_slot_demand();
+  }
+
   static rollout_options checked(rollout_options o) {
     if (o.window == 0) throw std::invalid_argument("hub_options::window must be >= 1");
     if (o.chunk_size == 0) throw std::invalid_argument("hub_options::chunk_size must be >= 1");
@@ -608,6 +699,7 @@ class rollout_engine {
   void take_slot(device::device_record& rec, std::uint32_t rollout) {
     for (int attempt = 0; attempt < 2; ++attempt) {
       const auto g = slots_.acquire(rec.id, rollout);
+      if (g == transfer_slots::grant::queued) demand_changed();
       if (g != transfer_slots::grant::acquired && g != transfer_slots::grant::held) return;
       if (start_or_free(rec, rollout) != start_result::lost) return;
     }
@@ -652,6 +744,7 @@ class rollout_engine {
       if (r == start_result::started || r == start_result::kept) return;
       next = r == start_result::freed ? slots_.release(*next, rollout) : std::nullopt;
     }
+    demand_changed();  // a slot may be idle: the lease can shrink
   }
   // The stall check of one slot holder of rollout `rollout` (see `tick`).
   void check_stall(device::device_record& rec, std::uint32_t rollout, clock::time_point now) {

@@ -13,8 +13,17 @@
 
 namespace devgate::firmware {
 
+/// A snapshot of the slots: what a fleet-wide lease needs to know of one node.
+struct slot_usage {
+  std::size_t active = 0;   ///< Transfers running.
+  std::size_t waiting = 0;  ///< Devices waiting for a slot.
+  std::size_t limit = 0;    ///< The limit now.
+};
+
 /// At most N devices transferring at once; the rest wait in arrival order. Thread-safe; the
 /// peak is kept so tests and operators can check the limit held.
+///
+/// The limit may change (`set_limit`): a node of a fleet holds a lease of the fleet's slots.
 ///
 /// The slots belong to one rollout at a time (`reset` starts a new one): a request or a release
 /// naming another rollout is refused, so a thread that read the previous rollout just before a
@@ -108,11 +117,35 @@ class transfer_slots {
     std::lock_guard lock(mutex_);
     return peak_;
   }
-  /// The limit.
-  [[nodiscard]] std::size_t limit() const noexcept { return max_; }
+  /// Active, waiting and the limit, read together.
+  [[nodiscard]] slot_usage usage() const {
+    std::lock_guard lock(mutex_);
+    return {active_.size(), waiting_.size(), max_};
+  }
+  /// The limit now.
+  [[nodiscard]] std::size_t limit() const {
+    std::lock_guard lock(mutex_);
+    return max_;
+  }
+  /// Changes the limit to `max_active` (0 allowed: a node whose fleet-wide lease is empty) and
+  /// returns the waiting devices that a raised limit gave a slot to (the caller starts them). A
+  /// lowered limit takes no slot back: transfers running go on, and no new one starts until the
+  /// active ones are below it.
+  std::vector<std::string> set_limit(std::size_t max_active) {
+    std::lock_guard lock(mutex_);
+    max_ = max_active;
+    std::vector<std::string> promoted;
+    while (active_.size() < max_ && !waiting_.empty()) {
+      promoted.push_back(std::move(waiting_.front()));
+      waiting_.pop_front();
+      active_.insert(promoted.back());
+    }
+    peak_ = std::max(peak_, active_.size());
+    return promoted;
+  }
 
  private:
-  const std::size_t max_;
+  std::size_t max_;
   mutable std::mutex mutex_;
   std::uint32_t rollout_ = 0;
   std::unordered_set<std::string> active_;

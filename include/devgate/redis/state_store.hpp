@@ -11,6 +11,7 @@
 #include <condition_variable>     // a batch waits for its replies
 #include <cstddef>                // std::byte
 #include <cstdint>                // fence tokens, counters
+#include <cstring>                // std::memcpy
 #include <functional>             // the release handler
 #include <memory>                 // the shared core
 #include <mutex>                  // the owned table, the batch
@@ -22,9 +23,12 @@
 #include <system_error>           // errors as values
 #include <thread>                 // the batching thread
 #include <unordered_map>          // the owned table
+#include <unordered_set>          // the devices whose claim failed
 #include <utility>                // std::move
 #include <vector>                 // argv, replay entries
 
+#include "devgate/firmware/rollout.hpp"  // fleet totals
+#include "devgate/firmware/slots.hpp"    // slot usage, for the lease
 #include "devgate/redis/connection.hpp"
 #include "devgate/redis/error.hpp"
 #include "devgate/store/state_store.hpp"
@@ -95,24 +99,73 @@ class state_store {
     if (core_->options.prefix.empty()) {
       throw std::invalid_argument("devgate::redis::state_store: prefix must not be empty");
     }
-    control.on_message([c = core_](std::string_view, std::string_view body) { c->told(body); });
+    control.on_message([c = core_](std::string_view channel, std::string_view body) {
+      if (channel == c->fleet_channel) {
+        c->heard(body);
+      } else {
+        c->told(body);
+      }
+    });
   }
 
   /// Several nodes share it: the hub reloads a device's state for each new session.
   [[nodiscard]] bool shared() const noexcept { return true; }
 
+  /// Called with a rollout another node published (or one this node missed while Redis was
+  /// away, found at a heartbeat). Runs on the loop's thread; hand it to `hub::adopt_firmware`.
+  using rollout_fn = std::function<void(const store::rollout_record&)>;
+  /// This node's transfer slots, read by the lease (`hub::slots().usage()`).
+  using usage_fn = std::function<firmware::slot_usage()>;
+  /// Sets this node's slot limit to its lease (`hub::set_transfer_limit`).
+  using limit_fn = std::function<void(std::size_t)>;
+
   /// Sets the release handler (before `start`).
   void on_release(release_fn f) { core_->on_release = std::move(f); }
+  /// Sets the handler of rollouts published elsewhere (before `start`).
+  void on_rollout(rollout_fn f) { core_->on_rollout = std::move(f); }
+  /// Sets what runs (on the loop) when the commands connection is back after it dropped: the
+  /// writes made meanwhile failed, so write again what must be current
+  /// (`hub::rewrite_transfers`). Before `start`.
+  void on_reconnect(std::function<void()> f) { core_->on_reconnect = std::move(f); }
+  /// Leases this node its share of `fleet_cap` transfer slots (before `start`; the hub has
+  /// `hub_options::leased_transfer_slots`). The leases live in `<prefix>slots` (node -> slots);
+  /// their sum never exceeds `fleet_cap` (give every node the same). A node asks for what its
+  /// waiting devices need (at each heartbeat, on `want_slots`, and when another node gave some
+  /// back), gets what is free, and gives back what it no longer uses: it lowers its own limit
+  /// first, so the transfers it runs never exceed its lease. A dead node's lease returns to the
+  /// fleet when it is reaped (its transfers go back to pending in Redis at the same moment).
+  void lease_transfer_slots(std::size_t fleet_cap, usage_fn usage, limit_fn set_limit) {
+    core_->lease.emplace(core::lease_state{fleet_cap, std::move(usage), std::move(set_limit)});
+  }
+  /// Asks for a lease round soon (any thread; coalesced): `hub_options::on_slot_demand`.
+  void want_slots() {
+    if (!core_->lease || core_->lease_posted.exchange(true)) return;
+    asio::post(core_->io, [c = core_] {
+      c->lease_posted.store(false);
+      c->lease_round();
+    });
+  }
+  /// The fleet's totals of the current rollout as Redis keeps them (counted by the devices'
+  /// writes, so every node reads the same), refreshed at each heartbeat; std::nullopt before
+  /// the first. For `hub_options::fleet_rollout_totals`: it does not block.
+  [[nodiscard]] std::optional<firmware::rollout_totals> rollout_totals() const {
+    std::lock_guard lock(core_->totals_mutex);
+    return core_->totals;
+  }
+  /// Slots this node holds of the fleet's cap (its last lease).
+  [[nodiscard]] std::size_t leased_slots() const noexcept { return core_->held.load(); }
   /// Subscribes to the node's control channel and starts the heartbeat (renewed every
   /// `heartbeat_period` from the loop). Start the connections too.
   void start() {
     core_->control.subscribe(core_->control_channel);
+    core_->control.subscribe(core_->fleet_channel);
     asio::post(core_->io, [c = core_] { c->beat(); });
   }
   /// Stops the heartbeat and the control subscription (the heartbeat key expires by itself).
   void stop() {
     core_->stopped.store(true);
     core_->control.unsubscribe(core_->control_channel);
+    core_->control.unsubscribe(core_->fleet_channel);
     asio::post(core_->io, [c = core_] { c->timer.cancel(); });
   }
 
@@ -135,14 +188,13 @@ class state_store {
   std::error_code set_firmware_version(const std::string& id, const std::string& version) {
     return core_->write(id, "set", {"fw", version});
   }
-  /// Records the device's firmware transfer.
+  /// Records the device's firmware transfer, and its move in the fleet's totals.
   std::error_code set_transfer(const std::string& id, const store::transfer_state& t) {
     const auto rollout = std::to_string(t.rollout);
     const auto status = std::to_string(static_cast<unsigned>(t.status));
     const auto offset = std::to_string(t.offset);
-    return core_->write(
-        id, "set",
-        {"trr", rollout, "trv", t.version, "trs", status, "tro", offset, "trw", t.reason});
+    return core_->write(id, "tr",
+                        {rollout, t.version, status, offset, t.reason, core_->totals_key});
   }
   /// Records the last sequence number assigned to the device.
   std::error_code set_last_seq(const std::string& id, std::uint64_t seq) {
@@ -166,6 +218,9 @@ class state_store {
   std::error_code record_dispatched(const std::string& id, const store::dispatch_record& r);
   /// Keeps `r` as the current rollout (fleet-wide: not fenced).
   std::error_code save_rollout(const store::rollout_record& r);
+  /// Keeps rollout `r` fleet-wide under a new id above every earlier one (and above
+  /// `r.rollout`) and tells the other nodes (`on_rollout`), in one script; the id is returned.
+  [[nodiscard]] store::rollout_publish_result publish_rollout(const store::rollout_record& r);
   /// The rollout kept, if any.
   [[nodiscard]] store::rollout_load_result load_rollout();
 
@@ -252,6 +307,30 @@ elseif op == 'append' then
   end
 elseif op == 'trim' then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+elseif op == 'tr' then
+  -- ARGV[4..9]: rollout, version, status, offset, reason, the totals key. The fleet's totals
+  -- of the newest rollout move with the device: out of its old status, into the new one.
+  local r, st, tk = ARGV[4], ARGV[6], ARGV[9]
+  local old = redis.call('HMGET', KEYS[1], 'trr', 'trs', 'tro')
+  local cur = redis.call('HGET', tk, 'rollout')
+  if r ~= '0' and (not cur or tonumber(cur) < tonumber(r)) then
+    redis.call('DEL', tk)
+    redis.call('HSET', tk, 'rollout', r)
+    cur = r
+  end
+  if cur == r then
+    local bytes = tonumber(ARGV[7])
+    if old[1] == r then
+      redis.call('HINCRBY', tk, 's' .. old[2], -1)
+      bytes = bytes - tonumber(old[3] or '0')
+    end
+    redis.call('HINCRBY', tk, 's' .. st, 1)
+    if bytes ~= 0 then redis.call('HINCRBY', tk, 'bytes', bytes) end
+    if st == '4' and ARGV[8] == 'timed_out' and old[2] ~= '4' then
+      redis.call('HINCRBY', tk, 'timed_out', 1)
+    end
+  end
+  redis.call('HSET', KEYS[1], 'trr', r, 'trv', ARGV[5], 'trs', st, 'tro', ARGV[7], 'trw', ARGV[8])
 elseif op == 'disp' then
   redis.call('HINCRBY', KEYS[1], 'sent', ARGV[4])
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'win', ARGV[5]) end
@@ -274,6 +353,8 @@ return false
 )lua";
   static constexpr std::string_view reap_script = R"lua(
 local released = 0
+local tk = ARGV[1] .. 'rollout:totals'
+local cur = redis.call('HGET', tk, 'rollout')
 for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. 'node:' .. n .. ':alive') == 0 then
     local set = ARGV[1] .. 'node:' .. n .. ':devices'
@@ -282,13 +363,63 @@ for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       if redis.call('HGET', h, 'owner') == n then
         redis.call('HDEL', h, 'owner')
         released = released + 1
+        -- Its transfer stopped with the node: pending again (it resumes where it acked), and
+        -- its slot returns to the fleet below, at the same moment.
+        if redis.call('HGET', h, 'trs') == '2' then
+          redis.call('HSET', h, 'trs', '1')
+          if redis.call('HGET', h, 'trr') == cur then
+            redis.call('HINCRBY', tk, 's2', -1)
+            redis.call('HINCRBY', tk, 's1', 1)
+          end
+        end
       end
     end
     redis.call('DEL', set)
+    redis.call('HDEL', ARGV[1] .. 'slots', n)
     redis.call('SREM', KEYS[1], n)
   end
 end
 return released
+)lua";
+
+  static constexpr std::string_view publish_script = R"lua(
+local id = redis.call('INCR', KEYS[2])
+local kept = tonumber(redis.call('HGET', KEYS[1], 'id') or '0')
+if id <= kept then id = kept + 1 end
+if id < tonumber(ARGV[1]) then id = tonumber(ARGV[1]) end
+redis.call('SET', KEYS[2], id)
+redis.call('HSET', KEYS[1], 'id', id, 'version', ARGV[2], 'image', ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'rollout ' .. id)
+return id
+)lua";
+  // KEYS[1]: the leases (node -> slots; fields from ':' are the script's own). ARGV: node, cap,
+  // in use (this node's limit now: never granted below it), wanted, whether this node's
+  // connection dropped since its last round, the hold in ms. Grants what the other nodes'
+  // leases leave free, up to what is wanted. A hash that is gone when a node comes back from a
+  // dropped connection means Redis lost the leases: nobody grows for the hold (heartbeat_ttl),
+  // the time every live node takes to register what it holds again.
+  static constexpr std::string_view lease_script = R"lua(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not redis.call('HGET', KEYS[1], ':made') then
+  redis.call('HSET', KEYS[1], ':made', now)
+  if ARGV[5] == '1' then redis.call('HSET', KEYS[1], ':hold', now + tonumber(ARGV[6])) end
+end
+local others = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= ARGV[1] and string.sub(all[i], 1, 1) ~= ':' then
+    others = others + tonumber(all[i + 1])
+  end
+end
+local g = math.min(tonumber(ARGV[4]), tonumber(ARGV[2]) - others)
+if now < tonumber(redis.call('HGET', KEYS[1], ':hold') or '0') then g = 0 end
+if g < tonumber(ARGV[3]) then g = tonumber(ARGV[3]) end
+if g > 0 then redis.call('HSET', KEYS[1], ARGV[1], g) else redis.call('HDEL', KEYS[1], ARGV[1]) end
+if others + g > tonumber(redis.call('HGET', KEYS[1], ':peak') or '0') then
+  redis.call('HSET', KEYS[1], ':peak', others + g)
+end
+return g
 )lua";
 
   struct owned {
@@ -316,6 +447,10 @@ return released
           control_channel(options.prefix + "node:" + options.node_id + ":control"),
           alive_key(options.prefix + "node:" + options.node_id + ":alive"),
           nodes_key(options.prefix + "nodes"),
+          fleet_channel(options.prefix + "fleet"),
+          rollout_key(options.prefix + "rollout"),
+          totals_key(options.prefix + "rollout:totals"),
+          slots_key(options.prefix + "slots"),
           timer(io_context) {}
 
     [[nodiscard]] std::string hash_key(std::string_view id) const {
@@ -436,12 +571,112 @@ return released
       lost.fetch_add(1, std::memory_order_relaxed);
       release(id, false);
     }
+    // Raises the newest rollout known here to `id`; false if it knew `id` or a newer one.
+    bool know_rollout(std::uint32_t id) {
+      auto seen = known_rollout.load();
+      while (seen < id && !known_rollout.compare_exchange_weak(seen, id)) {
+      }
+      return seen < id;
+    }
+    // A message on the fleet channel: "rollout <id>" (published by a node) or "slots" (a node
+    // gave slots back). On the loop.
+    void heard(std::string_view body) {
+      if (body == "slots") {
+        lease_round();
+      } else if (body.substr(0, 8) == "rollout ") {
+        std::uint32_t id = 0;
+        const auto [p, e] = std::from_chars(body.data() + 8, body.data() + body.size(), id);
+        if (e == std::errc{} && p == body.data() + body.size()) fetch_rollout(id);
+      }
+    }
+    // Reads the rollout kept in Redis and hands it over if it is newer than `id` - 1 and than
+    // any this node knows. On the loop.
+    void fetch_rollout(std::uint32_t id) {
+      if (!on_rollout || fetching || id <= known_rollout.load()) return;
+      fetching = true;
+      commands.command({"HGETALL", rollout_key},
+                       [c = shared_from_this()](std::error_code ec, const redisReply* r) {
+                         c->fetching = false;
+                         if (ec) return;  // the next heartbeat looks again
+                         auto rec = parse_rollout(reply::from(r));
+                         if (!rec) return;
+                         // Only ever forwards: a slower reply for an older id changes nothing.
+                         if (!c->know_rollout(rec->rollout)) return;
+                         try {
+                           c->on_rollout(*rec);
+                         } catch (...) {  // a throwing handler misses one rollout, not the loop
+                         }
+                       });
+    }
+    // One round of the slot lease (on the loop; one script in flight at a time).
+    void lease_round() {
+      if (!lease || stopped.load()) return;
+      if (leasing || !commands.connected()) {
+        lease_again = leasing;
+        return;
+      }
+      if (const auto drops = commands.drops(); drops != lease_drops_seen) {
+        lease_drops_seen = drops;
+        lease_check = true;
+      }
+      const auto u = lease->usage();
+      const auto want = std::min(u.active + u.waiting, lease->cap);
+      auto keep = u.limit;
+      if (want < keep) {
+        // Giving back: the limit goes down here first, so that what runs never exceeds the
+        // lease, even while the script is on its way.
+        keep = std::max(u.active, want);
+        lease->set_limit(keep);
+      }
+      // Nothing to change, unless the connection dropped: then the lease is registered again
+      // (Redis may have lost it).
+      if (want == keep && keep == held.load() && !lease_check) return;
+      leasing = true;
+      const auto node = options.node_id;
+      const auto cap = std::to_string(lease->cap);
+      const auto in_use = std::to_string(keep);
+      const auto wanted = std::to_string(want);
+      const auto hold = std::to_string(options.heartbeat_ttl.count());
+      commands.command({"EVAL", lease_script, "1", slots_key, node, cap, in_use, wanted,
+                        lease_check ? "1" : "0", hold},
+                       [c = shared_from_this(), keep](std::error_code ec, const redisReply* r) {
+                         c->leasing = false;
+                         if (!ec) c->lease_check = false;
+                         if (!ec && r->type == REDIS_REPLY_INTEGER && r->integer >= 0) {
+                           const auto granted = static_cast<std::size_t>(r->integer);
+                           const auto before = c->held.exchange(granted);
+                           if (granted > keep) c->lease->set_limit(granted);
+                           if (granted < before) {  // others may use them now
+                             c->commands.command({"PUBLISH", c->fleet_channel, "slots"},
+                                                 [](std::error_code, const redisReply*) {});
+                           }
+                         }
+                         if (std::exchange(c->lease_again, false)) c->lease_round();
+                       });
+    }
     // On the loop: renews the heartbeat, releases dead nodes' devices, and rearms.
     void beat() {
       if (stopped.load()) return;
       if (!commands.connected()) {  // not up yet, or reconnecting: beat as soon as it is
         rearm(std::min(options.heartbeat_period, std::chrono::milliseconds(20)));
         return;
+      }
+      if (const auto drops = commands.drops(); drops != drops_seen) {
+        drops_seen = drops;
+        // Devices whose claim failed while Redis was away run on a default state that is
+        // never written (this node does not own them): let them go, they reconnect and load.
+        std::unordered_set<std::string> failed;
+        {
+          std::lock_guard lock(m);
+          failed.swap(unclaimed);
+        }
+        for (const auto& id : failed) release(id, true);
+        if (on_reconnect) {
+          try {
+            on_reconnect();
+          } catch (...) {  // a throwing handler loses one resync, not the loop
+          }
+        }
       }
       const auto ttl = std::to_string(options.heartbeat_ttl.count());
       commands.command({"SET", alive_key, "1", "PX", ttl},
@@ -456,7 +691,47 @@ return released
                            c->reaped.fetch_add(static_cast<std::uint64_t>(r->integer));
                          }
                        });
+      // A rollout announced while this node could not hear it is found here.
+      commands.command({"HGET", rollout_key, "id"}, [c = shared_from_this()](std::error_code ec,
+                                                                             const redisReply* r) {
+        if (ec || r->type != REDIS_REPLY_STRING) return;
+        c->fetch_rollout(static_cast<std::uint32_t>(to_u64(std::string_view(r->str, r->len))));
+      });
+      commands.command({"HGETALL", totals_key},
+                       [c = shared_from_this()](std::error_code ec, const redisReply* r) {
+                         if (!ec) c->read_totals(reply::from(r));
+                       });
+      commands.command({"HGET", slots_key, ":peak"},
+                       [c = shared_from_this()](std::error_code ec, const redisReply* r) {
+                         if (!ec && r->type == REDIS_REPLY_STRING) {
+                           c->slot_peak.store(to_u64(std::string_view(r->str, r->len)));
+                         }
+                       });
+      lease_round();
       rearm(options.heartbeat_period);
+    }
+    // The fleet's totals from their hash (rollout, s<status>, bytes, timed_out).
+    void read_totals(const reply& fields) {
+      firmware::rollout_totals t;
+      for (std::size_t i = 0; i + 1 < fields.elements.size(); i += 2) {
+        const std::string_view k = fields.elements[i].str;
+        const auto v = to_u64(fields.elements[i + 1].str);
+        if (k == "rollout") t.rollout = static_cast<std::uint32_t>(v);
+        if (k == "s1") t.pending = static_cast<std::size_t>(v);
+        if (k == "s2") t.transferring = static_cast<std::size_t>(v);
+        if (k == "s3") t.verified = static_cast<std::size_t>(v);
+        if (k == "s4") t.failed = static_cast<std::size_t>(v);
+        if (k == "s5") t.skipped = static_cast<std::size_t>(v);
+        if (k == "bytes") t.bytes_acked = v;
+        if (k == "timed_out") t.timed_out = static_cast<std::size_t>(v);
+      }
+      t.peak_transferring = static_cast<std::size_t>(slot_peak.load());
+      std::lock_guard lock(totals_mutex);
+      if (t.rollout == 0) {
+        totals.reset();
+      } else {
+        totals = std::move(t);
+      }
     }
     void rearm(std::chrono::milliseconds after) {
       timer.expires_after(after);
@@ -472,13 +747,42 @@ return released
     const std::string control_channel;
     const std::string alive_key;
     const std::string nodes_key;
+    const std::string fleet_channel;  // rollouts published, slots given back
+    const std::string rollout_key;
+    const std::string totals_key;
+    const std::string slots_key;
     asio::steady_timer timer;  // the loop's only
     release_fn on_release;
+    rollout_fn on_rollout;
+    std::function<void()> on_reconnect;
+    std::uint64_t drops_seen = 0;  // the loop's: the connection's drops at the last heartbeat
+
+    // The rollout: the newest id this node published, loaded or handed over (any thread), and
+    // whether a fetch is in flight (the loop's).
+    std::atomic<std::uint32_t> known_rollout{0};
+    bool fetching = false;
+    mutable std::mutex totals_mutex;
+    std::optional<firmware::rollout_totals> totals;  // behind totals_mutex
+
+    // The slot lease; all but `lease_posted` and `held` are the loop's.
+    struct lease_state {
+      std::size_t cap = 0;
+      usage_fn usage;
+      limit_fn set_limit;
+    };
+    std::optional<lease_state> lease;
+    std::atomic<bool> lease_posted{false};
+    std::atomic<std::size_t> held{0};  // the lease Redis granted last
+    bool leasing = false;              // a lease script is in flight
+    bool lease_again = false;          // another round was asked for meanwhile
+    bool lease_check = false;          // the connection dropped since the last round
+    std::uint64_t lease_drops_seen = 0;
     std::atomic<bool> stopped{false};
 
     std::mutex m;  // guards the owned table and the batch below
     std::unordered_map<std::string, owned, id_hash, std::equal_to<>> owned_devices;
-    std::thread::id batcher{};  // the thread between begin_batch and commit_batch
+    std::unordered_set<std::string> unclaimed;  // loads that failed (Redis away)
+    std::thread::id batcher{};                  // the thread between begin_batch and commit_batch
     // The batch's dispatched messages per device, written once per device at commit (the
     // window goes as it is then): most batches carry many messages of each device.
     std::unordered_map<std::string, dispatched_run, id_hash, std::equal_to<>> dispatched;
@@ -493,8 +797,27 @@ return released
     std::atomic<std::uint64_t> not_owned{0};
     std::atomic<std::uint64_t> reaped{0};
     std::atomic<std::uint64_t> heartbeats{0};
+    std::atomic<std::uint64_t> slot_peak{0};  // most slots leased at once, fleet-wide
   };
 
+  // A rollout from its hash (HGETALL: id, version, image); none when it has no id.
+  static std::optional<store::rollout_record> parse_rollout(const reply& fields) {
+    store::rollout_record rec;
+    for (std::size_t i = 0; i + 1 < fields.elements.size(); i += 2) {
+      const std::string_view k = fields.elements[i].str;
+      const std::string& v = fields.elements[i + 1].str;
+      if (k == "id") {
+        rec.rollout = static_cast<std::uint32_t>(to_u64(v));
+      } else if (k == "version") {
+        rec.version = v;
+      } else if (k == "image") {
+        rec.image.resize(v.size());
+        std::memcpy(rec.image.data(), v.data(), v.size());
+      }
+    }
+    if (rec.rollout == 0) return std::nullopt;
+    return rec;
+  }
   // Fills `st` from a device hash (HGETALL: field, value, ...) and replay set (ZRANGE ...
   // WITHSCORES: member, score, ...).
   static void parse(const reply& fields, const reply& replay, store::device_state& st);
@@ -565,19 +888,22 @@ inline store::load_result state_store::load(const std::string& id) {
   const auto res = c.commands.call(
       {"EVAL", claim_script, "3", h, r, epoch_key, c.options.node_id, fresh, c.options.prefix, id},
       c.options.reply_timeout);
-  if (res.ec) {
-    out.error = res.ec;
-    return out;
-  }
   const auto& v = res.value;
-  if (v.type != reply_type::array || v.elements.size() != 4) {
+  if (!res.ec && (v.type != reply_type::array || v.elements.size() != 4)) {
     out.error = errc::error_reply;
+  } else {
+    out.error = res.ec;
+  }
+  if (out.error) {
+    std::lock_guard lock(c.m);
+    c.unclaimed.insert(id);  // let go when Redis is back (see `beat`)
     return out;
   }
   parse(v.elements[2], v.elements[3], out.state);
   const auto token = static_cast<std::uint64_t>(v.elements[0].integer);
   {
     std::lock_guard lock(c.m);
+    c.unclaimed.erase(id);
     auto& o = c.owned_devices[id];
     o.token = token;
     o.window = out.state.dispatched;
@@ -609,6 +935,7 @@ inline std::error_code state_store::forget(const std::string& id) {
   {
     std::lock_guard lock(c.m);
     c.owned_devices.erase(id);
+    c.unclaimed.erase(id);
     c.dispatched.erase(id);
   }
   const auto h = c.hash_key(id);
@@ -659,27 +986,33 @@ inline std::error_code state_store::save_rollout(const store::rollout_record& r)
 inline store::rollout_load_result state_store::load_rollout() {
   core& c = *core_;
   store::rollout_load_result out;
-  const auto key = c.options.prefix + "rollout";
-  const auto res = c.commands.call({"HGETALL", key}, c.options.reply_timeout);
+  const auto res = c.commands.call({"HGETALL", c.rollout_key}, c.options.reply_timeout);
   if (res.ec) {
     out.error = res.ec;
     return out;
   }
-  if (res.value.elements.empty()) return out;
-  store::rollout_record rec;
-  for (std::size_t i = 0; i + 1 < res.value.elements.size(); i += 2) {
-    const std::string_view k = res.value.elements[i].str;
-    const std::string& v = res.value.elements[i + 1].str;
-    if (k == "id") {
-      rec.rollout = static_cast<std::uint32_t>(to_u64(v));
-    } else if (k == "version") {
-      rec.version = v;
-    } else if (k == "image") {
-      rec.image.resize(v.size());
-      for (std::size_t b = 0; b < v.size(); ++b) rec.image[b] = static_cast<std::byte>(v[b]);
-    }
+  out.rollout = parse_rollout(res.value);
+  if (out.rollout) c.know_rollout(out.rollout->rollout);
+  return out;
+}
+
+inline store::rollout_publish_result state_store::publish_rollout(const store::rollout_record& r) {
+  core& c = *core_;
+  store::rollout_publish_result out;
+  const auto ids = c.options.prefix + "rollout:id";
+  const auto candidate = std::to_string(r.rollout);
+  const std::string_view image(reinterpret_cast<const char*>(r.image.data()), r.image.size());
+  const auto res = c.commands.call({"EVAL", publish_script, "2", c.rollout_key, ids, candidate,
+                                    r.version, image, c.fleet_channel},
+                                   c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+  } else if (res.value.type != reply_type::integer || res.value.integer <= 0) {
+    out.error = errc::error_reply;
+  } else {
+    out.rollout = static_cast<std::uint32_t>(res.value.integer);
+    c.know_rollout(out.rollout);  // its announcement, heard here too, is not adopted
   }
-  out.rollout = std::move(rec);
   return out;
 }
 

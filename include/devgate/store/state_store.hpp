@@ -179,6 +179,14 @@ struct rollout_load_result {
   std::error_code error;                  ///< Why the store could not answer (empty: it did).
 };
 
+/// What a store shared by several nodes made of a new rollout (`fleet_rollout_store`): the id
+/// the fleet gave it (0: this store does not share rollouts; the caller numbers and saves it
+/// itself), or why it could not (nothing was published).
+struct rollout_publish_result {
+  std::uint32_t rollout = 0;  ///< Fleet-wide rollout id (0: not handled).
+  std::error_code error;      ///< Why the store refused (empty: it did not).
+};
+
 /// What `load` answers: the device's state, or the error that kept the store from reading it
 /// (then `state` is a default one, and the hub counts the error and carries on with it).
 struct load_result {
@@ -240,6 +248,14 @@ concept durable_state_store = state_store<S> &&
   { s.record_dispatched(id, d) } -> std::same_as<std::error_code>;
   { s.save_rollout(r) } -> std::same_as<std::error_code>;
   { s.load_rollout() } -> std::same_as<rollout_load_result>;
+};
+
+/// A durable store that several gateway nodes share and that numbers rollouts fleet-wide:
+/// `publish_rollout` keeps the rollout under an id above every earlier one of the fleet and
+/// tells the other nodes (on the calling thread; it may block).
+template <class S>
+concept fleet_rollout_store = requires(S& s, const rollout_record& r) {
+  { s.publish_rollout(r) } -> std::same_as<rollout_publish_result>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before

@@ -231,6 +231,23 @@ class write_behind {
       return submit(std::move(o), true);
     }
   }
+  /// A store shared by several nodes (`fleet_rollout_store`) numbers, keeps and announces
+  /// rollout `r` fleet-wide, on the calling thread; any other store: nothing (rollout 0).
+  [[nodiscard]] rollout_publish_result publish_rollout(const rollout_record& r) {
+    if constexpr (!fleet_rollout_store<Store>) {
+      (void)r;
+      return {};
+    } else {
+      try {
+        auto res = store_.publish_rollout(r);
+        if (res.error) failed("publish_rollout", {}, res.error);
+        return res;
+      } catch (...) {
+        failed("publish_rollout", {}, std::make_error_code(std::errc::io_error));
+        return {0, std::make_error_code(std::errc::io_error)};
+      }
+    }
+  }
   /// The rollout the store keeps, read on the calling thread (none for a store that keeps
   /// none, or when it fails: counted and reported).
   [[nodiscard]] std::optional<rollout_record> load_rollout() {
