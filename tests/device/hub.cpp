@@ -551,6 +551,10 @@ TEST_CASE("pub/sub: a batched server-log subscriber gets every line, a batch per
   in_process_transport t;
   dev::hub_options o;
   o.may_subscribe = dev::allow_topics({"fleet", "server"});
+  // One worker: the lines of one batch stay in order, but two workers publish their batches'
+  // frames concurrently, so with more the frames may arrive in either order (seen under TSan).
+  o.pipeline.pool.min_workers = 1;
+  o.pipeline.pool.max_workers = 1;
   hub_t hub(t, {}, o);
   REQUIRE_FALSE(hub.start());
   auto a = connect(t, "a");
