@@ -821,7 +821,8 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--redis", cfg.redis_url,
                  "redis://[[user]:password@]HOST[:PORT][/db]: be a node of a cluster whose "
-                 "nodes share the server log through Redis pub/sub (with --node-id)");
+                 "nodes share device state, the server log and firmware rollouts through Redis "
+                 "(with --node-id)");
   app.add_option("--node-id", cfg.node_id, "This node's name in the cluster (1 to 64 characters)");
   CLI11_PARSE(app, argc, argv);
   if (cfg.redis_url.empty() != cfg.node_id.empty()) {
