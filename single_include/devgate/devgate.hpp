@@ -11035,17 +11035,22 @@ namespace devgate::firmware {
 /// a `slice` of that buffer (no copy per device, no header built per send).
 class image {
  public:
+  /// Throws std::invalid_argument for bytes no image can hold: empty, or over
+  /// `device::max_firmware_size` (4 GiB - 1).
+  static void check(std::span<const std::byte> bytes) {
+    if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
+    if (bytes.size() > device::max_firmware_size) {
+      throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
+    }
+  }
   /// Cuts `bytes` (copied once) into chunks of `chunk_size` for rollout `rollout`.
   /// Throws std::invalid_argument for an empty image, chunk_size 0 or an image over
   /// `device::max_firmware_size` (4 GiB - 1).
   image(std::uint32_t rollout, std::string version, std::span<const std::byte> bytes,
         std::size_t chunk_size)
       : rollout_(rollout), version_(std::move(version)), size_(bytes.size()), chunk_(chunk_size) {
-    if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
+    check(bytes);
     if (chunk_size == 0) throw std::invalid_argument("firmware image: chunk_size must be > 0");
-    if (bytes.size() > device::max_firmware_size) {
-      throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
-    }
     sha256_ = detail::hex_encode(detail::sha256(bytes));
     chunks_ = (size_ + chunk_ - 1) / chunk_;
     const std::size_t total = size_ + chunks_ * device::chunk_header_size;
@@ -12429,11 +12434,7 @@ class rollout_engine {
     // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
     // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
     if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
-      // The image's own checks, before the fleet hears of it.
-      if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
-      if (bytes.size() > device::max_firmware_size) {
-        throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
-      }
+      image::check(bytes);  // before the fleet hears of it
       const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
       if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
       if (r.rollout != 0) {

@@ -134,11 +134,7 @@ class rollout_engine {
     // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
     // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
     if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
-      // The image's own checks, before the fleet hears of it.
-      if (bytes.empty()) throw std::invalid_argument("firmware image: the image is empty");
-      if (bytes.size() > device::max_firmware_size) {
-        throw std::invalid_argument("firmware image: images over 4 GiB cannot be addressed");
-      }
+      image::check(bytes);  // before the fleet hears of it
       const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
       if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
       if (r.rollout != 0) {
