@@ -536,6 +536,11 @@ struct bridge_node {
     commands.start();
     subscriptions.start();
   }
+  // The bridge delivers on the loop thread until it stops: stop it before `got` and `m` go
+  // (members die in reverse order, the bridge after them).
+  ~bridge_node() { bridge.stop(); }
+  bridge_node(const bridge_node&) = delete;
+  bridge_node& operator=(const bridge_node&) = delete;
   static redis::topic_bridge_options options(const std::string& id,
                                              std::vector<std::string> topics) {
     redis::topic_bridge_options o;
