@@ -990,6 +990,8 @@ int main(int argc, char** argv) {
     ho.leased_transfer_slots = true;
     ho.on_slot_demand = [link] { link->store().want_slots(); };
     ho.fleet_rollout_totals = [link] { return link->store().rollout_totals(); };
+    // The pages' gateway figures are the cluster's: each node's summed over the live nodes.
+    ho.fleet_figures = [link] { return link->store().fleet_figures(); };
   }
 #endif
   demo_hub hub(transport, demo_sink{fx}, ho, std::move(*loaded));
@@ -1028,6 +1030,7 @@ int main(int argc, char** argv) {
     cluster->store().lease_transfer_slots(
         ho.max_concurrent_transfers, [&hub] { return hub.slots().usage(); },
         [&hub](std::size_t n) { hub.set_transfer_limit(n); });
+    cluster->store().share_figures([&hub] { return hub.figures(); });
     cluster->start(hub.bus());
     auto* link = &*cluster;
     rc.cluster = cluster_view{[link] { return link->up(); },

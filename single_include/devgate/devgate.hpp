@@ -9835,6 +9835,19 @@ struct rollout_publish_result {
   std::error_code error;      ///< Why the store refused (empty: it did not).
 };
 
+/// A gateway node's figures as it shares them with the other nodes of a fleet
+/// (`redis::state_store::share_figures`), or their sum over the fleet's live nodes.
+struct gateway_figures {
+  std::size_t nodes = 0;            ///< Nodes counted (1 for a node's own figures).
+  std::uint64_t connected = 0;      ///< Sessions open.
+  std::uint64_t devices = 0;        ///< Device records held in memory.
+  std::uint64_t enqueued = 0;       ///< Device messages accepted by the pipelines.
+  std::uint64_t dispatched = 0;     ///< Device messages dispatched.
+  std::uint64_t queue_depth = 0;    ///< Accepted, not yet dispatched.
+  std::uint64_t workers_alive = 0;  ///< Pipeline workers running.
+  double msgs_per_s = 0;            ///< Dispatched per second, lately.
+};
+
 /// What `load` answers: the device's state, or the error that kept the store from reading it
 /// (then `state` is a default one, and the hub counts the error and carries on with it).
 struct load_result {
@@ -13216,6 +13229,11 @@ struct hub_options {
   /// of the current rollout (`redis::state_store::rollout_totals`). Empty, or an answer for
   /// another rollout: this hub's own counts. Called on any thread: it must not block.
   std::function<std::optional<firmware::rollout_totals>()> fleet_rollout_totals;
+  /// Several nodes, one fleet: where `publish_stats` reads the figures summed over the fleet's
+  /// live nodes (`redis::state_store::fleet_figures`); they replace this hub's own connected,
+  /// devices, queue depth, workers, dispatched and rate in the stats frame, which then says
+  /// `nodes`. Empty, or no answer: this hub's own. Called on any thread: it must not block.
+  std::function<std::optional<store::gateway_figures>()> fleet_figures;
 };
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).
@@ -14723,8 +14741,16 @@ class hub {
     s.rollout = rollout();
     return s;
   }
+  /// This node's figures as a fleet shares them (`redis::state_store::share_figures`; the
+  /// store computes `msgs_per_s`).
+  [[nodiscard]] store::gateway_figures figures() const {
+    const auto s = stats();
+    return {1, s.connected, s.devices, s.enqueued, s.dispatched, s.queue_depth, s.workers_alive, 0};
+  }
   /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
-  /// `msgs_per_s` computed from the previous call. Returns the recipients.
+  /// `msgs_per_s` computed from the previous call. With `hub_options::fleet_figures` the
+  /// gateway figures are the fleet's (and `nodes` says over how many nodes). Returns the
+  /// recipients.
   std::size_t publish_stats() {
     const auto s = stats();
     double rate = 0;
@@ -14755,6 +14781,17 @@ class hub {
                           {"failed", s.rollout.failed},
                           {"skipped", s.rollout.skipped},
                           {"bytes_acked", s.rollout.bytes_acked}}}};
+    if (options_.fleet_figures) {
+      if (const auto f = options_.fleet_figures(); f && f->nodes > 0) {
+        data["nodes"] = f->nodes;
+        data["connected"] = f->connected;
+        data["devices"] = f->devices;
+        data["queue_depth"] = f->queue_depth;
+        data["workers_alive"] = f->workers_alive;
+        data["dispatched"] = f->dispatched;
+        data["msgs_per_s"] = f->msgs_per_s;
+      }
+    }
     return bus_.publish(topics::stats, make_envelope("event", 0, topics::stats, data.dump()));
   }
   /// The pipeline (metrics, Prometheus text).

@@ -6,6 +6,8 @@ three examples/demo_server nodes with `--redis redis://127.0.0.1:<port> --node-i
 with clients no one here wrote (Debian's python3-websockets):
   - on each node an observer subscribes to the `server` topic, and a device on each node sends;
     every observer sees every node's dispatched messages, each exactly once;
+  - a page on node c subscribed to `stats` shows the cluster's figures (3 nodes, every
+    connected device, every dispatched message);
   - a device moves a -> b -> c: b takes it over from a (a closes with 4000), its message count,
     epoch and the receipts kept for it follow it, each delivered once in order;
   - Redis stopped: a node's own observer still sees its node's messages, the others do not
@@ -283,6 +285,25 @@ async def one_fleet(ports, observers):
     return epoch
 
 
+async def fleet_stats(ports, observers, devices):
+    """A page on any node shows the cluster's figures: summed over the three nodes."""
+    ws, _ = await hello(ports["c"], "stats-page")
+    await ws.send(json.dumps({"type": "subscribe", "topic": "stats"}))
+    # 3 observers, 3 devices and this page; every message the nodes dispatched (each node's
+    # observer saw each of its own node's).
+    want = (3, 7, sum(len(set(observers[n].seqs(d.name))) for n, d in devices.items()))
+    got = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and got != want:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if msg.get("type") == "event" and msg.get("topic") == "stats":
+            d = msg["data"]
+            got = (d.get("nodes"), d.get("connected"), d.get("dispatched"))
+    check(got == want, f"a page on node c shows the cluster's nodes, connected devices and "
+                       f"dispatched messages {want} ({got})")
+    await ws.close()
+
+
 async def scenario(ports, redis, nodes):
     observers = {n: Observer(ports[n], f"watch-{n}") for n in NODES}
     tasks = []
@@ -320,6 +341,7 @@ async def scenario(ports, redis, nodes):
     dupes = [(o.name, m) for o in observers.values() for m in sent if o.count(*m) != 1]
     check(not dupes, f"no message seen twice ({dupes[:3]})")
 
+    await fleet_stats(ports, observers, devices)
     epoch_before = await one_fleet(ports, observers)
     await fleet_rollout(ports)
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -64,6 +65,7 @@ struct node {
           fleet_cap, [this] { return hub.slots().usage(); },
           [this](std::size_t n) { hub.set_transfer_limit(n); });
     }
+    store.share_figures([this] { return hub.figures(); });
     store.on_release([this](const std::string& device, bool fenced) {
       if (fenced) {
         hub.release_device(device, devgate::close_code::try_again_later,
@@ -86,6 +88,7 @@ struct node {
   }
   dev::hub_options hub_options(std::size_t fleet_cap) {
     dev::hub_options o;
+    o.fleet_figures = [this] { return store.fleet_figures(); };
     if (fleet_cap == 0) return o;
     o.max_concurrent_transfers = fleet_cap;
     o.leased_transfer_slots = true;
@@ -239,6 +242,76 @@ TEST_CASE(
   // B's writes go in.
   REQUIRE_FALSE(b.store.add_messages_sent("fenced", 2));
   CHECK(b.store.peek("fenced").state.messages_sent == before + 2);
+}
+
+TEST_CASE(
+    "redis state store: every node's stats show the fleet's figures, summed over the live "
+    "nodes; a node that stops or goes silent leaves the sum",
+    "[redis][cluster]") {
+  redis_server server;
+  loop l;
+  node a(l, server.url(), "a"), b(l, server.url(), "b");
+  auto c = std::make_unique<node>(l, server.url(), "c");
+  std::vector<device> devices;
+  for (int i = 0; i < 6; ++i)
+    devices.push_back({devgate::testing::numbered("fig", i), {}, 0, {}, {}, {}});
+  // 1 device on A, 2 on B, 3 on C; those on C send 10 messages each.
+  node* at[] = {&a, &b, &b, c.get(), c.get(), c.get()};
+  for (int i = 0; i < 6; ++i) devices[i].connect(*at[i]);
+  for (int i = 3; i < 6; ++i) {
+    for (int m = 0; m < 10; ++m) {
+      REQUIRE_FALSE(devices[i].s->push(json{{"type", "send"}, {"data", m}}.dump()));
+    }
+  }
+  auto fleet_of = [](node& n) {
+    return n.store.fleet_figures().value_or(devgate::store::gateway_figures{});
+  };
+  REQUIRE(eventually([&] {
+    for (node* n : {&a, &b, c.get()}) {
+      const auto f = fleet_of(*n);
+      if (f.nodes != 3 || f.connected != 6 || f.dispatched != 30) return false;
+    }
+    return true;
+  }));
+  CHECK(fleet_of(a).devices == 6);
+  CHECK(fleet_of(a).enqueued == 30);
+  CHECK(a.hub.stats().connected == 1);  // the node's own figures stay its own
+  // The stats frame on A carries the fleet's figures.
+  std::optional<json> frame;
+  std::mutex m;
+  auto token = a.hub.subscribe("stats", [&](std::string_view, const devgate::shared_bytes& p) {
+    std::lock_guard lock(m);
+    frame = json::parse(p.view());
+  });
+  REQUIRE(eventually([&] {
+    a.hub.publish_stats();
+    std::lock_guard lock(m);
+    return frame.has_value();
+  }));
+  a.hub.unsubscribe(token);
+  {
+    std::lock_guard lock(m);
+    const auto& data = frame->at("data");
+    CHECK(data.at("nodes") == 3);
+    CHECK(data.at("connected") == 6);
+    CHECK(data.at("dispatched") == 30);
+  }
+
+  // B goes silent (its commands connection stops: no figures, no goodbye): within three
+  // heartbeat periods it is no longer counted.
+  b.commands.stop();
+  REQUIRE(eventually([&] {
+    const auto f = fleet_of(a);
+    return f.nodes == 2 && f.connected == 4;
+  }));
+  // C stops (its devices gone first): its entry goes at once.
+  for (int i = 3; i < 6; ++i) devices[i].s.reset();
+  c.reset();
+  REQUIRE(eventually([&] {
+    const auto f = fleet_of(a);
+    return f.nodes == 1 && f.connected == 1 && f.dispatched == 0;
+  }));
+  CHECK(devgate::testing::integer_of(a.commands, {"HEXISTS", "devgate:figures", "c"}) == 0);
 }
 
 TEST_CASE("redis state store: a node that stops beating loses its devices to the live nodes",

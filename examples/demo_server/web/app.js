@@ -100,8 +100,11 @@
     $('figures').classList.remove('stale');
     $('connected-devices').textContent = String(s.connected);
     $('queue-depth').textContent = String(s.queue_depth);
+    // A cluster node sends the cluster's figures, summed over its live nodes.
+    const nodes = typeof s.nodes === 'number' ? s.nodes : 1;
+    $('gateway-title').textContent = typeof s.nodes === 'number' ? `Gateway · ${nodes} node${nodes === 1 ? '' : 's'}` : 'Gateway';
     $('workers-alive').textContent = String(s.workers_alive);
-    $('workers-max').textContent = workersMax === null ? '' : ` / ${workersMax}`;
+    $('workers-max').textContent = workersMax === null ? '' : ` / ${workersMax * nodes}`;
     $('msgs-per-s').textContent = s.msgs_per_s >= 10 ? s.msgs_per_s.toFixed(0) : s.msgs_per_s.toFixed(1);
     $('dispatched').textContent = String(s.dispatched);
     const r = s.rollout;

@@ -297,8 +297,16 @@ class hub {
     s.rollout = rollout();
     return s;
   }
+  /// This node's figures as a fleet shares them (`redis::state_store::share_figures`; the
+  /// store computes `msgs_per_s`).
+  [[nodiscard]] store::gateway_figures figures() const {
+    const auto s = stats();
+    return {1, s.connected, s.devices, s.enqueued, s.dispatched, s.queue_depth, s.workers_alive, 0};
+  }
   /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
-  /// `msgs_per_s` computed from the previous call. Returns the recipients.
+  /// `msgs_per_s` computed from the previous call. With `hub_options::fleet_figures` the
+  /// gateway figures are the fleet's (and `nodes` says over how many nodes). Returns the
+  /// recipients.
   std::size_t publish_stats() {
     const auto s = stats();
     double rate = 0;
@@ -329,6 +337,17 @@ class hub {
                           {"failed", s.rollout.failed},
                           {"skipped", s.rollout.skipped},
                           {"bytes_acked", s.rollout.bytes_acked}}}};
+    if (options_.fleet_figures) {
+      if (const auto f = options_.fleet_figures(); f && f->nodes > 0) {
+        data["nodes"] = f->nodes;
+        data["connected"] = f->connected;
+        data["devices"] = f->devices;
+        data["queue_depth"] = f->queue_depth;
+        data["workers_alive"] = f->workers_alive;
+        data["dispatched"] = f->dispatched;
+        data["msgs_per_s"] = f->msgs_per_s;
+      }
+    }
     return bus_.publish(topics::stats, make_envelope("event", 0, topics::stats, data.dump()));
   }
   /// The pipeline (metrics, Prometheus text).

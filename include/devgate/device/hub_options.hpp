@@ -121,6 +121,11 @@ struct hub_options {
   /// of the current rollout (`redis::state_store::rollout_totals`). Empty, or an answer for
   /// another rollout: this hub's own counts. Called on any thread: it must not block.
   std::function<std::optional<firmware::rollout_totals>()> fleet_rollout_totals;
+  /// Several nodes, one fleet: where `publish_stats` reads the figures summed over the fleet's
+  /// live nodes (`redis::state_store::fleet_figures`); they replace this hub's own connected,
+  /// devices, queue depth, workers, dispatched and rate in the stats frame, which then says
+  /// `nodes`. Empty, or no answer: this hub's own. Called on any thread: it must not block.
+  std::function<std::optional<store::gateway_figures>()> fleet_figures;
 };
 
 /// Gateway figures (also what `publish_stats` sends on the stats topic).

@@ -62,7 +62,8 @@ struct state_store_options {
 /// that node's store calls the release handler (`on_release`), which lets the device go on its
 /// hub (`hub::release_device`: its session is closed with 4000); a write refused by the fence
 /// also calls it. Nodes renew heartbeat keys (`<prefix>node:<node>:alive`, expiring after
-/// `heartbeat_ttl`); a live node releases the devices of a node whose key expired.
+/// `heartbeat_ttl`); a live node releases the devices of a node whose key expired. With
+/// `share_figures`, each heartbeat also shares the node's figures and reads the fleet's sum.
 ///
 /// The **epoch** (`<prefix>epoch`, random, made by the first claim that finds none) changes only
 /// when Redis lost its data; each device record carries the epoch it was made in, and the hub
@@ -152,6 +153,21 @@ class state_store {
     std::lock_guard lock(core_->totals_mutex);
     return core_->totals;
   }
+  /// This node's figures, read at each heartbeat (`hub::figures`).
+  using figures_fn = std::function<store::gateway_figures()>;
+  /// Shares this node's figures with the fleet (before `start`): at each heartbeat they go to
+  /// `<prefix>figures` (node -> figures, stamped with Redis' clock; `msgs_per_s` from
+  /// `dispatched` since the previous heartbeat) and the sum over the nodes that wrote theirs
+  /// within three heartbeat periods comes back (`fleet_figures`). A node that stops removes
+  /// its entry; a dead one's is removed after `heartbeat_ttl`.
+  void share_figures(figures_fn own) { core_->own_figures = std::move(own); }
+  /// The fleet's figures summed over its live nodes (with `share_figures`), refreshed at each
+  /// heartbeat; std::nullopt before the first. For `hub_options::fleet_figures`: it does not
+  /// block.
+  [[nodiscard]] std::optional<store::gateway_figures> fleet_figures() const {
+    std::lock_guard lock(core_->totals_mutex);
+    return core_->fleet;
+  }
   /// Slots this node holds of the fleet's cap (its last lease).
   [[nodiscard]] std::size_t leased_slots() const noexcept { return core_->held.load(); }
   /// Subscribes to the node's control channel and starts the heartbeat (renewed every
@@ -166,7 +182,13 @@ class state_store {
     core_->stopped.store(true);
     core_->control.unsubscribe(core_->control_channel);
     core_->control.unsubscribe(core_->fleet_channel);
-    asio::post(core_->io, [c = core_] { c->timer.cancel(); });
+    asio::post(core_->io, [c = core_] {
+      c->timer.cancel();
+      if (c->own_figures) {  // gone from the fleet's sum at once, not after three periods
+        c->commands.command({"HDEL", c->figures_key, c->options.node_id},
+                            [](std::error_code, const redisReply*) {});
+      }
+    });
   }
 
   /// Claims device `id` for this node and reads its state (one script: the claim, the record,
@@ -422,6 +444,25 @@ end
 return g
 )lua";
 
+  // KEYS[1]: the nodes' figures (node -> "<Redis ms> <figures>"). ARGV: node, its figures, how
+  // old (ms) an entry may be to count, how old it may be to stay. Returns the entries counted.
+  static constexpr std::string_view figures_script = R"lua(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. ARGV[2])
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local age = now - (tonumber(string.match(all[i + 1], '^%d+')) or 0)
+  if age > tonumber(ARGV[4]) then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif age <= tonumber(ARGV[3]) then
+    out[#out + 1] = all[i + 1]
+  end
+end
+return out
+)lua";
+
   struct owned {
     std::uint64_t token = 0;
     store::dispatch_window window;  // authoritative while owned: this node alone writes it
@@ -451,6 +492,7 @@ return g
           rollout_key(options.prefix + "rollout"),
           totals_key(options.prefix + "rollout:totals"),
           slots_key(options.prefix + "slots"),
+          figures_key(options.prefix + "figures"),
           timer(io_context) {}
 
     [[nodiscard]] std::string hash_key(std::string_view id) const {
@@ -707,8 +749,67 @@ return g
                            c->slot_peak.store(to_u64(std::string_view(r->str, r->len)));
                          }
                        });
+      share();
       lease_round();
       rearm(options.heartbeat_period);
+    }
+    // On the loop (a heartbeat): writes this node's figures and reads the fleet's sum.
+    void share() {
+      if (!own_figures) return;
+      store::gateway_figures f;
+      try {
+        f = own_figures();
+      } catch (...) {  // a throwing provider skips one heartbeat's figures
+        return;
+      }
+      const auto now = std::chrono::steady_clock::now();
+      double rate = 0;
+      if (figures_at != std::chrono::steady_clock::time_point{} &&
+          f.dispatched >= last_dispatched) {
+        const double secs = std::chrono::duration<double>(now - figures_at).count();
+        if (secs > 0) rate = static_cast<double>(f.dispatched - last_dispatched) / secs;
+      }
+      figures_at = now;
+      last_dispatched = f.dispatched;
+      // The rate travels in thousandths, so that every field is an integer.
+      const auto text = std::to_string(f.connected) + ' ' + std::to_string(f.devices) + ' ' +
+                        std::to_string(f.enqueued) + ' ' + std::to_string(f.dispatched) + ' ' +
+                        std::to_string(f.queue_depth) + ' ' + std::to_string(f.workers_alive) +
+                        ' ' + std::to_string(static_cast<std::uint64_t>(rate * 1000 + 0.5));
+      const auto fresh = std::to_string(3 * options.heartbeat_period.count());
+      const auto ttl = std::to_string(options.heartbeat_ttl.count());
+      commands.command(
+          {"EVAL", figures_script, "1", figures_key, options.node_id, text, fresh, ttl},
+          [c = shared_from_this()](std::error_code ec, const redisReply* r) {
+            if (!ec) c->read_figures(reply::from(r));
+          });
+    }
+    // The fleet's figures from the entries counted ("<ms> connected devices enqueued dispatched
+    // queue workers rate-in-thousandths" each).
+    void read_figures(const reply& entries) {
+      store::gateway_figures sum;
+      for (const auto& e : entries.elements) {
+        std::uint64_t v[8] = {};
+        const char* p = e.str.data();
+        const char* const end = p + e.str.size();
+        int n = 0;
+        for (; n < 8 && p < end; ++n) {
+          const auto [q, ec] = std::from_chars(p, end, v[n]);
+          if (ec != std::errc{}) break;
+          p = q < end ? q + 1 : q;
+        }
+        if (n != 8) continue;  // not written by this version: not counted
+        ++sum.nodes;
+        sum.connected += v[1];
+        sum.devices += v[2];
+        sum.enqueued += v[3];
+        sum.dispatched += v[4];
+        sum.queue_depth += v[5];
+        sum.workers_alive += v[6];
+        sum.msgs_per_s += static_cast<double>(v[7]) / 1000;
+      }
+      std::lock_guard lock(totals_mutex);
+      fleet = sum;
     }
     // The fleet's totals from their hash (rollout, s<status>, bytes, timed_out).
     void read_totals(const reply& fields) {
@@ -751,6 +852,7 @@ return g
     const std::string rollout_key;
     const std::string totals_key;
     const std::string slots_key;
+    const std::string figures_key;
     asio::steady_timer timer;  // the loop's only
     release_fn on_release;
     rollout_fn on_rollout;
@@ -763,6 +865,12 @@ return g
     bool fetching = false;
     mutable std::mutex totals_mutex;
     std::optional<firmware::rollout_totals> totals;  // behind totals_mutex
+    std::optional<store::gateway_figures> fleet;     // behind totals_mutex
+
+    // The figures shared (the provider is set before start; the rest is the loop's).
+    figures_fn own_figures;
+    std::chrono::steady_clock::time_point figures_at{};
+    std::uint64_t last_dispatched = 0;
 
     // The slot lease; all but `lease_posted` and `held` are the loop's.
     struct lease_state {

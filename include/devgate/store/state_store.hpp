@@ -187,6 +187,19 @@ struct rollout_publish_result {
   std::error_code error;      ///< Why the store refused (empty: it did not).
 };
 
+/// A gateway node's figures as it shares them with the other nodes of a fleet
+/// (`redis::state_store::share_figures`), or their sum over the fleet's live nodes.
+struct gateway_figures {
+  std::size_t nodes = 0;            ///< Nodes counted (1 for a node's own figures).
+  std::uint64_t connected = 0;      ///< Sessions open.
+  std::uint64_t devices = 0;        ///< Device records held in memory.
+  std::uint64_t enqueued = 0;       ///< Device messages accepted by the pipelines.
+  std::uint64_t dispatched = 0;     ///< Device messages dispatched.
+  std::uint64_t queue_depth = 0;    ///< Accepted, not yet dispatched.
+  std::uint64_t workers_alive = 0;  ///< Pipeline workers running.
+  double msgs_per_s = 0;            ///< Dispatched per second, lately.
+};
+
 /// What `load` answers: the device's state, or the error that kept the store from reading it
 /// (then `state` is a default one, and the hub counts the error and carries on with it).
 struct load_result {
