@@ -169,6 +169,14 @@ class cluster_link {
            "State writes refused because another node owned the device by then.", store_.fenced());
     metric("cluster_reaped_total", "counter", "Devices of dead nodes this node released.",
            store_.reaped());
+    metric("cluster_routed_out_total", "counter",
+           "Messages for devices on other nodes sent there through Redis.", store_.routed_out());
+    metric("cluster_routed_in_total", "counter",
+           "Messages other nodes routed to devices on this node, numbered and sent here.",
+           store_.routed_in());
+    metric("cluster_routed_refused_total", "counter",
+           "Messages refused because too many waited for their device's node.",
+           store_.routed_refused());
     metric("cluster_transfer_slots_leased", "gauge",
            "Firmware transfer slots this node holds of the cluster's cap.", store_.leased_slots());
   }
@@ -1017,6 +1025,8 @@ int main(int argc, char** argv) {
         hub.release_device(id);
       }
     });
+    // Messages another node's send_to routed to a device held here: numbered and sent here.
+    cluster->store().on_routed([&hub](const std::string& id) { hub.take_routed(id); });
     // Rollouts published on other nodes run here too, within this node's lease of the cap.
     cluster->store().on_rollout([&hub](const devgate::store::rollout_record& r) {
       if (hub.adopt_firmware(r)) {

@@ -9803,6 +9803,9 @@ struct device_state {
   /// store lost what it held (a Redis restarted empty), and the welcome tells the device, so
   /// a device that sees it change knows its history is gone rather than complete.
   std::string epoch;
+  /// Messages other nodes routed to the device that wait for this node to number them
+  /// (`fleet_delivery_store`; the hub takes them once the state is in).
+  std::size_t routed = 0;
 };
 
 /// One device message the sink accepted, as the hub records it under ack policy `on_dispatch`.
@@ -9846,6 +9849,28 @@ struct gateway_figures {
   std::uint64_t queue_depth = 0;    ///< Accepted, not yet dispatched.
   std::uint64_t workers_alive = 0;  ///< Pipeline workers running.
   double msgs_per_s = 0;            ///< Dispatched per second, lately.
+};
+
+/// What `route` answers (`fleet_delivery_store`).
+struct route_result {
+  /// Another live node holds the device: the message waits in the store for that node, which
+  /// was told. False: no other node holds it; the caller delivers it itself.
+  bool routed = false;
+  std::error_code error;  ///< Why the store did not take the message (empty: it answered).
+};
+
+/// The messages routed to a device and not yet taken (`fleet_delivery_store::routed`).
+struct routed_messages {
+  std::vector<std::string> messages;  ///< Each one's `data` (JSON text), oldest first.
+  std::error_code error;              ///< Why the store could not answer (empty: it did).
+};
+
+/// What `keep_routed` did with the messages a node numbered.
+struct keep_routed_result {
+  /// This node no longer owns the device: nothing was kept, and the messages stay routed for
+  /// the node that does.
+  bool refused = false;
+  std::error_code error;  ///< Why the store could not keep them (empty: kept, or refused).
 };
 
 /// What `load` answers: the device's state, or the error that kept the store from reading it
@@ -9917,6 +9942,26 @@ concept durable_state_store = state_store<S> &&
 template <class S>
 concept fleet_rollout_store = requires(S& s, const rollout_record& r) {
   { s.publish_rollout(r) } -> std::same_as<rollout_publish_result>;
+};
+
+/// A durable store shared by several nodes that carries messages for a device to the node
+/// that holds it, instead of that node losing the device to the sender (`hub::send_to`):
+/// - `route(id, data)`: when another live node owns the device, keeps `data` (a `deliver`'s
+///   data, JSON text) for it and tells that node, in one step (`routed`); else nothing
+///   (`routed` false: the caller delivers it itself). An error: the message was not taken.
+/// - `routed(id)`: the messages routed to the device, oldest first, if this node owns it
+///   (none otherwise). They stay routed until `keep_routed`.
+/// - `keep_routed(id, entries)`: keeps the numbered `deliver` frames (as `append_replay`
+///   does) and removes as many routed messages, oldest first, in one step, if this node still
+///   owns the device (`refused` otherwise).
+/// `load` reports in `device_state::routed` how many wait. All may block (store thread, or a
+/// thread that may wait).
+template <class S>
+concept fleet_delivery_store = requires(S& s, const std::string& id, std::string_view data,
+                                        const std::vector<replay_entry>& entries) {
+  { s.route(id, data) } -> std::same_as<route_result>;
+  { s.routed(id) } -> std::same_as<routed_messages>;
+  { s.keep_routed(id, entries) } -> std::same_as<keep_routed_result>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
@@ -10174,6 +10219,8 @@ class write_behind {
   }
   /// True when every call goes straight to the store (it says it never blocks).
   static constexpr bool calls_inline = is_nonblocking_store<Store>;
+  /// True when the store carries deliveries between nodes (`fleet_delivery_store`).
+  static constexpr bool routes = fleet_delivery_store<Store>;
   /// Loads the device's stored state off the calling thread: `done(state)` runs on the store
   /// thread after every write queued before this call (inline for a non-blocking store). False,
   /// with `done` not called, when the queue is full (counted as a dropped call).
@@ -10283,6 +10330,33 @@ class write_behind {
       }
     }
   }
+  /// A store that carries deliveries between nodes (`fleet_delivery_store`) takes `data` for
+  /// device `id` when another node holds it, on the calling thread (errors counted); any
+  /// other store: not routed.
+  [[nodiscard]] route_result route(const std::string& id, std::string_view data) {
+    if constexpr (!fleet_delivery_store<Store>) {
+      (void)id;
+      (void)data;
+      return {};
+    } else {
+      try {
+        auto r = store_.route(id, data);
+        if (r.error) failed("route", id, r.error);
+        return r;
+      } catch (...) {
+        failed("route", id, std::make_error_code(std::errc::io_error));
+        return {false, std::make_error_code(std::errc::io_error)};
+      }
+    }
+  }
+  /// Runs `task(store)` on the store thread after every write queued before it (inline for a
+  /// non-blocking store), for work that calls the store itself (device `id`'s; its error, or
+  /// a throw, is counted and reported). False, with `task` not run, when the queue is full.
+  bool post(const std::string& id, std::function<std::error_code(Store&)> task) {
+    op o{op_kind::task, id};
+    o.task = std::move(task);
+    return !submit(std::move(o));
+  }
   /// The rollout the store keeps, read on the calling thread (none for a store that keeps
   /// none, or when it fails: counted and reported).
   [[nodiscard]] std::optional<rollout_record> load_rollout() {
@@ -10353,7 +10427,8 @@ class write_behind {
     append_replay,
     forget_replay,
     record_dispatched,
-    save_rollout
+    save_rollout,
+    task
   };
   struct op {
     op(op_kind k, std::string device) : kind(k), id(std::move(device)) {}
@@ -10365,7 +10440,8 @@ class write_behind {
     transfer_state transfer;
     dispatch_record dispatched;
     std::shared_ptr<const rollout_record> rollout;
-    std::function<void(device_state&&)> loaded;  // load only: what to do with the state
+    std::function<void(device_state&&)> loaded;   // load only: what to do with the state
+    std::function<std::error_code(Store&)> task;  // task only
   };
   static constexpr std::string_view name(op_kind k) noexcept {
     switch (k) {
@@ -10391,6 +10467,8 @@ class write_behind {
         return "record_dispatched";
       case op_kind::save_rollout:
         return "save_rollout";
+      case op_kind::task:
+        return "task";
     }
     return "write";
   }
@@ -10466,6 +10544,9 @@ class write_behind {
           break;
         case op_kind::save_rollout:
           if constexpr (durable) ec = store_.save_rollout(*o.rollout);
+          break;
+        case op_kind::task:
+          ec = o.task(store_);
           break;
       }
     } catch (...) {
@@ -13696,6 +13777,36 @@ class protocol_dispatch {
       rec.dispatch->window = st.dispatched;
     }
     rollout_.restore_locked(rec, st.transfer);
+    if (st.routed != 0) (void)take_routed(rec.id);  // runs once the record is in
+  }
+  /// Takes the messages other nodes routed to device `id` (`store::fleet_delivery_store`), on
+  /// the store thread: numbers each as the device's next delivery, keeps them in the store
+  /// while removing them from the routed ones (one step, fenced), then sends them. Nothing for
+  /// a device whose state is not in here: they wait for its load, which reports them. False
+  /// when the store's queue is full (they wait for the next call or the device's next load).
+  bool take_routed(const std::string& id) {
+    if constexpr (!Store::routes) {
+      (void)id;
+      return false;
+    } else {
+      return store_.post(id, [this, id](auto& s) -> std::error_code {
+        const auto rec = devices_.find(id);
+        if (!rec || !rec->load.state_in.load(std::memory_order_acquire)) return {};
+        auto r = s.routed(id);
+        if (r.error || r.messages.empty()) return r.error;
+        std::vector<store::replay_entry> kept;
+        kept.reserve(r.messages.size());
+        const routed_journal j{journal_, kept};
+        for (const auto& data : r.messages) (void)out_.deliver(*rec, data, j);
+        const auto k = s.keep_routed(id, kept);
+        // Refused: the device is another node's now; this record is let go (the release
+        // handler) with the messages still held, and they stay routed for that node.
+        if (k.refused) return {};
+        // Kept, or failed (counted; they stay routed and may come again: at least once).
+        out_.stored(*rec, kept.back().seq);
+        return k.error;
+      });
+    }
   }
   /// Ack policy on_dispatch: the store recorded (`ok`) a message of device `id` the sink took,
   /// or failed to. A send with an id leaves the device's in-flight list; recorded, its id goes
@@ -14284,6 +14395,20 @@ class protocol_dispatch {
   const bool require_authentication_;
   const ack_policy ack_;
   const store_journal<Store> journal_{store_};
+
+  // The journal of routed messages being numbered (store thread): each kept message is
+  // collected, held until `keep_routed` has it, instead of queued to the store; the rest
+  // goes to the store's journal.
+  struct routed_journal {
+    const store_journal<Store>& store;
+    std::vector<store::replay_entry>& collected;
+    bool kept(device_record& /*rec*/, std::uint64_t seq, std::string_view frame) const {
+      collected.push_back({seq, std::string(frame)});
+      return true;
+    }
+    void forgot(device_record& rec, std::uint64_t seq) const { store.forgot(rec, seq); }
+    void numbered(device_record& rec, std::uint64_t seq) const { store.numbered(rec, seq); }
+  };
   std::atomic<std::uint64_t> errors_{0};
 };
 
@@ -14297,6 +14422,7 @@ class protocol_dispatch {
 #include <chrono>        // stats rate
 #include <cstddef>       // std::size_t, std::byte
 #include <cstdint>       // sequence numbers, rollout ids
+#include <limits>        // the routed answer
 #include <memory>        // images
 #include <mutex>         // stats rate
 #include <optional>      // lookups
@@ -14588,13 +14714,30 @@ class hub {
     }
     return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
   }
+  /// What `send_to` answers for a message it routed to the node that holds the device (that
+  /// node numbers it).
+  static constexpr std::uint64_t routed = std::numeric_limits<std::uint64_t>::max();
+
   /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
   /// until it acknowledges). Returns the sequence number, 0 for an invalid device id. With a
   /// durable store it is sent once stored (`hub_options::on_deliver_stored`). May wait for the
   /// store (a device it must load): not from a network thread, nor from a store callback.
+  ///
+  /// On a store that carries deliveries between nodes (`store::fleet_delivery_store`), a
+  /// device this hub does not hold that another live node owns gets the message through the
+  /// store from that node (which numbers it: `routed` is returned), instead of being taken
+  /// over; 0 when the store could not take it (Redis away, or too many waiting for that node:
+  /// counted as a store error).
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
     const std::string id(device_id);
+    if constexpr (writer_type::routes) {
+      if (writer_.shared() && !devices_.find(id)) {
+        const auto r = writer_.route(id, data.dump());
+        if (r.error) return 0;
+        if (r.routed) return routed;
+      }
+    }
     std::uint64_t seq = 0;
     {
       auto rec = devices_.get_or_create(
@@ -14638,6 +14781,9 @@ class hub {
   bool adopt_firmware(const store::rollout_record& r) {
     return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
   }
+  /// Takes the messages other nodes routed to device `id`, which this node holds (on the store
+  /// thread): hand it what `redis::state_store::on_routed` reports. Any thread.
+  void take_routed(const std::string& id) { (void)dispatch_.take_routed(id); }
   /// Writes every held device's part in the current rollout to the store again, for a store
   /// that lost writes meanwhile (`redis::state_store::on_reconnect`): the fleet's totals and
   /// each device's status catch up with what happened while it was away.

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <asio/io_context.hpp>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdint>
@@ -40,9 +41,11 @@ namespace dev = devgate::device;
 using node_hub = dev::hub<in_process_transport, devgate::null_sink, redis::state_store>;
 
 redis::state_store_options store_options(const std::string& node,
-                                         std::chrono::milliseconds ttl = 10s) {
+                                         std::chrono::milliseconds ttl = 10s,
+                                         std::size_t max_routed = 1000) {
   redis::state_store_options o;
   o.node_id = node;
+  o.max_routed = max_routed;
   o.heartbeat_period = 50ms;
   o.heartbeat_ttl = ttl;
   return o;
@@ -53,10 +56,10 @@ redis::state_store_options store_options(const std::string& node,
 // nodes and leases its transfer slots from a fleet-wide cap of `fleet_cap`.
 struct node {
   node(loop& l, const std::string& url, const std::string& id, std::chrono::milliseconds ttl = 10s,
-       std::size_t fleet_cap = 0)
+       std::size_t fleet_cap = 0, std::size_t max_routed = 1000)
       : commands(l.io, options_for(url)),
         control(l.io, options_for(url)),
-        store(l.io, commands, control, store_options(id, ttl)),
+        store(l.io, commands, control, store_options(id, ttl, max_routed)),
         hub(transport, devgate::null_sink{}, hub_options(fleet_cap), store) {
     if (fleet_cap != 0) {
       store.on_rollout([this](const devgate::store::rollout_record& r) { hub.adopt_firmware(r); });
@@ -66,6 +69,7 @@ struct node {
           [this](std::size_t n) { hub.set_transfer_limit(n); });
     }
     store.share_figures([this] { return hub.figures(); });
+    store.on_routed([this](const std::string& device) { hub.take_routed(device); });
     store.on_release([this](const std::string& device, bool fenced) {
       if (fenced) {
         hub.release_device(device, devgate::close_code::try_again_later,
@@ -206,6 +210,136 @@ TEST_CASE(
   CHECK(peeked.state.last_seq == 10);
   CHECK(peeked.state.replay.empty());
   CHECK(a.store.fenced() + b.store.fenced() + c.store.fenced() == 0);
+}
+
+TEST_CASE(
+    "redis state store: send_to on any node reaches a device held by another node there, "
+    "numbered by that node, each message once; the device is not taken over",
+    "[redis][cluster][routing]") {
+  redis_server server;
+  loop l;
+  node a(l, server.url(), "a"), b(l, server.url(), "b"), c(l, server.url(), "c");
+  device d{"routee", {}, 0, {}, {}, {}};
+  d.connect(a);
+  REQUIRE(eventually([&] { return d.welcomes.size() == 1 || (d.poll(), false); }));
+  CHECK(a.hub.send_to("routee", {{"n", 1}}) == 1);
+  CHECK(b.hub.send_to("routee", {{"n", 2}}) == node_hub::routed);
+  CHECK(c.hub.send_to("routee", {{"n", 3}}) == node_hub::routed);
+  REQUIRE(eventually([&] { return d.has(3); }));
+  CHECK(d.got == std::vector<int>{1, 2, 3});
+  // B and C at once, 50 each, while A sends too: every message once, each sender's in order,
+  // numbered 4.. by A without a gap.
+  std::atomic<int> refused{0};  // Catch's assertions are for the test's own thread
+  std::thread from_b([&] {
+    for (int n = 100; n < 150; ++n) refused += b.hub.send_to("routee", {{"n", n}}) == 0;
+  });
+  std::thread from_c([&] {
+    for (int n = 200; n < 250; ++n) refused += c.hub.send_to("routee", {{"n", n}}) == 0;
+  });
+  for (int n = 300; n < 310; ++n) a.hub.send_to("routee", {{"n", n}});
+  from_b.join();
+  from_c.join();
+  CHECK(refused == 0);
+  REQUIRE(eventually([&] { return d.has(113); }));
+  CHECK(d.last_seq == 113);
+  std::vector<int> mine[3];
+  for (const int n : d.got) {
+    if (n >= 100) mine[n / 100 - 1].push_back(n);
+  }
+  for (int k = 0; k < 3; ++k) {
+    const int count = k == 2 ? 10 : 50;
+    REQUIRE(mine[k].size() == static_cast<std::size_t>(count));
+    for (int i = 0; i < count; ++i)
+      CHECK(mine[k][static_cast<std::size_t>(i)] == 100 * (k + 1) + i);
+  }
+  // The device stayed where it was; nothing waits in Redis.
+  CHECK_FALSE(d.s->close_status().has_value());
+  CHECK(b.store.owner("routee") == std::optional<std::string>("a"));
+  CHECK(b.store.takeovers() + c.store.takeovers() == 0);
+  CHECK(b.store.routed_out() + c.store.routed_out() == 102);
+  CHECK(a.store.routed_in() == 102);
+  CHECK(devgate::testing::integer_of(a.commands, {"LLEN", "devgate:{routee}:in"}) == 0);
+  // Kept in Redis by A until acknowledged, like its own: all acknowledged, nothing kept.
+  a.settle();
+  CHECK(a.store.peek("routee").state.replay.empty());
+  CHECK(a.store.peek("routee").state.last_seq == 113);
+  CHECK(d.errors.empty());
+}
+
+TEST_CASE(
+    "redis state store: messages routed to a node that cannot hear of them wait in Redis and "
+    "reach the device on the node it moves to; past max_routed the sender is refused",
+    "[redis][cluster][routing][fault]") {
+  redis_server server;
+  loop l;
+  node a(l, server.url(), "a"), b(l, server.url(), "b", 10s, 0, 5), c(l, server.url(), "c");
+  device d{"waiting", {}, 0, {}, {}, {}};
+  d.connect(a);
+  REQUIRE(eventually([&] { return d.welcomes.size() == 1 || (d.poll(), false); }));
+  a.hub.send_to("waiting", {{"n", 1}});
+  REQUIRE(eventually([&] { return d.has(1); }));
+  // A's control connection is down: the notices of routed messages are lost (pub/sub keeps
+  // nothing), the messages are not.
+  a.control.stop();
+  std::this_thread::sleep_for(50ms);
+  for (int n = 2; n <= 6; ++n) CHECK(b.hub.send_to("waiting", {{"n", n}}) == node_hub::routed);
+  // B allows 5 to wait: the next one is refused, said so, counted.
+  CHECK(b.hub.send_to("waiting", {{"n", 7}}) == 0);
+  CHECK(b.store.routed_refused() == 1);
+  std::this_thread::sleep_for(100ms);
+  d.poll();
+  CHECK(d.got == std::vector<int>{1});
+  CHECK(devgate::testing::integer_of(b.commands, {"LLEN", "devgate:{waiting}:in"}) == 5);
+  // The device moves to C: C's claim finds them and numbers them after A's, once each.
+  d.s->disconnect();
+  d.connect(c);
+  REQUIRE(eventually([&] { return d.has(6); }));
+  CHECK(d.got == std::vector<int>{1, 2, 3, 4, 5, 6});
+  CHECK(d.last_seq == 6);
+  CHECK(c.store.routed_in() == 5);
+  CHECK(devgate::testing::integer_of(c.commands, {"LLEN", "devgate:{waiting}:in"}) == 0);
+  // Now routed to C.
+  CHECK(b.hub.send_to("waiting", {{"n", 7}}) == node_hub::routed);
+  REQUIRE(eventually([&] { return d.has(7); }));
+  CHECK(d.got.back() == 7);
+  CHECK(d.errors.empty());
+}
+
+TEST_CASE(
+    "redis state store: routed messages a node read but kept after losing the device stay "
+    "routed for the new owner",
+    "[redis][cluster][routing][fault]") {
+  redis_server server;
+  loop l;
+  node a(l, server.url(), "a"), b(l, server.url(), "b");
+  REQUIRE_FALSE(a.store.load("raced").error);
+  a.control.stop();  // A numbers them itself below, not on a notice
+  std::this_thread::sleep_for(50ms);
+  REQUIRE(b.store.route("raced", R"({"n":1})").routed);
+  REQUIRE(b.store.route("raced", R"({"n":2})").routed);
+  const auto read = a.store.routed("raced");
+  REQUIRE_FALSE(read.error);
+  CHECK(read.messages == std::vector<std::string>{R"({"n":1})", R"({"n":2})"});
+  // B claims the device between A's read and A's keep: A's keep is refused, nothing of it
+  // applies, and B's claim reports both still waiting.
+  const auto claimed = b.store.load("raced");
+  REQUIRE_FALSE(claimed.error);
+  CHECK(claimed.state.routed == 2);
+  const auto kept = a.store.keep_routed("raced", {{1, "one"}, {2, "two"}});
+  CHECK(kept.refused);
+  CHECK_FALSE(kept.error);
+  CHECK(a.store.fenced() == 1);
+  const auto now = b.store.peek("raced").state;
+  CHECK(now.replay.empty());
+  CHECK(now.last_seq == 0);
+  CHECK(b.store.routed("raced").messages.size() == 2);
+  // B's keep applies: kept, and gone from the routed list.
+  const auto ok = b.store.keep_routed("raced", {{1, "one"}, {2, "two"}});
+  CHECK_FALSE(ok.refused);
+  CHECK_FALSE(ok.error);
+  CHECK(b.store.peek("raced").state.replay.size() == 2);
+  CHECK(b.store.peek("raced").state.last_seq == 2);
+  CHECK(b.store.routed("raced").messages.empty());
 }
 
 TEST_CASE(

@@ -186,6 +186,36 @@ class protocol_dispatch {
       rec.dispatch->window = st.dispatched;
     }
     rollout_.restore_locked(rec, st.transfer);
+    if (st.routed != 0) (void)take_routed(rec.id);  // runs once the record is in
+  }
+  /// Takes the messages other nodes routed to device `id` (`store::fleet_delivery_store`), on
+  /// the store thread: numbers each as the device's next delivery, keeps them in the store
+  /// while removing them from the routed ones (one step, fenced), then sends them. Nothing for
+  /// a device whose state is not in here: they wait for its load, which reports them. False
+  /// when the store's queue is full (they wait for the next call or the device's next load).
+  bool take_routed(const std::string& id) {
+    if constexpr (!Store::routes) {
+      (void)id;
+      return false;
+    } else {
+      return store_.post(id, [this, id](auto& s) -> std::error_code {
+        const auto rec = devices_.find(id);
+        if (!rec || !rec->load.state_in.load(std::memory_order_acquire)) return {};
+        auto r = s.routed(id);
+        if (r.error || r.messages.empty()) return r.error;
+        std::vector<store::replay_entry> kept;
+        kept.reserve(r.messages.size());
+        const routed_journal j{journal_, kept};
+        for (const auto& data : r.messages) (void)out_.deliver(*rec, data, j);
+        const auto k = s.keep_routed(id, kept);
+        // Refused: the device is another node's now; this record is let go (the release
+        // handler) with the messages still held, and they stay routed for that node.
+        if (k.refused) return {};
+        // Kept, or failed (counted; they stay routed and may come again: at least once).
+        out_.stored(*rec, kept.back().seq);
+        return k.error;
+      });
+    }
   }
   /// Ack policy on_dispatch: the store recorded (`ok`) a message of device `id` the sink took,
   /// or failed to. A send with an id leaves the device's in-flight list; recorded, its id goes
@@ -774,6 +804,20 @@ class protocol_dispatch {
   const bool require_authentication_;
   const ack_policy ack_;
   const store_journal<Store> journal_{store_};
+
+  // The journal of routed messages being numbered (store thread): each kept message is
+  // collected, held until `keep_routed` has it, instead of queued to the store; the rest
+  // goes to the store's journal.
+  struct routed_journal {
+    const store_journal<Store>& store;
+    std::vector<store::replay_entry>& collected;
+    bool kept(device_record& /*rec*/, std::uint64_t seq, std::string_view frame) const {
+      collected.push_back({seq, std::string(frame)});
+      return true;
+    }
+    void forgot(device_record& rec, std::uint64_t seq) const { store.forgot(rec, seq); }
+    void numbered(device_record& rec, std::uint64_t seq) const { store.numbered(rec, seq); }
+  };
   std::atomic<std::uint64_t> errors_{0};
 };
 

@@ -5,6 +5,7 @@
 #include <chrono>        // stats rate
 #include <cstddef>       // std::size_t, std::byte
 #include <cstdint>       // sequence numbers, rollout ids
+#include <limits>        // the routed answer
 #include <memory>        // images
 #include <mutex>         // stats rate
 #include <optional>      // lookups
@@ -144,13 +145,30 @@ class hub {
     }
     return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
   }
+  /// What `send_to` answers for a message it routed to the node that holds the device (that
+  /// node numbers it).
+  static constexpr std::uint64_t routed = std::numeric_limits<std::uint64_t>::max();
+
   /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
   /// until it acknowledges). Returns the sequence number, 0 for an invalid device id. With a
   /// durable store it is sent once stored (`hub_options::on_deliver_stored`). May wait for the
   /// store (a device it must load): not from a network thread, nor from a store callback.
+  ///
+  /// On a store that carries deliveries between nodes (`store::fleet_delivery_store`), a
+  /// device this hub does not hold that another live node owns gets the message through the
+  /// store from that node (which numbers it: `routed` is returned), instead of being taken
+  /// over; 0 when the store could not take it (Redis away, or too many waiting for that node:
+  /// counted as a store error).
   std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
     if (!is_valid_device_id(device_id)) return 0;
     const std::string id(device_id);
+    if constexpr (writer_type::routes) {
+      if (writer_.shared() && !devices_.find(id)) {
+        const auto r = writer_.route(id, data.dump());
+        if (r.error) return 0;
+        if (r.routed) return routed;
+      }
+    }
     std::uint64_t seq = 0;
     {
       auto rec = devices_.get_or_create(
@@ -194,6 +212,9 @@ class hub {
   bool adopt_firmware(const store::rollout_record& r) {
     return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
   }
+  /// Takes the messages other nodes routed to device `id`, which this node holds (on the store
+  /// thread): hand it what `redis::state_store::on_routed` reports. Any thread.
+  void take_routed(const std::string& id) { (void)dispatch_.take_routed(id); }
   /// Writes every held device's part in the current rollout to the store again, for a store
   /// that lost writes meanwhile (`redis::state_store::on_reconnect`): the fleet's totals and
   /// each device's status catch up with what happened while it was away.

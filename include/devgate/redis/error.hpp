@@ -16,6 +16,7 @@ enum class errc {
   bad_url,           ///< A `redis://` URL could not be parsed.
   too_many_workers,  ///< A sink was called by a worker id past its `max_workers`.
   not_owner,         ///< A state store write for a device this node does not own (now).
+  routed_full,       ///< Too many messages already wait for the device's node to take them.
 };
 
 namespace detail {
@@ -46,6 +47,9 @@ class error_category_impl final : public std::error_category {
       case errc::not_owner:
         return "redis: this node does not own the device (another node took it over, or its "
                "state was never loaded here); the write was not applied";
+      case errc::routed_full:
+        return "redis: too many messages wait for the device's node to take them "
+               "(state_store_options::max_routed); the message was not taken, retry later";
     }
     return "redis: unknown error";
   }

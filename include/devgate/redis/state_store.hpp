@@ -17,6 +17,7 @@
 #include <mutex>                  // the owned table, the batch
 #include <optional>               // owner lookups
 #include <random>                 // a new epoch
+#include <span>                   // a write's arguments
 #include <stdexcept>              // std::invalid_argument at set-up
 #include <string>                 // keys, ids
 #include <string_view>            // argv
@@ -49,6 +50,9 @@ struct state_store_options {
   /// released (ownerless) by the first live node that notices. Longer than a Redis restart you
   /// want to ride out: a node cut off from Redis that long loses its devices' ownership.
   std::chrono::milliseconds heartbeat_ttl{10000};
+  /// Messages that may wait in Redis for the node that holds a device to take them
+  /// (`route`); one more is refused with `errc::routed_full`.
+  std::size_t max_routed = 1000;
 };
 
 /// A device state store in Redis shared by several gateway nodes (a `store::durable_state_store`
@@ -64,6 +68,12 @@ struct state_store_options {
 /// also calls it. Nodes renew heartbeat keys (`<prefix>node:<node>:alive`, expiring after
 /// `heartbeat_ttl`); a live node releases the devices of a node whose key expired. With
 /// `share_figures`, each heartbeat also shares the node's figures and reads the fleet's sum.
+///
+/// **Routing** (`store::fleet_delivery_store`): a message for a device another live node owns
+/// waits in `<prefix>{<id>}:in` and that node is told (`in <id>` on its control channel, handed
+/// to `on_routed`); the node numbers it and keeps it in the replay set while removing it from
+/// the list, in one fenced script, so it is delivered once whether the device stays or moves
+/// (a claim reports how many wait).
 ///
 /// The **epoch** (`<prefix>epoch`, random, made by the first claim that finds none) changes only
 /// when Redis lost its data; each device record carries the epoch it was made in, and the hub
@@ -122,6 +132,11 @@ class state_store {
 
   /// Sets the release handler (before `start`).
   void on_release(release_fn f) { core_->on_release = std::move(f); }
+  /// Called when another node routed messages to device `id`, which this node owns
+  /// (`route`). Runs on the loop's thread; hand it to `hub::take_routed`.
+  using routed_fn = std::function<void(const std::string& id)>;
+  /// Sets the handler of messages routed here (before `start`).
+  void on_routed(routed_fn f) { core_->on_routed = std::move(f); }
   /// Sets the handler of rollouts published elsewhere (before `start`).
   void on_rollout(rollout_fn f) { core_->on_rollout = std::move(f); }
   /// Sets what runs (on the loop) when the commands connection is back after it dropped: the
@@ -245,6 +260,18 @@ class state_store {
   [[nodiscard]] store::rollout_publish_result publish_rollout(const store::rollout_record& r);
   /// The rollout kept, if any.
   [[nodiscard]] store::rollout_load_result load_rollout();
+  /// If another live node owns device `id`, keeps `data` (a `deliver`'s data, JSON text) in
+  /// `<prefix>{<id>}:in` and tells that node, in one script (`routed`); else nothing. Refused
+  /// with `errc::routed_full` when `max_routed` messages wait already.
+  [[nodiscard]] store::route_result route(const std::string& id, std::string_view data);
+  /// The messages routed to device `id`, oldest first (at most `max_routed`), if this node
+  /// owns it; none otherwise.
+  [[nodiscard]] store::routed_messages routed(const std::string& id);
+  /// Keeps `entries` in the device's replay set and removes as many routed messages, in one
+  /// fenced script (`refused` when this node no longer owns the device: the release handler
+  /// hears of it). Waits for the reply, also inside a batch.
+  [[nodiscard]] store::keep_routed_result keep_routed(
+      const std::string& id, const std::vector<store::replay_entry>& entries);
 
   /// Starts a batch: the writes until `commit_batch` are pipelined and not waited for.
   std::error_code begin_batch() {
@@ -284,6 +311,14 @@ class state_store {
   [[nodiscard]] std::uint64_t not_owned() const noexcept { return core_->not_owned.load(); }
   /// Devices of dead nodes this node released.
   [[nodiscard]] std::uint64_t reaped() const noexcept { return core_->reaped.load(); }
+  /// Messages this node routed to the node that holds their device.
+  [[nodiscard]] std::uint64_t routed_out() const noexcept { return core_->routed_out.load(); }
+  /// Routed messages this node took and numbered.
+  [[nodiscard]] std::uint64_t routed_in() const noexcept { return core_->routed_in.load(); }
+  /// Messages refused because too many waited for their device's node.
+  [[nodiscard]] std::uint64_t routed_refused() const noexcept {
+    return core_->routed_refused.load();
+  }
   /// Heartbeats that Redis took.
   [[nodiscard]] std::uint64_t heartbeats() const noexcept { return core_->heartbeats.load(); }
 
@@ -308,7 +343,7 @@ else
   old = ''
 end
 return {token, old, redis.call('HGETALL', KEYS[1]),
-        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), redis.call('LLEN', KEYS[4])}
 )lua";
   static constexpr std::string_view write_script = R"lua(
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or
@@ -356,6 +391,19 @@ elseif op == 'tr' then
 elseif op == 'disp' then
   redis.call('HINCRBY', KEYS[1], 'sent', ARGV[4])
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'win', ARGV[5]) end
+elseif op == 'keepin' then
+  -- ARGV[4..]: seq, frame, ... of routed messages numbered here; as many leave KEYS[3].
+  local top = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  local n = 0
+  for i = 4, #ARGV - 1, 2 do
+    local seq = tonumber(ARGV[i])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], seq, seq)
+    redis.call('ZADD', KEYS[2], seq, ARGV[i + 1])
+    if seq > top then top = seq end
+    n = n + 1
+  end
+  redis.call('HSET', KEYS[1], 'seq', top)
+  redis.call('LTRIM', KEYS[3], n, -1)
 end
 return 1
 )lua";
@@ -365,8 +413,30 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1, 'WI
   static constexpr std::string_view forget_script = R"lua(
 local o = redis.call('HGET', KEYS[1], 'owner')
 if o then redis.call('SREM', ARGV[1] .. 'node:' .. o .. ':devices', ARGV[2]) end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
+)lua";
+  // KEYS: the device's hash and routed list. ARGV: this node, the prefix, the device, the
+  // data, the most that may wait. 1: routed (the owner told); 0: no other live node owns the
+  // device; -1: too many wait.
+  static constexpr std::string_view route_script = R"lua(
+local o = redis.call('HGET', KEYS[1], 'owner')
+if not o or o == ARGV[1] or redis.call('EXISTS', ARGV[2] .. 'node:' .. o .. ':alive') == 0 then
+  return 0
+end
+if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[5]) then return -1 end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[2] .. 'node:' .. o .. ':control', 'in ' .. ARGV[3])
+return 1
+)lua";
+  // KEYS: the device's hash and routed list. ARGV: this node, its claim's token, the most to
+  // read. The routed messages, or false when this node does not own the device under it.
+  static constexpr std::string_view routed_script = R"lua(
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or
+   redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then
+  return false
+end
+return redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 )lua";
   static constexpr std::string_view owner_script = R"lua(
 local o = redis.call('HGET', KEYS[1], 'owner')
@@ -507,10 +577,20 @@ return out
       k.append(options.prefix).append("{").append(id).append("}:r");
       return k;
     }
+    [[nodiscard]] std::string routed_key(std::string_view id) const {
+      std::string k;
+      k.reserve(options.prefix.size() + id.size() + 5);
+      k.append(options.prefix).append("{").append(id).append("}:in");
+      return k;
+    }
 
     // A fenced write: `op` and its arguments after the script's fixed ones.
     std::error_code write(const std::string& id, std::string_view op,
                           std::initializer_list<std::string_view> args) {
+      return write(id, op, std::span<const std::string_view>(args.begin(), args.size()));
+    }
+    std::error_code write(const std::string& id, std::string_view op,
+                          std::span<const std::string_view> args) {
       std::uint64_t token = 0;
       bool batching = false;
       {
@@ -527,11 +607,13 @@ return out
       return send_write(id, token, op, args, batching);
     }
     std::error_code send_write(const std::string& id, std::uint64_t token, std::string_view op,
-                               std::initializer_list<std::string_view> args, bool batching) {
+                               std::span<const std::string_view> args, bool batching) {
       const auto h = hash_key(id);
       const auto r = replay_key(id);
+      const auto in = routed_key(id);
       const auto t = std::to_string(token);
-      std::vector<std::string_view> argv{"EVAL", write_script, "2", h, r, options.node_id, t, op};
+      std::vector<std::string_view> argv{"EVAL", write_script,    "3", h, r,
+                                         in,     options.node_id, t,   op};
       argv.insert(argv.end(), args.begin(), args.end());
       if (batching) {
         commands.command(
@@ -577,7 +659,8 @@ return out
       }
       for (std::size_t i = 0; i < runs.size(); ++i) {
         const auto n = std::to_string(runs[i].second.count);
-        (void)send_write(runs[i].first, runs[i].second.token, "disp", {n, windows[i]}, batching);
+        const std::string_view args[] = {n, windows[i]};
+        (void)send_write(runs[i].first, runs[i].second.token, "disp", args, batching);
       }
     }
     // The fence refused a write made under `token`: the device is no longer ours.
@@ -602,6 +685,14 @@ return out
     }
     // A message on the control channel: "<token> <device id>", a claim made elsewhere.
     void told(std::string_view body) {
+      if (body.starts_with("in ")) {  // messages routed to a device of ours
+        if (!on_routed) return;
+        try {
+          on_routed(std::string(body.substr(3)));
+        } catch (...) {  // a throwing handler: they wait for the device's next claim
+        }
+        return;
+      }
       const auto space = body.find(' ');
       if (space == std::string_view::npos) return;
       std::uint64_t token = 0;
@@ -856,6 +947,7 @@ return out
     asio::steady_timer timer;  // the loop's only
     release_fn on_release;
     rollout_fn on_rollout;
+    routed_fn on_routed;
     std::function<void()> on_reconnect;
     std::uint64_t drops_seen = 0;  // the loop's: the connection's drops at the last heartbeat
 
@@ -905,6 +997,9 @@ return out
     std::atomic<std::uint64_t> not_owned{0};
     std::atomic<std::uint64_t> reaped{0};
     std::atomic<std::uint64_t> heartbeats{0};
+    std::atomic<std::uint64_t> routed_out{0};
+    std::atomic<std::uint64_t> routed_in{0};
+    std::atomic<std::uint64_t> routed_refused{0};
     std::atomic<std::uint64_t> slot_peak{0};  // most slots leased at once, fleet-wide
   };
 
@@ -993,11 +1088,12 @@ inline store::load_result state_store::load(const std::string& id) {
   const auto r = c.replay_key(id);
   const auto epoch_key = c.options.prefix + "epoch";
   const auto fresh = new_epoch();
-  const auto res = c.commands.call(
-      {"EVAL", claim_script, "3", h, r, epoch_key, c.options.node_id, fresh, c.options.prefix, id},
-      c.options.reply_timeout);
+  const auto in = c.routed_key(id);
+  const auto res = c.commands.call({"EVAL", claim_script, "4", h, r, epoch_key, in,
+                                    c.options.node_id, fresh, c.options.prefix, id},
+                                   c.options.reply_timeout);
   const auto& v = res.value;
-  if (!res.ec && (v.type != reply_type::array || v.elements.size() != 4)) {
+  if (!res.ec && (v.type != reply_type::array || v.elements.size() != 5)) {
     out.error = errc::error_reply;
   } else {
     out.error = res.ec;
@@ -1008,6 +1104,7 @@ inline store::load_result state_store::load(const std::string& id) {
     return out;
   }
   parse(v.elements[2], v.elements[3], out.state);
+  out.state.routed = static_cast<std::size_t>(v.elements[4].integer);
   const auto token = static_cast<std::uint64_t>(v.elements[0].integer);
   {
     std::lock_guard lock(c.m);
@@ -1048,8 +1145,9 @@ inline std::error_code state_store::forget(const std::string& id) {
   }
   const auto h = c.hash_key(id);
   const auto r = c.replay_key(id);
+  const auto in = c.routed_key(id);
   return c.commands
-      .call({"EVAL", forget_script, "2", h, r, c.options.prefix, id}, c.options.reply_timeout)
+      .call({"EVAL", forget_script, "3", h, r, in, c.options.prefix, id}, c.options.reply_timeout)
       .ec;
 }
 
@@ -1078,7 +1176,8 @@ inline std::error_code state_store::record_dispatched(const std::string& id,
     }
     if (r.id) window = it->second.window.to_bytes();
   }
-  return c.send_write(id, token, "disp", {"1", window}, false);
+  const std::string_view args[] = {"1", window};
+  return c.send_write(id, token, "disp", args, false);
 }
 
 inline std::error_code state_store::save_rollout(const store::rollout_record& r) {
@@ -1120,6 +1219,97 @@ inline store::rollout_publish_result state_store::publish_rollout(const store::r
   } else {
     out.rollout = static_cast<std::uint32_t>(res.value.integer);
     c.know_rollout(out.rollout);  // its announcement, heard here too, is not adopted
+  }
+  return out;
+}
+
+inline store::route_result state_store::route(const std::string& id, std::string_view data) {
+  core& c = *core_;
+  store::route_result out;
+  const auto h = c.hash_key(id);
+  const auto in = c.routed_key(id);
+  const auto max = std::to_string(c.options.max_routed);
+  const auto res = c.commands.call(
+      {"EVAL", route_script, "2", h, in, c.options.node_id, c.options.prefix, id, data, max},
+      c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+  } else if (res.value.type != reply_type::integer) {
+    out.error = errc::error_reply;
+  } else if (res.value.integer < 0) {
+    c.routed_refused.fetch_add(1, std::memory_order_relaxed);
+    out.error = errc::routed_full;
+  } else if (res.value.integer == 1) {
+    c.routed_out.fetch_add(1, std::memory_order_relaxed);
+    out.routed = true;
+  }
+  return out;
+}
+
+inline store::routed_messages state_store::routed(const std::string& id) {
+  core& c = *core_;
+  store::routed_messages out;
+  std::uint64_t token = 0;
+  {
+    std::lock_guard lock(c.m);
+    const auto it = c.owned_devices.find(id);
+    if (it == c.owned_devices.end()) return out;  // not ours: they wait for the owner
+    token = it->second.token;
+  }
+  const auto h = c.hash_key(id);
+  const auto in = c.routed_key(id);
+  const auto t = std::to_string(token);
+  const auto max = std::to_string(c.options.max_routed);
+  const auto res = c.commands.call({"EVAL", routed_script, "2", h, in, c.options.node_id, t, max},
+                                   c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+  } else if (res.value.type == reply_type::array) {
+    out.messages.reserve(res.value.elements.size());
+    for (const auto& e : res.value.elements) out.messages.push_back(e.str);
+  }
+  return out;
+}
+
+inline store::keep_routed_result state_store::keep_routed(
+    const std::string& id, const std::vector<store::replay_entry>& entries) {
+  core& c = *core_;
+  store::keep_routed_result out;
+  std::uint64_t token = 0;
+  {
+    std::lock_guard lock(c.m);
+    const auto it = c.owned_devices.find(id);
+    if (it == c.owned_devices.end()) {
+      out.refused = true;
+      return out;
+    }
+    token = it->second.token;
+  }
+  std::vector<std::string> seqs;
+  seqs.reserve(entries.size());
+  std::vector<std::string_view> args;
+  args.reserve(2 * entries.size());
+  for (const auto& e : entries) {
+    seqs.push_back(std::to_string(e.seq));
+    args.push_back(seqs.back());
+    args.push_back(e.frame);
+  }
+  // Not pipelined with the batch: the caller sends the messages only once they are kept.
+  const auto h = c.hash_key(id);
+  const auto r = c.replay_key(id);
+  const auto in = c.routed_key(id);
+  const auto t = std::to_string(token);
+  std::vector<std::string_view> argv{"EVAL", write_script,      "3", h,       r,
+                                     in,     c.options.node_id, t,   "keepin"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  const auto res = c.commands.call(argv, c.options.reply_timeout);
+  if (res.ec) {
+    out.error = res.ec;
+  } else if (res.value.type == reply_type::integer && res.value.integer == 0) {
+    out.refused = true;
+    c.refused(id, token);
+  } else {
+    c.routed_in.fetch_add(entries.size(), std::memory_order_relaxed);
   }
   return out;
 }

@@ -155,6 +155,9 @@ struct device_state {
   /// store lost what it held (a Redis restarted empty), and the welcome tells the device, so
   /// a device that sees it change knows its history is gone rather than complete.
   std::string epoch;
+  /// Messages other nodes routed to the device that wait for this node to number them
+  /// (`fleet_delivery_store`; the hub takes them once the state is in).
+  std::size_t routed = 0;
 };
 
 /// One device message the sink accepted, as the hub records it under ack policy `on_dispatch`.
@@ -198,6 +201,28 @@ struct gateway_figures {
   std::uint64_t queue_depth = 0;    ///< Accepted, not yet dispatched.
   std::uint64_t workers_alive = 0;  ///< Pipeline workers running.
   double msgs_per_s = 0;            ///< Dispatched per second, lately.
+};
+
+/// What `route` answers (`fleet_delivery_store`).
+struct route_result {
+  /// Another live node holds the device: the message waits in the store for that node, which
+  /// was told. False: no other node holds it; the caller delivers it itself.
+  bool routed = false;
+  std::error_code error;  ///< Why the store did not take the message (empty: it answered).
+};
+
+/// The messages routed to a device and not yet taken (`fleet_delivery_store::routed`).
+struct routed_messages {
+  std::vector<std::string> messages;  ///< Each one's `data` (JSON text), oldest first.
+  std::error_code error;              ///< Why the store could not answer (empty: it did).
+};
+
+/// What `keep_routed` did with the messages a node numbered.
+struct keep_routed_result {
+  /// This node no longer owns the device: nothing was kept, and the messages stay routed for
+  /// the node that does.
+  bool refused = false;
+  std::error_code error;  ///< Why the store could not keep them (empty: kept, or refused).
 };
 
 /// What `load` answers: the device's state, or the error that kept the store from reading it
@@ -269,6 +294,26 @@ concept durable_state_store = state_store<S> &&
 template <class S>
 concept fleet_rollout_store = requires(S& s, const rollout_record& r) {
   { s.publish_rollout(r) } -> std::same_as<rollout_publish_result>;
+};
+
+/// A durable store shared by several nodes that carries messages for a device to the node
+/// that holds it, instead of that node losing the device to the sender (`hub::send_to`):
+/// - `route(id, data)`: when another live node owns the device, keeps `data` (a `deliver`'s
+///   data, JSON text) for it and tells that node, in one step (`routed`); else nothing
+///   (`routed` false: the caller delivers it itself). An error: the message was not taken.
+/// - `routed(id)`: the messages routed to the device, oldest first, if this node owns it
+///   (none otherwise). They stay routed until `keep_routed`.
+/// - `keep_routed(id, entries)`: keeps the numbered `deliver` frames (as `append_replay`
+///   does) and removes as many routed messages, oldest first, in one step, if this node still
+///   owns the device (`refused` otherwise).
+/// `load` reports in `device_state::routed` how many wait. All may block (store thread, or a
+/// thread that may wait).
+template <class S>
+concept fleet_delivery_store = requires(S& s, const std::string& id, std::string_view data,
+                                        const std::vector<replay_entry>& entries) {
+  { s.route(id, data) } -> std::same_as<route_result>;
+  { s.routed(id) } -> std::same_as<routed_messages>;
+  { s.keep_routed(id, entries) } -> std::same_as<keep_routed_result>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before

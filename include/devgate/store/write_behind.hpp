@@ -139,6 +139,8 @@ class write_behind {
   }
   /// True when every call goes straight to the store (it says it never blocks).
   static constexpr bool calls_inline = is_nonblocking_store<Store>;
+  /// True when the store carries deliveries between nodes (`fleet_delivery_store`).
+  static constexpr bool routes = fleet_delivery_store<Store>;
   /// Loads the device's stored state off the calling thread: `done(state)` runs on the store
   /// thread after every write queued before this call (inline for a non-blocking store). False,
   /// with `done` not called, when the queue is full (counted as a dropped call).
@@ -248,6 +250,33 @@ class write_behind {
       }
     }
   }
+  /// A store that carries deliveries between nodes (`fleet_delivery_store`) takes `data` for
+  /// device `id` when another node holds it, on the calling thread (errors counted); any
+  /// other store: not routed.
+  [[nodiscard]] route_result route(const std::string& id, std::string_view data) {
+    if constexpr (!fleet_delivery_store<Store>) {
+      (void)id;
+      (void)data;
+      return {};
+    } else {
+      try {
+        auto r = store_.route(id, data);
+        if (r.error) failed("route", id, r.error);
+        return r;
+      } catch (...) {
+        failed("route", id, std::make_error_code(std::errc::io_error));
+        return {false, std::make_error_code(std::errc::io_error)};
+      }
+    }
+  }
+  /// Runs `task(store)` on the store thread after every write queued before it (inline for a
+  /// non-blocking store), for work that calls the store itself (device `id`'s; its error, or
+  /// a throw, is counted and reported). False, with `task` not run, when the queue is full.
+  bool post(const std::string& id, std::function<std::error_code(Store&)> task) {
+    op o{op_kind::task, id};
+    o.task = std::move(task);
+    return !submit(std::move(o));
+  }
   /// The rollout the store keeps, read on the calling thread (none for a store that keeps
   /// none, or when it fails: counted and reported).
   [[nodiscard]] std::optional<rollout_record> load_rollout() {
@@ -318,7 +347,8 @@ class write_behind {
     append_replay,
     forget_replay,
     record_dispatched,
-    save_rollout
+    save_rollout,
+    task
   };
   struct op {
     op(op_kind k, std::string device) : kind(k), id(std::move(device)) {}
@@ -330,7 +360,8 @@ class write_behind {
     transfer_state transfer;
     dispatch_record dispatched;
     std::shared_ptr<const rollout_record> rollout;
-    std::function<void(device_state&&)> loaded;  // load only: what to do with the state
+    std::function<void(device_state&&)> loaded;   // load only: what to do with the state
+    std::function<std::error_code(Store&)> task;  // task only
   };
   static constexpr std::string_view name(op_kind k) noexcept {
     switch (k) {
@@ -356,6 +387,8 @@ class write_behind {
         return "record_dispatched";
       case op_kind::save_rollout:
         return "save_rollout";
+      case op_kind::task:
+        return "task";
     }
     return "write";
   }
@@ -431,6 +464,9 @@ class write_behind {
           break;
         case op_kind::save_rollout:
           if constexpr (durable) ec = store_.save_rollout(*o.rollout);
+          break;
+        case op_kind::task:
+          ec = o.task(store_);
           break;
       }
     } catch (...) {
