@@ -295,6 +295,38 @@ class demo_store {
       }
     });
   }
+  /// See store::fleet_delivery_store: Redis carries a message to the node holding the device;
+  /// SQLite (one node) routes nothing.
+  devgate::store::route_result route(const std::string& id, std::string_view data) {
+    return visit([&](auto& s) -> devgate::store::route_result {
+      if constexpr (requires { s.route(id, data); }) {
+        return s.route(id, data);
+      } else {
+        return {};
+      }
+    });
+  }
+  /// See store::fleet_delivery_store.
+  devgate::store::routed_messages routed(const std::string& id) {
+    return visit([&](auto& s) -> devgate::store::routed_messages {
+      if constexpr (requires { s.routed(id); }) {
+        return s.routed(id);
+      } else {
+        return {};
+      }
+    });
+  }
+  /// See store::fleet_delivery_store.
+  devgate::store::keep_routed_result keep_routed(
+      const std::string& id, const std::vector<devgate::store::replay_entry>& entries) {
+    return visit([&](auto& s) -> devgate::store::keep_routed_result {
+      if constexpr (requires { s.keep_routed(id, entries); }) {
+        return s.keep_routed(id, entries);
+      } else {
+        return {};
+      }
+    });
+  }
   /// See store::durable_state_store.
   devgate::store::rollout_load_result load_rollout() {
     return visit([&](auto& s) { return s.load_rollout(); });

@@ -8,6 +8,9 @@ with clients no one here wrote (Debian's python3-websockets):
     every observer sees every node's dispatched messages, each exactly once;
   - a page on node c subscribed to `stats` shows the cluster's figures (3 nodes, every
     connected device, every dispatched message);
+  - a device leaves node b (which dispatches slowly) right after a burst: the receipts of what
+    b dispatched after it left reach it on node c through Redis, once each, and b never takes
+    it back;
   - a device moves a -> b -> c: b takes it over from a (a closes with 4000), its message count,
     epoch and the receipts kept for it follow it, each delivered once in order;
   - Redis stopped: a node's own observer still sees its node's messages, the others do not
@@ -99,6 +102,11 @@ CAP = 2  # the cluster's transfer cap (--max-transfers)
 RELEASE = "1.1.0"
 
 
+# Node b dispatches slowly (a simulated downstream call per message), so that a device that
+# leaves it right after a burst has receipts numbered after it left (routed to its new node).
+DISPATCH_US = {"a": 0, "b": 20000, "c": 0}
+
+
 def start_node(server, d, name, redis_port):
     state = os.path.join(d, name)
     os.makedirs(state)
@@ -106,7 +114,7 @@ def start_node(server, d, name, redis_port):
     with open(token_file, "w") as f:
         f.write(TOKEN)
     argv = [server, "--port", "0", "--address", "127.0.0.1", "--threads", "1",
-            "--dispatch-us", "0", "--state-dir", state, "--operator-token-file", token_file,
+            "--dispatch-us", str(DISPATCH_US[name]), "--state-dir", state, "--operator-token-file", token_file,
             "--firmware-size", str(FIRMWARE_SIZE), "--max-transfers", str(CAP),
             "--redis", f"redis://127.0.0.1:{redis_port}", "--node-id", name]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -129,6 +137,17 @@ class Observer:
         self.port = port
         self.name = name
         self.seen = []
+        self.from_log = set()  # taken from /api/log after a reconnect, not (yet) live
+
+    def backfill(self):
+        """As the demo's page does after it (re)connects: the node's recent log fills what the
+        page missed while it was away (each message still once)."""
+        _, body = get(self.port, "/api/log")
+        for e in json.loads(body):
+            m = (e["data"]["device"], e["data"]["seq"])
+            if m not in self.seen:
+                self.seen.append(m)
+                self.from_log.add(m)
 
     async def run(self, ready):
         while True:
@@ -138,11 +157,19 @@ class Observer:
                     await ws.send(json.dumps({"type": "hello", "protocol": 1,
                                               "firmware_version": RELEASE}))
                     await ws.send(json.dumps({"type": "subscribe", "topic": "server"}))
+                    while json.loads(await ws.recv()).get("type") != "subscribed":
+                        pass
+                    if ready.is_set():  # a reconnect: what was logged meanwhile
+                        self.backfill()
                     ready.set()
                     async for raw in ws:
                         msg = json.loads(raw)
                         if msg.get("type") == "event" and msg.get("topic") == "server":
-                            self.seen.append((msg["data"]["device"], msg["data"]["seq"]))
+                            m = (msg["data"]["device"], msg["data"]["seq"])
+                            if m in self.from_log:  # logged and live both: seen once
+                                self.from_log.discard(m)
+                            else:
+                                self.seen.append(m)
             except websockets.ConnectionClosed as e:
                 # 1013: the node let the page go (Redis lost its state); it comes back, as the
                 # demo's page does.
@@ -304,6 +331,55 @@ async def fleet_stats(ports, observers, devices):
     await ws.close()
 
 
+async def routed_receipts(ports, observers):
+    """A device leaves node b right after a burst: b dispatches the rest after it left, and
+    their receipts reach the device on node c through Redis; b never takes it back."""
+    ws_b, _ = await hello(ports["b"], "router")
+    for i in range(1, 31):
+        await ws_b.send(json.dumps({"type": "send", "id": i, "data": f"r{i}"}))
+    await asyncio.sleep(0.05)  # b has read them (it dispatches one per 20 ms)
+    ws_c, welcome = await hello(ports["c"], "router")
+    try:
+        while True:
+            await asyncio.wait_for(ws_b.recv(), 5)
+    except (websockets.ConnectionClosed, asyncio.TimeoutError):
+        pass
+    # Every message b dispatched: its log has each once.
+    logged = lambda: sorted(q for (dev, q) in observers["b"].seen if dev == "router")
+    before = None
+    while before != logged():
+        before = logged()
+        await asyncio.sleep(0.5)
+    _, metrics = get(ports["b"], "/metrics")
+    routed = re.search(r"^devgate_cluster_routed_out_total (\d+)$", metrics, re.M)
+    routed = int(routed.group(1)) if routed else 0
+    check(routed > 0, f"node b routed receipts to node c ({routed})")
+    # Node c delivers the routed ones and replays those b kept before the device left (b's
+    # receipts numbered in the moment between c's claim and b hearing of it are refused by the
+    # fence: counted on b, not delivered).
+    receipts, closed = {}, None
+    try:
+        while True:
+            wait = 2 if len(receipts) >= routed else 10
+            msg = json.loads(await asyncio.wait_for(ws_c.recv(), wait))
+            if msg.get("type") == "deliver" and msg["data"].get("kind") == "dispatched":
+                check(msg["data"]["message"] not in receipts,
+                      f"receipt of message {msg['data']['message']} once")
+                receipts[msg["data"]["message"]] = msg["seq"]
+                await ws_c.send(json.dumps({"type": "ack", "seq": msg["seq"]}))
+    except websockets.ConnectionClosed as e:
+        closed = e.rcvd.code if e.rcvd else None
+    except asyncio.TimeoutError:
+        pass
+    check(closed is None, f"node c kept the device while node b dispatched its burst ({closed})")
+    seqs = sorted(receipts.values())
+    check(routed <= len(receipts) <= len(before) and set(receipts) <= set(before) and
+          seqs == list(range(1, len(seqs) + 1)),
+          f"node c delivered every routed receipt and those b kept, each once, numbered "
+          f"1..{len(seqs)} ({len(receipts)} of {len(before)} dispatched, {routed} routed)")
+    await ws_c.close()
+
+
 async def scenario(ports, redis, nodes):
     observers = {n: Observer(ports[n], f"watch-{n}") for n in NODES}
     tasks = []
@@ -343,6 +419,7 @@ async def scenario(ports, redis, nodes):
 
     await fleet_stats(ports, observers, devices)
     epoch_before = await one_fleet(ports, observers)
+    await routed_receipts(ports, observers)
     await fleet_rollout(ports)
 
     # Redis away: each node still serves its own pages; the others miss what Redis would carry.
