@@ -15,7 +15,8 @@
 ///               authenticators, allow_all, the Origin allow-list, the gate a server runs
 ///   store/      per-device state across connections: the concept, the in-memory store, and the
 ///               write-behind front that keeps store calls off the network threads
-///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine
+///   firmware/   images held once and cut into chunks, transfer slots, the rollout engine,
+///               rollout campaigns (waves, thresholds, rate)
 ///   client/     a C++ device client on Asio (tests, benchmarks, simulated devices)
 ///   detail/     internals several layers share (OpenSSL wrappers); not part of the API
 
@@ -73,10 +74,11 @@
 #include "devgate/device/record.hpp"       // device_record: what the hub keeps per device
 #include "devgate/device/registry.hpp"     // registry: device records, live sessions, takeover
 
-#include "devgate/firmware/image.hpp"    // firmware image: held once, cut into wire chunks
-#include "devgate/firmware/rollout.hpp"  // rollout_engine: per-device transfer state machine
-#include "devgate/firmware/slots.hpp"    // transfer_slots: at most N transfers at once
-#include "devgate/firmware/tally.hpp"    // tally: a rollout's fleet totals, kept as they change
+#include "devgate/firmware/campaign.hpp"  // campaign: waves, thresholds, rate, retries
+#include "devgate/firmware/image.hpp"     // firmware image: held once, cut into wire chunks
+#include "devgate/firmware/rollout.hpp"   // rollout_engine: per-device transfer state machine
+#include "devgate/firmware/slots.hpp"     // transfer_slots: at most N transfers at once
+#include "devgate/firmware/tally.hpp"     // tally: a rollout's fleet totals, kept as they change
 
 #include "devgate/client/device_client.hpp"  // device_client: a device speaking protocol v1
 
