@@ -10683,6 +10683,8 @@ class write_behind {
 #include <span>         // chunk bytes
 #include <string>       // JSON text
 #include <string_view>  // names
+#include <utility>      // attribute pairs
+#include <vector>       // attributes
 
 
 /// The devgate device protocol, version 1 (docs/PROTOCOL.md is the specification): JSON text
@@ -11051,6 +11053,30 @@ class send_reader {
   return it->get<std::string>();
 }
 
+/// Attributes a device may report in hello (`attributes`), and the bytes of each key and value.
+inline constexpr std::size_t max_attributes = 16;
+/// Bytes of an attribute's name (at least 1).
+inline constexpr std::size_t max_attribute_key = 64;
+/// Bytes of an attribute's value.
+inline constexpr std::size_t max_attribute_value = 128;
+
+/// `j["attributes"]` (an object of strings within the limits above) as pairs in the order
+/// sent; an empty list when absent, std::nullopt when malformed or over a limit.
+[[nodiscard]] inline std::optional<std::vector<std::pair<std::string, std::string>>> get_attributes(
+    const nlohmann::json& j) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const auto it = j.find("attributes");
+  if (it == j.end()) return out;
+  if (!it->is_object() || it->size() > max_attributes) return std::nullopt;
+  for (const auto& [k, v] : it->items()) {
+    if (k.empty() || k.size() > max_attribute_key || !v.is_string()) return std::nullopt;
+    const auto& value = v.get_ref<const std::string&>();
+    if (value.size() > max_attribute_value) return std::nullopt;
+    out.emplace_back(k, value);
+  }
+  return out;
+}
+
 /// JSON text as a shared payload (the one copy made of an outgoing control message).
 [[nodiscard]] inline shared_bytes to_payload(const nlohmann::json& j) {
   return shared_bytes::copy_of(
@@ -11322,6 +11348,9 @@ struct device_record {
   std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
+  /// The attributes it reported in hello (`hello.attributes`: region, model...), which rollout
+  /// campaigns target; in the order sent, at most `max_attributes`.
+  std::vector<std::pair<std::string, std::string>> attributes;
   /// The history epoch of a shared store (`store::device_state::epoch`; empty: none), told to
   /// the device in its welcome.
   std::string epoch;
@@ -11875,22 +11904,23 @@ inline constexpr std::string_view device_path_prefix = "/ws/";
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>     // std::min
-#include <atomic>        // rollout ids
-#include <chrono>        // stall timeout, backoff
-#include <cstddef>       // std::size_t, std::byte
-#include <cstdint>       // rollout ids, offsets
-#include <functional>    // the slot demand hook
-#include <memory>        // the current image
-#include <mutex>         // the current image, the device's mutex
-#include <optional>      // lookups, errors
-#include <span>          // image bytes
-#include <stdexcept>     // set-up errors
-#include <string>        // versions, reasons
-#include <string_view>   // device ids
-#include <system_error>  // a fleet store's refusal
-#include <utility>       // std::move
-#include <vector>        // devices to start
+#include <algorithm>      // std::min
+#include <atomic>         // rollout ids
+#include <chrono>         // stall timeout, backoff
+#include <cstddef>        // std::size_t, std::byte
+#include <cstdint>        // rollout ids, offsets
+#include <functional>     // the slot demand hook
+#include <memory>         // the current image
+#include <mutex>          // the current image, the device's mutex
+#include <optional>       // lookups, errors
+#include <span>           // image bytes
+#include <stdexcept>      // set-up errors
+#include <string>         // versions, reasons
+#include <string_view>    // device ids
+#include <system_error>   // a fleet store's refusal
+#include <unordered_set>  // a gated rollout's admitted devices
+#include <utility>        // std::move
+#include <vector>         // devices to start
 
 
 // ---- begin devgate/device/registry.hpp ----
@@ -12468,6 +12498,14 @@ struct rollout_options {
   /// With leased slots: called (no lock held, any thread) when the lease should change, that
   /// is when a device starts waiting for a slot or a slot was freed. Keep it cheap (post).
   std::function<void()> on_slot_demand;
+  /// Called (no lock held, any thread) when a device's status in a rollout changes: it joined
+  /// (pending or skipped), started, went back to pending, ended verified or failed (reason
+  /// `timed_out` for a stall past its retries). Not for `stop`, whose caller knows. A rollout
+  /// campaign hears its devices through it. Keep it cheap (queue the news).
+  std::function<void(const std::string& id, const store::transfer_state& t)> on_status;
+  /// Called (no lock held) when a device says hello while the current rollout is gated and
+  /// has not admitted it: a campaign with a continuous target may take it in.
+  std::function<void(const std::string& id)> on_not_admitted;
 };
 
 /// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
@@ -12483,6 +12521,9 @@ struct rollout_options {
 /// goes to the next waiting device that can start. A transfer sends the start message, then a
 /// window of chunks (slices of the one image buffer), one more per acknowledged chunk. Fleet
 /// totals come from the rollout's `tally`, changed with each device's status.
+///
+/// A gated rollout (`publish(..., gated)`, for a campaign) starts no device by itself: only the
+/// devices `admit`ted join it, when and as their campaign allows; `stop` ends one's part.
 ///
 /// Stalls are found by a timer thread (started by the first publish, unless `stall_timeout`
 /// is 0) that looks only at the devices holding a slot and at those waiting out a backoff.
@@ -12518,24 +12559,28 @@ class rollout_engine {
   /// Starts rollout of `bytes` as `version` (copied once into a new image): every known device
   /// joins it, `announce(const image&)` runs (the hub tells the fleet), then devices online now
   /// start while slots last. Returns the rollout id. Throws std::invalid_argument for an empty
-  /// version or image, or an image over `device::max_firmware_size`.
+  /// version or image, or an image over `device::max_firmware_size`. A `gated` rollout takes
+  /// no device but those `admit`ted (a campaign's).
   template <class Announce>
-  std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
-                        Announce&& announce) {
+  std::uint32_t publish(std::string version, std::span<const std::byte> bytes, Announce&& announce,
+                        bool gated = false) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
     auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
     bool kept = false;
     // A store shared by several nodes numbers the rollout fleet-wide, keeps it and tells the
     // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
     // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
+    // A gated rollout (a campaign's) stays on this node and is not kept: its campaign is.
     if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
-      image::check(bytes);  // before the fleet hears of it
-      const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
-      if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
-      if (r.rollout != 0) {
-        id = r.rollout;
-        raise_next(id);
-        kept = true;
+      if (!gated) {
+        image::check(bytes);  // before the fleet hears of it
+        const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
+        if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
+        if (r.rollout != 0) {
+          id = r.rollout;
+          raise_next(id);
+          kept = true;
+        }
       }
     }
     std::lock_guard publishing(publish_mutex_);
@@ -12544,9 +12589,9 @@ class rollout_engine {
     auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
     // A durable store keeps the rollout before any device's part in it.
     if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
-      if (!kept) store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
+      if (!kept && !gated) store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
     }
-    begin_locked(std::move(img), std::forward<Announce>(announce));
+    begin_locked(std::move(img), std::forward<Announce>(announce), gated);
     return id;
   }
   /// Makes rollout `r`, published by another node of the fleet (a store shared by several
@@ -12560,7 +12605,7 @@ class rollout_engine {
     auto img = std::make_shared<const image>(
         r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
     raise_next(r.rollout);
-    begin_locked(std::move(img), std::forward<Announce>(announce));
+    begin_locked(std::move(img), std::forward<Announce>(announce), false);
     return true;
   }
   /// Writes every held device's part in the current rollout to the store again: after the
@@ -12587,8 +12632,9 @@ class rollout_engine {
 
   /// Makes rollout `r`, kept by a durable store, current again after a restart: rollout ids
   /// continue above it, and each device rejoins it where the store left it as its state loads
-  /// (`restore_locked`). The fleet totals count the devices seen since.
-  void restore(const store::rollout_record& r) {
+  /// (`restore_locked`). The fleet totals count the devices seen since. A `gated` rollout (a
+  /// campaign's) takes back only the devices its campaign admits again.
+  void restore(const store::rollout_record& r, bool gated = false) {
     std::lock_guard publishing(publish_mutex_);
     if (auto cur = current(); cur && cur->rollout() >= r.rollout) return;  // adopted already
     auto img = std::make_shared<const image>(
@@ -12599,6 +12645,7 @@ class rollout_engine {
       std::lock_guard lock(current_mutex_);
       current_ = std::move(img);
       current_tally_ = std::move(counts);
+      gate_ = gated ? std::make_shared<rollout_gate>(r.rollout) : nullptr;
     }
     raise_next(r.rollout);
     if (options_.stall_timeout.count() > 0) {
@@ -12611,7 +12658,7 @@ class rollout_engine {
   void restore_locked(device::device_record& rec, const store::transfer_state& t) const {
     if (t.rollout == 0 || rec.transfer.image) return;
     auto [img, counts] = current_rollout();
-    if (!img || img->rollout() != t.rollout) return;
+    if (!img || img->rollout() != t.rollout || !allowed(rec.id, t.rollout)) return;
     join_locked(rec, img, counts);
     auto& tr = rec.transfer;
     const bool ended = t.status == store::transfer_status::verified ||
@@ -12627,12 +12674,89 @@ class rollout_engine {
     }
   }
 
+  /// Admits device `id` into the current gated rollout (its campaign's turn came): it joins
+  /// (skipped if it runs the version) and starts when a slot is free, now if it is online, else
+  /// at its next hello. A device whose part in the rollout ended failed starts again (from its
+  /// acknowledged offset after a timeout, from byte 0 otherwise). False when the current
+  /// rollout is not `rollout` or is not gated.
+  bool admit(const std::string& id, std::uint32_t rollout) {
+    auto [img, counts] = current_rollout();
+    auto g = gate();
+    if (!img || img->rollout() != rollout || !g || g->rollout != rollout) return false;
+    {
+      std::lock_guard lock(g->mutex);
+      g->admitted.insert(id);
+    }
+    auto rec = devices_.find(id);
+    if (!rec) return true;  // not seen yet: its hello joins it
+    bool want = false;
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec->mutex);
+      auto& tr = rec->transfer;
+      if (tr.image == img && tr.status == store::transfer_status::failed) {
+        if (tr.reason != "timed_out") {
+          counts->add_acked(-static_cast<std::int64_t>(tr.acked));
+          tr.acked = 0;
+        }
+        tr.reason.clear();
+        tr.retries = 0;
+        tr.retry_at = {};
+        set_status_locked(*rec, store::transfer_status::pending);
+      }
+      join_locked(*rec, img, counts);
+      want = tr.image == img && tr.status == store::transfer_status::pending &&
+             rec->session.id != 0 && rec->session.hello;
+      t = state_locked(*rec);
+    }
+    report(id, t);
+    if (want) take_slot(*rec, rollout);
+    return true;
+  }
+  /// Ends device `id`'s part in rollout `rollout` before its time (its campaign was cancelled,
+  /// or its attempt timed out): a pending or running transfer ends failed with `reason`, a
+  /// running one is told (`fw_status`), its slot goes to the next device, and it is no longer
+  /// admitted. Nothing for a part already ended. `on_status` is not called.
+  void stop(const std::string& id, std::uint32_t rollout, const std::string& reason) {
+    if (auto g = gate(); g && g->rollout == rollout) {
+      std::lock_guard lock(g->mutex);
+      g->admitted.erase(id);
+    }
+    auto rec = devices_.find(id);
+    if (!rec) return;
+    store::transfer_state t;
+    std::optional<std::string> next;
+    {
+      std::lock_guard lock(rec->mutex);
+      auto& tr = rec->transfer;
+      if (!tr.image || tr.image->rollout() != rollout) return;
+      if (tr.status != store::transfer_status::pending &&
+          tr.status != store::transfer_status::transferring) {
+        return;
+      }
+      const bool told = tr.status == store::transfer_status::transferring && rec->session.id != 0 &&
+                        tr.session == rec->session.id;
+      tr.reason = reason;
+      set_status_locked(*rec, store::transfer_status::failed);
+      if (told) queue_status_locked(*rec);
+      next = slots_.release(rec->id, rollout);
+      t = state_locked(*rec);
+    }
+    out_.flush(*rec);
+    store_.set_transfer(id, t);
+    start_next(std::move(next), rollout);
+  }
+
   /// Session `s` of the device said hello: the device joins the current rollout (once per
   /// rollout; skipped if it runs the version) and starts or resumes when a slot is free (after
   /// its backoff, if its transfer stalled).
   void join(device::device_record& rec, session_id s) {
     auto [img, counts] = current_rollout();
     if (!img) return;
+    if (!allowed(rec.id, img->rollout())) {
+      if (options_.on_not_admitted) options_.on_not_admitted(rec.id);
+      return;
+    }
     bool want = false;
     bool holds_slot = false;
     std::uint32_t rollout = 0;
@@ -12653,7 +12777,7 @@ class rollout_engine {
              (tr.retry_at == clock::time_point{} || tr.retry_at <= clock::now());
       t = state_locked(rec);
     }
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     if (holds_slot) {
       start_or_free(rec, rollout);
     } else if (want) {
@@ -12680,7 +12804,7 @@ class rollout_engine {
       }
     }
     if (rollout == 0) return;
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     start_next(std::move(next), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
@@ -12700,7 +12824,7 @@ class rollout_engine {
       rollout = rec.transfer.image->rollout();
       next = slots_.release(rec.id, rollout);
     }
-    if (t) store_.set_transfer(rec.id, *t);  // the store (and fleet totals) see it pending
+    if (t) report(rec.id, *t);  // the store (and fleet totals) see it pending
     start_next(std::move(next), rollout);
   }
 
@@ -12782,7 +12906,11 @@ class rollout_engine {
       t = state_locked(rec);
     }
     out_.flush(rec);
-    store_.set_transfer(rec.id, t);
+    if (failed) {
+      report(rec.id, t);
+    } else {
+      store_.set_transfer(rec.id, t);
+    }
     const auto id = static_cast<std::uint32_t>(rollout);
     if (failed) start_next(slots_.release(rec.id, id), id);
     return std::nullopt;
@@ -12821,7 +12949,7 @@ class rollout_engine {
       t = state_locked(rec);
     }
     out_.flush(rec);
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     if (verified) store_.set_firmware_version(rec.id, version);
     const auto id = static_cast<std::uint32_t>(rollout);
     start_next(slots_.release(rec.id, id), id);
@@ -12932,24 +13060,67 @@ class rollout_engine {
   [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
 
  private:
+  // A gated rollout's admitted devices.
+  struct rollout_gate {
+    explicit rollout_gate(std::uint32_t r) : rollout(r) {}
+    const std::uint32_t rollout;
+    std::mutex mutex;
+    std::unordered_set<std::string> admitted;
+  };
+  // The current rollout's gate (nullptr: not gated).
+  [[nodiscard]] std::shared_ptr<rollout_gate> gate() const {
+    std::lock_guard lock(current_mutex_);
+    return gate_;
+  }
+  // Whether device `id` may join rollout `rollout`: any device when it is not gated, else an
+  // admitted one (a gate of another rollout: a publish came meanwhile, which joins it).
+  [[nodiscard]] bool allowed(const std::string& id, std::uint32_t rollout) const {
+    auto g = gate();
+    if (!g) return true;
+    if (g->rollout != rollout) return false;
+    std::lock_guard lock(g->mutex);
+    return g->admitted.count(id) != 0;
+  }
+  // The device's part changed status: the store keeps it and `on_status` hears it.
+  void report(const std::string& id, const store::transfer_state& t) {
+    store_.set_transfer(id, t);
+    if (options_.on_status) options_.on_status(id, t);
+  }
+  // Takes the device out of its rollout (a gated rollout replaced it; caller holds its mutex).
+  static void leave_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    if (tr.tally) tr.tally->move(tr.status, store::transfer_status::none);
+    tr.tally.reset();
+    tr.image.reset();
+    tr.status = store::transfer_status::none;
+    tr.acked = 0;
+    tr.sent = 0;
+    tr.reason.clear();
+  }
+
   // Starts rollout `img` (the caller holds the publish lock and kept it in the store): the
   // slots move to it and the transfers that held one stop (they join it), so no device
   // transfers the old image once a hello can see the new; then every known device joins,
   // `announce` runs and the devices online now start while slots last.
   template <class Announce>
-  void begin_locked(std::shared_ptr<const image> img, Announce&& announce) {
+  void begin_locked(std::shared_ptr<const image> img, Announce&& announce, bool gated) {
     const auto id = img->rollout();
     auto counts = std::make_shared<tally>();
     for (const auto& held : slots_.reset(id)) {
       if (auto rec = devices_.find(held)) {
         std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img, counts);
+        if (gated) {
+          leave_locked(*rec);  // its old transfer stops; it joins when admitted
+        } else {
+          join_locked(*rec, img, counts);
+        }
       }
     }
     {
       std::lock_guard lock(current_mutex_);
       current_ = img;
       current_tally_ = counts;
+      gate_ = gated ? std::make_shared<rollout_gate>(id) : nullptr;
     }
     {
       std::lock_guard lock(backoff_mutex_);
@@ -12959,7 +13130,7 @@ class rollout_engine {
       ticker_.start(tick_period(), [this] { tick(clock::now()); });
     }
     std::vector<device::registry::record_ptr> online;
-    for (auto& rec : devices_.snapshot()) {
+    for (auto& rec : gated ? std::vector<device::registry::record_ptr>{} : devices_.snapshot()) {
       bool want = false;
       store::transfer_state t;
       {
@@ -12970,7 +13141,7 @@ class rollout_engine {
                rec->session.hello;
         t = state_locked(*rec);
       }
-      store_.set_transfer(rec->id, t);
+      report(rec->id, t);
       if (want) online.push_back(std::move(rec));
     }
     announce(static_cast<const image&>(*img));
@@ -13124,7 +13295,7 @@ class rollout_engine {
       t = state_locked(rec);
     }
     out_.flush(rec);
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     return start_result::started;
   }
   // Gives a freed slot of rollout `rollout` to the next waiting device that can start.
@@ -13182,7 +13353,7 @@ class rollout_engine {
       std::lock_guard lock(backoff_mutex_);
       backoff_.emplace_back(retry_at, rec.id);
     }
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     start_next(slots_.release(rec.id, rollout), rollout);
   }
 
@@ -13195,6 +13366,7 @@ class rollout_engine {
   mutable std::mutex current_mutex_;
   std::shared_ptr<const image> current_;
   std::shared_ptr<tally> current_tally_;
+  std::shared_ptr<rollout_gate> gate_;  // under current_mutex_; nullptr: not gated
   std::mutex backoff_mutex_;
   std::vector<std::pair<clock::time_point, std::string>> backoff_;  // devices waiting to retry
   std::atomic<std::uint32_t> next_rollout_{0};
@@ -14098,7 +14270,9 @@ class protocol_dispatch {
     const auto last = get_uint(j, "last_seq");
     const bool has_version = j.contains("firmware_version");
     const auto version = get_string(j, "firmware_version");
-    if (!proto || (has_last && !last) || (has_version && !version)) {
+    const bool has_attributes = j.contains("attributes");
+    auto attributes = get_attributes(j);
+    if (!proto || (has_last && !last) || (has_version && !version) || !attributes) {
       reply_error(rec, s, error::bad_message, "hello");
       return;
     }
@@ -14113,6 +14287,7 @@ class protocol_dispatch {
         rec, s, last.value_or(0),
         [&](device_record& r, const auto& info) {
           if (version) r.firmware_version = *version;
+          if (has_attributes) r.attributes = std::move(*attributes);
           auto w = welcome(r, s, info, r.last_seen_ms);  // when it was seen before this hello
           r.last_seen_ms = now;
           return w;
@@ -14420,6 +14595,7 @@ class protocol_dispatch {
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>     // campaign targets in id order
 #include <chrono>        // stats rate
 #include <cstddef>       // std::size_t, std::byte
 #include <cstdint>       // sequence numbers, rollout ids
@@ -14606,439 +14782,6 @@ class hub_sink {
 }  // namespace devgate::device
 // ---- end devgate/device/hub_sink.hpp ----
 
-namespace devgate::device {
-
-/// The device gateway: a `gateway` (transport and pipeline) whose intake speaks the device
-/// protocol (docs/PROTOCOL.md) with every session, composed with a device registry, delivery,
-/// pub/sub, a state store and a firmware rollout engine.
-///
-///     devgate::websocket::server ws(opts);               // opts.identify = identify_device
-///     devgate::device::hub hub(ws, my_sink);
-///     hub.start();
-///     hub.publish_firmware("2.0.0", image_bytes);
-///
-/// Threads: transport threads run the protocol; pipeline workers run the sink; any thread may
-/// publish, send or roll out firmware. No hub lock is held while calling the transport or the
-/// store; each device's outgoing messages leave in order through its outbox.
-template <class Transport, class Sink = null_sink, class Store = store::memory_state_store,
-          class Traits = pipeline_traits>
-class hub {
-  static_assert(devgate::transport<Transport>,
-                "device::hub: Transport must satisfy devgate::transport (transport/transport.hpp)");
-  static_assert(devgate::sink<Sink>,
-                "device::hub: Sink needs `std::error_code consume(const devgate::message&, "
-                "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
-  static_assert(store::state_store<Store>,
-                "device::hub: Store must satisfy devgate::store::state_store (load, "
-                "add_messages_sent, touch, set_firmware_version, set_transfer, set_last_seq, "
-                "forget; errors as "
-                "values)");
-  using writer_type = store::write_behind<Store>;
-
- public:
-  /// The gateway the hub is built on: its transport feeding a pipeline of the hub's sink.
-  using gateway_type = gateway<Transport, hub_sink<Sink>, Traits>;
-
-  /// Composes the hub over `transport` (referenced: it must outlive the hub). Throws
-  /// std::invalid_argument for options out of range.
-  explicit hub(Transport& transport, Sink sink = Sink{}, hub_options options = {},
-               Store store = Store{})
-      : options_(std::move(options)),
-        store_(std::move(store)),
-        writer_(
-            store_, options_.store_queue_capacity, options_.on_store_error,
-            [this](const std::string& id, const store::dispatch_record& r, bool ok) {
-              dispatch_.recorded(id, r, ok);
-            },
-            [this](const std::string& id, std::uint64_t seq, bool ok) {
-              deliver_stored(id, seq, ok);
-            },
-            options_.store_group_commit),
-        devices_(options_.max_devices),
-        delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
-        rollout_(
-            devices_, delivery_, writer_,
-            {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
-             options_.stall_timeout, options_.max_transfer_retries, options_.transfer_retry_backoff,
-             options_.leased_transfer_slots, options_.on_slot_demand}),
-        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
-                  options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
-                  options_.require_authentication, options_.ack),
-        gateway_(transport, make_sink(std::move(sink)), pipeline_options_for_ack()) {
-    bus_.set_channel(&gateway_.channel());
-  }
-  hub(const hub&) = delete;
-  hub& operator=(const hub&) = delete;
-  /// Stops if still running, then lets the store thread finish what is queued while every part
-  /// its callbacks reach (dispatch, registry, delivery) is still alive.
-  ~hub() {
-    stop();
-    writer_.drain();
-  }
-
-  /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
-  std::error_code start() {
-    // A durable store's rollout resumes before any device can say hello.
-    if (!started_) {
-      started_ = true;
-      if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
-    }
-    session_hooks hooks;
-    hooks.on_open = [this](const session_info& info) {
-      dispatch_.open(info);
-      bound();
-    };
-    hooks.on_close = [this](session_id s, close_code c) {
-      dispatch_.close(s, c);
-      bound();
-    };
-    return gateway_.start(
-        [this](std::span<inbound_message> batch) { return dispatch_.intake(batch); },
-        std::move(hooks));
-  }
-  /// Stops intake, drains the pipeline, then stops the transport (sessions close with 1001).
-  void stop() { gateway_.stop(); }
-  /// Like `stop()`, but returns the device messages not dispatched by `deadline`.
-  [[nodiscard]] std::vector<message> stop(clock::time_point deadline) {
-    return gateway_.stop(deadline);
-  }
-
-  // ---- pub/sub ------------------------------------------------------------------------
-
-  /// Publishes `data` on `topic` from any thread. `device/<id>`: a sequenced message to that
-  /// device, kept until acknowledged (returns 1). Any other topic: one shared frame
-  /// `{"type":"event","topic":..,"data":..}` to every subscriber (returns how many).
-  std::size_t publish(std::string_view topic, const nlohmann::json& data) {
-    if (!is_valid_topic(topic)) return 0;
-    if (topic.starts_with(topics::device_prefix)) {
-      return send_to(topic.substr(topics::device_prefix.size()), data) != 0 ? 1 : 0;
-    }
-    return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
-  }
-  /// What `send_to` answers for a message it routed to the node that holds the device (that
-  /// node numbers it).
-  static constexpr std::uint64_t routed = std::numeric_limits<std::uint64_t>::max();
-
-  /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
-  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id. With a
-  /// durable store it is sent once stored (`hub_options::on_deliver_stored`). May wait for the
-  /// store (a device it must load): not from a network thread, nor from a store callback.
-  ///
-  /// On a store that carries deliveries between nodes (`store::fleet_delivery_store`), a
-  /// device this hub does not hold that another live node owns gets the message through the
-  /// store from that node (which numbers it: `routed` is returned), instead of being taken
-  /// over; 0 when the store could not take it (Redis away, or too many waiting for that node:
-  /// counted as a store error).
-  std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
-    if (!is_valid_device_id(device_id)) return 0;
-    const std::string id(device_id);
-    if constexpr (writer_type::routes) {
-      if (writer_.shared() && !devices_.find(id)) {
-        const auto r = writer_.route(id, data.dump());
-        if (r.error) return 0;
-        if (r.routed) return routed;
-      }
-    }
-    std::uint64_t seq = 0;
-    {
-      auto rec = devices_.get_or_create(
-          id, [&] { return writer_.load(id); },
-          [this](device_record& r, store::device_state& st) { dispatch_.restore_locked(r, st); });
-      // A device whose session made its record while the store loads it: numbering continues
-      // from the store's, so its state must be in first.
-      if constexpr (!writer_type::calls_inline) dispatch_.await_state(rec);
-      seq = delivery_.deliver(*rec, data.dump(), journal());
-    }
-    bound();
-    return seq;
-  }
-  /// Subscribes a host callback to `topic` (e.g. the server log for a dashboard).
-  pubsub::token subscribe(std::string_view topic, pubsub::callback cb) {
-    return bus_.subscribe(topic, std::move(cb));
-  }
-  /// Removes a host subscription.
-  void unsubscribe(pubsub::token t) { bus_.unsubscribe(t); }
-  /// The topic registry.
-  [[nodiscard]] pubsub& bus() noexcept { return bus_; }
-
-  // ---- firmware -----------------------------------------------------------------------
-
-  /// Rolls `bytes` out as `version` to every device: announces it on the fleet topic, then
-  /// transfers it (at most max_concurrent_transfers at once). Devices offline now get it when
-  /// they connect; devices reporting `version` are skipped. The image is copied once and
-  /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
-  /// empty version, an empty image or one over `max_firmware_size`.
-  ///
-  /// On a store shared by several nodes (`store::fleet_rollout_store`) the store numbers the
-  /// rollout fleet-wide, keeps the image once and tells the other nodes, which `adopt_firmware`
-  /// it; a failure there throws std::system_error and starts nothing.
-  std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
-    return rollout_.publish(std::move(version), bytes,
-                            [this](const firmware::image& img) { announce_firmware(img); });
-  }
-  /// Makes rollout `r`, published by another node of the fleet, current here (as
-  /// `publish_firmware` would have, without keeping it again): hand it the rollouts that
-  /// `redis::state_store::on_rollout` reports. False when it is not newer than the current one.
-  bool adopt_firmware(const store::rollout_record& r) {
-    return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
-  }
-  /// Takes the messages other nodes routed to device `id`, which this node holds (on the store
-  /// thread): hand it what `redis::state_store::on_routed` reports. Any thread.
-  void take_routed(const std::string& id) { (void)dispatch_.take_routed(id); }
-  /// Writes every held device's part in the current rollout to the store again, for a store
-  /// that lost writes meanwhile (`redis::state_store::on_reconnect`): the fleet's totals and
-  /// each device's status catch up with what happened while it was away.
-  void rewrite_transfers() { rollout_.rewrite(); }
-  /// With `hub_options::leased_transfer_slots`: this node's lease of the fleet's transfer
-  /// slots; devices waiting start if it grew. For the lease holder.
-  void set_transfer_limit(std::size_t n) { rollout_.set_slot_limit(n); }
-  /// Totals of the current rollout: the fleet's (`hub_options::fleet_rollout_totals`) when
-  /// they are for it, else this hub's own counts.
-  [[nodiscard]] firmware::rollout_totals rollout() const {
-    auto own = rollout_.totals();
-    if (options_.fleet_rollout_totals && own.rollout != 0) {
-      if (auto fleet = options_.fleet_rollout_totals(); fleet && fleet->rollout == own.rollout) {
-        fleet->version = std::move(own.version);
-        fleet->size = own.size;
-        fleet->retries = own.retries;  // this node's: retries are not kept in the store
-        return *fleet;
-      }
-    }
-    return own;
-  }
-  /// One device's part in the current rollout (std::nullopt for a device never seen).
-  [[nodiscard]] std::optional<store::transfer_state> device_transfer(std::string_view id) const {
-    return rollout_.transfer_of(id);
-  }
-  /// The transfer slots (limit, active, waiting, peak): this node's.
-  [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return rollout_.slots(); }
-  /// The image being rolled out (nullptr before the first publish_firmware).
-  [[nodiscard]] std::shared_ptr<const firmware::image> current_image() const {
-    return rollout_.current();
-  }
-
-  // ---- state and figures --------------------------------------------------------------
-
-  /// A device's state: its record's live figures while the hub holds it, else what the store
-  /// has (a store call: not for a network thread when the store may block).
-  [[nodiscard]] store::device_state device_state(const std::string& id) {
-    if (auto rec = devices_.find(id)) {
-      std::lock_guard lock(rec->mutex);
-      store::device_state st;
-      st.messages_sent = rec->messages_sent;
-      st.last_seen_ms = rec->last_seen_ms;
-      st.firmware_version = rec->firmware_version;
-      st.transfer = decltype(rollout_)::state_locked(*rec);
-      return st;
-    }
-    return writer_.peek(id);
-  }
-  /// Forgets an offline device: its record and everything the store keeps about it (its
-  /// kept deliveries are dropped). False, with nothing changed, while it is online or in use.
-  bool forget_device(std::string_view id) {
-    std::uint32_t rollout = 0;
-    if (!devices_.remove(id, [&](device_record& r) {
-          delivery_.drop_replay_locked(r);
-          rollout = rollout_.forget_locked(r);
-        })) {
-      if (devices_.find(id)) return false;
-    }
-    rollout_.release_forgotten(std::string(id), rollout);
-    return !writer_.forget(std::string(id));
-  }
-  /// Lets go of device `id` on this hub, for a store shared by several gateway nodes when
-  /// another node took the device over: its live session, if any, is closed with `code` and
-  /// `reason`, and its record leaves memory, so that its next session here loads its state
-  /// from the store again (this hub's copy is stale). False if the hub held no record of it.
-  bool release_device(std::string_view id, close_code code = close_replaced,
-                      std::string_view reason = "the device connected to another node") {
-    auto rec = dispatch_.let_go(id);
-    if (!rec) return false;
-    session_id live = 0;
-    {
-      std::lock_guard lock(rec->mutex);
-      live = rec->session.id;
-    }
-    if (live != 0) gateway_.get_transport().close(live, code, reason);
-    return true;
-  }
-  /// The state store.
-  [[nodiscard]] Store& state_store() noexcept { return store_; }
-  /// The hub's way to the store (write-behind queue, error counts).
-  [[nodiscard]] writer_type& store_writer() noexcept { return writer_; }
-  /// Sessions open now.
-  [[nodiscard]] std::size_t connected() const { return devices_.connected(); }
-  /// Current figures.
-  [[nodiscard]] hub_stats stats() const {
-    hub_stats s;
-    s.connected = devices_.connected();
-    s.devices = devices_.devices();
-    s.devices_evicted = devices_.evicted();
-    s.devices_released = devices_.released();
-    s.store_errors = writer_.errors();
-    s.replay_bytes = delivery_.replay_bytes();
-    const auto m = gateway_.metrics();
-    s.enqueued = m.enqueued;
-    s.dispatched = m.dispatched;
-    s.queue_depth = m.queue_depth;
-    s.workers_alive = m.workers_alive;
-    s.replay_dropped = delivery_.replay_dropped();
-    s.protocol_errors = dispatch_.protocol_errors();
-    s.takeovers = devices_.takeovers();
-    s.rollout = rollout();
-    return s;
-  }
-  /// This node's figures as a fleet shares them (`redis::state_store::share_figures`; the
-  /// store computes `msgs_per_s`).
-  [[nodiscard]] store::gateway_figures figures() const {
-    const auto s = stats();
-    return {1, s.connected, s.devices, s.enqueued, s.dispatched, s.queue_depth, s.workers_alive, 0};
-  }
-  /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
-  /// `msgs_per_s` computed from the previous call. With `hub_options::fleet_figures` the
-  /// gateway figures are the fleet's (and `nodes` says over how many nodes). Returns the
-  /// recipients.
-  std::size_t publish_stats() {
-    const auto s = stats();
-    double rate = 0;
-    {
-      std::lock_guard lock(rate_mutex_);
-      const auto now = clock::now();
-      if (last_rate_time_ != clock::time_point{}) {
-        const double secs = std::chrono::duration<double>(now - last_rate_time_).count();
-        if (secs > 0) rate = static_cast<double>(s.dispatched - last_dispatched_) / secs;
-      }
-      last_rate_time_ = now;
-      last_dispatched_ = s.dispatched;
-    }
-    nlohmann::json data{{"connected", s.connected},
-                        {"devices", s.devices},
-                        {"queue_depth", s.queue_depth},
-                        {"workers_alive", s.workers_alive},
-                        {"dispatched", s.dispatched},
-                        {"msgs_per_s", rate},
-                        {"replay_dropped", s.replay_dropped},
-                        {"rollout",
-                         {{"rollout", s.rollout.rollout},
-                          {"version", s.rollout.version},
-                          {"size", s.rollout.size},
-                          {"pending", s.rollout.pending},
-                          {"transferring", s.rollout.transferring},
-                          {"verified", s.rollout.verified},
-                          {"failed", s.rollout.failed},
-                          {"skipped", s.rollout.skipped},
-                          {"bytes_acked", s.rollout.bytes_acked}}}};
-    if (options_.fleet_figures) {
-      if (const auto f = options_.fleet_figures(); f && f->nodes > 0) {
-        data["nodes"] = f->nodes;
-        data["connected"] = f->connected;
-        data["devices"] = f->devices;
-        data["queue_depth"] = f->queue_depth;
-        data["workers_alive"] = f->workers_alive;
-        data["dispatched"] = f->dispatched;
-        data["msgs_per_s"] = f->msgs_per_s;
-      }
-    }
-    return bus_.publish(topics::stats, make_envelope("event", 0, topics::stats, data.dump()));
-  }
-  /// The pipeline (metrics, Prometheus text).
-  [[nodiscard]] typename gateway_type::pipeline_type& engine() noexcept {
-    return gateway_.engine();
-  }
-  /// The gateway the hub is built on (transport, pipeline, lifecycle).
-  [[nodiscard]] gateway_type& get_gateway() noexcept { return gateway_; }
-  /// The options in force.
-  [[nodiscard]] const hub_options& options() const noexcept { return options_; }
-
- private:
-  // Tells the fleet topic of this node that rollout `img` is available.
-  void announce_firmware(const firmware::image& img) {
-    nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
-                            {"version", img.version()},     {"size", img.size()},
-                            {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
-    bus_.publish(topics::fleet, to_payload(announce));
-  }
-  // Keeps the records held within max_devices and the kept deliveries within the fleet
-  // budget, O(1) per call (after each session opens or closes and each delivery).
-  void bound() {
-    // Slots and queue places of evicted devices, given up once the registry's locks are free.
-    std::vector<std::pair<std::string, std::uint32_t>> released;
-    devices_.trim(
-        [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
-        [&](device_record& r) {
-          // A durable store keeps its replay: it comes back with the record.
-          delivery_.drop_replay_locked(r, !writer_type::durable);
-          if (const auto rollout = rollout_.forget_locked(r)) released.emplace_back(r.id, rollout);
-          // Queued (or a non-blocking store's short call): numbering resumes above it.
-          (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
-        },
-        [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
-        [this](device_record& r) {
-          if (!r.delivery.replay.empty()) journal().forgot(r, r.delivery.replay.back().first);
-          delivery_.drop_replay_locked(r);
-        });
-    for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
-  }
-
-  // A durable store committed the device's deliveries up to `seq` (store thread): those held
-  // for it go to the device, then the host hears of it.
-  void deliver_stored(const std::string& id, std::uint64_t seq, bool ok) {
-    // Evicted meanwhile: the record that comes back loads them from the store.
-    if (auto rec = devices_.find(id)) delivery_.stored(*rec, seq);
-    if (options_.on_deliver_stored) options_.on_deliver_stored(id, seq, ok);
-  }
-  // The pipeline's sink: the user's, with (under on_dispatch) each batch's dispatched device
-  // messages recorded in the store, whose commit answers them.
-  hub_sink<Sink> make_sink(Sink sink) {
-    if (options_.ack != ack_policy::on_dispatch) return hub_sink<Sink>(std::move(sink), &bus_);
-    return hub_sink<Sink>(std::move(sink), &bus_, [this](std::span<const message> batch) {
-      for (const auto& m : batch) {
-        store::dispatch_record r;
-        if (m.has_reference) r.id = m.reference;
-        r.number = m.sequence;
-        r.kind = m.kind;
-        r.payload = m.payload;
-        (void)writer_.record_dispatched(std::string(m.device_id.view()), std::move(r));
-      }
-    });
-  }
-  // The pipeline options, with (under on_dispatch) the messages that will not reach the sink
-  // answered `not_dispatched` before the host's own handlers run.
-  pipeline_options pipeline_options_for_ack() {
-    pipeline_options o = options_.pipeline;
-    if (options_.ack != ack_policy::on_dispatch) return o;
-    o.dead_letter = [this, host = std::move(o.dead_letter)](const message& m, std::error_code ec) {
-      dispatch_.not_dispatched(m);
-      if (host) host(m, ec);
-    };
-    o.on_dropped = [this, host = std::move(o.on_dropped)](const message& m) {
-      dispatch_.not_dispatched(m);
-      if (host) host(m);
-    };
-    return o;
-  }
-  // The store's journal of kept deliveries.
-  [[nodiscard]] store_journal<writer_type> journal() noexcept { return {writer_}; }
-
-  hub_options options_;
-  bool started_ = false;
-  Store store_;
-  writer_type writer_;
-  pubsub bus_;
-  registry devices_;
-  delivery<Transport> delivery_;
-  firmware::rollout_engine<Transport, writer_type> rollout_;
-  protocol_dispatch<Transport, writer_type, gateway_type> dispatch_;
-  std::mutex rate_mutex_;
-  clock::time_point last_rate_time_{};
-  std::uint64_t last_dispatched_ = 0;
-  gateway_type gateway_;  // last: stopped and destroyed first
-};
-
-}  // namespace devgate::device
-// ---- end devgate/device/hub.hpp ----
-
-
 // ---- begin devgate/firmware/campaign.hpp ----
 
 #include <nlohmann/json.hpp>
@@ -15142,10 +14885,12 @@ struct campaign_target {
   /// Devices first seen after the start that match join the last wave (AWS IoT Jobs'
   /// `CONTINUOUS`); otherwise the devices are those known at the start (`SNAPSHOT`).
   bool continuous = false;
-  /// Whether `attrs` satisfies the attribute filter.
-  [[nodiscard]] bool matches(const std::map<std::string, std::string>& attrs) const {
+  /// Whether `attrs` (a range of name/value pairs) satisfies the attribute filter.
+  template <class Attributes>
+  [[nodiscard]] bool matches(const Attributes& attrs) const {
     for (const auto& [k, v] : attributes) {
-      auto it = attrs.find(k);
+      const auto it =
+          std::find_if(attrs.begin(), attrs.end(), [&](const auto& a) { return a.first == k; });
       if (it == attrs.end() || it->second != v) return false;
     }
     return true;
@@ -15993,6 +15738,872 @@ class campaign {
 }  // namespace devgate::firmware
 // ---- end devgate/firmware/campaign.hpp ----
 
+// ---- begin devgate/firmware/campaign_runner.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>   // std::max
+#include <array>       // counts per status
+#include <atomic>      // the active rollout, read by on_status
+#include <chrono>      // the tick period, wall-clock time
+#include <cstddef>     // std::size_t
+#include <cstdint>     // campaign and rollout ids
+#include <deque>       // ended campaigns
+#include <functional>  // the change hook, the target filter
+#include <memory>      // campaigns
+#include <mutex>       // the run lock, the news queue
+#include <optional>    // lookups
+#include <string>      // ids, reasons
+#include <utility>     // std::move
+#include <vector>      // news, ids
+
+
+namespace devgate::firmware {
+
+/// `c` as the operator API shows it: state, reason, spec, counts per status over the campaign
+/// and per wave, and its counters (read from counters kept as devices change: no scan).
+[[nodiscard]] inline nlohmann::json to_json(const campaign& c, std::uint32_t rollout) {
+  auto counts = [](const auto& by_status) {
+    nlohmann::json j = nlohmann::json::object();
+    for (std::size_t i = 0; i < campaign_device_statuses; ++i) {
+      j[to_string(static_cast<campaign_device_status>(i))] = by_status[i];
+    }
+    return j;
+  };
+  std::array<std::size_t, campaign_device_statuses> totals{};
+  for (std::size_t i = 0; i < campaign_device_statuses; ++i) {
+    totals[i] = c.count(static_cast<campaign_device_status>(i));
+  }
+  nlohmann::json waves = nlohmann::json::array();
+  for (const auto& w : c.waves()) {
+    waves.push_back({{"size", w.size}, {"started", w.started}, {"counts", counts(w.counts)}});
+  }
+  return {{"id", c.id()},
+          {"name", c.spec().name},
+          {"version", c.spec().version},
+          {"rollout", rollout},
+          {"state", to_string(c.state())},
+          {"reason", c.reason()},
+          {"created_at", c.created_at()},
+          {"devices", c.devices().size()},
+          {"counts", counts(totals)},
+          {"waves", waves},
+          {"current_wave", c.current_wave()},
+          {"admitted", c.admitted()},
+          {"retries", c.retries()},
+          {"timeouts", c.timeouts()},
+          {"rate_per_minute", c.rate()},
+          {"spec", to_json(c.spec())}};
+}
+/// One device of a campaign as the operator API shows it, with its history.
+[[nodiscard]] inline nlohmann::json to_json(const campaign_device& d) {
+  nlohmann::json history = nlohmann::json::array();
+  for (const auto& h : d.history) {
+    history.push_back({{"at", h.at}, {"status", to_string(h.status)}, {"reason", h.reason}});
+  }
+  return {{"id", d.id},
+          {"wave", d.wave + 1},
+          {"status", to_string(d.status)},
+          {"attempts", d.attempts},
+          {"reason", d.reason},
+          {"history", history}};
+}
+
+/// Runs rollout campaigns over a rollout engine: one campaign is active at a time (it owns the
+/// engine's current rollout, published gated), a newer one supersedes it (its unfinished
+/// devices end `superseded`). A timer thread feeds the active campaign the time and the
+/// engine's news of its devices (queued by `on_status`, which the engine calls), and carries
+/// out what the campaign decides: `admit` and `stop` on the engine.
+///
+/// Locking: one run lock serialises the campaign and the engine calls made for it; the news
+/// queue has a lock of its own, so the engine's calls into `on_status` (from any thread, some
+/// made by the runner's own `admit`) never wait for the run lock.
+template <class Engine>
+class campaign_runner {
+ public:
+  /// Called under the run lock whenever the active campaign changed in a way a store keeps
+  /// (the store layer persists it; keep it short).
+  using change_hook = std::function<void(const campaign&, std::uint32_t rollout)>;
+
+  /// A runner over `engine` (referenced) that steps every `tick` and keeps the last `keep`
+  /// ended campaigns for the operator API.
+  explicit campaign_runner(Engine& engine,
+                           std::chrono::milliseconds tick = std::chrono::milliseconds(50),
+                           std::size_t keep = 16)
+      : engine_(engine), tick_(tick), keep_(keep == 0 ? 1 : keep) {}
+  campaign_runner(const campaign_runner&) = delete;
+  campaign_runner& operator=(const campaign_runner&) = delete;
+  /// Stops the timer thread.
+  ~campaign_runner() { stop(); }
+
+  /// Stops the timer thread (the owner calls it before the engine goes away); news queued
+  /// later is dropped at destruction.
+  void stop() { ticker_.stop(); }
+  /// Sets the hook told of each change the store keeps (before the first campaign).
+  void on_change(change_hook hook) {
+    std::lock_guard lock(run_mutex_);
+    on_change_ = std::move(hook);
+  }
+
+  /// The engine's news of a device (its `rollout_options::on_status`): queued for the next
+  /// step when it concerns the active campaign's rollout.
+  void on_status(const std::string& id, const store::transfer_state& t) {
+    if (t.rollout == 0 || t.rollout != rollout_.load(std::memory_order_acquire)) return;
+    std::lock_guard lock(news_mutex_);
+    news_.push_back({id, t.status, t.reason});
+  }
+
+  /// Starts campaign `spec` over `devices` (in wave order): `publish()` makes its image the
+  /// engine's current rollout (gated) and returns the rollout id. The active campaign, if any,
+  /// is superseded first. Returns the new campaign's id. Throws campaign_spec_error (no
+  /// device) or what `publish` throws; nothing changes then.
+  template <class Publish>
+  std::uint64_t start(campaign_spec spec, const std::vector<std::string>& devices,
+                      Publish&& publish) {
+    std::lock_guard lock(run_mutex_);
+    const auto now = wall_ms();
+    auto c = std::make_unique<campaign>(next_id_, std::move(spec), devices, now);
+    // The new rollout first (the old campaign's devices leave it): a publish that throws
+    // changes nothing.
+    const std::uint32_t rollout = publish();
+    if (active_) {
+      drain(now);
+      execute(active_->cancel("superseded by campaign " + std::to_string(next_id_), now, true));
+      flush();
+      retire();
+    }
+    ++next_id_;
+    active_ = std::move(c);
+    active_rollout_ = rollout;
+    rollout_.store(rollout, std::memory_order_release);
+    dirty_ = true;
+    execute(active_->tick(now));
+    flush();
+    ticker_.start(tick_, [this] { step(wall_ms()); });
+    return active_->id();
+  }
+  /// Takes back campaign `c` (kept by a store) and its rollout after a restart: the devices it
+  /// had admitted are admitted again (their transfers resume where the store left them).
+  void restore(std::unique_ptr<campaign> c, std::uint32_t rollout, campaign_actions readmit) {
+    std::lock_guard lock(run_mutex_);
+    next_id_ = std::max(next_id_, c->id() + 1);
+    if (is_over(c->state())) {
+      ended_.push_back({std::move(c), rollout});
+      while (ended_.size() > keep_) ended_.pop_front();
+      return;
+    }
+    active_ = std::move(c);
+    active_rollout_ = rollout;
+    rollout_.store(rollout, std::memory_order_release);
+    execute(readmit);
+    ticker_.start(tick_, [this] { step(wall_ms()); });
+  }
+
+  /// Pauses campaign `id` (the operator's `reason`). False if it is not the active campaign or
+  /// is not running.
+  bool pause(std::uint64_t id, std::string reason) {
+    std::lock_guard lock(run_mutex_);
+    if (!active_ || active_->id() != id) return false;
+    drain(wall_ms());
+    if (!active_->pause(std::move(reason))) return false;
+    dirty_ = true;
+    flush();
+    return true;
+  }
+  /// Resumes campaign `id`, retrying its failed devices with `retry_failed`. False if it is not
+  /// the active campaign or is not paused.
+  bool resume(std::uint64_t id, bool retry_failed = true) {
+    std::lock_guard lock(run_mutex_);
+    if (!active_ || active_->id() != id) return false;
+    const auto now = wall_ms();
+    drain(now);
+    auto a = active_->resume(now, retry_failed);
+    if (!a.changed) return false;
+    execute(a);
+    after_step();
+    return true;
+  }
+  /// Cancels campaign `id`: its transfers running stop, its devices not done are cancelled.
+  /// False if it is not the active campaign.
+  bool cancel(std::uint64_t id, std::string reason) {
+    std::lock_guard lock(run_mutex_);
+    if (!active_ || active_->id() != id) return false;
+    const auto now = wall_ms();
+    drain(now);
+    execute(active_->cancel(std::move(reason), now));
+    after_step();
+    return true;
+  }
+  /// A device first seen (hello) that `joins` says belongs to the active campaign's target:
+  /// with a continuous target it joins the last wave. False otherwise.
+  template <class Matches>
+  bool seen(const std::string& id, Matches&& matches) {
+    std::lock_guard lock(run_mutex_);
+    if (!active_ || !active_->spec().target.continuous || active_->find(id) != nullptr) {
+      return false;
+    }
+    if (!matches(active_->spec().target)) return false;
+    if (!active_->add_device(id, wall_ms())) return false;
+    dirty_ = true;
+    flush();
+    return true;
+  }
+
+  /// One step at `now` (the timer thread's; tests may call it): the queued news, then the
+  /// time (start, timeouts, admissions).
+  void step(campaign_ms now) {
+    std::lock_guard lock(run_mutex_);
+    if (!active_) return;
+    drain(now);
+    if (!active_) return;
+    execute(active_->tick(now));
+    after_step();
+  }
+
+  /// The active campaign's id (std::nullopt: none).
+  [[nodiscard]] std::optional<std::uint64_t> active() const {
+    std::lock_guard lock(run_mutex_);
+    if (!active_) return std::nullopt;
+    return active_->id();
+  }
+  /// Calls `f(const campaign&, rollout)` with campaign `id` under the run lock; false if no
+  /// such campaign is kept.
+  template <class F>
+  bool with(std::uint64_t id, F&& f) const {
+    std::lock_guard lock(run_mutex_);
+    if (active_ && active_->id() == id) {
+      f(static_cast<const campaign&>(*active_), active_rollout_);
+      return true;
+    }
+    for (const auto& e : ended_) {
+      if (e.c->id() == id) {
+        f(static_cast<const campaign&>(*e.c), e.rollout);
+        return true;
+      }
+    }
+    return false;
+  }
+  /// Calls `f(const campaign&, rollout)` for each kept campaign, newest first, under the run
+  /// lock.
+  template <class F>
+  void each(F&& f) const {
+    std::lock_guard lock(run_mutex_);
+    if (active_) f(static_cast<const campaign&>(*active_), active_rollout_);
+    for (auto it = ended_.rbegin(); it != ended_.rend(); ++it) {
+      f(static_cast<const campaign&>(*it->c), it->rollout);
+    }
+  }
+  /// Campaign `id` as the operator API shows it (std::nullopt: not kept).
+  [[nodiscard]] std::optional<nlohmann::json> describe(std::uint64_t id) const {
+    std::optional<nlohmann::json> out;
+    with(id, [&](const campaign& c, std::uint32_t r) { out = to_json(c, r); });
+    return out;
+  }
+  /// A page of campaign `id`'s devices (`status` filters; `offset`, `limit` page), with the
+  /// number matching (std::nullopt: no such campaign).
+  [[nodiscard]] std::optional<nlohmann::json> devices(std::uint64_t id,
+                                                      std::optional<campaign_device_status> status,
+                                                      std::size_t offset, std::size_t limit) const {
+    std::optional<nlohmann::json> out;
+    with(id, [&](const campaign& c, std::uint32_t) {
+      nlohmann::json page = nlohmann::json::array();
+      std::size_t matching = 0;
+      for (const auto& d : c.devices()) {
+        if (status && d.status != *status) continue;
+        if (matching >= offset && page.size() < limit) page.push_back(to_json(d));
+        ++matching;
+      }
+      out = nlohmann::json{
+          {"total", matching}, {"offset", offset}, {"limit", limit}, {"devices", page}};
+    });
+    return out;
+  }
+
+ private:
+  struct news {
+    std::string id;
+    store::transfer_status status;
+    std::string reason;
+  };
+  struct ended {
+    std::unique_ptr<campaign> c;
+    std::uint32_t rollout;
+  };
+
+  static campaign_ms wall_ms() {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+  // Feeds the queued news to the active campaign (run lock held). News that the runner's own
+  // engine calls queue meanwhile waits for the next step.
+  void drain(campaign_ms now) {
+    std::vector<news> batch;
+    {
+      std::lock_guard lock(news_mutex_);
+      batch.swap(news_);
+    }
+    for (const auto& n : batch) execute(active_->on_transfer(n.id, n.status, n.reason, now));
+  }
+  // Carries out the campaign's decisions on the engine (run lock held).
+  void execute(const campaign_actions& a) {
+    for (const auto& [id, reason] : a.stop) engine_.stop(id, active_rollout_, reason);
+    for (const auto& id : a.admit) (void)engine_.admit(id, active_rollout_);
+    dirty_ = dirty_ || a.changed;
+  }
+  // Tells the change hook, once per step, when the campaign changed (run lock held).
+  void flush() {
+    if (dirty_ && on_change_ && active_) on_change_(*active_, active_rollout_);
+    dirty_ = false;
+  }
+  // After a step or a command: an ended campaign moves to the kept list.
+  void after_step() {
+    flush();
+    if (active_ && is_over(active_->state())) retire();
+  }
+  void retire() {
+    ended_.push_back({std::move(active_), active_rollout_});
+    while (ended_.size() > keep_) ended_.pop_front();
+    rollout_.store(0, std::memory_order_release);
+  }
+
+  Engine& engine_;
+  const std::chrono::milliseconds tick_;
+  const std::size_t keep_;
+  mutable std::mutex run_mutex_;
+  std::unique_ptr<campaign> active_;
+  std::uint32_t active_rollout_ = 0;
+  std::deque<ended> ended_;
+  std::uint64_t next_id_ = 1;
+  change_hook on_change_;
+  bool dirty_ = false;  // the active campaign changed since the hook was last told
+  std::atomic<std::uint32_t> rollout_{0};  // the active campaign's rollout, for on_status
+  std::mutex news_mutex_;
+  std::vector<news> news_;
+  detail::ticker ticker_;  // last: stopped first
+};
+
+}  // namespace devgate::firmware
+// ---- end devgate/firmware/campaign_runner.hpp ----
+
+namespace devgate::device {
+
+/// The device gateway: a `gateway` (transport and pipeline) whose intake speaks the device
+/// protocol (docs/PROTOCOL.md) with every session, composed with a device registry, delivery,
+/// pub/sub, a state store and a firmware rollout engine.
+///
+///     devgate::websocket::server ws(opts);               // opts.identify = identify_device
+///     devgate::device::hub hub(ws, my_sink);
+///     hub.start();
+///     hub.publish_firmware("2.0.0", image_bytes);
+///
+/// Threads: transport threads run the protocol; pipeline workers run the sink; any thread may
+/// publish, send or roll out firmware. No hub lock is held while calling the transport or the
+/// store; each device's outgoing messages leave in order through its outbox.
+template <class Transport, class Sink = null_sink, class Store = store::memory_state_store,
+          class Traits = pipeline_traits>
+class hub {
+  static_assert(devgate::transport<Transport>,
+                "device::hub: Transport must satisfy devgate::transport (transport/transport.hpp)");
+  static_assert(devgate::sink<Sink>,
+                "device::hub: Sink needs `std::error_code consume(const devgate::message&, "
+                "devgate::dispatch_context&)` (wrap a lambda in devgate::callback_sink)");
+  static_assert(store::state_store<Store>,
+                "device::hub: Store must satisfy devgate::store::state_store (load, "
+                "add_messages_sent, touch, set_firmware_version, set_transfer, set_last_seq, "
+                "forget; errors as "
+                "values)");
+  using writer_type = store::write_behind<Store>;
+
+ public:
+  /// The gateway the hub is built on: its transport feeding a pipeline of the hub's sink.
+  using gateway_type = gateway<Transport, hub_sink<Sink>, Traits>;
+
+  /// Composes the hub over `transport` (referenced: it must outlive the hub). Throws
+  /// std::invalid_argument for options out of range.
+  explicit hub(Transport& transport, Sink sink = Sink{}, hub_options options = {},
+               Store store = Store{})
+      : options_(std::move(options)),
+        store_(std::move(store)),
+        writer_(
+            store_, options_.store_queue_capacity, options_.on_store_error,
+            [this](const std::string& id, const store::dispatch_record& r, bool ok) {
+              dispatch_.recorded(id, r, ok);
+            },
+            [this](const std::string& id, std::uint64_t seq, bool ok) {
+              deliver_stored(id, seq, ok);
+            },
+            options_.store_group_commit),
+        devices_(options_.max_devices),
+        delivery_(transport, options_.max_replay_messages, options_.max_replay_bytes),
+        rollout_(
+            devices_, delivery_, writer_,
+            {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
+             options_.stall_timeout, options_.max_transfer_retries, options_.transfer_retry_backoff,
+             options_.leased_transfer_slots, options_.on_slot_demand,
+             [this](const std::string& id, const store::transfer_state& t) {
+               campaigns_.on_status(id, t);
+             },
+             [this](const std::string& id) { campaign_hello(id); }}),
+        dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
+                  options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
+                  options_.require_authentication, options_.ack),
+        gateway_(transport, make_sink(std::move(sink)), pipeline_options_for_ack()) {
+    bus_.set_channel(&gateway_.channel());
+  }
+  hub(const hub&) = delete;
+  hub& operator=(const hub&) = delete;
+  /// Stops if still running, then lets the store thread finish what is queued while every part
+  /// its callbacks reach (dispatch, registry, delivery) is still alive.
+  ~hub() {
+    campaigns_.stop();  // before the rollout engine it drives
+    stop();
+    writer_.drain();
+  }
+
+  /// Starts the gateway with the hub's protocol as its intake: handlers, workers, transport.
+  std::error_code start() {
+    // A durable store's rollout resumes before any device can say hello.
+    if (!started_) {
+      started_ = true;
+      if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
+    }
+    session_hooks hooks;
+    hooks.on_open = [this](const session_info& info) {
+      dispatch_.open(info);
+      bound();
+    };
+    hooks.on_close = [this](session_id s, close_code c) {
+      dispatch_.close(s, c);
+      bound();
+    };
+    return gateway_.start(
+        [this](std::span<inbound_message> batch) { return dispatch_.intake(batch); },
+        std::move(hooks));
+  }
+  /// Stops intake, drains the pipeline, then stops the transport (sessions close with 1001).
+  void stop() { gateway_.stop(); }
+  /// Like `stop()`, but returns the device messages not dispatched by `deadline`.
+  [[nodiscard]] std::vector<message> stop(clock::time_point deadline) {
+    return gateway_.stop(deadline);
+  }
+
+  // ---- pub/sub ------------------------------------------------------------------------
+
+  /// Publishes `data` on `topic` from any thread. `device/<id>`: a sequenced message to that
+  /// device, kept until acknowledged (returns 1). Any other topic: one shared frame
+  /// `{"type":"event","topic":..,"data":..}` to every subscriber (returns how many).
+  std::size_t publish(std::string_view topic, const nlohmann::json& data) {
+    if (!is_valid_topic(topic)) return 0;
+    if (topic.starts_with(topics::device_prefix)) {
+      return send_to(topic.substr(topics::device_prefix.size()), data) != 0 ? 1 : 0;
+    }
+    return bus_.publish(topic, make_envelope("event", 0, topic, data.dump()));
+  }
+  /// What `send_to` answers for a message it routed to the node that holds the device (that
+  /// node numbers it).
+  static constexpr std::uint64_t routed = std::numeric_limits<std::uint64_t>::max();
+
+  /// Sends `data` to one device as a sequenced `deliver` message (kept while it is offline or
+  /// until it acknowledges). Returns the sequence number, 0 for an invalid device id. With a
+  /// durable store it is sent once stored (`hub_options::on_deliver_stored`). May wait for the
+  /// store (a device it must load): not from a network thread, nor from a store callback.
+  ///
+  /// On a store that carries deliveries between nodes (`store::fleet_delivery_store`), a
+  /// device this hub does not hold that another live node owns gets the message through the
+  /// store from that node (which numbers it: `routed` is returned), instead of being taken
+  /// over; 0 when the store could not take it (Redis away, or too many waiting for that node:
+  /// counted as a store error).
+  std::uint64_t send_to(std::string_view device_id, const nlohmann::json& data) {
+    if (!is_valid_device_id(device_id)) return 0;
+    const std::string id(device_id);
+    if constexpr (writer_type::routes) {
+      if (writer_.shared() && !devices_.find(id)) {
+        const auto r = writer_.route(id, data.dump());
+        if (r.error) return 0;
+        if (r.routed) return routed;
+      }
+    }
+    std::uint64_t seq = 0;
+    {
+      auto rec = devices_.get_or_create(
+          id, [&] { return writer_.load(id); },
+          [this](device_record& r, store::device_state& st) { dispatch_.restore_locked(r, st); });
+      // A device whose session made its record while the store loads it: numbering continues
+      // from the store's, so its state must be in first.
+      if constexpr (!writer_type::calls_inline) dispatch_.await_state(rec);
+      seq = delivery_.deliver(*rec, data.dump(), journal());
+    }
+    bound();
+    return seq;
+  }
+  /// Subscribes a host callback to `topic` (e.g. the server log for a dashboard).
+  pubsub::token subscribe(std::string_view topic, pubsub::callback cb) {
+    return bus_.subscribe(topic, std::move(cb));
+  }
+  /// Removes a host subscription.
+  void unsubscribe(pubsub::token t) { bus_.unsubscribe(t); }
+  /// The topic registry.
+  [[nodiscard]] pubsub& bus() noexcept { return bus_; }
+
+  // ---- firmware -----------------------------------------------------------------------
+
+  /// Rolls `bytes` out as `version` to every device: announces it on the fleet topic, then
+  /// transfers it (at most max_concurrent_transfers at once). Devices offline now get it when
+  /// they connect; devices reporting `version` are skipped. The image is copied once and
+  /// shared by every transfer. Returns the rollout id. Throws std::invalid_argument for an
+  /// empty version, an empty image or one over `max_firmware_size`.
+  ///
+  /// On a store shared by several nodes (`store::fleet_rollout_store`) the store numbers the
+  /// rollout fleet-wide, keeps the image once and tells the other nodes, which `adopt_firmware`
+  /// it; a failure there throws std::system_error and starts nothing.
+  std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
+    return rollout_.publish(std::move(version), bytes,
+                            [this](const firmware::image& img) { announce_firmware(img); });
+  }
+  /// Makes rollout `r`, published by another node of the fleet, current here (as
+  /// `publish_firmware` would have, without keeping it again): hand it the rollouts that
+  /// `redis::state_store::on_rollout` reports. False when it is not newer than the current one.
+  bool adopt_firmware(const store::rollout_record& r) {
+    return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
+  }
+  /// Takes the messages other nodes routed to device `id`, which this node holds (on the store
+  /// thread): hand it what `redis::state_store::on_routed` reports. Any thread.
+  void take_routed(const std::string& id) { (void)dispatch_.take_routed(id); }
+  /// Writes every held device's part in the current rollout to the store again, for a store
+  /// that lost writes meanwhile (`redis::state_store::on_reconnect`): the fleet's totals and
+  /// each device's status catch up with what happened while it was away.
+  void rewrite_transfers() { rollout_.rewrite(); }
+  /// With `hub_options::leased_transfer_slots`: this node's lease of the fleet's transfer
+  /// slots; devices waiting start if it grew. For the lease holder.
+  void set_transfer_limit(std::size_t n) { rollout_.set_slot_limit(n); }
+  /// Totals of the current rollout: the fleet's (`hub_options::fleet_rollout_totals`) when
+  /// they are for it, else this hub's own counts.
+  [[nodiscard]] firmware::rollout_totals rollout() const {
+    auto own = rollout_.totals();
+    if (options_.fleet_rollout_totals && own.rollout != 0) {
+      if (auto fleet = options_.fleet_rollout_totals(); fleet && fleet->rollout == own.rollout) {
+        fleet->version = std::move(own.version);
+        fleet->size = own.size;
+        fleet->retries = own.retries;  // this node's: retries are not kept in the store
+        return *fleet;
+      }
+    }
+    return own;
+  }
+  /// One device's part in the current rollout (std::nullopt for a device never seen).
+  [[nodiscard]] std::optional<store::transfer_state> device_transfer(std::string_view id) const {
+    return rollout_.transfer_of(id);
+  }
+  /// The transfer slots (limit, active, waiting, peak): this node's.
+  [[nodiscard]] const firmware::transfer_slots& slots() const noexcept { return rollout_.slots(); }
+  /// The image being rolled out (nullptr before the first publish_firmware).
+  [[nodiscard]] std::shared_ptr<const firmware::image> current_image() const {
+    return rollout_.current();
+  }
+
+  // ---- rollout campaigns -------------------------------------------------------------------
+
+  /// Starts a rollout campaign of `bytes` as `spec.version` (docs/ROLLOUTS.md): its devices are
+  /// the target's, known now (listed ids in their order; otherwise the devices this hub holds,
+  /// by id, whose attributes match), split into waves and admitted wave by wave at the rate,
+  /// while thresholds hold. A campaign running is superseded. Returns the campaign's id.
+  /// Throws firmware::campaign_spec_error when the target matches no device, and what
+  /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
+  /// other nodes do not take part, and the campaign is not kept across a restart (yet).
+  std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes) {
+    if (spec.version.empty()) throw firmware::campaign_spec_error("version: must not be empty");
+    firmware::image::check(bytes);
+    auto ids = campaign_targets(spec.target);
+    const auto version = spec.version;
+    return campaigns_.start(std::move(spec), ids, [&] {
+      return rollout_.publish(
+          version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
+    });
+  }
+  /// Pauses campaign `id` with the operator's `reason`: nobody more starts; transfers running
+  /// finish. False if it is not the active campaign or not running.
+  bool pause_campaign(std::uint64_t id, std::string reason = "paused by the operator") {
+    return campaigns_.pause(id, std::move(reason));
+  }
+  /// Resumes paused campaign `id`; with `retry_failed` its failed and timed-out devices start
+  /// again. False if it is not the active campaign or not paused.
+  bool resume_campaign(std::uint64_t id, bool retry_failed = true) {
+    return campaigns_.resume(id, retry_failed);
+  }
+  /// Cancels campaign `id`: transfers running stop (the devices are told, reason `cancelled`)
+  /// and devices not done end `cancelled`. False if it is not the active campaign.
+  bool cancel_campaign(std::uint64_t id, std::string reason = "cancelled by the operator") {
+    return campaigns_.cancel(id, std::move(reason));
+  }
+  /// The campaigns: the active one and the last ended ones (describe, devices, each).
+  [[nodiscard]] const firmware::campaign_runner<firmware::rollout_engine<Transport, writer_type>>&
+  campaigns() const noexcept {
+    return campaigns_;
+  }
+  /// Sets device `id`'s attributes (as its hello would), for campaigns that target them.
+  /// False when the hub does not hold the device.
+  bool set_attributes(std::string_view id, std::vector<std::pair<std::string, std::string>> a) {
+    auto rec = devices_.find(id);
+    if (!rec) return false;
+    std::lock_guard lock(rec->mutex);
+    rec->attributes = std::move(a);
+    return true;
+  }
+
+  // ---- state and figures --------------------------------------------------------------
+
+  /// A device's state: its record's live figures while the hub holds it, else what the store
+  /// has (a store call: not for a network thread when the store may block).
+  [[nodiscard]] store::device_state device_state(const std::string& id) {
+    if (auto rec = devices_.find(id)) {
+      std::lock_guard lock(rec->mutex);
+      store::device_state st;
+      st.messages_sent = rec->messages_sent;
+      st.last_seen_ms = rec->last_seen_ms;
+      st.firmware_version = rec->firmware_version;
+      st.transfer = decltype(rollout_)::state_locked(*rec);
+      return st;
+    }
+    return writer_.peek(id);
+  }
+  /// Forgets an offline device: its record and everything the store keeps about it (its
+  /// kept deliveries are dropped). False, with nothing changed, while it is online or in use.
+  bool forget_device(std::string_view id) {
+    std::uint32_t rollout = 0;
+    if (!devices_.remove(id, [&](device_record& r) {
+          delivery_.drop_replay_locked(r);
+          rollout = rollout_.forget_locked(r);
+        })) {
+      if (devices_.find(id)) return false;
+    }
+    rollout_.release_forgotten(std::string(id), rollout);
+    return !writer_.forget(std::string(id));
+  }
+  /// Lets go of device `id` on this hub, for a store shared by several gateway nodes when
+  /// another node took the device over: its live session, if any, is closed with `code` and
+  /// `reason`, and its record leaves memory, so that its next session here loads its state
+  /// from the store again (this hub's copy is stale). False if the hub held no record of it.
+  bool release_device(std::string_view id, close_code code = close_replaced,
+                      std::string_view reason = "the device connected to another node") {
+    auto rec = dispatch_.let_go(id);
+    if (!rec) return false;
+    session_id live = 0;
+    {
+      std::lock_guard lock(rec->mutex);
+      live = rec->session.id;
+    }
+    if (live != 0) gateway_.get_transport().close(live, code, reason);
+    return true;
+  }
+  /// The state store.
+  [[nodiscard]] Store& state_store() noexcept { return store_; }
+  /// The hub's way to the store (write-behind queue, error counts).
+  [[nodiscard]] writer_type& store_writer() noexcept { return writer_; }
+  /// Sessions open now.
+  [[nodiscard]] std::size_t connected() const { return devices_.connected(); }
+  /// Current figures.
+  [[nodiscard]] hub_stats stats() const {
+    hub_stats s;
+    s.connected = devices_.connected();
+    s.devices = devices_.devices();
+    s.devices_evicted = devices_.evicted();
+    s.devices_released = devices_.released();
+    s.store_errors = writer_.errors();
+    s.replay_bytes = delivery_.replay_bytes();
+    const auto m = gateway_.metrics();
+    s.enqueued = m.enqueued;
+    s.dispatched = m.dispatched;
+    s.queue_depth = m.queue_depth;
+    s.workers_alive = m.workers_alive;
+    s.replay_dropped = delivery_.replay_dropped();
+    s.protocol_errors = dispatch_.protocol_errors();
+    s.takeovers = devices_.takeovers();
+    s.rollout = rollout();
+    return s;
+  }
+  /// This node's figures as a fleet shares them (`redis::state_store::share_figures`; the
+  /// store computes `msgs_per_s`).
+  [[nodiscard]] store::gateway_figures figures() const {
+    const auto s = stats();
+    return {1, s.connected, s.devices, s.enqueued, s.dispatched, s.queue_depth, s.workers_alive, 0};
+  }
+  /// Publishes `stats()` on the stats topic (call it periodically, e.g. once a second), with
+  /// `msgs_per_s` computed from the previous call. With `hub_options::fleet_figures` the
+  /// gateway figures are the fleet's (and `nodes` says over how many nodes). Returns the
+  /// recipients.
+  std::size_t publish_stats() {
+    const auto s = stats();
+    double rate = 0;
+    {
+      std::lock_guard lock(rate_mutex_);
+      const auto now = clock::now();
+      if (last_rate_time_ != clock::time_point{}) {
+        const double secs = std::chrono::duration<double>(now - last_rate_time_).count();
+        if (secs > 0) rate = static_cast<double>(s.dispatched - last_dispatched_) / secs;
+      }
+      last_rate_time_ = now;
+      last_dispatched_ = s.dispatched;
+    }
+    nlohmann::json data{{"connected", s.connected},
+                        {"devices", s.devices},
+                        {"queue_depth", s.queue_depth},
+                        {"workers_alive", s.workers_alive},
+                        {"dispatched", s.dispatched},
+                        {"msgs_per_s", rate},
+                        {"replay_dropped", s.replay_dropped},
+                        {"rollout",
+                         {{"rollout", s.rollout.rollout},
+                          {"version", s.rollout.version},
+                          {"size", s.rollout.size},
+                          {"pending", s.rollout.pending},
+                          {"transferring", s.rollout.transferring},
+                          {"verified", s.rollout.verified},
+                          {"failed", s.rollout.failed},
+                          {"skipped", s.rollout.skipped},
+                          {"bytes_acked", s.rollout.bytes_acked}}}};
+    if (options_.fleet_figures) {
+      if (const auto f = options_.fleet_figures(); f && f->nodes > 0) {
+        data["nodes"] = f->nodes;
+        data["connected"] = f->connected;
+        data["devices"] = f->devices;
+        data["queue_depth"] = f->queue_depth;
+        data["workers_alive"] = f->workers_alive;
+        data["dispatched"] = f->dispatched;
+        data["msgs_per_s"] = f->msgs_per_s;
+      }
+    }
+    return bus_.publish(topics::stats, make_envelope("event", 0, topics::stats, data.dump()));
+  }
+  /// The pipeline (metrics, Prometheus text).
+  [[nodiscard]] typename gateway_type::pipeline_type& engine() noexcept {
+    return gateway_.engine();
+  }
+  /// The gateway the hub is built on (transport, pipeline, lifecycle).
+  [[nodiscard]] gateway_type& get_gateway() noexcept { return gateway_; }
+  /// The options in force.
+  [[nodiscard]] const hub_options& options() const noexcept { return options_; }
+
+ private:
+  // The devices of a campaign with target `t`, in wave order (see start_campaign).
+  std::vector<std::string> campaign_targets(const firmware::campaign_target& t) const {
+    std::vector<std::string> ids;
+    if (!t.ids.empty()) {
+      for (const auto& id : t.ids) {
+        if (t.attributes.empty() || attributes_match(devices_.find(id), t)) ids.push_back(id);
+      }
+      return ids;
+    }
+    for (const auto& rec : devices_.snapshot()) {
+      if (attributes_match(rec, t)) ids.push_back(rec->id);
+    }
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  }
+  static bool attributes_match(const registry::record_ptr& rec,
+                               const firmware::campaign_target& t) {
+    if (!rec) return false;
+    if (t.attributes.empty()) return true;
+    std::lock_guard lock(rec->mutex);
+    return t.matches(rec->attributes);
+  }
+  // A device said hello while a campaign's rollout had not admitted it: a continuous target
+  // whose attributes it matches takes it in.
+  void campaign_hello(const std::string& id) {
+    (void)campaigns_.seen(id, [&](const firmware::campaign_target& t) {
+      return t.ids.empty() && attributes_match(devices_.find(id), t);
+    });
+  }
+  // Tells the fleet topic of this node that rollout `img` is available.
+  void announce_firmware(const firmware::image& img) {
+    nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
+                            {"version", img.version()},     {"size", img.size()},
+                            {"sha256", img.sha256()},       {"chunk_size", img.chunk_size()}};
+    bus_.publish(topics::fleet, to_payload(announce));
+  }
+  // Keeps the records held within max_devices and the kept deliveries within the fleet
+  // budget, O(1) per call (after each session opens or closes and each delivery).
+  void bound() {
+    // Slots and queue places of evicted devices, given up once the registry's locks are free.
+    std::vector<std::pair<std::string, std::uint32_t>> released;
+    devices_.trim(
+        [this](const device_record& r) { return writer_.applied_through(r.store_ticket); },
+        [&](device_record& r) {
+          // A durable store keeps its replay: it comes back with the record.
+          delivery_.drop_replay_locked(r, !writer_type::durable);
+          if (const auto rollout = rollout_.forget_locked(r)) released.emplace_back(r.id, rollout);
+          // Queued (or a non-blocking store's short call): numbering resumes above it.
+          (void)writer_.set_last_seq(r.id, r.delivery.next_seq - 1);
+        },
+        [this] { return delivery_.replay_bytes() > options_.max_replay_bytes_total; },
+        [this](device_record& r) {
+          if (!r.delivery.replay.empty()) journal().forgot(r, r.delivery.replay.back().first);
+          delivery_.drop_replay_locked(r);
+        });
+    for (const auto& [id, rollout] : released) rollout_.release_forgotten(id, rollout);
+  }
+
+  // A durable store committed the device's deliveries up to `seq` (store thread): those held
+  // for it go to the device, then the host hears of it.
+  void deliver_stored(const std::string& id, std::uint64_t seq, bool ok) {
+    // Evicted meanwhile: the record that comes back loads them from the store.
+    if (auto rec = devices_.find(id)) delivery_.stored(*rec, seq);
+    if (options_.on_deliver_stored) options_.on_deliver_stored(id, seq, ok);
+  }
+  // The pipeline's sink: the user's, with (under on_dispatch) each batch's dispatched device
+  // messages recorded in the store, whose commit answers them.
+  hub_sink<Sink> make_sink(Sink sink) {
+    if (options_.ack != ack_policy::on_dispatch) return hub_sink<Sink>(std::move(sink), &bus_);
+    return hub_sink<Sink>(std::move(sink), &bus_, [this](std::span<const message> batch) {
+      for (const auto& m : batch) {
+        store::dispatch_record r;
+        if (m.has_reference) r.id = m.reference;
+        r.number = m.sequence;
+        r.kind = m.kind;
+        r.payload = m.payload;
+        (void)writer_.record_dispatched(std::string(m.device_id.view()), std::move(r));
+      }
+    });
+  }
+  // The pipeline options, with (under on_dispatch) the messages that will not reach the sink
+  // answered `not_dispatched` before the host's own handlers run.
+  pipeline_options pipeline_options_for_ack() {
+    pipeline_options o = options_.pipeline;
+    if (options_.ack != ack_policy::on_dispatch) return o;
+    o.dead_letter = [this, host = std::move(o.dead_letter)](const message& m, std::error_code ec) {
+      dispatch_.not_dispatched(m);
+      if (host) host(m, ec);
+    };
+    o.on_dropped = [this, host = std::move(o.on_dropped)](const message& m) {
+      dispatch_.not_dispatched(m);
+      if (host) host(m);
+    };
+    return o;
+  }
+  // The store's journal of kept deliveries.
+  [[nodiscard]] store_journal<writer_type> journal() noexcept { return {writer_}; }
+
+  hub_options options_;
+  bool started_ = false;
+  Store store_;
+  writer_type writer_;
+  pubsub bus_;
+  registry devices_;
+  delivery<Transport> delivery_;
+  // Before the rollout engine, whose threads report to it until they stop.
+  firmware::campaign_runner<firmware::rollout_engine<Transport, writer_type>> campaigns_{rollout_};
+  firmware::rollout_engine<Transport, writer_type> rollout_;
+  protocol_dispatch<Transport, writer_type, gateway_type> dispatch_;
+  std::mutex rate_mutex_;
+  clock::time_point last_rate_time_{};
+  std::uint64_t last_dispatched_ = 0;
+  gateway_type gateway_;  // last: stopped and destroyed first
+};
+
+}  // namespace devgate::device
+// ---- end devgate/device/hub.hpp ----
+
+
 
 // ---- begin devgate/client/device_client.hpp ----
 
@@ -16034,6 +16645,18 @@ struct device_client_options {
   /// order) after each welcome. Past it the oldest is let go (counted). Keep it below the
   /// server's dispatch window (`store::dispatch_window::span`, 1024) for exactly-once.
   std::size_t max_unacknowledged = 1000;
+  /// Attributes reported in hello (`hello.attributes`; campaigns target them).
+  std::vector<std::pair<std::string, std::string>> attributes;
+};
+
+/// Faults a test can give one simulated device (`device_client::set_faults`), to script a
+/// fleet for rollout campaigns.
+struct device_faults {
+  /// Report a failed verification: the image's SHA-256 does not match (one byte corrupted).
+  bool fail_verification = false;
+  /// Stop acknowledging firmware chunks once this many bytes arrived (a device stalled mid
+  /// transfer; 0: never). The connection stays up.
+  std::uint64_t stall_after = 0;
 };
 
 /// A device speaking the devgate protocol over WebSocket, header-only on Asio: connect, send,
@@ -16113,6 +16736,10 @@ class device_client {
   /// Drops the TCP connection at once, without a close frame (simulates a network failure).
   void abort() {
     asio::post(ioc_, [this] { drop(1006); });
+  }
+  /// Gives this device `f` from the next firmware chunk or result on (a fleet script).
+  void set_faults(device_faults f) {
+    asio::post(ioc_, [this, f] { faults_ = f; });
   }
 
   /// Sends with an id not yet answered `sent` (sent again after each welcome).
@@ -16220,6 +16847,10 @@ class device_client {
                                {"last_seq", last_seq_.load()}};
           if (!options_.firmware_version.empty()) {
             hello["firmware_version"] = options_.firmware_version;
+          }
+          if (!options_.attributes.empty()) {
+            auto& attrs = hello["attributes"] = nlohmann::json::object();
+            for (const auto& [k, v] : options_.attributes) attrs[k] = v;
           }
           const auto text = hello.dump();
           write_frame(websocket::opcode::text, std::as_bytes(std::span(text.data(), text.size())));
@@ -16428,6 +17059,7 @@ class device_client {
     if (h->offset != fw_received_ || h->offset + std::uint64_t{h->length} > fw_image_.size()) {
       return;  // a chunk from before a resume; the stream continues at our offset
     }
+    if (faults_.stall_after != 0 && fw_received_ >= faults_.stall_after) return;  // stalled
     std::memcpy(fw_image_.data() + h->offset, bytes.data() + device::chunk_header_size, h->length);
     fw_received_ += h->length;
     ++chunks_;
@@ -16442,6 +17074,7 @@ class device_client {
   void maybe_finish() {
     if (fw_received_ == fw_image_.size() && !fw_image_.empty() && !fw_reported_) {
       fw_reported_ = true;
+      if (faults_.fail_verification) fw_image_[0] ^= std::byte{0xFF};  // a corrupt write
       const auto sha = detail::hex_encode(detail::sha256(fw_image_));
       {
         std::lock_guard lock(sha_mutex_);
@@ -16477,6 +17110,7 @@ class device_client {
   std::string fw_version_;
   std::string fw_sha_;
   bool fw_reported_ = false;
+  device_faults faults_;
   // Figures readable from any thread.
   std::map<std::uint64_t, std::string> unacked_;  // id -> the send's text, until `sent`
   std::atomic<std::size_t> unacked_count_{0};

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -353,4 +354,139 @@ TEST_CASE("frame_reader client role: unmasked frames accepted, masked ones fail 
     CHECK(r.error() == devgate::close_code::protocol_error);
   }
   STATIC_REQUIRE(sizeof(frame_reader) <= 64);
+}
+
+// Rollout campaigns through the hub, on a fleet of real clients scripted with their faults.
+namespace {
+struct campaign_fleet {
+  rig& r;
+  std::vector<std::unique_ptr<device_client>> clients;
+  std::atomic<int> cancelled_told{0};
+  // `n` devices c0000.. on version 1.0, region eu for even ones, connected.
+  campaign_fleet(rig& rr, int n) : r(rr) {
+    for (int i = 0; i < n; ++i) {
+      char name[16];
+      std::snprintf(name, sizeof name, "c%04d", i);
+      auto o = r.opts(name, "1.0");
+      o.attributes = {{"region", i % 2 == 0 ? "eu" : "us"}, {"model", "m1"}};
+      auto c = std::make_unique<device_client>(r.ioc, o);
+      c->on_firmware = [this](const std::string&, bool ok, const std::string& reason) {
+        if (!ok && reason == "cancelled") ++cancelled_told;
+      };
+      clients.push_back(std::move(c));
+    }
+    for (auto& c : clients) c->connect();
+    REQUIRE(eventually([&] { return r.hub.connected() == static_cast<std::size_t>(n); }));
+  }
+  json describe(std::uint64_t id) const { return *r.hub.campaigns().describe(id); }
+  std::size_t count(std::uint64_t id, const char* status) const {
+    return describe(id)["counts"][status].get<std::size_t>();
+  }
+};
+}  // namespace
+
+TEST_CASE(
+    "e2e campaign: 1,000 devices in waves; a bad wave pauses it, a resume completes it; "
+    "the rate, cancel, timeouts and retries") {
+  constexpr int devices = 1000;
+  dev::hub_options o;
+  o.chunk_size = 1024;
+  o.window = 2;
+  o.max_concurrent_transfers = 64;
+  o.stall_timeout = std::chrono::milliseconds(0);  // the campaign's timeout is under test
+  rig r(o);
+  campaign_fleet f(r, devices);
+  stop_first stop_io{r};  // after the clients: the client thread stops before they go
+  const auto image = make_image(3000);
+
+  // Waves of 10/40/50%, success 90%, errors 5% once 20 are done; 10% of wave 2 fail.
+  for (int i = 100; i < 500; i += 10) f.clients[i]->set_faults({true, 0});
+  auto spec = devgate::firmware::parse_campaign_spec(json::parse(R"({
+      "name": "staged", "waves": [{"percent": 10}, {"percent": 40}, {"percent": 50}],
+      "success_threshold": 90, "error_threshold": {"percent": 5, "min_executed": 20}})"));
+  spec.version = "2.0";
+  const auto id = r.hub.start_campaign(spec, image);
+  REQUIRE(eventually([&] { return f.describe(id)["state"] == "paused"; }));
+  auto d = f.describe(id);
+  INFO(d.dump());
+  CHECK(d["reason"].get<std::string>().rfind("wave 2:", 0) == 0);
+  CHECK(d["waves"][0]["counts"]["verified"] == 100);
+  CHECK(d["waves"][2]["started"] == false);
+  // In-flight transfers finish; then nothing moves and wave 3 stays untouched.
+  REQUIRE(eventually([&] {
+    const auto w = f.describe(id)["waves"][1]["counts"];
+    return w["pending"] == 0 && w["transferring"] == 0;
+  }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  d = f.describe(id);
+  CHECK(d["state"] == "paused");
+  CHECK(d["waves"][2]["counts"]["queued"] == 500);
+  for (int i = 500; i < devices; ++i) CHECK(f.clients[i]->chunks_received() == 0);
+  const auto failed = d["counts"]["failed"].get<std::size_t>();
+  CHECK(failed > 0);
+  CHECK(failed <= 40);
+  // The failures are listed with their reason, filtered and paged.
+  auto page =
+      *r.hub.campaigns().devices(id, devgate::firmware::campaign_device_status::failed, 0, 5);
+  CHECK(page["total"] == failed);
+  CHECK(page["devices"].size() == std::min<std::size_t>(5, failed));
+  CHECK(page["devices"][0]["reason"] == "sha256 mismatch on the device");
+  // Fixed, resumed: every device ends verified.
+  for (int i = 100; i < 500; i += 10) f.clients[i]->set_faults({});
+  REQUIRE(r.hub.resume_campaign(id));
+  REQUIRE(eventually([&] { return f.describe(id)["state"] == "completed"; }));
+  CHECK(f.count(id, "verified") == devices);
+  REQUIRE(eventually([&] {
+    for (auto& c : f.clients) {
+      if (c->firmware_verified() != 1) return false;
+    }
+    return true;
+  }));
+  CHECK(!r.hub.campaigns().active());
+
+  // A rate of 120 a minute on the devices of region eu, which stall mid-transfer: measured
+  // over 10 s, then the campaign is cancelled with transfers running.
+  for (auto& c : f.clients) c->set_faults({false, 1024});
+  auto rated = devgate::firmware::parse_campaign_spec(
+      json::parse(R"({"target": {"attributes": {"region": "eu"}}, "rate": {"per_minute": 120}})"));
+  rated.version = "3.0";
+  const auto id2 = r.hub.start_campaign(rated, image);
+  CHECK(f.describe(id2)["devices"] == devices / 2);
+  REQUIRE(eventually([&] { return f.describe(id2)["admitted"] == 1; }));
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto a0 = f.describe(id2)["admitted"].get<double>();
+  std::this_thread::sleep_for(std::chrono::seconds(10));
+  const auto a1 = f.describe(id2)["admitted"].get<double>();
+  const auto minutes =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 60;
+  const double per_minute = (a1 - a0) / minutes;
+  INFO("admitted " << a1 - a0 << " in " << minutes * 60 << " s: " << per_minute << " a minute");
+  CHECK(per_minute >= 108);
+  CHECK(per_minute <= 132);
+  const auto running = f.count(id2, "transferring");
+  CHECK(running > 10);
+  REQUIRE(r.hub.cancel_campaign(id2, "operator: wrong image"));
+  d = f.describe(id2);
+  CHECK(d["state"] == "cancelled");
+  CHECK(d["counts"]["cancelled"] == devices / 2);
+  // The devices transferring were told, and stop.
+  REQUIRE(eventually([&] { return f.cancelled_told.load() >= static_cast<int>(running); }));
+  CHECK(r.hub.slots().active() == 0);
+
+  // Timeouts and retries: five stalled devices, 1 s to finish, one retry each.
+  auto timed = devgate::firmware::parse_campaign_spec(json::parse(
+      R"({"target": {"ids": ["c0001", "c0003", "c0005", "c0007", "c0009"]}, "timeout_s": 1,
+          "retries": 1, "success_threshold": 0})"));
+  timed.version = "4.0";
+  const auto id3 = r.hub.start_campaign(timed, image);
+  REQUIRE(eventually([&] { return f.describe(id3)["state"] == "completed"; }));
+  d = f.describe(id3);
+  CHECK(d["counts"]["timed_out"] == 5);
+  CHECK(d["timeouts"] == 10);
+  CHECK(d["retries"] == 5);
+  auto one = *r.hub.campaigns().devices(id3, std::nullopt, 0, 1);
+  CHECK(one["devices"][0]["attempts"] == 2);
+  CHECK(one["devices"][0]["reason"] == "timed_out");
+  for (auto& c : f.clients) c->close();
+  REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
 }

@@ -44,6 +44,18 @@ struct device_client_options {
   /// order) after each welcome. Past it the oldest is let go (counted). Keep it below the
   /// server's dispatch window (`store::dispatch_window::span`, 1024) for exactly-once.
   std::size_t max_unacknowledged = 1000;
+  /// Attributes reported in hello (`hello.attributes`; campaigns target them).
+  std::vector<std::pair<std::string, std::string>> attributes;
+};
+
+/// Faults a test can give one simulated device (`device_client::set_faults`), to script a
+/// fleet for rollout campaigns.
+struct device_faults {
+  /// Report a failed verification: the image's SHA-256 does not match (one byte corrupted).
+  bool fail_verification = false;
+  /// Stop acknowledging firmware chunks once this many bytes arrived (a device stalled mid
+  /// transfer; 0: never). The connection stays up.
+  std::uint64_t stall_after = 0;
 };
 
 /// A device speaking the devgate protocol over WebSocket, header-only on Asio: connect, send,
@@ -123,6 +135,10 @@ class device_client {
   /// Drops the TCP connection at once, without a close frame (simulates a network failure).
   void abort() {
     asio::post(ioc_, [this] { drop(1006); });
+  }
+  /// Gives this device `f` from the next firmware chunk or result on (a fleet script).
+  void set_faults(device_faults f) {
+    asio::post(ioc_, [this, f] { faults_ = f; });
   }
 
   /// Sends with an id not yet answered `sent` (sent again after each welcome).
@@ -230,6 +246,10 @@ class device_client {
                                {"last_seq", last_seq_.load()}};
           if (!options_.firmware_version.empty()) {
             hello["firmware_version"] = options_.firmware_version;
+          }
+          if (!options_.attributes.empty()) {
+            auto& attrs = hello["attributes"] = nlohmann::json::object();
+            for (const auto& [k, v] : options_.attributes) attrs[k] = v;
           }
           const auto text = hello.dump();
           write_frame(websocket::opcode::text, std::as_bytes(std::span(text.data(), text.size())));
@@ -438,6 +458,7 @@ class device_client {
     if (h->offset != fw_received_ || h->offset + std::uint64_t{h->length} > fw_image_.size()) {
       return;  // a chunk from before a resume; the stream continues at our offset
     }
+    if (faults_.stall_after != 0 && fw_received_ >= faults_.stall_after) return;  // stalled
     std::memcpy(fw_image_.data() + h->offset, bytes.data() + device::chunk_header_size, h->length);
     fw_received_ += h->length;
     ++chunks_;
@@ -452,6 +473,7 @@ class device_client {
   void maybe_finish() {
     if (fw_received_ == fw_image_.size() && !fw_image_.empty() && !fw_reported_) {
       fw_reported_ = true;
+      if (faults_.fail_verification) fw_image_[0] ^= std::byte{0xFF};  // a corrupt write
       const auto sha = detail::hex_encode(detail::sha256(fw_image_));
       {
         std::lock_guard lock(sha_mutex_);
@@ -487,6 +509,7 @@ class device_client {
   std::string fw_version_;
   std::string fw_sha_;
   bool fw_reported_ = false;
+  device_faults faults_;
   // Figures readable from any thread.
   std::map<std::uint64_t, std::string> unacked_;  // id -> the send's text, until `sent`
   std::atomic<std::size_t> unacked_count_{0};

@@ -506,7 +506,9 @@ class protocol_dispatch {
     const auto last = get_uint(j, "last_seq");
     const bool has_version = j.contains("firmware_version");
     const auto version = get_string(j, "firmware_version");
-    if (!proto || (has_last && !last) || (has_version && !version)) {
+    const bool has_attributes = j.contains("attributes");
+    auto attributes = get_attributes(j);
+    if (!proto || (has_last && !last) || (has_version && !version) || !attributes) {
       reply_error(rec, s, error::bad_message, "hello");
       return;
     }
@@ -521,6 +523,7 @@ class protocol_dispatch {
         rec, s, last.value_or(0),
         [&](device_record& r, const auto& info) {
           if (version) r.firmware_version = *version;
+          if (has_attributes) r.attributes = std::move(*attributes);
           auto w = welcome(r, s, info, r.last_seen_ms);  // when it was seen before this hello
           r.last_seen_ms = now;
           return w;

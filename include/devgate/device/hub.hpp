@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>     // campaign targets in id order
 #include <chrono>        // stats rate
 #include <cstddef>       // std::size_t, std::byte
 #include <cstdint>       // sequence numbers, rollout ids
@@ -24,6 +25,8 @@
 #include "devgate/device/protocol.hpp"
 #include "devgate/device/pubsub.hpp"
 #include "devgate/device/registry.hpp"
+#include "devgate/firmware/campaign.hpp"
+#include "devgate/firmware/campaign_runner.hpp"
 #include "devgate/firmware/image.hpp"
 #include "devgate/firmware/rollout.hpp"
 #include "devgate/firmware/slots.hpp"
@@ -90,7 +93,11 @@ class hub {
             devices_, delivery_, writer_,
             {options_.chunk_size, options_.window, options_.max_concurrent_transfers,
              options_.stall_timeout, options_.max_transfer_retries, options_.transfer_retry_backoff,
-             options_.leased_transfer_slots, options_.on_slot_demand}),
+             options_.leased_transfer_slots, options_.on_slot_demand,
+             [this](const std::string& id, const store::transfer_state& t) {
+               campaigns_.on_status(id, t);
+             },
+             [this](const std::string& id) { campaign_hello(id); }}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
                   options_.max_message_bytes, options_.max_errors, options_.may_subscribe,
                   options_.require_authentication, options_.ack),
@@ -102,6 +109,7 @@ class hub {
   /// Stops if still running, then lets the store thread finish what is queued while every part
   /// its callbacks reach (dispatch, registry, delivery) is still alive.
   ~hub() {
+    campaigns_.stop();  // before the rollout engine it drives
     stop();
     writer_.drain();
   }
@@ -247,6 +255,55 @@ class hub {
     return rollout_.current();
   }
 
+  // ---- rollout campaigns -------------------------------------------------------------------
+
+  /// Starts a rollout campaign of `bytes` as `spec.version` (docs/ROLLOUTS.md): its devices are
+  /// the target's, known now (listed ids in their order; otherwise the devices this hub holds,
+  /// by id, whose attributes match), split into waves and admitted wave by wave at the rate,
+  /// while thresholds hold. A campaign running is superseded. Returns the campaign's id.
+  /// Throws firmware::campaign_spec_error when the target matches no device, and what
+  /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
+  /// other nodes do not take part, and the campaign is not kept across a restart (yet).
+  std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes) {
+    if (spec.version.empty()) throw firmware::campaign_spec_error("version: must not be empty");
+    firmware::image::check(bytes);
+    auto ids = campaign_targets(spec.target);
+    const auto version = spec.version;
+    return campaigns_.start(std::move(spec), ids, [&] {
+      return rollout_.publish(
+          version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
+    });
+  }
+  /// Pauses campaign `id` with the operator's `reason`: nobody more starts; transfers running
+  /// finish. False if it is not the active campaign or not running.
+  bool pause_campaign(std::uint64_t id, std::string reason = "paused by the operator") {
+    return campaigns_.pause(id, std::move(reason));
+  }
+  /// Resumes paused campaign `id`; with `retry_failed` its failed and timed-out devices start
+  /// again. False if it is not the active campaign or not paused.
+  bool resume_campaign(std::uint64_t id, bool retry_failed = true) {
+    return campaigns_.resume(id, retry_failed);
+  }
+  /// Cancels campaign `id`: transfers running stop (the devices are told, reason `cancelled`)
+  /// and devices not done end `cancelled`. False if it is not the active campaign.
+  bool cancel_campaign(std::uint64_t id, std::string reason = "cancelled by the operator") {
+    return campaigns_.cancel(id, std::move(reason));
+  }
+  /// The campaigns: the active one and the last ended ones (describe, devices, each).
+  [[nodiscard]] const firmware::campaign_runner<firmware::rollout_engine<Transport, writer_type>>&
+  campaigns() const noexcept {
+    return campaigns_;
+  }
+  /// Sets device `id`'s attributes (as its hello would), for campaigns that target them.
+  /// False when the hub does not hold the device.
+  bool set_attributes(std::string_view id, std::vector<std::pair<std::string, std::string>> a) {
+    auto rec = devices_.find(id);
+    if (!rec) return false;
+    std::lock_guard lock(rec->mutex);
+    rec->attributes = std::move(a);
+    return true;
+  }
+
   // ---- state and figures --------------------------------------------------------------
 
   /// A device's state: its record's live figures while the hub holds it, else what the store
@@ -381,6 +438,35 @@ class hub {
   [[nodiscard]] const hub_options& options() const noexcept { return options_; }
 
  private:
+  // The devices of a campaign with target `t`, in wave order (see start_campaign).
+  std::vector<std::string> campaign_targets(const firmware::campaign_target& t) const {
+    std::vector<std::string> ids;
+    if (!t.ids.empty()) {
+      for (const auto& id : t.ids) {
+        if (t.attributes.empty() || attributes_match(devices_.find(id), t)) ids.push_back(id);
+      }
+      return ids;
+    }
+    for (const auto& rec : devices_.snapshot()) {
+      if (attributes_match(rec, t)) ids.push_back(rec->id);
+    }
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  }
+  static bool attributes_match(const registry::record_ptr& rec,
+                               const firmware::campaign_target& t) {
+    if (!rec) return false;
+    if (t.attributes.empty()) return true;
+    std::lock_guard lock(rec->mutex);
+    return t.matches(rec->attributes);
+  }
+  // A device said hello while a campaign's rollout had not admitted it: a continuous target
+  // whose attributes it matches takes it in.
+  void campaign_hello(const std::string& id) {
+    (void)campaigns_.seen(id, [&](const firmware::campaign_target& t) {
+      return t.ids.empty() && attributes_match(devices_.find(id), t);
+    });
+  }
   // Tells the fleet topic of this node that rollout `img` is available.
   void announce_firmware(const firmware::image& img) {
     nlohmann::json announce{{"type", "firmware_available"}, {"rollout", img.rollout()},
@@ -457,6 +543,8 @@ class hub {
   pubsub bus_;
   registry devices_;
   delivery<Transport> delivery_;
+  // Before the rollout engine, whose threads report to it until they stop.
+  firmware::campaign_runner<firmware::rollout_engine<Transport, writer_type>> campaigns_{rollout_};
   firmware::rollout_engine<Transport, writer_type> rollout_;
   protocol_dispatch<Transport, writer_type, gateway_type> dispatch_;
   std::mutex rate_mutex_;

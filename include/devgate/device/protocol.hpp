@@ -11,6 +11,8 @@
 #include <span>         // chunk bytes
 #include <string>       // JSON text
 #include <string_view>  // names
+#include <utility>      // attribute pairs
+#include <vector>       // attributes
 
 #include "devgate/core/bytes.hpp"
 #include "devgate/transport/transport.hpp"  // close_code
@@ -379,6 +381,30 @@ class send_reader {
   const auto it = j.find(key);
   if (it == j.end() || !it->is_string()) return std::nullopt;
   return it->get<std::string>();
+}
+
+/// Attributes a device may report in hello (`attributes`), and the bytes of each key and value.
+inline constexpr std::size_t max_attributes = 16;
+/// Bytes of an attribute's name (at least 1).
+inline constexpr std::size_t max_attribute_key = 64;
+/// Bytes of an attribute's value.
+inline constexpr std::size_t max_attribute_value = 128;
+
+/// `j["attributes"]` (an object of strings within the limits above) as pairs in the order
+/// sent; an empty list when absent, std::nullopt when malformed or over a limit.
+[[nodiscard]] inline std::optional<std::vector<std::pair<std::string, std::string>>> get_attributes(
+    const nlohmann::json& j) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const auto it = j.find("attributes");
+  if (it == j.end()) return out;
+  if (!it->is_object() || it->size() > max_attributes) return std::nullopt;
+  for (const auto& [k, v] : it->items()) {
+    if (k.empty() || k.size() > max_attribute_key || !v.is_string()) return std::nullopt;
+    const auto& value = v.get_ref<const std::string&>();
+    if (value.size() > max_attribute_value) return std::nullopt;
+    out.emplace_back(k, value);
+  }
+  return out;
 }
 
 /// JSON text as a shared payload (the one copy made of an outgoing control message).

@@ -68,6 +68,9 @@ struct device_record {
   std::uint64_t store_ticket = 0;
   /// The firmware version it reported in hello, or was verified with (dispatch, rollout).
   std::string firmware_version;
+  /// The attributes it reported in hello (`hello.attributes`: region, model...), which rollout
+  /// campaigns target; in the order sent, at most `max_attributes`.
+  std::vector<std::pair<std::string, std::string>> attributes;
   /// The history epoch of a shared store (`store::device_state::epoch`; empty: none), told to
   /// the device in its welcome.
   std::string epoch;

@@ -102,10 +102,12 @@ struct campaign_target {
   /// Devices first seen after the start that match join the last wave (AWS IoT Jobs'
   /// `CONTINUOUS`); otherwise the devices are those known at the start (`SNAPSHOT`).
   bool continuous = false;
-  /// Whether `attrs` satisfies the attribute filter.
-  [[nodiscard]] bool matches(const std::map<std::string, std::string>& attrs) const {
+  /// Whether `attrs` (a range of name/value pairs) satisfies the attribute filter.
+  template <class Attributes>
+  [[nodiscard]] bool matches(const Attributes& attrs) const {
     for (const auto& [k, v] : attributes) {
-      auto it = attrs.find(k);
+      const auto it =
+          std::find_if(attrs.begin(), attrs.end(), [&](const auto& a) { return a.first == k; });
       if (it == attrs.end() || it->second != v) return false;
     }
     return true;

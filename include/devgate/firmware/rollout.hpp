@@ -2,22 +2,23 @@
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>     // std::min
-#include <atomic>        // rollout ids
-#include <chrono>        // stall timeout, backoff
-#include <cstddef>       // std::size_t, std::byte
-#include <cstdint>       // rollout ids, offsets
-#include <functional>    // the slot demand hook
-#include <memory>        // the current image
-#include <mutex>         // the current image, the device's mutex
-#include <optional>      // lookups, errors
-#include <span>          // image bytes
-#include <stdexcept>     // set-up errors
-#include <string>        // versions, reasons
-#include <string_view>   // device ids
-#include <system_error>  // a fleet store's refusal
-#include <utility>       // std::move
-#include <vector>        // devices to start
+#include <algorithm>      // std::min
+#include <atomic>         // rollout ids
+#include <chrono>         // stall timeout, backoff
+#include <cstddef>        // std::size_t, std::byte
+#include <cstdint>        // rollout ids, offsets
+#include <functional>     // the slot demand hook
+#include <memory>         // the current image
+#include <mutex>          // the current image, the device's mutex
+#include <optional>       // lookups, errors
+#include <span>           // image bytes
+#include <stdexcept>      // set-up errors
+#include <string>         // versions, reasons
+#include <string_view>    // device ids
+#include <system_error>   // a fleet store's refusal
+#include <unordered_set>  // a gated rollout's admitted devices
+#include <utility>        // std::move
+#include <vector>         // devices to start
 
 #include "devgate/device/delivery.hpp"
 #include "devgate/device/protocol.hpp"
@@ -73,6 +74,14 @@ struct rollout_options {
   /// With leased slots: called (no lock held, any thread) when the lease should change, that
   /// is when a device starts waiting for a slot or a slot was freed. Keep it cheap (post).
   std::function<void()> on_slot_demand;
+  /// Called (no lock held, any thread) when a device's status in a rollout changes: it joined
+  /// (pending or skipped), started, went back to pending, ended verified or failed (reason
+  /// `timed_out` for a stall past its retries). Not for `stop`, whose caller knows. A rollout
+  /// campaign hears its devices through it. Keep it cheap (queue the news).
+  std::function<void(const std::string& id, const store::transfer_state& t)> on_status;
+  /// Called (no lock held) when a device says hello while the current rollout is gated and
+  /// has not admitted it: a campaign with a continuous target may take it in.
+  std::function<void(const std::string& id)> on_not_admitted;
 };
 
 /// Rolls one firmware image at a time out to the fleet. Each device's part is a small state
@@ -88,6 +97,9 @@ struct rollout_options {
 /// goes to the next waiting device that can start. A transfer sends the start message, then a
 /// window of chunks (slices of the one image buffer), one more per acknowledged chunk. Fleet
 /// totals come from the rollout's `tally`, changed with each device's status.
+///
+/// A gated rollout (`publish(..., gated)`, for a campaign) starts no device by itself: only the
+/// devices `admit`ted join it, when and as their campaign allows; `stop` ends one's part.
 ///
 /// Stalls are found by a timer thread (started by the first publish, unless `stall_timeout`
 /// is 0) that looks only at the devices holding a slot and at those waiting out a backoff.
@@ -123,24 +135,28 @@ class rollout_engine {
   /// Starts rollout of `bytes` as `version` (copied once into a new image): every known device
   /// joins it, `announce(const image&)` runs (the hub tells the fleet), then devices online now
   /// start while slots last. Returns the rollout id. Throws std::invalid_argument for an empty
-  /// version or image, or an image over `device::max_firmware_size`.
+  /// version or image, or an image over `device::max_firmware_size`. A `gated` rollout takes
+  /// no device but those `admit`ted (a campaign's).
   template <class Announce>
-  std::uint32_t publish(std::string version, std::span<const std::byte> bytes,
-                        Announce&& announce) {
+  std::uint32_t publish(std::string version, std::span<const std::byte> bytes, Announce&& announce,
+                        bool gated = false) {
     if (version.empty()) throw std::invalid_argument("publish_firmware: empty version");
     auto id = next_rollout_.fetch_add(1, std::memory_order_relaxed) + 1;
     bool kept = false;
     // A store shared by several nodes numbers the rollout fleet-wide, keeps it and tells the
     // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
     // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
+    // A gated rollout (a campaign's) stays on this node and is not kept: its campaign is.
     if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
-      image::check(bytes);  // before the fleet hears of it
-      const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
-      if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
-      if (r.rollout != 0) {
-        id = r.rollout;
-        raise_next(id);
-        kept = true;
+      if (!gated) {
+        image::check(bytes);  // before the fleet hears of it
+        const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
+        if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
+        if (r.rollout != 0) {
+          id = r.rollout;
+          raise_next(id);
+          kept = true;
+        }
       }
     }
     std::lock_guard publishing(publish_mutex_);
@@ -149,9 +165,9 @@ class rollout_engine {
     auto img = std::make_shared<const image>(id, std::move(version), bytes, options_.chunk_size);
     // A durable store keeps the rollout before any device's part in it.
     if constexpr (requires { store_.save_rollout(store::rollout_record{}); }) {
-      if (!kept) store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
+      if (!kept && !gated) store_.save_rollout({id, img->version(), {bytes.begin(), bytes.end()}});
     }
-    begin_locked(std::move(img), std::forward<Announce>(announce));
+    begin_locked(std::move(img), std::forward<Announce>(announce), gated);
     return id;
   }
   /// Makes rollout `r`, published by another node of the fleet (a store shared by several
@@ -165,7 +181,7 @@ class rollout_engine {
     auto img = std::make_shared<const image>(
         r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
     raise_next(r.rollout);
-    begin_locked(std::move(img), std::forward<Announce>(announce));
+    begin_locked(std::move(img), std::forward<Announce>(announce), false);
     return true;
   }
   /// Writes every held device's part in the current rollout to the store again: after the
@@ -192,8 +208,9 @@ class rollout_engine {
 
   /// Makes rollout `r`, kept by a durable store, current again after a restart: rollout ids
   /// continue above it, and each device rejoins it where the store left it as its state loads
-  /// (`restore_locked`). The fleet totals count the devices seen since.
-  void restore(const store::rollout_record& r) {
+  /// (`restore_locked`). The fleet totals count the devices seen since. A `gated` rollout (a
+  /// campaign's) takes back only the devices its campaign admits again.
+  void restore(const store::rollout_record& r, bool gated = false) {
     std::lock_guard publishing(publish_mutex_);
     if (auto cur = current(); cur && cur->rollout() >= r.rollout) return;  // adopted already
     auto img = std::make_shared<const image>(
@@ -204,6 +221,7 @@ class rollout_engine {
       std::lock_guard lock(current_mutex_);
       current_ = std::move(img);
       current_tally_ = std::move(counts);
+      gate_ = gated ? std::make_shared<rollout_gate>(r.rollout) : nullptr;
     }
     raise_next(r.rollout);
     if (options_.stall_timeout.count() > 0) {
@@ -216,7 +234,7 @@ class rollout_engine {
   void restore_locked(device::device_record& rec, const store::transfer_state& t) const {
     if (t.rollout == 0 || rec.transfer.image) return;
     auto [img, counts] = current_rollout();
-    if (!img || img->rollout() != t.rollout) return;
+    if (!img || img->rollout() != t.rollout || !allowed(rec.id, t.rollout)) return;
     join_locked(rec, img, counts);
     auto& tr = rec.transfer;
     const bool ended = t.status == store::transfer_status::verified ||
@@ -232,12 +250,89 @@ class rollout_engine {
     }
   }
 
+  /// Admits device `id` into the current gated rollout (its campaign's turn came): it joins
+  /// (skipped if it runs the version) and starts when a slot is free, now if it is online, else
+  /// at its next hello. A device whose part in the rollout ended failed starts again (from its
+  /// acknowledged offset after a timeout, from byte 0 otherwise). False when the current
+  /// rollout is not `rollout` or is not gated.
+  bool admit(const std::string& id, std::uint32_t rollout) {
+    auto [img, counts] = current_rollout();
+    auto g = gate();
+    if (!img || img->rollout() != rollout || !g || g->rollout != rollout) return false;
+    {
+      std::lock_guard lock(g->mutex);
+      g->admitted.insert(id);
+    }
+    auto rec = devices_.find(id);
+    if (!rec) return true;  // not seen yet: its hello joins it
+    bool want = false;
+    store::transfer_state t;
+    {
+      std::lock_guard lock(rec->mutex);
+      auto& tr = rec->transfer;
+      if (tr.image == img && tr.status == store::transfer_status::failed) {
+        if (tr.reason != "timed_out") {
+          counts->add_acked(-static_cast<std::int64_t>(tr.acked));
+          tr.acked = 0;
+        }
+        tr.reason.clear();
+        tr.retries = 0;
+        tr.retry_at = {};
+        set_status_locked(*rec, store::transfer_status::pending);
+      }
+      join_locked(*rec, img, counts);
+      want = tr.image == img && tr.status == store::transfer_status::pending &&
+             rec->session.id != 0 && rec->session.hello;
+      t = state_locked(*rec);
+    }
+    report(id, t);
+    if (want) take_slot(*rec, rollout);
+    return true;
+  }
+  /// Ends device `id`'s part in rollout `rollout` before its time (its campaign was cancelled,
+  /// or its attempt timed out): a pending or running transfer ends failed with `reason`, a
+  /// running one is told (`fw_status`), its slot goes to the next device, and it is no longer
+  /// admitted. Nothing for a part already ended. `on_status` is not called.
+  void stop(const std::string& id, std::uint32_t rollout, const std::string& reason) {
+    if (auto g = gate(); g && g->rollout == rollout) {
+      std::lock_guard lock(g->mutex);
+      g->admitted.erase(id);
+    }
+    auto rec = devices_.find(id);
+    if (!rec) return;
+    store::transfer_state t;
+    std::optional<std::string> next;
+    {
+      std::lock_guard lock(rec->mutex);
+      auto& tr = rec->transfer;
+      if (!tr.image || tr.image->rollout() != rollout) return;
+      if (tr.status != store::transfer_status::pending &&
+          tr.status != store::transfer_status::transferring) {
+        return;
+      }
+      const bool told = tr.status == store::transfer_status::transferring && rec->session.id != 0 &&
+                        tr.session == rec->session.id;
+      tr.reason = reason;
+      set_status_locked(*rec, store::transfer_status::failed);
+      if (told) queue_status_locked(*rec);
+      next = slots_.release(rec->id, rollout);
+      t = state_locked(*rec);
+    }
+    out_.flush(*rec);
+    store_.set_transfer(id, t);
+    start_next(std::move(next), rollout);
+  }
+
   /// Session `s` of the device said hello: the device joins the current rollout (once per
   /// rollout; skipped if it runs the version) and starts or resumes when a slot is free (after
   /// its backoff, if its transfer stalled).
   void join(device::device_record& rec, session_id s) {
     auto [img, counts] = current_rollout();
     if (!img) return;
+    if (!allowed(rec.id, img->rollout())) {
+      if (options_.on_not_admitted) options_.on_not_admitted(rec.id);
+      return;
+    }
     bool want = false;
     bool holds_slot = false;
     std::uint32_t rollout = 0;
@@ -258,7 +353,7 @@ class rollout_engine {
              (tr.retry_at == clock::time_point{} || tr.retry_at <= clock::now());
       t = state_locked(rec);
     }
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     if (holds_slot) {
       start_or_free(rec, rollout);
     } else if (want) {
@@ -285,7 +380,7 @@ class rollout_engine {
       }
     }
     if (rollout == 0) return;
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     start_next(std::move(next), rollout);
   }
   /// The device went offline (its live session closed): a transfer goes back to pending, and
@@ -305,7 +400,7 @@ class rollout_engine {
       rollout = rec.transfer.image->rollout();
       next = slots_.release(rec.id, rollout);
     }
-    if (t) store_.set_transfer(rec.id, *t);  // the store (and fleet totals) see it pending
+    if (t) report(rec.id, *t);  // the store (and fleet totals) see it pending
     start_next(std::move(next), rollout);
   }
 
@@ -387,7 +482,11 @@ class rollout_engine {
       t = state_locked(rec);
     }
     out_.flush(rec);
-    store_.set_transfer(rec.id, t);
+    if (failed) {
+      report(rec.id, t);
+    } else {
+      store_.set_transfer(rec.id, t);
+    }
     const auto id = static_cast<std::uint32_t>(rollout);
     if (failed) start_next(slots_.release(rec.id, id), id);
     return std::nullopt;
@@ -426,7 +525,7 @@ class rollout_engine {
       t = state_locked(rec);
     }
     out_.flush(rec);
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     if (verified) store_.set_firmware_version(rec.id, version);
     const auto id = static_cast<std::uint32_t>(rollout);
     start_next(slots_.release(rec.id, id), id);
@@ -537,24 +636,67 @@ class rollout_engine {
   [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
 
  private:
+  // A gated rollout's admitted devices.
+  struct rollout_gate {
+    explicit rollout_gate(std::uint32_t r) : rollout(r) {}
+    const std::uint32_t rollout;
+    std::mutex mutex;
+    std::unordered_set<std::string> admitted;
+  };
+  // The current rollout's gate (nullptr: not gated).
+  [[nodiscard]] std::shared_ptr<rollout_gate> gate() const {
+    std::lock_guard lock(current_mutex_);
+    return gate_;
+  }
+  // Whether device `id` may join rollout `rollout`: any device when it is not gated, else an
+  // admitted one (a gate of another rollout: a publish came meanwhile, which joins it).
+  [[nodiscard]] bool allowed(const std::string& id, std::uint32_t rollout) const {
+    auto g = gate();
+    if (!g) return true;
+    if (g->rollout != rollout) return false;
+    std::lock_guard lock(g->mutex);
+    return g->admitted.count(id) != 0;
+  }
+  // The device's part changed status: the store keeps it and `on_status` hears it.
+  void report(const std::string& id, const store::transfer_state& t) {
+    store_.set_transfer(id, t);
+    if (options_.on_status) options_.on_status(id, t);
+  }
+  // Takes the device out of its rollout (a gated rollout replaced it; caller holds its mutex).
+  static void leave_locked(device::device_record& rec) {
+    auto& tr = rec.transfer;
+    if (tr.tally) tr.tally->move(tr.status, store::transfer_status::none);
+    tr.tally.reset();
+    tr.image.reset();
+    tr.status = store::transfer_status::none;
+    tr.acked = 0;
+    tr.sent = 0;
+    tr.reason.clear();
+  }
+
   // Starts rollout `img` (the caller holds the publish lock and kept it in the store): the
   // slots move to it and the transfers that held one stop (they join it), so no device
   // transfers the old image once a hello can see the new; then every known device joins,
   // `announce` runs and the devices online now start while slots last.
   template <class Announce>
-  void begin_locked(std::shared_ptr<const image> img, Announce&& announce) {
+  void begin_locked(std::shared_ptr<const image> img, Announce&& announce, bool gated) {
     const auto id = img->rollout();
     auto counts = std::make_shared<tally>();
     for (const auto& held : slots_.reset(id)) {
       if (auto rec = devices_.find(held)) {
         std::lock_guard lock(rec->mutex);
-        join_locked(*rec, img, counts);
+        if (gated) {
+          leave_locked(*rec);  // its old transfer stops; it joins when admitted
+        } else {
+          join_locked(*rec, img, counts);
+        }
       }
     }
     {
       std::lock_guard lock(current_mutex_);
       current_ = img;
       current_tally_ = counts;
+      gate_ = gated ? std::make_shared<rollout_gate>(id) : nullptr;
     }
     {
       std::lock_guard lock(backoff_mutex_);
@@ -564,7 +706,7 @@ class rollout_engine {
       ticker_.start(tick_period(), [this] { tick(clock::now()); });
     }
     std::vector<device::registry::record_ptr> online;
-    for (auto& rec : devices_.snapshot()) {
+    for (auto& rec : gated ? std::vector<device::registry::record_ptr>{} : devices_.snapshot()) {
       bool want = false;
       store::transfer_state t;
       {
@@ -575,7 +717,7 @@ class rollout_engine {
                rec->session.hello;
         t = state_locked(*rec);
       }
-      store_.set_transfer(rec->id, t);
+      report(rec->id, t);
       if (want) online.push_back(std::move(rec));
     }
     announce(static_cast<const image&>(*img));
@@ -729,7 +871,7 @@ class rollout_engine {
       t = state_locked(rec);
     }
     out_.flush(rec);
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     return start_result::started;
   }
   // Gives a freed slot of rollout `rollout` to the next waiting device that can start.
@@ -787,7 +929,7 @@ class rollout_engine {
       std::lock_guard lock(backoff_mutex_);
       backoff_.emplace_back(retry_at, rec.id);
     }
-    store_.set_transfer(rec.id, t);
+    report(rec.id, t);
     start_next(slots_.release(rec.id, rollout), rollout);
   }
 
@@ -800,6 +942,7 @@ class rollout_engine {
   mutable std::mutex current_mutex_;
   std::shared_ptr<const image> current_;
   std::shared_ptr<tally> current_tally_;
+  std::shared_ptr<rollout_gate> gate_;  // under current_mutex_; nullptr: not gated
   std::mutex backoff_mutex_;
   std::vector<std::pair<clock::time_point, std::string>> backoff_;  // devices waiting to retry
   std::atomic<std::uint32_t> next_rollout_{0};
