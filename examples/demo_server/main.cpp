@@ -38,6 +38,7 @@
 #include <fstream>             // the device key and operator token files
 #include <functional>          // the SIGHUP loop
 #include <iterator>            // reading the token file
+#include <limits>              // campaign ids
 #include <memory>              // the authenticator
 #include <mutex>               // log ring, jobs
 #include <optional>            // admission replies, the SIGHUP set (with TLS only)
@@ -448,8 +449,12 @@ class control_loop {
     thread_ = std::thread([this] { run(); });
   }
   /// Takes a release to publish: `image` (an uploaded one), or the synthetic image of release
-  /// `n` when empty. Returns the release number, or 0 when one is still being prepared.
-  std::uint64_t try_release(std::vector<std::byte> image) {
+  /// `n` when empty; with `campaign`, it rolls out as campaign `campaign_id` (reserved) instead
+  /// of to the whole fleet at once. Returns the release number, or 0 when one is still being
+  /// prepared.
+  std::uint64_t try_release(std::vector<std::byte> image,
+                            std::optional<devgate::firmware::campaign_spec> campaign = {},
+                            std::uint64_t campaign_id = 0) {
     std::uint64_t n = 0;
     {
       std::lock_guard lock(m_);
@@ -460,7 +465,7 @@ class control_loop {
         releases_ = std::max(releases_, release_of(img->version()));
       }
       n = ++releases_;
-      jobs_.push_back(job{n, std::move(image)});
+      jobs_.push_back(job{n, std::move(image), std::move(campaign), campaign_id});
     }
     cv_.notify_one();
     return n;
@@ -469,6 +474,14 @@ class control_loop {
   [[nodiscard]] bool busy() {
     std::lock_guard lock(m_);
     return busy_;
+  }
+  /// Why campaign `id` could not start (std::nullopt: it started, or is still being prepared).
+  [[nodiscard]] std::optional<std::string> refused(std::uint64_t id) {
+    std::lock_guard lock(m_);
+    for (const auto& [n, why] : refused_) {
+      if (n == id) return why;
+    }
+    return std::nullopt;
   }
   /// Stops the thread (pending releases are dropped; they are in the release counter).
   void stop() {
@@ -490,29 +503,52 @@ class control_loop {
         job j = std::move(jobs_.front());
         jobs_.pop_front();
         lock.unlock();
-        publish(j.release, std::move(j.image));
+        const auto said =
+            publish(j.release, std::move(j.image), std::move(j.campaign), j.campaign_id);
         lock.lock();
         busy_ = !jobs_.empty();
+        // Said once the next release may come: whoever reads it may ask for one at once.
+        if (!said.empty()) {
+          lock.unlock();
+          std::printf("%s\n", said.c_str());
+          std::fflush(stdout);
+          lock.lock();
+        }
       }
       lock.unlock();
       hub_.publish_stats();
       lock.lock();
     }
   }
-  void publish(std::uint64_t n, std::vector<std::byte> uploaded) {
+  // Publishes release `n` (or starts it as a campaign); returns the line to print (empty: it
+  // did not happen, and why went to stderr or to the refused campaigns).
+  std::string publish(std::uint64_t n, std::vector<std::byte> uploaded,
+                      std::optional<devgate::firmware::campaign_spec> campaign, std::uint64_t id) {
     auto image = uploaded.empty() ? release_image(n, size_) : std::move(uploaded);
     const auto version = release_version(n);
     std::uint32_t rollout = 0;
+    if (campaign) {
+      campaign->version = version;
+      try {
+        hub_.start_campaign(std::move(*campaign), image, id);
+      } catch (const std::exception& e) {  // no device matches its target
+        std::lock_guard lock(m_);
+        refused_.emplace_back(id, e.what());
+        while (refused_.size() > 16) refused_.pop_front();
+        return {};
+      }
+      return "firmware " + version + ": campaign " + std::to_string(id) + " started (" +
+             std::to_string(image.size()) + " bytes)";
+    }
     try {
       rollout = hub_.publish_firmware(version, image);  // kept by the hub's store
     } catch (const std::exception& e) {  // a cluster's Redis away: nothing was published
       std::fprintf(stderr, "demo_server: firmware %s not published: %s\n", version.c_str(),
                    e.what());
-      return;
+      return {};
     }
-    std::printf("firmware %s published (rollout %u, %zu bytes, sha256 %s)\n", version.c_str(),
-                rollout, image.size(), hub_.current_image()->sha256().c_str());
-    std::fflush(stdout);
+    return "firmware " + version + " published (rollout " + std::to_string(rollout) + ", " +
+           std::to_string(image.size()) + " bytes, sha256 " + hub_.current_image()->sha256() + ")";
   }
 
   demo_hub& hub_;
@@ -523,8 +559,11 @@ class control_loop {
   std::condition_variable cv_;
   struct job {
     std::uint64_t release;
-    std::vector<std::byte> image;  // empty: the synthetic image
+    std::vector<std::byte> image;                              // empty: the synthetic image
+    std::optional<devgate::firmware::campaign_spec> campaign;  // roll out as this campaign
+    std::uint64_t campaign_id = 0;
   };
+  std::deque<std::pair<std::uint64_t, std::string>> refused_;  // campaigns that did not start
   std::deque<job> jobs_;  // at most one: try_release refuses while busy_
   bool busy_ = false;     // a release is queued or being published
   bool stopping_ = false;
@@ -590,6 +629,8 @@ struct route_context {
   std::atomic<control_loop*> control{nullptr};
   std::atomic<bool> stopping{false};
   operator_token token;
+  std::mutex staged_mutex;
+  std::vector<std::byte> staged;  // POST /api/firmware?stage=1: the image a campaign may use
 };
 
 devgate::websocket::http_reply text_reply(int status, std::string_view content_type,
@@ -646,6 +687,7 @@ std::string render_metrics(demo_hub& hub) {
         s.rollout.failed);
   gauge("firmware_rollout_skipped", "Devices that already ran the current version.", "gauge",
         s.rollout.skipped);
+  hub.campaigns().render_prometheus(out);
   return out;
 }
 
@@ -656,9 +698,47 @@ std::string_view path_of(const devgate::websocket::http_request& req) {
   return path;
 }
 
-/// Whether `path` is an operator route (one that changes state).
+/// Largest body a campaign route takes (a target of many ids).
+constexpr std::size_t campaign_body_limit = 1u << 20;
+
+/// Whether `path` is a campaign route of the operator API (GET reads, POST changes).
+bool is_campaign_path(std::string_view path) {
+  return path == "/api/campaigns" || path.starts_with("/api/campaigns/");
+}
+/// Whether `path` is an operator route (bearer token required).
 bool is_operator_path(std::string_view path) {
-  return path == "/api/firmware" || path == "/api/firmware/release";
+  return path == "/api/firmware" || path == "/api/firmware/release" || is_campaign_path(path);
+}
+/// The value of query parameter `name` in the request target (std::nullopt: absent). The
+/// values the operator API takes are plain (digits, status names): no percent-decoding.
+std::optional<std::string_view> query_param(const devgate::websocket::http_request& req,
+                                            std::string_view name) {
+  std::string_view target = req.target;
+  const auto q = target.find('?');
+  if (q == std::string_view::npos) return std::nullopt;
+  std::string_view rest = target.substr(q + 1);
+  while (!rest.empty()) {
+    const auto amp = rest.find('&');
+    const auto pair = rest.substr(0, amp);
+    const auto eq = pair.find('=');
+    if (pair.substr(0, eq) == name) {
+      return eq == std::string_view::npos ? std::string_view{} : pair.substr(eq + 1);
+    }
+    if (amp == std::string_view::npos) break;
+    rest = rest.substr(amp + 1);
+  }
+  return std::nullopt;
+}
+/// `text` as a decimal number no larger than `max` (std::nullopt: anything else).
+std::optional<std::uint64_t> decimal(std::string_view text, std::uint64_t max) {
+  if (text.empty() || text.size() > 19) return std::nullopt;
+  std::uint64_t n = 0;
+  for (const char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    n = n * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  if (n > max) return std::nullopt;
+  return n;
 }
 
 /// Decides on every plain request from its header section, before any body byte is read.
@@ -682,7 +762,13 @@ devgate::websocket::http_admission operator_admission(route_context& rc,
     }
     return a;
   }
-  if (req.method != "POST") {
+  const bool campaign = is_campaign_path(path);
+  if (campaign && req.method != "GET" && req.method != "POST") {
+    refuse(405, "campaigns: GET reads, POST changes (with Authorization: Bearer <token>)\n",
+           "Allow: GET, POST\r\n");
+    return a;
+  }
+  if (!campaign && req.method != "POST") {
     refuse(405, "the operator API changes state: use POST with Authorization: Bearer <token>\n",
            "Allow: POST\r\n");
     return a;
@@ -708,6 +794,10 @@ devgate::websocket::http_admission operator_admission(route_context& rc,
     refuse(503, "stopping\n");
     return a;
   }
+  if (campaign) {
+    if (req.method == "POST") a.max_body = campaign_body_limit;
+    return a;
+  }
   if (control->busy()) {
     refuse(409, "a release is being prepared: try again when it is published\n");
     return a;
@@ -731,6 +821,13 @@ devgate::websocket::http_reply release_route(route_context& rc,
                       "send the image as the request body, with a Content-Length\n");
   }
   const auto* bytes = reinterpret_cast<const std::byte*>(req.body.data());
+  if (upload && query_param(req, "stage") == std::string_view("1")) {
+    // Kept for a campaign ("firmware": "staged"), not published.
+    std::lock_guard lock(rc.staged_mutex);
+    rc.staged.assign(bytes, bytes + req.body.size());
+    nlohmann::json j{{"staged", true}, {"size", req.body.size()}};
+    return text_reply(200, "application/json", j.dump() + "\n");
+  }
   const std::size_t size = upload ? req.body.size() : rc.cfg.firmware_size;
   const auto n = control->try_release(std::vector<std::byte>(bytes, bytes + req.body.size()));
   if (n == 0) {  // another release got in between admission and this body's end
@@ -739,6 +836,154 @@ devgate::websocket::http_reply release_route(route_context& rc,
   }
   nlohmann::json j{{"release", n}, {"version", release_version(n)}, {"size", size}};
   return text_reply(202, "application/json", j.dump() + "\n");
+}
+
+/// The campaign routes of the operator API (docs/ROLLOUTS.md), admitted by operator_admission
+/// (bearer token; GET reads, POST changes): create and list, get one, its devices (filtered by
+/// status, paged), pause, resume, cancel. Every refusal is JSON {"error": "<field>: <why>"}.
+devgate::websocket::http_reply campaign_route(route_context& rc,
+                                              const devgate::websocket::http_request& req,
+                                              demo_hub& hub) {
+  namespace fw = devgate::firmware;
+  const std::string_view path = path_of(req);
+  auto reply = [](int status, const nlohmann::json& j) {
+    return text_reply(status, "application/json", j.dump() + "\n");
+  };
+  auto refuse = [&](int status, std::string why) {
+    auto r = reply(status, nlohmann::json{{"error", std::move(why)}});
+    if (status == 405) r.extra_headers += "Allow: GET\r\n";
+    return r;
+  };
+  // A POST body: empty, or a JSON object.
+  auto body_of = [&]() -> std::optional<nlohmann::json> {
+    if (req.body.empty()) return nlohmann::json::object();
+    auto j = nlohmann::json::parse(req.body, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return std::nullopt;
+    return j;
+  };
+  if (path == "/api/campaigns") {
+    if (req.method == "GET") {
+      nlohmann::json list = nlohmann::json::array();
+      hub.campaigns().each([&](const fw::campaign& c, std::uint32_t rollout) {
+        auto j = fw::to_json(c, rollout);
+        j.erase("spec");
+        list.push_back(std::move(j));
+      });
+      return reply(200, nlohmann::json{{"campaigns", list}});
+    }
+    auto body = body_of();
+    if (!body) return refuse(400, "body: must be a JSON object");
+    std::string firmware = "release";
+    if (auto it = body->find("firmware"); it != body->end()) {
+      if (!it->is_string() || (*it != "release" && *it != "staged")) {
+        return refuse(400,
+                      "firmware: must be \"release\" (a new synthetic release) or "
+                      "\"staged\" (the image POSTed to /api/firmware?stage=1)");
+      }
+      firmware = it->get<std::string>();
+      body->erase(it);
+    }
+    fw::campaign_spec spec;
+    try {
+      spec = fw::parse_campaign_spec(*body);
+    } catch (const fw::campaign_spec_error& e) {
+      return refuse(400, e.what());
+    }
+    std::vector<std::byte> image;
+    if (firmware == "staged") {
+      std::lock_guard lock(rc.staged_mutex);
+      if (rc.staged.empty()) {
+        return refuse(409, "firmware: nothing staged: POST the image to /api/firmware?stage=1");
+      }
+      image = rc.staged;
+    }
+    auto* control = rc.control.load();
+    if (control == nullptr || rc.stopping) return refuse(503, "stopping");
+    if (control->busy()) return refuse(409, "a release is being prepared: try again shortly");
+    const auto id = hub.reserve_campaign_id();
+    const auto n = control->try_release(std::move(image), std::move(spec), id);
+    if (n == 0) return refuse(409, "a release is being prepared: try again shortly");
+    return reply(202,
+                 nlohmann::json{{"campaign", id}, {"release", n}, {"version", release_version(n)}});
+  }
+  // /api/campaigns/<id>[/devices | /pause | /resume | /cancel]
+  std::string_view rest = path.substr(std::string_view("/api/campaigns/").size());
+  const auto slash = rest.find('/');
+  const auto id = decimal(rest.substr(0, slash), std::numeric_limits<std::int64_t>::max());
+  if (!id) return refuse(404, "id: not a campaign number");
+  const std::string_view action = slash == std::string_view::npos ? "" : rest.substr(slash + 1);
+  const bool get = req.method == "GET";
+  if (action.empty() || action == "devices") {
+    if (!get) return refuse(405, "method: use GET here");
+    if (action.empty()) {
+      if (auto j = hub.campaigns().describe(*id)) return reply(200, *j);
+    } else {
+      std::optional<fw::campaign_device_status> status;
+      if (auto s = query_param(req, "status")) {
+        status = fw::device_status_from_string(*s);
+        if (!status) {
+          return refuse(400,
+                        "status: one of queued, pending, transferring, verified, skipped, "
+                        "failed, timed_out, cancelled, superseded");
+        }
+      }
+      std::uint64_t offset = 0;
+      std::uint64_t limit = 100;
+      if (auto s = query_param(req, "offset")) {
+        const auto v = decimal(*s, 100'000'000);
+        if (!v) return refuse(400, "offset: a number from 0");
+        offset = *v;
+      }
+      if (auto s = query_param(req, "limit")) {
+        const auto v = decimal(*s, 1000);
+        if (!v || *v == 0) return refuse(400, "limit: a number from 1 to 1000");
+        limit = *v;
+      }
+      if (auto j = hub.campaigns().devices(*id, status, offset, limit)) return reply(200, *j);
+    }
+    if (auto* control = rc.control.load()) {
+      if (auto why = control->refused(*id)) {
+        return reply(422,
+                     nlohmann::json{{"id", *id}, {"state", "refused"}, {"error", std::move(*why)}});
+      }
+    }
+    return refuse(404, "id: no such campaign (or its image is still being prepared)");
+  }
+  if (get) return refuse(405, "method: use POST for " + std::string(action));
+  auto body = body_of();
+  if (!body) return refuse(400, "body: must be a JSON object (or empty)");
+  auto text = [&](const char* field, std::string fallback) -> std::optional<std::string> {
+    auto it = body->find(field);
+    if (it == body->end()) return fallback;
+    if (!it->is_string() || it->get_ref<const std::string&>().size() > 256) return std::nullopt;
+    return it->get<std::string>();
+  };
+  for (const auto& [k, v] : body->items()) {
+    if (k != "reason" && k != "retry_failed") return refuse(400, k + ": unknown field");
+  }
+  bool ok = false;
+  if (action == "pause" || action == "cancel") {
+    const auto reason =
+        text("reason", action == "pause" ? "paused by the operator" : "cancelled by the operator");
+    if (!reason) return refuse(400, "reason: a string of at most 256 bytes");
+    ok = action == "pause" ? hub.pause_campaign(*id, *reason) : hub.cancel_campaign(*id, *reason);
+  } else if (action == "resume") {
+    bool retry = true;
+    if (auto it = body->find("retry_failed"); it != body->end()) {
+      if (!it->is_boolean()) return refuse(400, "retry_failed: true or false");
+      retry = it->get<bool>();
+    }
+    ok = hub.resume_campaign(*id, retry);
+  } else {
+    return refuse(404, "action: one of pause, resume, cancel");
+  }
+  auto j = hub.campaigns().describe(*id);
+  if (!j) return refuse(404, "id: no such campaign");
+  if (!ok) {
+    return refuse(409, "state: campaign " + std::to_string(*id) + " is " +
+                           (*j)["state"].get<std::string>() + ", it cannot " + std::string(action));
+  }
+  return reply(200, *j);
 }
 
 devgate::websocket::http_reply route(route_context& rc,
@@ -769,6 +1014,10 @@ devgate::websocket::http_reply route(route_context& rc,
         {"dispatch_us", rc.cfg.dispatch_us},       {"devgate", devgate_version()},
         {"operator_api", rc.token.set()}};
     return text_reply(200, "application/json", j.dump() + "\n");
+  }
+  if (is_campaign_path(path)) {  // admitted: right token
+    if (hub == nullptr || rc.stopping) return text_reply(503, "text/plain", "stopping\n");
+    return campaign_route(rc, req, *hub);
   }
   if (is_operator_path(path)) return release_route(rc, req);  // admitted: POST, right token
   if (path.starts_with("/static/")) {

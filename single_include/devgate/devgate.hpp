@@ -15856,23 +15856,24 @@ class campaign_runner {
   /// Starts campaign `spec` over `devices` (in wave order): `publish()` makes its image the
   /// engine's current rollout (gated) and returns the rollout id. The active campaign, if any,
   /// is superseded first. Returns the new campaign's id. Throws campaign_spec_error (no
-  /// device) or what `publish` throws; nothing changes then.
+  /// device) or what `publish` throws; nothing changes then. `id`: one `reserve` handed out
+  /// (0: the next).
   template <class Publish>
   std::uint64_t start(campaign_spec spec, const std::vector<std::string>& devices,
-                      Publish&& publish) {
+                      Publish&& publish, std::uint64_t id = 0) {
     std::lock_guard lock(run_mutex_);
     const auto now = wall_ms();
-    auto c = std::make_unique<campaign>(next_id_, std::move(spec), devices, now);
+    if (id == 0) id = next_id_++;
+    auto c = std::make_unique<campaign>(id, std::move(spec), devices, now);
     // The new rollout first (the old campaign's devices leave it): a publish that throws
     // changes nothing.
     const std::uint32_t rollout = publish();
     if (active_) {
       drain(now);
-      execute(active_->cancel("superseded by campaign " + std::to_string(next_id_), now, true));
+      execute(active_->cancel("superseded by campaign " + std::to_string(id), now, true));
       flush();
       retire();
     }
-    ++next_id_;
     active_ = std::move(c);
     active_rollout_ = rollout;
     rollout_.store(rollout, std::memory_order_release);
@@ -15881,6 +15882,12 @@ class campaign_runner {
     flush();
     ticker_.start(tick_, [this] { step(wall_ms()); });
     return active_->id();
+  }
+  /// Hands out the id of a campaign to `start` later (an operator API answers with it before
+  /// the image is ready).
+  std::uint64_t reserve() {
+    std::lock_guard lock(run_mutex_);
+    return next_id_++;
   }
   /// Takes back campaign `c` (kept by a store) and its rollout after a restart: the devices it
   /// had admitted are admitted again (their transfers resume where the store left them).
@@ -15998,6 +16005,72 @@ class campaign_runner {
     std::optional<nlohmann::json> out;
     with(id, [&](const campaign& c, std::uint32_t r) { out = to_json(c, r); });
     return out;
+  }
+  /// The newest kept campaign (the active one, else the last ended) as `describe` shows it
+  /// (std::nullopt: none yet).
+  [[nodiscard]] std::optional<nlohmann::json> latest() const {
+    std::lock_guard lock(run_mutex_);
+    if (active_) return to_json(*active_, active_rollout_);
+    if (!ended_.empty()) return to_json(*ended_.back().c, ended_.back().rollout);
+    return std::nullopt;
+  }
+  /// Appends the kept campaigns' figures to `out` in the Prometheus text format: devices per
+  /// status (`devgate_campaign_devices`) and per wave and status
+  /// (`devgate_campaign_wave_devices`), the state (`devgate_campaign_state`, 1 for the
+  /// current one), admissions, retries and timeouts (`_total` counters), labelled by campaign.
+  void render_prometheus(std::string& out) const {
+    std::lock_guard lock(run_mutex_);
+    std::vector<const campaign*> all;
+    if (active_) all.push_back(active_.get());
+    for (const auto& e : ended_) all.push_back(e.c.get());
+    auto family = [&](const char* name, const char* type, const char* help) {
+      out += "# HELP devgate_";
+      out += name;
+      out += ' ';
+      out += help;
+      out += "\n# TYPE devgate_";
+      out += name;
+      out += ' ';
+      out += type;
+      out += '\n';
+    };
+    auto line = [&](const char* name, const campaign& c, const std::string& more,
+                    std::uint64_t value) {
+      out += "devgate_";
+      out += name;
+      out += "{campaign=\"" + std::to_string(c.id()) + '"' + more + "} " + std::to_string(value) +
+             '\n';
+    };
+    family("campaign_devices", "gauge", "Devices of a rollout campaign with each status.");
+    for (const auto* c : all) {
+      for (std::size_t s = 0; s < campaign_device_statuses; ++s) {
+        const auto st = static_cast<campaign_device_status>(s);
+        line("campaign_devices", *c, std::string(",status=\"") + to_string(st) + '"', c->count(st));
+      }
+    }
+    family("campaign_wave_devices", "gauge", "Devices of a campaign's wave with each status.");
+    for (const auto* c : all) {
+      for (std::size_t w = 0; w < c->waves().size(); ++w) {
+        for (std::size_t s = 0; s < campaign_device_statuses; ++s) {
+          line("campaign_wave_devices", *c,
+               ",wave=\"" + std::to_string(w + 1) + "\",status=\"" +
+                   to_string(static_cast<campaign_device_status>(s)) + '"',
+               c->waves()[w].counts[s]);
+        }
+      }
+    }
+    family("campaign_state", "gauge", "1 for the campaign's current state.");
+    for (const auto* c : all) {
+      line("campaign_state", *c, std::string(",state=\"") + to_string(c->state()) + '"', 1);
+    }
+    family("campaign_admitted_total", "counter", "Attempts a campaign started (retries too).");
+    for (const auto* c : all) line("campaign_admitted_total", *c, "", c->admitted());
+    family("campaign_retries_total", "counter",
+           "Attempts a campaign retried after a failure or a timeout.");
+    for (const auto* c : all) line("campaign_retries_total", *c, "", c->retries());
+    family("campaign_timeouts_total", "counter",
+           "Attempts that ran past a campaign's in-progress timeout.");
+    for (const auto* c : all) line("campaign_timeouts_total", *c, "", c->timeouts());
   }
   /// A page of campaign `id`'s devices (`status` filters; `offset`, `limit` page), with the
   /// number matching (std::nullopt: no such campaign).
@@ -16311,16 +16384,24 @@ class hub {
   /// Throws firmware::campaign_spec_error when the target matches no device, and what
   /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
   /// other nodes do not take part, and the campaign is not kept across a restart (yet).
-  std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes) {
+  /// `id`: one `reserve_campaign_id` handed out (0: the next).
+  std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes,
+                               std::uint64_t id = 0) {
     if (spec.version.empty()) throw firmware::campaign_spec_error("version: must not be empty");
     firmware::image::check(bytes);
     auto ids = campaign_targets(spec.target);
     const auto version = spec.version;
-    return campaigns_.start(std::move(spec), ids, [&] {
-      return rollout_.publish(
-          version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
-    });
+    return campaigns_.start(
+        std::move(spec), ids,
+        [&] {
+          return rollout_.publish(
+              version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
+        },
+        id);
   }
+  /// Reserves the id of a campaign to start later (`start_campaign(..., id)`): an operator
+  /// API answers with it at once and starts the campaign off the network thread.
+  std::uint64_t reserve_campaign_id() { return campaigns_.reserve(); }
   /// Pauses campaign `id` with the operator's `reason`: nobody more starts; transfers running
   /// finish. False if it is not the active campaign or not running.
   bool pause_campaign(std::uint64_t id, std::string reason = "paused by the operator") {
@@ -16462,6 +16543,11 @@ class hub {
                           {"failed", s.rollout.failed},
                           {"skipped", s.rollout.skipped},
                           {"bytes_acked", s.rollout.bytes_acked}}}};
+    // The newest campaign (running, or the last that ended), for a fleet view.
+    if (auto c = campaigns_.latest()) {
+      c->erase("spec");
+      data["campaign"] = std::move(*c);
+    }
     if (options_.fleet_figures) {
       if (const auto f = options_.fleet_figures(); f && f->nodes > 0) {
         data["nodes"] = f->nodes;

@@ -299,8 +299,30 @@ async function main() {
     if (!body.includes(m)) fail(`/metrics has no ${m}:\n${body}`);
   }
 
+  step = 'a campaign on the page';
+  // Started through the operator API (the page's own fetch, with the bearer token), two waves
+  // of 50%: both pages update, and the page shows the campaign, its waves and its state.
+  const created = await marco.evaluate(async (token) => {
+    const r = await fetch('/api/campaigns', {
+      method: 'POST', cache: 'no-store', credentials: 'omit',
+      headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ name: 'browser', waves: [{ percent: 50 }, { percent: 50 }] }),
+    });
+    return { status: r.status, body: await r.json() };
+  }, operatorToken);
+  if (created.status !== 202) fail(`POST /api/campaigns answered ${created.status}: ${JSON.stringify(created.body)}`);
+  const campaignVersion = created.body.version;
+  for (const [p, id] of [[marco, 'marco'], [fridge, 'fridge']]) {
+    await waitFor(p, `/${id}: firmware-version ${campaignVersion} from the campaign`, text('firmware-version'), (v) => v === campaignVersion, 60000);
+  }
+  await waitFor(marco, '/marco: campaign state completed', text('campaign-state'), (v) => v.startsWith('completed'), 15000);
+  const waves = await marco.evaluate(() => [...document.querySelectorAll('#campaign-waves li progress')].map((b) => [b.value, b.max]));
+  if (waves.length !== 2 || waves.some(([v, m]) => v !== m)) fail(`campaign waves on the page: ${JSON.stringify(waves)}`);
+  log(`campaign ${created.body.campaign} (${campaignVersion}) in 2 waves completed, shown on the page`);
+  await shot(marco, 'demo-marco-campaign.png');
+
   step = 'screenshots';
-  await waitFor(marco, '/marco: rollout text', () => document.getElementById('rollout-text').textContent, (v) => v.includes(version));
+  await waitFor(marco, '/marco: rollout text', () => document.getElementById('rollout-text').textContent, (v) => v.includes(campaignVersion));
   await shot(marco, 'demo-marco.png');
   await shot(fridge, 'demo-fridge.png');
   if (pageErrors.length) fail(`uncaught errors in the pages: ${pageErrors.join('; ')}`);

@@ -119,6 +119,37 @@
       if (r.failed) parts.push(`${r.failed} failed`);
       $('rollout-text').textContent = parts.join(' · ');
     }
+    renderCampaign(s.campaign);
+  }
+
+  // The newest rollout campaign (docs/ROLLOUTS.md): its state (paused or aborted with the
+  // reason), and per wave a progress bar of the devices done and the counts per status.
+  function renderCampaign(c) {
+    const box = $('campaign');
+    if (!c) { box.hidden = true; return; }
+    box.hidden = false;
+    $('campaign-name').textContent = `${c.id}${c.name ? ` · ${c.name}` : ''} · ${c.version}`;
+    const done = c.counts.verified + c.counts.skipped;
+    $('campaign-state').textContent = `${c.state} · ${done}/${c.devices} up to date`;
+    $('campaign-reason').textContent = c.reason || '';
+    const list = $('campaign-waves');
+    list.replaceChildren(...c.waves.map((w, i) => {
+      const li = document.createElement('li');
+      li.className = w.started ? 'started' : 'waiting';
+      const name = document.createElement('span');
+      name.className = 'small';
+      name.textContent = `Wave ${i + 1} (${w.size})`;
+      const bar = document.createElement('progress');
+      const finished = ['verified', 'skipped', 'failed', 'timed_out', 'cancelled', 'superseded']
+        .reduce((n, k) => n + (w.counts[k] || 0), 0);
+      bar.max = Math.max(1, w.size);
+      bar.value = finished;
+      const counts = document.createElement('span');
+      counts.className = 'small muted counts';
+      counts.textContent = Object.entries(w.counts).filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k.replace('_', ' ')}`).join(' · ') || 'empty';
+      li.append(name, bar, counts);
+      return li;
+    }));
   }
 
   const pad = (n, w) => String(n).padStart(w, '0');

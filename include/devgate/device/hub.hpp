@@ -264,16 +264,24 @@ class hub {
   /// Throws firmware::campaign_spec_error when the target matches no device, and what
   /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
   /// other nodes do not take part, and the campaign is not kept across a restart (yet).
-  std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes) {
+  /// `id`: one `reserve_campaign_id` handed out (0: the next).
+  std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes,
+                               std::uint64_t id = 0) {
     if (spec.version.empty()) throw firmware::campaign_spec_error("version: must not be empty");
     firmware::image::check(bytes);
     auto ids = campaign_targets(spec.target);
     const auto version = spec.version;
-    return campaigns_.start(std::move(spec), ids, [&] {
-      return rollout_.publish(
-          version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
-    });
+    return campaigns_.start(
+        std::move(spec), ids,
+        [&] {
+          return rollout_.publish(
+              version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
+        },
+        id);
   }
+  /// Reserves the id of a campaign to start later (`start_campaign(..., id)`): an operator
+  /// API answers with it at once and starts the campaign off the network thread.
+  std::uint64_t reserve_campaign_id() { return campaigns_.reserve(); }
   /// Pauses campaign `id` with the operator's `reason`: nobody more starts; transfers running
   /// finish. False if it is not the active campaign or not running.
   bool pause_campaign(std::uint64_t id, std::string reason = "paused by the operator") {
@@ -415,6 +423,11 @@ class hub {
                           {"failed", s.rollout.failed},
                           {"skipped", s.rollout.skipped},
                           {"bytes_acked", s.rollout.bytes_acked}}}};
+    // The newest campaign (running, or the last that ended), for a fleet view.
+    if (auto c = campaigns_.latest()) {
+      c->erase("spec");
+      data["campaign"] = std::move(*c);
+    }
     if (options_.fleet_figures) {
       if (const auto f = options_.fleet_figures(); f && f->nodes > 0) {
         data["nodes"] = f->nodes;
