@@ -487,6 +487,27 @@ TEST_CASE(
   auto one = *r.hub.campaigns().devices(id3, std::nullopt, 0, 1);
   CHECK(one["devices"][0]["attempts"] == 2);
   CHECK(one["devices"][0]["reason"] == "timed_out");
+
+  // A newer campaign supersedes the one running; a release to the whole fleet supersedes it.
+  for (auto& c : f.clients) c->set_faults({});
+  auto slow = devgate::firmware::parse_campaign_spec(json::parse(R"({"rate": {"per_minute": 1}})"));
+  slow.version = "5.0";
+  const auto id4 = r.hub.start_campaign(slow, image);
+  slow.version = "6.0";
+  const auto id5 = r.hub.start_campaign(slow, image);
+  d = f.describe(id4);
+  CHECK(d["state"] == "superseded");
+  CHECK(d["reason"] == "superseded by campaign " + std::to_string(id5));
+  CHECK(d["counts"]["superseded"].get<std::size_t>() + d["counts"]["verified"].get<std::size_t>() ==
+        devices);
+  CHECK(r.hub.campaigns().active() == id5);
+  const auto release = r.hub.publish_firmware("7.0", image);
+  d = f.describe(id5);
+  CHECK(d["state"] == "superseded");
+  CHECK(d["reason"] == "superseded by release " + std::to_string(release) + " to the whole fleet");
+  CHECK(!r.hub.campaigns().active());
+  REQUIRE(
+      eventually([&] { return r.hub.rollout().verified == static_cast<std::size_t>(devices); }));
   for (auto& c : f.clients) c->close();
   REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
 }

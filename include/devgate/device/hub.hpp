@@ -210,15 +210,22 @@ class hub {
   /// On a store shared by several nodes (`store::fleet_rollout_store`) the store numbers the
   /// rollout fleet-wide, keeps the image once and tells the other nodes, which `adopt_firmware`
   /// it; a failure there throws std::system_error and starts nothing.
+  /// A campaign running ends `superseded`.
   std::uint32_t publish_firmware(std::string version, std::span<const std::byte> bytes) {
-    return rollout_.publish(std::move(version), bytes,
-                            [this](const firmware::image& img) { announce_firmware(img); });
+    const auto id = rollout_.publish(
+        std::move(version), bytes, [this](const firmware::image& img) { announce_firmware(img); });
+    campaigns_.supersede("superseded by release " + std::to_string(id) + " to the whole fleet");
+    return id;
   }
   /// Makes rollout `r`, published by another node of the fleet, current here (as
   /// `publish_firmware` would have, without keeping it again): hand it the rollouts that
   /// `redis::state_store::on_rollout` reports. False when it is not newer than the current one.
   bool adopt_firmware(const store::rollout_record& r) {
-    return rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
+    if (!rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); })) {
+      return false;
+    }
+    campaigns_.supersede("superseded by release " + std::to_string(r.rollout) + " of the fleet");
+    return true;
   }
   /// Takes the messages other nodes routed to device `id`, which this node holds (on the store
   /// thread): hand it what `redis::state_store::on_routed` reports. Any thread.
@@ -274,8 +281,9 @@ class hub {
     return campaigns_.start(
         std::move(spec), ids,
         [&] {
+          // Not announced on the fleet topic: the devices it admits hear of it one by one.
           return rollout_.publish(
-              version, bytes, [this](const firmware::image& img) { announce_firmware(img); }, true);
+              version, bytes, [](const firmware::image&) {}, true);
         },
         id);
   }

@@ -169,6 +169,16 @@ class campaign_runner {
     ticker_.start(tick_, [this] { step(wall_ms()); });
   }
 
+  /// The engine's rollout was replaced by one that is not the active campaign's (a release to
+  /// the whole fleet): the active campaign ends `superseded` with `reason`. Nothing if none.
+  void supersede(std::string reason) {
+    std::lock_guard lock(run_mutex_);
+    if (!active_) return;
+    const auto now = wall_ms();
+    drain(now);
+    execute(active_->cancel(std::move(reason), now, true));
+    after_step();
+  }
   /// Pauses campaign `id` (the operator's `reason`). False if it is not the active campaign or
   /// is not running.
   bool pause(std::uint64_t id, std::string reason) {
