@@ -439,9 +439,109 @@ TEST_CASE("sqlite: a database of a newer schema version is refused, an older one
   REQUIRE(what.find("schema version 99") != std::string::npos);
   REQUIRE(what.find("newer devgate") != std::string::npos);
   // A database the current version wrote opens, and keeps its version.
-  raw_exec(dir.db(), "PRAGMA user_version = 1");
+  raw_exec(dir.db(), "PRAGMA user_version = 2");
   { store::sqlite_state_store s(options_for(dir)); }
-  REQUIRE(store::sqlite_state_store::schema_version == 1);
+  REQUIRE(store::sqlite_state_store::schema_version == 2);
+}
+
+TEST_CASE("sqlite: a version 1 database is migrated: its devices stay, campaigns can be kept",
+          "[store][sqlite]") {
+  temp_dir dir;
+  raw_exec(dir.db(), store::detail::sqlite_migrations[0]);
+  raw_exec(dir.db(),
+           "INSERT INTO devices(id, messages_sent) VALUES('old', 7); PRAGMA user_version = 1");
+  store::sqlite_state_store s(options_for(dir));
+  CHECK(s.load("old").state.messages_sent == 7);
+  store::campaign_record c;
+  c.id = 1;
+  c.rollout = 2;
+  c.version = "2.0";
+  c.state = "{}";
+  c.image.assign(10, std::byte{1});
+  REQUIRE_FALSE(s.save_campaign(c, {{"old", 0, "{}"}}));
+  CHECK(s.load_campaigns().campaigns.size() == 1);
+}
+
+TEST_CASE(
+    "sqlite: campaigns survive a reopen with their devices; changed rows replace theirs; "
+    "an ended one drops its image; only the newest are kept",
+    "[store][sqlite]") {
+  temp_dir dir;
+  auto o = options_for(dir);
+  o.max_campaigns = 3;
+  store::campaign_record c;
+  c.id = 5;
+  c.rollout = 9;
+  c.version = "2.0";
+  c.state = R"({"state":"running"})";
+  c.image.resize(200'000);
+  for (std::size_t i = 0; i < c.image.size(); ++i) c.image[i] = static_cast<std::byte>(i * 7);
+  std::vector<store::campaign_device_record> devices;
+  for (std::uint32_t i = 0; i < 100; ++i) {
+    devices.push_back({"d" + std::to_string(i), i, R"({"status":0})"});
+  }
+  {
+    store::sqlite_state_store s(o);
+    REQUIRE(s.load_campaigns().campaigns.empty());
+    REQUIRE_FALSE(s.save_campaign(c, devices));
+    // A later save: the state and two changed devices, no image (the kept one stays).
+    auto later = c;
+    later.image.clear();
+    later.state = R"({"state":"paused"})";
+    REQUIRE_FALSE(s.save_campaign(later, {{"d3", 3, R"({"status":3})"}, {"d99", 99, "{}"}}));
+  }
+  {
+    store::sqlite_state_store s(o);
+    const auto got = s.load_campaigns();
+    REQUIRE_FALSE(got.error);
+    REQUIRE(got.campaigns.size() == 1);
+    const auto& k = got.campaigns[0];
+    CHECK(k.campaign.id == 5);
+    CHECK(k.campaign.rollout == 9);
+    CHECK(k.campaign.version == "2.0");
+    CHECK(k.campaign.state == R"({"state":"paused"})");
+    CHECK(k.campaign.image == c.image);
+    CHECK_FALSE(k.campaign.ended);
+    REQUIRE(k.devices.size() == 100);
+    for (std::uint32_t i = 0; i < 100; ++i) {
+      CHECK(k.devices[i].position == i);
+      CHECK(k.devices[i].device == "d" + std::to_string(i));
+    }
+    CHECK(k.devices[3].state == R"({"status":3})");
+    CHECK(k.devices[99].state == "{}");
+    CHECK(k.devices[4].state == R"({"status":0})");
+    // It ends: the image goes, the campaign and its devices stay.
+    auto ended = c;
+    ended.image.clear();
+    ended.ended = true;
+    ended.state = R"({"state":"completed"})";
+    REQUIRE_FALSE(s.save_campaign(ended, {}));
+    const auto after = s.load_campaigns();
+    REQUIRE(after.campaigns.size() == 1);
+    CHECK(after.campaigns[0].campaign.ended);
+    CHECK(after.campaigns[0].campaign.image.empty());
+    CHECK(after.campaigns[0].devices.size() == 100);
+    // Three newer campaigns: the oldest goes with its devices.
+    for (std::uint64_t id = 6; id <= 8; ++id) {
+      auto n = c;
+      n.id = id;
+      REQUIRE_FALSE(s.save_campaign(n, {{"x", 0, "{}"}}));
+    }
+    const auto kept = s.load_campaigns();
+    REQUIRE(kept.campaigns.size() == 3);
+    CHECK(kept.campaigns[0].campaign.id == 6);
+    CHECK(kept.campaigns[2].campaign.id == 8);
+  }
+  // No device row of the dropped campaign is left behind.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(dir.db().c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT count(*) FROM campaign_devices WHERE campaign = 5", -1,
+                             &st, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(st) == SQLITE_ROW);
+  CHECK(sqlite3_column_int(st, 0) == 0);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
 }
 
 TEST_CASE("sqlite: a file that is not a database is refused with SQLite's reason",

@@ -31,6 +31,8 @@ struct sqlite_options {
   /// Keep a row per message `record_dispatched` reports (device, id, number, kind, payload):
   /// an append-only record of what reached the sink.
   bool message_log = false;
+  /// Rollout campaigns kept at most (the newest; older ones go with their device rows).
+  std::size_t max_campaigns = 16;
   /// How long a call waits for another connection's lock before it fails with `SQLITE_BUSY`.
   std::chrono::milliseconds busy_timeout{5000};
 };

@@ -79,6 +79,13 @@ class sqlite_state_store {
   std::error_code save_rollout(const rollout_record& r);
   /// The rollout kept, if any.
   [[nodiscard]] rollout_load_result load_rollout();
+  /// Keeps campaign `c` and its changed `devices` rows, all or nothing; the first save of a
+  /// campaign (with its image) trims the table to the newest `max_campaigns`, and an ended
+  /// campaign's image is dropped.
+  std::error_code save_campaign(const campaign_record& c,
+                                const std::vector<campaign_device_record>& devices);
+  /// The campaigns kept, oldest first, each with its devices by position.
+  [[nodiscard]] campaign_load_result load_campaigns();
 
   /// Opens a transaction that the writes up to `commit_batch()` join.
   std::error_code begin_batch();
@@ -302,6 +309,83 @@ inline rollout_load_result sqlite_state_store::load_rollout() {
   return {std::move(r), {}};
 }
 
+inline std::error_code sqlite_state_store::save_campaign(
+    const campaign_record& c, const std::vector<campaign_device_record>& devices) {
+  std::lock_guard lock(d_->mutex);
+  return d_->atomically([&]() -> std::error_code {
+    {
+      detail::sqlite_use u(d_->save_campaign);
+      u.bind(1, static_cast<std::int64_t>(c.id))
+          .bind(2, c.rollout)
+          .bind_text(3, c.version)
+          .bind_text(4, c.state);
+      if (c.image.empty()) {
+        u.bind_null(5);
+      } else {
+        u.bind_blob(5, c.image.data(), c.image.size());
+      }
+      if (const auto ec = d_->run(u)) return ec;
+    }
+    for (const auto& d : devices) {
+      detail::sqlite_use u(d_->save_campaign_device);
+      u.bind(1, static_cast<std::int64_t>(c.id))
+          .bind_text(2, d.device)
+          .bind(3, d.position)
+          .bind_text(4, d.state);
+      if (const auto ec = d_->run(u)) return ec;
+    }
+    if (c.ended) {
+      detail::sqlite_use u(d_->drop_campaign_image);
+      u.bind(1, static_cast<std::int64_t>(c.id));
+      if (const auto ec = d_->run(u)) return ec;
+    }
+    if (!c.image.empty() && d_->opt.max_campaigns != 0) {
+      const auto keep = static_cast<std::int64_t>(d_->opt.max_campaigns);
+      for (auto* st : {&d_->trim_campaign_devices, &d_->trim_campaigns}) {
+        detail::sqlite_use u(*st);
+        u.bind(1, keep);
+        if (const auto ec = d_->run(u)) return ec;
+      }
+    }
+    return {};
+  });
+}
+
+inline campaign_load_result sqlite_state_store::load_campaigns() {
+  std::lock_guard lock(d_->mutex);
+  campaign_load_result out;
+  {
+    detail::sqlite_use u(d_->load_campaigns);
+    int rc;
+    while ((rc = u.step()) == SQLITE_ROW) {
+      kept_campaign k;
+      k.campaign.id = static_cast<std::uint64_t>(u.integer(0));
+      k.campaign.rollout = static_cast<std::uint32_t>(u.integer(1));
+      k.campaign.version = std::string(u.text(2));
+      k.campaign.state = std::string(u.text(3));
+      if (u.is_null(4)) {
+        k.campaign.ended = true;
+      } else {
+        const auto image = u.blob(4);
+        k.campaign.image.assign(image.begin(), image.end());
+      }
+      out.campaigns.push_back(std::move(k));
+    }
+    if (rc != SQLITE_DONE) return {{}, d_->failed(rc)};
+  }
+  for (auto& k : out.campaigns) {
+    detail::sqlite_use u(d_->load_campaign_devices);
+    u.bind(1, static_cast<std::int64_t>(k.campaign.id));
+    int rc;
+    while ((rc = u.step()) == SQLITE_ROW) {
+      k.devices.push_back({std::string(u.text(0)), static_cast<std::uint32_t>(u.integer(1)),
+                           std::string(u.text(2))});
+    }
+    if (rc != SQLITE_DONE) return {{}, d_->failed(rc)};
+  }
+  return out;
+}
+
 inline std::error_code sqlite_state_store::begin_batch() {
   std::lock_guard lock(d_->mutex);
   if (d_->in_batch) return std::make_error_code(std::errc::operation_in_progress);
@@ -373,6 +457,8 @@ static_assert(state_store<sqlite_state_store>,
               "sqlite_state_store must satisfy devgate::store::state_store");
 static_assert(durable_state_store<sqlite_state_store>,
               "sqlite_state_store must satisfy devgate::store::durable_state_store");
+static_assert(campaign_store<sqlite_state_store>,
+              "sqlite_state_store must satisfy devgate::store::campaign_store");
 static_assert(transactional_store<sqlite_state_store>,
               "sqlite_state_store must satisfy devgate::store::transactional_store");
 static_assert(!is_nonblocking_store<sqlite_state_store>,

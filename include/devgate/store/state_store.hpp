@@ -182,6 +182,37 @@ struct rollout_load_result {
   std::error_code error;                  ///< Why the store could not answer (empty: it did).
 };
 
+/// A rollout campaign as a store keeps it (`campaign_store`). The store does not read the
+/// campaign's state: the firmware layer writes and reads it (`firmware::keep`, `revive`).
+struct campaign_record {
+  std::uint64_t id = 0;          ///< Campaign id (ids continue above it after a restart).
+  std::uint32_t rollout = 0;     ///< The rollout (gated) that carries its image.
+  std::string version;           ///< The version it rolls out.
+  std::string state;             ///< Its spec and own state (JSON text).
+  std::vector<std::byte> image;  ///< Its image, in its first save; empty after (kept as it is).
+  bool ended = false;            ///< It is over: the store may drop its image.
+};
+
+/// One device of a campaign as a store keeps it.
+struct campaign_device_record {
+  std::string device;          ///< The device's id.
+  std::uint32_t position = 0;  ///< Its place in the campaign's order (waves follow it).
+  std::string state;           ///< Its status, attempts and history (JSON text).
+};
+
+/// A campaign read back from a store, with its devices in order.
+struct kept_campaign {
+  campaign_record campaign;                     ///< The campaign (its image if not ended).
+  std::vector<campaign_device_record> devices;  ///< Its devices, by position.
+};
+
+/// What `load_campaigns` answers: the campaigns kept, oldest first, or why the store could not
+/// read them.
+struct campaign_load_result {
+  std::vector<kept_campaign> campaigns;  ///< The campaigns kept, by id.
+  std::error_code error;                 ///< Why the store could not answer (empty: it did).
+};
+
 /// What a store shared by several nodes made of a new rollout (`fleet_rollout_store`): the id
 /// the fleet gave it (0: this store does not share rollouts; the caller numbers and saves it
 /// itself), or why it could not (nothing was published).
@@ -314,6 +345,19 @@ concept fleet_delivery_store = requires(S& s, const std::string& id, std::string
   { s.route(id, data) } -> std::same_as<route_result>;
   { s.routed(id) } -> std::same_as<routed_messages>;
   { s.keep_routed(id, entries) } -> std::same_as<keep_routed_result>;
+};
+
+/// A store that keeps rollout campaigns across a restart (docs/ROLLOUTS.md):
+/// - `save_campaign(c, devices)`: keeps campaign `c` (inserting it, with its image, the first
+///   time; replacing its state after) and the changed `devices` rows, in one step; keeps only
+///   the newest campaigns (the store's bound) and drops an ended campaign's image.
+/// - `load_campaigns()`: the campaigns kept, oldest first, each with its devices by position.
+/// The hub calls `save_campaign` on its store thread, `load_campaigns` at start.
+template <class S>
+concept campaign_store = requires(S& s, const campaign_record& c,
+                                  const std::vector<campaign_device_record>& d) {
+  { s.save_campaign(c, d) } -> std::same_as<std::error_code>;
+  { s.load_campaigns() } -> std::same_as<campaign_load_result>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before

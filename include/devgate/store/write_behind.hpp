@@ -294,6 +294,23 @@ class write_behind {
     }
   }
 
+  /// The campaigns the store keeps (`campaign_store`), read on the calling thread (none for a
+  /// store that keeps none, or when it fails: counted and reported).
+  [[nodiscard]] std::vector<kept_campaign> load_campaigns() {
+    if constexpr (!campaign_store<Store>) {
+      return {};
+    } else {
+      try {
+        auto r = store_.load_campaigns();
+        if (r.error) failed("load_campaigns", {}, r.error);
+        return std::move(r.campaigns);
+      } catch (...) {
+        failed("load_campaigns", {}, std::make_error_code(std::errc::io_error));
+        return {};
+      }
+    }
+  }
+
   /// Writes accepted so far (a ticket: `applied_through(submitted())` says that everything
   /// accepted until now has reached the store).
   [[nodiscard]] std::uint64_t submitted() const noexcept {

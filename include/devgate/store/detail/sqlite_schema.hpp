@@ -15,7 +15,7 @@ namespace devgate::store::detail {
 /// The migration steps of `sqlite_state_store`'s schema: step `i` takes a database of version
 /// `i` (`PRAGMA user_version`; 0 is an empty file) to version `i + 1`. A new version appends a
 /// step and never edits an old one, so every database ever written can be brought up to date.
-inline constexpr std::array<const char*, 1> sqlite_migrations{
+inline constexpr std::array<const char*, 2> sqlite_migrations{
     // 0 -> 1: devices, replay buffers, the current rollout, the message log.
     R"sql(
 CREATE TABLE devices(
@@ -48,6 +48,21 @@ CREATE TABLE messages(
   kind INTEGER NOT NULL,
   payload BLOB NOT NULL);
 CREATE INDEX messages_device ON messages(device);
+)sql",
+    // 1 -> 2: rollout campaigns and their devices (an ended campaign's image is NULL).
+    R"sql(
+CREATE TABLE campaigns(
+  id INTEGER PRIMARY KEY NOT NULL,
+  rollout INTEGER NOT NULL,
+  version TEXT NOT NULL,
+  state TEXT NOT NULL,
+  image BLOB);
+CREATE TABLE campaign_devices(
+  campaign INTEGER NOT NULL,
+  device TEXT NOT NULL,
+  position INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  PRIMARY KEY(campaign, device)) WITHOUT ROWID;
 )sql",
 };
 

@@ -80,6 +80,29 @@ struct sqlite_store_state {
                          "excluded.rollout, version = excluded.version, image = excluded.image"};
   statement load_rollout{db.get(),
                          "SELECT rollout, version, image FROM rollout WHERE singleton = 1"};
+  statement save_campaign{db.get(),
+                          "INSERT INTO campaigns(id, rollout, version, state, image) VALUES(?1, "
+                          "?2, ?3, ?4, ?5) ON CONFLICT(id) DO UPDATE SET rollout = "
+                          "excluded.rollout, version = excluded.version, state = excluded.state, "
+                          "image = coalesce(excluded.image, image)"};
+  statement drop_campaign_image{db.get(), "UPDATE campaigns SET image = NULL WHERE id = ?1"};
+  statement save_campaign_device{
+      db.get(),
+      "INSERT INTO campaign_devices(campaign, device, position, state) VALUES(?1, ?2, ?3, ?4) ON "
+      "CONFLICT(campaign, device) DO UPDATE SET position = excluded.position, state = "
+      "excluded.state"};
+  // The campaigns past the newest `?1`, then their devices.
+  statement trim_campaign_devices{db.get(),
+                                  "DELETE FROM campaign_devices WHERE campaign NOT IN (SELECT id "
+                                  "FROM campaigns ORDER BY id DESC LIMIT ?1)"};
+  statement trim_campaigns{db.get(),
+                           "DELETE FROM campaigns WHERE id NOT IN (SELECT id FROM campaigns "
+                           "ORDER BY id DESC LIMIT ?1)"};
+  statement load_campaigns{db.get(),
+                           "SELECT id, rollout, version, state, image FROM campaigns ORDER BY id"};
+  statement load_campaign_devices{db.get(),
+                                  "SELECT device, position, state FROM campaign_devices WHERE "
+                                  "campaign = ?1 ORDER BY position"};
   statement count_devices{db.get(), "SELECT count(*) FROM devices"};
   statement count_log{db.get(), "SELECT count(*) FROM messages"};
   statement read_log{db.get(),
