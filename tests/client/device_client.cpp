@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -19,6 +20,9 @@
 #include "devgate/device/hub.hpp"
 #include "devgate/websocket/server.hpp"
 #include "support.hpp"
+#if DEVGATE_TEST_SQLITE
+#include "devgate/store/sqlite_state_store.hpp"
+#endif
 
 namespace dev = devgate::device;
 using devgate::client::device_client;
@@ -511,3 +515,175 @@ TEST_CASE(
   for (auto& c : f.clients) c->close();
   REQUIRE(eventually([&] { return r.hub.connected() == 0; }));
 }
+
+#if DEVGATE_TEST_SQLITE
+namespace {
+// A server + hub keeping its state in SQLite at `db`, listening on `port` (0: any).
+struct sqlite_node {
+  devgate::websocket::server ws;
+  dev::hub<devgate::websocket::server, devgate::null_sink, devgate::store::sqlite_state_store> hub;
+
+  static devgate::websocket::server_options ws_options(std::uint16_t port) {
+    auto o = rig::ws_options();
+    o.port = port;
+    return o;
+  }
+  static devgate::store::sqlite_state_store open(const std::string& db) {
+    devgate::store::sqlite_options o;
+    o.path = db;
+    return devgate::store::sqlite_state_store(std::move(o));
+  }
+  sqlite_node(const std::string& db, std::uint16_t port, dev::hub_options o)
+      : ws(ws_options(port)), hub(ws, {}, std::move(o), open(db)) {
+    REQUIRE_FALSE(hub.start());
+  }
+};
+}  // namespace
+
+TEST_CASE(
+    "e2e campaign: a server restart mid-campaign with the SQLite store continues where "
+    "it was") {
+  constexpr int devices = 200;
+  constexpr std::size_t image_size = 32 * 1024;  // 32 chunks of 1 KiB
+  char dir_pattern[] = "/tmp/devgate-campaign-XXXXXX";
+  REQUIRE(mkdtemp(dir_pattern) != nullptr);
+  const std::string dir = dir_pattern;
+  const std::string db = dir + "/state.db";
+  dev::hub_options o;
+  o.chunk_size = 1024;
+  o.window = 2;
+  o.max_concurrent_transfers = 16;
+  o.stall_timeout = std::chrono::milliseconds(0);
+  const auto image = make_image(image_size);
+
+  asio::io_context ioc;
+  auto guard = asio::make_work_guard(ioc);
+  std::vector<std::unique_ptr<device_client>> clients;
+  auto node = std::make_unique<sqlite_node>(db, 0, o);
+  const auto port = node->ws.local_port();
+  for (int i = 0; i < devices; ++i) {
+    char name[16];
+    std::snprintf(name, sizeof name, "r%04d", i);
+    device_client_options co;
+    co.port = port;
+    co.device_id = name;
+    co.firmware_version = "1.0";
+    clients.push_back(std::make_unique<device_client>(ioc, co));
+  }
+  // Two devices of wave 2 fail every attempt (they end failed after their retry).
+  clients[100]->set_faults({true, 0});
+  clients[150]->set_faults({true, 0});
+  // Ten devices of wave 2 stall after 8 KiB: they are mid-transfer when the server restarts.
+  for (int i = 40; i < 50; ++i) clients[static_cast<std::size_t>(i)]->set_faults({false, 8192});
+  std::thread io([&] { ioc.run(); });
+  struct joiner {
+    std::thread& t;
+    asio::io_context& c;
+    ~joiner() {
+      c.stop();
+      if (t.joinable()) t.join();
+    }
+  } join_io{io, ioc};
+  for (auto& c : clients) c->connect();
+  REQUIRE(eventually([&] { return node->hub.connected() == static_cast<std::size_t>(devices); }));
+
+  auto spec = devgate::firmware::parse_campaign_spec(json::parse(
+      R"({"name": "restart", "waves": [{"percent": 10}, {"percent": 90}],
+          "success_threshold": 90, "retries": 1, "rate": {"per_minute": 1200}})"));
+  spec.version = "2.0";
+  const auto id = node->hub.start_campaign(spec, image);
+  auto describe = [&] { return *node->hub.campaigns().describe(id); };
+  // Mid-campaign: wave 2 running, transfers in flight.
+  json last;
+  const bool mid = eventually([&] {
+    last = describe();
+    return last["counts"]["verified"].get<int>() >= 60 &&
+           last["counts"]["transferring"].get<int>() >= 10;
+  });
+  INFO(last.dump());
+  REQUIRE(mid);
+  const auto before = describe();
+  INFO("before the restart: " << before.dump());
+  const auto restart_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                              std::chrono::system_clock::now().time_since_epoch())
+                              .count();
+  node.reset();  // the server stops (sessions closed, the store written) ...
+  std::vector<std::uint64_t> chunks_before;
+  std::vector<bool> verified_before;
+  REQUIRE(eventually([&] {
+    for (auto& c : clients) {
+      if (c->connected()) return false;
+    }
+    return true;
+  }));
+  for (auto& c : clients) {
+    chunks_before.push_back(c->chunks_received());
+    verified_before.push_back(c->firmware_verified() == 1);
+  }
+  for (int i = 40; i < 50; ++i) clients[static_cast<std::size_t>(i)]->set_faults({});
+  // ... and a new one starts on the same database and port, before any device is back.
+  node = std::make_unique<sqlite_node>(db, port, o);
+  REQUIRE(node->hub.campaigns().active() == id);
+  auto d = describe();
+  INFO("after the restart: " << d.dump());
+  CHECK(d["state"] == "running");
+  CHECK(d["name"] == "restart");
+  CHECK(d["created_at"] == before["created_at"]);
+  CHECK(d["waves"][1]["started"] == true);
+  CHECK(d["counts"]["verified"].get<int>() >= before["counts"]["verified"].get<int>());
+  CHECK(d["admitted"].get<int>() >= before["admitted"].get<int>());
+  // It kept no device verified that was not.
+  for (int i = 0; i < devices; ++i) {
+    const auto one =
+        *node->hub.campaigns().devices(id, std::nullopt, static_cast<std::size_t>(i), 1);
+    const auto& dev = one["devices"][0];
+    if (dev["status"] == "verified") {
+      INFO(dev.dump());
+      CHECK(verified_before[static_cast<std::size_t>(
+          std::stoi(dev["id"].get<std::string>().substr(1)))]);
+    }
+  }
+
+  // The devices come back; the campaign continues and completes.
+  for (auto& c : clients) c->connect();
+  REQUIRE(eventually([&] { return describe()["state"] == "completed"; }));
+  d = describe();
+  CHECK(d["counts"]["verified"] == devices - 2);
+  CHECK(d["counts"]["failed"] == 2);
+  CHECK(d["waves"][0]["counts"]["verified"] == devices / 10);
+  int resumed = 0;
+  for (int i = 0; i < devices; ++i) {
+    const auto& c = *clients[static_cast<std::size_t>(i)];
+    INFO("device " << i << ": " << chunks_before[static_cast<std::size_t>(i)] << " chunks before, "
+                   << c.chunks_received() << " in all");
+    if (i == 100 || i == 150) {
+      CHECK(c.firmware_verified() == 0);
+      continue;
+    }
+    CHECK(c.firmware_verified() == 1);
+    CHECK(c.firmware_restarts() == 0);
+    // Verified before: nothing more sent. Mid-transfer: resumed (at most a window resent).
+    if (verified_before[static_cast<std::size_t>(i)]) {
+      CHECK(c.chunks_received() == chunks_before[static_cast<std::size_t>(i)]);
+    } else {
+      CHECK(c.chunks_received() <= 32 + 2);
+    }
+    const auto b = chunks_before[static_cast<std::size_t>(i)];
+    if (b > 0 && b < 32 && !verified_before[static_cast<std::size_t>(i)]) ++resumed;
+  }
+  CHECK(resumed >= 10);
+  // A failed device's attempts and its history span both runs of the server.
+  auto failed =
+      *node->hub.campaigns().devices(id, devgate::firmware::campaign_device_status::failed, 0, 10);
+  REQUIRE(failed["devices"].size() == 2);
+  CHECK(failed["devices"][0]["attempts"] == 2);
+  const auto first = *node->hub.campaigns().devices(id, std::nullopt, 0, 1);
+  CHECK(first["devices"][0]["history"][0]["at"].get<std::int64_t>() < restart_ms);
+
+  for (auto& c : clients) c->close();
+  REQUIRE(eventually([&] { return node->hub.connected() == 0; }));
+  node.reset();
+  guard.reset();
+  std::filesystem::remove_all(dir);
+}
+#endif

@@ -2,10 +2,14 @@
 // timeouts and retries, pause, resume and cancel, driven with a synthetic clock and a scripted
 // fleet. (Campaigns through a hub and real clients: tests/device/.)
 #include "devgate/firmware/campaign.hpp"
+#include "devgate/firmware/campaign_record.hpp"
+#include "devgate/firmware/campaign_runner.hpp"  // to_json
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -425,6 +429,22 @@ TEST_CASE(
   // A snapshot campaign takes no late device.
   fw::campaign snap(3, staged(0, 0, 0), fleet_ids(2), 0);
   CHECK(!snap.add_device("late", 0));
+  CHECK_THROWS_AS(fw::campaign(4, staged(0, 0, 0), {}, 0), fw::campaign_spec_error);
+  // A continuous campaign may start empty, and waits for devices: done, it still runs.
+  auto all = staged(0, 0, 0);
+  all.target.continuous = true;
+  fw::campaign open_ended(5, all, {}, 0);
+  fleet g{open_ended};
+  g.tick();
+  CHECK(open_ended.state() == campaign_state::running);
+  CHECK(open_ended.add_device("first", g.now));
+  g.tick();
+  CHECK(g.admitted_log == std::vector<std::string>{"first"});
+  g.finish_all();
+  CHECK(open_ended.count(campaign_device_status::verified) == 1);
+  CHECK(open_ended.state() == campaign_state::running);
+  g.apply(open_ended.cancel("superseded by campaign 6", g.now, true));
+  CHECK(open_ended.state() == campaign_state::superseded);
 }
 
 TEST_CASE("campaign: restored from what the store kept, it goes on where it was", "[campaign]") {
@@ -455,4 +475,73 @@ TEST_CASE("campaign: restored from what the store kept, it goes on where it was"
   g.finish_all();
   CHECK(r.state() == campaign_state::completed);
   CHECK(r.count(campaign_device_status::verified) == 1000);
+}
+
+TEST_CASE("campaign: its kept form (records) reads back whole; only changed devices are written",
+          "[campaign]") {
+  auto spec = staged(90, 5, 20);
+  spec.name = "";  // an unnamed campaign reads back too
+  spec.retries = 1;
+  spec.rate.per_minute = 600;
+  spec.rate.ramp_factor = 2;
+  spec.rate.ramp_every = 50;
+  spec.rate.max_per_minute = 6000;
+  spec.timeout_ms = 30'000;
+  fw::campaign c(7, spec, fleet_ids(1000), 5);
+  std::vector<std::uint32_t> changed;
+  c.take_changed(changed);
+  CHECK(changed.size() == 1000);  // new: every device is written
+  c.take_changed(changed);
+  CHECK(changed.empty());
+  fleet f{c};
+  for (int i = 0; i < 15; ++i) f.tick(1000);  // 10 a second: wave 1 admitted
+  f.finish_all([](const std::string& id) { return id == "dev-3"; });
+  for (int i = 0; i < 5; ++i) f.tick(1000);  // wave 2 at a ramped rate, dev-3's retry
+  c.take_changed(changed);
+  CHECK_FALSE(changed.empty());
+  CHECK(changed.size() < 1000);
+  std::set<std::uint32_t> unique(changed.begin(), changed.end());
+  CHECK(unique.size() == changed.size());  // each once
+  REQUIRE(c.count(campaign_device_status::verified) > 0);
+  REQUIRE_FALSE(f.running.empty());
+
+  devgate::store::kept_campaign k;
+  k.campaign = fw::to_record(c, 42);
+  CHECK(k.campaign.id == 7);
+  CHECK(k.campaign.rollout == 42);
+  CHECK(k.campaign.version == "2.0");
+  CHECK_FALSE(k.campaign.ended);
+  for (std::uint32_t i = 0; i < c.devices().size(); ++i) {
+    k.devices.push_back(fw::to_device_record(c, i));
+  }
+  auto back = fw::revive(k, f.now);
+  const auto& r = *back.c;
+  CHECK(to_json(r, 42) == to_json(c, 42));  // state, counts per wave, counters, rate, spec
+  for (std::size_t i = 0; i < c.devices().size(); ++i) {
+    const auto& a = c.devices()[i];
+    const auto& b = r.devices()[i];
+    CHECK(to_json(a) == to_json(b));  // status, attempts, reason, history
+  }
+  std::vector<std::string> running = f.running;
+  std::sort(running.begin(), running.end());
+  auto readmit = back.readmit.admit;
+  std::sort(readmit.begin(), readmit.end());
+  CHECK(readmit == running);
+  // A default campaign (no name, no waves, continuous, no device yet) reads back too.
+  fw::campaign_spec all;
+  all.version = "3.0";
+  all.target.continuous = true;
+  fw::campaign open_ended(8, all, {}, 9);
+  devgate::store::kept_campaign e;
+  e.campaign = fw::to_record(open_ended, 43);
+  const auto again = fw::revive(e, 10);
+  CHECK(to_json(*again.c, 43) == to_json(open_ended, 43));
+  // A damaged record is refused with the campaign's id and the reason.
+  k.campaign.state = "{\"spec\": {}}";
+  try {
+    (void)fw::revive(k, f.now);
+    FAIL("revive accepted a damaged record");
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()).rfind("campaign 7 as the store kept it: ", 0) == 0);
+  }
 }

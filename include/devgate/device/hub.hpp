@@ -11,6 +11,7 @@
 #include <mutex>         // stats rate
 #include <optional>      // lookups
 #include <span>          // firmware bytes, batches
+#include <stdexcept>     // a campaign kept without its image
 #include <string>        // ids, topics
 #include <string_view>   // ids, topics
 #include <system_error>  // results
@@ -26,6 +27,7 @@
 #include "devgate/device/pubsub.hpp"
 #include "devgate/device/registry.hpp"
 #include "devgate/firmware/campaign.hpp"
+#include "devgate/firmware/campaign_record.hpp"
 #include "devgate/firmware/campaign_runner.hpp"
 #include "devgate/firmware/image.hpp"
 #include "devgate/firmware/rollout.hpp"
@@ -103,6 +105,11 @@ class hub {
                   options_.require_authentication, options_.ack),
         gateway_(transport, make_sink(std::move(sink)), pipeline_options_for_ack()) {
     bus_.set_channel(&gateway_.channel());
+    if constexpr (store::campaign_store<Store>) {
+      campaigns_.on_change(
+          [this](const firmware::campaign& c, std::uint32_t rollout,
+                 std::span<const std::uint32_t> changed) { keep_campaign(c, rollout, changed); });
+    }
   }
   hub(const hub&) = delete;
   hub& operator=(const hub&) = delete;
@@ -120,6 +127,7 @@ class hub {
     if (!started_) {
       started_ = true;
       if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
+      if constexpr (store::campaign_store<Store>) restore_campaigns();
     }
     session_hooks hooks;
     hooks.on_open = [this](const session_info& info) {
@@ -270,7 +278,8 @@ class hub {
   /// while thresholds hold. A campaign running is superseded. Returns the campaign's id.
   /// Throws firmware::campaign_spec_error when the target matches no device, and what
   /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
-  /// other nodes do not take part, and the campaign is not kept across a restart (yet).
+  /// other nodes do not take part. A store that keeps campaigns (`store::campaign_store`,
+  /// SQLite) keeps it with its image, and a restarted hub continues it where it was.
   /// `id`: one `reserve_campaign_id` handed out (0: the next).
   std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes,
                                std::uint64_t id = 0) {
@@ -481,6 +490,65 @@ class hub {
     std::lock_guard lock(rec->mutex);
     return t.matches(rec->attributes);
   }
+  // The campaign runner's news of a change (run lock held): the campaign and its changed
+  // devices go to the store thread; the first save of a campaign, or the one after a write the
+  // full queue refused, writes it whole with its image.
+  void keep_campaign(const firmware::campaign& c, std::uint32_t rollout,
+                     std::span<const std::uint32_t> changed) {
+    auto rec = firmware::to_record(c, rollout);
+    std::vector<store::campaign_device_record> rows;
+    const bool whole = kept_campaign_ != c.id();
+    if (whole) {
+      if (auto img = rollout_.current(); img && img->rollout() == rollout && !rec.ended) {
+        rec.image = img->bytes();
+      }
+      rows.reserve(c.devices().size());
+      for (std::uint32_t i = 0; i < c.devices().size(); ++i)
+        rows.push_back(firmware::to_device_record(c, i));
+    } else {
+      rows.reserve(changed.size());
+      for (const auto i : changed) rows.push_back(firmware::to_device_record(c, i));
+    }
+    kept_campaign_ = c.id();
+    if (!writer_.post("campaign " + std::to_string(c.id()),
+                      [rec = std::move(rec), rows = std::move(rows)](Store& s) {
+                        return s.save_campaign(rec, rows);
+                      })) {
+      kept_campaign_ = 0;  // counted by the writer; the next change writes it whole
+    }
+  }
+  // At start: the campaigns the store kept come back, the newest unfinished one running again
+  // over its gated rollout (restored before any device says hello).
+  void restore_campaigns() {
+    const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count();
+    for (auto& k : writer_.load_campaigns()) {
+      try {
+        auto revived = firmware::revive(k, now);
+        if (!is_over(revived.c->state())) {
+          if (k.campaign.image.empty()) throw std::runtime_error("no image kept");
+          rollout_.restore({k.campaign.rollout, k.campaign.version, std::move(k.campaign.image)},
+                           true);
+        }
+        const bool active = !is_over(revived.c->state());
+        kept_campaign_ = revived.c->id();
+        campaigns_.restore(std::move(revived.c), k.campaign.rollout, std::move(revived.readmit));
+        // A release to the whole fleet came after it (its news lost in a crash).
+        if (auto cur = rollout_.current(); active && cur && cur->rollout() != k.campaign.rollout) {
+          campaigns_.supersede("superseded by release " + std::to_string(cur->rollout()));
+        }
+      } catch (const std::exception&) {
+        if (options_.on_store_error) {
+          try {
+            options_.on_store_error("restore_campaign", "campaign " + std::to_string(k.campaign.id),
+                                    std::make_error_code(std::errc::bad_message));
+          } catch (...) {
+          }
+        }
+      }
+    }
+  }
   // A device said hello while a campaign's rollout had not admitted it: a continuous target
   // whose attributes it matches takes it in.
   void campaign_hello(const std::string& id) {
@@ -560,6 +628,7 @@ class hub {
   hub_options options_;
   bool started_ = false;
   Store store_;
+  std::uint64_t kept_campaign_ = 0;  // the campaign the store has whole (under the run lock)
   writer_type writer_;
   pubsub bus_;
   registry devices_;

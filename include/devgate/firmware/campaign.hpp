@@ -100,15 +100,16 @@ struct campaign_target {
   /// device must be listed and match).
   std::map<std::string, std::string> attributes;
   /// Devices first seen after the start that match join the last wave (AWS IoT Jobs'
-  /// `CONTINUOUS`); otherwise the devices are those known at the start (`SNAPSHOT`).
+  /// `CONTINUOUS`; such a campaign may start with no device, and runs until cancelled or
+  /// superseded); otherwise the devices are those known at the start (`SNAPSHOT`).
   bool continuous = false;
   /// Whether `attrs` (a range of name/value pairs) satisfies the attribute filter.
   template <class Attributes>
   [[nodiscard]] bool matches(const Attributes& attrs) const {
-    for (const auto& [k, v] : attributes) {
-      const auto it =
-          std::find_if(attrs.begin(), attrs.end(), [&](const auto& a) { return a.first == k; });
-      if (it == attrs.end() || it->second != v) return false;
+    for (const auto& want : attributes) {
+      const auto it = std::find_if(attrs.begin(), attrs.end(),
+                                   [&](const auto& a) { return a.first == want.first; });
+      if (it == attrs.end() || it->second != want.second) return false;
     }
     return true;
   }
@@ -464,7 +465,8 @@ struct campaign_actions {
 class campaign {
  public:
   /// A campaign numbered `id` for `spec` over `devices` (in wave order; duplicates dropped),
-  /// created at `now`. Throws campaign_spec_error for a spec with no device.
+  /// created at `now`. Throws campaign_spec_error for no device (unless its target is
+  /// continuous: devices may come later).
   campaign(std::uint64_t id, campaign_spec spec, const std::vector<std::string>& devices,
            campaign_ms now)
       : id_(id), spec_(std::move(spec)), created_at_(now) {
@@ -474,7 +476,13 @@ class campaign {
         devices_.push_back(make_device(d, 0));
       }
     }
-    if (devices_.empty()) throw campaign_spec_error("target: matches no device");
+    if (devices_.empty() && !spec_.target.continuous) {
+      throw campaign_spec_error("target: matches no device");
+    }
+    initial_ = devices_.size();
+    marked_.assign(devices_.size(), 1);  // a new campaign: every device is news to a store
+    changed_.resize(devices_.size());
+    for (std::uint32_t i = 0; i < changed_.size(); ++i) changed_[i] = i;
     split_waves();
     state_ = campaign_state::scheduled;
     rate_ = spec_.rate.per_minute;
@@ -520,6 +528,19 @@ class campaign {
       if (waves_[i].started) w = static_cast<int>(i);
     }
     return w;
+  }
+
+  /// How many devices it had when it was created (the waves were split over them; devices
+  /// added later by a continuous target join the last wave).
+  [[nodiscard]] std::size_t initial_devices() const noexcept { return initial_; }
+  /// How many devices were verified since the rate last ramped.
+  [[nodiscard]] std::size_t verified_since_ramp() const noexcept { return verified_since_ramp_; }
+  /// Moves the positions (in `devices()`) of the devices changed since the last call into
+  /// `out` (cleared first), each once: what a store must write again.
+  void take_changed(std::vector<std::uint32_t>& out) {
+    out.clear();
+    out.swap(changed_);
+    for (const auto i : out) marked_[i] = 0;
   }
 
   /// Time passes: the campaign starts at its start time, timed-out attempts end, and the rate
@@ -599,6 +620,7 @@ class campaign {
     const auto w = static_cast<std::uint32_t>(waves_.size() - 1);
     index_.emplace(id, static_cast<std::uint32_t>(devices_.size()));
     devices_.push_back(make_device(id, w));
+    marked_.push_back(0);
     auto& d = devices_.back();
     ++waves_[w].size;
     count_in(d);
@@ -666,6 +688,7 @@ class campaign {
       devices_.push_back(make_device(
           kept.id,
           std::min<std::uint32_t>(kept.wave, static_cast<std::uint32_t>(waves_.size() - 1))));
+      marked_.push_back(0);
       ++waves_[devices_.back().wave].size;
       count_in(devices_.back());
       it = index_.find(kept.id);
@@ -684,8 +707,11 @@ class campaign {
   /// again (those that were admitted when it stopped), and rebuilds the admission queue.
   campaign_actions restored(campaign_state state, std::string reason, std::size_t waves_started,
                             std::uint64_t admitted, std::uint64_t retried, std::uint64_t timeouts,
-                            double rate, campaign_ms now) {
+                            double rate, campaign_ms now, std::size_t verified_since_ramp = 0) {
     campaign_actions a;
+    verified_since_ramp_ = verified_since_ramp;
+    std::vector<std::uint32_t> kept;
+    take_changed(kept);  // the store has every device as it is now
     state_ = state;
     reason_ = std::move(reason);
     admitted_ = admitted;
@@ -742,7 +768,7 @@ class campaign {
             static_cast<std::size_t>(std::llround(static_cast<double>(total) * cum_percent / 100)),
             begin, total);
       }
-      if (sizes[w].count != 0) {
+      if (sizes[w].count != 0 && total != 0) {
         cum_percent = 100.0 * static_cast<double>(end) / static_cast<double>(total);
       }
       for (std::size_t i = begin; i < end; ++i) devices_[i].wave = static_cast<std::uint32_t>(w);
@@ -763,9 +789,15 @@ class campaign {
     --waves_[d.wave].counts[static_cast<std::size_t>(d.status)];
     --totals_[static_cast<std::size_t>(d.status)];
   }
-  static void note(campaign_device& d, campaign_ms now, std::string reason) {
+  // Every change of a device goes through here (its history grows): the store hears of it.
+  void note(campaign_device& d, campaign_ms now, std::string reason) {
     d.history.push_back({now, d.status, std::move(reason)});
     while (d.history.size() > campaign_limits::history) d.history.pop_front();
+    const auto i = static_cast<std::uint32_t>(&d - devices_.data());
+    if (marked_[i] == 0) {
+      marked_[i] = 1;
+      changed_.push_back(i);
+    }
   }
   void set(campaign_device& d, campaign_device_status to, std::string reason, campaign_ms now) {
     count_out(d);
@@ -861,8 +893,10 @@ class campaign {
     }
     finish_if_done(a);
   }
+  // A continuous campaign waits for the devices still to come: only a cancel (or a newer
+  // campaign) ends it.
   void finish_if_done(campaign_actions& a) {
-    if (is_over(state_) || state_ == campaign_state::paused) return;
+    if (is_over(state_) || state_ == campaign_state::paused || spec_.target.continuous) return;
     for (const auto& w : waves_) {
       if (!w.started || w.open() != 0) return;
     }
@@ -950,6 +984,9 @@ class campaign {
   std::uint64_t admitted_ = 0;
   std::uint64_t retried_ = 0;
   std::uint64_t timeouts_ = 0;
+  std::size_t initial_ = 0;
+  std::vector<std::uint8_t> marked_;    // per device: listed in changed_
+  std::vector<std::uint32_t> changed_;  // devices changed since take_changed
 };
 
 }  // namespace devgate::firmware

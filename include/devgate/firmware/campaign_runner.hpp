@@ -13,6 +13,7 @@
 #include <memory>      // campaigns
 #include <mutex>       // the run lock, the news queue
 #include <optional>    // lookups
+#include <span>        // changed devices
 #include <string>      // ids, reasons
 #include <utility>     // std::move
 #include <vector>      // news, ids
@@ -84,9 +85,11 @@ namespace devgate::firmware {
 template <class Engine>
 class campaign_runner {
  public:
-  /// Called under the run lock whenever the active campaign changed in a way a store keeps
-  /// (the store layer persists it; keep it short).
-  using change_hook = std::function<void(const campaign&, std::uint32_t rollout)>;
+  /// Called under the run lock whenever the active campaign changed in a way a store keeps,
+  /// with the positions of the devices that changed since the last call (the store layer
+  /// persists them; keep it short).
+  using change_hook = std::function<void(const campaign&, std::uint32_t rollout,
+                                         std::span<const std::uint32_t> changed)>;
 
   /// A runner over `engine` (referenced) that steps every `tick` and keeps the last `keep`
   /// ended campaigns for the operator API.
@@ -97,11 +100,17 @@ class campaign_runner {
   campaign_runner(const campaign_runner&) = delete;
   campaign_runner& operator=(const campaign_runner&) = delete;
   /// Stops the timer thread.
-  ~campaign_runner() { stop(); }
+  ~campaign_runner() { ticker_.stop(); }
 
-  /// Stops the timer thread (the owner calls it before the engine goes away); news queued
-  /// later is dropped at destruction.
-  void stop() { ticker_.stop(); }
+  /// Stops the timer thread (the owner calls it before the engine goes away), then takes in
+  /// the news queued so far, so that the store hears of it; news queued later is dropped.
+  void stop() {
+    ticker_.stop();
+    std::lock_guard lock(run_mutex_);
+    if (!active_) return;
+    drain(wall_ms());
+    after_step();
+  }
   /// Sets the hook told of each change the store keeps (before the first campaign).
   void on_change(change_hook hook) {
     std::lock_guard lock(run_mutex_);
@@ -157,6 +166,13 @@ class campaign_runner {
   void restore(std::unique_ptr<campaign> c, std::uint32_t rollout, campaign_actions readmit) {
     std::lock_guard lock(run_mutex_);
     next_id_ = std::max(next_id_, c->id() + 1);
+    if (active_ && !is_over(c->state())) {
+      // An older campaign the store still had running: the newer one superseded it.
+      const auto now = wall_ms();
+      execute(active_->cancel("superseded by campaign " + std::to_string(c->id()), now, true));
+      flush();
+      retire();
+    }
     if (is_over(c->state())) {
       ended_.push_back({std::move(c), rollout});
       while (ended_.size() > keep_) ended_.pop_front();
@@ -399,7 +415,12 @@ class campaign_runner {
   }
   // Tells the change hook, once per step, when the campaign changed (run lock held).
   void flush() {
-    if (dirty_ && on_change_ && active_) on_change_(*active_, active_rollout_);
+    if (active_) {
+      active_->take_changed(changed_);
+      if ((dirty_ || !changed_.empty()) && on_change_) {
+        on_change_(*active_, active_rollout_, changed_);
+      }
+    }
     dirty_ = false;
   }
   // After a step or a command: an ended campaign moves to the kept list.
@@ -422,7 +443,8 @@ class campaign_runner {
   std::deque<ended> ended_;
   std::uint64_t next_id_ = 1;
   change_hook on_change_;
-  bool dirty_ = false;  // the active campaign changed since the hook was last told
+  bool dirty_ = false;                  // the active campaign changed since the hook was last told
+  std::vector<std::uint32_t> changed_;  // its devices that did (reused)
   std::atomic<std::uint32_t> rollout_{0};  // the active campaign's rollout, for on_status
   std::mutex news_mutex_;
   std::vector<news> news_;

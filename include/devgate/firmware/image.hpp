@@ -8,6 +8,7 @@
 #include <stdexcept>  // set-up errors
 #include <string>     // versions
 #include <utility>    // std::move
+#include <vector>     // bytes()
 
 #include "devgate/core/bytes.hpp"
 #include "devgate/detail/crypto.hpp"
@@ -74,6 +75,19 @@ class image {
     const std::size_t i = offset / chunk_;
     const std::size_t len = std::min(chunk_, size_ - i * chunk_);
     return framed_.slice(i * (chunk_ + device::chunk_header_size), device::chunk_header_size + len);
+  }
+  /// The image's bytes, without the chunk headers (a copy: for a store that keeps it).
+  [[nodiscard]] std::vector<std::byte> bytes() const {
+    std::vector<std::byte> out(size_);
+    const auto* framed = framed_.data();
+    for (std::size_t i = 0; i < chunks_; ++i) {
+      const std::size_t off = i * chunk_;
+      const std::size_t len = std::min(chunk_, size_ - off);
+      std::memcpy(out.data() + off,
+                  framed + i * (chunk_ + device::chunk_header_size) + device::chunk_header_size,
+                  len);
+    }
+    return out;
   }
   /// Bytes held for this image (data plus chunk headers), whatever the fleet size.
   [[nodiscard]] std::size_t memory_bytes() const noexcept { return framed_.size(); }
