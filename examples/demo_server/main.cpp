@@ -332,6 +332,27 @@ class demo_store {
   devgate::store::rollout_load_result load_rollout() {
     return visit([&](auto& s) { return s.load_rollout(); });
   }
+  /// See store::campaign_store: SQLite keeps campaigns; Redis does not (yet): nothing kept.
+  std::error_code save_campaign(const devgate::store::campaign_record& c,
+                                const std::vector<devgate::store::campaign_device_record>& d) {
+    return visit([&](auto& s) -> std::error_code {
+      if constexpr (requires { s.save_campaign(c, d); }) {
+        return s.save_campaign(c, d);
+      } else {
+        return {};
+      }
+    });
+  }
+  /// See store::campaign_store.
+  devgate::store::campaign_load_result load_campaigns() {
+    return visit([&](auto& s) -> devgate::store::campaign_load_result {
+      if constexpr (requires { s.load_campaigns(); }) {
+        return s.load_campaigns();
+      } else {
+        return {};
+      }
+    });
+  }
   /// See store::transactional_store.
   std::error_code begin_batch() {
     return visit([&](auto& s) { return s.begin_batch(); });
@@ -540,15 +561,33 @@ class control_loop {
       return "firmware " + version + ": campaign " + std::to_string(id) + " started (" +
              std::to_string(image.size()) + " bytes)";
     }
+    std::string as;
     try {
-      rollout = hub_.publish_firmware(version, image);  // kept by the hub's store
+      if (hub_.state_store().shared()) {
+        // A cluster: a release every node rolls out (campaigns run on one node only).
+        rollout = hub_.publish_firmware(version, image);
+      } else {
+        // One node: UPDATE DEVICE is a default campaign for the whole fleet, those that
+        // connect later too (one wave, no rate, no threshold): the prototype's push to every
+        // device, with a campaign's records, and kept across a restart. The next release
+        // supersedes it.
+        devgate::firmware::campaign_spec spec;
+        spec.name = "release " + std::to_string(n);
+        spec.version = version;
+        spec.target.continuous = true;
+        spec.success_threshold = 0;
+        const auto id = hub_.start_campaign(std::move(spec), image);
+        rollout = hub_.current_image()->rollout();
+        as = " as campaign " + std::to_string(id);
+      }
     } catch (const std::exception& e) {  // a cluster's Redis away: nothing was published
       std::fprintf(stderr, "demo_server: firmware %s not published: %s\n", version.c_str(),
                    e.what());
       return {};
     }
     return "firmware " + version + " published (rollout " + std::to_string(rollout) + ", " +
-           std::to_string(image.size()) + " bytes, sha256 " + hub_.current_image()->sha256() + ")";
+           std::to_string(image.size()) + " bytes, sha256 " + hub_.current_image()->sha256() + ")" +
+           as;
   }
 
   demo_hub& hub_;
@@ -1196,7 +1235,11 @@ int main(int argc, char** argv) {
                  state_where.c_str(), kept.error.message().c_str());
     return 1;
   }
-  const std::uint64_t last_release = kept.rollout ? release_of(kept.rollout->version) : 0;
+  // Releases are numbered on from the last one kept: a release to the fleet, or a campaign's.
+  std::uint64_t last_release = kept.rollout ? release_of(kept.rollout->version) : 0;
+  for (const auto& k : loaded->load_campaigns().campaigns) {
+    last_release = std::max(last_release, release_of(k.campaign.version));
+  }
 
   route_context rc;
   rc.cfg = cfg;

@@ -9831,6 +9831,37 @@ struct rollout_load_result {
   std::error_code error;                  ///< Why the store could not answer (empty: it did).
 };
 
+/// A rollout campaign as a store keeps it (`campaign_store`). The store does not read the
+/// campaign's state: the firmware layer writes and reads it (`firmware::keep`, `revive`).
+struct campaign_record {
+  std::uint64_t id = 0;          ///< Campaign id (ids continue above it after a restart).
+  std::uint32_t rollout = 0;     ///< The rollout (gated) that carries its image.
+  std::string version;           ///< The version it rolls out.
+  std::string state;             ///< Its spec and own state (JSON text).
+  std::vector<std::byte> image;  ///< Its image, in its first save; empty after (kept as it is).
+  bool ended = false;            ///< It is over: the store may drop its image.
+};
+
+/// One device of a campaign as a store keeps it.
+struct campaign_device_record {
+  std::string device;          ///< The device's id.
+  std::uint32_t position = 0;  ///< Its place in the campaign's order (waves follow it).
+  std::string state;           ///< Its status, attempts and history (JSON text).
+};
+
+/// A campaign read back from a store, with its devices in order.
+struct kept_campaign {
+  campaign_record campaign;                     ///< The campaign (its image if not ended).
+  std::vector<campaign_device_record> devices;  ///< Its devices, by position.
+};
+
+/// What `load_campaigns` answers: the campaigns kept, oldest first, or why the store could not
+/// read them.
+struct campaign_load_result {
+  std::vector<kept_campaign> campaigns;  ///< The campaigns kept, by id.
+  std::error_code error;                 ///< Why the store could not answer (empty: it did).
+};
+
 /// What a store shared by several nodes made of a new rollout (`fleet_rollout_store`): the id
 /// the fleet gave it (0: this store does not share rollouts; the caller numbers and saves it
 /// itself), or why it could not (nothing was published).
@@ -9963,6 +9994,19 @@ concept fleet_delivery_store = requires(S& s, const std::string& id, std::string
   { s.route(id, data) } -> std::same_as<route_result>;
   { s.routed(id) } -> std::same_as<routed_messages>;
   { s.keep_routed(id, entries) } -> std::same_as<keep_routed_result>;
+};
+
+/// A store that keeps rollout campaigns across a restart (docs/ROLLOUTS.md):
+/// - `save_campaign(c, devices)`: keeps campaign `c` (inserting it, with its image, the first
+///   time; replacing its state after) and the changed `devices` rows, in one step; keeps only
+///   the newest campaigns (the store's bound) and drops an ended campaign's image.
+/// - `load_campaigns()`: the campaigns kept, oldest first, each with its devices by position.
+/// The hub calls `save_campaign` on its store thread, `load_campaigns` at start.
+template <class S>
+concept campaign_store = requires(S& s, const campaign_record& c,
+                                  const std::vector<campaign_device_record>& d) {
+  { s.save_campaign(c, d) } -> std::same_as<std::error_code>;
+  { s.load_campaigns() } -> std::same_as<campaign_load_result>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
@@ -10371,6 +10415,23 @@ class write_behind {
       } catch (...) {
         failed("load_rollout", {}, std::make_error_code(std::errc::io_error));
         return std::nullopt;
+      }
+    }
+  }
+
+  /// The campaigns the store keeps (`campaign_store`), read on the calling thread (none for a
+  /// store that keeps none, or when it fails: counted and reported).
+  [[nodiscard]] std::vector<kept_campaign> load_campaigns() {
+    if constexpr (!campaign_store<Store>) {
+      return {};
+    } else {
+      try {
+        auto r = store_.load_campaigns();
+        if (r.error) failed("load_campaigns", {}, r.error);
+        return std::move(r.campaigns);
+      } catch (...) {
+        failed("load_campaigns", {}, std::make_error_code(std::errc::io_error));
+        return {};
       }
     }
   }
@@ -11147,6 +11208,7 @@ inline constexpr std::size_t max_attribute_value = 128;
 #include <stdexcept>  // set-up errors
 #include <string>     // versions
 #include <utility>    // std::move
+#include <vector>     // bytes()
 
 
 namespace devgate::firmware {
@@ -11210,6 +11272,19 @@ class image {
     const std::size_t i = offset / chunk_;
     const std::size_t len = std::min(chunk_, size_ - i * chunk_);
     return framed_.slice(i * (chunk_ + device::chunk_header_size), device::chunk_header_size + len);
+  }
+  /// The image's bytes, without the chunk headers (a copy: for a store that keeps it).
+  [[nodiscard]] std::vector<std::byte> bytes() const {
+    std::vector<std::byte> out(size_);
+    const auto* framed = framed_.data();
+    for (std::size_t i = 0; i < chunks_; ++i) {
+      const std::size_t off = i * chunk_;
+      const std::size_t len = std::min(chunk_, size_ - off);
+      std::memcpy(out.data() + off,
+                  framed + i * (chunk_ + device::chunk_header_size) + device::chunk_header_size,
+                  len);
+    }
+    return out;
   }
   /// Bytes held for this image (data plus chunk headers), whatever the fleet size.
   [[nodiscard]] std::size_t memory_bytes() const noexcept { return framed_.size(); }
@@ -14604,6 +14679,7 @@ class protocol_dispatch {
 #include <mutex>         // stats rate
 #include <optional>      // lookups
 #include <span>          // firmware bytes, batches
+#include <stdexcept>     // a campaign kept without its image
 #include <string>        // ids, topics
 #include <string_view>   // ids, topics
 #include <system_error>  // results
@@ -14883,15 +14959,16 @@ struct campaign_target {
   /// device must be listed and match).
   std::map<std::string, std::string> attributes;
   /// Devices first seen after the start that match join the last wave (AWS IoT Jobs'
-  /// `CONTINUOUS`); otherwise the devices are those known at the start (`SNAPSHOT`).
+  /// `CONTINUOUS`; such a campaign may start with no device, and runs until cancelled or
+  /// superseded); otherwise the devices are those known at the start (`SNAPSHOT`).
   bool continuous = false;
   /// Whether `attrs` (a range of name/value pairs) satisfies the attribute filter.
   template <class Attributes>
   [[nodiscard]] bool matches(const Attributes& attrs) const {
-    for (const auto& [k, v] : attributes) {
-      const auto it =
-          std::find_if(attrs.begin(), attrs.end(), [&](const auto& a) { return a.first == k; });
-      if (it == attrs.end() || it->second != v) return false;
+    for (const auto& want : attributes) {
+      const auto it = std::find_if(attrs.begin(), attrs.end(),
+                                   [&](const auto& a) { return a.first == want.first; });
+      if (it == attrs.end() || it->second != want.second) return false;
     }
     return true;
   }
@@ -15247,7 +15324,8 @@ struct campaign_actions {
 class campaign {
  public:
   /// A campaign numbered `id` for `spec` over `devices` (in wave order; duplicates dropped),
-  /// created at `now`. Throws campaign_spec_error for a spec with no device.
+  /// created at `now`. Throws campaign_spec_error for no device (unless its target is
+  /// continuous: devices may come later).
   campaign(std::uint64_t id, campaign_spec spec, const std::vector<std::string>& devices,
            campaign_ms now)
       : id_(id), spec_(std::move(spec)), created_at_(now) {
@@ -15257,7 +15335,13 @@ class campaign {
         devices_.push_back(make_device(d, 0));
       }
     }
-    if (devices_.empty()) throw campaign_spec_error("target: matches no device");
+    if (devices_.empty() && !spec_.target.continuous) {
+      throw campaign_spec_error("target: matches no device");
+    }
+    initial_ = devices_.size();
+    marked_.assign(devices_.size(), 1);  // a new campaign: every device is news to a store
+    changed_.resize(devices_.size());
+    for (std::uint32_t i = 0; i < changed_.size(); ++i) changed_[i] = i;
     split_waves();
     state_ = campaign_state::scheduled;
     rate_ = spec_.rate.per_minute;
@@ -15303,6 +15387,19 @@ class campaign {
       if (waves_[i].started) w = static_cast<int>(i);
     }
     return w;
+  }
+
+  /// How many devices it had when it was created (the waves were split over them; devices
+  /// added later by a continuous target join the last wave).
+  [[nodiscard]] std::size_t initial_devices() const noexcept { return initial_; }
+  /// How many devices were verified since the rate last ramped.
+  [[nodiscard]] std::size_t verified_since_ramp() const noexcept { return verified_since_ramp_; }
+  /// Moves the positions (in `devices()`) of the devices changed since the last call into
+  /// `out` (cleared first), each once: what a store must write again.
+  void take_changed(std::vector<std::uint32_t>& out) {
+    out.clear();
+    out.swap(changed_);
+    for (const auto i : out) marked_[i] = 0;
   }
 
   /// Time passes: the campaign starts at its start time, timed-out attempts end, and the rate
@@ -15382,6 +15479,7 @@ class campaign {
     const auto w = static_cast<std::uint32_t>(waves_.size() - 1);
     index_.emplace(id, static_cast<std::uint32_t>(devices_.size()));
     devices_.push_back(make_device(id, w));
+    marked_.push_back(0);
     auto& d = devices_.back();
     ++waves_[w].size;
     count_in(d);
@@ -15449,6 +15547,7 @@ class campaign {
       devices_.push_back(make_device(
           kept.id,
           std::min<std::uint32_t>(kept.wave, static_cast<std::uint32_t>(waves_.size() - 1))));
+      marked_.push_back(0);
       ++waves_[devices_.back().wave].size;
       count_in(devices_.back());
       it = index_.find(kept.id);
@@ -15467,8 +15566,11 @@ class campaign {
   /// again (those that were admitted when it stopped), and rebuilds the admission queue.
   campaign_actions restored(campaign_state state, std::string reason, std::size_t waves_started,
                             std::uint64_t admitted, std::uint64_t retried, std::uint64_t timeouts,
-                            double rate, campaign_ms now) {
+                            double rate, campaign_ms now, std::size_t verified_since_ramp = 0) {
     campaign_actions a;
+    verified_since_ramp_ = verified_since_ramp;
+    std::vector<std::uint32_t> kept;
+    take_changed(kept);  // the store has every device as it is now
     state_ = state;
     reason_ = std::move(reason);
     admitted_ = admitted;
@@ -15525,7 +15627,7 @@ class campaign {
             static_cast<std::size_t>(std::llround(static_cast<double>(total) * cum_percent / 100)),
             begin, total);
       }
-      if (sizes[w].count != 0) {
+      if (sizes[w].count != 0 && total != 0) {
         cum_percent = 100.0 * static_cast<double>(end) / static_cast<double>(total);
       }
       for (std::size_t i = begin; i < end; ++i) devices_[i].wave = static_cast<std::uint32_t>(w);
@@ -15546,9 +15648,15 @@ class campaign {
     --waves_[d.wave].counts[static_cast<std::size_t>(d.status)];
     --totals_[static_cast<std::size_t>(d.status)];
   }
-  static void note(campaign_device& d, campaign_ms now, std::string reason) {
+  // Every change of a device goes through here (its history grows): the store hears of it.
+  void note(campaign_device& d, campaign_ms now, std::string reason) {
     d.history.push_back({now, d.status, std::move(reason)});
     while (d.history.size() > campaign_limits::history) d.history.pop_front();
+    const auto i = static_cast<std::uint32_t>(&d - devices_.data());
+    if (marked_[i] == 0) {
+      marked_[i] = 1;
+      changed_.push_back(i);
+    }
   }
   void set(campaign_device& d, campaign_device_status to, std::string reason, campaign_ms now) {
     count_out(d);
@@ -15644,8 +15752,10 @@ class campaign {
     }
     finish_if_done(a);
   }
+  // A continuous campaign waits for the devices still to come: only a cancel (or a newer
+  // campaign) ends it.
   void finish_if_done(campaign_actions& a) {
-    if (is_over(state_) || state_ == campaign_state::paused) return;
+    if (is_over(state_) || state_ == campaign_state::paused || spec_.target.continuous) return;
     for (const auto& w : waves_) {
       if (!w.started || w.open() != 0) return;
     }
@@ -15733,10 +15843,141 @@ class campaign {
   std::uint64_t admitted_ = 0;
   std::uint64_t retried_ = 0;
   std::uint64_t timeouts_ = 0;
+  std::size_t initial_ = 0;
+  std::vector<std::uint8_t> marked_;    // per device: listed in changed_
+  std::vector<std::uint32_t> changed_;  // devices changed since take_changed
 };
 
 }  // namespace devgate::firmware
 // ---- end devgate/firmware/campaign.hpp ----
+
+// ---- begin devgate/firmware/campaign_record.hpp ----
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>  // std::min
+#include <cstddef>    // std::size_t
+#include <cstdint>    // ids, positions
+#include <memory>     // the revived campaign
+#include <stdexcept>  // a kept form that does not read
+#include <string>     // JSON text
+#include <utility>    // std::move
+#include <vector>     // device ids
+
+
+namespace devgate::firmware {
+
+/// Campaign `c` (rolled out by `rollout`) as a store keeps it, without its image: the spec and
+/// the campaign's own state, as JSON text (read back by `revive`).
+[[nodiscard]] inline store::campaign_record to_record(const campaign& c, std::uint32_t rollout) {
+  store::campaign_record r;
+  r.id = c.id();
+  r.rollout = rollout;
+  r.version = c.spec().version;
+  r.ended = is_over(c.state());
+  r.state = nlohmann::json{{"spec", to_json(c.spec())},
+                           {"state", to_string(c.state())},
+                           {"reason", c.reason()},
+                           {"created_at", c.created_at()},
+                           {"initial", c.initial_devices()},
+                           {"waves_started", c.waves_started()},
+                           {"admitted", c.admitted()},
+                           {"retries", c.retries()},
+                           {"timeouts", c.timeouts()},
+                           {"rate", c.rate()},
+                           {"verified_since_ramp", c.verified_since_ramp()}}
+                .dump();
+  return r;
+}
+
+/// Device `position` of campaign `c` as a store keeps it: its wave, status, attempts, reason and
+/// history, as JSON text.
+[[nodiscard]] inline store::campaign_device_record to_device_record(const campaign& c,
+                                                                    std::uint32_t position) {
+  const auto& d = c.devices()[position];
+  nlohmann::json history = nlohmann::json::array();
+  for (const auto& h : d.history) {
+    history.push_back({h.at, static_cast<int>(h.status), h.reason});
+  }
+  return {d.id, position,
+          nlohmann::json{{"wave", d.wave},
+                         {"status", static_cast<int>(d.status)},
+                         {"attempts", d.attempts},
+                         {"started_at", d.started_at},
+                         {"reason", d.reason},
+                         {"history", history}}
+              .dump()};
+}
+
+/// A campaign read back from a store: the campaign, and the devices it had admitted (their
+/// transfers resume through the rollout engine).
+struct revived_campaign {
+  std::unique_ptr<campaign> c;  ///< The campaign as it was kept.
+  campaign_actions readmit;     ///< Devices to admit again (pending or transferring).
+};
+
+/// Reads back campaign `k` (kept by `to_record`) at `now`. Throws std::runtime_error naming the
+/// campaign when its kept form does not read (a store written by hand, or damaged).
+[[nodiscard]] inline revived_campaign revive(const store::kept_campaign& k, campaign_ms now) {
+  const auto bad = [&](const std::string& why) {
+    return std::runtime_error("campaign " + std::to_string(k.campaign.id) +
+                              " as the store kept it: " + why);
+  };
+  try {
+    const auto j = nlohmann::json::parse(k.campaign.state);
+    auto spec_json = j.at("spec");
+    // What to_json writes for defaults that the operator's form leaves out.
+    if (spec_json.value("name", "").empty()) spec_json.erase("name");
+    if (auto w = spec_json.find("waves"); w != spec_json.end() && w->empty()) spec_json.erase(w);
+    auto spec = parse_campaign_spec(spec_json);
+    spec.version = k.campaign.version;
+    const auto state = campaign_state_from_string(j.at("state").get<std::string>());
+    if (!state) throw bad("unknown state");
+    // The devices it had when created (the waves were split over them), then those added.
+    const auto initial = std::min(j.at("initial").get<std::size_t>(), k.devices.size());
+    std::vector<std::string> ids;
+    ids.reserve(initial);
+    for (std::size_t i = 0; i < initial; ++i) ids.push_back(k.devices[i].device);
+    auto c = std::make_unique<campaign>(k.campaign.id, std::move(spec), ids,
+                                        j.at("created_at").get<campaign_ms>());
+    for (const auto& row : k.devices) {
+      const auto d = nlohmann::json::parse(row.state);
+      campaign_device kept;
+      kept.id = row.device;
+      kept.wave = d.at("wave").get<std::uint32_t>();
+      const auto status = d.at("status").get<int>();
+      if (status < 0 || status >= static_cast<int>(campaign_device_statuses)) {
+        throw bad("device " + row.device + ": unknown status");
+      }
+      kept.status = static_cast<campaign_device_status>(status);
+      kept.attempts = d.at("attempts").get<std::uint32_t>();
+      kept.started_at = d.at("started_at").get<campaign_ms>();
+      kept.reason = d.at("reason").get<std::string>();
+      for (const auto& h : d.at("history")) {
+        const auto s = h.at(1).get<int>();
+        if (s < 0 || s >= static_cast<int>(campaign_device_statuses)) {
+          throw bad("device " + row.device + ": unknown status in its history");
+        }
+        kept.history.push_back({h.at(0).get<campaign_ms>(), static_cast<campaign_device_status>(s),
+                                h.at(2).get<std::string>()});
+      }
+      c->restore_device(kept);
+    }
+    auto readmit = c->restored(
+        *state, j.at("reason").get<std::string>(), j.at("waves_started").get<std::size_t>(),
+        j.at("admitted").get<std::uint64_t>(), j.at("retries").get<std::uint64_t>(),
+        j.at("timeouts").get<std::uint64_t>(), j.at("rate").get<double>(), now,
+        j.value("verified_since_ramp", std::size_t{0}));
+    return {std::move(c), std::move(readmit)};
+  } catch (const std::runtime_error&) {
+    throw;
+  } catch (const std::exception& e) {  // nlohmann::json's errors, campaign_spec_error
+    throw bad(e.what());
+  }
+}
+
+}  // namespace devgate::firmware
+// ---- end devgate/firmware/campaign_record.hpp ----
 
 // ---- begin devgate/firmware/campaign_runner.hpp ----
 
@@ -15753,6 +15994,7 @@ class campaign {
 #include <memory>      // campaigns
 #include <mutex>       // the run lock, the news queue
 #include <optional>    // lookups
+#include <span>        // changed devices
 #include <string>      // ids, reasons
 #include <utility>     // std::move
 #include <vector>      // news, ids
@@ -15821,9 +16063,11 @@ namespace devgate::firmware {
 template <class Engine>
 class campaign_runner {
  public:
-  /// Called under the run lock whenever the active campaign changed in a way a store keeps
-  /// (the store layer persists it; keep it short).
-  using change_hook = std::function<void(const campaign&, std::uint32_t rollout)>;
+  /// Called under the run lock whenever the active campaign changed in a way a store keeps,
+  /// with the positions of the devices that changed since the last call (the store layer
+  /// persists them; keep it short).
+  using change_hook = std::function<void(const campaign&, std::uint32_t rollout,
+                                         std::span<const std::uint32_t> changed)>;
 
   /// A runner over `engine` (referenced) that steps every `tick` and keeps the last `keep`
   /// ended campaigns for the operator API.
@@ -15834,11 +16078,17 @@ class campaign_runner {
   campaign_runner(const campaign_runner&) = delete;
   campaign_runner& operator=(const campaign_runner&) = delete;
   /// Stops the timer thread.
-  ~campaign_runner() { stop(); }
+  ~campaign_runner() { ticker_.stop(); }
 
-  /// Stops the timer thread (the owner calls it before the engine goes away); news queued
-  /// later is dropped at destruction.
-  void stop() { ticker_.stop(); }
+  /// Stops the timer thread (the owner calls it before the engine goes away), then takes in
+  /// the news queued so far, so that the store hears of it; news queued later is dropped.
+  void stop() {
+    ticker_.stop();
+    std::lock_guard lock(run_mutex_);
+    if (!active_) return;
+    drain(wall_ms());
+    after_step();
+  }
   /// Sets the hook told of each change the store keeps (before the first campaign).
   void on_change(change_hook hook) {
     std::lock_guard lock(run_mutex_);
@@ -15894,6 +16144,13 @@ class campaign_runner {
   void restore(std::unique_ptr<campaign> c, std::uint32_t rollout, campaign_actions readmit) {
     std::lock_guard lock(run_mutex_);
     next_id_ = std::max(next_id_, c->id() + 1);
+    if (active_ && !is_over(c->state())) {
+      // An older campaign the store still had running: the newer one superseded it.
+      const auto now = wall_ms();
+      execute(active_->cancel("superseded by campaign " + std::to_string(c->id()), now, true));
+      flush();
+      retire();
+    }
     if (is_over(c->state())) {
       ended_.push_back({std::move(c), rollout});
       while (ended_.size() > keep_) ended_.pop_front();
@@ -16136,7 +16393,12 @@ class campaign_runner {
   }
   // Tells the change hook, once per step, when the campaign changed (run lock held).
   void flush() {
-    if (dirty_ && on_change_ && active_) on_change_(*active_, active_rollout_);
+    if (active_) {
+      active_->take_changed(changed_);
+      if ((dirty_ || !changed_.empty()) && on_change_) {
+        on_change_(*active_, active_rollout_, changed_);
+      }
+    }
     dirty_ = false;
   }
   // After a step or a command: an ended campaign moves to the kept list.
@@ -16159,7 +16421,8 @@ class campaign_runner {
   std::deque<ended> ended_;
   std::uint64_t next_id_ = 1;
   change_hook on_change_;
-  bool dirty_ = false;  // the active campaign changed since the hook was last told
+  bool dirty_ = false;                  // the active campaign changed since the hook was last told
+  std::vector<std::uint32_t> changed_;  // its devices that did (reused)
   std::atomic<std::uint32_t> rollout_{0};  // the active campaign's rollout, for on_status
   std::mutex news_mutex_;
   std::vector<news> news_;
@@ -16233,6 +16496,11 @@ class hub {
                   options_.require_authentication, options_.ack),
         gateway_(transport, make_sink(std::move(sink)), pipeline_options_for_ack()) {
     bus_.set_channel(&gateway_.channel());
+    if constexpr (store::campaign_store<Store>) {
+      campaigns_.on_change(
+          [this](const firmware::campaign& c, std::uint32_t rollout,
+                 std::span<const std::uint32_t> changed) { keep_campaign(c, rollout, changed); });
+    }
   }
   hub(const hub&) = delete;
   hub& operator=(const hub&) = delete;
@@ -16250,6 +16518,7 @@ class hub {
     if (!started_) {
       started_ = true;
       if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
+      if constexpr (store::campaign_store<Store>) restore_campaigns();
     }
     session_hooks hooks;
     hooks.on_open = [this](const session_info& info) {
@@ -16400,7 +16669,8 @@ class hub {
   /// while thresholds hold. A campaign running is superseded. Returns the campaign's id.
   /// Throws firmware::campaign_spec_error when the target matches no device, and what
   /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
-  /// other nodes do not take part, and the campaign is not kept across a restart (yet).
+  /// other nodes do not take part. A store that keeps campaigns (`store::campaign_store`,
+  /// SQLite) keeps it with its image, and a restarted hub continues it where it was.
   /// `id`: one `reserve_campaign_id` handed out (0: the next).
   std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes,
                                std::uint64_t id = 0) {
@@ -16611,6 +16881,65 @@ class hub {
     std::lock_guard lock(rec->mutex);
     return t.matches(rec->attributes);
   }
+  // The campaign runner's news of a change (run lock held): the campaign and its changed
+  // devices go to the store thread; the first save of a campaign, or the one after a write the
+  // full queue refused, writes it whole with its image.
+  void keep_campaign(const firmware::campaign& c, std::uint32_t rollout,
+                     std::span<const std::uint32_t> changed) {
+    auto rec = firmware::to_record(c, rollout);
+    std::vector<store::campaign_device_record> rows;
+    const bool whole = kept_campaign_ != c.id();
+    if (whole) {
+      if (auto img = rollout_.current(); img && img->rollout() == rollout && !rec.ended) {
+        rec.image = img->bytes();
+      }
+      rows.reserve(c.devices().size());
+      for (std::uint32_t i = 0; i < c.devices().size(); ++i)
+        rows.push_back(firmware::to_device_record(c, i));
+    } else {
+      rows.reserve(changed.size());
+      for (const auto i : changed) rows.push_back(firmware::to_device_record(c, i));
+    }
+    kept_campaign_ = c.id();
+    if (!writer_.post("campaign " + std::to_string(c.id()),
+                      [rec = std::move(rec), rows = std::move(rows)](Store& s) {
+                        return s.save_campaign(rec, rows);
+                      })) {
+      kept_campaign_ = 0;  // counted by the writer; the next change writes it whole
+    }
+  }
+  // At start: the campaigns the store kept come back, the newest unfinished one running again
+  // over its gated rollout (restored before any device says hello).
+  void restore_campaigns() {
+    const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count();
+    for (auto& k : writer_.load_campaigns()) {
+      try {
+        auto revived = firmware::revive(k, now);
+        if (!is_over(revived.c->state())) {
+          if (k.campaign.image.empty()) throw std::runtime_error("no image kept");
+          rollout_.restore({k.campaign.rollout, k.campaign.version, std::move(k.campaign.image)},
+                           true);
+        }
+        const bool active = !is_over(revived.c->state());
+        kept_campaign_ = revived.c->id();
+        campaigns_.restore(std::move(revived.c), k.campaign.rollout, std::move(revived.readmit));
+        // A release to the whole fleet came after it (its news lost in a crash).
+        if (auto cur = rollout_.current(); active && cur && cur->rollout() != k.campaign.rollout) {
+          campaigns_.supersede("superseded by release " + std::to_string(cur->rollout()));
+        }
+      } catch (const std::exception&) {
+        if (options_.on_store_error) {
+          try {
+            options_.on_store_error("restore_campaign", "campaign " + std::to_string(k.campaign.id),
+                                    std::make_error_code(std::errc::bad_message));
+          } catch (...) {
+          }
+        }
+      }
+    }
+  }
   // A device said hello while a campaign's rollout had not admitted it: a continuous target
   // whose attributes it matches takes it in.
   void campaign_hello(const std::string& id) {
@@ -16690,6 +17019,7 @@ class hub {
   hub_options options_;
   bool started_ = false;
   Store store_;
+  std::uint64_t kept_campaign_ = 0;  // the campaign the store has whole (under the run lock)
   writer_type writer_;
   pubsub bus_;
   registry devices_;

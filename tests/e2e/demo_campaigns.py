@@ -275,6 +275,35 @@ async def scenario(port):
     for d in devices:
         d.task.cancel()
     await asyncio.gather(*(d.task for d in devices), return_exceptions=True)
+    st, j = await call("GET", "/api/campaigns")
+    return j["campaigns"]
+
+
+def start(server, port, state, token_file):
+    """Starts the demo on `state`; returns the process and the lines it printed."""
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--listen", "127.0.0.1", "--threads", "2",
+         "--firmware-size", "20000", "--state-dir", state, "--operator-token-file",
+         token_file], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            print("".join(lines))
+            sys.exit("demo_server exited before listening")
+        lines.append(line)
+        if "listening on" in line:
+            break
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main():
@@ -286,28 +315,31 @@ def main():
         with open(token_file, "w") as f:
             f.write(TOKEN + "\n")
         port = free_port()
-        proc = subprocess.Popen(
-            [args.server, "--port", str(port), "--listen", "127.0.0.1", "--threads", "2",
-             "--firmware-size", "20000", "--state-dir", state, "--operator-token-file",
-             token_file], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        while True:
-            line = proc.stdout.readline()
-            if not line:
-                print("".join(lines))
-                sys.exit("demo_server exited before listening")
-            lines.append(line)
-            if "listening on" in line:
-                break
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        proc, lines = start(args.server, port, state, token_file)
         try:
-            asyncio.run(asyncio.wait_for(scenario(port), 240))
+            before = asyncio.run(asyncio.wait_for(scenario(port), 240))
         finally:
-            proc.terminate()
+            stop(proc)
+        # The campaigns are kept in the state directory: a restarted server lists them as they
+        # ended, with their counts per wave and their devices' histories.
+        if not failures:
+            proc, lines = start(args.server, port, state, token_file)
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                st, j = api(port, "GET", "/api/campaigns")
+                after = j["campaigns"] if st == 200 else []
+
+                def brief(cs):
+                    return [(c["id"], c["state"], c["reason"], c["counts"],
+                             [w["counts"] for w in c["waves"]]) for c in cs]
+                check(brief(after) == brief(before),
+                      f"after a restart the campaigns are listed as they ended ({len(after)})")
+                first = before[-1]
+                st, j = api(port, "GET", f"/api/campaigns/{first['id']}/devices?status=verified")
+                check(st == 200 and j["total"] == first["counts"]["verified"] and
+                      j["devices"] and all(len(d["history"]) >= 3 for d in j["devices"]),
+                      f"with their devices' histories ({st} {j if st != 200 else j['total']})")
+            finally:
+                stop(proc)
         if failures:
             print("".join(lines[-60:]))
             print(f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures))
