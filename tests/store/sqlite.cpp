@@ -478,7 +478,7 @@ TEST_CASE(
   for (std::size_t i = 0; i < c.image.size(); ++i) c.image[i] = static_cast<std::byte>(i * 7);
   std::vector<store::campaign_device_record> devices;
   for (std::uint32_t i = 0; i < 100; ++i) {
-    devices.push_back({"d" + std::to_string(i), i, R"({"status":0})"});
+    devices.push_back({std::string("d") + std::to_string(i), i, R"({"status":0})"});
   }
   {
     store::sqlite_state_store s(o);
@@ -505,7 +505,7 @@ TEST_CASE(
     REQUIRE(k.devices.size() == 100);
     for (std::uint32_t i = 0; i < 100; ++i) {
       CHECK(k.devices[i].position == i);
-      CHECK(k.devices[i].device == "d" + std::to_string(i));
+      CHECK(k.devices[i].device == std::string("d") + std::to_string(i));
     }
     CHECK(k.devices[3].state == R"({"status":3})");
     CHECK(k.devices[99].state == "{}");
