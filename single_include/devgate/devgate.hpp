@@ -9822,6 +9822,7 @@ struct rollout_record {
   std::uint32_t rollout = 0;     ///< Rollout id (ids continue above it after a restart).
   std::string version;           ///< The version rolled out.
   std::vector<std::byte> image;  ///< The whole image.
+  bool gated = false;            ///< A campaign's: only the devices it admits take part.
 };
 
 /// What `load_rollout` answers: the rollout kept (none if there was none), or the error that
@@ -10007,6 +10008,50 @@ concept campaign_store = requires(S& s, const campaign_record& c,
                                   const std::vector<campaign_device_record>& d) {
   { s.save_campaign(c, d) } -> std::same_as<std::error_code>;
   { s.load_campaigns() } -> std::same_as<campaign_load_result>;
+};
+
+/// What one node of a fleet tells the others about the campaign running on a gated rollout
+/// (`fleet_campaign_store`): the node that runs the campaign admits and stops devices, the
+/// nodes that hold them report their progress and the hellos of devices it has not admitted.
+struct campaign_event {
+  /// What happened.
+  enum class kind : std::uint8_t {
+    admit,  ///< `ids` join the rollout (their campaign's turn came).
+    stop,   ///< `ids` leave it before their time, for `reason`.
+    news,   ///< device `ids[0]` moved to `status` (with `reason`) on the node that holds it.
+    seen,   ///< device `ids[0]`, not admitted, said hello with `attributes` (JSON object).
+  };
+  kind what = kind::admit;                         ///< What happened.
+  std::uint32_t rollout = 0;                       ///< The campaign's gated rollout.
+  std::vector<std::string> ids;                    ///< The devices concerned.
+  transfer_status status = transfer_status::none;  ///< `news`: the device's new status.
+  std::string reason;                              ///< `stop`, `news`: why.
+  std::string attributes;                          ///< `seen`: the device's attributes.
+  /// `admit`: a device whose part ended failed starts again (false when a node catches up
+  /// with the admitted set: an ended part stays so).
+  bool retry = true;
+};
+
+/// A store shared by several nodes that carries a campaign between them (docs/ROLLOUTS.md,
+/// "Across nodes"); every call returns at once (the store sends in the background) and may be
+/// made from any thread:
+/// - `campaign_admit(rollout, ids)` / `campaign_stop(rollout, id, reason)`: the node running
+///   the campaign admits or stops devices on every node (the admitted set is kept with the
+///   rollout, for nodes that start later);
+/// - `campaign_news(rollout, id, t)`: a node tells the others of a device's status change;
+/// - `campaign_seen(rollout, id, attributes)`: a node tells of a hello it did not admit;
+/// - `campaign_admitted(rollout)`: the devices admitted so far (blocks: at start only);
+/// - `fleet_devices()`: the devices the live nodes hold (blocks: for a campaign's target).
+template <class S>
+concept fleet_campaign_store = requires(S& s, std::uint32_t r, const std::string& id,
+                                        const std::vector<std::string>& ids,
+                                        const transfer_state& t) {
+  s.campaign_admit(r, ids);
+  s.campaign_stop(r, id, id);
+  s.campaign_news(r, id, t);
+  s.campaign_seen(r, id, id);
+  { s.campaign_admitted(r) } -> std::same_as<std::vector<std::string>>;
+  { s.fleet_devices() } -> std::same_as<std::vector<std::string>>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
@@ -12645,11 +12690,12 @@ class rollout_engine {
     // A store shared by several nodes numbers the rollout fleet-wide, keeps it and tells the
     // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
     // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
-    // A gated rollout (a campaign's) stays on this node and is not kept: its campaign is.
+    // A gated rollout (a campaign's) goes to the fleet marked so: the other nodes take part
+    // in it (the devices they hold join when the campaign admits them).
     if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
-      if (!gated) {
+      if (!gated || store_.shared()) {
         image::check(bytes);  // before the fleet hears of it
-        const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
+        const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}, gated});
         if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
         if (r.rollout != 0) {
           id = r.rollout;
@@ -12671,8 +12717,9 @@ class rollout_engine {
   }
   /// Makes rollout `r`, published by another node of the fleet (a store shared by several
   /// nodes hands it over), the current one here, as `publish` would have: every known device
-  /// joins it, `announce` runs, devices online start while slots last. Nothing (false) when
-  /// the rollout is not newer than the current one.
+  /// joins it, `announce` runs, devices online start while slots last (a gated one, a
+  /// campaign's, takes only the devices admitted). Nothing (false) when the rollout is not
+  /// newer than the current one.
   template <class Announce>
   bool adopt(const store::rollout_record& r, Announce&& announce) {
     std::lock_guard publishing(publish_mutex_);
@@ -12680,7 +12727,7 @@ class rollout_engine {
     auto img = std::make_shared<const image>(
         r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
     raise_next(r.rollout);
-    begin_locked(std::move(img), std::forward<Announce>(announce), false);
+    begin_locked(std::move(img), std::forward<Announce>(announce), r.gated);
     return true;
   }
   /// Writes every held device's part in the current rollout to the store again: after the
@@ -12751,10 +12798,11 @@ class rollout_engine {
 
   /// Admits device `id` into the current gated rollout (its campaign's turn came): it joins
   /// (skipped if it runs the version) and starts when a slot is free, now if it is online, else
-  /// at its next hello. A device whose part in the rollout ended failed starts again (from its
-  /// acknowledged offset after a timeout, from byte 0 otherwise). False when the current
-  /// rollout is not `rollout` or is not gated.
-  bool admit(const std::string& id, std::uint32_t rollout) {
+  /// at its next hello. With `retry`, a device whose part in the rollout ended failed starts
+  /// again (from its acknowledged offset after a timeout, from byte 0 otherwise); without, an
+  /// ended part stays so (a node catching up with the fleet's admitted set). False when the
+  /// current rollout is not `rollout` or is not gated.
+  bool admit(const std::string& id, std::uint32_t rollout, bool retry = true) {
     auto [img, counts] = current_rollout();
     auto g = gate();
     if (!img || img->rollout() != rollout || !g || g->rollout != rollout) return false;
@@ -12769,7 +12817,7 @@ class rollout_engine {
     {
       std::lock_guard lock(rec->mutex);
       auto& tr = rec->transfer;
-      if (tr.image == img && tr.status == store::transfer_status::failed) {
+      if (retry && tr.image == img && tr.status == store::transfer_status::failed) {
         if (tr.reason != "timed_out") {
           counts->add_acked(-static_cast<std::int64_t>(tr.acked));
           tr.acked = 0;
@@ -13133,6 +13181,11 @@ class rollout_engine {
   }
   /// The options in force.
   [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
+  /// The current rollout's id when it is gated (a campaign's), else 0.
+  [[nodiscard]] std::uint32_t gated() const {
+    auto g = gate();
+    return g ? g->rollout : 0;
+  }
 
  private:
   // A gated rollout's admitted devices.
@@ -14674,6 +14727,7 @@ class protocol_dispatch {
 #include <chrono>        // stats rate
 #include <cstddef>       // std::size_t, std::byte
 #include <cstdint>       // sequence numbers, rollout ids
+#include <iterator>      // the fleet's devices moved in
 #include <limits>        // the routed answer
 #include <memory>        // images
 #include <mutex>         // stats rate
@@ -16234,6 +16288,10 @@ class campaign_runner {
     after_step();
   }
 
+  /// The active campaign's rollout (0: none); any thread, no lock.
+  [[nodiscard]] std::uint32_t active_rollout() const noexcept {
+    return rollout_.load(std::memory_order_acquire);
+  }
   /// The active campaign's id (std::nullopt: none).
   [[nodiscard]] std::optional<std::uint64_t> active() const {
     std::lock_guard lock(run_mutex_);
@@ -16460,6 +16518,7 @@ class hub {
                 "forget; errors as "
                 "values)");
   using writer_type = store::write_behind<Store>;
+  struct campaign_engine;  // what the campaign runner drives (below)
 
  public:
   /// The gateway the hub is built on: its transport feeding a pipeline of the hub's sink.
@@ -16489,6 +16548,7 @@ class hub {
              options_.leased_transfer_slots, options_.on_slot_demand,
              [this](const std::string& id, const store::transfer_state& t) {
                campaigns_.on_status(id, t);
+               fleet_news(id, t);
              },
              [this](const std::string& id) { campaign_hello(id); }}),
         dispatch_(transport, gateway_, devices_, delivery_, rollout_, bus_, writer_,
@@ -16517,7 +16577,17 @@ class hub {
     // A durable store's rollout resumes before any device can say hello.
     if (!started_) {
       started_ = true;
-      if (auto kept = writer_.load_rollout()) rollout_.restore(*kept);
+      if (auto kept = writer_.load_rollout()) {
+        rollout_.restore(*kept, kept->gated);
+        // A campaign of the fleet: the devices it admitted so far may join here.
+        if constexpr (store::fleet_campaign_store<Store>) {
+          if (kept->gated && writer_.shared()) {
+            for (const auto& id : store_.campaign_admitted(kept->rollout)) {
+              (void)rollout_.admit(id, kept->rollout, false);
+            }
+          }
+        }
+      }
       if constexpr (store::campaign_store<Store>) restore_campaigns();
     }
     session_hooks hooks;
@@ -16619,12 +16689,58 @@ class hub {
   /// Makes rollout `r`, published by another node of the fleet, current here (as
   /// `publish_firmware` would have, without keeping it again): hand it the rollouts that
   /// `redis::state_store::on_rollout` reports. False when it is not newer than the current one.
+  /// A gated rollout (a campaign run by another node) is not announced: its devices join as
+  /// that node admits them (`take_campaign_event`).
   bool adopt_firmware(const store::rollout_record& r) {
-    if (!rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); })) {
-      return false;
-    }
-    campaigns_.supersede("superseded by release " + std::to_string(r.rollout) + " of the fleet");
+    const bool adopted =
+        r.gated ? rollout_.adopt(r, [](const firmware::image&) {})
+                : rollout_.adopt(r, [this](const firmware::image& img) { announce_firmware(img); });
+    if (!adopted) return false;
+    campaigns_.supersede(r.gated ? "superseded by the campaign of rollout " +
+                                       std::to_string(r.rollout) + " on another node"
+                                 : "superseded by release " + std::to_string(r.rollout) +
+                                       " of the fleet");
     return true;
+  }
+  /// Takes what another node said of the campaign on the fleet's gated rollout (hand it what
+  /// `redis::state_store::on_campaign` reports; any thread): admissions and stops from the node
+  /// running it reach the devices this node holds; progress and hellos of the devices other
+  /// nodes hold reach the campaign when it runs here.
+  void take_campaign_event(const store::campaign_event& e) {
+    using kind = store::campaign_event::kind;
+    for (const auto& id : e.ids) {
+      if (!is_valid_device_id(id)) return;
+    }
+    switch (e.what) {
+      case kind::admit:
+        for (const auto& id : e.ids) (void)rollout_.admit(id, e.rollout, e.retry);
+        break;
+      case kind::stop:
+        rollout_.stop(e.ids.front(), e.rollout, e.reason);
+        break;
+      case kind::news: {
+        store::transfer_state t;
+        t.rollout = e.rollout;
+        t.status = e.status;
+        t.reason = e.reason;
+        campaigns_.on_status(e.ids.front(), t);
+        break;
+      }
+      case kind::seen: {
+        if (campaigns_.active_rollout() != e.rollout) return;
+        std::vector<std::pair<std::string, std::string>> attrs;
+        const auto j = nlohmann::json::parse(e.attributes, nullptr, false);
+        if (j.is_object()) {
+          for (auto it = j.begin(); it != j.end(); ++it) {
+            if (it->is_string()) attrs.emplace_back(it.key(), it->get_ref<const std::string&>());
+          }
+        }
+        (void)campaigns_.seen(e.ids.front(), [&](const firmware::campaign_target& t) {
+          return t.ids.empty() && (t.attributes.empty() || t.matches(attrs));
+        });
+        break;
+      }
+    }
   }
   /// Takes the messages other nodes routed to device `id`, which this node holds (on the store
   /// thread): hand it what `redis::state_store::on_routed` reports. Any thread.
@@ -16668,9 +16784,14 @@ class hub {
   /// by id, whose attributes match), split into waves and admitted wave by wave at the rate,
   /// while thresholds hold. A campaign running is superseded. Returns the campaign's id.
   /// Throws firmware::campaign_spec_error when the target matches no device, and what
-  /// `publish_firmware` throws for a bad image. Campaigns run on this node: a shared store's
-  /// other nodes do not take part. A store that keeps campaigns (`store::campaign_store`,
-  /// SQLite) keeps it with its image, and a restarted hub continues it where it was.
+  /// `publish_firmware` throws for a bad image. A store that keeps campaigns
+  /// (`store::campaign_store`, SQLite) keeps it with its image, and a restarted hub continues
+  /// it where it was. On a store that carries campaigns between nodes
+  /// (`store::fleet_campaign_store`, Redis) the campaign runs on this node for the whole
+  /// fleet: a target without ids or attributes takes the devices every live node holds, the
+  /// other nodes transfer to theirs as this one admits them and report back (a target by
+  /// attributes matches the devices this node holds, and with `continuous` any node's at
+  /// hello). It calls the store: not from a network thread.
   /// `id`: one `reserve_campaign_id` handed out (0: the next).
   std::uint64_t start_campaign(firmware::campaign_spec spec, std::span<const std::byte> bytes,
                                std::uint64_t id = 0) {
@@ -16706,8 +16827,7 @@ class hub {
     return campaigns_.cancel(id, std::move(reason));
   }
   /// The campaigns: the active one and the last ended ones (describe, devices, each).
-  [[nodiscard]] const firmware::campaign_runner<firmware::rollout_engine<Transport, writer_type>>&
-  campaigns() const noexcept {
+  [[nodiscard]] const firmware::campaign_runner<campaign_engine>& campaigns() const noexcept {
     return campaigns_;
   }
   /// Sets device `id`'s attributes (as its hello would), for campaigns that target them.
@@ -16860,7 +16980,7 @@ class hub {
 
  private:
   // The devices of a campaign with target `t`, in wave order (see start_campaign).
-  std::vector<std::string> campaign_targets(const firmware::campaign_target& t) const {
+  std::vector<std::string> campaign_targets(const firmware::campaign_target& t) {
     std::vector<std::string> ids;
     if (!t.ids.empty()) {
       for (const auto& id : t.ids) {
@@ -16871,8 +16991,45 @@ class hub {
     for (const auto& rec : devices_.snapshot()) {
       if (attributes_match(rec, t)) ids.push_back(rec->id);
     }
+    if constexpr (store::fleet_campaign_store<Store>) {
+      if (t.attributes.empty() && writer_.shared()) {
+        auto fleet = store_.fleet_devices();
+        ids.insert(ids.end(), std::make_move_iterator(fleet.begin()),
+                   std::make_move_iterator(fleet.end()));
+      }
+    }
     std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
     return ids;
+  }
+  // What the campaign runner drives: this node's rollout engine and, on a store that carries
+  // campaigns between nodes, every other node's (admissions and stops go to the fleet).
+  struct campaign_engine {
+    hub* h;
+    bool admit(const std::string& id, std::uint32_t rollout) {
+      const bool ok = h->rollout_.admit(id, rollout);
+      if constexpr (store::fleet_campaign_store<Store>) {
+        if (ok && h->writer_.shared()) h->store_.campaign_admit(rollout, {id});
+      }
+      return ok;
+    }
+    void stop(const std::string& id, std::uint32_t rollout, const std::string& reason) {
+      h->rollout_.stop(id, rollout, reason);
+      if constexpr (store::fleet_campaign_store<Store>) {
+        if (h->writer_.shared()) h->store_.campaign_stop(rollout, id, reason);
+      }
+    }
+  };
+  // A device's part in the fleet's gated rollout changed here: the node running its campaign
+  // hears of it (a store that carries campaigns between nodes; this node's own campaign heard
+  // it already).
+  void fleet_news(const std::string& id, const store::transfer_state& t) {
+    if constexpr (store::fleet_campaign_store<Store>) {
+      if (t.rollout != 0 && campaigns_.active_rollout() != t.rollout && writer_.shared() &&
+          rollout_.gated() == t.rollout) {
+        store_.campaign_news(t.rollout, id, t);
+      }
+    }
   }
   static bool attributes_match(const registry::record_ptr& rec,
                                const firmware::campaign_target& t) {
@@ -16942,10 +17099,23 @@ class hub {
   }
   // A device said hello while a campaign's rollout had not admitted it: a continuous target
   // whose attributes it matches takes it in.
+  // On a store that carries campaigns between nodes, the node running it hears of the hello.
   void campaign_hello(const std::string& id) {
-    (void)campaigns_.seen(id, [&](const firmware::campaign_target& t) {
-      return t.ids.empty() && attributes_match(devices_.find(id), t);
-    });
+    if (campaigns_.seen(id, [&](const firmware::campaign_target& t) {
+          return t.ids.empty() && attributes_match(devices_.find(id), t);
+        })) {
+      return;
+    }
+    if constexpr (store::fleet_campaign_store<Store>) {
+      const auto gated = rollout_.gated();
+      if (gated == 0 || campaigns_.active_rollout() == gated || !writer_.shared()) return;
+      nlohmann::json attrs = nlohmann::json::object();
+      if (auto rec = devices_.find(id)) {
+        std::lock_guard lock(rec->mutex);
+        for (const auto& [k, v] : rec->attributes) attrs[k] = v;
+      }
+      store_.campaign_seen(gated, id, attrs.dump());
+    }
   }
   // Tells the fleet topic of this node that rollout `img` is available.
   void announce_firmware(const firmware::image& img) {
@@ -17025,7 +17195,8 @@ class hub {
   registry devices_;
   delivery<Transport> delivery_;
   // Before the rollout engine, whose threads report to it until they stop.
-  firmware::campaign_runner<firmware::rollout_engine<Transport, writer_type>> campaigns_{rollout_};
+  campaign_engine campaign_engine_{this};
+  firmware::campaign_runner<campaign_engine> campaigns_{campaign_engine_};
   firmware::rollout_engine<Transport, writer_type> rollout_;
   protocol_dispatch<Transport, writer_type, gateway_type> dispatch_;
   std::mutex rate_mutex_;

@@ -1,7 +1,8 @@
 // Several device hubs ("nodes") sharing one real redis-server through redis::state_store: device
 // ownership with fencing, takeover across nodes, replay that follows a device, dead nodes'
 // devices released, the epoch that tells a device its history was lost, and fleet-wide rollouts
-// (one id and image for every node, a transfer cap leased across nodes, totals kept in Redis).
+// (one id and image for every node, a transfer cap leased across nodes, totals kept in Redis)
+// and rollout campaigns run by one node over the devices of all of them.
 #include "devgate/redis/state_store.hpp"
 
 #include <algorithm>
@@ -63,6 +64,8 @@ struct node {
         hub(transport, devgate::null_sink{}, hub_options(fleet_cap), store) {
     if (fleet_cap != 0) {
       store.on_rollout([this](const devgate::store::rollout_record& r) { hub.adopt_firmware(r); });
+      store.on_campaign(
+          [this](const devgate::store::campaign_event& e) { hub.take_campaign_event(e); });
       store.on_reconnect([this] { hub.rewrite_transfers(); });
       store.lease_transfer_slots(
           fleet_cap, [this] { return hub.slots().usage(); },
@@ -529,6 +532,7 @@ struct fw_device {
   std::uint64_t got = 0;
   bool receiving = false;        // between the `firmware` start and the result (or a lost session)
   bool verified = false;         // the server said so (fw_status)
+  bool corrupt = false;          // reports a wrong SHA-256 (a device whose update fails)
   unsigned starts = 0;           // `firmware` start messages received
   std::uint64_t resumed_at = 0;  // the highest offset a start message resumed from
 
@@ -582,12 +586,24 @@ struct fw_device {
   }
   // Reports the SHA-256 of the whole image.
   void result() {
-    const auto sha = devgate::detail::hex_encode(devgate::detail::sha256(image));
+    const auto sha = corrupt ? std::string(64, '0')
+                             : devgate::detail::hex_encode(devgate::detail::sha256(image));
     (void)s->push(
         json{{"type", "fw_result"}, {"rollout", rollout}, {"ok", true}, {"sha256", sha}}.dump());
     receiving = false;
   }
 };
+
+// Steps every device until `done` holds (or 20 s pass).
+template <class Done>
+bool run_until(std::vector<fw_device>& devs, Done&& done) {
+  return eventually(
+      [&] {
+        for (auto& d : devs) d.step();
+        return done();
+      },
+      20s);
+}
 
 // The slots leased in Redis, summed over the nodes.
 long long leased(redis::connection& c) {
@@ -864,4 +880,131 @@ TEST_CASE(
     REQUIRE(eventually([&] { return d.welcomes.size() == 1 || (d.poll(), false); }, 5s));
     CHECK(first.close_status() == std::optional(dev::close_replaced));
   }
+}
+
+TEST_CASE(
+    "redis state store: a campaign started on node A runs over the devices of three nodes: "
+    "waves of 10/40/50%, 10% of wave 2 failing pauses it with wave 3 untouched on every node, "
+    "fixed and resumed it completes",
+    "[redis][cluster][campaign]") {
+  redis_server server;
+  loop l;
+  node a(l, server.url(), "a", 10s, 8), b(l, server.url(), "b", 10s, 8),
+      c(l, server.url(), "c", 10s, 8);
+  std::vector<fw_device> devs(150);
+  auto home = [&](std::size_t i) -> node& { return i % 3 == 0 ? a : (i % 3 == 1 ? b : c); };
+  for (std::size_t i = 0; i < devs.size(); ++i) {
+    devs[i].id = "cp-" + std::string(i < 10 ? "00" : (i < 100 ? "0" : "")) + std::to_string(i);
+    devs[i].connect(home(i));
+  }
+  REQUIRE(eventually([&] {
+    return a.hub.stats().connected + b.hub.stats().connected + c.hub.stats().connected ==
+           devs.size();
+  }));
+  a.settle();
+  b.settle();
+  c.settle();
+  // 10% of wave 2 (positions 15 to 74, in id order) fail verification, on every node.
+  for (std::size_t i = 20; i < 75; i += 10) devs[i].corrupt = true;
+  std::vector<std::byte> img(20'000);
+  for (std::size_t i = 0; i < img.size(); ++i) img[i] = static_cast<std::byte>(i * 7 + 3);
+  auto spec = devgate::firmware::parse_campaign_spec(json::parse(R"({
+      "name": "fleet", "waves": [{"percent": 10}, {"percent": 40}, {"percent": 50}],
+      "success_threshold": 90, "error_threshold": {"percent": 5, "min_executed": 20}})"));
+  spec.version = "2.0";
+  const auto id = a.hub.start_campaign(spec, img);
+  auto describe = [&] { return *a.hub.campaigns().describe(id); };
+  CHECK(describe()["devices"] == devs.size());  // every node's devices, not only A's
+
+  REQUIRE(run_until(devs, [&] { return describe()["state"] == "paused"; }));
+  REQUIRE(run_until(devs, [&] {
+    const auto w = describe()["waves"][1]["counts"];
+    return w["pending"] == 0 && w["transferring"] == 0;
+  }));
+  auto d = describe();
+  INFO(d.dump());
+  CHECK(d["reason"].get<std::string>().rfind("wave 2:", 0) == 0);
+  CHECK(d["waves"][0]["counts"]["verified"] == 15);
+  CHECK(d["waves"][2]["started"] == false);
+  CHECK(d["counts"]["failed"].get<int>() > 0);
+  // The verified devices of waves 1 and 2 are on all three nodes; wave 3 got nothing.
+  std::size_t on_b = 0, on_c = 0;
+  for (std::size_t i = 0; i < 75; ++i) {
+    if (devs[i].verified && i % 3 == 1) ++on_b;
+    if (devs[i].verified && i % 3 == 2) ++on_c;
+  }
+  CHECK(on_b > 15);
+  CHECK(on_c > 15);
+  for (std::size_t i = 75; i < devs.size(); ++i) CHECK(devs[i].starts == 0);
+
+  for (auto& dv : devs) dv.corrupt = false;
+  REQUIRE(a.hub.resume_campaign(id));
+  REQUIRE(run_until(devs, [&] { return describe()["state"] == "completed"; }));
+  CHECK(describe()["counts"]["verified"] == devs.size());
+  REQUIRE(run_until(devs, [&] {
+    return std::all_of(devs.begin(), devs.end(), [](const fw_device& x) { return x.verified; });
+  }));
+  // Node B heard of it as the fleet's rollout (gated: a campaign's), and runs no campaign.
+  CHECK(b.hub.rollout().rollout == d["rollout"].get<std::uint32_t>());
+  CHECK_FALSE(b.hub.campaigns().active());
+}
+
+TEST_CASE(
+    "redis state store: the node running a campaign restarts with the same node id and "
+    "continues it where it was, over both nodes' devices",
+    "[redis][cluster][campaign]") {
+  redis_server server;
+  loop l;
+  std::optional<node> a;
+  a.emplace(l, server.url(), "a", 10s, 8);
+  node b(l, server.url(), "b", 10s, 8);
+  std::vector<fw_device> devs(60);
+  auto home = [&](std::size_t i) -> node& { return i % 2 == 0 ? *a : b; };
+  for (std::size_t i = 0; i < devs.size(); ++i) {
+    devs[i].id = "rs-" + std::string(i < 10 ? "0" : "") + std::to_string(i);
+    devs[i].connect(home(i));
+  }
+  REQUIRE(eventually([&] { return a->hub.stats().connected + b.hub.stats().connected == 60; }));
+  a->settle();
+  b.settle();
+  std::vector<std::byte> img(10'000);
+  for (std::size_t i = 0; i < img.size(); ++i) img[i] = static_cast<std::byte>(i * 5 + 1);
+  auto spec = devgate::firmware::parse_campaign_spec(
+      json::parse(R"({"name": "kept", "waves": [{"percent": 50}, {"percent": 50}],
+                      "success_threshold": 100})"));
+  spec.version = "2.0";
+  const auto id = a->hub.start_campaign(spec, img);
+  // Wave 1 (rs-00 to rs-29, on both nodes) completes; wave 2's devices are admitted but do not
+  // take their firmware yet.
+  std::vector<fw_device> wave1(std::make_move_iterator(devs.begin()),
+                               std::make_move_iterator(devs.begin() + 30));
+  devs.erase(devs.begin(), devs.begin() + 30);
+  REQUIRE(run_until(wave1, [&] {
+    return (*a->hub.campaigns().describe(id))["waves"][0]["counts"]["verified"] == 30;
+  }));
+  REQUIRE(eventually([&] { return (*a->hub.campaigns().describe(id))["current_wave"] == 1; }));
+  const auto rollout = (*a->hub.campaigns().describe(id))["rollout"].get<std::uint32_t>();
+
+  // Node a stops (its devices lose their sessions) and comes back under the same id.
+  a.reset();
+  for (std::size_t i = 0; i < devs.size(); i += 2) devs[i].drop();
+  for (std::size_t i = 0; i < wave1.size(); i += 2) wave1[i].drop();
+  a.emplace(l, server.url(), "a", 10s, 8);
+  const auto back = a->hub.campaigns().describe(id);
+  REQUIRE(back);
+  INFO(back->dump());
+  CHECK((*back)["state"] == "running");
+  CHECK((*back)["rollout"] == rollout);
+  CHECK((*back)["waves"][0]["counts"]["verified"] == 30);
+  for (std::size_t i = 0; i < devs.size(); i += 2) devs[i].connect(*a);
+  REQUIRE(
+      run_until(devs, [&] { return (*a->hub.campaigns().describe(id))["state"] == "completed"; }));
+  CHECK((*a->hub.campaigns().describe(id))["counts"]["verified"] == 60);
+  REQUIRE(run_until(devs, [&] {
+    return std::all_of(devs.begin(), devs.end(), [](const fw_device& x) { return x.verified; });
+  }));
+  // A device's history spans the restart.
+  const auto page = *a->hub.campaigns().devices(id, std::nullopt, 59, 1);
+  CHECK(page["devices"][0]["id"] == "rs-59");
+  CHECK(page["devices"][0]["history"].size() >= 3);  // queued, admitted, verified
 }

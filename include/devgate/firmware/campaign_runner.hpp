@@ -256,6 +256,10 @@ class campaign_runner {
     after_step();
   }
 
+  /// The active campaign's rollout (0: none); any thread, no lock.
+  [[nodiscard]] std::uint32_t active_rollout() const noexcept {
+    return rollout_.load(std::memory_order_acquire);
+  }
   /// The active campaign's id (std::nullopt: none).
   [[nodiscard]] std::optional<std::uint64_t> active() const {
     std::lock_guard lock(run_mutex_);

@@ -146,11 +146,12 @@ class rollout_engine {
     // A store shared by several nodes numbers the rollout fleet-wide, keeps it and tells the
     // other nodes (they `adopt` it); a refusal there is the caller's error, nothing started.
     // No lock is held meanwhile: an `adopt` arriving on the store's thread never waits for it.
-    // A gated rollout (a campaign's) stays on this node and is not kept: its campaign is.
+    // A gated rollout (a campaign's) goes to the fleet marked so: the other nodes take part
+    // in it (the devices they hold join when the campaign admits them).
     if constexpr (requires { store_.publish_rollout(store::rollout_record{}); }) {
-      if (!gated) {
+      if (!gated || store_.shared()) {
         image::check(bytes);  // before the fleet hears of it
-        const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}});
+        const auto r = store_.publish_rollout({id, version, {bytes.begin(), bytes.end()}, gated});
         if (r.error) throw std::system_error(r.error, "publish_firmware: the fleet's store");
         if (r.rollout != 0) {
           id = r.rollout;
@@ -172,8 +173,9 @@ class rollout_engine {
   }
   /// Makes rollout `r`, published by another node of the fleet (a store shared by several
   /// nodes hands it over), the current one here, as `publish` would have: every known device
-  /// joins it, `announce` runs, devices online start while slots last. Nothing (false) when
-  /// the rollout is not newer than the current one.
+  /// joins it, `announce` runs, devices online start while slots last (a gated one, a
+  /// campaign's, takes only the devices admitted). Nothing (false) when the rollout is not
+  /// newer than the current one.
   template <class Announce>
   bool adopt(const store::rollout_record& r, Announce&& announce) {
     std::lock_guard publishing(publish_mutex_);
@@ -181,7 +183,7 @@ class rollout_engine {
     auto img = std::make_shared<const image>(
         r.rollout, r.version, std::span<const std::byte>(r.image), options_.chunk_size);
     raise_next(r.rollout);
-    begin_locked(std::move(img), std::forward<Announce>(announce), false);
+    begin_locked(std::move(img), std::forward<Announce>(announce), r.gated);
     return true;
   }
   /// Writes every held device's part in the current rollout to the store again: after the
@@ -252,10 +254,11 @@ class rollout_engine {
 
   /// Admits device `id` into the current gated rollout (its campaign's turn came): it joins
   /// (skipped if it runs the version) and starts when a slot is free, now if it is online, else
-  /// at its next hello. A device whose part in the rollout ended failed starts again (from its
-  /// acknowledged offset after a timeout, from byte 0 otherwise). False when the current
-  /// rollout is not `rollout` or is not gated.
-  bool admit(const std::string& id, std::uint32_t rollout) {
+  /// at its next hello. With `retry`, a device whose part in the rollout ended failed starts
+  /// again (from its acknowledged offset after a timeout, from byte 0 otherwise); without, an
+  /// ended part stays so (a node catching up with the fleet's admitted set). False when the
+  /// current rollout is not `rollout` or is not gated.
+  bool admit(const std::string& id, std::uint32_t rollout, bool retry = true) {
     auto [img, counts] = current_rollout();
     auto g = gate();
     if (!img || img->rollout() != rollout || !g || g->rollout != rollout) return false;
@@ -270,7 +273,7 @@ class rollout_engine {
     {
       std::lock_guard lock(rec->mutex);
       auto& tr = rec->transfer;
-      if (tr.image == img && tr.status == store::transfer_status::failed) {
+      if (retry && tr.image == img && tr.status == store::transfer_status::failed) {
         if (tr.reason != "timed_out") {
           counts->add_acked(-static_cast<std::int64_t>(tr.acked));
           tr.acked = 0;
@@ -634,6 +637,11 @@ class rollout_engine {
   }
   /// The options in force.
   [[nodiscard]] const rollout_options& options() const noexcept { return options_; }
+  /// The current rollout's id when it is gated (a campaign's), else 0.
+  [[nodiscard]] std::uint32_t gated() const {
+    auto g = gate();
+    return g ? g->rollout : 0;
+  }
 
  private:
   // A gated rollout's admitted devices.

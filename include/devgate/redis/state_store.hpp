@@ -53,6 +53,8 @@ struct state_store_options {
   /// Messages that may wait in Redis for the node that holds a device to take them
   /// (`route`); one more is refused with `errc::routed_full`.
   std::size_t max_routed = 1000;
+  /// Campaigns this node keeps (`save_campaign`): the newest; older ones are deleted.
+  std::size_t max_campaigns = 16;
 };
 
 /// A device state store in Redis shared by several gateway nodes (a `store::durable_state_store`
@@ -74,6 +76,11 @@ struct state_store_options {
 /// to `on_routed`); the node numbers it and keeps it in the replay set while removing it from
 /// the list, in one fenced script, so it is delivered once whether the device stays or moves
 /// (a claim reports how many wait).
+///
+/// **Campaigns** (`store::fleet_campaign_store`, docs/ROLLOUTS.md "Across nodes"): a campaign's
+/// gated rollout is the fleet's, marked `gated`; the node running it admits and stops devices
+/// on every node (`<prefix>rollout:admitted` and the fleet channel) and hears the others'
+/// progress; it keeps the campaign under its node id (`store::campaign_store`).
 ///
 /// The **epoch** (`<prefix>epoch`, random, made by the first claim that finds none) changes only
 /// when Redis lost its data; each device record carries the epoch it was made in, and the hub
@@ -139,6 +146,47 @@ class state_store {
   void on_routed(routed_fn f) { core_->on_routed = std::move(f); }
   /// Sets the handler of rollouts published elsewhere (before `start`).
   void on_rollout(rollout_fn f) { core_->on_rollout = std::move(f); }
+  /// Called with what another node said of the campaign running on the fleet's gated rollout
+  /// (admissions and stops from the node running it; progress and hellos from the nodes that
+  /// hold its devices; and, after this node adopted the rollout or reconnected, the admitted
+  /// set, as `admit` without `retry`). This node's own words are not handed back. Runs on the
+  /// loop's thread; hand it to `hub::take_campaign_event`.
+  using campaign_fn = std::function<void(const store::campaign_event&)>;
+  /// Sets the campaign handler (before `start`).
+  void on_campaign(campaign_fn f) { core_->on_campaign = std::move(f); }
+
+  // ---- campaigns across nodes (store::fleet_campaign_store); none of these blocks but the
+  // last two, and any thread may call them -------------------------------------------------
+
+  /// Admits `ids` into gated rollout `rollout` on every node: adds them to its admitted set
+  /// (`<prefix>rollout:admitted`) and tells the fleet, in one script; nothing when `rollout`
+  /// is no longer the fleet's.
+  void campaign_admit(std::uint32_t rollout, const std::vector<std::string>& ids);
+  /// Stops device `id`'s part in gated rollout `rollout` on every node, for `reason` (it
+  /// leaves the admitted set).
+  void campaign_stop(std::uint32_t rollout, const std::string& id, const std::string& reason);
+  /// Tells the fleet (the node running the campaign) that device `id` moved to `t.status`.
+  void campaign_news(std::uint32_t rollout, const std::string& id, const store::transfer_state& t);
+  /// Tells the fleet that device `id`, not admitted, said hello with `attributes` (JSON).
+  void campaign_seen(std::uint32_t rollout, const std::string& id, const std::string& attributes);
+  /// The devices admitted into gated rollout `rollout` (none when it is not the fleet's); it
+  /// blocks: at start.
+  [[nodiscard]] std::vector<std::string> campaign_admitted(std::uint32_t rollout);
+  /// The devices the live nodes hold (the union of their device sets); it blocks: for a
+  /// campaign's target, off the network threads.
+  [[nodiscard]] std::vector<std::string> fleet_devices();
+
+  // ---- campaigns kept (store::campaign_store): the campaigns this node runs, under its node
+  // id, so that it continues them when it restarts with the same id ----------------------
+
+  /// Keeps campaign `c` and the device rows given, in one script: `<prefix>campaign:<node>:<id>`
+  /// (a hash: rollout, version, state, image until it ends), its devices in
+  /// `...:<id>:devices` (position -> id and state), its id in `<prefix>campaigns:<node>`; the
+  /// newest `max_campaigns` stay.
+  std::error_code save_campaign(const store::campaign_record& c,
+                                const std::vector<store::campaign_device_record>& devices);
+  /// The campaigns this node keeps, oldest first, each with its devices by position.
+  [[nodiscard]] store::campaign_load_result load_campaigns();
   /// Sets what runs (on the loop) when the commands connection is back after it dropped: the
   /// writes made meanwhile failed, so write again what must be current
   /// (`hub::rewrite_transfers`). Before `start`.
@@ -480,9 +528,64 @@ local kept = tonumber(redis.call('HGET', KEYS[1], 'id') or '0')
 if id <= kept then id = kept + 1 end
 if id < tonumber(ARGV[1]) then id = tonumber(ARGV[1]) end
 redis.call('SET', KEYS[2], id)
-redis.call('HSET', KEYS[1], 'id', id, 'version', ARGV[2], 'image', ARGV[3])
+redis.call('HSET', KEYS[1], 'id', id, 'version', ARGV[2], 'image', ARGV[3], 'gated', ARGV[5])
+redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', ARGV[4], 'rollout ' .. id)
 return id
+)lua";
+  // KEYS[1]: the rollout, KEYS[2]: its admitted set. ARGV: the rollout id, the fleet channel,
+  // this node, 'admit' or 'stop', then the ids (admit) or the id and the reason (stop). Only
+  // for the fleet's current rollout: a late word about an older one changes nothing.
+  static constexpr std::string_view campaign_script = R"lua(
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+if ARGV[4] == 'admit' then
+  local ids = {}
+  for i = 5, #ARGV do
+    redis.call('SADD', KEYS[2], ARGV[i])
+    ids[#ids + 1] = ARGV[i]
+  end
+  redis.call('PUBLISH', ARGV[2], 'admit ' .. ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. table.concat(ids, ' '))
+else
+  redis.call('SREM', KEYS[2], ARGV[5])
+  redis.call('PUBLISH', ARGV[2], 'stop ' .. ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6])
+end
+return 1
+)lua";
+  // KEYS[1]: the campaign, KEYS[2]: its devices, KEYS[3]: the node's campaigns. ARGV: id,
+  // rollout, version, state, ended, image ('' keeps the one kept), how many to keep, the
+  // campaigns' key prefix, then position and row pairs.
+  static constexpr std::string_view save_campaign_script = R"lua(
+redis.call('HSET', KEYS[1], 'rollout', ARGV[2], 'version', ARGV[3], 'state', ARGV[4],
+           'ended', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'image', ARGV[6]) end
+if ARGV[5] == '1' then redis.call('HDEL', KEYS[1], 'image') end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[1])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7])
+if over > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, over - 1)) do
+    redis.call('ZREM', KEYS[3], old)
+    redis.call('DEL', ARGV[8] .. old, ARGV[8] .. old .. ':devices')
+  end
+end
+return 1
+)lua";
+  // KEYS[1]: the rollout, KEYS[2]: its admitted set; ARGV[1]: the rollout id.
+  static constexpr std::string_view admitted_script = R"lua(
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return {} end
+return redis.call('SMEMBERS', KEYS[2])
+)lua";
+  // KEYS[1]: the nodes; ARGV[1]: the prefix. The devices of every live node.
+  static constexpr std::string_view fleet_devices_script = R"lua(
+local out = {}
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. 'node:' .. n .. ':alive') == 1 then
+    for _, d in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'node:' .. n .. ':devices')) do
+      out[#out + 1] = d
+    end
+  end
+end
+return out
 )lua";
   // KEYS[1]: the leases (node -> slots; fields from ':' are the script's own). ARGV: node, cap,
   // in use (this node's limit now: never granted below it), wanted, whether this node's
@@ -560,6 +663,7 @@ return out
           nodes_key(options.prefix + "nodes"),
           fleet_channel(options.prefix + "fleet"),
           rollout_key(options.prefix + "rollout"),
+          admitted_key(options.prefix + "rollout:admitted"),
           totals_key(options.prefix + "rollout:totals"),
           slots_key(options.prefix + "slots"),
           figures_key(options.prefix + "figures"),
@@ -711,8 +815,8 @@ return out
       }
       return seen < id;
     }
-    // A message on the fleet channel: "rollout <id>" (published by a node) or "slots" (a node
-    // gave slots back). On the loop.
+    // A message on the fleet channel: "rollout <id>" (published by a node), "slots" (a node
+    // gave slots back), or a campaign's word (`campaign_word`). On the loop.
     void heard(std::string_view body) {
       if (body == "slots") {
         lease_round();
@@ -720,7 +824,82 @@ return out
         std::uint32_t id = 0;
         const auto [p, e] = std::from_chars(body.data() + 8, body.data() + body.size(), id);
         if (e == std::errc{} && p == body.data() + body.size()) fetch_rollout(id);
+      } else if (on_campaign) {
+        campaign_word(body);
       }
+    }
+    // "<word> <rollout> <node> ...": "admit R N id...", "stop R N id reason", "news R N status
+    // id reason", "seen R N id attributes". Another node's words go to the campaign handler.
+    void campaign_word(std::string_view body) {
+      auto next = [&body]() {
+        const auto sp = body.find(' ');
+        const auto word = body.substr(0, sp);
+        body = sp == std::string_view::npos ? std::string_view{} : body.substr(sp + 1);
+        return word;
+      };
+      store::campaign_event e;
+      const auto word = next();
+      if (word == "admit") {
+        e.what = store::campaign_event::kind::admit;
+      } else if (word == "stop") {
+        e.what = store::campaign_event::kind::stop;
+      } else if (word == "news") {
+        e.what = store::campaign_event::kind::news;
+      } else if (word == "seen") {
+        e.what = store::campaign_event::kind::seen;
+      } else {
+        return;
+      }
+      const auto rollout = next();
+      e.rollout = static_cast<std::uint32_t>(to_u64(rollout));
+      if (e.rollout == 0 || next() == options.node_id) return;  // ours: the hub knows it
+      switch (e.what) {
+        case store::campaign_event::kind::admit:
+          while (!body.empty()) e.ids.emplace_back(next());
+          break;
+        case store::campaign_event::kind::stop:
+          e.ids.emplace_back(next());
+          e.reason = body;
+          break;
+        case store::campaign_event::kind::news: {
+          const auto status = to_u64(next());
+          if (status > static_cast<std::uint64_t>(store::transfer_status::skipped)) return;
+          e.status = static_cast<store::transfer_status>(status);
+          e.ids.emplace_back(next());
+          e.reason = body;
+          break;
+        }
+        case store::campaign_event::kind::seen:
+          e.ids.emplace_back(next());
+          e.attributes = body;
+          break;
+      }
+      if (e.ids.empty() || e.ids.front().empty()) return;
+      tell(e);
+    }
+    void tell(const store::campaign_event& e) {
+      try {
+        on_campaign(e);
+      } catch (...) {  // a throwing handler misses one word, not the loop
+      }
+    }
+    // Hands the gated rollout's admitted set over as one `admit` without retry (after this
+    // node adopted the rollout, or its connection came back: words may have been missed).
+    void fetch_admitted(std::uint32_t rollout) {
+      if (!on_campaign || rollout == 0) return;
+      const auto id = std::to_string(rollout);
+      commands.command({"EVAL", admitted_script, "2", rollout_key, admitted_key, id},
+                       [c = shared_from_this(), rollout](std::error_code ec, const redisReply* r) {
+                         if (ec || r->type != REDIS_REPLY_ARRAY || r->elements == 0) return;
+                         store::campaign_event e;
+                         e.rollout = rollout;
+                         e.retry = false;
+                         for (std::size_t i = 0; i < r->elements; ++i) {
+                           const auto* el = r->element[i];
+                           if (el->type == REDIS_REPLY_STRING) e.ids.emplace_back(el->str, el->len);
+                         }
+                         c->tell(e);
+                       });
     }
     // Reads the rollout kept in Redis and hands it over if it is newer than `id` - 1 and than
     // any this node knows. On the loop.
@@ -735,10 +914,13 @@ return out
                          if (!rec) return;
                          // Only ever forwards: a slower reply for an older id changes nothing.
                          if (!c->know_rollout(rec->rollout)) return;
+                         c->gated_rollout.store(rec->gated ? rec->rollout : 0);
                          try {
                            c->on_rollout(*rec);
                          } catch (...) {  // a throwing handler misses one rollout, not the loop
                          }
+                         // Devices the campaign admitted before this node took part.
+                         if (rec->gated) c->fetch_admitted(rec->rollout);
                        });
     }
     // One round of the slot lease (on the loop; one script in flight at a time).
@@ -804,6 +986,7 @@ return out
           failed.swap(unclaimed);
         }
         for (const auto& id : failed) release(id, true);
+        fetch_admitted(gated_rollout.load());  // admissions told while it was away
         if (on_reconnect) {
           try {
             on_reconnect();
@@ -941,12 +1124,14 @@ return out
     const std::string nodes_key;
     const std::string fleet_channel;  // rollouts published, slots given back
     const std::string rollout_key;
+    const std::string admitted_key;  // the gated rollout's admitted devices
     const std::string totals_key;
     const std::string slots_key;
     const std::string figures_key;
     asio::steady_timer timer;  // the loop's only
     release_fn on_release;
     rollout_fn on_rollout;
+    campaign_fn on_campaign;
     routed_fn on_routed;
     std::function<void()> on_reconnect;
     std::uint64_t drops_seen = 0;  // the loop's: the connection's drops at the last heartbeat
@@ -954,6 +1139,7 @@ return out
     // The rollout: the newest id this node published, loaded or handed over (any thread), and
     // whether a fetch is in flight (the loop's).
     std::atomic<std::uint32_t> known_rollout{0};
+    std::atomic<std::uint32_t> gated_rollout{0};  // the known rollout, when it is gated
     bool fetching = false;
     mutable std::mutex totals_mutex;
     std::optional<firmware::rollout_totals> totals;  // behind totals_mutex
@@ -1003,7 +1189,7 @@ return out
     std::atomic<std::uint64_t> slot_peak{0};  // most slots leased at once, fleet-wide
   };
 
-  // A rollout from its hash (HGETALL: id, version, image); none when it has no id.
+  // A rollout from its hash (HGETALL: id, version, image, gated); none when it has no id.
   static std::optional<store::rollout_record> parse_rollout(const reply& fields) {
     store::rollout_record rec;
     for (std::size_t i = 0; i + 1 < fields.elements.size(); i += 2) {
@@ -1016,6 +1202,8 @@ return out
       } else if (k == "image") {
         rec.image.resize(v.size());
         std::memcpy(rec.image.data(), v.data(), v.size());
+      } else if (k == "gated") {
+        rec.gated = v == "1";
       }
     }
     if (rec.rollout == 0) return std::nullopt;
@@ -1186,7 +1374,9 @@ inline std::error_code state_store::save_rollout(const store::rollout_record& r)
   const auto rid = std::to_string(r.rollout);
   const std::string_view image(reinterpret_cast<const char*>(r.image.data()), r.image.size());
   return c.commands
-      .call({"HSET", key, "id", rid, "version", r.version, "image", image}, c.options.reply_timeout)
+      .call({"HSET", key, "id", rid, "version", r.version, "image", image, "gated",
+             r.gated ? "1" : "0"},
+            c.options.reply_timeout)
       .ec;
 }
 
@@ -1199,7 +1389,10 @@ inline store::rollout_load_result state_store::load_rollout() {
     return out;
   }
   out.rollout = parse_rollout(res.value);
-  if (out.rollout) c.know_rollout(out.rollout->rollout);
+  if (out.rollout) {
+    c.know_rollout(out.rollout->rollout);
+    c.gated_rollout.store(out.rollout->gated ? out.rollout->rollout : 0);
+  }
   return out;
 }
 
@@ -1209,9 +1402,10 @@ inline store::rollout_publish_result state_store::publish_rollout(const store::r
   const auto ids = c.options.prefix + "rollout:id";
   const auto candidate = std::to_string(r.rollout);
   const std::string_view image(reinterpret_cast<const char*>(r.image.data()), r.image.size());
-  const auto res = c.commands.call({"EVAL", publish_script, "2", c.rollout_key, ids, candidate,
-                                    r.version, image, c.fleet_channel},
-                                   c.options.reply_timeout);
+  const auto res =
+      c.commands.call({"EVAL", publish_script, "3", c.rollout_key, ids, c.admitted_key, candidate,
+                       r.version, image, c.fleet_channel, r.gated ? "1" : "0"},
+                      c.options.reply_timeout);
   if (res.ec) {
     out.error = res.ec;
   } else if (res.value.type != reply_type::integer || res.value.integer <= 0) {
@@ -1219,7 +1413,149 @@ inline store::rollout_publish_result state_store::publish_rollout(const store::r
   } else {
     out.rollout = static_cast<std::uint32_t>(res.value.integer);
     c.know_rollout(out.rollout);  // its announcement, heard here too, is not adopted
+    c.gated_rollout.store(r.gated ? out.rollout : 0);
   }
+  return out;
+}
+
+inline void state_store::campaign_admit(std::uint32_t rollout,
+                                        const std::vector<std::string>& ids) {
+  core& c = *core_;
+  if (ids.empty()) return;
+  const auto rid = std::to_string(rollout);
+  std::vector<std::string_view> argv{"EVAL",          campaign_script,   "2",
+                                     c.rollout_key,   c.admitted_key,    rid,
+                                     c.fleet_channel, c.options.node_id, "admit"};
+  argv.insert(argv.end(), ids.begin(), ids.end());
+  c.commands.command(std::span<const std::string_view>(argv),
+                     [](std::error_code, const redisReply*) {});
+}
+
+inline void state_store::campaign_stop(std::uint32_t rollout, const std::string& id,
+                                       const std::string& reason) {
+  core& c = *core_;
+  const auto rid = std::to_string(rollout);
+  c.commands.command({"EVAL", campaign_script, "2", c.rollout_key, c.admitted_key, rid,
+                      c.fleet_channel, c.options.node_id, "stop", id, reason},
+                     [](std::error_code, const redisReply*) {});
+}
+
+inline void state_store::campaign_news(std::uint32_t rollout, const std::string& id,
+                                       const store::transfer_state& t) {
+  core& c = *core_;
+  const auto word = "news " + std::to_string(rollout) + ' ' + c.options.node_id + ' ' +
+                    std::to_string(static_cast<unsigned>(t.status)) + ' ' + id + ' ' + t.reason;
+  c.commands.command({"PUBLISH", c.fleet_channel, word}, [](std::error_code, const redisReply*) {});
+}
+
+inline void state_store::campaign_seen(std::uint32_t rollout, const std::string& id,
+                                       const std::string& attributes) {
+  core& c = *core_;
+  const auto word =
+      "seen " + std::to_string(rollout) + ' ' + c.options.node_id + ' ' + id + ' ' + attributes;
+  c.commands.command({"PUBLISH", c.fleet_channel, word}, [](std::error_code, const redisReply*) {});
+}
+
+inline std::vector<std::string> state_store::campaign_admitted(std::uint32_t rollout) {
+  core& c = *core_;
+  std::vector<std::string> out;
+  const auto rid = std::to_string(rollout);
+  const auto res = c.commands.call(
+      {"EVAL", admitted_script, "2", c.rollout_key, c.admitted_key, rid}, c.options.reply_timeout);
+  for (const auto& e : res.value.elements) out.push_back(e.str);
+  return out;
+}
+
+inline std::error_code state_store::save_campaign(
+    const store::campaign_record& rec, const std::vector<store::campaign_device_record>& devices) {
+  core& c = *core_;
+  const auto base = c.options.prefix + "campaign:" + c.options.node_id + ':';
+  const auto key = base + std::to_string(rec.id);
+  const auto rows = key + ":devices";
+  const auto index = c.options.prefix + "campaigns:" + c.options.node_id;
+  const auto id = std::to_string(rec.id);
+  const auto rollout = std::to_string(rec.rollout);
+  const auto keep = std::to_string(std::max<std::size_t>(c.options.max_campaigns, 1));
+  const std::string_view image(reinterpret_cast<const char*>(rec.image.data()), rec.image.size());
+  // Each row: the device's id, a newline, its state (ids have no newline).
+  std::vector<std::string> positions, values;
+  positions.reserve(devices.size());
+  values.reserve(devices.size());
+  for (const auto& d : devices) {
+    positions.push_back(std::to_string(d.position));
+    values.push_back(d.device + '\n' + d.state);
+  }
+  std::vector<std::string_view> argv{
+      "EVAL",    save_campaign_script,  "3",   key,  rows, index, id, rollout, rec.version,
+      rec.state, rec.ended ? "1" : "0", image, keep, base};
+  for (std::size_t i = 0; i < devices.size(); ++i) {
+    argv.push_back(positions[i]);
+    argv.push_back(values[i]);
+  }
+  const auto res =
+      c.commands.call(std::span<const std::string_view>(argv), c.options.reply_timeout);
+  return res.ec;
+}
+
+inline store::campaign_load_result state_store::load_campaigns() {
+  core& c = *core_;
+  store::campaign_load_result out;
+  const auto base = c.options.prefix + "campaign:" + c.options.node_id + ':';
+  const auto ids =
+      c.commands.call({"ZRANGE", c.options.prefix + "campaigns:" + c.options.node_id, "0", "-1"},
+                      c.options.reply_timeout);
+  if (ids.ec) {
+    out.error = ids.ec;
+    return out;
+  }
+  for (const auto& e : ids.value.elements) {
+    store::kept_campaign k;
+    k.campaign.id = to_u64(e.str);
+    const auto head = c.commands.call({"HGETALL", base + e.str}, c.options.reply_timeout);
+    const auto rows =
+        c.commands.call({"HGETALL", base + e.str + ":devices"}, c.options.reply_timeout);
+    if (head.ec || rows.ec) {
+      out.error = head.ec ? head.ec : rows.ec;
+      return out;
+    }
+    const auto& f = head.value.elements;
+    for (std::size_t i = 0; i + 1 < f.size(); i += 2) {
+      const std::string_view name = f[i].str;
+      const std::string& v = f[i + 1].str;
+      if (name == "rollout") {
+        k.campaign.rollout = static_cast<std::uint32_t>(to_u64(v));
+      } else if (name == "version") {
+        k.campaign.version = v;
+      } else if (name == "state") {
+        k.campaign.state = v;
+      } else if (name == "ended") {
+        k.campaign.ended = v == "1";
+      } else if (name == "image") {
+        k.campaign.image.resize(v.size());
+        std::memcpy(k.campaign.image.data(), v.data(), v.size());
+      }
+    }
+    const auto& r = rows.value.elements;
+    for (std::size_t i = 0; i + 1 < r.size(); i += 2) {
+      const std::string& v = r[i + 1].str;
+      const auto nl = v.find('\n');
+      if (nl == std::string::npos) continue;
+      k.devices.push_back(
+          {v.substr(0, nl), static_cast<std::uint32_t>(to_u64(r[i].str)), v.substr(nl + 1)});
+    }
+    std::sort(k.devices.begin(), k.devices.end(),
+              [](const auto& x, const auto& y) { return x.position < y.position; });
+    out.campaigns.push_back(std::move(k));
+  }
+  return out;
+}
+
+inline std::vector<std::string> state_store::fleet_devices() {
+  core& c = *core_;
+  std::vector<std::string> out;
+  const auto res = c.commands.call(
+      {"EVAL", fleet_devices_script, "1", c.nodes_key, c.options.prefix}, c.options.reply_timeout);
+  for (const auto& e : res.value.elements) out.push_back(e.str);
   return out;
 }
 
@@ -1328,5 +1664,10 @@ inline std::string state_store::epoch() {
   const auto res = c.commands.call({"GET", c.options.prefix + "epoch"}, c.options.reply_timeout);
   return res.ec ? std::string() : res.value.str;
 }
+
+static_assert(store::campaign_store<state_store>,
+              "redis::state_store keeps the campaigns a node runs");
+static_assert(store::fleet_campaign_store<state_store>,
+              "redis::state_store carries a campaign between the nodes");
 
 }  // namespace devgate::redis

@@ -173,6 +173,7 @@ struct rollout_record {
   std::uint32_t rollout = 0;     ///< Rollout id (ids continue above it after a restart).
   std::string version;           ///< The version rolled out.
   std::vector<std::byte> image;  ///< The whole image.
+  bool gated = false;            ///< A campaign's: only the devices it admits take part.
 };
 
 /// What `load_rollout` answers: the rollout kept (none if there was none), or the error that
@@ -358,6 +359,50 @@ concept campaign_store = requires(S& s, const campaign_record& c,
                                   const std::vector<campaign_device_record>& d) {
   { s.save_campaign(c, d) } -> std::same_as<std::error_code>;
   { s.load_campaigns() } -> std::same_as<campaign_load_result>;
+};
+
+/// What one node of a fleet tells the others about the campaign running on a gated rollout
+/// (`fleet_campaign_store`): the node that runs the campaign admits and stops devices, the
+/// nodes that hold them report their progress and the hellos of devices it has not admitted.
+struct campaign_event {
+  /// What happened.
+  enum class kind : std::uint8_t {
+    admit,  ///< `ids` join the rollout (their campaign's turn came).
+    stop,   ///< `ids` leave it before their time, for `reason`.
+    news,   ///< device `ids[0]` moved to `status` (with `reason`) on the node that holds it.
+    seen,   ///< device `ids[0]`, not admitted, said hello with `attributes` (JSON object).
+  };
+  kind what = kind::admit;                         ///< What happened.
+  std::uint32_t rollout = 0;                       ///< The campaign's gated rollout.
+  std::vector<std::string> ids;                    ///< The devices concerned.
+  transfer_status status = transfer_status::none;  ///< `news`: the device's new status.
+  std::string reason;                              ///< `stop`, `news`: why.
+  std::string attributes;                          ///< `seen`: the device's attributes.
+  /// `admit`: a device whose part ended failed starts again (false when a node catches up
+  /// with the admitted set: an ended part stays so).
+  bool retry = true;
+};
+
+/// A store shared by several nodes that carries a campaign between them (docs/ROLLOUTS.md,
+/// "Across nodes"); every call returns at once (the store sends in the background) and may be
+/// made from any thread:
+/// - `campaign_admit(rollout, ids)` / `campaign_stop(rollout, id, reason)`: the node running
+///   the campaign admits or stops devices on every node (the admitted set is kept with the
+///   rollout, for nodes that start later);
+/// - `campaign_news(rollout, id, t)`: a node tells the others of a device's status change;
+/// - `campaign_seen(rollout, id, attributes)`: a node tells of a hello it did not admit;
+/// - `campaign_admitted(rollout)`: the devices admitted so far (blocks: at start only);
+/// - `fleet_devices()`: the devices the live nodes hold (blocks: for a campaign's target).
+template <class S>
+concept fleet_campaign_store = requires(S& s, std::uint32_t r, const std::string& id,
+                                        const std::vector<std::string>& ids,
+                                        const transfer_state& t) {
+  s.campaign_admit(r, ids);
+  s.campaign_stop(r, id, id);
+  s.campaign_news(r, id, t);
+  s.campaign_seen(r, id, id);
+  { s.campaign_admitted(r) } -> std::same_as<std::vector<std::string>>;
+  { s.fleet_devices() } -> std::same_as<std::vector<std::string>>;
 };
 
 /// A store that groups writes into transactions: `write_behind` calls `begin_batch()` before
