@@ -353,6 +353,54 @@ class demo_store {
       }
     });
   }
+  /// See store::fleet_campaign_store: Redis carries a campaign between the nodes; SQLite (one
+  /// node, never `shared`) is never asked.
+  void campaign_admit(std::uint32_t r, const std::vector<std::string>& ids) {
+    visit([&](auto& s) {
+      if constexpr (requires { s.campaign_admit(r, ids); }) s.campaign_admit(r, ids);
+    });
+  }
+  /// See store::fleet_campaign_store.
+  void campaign_stop(std::uint32_t r, const std::string& id, const std::string& reason) {
+    visit([&](auto& s) {
+      if constexpr (requires { s.campaign_stop(r, id, reason); }) s.campaign_stop(r, id, reason);
+    });
+  }
+  /// See store::fleet_campaign_store.
+  void campaign_news(std::uint32_t r, const std::string& id,
+                     const devgate::store::transfer_state& t) {
+    visit([&](auto& s) {
+      if constexpr (requires { s.campaign_news(r, id, t); }) s.campaign_news(r, id, t);
+    });
+  }
+  /// See store::fleet_campaign_store.
+  void campaign_seen(std::uint32_t r, const std::string& id, const std::string& attributes) {
+    visit([&](auto& s) {
+      if constexpr (requires { s.campaign_seen(r, id, attributes); }) {
+        s.campaign_seen(r, id, attributes);
+      }
+    });
+  }
+  /// See store::fleet_campaign_store.
+  std::vector<std::string> campaign_admitted(std::uint32_t r) {
+    return visit([&](auto& s) -> std::vector<std::string> {
+      if constexpr (requires { s.campaign_admitted(r); }) {
+        return s.campaign_admitted(r);
+      } else {
+        return {};
+      }
+    });
+  }
+  /// See store::fleet_campaign_store.
+  std::vector<std::string> fleet_devices() {
+    return visit([&](auto& s) -> std::vector<std::string> {
+      if constexpr (requires { s.fleet_devices(); }) {
+        return s.fleet_devices();
+      } else {
+        return {};
+      }
+    });
+  }
   /// See store::transactional_store.
   std::error_code begin_batch() {
     return visit([&](auto& s) { return s.begin_batch(); });
@@ -563,23 +611,18 @@ class control_loop {
     }
     std::string as;
     try {
-      if (hub_.state_store().shared()) {
-        // A cluster: a release every node rolls out (campaigns run on one node only).
-        rollout = hub_.publish_firmware(version, image);
-      } else {
-        // One node: UPDATE DEVICE is a default campaign for the whole fleet, those that
-        // connect later too (one wave, no rate, no threshold): the prototype's push to every
-        // device, with a campaign's records, and kept across a restart. The next release
-        // supersedes it.
-        devgate::firmware::campaign_spec spec;
-        spec.name = "release " + std::to_string(n);
-        spec.version = version;
-        spec.target.continuous = true;
-        spec.success_threshold = 0;
-        const auto id = hub_.start_campaign(std::move(spec), image);
-        rollout = hub_.current_image()->rollout();
-        as = " as campaign " + std::to_string(id);
-      }
+      // UPDATE DEVICE is a default campaign for the whole fleet, those that connect later too
+      // (one wave, no rate, no threshold): the prototype's push to every device, with a
+      // campaign's records (kept across a restart on SQLite). On a cluster this node runs it
+      // over every node's devices. The next release supersedes it.
+      devgate::firmware::campaign_spec spec;
+      spec.name = "release " + std::to_string(n);
+      spec.version = version;
+      spec.target.continuous = true;
+      spec.success_threshold = 0;
+      const auto id = hub_.start_campaign(std::move(spec), image);
+      rollout = hub_.current_image()->rollout();
+      as = " as campaign " + std::to_string(id);
     } catch (const std::exception& e) {  // a cluster's Redis away: nothing was published
       std::fprintf(stderr, "demo_server: firmware %s not published: %s\n", version.c_str(),
                    e.what());
@@ -1354,11 +1397,16 @@ int main(int argc, char** argv) {
     // Rollouts published on other nodes run here too, within this node's lease of the cap.
     cluster->store().on_rollout([&hub](const devgate::store::rollout_record& r) {
       if (hub.adopt_firmware(r)) {
-        std::printf("firmware %s adopted from the cluster (rollout %u, %zu bytes)\n",
-                    r.version.c_str(), r.rollout, r.image.size());
+        std::printf("firmware %s adopted from the cluster (rollout %u, %zu bytes%s)\n",
+                    r.version.c_str(), r.rollout, r.image.size(),
+                    r.gated ? ", a campaign another node runs" : "");
         std::fflush(stdout);
       }
     });
+    // A campaign another node runs: its admissions reach the devices held here, and their
+    // progress goes back to it.
+    cluster->store().on_campaign(
+        [&hub](const devgate::store::campaign_event& e) { hub.take_campaign_event(e); });
     // Writes lost while Redis was away: the rollout's states and totals catch up.
     cluster->store().on_reconnect([&hub] { hub.rewrite_transfers(); });
     cluster->store().lease_transfer_slots(

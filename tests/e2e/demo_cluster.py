@@ -20,7 +20,8 @@ with clients no one here wrote (Debian's python3-websockets):
     was lost are let go with 1013 and reconnect, the log is shared again and /healthz is ok;
   - a release published on node a (operator API) reaches devices on all three nodes, one that
     connects later included; each verifies the same image, the transfer cap (2, the cluster's)
-    holds across the nodes, and every node's /metrics shows the same fleet totals;
+    holds across the nodes, and every node's /metrics shows the same fleet totals; the release
+    is a default campaign that node a runs, counting the other nodes' devices verified;
   - node c killed (SIGKILL) with a device on it: the device resumes on node a;
   - SIGTERM stops every other node with exit code 0.
 Usage: demo_cluster.py --server PATH
@@ -524,6 +525,13 @@ def post_release(port):
         return r.status, json.loads(r.read().decode())
 
 
+def get_json(port, path):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read().decode())
+
+
 def rollout_metrics(port):
     _, text = get(port, "/metrics")
     out = {}
@@ -575,6 +583,15 @@ async def fleet_rollout(ports):
                        totals()[0]["rollout_transferring"] == 0, 10)
     check(same and totals()[0]["rollout"], f"every node's /metrics shows the same fleet totals "
                                            f"({totals()}; {len(devices)} verified)")
+    # The release is a default campaign run by node a over every node's devices: its counts
+    # come from the other nodes' reports (the late device on node c joined at its hello).
+    campaigns = {n: get_json(ports[n], "/api/campaigns")["campaigns"] for n in NODES}
+    newest = campaigns["a"][0] if campaigns["a"] else {}
+    check(newest.get("name") == "release 1" and newest.get("counts", {}).get("verified") ==
+          len(devices), f"node a's campaign 'release 1' counts the {len(devices)} devices of the "
+          f"three nodes verified ({newest})")
+    check(campaigns["b"] == [] and campaigns["c"] == [],
+          f"nodes b and c run no campaign of their own ({campaigns['b']}, {campaigns['c']})")
 
 
 async def node_killed(ports, nodes):
