@@ -332,7 +332,7 @@ class demo_store {
   devgate::store::rollout_load_result load_rollout() {
     return visit([&](auto& s) { return s.load_rollout(); });
   }
-  /// See store::campaign_store: SQLite keeps campaigns; Redis does not (yet): nothing kept.
+  /// See store::campaign_store: SQLite keeps the campaigns, Redis those this node runs.
   std::error_code save_campaign(const devgate::store::campaign_record& c,
                                 const std::vector<devgate::store::campaign_device_record>& d) {
     return visit([&](auto& s) -> std::error_code {
