@@ -58,7 +58,8 @@ redis::state_store_options store_options(const std::string& node,
 struct node {
   node(loop& l, const std::string& url, const std::string& id, std::chrono::milliseconds ttl = 10s,
        std::size_t fleet_cap = 0, std::size_t max_routed = 1000)
-      : commands(l.io, options_for(url)),
+      : loop_(l),
+        commands(l.io, options_for(url)),
         control(l.io, options_for(url)),
         store(l.io, commands, control, store_options(id, ttl, max_routed)),
         hub(transport, devgate::null_sink{}, hub_options(fleet_cap), store) {
@@ -92,6 +93,7 @@ struct node {
   ~node() {
     store.stop();  // first: no handler reaches the hub once it stops
     hub.stop();
+    loop_.sync();  // the store's stop ran on the loop while the connections are still here
   }
   dev::hub_options hub_options(std::size_t fleet_cap) {
     dev::hub_options o;
@@ -112,6 +114,7 @@ struct node {
     REQUIRE(eventually([&] { return w.applied_through(ticket); }, 5s));
   }
 
+  loop& loop_;
   redis::connection commands;
   redis::connection control;
   redis::state_store store;

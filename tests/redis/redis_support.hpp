@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -115,6 +116,13 @@ struct loop {
   asio::io_context io;
   asio::executor_work_guard<asio::io_context::executor_type> guard = asio::make_work_guard(io);
   std::thread thread{[this] { io.run(); }};
+  // Waits until the loop ran everything posted before (e.g. a store's stop, which still uses
+  // its connections).
+  void sync() {
+    std::promise<void> done;
+    asio::post(io, [&done] { done.set_value(); });
+    done.get_future().wait();
+  }
   ~loop() {
     guard.reset();
     thread.join();

@@ -155,11 +155,18 @@ class hub {
         [this](std::span<inbound_message> batch) { return dispatch_.intake(batch); },
         std::move(hooks));
   }
-  /// Stops intake, drains the pipeline, then stops the transport (sessions close with 1001).
-  void stop() { gateway_.stop(); }
+  /// Stops intake, drains the pipeline, then stops the transport (sessions close with 1001) and
+  /// the campaign runner (its last changes queued for the store: drain `store_writer()` to
+  /// have them written before the store goes).
+  void stop() {
+    gateway_.stop();
+    campaigns_.stop();
+  }
   /// Like `stop()`, but returns the device messages not dispatched by `deadline`.
   [[nodiscard]] std::vector<message> stop(clock::time_point deadline) {
-    return gateway_.stop(deadline);
+    auto left = gateway_.stop(deadline);
+    campaigns_.stop();
+    return left;
   }
 
   // ---- pub/sub ------------------------------------------------------------------------

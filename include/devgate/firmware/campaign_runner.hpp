@@ -103,13 +103,16 @@ class campaign_runner {
   ~campaign_runner() { ticker_.stop(); }
 
   /// Stops the timer thread (the owner calls it before the engine goes away), then takes in
-  /// the news queued so far, so that the store hears of it; news queued later is dropped.
+  /// the news queued so far, so that the store hears of it; after it the change hook is not
+  /// called again (news and hellos that come later change nothing) until a campaign starts.
   void stop() {
     ticker_.stop();
     std::lock_guard lock(run_mutex_);
-    if (!active_) return;
-    drain(wall_ms());
-    after_step();
+    if (active_ && !stopped_) {
+      drain(wall_ms());
+      after_step();
+    }
+    stopped_ = true;
   }
   /// Sets the hook told of each change the store keeps (before the first campaign).
   void on_change(change_hook hook) {
@@ -134,6 +137,7 @@ class campaign_runner {
   std::uint64_t start(campaign_spec spec, const std::vector<std::string>& devices,
                       Publish&& publish, std::uint64_t id = 0) {
     std::lock_guard lock(run_mutex_);
+    stopped_ = false;
     const auto now = wall_ms();
     if (id == 0) id = next_id_++;
     auto c = std::make_unique<campaign>(id, std::move(spec), devices, now);
@@ -235,7 +239,8 @@ class campaign_runner {
   template <class Matches>
   bool seen(const std::string& id, Matches&& matches) {
     std::lock_guard lock(run_mutex_);
-    if (!active_ || !active_->spec().target.continuous || active_->find(id) != nullptr) {
+    if (stopped_ || !active_ || !active_->spec().target.continuous ||
+        active_->find(id) != nullptr) {
       return false;
     }
     if (!matches(active_->spec().target)) return false;
@@ -249,7 +254,7 @@ class campaign_runner {
   /// time (start, timeouts, admissions).
   void step(campaign_ms now) {
     std::lock_guard lock(run_mutex_);
-    if (!active_) return;
+    if (!active_ || stopped_) return;
     drain(now);
     if (!active_) return;
     execute(active_->tick(now));
@@ -419,7 +424,7 @@ class campaign_runner {
   }
   // Tells the change hook, once per step, when the campaign changed (run lock held).
   void flush() {
-    if (active_) {
+    if (active_ && !stopped_) {
       active_->take_changed(changed_);
       if ((dirty_ || !changed_.empty()) && on_change_) {
         on_change_(*active_, active_rollout_, changed_);
@@ -447,6 +452,7 @@ class campaign_runner {
   std::deque<ended> ended_;
   std::uint64_t next_id_ = 1;
   change_hook on_change_;
+  bool stopped_ = false;                // `stop` ran: nothing more reaches the change hook
   bool dirty_ = false;                  // the active campaign changed since the hook was last told
   std::vector<std::uint32_t> changed_;  // its devices that did (reused)
   std::atomic<std::uint32_t> rollout_{0};  // the active campaign's rollout, for on_status

@@ -241,6 +241,8 @@ class state_store {
     asio::post(core_->io, [c = core_] { c->beat(); });
   }
   /// Stops the heartbeat and the control subscription (the heartbeat key expires by itself).
+  /// The loop runs the last of it, which still uses the connections: keep them until the loop
+  /// ran what was posted before they go.
   void stop() {
     core_->stopped.store(true);
     core_->control.unsubscribe(core_->control_channel);
