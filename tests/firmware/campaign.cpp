@@ -545,3 +545,22 @@ TEST_CASE("campaign: its kept form (records) reads back whole; only changed devi
     CHECK(std::string(e.what()).rfind("campaign 7 as the store kept it: ", 0) == 0);
   }
 }
+
+TEST_CASE("campaign: a reason that is not UTF-8 is kept with U+FFFD, never thrown on",
+          "[campaign]") {
+  fw::campaign c(9, staged(90, 5, 20), fleet_ids(10), 5);
+  fleet f{c};
+  for (int i = 0; i < 3; ++i) f.tick(1000);
+  REQUIRE_FALSE(f.running.empty());
+  const auto id = *f.running.begin();
+  // What a host or the fleet channel may hand over: a byte that starts no UTF-8 sequence.
+  f.apply(c.on_transfer(id, transfer_status::failed, "flash \xff error", f.now));
+  std::vector<std::uint32_t> changed;
+  c.take_changed(changed);
+  REQUIRE_FALSE(changed.empty());
+  devgate::store::campaign_device_record row;
+  const auto pos = static_cast<std::uint32_t>(c.find(id) - c.devices().data());
+  REQUIRE_NOTHROW(row = fw::to_device_record(c, pos));
+  CHECK(row.state.find("flash \xef\xbf\xbd error") != std::string::npos);
+  REQUIRE_NOTHROW((void)fw::to_record(c, 1));
+}

@@ -673,7 +673,10 @@ class hub {
         std::lock_guard lock(rec->mutex);
         for (const auto& [k, v] : rec->attributes) attrs[k] = v;
       }
-      store_.campaign_seen(gated, id, attrs.dump());
+      // A host's set_attributes may hold bytes that are not UTF-8: replaced, never thrown on
+      // the network thread that runs a hello.
+      store_.campaign_seen(gated, id,
+                           attrs.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
   }
   // Tells the fleet topic of this node that rollout `img` is available.

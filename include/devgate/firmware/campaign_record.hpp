@@ -17,7 +17,9 @@
 namespace devgate::firmware {
 
 /// Campaign `c` (rolled out by `rollout`) as a store keeps it, without its image: the spec and
-/// the campaign's own state, as JSON text (read back by `revive`).
+/// the campaign's own state, as JSON text (read back by `revive`). Text that is not UTF-8 (a
+/// reason a host or the fleet channel gave) is written with U+FFFD: the runner's thread, which
+/// calls it, never throws.
 [[nodiscard]] inline store::campaign_record to_record(const campaign& c, std::uint32_t rollout) {
   store::campaign_record r;
   r.id = c.id();
@@ -35,7 +37,7 @@ namespace devgate::firmware {
                            {"timeouts", c.timeouts()},
                            {"rate", c.rate()},
                            {"verified_since_ramp", c.verified_since_ramp()}}
-                .dump();
+                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   return r;
 }
 
@@ -55,7 +57,7 @@ namespace devgate::firmware {
                          {"started_at", d.started_at},
                          {"reason", d.reason},
                          {"history", history}}
-              .dump()};
+              .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)};
 }
 
 /// A campaign read back from a store: the campaign, and the devices it had admitted (their
