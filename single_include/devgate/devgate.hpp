@@ -8210,12 +8210,13 @@ namespace devgate::websocket::detail {
 /// thread (send, broadcast, close, buffered bytes).
 ///
 /// Session sockets are not Asio sockets: each is registered once, edge-triggered, in this
-/// worker's own epoll set, and the worker waits on that set through Asio (one readiness wait per
-/// batch of ready sockets). Reads and writes are the sessions' own, synchronous and
+/// worker's own epoll set, and the worker waits on that set through Asio (one readiness wait
+/// whenever the set was found empty). Reads and writes are the sessions' own, synchronous and
 /// non-blocking, on this thread. Linux-only (epoll).
 class reactor : public thread_resources {
  public:
   static constexpr int max_events = 256;                // ready sockets taken per epoll_wait
+  static constexpr int max_rounds = 16;                 // epoll_waits before Asio's tasks run
   static constexpr std::uint32_t max_slots = 1u << 24;  // sessions per worker (24-bit slot)
 
   /// Worker `index` (0-255, the low byte of its session ids) of the server sharing `c`.
@@ -8277,6 +8278,7 @@ class reactor : public thread_resources {
     scratch_.clear();
     retired_.clear();
     tick_timer_.cancel();
+    polling_ = false;
     std::error_code ignored;
     ready_.cancel(ignored);
   }
@@ -8427,7 +8429,8 @@ class reactor : public thread_resources {
     if (inbox_posted_.load(std::memory_order_acquire)) drain_inbox();
   }
   void poll();
-  void on_ready();
+  void run_ready();
+  bool on_ready();
   void start_tick();
   void on_tick();
 
@@ -8498,6 +8501,7 @@ class reactor : public thread_resources {
   std::uint8_t index_;
   asio::steady_timer tick_timer_;
   asio::posix::stream_descriptor ready_;  // the epoll set, waited on through ioc (poll())
+  bool polling_ = true;                   // false once abort_all stopped the readiness loop
   std::error_code error_;
   std::array<::epoll_event, max_events> events_{};
   std::vector<session_ref> retired_;
@@ -8586,20 +8590,33 @@ inline void reactor::drain_inbox() {
   draining_now_ = false;
 }
 
-// Waits (through ioc) until a session socket is ready, handles every ready one, repeats.
+// Waits (through ioc) until a session socket is ready, then handles ready sockets.
 inline void reactor::poll() {
   ready_.async_wait(asio::posix::stream_descriptor::wait_read, [this](const std::error_code& ec) {
     if (ec) return;  // cancelled: the worker is stopping
-    on_ready();
-    poll();
+    run_ready();
   });
 }
 
-inline void reactor::on_ready() {
-  // Each epoll_wait takes up to max_events ready sockets; a full batch is followed by another
-  // at once, then the posted tasks and timers get their turn (poll() waits again, and the wait
-  // completes at once when sockets are still ready).
-  for (int round = 0; round < 2; ++round) {
+// Handles ready sockets. While sockets keep being ready, the next batch is taken by a posted task
+// (the posted tasks and timers queued meanwhile run first) instead of a new readiness wait: a
+// wait re-arms the epoll set in Asio's own set (an epoll_ctl that polls every ready socket) and
+// costs an epoll_wait there, per batch. Only a set found empty goes back to waiting.
+inline void reactor::run_ready() {
+  if (!on_ready()) {
+    poll();
+    return;
+  }
+  asio::post(ioc, [this] {
+    if (polling_) run_ready();
+  });
+}
+
+// Takes batches of ready sockets (up to max_events each) until the set is empty or about
+// max_events sockets were handled; true when sockets may still be ready.
+inline bool reactor::on_ready() {
+  int handled = 0;
+  for (int round = 0; round < max_rounds; ++round) {
     const int n = ::epoll_wait(ready_.native_handle(), events_.data(), max_events, 0);
     for (int i = 0; i < n; ++i) {
       const ::epoll_event& ev = events_[static_cast<std::size_t>(i)];
@@ -8609,8 +8626,11 @@ inline void reactor::on_ready() {
       if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->on_readable();
     }
     retired_.clear();
-    if (n < max_events) break;
+    if (n <= 0) return false;
+    handled += n;
+    if (handled >= max_events) break;
   }
+  return true;
 }
 
 inline void reactor::start_tick() {

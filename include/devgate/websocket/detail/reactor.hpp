@@ -42,8 +42,8 @@ namespace devgate::websocket::detail {
 /// thread (send, broadcast, close, buffered bytes).
 ///
 /// Session sockets are not Asio sockets: each is registered once, edge-triggered, in this
-/// worker's own epoll set, and the worker waits on that set through Asio (one readiness wait per
-/// batch of ready sockets). Reads and writes are the sessions' own, synchronous and
+/// worker's own epoll set, and the worker waits on that set through Asio (one readiness wait
+/// whenever the set was found empty). Reads and writes are the sessions' own, synchronous and
 /// non-blocking, on this thread. Linux-only (epoll).
 class reactor : public thread_resources {
  public:
