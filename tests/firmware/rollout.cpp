@@ -361,6 +361,25 @@ TEST_CASE("rollout engine: failed results carry a reason", "[firmware][rollout]"
   CHECK(r.store.load("c").state.firmware_version == "1.0");
 }
 
+TEST_CASE("rollout engine: a device's long failure reason is kept cut to 256 bytes (attack)",
+          "[firmware][rollout]") {
+  rig r(options(4));
+  const auto a = r.connect("a");
+  r.engine.publish("2.0", make_image(1500), [](const fw::image&) {});
+  // A hostile device's reason of 60,000 bytes: one ASCII byte, then two-byte characters, so
+  // byte 256 falls inside a character.
+  std::string reason = "x";
+  while (reason.size() < 60000) reason += "\xc3\xa9";  // U+00E9
+  REQUIRE(r.engine.on_result(r.rec("a"), a, 1, false, std::nullopt, reason) == std::nullopt);
+  const auto kept = r.engine.transfer_of("a")->reason;
+  CHECK(kept.size() == 255);  // 1 + 127 characters of 2 bytes: the 128th would end at byte 257
+  CHECK(kept == reason.substr(0, 255));
+  CHECK(r.store.load("a").state.transfer.reason == kept);
+  const auto st = r.take(a).first("fw_status");
+  REQUIRE(st);
+  CHECK((*st)["reason"] == kept);  // nlohmann would throw on a cut character when dumping
+}
+
 TEST_CASE("rollout engine: a dropped transfer gives up its slot and resumes where it was acked",
           "[firmware][rollout]") {
   rig r(options(1));

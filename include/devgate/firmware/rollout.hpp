@@ -116,6 +116,10 @@ struct rollout_options {
 template <class Transport, class Store>
 class rollout_engine {
  public:
+  /// The most bytes of a device's failure reason that are kept (a longer one is cut at a
+  /// UTF-8 character boundary): the reason is stored, sent back, and kept in campaign histories.
+  static constexpr std::size_t max_reason_bytes = 256;
+
   /// An engine over the hub's devices, their outboxes and the state store (all referenced).
   /// Throws std::invalid_argument for a window or chunk size of 0, or a negative timeout.
   rollout_engine(device::registry& devices, device::delivery<Transport>& out, Store& store,
@@ -496,7 +500,8 @@ class rollout_engine {
   }
   /// Session `s` reported the result of rollout `rollout` (`sha256` and `reason` as sent): the
   /// transfer ends verified (every byte acknowledged and the hash matches) or failed with a
-  /// reason, the device is told (`fw_status`), and its slot goes to the next waiting device.
+  /// reason (the device's, cut to `max_reason_bytes`), the device is told (`fw_status`), and its
+  /// slot goes to the next waiting device.
   /// Returns `unknown_rollout` when no such transfer is running for the device.
   std::optional<device::error> on_result(device::device_record& rec, session_id s,
                                          std::uint64_t rollout, bool ok,
@@ -512,7 +517,7 @@ class rollout_engine {
       auto& tr = rec.transfer;
       const auto& img = *tr.image;
       if (!ok) {
-        fail_locked(rec, reason.value_or("device reported a failure"));
+        fail_locked(rec, reason ? clipped(*reason) : "device reported a failure");
       } else if (tr.acked != img.size()) {
         fail_locked(rec, "result before every byte was acknowledged");
       } else if (!sha256 || *sha256 != img.sha256()) {
@@ -789,6 +794,14 @@ class rollout_engine {
     if (tr.status == store::transfer_status::pending && rec.firmware_version == img->version()) {
       set_status_locked(rec, store::transfer_status::skipped);
     }
+  }
+  // A device's reason cut to max_reason_bytes, never inside a UTF-8 sequence (the cut backs off
+  // over continuation bytes, 10xxxxxx, to the start of the character).
+  static std::string clipped(std::string_view reason) {
+    if (reason.size() <= max_reason_bytes) return std::string(reason);
+    std::size_t n = max_reason_bytes;
+    while (n > 0 && (static_cast<unsigned char>(reason[n]) & 0xC0u) == 0x80u) --n;
+    return std::string(reason.substr(0, n));
   }
   // Ends the transfer failed with `reason` and tells the device (caller holds its mutex).
   static void fail_locked(device::device_record& rec, std::string reason) {
