@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -128,7 +129,15 @@ def start_node(server, d, name, redis_port):
         if line.startswith("listening on "):
             check(any(f"node   {name} of the cluster" in b for b in banner),
                   f"node {name}'s banner names its cluster")
+            # What the node says from now on (store errors while Redis is away...) is read as it
+            # comes, so a full pipe never holds up the node, and echoed to this test's output.
+            threading.Thread(target=echo_output, args=(proc.stdout, name), daemon=True).start()
             return proc, int(line.split()[2].rstrip(";"))
+
+
+def echo_output(stream, name):
+    for line in stream:
+        sys.stdout.write(f"  [node {name}] {line}")
 
 
 class Observer:
@@ -139,6 +148,10 @@ class Observer:
         self.name = name
         self.seen = []
         self.from_log = set()  # taken from /api/log after a reconnect, not (yet) live
+        self.history = []  # its sessions' ends and failed reconnects, for a failure's message
+
+    def describe(self):
+        return f"observer {self.name}: {self.history[-5:] or 'one session, still open'}"
 
     def backfill(self):
         """As the demo's page does after it (re)connects: the node's recent log fills what the
@@ -151,6 +164,7 @@ class Observer:
                 self.from_log.add(m)
 
     async def run(self, ready):
+        retry_until = None  # while reconnecting after 1013: the node may still be coming back
         while True:
             try:
                 async with websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{self.name}",
@@ -163,6 +177,7 @@ class Observer:
                     if ready.is_set():  # a reconnect: what was logged meanwhile
                         self.backfill()
                     ready.set()
+                    retry_until = None
                     async for raw in ws:
                         msg = json.loads(raw)
                         if msg.get("type") == "event" and msg.get("topic") == "server":
@@ -174,9 +189,18 @@ class Observer:
             except websockets.ConnectionClosed as e:
                 # 1013: the node let the page go (Redis lost its state); it comes back, as the
                 # demo's page does.
+                self.history.append(f"closed {e.rcvd.code if e.rcvd else None}")
                 if not (e.rcvd and e.rcvd.code == 1013):
                     return
+                retry_until = time.monotonic() + 20
+            except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as e:
+                # A reconnect refused or not answered in time: tried again for 20 s.
+                self.history.append(f"reconnect failed: {e!r}")
+                if retry_until is None or time.monotonic() > retry_until:
+                    return
+                await asyncio.sleep(0.2)
             else:
+                self.history.append("ended")
                 return
 
     def count(self, device, seq):
@@ -225,7 +249,8 @@ class Device:
                 self.closes.append(e.rcvd.code if e.rcvd else None)
                 await self.open()
         if not await until(lambda: len(self.local.seqs(self.name)) > before):
-            raise RuntimeError(f"{self.name}'s own node did not log its message")
+            raise RuntimeError(f"{self.name}'s own node did not log its message "
+                               f"({self.local.describe()})")
         return self.local.seqs(self.name)[before]
 
 
