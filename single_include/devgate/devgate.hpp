@@ -3488,6 +3488,27 @@ gateway(Transport&, Sink, pipeline_options = {}) -> gateway<Transport, Sink>;
 #include <vector>       // client frames, close payloads
 
 
+// ---- begin devgate/detail/utf8_prefix.hpp ----
+
+#include <cstddef>      // std::size_t
+#include <string_view>  // text
+
+namespace devgate::detail {
+
+/// The longest prefix of `text` of at most `max` bytes that does not end inside a UTF-8
+/// character: a cut that falls on a continuation byte (10xxxxxx) backs off to the start of its
+/// character, so valid UTF-8 stays valid.
+[[nodiscard]] constexpr std::string_view utf8_prefix(std::string_view text,
+                                                     std::size_t max) noexcept {
+  if (text.size() <= max) return text;
+  std::size_t cut = max;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0u) == 0x80u) --cut;
+  return text.substr(0, cut);
+}
+
+}  // namespace devgate::detail
+// ---- end devgate/detail/utf8_prefix.hpp ----
+
 namespace devgate::websocket {
 
 /// RFC 6455 5.2 / 11.8: frame opcodes. Other values (0x3-0x7, 0xB-0xF) are reserved and may
@@ -3673,12 +3694,7 @@ inline void apply_mask(std::span<std::byte> data, std::array<std::byte, 4> key,
 /// reason, truncated to fit 125 bytes without splitting a UTF-8 sequence.
 [[nodiscard]] inline std::vector<std::byte> encode_close_payload(close_code code,
                                                                  std::string_view reason) {
-  if (reason.size() > max_control_payload - 2) {
-    std::size_t cut = max_control_payload - 2;
-    // Back up over continuation bytes (10xxxxxx) so the cut falls on a character boundary.
-    while (cut > 0 && (static_cast<unsigned char>(reason[cut]) & 0xC0) == 0x80) --cut;
-    reason = reason.substr(0, cut);
-  }
+  reason = devgate::detail::utf8_prefix(reason, max_control_payload - 2);
   const auto v = static_cast<std::uint16_t>(code);
   std::vector<std::byte> out(2 + reason.size());
   out[0] = static_cast<std::byte>(v >> 8);
@@ -7720,8 +7736,8 @@ class session {
   }
   [[nodiscard]] static shared_bytes close_frame(close_code code, std::string_view reason) {
     if (code == close_code::no_status) return websocket::encode_frame(websocket::opcode::close, {});
-    // RFC 6455 5.5: a control payload is at most 125 bytes, 2 of them the code.
-    if (reason.size() > 123) reason = reason.substr(0, 123);
+    // encode_close_payload cuts the reason to what a close frame holds (RFC 6455 5.5), on a
+    // character boundary.
     const auto payload = websocket::encode_close_payload(code, reason);
     return websocket::encode_frame(websocket::opcode::close, payload);
   }
@@ -13081,7 +13097,9 @@ class rollout_engine {
       auto& tr = rec.transfer;
       const auto& img = *tr.image;
       if (!ok) {
-        fail_locked(rec, reason ? clipped(*reason) : "device reported a failure");
+        fail_locked(rec, reason
+                             ? std::string(devgate::detail::utf8_prefix(*reason, max_reason_bytes))
+                             : "device reported a failure");
       } else if (tr.acked != img.size()) {
         fail_locked(rec, "result before every byte was acknowledged");
       } else if (!sha256 || *sha256 != img.sha256()) {
@@ -13358,14 +13376,6 @@ class rollout_engine {
     if (tr.status == store::transfer_status::pending && rec.firmware_version == img->version()) {
       set_status_locked(rec, store::transfer_status::skipped);
     }
-  }
-  // A device's reason cut to max_reason_bytes, never inside a UTF-8 sequence (the cut backs off
-  // over continuation bytes, 10xxxxxx, to the start of the character).
-  static std::string clipped(std::string_view reason) {
-    if (reason.size() <= max_reason_bytes) return std::string(reason);
-    std::size_t n = max_reason_bytes;
-    while (n > 0 && (static_cast<unsigned char>(reason[n]) & 0xC0u) == 0x80u) --n;
-    return std::string(reason.substr(0, n));
   }
   // Ends the transfer failed with `reason` and tells the device (caller holds its mutex).
   static void fail_locked(device::device_record& rec, std::string reason) {

@@ -20,6 +20,7 @@
 #include <utility>        // std::move
 #include <vector>         // devices to start
 
+#include "devgate/detail/utf8_prefix.hpp"
 #include "devgate/device/delivery.hpp"
 #include "devgate/device/protocol.hpp"
 #include "devgate/device/record.hpp"
@@ -517,7 +518,9 @@ class rollout_engine {
       auto& tr = rec.transfer;
       const auto& img = *tr.image;
       if (!ok) {
-        fail_locked(rec, reason ? clipped(*reason) : "device reported a failure");
+        fail_locked(rec, reason
+                             ? std::string(devgate::detail::utf8_prefix(*reason, max_reason_bytes))
+                             : "device reported a failure");
       } else if (tr.acked != img.size()) {
         fail_locked(rec, "result before every byte was acknowledged");
       } else if (!sha256 || *sha256 != img.sha256()) {
@@ -794,14 +797,6 @@ class rollout_engine {
     if (tr.status == store::transfer_status::pending && rec.firmware_version == img->version()) {
       set_status_locked(rec, store::transfer_status::skipped);
     }
-  }
-  // A device's reason cut to max_reason_bytes, never inside a UTF-8 sequence (the cut backs off
-  // over continuation bytes, 10xxxxxx, to the start of the character).
-  static std::string clipped(std::string_view reason) {
-    if (reason.size() <= max_reason_bytes) return std::string(reason);
-    std::size_t n = max_reason_bytes;
-    while (n > 0 && (static_cast<unsigned char>(reason[n]) & 0xC0u) == 0x80u) --n;
-    return std::string(reason.substr(0, n));
   }
   // Ends the transfer failed with `reason` and tells the device (caller holds its mutex).
   static void fail_locked(device::device_record& rec, std::string reason) {

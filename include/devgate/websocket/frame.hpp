@@ -9,6 +9,7 @@
 #include <vector>       // client frames, close payloads
 
 #include "devgate/core/bytes.hpp"
+#include "devgate/detail/utf8_prefix.hpp"   // close reasons cut on a character boundary
 #include "devgate/transport/transport.hpp"  // close_code
 
 namespace devgate::websocket {
@@ -196,12 +197,7 @@ inline void apply_mask(std::span<std::byte> data, std::array<std::byte, 4> key,
 /// reason, truncated to fit 125 bytes without splitting a UTF-8 sequence.
 [[nodiscard]] inline std::vector<std::byte> encode_close_payload(close_code code,
                                                                  std::string_view reason) {
-  if (reason.size() > max_control_payload - 2) {
-    std::size_t cut = max_control_payload - 2;
-    // Back up over continuation bytes (10xxxxxx) so the cut falls on a character boundary.
-    while (cut > 0 && (static_cast<unsigned char>(reason[cut]) & 0xC0) == 0x80) --cut;
-    reason = reason.substr(0, cut);
-  }
+  reason = devgate::detail::utf8_prefix(reason, max_control_payload - 2);
   const auto v = static_cast<std::uint16_t>(code);
   std::vector<std::byte> out(2 + reason.size());
   out[0] = static_cast<std::byte>(v >> 8);

@@ -121,6 +121,18 @@ async def close_server():
         except websockets.ConnectionClosed as e:
             if e.code != 4002 or e.reason != "server-says-bye":
                 fail(f"server close: got {e.code} {e.reason!r}")
+    # A reason longer than a close frame holds (123 bytes) whose byte 123 falls inside a
+    # character: the server sends its first 122 bytes, never a cut character (which this client
+    # must refuse, RFC 6455 8.1).
+    long_reason = "ab" + "\u00e9" * 80
+    async with connect() as ws:
+        await ws.send("!close 4003 " + long_reason)
+        try:
+            await asyncio.wait_for(ws.recv(), 20)
+            fail("expected the server to close")
+        except websockets.ConnectionClosed as e:
+            if e.code != 4003 or e.reason != long_reason[:62]:
+                fail(f"server close with a long reason: got {e.code} {e.reason!r}")
 
 
 async def error_reply():

@@ -430,8 +430,8 @@ class session {
   }
   [[nodiscard]] static shared_bytes close_frame(close_code code, std::string_view reason) {
     if (code == close_code::no_status) return websocket::encode_frame(websocket::opcode::close, {});
-    // RFC 6455 5.5: a control payload is at most 125 bytes, 2 of them the code.
-    if (reason.size() > 123) reason = reason.substr(0, 123);
+    // encode_close_payload cuts the reason to what a close frame holds (RFC 6455 5.5), on a
+    // character boundary.
     const auto payload = websocket::encode_close_payload(code, reason);
     return websocket::encode_frame(websocket::opcode::close, payload);
   }
